@@ -1,0 +1,27 @@
+# The two entry points of the README. Each sets up .venv (with Python >= 3.12) when missing.
+VENV := .venv
+PY := $(VENV)/bin/python
+# First interpreter that really is Python >= 3.12 (a pyenv shim for a missing version fails the check).
+PYTHON312 := $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$HOME/.pyenv/versions/3.13*/bin/python3.13; do \
+	$$p -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+OUT ?= results
+
+.PHONY: reproduce test setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -n "$(PYTHON312)" || { echo "error: jaxicl needs python3.12 or newer on PATH (jax 0.12 requires it)"; exit 1; }
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+reproduce: $(VENV)/.installed
+	$(PY) -m experiments all --preset quick --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) $(OUT)

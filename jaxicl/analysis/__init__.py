@@ -1,0 +1,1 @@
+"""Analysis of trained models: equivalence to algorithms, probes, geometry."""

@@ -1,0 +1,59 @@
+"""Classical in-context regressors with the model's call signature: tokens [T, D] -> predictions [T].
+
+Each predictor decodes the (x, y) pairs of a linear-regression prompt and predicts pair j from
+pairs 0..j-1 only, i.e. at every prefix; predictions sit at the task's prediction positions and
+are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.validation import check_positive
+
+Predictor = Callable[[jax.Array], jax.Array]
+Fit = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x [n, d], y [n], weights [n]) -> w [d]
+
+
+def least_squares(cfg: lr_task.LinearRegression) -> Predictor:
+    """Minimum-norm least squares on each prefix."""
+    return _per_prefix(cfg, lambda x, y, m: jnp.linalg.pinv(x * m[:, None]) @ (y * m))
+
+
+def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
+    """argmin_w sum_i (<w, x_i> - y_i)^2 + lam |w|^2 on each prefix (lam = noise_var / w_var is Bayes-optimal)."""
+    check_positive("lam", lam)
+
+    def fit(x, y, m):
+        xm = x * m[:, None]
+        return jnp.linalg.solve(xm.T @ xm + lam * jnp.eye(x.shape[1], dtype=x.dtype), xm.T @ (y * m))
+
+    return _per_prefix(cfg, fit)
+
+
+def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Predictor:
+    """GD-k: `steps` steps of size lr from w = 0 on (1 / 2n) sum_{i<j} (<w, x_i> - y_i)^2, n = max(j, 1)."""
+    check_positive("steps", steps)
+
+    def fit(x, y, m):
+        n = jnp.maximum(m.sum(), 1.0)
+
+        def step(w, _):
+            return w - lr * ((x @ w - y) * m) @ x / n, None
+
+        return jax.lax.scan(step, jnp.zeros(x.shape[1], x.dtype), None, length=steps)[0]
+
+    return _per_prefix(cfg, fit)
+
+
+def _per_prefix(cfg: lr_task.LinearRegression, fit: Fit) -> Predictor:
+    def predict(tokens: jax.Array) -> jax.Array:
+        x, y = lr_task.decode(cfg, tokens)
+        n = x.shape[0]
+        before = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [j, i]: pair i is in prefix j
+        w = jax.vmap(lambda m: fit(x, y, m.astype(x.dtype)))(before)  # [n, d]
+        return lr_task.at_positions(cfg, jnp.einsum("jd,jd->j", w, x))
+
+    return predict

@@ -1,0 +1,88 @@
+"""Self-attention stacks (linear or softmax), written per prompt and batched with vmap.
+
+Layer l maps tokens e [T, D] to e + sum_h attn_h(e) (or to sum_h attn_h(e) without the
+residual), with per-head projections wq, wk, wv [H, D, K] and wo [H, K, D]:
+  linear:  attn_h(e) = (mask * (e wq)(e wk)^T / (T - 1)) (e wv) wo   (von Oswald et al. 2023)
+  softmax: attn_h(e) = softmax_masked((e wq)(e wk)^T / sqrt(K)) (e wv) wo
+The linear form divides by T - 1, the number of context tokens of a prompt with one query.
+
+Masks: "none" (every token sees every token), "causal" (token j sees tokens <= j), "context"
+(every token sees tokens 0..T-2, i.e. all but the final query token).
+
+Named sites, for l in 0..num_layers-1 (see jaxicl.sites):
+  layer{l}.attn.scores   [H, T, T]  raw scores (linear: already masked and normalised)
+  layer{l}.attn.weights  [H, T, T]  softmax weights (softmax kind only)
+  layer{l}.attn.heads    [H, T, D]  per-head outputs, after wo
+  layer{l}.attn.out      [T, D]     sum over heads
+  layer{l}.resid_post    [T, D]     the layer's output tokens
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.sites import null_sites
+from jaxicl.validation import check_choice, check_positive
+
+KINDS = ("linear", "softmax")
+MASKS = ("none", "causal", "context")
+
+
+class AttentionLayer(nnx.Module):
+    """Projections of one multi-head attention layer: wq, wk, wv [H, D, K], wo [H, K, D]."""
+
+    def __init__(self, dim: int, num_heads: int, key_size: int, *, init_scale: float, rngs: nnx.Rngs):
+        def init(shape):
+            return nnx.Param(init_scale * jax.random.normal(rngs.params(), shape))
+
+        self.wq = init((num_heads, dim, key_size))
+        self.wk = init((num_heads, dim, key_size))
+        self.wv = init((num_heads, dim, key_size))
+        self.wo = init((num_heads, key_size, dim))
+
+
+class SelfAttention(nnx.Module):
+    """A stack of num_layers multi-head self-attention layers; call on tokens [T, D] -> [T, D]."""
+
+    def __init__(self, dim: int, *, num_layers: int = 1, num_heads: int = 1, key_size: int | None = None,
+                 kind: str = "linear", residual: bool = True, mask: str = "none",
+                 init_scale: float = 0.02, rngs: nnx.Rngs):
+        for name, value in (("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads)):
+            check_positive(name, value)
+        check_choice("kind", kind, KINDS)
+        check_choice("mask", mask, MASKS)
+        self.kind, self.residual, self.mask = kind, residual, mask
+        key_size = dim if key_size is None else key_size
+        self.layers = nnx.List([AttentionLayer(dim, num_heads, key_size, init_scale=init_scale, rngs=rngs)
+                                for _ in range(num_layers)])
+
+    def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        x = tokens
+        for l, layer in enumerate(self.layers):
+            out = self._attend(layer, x, sites, f"layer{l}.attn")
+            x = sites(f"layer{l}.resid_post", x + out if self.residual else out)
+        return x
+
+    def _attend(self, layer: AttentionLayer, x: jax.Array, sites, name: str) -> jax.Array:
+        t = x.shape[0]
+        q = jnp.einsum("td,hdk->htk", x, layer.wq[...])
+        k = jnp.einsum("td,hdk->htk", x, layer.wk[...])
+        v = jnp.einsum("td,hdk->htk", x, layer.wv[...])
+        scores = jnp.einsum("hqk,hsk->hqs", q, k)
+        visible = attention_mask(self.mask, t)
+        if self.kind == "linear":
+            weights = sites(f"{name}.scores", jnp.where(visible, scores, 0.0) / max(t - 1, 1))
+        else:
+            scores = sites(f"{name}.scores", scores / jnp.sqrt(q.shape[-1]))
+            weights = sites(f"{name}.weights", jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1))
+        heads = sites(f"{name}.heads", jnp.einsum("hqs,hsk,hkd->hqd", weights, v, layer.wo[...]))
+        return sites(f"{name}.out", heads.sum(axis=0))
+
+
+def attention_mask(mask: str, t: int) -> jax.Array:
+    """[T, T] bool: entry (j, i) says whether token j may attend to token i."""
+    if mask == "causal":
+        return jnp.tril(jnp.ones((t, t), bool))
+    if mask == "context":
+        return jnp.ones((t, t), bool).at[:, t - 1].set(t == 1)
+    return jnp.ones((t, t), bool)

@@ -1,0 +1,38 @@
+"""The (P, Q) view of linear self-attention (von Oswald et al. 2023; Ahn et al. 2023).
+
+In that notation head h of a layer updates token e_j by P_h (sum_i e_i e_i^T) Q_h e_j / (T - 1),
+with P_h = (wv_h wo_h)^T and Q_h = wk_h wq_h^T in the row-vector weights of SelfAttention.
+`from_pq` builds weights with key_size = D, wq = Q^T, wk = I, wv = P^T, wo = I, so
+`to_pq(from_pq(P, Q)) == (P, Q)` and `from_pq(*to_pq(m))` computes the same function as m.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.models.attention import SelfAttention
+
+
+def to_pq(model: SelfAttention) -> tuple[jax.Array, jax.Array]:
+    """P, Q: [L, H, D, D] of a linear SelfAttention."""
+    if model.kind != "linear":
+        raise ValueError(f"the (P, Q) view needs kind='linear', got kind={model.kind!r}")
+    p = jnp.stack([jnp.einsum("hdk,hke->hed", l.wv[...], l.wo[...]) for l in model.layers])
+    q = jnp.stack([jnp.einsum("hdk,hek->hde", l.wk[...], l.wq[...]) for l in model.layers])
+    return p, q
+
+
+def from_pq(p: jax.Array, q: jax.Array, *, residual: bool = True, mask: str = "none") -> SelfAttention:
+    """A linear SelfAttention with the given P, Q: [L, H, D, D]."""
+    if p.shape != q.shape or p.ndim != 4 or p.shape[-1] != p.shape[-2]:
+        raise ValueError(f"P and Q must both be [L, H, D, D]; got {p.shape} and {q.shape}")
+    num_layers, num_heads, dim, _ = p.shape
+    model = SelfAttention(dim, num_layers=num_layers, num_heads=num_heads, kind="linear",
+                          residual=residual, mask=mask, rngs=nnx.Rngs(0))
+    eye = jnp.broadcast_to(jnp.eye(dim, dtype=p.dtype), (num_heads, dim, dim))
+    for layer, p_l, q_l in zip(model.layers, p, q):
+        layer.wq[...] = jnp.swapaxes(q_l, -1, -2)
+        layer.wk[...] = eye
+        layer.wv[...] = jnp.swapaxes(p_l, -1, -2)
+        layer.wo[...] = eye
+    return model

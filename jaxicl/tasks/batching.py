@@ -1,0 +1,46 @@
+"""Generic batching of one-prompt samplers: vmap over keys, born sharded on the mesh."""
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jaxicl.prompt import Prompt
+from jaxicl.validation import ConfigError
+
+Sampler = Callable[[object, jax.Array], Prompt]
+
+DATA_AXIS = "data"
+
+
+def data_axis_size(axis: str = DATA_AXIS) -> int:
+    """Size of `axis` in the current mesh (1 when no mesh is set or it lacks the axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+        return 1
+    return mesh.shape[axis]
+
+
+def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:
+    """Raises ConfigError unless batch_size splits evenly over the mesh's `axis`."""
+    n = data_axis_size(axis)
+    if batch_size % n:
+        raise ConfigError(
+            f"batch_size={batch_size} does not divide over the {n} devices of mesh axis "
+            f"'{axis}'; use a multiple of {n}")
+
+
+@partial(jax.jit, static_argnames=("sample", "cfg", "batch_size", "axis"))
+def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: str | None = DATA_AXIS) -> Prompt:
+    """batch_size prompts from `sample(cfg, key)`: every leaf gets a leading [batch_size] axis.
+
+    Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
+    that axis before the vmap, so each device samples its own slice and no data crosses the host.
+    Values do not depend on the mesh (threefry is partitionable).
+    """
+    keys = jax.random.split(key, batch_size)
+    if axis is not None and data_axis_size(axis) > 1:
+        check_divisible(batch_size, axis)
+        keys = jax.reshard(keys, P(axis))
+    return jax.vmap(partial(sample, cfg))(keys)

@@ -1,0 +1,125 @@
+"""Linear regression in context: y = <w, x> + noise (von Oswald et al. 2023; Garg et al. 2022).
+
+Token formats (D = dim + 1 channels, the last channel holds labels):
+  "paired":      token j = [x_j; y_j] for the n_context context pairs, query token [x_q; 0];
+                 T = n_context + 1 and pair j is predicted at position j.
+  "interleaved": x_j and y_j as separate tokens [x_j; 0], [0; y_j], ending with the query
+                 [x_q; 0]; T = 2 n_context + 1 and pair j is predicted at position 2j.
+The prediction at pair j's position may use only pairs < j (a causal model or, for the query,
+any model). `loss_on="query"` trains on the query only, `"all"` on every pair.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxicl.prompt import Prompt
+from jaxicl.validation import check_choice, check_positive
+
+FORMATS = ("paired", "interleaved")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRegression:
+    """x ~ N(0, x_scale^2 diag(x_cov_diag)), w ~ N(0, w_scale^2 I) or a fixed pool of n_tasks."""
+
+    dim: int = 10
+    n_context: int = 10
+    noise_std: float = 0.0
+    x_scale: float = 1.0
+    x_cov_diag: tuple[float, ...] = ()  # diagonal of Cov(x) before x_scale; () means identity
+    w_scale: float = 1.0
+    n_tasks: int = 0  # 0: a fresh w per prompt; > 0: w uniform over a fixed pool of n_tasks vectors
+    pool_seed: int = 0  # key of the finite pool
+    format: str = "paired"
+    loss_on: str = "query"
+
+    def __post_init__(self):
+        check_positive("dim", self.dim)
+        check_positive("n_context", self.n_context)
+        check_positive("noise_std", self.noise_std, allow_zero=True)
+        check_positive("x_scale", self.x_scale)
+        check_positive("w_scale", self.w_scale)
+        check_positive("n_tasks", self.n_tasks, allow_zero=True)
+        check_choice("format", self.format, FORMATS)
+        check_choice("loss_on", self.loss_on, ("query", "all"))
+        if self.x_cov_diag and len(self.x_cov_diag) != self.dim:
+            raise ValueError(f"x_cov_diag must have dim={self.dim} entries or be empty, got {len(self.x_cov_diag)}")
+        for i, v in enumerate(self.x_cov_diag):
+            check_positive(f"x_cov_diag[{i}]", v)
+
+    @property
+    def x_cov(self) -> np.ndarray:
+        """Cov(x): [dim]-diagonal as a [dim] vector."""
+        diag = np.asarray(self.x_cov_diag or np.ones(self.dim), dtype=np.float64)
+        return self.x_scale**2 * diag
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_context + 1 if self.format == "paired" else 2 * self.n_context + 1
+
+    @property
+    def token_dim(self) -> int:
+        return self.dim + 1
+
+
+def prediction_positions(cfg: LinearRegression) -> np.ndarray:
+    """[n_context + 1] token position at which pair j (the query last) is predicted."""
+    step = 1 if cfg.format == "paired" else 2
+    return np.arange(cfg.n_context + 1) * step
+
+
+def task_vector(cfg: LinearRegression, key: jax.Array) -> jax.Array:
+    """w: [dim], fresh or drawn from the fixed pool."""
+    if cfg.n_tasks == 0:
+        return cfg.w_scale * jax.random.normal(key, (cfg.dim,))
+    pool = cfg.w_scale * jax.random.normal(jax.random.key(cfg.pool_seed), (cfg.n_tasks, cfg.dim))
+    return pool[jax.random.randint(key, (), 0, cfg.n_tasks)]
+
+
+def sample(cfg: LinearRegression, key: jax.Array) -> Prompt:
+    """One prompt: inputs [seq_len, dim + 1], targets [seq_len], mask [seq_len].
+
+    info: w [dim], x [n_context + 1, dim] (query last), y [n_context + 1] (noisy labels).
+    """
+    k_w, k_x, k_n = jax.random.split(key, 3)
+    n, d = cfg.n_context + 1, cfg.dim
+    w = task_vector(cfg, k_w)
+    x = jax.random.normal(k_x, (n, d)) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.float32))
+    y = x @ w + cfg.noise_std * jax.random.normal(k_n, (n,))
+    return Prompt(inputs=encode(cfg, x, y), targets=at_positions(cfg, y),
+                  mask=at_positions(cfg, _loss_weights(cfg)), info={"w": w, "x": x, "y": y})
+
+
+def encode(cfg: LinearRegression, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Tokens [seq_len, dim + 1] from x [n_context + 1, dim] and y [n_context + 1]; the query label is hidden."""
+    y = y.at[-1].set(0.0)
+    if cfg.format == "paired":
+        return jnp.concatenate([x, y[:, None]], axis=1)
+    x_tokens = jnp.concatenate([x, jnp.zeros_like(y)[:, None]], axis=1)
+    y_tokens = jnp.concatenate([jnp.zeros_like(x), y[:, None]], axis=1)
+    pairs = jnp.stack([x_tokens, y_tokens], axis=1).reshape(2 * x.shape[0], cfg.dim + 1)
+    return pairs[:-1]
+
+
+def decode(cfg: LinearRegression, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of encode: x [n_context + 1, dim], y [n_context + 1] (query label 0)."""
+    if cfg.format == "paired":
+        return tokens[:, :-1], tokens[:, -1]
+    x = tokens[0::2, :-1]
+    y = jnp.concatenate([tokens[1::2, -1], jnp.zeros((1,), tokens.dtype)])
+    return x, y
+
+
+def _loss_weights(cfg: LinearRegression) -> jax.Array:
+    n = cfg.n_context + 1
+    if cfg.loss_on == "query":
+        return jnp.zeros((n,)).at[-1].set(1.0)
+    return jnp.ones((n,))
+
+
+def at_positions(cfg: LinearRegression, per_pair: jax.Array) -> jax.Array:
+    """Scatters a [n_context + 1] per-pair array to its [seq_len] token positions."""
+    return jnp.zeros((cfg.seq_len,), per_pair.dtype).at[prediction_positions(cfg)].set(per_pair)

@@ -1,0 +1,1 @@
+"""Closed forms and analytic constructions, each checked numerically in tests/."""

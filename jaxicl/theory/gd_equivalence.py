@@ -1,0 +1,55 @@
+"""One linear self-attention layer = one step of gradient descent (von Oswald et al. 2023, Prop. 1).
+
+For paired tokens e_i = [x_i; y_i] and query [x_q; 0], the layer with
+  Q = [[I_d, 0], [0, 0]],   P = [[0, 0], [0, -lr]]   (D = d + 1)
+and the 1 / N normalisation writes -lr/N sum_i y_i <x_i, x_q> into the query's label slot: minus
+the prediction of one GD step of size lr from w = 0 on L(w) = 1/(2N) sum_i (<w, x_i> - y_i)^2.
+"""
+
+import jax.numpy as jnp
+
+from jaxicl.models.attention import SelfAttention
+from jaxicl.models.pq_view import from_pq
+from jaxicl.tasks.linear_regression import LinearRegression
+
+
+def gd_step_pq(dim: int, lr: float, dtype=jnp.float32) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """P, Q: [dim + 1, dim + 1] of the layer implementing one GD step of size lr."""
+    q = jnp.zeros((dim + 1, dim + 1), dtype).at[:dim, :dim].set(jnp.eye(dim, dtype=dtype))
+    p = jnp.zeros((dim + 1, dim + 1), dtype).at[dim, dim].set(-lr)
+    return p, q
+
+
+def gd_step_model(dim: int, lr: float, dtype=jnp.float32) -> SelfAttention:
+    """A one-layer, one-head linear SelfAttention (with residual) equal to GD-1 at the query."""
+    p, q = gd_step_pq(dim, lr, dtype)
+    return from_pq(p[None, None], q[None, None], residual=True)
+
+
+def _gd_loss_coefficients(cfg: LinearRegression) -> tuple[float, float, float]:
+    """(quadratic, linear, constant) coefficients of the expected query MSE of GD-1 as a polynomial in lr.
+
+    With Sigma = Cov(x), s^2 = Var(w_k), sigma^2 the label noise and N context points, Isserlis'
+    theorem gives E[S Sigma S] = (N+1)/N Sigma^3 + tr(Sigma^2) Sigma / N for S = (1/N) sum x_i x_i^T.
+    """
+    if cfg.format != "paired" or cfg.n_tasks:
+        raise ValueError("the GD-1 loss formula covers paired prompts with w ~ N(0, w_scale^2 I) (n_tasks=0)")
+    sig = cfg.x_cov
+    n, s2, noise2 = cfg.n_context, cfg.w_scale**2, cfg.noise_std**2
+    tr1, tr2, tr3 = sig.sum(), (sig**2).sum(), (sig**3).sum()
+    quad = s2 * ((n + 1) / n * tr3 + tr2 * tr1 / n) + noise2 * tr2 / n
+    return float(quad), float(-2 * s2 * tr2), float(s2 * tr1 + noise2)
+
+
+def gd_one_step_loss(cfg: LinearRegression, lr: float) -> float:
+    """E[(y_hat_GD1 - y_q)^2] at the query for one GD step of size lr from w = 0."""
+    a, b, c = _gd_loss_coefficients(cfg)
+    return a * lr**2 + b * lr + c
+
+
+def optimal_gd_lr(cfg: LinearRegression) -> float:
+    """The lr minimising gd_one_step_loss; N / (N + d + 1 + noise_std^2) for isotropic unit inputs."""
+    a, b, _ = _gd_loss_coefficients(cfg)
+    return float(-b / (2 * a))
+
+

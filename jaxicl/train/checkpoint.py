@@ -1,0 +1,55 @@
+"""Orbax checkpoints of a TrainState (all orbax calls of jaxicl live here).
+
+Each checkpoint holds params, optimiser state, step and the raw key data; the run config is
+root metadata. Restoring always goes through an abstract target carrying the shardings wanted
+now, so a checkpoint saved on 4 devices loads onto 1 (or onto another mesh). Every process of a
+multi-host run must call save and restore; orbax writes from the primary host.
+"""
+
+import os
+
+import jax
+from jax.sharding import NamedSharding
+from orbax.checkpoint import v1 as ocp
+
+from jaxicl.train.state import TrainState
+
+
+def _to_tree(state: TrainState) -> dict:
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+            "key_data": jax.random.key_data(state.key)}
+
+
+class CheckpointStore:
+    """The checkpoints under `directory`, keeping the latest `keep`."""
+
+    def __init__(self, directory: str, *, keep: int = 3, config: dict | None = None):
+        self.directory = os.path.abspath(directory)
+        self._ckptr = ocp.training.Checkpointer(
+            self.directory,
+            preservation_policy=ocp.training.preservation_policies.LatestN(keep),
+            custom_metadata=config or {})
+
+    def save(self, state: TrainState) -> None:
+        """Blocks until the checkpoint at state.step is committed."""
+        self._ckptr.save(int(state.step), _to_tree(state), force=True, overwrite=True)
+        self._ckptr.wait()
+
+    def steps(self) -> list[int]:
+        return [c.step for c in self._ckptr.checkpoints]
+
+    def config(self) -> dict:
+        """The run config stored with the checkpoints ({} if none)."""
+        meta = self._ckptr.root_metadata()
+        return dict(meta.custom_metadata or {}) if meta is not None else {}
+
+    def restore(self, like: TrainState, sharding: NamedSharding, step: int | None = None) -> TrainState:
+        """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`."""
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                jax.eval_shape(_to_tree, like))
+        tree = self._ckptr.load(step, abstract)
+        key = jax.random.wrap_key_data(tree["key_data"], impl=jax.random.key_impl(like.key))
+        return TrainState(tree["params"], tree["opt_state"], tree["step"], key)
+
+    def close(self) -> None:
+        self._ckptr.close()

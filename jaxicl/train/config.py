@@ -1,0 +1,37 @@
+"""TrainConfig: the optimiser, schedule, batch and bookkeeping of one training run."""
+
+import dataclasses
+
+from jaxicl.validation import check_choice, check_positive, check_range
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    schedule: str = "constant"  # "warmup_cosine": linear warmup to lr, cosine decay to 0 at `steps`
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # adamw only
+    clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
+    seed: int = 0
+    steps_per_call: int = 100  # steps compiled into one lax.scan call
+    log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints"):
+            check_positive(name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_positive("lr", self.lr)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_range("warmup_steps", self.warmup_steps, 0, self.steps)
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay={self.weight_decay} needs optimizer='adamw', got {self.optimizer!r}")

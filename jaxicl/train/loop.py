@@ -1,0 +1,166 @@
+"""The training engine: scanned, jitted, data-parallel steps; metrics, progress and checkpoints on the host.
+
+Each step samples its batch on device from fold_in(data_key, step), born sharded over the mesh's
+"data" axis; parameters and optimiser state are replicated, so the compiler inserts the
+gradient all-reduce. The host only calls the compiled chunk of steps, writes metrics, moves the
+progress bar, evaluates and checkpoints between chunks. All host side effects happen on process 0;
+every process runs the same compiled calls and the orbax saves (multi-host safe).
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxicl.prompt import Prompt
+from jaxicl.tasks.batching import Sampler, check_divisible, sample_batch
+from jaxicl.train.checkpoint import CheckpointStore
+from jaxicl.train.config import TrainConfig
+from jaxicl.train.mesh import data_mesh, replicated
+from jaxicl.train.metrics import MetricsWriter, read_metrics
+from jaxicl.train.optim import make_optimizer
+from jaxicl.train.state import TrainState
+from jaxicl.validation import ConfigError, check_positive
+
+LossFn = Callable[[object, Prompt], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
+DATA_STREAM = 0xDA7A  # folded into the seed for the data key, so data and init keys differ
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the run stopped before saving the bad state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
+    eval_rows: list[dict]
+
+
+def run_steps(state: TrainState, *, n: int, loss_fn: LossFn, sample: Sampler, task_cfg, batch_size: int,
+              tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """n training steps as one lax.scan; returns the new state and per-step metrics [n]."""
+
+    def step(state: TrainState, _):
+        batch = sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step), batch_size)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                            step=state.step + 1)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return jax.lax.scan(step, state, length=n)
+
+
+def init_state(params, cfg: TrainConfig, tx: optax.GradientTransformation) -> TrainState:
+    key = jax.random.fold_in(jax.random.key(cfg.seed), DATA_STREAM)
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), key)
+
+
+def _boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
+    """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
+    ends = {cfg.steps}
+    for every in (cfg.steps_per_call, cfg.checkpoint_every, eval_every):
+        if every:
+            ends.update(range(every, cfg.steps, every))
+    return sorted(e for e in ends if e > start)
+
+
+def _normalise(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg))
+
+
+def _check_resumable(stored: dict, current: dict) -> None:
+    """Raises ConfigError when a checkpoint was made with another config (only `steps` may grow)."""
+    stored, current = _normalise(stored), _normalise(current)
+    diffs = [f"{section}.{k}: checkpoint {stored.get(section, {}).get(k)!r} vs now {v!r}"
+             for section, fields in current.items() if isinstance(fields, dict)
+             for k, v in fields.items()
+             if not (section == "train" and k == "steps") and stored.get(section, {}).get(k) != v]
+    if stored and diffs:
+        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs))
+
+
+def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, *,
+          out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
+          evaluate: Callable[[object], dict] | None = None, eval_every: int = 0,
+          run_config: dict | None = None, tx: optax.GradientTransformation | None = None,
+          progress: bool = True, desc: str = "train") -> TrainResult:
+    """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
+
+    out_dir gets metrics.jsonl and checkpoints/ (none are written when out_dir is None). With
+    resume=True a run continues from the latest checkpoint in out_dir and produces the same
+    losses and parameters as an uninterrupted run. `evaluate(params) -> {name: scalar}` runs at
+    step 0, every eval_every steps and at the end (eval rows in metrics.jsonl). `tx` overrides
+    the optimiser built from cfg. Raises NonFiniteLossError at the first non-finite loss,
+    without saving the bad state.
+    """
+    mesh = data_mesh() if mesh is None else mesh
+    tx = make_optimizer(cfg) if tx is None else tx
+    check_positive("eval_every", eval_every, allow_zero=True)
+    config = {"train": dataclasses.asdict(cfg), "task": dataclasses.asdict(task_cfg), **(run_config or {})}
+    with jax.set_mesh(mesh):
+        check_divisible(cfg.batch_size)
+        sharding = replicated(mesh)
+        state = jax.device_put(init_state(params, cfg, tx), sharding)
+        store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
+                                config=config) if out_dir else None
+        if store and resume and store.steps():
+            _check_resumable(store.config(), config)
+            state = store.restore(state, sharding)
+        start = int(state.step)
+        metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+        writer = MetricsWriter(metrics_path, resume_step=start)
+        chunk = jax.jit(partial(run_steps, loss_fn=loss_fn, sample=sample, task_cfg=task_cfg,
+                                batch_size=cfg.batch_size, tx=tx), static_argnames="n", donate_argnums=0)
+        train_rows, eval_rows = [], []
+
+        def run_eval():
+            row = {"step": int(state.step), "split": "eval",
+                   **{k: float(v) for k, v in jax.device_get(evaluate(state.params)).items()}}
+            eval_rows.append(row)
+            writer.write([row])
+
+        if evaluate and start == 0:
+            run_eval()
+        bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
+                   dynamic_ncols=True)
+        try:
+            for end in _boundaries(start, cfg, eval_every):
+                first = int(state.step)
+                state, metrics = chunk(state, n=end - first)
+                metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+                steps = np.arange(first, end)
+                bad = ~np.isfinite(metrics["loss"])
+                logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
+                stop = int(np.argmax(bad)) if bad.any() else len(steps)
+                rows = [{"step": int(s), "split": "train", **{k: float(v[i]) for k, v in metrics.items()}}
+                        for i, s in enumerate(steps[:stop]) if logged[i]]
+                train_rows += rows
+                writer.write(rows)
+                if bad.any():
+                    last = store.steps()[-1] if store and store.steps() else None
+                    raise NonFiniteLossError(
+                        f"non-finite loss {metrics['loss'][stop]} at step {int(steps[stop])}; the run stopped "
+                        f"without saving it. Last good checkpoint: "
+                        f"{f'step {last} in {store.directory}' if last is not None else 'none'}")
+                bar.update(end - first)
+                bar.set_postfix(loss=f"{metrics['loss'][-1]:.4g}")
+                if evaluate and (end == cfg.steps or (eval_every and end % eval_every == 0)):
+                    run_eval()
+                if store and (end == cfg.steps or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
+                    store.save(state)
+        finally:
+            bar.close()
+            if store:
+                store.close()
+    if metrics_path and jax.process_index() == 0:
+        train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
+    return TrainResult(state, train_rows, eval_rows)

@@ -1,0 +1,54 @@
+"""metrics.jsonl: one JSON object per line, written by process 0 only."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+def _jsonable(v):
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+        v = np.asarray(v)
+        return v.item() if v.ndim == 0 else v.tolist()
+    return v
+
+
+class MetricsWriter:
+    """Appends rows {"step": s, "split": ..., name: value} to `path`.
+
+    On resume from step c it first drops the rows that the resumed run will write again
+    (train rows with step >= c, eval rows with step > c), so an interrupted and resumed run
+    leaves the same file as an uninterrupted one.
+    """
+
+    def __init__(self, path: str | None, resume_step: int = 0):
+        self.path = path if jax.process_index() == 0 else None
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if _kept(r, resume_step)] if os.path.exists(self.path) else []
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(self, rows: list[dict]) -> None:
+        if self.path is None or not rows:
+            return
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows)
+
+
+def _kept(row: dict, resume_step: int) -> bool:
+    return row["step"] < resume_step or (row.get("split") == "eval" and row["step"] == resume_step)
+
+
+def read_metrics(path: str, split: str | None = None) -> list[dict]:
+    """Rows of a metrics.jsonl, optionally only one split ("train" or "eval")."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+    return [r for r in rows if split is None or r.get("split") == split]

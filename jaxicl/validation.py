@@ -1,0 +1,28 @@
+"""Config validation helpers: every error names the field and the allowed values."""
+
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A config field holds a value outside its allowed range."""
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
+
+
+def check_range(name: str, value, low=None, high=None) -> None:
+    """Checks low <= value <= high (either bound may be None)."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def check_choice(name: str, value, allowed: Iterable) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
