@@ -54,7 +54,7 @@ def run_steps(state: TrainState, *, n: int, loss_fn: LossFn, sample: Sampler, ta
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                             step=state.step + 1)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return jax.lax.scan(step, state, length=n)
 
@@ -109,6 +109,7 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
     with jax.set_mesh(mesh):
         check_divisible(cfg.batch_size)
         sharding = replicated(mesh)
+        params = jax.tree.map(jnp.copy, params)  # the compiled steps donate the state, never the caller's arrays
         state = jax.device_put(init_state(params, cfg, tx), sharding)
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None

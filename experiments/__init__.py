@@ -1,0 +1,1 @@
+"""Reproductions of the papers jaxicl reimplements; run with `python -m experiments`."""

@@ -1,0 +1,55 @@
+"""python -m experiments {list | all | NAME} [--preset P] [--out DIR] [field=value ...]"""
+
+import argparse
+import sys
+import traceback
+
+import jax
+
+from experiments import registry
+from experiments.common.report import write_report
+from experiments.common.runner import resolve_config, run_experiment
+from jaxicl.validation import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md) or 'list'")
+    p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
+    p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
+    p.add_argument("--out", default="results", help="output directory (default: results)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.name == "list":
+        for name in registry.EXPERIMENTS:
+            doc = (registry.load(name).__doc__ or "").strip().splitlines()
+            print(f"{name:28s} {doc[0] if doc else ''}")
+        return 0
+    names = list(registry.EXPERIMENTS) if args.name == "all" else [args.name]
+    try:
+        for name in names:  # fail on a bad name, preset or override before running anything
+            resolve_config(name, args.preset, args.overrides if args.name != "all" else [])
+    except (ConfigError, KeyError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    results, errors = [], {}
+    for name in names:
+        print(f"== {name} ({args.preset})", flush=True)
+        try:
+            result = run_experiment(name, args.preset, args.out, args.overrides if args.name != "all" else [])
+        except Exception:  # noqa: BLE001 - one failing experiment must not hide the others' results
+            if args.name != "all":
+                raise
+            errors[name] = traceback.format_exc()
+            print(errors[name], file=sys.stderr)
+            continue
+        results.append(result)
+        for c in result["checks"]:
+            print(f"   [{'pass' if c['passed'] else 'FAIL'}] {c['name']} = {c['value']} (target {c['target']})")
+        print(f"   {result['wall_seconds']:.0f} s -> {args.out}/{name}/result.json", flush=True)
+    if args.name == "all" and jax.process_index() == 0:
+        print(f"report: {write_report(args.out, args.preset, results, errors)}")
+    return 1 if errors else 0

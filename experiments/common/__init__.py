@@ -1,0 +1,1 @@
+"""What every experiment shares: checks and results, config overrides, figures, the report."""

@@ -1,0 +1,36 @@
+"""report.md: one section per experiment with its checks table and figures."""
+
+import os
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_report(out: str, preset: str, results: list[dict], errors: dict[str, str]) -> str:
+    """Writes out/report.md from result dicts (and experiments that raised); returns its path."""
+    n_checks = sum(len(r["checks"]) for r in results)
+    n_passed = sum(c["passed"] for r in results for c in r["checks"])
+    lines = [f"# jaxicl reproduction report (preset `{preset}`)", "",
+             f"{len(results)} experiments ran, {len(errors)} raised; {n_passed}/{n_checks} checks passed.", "",
+             "| experiment | checks passed | wall time (s) |", "|---|---|---|"]
+    for r in results:
+        passed = sum(c["passed"] for c in r["checks"])
+        lines.append(f"| [{r['experiment']}](#{r['experiment']}) | {passed}/{len(r['checks'])} | {r['wall_seconds']:.0f} |")
+    for name, err in errors.items():
+        lines.append(f"| {name} | raised | - |")
+    for r in results:
+        lines += ["", f"## {r['experiment']}", "", "| check | value | target | passed | note |", "|---|---|---|---|---|"]
+        for c in r["checks"]:
+            mark = "yes" if c["passed"] else "**NO**"
+            lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['target']} | {mark} | {c['note']} |")
+        lines.append("")
+        lines += [f"![{fig}]({r['experiment']}/{fig})" for fig in r["figures"]]
+    for name, err in errors.items():
+        lines += ["", f"## {name}", "", "The experiment raised:", "", "```", err, "```"]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

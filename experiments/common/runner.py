@@ -1,0 +1,38 @@
+"""Runs one experiment into DIR/NAME/: config.json, metrics.jsonl, figures, result.json."""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+
+from experiments import registry
+from experiments.common.overrides import apply_overrides
+from jaxicl.validation import ConfigError
+
+
+def resolve_config(name: str, preset: str, overrides: list[str]):
+    module = registry.load(name)
+    if preset not in module.PRESETS:
+        raise ConfigError(f"preset must be one of {tuple(module.PRESETS)}, got {preset!r}")
+    return module, apply_overrides(module.PRESETS[preset], overrides)
+
+
+def run_experiment(name: str, preset: str, out: str, overrides: list[str] = ()) -> dict:
+    """Runs experiment `name` with a preset and overrides; returns (and writes) its result dict."""
+    module, cfg = resolve_config(name, preset, list(overrides))
+    out_dir = os.path.join(out, name)
+    os.makedirs(out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({"experiment": name, "preset": preset, "overrides": list(overrides),
+                       "config": dataclasses.asdict(cfg)}, f, indent=2)
+    start = time.perf_counter()
+    outcome = module.run(cfg, out_dir)
+    result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
+              "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result

@@ -1,0 +1,157 @@
+"""One linear self-attention layer trained on linear regression = one step of GD (von Oswald et al. 2023)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.common.figures import heatmap, new_figure, save_figure
+from experiments.common.result import Outcome, check_above, check_below
+from jaxicl.analysis.equivalence import equivalence_metrics
+from jaxicl.baselines import gradient_descent
+from jaxicl.models import SelfAttention, label_prediction, predictor
+from jaxicl.models.pq_view import to_pq
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
+from jaxicl.train import TrainConfig, regression_loss, train
+from jaxicl.validation import check_positive
+
+EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts (never used for training batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    task: lr_task.LinearRegression = lr_task.LinearRegression(dim=10, n_context=10)
+    train: TrainConfig = TrainConfig(steps=3000, batch_size=2048, lr=1e-3, steps_per_call=100, log_every=10)
+    init_scale: float = 0.002
+    eval_every: int = 100
+    eval_prompts: int = 2048
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    loss_tolerance: float = 0.05  # |trained - GD-1| / GD-1 at the end
+    min_cosine: float = 0.99
+
+    def __post_init__(self):
+        check_positive("eval_prompts", self.eval_prompts)
+        check_positive("init_scale", self.init_scale)
+        if self.task.format != "paired" or self.task.loss_on != "query":
+            raise ValueError("gd_equivalence needs task.format='paired' and task.loss_on='query'")
+
+
+PRESETS = {
+    "smoke": Config(task=lr_task.LinearRegression(dim=3, n_context=6),
+                    train=TrainConfig(steps=800, batch_size=512, lr=3e-3, steps_per_call=100),
+                    eval_every=200, eval_prompts=1024, scales=(0.5, 1.0, 2.0)),
+    "quick": Config(),
+    "full": Config(train=TrainConfig(steps=20000, batch_size=2048, lr=1e-3, steps_per_call=1000, log_every=100,
+                                     checkpoint_every=5000),
+                   eval_every=500, eval_prompts=10000),
+}
+
+
+def _query_loss(pred: jax.Array, tokens_batch_targets: jax.Array) -> jax.Array:
+    return jnp.mean((pred[:, -1] - tokens_batch_targets[:, -1]) ** 2)
+
+
+def run(cfg: Config, out_dir: str) -> Outcome:
+    task, d = cfg.task, cfg.task.dim
+    eta = optimal_gd_lr(task)
+    gd1 = gradient_descent(task, steps=1, lr=eta)
+    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), EVAL_STREAM)
+    eval_batch = sample_batch(lr_task.sample, task, eval_key, cfg.eval_prompts)
+    gd_loss = float(_query_loss(jax.vmap(gd1)(eval_batch.inputs), eval_batch.targets))
+
+    model = SelfAttention(d + 1, kind="linear", residual=True, init_scale=cfg.init_scale,
+                          rngs=nnx.Rngs(cfg.train.seed))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def evaluate(params):
+        f = predictor(graphdef, params)
+        loss = _query_loss(jax.vmap(f)(eval_batch.inputs), eval_batch.targets)
+        return {"loss": loss, **equivalence_metrics(f, gd1, eval_batch.inputs)}
+
+    result = train(regression_loss(graphdef), lr_task.sample, task, cfg.train, params, out_dir=out_dir,
+                   evaluate=evaluate, eval_every=cfg.eval_every, run_config={"experiment": "gd_equivalence"},
+                   desc="gd_equivalence")
+    final = result.eval_rows[-1]
+    trained = predictor(graphdef, result.state.params)
+
+    # The analytic construction against GD-1 on the same prompts.
+    g_c, p_c = nnx.split(gd_step_model(d, eta))
+    construct = jax.vmap(predictor(g_c, p_c))(eval_batch.inputs)[:, -1]
+    construct_err = float(jnp.max(jnp.abs(construct - jax.vmap(gd1)(eval_batch.inputs)[:, -1])))
+
+    # Out of distribution: inputs scaled by s (trained and GD-1 at the training eta*).
+    ood = {"scale": [], "trained": [], "gd": [], "theory": []}
+    for i, s in enumerate(cfg.scales):
+        scaled = dataclasses.replace(task, x_scale=task.x_scale * s)
+        batch = sample_batch(lr_task.sample, scaled, jax.random.fold_in(eval_key, i + 1), cfg.eval_prompts)
+        ood["scale"].append(s)
+        ood["trained"].append(float(_query_loss(jax.vmap(trained)(batch.inputs), batch.targets)))
+        ood["gd"].append(float(_query_loss(jax.vmap(gd1)(batch.inputs), batch.targets)))
+        ood["theory"].append(gd_one_step_loss(scaled, eta))
+    ood_ratio = np.max(np.abs(np.array(ood["trained"]) / np.array(ood["gd"]) - 1))
+
+    figures = [_plot_training(result.eval_rows, gd_loss, gd_one_step_loss(task, eta), out_dir),
+               _plot_ood(ood, out_dir),
+               _plot_weights(nnx.merge(graphdef, result.state.params), gd_step_model(d, eta), out_dir)]
+    rel_gap = abs(final["loss"] - gd_loss) / gd_loss
+    n = cfg.eval_prompts
+    checks = [
+        check_below("analytic_construction_vs_gd1_max_abs", construct_err, 1e-4,
+                    f"LSA weights of Prop. 1 vs GD-1 at eta*={eta:.4f}, {n} prompts, float32"),
+        check_below("final_loss_rel_gap_to_gd1", rel_gap, cfg.loss_tolerance,
+                    f"trained {final['loss']:.4f} vs GD-1 {gd_loss:.4f} (theory {gd_one_step_loss(task, eta):.4f})"),
+        check_above("query_sensitivity_cosine", final["query_cos"], cfg.min_cosine,
+                    f"d pred / d x_query, trained vs GD-1, {n} prompts"),
+        check_above("context_sensitivity_cosine", final["context_cos"], cfg.min_cosine,
+                    "d pred / d context tokens, trained vs GD-1"),
+        check_below("ood_max_rel_loss_gap", ood_ratio, 0.1,
+                    f"max over x scales {cfg.scales} of |L_trained / L_GD1 - 1|"),
+    ]
+    return Outcome(checks, figures)
+
+
+def _plot_training(rows: list[dict], gd_loss: float, gd_theory: float, out_dir: str) -> str:
+    steps = [r["step"] for r in rows]
+    fig, axes = new_figure(3)
+    ax = axes[0, 0]
+    ax.plot(steps, [r["loss"] for r in rows], label="trained LSA")
+    ax.axhline(gd_loss, color="k", ls="--", label="GD-1 at eta* (eval set)")
+    ax.axhline(gd_theory, color="gray", ls=":", label="GD-1 theory")
+    ax.set(xlabel="step", ylabel="query MSE", title="test loss", yscale="log")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(steps, [r["pred_diff"] for r in rows])
+    ax.set(xlabel="step", ylabel="mean (y_LSA - y_GD)^2", title="prediction difference", yscale="log")
+    ax = axes[0, 2]
+    ax.plot(steps, [r["query_cos"] for r in rows], label="query")
+    ax.plot(steps, [r["context_cos"] for r in rows], label="context")
+    ax.set(xlabel="step", ylabel="cosine", title="sensitivity cosine (LSA vs GD-1)", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_dir, "training")
+
+
+def _plot_ood(ood: dict, out_dir: str) -> str:
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    ax.plot(ood["scale"], ood["trained"], "o-", label="trained LSA")
+    ax.plot(ood["scale"], ood["gd"], "s--", label="GD-1 at eta*")
+    ax.plot(ood["scale"], ood["theory"], ":", color="gray", label="GD-1 theory")
+    ax.set(xlabel="input scale", ylabel="query MSE", yscale="log", title="inputs scaled at test time")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_dir, "ood_scaling")
+
+
+def _plot_weights(trained: SelfAttention, construction: SelfAttention, out_dir: str) -> str:
+    (p_t, q_t), (p_c, q_c) = to_pq(trained), to_pq(construction)
+    p_t, q_t = p_t[0, 0], q_t[0, 0]
+    scale = jnp.sqrt(jnp.abs(p_t[-1, -1]) / jnp.mean(jnp.abs(jnp.diag(q_t)[:-1])))  # P, Q are defined up to P c, Q / c
+    fig, axes = new_figure(4, size=(3.3, 3.0))
+    for ax, m, title in zip(axes[0], (p_t / scale, q_t * scale, p_c[0, 0], q_c[0, 0]),
+                            ("trained P (rescaled)", "trained Q (rescaled)", "GD construction P", "GD construction Q")):
+        heatmap(ax, m, title)
+    return save_figure(fig, out_dir, "weights_pq")

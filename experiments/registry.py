@@ -1,0 +1,21 @@
+"""Every registered experiment: name -> module. A module provides
+
+  Config            a frozen dataclass (nested configs allowed)
+  PRESETS           {"smoke": Config, "quick": Config, "full": Config}; smoke is the CI size,
+                    quick the CPU reproduction, full the paper's scale for an accelerator
+  run(cfg, out_dir) -> experiments.common.result.Outcome
+"""
+
+import importlib
+from types import ModuleType
+
+EXPERIMENTS = {
+    "gd_equivalence": "experiments.gd_equivalence",
+}
+PRESET_NAMES = ("smoke", "quick", "full")
+
+
+def load(name: str) -> ModuleType:
+    if name not in EXPERIMENTS:
+        raise KeyError(f"unknown experiment {name!r}; registered: {sorted(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])

@@ -1,0 +1,47 @@
+import jax
+import numpy as np
+import pytest
+
+from jaxicl.baselines import gradient_descent, least_squares, ridge
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+
+
+def _prefix_loop(x, y, fit):
+    """numpy reference: predict pair j from pairs < j, one prefix at a time."""
+    preds = np.zeros(len(y))
+    for j in range(len(y)):
+        preds[j] = fit(x[:j], y[:j]) @ x[j] if j else 0.0
+    return preds
+
+
+def _numpy_gd(x, y, steps, lr_):
+    w = np.zeros(x.shape[1])
+    for _ in range(steps):
+        w = w - lr_ * (x @ w - y) @ x / max(len(y), 1)
+    return w
+
+
+@pytest.mark.parametrize("fmt", ["paired", "interleaved"])
+def test_baselines_match_numpy_prefix_loops(x64, fmt):
+    cfg = lr.LinearRegression(dim=3, n_context=7, noise_std=0.2, format=fmt)
+    b = sample_batch(lr.sample, cfg, jax.random.key(0), 4)
+    pos = lr.prediction_positions(cfg)
+    cases = [
+        (least_squares(cfg), lambda x, y: np.linalg.lstsq(x, y, rcond=None)[0]),
+        (ridge(cfg, 0.5), lambda x, y: np.linalg.solve(x.T @ x + 0.5 * np.eye(3), x.T @ y)),
+        (gradient_descent(cfg, 3, 0.2), lambda x, y: _numpy_gd(x, y, 3, 0.2)),
+    ]
+    for predictor, fit in cases:
+        preds = np.asarray(jax.vmap(predictor)(b.inputs))
+        for i in range(4):
+            x, y = np.asarray(b.info["x"][i]), np.asarray(b.info["y"][i])
+            np.testing.assert_allclose(preds[i, pos], _prefix_loop(x, y, fit), rtol=1e-8, atol=1e-10)
+        assert np.all(np.delete(preds, pos, axis=1) == 0.0)
+
+
+def test_least_squares_recovers_w_once_the_prefix_has_dim_points(x64):
+    cfg = lr.LinearRegression(dim=4, n_context=8)
+    b = sample_batch(lr.sample, cfg, jax.random.key(1), 8)
+    preds = jax.vmap(least_squares(cfg))(b.inputs)
+    np.testing.assert_allclose(preds[:, 4:], b.targets[:, 4:], rtol=1e-8, atol=1e-8)

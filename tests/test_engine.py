@@ -1,0 +1,181 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxicl.tasks import sample_batch
+from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
+                          train)
+from jaxicl.train.loop import init_state, run_steps
+from jaxicl.train.optim import make_optimizer
+from jaxicl.validation import ConfigError
+from tiny_run import tiny_setup
+
+HERE = os.path.dirname(__file__)
+
+
+def _losses(result):
+    return np.array([r["loss"] for r in result.train_rows])
+
+
+def _assert_params_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_four_devices_give_the_same_losses_as_one():
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=15)
+    one = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(1), progress=False)
+    four = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(4), progress=False)
+    assert len(one.train_rows) == 15
+    np.testing.assert_allclose(_losses(four), _losses(one), rtol=2e-5)
+    _assert_params_close(four.state.params, one.state.params, rtol=2e-4, atol=1e-6)
+    for leaf in jax.tree.leaves(four.state.params):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
+
+
+def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_reduced():
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    mesh = data_mesh(4)
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, replicated(mesh))
+        batch = sample_batch(sample, task, jax.random.key(0), cfg.batch_size)
+        assert batch.inputs.sharding.spec[0] == "data"
+        assert {s.data.shape[0] for s in batch.inputs.addressable_shards} == {cfg.batch_size // 4}
+        per_example = jax.jit(jax.vmap(jax.grad(lambda p, b: loss_fn(p, jax.tree.map(lambda a: a[None], b))[0]),
+                                       in_axes=(None, 0)))(params, batch)
+        for g in jax.tree.leaves(per_example):
+            assert g.sharding.spec[0] == "data" and len(g.sharding.device_set) == 4
+        tx = make_optimizer(cfg)
+        state = jax.device_put(init_state(params, cfg, tx), replicated(mesh))
+        step = jax.jit(lambda s: run_steps(s, n=1, loss_fn=loss_fn, sample=sample, task_cfg=task,
+                                           batch_size=cfg.batch_size, tx=tx))
+        hlo = step.lower(state).compile().as_text()
+    assert "all-reduce" in hlo  # the per-device gradients are summed across the data axis
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10)
+    straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    _, _, _, half_cfg, _ = tiny_setup(steps=10, checkpoint_every=10)
+    train(loss_fn, sample, task, half_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    resumed = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
+    assert read_metrics(str(tmp_path / "a" / "metrics.jsonl")) == read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
+    assert CheckpointStore(str(tmp_path / "b" / "checkpoints")).steps() == [10, 20]
+
+
+def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10)
+    four = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), mesh=data_mesh(4), progress=False)
+    mesh1 = data_mesh(1)
+    with jax.set_mesh(mesh1):
+        like = init_state(params, cfg, make_optimizer(cfg))
+        store = CheckpointStore(str(tmp_path / "checkpoints"))
+        restored = store.restore(like, replicated(mesh1))
+        store.close()
+    assert int(restored.step) == 10
+    for leaf in jax.tree.leaves(restored.params):
+        assert leaf.sharding.device_set == {jax.devices()[0]}
+    _assert_params_close(restored.params, four.state.params, rtol=0, atol=0)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(four.state.key))
+    # and training continues on one device from there
+    _, _, _, longer, _ = tiny_setup(steps=15)
+    cont = train(loss_fn, sample, task, longer, params, out_dir=str(tmp_path), mesh=mesh1, progress=False)
+    assert [r["step"] for r in cont.train_rows] == list(range(15))
+
+
+def _nan_at_update(k: int) -> optax.GradientTransformation:
+    """SGD whose k-th update (0-based) writes NaN into the parameters."""
+
+    def init(params):
+        return jnp.zeros((), jnp.int32)
+
+    def update(grads, count, params=None):
+        poison = jnp.where(count == k, jnp.nan, 1.0)
+        return jax.tree.map(lambda g: -0.01 * g * poison, grads), count + 1
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=30, checkpoint_every=5)
+    with pytest.raises(NonFiniteLossError, match=r"at step 13\b.*Last good checkpoint: step 10"):
+        train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), tx=_nan_at_update(12), progress=False)
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    assert store.steps() == [5, 10]
+    with jax.set_mesh(data_mesh()):
+        restored = store.restore(init_state(params, cfg, _nan_at_update(12)), replicated(data_mesh()))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+    rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(13)) and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
+    loss_fn, sample, task, _, params = tiny_setup(steps=2)
+    cfg = TrainConfig(steps=2, batch_size=6)
+    with pytest.raises(ConfigError, match="batch_size=6 does not divide over the 4 devices"):
+        train(loss_fn, sample, task, cfg, params, mesh=data_mesh(4), progress=False)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"steps": 0}, "steps"), ({"optimizer": "rmsprop"}, "optimizer"), ({"schedule": "step"}, "schedule"),
+    ({"lr": -1.0}, "lr"), ({"warmup_steps": 5, "steps": 2}, "warmup_steps"), ({"clip_norm": -1.0}, "clip_norm"),
+    ({"weight_decay": 0.1}, "weight_decay")])
+def test_bad_train_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**kwargs)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), progress=False)
+    other = TrainConfig(steps=10, batch_size=16, lr=3e-2, steps_per_call=5)
+    with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.01 vs now 0.03"):
+        train(loss_fn, sample, task, other, params, out_dir=str(tmp_path), progress=False)
+
+
+def test_warmup_cosine_schedule_and_clipping_shape_the_updates():
+    cfg = TrainConfig(steps=100, lr=2.0, schedule="warmup_cosine", warmup_steps=10, optimizer="sgd", clip_norm=1.0)
+    tx = make_optimizer(cfg)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    grads = {"w": jnp.array([30.0, 40.0, 0.0])}  # norm 50, clipped to 1
+    sizes = []
+    for _ in range(100):
+        updates, state = tx.update(grads, state, params)
+        sizes.append(float(jnp.linalg.norm(updates["w"])))
+    expected = [2.0 * (s / 10 if s < 10 else 0.5 * (1 + np.cos(np.pi * (s - 10) / 90))) for s in range(100)]
+    np.testing.assert_allclose(sizes, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_run_resumes_with_nothing_lost(tmp_path):
+    """SIGKILL a training process after its first checkpoint; the resumed run equals an uninterrupted one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "killed"
+    args = [sys.executable, os.path.join(HERE, "tiny_run.py"), str(out), "--steps", "400",
+            "--checkpoint-every", "40", "--steps-per-call", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert 40 <= killed_at < 400, "the run must be killed mid-way"
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=400, checkpoint_every=40, steps_per_call=1)
+    resumed = train(loss_fn, sample, task, cfg, params, out_dir=str(out), progress=False)
+    straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "straight"), progress=False)
+    np.testing.assert_allclose(_losses(resumed), _losses(straight), rtol=1e-6)
+    _assert_params_close(resumed.state.params, straight.state.params, rtol=1e-6, atol=1e-9)
+    assert [r["step"] for r in resumed.train_rows] == list(range(400))

@@ -1,0 +1,60 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxicl.analysis.equivalence import equivalence_metrics
+from jaxicl.baselines import gradient_descent
+from jaxicl.models import predictor
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
+
+
+def _numpy_gd1_query(x, y, eta):
+    """One GD step of size eta from w = 0 on 1/(2N) sum (w.x_i - y_i)^2, evaluated at the query x[-1]."""
+    n = len(y) - 1
+    w = eta * (y[:n] @ x[:n]) / n
+    return w @ x[-1]
+
+
+def test_analytic_construction_equals_numpy_gd1(x64):
+    cfg = lr.LinearRegression(dim=6, n_context=9, noise_std=0.1)
+    eta = 0.37
+    b = sample_batch(lr.sample, cfg, jax.random.key(0), 64)
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), gd_step_model(cfg.dim, eta, jnp.float64))
+    g, p = nnx.split(model)
+    preds = jax.vmap(predictor(g, p))(b.inputs)[:, -1]
+    x, y = np.asarray(b.info["x"]), np.asarray(b.info["y"])
+    expected = np.array([_numpy_gd1_query(x[i], y[i], eta) for i in range(64)])
+    np.testing.assert_allclose(preds, expected, rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(preds, expected, rtol=1e-12)  # float64: in fact exact up to rounding
+
+
+def test_construction_and_gd1_are_equivalent_in_sensitivity(x64):
+    cfg = lr.LinearRegression(dim=4, n_context=6)
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), gd_step_model(4, 0.5, jnp.float64))
+    b = sample_batch(lr.sample, cfg, jax.random.key(1), 32)
+    m = equivalence_metrics(predictor(*nnx.split(model)), gradient_descent(cfg, 1, 0.5), b.inputs)
+    assert float(m["pred_diff"]) < 1e-24
+    np.testing.assert_allclose([m["query_cos"], m["context_cos"]], 1.0, rtol=1e-12)
+    np.testing.assert_allclose([m["query_l2"], m["context_l2"]], 0.0, atol=1e-12)
+
+
+def test_gd1_loss_formula_matches_monte_carlo(x64):
+    cfg = lr.LinearRegression(dim=3, n_context=5, noise_std=0.5, w_scale=1.5, x_cov_diag=(0.5, 1.0, 2.0))
+    b = sample_batch(lr.sample, cfg, jax.random.key(2), 400_000)
+    for eta in (0.1, 0.4):
+        err = jax.vmap(gradient_descent(cfg, 1, eta))(b.inputs)[:, -1] - b.targets[:, -1]
+        mc, sem = float(jnp.mean(err**2)), float(jnp.std(err**2) / np.sqrt(err.shape[0]))
+        assert abs(mc - gd_one_step_loss(cfg, eta)) < 4 * sem, (eta, mc, gd_one_step_loss(cfg, eta), sem)
+
+
+def test_optimal_lr_closed_form_and_minimises_the_monte_carlo_loss(x64):
+    cfg = lr.LinearRegression(dim=10, n_context=10)
+    assert np.isclose(optimal_gd_lr(cfg), 10 / 21)  # N / (N + d + 1)
+    b = sample_batch(lr.sample, cfg, jax.random.key(3), 50_000)
+    grid = np.linspace(0.2, 0.8, 25)
+    losses = [float(jnp.mean((jax.vmap(gradient_descent(cfg, 1, e))(b.inputs)[:, -1] - b.targets[:, -1]) ** 2))
+              for e in grid]
+    assert abs(grid[int(np.argmin(losses))] - 10 / 21) <= 0.05

@@ -1,0 +1,97 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+from jaxicl.validation import ConfigError
+
+
+@pytest.mark.parametrize("fmt,seq_len", [("paired", 9), ("interleaved", 17)])
+def test_shapes_dtypes_and_determinism(fmt, seq_len):
+    cfg = lr.LinearRegression(dim=5, n_context=8, format=fmt)
+    b1 = sample_batch(lr.sample, cfg, jax.random.key(0), 32)
+    b2 = sample_batch(lr.sample, cfg, jax.random.key(0), 32)
+    b3 = sample_batch(lr.sample, cfg, jax.random.key(1), 32)
+    assert b1.inputs.shape == (32, seq_len, 6) and b1.inputs.dtype == jnp.float32
+    assert b1.targets.shape == (32, seq_len) and b1.mask.shape == (32, seq_len)
+    assert b1.info["w"].shape == (32, 5) and b1.info["x"].shape == (32, 9, 5)
+    np.testing.assert_array_equal(b1.inputs, b2.inputs)
+    assert not np.allclose(b1.inputs, b3.inputs)
+
+
+def test_x_statistics_match_covariance():
+    cov_diag = (1.0, 4.0, 0.25)
+    cfg = lr.LinearRegression(dim=3, n_context=4, x_scale=2.0, x_cov_diag=cov_diag)
+    x = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(3), 40000).info["x"]).reshape(-1, 3)
+    expected = 4.0 * np.diag(cov_diag)
+    n = x.shape[0]
+    assert np.all(np.abs(x.mean(0)) < 5 * np.sqrt(np.diag(expected) / n))
+    np.testing.assert_allclose(np.cov(x.T), expected, atol=0.05 * expected.max())
+
+
+def test_w_statistics_and_noise_free_labels():
+    cfg = lr.LinearRegression(dim=4, n_context=6, w_scale=0.5)
+    b = sample_batch(lr.sample, cfg, jax.random.key(4), 20000)
+    w = np.asarray(b.info["w"])
+    np.testing.assert_allclose(np.cov(w.T), 0.25 * np.eye(4), atol=0.01)
+    y = np.einsum("bnd,bd->bn", np.asarray(b.info["x"]), w)
+    np.testing.assert_allclose(b.info["y"], y, rtol=1e-5, atol=1e-5)
+    # paired tokens hold [x; y] with the query label hidden; the target is the query label
+    np.testing.assert_allclose(b.inputs[:, :-1, -1], y[:, :-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(b.inputs[:, -1, -1], 0.0)
+    np.testing.assert_allclose(b.targets[:, -1], y[:, -1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(b.mask[0], np.eye(7)[-1])
+
+
+def test_noise_has_the_requested_std():
+    cfg = lr.LinearRegression(dim=3, n_context=5, noise_std=0.3)
+    b = sample_batch(lr.sample, cfg, jax.random.key(5), 20000)
+    resid = np.asarray(b.info["y"]) - np.einsum("bnd,bd->bn", b.info["x"], b.info["w"])
+    assert abs(resid.std() - 0.3) < 0.005
+
+
+def test_interleaved_tokens_decode_to_the_pairs():
+    cfg = lr.LinearRegression(dim=3, n_context=4, format="interleaved", loss_on="all")
+    p = lr.sample(cfg, jax.random.key(6))
+    x, y = lr.decode(cfg, p.inputs)
+    np.testing.assert_allclose(x, p.info["x"])
+    np.testing.assert_allclose(y[:-1], p.info["y"][:-1])
+    assert y[-1] == 0.0
+    pos = lr.prediction_positions(cfg)
+    np.testing.assert_array_equal(pos, [0, 2, 4, 6, 8])
+    np.testing.assert_allclose(p.targets[pos], p.info["y"])
+    np.testing.assert_array_equal(p.mask, np.isin(np.arange(9), pos).astype(float))
+    np.testing.assert_array_equal(p.inputs[1::2, :-1], 0.0)  # label tokens carry no x
+
+
+def test_finite_pool_draws_only_pool_vectors():
+    cfg = lr.LinearRegression(dim=3, n_context=2, n_tasks=4, pool_seed=7)
+    w = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(8), 400).info["w"])
+    unique = np.unique(w.round(6), axis=0)
+    assert len(unique) == 4
+    pool = np.asarray(jax.random.normal(jax.random.key(7), (4, 3)))
+    np.testing.assert_allclose(np.sort(unique, axis=0), np.sort(pool, axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"dim": 0}, "dim"), ({"n_context": -1}, "n_context"), ({"noise_std": -0.1}, "noise_std"),
+    ({"format": "bogus"}, "format"), ({"loss_on": "middle"}, "loss_on"), ({"n_tasks": -2}, "n_tasks")])
+def test_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        lr.LinearRegression(**kwargs)
+
+
+def test_batch_is_born_sharded_over_the_data_axis():
+    mesh = jax.make_mesh((4,), ("data",))
+    cfg = lr.LinearRegression(dim=3, n_context=4)
+    with jax.set_mesh(mesh):
+        b = sample_batch(lr.sample, cfg, jax.random.key(0), 16)
+        assert b.inputs.sharding.spec[0] == "data"
+        assert len({s.device for s in b.inputs.addressable_shards}) == 4
+        assert b.inputs.addressable_shards[0].data.shape == (4, 5, 4)
+        with pytest.raises(ConfigError, match="batch_size=10 does not divide over the 4 devices"):
+            sample_batch(lr.sample, cfg, jax.random.key(0), 10)
+    unsharded = sample_batch(lr.sample, cfg, jax.random.key(0), 16)
+    np.testing.assert_array_equal(b.inputs, unsharded.inputs)

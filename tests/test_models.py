@@ -1,0 +1,118 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicl.models import SelfAttention, apply
+from jaxicl.models.pq_view import from_pq, to_pq
+
+
+def _numpy_linear_attention(model: SelfAttention, tokens: np.ndarray) -> np.ndarray:
+    """Brute-force loop over layers, heads, queries and keys."""
+    x = np.asarray(tokens, np.float64)
+    t = x.shape[0]
+    for layer in model.layers:
+        wq, wk, wv, wo = (np.asarray(w[...], np.float64) for w in (layer.wq, layer.wk, layer.wv, layer.wo))
+        out = np.zeros_like(x)
+        for h in range(wq.shape[0]):
+            for j in range(t):
+                for i in range(t):
+                    if model.mask == "causal" and i > j:
+                        continue
+                    out[j] += (x[j] @ wq[h]) @ (x[i] @ wk[h]) * (x[i] @ wv[h] @ wo[h]) / (t - 1)
+        x = x + out if model.residual else out
+    return x
+
+
+@pytest.mark.parametrize("mask,residual", [("none", True), ("causal", False)])
+def test_linear_attention_matches_a_brute_force_loop(x64, mask, residual):
+    model = SelfAttention(4, num_layers=2, num_heads=3, key_size=2, mask=mask, residual=residual,
+                          init_scale=0.5, rngs=nnx.Rngs(0))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    tokens = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+    np.testing.assert_allclose(model(tokens), _numpy_linear_attention(model, tokens), rtol=1e-10)
+
+
+def test_softmax_attention_rows_sum_to_one_and_causal_means_no_future(x64):
+    model = SelfAttention(4, num_heads=2, kind="softmax", mask="causal", init_scale=1.0, rngs=nnx.Rngs(2))
+    g, p = nnx.split(model)
+    tokens = jax.random.normal(jax.random.key(3), (5, 4))
+    out, rec = apply(g, p, tokens, capture=["layer0.attn.weights"])
+    np.testing.assert_allclose(rec["layer0.attn.weights"].sum(-1), 1.0, rtol=1e-12)
+    assert np.all(np.triu(rec["layer0.attn.weights"], 1) == 0.0)
+    changed = tokens.at[-1].set(100.0)  # the last token must not affect earlier outputs
+    np.testing.assert_allclose(apply(g, p, changed)[0][:-1], out[:-1], rtol=1e-12)
+
+
+def test_context_mask_hides_the_query_from_every_token(x64):
+    model = SelfAttention(3, mask="context", residual=False, init_scale=1.0, rngs=nnx.Rngs(4))
+    tokens = jax.random.normal(jax.random.key(5), (4, 3))
+    moved = tokens.at[-1].set(tokens[-1] * 3.0)
+    # with the query hidden as a key, only the query row itself may change
+    np.testing.assert_allclose(model(moved)[:-1], model(tokens)[:-1], rtol=1e-12)
+
+
+def test_pq_view_round_trips(x64):
+    p = jax.random.normal(jax.random.key(6), (2, 3, 5, 5))
+    q = jax.random.normal(jax.random.key(7), (2, 3, 5, 5))
+    p2, q2 = to_pq(from_pq(p, q))
+    np.testing.assert_array_equal(p2, p)
+    np.testing.assert_array_equal(q2, q)
+    model = SelfAttention(5, num_layers=2, num_heads=3, key_size=2, init_scale=0.3, rngs=nnx.Rngs(8))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    tokens = jax.random.normal(jax.random.key(9), (7, 5))
+    np.testing.assert_allclose(from_pq(*to_pq(model))(tokens), model(tokens), rtol=1e-10)
+
+
+def test_capture_and_identity_edit_leave_outputs_unchanged():
+    model = SelfAttention(4, num_layers=2, num_heads=2, init_scale=0.3, rngs=nnx.Rngs(10))
+    g, p = nnx.split(model)
+    tokens = jax.random.normal(jax.random.key(11), (8, 6, 4))
+    plain = jax.vmap(lambda t: apply(g, p, t)[0])(tokens)
+    edited, rec = jax.jit(jax.vmap(lambda t: apply(
+        g, p, t, capture="all", edits={"layer0.attn.out": lambda a: a, "layer1.resid_post": lambda a: a})))(tokens)
+    np.testing.assert_array_equal(edited, plain)
+    np.testing.assert_array_equal(rec["layer1.resid_post"], plain)
+    assert rec["layer0.attn.scores"].shape == (8, 2, 6, 6)
+    np.testing.assert_allclose(rec["layer0.resid_post"], tokens + rec["layer0.attn.out"], rtol=1e-6)
+    np.testing.assert_allclose(rec["layer0.attn.heads"].sum(1), rec["layer0.attn.out"], rtol=1e-5, atol=1e-7)
+
+
+def test_zeroing_edit_changes_outputs_exactly_as_removing_the_layer():
+    model = SelfAttention(4, num_layers=2, init_scale=0.5, rngs=nnx.Rngs(12))
+    g, p = nnx.split(model)
+    tokens = jax.random.normal(jax.random.key(13), (6, 4))
+    out, _ = apply(g, p, tokens)
+    ablated, _ = jax.jit(lambda t: apply(g, p, t, edits={"layer1.attn.out": jnp.zeros_like}))(tokens)
+    assert np.abs(ablated - out).max() > 1e-3
+    _, rec = apply(g, p, tokens, capture=["layer0.resid_post"])
+    np.testing.assert_array_equal(ablated, rec["layer0.resid_post"])
+
+
+def test_grad_through_an_edit_and_per_prompt_edits_under_vmap():
+    model = SelfAttention(3, init_scale=0.5, rngs=nnx.Rngs(14))
+    g, p = nnx.split(model)
+    tokens = jax.random.normal(jax.random.key(15), (5, 3))
+    scales = jnp.array([0.0, 1.0, 2.0])
+    outs = jax.vmap(lambda s: apply(g, p, tokens, edits={"layer0.attn.out": lambda a: s * a})[0])(scales)
+    _, rec = apply(g, p, tokens, capture=["layer0.attn.out"])
+    np.testing.assert_allclose(outs[2] - outs[1], rec["layer0.attn.out"], rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda s: apply(g, p, tokens, edits={"layer0.attn.out": lambda a: s * a})[0].sum())(1.0)
+    np.testing.assert_allclose(grad, rec["layer0.attn.out"].sum(), rtol=1e-5)
+
+
+def test_unknown_site_names_raise():
+    model = SelfAttention(3, rngs=nnx.Rngs(0))
+    g, p = nnx.split(model)
+    with pytest.raises(KeyError, match="layer7.attn.out"):
+        apply(g, p, jnp.ones((4, 3)), capture=["layer7.attn.out"])
+
+
+def test_bad_model_options_name_the_field():
+    with pytest.raises(ValueError, match="kind"):
+        SelfAttention(3, kind="relu", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mask"):
+        SelfAttention(3, mask="diagonal", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_heads"):
+        SelfAttention(3, num_heads=0, rngs=nnx.Rngs(0))
