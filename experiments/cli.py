@@ -18,11 +18,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
     p.add_argument("--out", default="results", help="output directory (default: results)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host; run the same command on every host)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed, where not auto-detected)")
+    p.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
+    p.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
     return p
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize() before any other JAX work; auto-detects TPU, Slurm, Kubernetes."""
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.distributed:
+        _initialize_distributed(args)
     if args.name == "list":
         for name in registry.EXPERIMENTS:
             doc = (registry.load(name).__doc__ or "").strip().splitlines()

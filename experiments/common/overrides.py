@@ -28,21 +28,26 @@ def _parse(text: str, kind, field: str):
         raise ConfigError(f"{field} expects a value of type {kind.__name__}, got {text!r}") from None
 
 
-def apply_override(cfg, path: str, text: str):
+def apply_override(cfg, path: str, text: str, _parent: str = ""):
     """cfg with the (dotted) field `path` set from text, e.g. path="train.lr", text="3e-4"."""
     head, _, rest = path.partition(".")
+    where = f"{_parent}{head}"
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     if head not in fields:
-        raise ConfigError(f"unknown field {head!r} in {type(cfg).__name__}; allowed: {sorted(fields)}")
+        raise ConfigError(f"unknown field {where!r} in {type(cfg).__name__}; allowed: {sorted(fields)}")
     current = getattr(cfg, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{head} is not a nested config, so {path!r} is not a field")
-        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text)})
+            raise ConfigError(f"{where} is not a nested config, so {_parent + path!r} is not a field")
+        return dataclasses.replace(cfg, **{head: apply_override(current, rest, text, f"{where}.")})
     if dataclasses.is_dataclass(current):
-        raise ConfigError(f"{head} is a nested config; set one of its fields, e.g. {head}.<field>=...")
+        raise ConfigError(f"{where} is a nested config; set one of its fields, e.g. {where}.<field>=...")
     kind = typing.get_type_hints(type(cfg))[head]
-    return dataclasses.replace(cfg, **{head: _parse(text, kind, path)})
+    value = _parse(text, kind, where)
+    try:
+        return dataclasses.replace(cfg, **{head: value})
+    except ConfigError as e:
+        raise ConfigError(f"{where}={text}: {e}") from None
 
 
 def apply_overrides(cfg, assignments: list[str]):

@@ -1,0 +1,81 @@
+"""Training throughput of the engine's scanned step (W-vOswald: 1-layer LSA, d = 10, N = 10).
+
+python -m benchmarks.train_throughput [--steps 200] [--batch-sizes 256,2048,8192] [--layers 1,4]
+
+Reports, per (layers, batch size): compile time of one chunk, steady-state steps/s and
+prompts/s (sampling on device included), and the cost of capturing every named site in a
+forward pass relative to capturing none. Run it on an otherwise idle machine.
+"""
+
+import argparse
+import time
+from functools import partial
+
+import jax
+from flax import nnx
+
+from benchmarks.output import write_results
+from jaxicl.models import SelfAttention, apply
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+from jaxicl.train import TrainConfig, data_mesh, regression_loss, replicated
+from jaxicl.train.loop import init_state, run_steps
+from jaxicl.train.optim import make_optimizer
+
+
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def time_training(layers: int, batch_size: int, steps: int) -> dict:
+    task = lr.LinearRegression(dim=10, n_context=10)
+    graphdef, params = nnx.split(SelfAttention(11, num_layers=layers, init_scale=0.002, rngs=nnx.Rngs(0)))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size)
+    tx = make_optimizer(cfg)
+    mesh = data_mesh()
+    with jax.set_mesh(mesh):
+        state = jax.device_put(init_state(params, cfg, tx), replicated(mesh))
+        chunk = jax.jit(partial(run_steps, n=steps, loss_fn=regression_loss(graphdef), sample=lr.sample,
+                                task_cfg=task, batch_size=batch_size, tx=tx))
+        start = time.perf_counter()
+        compiled = chunk.lower(state).compile()
+        compile_s = time.perf_counter() - start
+        _seconds(compiled, state)  # warm-up
+        run_s = min(_seconds(compiled, state) for _ in range(3))
+    return {"layers": layers, "batch": batch_size, "steps": steps, "compile_s": compile_s,
+            "steps_per_s": steps / run_s, "prompts_per_s": steps * batch_size / run_s}
+
+
+def time_capture(layers: int, batch_size: int, repeats: int = 20) -> dict:
+    """Forward pass over a batch with no captures vs every site captured."""
+    task = lr.LinearRegression(dim=10, n_context=10)
+    graphdef, params = nnx.split(SelfAttention(11, num_layers=layers, rngs=nnx.Rngs(0)))
+    tokens = sample_batch(lr.sample, task, jax.random.key(0), batch_size, axis=None).inputs
+    times = {}
+    for capture in ((), "all"):
+        fwd = jax.jit(jax.vmap(lambda t, c=capture: apply(graphdef, params, t, capture=c)))
+        _seconds(fwd, tokens)
+        times[capture or "none"] = min(_seconds(fwd, tokens) for _ in range(repeats))
+    return {"capture_all_over_none": times["all"] / times["none"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-sizes", default="256,2048,8192")
+    ap.add_argument("--layers", default="1,4")
+    args = ap.parse_args(argv)
+    rows = []
+    for layers in map(int, args.layers.split(",")):
+        for batch in map(int, args.batch_sizes.split(",")):
+            row = {**time_training(layers, batch, args.steps), **time_capture(layers, batch)}
+            print(row, flush=True)
+            rows.append(row)
+    print(write_results("train_throughput", rows, notes=f"{jax.device_count()} {jax.default_backend()} device(s); "
+                        "steps include on-device sampling; compile time is separate"))
+
+
+if __name__ == "__main__":
+    main()
