@@ -78,7 +78,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                    evaluate=evaluate, eval_every=cfg.eval_every, run_config={"experiment": "gd_equivalence"},
                    desc="gd_equivalence")
     final = result.eval_rows[-1]
-    trained = predictor(graphdef, result.state.params)
+    final_params = jax.device_get(result.state.params)  # off the training mesh, for analysis on one device
+    trained = predictor(graphdef, final_params)
 
     # The analytic construction against GD-1 on the same prompts.
     g_c, p_c = nnx.split(gd_step_model(d, eta))
@@ -86,7 +87,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     construct_err = float(jnp.max(jnp.abs(construct - jax.vmap(gd1)(eval_batch.inputs)[:, -1])))
 
     # Out of distribution: inputs scaled by s (trained and GD-1 at the training eta*).
-    ood = {"scale": [], "trained": [], "gd": [], "theory": []}
+    ood = {"scale": [], "trained": [], "gd": [], "theory": [], "query_cos": [], "context_cos": []}
     for i, s in enumerate(cfg.scales):
         scaled = dataclasses.replace(task, x_scale=task.x_scale * s)
         batch = sample_batch(lr_task.sample, scaled, jax.random.fold_in(eval_key, i + 1), cfg.eval_prompts)
@@ -94,11 +95,14 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         ood["trained"].append(float(_query_loss(jax.vmap(trained)(batch.inputs), batch.targets)))
         ood["gd"].append(float(_query_loss(jax.vmap(gd1)(batch.inputs), batch.targets)))
         ood["theory"].append(gd_one_step_loss(scaled, eta))
+        sensitivity = equivalence_metrics(trained, gd1, batch.inputs)
+        ood["query_cos"].append(float(sensitivity["query_cos"]))
+        ood["context_cos"].append(float(sensitivity["context_cos"]))
     ood_ratio = np.max(np.abs(np.array(ood["trained"]) / np.array(ood["gd"]) - 1))
 
     figures = [_plot_training(result.eval_rows, gd_loss, gd_one_step_loss(task, eta), out_dir),
                _plot_ood(ood, out_dir),
-               _plot_weights(nnx.merge(graphdef, result.state.params), gd_step_model(d, eta), out_dir)]
+               _plot_weights(nnx.merge(graphdef, final_params), gd_step_model(d, eta), out_dir)]
     rel_gap = abs(final["loss"] - gd_loss) / gd_loss
     n = cfg.eval_prompts
     checks = [
@@ -112,6 +116,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "d pred / d context tokens, trained vs GD-1"),
         check_below("ood_max_rel_loss_gap", ood_ratio, 0.1,
                     f"max over x scales {cfg.scales} of |L_trained / L_GD1 - 1|"),
+        check_above("ood_min_query_sensitivity_cosine", min(ood["query_cos"]), cfg.min_cosine,
+                    f"min over x scales {cfg.scales} of the query sensitivity cosine, trained vs GD-1"),
     ]
     return Outcome(checks, figures)
 
@@ -137,7 +143,12 @@ def _plot_training(rows: list[dict], gd_loss: float, gd_theory: float, out_dir: 
 
 
 def _plot_ood(ood: dict, out_dir: str) -> str:
-    fig, axes = new_figure()
+    fig, axes = new_figure(2)
+    ax = axes[0, 1]
+    ax.plot(ood["scale"], ood["query_cos"], "o-", label="query")
+    ax.plot(ood["scale"], ood["context_cos"], "s--", label="context")
+    ax.set(xlabel="input scale", ylabel="cosine", title="sensitivity cosine, trained vs GD-1")
+    ax.legend(fontsize=8)
     ax = axes[0, 0]
     ax.plot(ood["scale"], ood["trained"], "o-", label="trained LSA")
     ax.plot(ood["scale"], ood["gd"], "s--", label="GD-1 at eta*")

@@ -19,7 +19,8 @@ def test_gd_equivalence_smoke_run_end_to_end_with_every_check_passing(tmp_path, 
     assert set(result) == {"experiment", "preset", "checks", "figures", "wall_seconds"}
     names = [c["name"] for c in result["checks"]]
     assert names == ["analytic_construction_vs_gd1_max_abs", "final_loss_rel_gap_to_gd1", "query_sensitivity_cosine",
-                     "context_sensitivity_cosine", "ood_max_rel_loss_gap"]
+                     "context_sensitivity_cosine", "ood_max_rel_loss_gap",
+                     "ood_min_query_sensitivity_cosine"]
     for c in result["checks"]:
         assert c["passed"], c
         assert math.isfinite(c["value"])
