@@ -107,6 +107,24 @@ def _predicted_class(model: NearestNeighborAttention, values: jax.Array) -> jax.
     return nn_task.decode_class(values, model.label_dim + 1)
 
 
+def smooth(values: np.ndarray, window: int = 25) -> np.ndarray:
+    """Centred moving average along axis 0 of [T, ...], normalised at the edges (no zero padding bias)."""
+    kernel = np.ones(window)
+    conv = lambda v: np.convolve(v, kernel, mode="same")  # noqa: E731
+    flat = values.reshape(values.shape[0], -1)
+    out = np.stack([conv(flat[:, i]) for i in range(flat.shape[1])], 1) / conv(np.ones(values.shape[0]))[:, None]
+    return out.reshape(values.shape)
+
+
+def log_axes(*axes) -> None:
+    """Log step axes without the cluttered minor tick labels."""
+    from matplotlib.ticker import NullFormatter
+
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def log_spaced(n: int, num: int = 200) -> np.ndarray:
     """About `num` distinct integer indices in [1, n], log-spaced (for plots on a log step axis)."""
     return np.unique(np.geomspace(1, n, num).astype(int))

@@ -14,7 +14,8 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
-from experiments.nn_common import eval_batches, log_spaced, member_keys, nn_metrics, stack, train_members
+from experiments.nn_common import (eval_batches, log_axes, log_spaced, member_keys, nn_metrics, smooth, stack,
+                                   train_members)
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
@@ -24,7 +25,7 @@ from jaxicl.validation import ConfigError, check_positive
 @dataclasses.dataclass(frozen=True)
 class Config:
     task: nn_task.NearestNeighbor = nn_task.NearestNeighbor(dim=4, n_context=8, n_prompts=10_000)
-    scales: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0)  # W_K, W_Q entries ~ N(0, scale^2)
+    scales: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0, 3.0, 5.0)  # W_K, W_Q entries ~ N(0, scale^2)
     reference_scale: float = 0.3  # the scale whose members must learn 1-NN
     seeds: tuple[int, ...] = (0, 1)
     lr: float = 1.0
@@ -50,7 +51,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(task=nn_task.NearestNeighbor(dim=3, n_context=4, n_prompts=512), scales=(0.3, 2.0),
+    "smoke": Config(task=nn_task.NearestNeighbor(dim=3, n_context=4, n_prompts=512), scales=(0.3, 5.0),
                     seeds=(0,), steps=400, steps_per_call=100, eval_prompts=256),
     "quick": Config(),
     "full": Config(task=nn_task.NearestNeighbor(dim=8, n_context=16, n_prompts=10_000),
@@ -101,8 +102,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_below("off_family_fraction_at_reference_scale", off[ref].max(), cfg.max_off_family,
                     "|W_K^T W_Q - diag(xi1 I, 0, -xi2)|_F / |W|_F at the end, worst seed"),
         check_above("largest_scale_fails", float(cfg.scales[-1] in failed), 0.5,
-                    f"1 if the largest scale misses agreement {cfg.min_agreement} (the follow-up reports failure at "
-                    f"large init noise); failing scales {failed}. Sweep: {sweep}"),
+                    f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.steps} steps (the follow-up "
+                    f"reports failure at init noise 3; its scale convention may differ); failing scales {failed}. "
+                    f"Sweep: {sweep}"),
     ]
     figures = [_plot_training(cfg, scales, per_step, eval_steps, evals, out_dir),
                _plot_weights(cfg, members, w_final, d, out_dir)]
@@ -114,18 +116,18 @@ def _plot_training(cfg: Config, scales, per_step, eval_steps, evals, out_dir: st
     t = log_spaced(cfg.steps - 1)
     for i, s in enumerate(cfg.scales):
         sel, c = scales == s, f"C{i}"
-        kernel = np.ones(25) / 25
-        loss = np.convolve(per_step["loss"][:, sel].mean(1), kernel, mode="same")
+        loss = smooth(per_step["loss"][:, sel].mean(1))
         axes[0, 0].plot(t, loss[t], color=c, label=f"scale {s:g}")
         axes[0, 1].plot(eval_steps, evals["agree_1nn"][:, sel].mean(1), color=c, marker=".", label=f"scale {s:g}")
         axes[0, 2].plot(eval_steps[1:], evals["shifted_mse"][1:, sel].mean(1), color=c, marker=".")
         axes[0, 3].plot(t, per_step["off_family"][t][:, sel].mean(1), color=c)
-    axes[0, 0].set(xscale="log", xlabel="step", ylabel="train loss", title="training loss (fixed prompt set)")
-    axes[0, 1].set(xscale="log", xlabel="step", ylabel="fraction", ylim=(0.4, 1.02),
+    axes[0, 0].set(xlabel="step", ylabel="train loss", title="training loss (fixed prompt set)")
+    axes[0, 1].set(xlabel="step", ylabel="fraction", ylim=(0.4, 1.02),
                    title="sign(pred) = 1-NN label, uniform")
-    axes[0, 2].set(xscale="log", yscale="log", xlabel="step", ylabel="MSE", title="shifted test MSE")
-    axes[0, 3].set(xscale="log", xlabel="step", ylabel="|W - W(xi)|_F / |W|_F", title="distance from the family")
+    axes[0, 2].set(yscale="log", xlabel="step", ylabel="MSE", title="shifted test MSE")
+    axes[0, 3].set(xlabel="step", ylabel="|W - W(xi)|_F / |W|_F", title="distance from the family")
     axes[0, 0].legend(fontsize=8)
+    log_axes(*axes.flat)
     return save_figure(fig, out_dir, "training")
 
 
