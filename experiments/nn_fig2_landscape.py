@@ -33,7 +33,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(grid=21, samples=2000),
+    "smoke": Config(grid=11, samples=1000),
     "quick": Config(),
     "full": Config(grid=121, samples=200_000),
 }

@@ -17,6 +17,9 @@ from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.validation import ConfigError, check_positive
 
 
+RECORD = 10  # the reduced dynamics are compared with the full run every RECORD steps
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     n_contexts: tuple[int, ...] = (4, 8, 16)  # N of each run, paired with dims
@@ -35,7 +38,7 @@ class Config:
     max_shifted_mse: float = 0.01
     max_off_family: float = 0.05  # |W - W(xi1, xi2)|_F / |W|_F
     min_log_r2: float = 0.95
-    max_reduced_rel_gap: float = 0.05
+    max_reduced_rel_gap: float = 0.02  # over the second half of training
     min_agreement: float = 0.9
 
     def __post_init__(self):
@@ -44,6 +47,8 @@ class Config:
                               f"and {self.dims}")
         for name in ("lr", "steps", "batch_size", "steps_per_call", "eval_prompts", "reduced_samples"):
             check_positive(name, getattr(self, name))
+        if self.steps % self.steps_per_call or self.steps_per_call % RECORD:
+            raise ConfigError(f"steps_per_call={self.steps_per_call} must be a multiple of {RECORD}")
         if self.steps % self.steps_per_call:
             raise ConfigError(f"steps={self.steps} must be a multiple of steps_per_call={self.steps_per_call}")
         if not self.seeds:
@@ -51,8 +56,8 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(n_contexts=(4,), dims=(3,), seeds=(0, 1), steps=400, steps_per_call=100, batch_size=64,
-                    eval_prompts=256, reduced_samples=1024),
+    "smoke": Config(n_contexts=(4,), dims=(3,), seeds=(0, 1), steps=200, steps_per_call=100, batch_size=64,
+                    eval_prompts=256, reduced_samples=512),
     "quick": Config(),
     "full": Config(n_contexts=(4, 8, 16, 16, 32), dims=(4, 8, 8, 16, 16), seeds=tuple(range(8)), lr=0.5,
                    steps=100_000, batch_size=512, steps_per_call=2000, eval_prompts=10_000,
@@ -83,10 +88,10 @@ def run_one(cfg: Config, n: int, d: int) -> dict:
         batch_size=cfg.batch_size, lr=cfg.lr, steps_per_call=cfg.steps_per_call, step_metrics=step_metrics,
         evaluate=evaluate, desc=f"nn_fig3 N={n} d={d}")
     s = theory.sample_inner_products(jax.random.key(cfg.seeds[0]), n, d, cfg.reduced_samples)
-    reduced = np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.lr, dim=d, steps=cfg.steps))
-    no_d = np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.lr, dim=1, steps=cfg.steps, record_every=10))
-    loss_path = np.asarray(theory.reduced_loss_grid(*reduced[log_spaced(cfg.steps)].T, s))
-    # per_step[k][t] is measured before update t, i.e. at parameters W^t, like reduced[t].
+    # reduced[k] is (xi1, xi2) after RECORD * k steps; per_step[..][t] is measured at W^t, before update t.
+    reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.lr, dim=dim, steps=cfg.steps,
+                                                  record_every=RECORD)) for dim in (d, 1))
+    loss_path = np.asarray(theory.reduced_loss_grid(*reduced[:-1].T, s))
     return {"n": n, "d": d, "per_step": per_step, "eval_steps": eval_steps, "evals": evals, "reduced": reduced,
             "reduced_no_d": no_d, "reduced_loss": loss_path}
 
@@ -96,9 +101,11 @@ def _summaries(cfg: Config, r: dict) -> dict:
     late = t >= cfg.fit_from * cfg.steps
     loss = r["per_step"]["loss"].mean(1)
     xi = np.stack([r["per_step"]["xi1"].mean(1), r["per_step"]["xi2"].mean(1)], -1)  # [steps, 2]
-    gap = np.abs(xi[late] - r["reduced"][:-1][late]) / np.abs(r["reduced"][:-1][late])
-    no_d = r["reduced_no_d"][:-1][late[::10], 0]
-    gap_no_d = np.abs(xi[::10][late[::10], 0] - no_d) / np.abs(no_d)
+    t_r = t[::RECORD]
+
+    def rel_gap(start: float, reduced: np.ndarray, k) -> float:
+        sel = t_r >= start * cfg.steps
+        return float(np.max(np.abs(xi[::RECORD][sel, k] - reduced[:-1][sel, k]) / np.abs(reduced[:-1][sel, k])))
     fits = [theory.fit_log_growth(t[late], xi[late, k]) for k in range(2)]
     powers = [np.polyfit(np.log(t[late]), np.log(xi[late, k]), 1)[0] for k in range(2)]
     window = max(cfg.steps // 20, 1)
@@ -107,7 +114,9 @@ def _summaries(cfg: Config, r: dict) -> dict:
             "shifted_mse": float(r["evals"]["shifted_mse"][-1].max()),
             "agreement": float(r["evals"]["agree_1nn"][-1].min()),
             "off_family": float(r["per_step"]["off_family"][-1].max()),
-            "reduced_gap": float(gap.max()), "reduced_gap_no_d": float(gap_no_d.max()),
+            "reduced_gap": rel_gap(0.5, r["reduced"], slice(None)),
+            "reduced_gap_early": rel_gap(cfg.fit_from, r["reduced"], slice(None)),
+            "reduced_gap_no_d": rel_gap(0.5, r["reduced_no_d"], 0),
             "r2": min(f[2] for f in fits), "slopes": [f[0] for f in fits], "powers": powers}
 
 
@@ -136,8 +145,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                         f"N={r['n']}: p1={s['powers'][0]:.2f}, p2={s['powers'][1]:.2f}" for r, s in zip(runs, sums))
                     + ". The slope per decade grows over this range: the Theta(log t) rate is not reached"),
         check_below("full_vs_reduced_dynamics_rel_gap", worst("reduced_gap"), cfg.max_reduced_rel_gap,
-                    f"max over t >= {cfg.fit_from} * steps of |xi(full W, seed mean) - xi(reduced)| / xi(reduced), "
-                    f"reduced GD with step eta/d on xi1; with step eta on xi1 the gap would be "
+                    f"max over t >= steps / 2 and xi1, xi2 of |xi(full W, seed mean) - xi(reduced)| / xi(reduced), "
+                    f"reduced GD with step eta/d on xi1 (per run: "
+                    + ", ".join(f"N={r['n']}: {s['reduced_gap']:.4f}" for r, s in zip(runs, sums))
+                    + f"). Over t >= {cfg.fit_from} * steps the gap is {worst('reduced_gap_early'):.3f}: the full "
+                    f"run's xi2 starts growing slightly later. With step eta (no 1/d) on xi1 the late gap would be "
                     f"{worst('reduced_gap_no_d'):.2f}"),
     ]
     figures = [_plot(cfg, runs, out_dir)]
@@ -147,6 +159,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
     fig, axes = new_figure(3, 2)
     t_log = log_spaced(cfg.steps)
+    t_reduced = np.arange(0, cfg.steps, RECORD)
     colors = [f"C{i}" for i in range(len(runs))]
     for r, c in zip(runs, colors):
         tag = f"N={r['n']}, d={r['d']}"
@@ -155,7 +168,7 @@ def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
         ax = axes[0, 0]
         ax.plot(idx, loss[idx].mean(1), color=c, label=tag)
         ax.fill_between(idx, loss[idx].min(1), loss[idx].max(1), color=c, alpha=0.2)
-        ax.plot(t_log, r["reduced_loss"], color=c, ls="--", lw=1)
+        ax.plot(t_reduced[1:], r["reduced_loss"][1:], color=c, ls="--", lw=1)
         ax = axes[0, 1]
         mse = r["evals"]["shifted_mse"]
         ax.plot(r["eval_steps"][1:], mse[1:].mean(1), color=c, marker=".", label=tag)
@@ -166,7 +179,7 @@ def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
             ax = axes[1, k]
             xi = r["per_step"][f"xi{k + 1}"]
             ax.plot(idx, xi[idx].mean(1), color=c, ls=ls, label=f"{tag} full W")
-            ax.plot(idx, r["reduced"][idx, k], color="k", ls=":", lw=1)
+            ax.plot(t_reduced[1:], r["reduced"][1:-1, k], color="k", ls=":", lw=1)
         ax = axes[1, 2]
         ax.plot(idx, r["per_step"]["off_family"][idx].mean(1), color=c, label=tag)
     axes[0, 0].set(xlabel="step t", ylabel="train loss", title="training loss (dashed: reduced L)")

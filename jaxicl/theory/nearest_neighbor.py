@@ -89,7 +89,7 @@ def off_family_norm(w: jax.Array, dim: int) -> jax.Array:
     return jnp.sqrt(jnp.sum((w - proj) ** 2, axis=(-2, -1)))
 
 
-@partial(jax.jit, static_argnames=("dim", "steps", "record_every"))
+@partial(jax.jit, static_argnames=("steps", "record_every"))
 def reduced_gd(xi1: float, xi2: float, s: jax.Array, *, eta: float, dim: int, steps: int,
                record_every: int = 1) -> jax.Array:
     """The two-parameter dynamics of full-matrix GD: [steps // record_every + 1, 2] (xi1, xi2), start first.
