@@ -38,6 +38,7 @@ class Config:
     max_shifted_mse: float = 0.01
     max_off_family: float = 0.05  # |W - W(xi1, xi2)|_F / |W|_F
     min_log_r2: float = 0.95
+    max_log_slope_drift: float = 1.25  # "roughly linear in log t": the slope changes by < 25% over the window
     max_reduced_rel_gap: float = 0.02  # over the second half of training
     min_agreement: float = 0.9
 
@@ -107,6 +108,10 @@ def _summaries(cfg: Config, r: dict) -> dict:
         sel = t_r >= start * cfg.steps
         return float(np.max(np.abs(xi[::RECORD][sel, k] - reduced[:-1][sel, k]) / np.abs(reduced[:-1][sel, k])))
     fits = [theory.fit_log_growth(t[late], xi[late, k]) for k in range(2)]
+    middle = np.sqrt(cfg.fit_from) * cfg.steps  # splits [fit_from * steps, steps] in half on a log axis
+    halves = [(t >= cfg.fit_from * cfg.steps) & (t < middle), t >= middle]
+    drift = [theory.fit_log_growth(t[halves[1]], xi[halves[1], k])[0] /
+             theory.fit_log_growth(t[halves[0]], xi[halves[0], k])[0] for k in range(2)]
     powers = [np.polyfit(np.log(t[late]), np.log(xi[late, k]), 1)[0] for k in range(2)]
     window = max(cfg.steps // 20, 1)
     return {"initial_loss": theory.loss_at_init(r["n"], cfg.sigma), "final_loss": float(loss[-window:].mean()),
@@ -117,7 +122,8 @@ def _summaries(cfg: Config, r: dict) -> dict:
             "reduced_gap": rel_gap(0.5, r["reduced"], slice(None)),
             "reduced_gap_early": rel_gap(cfg.fit_from, r["reduced"], slice(None)),
             "reduced_gap_no_d": rel_gap(0.5, r["reduced_no_d"], 0),
-            "r2": min(f[2] for f in fits), "slopes": [f[0] for f in fits], "powers": powers}
+            "r2": min(f[2] for f in fits), "slopes": [f[0] for f in fits], "powers": powers,
+            "slope_drift": max(drift)}
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
@@ -144,6 +150,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "best power-law exponents xi ~ t^p: " + "; ".join(
                         f"N={r['n']}: p1={s['powers'][0]:.2f}, p2={s['powers'][1]:.2f}" for r, s in zip(runs, sums))
                     + ". The slope per decade grows over this range: the Theta(log t) rate is not reached"),
+        check_below("xi_log_slope_late_over_early", worst("slope_drift"), cfg.max_log_slope_drift,
+                    "d xi / d log t fitted on the later half of the log-t window over the earlier half (worst of xi1, "
+                    "xi2 and runs; 1 for exact a log t + b). Above 1 means xi grows faster than log t here, i.e. the "
+                    "asymptotic Theta(log t) of the paper's lemmas is not reached at this scale"),
         check_below("full_vs_reduced_dynamics_rel_gap", worst("reduced_gap"), cfg.max_reduced_rel_gap,
                     f"max over t >= steps / 2 and xi1, xi2 of |xi(full W, seed mean) - xi(reduced)| / xi(reduced), "
                     f"reduced GD with step eta/d on xi1 (per run: "

@@ -55,7 +55,7 @@ PRESETS = {
                     seeds=(0,), steps=200, steps_per_call=100, eval_prompts=256),
     "quick": Config(),
     "full": Config(task=nn_task.NearestNeighbor(dim=8, n_context=16, n_prompts=10_000),
-                   scales=(0.01, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0), seeds=tuple(range(4)), lr=0.5, steps=100_000,
+                   scales=(0.01, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0), seeds=tuple(range(4)), lr=0.5, steps=100_000,
                    batch_size=128, steps_per_call=2000, eval_prompts=10_000),
 }
 

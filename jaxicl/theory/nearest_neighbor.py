@@ -123,7 +123,12 @@ def theorem2_bound(xi1, xi2, n_context: int, delta: float, label_bound=1.0, quer
 
 
 def fit_log_growth(steps, values) -> tuple[float, float, float]:
-    """Least-squares fit values ~ slope * log(steps) + intercept: (slope, intercept, r^2); steps > 0."""
+    """Least-squares fit values ~ slope * log(steps) + intercept: (slope, intercept, r^2); steps > 0.
+
+    Li et al. (Lemmas 4, 5, 13) predict xi1^t, xi2^t = Theta(poly(N, d) log t); r^2 near 1 over a long
+    window is that prediction. (Heuristically, once L ~ C / xi1 the flow d xi1 / dt ~ (eta / d) C / xi1^2
+    gives xi1 ~ t^(1/3); both are compatible with the paper's bounds, and finite runs can tell them apart.)
+    """
     t = np.log(np.asarray(steps, np.float64))
     v = np.asarray(values, np.float64)
     slope, intercept = np.polyfit(t, v, 1)
