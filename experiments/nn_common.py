@@ -15,6 +15,7 @@ from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, q
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
 from jaxicl.train import NonFiniteLossError
+from jaxicl.train.metrics import MetricsWriter
 
 EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts (never used for training batches)
 DATA_STREAM = 0xDA7A
@@ -32,12 +33,14 @@ def member_keys(seeds: tuple[int, ...]) -> jax.Array:
 
 def train_members(graphdef: nnx.GraphDef, params, keys: jax.Array, task: nn_task.NearestNeighbor, *, steps: int,
                   batch_size: int, lr: float, steps_per_call: int, step_metrics: Callable[[object], dict],
-                  evaluate: Callable[[object], dict], desc: str):
+                  evaluate: Callable[[object], dict], desc: str, writer: MetricsWriter | None = None,
+                  tag: dict | None = None):
     """Plain SGD (batch sampled on device each step) on members stacked along axis 0 of params and keys [M].
 
     Every step runs `step_metrics(member params) -> {name: scalar}`; `evaluate` (same signature) runs at
     step 0 and after every chunk of steps_per_call steps. Returns (params, {name: [steps, M]} with "loss",
-    eval_steps [E], {name: [E, M]}).
+    eval_steps [E], {name: [E, M]}). With a writer, every chunk appends a train row (chunk means, one value per
+    member) and an eval row to metrics.jsonl, each with the fields of `tag`.
     """
     tx = optax.sgd(lr)
     loss_fn = query_loss(graphdef)
@@ -60,7 +63,9 @@ def train_members(graphdef: nnx.GraphDef, params, keys: jax.Array, task: nn_task
 
     run_eval = jax.jit(jax.vmap(evaluate))
     carry = (jax.tree.map(jnp.copy, params), jax.vmap(tx.init)(params))
+    writer = writer or MetricsWriter(None)
     per_step, eval_steps, evals = [], [0], [jax.device_get(run_eval(carry[0]))]
+    writer.write([{"step": 0, "split": "eval", **(tag or {}), **evals[0]}])
     for first in tqdm(range(0, steps, steps_per_call), desc=desc, disable=jax.process_index() != 0):
         carry, metrics = chunk(carry, first)
         metrics = jax.device_get(metrics)
@@ -69,6 +74,8 @@ def train_members(graphdef: nnx.GraphDef, params, keys: jax.Array, task: nn_task
         per_step.append(metrics)
         eval_steps.append(first + steps_per_call)
         evals.append(jax.device_get(run_eval(carry[0])))
+        writer.write([{"step": first, "split": "train", **(tag or {}), **{k: v.mean(0) for k, v in metrics.items()}},
+                      {"step": eval_steps[-1], "split": "eval", **(tag or {}), **evals[-1]}])
     cat = {k: np.concatenate([m[k] for m in per_step]) for k in per_step[0]}
     return carry[0], cat, np.array(eval_steps), {k: np.stack([e[k] for e in evals]) for k in evals[0]}
 

@@ -1,6 +1,7 @@
 """Li et al. 2024 Fig. 3: full-matrix GD from diag(0, .., 0, -sigma) learns 1-NN; matches the reduced dynamics."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from experiments.nn_common import (eval_batches, log_axes, log_spaced, member_ke
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
+from jaxicl.train.metrics import MetricsWriter
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -66,7 +68,7 @@ PRESETS = {
 }
 
 
-def run_one(cfg: Config, n: int, d: int) -> dict:
+def run_one(cfg: Config, n: int, d: int, writer: MetricsWriter | None = None) -> dict:
     """Trains every seed on (N = n, d); returns per-step metrics, evaluations and the reduced-dynamics path."""
     task = nn_task.NearestNeighbor(dim=d, n_context=n, delta=cfg.delta)
     graphdef, params = nnx.split(NearestNeighborAttention(d, sigma=cfg.sigma, rngs=nnx.Rngs(0)))
@@ -87,7 +89,7 @@ def run_one(cfg: Config, n: int, d: int) -> dict:
     _, per_step, eval_steps, evals = train_members(
         graphdef, stack([params] * len(cfg.seeds)), member_keys(cfg.seeds), task, steps=cfg.steps,
         batch_size=cfg.batch_size, lr=cfg.lr, steps_per_call=cfg.steps_per_call, step_metrics=step_metrics,
-        evaluate=evaluate, desc=f"nn_fig3 N={n} d={d}")
+        evaluate=evaluate, desc=f"nn_fig3 N={n} d={d}", writer=writer, tag={"n_context": n, "dim": d})
     s = theory.sample_inner_products(jax.random.key(cfg.seeds[0]), n, d, cfg.reduced_samples)
     # reduced[k] is (xi1, xi2) after RECORD * k steps; per_step[..][t] is measured at W^t, before update t.
     reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.lr, dim=dim, steps=cfg.steps,
@@ -127,7 +129,8 @@ def _summaries(cfg: Config, r: dict) -> dict:
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
-    runs = [run_one(cfg, n, d) for n, d in zip(cfg.n_contexts, cfg.dims)]
+    writer = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"))
+    runs = [run_one(cfg, n, d, writer) for n, d in zip(cfg.n_contexts, cfg.dims)]
     sums = [_summaries(cfg, r) for r in runs]
     label = ", ".join(f"(N={r['n']}, d={r['d']})" for r in runs)
     seeds = f"{len(cfg.seeds)} seeds, {cfg.steps} GD steps, eta={cfg.lr}, batch {cfg.batch_size}"

@@ -6,6 +6,7 @@ W = W_K^T W_Q ends from the invariant family diag(xi1 I, 0, -xi2).
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from experiments.nn_common import (eval_batches, log_axes, log_spaced, member_ke
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
+from jaxicl.train.metrics import MetricsWriter
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -80,7 +82,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     final, per_step, eval_steps, evals = train_members(
         graphdef, params, member_keys(tuple(seed for _, seed in members)), task, steps=cfg.steps,
         batch_size=cfg.batch_size, lr=cfg.lr, steps_per_call=cfg.steps_per_call, step_metrics=step_metrics,
-        evaluate=nn_metrics(graphdef, uniform, shifted), desc="nn_random_init")
+        evaluate=nn_metrics(graphdef, uniform, shifted), desc="nn_random_init",
+        writer=MetricsWriter(os.path.join(out_dir, "metrics.jsonl")), tag={"scale": [s for s, _ in members]})
     w_final = np.asarray(jax.vmap(merged)(final))
     scales = np.array([s for s, _ in members])
     ref = scales == cfg.reference_scale
