@@ -39,6 +39,7 @@ PRESETS = {
 }
 
 
+@jax.jit
 def _hessian_terms(xi: jax.Array, s: jax.Array) -> jax.Array:
     """Per-sample Hessians [M, 2, 2] of the per-sample loss at xi [2]."""
     per_sample = lambda x, si: theory.reduced_terms(x[0], x[1], si[None])[0][0]  # noqa: E731
