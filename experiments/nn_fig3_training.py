@@ -24,8 +24,7 @@ RECORD = 10  # the reduced dynamics are compared with the full run every RECORD 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    n_contexts: tuple[int, ...] = (4, 8, 16)  # N of each run, paired with dims
-    dims: tuple[int, ...] = (4, 4, 8)
+    runs: tuple[str, ...] = ("4x4", "8x4", "16x8")  # "NxD": context size N and dimension d of each run
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # trained together (vmap); the init is the same, the data differ
     sigma: float = 3.0
     lr: float = 2.0  # eta: W <- W - eta grad L(W)
@@ -45,9 +44,12 @@ class Config:
     min_agreement: float = 0.9
 
     def __post_init__(self):
-        if len(self.n_contexts) != len(self.dims) or not self.dims:
-            raise ConfigError(f"n_contexts and dims must be non-empty and of equal length, got {self.n_contexts} "
-                              f"and {self.dims}")
+        if not self.runs:
+            raise ConfigError("runs must name at least one 'NxD' pair")
+        for run in self.runs:
+            parts = run.split("x")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ConfigError(f"runs entries must look like '16x8' (N x d, positive integers), got {run!r}")
         for name in ("lr", "steps", "batch_size", "steps_per_call", "eval_prompts", "reduced_samples"):
             check_positive(name, getattr(self, name))
         if self.steps % self.steps_per_call or self.steps_per_call % RECORD:
@@ -59,10 +61,10 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(n_contexts=(4,), dims=(3,), seeds=(0, 1), steps=200, steps_per_call=100, batch_size=64,
+    "smoke": Config(runs=("4x3",), seeds=(0, 1), steps=200, steps_per_call=100, batch_size=64,
                     eval_prompts=256, reduced_samples=512),
     "quick": Config(),
-    "full": Config(n_contexts=(4, 8, 16, 16, 32), dims=(4, 8, 8, 16, 16), seeds=tuple(range(8)), lr=0.5,
+    "full": Config(runs=("4x4", "8x8", "16x8", "16x16", "32x16"), seeds=tuple(range(8)), lr=0.5,
                    steps=100_000, batch_size=512, steps_per_call=2000, eval_prompts=10_000,
                    reduced_samples=65_536),
 }
@@ -130,7 +132,7 @@ def _summaries(cfg: Config, r: dict) -> dict:
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     writer = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"))
-    runs = [run_one(cfg, n, d, writer) for n, d in zip(cfg.n_contexts, cfg.dims)]
+    runs = [run_one(cfg, *map(int, run.split("x")), writer) for run in cfg.runs]
     sums = [_summaries(cfg, r) for r in runs]
     label = ", ".join(f"(N={r['n']}, d={r['d']})" for r in runs)
     seeds = f"{len(cfg.seeds)} seeds, {cfg.steps} GD steps, eta={cfg.lr}, batch {cfg.batch_size}"
