@@ -25,7 +25,7 @@ def test_shapes_embedding_and_targets_against_a_brute_force_loop():
         assert np.all(b.targets[p, :-1] == 0) and b.mask[p, -1] == 1 and b.mask[p, :-1].sum() == 0
 
 
-@pytest.mark.parametrize("delta", [0.3, 0.5, 1.5])
+@pytest.mark.parametrize("delta", [0.3, 1.5])
 def test_shifted_set_has_the_promised_margin(delta):
     cfg = nn.NearestNeighbor(dim=3, n_context=12, distribution="shifted", delta=delta)
     b = sample_batch(nn.sample, cfg, jax.random.key(1), 2000)

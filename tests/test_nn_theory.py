@@ -31,18 +31,20 @@ def _label_integrated_grads(xi1: float, xi2: float, num: int):
             return 0.5 * (pred - y[nn.nearest_index(xs[:-1], xs[-1])]) ** 2
         return jnp.mean(jax.vmap(one)(ys))
 
-    losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(w0, x)
+    losses, grads = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)))(w0, x)
     s = jnp.einsum("mnd,md->mn", x[:, :-1], x[:, -1])
     return np.asarray(losses), np.asarray(grads), s
 
 
 def test_closed_form_reduced_gradient_is_the_derivative_of_the_reduced_loss(x64):
     s = th.sample_inner_products(jax.random.key(0), 16, 8, 3000).astype(jnp.float64)
+    auto_grad = jax.jit(jax.grad(th.reduced_loss, argnums=(0, 1)))
+    closed_form = jax.jit(th.reduced_grad)
     for xi1, xi2 in [(0.0, 3.0), (2.0, 1.0), (6.0, 9.0), (-1.0, -2.0)]:
-        auto = jax.grad(th.reduced_loss, argnums=(0, 1))(xi1, xi2, s)
-        np.testing.assert_allclose(th.reduced_grad(xi1, xi2, s), auto, rtol=1e-10, atol=1e-14)
+        g = closed_form(xi1, xi2, s)
+        np.testing.assert_allclose(g, auto_grad(xi1, xi2, s), rtol=1e-10, atol=1e-14)
         if xi1 >= 0:  # then q_{i*} is the largest context weight and xi2 only grows
-            assert th.reduced_grad(xi1, xi2, s)[1] <= 0
+            assert g[1] <= 0
 
 
 @pytest.mark.parametrize("xi1,xi2", [(0.0, 3.0), (2.0, 4.0)])
@@ -95,17 +97,17 @@ def test_reduced_gd_takes_eta_over_d_steps_on_xi1(x64):
     np.testing.assert_allclose(path[-1], xi, rtol=1e-12)
 
 
-@pytest.mark.parametrize("xi1,xi2", [(5.0, 8.0), (20.0, 30.0), (60.0, 150.0)])
+@pytest.mark.parametrize("xi1,xi2", [(5.0, 8.0), (20.0, 30.0)])
 def test_theorem2_bound_holds_per_prompt(xi1, xi2):
     n, d = 10, 4
     model = NearestNeighborAttention(d, rngs=nnx.Rngs(0))
     g, params = nnx.split(model)
     params["w"].set_value(th.from_reduced(xi1, xi2, d))
-    f = nnx.merge(g, params)
+    f = jax.jit(jax.vmap(nnx.merge(g, params)))
     # shifted set: margin delta, query copies the nearest point
     shifted = sample_batch(nn.sample, nn.NearestNeighbor(dim=d, n_context=n, distribution="shifted", delta=0.5),
                            jax.random.key(3), 512)
-    err = np.abs(jax.vmap(f)(shifted.inputs) - shifted.targets[:, -1])
+    err = np.abs(f(shifted.inputs) - shifted.targets[:, -1])
     b = np.max(np.abs(np.asarray(shifted.info["labels"])[..., 0]), -1)
     bound = np.asarray(th.theorem2_bound(xi1, xi2, n, 0.5, b))
     assert np.all(err <= bound + 1e-5)
@@ -115,7 +117,7 @@ def test_theorem2_bound_holds_per_prompt(xi1, xi2):
     uni = sample_batch(nn.sample, nn.NearestNeighbor(dim=d, n_context=n), jax.random.key(4), 512)
     x = np.asarray(uni.info["x"], np.float64)
     sq = np.sort(np.sum((x[:, :-1] - x[:, -1:]) ** 2, -1), -1)
-    err = np.abs(jax.vmap(f)(uni.inputs) - uni.targets[:, -1])
+    err = np.abs(f(uni.inputs) - uni.targets[:, -1])
     bound = np.asarray(th.theorem2_bound(xi1, xi2, n, sq[:, 1] - sq[:, 0], 1.0, sq[:, 0] / 2))
     assert np.all(err <= bound + 1e-5)
 
