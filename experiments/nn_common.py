@@ -97,7 +97,8 @@ def nn_metrics(graphdef: nnx.GraphDef, uniform, shifted) -> Callable[[object], d
         pred_u = jax.vmap(model)(uniform.inputs)
         pred_s = jax.vmap(model)(shifted.inputs)
         agree = jnp.mean(_predicted_class(model, pred_u) == _predicted_class(model, uniform.targets[:, -1]))
-        return {"shifted_mse": _mse(pred_s, shifted.targets[:, -1]), "uniform_mse": _mse(pred_u, uniform.targets[:, -1]),
+        return {"shifted_mse": _mse(pred_s, shifted.targets[:, -1]),
+                "uniform_mse": _mse(pred_u, uniform.targets[:, -1]),
                 "agree_1nn": agree}
 
     return evaluate

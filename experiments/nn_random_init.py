@@ -105,9 +105,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_below("off_family_fraction_at_reference_scale", off[ref].max(), cfg.max_off_family,
                     "|W_K^T W_Q - diag(xi1 I, 0, -xi2)|_F / |W|_F at the end, worst seed"),
         check_above("largest_scale_fails", float(cfg.scales[-1] in failed), 0.5,
-                    f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.steps} steps (the follow-up "
-                    f"reports failure at init noise 3; its scale convention may differ); failing scales {failed}. "
-                    f"Sweep: {sweep}"),
+                    f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.steps} steps (the "
+                    f"follow-up reports failure at init noise 3; its scale convention may differ); failing scales "
+                    f"{failed}. Sweep: {sweep}"),
     ]
     figures = [_plot_training(cfg, scales, per_step, eval_steps, evals, out_dir),
                _plot_weights(cfg, members, w_final, d, out_dir)]

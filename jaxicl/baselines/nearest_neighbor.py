@@ -3,7 +3,8 @@
 Tokens are those of jaxicl.tasks.nearest_neighbor; only the query (last token) is predicted and the
 other positions are 0. k-NN averages the label encodings of the k context points with the largest
 <x_j, x_q> (the nearest on the sphere); for labels +-1 its sign is the majority vote, and for simplex
-labels the nearest vertex of the average is the plurality class. k = 1 is the exact 1-NN rule the attention layer learns.
+labels the nearest vertex of the average is the plurality class. k = 1 is the exact 1-NN rule the attention
+layer learns.
 """
 
 from collections.abc import Callable

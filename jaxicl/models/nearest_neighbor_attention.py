@@ -84,7 +84,9 @@ def apply_nn(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, ca
 
 
 def nn_predictor(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[jax.Array], jax.Array]:
-    """The model with the baselines' signature: tokens [T, D] -> predictions [T] (or [T, L]), query last, 0 elsewhere."""
+    """The model with the baselines' signature: tokens [T, D] -> predictions [T] (or [T, L]).
+
+    The query's prediction is at the last position, 0 elsewhere."""
 
     def predict(tokens: jax.Array) -> jax.Array:
         pred = nnx.merge(graphdef, params)(tokens)
