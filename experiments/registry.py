@@ -11,6 +11,9 @@ from types import ModuleType
 
 EXPERIMENTS = {
     "gd_equivalence": "experiments.gd_equivalence",
+    "nn_fig2_landscape": "experiments.nn_fig2_landscape",
+    "nn_fig3_training": "experiments.nn_fig3_training",
+    "nn_random_init": "experiments.nn_random_init",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

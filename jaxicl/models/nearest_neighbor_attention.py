@@ -1,0 +1,106 @@
+"""One softmax attention layer with identity value (Li et al. 2024): the model that learns 1-NN.
+
+On tokens h_1..h_{N+1} (rows of `tokens` [T, D], T = N + 1, the query last; see
+jaxicl.tasks.nearest_neighbor) the layer is f(H) = H softmax(H^T W H) with W = W_K^T W_Q, the
+softmax taken over keys for each query column. Only the query column is ever read: the
+prediction is its label rows, y_hat = sum_j q_j y_j with q = softmax_j(h_j^T W h_{N+1}) over all
+N + 1 tokens (the query attends to itself; its label slot is 0). So the forward pass computes
+that column only.
+
+Parametrisations: "merged" holds W [D, D]; "separate" holds W_K, W_Q [key_size, D].
+Initialisations: "paper" W = diag(0, ..., 0, -sigma) (separate: W_K = diag(0, .., sqrt sigma),
+W_Q = diag(0, .., -sqrt sigma)); "random" i.i.d. N(0, init_scale^2) entries of W (or W_K, W_Q).
+
+Named sites (see jaxicl.sites):
+  attn.scores   [T]  h_j^T W h_query for every token j
+  attn.weights  [T]  max-subtracted softmax of the scores
+  attn.out      [D]  the query column of f(H), i.e. sum_j weights_j h_j
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.sites import null_sites, run_with_sites
+from jaxicl.validation import check_choice, check_positive
+
+PARAMETRISATIONS = ("merged", "separate")
+INITS = ("paper", "random")
+
+
+def stable_softmax(scores: jax.Array, axis: int = -1) -> jax.Array:
+    """exp(s - max s) / sum exp(s - max s): finite for any finite scores, however large."""
+    shifted = scores - jax.lax.stop_gradient(jnp.max(scores, axis=axis, keepdims=True))
+    e = jnp.exp(shifted)
+    return e / jnp.sum(e, axis=axis, keepdims=True)
+
+
+class NearestNeighborAttention(nnx.Module):
+    """Call on tokens [T, D] -> query prediction [L] (label_dim L; squeezed to [] when L = 1)."""
+
+    def __init__(self, dim: int, label_dim: int = 1, *, parametrisation: str = "merged", init: str = "paper",
+                 sigma: float = 3.0, init_scale: float = 1.0, key_size: int | None = None, rngs: nnx.Rngs):
+        check_positive("dim", dim)
+        check_positive("label_dim", label_dim)
+        check_choice("parametrisation", parametrisation, PARAMETRISATIONS)
+        check_choice("init", init, INITS)
+        check_positive("sigma", sigma, allow_zero=True)
+        check_positive("init_scale", init_scale, allow_zero=True)
+        self.dim, self.label_dim, self.parametrisation = dim, label_dim, parametrisation
+        size = dim + label_dim + 1
+        key_size = size if key_size is None else key_size
+        check_positive("key_size", key_size)
+        if parametrisation == "merged":
+            w = (jnp.zeros((size, size)).at[-1, -1].set(-sigma) if init == "paper"
+                 else init_scale * jax.random.normal(rngs.params(), (size, size)))
+            self.w = nnx.Param(w)
+        elif init == "paper":
+            root = jnp.sqrt(jnp.asarray(sigma, jnp.float32))
+            self.wk = nnx.Param(jnp.zeros((key_size, size)).at[-1, -1].set(root))
+            self.wq = nnx.Param(jnp.zeros((key_size, size)).at[-1, -1].set(-root))
+        else:
+            self.wk = nnx.Param(init_scale * jax.random.normal(rngs.params(), (key_size, size)))
+            self.wq = nnx.Param(init_scale * jax.random.normal(rngs.params(), (key_size, size)))
+
+    def merged(self) -> jax.Array:
+        """W = W_K^T W_Q [D, D]."""
+        if self.parametrisation == "merged":
+            return self.w[...]
+        return self.wk[...].T @ self.wq[...]
+
+    def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        scores = sites("attn.scores", tokens @ (self.merged() @ tokens[-1]))
+        weights = sites("attn.weights", stable_softmax(scores))
+        out = sites("attn.out", weights @ tokens)
+        labels = out[self.dim:self.dim + self.label_dim]
+        return labels[0] if self.label_dim == 1 else labels
+
+
+def apply_nn(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, capture=(), edits=None):
+    """Pure forward pass of one prompt: (query prediction, {site: value})."""
+    return run_with_sites(nnx.merge(graphdef, params), tokens, capture=capture, edits=edits)
+
+
+def nn_predictor(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[jax.Array], jax.Array]:
+    """The model with the baselines' signature: tokens [T, D] -> predictions [T] (or [T, L]).
+
+    The query's prediction is at the last position, 0 elsewhere."""
+
+    def predict(tokens: jax.Array) -> jax.Array:
+        pred = nnx.merge(graphdef, params)(tokens)
+        return jnp.zeros((tokens.shape[0], *pred.shape), pred.dtype).at[-1].set(pred)
+
+    return predict
+
+
+def query_loss(graphdef: nnx.GraphDef):
+    """(params, Prompt batch) -> (1/2 mean squared error at the query, {}) -- the paper's loss (Eq. 2.5)."""
+
+    def loss_fn(params, batch):
+        pred = jax.vmap(nnx.merge(graphdef, params))(batch.inputs)
+        err = (pred - batch.targets[:, -1]) ** 2
+        return 0.5 * jnp.mean(err.reshape(err.shape[0], -1).sum(-1)), {}
+
+    return loss_fn

@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, apply_nn, nn_predictor, stable_softmax
+from jaxicl.tasks import nearest_neighbor as nn
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.nearest_neighbor import from_reduced
+
+
+def _numpy_layer(w: np.ndarray, tokens: np.ndarray, dim: int, label_dim: int) -> np.ndarray:
+    """Brute force: the whole f(H) = H softmax(H^T W H) (softmax per column), then its label rows, query column."""
+    h = np.asarray(tokens, np.float64).T  # [D, T]
+    t = h.shape[1]
+    f = np.zeros_like(h)
+    for i in range(t):
+        scores = np.array([h[:, j] @ w @ h[:, i] for j in range(t)])
+        p = np.exp(scores - scores.max())
+        f[:, i] = h @ (p / p.sum())
+    return f[dim:dim + label_dim, -1]
+
+
+@pytest.mark.parametrize("parametrisation,num_classes", [("merged", 2), ("separate", 2), ("separate", 3)])
+def test_forward_matches_the_full_matrix_formula(x64, parametrisation, num_classes):
+    cfg = nn.NearestNeighbor(dim=3, n_context=5, num_classes=num_classes)
+    model = NearestNeighborAttention(3, cfg.label_dim, parametrisation=parametrisation, init="random",
+                                     init_scale=0.7, key_size=4, rngs=nnx.Rngs(0))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    b = sample_batch(nn.sample, cfg, jax.random.key(1), 6)
+    w = np.asarray(model.merged())
+    for p in range(6):
+        expected = _numpy_layer(w, b.inputs[p], 3, cfg.label_dim)
+        np.testing.assert_allclose(np.atleast_1d(model(b.inputs[p])), expected, rtol=1e-10)
+
+
+def test_paper_init_in_both_parametrisations_is_diag_minus_sigma():
+    expected = np.zeros((6, 6))
+    expected[-1, -1] = -2.5
+    for parametrisation in ("merged", "separate"):
+        model = NearestNeighborAttention(4, parametrisation=parametrisation, sigma=2.5, rngs=nnx.Rngs(0))
+        np.testing.assert_allclose(model.merged(), expected, rtol=1e-6)
+
+
+def test_huge_scores_stay_finite_and_give_hard_1nn():
+    p = stable_softmax(jnp.array([1e30, 3e4, -1e30, 1e30]))
+    np.testing.assert_allclose(p, [0.5, 0.0, 0.0, 0.5])
+    cfg = nn.NearestNeighbor(dim=4, n_context=8, distribution="shifted")
+    model = NearestNeighborAttention(4, rngs=nnx.Rngs(0))
+    g, params = nnx.split(model)
+    params["w"].set_value(from_reduced(1e4, 3e4, 4))  # scores of order 1e4: exp would overflow unshifted
+    b = sample_batch(nn.sample, cfg, jax.random.key(2), 64)
+    pred = jax.vmap(nn_predictor(g, params))(b.inputs)
+    assert np.all(np.isfinite(pred))
+    np.testing.assert_allclose(pred, b.targets, atol=1e-6)  # margin delta: the 1-NN label exactly
+
+
+def test_sites_capture_scores_weights_and_out():
+    model = NearestNeighborAttention(3, init="random", init_scale=0.5, rngs=nnx.Rngs(3))
+    g, params = nnx.split(model)
+    b = sample_batch(nn.sample, nn.NearestNeighbor(dim=3, n_context=4), jax.random.key(4), 1)
+    tokens = b.inputs[0]
+    pred, rec = apply_nn(g, params, tokens, capture="all")
+    assert set(rec) == {"attn.scores", "attn.weights", "attn.out"}
+    assert rec["attn.scores"].shape == (5,) and rec["attn.out"].shape == (5,)
+    np.testing.assert_allclose(rec["attn.weights"].sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(rec["attn.out"][3], pred, rtol=1e-6)
+    # an edit at attn.weights (all mass on context token 0) changes the prediction to its label
+    one_hot = lambda w: jnp.zeros_like(w).at[0].set(1.0)  # noqa: E731
+    edited, _ = apply_nn(g, params, tokens, edits={"attn.weights": one_hot})
+    np.testing.assert_allclose(edited, tokens[0, 3])
+    with pytest.raises(KeyError):
+        apply_nn(g, params, tokens, capture=["attn.nope"])

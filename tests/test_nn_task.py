@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxicl.baselines import k_nearest_neighbors, one_nearest_neighbor
+from jaxicl.tasks import nearest_neighbor as nn
+from jaxicl.tasks import sample_batch
+from jaxicl.validation import ConfigError
+
+
+def test_shapes_embedding_and_targets_against_a_brute_force_loop():
+    cfg = nn.NearestNeighbor(dim=5, n_context=7)
+    b = sample_batch(nn.sample, cfg, jax.random.key(0), 64)
+    assert b.inputs.shape == (64, 8, 7) and b.targets.shape == (64, 8) and b.mask.shape == (64, 8)
+    np.testing.assert_array_equal(b.inputs, sample_batch(nn.sample, cfg, jax.random.key(0), 64).inputs)
+    x, tok = np.asarray(b.info["x"]), np.asarray(b.inputs)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(tok[:, -1, 5:], np.tile([0.0, 1.0], (64, 1)))  # query column [x_q; 0; 1]
+    np.testing.assert_array_equal(tok[:, :-1, 6], 0.0)
+    assert set(np.unique(tok[:, :-1, 5])) == {-1.0, 1.0}
+    for p in range(64):
+        dist = [np.sum((x[p, j] - x[p, -1]) ** 2) for j in range(7)]
+        assert b.targets[p, -1] == tok[p, int(np.argmin(dist)), 5]
+        assert np.all(b.targets[p, :-1] == 0) and b.mask[p, -1] == 1 and b.mask[p, :-1].sum() == 0
+
+
+@pytest.mark.parametrize("delta", [0.3, 1.5])
+def test_shifted_set_has_the_promised_margin(delta):
+    cfg = nn.NearestNeighbor(dim=3, n_context=12, distribution="shifted", delta=delta)
+    b = sample_batch(nn.sample, cfg, jax.random.key(1), 2000)
+    x = np.asarray(b.info["x"], np.float64)
+    sq = np.sum((x[:, :-1] - x[:, -1:]) ** 2, -1)  # [B, N]
+    copied = np.asarray(b.info["copied"])
+    rows = np.arange(len(copied))
+    np.testing.assert_allclose(sq[rows, copied], 0.0, atol=1e-12)
+    others = np.ones_like(sq, bool)
+    others[rows, copied] = False
+    assert sq[others].min() >= delta - 1e-5
+    # without the flip about 1 - F(delta) of the points would be closer than delta: the flip really happened
+    unflipped = np.asarray(sample_batch(nn.sample, nn.NearestNeighbor(dim=3, n_context=12), jax.random.key(1),
+                                        2000).info["x"])
+    assert np.mean(np.sum((unflipped[:, :-1] - unflipped[:, -1:]) ** 2, -1) < delta) > 0.05
+    np.testing.assert_array_equal(b.targets[:, -1], np.asarray(b.info["labels"])[rows, copied, 0])
+    labels = np.asarray(b.info["labels"]).ravel()
+    assert abs(labels.mean()) < 5 / np.sqrt(labels.size) and abs(labels.var() - 1) < 0.05
+
+
+def test_simplex_vertices_and_multiclass_reduces_to_binary_for_k2():
+    np.testing.assert_allclose(nn.simplex_vertices(2), [[1.0], [-1.0]], atol=1e-12)
+    for k in (3, 5):
+        v = nn.simplex_vertices(k)
+        np.testing.assert_allclose(v @ v.T, np.where(np.eye(k), 1.0, -1.0 / (k - 1)), atol=1e-12)
+        np.testing.assert_array_equal(nn.decode_class(jnp.asarray(v), k), np.arange(k))
+    binary = nn.decode_class(jnp.array([[0.3], [-0.2]]), 2)  # sign rule: +1 is class 0
+    np.testing.assert_array_equal(binary, [0, 1])
+    cfg = nn.NearestNeighbor(dim=4, n_context=6, num_classes=3)
+    b = sample_batch(nn.sample, cfg, jax.random.key(2), 32)
+    assert b.inputs.shape == (32, 7, 4 + 2 + 1) and b.targets.shape == (32, 7, 2)
+    classes = np.asarray(b.info["classes"])
+    np.testing.assert_allclose(b.inputs[:, :-1, 4:6], nn.simplex_vertices(3)[classes], rtol=1e-6)
+    nearest = classes[np.arange(32), np.asarray(b.info["nearest"])]
+    np.testing.assert_array_equal(nn.decode_class(b.targets[:, -1], 3), nearest)
+
+
+def test_fixed_prompt_set_repeats_exactly_n_prompts_prompts():
+    cfg = nn.NearestNeighbor(dim=3, n_context=4, n_prompts=5)
+    b = sample_batch(nn.sample, cfg, jax.random.key(3), 200)
+    assert len(np.unique(np.asarray(b.inputs).reshape(200, -1), axis=0)) == 5
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="distribution"):
+        nn.NearestNeighbor(distribution="gaussian")
+    with pytest.raises(ConfigError, match="num_classes"):
+        nn.NearestNeighbor(num_classes=1)
+    with pytest.raises(ConfigError, match="k must be"):
+        k_nearest_neighbors(nn.NearestNeighbor(n_context=4), 5)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "shifted"])
+def test_one_nn_baseline_is_the_target_and_knn_matches_a_loop(distribution):
+    cfg = nn.NearestNeighbor(dim=3, n_context=9, distribution=distribution)
+    b = sample_batch(nn.sample, cfg, jax.random.key(4), 128)
+    pred = jax.vmap(one_nearest_neighbor(cfg))(b.inputs)
+    np.testing.assert_array_equal(pred, b.targets)
+    knn = np.asarray(jax.vmap(k_nearest_neighbors(cfg, 3))(b.inputs))
+    x, y = np.asarray(b.info["x"]), np.asarray(b.info["labels"])[..., 0]
+    for p in range(128):
+        order = sorted(range(9), key=lambda j: np.sum((x[p, j] - x[p, -1]) ** 2))
+        np.testing.assert_allclose(knn[p, -1], np.mean(y[p, order[:3]]), rtol=1e-5, atol=1e-6)
+        assert np.all(knn[p, :-1] == 0)
