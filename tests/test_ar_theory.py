@@ -116,7 +116,7 @@ def test_min_norm_positional_solution_equals_numpy_lstsq(x64):
     cfg = ar.Autoregressive(family="complex_1d", dim=1, mu=50.0, seq_len=8, format="tiled", tile=1)
     s = sample_batch(ar.sample, cfg, jax.random.key(6), 300).info["states"][..., 0]  # [n, T + 1]
     s = np.asarray(s)
-    for rcond in (1e-6, 0.03):
+    for rcond in (1e-3, 0.03):
         p = np.asarray(th.min_norm_positional(jnp.asarray(s), rcond))
         for r in range(cfg.seq_len - 1):
             k = np.arange(r + 2)
@@ -139,3 +139,16 @@ def test_positional_quadratic_equals_the_model_loss(x64):
     pred = jax.vmap(lambda x: positional_attention(one, one, p, x, null_sites))(s[:, :-1])
     direct = jnp.sum(jnp.abs(pred - s[:, 1:])[:, 1:] ** 2)
     np.testing.assert_allclose(quad, direct, rtol=1e-10)
+
+
+def test_ridge_positional_equals_augmented_lstsq(x64):
+    cfg = ar.Autoregressive(family="complex_1d", dim=1, mu=30.0, seq_len=6, format="tiled", tile=1)
+    s = np.asarray(sample_batch(ar.sample, cfg, jax.random.key(9), 200).info["states"][..., 0])
+    lam = 0.7
+    p = np.asarray(th.ridge_positional(jnp.asarray(s), lam))
+    for r in range(cfg.seq_len - 1):
+        f = np.conj(s[:, r])[:, None] * s[:, :r + 2] ** 2
+        a = np.concatenate([f.real, f.imag, np.sqrt(lam) * np.eye(r + 2)])
+        y = np.concatenate([s[:, r + 2].real, s[:, r + 2].imag, np.zeros(r + 2)])
+        np.testing.assert_allclose(p[r, :r + 2], np.linalg.lstsq(a, y, rcond=None)[0], rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(p[r, r + 2:], 0.0, atol=1e-14)

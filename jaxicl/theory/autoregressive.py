@@ -156,13 +156,31 @@ def positional_quadratic(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
 
 
 def min_norm_positional(s: jax.Array, rcond: float) -> jax.Array:
-    """Min-norm least-squares P [T, T] (last row 0) from states s [n, T + 1], singular values below
-    rcond * (the row's largest) discarded: the truncated-SVD pseudo-inverse of the real-stacked features."""
-    f, y = positional_features(s)
-    f_real = jnp.concatenate([jnp.real(f), jnp.imag(f)], axis=1)  # [T - 1, 2n, T]
-    y_real = jnp.concatenate([jnp.real(y), jnp.imag(y)], axis=1)
-    u, sv, vt = jnp.linalg.svd(f_real, full_matrices=False)
-    keep = sv > rcond * sv[:, :1]
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, sv, 1.0), 0.0)
-    rows = jnp.einsum("rkl,rk,rnk,rn->rl", vt, inv, u, y_real)
+    """Min-norm least-squares P [T, T] (last row 0) from states s [n, T + 1]: the pseudo-inverse of the
+    real-stacked features with singular values below rcond * (the row's largest) discarded.
+
+    Computed from the eigendecomposition of the Gram matrices G = Re F^H F (singular values^2);
+    use float64 and rcond >~ 1e-4 (smaller cutoffs are below the Gram matrix's precision).
+    """
+    g, h, _ = positional_quadratic(s)
+    ev, v = jnp.linalg.eigh(g)  # ascending; ev = singular values^2
+    keep = ev > rcond ** 2 * ev[:, -1:]
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, ev, 1.0), 0.0)
+    rows = jnp.einsum("rkl,rl,rml,rm->rk", v, inv, v, h)
     return jnp.concatenate([rows, jnp.zeros_like(rows[:1])])
+
+
+def ridge_positional(s: jax.Array, lam: float) -> jax.Array:
+    """Tikhonov-regularised least squares P [T, T] (last row 0): row r = argmin ||F_r p - y_r||^2 + lam ||p||^2.
+
+    Early-stopped GD from 0 is a spectral filter close to this with lam = 1 / (alpha k) after k steps
+    of size alpha on the unnormalised objective (see `gd_ridge_penalty`); lam -> 0 gives min-norm LS.
+    """
+    g, h, _ = positional_quadratic(s)
+    rows = jnp.linalg.solve(g + lam * jnp.eye(g.shape[-1]), h[..., None])[..., 0]
+    return jnp.concatenate([rows, jnp.zeros_like(rows[:1])])
+
+
+def gd_ridge_penalty(lr: float, steps: int, normaliser: float) -> float:
+    """lam = 1 / (alpha k) for k GD steps of size lr on sum_r |F_r p - y_r|^2 / normaliser (alpha = 2 lr / normaliser)."""
+    return normaliser / (2 * lr * max(steps, 1))
