@@ -6,6 +6,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments.common.figures import new_figure, save_figure
@@ -123,3 +124,29 @@ def _plot_fig3(a, b, p, losses, family, out_dir) -> str:
     axes[0, 4].semilogy(np.maximum(losses, 1e-16))
     axes[0, 4].set(xlabel="GD step", ylabel="population loss", title=f"{family}: loss")
     return save_figure(fig, out_dir, f"fig3_{family}")
+
+
+def sequence_loss(graphdef, width: int | None = None, coords: str = "sum"):
+    """(params, batch) -> (loss, {}): squared next-state error over every position of a Prompt batch.
+
+    The model maps inputs [T, D] to outputs [T, >= d]; the prediction is outputs[:, :width] (all when None).
+    coords="sum" sums |error|^2 over the d coordinates (the theory's loss), "mean" averages them (MSELoss).
+    """
+    reduce = jnp.sum if coords == "sum" else jnp.mean
+
+    def loss_fn(params, batch):
+        model = lambda x: nnx.merge(graphdef, params)(x)  # noqa: E731
+        pred = jax.vmap(model)(batch.inputs)
+        pred = pred if width is None else pred[..., :width]
+        per_position = reduce(jnp.abs(pred - batch.targets) ** 2, axis=-1)  # [B, T]
+        return jnp.mean(per_position), {}
+
+    return loss_fn
+
+
+def per_position_loss(graphdef, params, batch, width: int | None = None, coords: str = "sum") -> np.ndarray:
+    """[T] loss per position on a batch (same conventions as sequence_loss)."""
+    pred = jax.vmap(nnx.merge(graphdef, params))(batch.inputs)
+    pred = pred if width is None else pred[..., :width]
+    err = jnp.abs(pred - batch.targets) ** 2
+    return np.asarray(jnp.mean(err.sum(-1) if coords == "sum" else err.mean(-1), axis=0))
