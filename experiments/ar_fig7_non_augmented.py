@@ -40,11 +40,12 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(task=_task(dim=3, seq_len=12, n_sequences=1024), heads=4,
-                    train=TrainConfig(steps=100, batch_size=64, lr=1e-2), test_sequences=256, eval_every=50),
-    # CPU: 8 heads instead of 64, batch 256 instead of 1024, 1000 steps instead of 3200
-    "quick": Config(heads=8, train=TrainConfig(steps=1000, batch_size=256, optimizer="adam", lr=1e-2, log_every=10),
-                    eval_every=200),
+    "smoke": Config(task=_task(dim=3, seq_len=8, n_sequences=512), heads=2,
+                    train=TrainConfig(steps=40, batch_size=32, lr=1e-2, steps_per_call=40), test_sequences=128,
+                    eval_every=40),
+    # CPU: 8 heads instead of 64, batch 128 instead of 1024, 600 steps instead of 3200
+    "quick": Config(heads=8, train=TrainConfig(steps=600, batch_size=128, optimizer="adam", lr=1e-2, log_every=10),
+                    eval_every=150),
     "full": Config(),  # the official recipe: 64 heads, Adam 1e-2, batch 1024, 200 epochs of 2^14 sequences
 }
 

@@ -37,7 +37,7 @@ class Config:
 
 PRESETS = {
     "smoke": Config(task=ar.Autoregressive(family="unitary", dim=3, seq_len=6, init="random_phase"),
-                    train=TrainConfig(steps=400, batch_size=128, optimizer="sgd", lr=3e-3), eval_every=200,
+                    train=TrainConfig(steps=200, batch_size=64, optimizer="sgd", lr=3e-3, steps_per_call=200), eval_every=200,
                     eval_prompts=1024),
     "quick": Config(),
     "full": Config(train=TrainConfig(steps=20000, batch_size=1024, optimizer="sgd", lr=3e-3, steps_per_call=1000,

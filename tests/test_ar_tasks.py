@@ -8,14 +8,14 @@ from jaxicl.tasks import sample_batch
 from jaxicl.validation import ConfigError
 
 
-def _batch(cfg, n=256, seed=0):
-    return sample_batch(ar.sample, cfg, jax.random.key(seed), n)
+def _batch(cfg, n=256, seed=0, axis=None):
+    return sample_batch(ar.sample, cfg, jax.random.key(seed), n, axis=axis)
 
 
 @pytest.mark.parametrize("family,dim", [("unitary", 4), ("orthogonal", 6), ("haar", 5), ("complex_1d", 1)])
 def test_transitions_are_unitary_and_states_follow_them(family, dim):
     cfg = ar.Autoregressive(family=family, dim=dim, seq_len=7, format="tiled", tile=1)
-    b = _batch(cfg, 64)
+    b = _batch(cfg, 64, axis="data")  # sharded over the 4 simulated devices
     w = np.asarray(b.info["W"], np.complex128)
     eye = np.eye(dim)
     np.testing.assert_allclose(np.conj(np.swapaxes(w, 1, 2)) @ w, np.broadcast_to(eye, w.shape), atol=1e-5)

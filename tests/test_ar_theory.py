@@ -15,7 +15,7 @@ loss_jit = jax.jit(th.population_loss, static_argnums=0)
 def _eigenbasis_states(family, dim, seq_len, n, seed=0):
     """States lambda^t [n, T + 1, d] in the complex eigenbasis (s_0 = 1), from the task sampler's angles."""
     cfg = ar.Autoregressive(family=family, dim=dim, seq_len=seq_len, format="tiled", tile=1)
-    theta = sample_batch(ar.sample, cfg, jax.random.key(seed), n).info["angles"]
+    theta = sample_batch(ar.sample, cfg, jax.random.key(seed), n, axis=None).info["angles"]
     lam = jax.vmap(lambda a: ar.eigenvalues(cfg, a))(theta)
     return lam[:, None, :] ** jnp.arange(seq_len + 1)[None, :, None]
 
@@ -77,14 +77,14 @@ def test_unitary_optimum_needs_all_heads_and_trig_solution_works_in_the_real_bas
     assert abs(float(th.population_loss("unitary", a, b, p))) > 1.0  # not an optimum for independent eigenvalues
     # real picture: W = blockdiag of rotations, s_0 = 1 per coordinate
     cfg = ar.Autoregressive(family="orthogonal", dim=10, seq_len=20, format="tiled", tile=1)
-    s = sample_batch(ar.sample, cfg, jax.random.key(3), 32).info["states"]
+    s = sample_batch(ar.sample, cfg, jax.random.key(3), 32, axis=None).info["states"]
     mc, _ = _mc_row_losses(a, b, p, s)
     assert mc.max() < 1e-20
 
 
 def test_gamma_is_one_gd_step_on_the_inner_objective(x64):
     cfg = ar.Autoregressive(family="haar", dim=4, seq_len=6)
-    s = sample_batch(ar.sample, cfg, jax.random.key(4), 1).info["states"][0]
+    s = sample_batch(ar.sample, cfg, jax.random.key(4), 1, axis=None).info["states"][0]
     eta = 0.3
     w1 = -eta * jax.grad(th.inner_objective)(jnp.zeros((4, 4)), s)
     np.testing.assert_allclose(th.gd_step_gamma(s, eta), w1, rtol=1e-12)
@@ -93,7 +93,7 @@ def test_gamma_is_one_gd_step_on_the_inner_objective(x64):
 def test_eta_star_minimises_the_monte_carlo_loss(x64):
     d, t, r, n = 4, 6, 1.5, 100_000
     cfg = ar.Autoregressive(family="unitary", dim=d, seq_len=t + 1, init="random_phase", init_scale=r)
-    s = sample_batch(ar.sample, cfg, jax.random.key(5), n).info["states"]  # [n, t + 2, d]
+    s = sample_batch(ar.sample, cfg, jax.random.key(5), n, axis=None).info["states"]  # [n, t + 2, d]
     m = jnp.einsum("ntj,ntk->njk", s[:, 1:t + 1], jnp.conj(s[:, :t]))  # t context pairs
     base = jnp.einsum("njk,nk->nj", m, s[:, t])
     etas = np.linspace(0.6, 1.4, 17) * th.optimal_gd_step(d, t, r)
@@ -114,7 +114,7 @@ def test_shared_eta_minimises_the_summed_closed_form():
 
 def test_min_norm_positional_solution_equals_numpy_lstsq(x64):
     cfg = ar.Autoregressive(family="complex_1d", dim=1, mu=50.0, seq_len=8, format="tiled", tile=1)
-    s = sample_batch(ar.sample, cfg, jax.random.key(6), 300).info["states"][..., 0]  # [n, T + 1]
+    s = sample_batch(ar.sample, cfg, jax.random.key(6), 300, axis=None).info["states"][..., 0]  # [n, T + 1]
     s = np.asarray(s)
     for rcond in (1e-3, 0.03):
         p = np.asarray(th.min_norm_positional(jnp.asarray(s), rcond))
@@ -131,7 +131,7 @@ def test_min_norm_positional_solution_equals_numpy_lstsq(x64):
 
 def test_positional_quadratic_equals_the_model_loss(x64):
     cfg = ar.Autoregressive(family="complex_1d", dim=1, mu=20.0, seq_len=7, format="tiled", tile=1)
-    s = sample_batch(ar.sample, cfg, jax.random.key(7), 50).info["states"]  # [n, T + 1, 1]
+    s = sample_batch(ar.sample, cfg, jax.random.key(7), 50, axis=None).info["states"]  # [n, T + 1, 1]
     p = jax.random.normal(jax.random.key(8), (7, 7))
     g, h, c = th.positional_quadratic(s[..., 0])
     quad = jnp.sum(jnp.einsum("rk,rkl,rl->r", p[:-1], g, p[:-1]) - 2 * jnp.sum(h * p[:-1], 1) + c)
@@ -143,7 +143,7 @@ def test_positional_quadratic_equals_the_model_loss(x64):
 
 def test_ridge_positional_equals_augmented_lstsq(x64):
     cfg = ar.Autoregressive(family="complex_1d", dim=1, mu=30.0, seq_len=6, format="tiled", tile=1)
-    s = np.asarray(sample_batch(ar.sample, cfg, jax.random.key(9), 200).info["states"][..., 0])
+    s = np.asarray(sample_batch(ar.sample, cfg, jax.random.key(9), 200, axis=None).info["states"][..., 0])
     lam = 0.7
     p = np.asarray(th.ridge_positional(jnp.asarray(s), lam))
     for r in range(cfg.seq_len - 1):
