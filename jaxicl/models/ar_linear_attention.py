@@ -56,9 +56,9 @@ class AugmentedLinearAttention(nnx.Module):
 
 
 def positional_mask(t: int) -> jax.Array:
-    """[T, T] bool: position q (query row q - 1) sees keys t' <= q; row 0 sees nothing."""
+    """[T, T] 0/1: position q (query row q - 1) sees keys t' <= q; row 0 sees nothing."""
     q = jnp.arange(t)[:, None]
-    return (jnp.arange(t)[None, :] <= q) & (q >= 1)
+    return ((jnp.arange(t)[None, :] <= q) & (q >= 1)).astype(jnp.float32)
 
 
 def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array, sites) -> jax.Array:
@@ -67,7 +67,7 @@ def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array,
     prev = jnp.concatenate([jnp.zeros_like(s[:1]), s[:-1]])  # query token s_{t-1} at position t
     scores = jnp.einsum("hj,qj,kj->hqk", a, jnp.conj(prev), s)
     rows = jnp.concatenate([jnp.zeros_like(p[:1]), p[:-1]])  # position q uses P[q - 1]
-    weights = sites("attn.scores", jnp.where(positional_mask(t), scores * rows[None], 0.0))
+    weights = sites("attn.scores", positional_mask(t) * scores * rows[None])
     heads = sites("attn.heads", jnp.einsum("hqk,hi,ki->hqi", weights, b, s))
     return sites("out", heads.sum(0))
 

@@ -39,8 +39,8 @@ class Linear(nnx.Module):
 
 
 def causal(t: int) -> jax.Array:
-    """[T, T] bool lower-triangular (diagonal included)."""
-    return jnp.tril(jnp.ones((t, t), bool))
+    """[T, T] lower-triangular 0/1 (diagonal included); masks by multiplication, which batches and shards cleanly."""
+    return jnp.tril(jnp.ones((t, t)))
 
 
 class AugmentedLayer(nnx.Module):
@@ -62,7 +62,7 @@ class AugmentedTransformer(nnx.Module):
         t, dim = x.shape
         for l, layer in enumerate(self.layers):
             q, k, v = layer.q(x), layer.k(x), layer.v(x)
-            scores = sites(f"layer{l}.attn.scores", jnp.where(causal(t), q @ k.T / jnp.sqrt(dim), 0.0))
+            scores = sites(f"layer{l}.attn.scores", causal(t) * (q @ k.T) / jnp.sqrt(dim))
             out = sites(f"layer{l}.attn.out", layer.o(scores @ v))
             x = sites(f"layer{l}.resid_post", x + layer.norm(out))
         return sites("out", self.final(x))
@@ -90,8 +90,8 @@ class PositionalTransformer(nnx.Module):
         q, k, v = self._heads(self.q, x), self._heads(self.k, x), self._heads(self.v, x)
         e = self.positions[:t]
         qp, kp = self._heads(self.q, e), self._heads(self.k, e)
-        token = sites("attn.token_scores", jnp.where(mask, q @ k.transpose(0, 2, 1) / scale, 0.0))
-        pos = jax.nn.softmax(jnp.where(mask, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf), axis=-1)
+        token = sites("attn.token_scores", mask * (q @ k.transpose(0, 2, 1)) / scale)
+        pos = jax.nn.softmax(jnp.where(mask > 0, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf), axis=-1)
         pos = sites("attn.positional_weights", pos)
         heads = sites("attn.heads", (token * pos) @ v)
         out = sites("attn.out", heads.sum(0))

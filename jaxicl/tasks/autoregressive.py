@@ -85,9 +85,21 @@ def _angles(cfg: Autoregressive, key: jax.Array, n: int) -> jax.Array:
 
 
 def haar_orthogonal(key: jax.Array, dim: int) -> jax.Array:
-    """[dim, dim] Haar-distributed on O(dim) (QR of a Gaussian with the sign fix; det = +-1)."""
-    q, r = jnp.linalg.qr(jax.random.normal(key, (dim, dim)))
-    return q * jnp.sign(jnp.diag(r))[None, :]
+    """[dim, dim] Haar-distributed on O(dim) (det = +-1): Gram-Schmidt on the columns of a Gaussian matrix.
+
+    This is the QR factor with a positive diagonal of R, i.e. QR with the sign fix. Written with
+    plain arithmetic (twice-orthogonalised classical Gram-Schmidt, unrolled over the dim columns)
+    because jnp.linalg.qr under vmap does not trace under an explicit-sharding mesh in jax 0.12.
+    """
+    g = jax.random.normal(key, (dim, dim))
+    cols = []
+    for j in range(dim):
+        v = g[:, j]
+        for _ in range(2):
+            for q in cols:
+                v = v - jnp.dot(q, v) * q
+        cols.append(v / jnp.linalg.norm(v))
+    return jnp.stack(cols, axis=1)
 
 
 def basis(cfg: Autoregressive) -> jax.Array:
