@@ -96,7 +96,7 @@ def run_fig3(cfg: Fig3Config, out_dir: str) -> Outcome:
         check_below("final_loss", final, cfg.max_loss, f"closed-form population loss after {cfg.steps} GD steps "
                     f"(lr {cfg.lr}, float64); initial {losses[0]:.3g}"),
         check_below("offdiag_mass_of_C", offdiag, cfg.max_offdiag,
-                    "||C outside " + ("the diagonal" if cfg.family == "unitary" else "blockdiag(J)") + "||_F / ||C||_F"),
+                    f"||C outside {'the diagonal' if cfg.family == 'unitary' else 'blockdiag(J)'}||_F / ||C||_F"),
         check_below("max_abs_c_p_cur_minus_1", np.max(np.abs(scale * p_cur - 1)), cfg.max_invariant_err,
                     f"c = {scale:.4g} (mean of C on its structure), over the {len(rows)} trained rows of P"),
     ]

@@ -1,4 +1,4 @@
-"""Sander et al. 2024 Fig. 3 (right): GD on the orthogonal closed-form loss with H < d finds the trigonometric solution."""
+"""Sander et al. 2024 Fig. 3 (right): GD on the orthogonal closed-form loss, H < d: the trigonometric solution."""
 
 from experiments.ar_common import Fig3Config as Config
 from experiments.ar_common import run_fig3 as run

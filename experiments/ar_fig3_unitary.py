@@ -1,4 +1,4 @@
-"""Sander et al. 2024 Fig. 3 (left): GD on the unitary closed-form loss finds C = c I, c p_cur = 1 (head orthogonality)."""
+"""Sander et al. 2024 Fig. 3 (left): GD on the unitary closed-form loss finds C = c I with c p_cur = 1."""
 
 from experiments.ar_common import Fig3Config as Config
 from experiments.ar_common import run_fig3 as run

@@ -1,4 +1,4 @@
-"""Sander et al. 2024 Fig. 5: the augmented-token transformer on Haar O(d) sequences learns the GD-step block structure."""
+"""Sander et al. 2024 Fig. 5: an augmented-token transformer on Haar O(d) sequences learns GD-step blocks."""
 
 import dataclasses
 import os

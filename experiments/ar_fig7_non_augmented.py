@@ -82,9 +82,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     checks = [
         check_above("local_positional_mass_over_uniform", mass / uniform, cfg.min_local_mass_ratio,
                     f"positional softmax mass on the current + previous position {mass:.3f} vs uniform causal "
-                    f"{uniform:.3f} (heads={cfg.heads}, mean over heads and t >= 2); the Section-5 structure (attend to the "
-                    "current and previous positions) is expected only at the paper's scale, which has no reference "
-                    "numbers; at the CPU quick scale it does not appear"),
+                    f"{uniform:.3f} (heads={cfg.heads}, mean over heads and t >= 2); the Section-5 structure "
+                    "(attend to the current and previous positions) is expected at the paper's scale (no "
+                    "reference numbers exist); it is not reproduced at the CPU quick scale"),
         check_below("final_over_initial_test_loss", final / initial, 0.5,
                     f"test MSE {initial:.4g} -> {final:.4g}; one GD step with the best eta per position on augmented "
                     f"information: {np.mean(gd_loss):.4g} (reference only)"),

@@ -1,4 +1,4 @@
-"""Sander et al. 2024 (augmented tokens): SGD on the block-structured linear attention learns one GD step, B A^T -> eta* I."""
+"""Sander et al. 2024 (augmented tokens): SGD on the block linear attention learns one GD step, B A^T -> eta* I."""
 
 import dataclasses
 
@@ -32,12 +32,14 @@ class Config:
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
         if self.task.family != "unitary" or self.task.init != "random_phase" or self.task.format != "augmented":
-            raise ConfigError("ar_gd_step needs task.family='unitary', task.init='random_phase', task.format='augmented'")
+            raise ConfigError("ar_gd_step needs task.family='unitary', task.init='random_phase' and "
+                              "task.format='augmented'")
 
 
 PRESETS = {
     "smoke": Config(task=ar.Autoregressive(family="unitary", dim=3, seq_len=6, init="random_phase"),
-                    train=TrainConfig(steps=200, batch_size=64, optimizer="sgd", lr=3e-3, steps_per_call=200), eval_every=200,
+                    train=TrainConfig(steps=200, batch_size=64, optimizer="sgd", lr=3e-3, steps_per_call=200),
+                    eval_every=200,
                     eval_prompts=1024),
     "quick": Config(),
     "full": Config(train=TrainConfig(steps=20000, batch_size=1024, optimizer="sgd", lr=3e-3, steps_per_call=1000,
@@ -72,7 +74,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     measured = per_position_loss(graphdef, p, eval_batch)
     checks = [
         check_below("rel_err_BAT_vs_eta_star_I", eta_err, cfg.max_rel_eta_err,
-                    f"||B A^T - eta* I||_F / ||eta* I||_F; eta* = {eta:.4g} (shared over positions 0..{task.seq_len - 1}),"
+                    f"||B A^T - eta* I||_F / ||eta* I||_F; eta* = {eta:.4g} (shared over positions "
+                    f"0..{task.seq_len - 1}),"
                     f" learned diag mean {np.mean(np.diag(bat)):.4g}"),
         check_below("rel_gap_loss_vs_closed_form_min", gap, cfg.max_rel_loss_gap,
                     f"eval loss {final:.4g} vs closed form at eta* {theory.mean():.4g} ({cfg.eval_prompts} prompts, "

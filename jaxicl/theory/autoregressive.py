@@ -182,5 +182,7 @@ def ridge_positional(s: jax.Array, lam: float) -> jax.Array:
 
 
 def gd_ridge_penalty(lr: float, steps: int, normaliser: float) -> float:
-    """lam = 1 / (alpha k) for k GD steps of size lr on sum_r |F_r p - y_r|^2 / normaliser (alpha = 2 lr / normaliser)."""
+    """lam = 1 / (alpha k) for k GD steps of size lr on sum_r |F_r p - y_r|^2 / normaliser.
+
+    alpha = 2 lr / normaliser is the step on the unnormalised objective."""
     return normaliser / (2 * lr * max(steps, 1))
