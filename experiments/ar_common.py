@@ -2,6 +2,7 @@
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,12 @@ def sequence_loss(graphdef, width: int | None = None, coords: str = "sum"):
 
 def per_position_loss(graphdef, params, batch, width: int | None = None, coords: str = "sum") -> np.ndarray:
     """[T] loss per position on a batch (same conventions as sequence_loss)."""
-    pred = jax.vmap(nnx.merge(graphdef, params))(batch.inputs)
+    return np.asarray(_per_position_loss(graphdef, params, batch.inputs, batch.targets, width, coords))
+
+
+@partial(jax.jit, static_argnums=(0, 4, 5))
+def _per_position_loss(graphdef, params, inputs, targets, width, coords):
+    pred = jax.vmap(nnx.merge(graphdef, params))(inputs)
     pred = pred if width is None else pred[..., :width]
-    err = jnp.abs(pred - batch.targets) ** 2
-    return np.asarray(jnp.mean(err.sum(-1) if coords == "sum" else err.mean(-1), axis=0))
+    err = jnp.abs(pred - targets) ** 2
+    return jnp.mean(err.sum(-1) if coords == "sum" else err.mean(-1), axis=0)

@@ -54,19 +54,23 @@ PRESETS = {
 }
 
 
-def best_gd_step(batch, d: int) -> tuple[np.ndarray, np.ndarray]:
+def best_gd_step(batch) -> tuple[np.ndarray, np.ndarray]:
     """One GD step from W = 0 with the best step eta_t per position (least squares on this batch).
 
     Returns (eta [T], loss [T]) with loss the mean over coordinates of the squared error.
     """
-    s = batch.info["states"]  # [B, T + 1, d]
+    return tuple(np.asarray(x) for x in _best_gd_step(batch.info["states"]))
+
+
+@jax.jit
+def _best_gd_step(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """s: states [B, T + 1, d] -> (eta [T], loss [T])."""
     moments = jnp.cumsum(s[:, 1:-1, :, None] * s[:, :-2, None, :], axis=1)  # sum_{t'=1}^{t} s_t' s_{t'-1}^T
     moments = jnp.concatenate([jnp.zeros_like(moments[:, :1]), moments], axis=1)  # [B, T, d, d]
     base = jnp.einsum("btij,btj->bti", moments, s[:, :-1])
     target = s[:, 1:]
     eta = jnp.sum(base * target, (0, 2)) / jnp.maximum(jnp.sum(base * base, (0, 2)), 1e-30)
-    loss = jnp.mean((eta[None, :, None] * base - target) ** 2, axis=(0, 2))
-    return np.asarray(eta), np.asarray(loss)
+    return eta, jnp.mean((eta[None, :, None] * base - target) ** 2, axis=(0, 2))
 
 
 def qk_vo(layer) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +89,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
     test = sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), jax.random.key(TEST_SEED),
                         cfg.test_sequences)
-    _, gd_loss = best_gd_step(test, d)
+    _, gd_loss = best_gd_step(test)
     runs = {}
     for depth in cfg.depths:
         model = AugmentedTransformer(task.token_dim, depth, rngs=nnx.Rngs(cfg.train.seed))

@@ -65,7 +65,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
     test = sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), jax.random.key(TEST_SEED),
                         cfg.test_sequences)
-    _, gd_loss = best_gd_step(test, d)
+    _, gd_loss = best_gd_step(test)
     model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, params = nnx.split(model)
     loss_fn = sequence_loss(graphdef, coords="mean")
@@ -73,7 +73,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=out_dir, evaluate=evaluate,
                    eval_every=cfg.eval_every, run_config={"experiment": "ar_fig7_non_augmented"}, desc="fig7")
     p = result.state.params
-    _, cache = apply(graphdef, p, test.inputs[0], capture={"attn.positional_weights"})
+    _, cache = jax.jit(lambda q, x: apply(graphdef, q, x, capture={"attn.positional_weights"}))(p, test.inputs[0])
     weights = np.asarray(cache["attn.positional_weights"])  # token-independent
     mass, uniform = local_mass(weights)
     rows = result.eval_rows
