@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below
+from jaxicl.tasks import autoregressive as ar
+from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
 from jaxicl.validation import check_choice, check_positive
 
@@ -156,3 +158,17 @@ def _per_position_loss(graphdef, params, inputs, targets, width, coords):
     pred = pred if width is None else pred[..., :width]
     err = jnp.abs(pred - targets) ** 2
     return jnp.mean(err.sum(-1) if coords == "sum" else err.mean(-1), axis=0)
+
+
+TEST_SEED = 0x7E57  # test sets: fresh sequences from this key (training sets are fixed pools)
+
+
+def haar_task(fmt: str, dim: int = 5, seq_len: int = 50, n_sequences: int = 16384) -> ar.Autoregressive:
+    """The official Figs. 5/7 data: Haar O(d) W, fixed s_0 = 1/sqrt(d), a fixed training set of n_sequences."""
+    return ar.Autoregressive(family="haar", dim=dim, seq_len=seq_len, init="fixed", init_scale=dim ** -0.5,
+                             format=fmt, tile=2, n_sequences=n_sequences)
+
+
+def held_out_set(task: ar.Autoregressive, n: int):
+    """n fresh sequences of the task's distribution (independent of its fixed training pool)."""
+    return sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), jax.random.key(TEST_SEED), n)

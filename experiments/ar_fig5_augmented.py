@@ -8,26 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.ar_common import per_position_loss, sequence_loss
+from experiments.ar_common import haar_task, per_position_loss, sequence_loss, held_out_set
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from jaxicl.models.ar_transformer import AugmentedTransformer
 from jaxicl.tasks import autoregressive as ar
-from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, train
 from jaxicl.validation import ConfigError, check_positive
 
-TEST_SEED = 0x7E57  # the test set: fresh sequences from this key (the training set is a fixed pool)
-
-
-def _task(dim: int = 5, seq_len: int = 50, n_sequences: int = 16384) -> ar.Autoregressive:
-    return ar.Autoregressive(family="haar", dim=dim, seq_len=seq_len, init="fixed", init_scale=dim ** -0.5,
-                             format="augmented", n_sequences=n_sequences)
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
-    task: ar.Autoregressive = _task()
+    task: ar.Autoregressive = haar_task("augmented")
     train: TrainConfig = TrainConfig(steps=3200, batch_size=1024, optimizer="adam", lr=1e-2, log_every=10)
     depths: tuple[int, ...] = (1, 2, 3)
     test_sequences: int = 1024
@@ -44,7 +35,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(task=_task(dim=3, seq_len=8, n_sequences=512), depths=(1, 2),
+    "smoke": Config(task=haar_task("augmented", dim=3, seq_len=8, n_sequences=512), depths=(1, 2),
                     train=TrainConfig(steps=60, batch_size=32, lr=1e-2, steps_per_call=60), test_sequences=128,
                     eval_every=60),
     # CPU: 8x smaller batch and 3.2x fewer steps than the official recipe (Adam 1e-2, batch 1024, 3200 steps)
@@ -87,8 +78,7 @@ def identity_error(block: np.ndarray) -> tuple[float, float]:
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
-    test = sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), jax.random.key(TEST_SEED),
-                        cfg.test_sequences)
+    test = held_out_set(task, cfg.test_sequences)
     _, gd_loss = best_gd_step(test)
     runs = {}
     for depth in cfg.depths:

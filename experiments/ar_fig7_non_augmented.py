@@ -6,26 +6,20 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.ar_common import per_position_loss, sequence_loss
-from experiments.ar_fig5_augmented import TEST_SEED, best_gd_step
+from experiments.ar_common import haar_task, per_position_loss, sequence_loss, held_out_set
+from experiments.ar_fig5_augmented import best_gd_step
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
 from jaxicl.models import apply
 from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.tasks import autoregressive as ar
-from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, train
 from jaxicl.validation import ConfigError, check_positive
 
 
-def _task(dim: int = 5, seq_len: int = 50, n_sequences: int = 16384) -> ar.Autoregressive:
-    return ar.Autoregressive(family="haar", dim=dim, seq_len=seq_len, init="fixed", init_scale=dim ** -0.5,
-                             format="tiled", tile=2, n_sequences=n_sequences)
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
-    task: ar.Autoregressive = _task()
+    task: ar.Autoregressive = haar_task("tiled")
     heads: int = 64
     train: TrainConfig = TrainConfig(steps=3200, batch_size=1024, optimizer="adam", lr=1e-2, log_every=10)
     test_sequences: int = 1024
@@ -40,7 +34,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(task=_task(dim=3, seq_len=8, n_sequences=512), heads=2,
+    "smoke": Config(task=haar_task("tiled", dim=3, seq_len=8, n_sequences=512), heads=2,
                     train=TrainConfig(steps=40, batch_size=32, lr=1e-2, steps_per_call=40), test_sequences=128,
                     eval_every=40),
     # CPU: 8 heads instead of 64, batch 128 instead of 1024, 600 steps instead of 3200
@@ -63,8 +57,7 @@ def local_mass(weights: np.ndarray) -> tuple[float, float]:
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
-    test = sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), jax.random.key(TEST_SEED),
-                        cfg.test_sequences)
+    test = held_out_set(task, cfg.test_sequences)
     _, gd_loss = best_gd_step(test)
     model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, params = nnx.split(model)
