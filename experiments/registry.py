@@ -11,6 +11,12 @@ from types import ModuleType
 
 EXPERIMENTS = {
     "gd_equivalence": "experiments.gd_equivalence",
+    "ar_fig3_unitary": "experiments.ar_fig3_unitary",
+    "ar_fig3_orthogonal": "experiments.ar_fig3_orthogonal",
+    "ar_fig5_augmented": "experiments.ar_fig5_augmented",
+    "ar_fig6_pe_only": "experiments.ar_fig6_pe_only",
+    "ar_fig7_non_augmented": "experiments.ar_fig7_non_augmented",
+    "ar_gd_step": "experiments.ar_gd_step",
     "nn_fig2_landscape": "experiments.nn_fig2_landscape",
     "nn_fig3_training": "experiments.nn_fig3_training",
     "nn_random_init": "experiments.nn_random_init",

@@ -1,0 +1,98 @@
+"""The trained transformers of Sander et al. 2024's experiments (official Fig. 5 and Fig. 7 scripts).
+
+Linear maps are x W + b with PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b.
+Scores are scaled by 1/sqrt(D) with D the token width (not the head width). Written per sequence.
+
+AugmentedTransformer (Fig. 5; tokens [T, D], D = 3d): L layers of
+  x <- x + LayerNorm(Wo (causal_linear(q k^T / sqrt(D)) v) + bo),  q, k, v = x W_{q,k,v} + b_{q,k,v},
+with "causal_linear" = non-causal entries set to 0 (no softmax); then out = x Wf + bf [T, D].
+The prediction of s_{t+1} is out[t, :d].
+  Sites (l = 0..L-1): layer{l}.attn.scores [T, T], layer{l}.attn.out [T, D], layer{l}.resid_post [T, D], out.
+
+PositionalTransformer (Fig. 7; tokens [T, D] = tiled raw states): H full-width heads (Q, K, V:
+D -> H D with bias); head h weights = token score (q_h k_h^T / sqrt(D), causal zeros) times
+softmax_k over causal keys of the positional score (Q, K applied, with biases, to a learned position
+table E [max_len, D] ~ N(0, 1)). Values from tokens only. Heads are summed, then
+Linear(D, D) -> LayerNorm -> Linear(D, d) gives the prediction [T, d]. No residual.
+  Sites: attn.token_scores [H, T, T], attn.positional_weights [H, T, T], attn.heads [H, T, D],
+         attn.out [T, D], out [T, d].
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.sites import null_sites
+from jaxicl.validation import check_positive
+
+
+class Linear(nnx.Module):
+    """x [..., n_in] -> x w + b [..., n_out]; PyTorch default init."""
+
+    def __init__(self, n_in: int, n_out: int, *, rngs: nnx.Rngs):
+        bound = 1.0 / jnp.sqrt(n_in)
+        self.w = nnx.Param(jax.random.uniform(rngs.params(), (n_in, n_out), minval=-bound, maxval=bound))
+        self.b = nnx.Param(jax.random.uniform(rngs.params(), (n_out,), minval=-bound, maxval=bound))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.w[...] + self.b[...]
+
+
+def causal(t: int) -> jax.Array:
+    """[T, T] lower-triangular 0/1 (diagonal included); masks by multiplication, which batches and shards cleanly."""
+    return jnp.tril(jnp.ones((t, t)))
+
+
+class AugmentedLayer(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.q, self.k, self.v, self.o = (Linear(dim, dim, rngs=rngs) for _ in range(4))
+        self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+
+
+class AugmentedTransformer(nnx.Module):
+    """num_layers augmented layers on tokens [T, dim] -> outputs [T, dim]."""
+
+    def __init__(self, dim: int, num_layers: int = 1, *, rngs: nnx.Rngs):
+        check_positive("dim", dim)
+        check_positive("num_layers", num_layers)
+        self.layers = nnx.List([AugmentedLayer(dim, rngs=rngs) for _ in range(num_layers)])
+        self.final = Linear(dim, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
+        t, dim = x.shape
+        for l, layer in enumerate(self.layers):
+            q, k, v = layer.q(x), layer.k(x), layer.v(x)
+            scores = sites(f"layer{l}.attn.scores", causal(t) * (q @ k.T) / jnp.sqrt(dim))
+            out = sites(f"layer{l}.attn.out", layer.o(scores @ v))
+            x = sites(f"layer{l}.resid_post", x + layer.norm(out))
+        return sites("out", self.final(x))
+
+
+class PositionalTransformer(nnx.Module):
+    """num_heads full-width heads with a softmax positional score; tokens [T, dim] -> predictions [T, out_dim]."""
+
+    def __init__(self, dim: int, out_dim: int, num_heads: int = 64, max_len: int = 100, *, rngs: nnx.Rngs):
+        for name, v in (("dim", dim), ("out_dim", out_dim), ("num_heads", num_heads), ("max_len", max_len)):
+            check_positive(name, v)
+        self.num_heads = num_heads
+        self.q, self.k, self.v = (Linear(dim, num_heads * dim, rngs=rngs) for _ in range(3))
+        self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)))
+        self.mix = Linear(dim, dim, rngs=rngs)
+        self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+        self.readout = Linear(dim, out_dim, rngs=rngs)
+
+    def _heads(self, proj: Linear, x: jax.Array) -> jax.Array:
+        return proj(x).reshape(x.shape[0], self.num_heads, x.shape[1]).transpose(1, 0, 2)  # [H, T, D]
+
+    def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
+        t, dim = x.shape
+        mask, scale = causal(t), jnp.sqrt(dim)
+        q, k, v = self._heads(self.q, x), self._heads(self.k, x), self._heads(self.v, x)
+        e = self.positions[:t]
+        qp, kp = self._heads(self.q, e), self._heads(self.k, e)
+        token = sites("attn.token_scores", mask * (q @ k.transpose(0, 2, 1)) / scale)
+        pos = jax.nn.softmax(jnp.where(mask > 0, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf), axis=-1)
+        pos = sites("attn.positional_weights", pos)
+        heads = sites("attn.heads", (token * pos) @ v)
+        out = sites("attn.out", heads.sum(0))
+        return sites("out", self.readout(self.norm(self.mix(out))))

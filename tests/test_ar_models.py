@@ -1,0 +1,96 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxicl.models import apply
+from jaxicl.models.ar_linear_attention import (AugmentedLinearAttention, DiagonalPositionalAttention,
+                                               PositionalOnlyAttention, gamma, psi)
+from jaxicl.models.ar_transformer import AugmentedTransformer, PositionalTransformer
+from jaxicl.tasks import autoregressive as ar
+from jaxicl.tasks import sample_batch
+
+
+def _seq(family, dim, seq_len, fmt="augmented", seed=0, **kw):
+    cfg = ar.Autoregressive(family=family, dim=dim, seq_len=seq_len, format=fmt, tile=1, **kw)
+    return sample_batch(ar.sample, cfg, jax.random.key(seed), 1, axis=None)
+
+
+def test_augmented_model_factorises_into_gamma_and_psi(x64):
+    b = _seq("unitary", 3, 6, init="random_phase")
+    tokens = b.inputs[0]
+    model = AugmentedLinearAttention(3, init_scale=1.0, rngs=nnx.Rngs(0))
+    out, cache = apply(*nnx.split(model), tokens, capture="all")
+    assert set(cache) == {"attn.gamma", "out"} and cache["attn.gamma"].shape == (6, 3, 3)
+    for t in range(1, 6):
+        ctx = tokens[:t + 1]
+        np.testing.assert_allclose(out[t], psi(gamma(model.a[...], model.b[...], ctx), ctx[-1]), rtol=1e-12)
+    # brute force: B (sum_{t'=1}^{t} s_t' s_{t'-1}^*) A s_t
+    s, a, bm = np.asarray(b.info["states"][0]), np.asarray(model.a[...]), np.asarray(model.b[...])
+    m = sum(np.outer(s[k], np.conj(s[k - 1])) for k in range(1, 6))
+    np.testing.assert_allclose(out[5], bm @ m @ a @ s[5], rtol=1e-12)
+
+
+def test_diagonal_positional_attention_matches_a_loop(x64):
+    d, h, t = 3, 2, 5
+    s = np.asarray(_seq("unitary", d, t, fmt="tiled").inputs[0])
+    model = DiagonalPositionalAttention(d, h, t, init_scale=1.0, rngs=nnx.Rngs(1))
+    a, bm, p = (np.asarray(x[...]) for x in (model.a, model.b, model.p))
+    out, cache = apply(*nnx.split(model), jnp.asarray(s), capture="all")
+    assert set(cache) == {"attn.scores", "attn.heads", "out"}
+    ref = np.zeros((t, d), complex)
+    c = bm.T @ a
+    for q in range(1, t):
+        for k in range(q + 1):
+            for i in range(d):
+                ref[q, i] += p[q - 1, k] * sum(c[i, j] * np.conj(s[q - 1, j]) * s[k, j] for j in range(d)) * s[k, i]
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
+    pe = PositionalOnlyAttention(t)
+    pe.p[...] = jnp.asarray(p)
+    one = DiagonalPositionalAttention(1, 1, t, rngs=nnx.Rngs(2))
+    one.a[...], one.b[...], one.p[...] = jnp.ones((1, 1)), jnp.ones((1, 1)), jnp.asarray(p)
+    np.testing.assert_allclose(pe(jnp.asarray(s[:, :1])), one(jnp.asarray(s[:, :1])), rtol=1e-12)
+
+
+def _np_linear(lin, x):
+    return x @ np.asarray(lin.w[...]) + np.asarray(lin.b[...])
+
+
+def _np_layernorm(norm, x):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+
+
+def test_augmented_transformer_matches_numpy(x64):
+    tokens = np.asarray(_seq("haar", 2, 5).inputs[0], np.float64)
+    model = AugmentedTransformer(6, num_layers=2, rngs=nnx.Rngs(3))
+    model = jax.tree.map(lambda v: v.astype(jnp.float64), model)
+    out, cache = apply(*nnx.split(model), jnp.asarray(tokens), capture="all")
+    assert set(cache) == {f"layer{l}.{s}" for l in (0, 1) for s in ("attn.scores", "attn.out", "resid_post")} | {"out"}
+    x = tokens
+    for layer in model.layers:
+        q, k, v = (_np_linear(m, x) for m in (layer.q, layer.k, layer.v))
+        sc = np.tril(q @ k.T) / np.sqrt(6)
+        x = x + _np_layernorm(layer.norm, _np_linear(layer.o, sc @ v))
+    np.testing.assert_allclose(out, _np_linear(model.final, x), rtol=1e-10)
+
+
+def test_positional_transformer_matches_numpy(x64):
+    tokens = np.asarray(_seq("haar", 2, 4, fmt="tiled").inputs[0], np.float64)
+    tokens = np.tile(tokens, (1, 2))
+    model = PositionalTransformer(4, 2, num_heads=3, max_len=10, rngs=nnx.Rngs(4))
+    model = jax.tree.map(lambda v: v.astype(jnp.float64), model)
+    out, cache = apply(*nnx.split(model), jnp.asarray(tokens), capture="all")
+    assert cache["attn.positional_weights"].shape == (3, 4, 4)
+    e = np.asarray(model.positions[...])[:4]
+    heads = np.zeros((4, 4))
+    for h in range(3):
+        sl = slice(4 * h, 4 * h + 4)
+        q, k, v = (_np_linear(m, tokens)[:, sl] for m in (model.q, model.k, model.v))
+        qp, kp = _np_linear(model.q, e)[:, sl], _np_linear(model.k, e)[:, sl]
+        pos = np.where(np.tril(np.ones((4, 4))) > 0, qp @ kp.T / 2, -np.inf)
+        pos = np.exp(pos - pos.max(1, keepdims=True))
+        pos /= pos.sum(1, keepdims=True)
+        heads += (np.tril(q @ k.T / 2) * pos) @ v
+    ref = _np_linear(model.readout, _np_layernorm(model.norm, _np_linear(model.mix, heads)))
+    np.testing.assert_allclose(out, ref, rtol=1e-10)
