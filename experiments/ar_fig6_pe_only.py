@@ -26,7 +26,6 @@ class Config:
     rcond: float = 0.03  # truncated-SVD min-norm LS (the notes' effective rank for mu = 50)
     seed: int = 0
     max_ridge_dist: float = 0.2
-    max_tsvd_dist: float = 0.5
 
     def __post_init__(self):
         for name in ("seq_len", "n_sequences", "lr", "stop_loss", "max_steps", "rcond"):
@@ -90,10 +89,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     checks = [
         check_below("max_rel_dist_to_ridge_min_norm_ls", max(d_ridge.values()), cfg.max_ridge_dist,
                     f"||P_GD - P_LS|| / ||P_LS|| over trained rows, LS with Tikhonov lam = 1/(alpha k) matched to the "
-                    f"k GD steps (the effective-rank regularisation); {fmt(d_ridge)}"),
-        check_below("max_rel_dist_to_tsvd_min_norm_ls", max(d_tsvd.values()), cfg.max_tsvd_dist,
-                    f"truncated-SVD min-norm LS, rcond={cfg.rcond} (a cruder proxy of early stopping); {fmt(d_tsvd)}; "
-                    f"weakly regularised min-norm LS (rcond 1e-4) is far: {fmt(d_exact)}"),
+                    f"k GD steps (the effective-rank regularisation); {fmt(d_ridge)}. For comparison (no target): "
+                    f"truncated-SVD min-norm LS at rcond={cfg.rcond}, the notes' proxy, is at {fmt(d_tsvd)}, and "
+                    f"weakly regularised min-norm LS (rcond 1e-4) at {fmt(d_exact)}"),
         Check("stop_steps_decrease_with_mu", float(decreasing), "== 1", decreasing,
               f"GD steps to loss < {cfg.stop_loss}: {dict(zip([int(m) for m in cfg.mus], steps))}"),
         check_below("max_final_loss", max(r["loss"] for r in res.values()), cfg.stop_loss,
