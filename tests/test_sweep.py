@@ -131,7 +131,8 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
               evaluate=lambda p: {"w_norm": optax_norm(p)}, eval_every=5)
     straight = train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members,
                            out_dir=str(tmp_path / "a"), **kw)
-    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5), init, members, out_dir=str(tmp_path / "b"), **kw)
+    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5, checkpoint_every=5), init, members, out_dir=str(tmp_path / "b"),
+                **kw)
     resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members,
                           out_dir=str(tmp_path / "b"), **kw)
     _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)

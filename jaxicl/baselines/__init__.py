@@ -1,5 +1,6 @@
 """Classical in-context predictors with the model call signature (tokens [T, D] -> predictions [T])."""
 
+from jaxicl.baselines.bayes import dmmse
 from jaxicl.baselines.regression import gradient_descent, least_squares, ridge
 
-__all__ = ["gradient_descent", "least_squares", "ridge"]
+__all__ = ["dmmse", "gradient_descent", "least_squares", "ridge"]
