@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_experiment(name, args.preset, args.out, args.overrides if args.name != "all" else [],
                                     sweep=args.sweep)
+        except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
+            if args.name != "all":
+                print(f"error: {e.args[0]}", file=sys.stderr)
+                return 2
+            errors[name] = traceback.format_exc()
+            continue
         except Exception:  # noqa: BLE001 - one failing experiment must not hide the others' results
             if args.name != "all":
                 raise
