@@ -179,6 +179,13 @@ def _default_mesh(n_members: int) -> jax.sharding.Mesh:
     return sweep_mesh(math.gcd(jax.device_count(), n_members))
 
 
+def _device_budget(mesh: jax.sharding.Mesh, fraction: float = 0.8) -> float | None:
+    """fraction of the smallest device memory of the mesh (None where the backend does not say, e.g. CPU)."""
+    stats = [d.memory_stats() for d in mesh.devices.flat]
+    limits = [s["bytes_limit"] for s in stats if s and "bytes_limit" in s]
+    return fraction * min(limits) if limits and len(limits) == len(stats) else None
+
+
 def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable, members: list[dict], *,
                 out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
                 chunk_size: int | None = None, memory_budget: float | None = None,
@@ -189,13 +196,15 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed).
     out_dir gets sweep.json, metrics.jsonl (rows carry "member" and its values) and
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly. chunk_size bounds the
-    members trained at once; memory_budget (bytes) chooses it from the compiled program's memory
-    (estimate_memory); neither: all at once. evaluate(params) -> {name: scalar} is vmapped.
+    members trained at once; memory_budget (bytes per device) chooses it from the compiled program's memory
+    (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU, TPU),
+    else all at once. evaluate(params) -> {name: scalar} is vmapped.
     The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_positive("eval_every", eval_every, allow_zero=True)
     prog = _program(loss_fn, sample, task_cfg, cfg, init, members, evaluate)
     mesh = mesh or _default_mesh(chunk_size or len(members))
+    memory_budget = memory_budget or (None if chunk_size else _device_budget(mesh))
     if memory_budget is not None and chunk_size is None:
         chunk_size = estimate_memory(loss_fn, sample, task_cfg, cfg, init, members, mesh=mesh,
                                      _prog=prog).largest_stack(memory_budget)
@@ -225,6 +234,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
             diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
             finals.append(jax.tree.map(lambda x: np.asarray(x)[:len(idx)], jax.device_get(state.params)))
     bar.close()
+    if diverged and jax.process_index() == 0:
+        tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
+                   f"(member: step) {diverged}; the others trained on unchanged")
     if out_dir and jax.process_index() == 0:
         _write_sweep_json(out_dir, members, diverged, size, cfg)
         rows = {s: read_metrics(metrics_path, s) for s in rows}
