@@ -20,7 +20,8 @@ from jaxicl.validation import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md) or 'list'")
     p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow options; --sweep takes the rest
     if args.name == "list":
         for name in registry.EXPERIMENTS:
             doc = (registry.load(name).__doc__ or "").strip().splitlines()

@@ -166,3 +166,22 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)
     with pytest.raises(ValueError, match="weight_decay"):  # adam has no weight decay
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.weight_decay": 0.1}], progress=False)
+
+
+def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes():
+    from jax.sharding import NamedSharding
+
+    from jaxicl.train.sweep import MEMBER_AXIS, _program
+
+    members = [{"train.seed": s} for s in range(4)]
+    prog = _program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
+    mesh = sweep_mesh(2, 2)
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+        a = prog.inputs(np.arange(4), sharding)
+        states, metrics = prog.run_chunk(prog.states(a, sharding), a["task"], 1)
+        hlo = prog.run_chunk.lower(prog.states(a, sharding), a["task"], 1).compile().as_text()
+    for leaf in jax.tree.leaves(states.params) + [metrics["loss"]]:
+        assert leaf.sharding.spec[0] == MEMBER_AXIS and len(leaf.sharding.device_set) == 4
+        assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}  # 2 members per device pair
+    assert "all-reduce" in hlo  # each member's gradient is summed over its 2 data devices
