@@ -6,6 +6,10 @@ marking the learning rates where every seed matches GD-1 at eta*. Part 2 trains 
 attention stack on linear regression whose tasks come from a pool of n_tasks vectors (0 = a fresh
 task per prompt) and plots its loss on fresh tasks against the pool size next to ridge
 (lam = sigma^2 / tau^2, Bayes for the Gaussian task prior) and dMMSE (Bayes for the pool).
+
+`--sweep` on this experiment replaces part 1's grid, with fields of the gd_equivalence config
+(`--sweep gd.train.lr=log:1e-4:1e-1:8 gd.train.seed=0:8`); gd_equivalence itself takes
+`--sweep lr=... seed=...`.
 """
 
 import dataclasses
