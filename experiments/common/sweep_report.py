@@ -91,17 +91,23 @@ def plot_vs_axis(agg: list[dict], fields: list[str], axis: str, metric: str, out
     for r in agg:
         if r.get(f"{metric}_mean") is not None:
             lines[tuple(r[o] for o in others)].append(r)
+    values = sorted({r[axis] for r in agg})
+    positive = [v for v in values if v > 0]
+    log_x = bool(positive) and min(values) >= 0 and max(positive) / min(positive) > 20
+    at = {v: (v if v > 0 or not log_x else max(positive) * 8) for v in values}  # a log axis draws 0 at the right
     for key, rows in sorted(lines.items()):
-        rows = sorted(rows, key=lambda r: r[axis])
-        x = np.array([r[axis] for r in rows], float)
+        rows = sorted(rows, key=lambda r: at[r[axis]])
+        x = np.array([at[r[axis]] for r in rows], float)
         mean, std = (np.array([r[f"{metric}_{s}"] for r in rows]) for s in ("mean", "std"))
         label = label_prefix + (", ".join(f"{o}={v}" for o, v in zip(others, key)) or "mean over seeds")
         line, = ax.plot(x, mean, "o-", label=label)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.25)
         ax.plot(x, [r[f"{metric}_min"] for r in rows], ":", color=line.get_color(), lw=1)
-    values = [r[axis] for r in agg]
-    if min(values) > 0 and max(values) / min(values) > 20:
+    if log_x:
         ax.set_xscale("log")
+        if 0 in at:  # e.g. n_tasks = 0, an infinite task pool
+            ax.set_xticks([at[v] for v in values], [("inf (0)" if axis.endswith("n_tasks") else "0") if v == 0
+                                                     else f"{v:g}" for v in values])
     ax.set(xlabel=axis, ylabel=f"final {metric}", yscale="log")
     ax.set_title(f"{metric} vs {axis}: mean, ±std band, min (dotted)", fontsize=9)
     ax.legend(fontsize=7)
