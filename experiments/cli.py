@@ -1,4 +1,10 @@
-"""python -m experiments {list | all | NAME} [--preset P] [--out DIR] [field=value ...]"""
+"""python -m experiments {list | all | NAME} [--preset P] [--out DIR] [field=value ...] [--sweep AXIS ...]
+   python -m experiments sweep-report DIR
+
+--sweep trains a grid of members in one vmapped program (experiments with a run_sweep); each AXIS
+is field=v1,v2 | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n, e.g.
+`python -m experiments gd_equivalence train.steps=500 --sweep lr=1e-4,3e-4,1e-3 seed=0:8`
+(overrides go before --sweep). sweep-report regenerates the tables and plots of every sweep under DIR."""
 
 import argparse
 import sys
@@ -8,12 +14,14 @@ import jax
 
 from experiments import registry
 from experiments.common.report import write_report
-from experiments.common.runner import resolve_config, run_experiment
+from experiments.common.runner import resolve_config, run_experiment, sweep_axes
+from experiments.common.sweep_report import find_sweeps, write_sweep_report
 from jaxicl.validation import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md) or 'list'")
     p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
@@ -23,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed, where not auto-detected)")
     p.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
     p.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
+    p.add_argument("--sweep", nargs="+", action="extend", default=[], metavar="AXIS",
+                   help="sweep axes field=values (lists a,b | ranges 0:8 | log:lo:hi:n | lin:lo:hi:n)")
     return p
 
 
@@ -32,7 +42,7 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow options; --sweep takes the rest
     if args.distributed:
         _initialize_distributed(args)
     if args.name == "list":
@@ -40,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
             doc = (registry.load(name).__doc__ or "").strip().splitlines()
             print(f"{name:28s} {doc[0] if doc else ''}")
         return 0
+    if args.name == "sweep-report":
+        return _sweep_report(args.overrides)
     names = list(registry.EXPERIMENTS) if args.name == "all" else [args.name]
     try:
-        for name in names:  # fail on a bad name, preset or override before running anything
-            resolve_config(name, args.preset, args.overrides if args.name != "all" else [])
+        if args.sweep and args.name == "all":
+            raise ConfigError("--sweep needs one experiment name, not 'all'")
+        for name in names:  # fail on a bad name, preset, override or sweep axis before running anything
+            _, cfg = resolve_config(name, args.preset, args.overrides if args.name != "all" else [])
+            if args.sweep:
+                sweep_axes(name, cfg, args.sweep)
     except (ConfigError, KeyError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
@@ -51,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== {name} ({args.preset})", flush=True)
         try:
-            result = run_experiment(name, args.preset, args.out, args.overrides if args.name != "all" else [])
+            result = run_experiment(name, args.preset, args.out, args.overrides if args.name != "all" else [],
+                                    sweep=args.sweep)
+        except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            if args.name != "all":
+                return 2
+            errors[name] = traceback.format_exc()
+            continue
         except Exception:  # noqa: BLE001 - one failing experiment must not hide the others' results
             if args.name != "all":
                 raise
@@ -65,3 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "all" and jax.process_index() == 0:
         print(f"report: {write_report(args.out, args.preset, results, errors)}")
     return 1 if errors else 0
+
+
+def _sweep_report(dirs: list[str]) -> int:
+    if len(dirs) != 1:
+        print("error: usage: python -m experiments sweep-report DIR", file=sys.stderr)
+        return 2
+    found = find_sweeps(dirs[0])
+    if not found:
+        print(f"error: no sweep.json under {dirs[0]}", file=sys.stderr)
+        return 2
+    for d in found:
+        files = write_sweep_report(d)
+        print(f"{d}: {', '.join(files)}")
+    return 0

@@ -122,6 +122,14 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     return Outcome(checks, figures)
 
 
+def run_sweep(cfg: Config, axes, out_dir: str) -> Outcome:
+    """`--sweep`: this model trained for every member of the grid `axes` in one vmapped program."""
+    from experiments.sweep_lr_seeds import gd_sweep_checks, run_gd_sweep
+
+    table, _, figures = run_gd_sweep(cfg, axes, out_dir)
+    return Outcome(gd_sweep_checks(table, cfg.loss_tolerance), [f for f in figures if f.endswith(".png")])
+
+
 def _plot_training(rows: list[dict], gd_loss: float, gd_theory: float, out_dir: str) -> str:
     steps = [r["step"] for r in rows]
     fig, axes = new_figure(3)

@@ -4,6 +4,8 @@
   PRESETS           {"smoke": Config, "quick": Config, "full": Config}; smoke is the CI size,
                     quick the CPU reproduction, full the paper's scale for an accelerator
   run(cfg, out_dir) -> experiments.common.result.Outcome
+  run_sweep(cfg, axes, out_dir) -> Outcome   optional: `--sweep` support (jaxicl.train.sweep_spec axes
+                    resolved on Config), training the grid as one vmapped program
 """
 
 import importlib
@@ -20,6 +22,7 @@ EXPERIMENTS = {
     "nn_fig2_landscape": "experiments.nn_fig2_landscape",
     "nn_fig3_training": "experiments.nn_fig3_training",
     "nn_random_init": "experiments.nn_random_init",
+    "sweep_lr_seeds": "experiments.sweep_lr_seeds",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

@@ -71,7 +71,8 @@ def test_finite_pool_draws_only_pool_vectors():
     w = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(8), 400).info["w"])
     unique = np.unique(w.round(6), axis=0)
     assert len(unique) == 4
-    pool = np.asarray(jax.random.normal(jax.random.key(7), (4, 3)))
+    pool = np.stack([jax.random.normal(jax.random.fold_in(jax.random.key(7), i), (3,)) for i in range(4)])
+    np.testing.assert_allclose(lr.task_pool(cfg), pool, rtol=1e-6)
     np.testing.assert_allclose(np.sort(unique, axis=0), np.sort(pool, axis=0), rtol=1e-5)
 
 

@@ -9,6 +9,7 @@ import jax
 
 from experiments import registry
 from experiments.common.overrides import apply_overrides
+from jaxicl.train.sweep_spec import Axis, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError
 
 
@@ -19,17 +20,29 @@ def resolve_config(name: str, preset: str, overrides: list[str]):
     return module, apply_overrides(module.PRESETS[preset], overrides)
 
 
-def run_experiment(name: str, preset: str, out: str, overrides: list[str] = ()) -> dict:
-    """Runs experiment `name` with a preset and overrides; returns (and writes) its result dict."""
+def sweep_axes(name: str, cfg, specs: list[str]) -> tuple[Axis, ...]:
+    """The --sweep axes resolved on the experiment's config; ConfigError if it cannot sweep them."""
+    if not hasattr(registry.load(name), "run_sweep"):
+        raise ConfigError(f"experiment {name!r} does not support --sweep (its module has no run_sweep); "
+                          f"sweepable: {[n for n in registry.EXPERIMENTS if hasattr(registry.load(n), 'run_sweep')]}")
+    return resolve_axes(cfg, parse_axes(specs))
+
+
+def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), sweep: list[str] = ()) -> dict:
+    """Runs experiment `name` with a preset and overrides; returns (and writes) its result dict.
+
+    With sweep axes (strings field=values) it calls the module's run_sweep(cfg, axes, out_dir).
+    """
     module, cfg = resolve_config(name, preset, list(overrides))
+    axes = sweep_axes(name, cfg, list(sweep)) if sweep else ()
     out_dir = os.path.join(out, name)
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({"experiment": name, "preset": preset, "overrides": list(overrides),
+            json.dump({"experiment": name, "preset": preset, "overrides": list(overrides), "sweep": list(sweep),
                        "config": dataclasses.asdict(cfg)}, f, indent=2)
     start = time.perf_counter()
-    outcome = module.run(cfg, out_dir)
+    outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
     if jax.process_index() == 0:

@@ -32,8 +32,12 @@ def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:
 
 
 @partial(jax.jit, static_argnames=("sample", "cfg", "batch_size", "axis"))
-def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: str | None = DATA_AXIS) -> Prompt:
-    """batch_size prompts from `sample(cfg, key)`: every leaf gets a leading [batch_size] axis.
+def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: str | None = DATA_AXIS,
+                 task_params: dict | None = None) -> Prompt:
+    """batch_size prompts from `sample(cfg, key, **task_params)`: every leaf gets a leading [batch_size] axis.
+
+    task_params holds array values of task fields that the sampler takes as keywords (the fields a
+    sweep may vary per member, e.g. noise_std); None means the values in cfg.
 
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
     that axis before the vmap, so each device samples its own slice and no data crosses the host.
@@ -43,4 +47,4 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     if axis is not None and data_axis_size(axis) > 1:
         check_divisible(batch_size, axis)
         keys = jax.reshard(keys, P(axis))
-    return jax.vmap(partial(sample, cfg))(keys)
+    return jax.vmap(partial(sample, cfg, **(task_params or {})))(keys)

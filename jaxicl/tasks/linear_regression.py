@@ -71,24 +71,47 @@ def prediction_positions(cfg: LinearRegression) -> np.ndarray:
     return np.arange(cfg.n_context + 1) * step
 
 
-def task_vector(cfg: LinearRegression, key: jax.Array) -> jax.Array:
-    """w: [dim], fresh or drawn from the fixed pool."""
-    if cfg.n_tasks == 0:
-        return cfg.w_scale * jax.random.normal(key, (cfg.dim,))
-    pool = cfg.w_scale * jax.random.normal(jax.random.key(cfg.pool_seed), (cfg.n_tasks, cfg.dim))
-    return pool[jax.random.randint(key, (), 0, cfg.n_tasks)]
+def pool_vector(cfg: LinearRegression, index: jax.Array) -> jax.Array:
+    """Row `index` of the fixed pool: w_scale * N(0, I) from fold_in(key(pool_seed), index), [dim].
+
+    Each row has its own key, so a prompt never materialises the pool (pools of 2^20 tasks cost
+    nothing), a pool of n tasks is the first n rows of any larger pool, and the index may be
+    sharded over devices without a gather from a replicated table.
+    """
+    return cfg.w_scale * jax.random.normal(jax.random.fold_in(jax.random.key(cfg.pool_seed), index), (cfg.dim,))
 
 
-def sample(cfg: LinearRegression, key: jax.Array) -> Prompt:
+def task_pool(cfg: LinearRegression, n_tasks: int | None = None) -> jax.Array:
+    """The first n_tasks (default cfg.n_tasks) pool vectors, [n_tasks, dim]."""
+    n = cfg.n_tasks if n_tasks is None else n_tasks
+    return jax.vmap(lambda i: pool_vector(cfg, i))(jnp.arange(n))
+
+
+def task_vector(cfg: LinearRegression, key: jax.Array, n_tasks=None) -> jax.Array:
+    """w: [dim], fresh (n_tasks = 0) or uniform over the first n_tasks pool vectors.
+
+    n_tasks: a (possibly traced, e.g. per sweep member) value replacing cfg.n_tasks.
+    """
+    fresh = lambda: cfg.w_scale * jax.random.normal(key, (cfg.dim,))  # noqa: E731
+    if n_tasks is None:
+        return fresh() if cfg.n_tasks == 0 else pool_vector(cfg, jax.random.randint(key, (), 0, cfg.n_tasks))
+    pooled = pool_vector(cfg, jax.random.randint(key, (), 0, jnp.maximum(n_tasks, 1)))
+    return jnp.where(n_tasks == 0, fresh(), pooled)
+
+
+def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=None) -> Prompt:
     """One prompt: inputs [seq_len, dim + 1], targets [seq_len], mask [seq_len].
 
     info: w [dim], x [n_context + 1, dim] (query last), y [n_context + 1] (noisy labels).
+    The keywords are the sweepable fields: (possibly traced) values replacing cfg.noise_std and
+    cfg.n_tasks. Every other field changes shapes or the sampling code and is fixed across a sweep.
     """
+    noise_std = cfg.noise_std if noise_std is None else noise_std
     k_w, k_x, k_n = jax.random.split(key, 3)
     n, d = cfg.n_context + 1, cfg.dim
-    w = task_vector(cfg, k_w)
+    w = task_vector(cfg, k_w, n_tasks)
     x = jax.random.normal(k_x, (n, d)) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.float32))
-    y = x @ w + cfg.noise_std * jax.random.normal(k_n, (n,))
+    y = x @ w + noise_std * jax.random.normal(k_n, (n,))
     return Prompt(inputs=encode(cfg, x, y), targets=at_positions(cfg, y),
                   mask=at_positions(cfg, _loss_weights(cfg)), info={"w": w, "x": x, "y": y})
 

@@ -1,4 +1,4 @@
-"""Training engine: configs, optimiser, scanned data-parallel steps, checkpoints, metrics."""
+"""Training engine: configs, optimiser, scanned data-parallel steps, checkpoints, metrics, vmapped sweeps."""
 
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig
@@ -6,6 +6,9 @@ from jaxicl.train.loop import NonFiniteLossError, TrainResult, TrainState, train
 from jaxicl.train.losses import masked_mse, regression_loss
 from jaxicl.train.mesh import data_mesh, replicated
 from jaxicl.train.metrics import read_metrics
+from jaxicl.train.sweep import SweepResult, estimate_memory, sweep_mesh, train_sweep
+from jaxicl.train.sweep_spec import Axis, grid, parse_axes
 
-__all__ = ["CheckpointStore", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainState", "data_mesh",
-           "masked_mse", "read_metrics", "regression_loss", "replicated", "train"]
+__all__ = ["Axis", "CheckpointStore", "NonFiniteLossError", "SweepResult", "TrainConfig", "TrainResult", "TrainState",
+           "data_mesh", "estimate_memory", "grid", "masked_mse", "parse_axes", "read_metrics", "regression_loss",
+           "replicated", "sweep_mesh", "train", "train_sweep"]

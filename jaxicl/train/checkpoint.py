@@ -30,9 +30,13 @@ class CheckpointStore:
             preservation_policy=ocp.training.preservation_policies.LatestN(keep),
             custom_metadata=config or {})
 
-    def save(self, state: TrainState) -> None:
-        """Blocks until the checkpoint at state.step is committed."""
-        self._ckptr.save(int(state.step), _to_tree(state), force=True, overwrite=True)
+    def save(self, state: TrainState, step: int | None = None) -> None:
+        """Blocks until the checkpoint at `step` (default state.step) is committed.
+
+        A sweep's stacked state has one step per member, so it passes the sweep's step.
+        """
+        step = int(state.step) if step is None else step
+        self._ckptr.save(step, _to_tree(state), force=True, overwrite=True)
         self._ckptr.wait()
 
     def steps(self) -> list[int]:
@@ -44,7 +48,10 @@ class CheckpointStore:
         return dict(meta.custom_metadata or {}) if meta is not None else {}
 
     def restore(self, like: TrainState, sharding: NamedSharding, step: int | None = None) -> TrainState:
-        """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`."""
+        """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`.
+
+        `sharding` applies to every leaf (e.g. P() replicated, or P("members") for a sweep's stack).
+        """
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                 jax.eval_shape(_to_tree, like))
         tree = self._ckptr.load(step, abstract)

@@ -44,24 +44,35 @@ class TrainResult:
     eval_rows: list[dict]
 
 
+def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler, task_cfg, batch_size: int,
+               tx: optax.GradientTransformation, task_params: dict | None = None) -> tuple[TrainState, dict]:
+    """One step on the batch sampled from fold_in(state.key, state.step); returns the new state and metrics.
+
+    task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
+    """
+    batch = sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step), batch_size,
+                         task_params=task_params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                        step=state.step + 1)
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+
 def run_steps(state: TrainState, *, n: int, loss_fn: LossFn, sample: Sampler, task_cfg, batch_size: int,
               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """n training steps as one lax.scan; returns the new state and per-step metrics [n]."""
+    step = partial(train_step, loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=batch_size, tx=tx)
+    return jax.lax.scan(lambda s, _: step(s), state, length=n)
 
-    def step(state: TrainState, _):
-        batch = sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step), batch_size)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                            step=state.step + 1)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.lax.scan(step, state, length=n)
+def data_key(seed) -> jax.Array:
+    """The base key of a run's training batches (seed may be traced, e.g. per sweep member)."""
+    return jax.random.fold_in(jax.random.key(seed), DATA_STREAM)
 
 
 def init_state(params, cfg: TrainConfig, tx: optax.GradientTransformation) -> TrainState:
-    key = jax.random.fold_in(jax.random.key(cfg.seed), DATA_STREAM)
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), key)
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(cfg.seed))
 
 
 def _boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
@@ -73,13 +84,13 @@ def _boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
     return sorted(e for e in ends if e > start)
 
 
-def _normalise(cfg: dict) -> dict:
+def normalise_config(cfg: dict) -> dict:
     return json.loads(json.dumps(cfg))
 
 
-def _check_resumable(stored: dict, current: dict) -> None:
+def check_resumable(stored: dict, current: dict) -> None:
     """Raises ConfigError when a checkpoint was made with another config (only `steps` may grow)."""
-    stored, current = _normalise(stored), _normalise(current)
+    stored, current = normalise_config(stored), normalise_config(current)
     diffs = [f"{section}.{k}: checkpoint {stored.get(section, {}).get(k)!r} vs now {v!r}"
              for section, fields in current.items() if isinstance(fields, dict)
              for k, v in fields.items()
@@ -114,7 +125,7 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and resume and store.steps():
-            _check_resumable(store.config(), config)
+            check_resumable(store.config(), config)
             state = store.restore(state, sharding)
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None

@@ -19,15 +19,17 @@ class MetricsWriter:
 
     On resume from step c it first drops the rows that the resumed run will write again
     (train rows with step >= c, eval rows with step > c), so an interrupted and resumed run
-    leaves the same file as an uninterrupted one.
+    leaves the same file as an uninterrupted one. `keep(row) -> bool` replaces that rule (a
+    chunked sweep resumes one chunk of members and keeps the finished chunks' rows).
     """
 
-    def __init__(self, path: str | None, resume_step: int = 0):
+    def __init__(self, path: str | None, resume_step: int = 0, keep=None):
         self.path = path if jax.process_index() == 0 else None
         if self.path is None:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if _kept(r, resume_step)] if os.path.exists(self.path) else []
+        keep = keep or (lambda r: _kept(r, resume_step))
+        kept = [r for r in read_metrics(self.path) if keep(r)] if os.path.exists(self.path) else []
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 

@@ -1,0 +1,162 @@
+"""A sweep trained as one vmapped program vs member by member in a Python loop (same steps, same batches).
+
+    python benchmarks/sweep_vs_loop.py                      # 8 seeds x 8 lrs of the gd_equivalence model
+    python benchmarks/sweep_vs_loop.py --seeds 2 --lrs 2 --steps 50 --train-loop-members 2   # a quick check
+
+Three ways to train the same members (every member sees the same batches in all three):
+  vmapped     train_sweep: all members stacked, one compiled program
+  loop        train_sweep(chunk_size=1): one member at a time through one compiled program
+              (the best a Python loop can do: no recompilation)
+  train_loop  jaxicl.train.train() per member, as a shell/Python loop over runs would (each run
+              compiles its own program); timed on --train-loop-members members, extrapolated
+Wall times include compilation (which dominates short runs on a loaded CPU), so the steady state
+is also timed: the compiled sweep program (the one train_sweep runs) on the whole stack vs on one
+member at a time in a Python loop, after a warm-up call. Also reports XLA's memory estimate of the
+sweep program and the largest stack that fits --memory-budget.
+Writes benchmarks/results/sweep_vs_loop.json.
+
+What to expect on a CPU: stacking members removes per-run compilation and per-op overhead, not
+FLOPs. With a small per-member batch (overhead-bound, e.g. --batch-size 32) the stacked program
+is several times faster per member-step; with a large batch (compute-bound, 256 and up) a CPU is
+already saturated by one member and the steady-state ratio is about 1 or below (a larger working
+set); the end-to-end win against a loop of train() runs then comes from compiling once.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--lrs", type=int, default=8, help="learning rates, log-spaced in [1e-4, 1e-2]")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=10, help="task dim (gd_equivalence: 10, n_context 10)")
+    ap.add_argument("--train-loop-members", type=int, default=4, help="members timed with train(); 0 = skip")
+    ap.add_argument("--memory-budget", type=float, default=2**30, help="bytes (default 1 GiB)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sweep_vs_loop.json"))
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
+    from experiments.sweep_lr_seeds import _attention_init
+    from jaxicl.tasks import linear_regression as lr_task
+    from jaxicl.train import TrainConfig, regression_loss, train
+    from jaxicl.train.sweep import estimate_memory, sweep_mesh, train_sweep
+    from jaxicl.train.sweep_spec import Axis, grid
+
+    task = lr_task.LinearRegression(dim=args.dim, n_context=10)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, steps_per_call=args.steps,
+                      log_every=args.steps)
+    init, graphdef = _attention_init(args.dim + 1)
+    loss_fn = regression_loss(graphdef)
+    lrs = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, args.lrs))
+    members = [m | {"init_scale": 0.002}
+               for m in grid((Axis("train.seed", tuple(range(args.seeds))), Axis("train.lr", lrs)))]
+    n, mesh = len(members), sweep_mesh(1)
+
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(jax.tree.leaves(out.params if hasattr(out, "params") else out.state.params))
+        return time.perf_counter() - start, out
+
+    t_vmap, vmapped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh,
+                                                progress=False))
+    t_loop, looped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh,
+                                               chunk_size=1, progress=False))
+    same = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vmapped.params),
+                                                             jax.tree.leaves(looped.params)))
+    results = {"members": n, "steps": args.steps, "batch_size": args.batch_size, "task_dim": args.dim,
+               "model": "gd_equivalence LSA (1 linear attention layer)", "devices": str(jax.devices()[0]),
+               "cpu_count": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
+               "platform": platform.platform(), "jax": jax.__version__,
+               "vmapped": _row(t_vmap, n, args.steps), "loop": _row(t_loop, n, args.steps),
+               "max_abs_param_diff_vmapped_vs_loop": same}
+    if args.train_loop_members:
+        k = min(args.train_loop_members, n)
+        start = time.perf_counter()
+        for m in members[:k]:
+            c = dataclasses.replace(cfg, seed=m["train.seed"], lr=m["train.lr"])
+            out = train(loss_fn, lr_task.sample, task, c, init(jax.random.key(c.seed), init_scale=0.002),
+                        progress=False)
+            jax.block_until_ready(jax.tree.leaves(out.state.params))
+        t_train = (time.perf_counter() - start) * n / k
+        results["train_loop"] = _row(t_train, n, args.steps) | {"timed_members": k, "extrapolated_to": n}
+    results["ratio_loop_over_vmapped"] = t_loop / t_vmap
+    results["steady"] = _steady(loss_fn, lr_task.sample, task, cfg, init, members, mesh)
+    if "train_loop" in results:
+        results["ratio_train_loop_over_vmapped"] = results["train_loop"]["wall_s"] / t_vmap
+    est = estimate_memory(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh)
+    results["memory"] = {"budget_bytes": args.memory_budget, "fixed_bytes": est.fixed,
+                         "per_member_bytes": est.per_member, "bytes_for_this_grid": est.bytes_for(n),
+                         "largest_stack_in_budget": est.largest_stack(args.memory_budget)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    _print(results)
+    print(f"-> {args.out}")
+
+
+def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
+    """Execution only: the compiled chunk program on all members at once vs one member per call."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxicl.train.sweep import MEMBER_AXIS, _program
+
+    prog = _program(loss_fn, sample, task, cfg, init, members, None)
+    sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+    n, steps = len(members), cfg.steps
+    with jax.set_mesh(mesh):
+        def run(idx):
+            a = prog.inputs(np.asarray(idx), sharding)
+            states, _ = prog.run_chunk(prog.states(a, sharding), a["task"], steps)
+            return jax.block_until_ready(states.step)
+
+        run(range(n)), run([0])  # compile both shapes
+        start = time.perf_counter()
+        run(range(n))
+        t_vmap = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(n):
+            run([i])
+        t_loop = time.perf_counter() - start
+    return {"vmapped": _row(t_vmap, n, steps), "loop": _row(t_loop, n, steps), "ratio_loop_over_vmapped":
+            round(t_loop / t_vmap, 2)}
+
+
+def _row(wall: float, members: int, steps: int) -> dict:
+    return {"wall_s": round(wall, 3), "member_steps_per_s": round(members * steps / wall, 1)}
+
+
+def _print(r: dict) -> None:
+    print(f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
+          f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus")
+    print("| way | wall time (s, incl. compile) | member-steps/s |\n|---|---|---|")
+    for way in ("vmapped", "loop", "train_loop"):
+        if way in r:
+            note = " (extrapolated)" if way == "train_loop" else ""
+            print(f"| {way}{note} | {r[way]['wall_s']} | {r[way]['member_steps_per_s']} |")
+    print(f"ratio loop / vmapped: {r['ratio_loop_over_vmapped']:.1f}x"
+          + (f"; train() loop / vmapped: {r['ratio_train_loop_over_vmapped']:.1f}x" if "train_loop" in r else ""))
+    s = r["steady"]
+    print(f"steady state (compiled, execution only): vmapped {s['vmapped']['wall_s']} s "
+          f"({s['vmapped']['member_steps_per_s']} member-steps/s), loop {s['loop']['wall_s']} s "
+          f"({s['loop']['member_steps_per_s']} member-steps/s): ratio {s['ratio_loop_over_vmapped']}x")
+    m = r["memory"]
+    print(f"memory: {m['per_member_bytes']} B/member + {m['fixed_bytes']} B fixed; this grid "
+          f"{m['bytes_for_this_grid']} B; largest stack in {m['budget_bytes']:.3g} B: {m['largest_stack_in_budget']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Vmapped sweeps: the GD-1 model over seeds x learning rates, and the task-diversity transition (Raventos+ 2023).
+
+Part 1 trains the gd_equivalence model (one linear self-attention layer) for every (seed, lr) in
+one vmapped program and plots the final test loss against the learning rate with seed bands,
+marking the learning rates where every seed matches GD-1 at eta*. Part 2 trains a linear
+attention stack on linear regression whose tasks come from a pool of n_tasks vectors (0 = a fresh
+task per prompt) and plots its loss on fresh tasks against the pool size next to ridge
+(lam = sigma^2 / tau^2, Bayes for the Gaussian task prior) and dMMSE (Bayes for the pool).
+
+`--sweep` on this experiment replaces part 1's grid, with fields of the gd_equivalence config
+(`--sweep gd.train.lr=log:1e-4:1e-1:8 gd.train.seed=0:8`); gd_equivalence itself takes
+`--sweep lr=... seed=...`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import gd_equivalence
+from experiments.common.figures import new_figure, save_figure
+from experiments.common.result import Check, Outcome, check_above, check_below
+from experiments.common.sweep_report import aggregate, final_table, plot_vs_axis, write_sweep_report
+from jaxicl.baselines import dmmse, gradient_descent, ridge
+from jaxicl.models import SelfAttention, predictor
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import optimal_gd_lr
+from jaxicl.train import TrainConfig, regression_loss
+from jaxicl.train.sweep import train_sweep
+from jaxicl.train.sweep_spec import Axis, grid
+from jaxicl.validation import check_positive
+
+EVAL_STREAM = gd_equivalence.EVAL_STREAM
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    gd: gd_equivalence.Config = gd_equivalence.Config()
+    seeds: int = 8
+    lrs: tuple[float, ...] = (1e-4, 2.7e-4, 7.2e-4, 1.9e-3, 5.2e-3, 1.4e-2, 3.7e-2, 1e-1)
+    match_tolerance: float = 0.05  # |L / L_GD1 - 1| for "matches GD-1"
+    diversity_task: lr_task.LinearRegression = lr_task.LinearRegression(dim=8, n_context=16, noise_std=0.5)
+    diversity_train: TrainConfig = TrainConfig(steps=20000, batch_size=256, lr=1e-3, steps_per_call=500,
+                                               log_every=50)
+    n_tasks: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 0)  # 0: a fresh task per prompt
+    diversity_seeds: int = 4
+    diversity_layers: int = 4
+    diversity_init_scale: float = 0.02
+    eval_prompts: int = 4096
+    chunk_size: int = 0  # members trained at once; 0 = all
+
+    def __post_init__(self):
+        for name in ("seeds", "diversity_seeds", "diversity_layers", "eval_prompts"):
+            check_positive(name, getattr(self, name))
+        check_positive("chunk_size", self.chunk_size, allow_zero=True)
+        if self.diversity_task.noise_std <= 0:
+            raise ValueError("diversity_task.noise_std must be > 0 (dMMSE and ridge use sigma^2)")
+
+
+_SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),
+                                  train=TrainConfig(steps=600, batch_size=256, steps_per_call=200, log_every=10),
+                                  eval_every=200, eval_prompts=2048)
+PRESETS = {
+    "smoke": Config(gd=dataclasses.replace(_SMALL_GD, task=lr_task.LinearRegression(dim=2, n_context=6),
+                                           train=TrainConfig(steps=200, batch_size=128, steps_per_call=100)),
+                    seeds=2, lrs=(1e-3, 1e-2, 1e-1), n_tasks=(1, 8, 0), diversity_seeds=1, diversity_layers=1,
+                    diversity_task=lr_task.LinearRegression(dim=2, n_context=6, noise_std=0.5),
+                    diversity_train=TrainConfig(steps=200, batch_size=128, lr=1e-2, steps_per_call=100),
+                    eval_prompts=512),
+    "quick": Config(gd=_SMALL_GD, seeds=3, lrs=(1e-4, 5e-4, 2.5e-3, 1.25e-2, 6.25e-2),
+                    n_tasks=(1, 4, 16, 64, 256, 0), diversity_seeds=2, diversity_layers=2,
+                    diversity_task=lr_task.LinearRegression(dim=3, n_context=16, noise_std=0.5),
+                    diversity_train=TrainConfig(steps=1500, batch_size=256, lr=3e-3, steps_per_call=500,
+                                                log_every=10),
+                    eval_prompts=2048),
+    "full": Config(),
+}
+
+
+def _query_mse(pred: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.mean((pred[..., -1] - targets[..., -1]) ** 2, axis=-1)
+
+
+def _attention_init(dim: int, num_layers: int = 1):
+    """init(key, *, init_scale) -> params of the linear self-attention model of `dim` channels."""
+
+    def init(key, *, init_scale):
+        return nnx.split(SelfAttention(dim, num_layers=num_layers, kind="linear", residual=True,
+                                       init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
+
+    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0)))
+
+
+def run_gd_sweep(cfg: gd_equivalence.Config, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0):
+    """Trains the gd_equivalence model for every member of the grid `axes`; returns (table, GD-1 loss, figures).
+
+    table: one row per member with its values, final eval `loss` and `rel_gap` = L / L_GD1 - 1.
+    """
+    task = cfg.task
+    eta = optimal_gd_lr(task)
+    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), EVAL_STREAM)
+    batch = sample_batch(lr_task.sample, task, eval_key, cfg.eval_prompts)
+    gd_pred = jax.vmap(gradient_descent(task, steps=1, lr=eta))(batch.inputs)
+    gd_loss = float(_query_mse(gd_pred, batch.targets))
+    init, graphdef = _attention_init(task.dim + 1)
+
+    def evaluate(params):
+        pred = jax.vmap(predictor(graphdef, params))(batch.inputs)
+        return {"loss": _query_mse(pred, batch.targets), "pred_diff": jnp.mean((pred[:, -1] - gd_pred[:, -1]) ** 2)}
+
+    members = grid(axes)
+    if "init_scale" not in members[0]:
+        members = [m | {"init_scale": cfg.init_scale} for m in members]
+    train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.train, init, members, out_dir=out_dir,
+                chunk_size=chunk_size or None, evaluate=evaluate, eval_every=cfg.eval_every,
+                run_config={"experiment": "gd_sweep"}, desc="gd sweep")
+    figures = write_sweep_report(out_dir)
+    _, table = final_table(out_dir)
+    for row in table:
+        row["rel_gap"] = None if row.get("loss") is None else row["loss"] / gd_loss - 1
+    return table, gd_loss, figures
+
+
+def gd_sweep_checks(table: list[dict], tolerance: float) -> list[Check]:
+    """Checks of a GD-1 sweep: some member matches GD-1, and the diverged members are reported."""
+    gaps = [abs(r["rel_gap"]) for r in table if r["diverged_at"] is None and r["rel_gap"] is not None]
+    diverged = [r["member"] for r in table if r["diverged_at"] is not None]
+    return [check_below("best_member_rel_gap_to_gd1", min(gaps) if gaps else float("inf"), tolerance,
+                        f"min over {len(gaps)} finite members of |L / L_GD1 - 1|"),
+            Check("diverged_members", len(diverged), "reported", True, f"frozen at their last finite state: {diverged}")]
+
+
+def run_sweep(cfg: Config, axes: tuple[Axis, ...], out_dir: str) -> Outcome:
+    """--sweep on this experiment: the axes (on fields of cfg.gd, e.g. gd.train.lr) replace the seed x lr grid."""
+    axes = tuple(Axis(a.field.removeprefix("gd."), a.values) for a in axes)
+    table, _, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
+    return Outcome(gd_sweep_checks(table, cfg.match_tolerance), [f"gd_sweep/{f}" for f in figures if f.endswith(".png")])
+
+
+def run(cfg: Config, out_dir: str) -> Outcome:
+    axes = (Axis("train.seed", tuple(range(cfg.seeds))), Axis("train.lr", tuple(cfg.lrs)))
+    table, gd_loss, _ = run_gd_sweep(cfg.gd, axes, f"{out_dir}/lr_seeds", cfg.chunk_size)
+    matched = _matched_lrs(table, cfg.match_tolerance)
+    figures = [_plot_lr(table, gd_loss, matched, cfg.match_tolerance, out_dir)]
+    checks = gd_sweep_checks(table, cfg.match_tolerance)
+    checks.append(Check("lrs_where_all_seeds_match_gd1", len(matched), ">= 1", bool(matched),
+                        f"learning rates {matched} (tolerance {cfg.match_tolerance})"))
+    small = min(cfg.lrs)
+    checks.append(Check("smallest_lr_does_not_match_gd1", small, "not matched", small not in matched,
+                        "under-trained at the smallest lr: the loss depends on the lr, so the sweep shows something"))
+    div_checks, div_figure = _diversity(cfg, f"{out_dir}/task_diversity", out_dir)
+    return Outcome(checks + div_checks, figures + [div_figure])
+
+
+def _matched_lrs(table: list[dict], tolerance: float) -> list[float]:
+    lrs = sorted({r["train.lr"] for r in table})
+    return [v for v in lrs if all(r["diverged_at"] is None and abs(r["rel_gap"]) < tolerance
+                                  for r in table if r["train.lr"] == v)]
+
+
+def _plot_lr(table: list[dict], gd_loss: float, matched: list[float], tolerance: float, out_dir: str) -> str:
+    fields = ["train.seed", "train.lr", "init_scale"]
+    agg = aggregate(table, fields)
+    fig, axes = new_figure(size=(5.5, 3.8))
+    ax = axes[0, 0]
+    plot_vs_axis(agg, fields, "train.lr", "loss", ax=ax, label_prefix="trained LSA ")
+    ax.axhline(gd_loss, color="k", ls="--", label="GD-1 at eta*")
+    ax.axhspan(gd_loss * (1 - tolerance), gd_loss * (1 + tolerance), color="k", alpha=0.08)
+    for i, v in enumerate(matched):
+        ax.axvline(v, color="tab:green", alpha=0.4, lw=6, label="all seeds match GD-1" if i == 0 else None)
+    ax.set(xlabel="peak learning rate (adam)", ylabel="final test loss (query MSE)",
+           title=f"{len({r['train.seed'] for r in table})} seeds x {len({r['train.lr'] for r in table})} lrs, one program")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, "loss_vs_lr")
+
+
+def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], str]:
+    task = cfg.diversity_task
+    init, graphdef = _attention_init(task.dim + 1, cfg.diversity_layers)
+    members = grid((Axis("train.seed", tuple(range(cfg.diversity_seeds))), Axis("task.n_tasks", tuple(cfg.n_tasks))))
+    members = [m | {"init_scale": cfg.diversity_init_scale} for m in members]
+    result = train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.diversity_train, init, members,
+                         out_dir=sweep_dir, chunk_size=cfg.chunk_size or None, run_config={"experiment": "diversity"},
+                         desc="task diversity")
+    write_sweep_report(sweep_dir)
+    key = jax.random.fold_in(jax.random.key(cfg.diversity_train.seed), EVAL_STREAM)
+    fresh = sample_batch(lr_task.sample, dataclasses.replace(task, n_tasks=0), key, cfg.eval_prompts)
+    model = jax.jit(jax.vmap(lambda p: _query_mse(jax.vmap(predictor(graphdef, p))(fresh.inputs), fresh.targets)))
+    losses = np.asarray(model(result.params))
+    lam = task.noise_std**2 / task.w_scale**2
+    ridge_loss = float(_query_mse(jax.vmap(ridge(task, lam))(fresh.inputs), fresh.targets))
+    pools = sorted(set(cfg.n_tasks))
+    dmmse_loss = {k: ridge_loss if k == 0 else float(_query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
+        fresh.inputs), fresh.targets)) for k in pools}
+    by_pool = {k: losses[[i for i, m in enumerate(members) if m["task.n_tasks"] == k and i not in result.diverged]]
+               for k in pools}
+    figure = _plot_diversity(by_pool, dmmse_loss, ridge_loss, out_dir)
+    smallest = min(k for k in pools if k)
+    dist = lambda v, ref: abs(np.log(v / ref))  # noqa: E731
+    small = float(np.mean(by_pool[smallest]))
+    infinite = float(np.mean(by_pool[0 if 0 in pools else max(pools)]))
+    beyond = [k for k in pools if k and float(np.mean(by_pool[k])) < dmmse_loss[k]]
+    checks = [
+        Check("small_pool_closer_to_dmmse_than_ridge", small, f"nearer dMMSE {dmmse_loss[smallest]:.3g}",
+              bool(dist(small, dmmse_loss[smallest]) < dist(small, ridge_loss)),
+              f"fresh-task MSE at n_tasks={smallest}; ridge {ridge_loss:.3g}"),
+        Check("pools_where_model_beats_its_dmmse", len(beyond), ">= 1", bool(beyond),
+              f"n_tasks {beyond}: on fresh tasks the model beats the Bayes predictor of its own pool, i.e. it "
+              f"generalises beyond the pool (the transition); {'first at ' + str(min(beyond)) if beyond else 'never'}"),
+        check_below("infinite_pool_model_over_ridge", infinite / ridge_loss, 2.0,
+                    f"fresh-task MSE with a fresh task per prompt / ridge {ridge_loss:.3g}; a {cfg.diversity_layers}-"
+                    "layer linear attention model is a few preconditioned GD steps, not exact ridge"),
+        check_above("transition_ratio_small_over_infinite_pool", small / infinite, 2.0,
+                    "fresh-task MSE drops as the pretraining task pool grows"),
+    ]
+    return checks, figure
+
+
+def _plot_diversity(by_pool: dict, dmmse_loss: dict, ridge_loss: float, out_dir: str) -> str:
+    finite = [k for k in by_pool if k]
+    x = {k: (k if k else max(finite) * 8) for k in by_pool}  # "infinite" drawn to the right of the largest pool
+    ks = sorted(by_pool, key=lambda k: x[k])
+    fig, axes = new_figure(size=(5.5, 3.8))
+    ax = axes[0, 0]
+    mean = np.array([by_pool[k].mean() for k in ks])
+    lo, hi = np.array([by_pool[k].min() for k in ks]), np.array([by_pool[k].max() for k in ks])
+    ax.plot([x[k] for k in ks], mean, "o-", label="trained model (mean over seeds)")
+    ax.fill_between([x[k] for k in ks], lo, hi, alpha=0.25, label="seed range")
+    ax.plot([x[k] for k in ks], [dmmse_loss[k] for k in ks], "s--", label="dMMSE (Bayes for the pool)")
+    ax.axhline(ridge_loss, color="k", ls=":", label="ridge lam = sigma^2/tau^2")
+    ax.set_xscale("log")
+    ax.set_xticks([x[k] for k in ks], [str(k) if k else "inf" for k in ks])
+    ax.set(xlabel="pretraining tasks in the pool", ylabel="query MSE on fresh tasks", yscale="log",
+           title="task-diversity transition (Raventos et al. 2023)")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, "task_diversity")

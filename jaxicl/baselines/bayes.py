@@ -1,0 +1,27 @@
+"""Bayes-optimal in-context predictors for linear regression with a finite task pool (Raventos et al. 2023).
+
+dMMSE: the posterior mean of y_j when w is uniform over a pool {w_k} and y = <w, x> + N(0, sigma^2):
+posterior weights softmax_k(-sum_{i<j} (y_i - <w_k, x_i>)^2 / (2 sigma^2)) over the pool, prediction
+sum_k p_k <w_k, x_j>. With the pool replaced by w ~ N(0, tau^2 I) the posterior mean is ridge with
+lam = sigma^2 / tau^2 (jaxicl.baselines.ridge).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jaxicl.baselines.regression import Predictor, _per_prefix
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.validation import check_positive
+
+
+def dmmse(cfg: lr_task.LinearRegression, pool: jax.Array, noise_std: float | None = None) -> Predictor:
+    """Discrete MMSE over `pool` [K, dim] (e.g. lr_task.task_pool(cfg)); noise_std defaults to cfg.noise_std."""
+    sigma = cfg.noise_std if noise_std is None else noise_std
+    check_positive("noise_std", sigma)
+
+    def fit(x, y, m):
+        residuals = y[None, :] - pool @ x.T  # [K, n]
+        log_lik = -jnp.sum(m * residuals**2, axis=1) / (2 * sigma**2)
+        return jax.nn.softmax(log_lik) @ pool
+
+    return _per_prefix(cfg, fit)

@@ -1,0 +1,183 @@
+"""Sweep axes: parsing `field=values` specs, resolving field names on a config, the member grid.
+
+An axis names a config field and lists its values. Spec grammar (one axis per string):
+
+    lr=1e-4,3e-4,1e-3        a list
+    seed=0:8                 an integer range start:stop[:step] (stop excluded, as in Python)
+    lr=log:1e-4:1e-2:5       5 log-spaced values from 1e-4 to 1e-2 (both included)
+    noise_std=lin:0:1:5      5 evenly spaced values from 0 to 1 (both included)
+
+The members of a sweep are the grid (Cartesian product) of its axes, the first axis slowest.
+A field name is a dotted path on the config (`train.lr`) or, when unique, its last part (`lr`).
+"""
+
+import dataclasses
+import itertools
+import math
+import re
+import typing
+
+import numpy as np
+
+from jaxicl.validation import ConfigError
+
+_INT = re.compile(r"^[+-]?\d+$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+GRAMMAR = "field=v1,v2,... | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One swept field and its values (Python numbers)."""
+
+    field: str
+    values: tuple
+
+    def __post_init__(self):
+        if not self.values:
+            raise ConfigError(f"sweep axis {self.field!r} has no values")
+        if len(set(self.values)) != len(self.values):
+            raise ConfigError(f"sweep axis {self.field!r} repeats a value: {self.values}")
+
+
+def _number(text: str, spec: str):
+    text = text.strip()
+    if _INT.match(text):
+        return int(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"sweep axis {spec!r}: {text!r} is not a number (grammar: {GRAMMAR})") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"sweep axis {spec!r}: {text!r} is not a finite number")
+    return value
+
+
+def _spaced(kind: str, parts: list[str], spec: str) -> tuple:
+    if len(parts) != 3:
+        raise ConfigError(f"sweep axis {spec!r}: {kind}: needs lo:hi:n, got {':'.join(parts)!r}")
+    lo, hi, n = (_number(p, spec) for p in parts)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"sweep axis {spec!r}: the number of values n must be an integer >= 1, got {n!r}")
+    if kind == "log":
+        if lo <= 0 or hi <= 0:
+            raise ConfigError(f"sweep axis {spec!r}: log: bounds must be > 0, got {lo!r} and {hi!r}")
+        values = np.geomspace(lo, hi, n)
+    else:
+        values = np.linspace(lo, hi, n)
+    return tuple(float(f"{v:.12g}") for v in values)
+
+
+def _range(parts: list[str], spec: str) -> tuple:
+    if len(parts) not in (2, 3):
+        raise ConfigError(f"sweep axis {spec!r}: a range is start:stop[:step] (grammar: {GRAMMAR})")
+    numbers = [_number(p, spec) for p in parts]
+    if not all(isinstance(v, int) for v in numbers):
+        raise ConfigError(f"sweep axis {spec!r}: start:stop[:step] needs integers; "
+                          "for floats use log:lo:hi:n or lin:lo:hi:n")
+    if len(numbers) == 3 and numbers[2] == 0:
+        raise ConfigError(f"sweep axis {spec!r}: the range step must not be 0")
+    values = tuple(range(*numbers))
+    if not values:
+        raise ConfigError(f"sweep axis {spec!r}: the range {':'.join(parts)} is empty")
+    return values
+
+
+def parse_axis(spec: str) -> Axis:
+    """Axis from one spec string (see the module docstring); errors quote the spec and the grammar."""
+    name, sep, text = spec.partition("=")
+    name, text = name.strip(), text.strip()
+    if not sep or not _NAME.match(name) or not text:
+        raise ConfigError(f"sweep axis {spec!r} must look like {GRAMMAR}")
+    head, _, rest = text.partition(":")
+    if head in ("log", "lin"):
+        return Axis(name, _spaced(head, rest.split(":"), spec))
+    if ":" in text:
+        if "," in text:
+            raise ConfigError(f"sweep axis {spec!r}: mix of ',' and ':'; use one form ({GRAMMAR})")
+        return Axis(name, _range(text.split(":"), spec))
+    items = text.split(",")
+    if any(not t.strip() for t in items):
+        raise ConfigError(f"sweep axis {spec!r}: empty value in the list")
+    return Axis(name, tuple(_number(t, spec) for t in items))
+
+
+def parse_axes(specs: list[str]) -> tuple[Axis, ...]:
+    axes = tuple(parse_axis(s) for s in specs)
+    names = [a.field for a in axes]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"sweep axis {n!r} is given twice")
+    return axes
+
+
+def grid(axes: tuple[Axis, ...]) -> list[dict]:
+    """Members as {field: value}, the Cartesian product of the axes (first axis slowest)."""
+    return [dict(zip((a.field for a in axes), values)) for values in itertools.product(*(a.values for a in axes))]
+
+
+def _leaf_paths(cfg, prefix: str = "") -> list[str]:
+    paths = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            paths += _leaf_paths(value, f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def resolve_field(cfg, name: str) -> str:
+    """The dotted path of field `name` in a (nested) config dataclass: an exact path or a unique last part."""
+    paths = _leaf_paths(cfg)
+    if name in paths:
+        return name
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"sweep field {name!r} is ambiguous: it could be any of {matches}; give the full path")
+    raise ConfigError(f"unknown sweep field {name!r}; fields of {type(cfg).__name__}: {paths}")
+
+
+def resolve_axes(cfg, axes: tuple[Axis, ...]) -> tuple[Axis, ...]:
+    """The axes with their fields resolved to dotted paths of cfg, values cast to the fields' types."""
+    resolved = []
+    for axis in axes:
+        path = resolve_field(cfg, axis.field)
+        resolved.append(Axis(path, tuple(_cast(cfg, path, v) for v in axis.values)))
+    paths = [a.field for a in resolved]
+    for p in paths:
+        if paths.count(p) > 1:
+            raise ConfigError(f"sweep field {p!r} is given twice (under different names)")
+    return tuple(resolved)
+
+
+def _cast(cfg, path: str, value):
+    *parents, leaf = path.split(".")
+    for p in parents:
+        cfg = getattr(cfg, p)
+    kind = typing.get_type_hints(type(cfg))[leaf]
+    if kind is int:
+        if float(value) != int(value):
+            raise ConfigError(f"sweep field {path!r} takes integers, got {value!r}")
+        return int(value)
+    if kind is float:
+        return float(value)
+    raise ConfigError(f"sweep field {path!r} has type {getattr(kind, '__name__', kind)}; only int and float "
+                      "fields can be swept")
+
+
+def replace_path(cfg, path: str, value):
+    """cfg with the dotted field `path` set to value (the dataclasses validate the new value)."""
+    head, _, rest = path.partition(".")
+    if rest:
+        return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def member_config(cfg, member: dict):
+    """The config of one member: cfg with every {path: value} of the member set."""
+    for path, value in member.items():
+        cfg = replace_path(cfg, path, value)
+    return cfg

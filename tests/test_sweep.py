@@ -1,0 +1,187 @@
+"""Vmapped sweeps: the same numbers as members trained alone, on any mesh, chunked or not, resumed or not."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxicl.models import SelfAttention
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.train import TrainConfig, regression_loss, train
+from jaxicl.train.sweep import estimate_memory, split_fields, sweep_mesh, train_sweep
+from jaxicl.train.sweep_spec import grid, member_config, parse_axes
+from jaxicl.validation import ConfigError
+
+TASK = lr.LinearRegression(dim=3, n_context=5)
+GRAPHDEF = nnx.graphdef(SelfAttention(4, num_heads=2, rngs=nnx.Rngs(0)))
+LOSS = regression_loss(GRAPHDEF)
+
+
+def init(key, *, init_scale=0.1):
+    return nnx.split(SelfAttention(4, num_heads=2, init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 10, "batch_size": 16, "lr": 1e-2, "steps_per_call": 5, "log_every": 1, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    train: TrainConfig
+    task: lr.LinearRegression
+
+
+def _alone(cfg: TrainConfig, member: dict):
+    """The member trained by itself with train(): its own configs and its own init."""
+    run = member_config(_Run(cfg, TASK), {k: v for k, v in member.items() if "." in k})
+    params = init(jax.random.key(run.train.seed), **{k: v for k, v in member.items() if "." not in k})
+    return train(LOSS, lr.sample, run.task, run.train, params, progress=False)
+
+
+def _member_losses(result, i: int) -> np.ndarray:
+    return np.array([r["loss"] for r in result.train_rows if r["member"] == i])
+
+
+def _assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def test_each_member_of_a_vmapped_sweep_equals_the_member_trained_alone():
+    """Every kind of sweepable field at once: seed, lr, weight decay, warmup, noise, pool size, init scale."""
+    cfg = _cfg(optimizer="adamw", schedule="warmup_cosine", warmup_steps=3)
+    members = [
+        {"train.seed": 0, "train.lr": 1e-2, "train.weight_decay": 0.0, "train.warmup_steps": 0,
+         "task.noise_std": 0.0, "task.n_tasks": 0, "init_scale": 0.1},
+        {"train.seed": 1, "train.lr": 3e-2, "train.weight_decay": 0.1, "train.warmup_steps": 5,
+         "task.noise_std": 0.5, "task.n_tasks": 3, "init_scale": 0.2},
+        {"train.seed": 2, "train.lr": 5e-3, "train.weight_decay": 0.01, "train.warmup_steps": 3,
+         "task.noise_std": 0.2, "task.n_tasks": 8, "init_scale": 0.05}]
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, progress=False)
+    assert swept.diverged == {}
+    for i, m in enumerate(members):
+        alone = _alone(cfg, m)
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+        row = next(r for r in swept.train_rows if r["member"] == i)
+        assert {k: row[k] for k in m} == m  # metrics rows carry the member's values
+
+
+def test_member_axis_sharded_over_four_devices_gives_the_one_device_results():
+    members = grid(parse_axes(["seed=0:2", "lr=1e-2,3e-2"]))
+    members = [{f"train.{k}": v for k, v in m.items()} for m in members]
+    one = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=sweep_mesh(1, 1), progress=False)
+    assert len({r["loss"] for r in one.train_rows if r["step"] == 9}) == 4  # the members really differ
+    for shape in [(4, 1), (2, 2)]:  # 4 devices on the member axis; 2 members x 2 data devices
+        many = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=sweep_mesh(*shape), progress=False)
+        for i in range(4):
+            np.testing.assert_allclose(_member_losses(many, i), _member_losses(one, i), rtol=2e-5)
+        _assert_trees_close(many.params, one.params, rtol=2e-4, atol=1e-6)
+
+
+def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once():
+    members = [{"train.seed": s, "task.noise_std": n} for s, n in [(0, 0.0), (1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]]
+    mesh = sweep_mesh(1)
+    whole = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=mesh, progress=False)
+    est = estimate_memory(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=mesh)
+    assert est.per_member > 0 and est.largest_stack(est.bytes_for(2)) == 2
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    chunked = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=mesh, memory_budget=est.bytes_for(2),
+                          progress=False)
+    assert chunked.chunk_size == 2
+    assert len(compiles) <= 3, compiles  # the 5-step chunk program once for 3 chunks (plus tiny helpers)
+    for i in range(5):
+        np.testing.assert_allclose(_member_losses(chunked, i), _member_losses(whole, i), rtol=1e-6)
+    _assert_trees_close(chunked.params, whole.params, rtol=1e-6, atol=1e-7)
+
+
+def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unchanged():
+    cfg = _cfg(optimizer="sgd")
+    members = [{"train.lr": 1e-2}, {"train.lr": 3e3}, {"train.lr": 2e-2}]
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, progress=False)
+    assert list(swept.diverged) == [1]
+    d = swept.diverged[1]
+    assert 0 <= d < cfg.steps
+    assert [r["step"] for r in swept.train_rows if r["member"] == 1] == list(range(d))
+    assert all(np.isfinite(r["loss"]) for r in swept.train_rows)
+    leaves = jax.tree.leaves(swept.member_params(1))
+    assert all(np.isfinite(x).all() for x in leaves)
+    # the frozen member holds exactly its state after d steps alone: its last finite one
+    at_d = _alone(_cfg(optimizer="sgd", steps=d, steps_per_call=1), members[1]) if d else None
+    if at_d is not None:
+        _assert_trees_close(swept.member_params(1), at_d.state.params, rtol=2e-4, atol=1e-5)
+    for i in (0, 2):
+        alone = _alone(cfg, members[i])
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+
+
+def _rows(result):
+    return sorted(result.train_rows + result.eval_rows, key=lambda r: (r["member"], r["split"], r["step"]))
+
+
+def test_sweep_resume_is_exact_across_chunks(tmp_path):
+    members = [{"train.seed": s, "train.lr": v} for s, v in [(0, 1e-2), (1, 2e-2), (2, 3e-2)]]
+    kw = dict(chunk_size=2, mesh=sweep_mesh(2), progress=False,
+              evaluate=lambda p: {"w_norm": optax_norm(p)}, eval_every=5)
+    straight = train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members,
+                           out_dir=str(tmp_path / "a"), **kw)
+    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5, checkpoint_every=5), init, members, out_dir=str(tmp_path / "b"),
+                **kw)
+    resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members,
+                          out_dir=str(tmp_path / "b"), **kw)
+    _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)
+    assert _rows(resumed) == _rows(straight)
+    assert [r["step"] for r in resumed.train_rows if r["member"] == 2] == list(range(10))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["chunk0", "chunk1"]
+    with pytest.raises(ConfigError, match="cannot resume"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members[:2], out_dir=str(tmp_path / "b"),
+                    **kw)
+
+
+def optax_norm(params):
+    import optax
+
+    return optax.tree.norm(params)
+
+
+@pytest.mark.parametrize("path,match", [
+    ("train.batch_size", r"train\.batch_size cannot be swept.*sweepable train fields: \('seed', 'lr'"),
+    ("train.optimizer", "train.optimizer cannot be swept"),
+    ("task.dim", r"task\.dim cannot be swept.*sweepable task fields: \('noise_std', 'n_tasks'\)"),
+    ("task.n_context", "task.n_context cannot be swept"),
+    ("num_heads", r"num_heads cannot be swept.*keyword of init \('init_scale',\)")])
+def test_unsweepable_fields_are_named_with_the_allowed_ones(path, match):
+    with pytest.raises(ConfigError, match=match):
+        split_fields([path], lr.sample, init)
+
+
+def test_invalid_member_values_fail_before_training_naming_the_field():
+    with pytest.raises(ValueError, match="lr"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)
+    with pytest.raises(ValueError, match="weight_decay"):  # adam has no weight decay
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.weight_decay": 0.1}], progress=False)
+
+
+def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes():
+    from jax.sharding import NamedSharding
+
+    from jaxicl.train.sweep import MEMBER_AXIS, _program
+
+    members = [{"train.seed": s} for s in range(4)]
+    prog = _program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
+    mesh = sweep_mesh(2, 2)
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+        a = prog.inputs(np.arange(4), sharding)
+        states, metrics = prog.run_chunk(prog.states(a, sharding), a["task"], 1)
+        hlo = prog.run_chunk.lower(prog.states(a, sharding), a["task"], 1).compile().as_text()
+    for leaf in jax.tree.leaves(states.params) + [metrics["loss"]]:
+        assert leaf.sharding.spec[0] == MEMBER_AXIS and len(leaf.sharding.device_set) == 4
+        assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}  # 2 members per device pair
+    assert "all-reduce" in hlo  # each member's gradient is summed over its 2 data devices

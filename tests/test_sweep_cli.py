@@ -1,0 +1,60 @@
+"""The --sweep command line and sweep-report, and the sweep_lr_seeds smoke run."""
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments.cli import main
+from experiments.common.runner import run_experiment
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["gd_equivalence", "--sweep", "lr=1e-4;1e-3"], "is not a number"),
+    (["gd_equivalence", "--sweep", "seed=0:8:0"], "step must not be 0"),
+    (["gd_equivalence", "--sweep", "learning_rate=1,2"], "unknown sweep field 'learning_rate'"),
+    (["gd_equivalence", "--sweep", "n_tasks=1.5,2"], "takes integers"),
+    (["gd_equivalence", "--sweep", "lr=1,2", "lr=3"], "given twice"),
+    (["sweep_lr_seeds", "--sweep", "lr=1e-3,1e-2"], "'lr' is ambiguous"),
+    (["all", "--sweep", "lr=1e-3,1e-2"], "needs one experiment"),
+    (["sweep-report"], "usage"),
+])
+def test_malformed_sweeps_exit_2_with_a_clear_message_before_training(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "gd_equivalence").exists()
+
+
+def test_unsweepable_field_is_refused_naming_the_allowed_ones(capsys, tmp_path):
+    argv = ["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path), "--sweep", "task.dim=2,3"]
+    assert main(argv) == 2
+    assert "task.dim cannot be swept" in capsys.readouterr().err
+
+
+def test_cli_sweep_trains_the_grid_and_sweep_report_regenerates_it(tmp_path, capsys):
+    out = str(tmp_path)
+    argv = ["gd_equivalence", "--preset", "smoke", "train.steps=20", "train.steps_per_call=10", "eval_every=10",
+            "--out", out, "--sweep", "lr=1e-3,1e-2", "seed=0:2"]
+    assert main(argv) == 0
+    with open(os.path.join(out, "gd_equivalence", "sweep.json")) as f:
+        spec = json.load(f)
+    assert spec["members"] == [{"train.lr": lr, "train.seed": s, "init_scale": 0.002}
+                               for lr in (1e-3, 1e-2) for s in (0, 1)]
+    table = os.path.join(out, "gd_equivalence", "sweep_seeds.md")
+    os.remove(table)
+    assert main(["sweep-report", out]) == 0
+    with open(table) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("| train.lr | init_scale | seeds |") and len(lines) == 4  # header, rule, 2 lrs
+    assert os.path.exists(os.path.join(out, "gd_equivalence", "sweep_loss_vs_train_lr.png"))
+
+
+def test_sweep_lr_seeds_smoke_computes_every_check(tmp_path):
+    result = run_experiment("sweep_lr_seeds", "smoke", str(tmp_path))
+    names = [c["name"] for c in result["checks"]]
+    assert "best_member_rel_gap_to_gd1" in names and "transition_ratio_small_over_infinite_pool" in names
+    for c in result["checks"]:
+        assert isinstance(c["value"], (int, float)) and math.isfinite(c["value"]), c
+    for fig in result["figures"]:
+        assert os.path.getsize(os.path.join(tmp_path, "sweep_lr_seeds", fig)) > 10_000

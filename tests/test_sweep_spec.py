@@ -1,0 +1,95 @@
+"""Sweep axis specs: lists, ranges, log and linear ranges, field resolution, clear errors."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxicl.tasks.linear_regression import LinearRegression
+from jaxicl.train import TrainConfig
+from jaxicl.train.sweep_spec import Axis, grid, member_config, parse_axes, parse_axis, resolve_axes, resolve_field
+from jaxicl.validation import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    task: LinearRegression = LinearRegression()
+    train: TrainConfig = TrainConfig()
+    init_scale: float = 0.01
+    eval: TrainConfig = TrainConfig()  # a second `lr` and `seed`, to make the short names ambiguous here
+
+
+@pytest.mark.parametrize("spec,field,values", [
+    ("lr=1e-4,3e-4,1e-3", "lr", (1e-4, 3e-4, 1e-3)),
+    ("seed=0:8", "seed", tuple(range(8))),
+    ("seed=2:11:3", "seed", (2, 5, 8)),
+    ("train.seed=-2:0", "train.seed", (-2, -1)),
+    ("n_tasks=1,4,16,0", "n_tasks", (1, 4, 16, 0)),
+    ("noise_std=lin:0:1:5", "noise_std", (0.0, 0.25, 0.5, 0.75, 1.0)),
+    (" lr = 7 ", "lr", (7,)),
+])
+def test_axis_specs_parse_to_values(spec, field, values):
+    axis = parse_axis(spec)
+    assert axis.field == field and axis.values == values
+
+
+def test_log_range_is_geometric_and_includes_both_ends():
+    values = parse_axis("lr=log:1e-4:1e-2:5").values
+    np.testing.assert_allclose(values, [1e-4, 10**-3.5, 1e-3, 10**-2.5, 1e-2], rtol=1e-10)
+    assert parse_axis("lr=log:1e-3:1e-3:1").values == (1e-3,)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("lr", "must look like"), ("=1,2", "must look like"), ("lr=", "must look like"), ("1lr=3", "must look like"),
+    ("lr=1e-4,,1e-3", "empty value"), ("lr=1e-4;3e-4", "is not a number"), ("lr=a,b", "'a' is not a number"),
+    ("seed=0:8:0", "step must not be 0"), ("seed=5:2", "is empty"), ("lr=0.1:0.5", "needs integers"),
+    ("seed=0:2:3:4", "start:stop"), ("lr=log:0:1:3", "bounds must be > 0"), ("lr=log:1e-3:1e-1", "needs lo:hi:n"),
+    ("lr=log:1e-3:1e-1:2.5", "n must be an integer"), ("lr=lin:0:1:0", "n must be an integer >= 1"),
+    ("lr=1,1", "repeats a value"), ("seed=0:2,5", "mix of ',' and ':'"), ("lr=nan", "not a finite number"),
+])
+def test_malformed_specs_are_clear_errors_quoting_the_spec(spec, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        parse_axis(spec)
+    assert spec.strip().split("=")[0] in str(err.value) or spec.startswith("=")
+
+
+def test_an_axis_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match="'lr' is given twice"):
+        parse_axes(["lr=1,2", "lr=3"])
+
+
+def test_grid_is_the_product_first_axis_slowest():
+    members = grid(parse_axes(["lr=1,2", "seed=0:3"]))
+    assert members == [{"lr": a, "seed": s} for a in (1, 2) for s in (0, 1, 2)]
+
+
+def test_short_names_resolve_to_unique_paths_and_values_take_the_field_type():
+    cfg = Cfg()
+    assert resolve_field(cfg, "noise_std") == "task.noise_std"
+    assert resolve_field(cfg, "train.lr") == "train.lr"
+    assert resolve_field(cfg, "init_scale") == "init_scale"
+    axes = resolve_axes(cfg, (Axis("task.n_tasks", (1.0, 4)), Axis("init_scale", (1, 2))))
+    assert axes[0].values == (1, 4) and all(isinstance(v, int) for v in axes[0].values)
+    assert axes[1].values == (1.0, 2.0) and all(isinstance(v, float) for v in axes[1].values)
+
+
+@pytest.mark.parametrize("axis,match", [
+    (Axis("lr", (1e-3,)), r"'lr' is ambiguous.*\['train.lr', 'eval.lr'\]"),
+    (Axis("learning_rate", (1e-3,)), "unknown sweep field 'learning_rate'; fields of Cfg: .*train.lr"),
+    (Axis("task.n_tasks", (1.5,)), "task.n_tasks' takes integers, got 1.5"),
+    (Axis("train.optimizer", (1,)), "train.optimizer' has type str; only int and float"),
+    (Axis("train.lr", (1e-3,)), None),
+])
+def test_resolution_errors_name_the_field_and_the_choices(axis, match):
+    if match is None:
+        assert resolve_axes(Cfg(), (axis,))[0].field == "train.lr"
+        return
+    with pytest.raises(ConfigError, match=match):
+        resolve_axes(Cfg(), (axis,))
+
+
+def test_member_config_sets_nested_fields_and_validates_them():
+    cfg = member_config(Cfg(), {"train.lr": 3e-4, "task.noise_std": 0.5, "init_scale": 0.2})
+    assert (cfg.train.lr, cfg.task.noise_std, cfg.init_scale) == (3e-4, 0.5, 0.2)
+    with pytest.raises(ValueError, match="noise_std"):
+        member_config(Cfg(), {"task.noise_std": -1.0})
