@@ -37,22 +37,27 @@ PRESETS = {
     "smoke": Config(task=haar_task("tiled", dim=3, seq_len=8, n_sequences=512), heads=2,
                     train=TrainConfig(steps=40, batch_size=32, lr=1e-2, steps_per_call=40), test_sequences=128,
                     eval_every=40),
-    # CPU: 8 heads instead of 64, batch 128 instead of 1024, 600 steps instead of 3200
-    "quick": Config(heads=8, train=TrainConfig(steps=600, batch_size=128, optimizer="adam", lr=1e-2, log_every=10),
-                    eval_every=150),
+    # CPU: 8 heads instead of 64, batch 128 instead of 1024, the paper's 3200 steps with a warmup-cosine lr
+    "quick": Config(heads=8, train=TrainConfig(steps=3200, batch_size=128, optimizer="adam", lr=1e-2,
+                                               schedule="warmup_cosine", warmup_steps=50, log_every=10),
+                    eval_every=320),
     "full": Config(),  # the official recipe: 64 heads, Adam 1e-2, batch 1024, 200 epochs of 2^14 sequences
 }
 
 
-def local_mass(weights: np.ndarray) -> tuple[float, float]:
-    """(mean positional-attention mass on the current and previous positions, the same for uniform causal weights).
+def local_mass(weights: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """(mass [H], uniform, early [H]): positional-attention mass per head, mean over rows t >= 2.
 
-    weights: [H, T, T] softmax positional weights; averaged over heads and positions t >= 2.
+    weights: [H, T, T] softmax positional weights. mass: on the current and previous keys (t, t - 1);
+    uniform: the same for uniform causal weights (row t has t + 1 keys, so 2 / (t + 1)), so
+    mass / uniform is 1 for uniform weights whatever the row lengths; early: on keys 0 and 1 (s_0 is
+    the same fixed vector in every sequence and s_1 = W s_0, so these keys can probe W).
     """
-    t = weights.shape[-1]
-    rows = np.arange(2, t)
-    mass = weights[:, rows, rows] + weights[:, rows, rows - 1]
-    return float(mass.mean()), float(np.mean(2.0 / (rows + 1)))
+    weights = np.asarray(weights, np.float64)
+    rows = np.arange(2, weights.shape[-1])
+    mass = (weights[:, rows, rows] + weights[:, rows, rows - 1]).mean(-1)
+    early = weights[:, rows, :2].sum(-1).mean(-1)
+    return mass, float(np.mean(2.0 / (rows + 1))), early
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
@@ -68,16 +73,25 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     p = result.state.params
     _, cache = jax.jit(lambda q, x: apply(graphdef, q, x, capture={"attn.positional_weights"}))(p, test.inputs[0])
     weights = np.asarray(cache["attn.positional_weights"])  # token-independent
-    mass, uniform = local_mass(weights)
+    mass, uniform, early = local_mass(weights)
     rows = result.eval_rows
     final, initial = rows[-1]["test_loss"], rows[0]["test_loss"]
     per_position = per_position_loss(graphdef, p, test, coords="mean")
     checks = [
-        check_above("local_positional_mass_over_uniform", mass / uniform, cfg.min_local_mass_ratio,
-                    f"positional softmax mass on the current + previous position {mass:.3f} vs uniform causal "
-                    f"{uniform:.3f} (heads={cfg.heads}, mean over heads and t >= 2); the Section-5 structure "
-                    "(attend to the current and previous positions) is expected at the paper's scale (no "
-                    "reference numbers exist); it is not reproduced at the CPU quick scale"),
+        check_above("local_positional_mass_over_uniform", mass.mean() / uniform, cfg.min_local_mass_ratio,
+                    f"positional softmax mass on the current + previous position, mean over the {cfg.heads} heads "
+                    f"and rows t >= 2: {mass.mean():.3f} vs {uniform:.3f} for uniform causal weights on the same "
+                    f"rows (ratio 1 for uniform weights whatever the row lengths); per head / uniform: "
+                    f"{np.round(mass / uniform, 2).tolist()}; per-head mass on keys 0, 1 (fixed s_0, s_1 = W s_0): "
+                    f"{np.round(early, 2).tolist()}. The Section-5 structure (attend to the current and previous "
+                    "positions) is the plausible reading of Fig. 7; no reference numbers exist, and with the current "
+                    "token as the query (Section 5 queries s_{t-1}) a head on key t sees s_t alone, so keys t, t-1 "
+                    "cannot give the Chebyshev 2 cos(theta) s_t - s_{t-1}: the theory does not force it here. CPU runs "
+                    "(8 heads, batch 128 unless said; ratio, test MSE): 600 steps constant lr 0.77, 0.107; 1500 "
+                    "warmup-cosine 0.92, 0.098; 3000 warmup-cosine 1.07, 0.093; batch 512, 900 warmup-cosine 0.82, "
+                    "0.106; 32 heads, 800 warmup-cosine 0.79, 0.101. The ratio grows with training, a few heads "
+                    "become local (up to 2.6x uniform) but others saturate onto key 1 (a per-sequence probe of W) "
+                    "and mostly stay there; no run beats the one-step-GD baseline. Not reproduced at CPU scale"),
         check_below("final_over_initial_test_loss", final / initial, 0.5,
                     f"test MSE {initial:.4g} -> {final:.4g}; one GD step with the best eta per position on augmented "
                     f"information: {np.mean(gd_loss):.4g} (reference only)"),
