@@ -1,7 +1,7 @@
 """A sweep trained as one vmapped program vs member by member in a Python loop (same steps, same batches).
 
-    python benchmarks/sweep_vs_loop.py                      # 8 seeds x 8 lrs of the gd_equivalence model
-    python benchmarks/sweep_vs_loop.py --seeds 2 --lrs 2 --steps 50 --train-loop-members 2   # a quick check
+    python -m benchmarks.sweep_vs_loop                      # 8 seeds x 8 lrs of the gd_equivalence model
+    python -m benchmarks.sweep_vs_loop --seeds 2 --lrs 2 --steps 50 --train-loop-members 2   # a quick check
 
 Three ways to train the same members (every member sees the same batches in all three):
   vmapped     train_sweep: all members stacked, one compiled program
@@ -13,7 +13,7 @@ Wall times include compilation (which dominates short runs on a loaded CPU), so 
 is also timed: the compiled sweep program (the one train_sweep runs) on the whole stack vs on one
 member at a time in a Python loop, after a warm-up call. Also reports XLA's memory estimate of the
 sweep program and the largest stack that fits --memory-budget.
-Writes benchmarks/results/sweep_vs_loop.json.
+Writes benchmarks/results/sweep_vs_loop.json and a Markdown table sweep_vs_loop.md.
 
 What to expect on a CPU: stacking members removes per-run compilation and per-op overhead, not
 FLOPs. With a small per-member batch (overhead-bound, e.g. --batch-size 32) the stacked program
@@ -103,8 +103,11 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    _print(results)
-    print(f"-> {args.out}")
+    table = _table(results)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"-> {args.out} and its .md table")
 
 
 def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
@@ -139,23 +142,24 @@ def _row(wall: float, members: int, steps: int) -> dict:
     return {"wall_s": round(wall, 3), "member_steps_per_s": round(members * steps / wall, 1)}
 
 
-def _print(r: dict) -> None:
-    print(f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
-          f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus")
-    print("| way | wall time (s, incl. compile) | member-steps/s |\n|---|---|---|")
+def _table(r: dict) -> str:
+    """The results as Markdown."""
+    s, m = r["steady"], r["memory"]
+    lines = [f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
+             f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus", "",
+             "| way | wall time (s, incl. compile) | member-steps/s |", "|---|---|---|"]
     for way in ("vmapped", "loop", "train_loop"):
         if way in r:
             note = " (extrapolated)" if way == "train_loop" else ""
-            print(f"| {way}{note} | {r[way]['wall_s']} | {r[way]['member_steps_per_s']} |")
-    print(f"ratio loop / vmapped: {r['ratio_loop_over_vmapped']:.1f}x"
-          + (f"; train() loop / vmapped: {r['ratio_train_loop_over_vmapped']:.1f}x" if "train_loop" in r else ""))
-    s = r["steady"]
-    print(f"steady state (compiled, execution only): vmapped {s['vmapped']['wall_s']} s "
-          f"({s['vmapped']['member_steps_per_s']} member-steps/s), loop {s['loop']['wall_s']} s "
-          f"({s['loop']['member_steps_per_s']} member-steps/s): ratio {s['ratio_loop_over_vmapped']}x")
-    m = r["memory"]
-    print(f"memory: {m['per_member_bytes']} B/member + {m['fixed_bytes']} B fixed; this grid "
-          f"{m['bytes_for_this_grid']} B; largest stack in {m['budget_bytes']:.3g} B: {m['largest_stack_in_budget']}")
+            lines.append(f"| {way}{note} | {r[way]['wall_s']} | {r[way]['member_steps_per_s']} |")
+    lines += ["", f"ratio loop / vmapped: {r['ratio_loop_over_vmapped']:.1f}x"
+              + (f"; train() loop / vmapped: {r['ratio_train_loop_over_vmapped']:.1f}x" if "train_loop" in r else ""),
+              f"steady state (compiled, execution only): vmapped {s['vmapped']['wall_s']} s "
+              f"({s['vmapped']['member_steps_per_s']} member-steps/s), loop {s['loop']['wall_s']} s "
+              f"({s['loop']['member_steps_per_s']} member-steps/s): ratio {s['ratio_loop_over_vmapped']}x",
+              f"memory: {m['per_member_bytes']} B/member + {m['fixed_bytes']} B fixed; this grid "
+              f"{m['bytes_for_this_grid']} B; largest stack in {m['budget_bytes']:.3g} B: {m['largest_stack_in_budget']}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

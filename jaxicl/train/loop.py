@@ -75,7 +75,7 @@ def init_state(params, cfg: TrainConfig, tx: optax.GradientTransformation) -> Tr
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(cfg.seed))
 
 
-def _boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
+def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
     """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
     ends = {cfg.steps}
     for every in (cfg.steps_per_call, cfg.checkpoint_every, eval_every):
@@ -145,7 +145,7 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
                    dynamic_ncols=True)
         try:
-            for end in _boundaries(start, cfg, eval_every):
+            for end in chunk_boundaries(start, cfg, eval_every):
                 first = int(state.step)
                 state, metrics = chunk(state, n=end - first)
                 metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}

@@ -28,7 +28,7 @@ class MetricsWriter:
         if self.path is None:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        keep = keep or (lambda r: _kept(r, resume_step))
+        keep = keep or (lambda r: kept_on_resume(r, resume_step))
         kept = [r for r in read_metrics(self.path) if keep(r)] if os.path.exists(self.path) else []
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -40,7 +40,7 @@ class MetricsWriter:
             f.writelines(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows)
 
 
-def _kept(row: dict, resume_step: int) -> bool:
+def kept_on_resume(row: dict, resume_step: int) -> bool:
     return row["step"] < resume_step or (row.get("split") == "eval" and row["step"] == resume_step)
 
 

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from jaxicl.tasks.batching import DATA_AXIS, Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.loop import LossFn, _boundaries, check_resumable, data_key, train_step
-from jaxicl.train.metrics import MetricsWriter, _kept, read_metrics
+from jaxicl.train.loop import LossFn, chunk_boundaries, check_resumable, data_key, train_step
+from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.optim import SWEEPABLE_OPTIMIZER_FIELDS, sweep_optimizer
 from jaxicl.train.state import TrainState
 from jaxicl.train.sweep_spec import member_config
@@ -257,7 +257,7 @@ def _train_chunk(prog: _Program, cfg: TrainConfig, members: list[dict], idx: np.
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     # rows of other chunks stay; this chunk's rows from `start` on are written again
     writer = MetricsWriter(metrics_path, keep=lambda r: not fresh_file and (
-        not lo <= r.get("member", -1) < hi or _kept(r, start)))
+        not lo <= r.get("member", -1) < hi or kept_on_resume(r, start)))
     bar.update(start)
 
     def log(split, steps, values, ok=None):
@@ -273,7 +273,7 @@ def _train_chunk(prog: _Program, cfg: TrainConfig, members: list[dict], idx: np.
 
     if prog.eval_chunk and start == 0:
         log_eval(0)
-    for end in _boundaries(start, cfg, eval_every):
+    for end in chunk_boundaries(start, cfg, eval_every):
         state, metrics = prog.run_chunk(state, a["task"], end - start)
         metrics = {n: np.asarray(v)[:len(idx)] for n, v in jax.device_get(metrics).items()}
         steps = np.arange(start, end)
