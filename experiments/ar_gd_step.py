@@ -13,11 +13,8 @@ from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
-from jaxicl.train import TrainConfig, train
+from jaxicl.train import TrainConfig, eval_key, train
 from jaxicl.validation import ConfigError, check_positive
-
-EVAL_STREAM = 0xE7A1
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -55,7 +52,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     theory = th.gd_step_loss(d, positions, eta, r)  # [T] at the shared eta*
     model = AugmentedLinearAttention(d, init_scale=cfg.init_scale, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, params = nnx.split(model)
-    eval_batch = sample_batch(ar.sample, task, jax.random.fold_in(jax.random.key(cfg.train.seed), EVAL_STREAM),
+    eval_batch = sample_batch(ar.sample, task, eval_key(cfg.train.seed),
                               cfg.eval_prompts)
     loss_fn = sequence_loss(graphdef)
 

@@ -16,10 +16,9 @@ from jaxicl.models.pq_view import to_pq
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
-from jaxicl.train import TrainConfig, regression_loss, train
+from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss, train
 from jaxicl.validation import check_positive
 
-EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts (never used for training batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +51,13 @@ PRESETS = {
 }
 
 
-def _query_loss(pred: jax.Array, tokens_batch_targets: jax.Array) -> jax.Array:
-    return jnp.mean((pred[:, -1] - tokens_batch_targets[:, -1]) ** 2)
-
-
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
     eta = optimal_gd_lr(task)
     gd1 = gradient_descent(task, steps=1, lr=eta)
-    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), EVAL_STREAM)
-    eval_batch = sample_batch(lr_task.sample, task, eval_key, cfg.eval_prompts)
-    gd_loss = float(_query_loss(jax.vmap(gd1)(eval_batch.inputs), eval_batch.targets))
+    test_key = eval_key(cfg.train.seed)
+    eval_batch = sample_batch(lr_task.sample, task, test_key, cfg.eval_prompts)
+    gd_loss = float(query_mse(jax.vmap(gd1)(eval_batch.inputs), eval_batch.targets))
 
     model = SelfAttention(d + 1, kind="linear", residual=True, init_scale=cfg.init_scale,
                           rngs=nnx.Rngs(cfg.train.seed))
@@ -71,7 +66,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     @jax.jit
     def evaluate(params):
         f = predictor(graphdef, params)
-        loss = _query_loss(jax.vmap(f)(eval_batch.inputs), eval_batch.targets)
+        loss = query_mse(jax.vmap(f)(eval_batch.inputs), eval_batch.targets)
         return {"loss": loss, **equivalence_metrics(f, gd1, eval_batch.inputs)}
 
     result = train(regression_loss(graphdef), lr_task.sample, task, cfg.train, params, out_dir=out_dir,
@@ -90,10 +85,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     ood = {"scale": [], "trained": [], "gd": [], "theory": [], "query_cos": [], "context_cos": []}
     for i, s in enumerate(cfg.scales):
         scaled = dataclasses.replace(task, x_scale=task.x_scale * s)
-        batch = sample_batch(lr_task.sample, scaled, jax.random.fold_in(eval_key, i + 1), cfg.eval_prompts)
+        batch = sample_batch(lr_task.sample, scaled, jax.random.fold_in(test_key, i + 1), cfg.eval_prompts)
         ood["scale"].append(s)
-        ood["trained"].append(float(_query_loss(jax.vmap(trained)(batch.inputs), batch.targets)))
-        ood["gd"].append(float(_query_loss(jax.vmap(gd1)(batch.inputs), batch.targets)))
+        ood["trained"].append(float(query_mse(jax.vmap(trained)(batch.inputs), batch.targets)))
+        ood["gd"].append(float(query_mse(jax.vmap(gd1)(batch.inputs), batch.targets)))
         ood["theory"].append(gd_one_step_loss(scaled, eta))
         sensitivity = equivalence_metrics(trained, gd1, batch.inputs)
         ood["query_cos"].append(float(sensitivity["query_cos"]))

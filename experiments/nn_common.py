@@ -14,11 +14,8 @@ from tqdm.auto import tqdm
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
-from jaxicl.train import NonFiniteLossError
+from jaxicl.train import NonFiniteLossError, data_key, eval_key
 from jaxicl.train.metrics import MetricsWriter
-
-EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts (never used for training batches)
-DATA_STREAM = 0xDA7A
 
 
 def stack(trees: list) -> object:
@@ -28,7 +25,7 @@ def stack(trees: list) -> object:
 
 def member_keys(seeds: tuple[int, ...]) -> jax.Array:
     """[M] data keys, one per seed."""
-    return jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds])
+    return jax.vmap(data_key)(jnp.asarray(seeds))
 
 
 def train_members(graphdef: nnx.GraphDef, params, keys: jax.Array, task: nn_task.NearestNeighbor, *, steps: int,
@@ -82,7 +79,7 @@ def train_members(graphdef: nnx.GraphDef, params, keys: jax.Array, task: nn_task
 
 def eval_batches(task: nn_task.NearestNeighbor, seed: int, num: int):
     """(uniform, shifted) evaluation batches of `num` prompts from the evaluation stream."""
-    key = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+    key = eval_key(seed)
     return tuple(sample_batch(nn_task.sample, dataclasses.replace(task, n_prompts=0, distribution=dist),
                               jax.random.fold_in(key, i), num, axis=None)
                  for i, dist in enumerate(("uniform", "shifted")))

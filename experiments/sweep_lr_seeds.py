@@ -28,12 +28,11 @@ from jaxicl.models import SelfAttention, predictor
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import optimal_gd_lr
-from jaxicl.train import TrainConfig, regression_loss
+from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss
 from jaxicl.train.sweep import train_sweep
 from jaxicl.train.sweep_spec import Axis, grid
 from jaxicl.validation import check_positive
 
-EVAL_STREAM = gd_equivalence.EVAL_STREAM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +79,6 @@ PRESETS = {
 }
 
 
-def _query_mse(pred: jax.Array, targets: jax.Array) -> jax.Array:
-    return jnp.mean((pred[..., -1] - targets[..., -1]) ** 2, axis=-1)
-
-
 def _attention_init(dim: int, num_layers: int = 1):
     """init(key, *, init_scale) -> params of the linear self-attention model of `dim` channels."""
 
@@ -101,15 +96,14 @@ def run_gd_sweep(cfg: gd_equivalence.Config, axes: tuple[Axis, ...], out_dir: st
     """
     task = cfg.task
     eta = optimal_gd_lr(task)
-    eval_key = jax.random.fold_in(jax.random.key(cfg.train.seed), EVAL_STREAM)
-    batch = sample_batch(lr_task.sample, task, eval_key, cfg.eval_prompts)
+    batch = sample_batch(lr_task.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts)
     gd_pred = jax.vmap(gradient_descent(task, steps=1, lr=eta))(batch.inputs)
-    gd_loss = float(_query_mse(gd_pred, batch.targets))
+    gd_loss = float(query_mse(gd_pred, batch.targets))
     init, graphdef = _attention_init(task.dim + 1)
 
     def evaluate(params):
         pred = jax.vmap(predictor(graphdef, params))(batch.inputs)
-        return {"loss": _query_mse(pred, batch.targets), "pred_diff": jnp.mean((pred[:, -1] - gd_pred[:, -1]) ** 2)}
+        return {"loss": query_mse(pred, batch.targets), "pred_diff": jnp.mean((pred[:, -1] - gd_pred[:, -1]) ** 2)}
 
     members = grid(axes)
     if "init_scale" not in members[0]:
@@ -187,14 +181,14 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
                          out_dir=sweep_dir, chunk_size=cfg.chunk_size or None, run_config={"experiment": "diversity"},
                          desc="task diversity")
     write_sweep_report(sweep_dir)
-    key = jax.random.fold_in(jax.random.key(cfg.diversity_train.seed), EVAL_STREAM)
+    key = eval_key(cfg.diversity_train.seed)
     fresh = sample_batch(lr_task.sample, dataclasses.replace(task, n_tasks=0), key, cfg.eval_prompts)
-    model = jax.jit(jax.vmap(lambda p: _query_mse(jax.vmap(predictor(graphdef, p))(fresh.inputs), fresh.targets)))
+    model = jax.jit(jax.vmap(lambda p: query_mse(jax.vmap(predictor(graphdef, p))(fresh.inputs), fresh.targets)))
     losses = np.asarray(model(result.params))
     lam = task.noise_std**2 / task.w_scale**2
-    ridge_loss = float(_query_mse(jax.vmap(ridge(task, lam))(fresh.inputs), fresh.targets))
+    ridge_loss = float(query_mse(jax.vmap(ridge(task, lam))(fresh.inputs), fresh.targets))
     pools = sorted(set(cfg.n_tasks))
-    dmmse_loss = {k: ridge_loss if k == 0 else float(_query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
+    dmmse_loss = {k: ridge_loss if k == 0 else float(query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
         fresh.inputs), fresh.targets)) for k in pools}
     by_pool = {k: losses[[i for i, m in enumerate(members) if m["task.n_tasks"] == k and i not in result.diverged]]
                for k in pools}

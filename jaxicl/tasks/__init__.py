@@ -1,5 +1,5 @@
 """Task families: each module has a frozen config dataclass and `sample(cfg, key) -> Prompt`."""
 
-from jaxicl.tasks.batching import check_divisible, sample_batch
+from jaxicl.tasks.batching import check_divisible, fixed_set_key, sample_batch
 
-__all__ = ["sample_batch", "check_divisible"]
+__all__ = ["check_divisible", "fixed_set_key", "sample_batch"]

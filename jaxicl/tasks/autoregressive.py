@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxicl.prompt import Prompt
+from jaxicl.tasks.batching import fixed_set_key
 from jaxicl.validation import ConfigError, check_choice, check_positive
 
 FAMILIES = ("unitary", "orthogonal", "haar", "complex_1d")
@@ -182,8 +183,7 @@ def sample(cfg: Autoregressive, key: jax.Array) -> Prompt:
     info: states [T + 1, dim], W [dim, dim], angles, s0 [dim].
     """
     if cfg.n_sequences:
-        index = jax.random.randint(key, (), 0, cfg.n_sequences)
-        key = jax.random.fold_in(jax.random.key(cfg.pool_seed), index)
+        key = fixed_set_key(key, cfg.n_sequences, cfg.pool_seed)
     s, info = states(cfg, key)
     return Prompt(inputs=encode(cfg, s[:-1]), targets=s[1:], mask=jnp.ones((cfg.seq_len,)),
                   info={"states": s, **info})

@@ -31,6 +31,15 @@ def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:
             f"'{axis}'; use a multiple of {n}")
 
 
+def fixed_set_key(key: jax.Array, size: int, seed: int) -> jax.Array:
+    """The key of a prompt drawn uniformly (by `key`) from a fixed set of `size` prompts.
+
+    Prompt i of the set is always sampled from fold_in(key(seed), i), so a task trained on a
+    finite dataset regenerates it on device instead of storing it.
+    """
+    return jax.random.fold_in(jax.random.key(seed), jax.random.randint(key, (), 0, size))
+
+
 @partial(jax.jit, static_argnames=("sample", "cfg", "batch_size", "axis"))
 def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: str | None = DATA_AXIS,
                  task_params: dict | None = None) -> Prompt:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.prompt import Prompt
+from jaxicl.tasks.batching import fixed_set_key
 from jaxicl.validation import check_choice, check_positive, check_range
 
 DISTRIBUTIONS = ("uniform", "shifted")
@@ -113,8 +114,7 @@ def sample(cfg: NearestNeighbor, key: jax.Array) -> Prompt:
     nearest [] int (i*), copied [] int (the copied point for "shifted", else -1).
     """
     if cfg.n_prompts:
-        index = jax.random.randint(key, (), 0, cfg.n_prompts)
-        key = jax.random.fold_in(jax.random.key(cfg.pool_seed), index)
+        key = fixed_set_key(key, cfg.n_prompts, cfg.pool_seed)
     n, d = cfg.n_context, cfg.dim
     k_x, k_y, k_i = jax.random.split(key, 3)
     x = uniform_sphere(k_x, (n + 1,), d)

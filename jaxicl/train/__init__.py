@@ -2,13 +2,14 @@
 
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.loop import NonFiniteLossError, TrainResult, TrainState, train
-from jaxicl.train.losses import masked_mse, regression_loss
+from jaxicl.train.loop import NonFiniteLossError, TrainResult, TrainState, data_key, eval_key, train
+from jaxicl.train.losses import masked_mse, query_mse, regression_loss
 from jaxicl.train.mesh import data_mesh, replicated
 from jaxicl.train.metrics import read_metrics
 from jaxicl.train.sweep import SweepResult, estimate_memory, sweep_mesh, train_sweep
 from jaxicl.train.sweep_spec import Axis, grid, parse_axes
 
 __all__ = ["Axis", "CheckpointStore", "NonFiniteLossError", "SweepResult", "TrainConfig", "TrainResult", "TrainState",
-           "data_mesh", "estimate_memory", "grid", "masked_mse", "parse_axes", "read_metrics", "regression_loss",
+           "data_key", "data_mesh", "estimate_memory", "eval_key", "grid", "masked_mse", "parse_axes", "query_mse",
+           "read_metrics", "regression_loss",
            "replicated", "sweep_mesh", "train", "train_sweep"]

@@ -31,6 +31,7 @@ from jaxicl.validation import ConfigError, check_positive
 
 LossFn = Callable[[object, Prompt], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
 DATA_STREAM = 0xDA7A  # folded into the seed for the data key, so data and init keys differ
+EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts, never used for training batches
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +70,11 @@ def run_steps(state: TrainState, *, n: int, loss_fn: LossFn, sample: Sampler, ta
 def data_key(seed) -> jax.Array:
     """The base key of a run's training batches (seed may be traced, e.g. per sweep member)."""
     return jax.random.fold_in(jax.random.key(seed), DATA_STREAM)
+
+
+def eval_key(seed) -> jax.Array:
+    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key)."""
+    return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
 
 
 def init_state(params, cfg: TrainConfig, tx: optax.GradientTransformation) -> TrainState:

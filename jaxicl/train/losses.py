@@ -14,6 +14,11 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.mean(per_prompt)
 
 
+def query_mse(pred: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean squared error at the final (query) position: pred, targets [..., B, T] -> [...]."""
+    return jnp.mean((pred[..., -1] - targets[..., -1]) ** 2, axis=-1)
+
+
 def regression_loss(graphdef: nnx.GraphDef):
     """Squared error of the model's label_prediction on the masked positions of a Prompt batch."""
 
