@@ -9,9 +9,10 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
+from experiments.gd_sweep import gd_sweep_checks, run_gd_sweep
 from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent
-from jaxicl.models import SelfAttention, label_prediction, predictor
+from jaxicl.models import SelfAttention, predictor
 from jaxicl.models.pq_view import to_pq
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
@@ -119,9 +120,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 
 def run_sweep(cfg: Config, axes, out_dir: str) -> Outcome:
     """`--sweep`: this model trained for every member of the grid `axes` in one vmapped program."""
-    from experiments.sweep_lr_seeds import gd_sweep_checks, run_gd_sweep
-
-    table, _, figures = run_gd_sweep(cfg, axes, out_dir)
+    table, figures = run_gd_sweep(cfg, axes, out_dir)
     return Outcome(gd_sweep_checks(table, cfg.loss_tolerance), [f for f in figures if f.endswith(".png")])
 
 

@@ -23,6 +23,7 @@ EXPERIMENTS = {
     "nn_fig3_training": "experiments.nn_fig3_training",
     "nn_random_init": "experiments.nn_random_init",
     "sweep_lr_seeds": "experiments.sweep_lr_seeds",
+    "sweep_context_length": "experiments.sweep_context_length",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

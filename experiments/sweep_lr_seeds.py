@@ -15,24 +15,21 @@ task per prompt) and plots its loss on fresh tasks against the pool size next to
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below
-from experiments.common.sweep_report import aggregate, final_table, plot_vs_axis, write_sweep_report
-from jaxicl.baselines import dmmse, gradient_descent, ridge
-from jaxicl.models import SelfAttention, predictor
+from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
+from experiments.gd_sweep import attention_init, gd_sweep_checks, run_gd_sweep
+from jaxicl.baselines import dmmse, ridge
+from jaxicl.models import predictor
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
-from jaxicl.theory.gd_equivalence import optimal_gd_lr
 from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss
 from jaxicl.train.sweep import train_sweep
 from jaxicl.train.sweep_spec import Axis, grid
 from jaxicl.validation import check_positive
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,67 +76,18 @@ PRESETS = {
 }
 
 
-def _attention_init(dim: int, num_layers: int = 1):
-    """init(key, *, init_scale) -> params of the linear self-attention model of `dim` channels."""
-
-    def init(key, *, init_scale):
-        return nnx.split(SelfAttention(dim, num_layers=num_layers, kind="linear", residual=True,
-                                       init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
-
-    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0)))
-
-
-def run_gd_sweep(cfg: gd_equivalence.Config, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0):
-    """Trains the gd_equivalence model for every member of the grid `axes`; returns (table, GD-1 loss, figures).
-
-    table: one row per member with its values, final eval `loss` and `rel_gap` = L / L_GD1 - 1.
-    """
-    task = cfg.task
-    eta = optimal_gd_lr(task)
-    batch = sample_batch(lr_task.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts)
-    gd_pred = jax.vmap(gradient_descent(task, steps=1, lr=eta))(batch.inputs)
-    gd_loss = float(query_mse(gd_pred, batch.targets))
-    init, graphdef = _attention_init(task.dim + 1)
-
-    def evaluate(params):
-        pred = jax.vmap(predictor(graphdef, params))(batch.inputs)
-        return {"loss": query_mse(pred, batch.targets), "pred_diff": jnp.mean((pred[:, -1] - gd_pred[:, -1]) ** 2)}
-
-    members = grid(axes)
-    if "init_scale" not in members[0]:
-        members = [m | {"init_scale": cfg.init_scale} for m in members]
-    train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.train, init, members, out_dir=out_dir,
-                chunk_size=chunk_size or None, evaluate=evaluate, eval_every=cfg.eval_every,
-                run_config={"experiment": "gd_sweep"}, desc="gd sweep")
-    figures = write_sweep_report(out_dir)
-    _, table = final_table(out_dir)
-    for row in table:
-        row["rel_gap"] = None if row.get("loss") is None else row["loss"] / gd_loss - 1
-    return table, gd_loss, figures
-
-
-def gd_sweep_checks(table: list[dict], tolerance: float) -> list[Check]:
-    """Checks of a GD-1 sweep: some member matches GD-1, and no member diverged."""
-    gaps = [abs(r["rel_gap"]) for r in table if r["diverged_at"] is None and r["rel_gap"] is not None]
-    diverged = [r["member"] for r in table if r["diverged_at"] is not None]
-    return [check_below("best_member_rel_gap_to_gd1", min(gaps) if gaps else float("inf"), tolerance,
-                        f"min over {len(gaps)} finite members of |L / L_GD1 - 1|"),
-            Check("diverged_members", len(diverged), "== 0", not diverged,
-                  f"members frozen at their last finite state: {diverged or 'none'}")]
-
-
 def run_sweep(cfg: Config, axes: tuple[Axis, ...], out_dir: str) -> Outcome:
     """--sweep on this experiment: the axes (on fields of cfg.gd, e.g. gd.train.lr) replace the seed x lr grid."""
     axes = tuple(Axis(a.field.removeprefix("gd."), a.values) for a in axes)
-    table, _, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
+    table, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
     return Outcome(gd_sweep_checks(table, cfg.match_tolerance), [f"gd_sweep/{f}" for f in figures if f.endswith(".png")])
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     axes = (Axis("train.seed", tuple(range(cfg.seeds))), Axis("train.lr", tuple(cfg.lrs)))
-    table, gd_loss, _ = run_gd_sweep(cfg.gd, axes, f"{out_dir}/lr_seeds", cfg.chunk_size)
+    table, _ = run_gd_sweep(cfg.gd, axes, f"{out_dir}/lr_seeds", cfg.chunk_size)
     matched = _matched_lrs(table, cfg.match_tolerance)
-    figures = [_plot_lr(table, gd_loss, matched, cfg.match_tolerance, out_dir)]
+    figures = [_plot_lr(table, table[0]["gd1_loss"], matched, cfg.match_tolerance, out_dir)]
     checks = gd_sweep_checks(table, cfg.match_tolerance)
     checks.append(Check("lrs_where_all_seeds_match_gd1", len(matched), ">= 1", bool(matched),
                         f"learning rates {matched} (tolerance {cfg.match_tolerance})"))
@@ -174,7 +122,7 @@ def _plot_lr(table: list[dict], gd_loss: float, matched: list[float], tolerance:
 
 def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], str]:
     task = cfg.diversity_task
-    init, graphdef = _attention_init(task.dim + 1, cfg.diversity_layers)
+    init, graphdef = attention_init(task.dim + 1, cfg.diversity_layers)
     members = grid((Axis("train.seed", tuple(range(cfg.diversity_seeds))), Axis("task.n_tasks", tuple(cfg.n_tasks))))
     members = [m | {"init_scale": cfg.diversity_init_scale} for m in members]
     result = train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.diversity_train, init, members,

@@ -45,3 +45,15 @@ def test_least_squares_recovers_w_once_the_prefix_has_dim_points(x64):
     b = sample_batch(lr.sample, cfg, jax.random.key(1), 8)
     preds = jax.vmap(least_squares(cfg))(b.inputs)
     np.testing.assert_allclose(preds[:, 4:], b.targets[:, 4:], rtol=1e-8, atol=1e-8)
+
+
+def test_gd_on_a_front_padded_prompt_with_the_step_scaled_by_n_over_k_is_gd_on_the_k_pairs(x64):
+    """Zero pairs add nothing to the gradient but count in its 1/n, so GD-k at step lr * n_context / k on
+    a prompt padded to n_context predicts the query as GD-k at step lr on the k real pairs (numpy)."""
+    cfg = lr.LinearRegression(dim=3, n_context=8, noise_std=0.1)
+    k, steps, lr_ = 3, 4, 0.3
+    b = sample_batch(lr.sample, cfg, jax.random.key(1), 5, task_params={"n_context": k})
+    padded = jax.vmap(gradient_descent(cfg, steps=steps, lr=lr_ * cfg.n_context / k))(b.inputs)[:, -1]
+    x, y = np.asarray(b.info["x"]), np.asarray(b.info["y"])
+    expected = [_numpy_gd(x[i, -k - 1:-1], y[i, -k - 1:-1], steps, lr_) @ x[i, -1] for i in range(5)]
+    np.testing.assert_allclose(padded, expected, rtol=1e-10)

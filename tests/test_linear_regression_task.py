@@ -96,3 +96,31 @@ def test_batch_is_born_sharded_over_the_data_axis():
             sample_batch(lr.sample, cfg, jax.random.key(0), 10)
     unsharded = sample_batch(lr.sample, cfg, jax.random.key(0), 16)
     np.testing.assert_array_equal(b.inputs, unsharded.inputs)
+
+
+@pytest.mark.parametrize("fmt", ["paired", "interleaved"])
+def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_the_rest(fmt):
+    cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.2, format=fmt, loss_on="all")
+    key = jax.random.key(8)
+    full = lr.sample(cfg, key)
+    same = lr.sample(cfg, key, n_context=jnp.int32(6))  # a traced k equal to the field: the plain prompt
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(same), strict=True):
+        np.testing.assert_array_equal(a, b)
+    k, pad = 2, 6 - 2
+    short = lr.sample(cfg, key, n_context=k)
+    np.testing.assert_array_equal(short.info["x"][:pad], 0.0)
+    np.testing.assert_array_equal(short.info["y"][:pad], 0.0)
+    np.testing.assert_array_equal(short.info["x"][pad:], full.info["x"][pad:])
+    np.testing.assert_array_equal(short.info["y"][pad:], full.info["y"][pad:])
+    first_real = pad * (1 if fmt == "paired" else 2)  # token index of the first real pair
+    np.testing.assert_array_equal(short.inputs[:first_real], 0.0)
+    np.testing.assert_array_equal(short.inputs[first_real:], full.inputs[first_real:])
+    np.testing.assert_array_equal(short.mask, full.mask * (np.arange(cfg.seq_len) >= first_real))
+    assert short.mask.sum() == k + 1
+
+
+def test_batched_context_lengths_may_differ_per_prompt_group():
+    cfg = lr.LinearRegression(dim=2, n_context=5, loss_on="all")
+    b = jax.vmap(lambda k: sample_batch(lr.sample, cfg, jax.random.key(0), 8, task_params={"n_context": k}))(
+        jnp.array([1, 3, 5]))
+    np.testing.assert_array_equal(b.mask.sum(-1), [[2] * 8, [4] * 8, [6] * 8])

@@ -116,3 +116,24 @@ def test_bad_model_options_name_the_field():
         SelfAttention(3, mask="diagonal", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_heads"):
         SelfAttention(3, num_heads=0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("mask,fmt", [("none", "paired"), ("causal", "paired"), ("causal", "interleaved")])
+def test_linear_attention_on_a_front_padded_prompt_is_the_short_prompt_model_with_wo_scaled(x64, mask, fmt):
+    """Padding to n_context leaves every real position of the k-context model unchanged once each
+    layer's wo is scaled by n_context / k (the 1 / (T - 1) normalisation counts the padding)."""
+    from jaxicl.tasks import linear_regression as lr
+
+    cfg = lr.LinearRegression(dim=3, n_context=7, format=fmt, loss_on="all")
+    k = 3
+    padded = lr.sample(cfg, jax.random.key(2), n_context=k).inputs.astype(jnp.float64)
+    tokens_per_pair = 1 if fmt == "paired" else 2
+    short = padded[tokens_per_pair * (cfg.n_context - k):]  # the k-context prompt itself
+    model = SelfAttention(4, num_layers=2, num_heads=2, mask=mask, init_scale=0.4, rngs=nnx.Rngs(3))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    scaled = nnx.clone(model)
+    for layer in scaled.layers:
+        layer.wo[...] = layer.wo[...] * cfg.n_context / k
+    out_padded = scaled(padded)
+    np.testing.assert_allclose(out_padded[len(padded) - len(short):], model(short), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(out_padded[:len(padded) - len(short)], 0.0)  # padding stays zero

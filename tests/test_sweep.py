@@ -1,6 +1,7 @@
 """Vmapped sweeps: the same numbers as members trained alone, on any mesh, chunked or not, resumed or not."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, regression_loss, train
 from jaxicl.train.sweep import estimate_memory, split_fields, sweep_mesh, train_sweep
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
@@ -121,6 +123,32 @@ def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unc
         _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
 
 
+def test_a_context_length_axis_pads_each_member_and_evaluates_it_at_its_own_length():
+    """Members with k < n_context context pairs train on front-padded prompts with a loss mask: each equals a
+    run of the padded sampler alone, and evaluate receives the member's n_context."""
+    task = dataclasses.replace(TASK, loss_on="all")
+    members = [{"task.n_context": k} for k in (2, 5, 4)]
+
+    def evaluate(params, *, n_context):
+        batch = lr_batch(task, n_context)
+        return {"loss": LOSS(params, batch)[0], "real_pairs": batch.mask.sum() / batch.mask.shape[0]}
+
+    swept = train_sweep(LOSS, lr.sample, task, _cfg(), init, members, evaluate=evaluate, progress=False)
+    for i, m in enumerate(members):
+        k = m["task.n_context"]
+        alone = train(LOSS, functools.partial(lr.sample, n_context=k), task, _cfg(), init(jax.random.key(0)),
+                      progress=False)
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+        final = [r for r in swept.eval_rows if r["member"] == i][-1]
+        assert final["real_pairs"] == k + 1  # k context pairs and the query carry loss weight
+        np.testing.assert_allclose(final["loss"], LOSS(alone.state.params, lr_batch(task, k))[0], rtol=2e-4)
+
+
+def lr_batch(task, n_context):
+    return sample_batch(lr.sample, task, jax.random.key(9), 64, task_params={"n_context": n_context})
+
+
 def _rows(result):
     return sorted(result.train_rows + result.eval_rows, key=lambda r: (r["member"], r["split"], r["step"]))
 
@@ -153,8 +181,8 @@ def optax_norm(params):
 @pytest.mark.parametrize("path,match", [
     ("train.batch_size", r"train\.batch_size cannot be swept.*sweepable train fields: \('seed', 'lr'"),
     ("train.optimizer", "train.optimizer cannot be swept"),
-    ("task.dim", r"task\.dim cannot be swept.*sweepable task fields: \('noise_std', 'n_tasks'\)"),
-    ("task.n_context", "task.n_context cannot be swept"),
+    ("task.dim", r"task\.dim cannot be swept.*sweepable task fields: \('noise_std', 'n_tasks', 'n_context'\)"),
+    ("task.format", "task.format cannot be swept"),
     ("num_heads", r"num_heads cannot be swept.*keyword of init \('init_scale',\)")])
 def test_unsweepable_fields_are_named_with_the_allowed_ones(path, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,4 +1,4 @@
-"""The --sweep command line and sweep-report, and the sweep_lr_seeds smoke run."""
+"""The --sweep command line and sweep-report, and the sweep_lr_seeds and sweep_context_length smoke runs."""
 
 import json
 import math
@@ -58,3 +58,11 @@ def test_sweep_lr_seeds_smoke_computes_every_check(tmp_path):
         assert isinstance(c["value"], (int, float)) and math.isfinite(c["value"]), c
     for fig in result["figures"]:
         assert os.path.getsize(os.path.join(tmp_path, "sweep_lr_seeds", fig)) > 10_000
+
+
+def test_sweep_context_length_smoke_matches_gd1_at_every_context_length(tmp_path):
+    result = run_experiment("sweep_context_length", "smoke", str(tmp_path))
+    checks = {c["name"]: c for c in result["checks"]}
+    assert all(c["passed"] for c in checks.values()), checks
+    with open(os.path.join(tmp_path, "sweep_context_length", "context_length", "sweep.json")) as f:
+        assert [m["task.n_context"] for m in json.load(f)["members"]] == [2, 6]

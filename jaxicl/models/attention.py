@@ -4,7 +4,10 @@ Layer l maps tokens e [T, D] to e + sum_h attn_h(e) (or to sum_h attn_h(e) witho
 residual), with per-head projections wq, wk, wv [H, D, K] and wo [H, K, D]:
   linear:  attn_h(e) = (mask * (e wq)(e wk)^T / (T - 1)) (e wv) wo   (von Oswald et al. 2023)
   softmax: attn_h(e) = softmax_masked((e wq)(e wk)^T / sqrt(K)) (e wv) wo
-The linear form divides by T - 1, the number of context tokens of a prompt with one query.
+The linear form divides by T - 1, the number of context tokens of a prompt with one query. Zero
+tokens (front padding of a shorter prompt) add nothing to its sums and stay zero through the
+layers, so on a prompt padded from k + 1 to T tokens it equals the unpadded model with every wo
+scaled by k / (T - 1) (jaxicl.tasks.linear_regression, context-length sweeps).
 
 Masks: "none" (every token sees every token), "causal" (token j sees tokens <= j), "context"
 (every token sees tokens 0..T-2, i.e. all but the final query token).

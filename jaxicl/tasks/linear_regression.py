@@ -7,6 +7,13 @@ Token formats (D = dim + 1 channels, the last channel holds labels):
                  [x_q; 0]; T = 2 n_context + 1 and pair j is predicted at position 2j.
 The prediction at pair j's position may use only pairs < j (a causal model or, for the query,
 any model). `loss_on="query"` trains on the query only, `"all"` on every pair.
+
+Shorter contexts in the same shape (sweeps over context length): `sample(..., n_context=k)` keeps
+the last k context pairs and the query of a full prompt and zeroes the first n_context - k pairs
+(front padding, loss mask 0). A zero token adds nothing to a linear-attention sum and stays zero
+through linear-attention layers, so on a padded prompt a linear SelfAttention whose layers divide
+by T - 1 = n_context gives, at every real position, the k-context model with every wo scaled by
+k / n_context (see `SelfAttention`). Softmax attention does give padding weight.
 """
 
 import dataclasses
@@ -99,12 +106,14 @@ def task_vector(cfg: LinearRegression, key: jax.Array, n_tasks=None) -> jax.Arra
     return jnp.where(n_tasks == 0, fresh(), pooled)
 
 
-def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=None) -> Prompt:
+def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=None, n_context=None) -> Prompt:
     """One prompt: inputs [seq_len, dim + 1], targets [seq_len], mask [seq_len].
 
     info: w [dim], x [n_context + 1, dim] (query last), y [n_context + 1] (noisy labels).
-    The keywords are the sweepable fields: (possibly traced) values replacing cfg.noise_std and
-    cfg.n_tasks. Every other field changes shapes or the sampling code and is fixed across a sweep.
+    The keywords are the sweepable fields: (possibly traced) values replacing cfg.noise_std,
+    cfg.n_tasks and cfg.n_context; n_context <= cfg.n_context real context pairs are kept at the
+    end and the others zeroed (x, y, mask and info alike; see the module docstring). Every other
+    field changes shapes or the sampling code and is fixed across a sweep.
     """
     noise_std = cfg.noise_std if noise_std is None else noise_std
     k_w, k_x, k_n = jax.random.split(key, 3)
@@ -112,8 +121,12 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     w = task_vector(cfg, k_w, n_tasks)
     x = jax.random.normal(k_x, (n, d)) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.float32))
     y = x @ w + noise_std * jax.random.normal(k_n, (n,))
+    weights = _loss_weights(cfg)
+    if n_context is not None:
+        real = jnp.arange(n) >= cfg.n_context - n_context  # [n]: the padding first, the query always real
+        x, y, weights = x * real[:, None], y * real, weights * real
     return Prompt(inputs=encode(cfg, x, y), targets=at_positions(cfg, y),
-                  mask=at_positions(cfg, _loss_weights(cfg)), info={"w": w, "x": x, "y": y})
+                  mask=at_positions(cfg, weights), info={"w": w, "x": x, "y": y})
 
 
 def encode(cfg: LinearRegression, x: jax.Array, y: jax.Array) -> jax.Array:

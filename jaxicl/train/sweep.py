@@ -8,13 +8,18 @@ mesh (members x data), each member's batch over "data". A member's values enter 
   train.lr / weight_decay /         per-member optimiser hyperparameters in the optimiser state
     warmup_steps                    (optax.inject_hyperparams; schedules are lr * unit schedule)
   task.<f>                          keyword f of the sampler, as an array (linear_regression:
-                                    noise_std, n_tasks); the base task config holds each swept
-                                    field's largest value (e.g. the pool size)
+                                    noise_std, n_tasks, n_context); the base task config holds each
+                                    swept field's largest value (the pool size, the context length)
   <f> (no prefix)                   keyword f of `init(key, **fields) -> params` (e.g. init_scale)
 
+A context-length axis keeps one shape: prompts have the longest context and a member with fewer
+pairs gets front padding with a loss mask (jaxicl.tasks.linear_regression). Linear attention
+ignores the padding up to a scale its weights absorb; softmax attention does not ignore it.
+`evaluate` receives, as keywords, the swept task fields it declares (e.g. n_context, to evaluate
+each member at its own context length).
+
 Not sweepable: fields that change shapes or code paths (train.steps, batch_size, optimizer,
-schedule; task.dim, n_context, format; model sizes). Context length would need padding with a
-loss mask, which attention models do not ignore exactly, so it is not offered.
+schedule; task.dim, format; model sizes).
 
 A member whose loss or updated parameters become non-finite is frozen at its last finite state:
 its update and step counter are held, so its step records where it diverged (and a resumed run
@@ -121,7 +126,7 @@ class _Program:
 
     make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
     run_chunk: Callable  # (states, task params, n) -> (states, metrics [C, n]); donates states
-    eval_chunk: Callable | None
+    eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
     arrays: dict
 
     def inputs(self, idx: np.ndarray, sharding: NamedSharding) -> dict:
@@ -169,10 +174,14 @@ def _program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init:
 
         return jax.lax.scan(body, state, length=n)
 
+    def member_eval(params, task_params):
+        return evaluate(params, **{n: v for n, v in task_params.items() if n in eval_task_fields})
+
+    eval_task_fields = set(_keywords(evaluate)) if evaluate else set()
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return _Program(vmap(new_state),  # eager: compiling it costs more than running it once
                     jax.jit(vmap(member_steps, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0),
-                    jax.jit(vmap(evaluate)) if evaluate else None, arrays)
+                    jax.jit(vmap(member_eval)) if evaluate else None, arrays)
 
 
 def _default_mesh(n_members: int) -> jax.sharding.Mesh:
@@ -198,7 +207,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly. chunk_size bounds the
     members trained at once; memory_budget (bytes per device) chooses it from the compiled program's memory
     (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU, TPU),
-    else all at once. evaluate(params) -> {name: scalar} is vmapped.
+    else all at once. evaluate(params, **swept task fields it declares) -> {name: scalar} is vmapped.
     The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_positive("eval_every", eval_every, allow_zero=True)
@@ -269,7 +278,7 @@ def _train_chunk(prog: _Program, cfg: TrainConfig, members: list[dict], idx: np.
 
     def log_eval(step):
         log("eval", [step], {n: np.asarray(v)[:len(idx), None]
-                             for n, v in jax.device_get(prog.eval_chunk(state.params)).items()})
+                             for n, v in jax.device_get(prog.eval_chunk(state.params, a["task"])).items()})
 
     if prog.eval_chunk and start == 0:
         log_eval(0)

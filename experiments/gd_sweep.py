@@ -1,0 +1,88 @@
+"""Sweeps of the gd_equivalence model (one linear self-attention layer), each member scored against GD-1.
+
+Used by `gd_equivalence --sweep`, `sweep_lr_seeds` and `sweep_context_length`. The grid may include
+task.n_context: members with fewer context pairs train and are evaluated on front-padded prompts
+(jaxicl.tasks.linear_regression), and each member's reference is GD-1 at its own context length k
+with its own optimal step eta*(k).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments.common.result import Check, check_below
+from experiments.common.sweep_report import final_table, write_sweep_report
+from jaxicl.baselines import gradient_descent
+from jaxicl.models import SelfAttention, predictor
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import optimal_gd_lr
+from jaxicl.train import eval_key, query_mse, regression_loss
+from jaxicl.train.sweep import train_sweep
+from jaxicl.train.sweep_spec import Axis, grid
+
+CONTEXT_FIELD = "task.n_context"
+
+
+def attention_init(dim: int, num_layers: int = 1):
+    """(init(key, *, init_scale) -> params, graphdef) of the linear self-attention model of `dim` channels."""
+
+    def init(key, *, init_scale):
+        return nnx.split(SelfAttention(dim, num_layers=num_layers, kind="linear", residual=True,
+                                       init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
+
+    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0)))
+
+
+def padded_gd_lrs(task: lr_task.LinearRegression, lengths: list[int]) -> jax.Array:
+    """[len(lengths)] step sizes of GD-1 on prompts padded to task.n_context that equal GD-1 at eta*(k) on k pairs.
+
+    GD-1 divides by the pairs it sees, padding included, so the step is eta*(k) * n_context / k.
+    """
+    return jnp.array([optimal_gd_lr(dataclasses.replace(task, n_context=k)) * task.n_context / k for k in lengths])
+
+
+def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0) -> tuple[list[dict], list[str]]:
+    """Trains the gd_equivalence model (cfg: gd_equivalence.Config) for every member of the grid `axes`.
+
+    Returns (table, report files written in out_dir); the table has one row per member with its values, final eval `loss`, `gd1_loss` (GD-1 at eta*(k) on the same
+    prompts, k its context length), `pred_diff` (mean squared prediction gap to GD-1) and
+    `rel_gap` = loss / gd1_loss - 1.
+    """
+    members = grid(axes)
+    if "init_scale" not in members[0]:
+        members = [m | {"init_scale": cfg.init_scale} for m in members]
+    lengths = sorted({m.get(CONTEXT_FIELD, cfg.task.n_context) for m in members})
+    task = dataclasses.replace(cfg.task, n_context=max(lengths))  # the sweep's shape: the longest context
+    gd_lrs, known = padded_gd_lrs(task, lengths), jnp.array(lengths)
+    key = eval_key(cfg.train.seed)
+    init, graphdef = attention_init(task.dim + 1)
+
+    def evaluate(params, n_context=task.n_context):
+        batch = sample_batch(lr_task.sample, task, key, cfg.eval_prompts, task_params={"n_context": n_context})
+        gd_lr = jnp.sum(jnp.where(known == n_context, gd_lrs, 0.0))  # a lookup (searchsorted fails under the sweep's vmap)
+        gd_pred = jax.vmap(gradient_descent(task, steps=1, lr=gd_lr))(batch.inputs)
+        pred = jax.vmap(predictor(graphdef, params))(batch.inputs)
+        return {"loss": query_mse(pred, batch.targets), "gd1_loss": query_mse(gd_pred, batch.targets),
+                "pred_diff": jnp.mean((pred[:, -1] - gd_pred[:, -1]) ** 2)}
+
+    train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.train, init, members, out_dir=out_dir,
+                chunk_size=chunk_size or None, evaluate=evaluate, eval_every=cfg.eval_every,
+                run_config={"experiment": "gd_sweep"}, desc="gd sweep")
+    files = write_sweep_report(out_dir)
+    _, table = final_table(out_dir)
+    for row in table:
+        row["rel_gap"] = None if row.get("loss") is None else row["loss"] / row["gd1_loss"] - 1
+    return table, files
+
+
+def gd_sweep_checks(table: list[dict], tolerance: float) -> list[Check]:
+    """Checks of a GD-1 sweep: some member matches GD-1, and no member diverged."""
+    gaps = [abs(r["rel_gap"]) for r in table if r["diverged_at"] is None and r["rel_gap"] is not None]
+    diverged = [r["member"] for r in table if r["diverged_at"] is not None]
+    return [check_below("best_member_rel_gap_to_gd1", min(gaps) if gaps else float("inf"), tolerance,
+                        f"min over {len(gaps)} finite members of |L / L_GD1 - 1|"),
+            Check("diverged_members", len(diverged), "== 0", not diverged,
+                  f"members frozen at their last finite state: {diverged or 'none'}")]

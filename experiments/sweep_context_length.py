@@ -1,0 +1,117 @@
+"""GD-1 at every context length: the gd_equivalence model swept over n_context in one vmapped program.
+
+Members (seeds x context lengths k) share one prompt shape, the longest context N: a member with k < N
+context pairs trains and is evaluated on prompts with N - k zero pairs in front and no loss on them. One
+linear self-attention layer ignores zero tokens up to a factor k / N that its weights absorb, so each
+member should learn GD-1 with the optimal step for its own k (von Oswald et al. 2023): its test loss
+should match GD-1 at eta*(k) = k / (k + d + 1 + sigma^2), whose closed-form loss falls with k.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from experiments import gd_equivalence
+from experiments.common.figures import new_figure, save_figure
+from experiments.common.result import Check, Outcome, check_below
+from experiments.common.sweep_report import aggregate, plot_vs_axis
+from experiments.gd_sweep import CONTEXT_FIELD, gd_sweep_checks, padded_gd_lrs, run_gd_sweep
+from jaxicl.baselines import gradient_descent
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import gd_one_step_loss, optimal_gd_lr
+from jaxicl.train import TrainConfig, eval_key
+from jaxicl.train.sweep_spec import Axis
+from jaxicl.validation import ConfigError, check_positive
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    gd: gd_equivalence.Config = gd_equivalence.Config(task=lr_task.LinearRegression(dim=10, n_context=40))
+    context_lengths: tuple[int, ...] = (5, 10, 20, 40)  # the sweep's prompts have max(context_lengths) pairs
+    seeds: int = 8
+    match_tolerance: float = 0.05  # |L / L_GD1(k) - 1| for every member
+    max_standard_errors: float = 4.0  # GD-1 on padded prompts vs its closed-form loss, in standard errors
+
+    def __post_init__(self):
+        check_positive("seeds", self.seeds)
+        if not self.context_lengths or len(set(self.context_lengths)) != len(self.context_lengths):
+            raise ConfigError(f"context_lengths must be distinct and non-empty, got {self.context_lengths}")
+        for k in self.context_lengths:
+            check_positive("context_lengths[i]", k)
+
+
+def _small(dim: int, lengths: tuple[int, ...], train: TrainConfig, **kw) -> gd_equivalence.Config:
+    return gd_equivalence.Config(task=lr_task.LinearRegression(dim=dim, n_context=max(lengths)), train=train, **kw)
+
+
+PRESETS = {
+    "smoke": Config(gd=_small(3, (2, 6), TrainConfig(steps=800, batch_size=512, lr=3e-3, steps_per_call=200),
+                              eval_every=200, eval_prompts=1024), context_lengths=(2, 6), seeds=1),
+    "quick": Config(gd=_small(4, (2, 4, 8, 16), TrainConfig(steps=2000, batch_size=256, lr=1.25e-2,
+                                                            schedule="warmup_cosine", warmup_steps=100,
+                                                            steps_per_call=250, log_every=10),
+                              eval_every=250, eval_prompts=4096), context_lengths=(2, 4, 8, 16), seeds=2),
+    "full": Config(gd=_small(10, (5, 10, 20, 40), TrainConfig(steps=20000, batch_size=2048, lr=1e-3,
+                                                              schedule="warmup_cosine", warmup_steps=1000,
+                                                              steps_per_call=1000, log_every=100),
+                             eval_every=1000, eval_prompts=10000)),
+}
+
+
+def run(cfg: Config, out_dir: str) -> Outcome:
+    lengths = sorted(cfg.context_lengths)
+    gd = dataclasses.replace(cfg.gd, task=dataclasses.replace(cfg.gd.task, n_context=lengths[-1]))
+    axes = (Axis("train.seed", tuple(range(cfg.seeds))), Axis(CONTEXT_FIELD, tuple(lengths)))
+    table, _ = run_gd_sweep(gd, axes, f"{out_dir}/context_length")
+    theory = {k: gd_one_step_loss(dataclasses.replace(gd.task, n_context=k),
+                                  optimal_gd_lr(dataclasses.replace(gd.task, n_context=k))) for k in lengths}
+    gd_mean, gd_se = _gd1_on_padded_prompts(gd, lengths)
+    finite = [r for r in table if r["diverged_at"] is None]
+    worst = max((abs(r["rel_gap"]) for r in finite), default=float("inf"))
+    z = {k: abs(gd_mean[k] - theory[k]) / gd_se[k] for k in lengths}
+    trained = {k: float(np.mean([r["loss"] for r in finite if r[CONTEXT_FIELD] == k])) for k in lengths}
+    falling = all(trained[a] > trained[b] for a, b in zip(lengths, lengths[1:]))
+    checks = [
+        check_below("worst_member_rel_gap_to_gd1_at_its_k", worst, cfg.match_tolerance,
+                    f"max over {len(finite)} members of |L / L_GD1(k) - 1|, GD-1 at eta*(k) on the same padded prompts"),
+        check_below("gd1_on_padded_prompts_vs_closed_form_in_se", max(z.values()), cfg.max_standard_errors,
+                    "max over k of |mean - closed form| / standard error, GD-1 at eta*(k) n_context/k on prompts "
+                    f"padded to {lengths[-1]}: " + ", ".join(f"k={k}: {gd_mean[k]:.4f} vs {theory[k]:.4f}"
+                                                            for k in lengths)),
+        Check("trained_loss_falls_with_context_length", len(lengths), "strictly decreasing", falling,
+              "mean over seeds: " + ", ".join(f"k={k}: {trained[k]:.4f}" for k in lengths)),
+        gd_sweep_checks(table, cfg.match_tolerance)[1],  # no member diverged
+    ]
+    return Outcome(checks, [_plot(table, theory, gd.task.dim, out_dir)])
+
+
+def _gd1_on_padded_prompts(gd: gd_equivalence.Config, lengths: list[int]) -> tuple[dict, dict]:
+    """Mean query MSE of GD-1 at eta*(k) on the evaluation prompts padded to k, and its standard error, per k."""
+    steps = np.asarray(padded_gd_lrs(gd.task, lengths))
+    mean, se = {}, {}
+    for k, step in zip(lengths, steps):
+        batch = sample_batch(lr_task.sample, gd.task, eval_key(gd.train.seed), gd.eval_prompts,
+                             task_params={"n_context": k})
+        pred = jax.vmap(gradient_descent(gd.task, steps=1, lr=float(step)))(batch.inputs)
+        err = np.asarray(pred[:, -1] - batch.targets[:, -1], np.float64) ** 2
+        mean[k], se[k] = float(err.mean()), float(err.std(ddof=1) / np.sqrt(len(err)))
+    return mean, se
+
+
+def _plot(table: list[dict], theory: dict, dim: int, out_dir: str) -> str:
+    fields = ["train.seed", CONTEXT_FIELD, "init_scale"]
+    agg = aggregate(table, fields)
+    fig, axes = new_figure(size=(5.5, 3.8))
+    ax = axes[0, 0]
+    plot_vs_axis(agg, fields, CONTEXT_FIELD, "loss", ax=ax, label_prefix="trained LSA (padded) ")
+    ks = sorted(theory)
+    ax.plot(ks, [np.mean([r["gd1_loss"] for r in table if r[CONTEXT_FIELD] == k]) for k in ks], "s",
+            color="k", mfc="none", label="GD-1 at eta*(k), same prompts")
+    ax.plot(ks, [theory[k] for k in ks], "k--", lw=1, label="GD-1 at eta*(k), closed form")
+    ax.set(xscale="log", xlabel="context pairs k (prompts padded to the longest)", ylabel="test loss (query MSE)",
+           title=f"one LSA layer, d={dim}: one program for every k")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, "loss_vs_context_length")
