@@ -1,80 +1,69 @@
-"""Shared pieces of the nn_* experiments: vmapped-member training, 1-NN evaluation, log-axis helpers."""
+"""Shared pieces of the nn_* experiments: SGD sweeps logging the invariant family, 1-NN evaluation, log-axis helpers."""
 
 import dataclasses
 from collections.abc import Callable
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
+from experiments.common.result import Check
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
-from jaxicl.train import NonFiniteLossError, data_key, eval_key
-from jaxicl.train.metrics import MetricsWriter
+from jaxicl.theory import nearest_neighbor as theory
+from jaxicl.train import SweepResult, TrainConfig, eval_key
+from jaxicl.train.loop import LossFn
 
 
-def stack(trees: list) -> object:
-    """Stacks a list of identical pytrees along a new leading member axis."""
-    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+def sgd_config(cfg) -> TrainConfig:
+    """Plain SGD, every step logged, from an experiment config's lr, steps, batch_size and steps_per_call."""
+    return TrainConfig(optimizer="sgd", lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size,
+                       steps_per_call=cfg.steps_per_call, log_every=1)
 
 
-def member_keys(seeds: tuple[int, ...]) -> jax.Array:
-    """[M] data keys, one per seed."""
-    return jax.vmap(data_key)(jnp.asarray(seeds))
-
-
-def train_members(graphdef: nnx.GraphDef, params, keys: jax.Array, task: nn_task.NearestNeighbor, *, steps: int,
-                  batch_size: int, lr: float, steps_per_call: int, step_metrics: Callable[[object], dict],
-                  evaluate: Callable[[object], dict], desc: str, writer: MetricsWriter | None = None,
-                  tag: dict | None = None):
-    """Plain SGD (batch sampled on device each step) on members stacked along axis 0 of params and keys [M].
-
-    Every step runs `step_metrics(member params) -> {name: scalar}`; `evaluate` (same signature) runs at
-    step 0 and after every chunk of steps_per_call steps. Returns (params, {name: [steps, M]} with "loss",
-    eval_steps [E], {name: [E, M]}). With a writer, every chunk appends a train row (chunk means, one value per
-    member) and an eval row to metrics.jsonl, each with the fields of `tag`.
-    """
-    tx = optax.sgd(lr)
+def family_loss(graphdef: nnx.GraphDef) -> LossFn:
+    """query_loss(graphdef) with aux {xi1, xi2, off_family} of the merged W [D, D] before the step:
+    its family coordinates and |W - diag(xi1 I, 0, -xi2)|_F / |W|_F."""
     loss_fn = query_loss(graphdef)
 
-    def member_step(p, opt_state, key, step):
-        batch = sample_batch(nn_task.sample, task, jax.random.fold_in(key, step), batch_size, axis=None)
-        metrics = step_metrics(p)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, {"loss": loss, **metrics}
+    def loss_with_family(params, batch):
+        loss, aux = loss_fn(params, batch)
+        model = nnx.merge(graphdef, params)
+        w = model.merged()
+        xi1, xi2 = theory.to_reduced(w, model.dim)
+        return loss, {**aux, "xi1": xi1, "xi2": xi2,
+                      "off_family": theory.off_family_norm(w, model.dim) / jnp.linalg.norm(w)}
 
-    def step(carry, step_index):
-        p, opt_state = carry
-        p, opt_state, metrics = jax.vmap(member_step, in_axes=(0, 0, 0, None))(p, opt_state, keys, step_index)
-        return (p, opt_state), metrics
+    return loss_with_family
 
-    @partial(jax.jit, donate_argnums=0)
-    def chunk(carry, first):
-        return jax.lax.scan(step, carry, first + jnp.arange(steps_per_call))
 
-    run_eval = jax.jit(jax.vmap(evaluate))
-    carry = (jax.tree.map(jnp.copy, params), jax.vmap(tx.init)(params))
-    writer = writer or MetricsWriter(None)
-    per_step, eval_steps, evals = [], [0], [jax.device_get(run_eval(carry[0]))]
-    writer.write([{"step": 0, "split": "eval", **(tag or {}), **evals[0]}])
-    for first in tqdm(range(0, steps, steps_per_call), desc=desc, disable=jax.process_index() != 0):
-        carry, metrics = chunk(carry, first)
-        metrics = jax.device_get(metrics)
-        if not np.all(np.isfinite(metrics["loss"])):
-            raise NonFiniteLossError(f"{desc}: non-finite loss in steps [{first}, {first + steps_per_call})")
-        per_step.append(metrics)
-        eval_steps.append(first + steps_per_call)
-        evals.append(jax.device_get(run_eval(carry[0])))
-        writer.write([{"step": first, "split": "train", **(tag or {}), **{k: v.mean(0) for k, v in metrics.items()}},
-                      {"step": eval_steps[-1], "split": "eval", **(tag or {}), **evals[-1]}])
-    cat = {k: np.concatenate([m[k] for m in per_step]) for k in per_step[0]}
-    return carry[0], cat, np.array(eval_steps), {k: np.stack([e[k] for e in evals]) for k in evals[0]}
+def member_tables(result: SweepResult, steps: int) -> tuple[dict, np.ndarray, dict]:
+    """A sweep's rows as arrays: ({name: [steps, M]} train metrics, eval steps [E], {name: [E, M]} evaluations).
+
+    Entries without a row are NaN: a diverged member's train metrics stop at the step that diverged.
+    """
+    eval_steps = np.unique([r["step"] for r in result.eval_rows])
+    return (_table(result.train_rows, result.members, np.arange(steps)), eval_steps,
+            _table(result.eval_rows, result.members, eval_steps))
+
+
+def _table(rows: list[dict], members: list[dict], steps: np.ndarray) -> dict[str, np.ndarray]:
+    names = [k for k in rows[0] if k not in {"step", "split", "member", *members[0]}]
+    index = {int(s): i for i, s in enumerate(steps)}
+    out = {n: np.full((len(steps), len(members)), np.nan) for n in names}
+    for r in rows:
+        for n in names:
+            out[n][index[r["step"]], r["member"]] = r[n]
+    return out
+
+
+def diverged_check(diverged: dict[str, int]) -> Check:
+    """Passes when no member diverged; diverged maps a member's label to the step its loss became non-finite."""
+    return Check("diverged_members", len(diverged), "== 0", not diverged,
+                 f"members frozen at their last finite state (member: step): {diverged or 'none'}; their train "
+                 f"metrics stop there")
 
 
 def eval_batches(task: nn_task.NearestNeighbor, seed: int, num: int):

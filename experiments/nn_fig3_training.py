@@ -1,9 +1,10 @@
 """Li et al. 2024 Fig. 3: full-matrix GD from diag(0, .., 0, -sigma) learns 1-NN; matches the reduced dynamics.
 
 For each (N, d) in `runs`, the merged W of the one-layer model is trained from the paper's initialisation by
-gradient steps on the query loss, the gradient estimated on fresh prompts sampled on device each step; all seeds
-run together (vmap) inside one scanned, jitted chunk of steps. The full-W trajectory of (xi1, xi2) is compared
-with the closed-form two-parameter dynamics (step eta/d on xi1, eta on xi2; jaxicl.theory.nearest_neighbor).
+gradient steps on the query loss, the gradient estimated on fresh prompts sampled on device each step; the seeds
+are the members of one vmapped sweep (jaxicl.train.sweep) writing N<n>_d<d>/ (metrics, checkpoints; a rerun into
+the same directory resumes). The full-W trajectory of (xi1, xi2) is compared with the closed-form two-parameter
+dynamics (step eta/d on xi1, eta on xi2; jaxicl.theory.nearest_neighbor).
 """
 
 import dataclasses
@@ -16,12 +17,12 @@ from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
-from experiments.nn_common import (eval_batches, log_axes, log_spaced, member_keys, nn_metrics, smooth, stack,
-                                   train_members)
+from experiments.nn_common import (diverged_check, eval_batches, family_loss, log_axes, log_spaced, member_tables,
+                                   nn_metrics, sgd_config, smooth)
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.train.metrics import MetricsWriter
+from jaxicl.train.sweep import train_sweep
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -76,35 +77,36 @@ PRESETS = {
 }
 
 
-def run_one(cfg: Config, n: int, d: int, writer: MetricsWriter | None = None) -> dict:
-    """Trains every seed on (N = n, d); returns per-step metrics, evaluations and the reduced-dynamics path."""
+def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
+    """Trains every seed on (N = n, d) into out_dir; returns per-step metrics, evaluations, diverged members
+    {seed: step} and the reduced-dynamics path."""
     task = nn_task.NearestNeighbor(dim=d, n_context=n, delta=cfg.delta)
     graphdef, params = nnx.split(NearestNeighborAttention(d, sigma=cfg.sigma, rngs=nnx.Rngs(0)))
     uniform, shifted = eval_batches(task, cfg.seeds[0], cfg.eval_prompts)
     metrics = nn_metrics(graphdef, uniform, shifted)
     label_bound = jnp.max(jnp.abs(shifted.info["labels"][..., 0]), axis=-1)
 
-    def step_metrics(p):
-        w = p["w"][...]
-        xi1, xi2 = theory.to_reduced(w, d)
-        return {"xi1": xi1, "xi2": xi2, "off_family": theory.off_family_norm(w, d) / jnp.linalg.norm(w)}
+    def init(key):
+        return params  # the paper's deterministic init; the seeds differ only in their data
 
     def evaluate(p):
         xi1, xi2 = theory.to_reduced(p["w"][...], d)
         bound = theory.theorem2_bound(xi1, xi2, n, cfg.delta, label_bound)
         return {**metrics(p), "theorem2_mse_bound": jnp.mean(jnp.minimum(bound, 2 * label_bound) ** 2)}
 
-    _, per_step, eval_steps, evals = train_members(
-        graphdef, stack([params] * len(cfg.seeds)), member_keys(cfg.seeds), task, steps=cfg.steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, steps_per_call=cfg.steps_per_call, step_metrics=step_metrics,
-        evaluate=evaluate, desc=f"nn_fig3 N={n} d={d}", writer=writer, tag={"n_context": n, "dim": d})
+    result = train_sweep(family_loss(graphdef), nn_task.sample, task, sgd_config(cfg), init,
+                         [{"train.seed": seed} for seed in cfg.seeds], out_dir=out_dir, evaluate=evaluate,
+                         eval_every=cfg.steps_per_call, desc=f"nn_fig3 N={n} d={d}",
+                         run_config={"nn_fig3": {"sigma": cfg.sigma, "eval_prompts": cfg.eval_prompts}})
+    per_step, eval_steps, evals = member_tables(result, cfg.steps)
     s = theory.sample_inner_products(jax.random.key(cfg.seeds[0]), n, d, cfg.reduced_samples)
     # reduced[k] is (xi1, xi2) after RECORD * k steps; per_step[..][t] is measured at W^t, before update t.
     reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.lr, dim=dim, steps=cfg.steps,
                                                   record_every=RECORD)) for dim in (d, 1))
     loss_path = np.asarray(theory.reduced_loss_grid(*reduced[:-1].T, s))
     return {"n": n, "d": d, "per_step": per_step, "eval_steps": eval_steps, "evals": evals, "reduced": reduced,
-            "reduced_no_d": no_d, "reduced_loss": loss_path}
+            "reduced_no_d": no_d, "reduced_loss": loss_path,
+            "diverged": {cfg.seeds[m]: step for m, step in result.diverged.items()}}
 
 
 def _summaries(cfg: Config, r: dict) -> dict:
@@ -138,8 +140,8 @@ def _summaries(cfg: Config, r: dict) -> dict:
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
-    writer = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"))
-    runs = [run_one(cfg, *map(int, run.split("x")), writer) for run in cfg.runs]
+    pairs = [tuple(map(int, run.split("x"))) for run in cfg.runs]
+    runs = [run_one(cfg, n, d, os.path.join(out_dir, f"N{n}_d{d}")) for n, d in pairs]
     sums = [_summaries(cfg, r) for r in runs]
     label = ", ".join(f"(N={r['n']}, d={r['d']})" for r in runs)
     seeds = (f"{len(cfg.seeds)} seeds, {cfg.steps} steps of full-matrix gradient descent, eta={cfg.lr}, the gradient "
@@ -175,6 +177,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     + f"). Over t >= {cfg.fit_from} * steps the gap is {worst('reduced_gap_early'):.3f}: the full "
                     f"run's xi2 starts growing slightly later. With step eta (no 1/d) on xi1 the late gap would be "
                     f"{worst('reduced_gap_no_d'):.2f}"),
+        diverged_check({f"N={r['n']} d={r['d']} seed {seed}": step for r in runs
+                        for seed, step in r["diverged"].items()}),
     ]
     figures = [_plot(cfg, runs, out_dir)]
     return Outcome(checks, figures)

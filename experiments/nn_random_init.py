@@ -1,6 +1,7 @@
 """Separate W_K, W_Q from a random init, SGD on a fixed set of prompts (Li et al.'s experiments): still 1-NN?
 
-Members (init scale x seed) share the training set and are trained together (vmap). For each scale
+Members (init scale x seed) share the training set and are trained together (one vmapped sweep of
+jaxicl.train.sweep writing scales_seeds/; a rerun into the same directory resumes). For each scale
 we report the 1-NN agreement on fresh uniform prompts, the shifted-test MSE and how far the merged
 W = W_K^T W_Q ends from the invariant family diag(xi1 I, 0, -xi2).
 """
@@ -15,12 +16,12 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
-from experiments.nn_common import (eval_batches, log_axes, log_spaced, member_keys, nn_metrics, smooth, stack,
-                                   train_members)
+from experiments.nn_common import (diverged_check, eval_batches, family_loss, log_axes, log_spaced, member_tables,
+                                   nn_metrics, sgd_config, smooth)
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.train.metrics import MetricsWriter
+from jaxicl.train.sweep import train_sweep
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -64,28 +65,20 @@ PRESETS = {
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
-    members = [(scale, seed) for scale in cfg.scales for seed in cfg.seeds]
-    models = [NearestNeighborAttention(d, parametrisation="separate", init="random", init_scale=scale,
-                                       rngs=nnx.Rngs(seed)) for scale, seed in members]
-    graphdef = nnx.split(models[0])[0]
-    params = stack([nnx.split(m)[1] for m in models])
+    members = [{"init_scale": scale, "train.seed": seed} for scale in cfg.scales for seed in cfg.seeds]
+    graphdef = nnx.graphdef(_model(d, nnx.Rngs(0)))
     uniform, shifted = eval_batches(task, cfg.seeds[0], cfg.eval_prompts)
 
-    def merged(p):
-        return p["wk"][...].T @ p["wq"][...]
+    def init(key, *, init_scale):
+        return jax.tree.map(lambda w: init_scale * w, nnx.state(_model(d, nnx.Rngs(key))))
 
-    def step_metrics(p):
-        w = merged(p)
-        xi1, xi2 = theory.to_reduced(w, d)
-        return {"xi1": xi1, "xi2": xi2, "off_family": theory.off_family_norm(w, d) / jnp.linalg.norm(w)}
-
-    final, per_step, eval_steps, evals = train_members(
-        graphdef, params, member_keys(tuple(seed for _, seed in members)), task, steps=cfg.steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, steps_per_call=cfg.steps_per_call, step_metrics=step_metrics,
-        evaluate=nn_metrics(graphdef, uniform, shifted), desc="nn_random_init",
-        writer=MetricsWriter(os.path.join(out_dir, "metrics.jsonl")), tag={"scale": [s for s, _ in members]})
-    w_final = np.asarray(jax.vmap(merged)(final))
-    scales = np.array([s for s, _ in members])
+    result = train_sweep(family_loss(graphdef), nn_task.sample, task, sgd_config(cfg), init, members,
+                         out_dir=os.path.join(out_dir, "scales_seeds"), evaluate=nn_metrics(graphdef, uniform, shifted),
+                         eval_every=cfg.steps_per_call, desc="nn_random_init",
+                         run_config={"nn_random_init": {"eval_prompts": cfg.eval_prompts}})
+    per_step, eval_steps, evals = member_tables(result, cfg.steps)
+    w_final = np.asarray(jax.vmap(lambda p: nnx.merge(graphdef, p).merged())(result.params))
+    scales = np.array([m["init_scale"] for m in members])
     ref = scales == cfg.reference_scale
     last = {k: v[-1] for k, v in evals.items()}
     off = per_step["off_family"][-1]
@@ -108,10 +101,17 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.steps} steps (the "
                     f"follow-up reports failure at init noise 3; its scale convention may differ); failing scales "
                     f"{failed}. Sweep: {sweep}"),
+        diverged_check({f"scale {members[m]['init_scale']:g} seed {members[m]['train.seed']}": step
+                        for m, step in result.diverged.items()}),
     ]
     figures = [_plot_training(cfg, scales, per_step, eval_steps, evals, out_dir),
                _plot_weights(cfg, members, w_final, d, out_dir)]
     return Outcome(checks, figures)
+
+
+def _model(d: int, rngs: nnx.Rngs) -> NearestNeighborAttention:
+    """Separate W_K, W_Q with i.i.d. N(0, 1) entries (the sweep's init scales them by each member's init_scale)."""
+    return NearestNeighborAttention(d, parametrisation="separate", init="random", rngs=rngs)
 
 
 def _plot_training(cfg: Config, scales, per_step, eval_steps, evals, out_dir: str) -> str:
@@ -135,9 +135,10 @@ def _plot_training(cfg: Config, scales, per_step, eval_steps, evals, out_dir: st
 
 
 def _plot_weights(cfg: Config, members, w_final, d: int, out_dir: str) -> str:
-    firsts = [next(i for i, (s, _) in enumerate(members) if s == scale) for scale in cfg.scales]
+    firsts = [next(i for i, m in enumerate(members) if m["init_scale"] == scale) for scale in cfg.scales]
     fig, axes = new_figure(len(firsts), size=(3.3, 3.0))
     for ax, i in zip(axes[0], firsts):
         xi1, xi2 = theory.to_reduced(jnp.asarray(w_final[i]), d)
-        heatmap(ax, w_final[i], f"W_K^T W_Q, scale {members[i][0]:g}\nxi1={float(xi1):.1f}, xi2={float(xi2):.1f}")
+        heatmap(ax, w_final[i],
+                f"W_K^T W_Q, scale {members[i]['init_scale']:g}\nxi1={float(xi1):.1f}, xi2={float(xi2):.1f}")
     return save_figure(fig, out_dir, "weights")

@@ -2,10 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxicl.baselines import k_nearest_neighbors, one_nearest_neighbor
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
 from jaxicl.tasks import nearest_neighbor as nn
 from jaxicl.tasks import sample_batch
+from jaxicl.train import TrainConfig, train_sweep
 from jaxicl.validation import ConfigError
 
 
@@ -61,6 +64,14 @@ def test_simplex_vertices_and_multiclass_reduces_to_binary_for_k2():
     np.testing.assert_allclose(b.inputs[:, :-1, 4:6], nn.simplex_vertices(3)[classes], rtol=1e-6)
     nearest = classes[np.arange(32), np.asarray(b.info["nearest"])]
     np.testing.assert_array_equal(nn.decode_class(b.targets[:, -1], 3), nearest)
+
+
+def test_sampler_trains_in_a_sweep_under_its_explicit_member_sharding():
+    cfg = nn.NearestNeighbor(dim=2, n_context=3, num_classes=3)
+    graphdef, params = nnx.split(NearestNeighborAttention(2, label_dim=2, rngs=nnx.Rngs(0)))
+    result = train_sweep(query_loss(graphdef), nn.sample, cfg, TrainConfig(steps=2, batch_size=4, optimizer="sgd"),
+                         lambda key: params, [{"train.seed": 0}, {"train.seed": 1}], progress=False)
+    assert not result.diverged and len(result.train_rows) == 4  # 2 steps x 2 members
 
 
 def test_fixed_prompt_set_repeats_exactly_n_prompts_prompts():

@@ -77,6 +77,16 @@ def simplex_vertices(num_classes: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def class_labels(classes: jax.Array, num_classes: int) -> jax.Array:
+    """Simplex vertices of classes [...] int -> [..., K-1] float32.
+
+    A one-hot sum (exact: one nonzero term) rather than vertices[classes]: indexing a constant
+    table with member-sharded classes does not trace under a sweep's explicit-sharding mesh in jax 0.12.
+    """
+    vertices = jnp.asarray(simplex_vertices(num_classes), jnp.float32)
+    return jnp.sum(jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)[..., None] * vertices, axis=-2)
+
+
 def decode_class(labels: jax.Array, num_classes: int) -> jax.Array:
     """Class of the nearest simplex vertex: labels [..., K-1] -> [...] int (argmax of the inner product)."""
     return jnp.argmax(labels @ jnp.asarray(simplex_vertices(num_classes), labels.dtype).T, axis=-1)
@@ -120,7 +130,7 @@ def sample(cfg: NearestNeighbor, key: jax.Array) -> Prompt:
     x = uniform_sphere(k_x, (n + 1,), d)
     if cfg.distribution == "uniform":
         classes = jax.random.randint(k_y, (n,), 0, cfg.num_classes)
-        labels = jnp.asarray(simplex_vertices(cfg.num_classes), jnp.float32)[classes]
+        labels = class_labels(classes, cfg.num_classes)
         copied = jnp.asarray(-1)
     else:
         classes = jnp.full((n,), -1)
