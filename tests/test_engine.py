@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,21 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
     assert read_metrics(str(tmp_path / "a" / "metrics.jsonl")) == read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
     assert CheckpointStore(str(tmp_path / "b" / "checkpoints")).steps() == [10, 20]
+
+
+def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicates(tmp_path):
+    """A run killed before its first checkpoint leaves rows (the step-0 evaluation among them) but no
+    state: the rerun starts at step 0 and must leave the file of one uninterrupted run."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10)
+    evaluate = jax.jit(lambda p: {"w_norm": optax.tree.norm(p)})
+    kw = dict(evaluate=evaluate, eval_every=5, progress=False)
+    train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), **kw)
+    train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
+    for path in (tmp_path / "b" / "checkpoints").iterdir():  # as if killed before the first save
+        shutil.rmtree(path)
+    rerun = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
+    assert [r["step"] for r in rerun.eval_rows] == [0, 5, 10]
+    assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 
 
 def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path):

@@ -18,7 +18,7 @@ class MetricsWriter:
     """Appends rows {"step": s, "split": ..., name: value} to `path`.
 
     On resume from step c it first drops the rows that the resumed run will write again
-    (train rows with step >= c, eval rows with step > c), so an interrupted and resumed run
+    (train rows with step >= c, eval rows with step > c, or >= 0 when c = 0), so an interrupted and resumed run
     leaves the same file as an uninterrupted one. `keep(row) -> bool` replaces that rule (a
     chunked sweep resumes one chunk of members and keeps the finished chunks' rows).
     """
@@ -41,7 +41,8 @@ class MetricsWriter:
 
 
 def kept_on_resume(row: dict, resume_step: int) -> bool:
-    return row["step"] < resume_step or (row.get("split") == "eval" and row["step"] == resume_step)
+    """Whether a row survives a resume from resume_step (a run from step 0 evaluates step 0 again)."""
+    return row["step"] < resume_step or (row.get("split") == "eval" and row["step"] == resume_step > 0)
 
 
 def read_metrics(path: str, split: str | None = None) -> list[dict]:

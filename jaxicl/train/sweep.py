@@ -21,6 +21,10 @@ each member at its own context length).
 Not sweepable: fields that change shapes or code paths (train.steps, batch_size, optimizer,
 schedule; task.dim, format; model sizes).
 
+Inside the member vmap (spmd_axis_name "members", explicit sharding, jax 0.12) indexing a constant
+table with a per-member index, or jnp.searchsorted, fails to trace ("Resource axis: members ... not
+found"); samplers and evaluate functions use one-hot sums or jnp.where lookups instead.
+
 A member whose loss or updated parameters become non-finite is frozen at its last finite state:
 its update and step counter are held, so its step records where it diverged (and a resumed run
 finds it frozen again); the others continue unchanged. When the stack does not fit in memory the
