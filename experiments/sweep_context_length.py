@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
@@ -105,7 +106,7 @@ def _plot(table: list[dict], theory: dict, dim: int, out_dir: str) -> str:
     agg = aggregate(table, fields)
     fig, axes = new_figure(size=(5.5, 3.8))
     ax = axes[0, 0]
-    plot_vs_axis(agg, fields, CONTEXT_FIELD, "loss", ax=ax, label_prefix="trained LSA (padded) ")
+    plot_vs_axis(agg, fields, CONTEXT_FIELD, "loss", ax=ax, label_prefix="trained LSA on padded prompts, ")
     ks = sorted(theory)
     ax.plot(ks, [np.mean([r["gd1_loss"] for r in table if r[CONTEXT_FIELD] == k]) for k in ks], "s",
             color="k", mfc="none", label="GD-1 at eta*(k), same prompts")
@@ -113,5 +114,6 @@ def _plot(table: list[dict], theory: dict, dim: int, out_dir: str) -> str:
     ax.set(xscale="log", xlabel="context pairs k (prompts padded to the longest)", ylabel="test loss (query MSE)",
            title=f"one LSA layer, d={dim}: one program for every k")
     ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, "loss_vs_context_length")
