@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.common.result import Check
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
@@ -57,13 +56,6 @@ def _table(rows: list[dict], members: list[dict], steps: np.ndarray) -> dict[str
         for n in names:
             out[n][index[r["step"]], r["member"]] = r[n]
     return out
-
-
-def diverged_check(diverged: dict[str, int]) -> Check:
-    """Passes when no member diverged; diverged maps a member's label to the step its loss became non-finite."""
-    return Check("diverged_members", len(diverged), "== 0", not diverged,
-                 f"members frozen at their last finite state (member: step): {diverged or 'none'}; their train "
-                 f"metrics stop there")
 
 
 def eval_batches(task: nn_task.NearestNeighbor, seed: int, num: int):

@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
-from experiments.common.result import Outcome, check_above, check_below
-from experiments.nn_common import (diverged_check, eval_batches, family_loss, log_axes, log_spaced, member_tables,
+from experiments.common.result import Outcome, check_above, check_below, diverged_check
+from experiments.nn_common import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
                                    nn_metrics, sgd_config, smooth)
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task

@@ -9,20 +9,17 @@ should match GD-1 at eta*(k) = k / (k + d + 1 + sigma^2), whose closed-form loss
 
 import dataclasses
 
-import jax
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
 from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
-from experiments.common.result import Check, Outcome, check_below
+from experiments.common.result import Check, Outcome, check_below, diverged_check
 from experiments.common.sweep_report import aggregate, plot_vs_axis
-from experiments.gd_sweep import CONTEXT_FIELD, gd_sweep_checks, padded_gd_lrs, run_gd_sweep
-from jaxicl.baselines import gradient_descent
+from experiments.gd_sweep import CONTEXT_FIELD, run_gd_sweep
 from jaxicl.tasks import linear_regression as lr_task
-from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, optimal_gd_lr
-from jaxicl.train import TrainConfig, eval_key
+from jaxicl.train import TrainConfig
 from jaxicl.train.sweep_spec import Axis
 from jaxicl.validation import ConfigError, check_positive
 
@@ -68,10 +65,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     table, _ = run_gd_sweep(gd, axes, f"{out_dir}/context_length")
     theory = {k: gd_one_step_loss(dataclasses.replace(gd.task, n_context=k),
                                   optimal_gd_lr(dataclasses.replace(gd.task, n_context=k))) for k in lengths}
-    gd_mean, gd_se = _gd1_on_padded_prompts(gd, lengths)
     finite = [r for r in table if r["diverged_at"] is None]
+    gd_row = {r[CONTEXT_FIELD]: r for r in table}  # GD-1 on the evaluation prompts of each k (same for every seed)
+    gd_mean = {k: gd_row[k]["gd1_loss"] for k in lengths}
     worst = max((abs(r["rel_gap"]) for r in finite), default=float("inf"))
-    z = {k: abs(gd_mean[k] - theory[k]) / gd_se[k] for k in lengths}
+    z = {k: abs(gd_mean[k] - theory[k]) / gd_row[k]["gd1_loss_se"] for k in lengths}
     trained = {k: float(np.mean([r["loss"] for r in finite if r[CONTEXT_FIELD] == k])) for k in lengths}
     falling = all(trained[a] > trained[b] for a, b in zip(lengths, lengths[1:]))
     checks = [
@@ -83,22 +81,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                                                             for k in lengths)),
         Check("trained_loss_falls_with_context_length", len(lengths), "strictly decreasing", falling,
               "mean over seeds: " + ", ".join(f"k={k}: {trained[k]:.4f}" for k in lengths)),
-        gd_sweep_checks(table, cfg.match_tolerance)[1],  # no member diverged
+        diverged_check({r["member"]: r["diverged_at"] for r in table if r["diverged_at"] is not None}),
     ]
     return Outcome(checks, [_plot(table, theory, gd.task.dim, out_dir)])
-
-
-def _gd1_on_padded_prompts(gd: gd_equivalence.Config, lengths: list[int]) -> tuple[dict, dict]:
-    """Mean query MSE of GD-1 at eta*(k) on the evaluation prompts padded to k, and its standard error, per k."""
-    steps = np.asarray(padded_gd_lrs(gd.task, lengths))
-    mean, se = {}, {}
-    for k, step in zip(lengths, steps):
-        batch = sample_batch(lr_task.sample, gd.task, eval_key(gd.train.seed), gd.eval_prompts,
-                             task_params={"n_context": k})
-        pred = jax.vmap(gradient_descent(gd.task, steps=1, lr=float(step)))(batch.inputs)
-        err = np.asarray(pred[:, -1] - batch.targets[:, -1], np.float64) ** 2
-        mean[k], se[k] = float(err.mean()), float(err.std(ddof=1) / np.sqrt(len(err)))
-    return mean, se
 
 
 def _plot(table: list[dict], theory: dict, dim: int, out_dir: str) -> str:

@@ -178,10 +178,11 @@ def _program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init:
 
         return jax.lax.scan(body, state, length=n)
 
+    eval_task_fields = set(_keywords(evaluate)) if evaluate else set()
+
     def member_eval(params, task_params):
         return evaluate(params, **{n: v for n, v in task_params.items() if n in eval_task_fields})
 
-    eval_task_fields = set(_keywords(evaluate)) if evaluate else set()
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return _Program(vmap(new_state),  # eager: compiling it costs more than running it once
                     jax.jit(vmap(member_steps, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0),
