@@ -23,7 +23,7 @@ from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import Sampler, check_divisible, sample_batch
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.mesh import data_mesh, replicated
+from jaxicl.train.mesh import data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, read_metrics
 from jaxicl.train.optim import make_optimizer
 from jaxicl.train.state import TrainState
@@ -40,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainResult:
-    state: TrainState
+    state: TrainState  # on the training mesh's devices, usable outside it without jax.set_mesh (mesh.portable)
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
 
@@ -126,7 +126,9 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
     with jax.set_mesh(mesh):
         check_divisible(cfg.batch_size)
         sharding = replicated(mesh)
-        params = jax.tree.map(jnp.copy, params)  # the compiled steps donate the state, never the caller's arrays
+        # a copy on this mesh, wherever params live (host, another mesh): the compiled steps donate the
+        # state, never the caller's arrays
+        params = jax.device_put(params, sharding, may_alias=False)
         state = jax.device_put(init_state(params, cfg, tx), sharding)
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
@@ -181,4 +183,4 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
                 store.close()
     if metrics_path and jax.process_index() == 0:
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
-    return TrainResult(state, train_rows, eval_rows)
+    return TrainResult(portable(state), train_rows, eval_rows)

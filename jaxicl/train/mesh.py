@@ -1,7 +1,7 @@
-"""Device meshes for data parallelism (the modern form of pmap)."""
+"""Device meshes for data parallelism (the modern form of pmap), and handing arrays back off them."""
 
 import jax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.tasks.batching import DATA_AXIS
@@ -18,3 +18,22 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Sharding that keeps a full copy on every device of the mesh (parameters, optimiser state)."""
     return NamedSharding(mesh, P())
+
+
+def portable(tree):
+    """`tree` with every array on the same devices and layout but its mesh axes Auto instead of Explicit.
+
+    Arrays typed with an Explicit mesh (what the engine's compiled steps produce) make any jitted
+    code that touches them demand `jax.set_mesh` of that mesh; with Auto axes they work in ordinary
+    JAX code outside it, jitted or not, next to arrays on the default device. Nothing is copied.
+    """
+
+    def release(x):
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or AxisType.Explicit not in sharding.mesh.axis_types:
+            return x
+        mesh = sharding.mesh
+        auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+        return jax.device_put(x, NamedSharding(auto, sharding.spec, memory_kind=sharding.memory_kind))
+
+    return jax.tree.map(release, tree)
