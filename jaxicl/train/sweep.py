@@ -266,7 +266,7 @@ def _train_chunk(prog: _Program, cfg: TrainConfig, members: list[dict], idx: np.
     a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
     state, start = prog.states(a, sharding), 0
     if store and resume and store.steps():
-        check_resumable(store.config(), config)
+        check_resumable(store.config(), config, store.steps()[-1])
         state, start = store.restore(state, sharding), store.steps()[-1]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     # rows of other chunks stay; this chunk's rows from `start` on are written again
