@@ -110,7 +110,8 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
              for k, v in fields.items()
              if not (section == "train" and k == "steps") and stored.get(section, {}).get(k) != v]
     if diffs:
-        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs))
+        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
+                          + "; train into a new output directory, or keep the checkpoint's config")
     before, now = stored["train"]["steps"], current["train"]["steps"]
     if before != now and current["train"]["schedule"] != "constant":
         raise ConfigError(f"cannot resume: train.steps: checkpoint {before} vs now {now}, and "
