@@ -86,7 +86,7 @@ def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicate
     train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
     for path in (tmp_path / "b" / "checkpoints").iterdir():  # as if killed before the first save
         shutil.rmtree(path)
-    rerun = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
+    rerun = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)  # the same programs again
     assert [r["step"] for r in rerun.eval_rows] == [0, 5, 10]
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 
@@ -103,7 +103,7 @@ def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path):
     assert int(restored.step) == 10
     for leaf in jax.tree.leaves(restored.params):
         assert leaf.sharding.device_set == {jax.devices()[0]}
-    _assert_params_close(restored.params, four.state.params, rtol=0, atol=0)
+    _assert_params_close(restored.params, four.state.params, rtol=0, atol=0)  # orbax stores the bytes
     np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(four.state.key))
     # and training continues on one device from there
     _, _, _, longer, _ = tiny_setup(steps=15)
