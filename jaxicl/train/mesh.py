@@ -34,6 +34,8 @@ def portable(tree):
             return x
         mesh = sharding.mesh
         auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-        return jax.device_put(x, NamedSharding(auto, sharding.spec, memory_kind=sharding.memory_kind))
+        target = NamedSharding(auto, sharding.spec, memory_kind=sharding.memory_kind)
+        # the same per-device buffers under the new sharding (multi-host safe: only local shards are touched)
+        return jax.make_array_from_single_device_arrays(x.shape, target, [s.data for s in x.addressable_shards])
 
     return jax.tree.map(release, tree)
