@@ -3,7 +3,8 @@
 Used by `gd_equivalence --sweep`, `sweep_lr_seeds` and `sweep_context_length`. The grid may include
 task.n_context: members with fewer context pairs train and are evaluated on front-padded prompts
 (jaxicl.tasks.linear_regression), and each member's reference is GD-1 at its own context length k
-with its own optimal step eta*(k).
+with its own optimal step eta*(k); likewise a task.noise_std axis: every swept task field reaches the
+member's evaluation (its prompts and its GD-1 step eta*(k, sigma)).
 """
 
 import dataclasses
@@ -36,20 +37,21 @@ def attention_init(dim: int, num_layers: int = 1):
     return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0)))
 
 
-def padded_gd_lrs(task: lr_task.LinearRegression, lengths: list[int]) -> jax.Array:
-    """[len(lengths)] step sizes of GD-1 on prompts padded to task.n_context that equal GD-1 at eta*(k) on k pairs.
+def padded_gd_lr(task: lr_task.LinearRegression, n_context, noise_std):
+    """The GD-1 step on prompts padded to task.n_context that equals GD-1 at eta*(k, sigma) on k = n_context pairs.
 
-    GD-1 divides by the pairs it sees, padding included, so the step is eta*(k) * n_context / k.
+    GD-1 divides by the pairs it sees, padding included, so the step is eta*(k, sigma) * task.n_context / k.
+    n_context, noise_std: a member's values (arrays under the sweep's vmap).
     """
-    return jnp.array([optimal_gd_lr(dataclasses.replace(task, n_context=k)) * task.n_context / k for k in lengths])
+    return optimal_gd_lr(task, n_context=n_context, noise_std=noise_std) * task.n_context / n_context
 
 
 def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0) -> tuple[list[dict], list[str]]:
     """Trains the gd_equivalence model (cfg: gd_equivalence.Config) for every member of the grid `axes`.
 
     Returns (table, report files written in out_dir); the table has one row per member with its values,
-    final eval `loss`, `gd1_loss` and `gd1_loss_se` (GD-1 at eta*(k) on the same prompts, k the member's
-    context length; the mean query MSE and its standard error), `pred_diff` (mean squared prediction gap
+    final eval `loss`, `gd1_loss` and `gd1_loss_se` (GD-1 at eta*(k, sigma) on the same prompts, k the member's
+    context length and sigma its noise; the mean query MSE and its standard error), `pred_diff` (mean squared prediction gap
     to GD-1) and `rel_gap` = loss / gd1_loss - 1.
     """
     members = grid(axes)
@@ -57,13 +59,13 @@ def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0)
         members = [m | {"init_scale": cfg.init_scale} for m in members]
     lengths = sorted({m.get(CONTEXT_FIELD, cfg.task.n_context) for m in members})
     task = dataclasses.replace(cfg.task, n_context=max(lengths))  # the sweep's shape: the longest context
-    gd_lrs, known = padded_gd_lrs(task, lengths), jnp.array(lengths)
     key = eval_key(cfg.train.seed)
     init, graphdef = attention_init(task.dim + 1)
 
-    def evaluate(params, n_context=task.n_context):
-        batch = sample_batch(lr_task.sample, task, key, cfg.eval_prompts, task_params={"n_context": n_context})
-        gd_lr = jnp.sum(jnp.where(known == n_context, gd_lrs, 0.0))  # a lookup (searchsorted fails under the sweep's vmap)
+    def evaluate(params, **task_params):  # the member's swept task fields (noise_std, n_tasks, n_context)
+        batch = sample_batch(lr_task.sample, task, key, cfg.eval_prompts, task_params=task_params)
+        gd_lr = padded_gd_lr(task, task_params.get("n_context", task.n_context),
+                             task_params.get("noise_std", task.noise_std))
         gd_pred = jax.vmap(gradient_descent(task, steps=1, lr=gd_lr))(batch.inputs)
         pred = jax.vmap(predictor(graphdef, params))(batch.inputs)
         gd_err = (gd_pred[:, -1] - batch.targets[:, -1]) ** 2

@@ -58,3 +58,16 @@ def test_optimal_lr_closed_form_and_minimises_the_monte_carlo_loss(x64):
     losses = [float(jnp.mean((jax.vmap(gradient_descent(cfg, 1, e))(b.inputs)[:, -1] - b.targets[:, -1]) ** 2))
               for e in grid]
     assert abs(grid[int(np.argmin(losses))] - 10 / 21) <= 0.05
+
+
+def test_optimal_lr_takes_per_member_overrides_as_arrays():
+    cfg = lr.LinearRegression(dim=4, n_context=12)
+    ks, sigmas = jnp.array([3, 6, 12]), jnp.array([0.0, 0.5, 1.0])
+    traced = jax.jit(lambda k, s: optimal_gd_lr(cfg, n_context=k, noise_std=s))(ks, sigmas)
+    # the isotropic closed form N / (N + d + 1 + sigma^2), float32 arithmetic
+    np.testing.assert_allclose(traced, ks / (ks + 4 + 1 + sigmas**2), rtol=1e-6)
+    for k, s, t in zip([3, 6, 12], [0.0, 0.5, 1.0], np.asarray(traced)):
+        replaced = lr.LinearRegression(dim=4, n_context=k, noise_std=s)
+        np.testing.assert_allclose(t, optimal_gd_lr(replaced), rtol=1e-6)
+        np.testing.assert_allclose(gd_one_step_loss(cfg, 0.3, n_context=k, noise_std=s),
+                                   gd_one_step_loss(replaced, 0.3), rtol=1e-12)

@@ -17,7 +17,7 @@ def test_shapes_dtypes_and_determinism(fmt, seq_len):
     assert b1.inputs.shape == (32, seq_len, 6) and b1.inputs.dtype == jnp.float32
     assert b1.targets.shape == (32, seq_len) and b1.mask.shape == (32, seq_len)
     assert b1.info["w"].shape == (32, 5) and b1.info["x"].shape == (32, 9, 5)
-    np.testing.assert_array_equal(b1.inputs, b2.inputs)
+    np.testing.assert_array_equal(b1.inputs, b2.inputs)  # the same compiled program on the same key
     assert not np.allclose(b1.inputs, b3.inputs)
 
 
@@ -95,13 +95,17 @@ def test_batch_is_born_sharded_over_the_data_axis():
         with pytest.raises(ConfigError, match="batch_size=10 does not divide over the 4 devices"):
             sample_batch(lr.sample, cfg, jax.random.key(0), 10)
     unsharded = sample_batch(lr.sample, cfg, jax.random.key(0), 16)
-    np.testing.assert_array_equal(b.inputs, unsharded.inputs)
+    # the same random bits (threefry is partitionable) through two programs, sharded and not: their
+    # vectorised float transforms (erf_inv) may differ in the last ulp on some CPUs
+    np.testing.assert_allclose(b.inputs, unsharded.inputs, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("fmt", ["paired", "interleaved"])
 def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_the_rest(fmt):
     cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.2, format=fmt, loss_on="all")
     key = jax.random.key(8)
+    # eager calls: each op runs as its own compiled executable on identical inputs, and multiplying by
+    # the 0/1 mask is exact, so the kept pairs equal the full prompt's bit for bit
     full = lr.sample(cfg, key)
     same = lr.sample(cfg, key, n_context=jnp.int32(6))  # a traced k equal to the field: the plain prompt
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(same), strict=True):

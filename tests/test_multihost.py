@@ -37,4 +37,5 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
         np.testing.assert_allclose(m["losses"], ref["losses"], rtol=1e-5)
         np.testing.assert_allclose(m["params"], ref["params"], rtol=1e-4, atol=1e-6)
         assert m["restored_equal"] and m["restored_step"] == 12
+    # one replicated array: both processes hold replicas that one SPMD program updated with the same all-reduce
     np.testing.assert_array_equal(multi[0]["params"], multi[1]["params"])

@@ -16,6 +16,7 @@ def test_shapes_embedding_and_targets_against_a_brute_force_loop():
     cfg = nn.NearestNeighbor(dim=5, n_context=7)
     b = sample_batch(nn.sample, cfg, jax.random.key(0), 64)
     assert b.inputs.shape == (64, 8, 7) and b.targets.shape == (64, 8) and b.mask.shape == (64, 8)
+    # the same compiled program on the same key: deterministic
     np.testing.assert_array_equal(b.inputs, sample_batch(nn.sample, cfg, jax.random.key(0), 64).inputs)
     x, tok = np.asarray(b.info["x"]), np.asarray(b.inputs)
     np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, rtol=1e-6)
@@ -44,6 +45,7 @@ def test_shifted_set_has_the_promised_margin(delta):
     unflipped = np.asarray(sample_batch(nn.sample, nn.NearestNeighbor(dim=3, n_context=12), jax.random.key(1),
                                         2000).info["x"])
     assert np.mean(np.sum((unflipped[:, :-1] - unflipped[:, -1:]) ** 2, -1) < delta) > 0.05
+    # exact by construction: the target is a gather of the one materialised label array (nn.sample)
     np.testing.assert_array_equal(b.targets[:, -1], np.asarray(b.info["labels"])[rows, copied, 0])
     labels = np.asarray(b.info["labels"]).ravel()
     assert abs(labels.mean()) < 5 / np.sqrt(labels.size) and abs(labels.var() - 1) < 0.05
@@ -94,6 +96,8 @@ def test_one_nn_baseline_is_the_target_and_knn_matches_a_loop(distribution):
     cfg = nn.NearestNeighbor(dim=3, n_context=9, distribution=distribution)
     b = sample_batch(nn.sample, cfg, jax.random.key(4), 128)
     pred = jax.vmap(one_nearest_neighbor(cfg))(b.inputs)
+    # both pick a label by argmax and copy it from the same materialised labels (only an exact tie of
+    # two inner products, a measure-zero event, could make them pick different points)
     np.testing.assert_array_equal(pred, b.targets)
     knn = np.asarray(jax.vmap(k_nearest_neighbors(cfg, 3))(b.inputs))
     x, y = np.asarray(b.info["x"]), np.asarray(b.info["labels"])[..., 0]

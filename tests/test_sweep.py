@@ -163,6 +163,7 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
                 **kw)
     resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members,
                           out_dir=str(tmp_path / "b"), **kw)
+    # exact: every chunk of both sweeps is the same compiled 5-step program applied to the same states
     _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)
     assert _rows(resumed) == _rows(straight)
     assert [r["step"] for r in resumed.train_rows if r["member"] == 2] == list(range(10))
@@ -194,6 +195,9 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)
     with pytest.raises(ValueError, match="weight_decay"):  # adam has no weight decay
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.weight_decay": 0.1}], progress=False)
+    with pytest.raises(ConfigError, match=r"evaluate must take every swept task field.*\['noise_std'\]"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"task.noise_std": 0.0}, {"task.noise_std": 1.0}],
+                    evaluate=lambda params: {"norm": 0.0}, progress=False)
 
 
 def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes():

@@ -1,13 +1,25 @@
 """The --sweep command line and sweep-report, and the sweep_lr_seeds and sweep_context_length smoke runs."""
 
+import dataclasses
 import json
 import math
 import os
 
+import jax
+import numpy as np
 import pytest
 
+from experiments import gd_equivalence
 from experiments.cli import main
 from experiments.common.runner import run_experiment
+from experiments.gd_sweep import attention_init, run_gd_sweep
+from jaxicl.baselines import gradient_descent
+from jaxicl.models import predictor
+from jaxicl.tasks import linear_regression as lr_task
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import optimal_gd_lr
+from jaxicl.train import eval_key, query_mse, regression_loss, train
+from jaxicl.train.sweep_spec import Axis
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -66,3 +78,24 @@ def test_sweep_context_length_smoke_matches_gd1_at_every_context_length(tmp_path
     assert all(c["passed"] for c in checks.values()), checks
     with open(os.path.join(tmp_path, "sweep_context_length", "context_length", "sweep.json")) as f:
         assert [m["task.n_context"] for m in json.load(f)["members"]] == [2, 6]
+
+
+def test_a_noise_sweep_evaluates_each_member_on_its_own_noise_like_the_member_alone(tmp_path):
+    """Every swept task field reaches the member's evaluation: its prompts and its GD-1 step eta*(sigma)."""
+    cfg = dataclasses.replace(gd_equivalence.PRESETS["smoke"], eval_every=10, eval_prompts=256,
+                              train=dataclasses.replace(gd_equivalence.PRESETS["smoke"].train, steps=20,
+                                                        steps_per_call=10))
+    table, _ = run_gd_sweep(cfg, (Axis("task.noise_std", (0.0, 1.0)),), str(tmp_path))
+    for row in table:
+        task = dataclasses.replace(cfg.task, noise_std=row["task.noise_std"])
+        init, graphdef = attention_init(task.dim + 1)
+        alone = train(regression_loss(graphdef), lr_task.sample, task, cfg.train,
+                      init(jax.random.key(cfg.train.seed), init_scale=cfg.init_scale), progress=False)
+        batch = sample_batch(lr_task.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts)
+        loss = query_mse(jax.vmap(predictor(graphdef, alone.state.params))(batch.inputs), batch.targets)
+        gd1 = gradient_descent(task, steps=1, lr=optimal_gd_lr(task))
+        gd1_loss = query_mse(jax.vmap(gd1)(batch.inputs), batch.targets)
+        # vmapped sweep vs a lone run: different XLA programs for 20 Adam steps, float32
+        np.testing.assert_allclose(row["loss"], loss, rtol=1e-4)
+        np.testing.assert_allclose(row["gd1_loss"], gd1_loss, rtol=1e-5)
+    assert table[1]["gd1_loss"] > table[0]["gd1_loss"] + 0.5  # label noise of variance 1 is really in the prompts

@@ -160,6 +160,7 @@ def states(cfg: Autoregressive, key: jax.Array) -> tuple[jax.Array, dict]:
     w, theta = transition(cfg, k_w)
     s0 = initial_state(cfg, k_0)
     noise = _noise(cfg, k_n, (cfg.seq_len, cfg.dim), cfg.is_complex)
+    w, theta, s0 = jax.lax.optimization_barrier((w, theta, s0))  # info holds the W and s0 that made the states
 
     def step(s, eps):
         nxt = w @ s + eps

@@ -125,6 +125,9 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     if n_context is not None:
         real = jnp.arange(n) >= cfg.n_context - n_context  # [n]: the padding first, the query always real
         x, y, weights = x * real[:, None], y * real, weights * real
+    # One materialised copy of each: targets, tokens and info hold the same label values bit for bit
+    # (see jaxicl.tasks.nearest_neighbor.sample).
+    w, x, y = jax.lax.optimization_barrier((w, x, y))
     return Prompt(inputs=encode(cfg, x, y), targets=at_positions(cfg, y),
                   mask=at_positions(cfg, weights), info={"w": w, "x": x, "y": y})
 

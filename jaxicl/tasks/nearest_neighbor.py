@@ -137,6 +137,10 @@ def sample(cfg: NearestNeighbor, key: jax.Array) -> Prompt:
         labels = jax.random.normal(k_y, (n, cfg.label_dim))
         copied = jax.random.randint(k_i, (), 0, n)
         x = _shift(x, copied, cfg.delta)
+    # Materialise x and the labels once: the target must be a copy of the nearest point's label, bit for
+    # bit. Without the barrier XLA recomputes the labels' sampling arithmetic inside each consumer fusion
+    # (targets, tokens, info), and vectorised and scalar float code need not agree across CPU vector widths.
+    x, labels = jax.lax.optimization_barrier((x, labels))
     nearest = nearest_index(x[:-1], x[-1])
     target = labels[nearest]
     targets = jnp.zeros((n + 1, cfg.label_dim)).at[-1].set(target)

@@ -26,30 +26,34 @@ def gd_step_model(dim: int, lr: float, dtype=jnp.float32) -> SelfAttention:
     return from_pq(p[None, None], q[None, None], residual=True)
 
 
-def _gd_loss_coefficients(cfg: LinearRegression) -> tuple[float, float, float]:
+def _gd_loss_coefficients(cfg: LinearRegression, n_context=None, noise_std=None):
     """(quadratic, linear, constant) coefficients of the expected query MSE of GD-1 as a polynomial in lr.
 
     With Sigma = Cov(x), s^2 = Var(w_k), sigma^2 the label noise and N context points, Isserlis'
     theorem gives E[S Sigma S] = (N+1)/N Sigma^3 + tr(Sigma^2) Sigma / N for S = (1/N) sum x_i x_i^T.
+    n_context, noise_std: values replacing cfg's (they may be traced, e.g. per sweep member).
     """
     if cfg.format != "paired" or cfg.n_tasks:
         raise ValueError("the GD-1 loss formula covers paired prompts with w ~ N(0, w_scale^2 I) (n_tasks=0)")
     sig = cfg.x_cov
-    n, s2, noise2 = cfg.n_context, cfg.w_scale**2, cfg.noise_std**2
+    n = cfg.n_context if n_context is None else n_context
+    noise2 = (cfg.noise_std if noise_std is None else noise_std) ** 2
+    s2 = cfg.w_scale**2
     tr1, tr2, tr3 = sig.sum(), (sig**2).sum(), (sig**3).sum()
     quad = s2 * ((n + 1) / n * tr3 + tr2 * tr1 / n) + noise2 * tr2 / n
-    return float(quad), float(-2 * s2 * tr2), float(s2 * tr1 + noise2)
+    return quad, -2 * s2 * tr2, s2 * tr1 + noise2
 
 
-def gd_one_step_loss(cfg: LinearRegression, lr: float) -> float:
-    """E[(y_hat_GD1 - y_q)^2] at the query for one GD step of size lr from w = 0."""
-    a, b, c = _gd_loss_coefficients(cfg)
+def gd_one_step_loss(cfg: LinearRegression, lr, *, n_context=None, noise_std=None):
+    """E[(y_hat_GD1 - y_q)^2] at the query for one GD step of size lr from w = 0 (n_context, noise_std: overrides)."""
+    a, b, c = _gd_loss_coefficients(cfg, n_context, noise_std)
     return a * lr**2 + b * lr + c
 
 
-def optimal_gd_lr(cfg: LinearRegression) -> float:
-    """The lr minimising gd_one_step_loss; N / (N + d + 1 + noise_std^2) for isotropic unit inputs."""
-    a, b, _ = _gd_loss_coefficients(cfg)
-    return float(-b / (2 * a))
+def optimal_gd_lr(cfg: LinearRegression, *, n_context=None, noise_std=None):
+    """The lr minimising gd_one_step_loss; N / (N + d + 1 + noise_std^2) for isotropic unit inputs.
 
-
+    A float for a plain config; an array when n_context or noise_std is an array (traced or not).
+    """
+    a, b, _ = _gd_loss_coefficients(cfg, n_context, noise_std)
+    return -b / (2 * a)

@@ -23,7 +23,7 @@ from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import Sampler, check_divisible, sample_batch
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.mesh import data_mesh, replicated
+from jaxicl.train.mesh import data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, read_metrics
 from jaxicl.train.optim import make_optimizer
 from jaxicl.train.state import TrainState
@@ -40,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainResult:
-    state: TrainState
+    state: TrainState  # on the training mesh's devices, usable outside it without jax.set_mesh (mesh.portable)
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
 
@@ -94,15 +94,33 @@ def normalise_config(cfg: dict) -> dict:
     return json.loads(json.dumps(cfg))
 
 
-def check_resumable(stored: dict, current: dict) -> None:
-    """Raises ConfigError when a checkpoint was made with another config (only `steps` may grow)."""
+def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
+    """Raises ConfigError when a checkpoint at checkpoint_step cannot continue into the run `current`.
+
+    Every field must match, except that train.steps may change when the schedule is constant (then
+    the resumed run equals an uninterrupted run of the new length) and the checkpoint is not past it.
+    A warmup-cosine schedule decays to 0 at train.steps, so a run resumed with other steps would
+    follow a schedule that neither the old nor the new uninterrupted run has: refused.
+    """
     stored, current = normalise_config(stored), normalise_config(current)
+    if not stored:
+        return
     diffs = [f"{section}.{k}: checkpoint {stored.get(section, {}).get(k)!r} vs now {v!r}"
              for section, fields in current.items() if isinstance(fields, dict)
              for k, v in fields.items()
              if not (section == "train" and k == "steps") and stored.get(section, {}).get(k) != v]
-    if stored and diffs:
-        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs))
+    if diffs:
+        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
+                          + "; train into a new output directory, or keep the checkpoint's config")
+    before, now = stored["train"]["steps"], current["train"]["steps"]
+    if before != now and current["train"]["schedule"] != "constant":
+        raise ConfigError(f"cannot resume: train.steps: checkpoint {before} vs now {now}, and "
+                          f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
+                          f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
+                          f"or train into a new output directory")
+    if checkpoint_step > now:
+        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; "
+                          f"use train.steps >= {checkpoint_step} or a new output directory")
 
 
 def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, *,
@@ -126,12 +144,14 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
     with jax.set_mesh(mesh):
         check_divisible(cfg.batch_size)
         sharding = replicated(mesh)
-        params = jax.tree.map(jnp.copy, params)  # the compiled steps donate the state, never the caller's arrays
+        # a copy on this mesh, wherever params live (host, another mesh): the compiled steps donate the
+        # state, never the caller's arrays (device_put alone may reuse the caller's buffer on a device)
+        params = jax.tree.map(jnp.copy, jax.device_put(params, sharding))
         state = jax.device_put(init_state(params, cfg, tx), sharding)
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and resume and store.steps():
-            check_resumable(store.config(), config)
+            check_resumable(store.config(), config, store.steps()[-1])
             state = store.restore(state, sharding)
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
@@ -181,4 +201,4 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
                 store.close()
     if metrics_path and jax.process_index() == 0:
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
-    return TrainResult(state, train_rows, eval_rows)
+    return TrainResult(portable(state), train_rows, eval_rows)

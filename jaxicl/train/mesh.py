@@ -1,7 +1,7 @@
-"""Device meshes for data parallelism (the modern form of pmap)."""
+"""Device meshes for data parallelism (the modern form of pmap), and handing arrays back off them."""
 
 import jax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.tasks.batching import DATA_AXIS
@@ -18,3 +18,24 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Sharding that keeps a full copy on every device of the mesh (parameters, optimiser state)."""
     return NamedSharding(mesh, P())
+
+
+def portable(tree):
+    """`tree` with every array on the same devices and layout but its mesh axes Auto instead of Explicit.
+
+    Arrays typed with an Explicit mesh (what the engine's compiled steps produce) make any jitted
+    code that touches them demand `jax.set_mesh` of that mesh; with Auto axes they work in ordinary
+    JAX code outside it, jitted or not, next to arrays on the default device. Nothing is copied.
+    """
+
+    def release(x):
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding) or AxisType.Explicit not in sharding.mesh.axis_types:
+            return x
+        mesh = sharding.mesh
+        auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+        target = NamedSharding(auto, sharding.spec, memory_kind=sharding.memory_kind)
+        # the same per-device buffers under the new sharding (multi-host safe: only local shards are touched)
+        return jax.make_array_from_single_device_arrays(x.shape, target, [s.data for s in x.addressable_shards])
+
+    return jax.tree.map(release, tree)

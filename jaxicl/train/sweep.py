@@ -15,8 +15,8 @@ mesh (members x data), each member's batch over "data". A member's values enter 
 A context-length axis keeps one shape: prompts have the longest context and a member with fewer
 pairs gets front padding with a loss mask (jaxicl.tasks.linear_regression). Linear attention
 ignores the padding up to a scale its weights absorb; softmax attention does not ignore it.
-`evaluate` receives, as keywords, the swept task fields it declares (e.g. n_context, to evaluate
-each member at its own context length).
+`evaluate` receives every swept task field as a keyword (e.g. noise_std and n_context), so each
+member is evaluated on its own task; a sweep whose evaluate does not take them is refused.
 
 Not sweepable: fields that change shapes or code paths (train.steps, batch_size, optimizer,
 schedule; task.dim, format; model sizes).
@@ -114,6 +114,21 @@ def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]
     return groups
 
 
+def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:
+    """Raises ConfigError unless evaluate takes every swept task field as a keyword (or **kwargs).
+
+    A member is evaluated on its own task: evaluate(params, **{field: member's value}).
+    """
+    params = inspect.signature(evaluate).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    missing = [f for f in fields if f not in _keywords(evaluate)]
+    if missing:
+        raise ConfigError(f"evaluate must take every swept task field as a keyword, so each member is evaluated on "
+                          f"its own task; {getattr(evaluate, '__name__', evaluate)} does not take {missing} "
+                          f"(add them, or **task_params, and pass them to the sampler)")
+
+
 def _member_arrays(members: list[dict], prefix: str, names: list[str], default) -> dict[str, np.ndarray]:
     out = {}
     for n in names:
@@ -178,10 +193,11 @@ def _program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init:
 
         return jax.lax.scan(body, state, length=n)
 
-    eval_task_fields = set(_keywords(evaluate)) if evaluate else set()
+    if evaluate:
+        check_takes_task_fields(evaluate, groups["task"])
 
     def member_eval(params, task_params):
-        return evaluate(params, **{n: v for n, v in task_params.items() if n in eval_task_fields})
+        return evaluate(params, **task_params)
 
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return _Program(vmap(new_state),  # eager: compiling it costs more than running it once
@@ -212,7 +228,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly. chunk_size bounds the
     members trained at once; memory_budget (bytes per device) chooses it from the compiled program's memory
     (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU, TPU),
-    else all at once. evaluate(params, **swept task fields it declares) -> {name: scalar} is vmapped.
+    else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
     The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_positive("eval_every", eval_every, allow_zero=True)
@@ -266,7 +282,7 @@ def _train_chunk(prog: _Program, cfg: TrainConfig, members: list[dict], idx: np.
     a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
     state, start = prog.states(a, sharding), 0
     if store and resume and store.steps():
-        check_resumable(store.config(), config)
+        check_resumable(store.config(), config, store.steps()[-1])
         state, start = store.restore(state, sharding), store.steps()[-1]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     # rows of other chunks stay; this chunk's rows from `start` on are written again

@@ -1,0 +1,59 @@
+"""What train() and train_sweep() return works in ordinary JAX code outside their meshes (the README tour)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicl.analysis.equivalence import equivalence_metrics
+from jaxicl.baselines import gradient_descent
+from jaxicl.models import SelfAttention, predictor
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+from jaxicl.theory.gd_equivalence import optimal_gd_lr
+from jaxicl.train import TrainConfig, data_mesh, regression_loss, sweep_mesh, train, train_sweep
+
+TASK = lr.LinearRegression(dim=3, n_context=5)
+CFG = TrainConfig(steps=10, batch_size=16, lr=1e-2, steps_per_call=5, log_every=1)
+
+
+def _model():
+    return nnx.split(SelfAttention(4, init_scale=0.1, rngs=nnx.Rngs(0)))
+
+
+def _metrics_everywhere(graphdef, params, batch):
+    """equivalence_metrics of the model vs GD-1: eager, jitted, and from a host copy of params (the reference)."""
+    gd1 = gradient_descent(TASK, steps=1, lr=optimal_gd_lr(TASK))
+    trained = predictor(graphdef, params)
+    eager = equivalence_metrics(trained, gd1, batch.inputs)
+    jitted = jax.jit(lambda tokens: equivalence_metrics(trained, gd1, tokens))(batch.inputs)
+    host = equivalence_metrics(predictor(graphdef, jax.device_get(params)), gd1, batch.inputs)
+    return eager, jitted, host
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_train_params_work_outside_the_training_mesh_and_train_on_another(devices):
+    graphdef, params = _model()
+    result = train(regression_loss(graphdef), lr.sample, TASK, CFG, params, mesh=data_mesh(devices), progress=False)
+    batch = sample_batch(lr.sample, TASK, jax.random.key(1), 32)  # sampled outside any mesh
+    eager, jitted, host = _metrics_everywhere(graphdef, result.state.params, batch)
+    for name in host:  # three XLA programs: float32 agreement to a few ulp
+        np.testing.assert_allclose(eager[name], host[name], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(jitted[name], host[name], rtol=1e-5, atol=1e-7)
+    # the returned state is also a valid input to a run on a mesh of another size
+    other = train(regression_loss(graphdef), lr.sample, TASK, CFG, result.state.params,
+                  mesh=data_mesh(5 - devices), progress=False)
+    assert [r["step"] for r in other.train_rows] == list(range(CFG.steps))
+    assert all(np.isfinite(r["loss"]) for r in other.train_rows)
+
+
+def test_sweep_params_work_outside_the_sweep_mesh():
+    graphdef, params = _model()
+    init = lambda key: nnx.split(SelfAttention(4, init_scale=0.1, rngs=nnx.Rngs(key)))[1]  # noqa: E731
+    result = train_sweep(regression_loss(graphdef), lr.sample, TASK, CFG, init,
+                         [{"train.seed": s} for s in range(4)], mesh=sweep_mesh(4), progress=False)
+    batch = sample_batch(lr.sample, TASK, jax.random.key(1), 32)
+    eager, jitted, host = _metrics_everywhere(graphdef, result.member_params(3), batch)
+    for name in host:
+        np.testing.assert_allclose(eager[name], host[name], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(jitted[name], host[name], rtol=1e-5, atol=1e-7)
