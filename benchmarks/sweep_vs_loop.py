@@ -51,7 +51,7 @@ def main() -> None:
     from experiments.gd_sweep import attention_init
     from jaxicl.tasks import linear_regression as lr_task
     from jaxicl.train import TrainConfig, regression_loss, train
-    from jaxicl.train.sweep import estimate_memory, sweep_mesh, train_sweep
+    from jaxicl.train import estimate_memory, sweep_mesh, train_sweep
     from jaxicl.train.sweep_spec import Axis, grid
 
     task = lr_task.LinearRegression(dim=args.dim, n_context=10)
@@ -115,9 +115,10 @@ def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxicl.train.sweep import MEMBER_AXIS, _program
+    from jaxicl.train.mesh import MEMBER_AXIS
+    from jaxicl.train.sweep_program import build_program
 
-    prog = _program(loss_fn, sample, task, cfg, init, members, None)
+    prog = build_program(loss_fn, sample, task, cfg, init, members, None)
     sharding = NamedSharding(mesh, P(MEMBER_AXIS))
     n, steps = len(members), cfg.steps
     with jax.set_mesh(mesh):

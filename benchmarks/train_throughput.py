@@ -19,7 +19,8 @@ from jaxicl.models import SelfAttention, apply
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, data_mesh, regression_loss, replicated
-from jaxicl.train.loop import init_state, run_steps
+from jaxicl.train.state import init_state
+from jaxicl.train.step import run_steps
 from jaxicl.train.optim import make_optimizer
 
 
@@ -36,7 +37,7 @@ def time_training(layers: int, batch_size: int, steps: int) -> dict:
     tx = make_optimizer(cfg)
     mesh = data_mesh()
     with jax.set_mesh(mesh):
-        state = jax.device_put(init_state(params, cfg, tx), replicated(mesh))
+        state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
         chunk = jax.jit(partial(run_steps, n=steps, loss_fn=regression_loss(graphdef), sample=lr.sample,
                                 task_cfg=task, batch_size=batch_size, tx=tx))
         start = time.perf_counter()

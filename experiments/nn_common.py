@@ -13,7 +13,7 @@ from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import SweepResult, TrainConfig, eval_key
-from jaxicl.train.loop import LossFn
+from jaxicl.train import LossFn
 
 
 def sgd_config(cfg) -> TrainConfig:

@@ -2,7 +2,7 @@ import pytest
 
 from experiments import registry
 from experiments.cli import main
-from experiments.common.overrides import apply_overrides
+from jaxicl.config_paths import apply_overrides
 from experiments.common.report import write_report
 from experiments.gd_equivalence import Config
 from jaxicl.validation import ConfigError

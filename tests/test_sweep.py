@@ -13,7 +13,10 @@ from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, regression_loss, train
-from jaxicl.train.sweep import estimate_memory, split_fields, sweep_mesh, train_sweep
+from jaxicl.train import estimate_memory, sweep_mesh, train_sweep
+from jaxicl.train.mesh import MEMBER_AXIS
+from jaxicl.train.sweep_fields import split_fields
+from jaxicl.train.sweep_program import build_program
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
 from jaxicl.validation import ConfigError
 
@@ -203,10 +206,8 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
 def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes():
     from jax.sharding import NamedSharding
 
-    from jaxicl.train.sweep import MEMBER_AXIS, _program
-
     members = [{"train.seed": s} for s in range(4)]
-    prog = _program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
+    prog = build_program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
     mesh = sweep_mesh(2, 2)
     with jax.set_mesh(mesh):
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))

@@ -25,7 +25,7 @@ from jaxicl.train.sweep_spec import Axis
 @pytest.mark.parametrize("argv,message", [
     (["gd_equivalence", "--sweep", "lr=1e-4;1e-3"], "is not a number"),
     (["gd_equivalence", "--sweep", "seed=0:8:0"], "step must not be 0"),
-    (["gd_equivalence", "--sweep", "learning_rate=1,2"], "unknown sweep field 'learning_rate'"),
+    (["gd_equivalence", "--sweep", "learning_rate=1,2"], "unknown field 'learning_rate'"),
     (["gd_equivalence", "--sweep", "n_tasks=1.5,2"], "takes integers"),
     (["gd_equivalence", "--sweep", "lr=1,2", "lr=3"], "given twice"),
     (["sweep_lr_seeds", "--sweep", "lr=1e-3,1e-2"], "'lr' is ambiguous"),

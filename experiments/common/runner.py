@@ -8,7 +8,7 @@ import time
 import jax
 
 from experiments import registry
-from experiments.common.overrides import apply_overrides
+from jaxicl.config_paths import apply_overrides
 from jaxicl.train.sweep_spec import Axis, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError
 

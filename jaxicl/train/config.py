@@ -6,6 +6,8 @@ from jaxicl.validation import check_choice, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
+# Not decayed by default: biases (Linear's "b"), LayerNorm scales, embeddings and position tables.
+NO_DECAY = ("bias", "b", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +19,7 @@ class TrainConfig:
     schedule: str = "constant"  # "warmup_cosine": linear warmup to lr, cosine decay to 0 at `steps`
     warmup_steps: int = 0
     weight_decay: float = 0.0  # adamw only
+    no_decay: tuple[str, ...] = NO_DECAY  # glob patterns of parameter path names adamw does not decay
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
     seed: int = 0
     steps_per_call: int = 100  # steps compiled into one lax.scan call

@@ -1,0 +1,47 @@
+"""The host side of training: compiled chunks of steps, with the host's work between them.
+
+The host regains control at chunk boundaries (every steps_per_call steps, at checkpoints,
+evaluations and the end). Between plain boundaries it never stalls the device: chunk k+1 is
+dispatched before chunk k's metrics are fetched. Where it needs the state itself (evaluate,
+checkpoint, finish) it first handles the metrics of the chunk that produced it.
+"""
+
+from collections.abc import Callable
+
+from jaxicl.train.config import TrainConfig
+
+
+def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
+    """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
+    ends = {cfg.steps}
+    for every in (cfg.steps_per_call, cfg.checkpoint_every, eval_every):
+        if every:
+            ends.update(range(every, cfg.steps, every))
+    return sorted(e for e in ends if e > start)
+
+
+def needs_state(end: int, cfg: TrainConfig, eval_every: int) -> bool:
+    """Whether the host uses the state after step `end` (an evaluation, a checkpoint, the end)."""
+    return end == cfg.steps or any(every and end % every == 0 for every in (eval_every, cfg.checkpoint_every))
+
+
+def drive(state, start: int, cfg: TrainConfig, eval_every: int, *, run_chunk: Callable,
+          on_metrics: Callable[[int, int, dict], None], on_state: Callable[[int, object], None]):
+    """Runs the chunks from step `start` to cfg.steps; returns the final state.
+
+    run_chunk(state, n) -> (state, metrics [.., n]) is asynchronous (jitted); on_metrics(first, end,
+    metrics) handles a chunk's metrics (fetch, log, raise on divergence) one chunk late where it can;
+    on_state(end, state) evaluates and checkpoints where needs_state.
+    """
+    pending = None
+    for end in chunk_boundaries(start, cfg, eval_every):
+        state, metrics = run_chunk(state, end - start)
+        if pending:
+            on_metrics(*pending)
+        pending = (start, end, metrics)
+        if needs_state(end, cfg, eval_every):
+            on_metrics(*pending)
+            pending = None
+            on_state(end, state)
+        start = end
+    return state
