@@ -5,10 +5,10 @@ import pytest
 from flax import nnx
 
 from jaxicl.baselines import k_nearest_neighbors, one_nearest_neighbor
-from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn
 from jaxicl.tasks import sample_batch
-from jaxicl.train import TrainConfig, train_sweep
+from jaxicl.train import TrainConfig, regression_loss, train_sweep
 from jaxicl.validation import ConfigError
 
 
@@ -71,7 +71,7 @@ def test_simplex_vertices_and_multiclass_reduces_to_binary_for_k2():
 def test_sampler_trains_in_a_sweep_under_its_explicit_member_sharding():
     cfg = nn.NearestNeighbor(dim=2, n_context=3, num_classes=3)
     graphdef, params = nnx.split(NearestNeighborAttention(2, label_dim=2, rngs=nnx.Rngs(0)))
-    result = train_sweep(query_loss(graphdef), nn.sample, cfg, TrainConfig(steps=2, batch_size=4, optimizer="sgd"),
+    result = train_sweep(regression_loss(graphdef, coords="sum", scale=0.5), nn.sample, cfg, TrainConfig(steps=2, batch_size=4, optimizer="sgd"),
                          lambda key: params, [{"train.seed": 0}, {"train.seed": 1}], progress=False)
     assert not result.diverged and len(result.train_rows) == 4  # 2 steps x 2 members
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive
 
@@ -44,8 +45,12 @@ class AttentionLayer(nnx.Module):
         self.wo = init((num_heads, key_size, dim))
 
 
-class SelfAttention(nnx.Module):
-    """A stack of num_layers multi-head self-attention layers; call on tokens [T, D] -> [T, D]."""
+class SelfAttention(Model):
+    """A stack of num_layers multi-head self-attention layers; call on tokens [T, D] -> [T, D].
+
+    Readout (von Oswald et al.'s convention): a layer writes -y_hat into the empty label slot, so the
+    predictions [T] are minus the last channel of the outputs.
+    """
 
     def __init__(self, dim: int, *, num_layers: int = 1, num_heads: int = 1, key_size: int | None = None,
                  kind: str = "linear", residual: bool = True, mask: str = "none",
@@ -65,6 +70,9 @@ class SelfAttention(nnx.Module):
             out = self._attend(layer, x, sites, f"layer{l}.attn")
             x = sites(f"layer{l}.resid_post", x + out if self.residual else out)
         return x
+
+    def readout(self, outputs: jax.Array) -> jax.Array:
+        return -outputs[..., -1]
 
     def _attend(self, layer: AttentionLayer, x: jax.Array, sites, name: str) -> jax.Array:
         t = x.shape[0]

@@ -3,7 +3,7 @@
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import NonFiniteLossError, TrainResult, train
-from jaxicl.train.losses import masked_mse, query_mse, regression_loss
+from jaxicl.train.losses import masked_mean, per_position_loss, query_mse, regression_loss
 from jaxicl.train.metrics import read_metrics
 from jaxicl.train.optim import make_optimizer
 from jaxicl.train.state import TrainState, data_key, eval_key, init_state
@@ -15,5 +15,5 @@ from jaxicl.train.sweep_spec import Axis, grid, parse_axes
 
 __all__ = ["Axis", "CheckpointStore", "LossFn", "NonFiniteLossError", "SweepResult", "TrainConfig", "TrainResult",
            "TrainState", "data_key", "data_mesh", "estimate_memory", "eval_key", "grid", "init_state",
-           "make_optimizer", "masked_mse", "parse_axes", "portable", "query_mse", "read_metrics",
+           "make_optimizer", "masked_mean", "parse_axes", "per_position_loss", "portable", "query_mse", "read_metrics",
            "regression_loss", "replicated", "sweep_mesh", "train", "train_sweep"]
