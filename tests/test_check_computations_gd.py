@@ -1,5 +1,5 @@
-"""The computations behind the checks of gd_equivalence and gd_sweep, each against an independent
-value: numpy, closed forms, planted predictors and hand-built sweep tables."""
+"""The computations behind the checks of gd_equivalence, gd_sweep and the sweep_* experiments, each
+against an independent value: numpy, closed forms, planted predictors and hand-built sweep tables."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,9 @@ from flax import nnx
 
 from experiments.common.result import Check, diverged_check
 from experiments.gd_equivalence import ood_scaling
-from experiments.gd_sweep import gd_sweep_checks, padded_gd_lr
+from experiments.gd_sweep import attention_init, gd_sweep_checks, padded_gd_lr
+from experiments.sweep_context_length import context_length_summary
+from experiments.sweep_lr_seeds import _matched_lrs, member_query_mse, pool_summary
 from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent
 from jaxicl.models import predictor
@@ -119,3 +121,70 @@ def test_padded_gd_lr_on_padded_prompts_is_gd1_at_eta_star_of_the_real_pairs(x64
         w = k / (k + d + 1 + sigma ** 2) / k * np.einsum("bi,bid->bd", y[:, real], x[:, real])
         np.testing.assert_allclose(pred, np.einsum("bd,bd->b", w, x[:, n]), rtol=1e-12)  # float64
 
+
+def _row(member, k, seed, rel_gap, loss, diverged_at=None):
+    gd1 = {2: (1.52, 0.01), 4: (1.19, 0.02), 8: (0.905, 0.001)}[k]  # GD-1's mean and standard error at k
+    return {"member": member, "train.seed": seed, "task.n_context": k, "diverged_at": diverged_at, "loss": loss,
+            "gd1_loss": gd1[0], "gd1_loss_se": gd1[1], "rel_gap": rel_gap}
+
+
+def test_context_length_summary_of_a_hand_built_table():
+    theory = {2: 1.5, 4: 1.2, 8: 0.9}
+    table = [_row(0, 2, 0, 0.04, 1.6), _row(1, 4, 0, 5.0, 99.0, diverged_at=3), _row(2, 8, 0, 0.01, 0.95),
+             _row(3, 2, 1, 0.02, 1.55), _row(4, 4, 1, -0.06, 1.25), _row(5, 8, 1, 0.03, 0.93)]
+    s = context_length_summary(table, theory)
+    assert s["finite"] == 5
+    np.testing.assert_allclose(s["worst"], 0.06, rtol=1e-15)  # |-0.06|; the diverged member's 5.0 is left out
+    assert s["gd_mean"] == {2: 1.52, 4: 1.19, 8: 0.905}
+    np.testing.assert_allclose([s["z"][k] for k in (2, 4, 8)], [2.0, 0.5, 5.0], rtol=1e-12)  # |mean - theory| / se
+    np.testing.assert_allclose([s["trained"][k] for k in (2, 4, 8)], [1.575, 1.25, 0.94], rtol=1e-15)
+    assert s["falling"] is True
+    table[5]["loss"] = 1.6  # k = 8 now averages 1.275 > 1.25
+    assert context_length_summary(table, theory)["falling"] is False
+
+
+def test_matched_lrs_need_every_seed_finite_and_within_tolerance():
+    gaps = {1e-3: [(0.01, None), (-0.04, None)], 3e-3: [(-0.01, None), (-0.02, None)],
+            1e-2: [(0.01, None), (0.06, None)], 1e-1: [(0.0, None), (0.01, 7)]}  # lr: [(rel_gap, diverged_at)]
+    table = [{"train.lr": v, "train.seed": s, "rel_gap": g, "diverged_at": at}
+             for v, rows in gaps.items() for s, (g, at) in enumerate(rows)]
+    assert _matched_lrs(table, 0.05) == [1e-3, 3e-3]
+    assert _matched_lrs(table, 0.015) == []
+
+
+def test_the_sampler_with_an_n_tasks_override_draws_only_the_task_pool_vectors():
+    """The diversity sweep passes task.n_tasks per member to a task with n_tasks = 0; dMMSE's pool is task_pool."""
+    task = lr.LinearRegression(dim=3, n_context=4)
+    pool = np.asarray(lr.task_pool(task, 4))
+    for n_tasks in (4, 0):
+        w = np.asarray(sample_batch(lr.sample, task, jax.random.key(1), 256,
+                                    task_params={"n_tasks": jnp.asarray(n_tasks)}).info["w"])
+        dist = np.linalg.norm(w[:, None] - pool[None], axis=-1)  # [256, 4]
+        if n_tasks:  # float32 from two programs: equal up to rounding
+            assert np.all(dist.min(1) < 1e-6) and set(dist.argmin(1)) == {0, 1, 2, 3}
+        else:  # fresh Gaussian tasks
+            assert np.all(dist.min(1) > 1e-3)
+
+
+def test_member_query_mse_equals_a_loop_over_members(x64):
+    task = lr.LinearRegression(dim=2, n_context=5)
+    init, graphdef = attention_init(task.dim + 1, num_layers=2)
+    members = [init(jax.random.key(i), init_scale=0.3) for i in range(3)]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *members)
+    batch = sample_batch(lr.sample, task, jax.random.key(2), 64)
+    loop = [float(query_mse(jax.vmap(predictor(graphdef, p))(batch.inputs), batch.targets)) for p in members]
+    np.testing.assert_allclose(member_query_mse(graphdef, stacked, batch), loop, rtol=1e-12)  # float64, two programs
+    assert len(set(loop)) == 3  # the members differ
+
+
+def test_pool_summary_groups_finite_members_by_pool():
+    members = [{"train.seed": s, "task.n_tasks": k} for s in (0, 1) for k in (1, 4, 0)]
+    losses = np.array([0.9, 0.4, 0.35, 99.0, 0.5, 0.37])
+    s = pool_summary(losses, members, {3: 10}, {0: 0.5, 1: 0.3, 4: 0.46})  # member 3 (seed 1, pool 1) diverged
+    assert sorted(s["by_pool"]) == [0, 1, 4]
+    for k, values in {0: [0.35, 0.37], 1: [0.9], 4: [0.4, 0.5]}.items():
+        np.testing.assert_array_equal(s["by_pool"][k], values)  # copies of the inputs
+    assert (s["smallest"], s["small"], s["beyond"]) == (1, 0.9, [4])  # pool 4: 0.45 < 0.46; pool 1: 0.9 > 0.3
+    np.testing.assert_allclose(s["infinite"], 0.36, rtol=1e-15)  # pool 0
+    no_fresh = pool_summary(losses, members, {3: 10}, {1: 0.3, 4: 0.46})
+    np.testing.assert_allclose(no_fresh["infinite"], 0.45, rtol=1e-15)  # the largest pool stands in for 0
