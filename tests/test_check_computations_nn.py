@@ -133,7 +133,7 @@ def test_nn_metrics_at_the_paper_init_are_those_of_the_label_mean(x64):
     task, sigma = nn_task.NearestNeighbor(dim=3, n_context=4), 3.0
     uniform, shifted = eval_batches(task, 0, 256)
     graphdef, params = nnx.split(NearestNeighborAttention(3, sigma=sigma, rngs=nnx.Rngs(0)))
-    m = nn_metrics(graphdef, uniform, shifted)(params)
+    m = jax.jit(nn_metrics(graphdef, uniform, shifted))(params)
     expected = {}
     for name, batch in (("uniform", uniform), ("shifted", shifted)):
         pred = np.asarray(batch.info["labels"])[..., 0].sum(-1) / (4 + np.exp(-sigma))
@@ -151,7 +151,7 @@ def test_nn_metrics_of_a_hard_1nn_weight_matrix(x64):
     task = nn_task.NearestNeighbor(dim=3, n_context=4)
     uniform, shifted = eval_batches(task, 0, 256)
     graphdef, params = _merged_model(theory.from_reduced(1e7, 1e8, 3), 3)
-    m = nn_metrics(graphdef, uniform, shifted)(params)
+    m = jax.jit(nn_metrics(graphdef, uniform, shifted))(params)
     assert float(m["agree_1nn"]) == 1.0  # 256 prompts: an exact count
     assert float(m["uniform_mse"]) < 1e-20 and float(m["shifted_mse"]) < 1e-20
 
