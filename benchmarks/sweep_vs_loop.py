@@ -48,7 +48,7 @@ def _args() -> argparse.Namespace:
 
 def main() -> None:
     args = _args()
-    from experiments.gd_sweep import attention_init
+    from jaxicl.models.attention import sweep_init
     from jaxicl.tasks import linear_regression as lr_task
     from jaxicl.train import TrainConfig, regression_loss, train
     from jaxicl.train import estimate_memory, sweep_mesh, train_sweep
@@ -57,7 +57,7 @@ def main() -> None:
     task = lr_task.LinearRegression(dim=args.dim, n_context=10)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, steps_per_call=args.steps,
                       log_every=args.steps)
-    init, graphdef = attention_init(args.dim + 1)
+    init, graphdef = sweep_init(args.dim + 1)
     loss_fn = regression_loss(graphdef)
     lrs = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, args.lrs))
     members = [m | {"init_scale": 0.002}

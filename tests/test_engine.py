@@ -244,3 +244,27 @@ def test_a_batchless_objective_trains_through_the_engine_and_logs_the_step_metri
     assert result.info["flops_per_step"] >= 2 * 2 * 32 * 32
     assert json.loads((tmp_path / "run.json").read_text()) == result.info
     assert CheckpointStore(str(tmp_path / "checkpoints")).config()["task"] == {}
+
+
+def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_nothing(tmp_path):
+    """GD with lr 0.5 on 1/2 |w - 1|^2 from w = 0 in 8 dimensions halves the error each step: the loss at
+    step k is 4 * 0.25^k, first below 1e-3 at k = 6 (0.00098; k = 5 gives 0.0039)."""
+    def loss_fn(params, batch):
+        return 0.5 * jnp.sum((params["w"] - 1.0) ** 2), {}
+
+    cfg = TrainConfig(steps=50, optimizer="sgd", lr=0.5, stop_loss=1e-3, steps_per_call=4, log_every=10,
+                      checkpoint_every=8)
+    evaluate = jax.jit(lambda p: {"w0": p["w"][0]})
+    kw = dict(evaluate=evaluate, eval_every=8, progress=False)
+    result = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
+    expected = [4 * 0.25**k for k in range(7)]
+    assert int(result.state.step) == 6
+    assert [r["step"] for r in result.train_rows] == [0, 6]  # logged every 10 steps, and the stopping step
+    np.testing.assert_allclose(result.train_rows[-1]["loss"], expected[6], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(result.state.params["w"]), 1 - 0.5**6, rtol=1e-6)  # w_6: not updated again
+    assert [r["step"] for r in result.eval_rows] == [0, 6]
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [6]
+    rows = lambda: sorted(read_metrics(str(tmp_path / "metrics.jsonl")), key=lambda r: (r["step"], r["split"]))  # noqa: E731
+    before = rows()
+    again = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
+    assert int(again.state.step) == 6 and rows() == before  # the same rows (the stopping step's train row re-logged)

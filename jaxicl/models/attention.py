@@ -20,6 +20,8 @@ Named sites, for l in 0..num_layers-1 (see jaxicl.sites):
   layer{l}.resid_post    [T, D]     the layer's output tokens
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -97,3 +99,14 @@ def attention_mask(mask: str, t: int) -> jax.Array:
     if mask == "context":
         return jnp.ones((t, t), bool).at[:, t - 1].set(t == 1)
     return jnp.ones((t, t), bool)
+
+
+def sweep_init(dim: int, num_layers: int = 1, **model_kw) -> tuple[Callable, nnx.GraphDef]:
+    """(init(key, *, init_scale) -> params, graphdef): the members' init of a sweep of SelfAttention(dim, ...)
+    (linear with residual by default; model_kw as SelfAttention takes them), init_scale sweepable."""
+    kw = {"kind": "linear", "residual": True, **model_kw}
+
+    def init(key, *, init_scale):
+        return nnx.split(SelfAttention(dim, num_layers=num_layers, init_scale=init_scale, rngs=nnx.Rngs(key), **kw))[1]
+
+    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0), **kw))

@@ -26,22 +26,26 @@ def needs_state(end: int, cfg: TrainConfig, eval_every: int) -> bool:
 
 
 def drive(state, start: int, cfg: TrainConfig, eval_every: int, *, run_chunk: Callable,
-          on_metrics: Callable[[int, int, dict], None], on_state: Callable[[int, object], None]):
+          on_metrics: Callable[[int, int, dict], int | None], on_state: Callable[[int, object, bool], None]):
     """Runs the chunks from step `start` to cfg.steps; returns the final state.
 
-    run_chunk(state, n) -> (state, metrics [.., n]) is asynchronous (jitted); on_metrics(first, end,
-    metrics) handles a chunk's metrics (fetch, log, raise on divergence) one chunk late where it can;
-    on_state(end, state) evaluates and checkpoints where needs_state.
+    run_chunk(state, n) -> (state, metrics [.., n]) is asynchronous (jitted). on_metrics(first, end,
+    metrics) handles a chunk's metrics (fetch, log, raise on divergence) one chunk late where it can,
+    and returns the step at which the run stopped early (cfg.stop_loss), if it did. on_state(end, state,
+    final) evaluates and checkpoints where needs_state, and at the end (final=True) however it ends.
     """
     pending = None
     for end in chunk_boundaries(start, cfg, eval_every):
         state, metrics = run_chunk(state, end - start)
-        if pending:
-            on_metrics(*pending)
+        if pending and (stopped := on_metrics(*pending)) is not None:
+            on_state(stopped, state, True)  # the chunk just run left the stopped state as it was
+            return state
         pending = (start, end, metrics)
         if needs_state(end, cfg, eval_every):
-            on_metrics(*pending)
+            stopped = on_metrics(*pending)
             pending = None
-            on_state(end, state)
+            on_state(end if stopped is None else stopped, state, end == cfg.steps or stopped is not None)
+            if stopped is not None:
+                return state
         start = end
     return state

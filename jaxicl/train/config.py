@@ -26,11 +26,12 @@ class TrainConfig:
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3
+    stop_loss: float = 0.0  # > 0: stop at the first step whose loss (before its update) is below this
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints"):
             check_positive(name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every"):
+        for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every", "stop_loss"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("lr", self.lr)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

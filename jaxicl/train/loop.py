@@ -71,7 +71,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     check_positive("eval_every", eval_every, allow_zero=True)
     config = stored_config(task_cfg, cfg, run_config)
     step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,
-                   learning_rate=learning_rate)
+                   learning_rate=learning_rate, stop_loss=cfg.stop_loss)
     with jax.set_mesh(mesh):
         if sample is not None:
             check_divisible(cfg.batch_size)
@@ -105,10 +105,12 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
 
         def on_metrics(first, end, metrics):
             metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+            stopped = metrics.pop("stopped", np.zeros(end - first, bool))
             steps = np.arange(first, end)
             bad = ~np.isfinite(metrics["loss"])
-            logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
-            stop = int(np.argmax(bad)) if bad.any() else len(steps)
+            done = int(np.argmax(stopped)) if stopped.any() else None  # the step whose loss fell below stop_loss
+            logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1) | (np.arange(len(steps)) == done)
+            stop = int(np.argmax(bad)) if bad.any() else len(steps) if done is None else done + 1
             rows = [{"step": int(s), "split": "train", **{k: float(v[i]) for k, v in metrics.items()}}
                     for i, s in enumerate(steps[:stop]) if logged[i]]
             train_rows.extend(rows)
@@ -120,12 +122,15 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
                     f"without saving it. Last good checkpoint: "
                     f"{f'step {last} in {store.directory}' if last is not None else 'none'}")
             bar.update(end - first)
-            bar.set_postfix(loss=f"{metrics['loss'][-1]:.4g}")
+            bar.set_postfix(loss=f"{metrics['loss'][stop - 1]:.4g}")
+            return None if done is None else first + done
 
-        def on_state(end, state):
-            if evaluate and (end == cfg.steps or (eval_every and end % eval_every == 0)):
+        def on_state(end, state, final):
+            if final and end == start > 0:  # resumed a run that had stopped here: its eval and checkpoint exist
+                return
+            if evaluate and (final or (eval_every and end % eval_every == 0)):
                 run_eval(state)
-            if store and (end == cfg.steps or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
+            if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
                 store.save(state)
 
         try:

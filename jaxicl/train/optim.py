@@ -20,14 +20,17 @@ SWEEPABLE_OPTIMIZER_FIELDS = ("lr", "weight_decay", "warmup_steps")
 
 
 def unit_schedule(cfg: TrainConfig, warmup_steps=None) -> optax.Schedule:
-    """The peak-1 learning-rate schedule of cfg; warmup_steps (default cfg's) may be an array."""
+    """The peak-1 learning-rate schedule of cfg; warmup_steps (default cfg's) may be an array.
+
+    Values are in the default float type (float64 under jax.enable_x64), so a float64 fit keeps its lr exact.
+    """
     if cfg.schedule == "constant":
-        return lambda count: jnp.ones((), jnp.float32)
+        return lambda count: 1.0
     warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
 
     def unit(count):
-        count = jnp.asarray(count, jnp.float32)
-        w = jnp.asarray(warmup, jnp.float32)
+        count = jnp.asarray(count, float)
+        w = jnp.asarray(warmup, float)
         decay_steps = jnp.maximum(cfg.steps - w, 1.0)
         fall = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(count - w, 0.0, decay_steps) / decay_steps))
         return jnp.where(count < w, count / jnp.maximum(w, 1.0), fall)
@@ -82,4 +85,4 @@ def make_optimizer(cfg: TrainConfig, swept: tuple[str, ...] = ()) -> optax.Gradi
 def scheduled_lr(cfg: TrainConfig, opt_state, step) -> jax.Array:
     """The learning rate that make_optimizer(cfg, swept) applies at `step` (per member in a sweep)."""
     hp = getattr(opt_state, "hyperparams", {})
-    return hp.get("lr", cfg.lr) * unit_schedule(cfg, hp.get("warmup_steps"))(step)
+    return jnp.asarray(hp.get("lr", cfg.lr) * unit_schedule(cfg, hp.get("warmup_steps"))(step))

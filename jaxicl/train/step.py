@@ -28,11 +28,13 @@ def tree_rms(tree) -> jax.Array:
 
 def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, task_cfg, batch_size: int,
                tx: optax.GradientTransformation, learning_rate: LearningRate | None = None,
-               task_params: dict | None = None) -> tuple[TrainState, dict]:
+               task_params: dict | None = None, stop_loss: float = 0.0) -> tuple[TrainState, dict]:
     """One step on the batch sampled from fold_in(state.key, state.step); returns the new state and metrics.
 
     sample=None: the loss takes no batch (a full-batch or closed-form objective; loss_fn(params, None)).
     task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
+    stop_loss > 0: a step whose loss is below it leaves the state as it is (step counter included) and
+    reports stopped = True, so every later step does the same: the run has ended at that step.
     """
     batch = None if sample is None else sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step),
                                                      batch_size, task_params=task_params)
@@ -45,7 +47,12 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
                "update_ratio": update_rms / jnp.maximum(param_rms, jnp.finfo(param_rms.dtype).tiny), **aux}
     if learning_rate is not None:
         metrics["lr"] = learning_rate(state.opt_state, state.step)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    if stop_loss:
+        stopped = loss < stop_loss
+        new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)
+        metrics["stopped"] = stopped
+    return new, metrics
 
 
 def run_steps(state: TrainState, *, n: int, **step_kw) -> tuple[TrainState, dict]:

@@ -165,10 +165,10 @@ def _train_chunk(prog: SweepProgram, cfg: TrainConfig, members: list[dict], idx:
         log("train", steps[logged], {n: v[:, logged] for n, v in metrics.items()}, ok)
         bar.update(end - first)
 
-    def on_state(end, state):
-        if prog.eval_chunk and (end == cfg.steps or (eval_every and end % eval_every == 0)):
+    def on_state(end, state, final):
+        if prog.eval_chunk and (final or (eval_every and end % eval_every == 0)):
             log_eval(state, end)
-        if store and (end == cfg.steps or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
+        if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
             store.save(state, step=end)
 
     if prog.eval_chunk and start == 0:

@@ -55,6 +55,9 @@ def check_members(members: list[dict], cfg: TrainConfig, task_cfg) -> None:
     """Raises ConfigError unless every member sets the same fields to values its config accepts."""
     if not members:
         raise ConfigError("a sweep needs at least one member")
+    if cfg.stop_loss:
+        raise ConfigError(f"train.stop_loss={cfg.stop_loss}: stopping early is for single runs; a sweep trains "
+                          "every member for train.steps (use stop_loss=0)")
     if any(set(m) != set(members[0]) for m in members):
         raise ConfigError(f"every sweep member must set the same fields, e.g. {sorted(members[0])}")
     for m in members:  # errors name the field
