@@ -43,7 +43,11 @@ PRESETS = {
 
 @partial(jax.jit, static_argnames=("cfg", "normaliser"))
 def fit(g: jax.Array, h: jax.Array, c: jax.Array, cfg: Config, normaliser: float):
-    """Plain GD from P = 0 on the mean loss (exact quadratic form) until loss < stop_loss: (P, steps, loss)."""
+    """Plain GD from P = 0 on the mean loss (exact quadratic form) until loss < stop_loss: (P, loss, steps).
+
+    g, h, c: th.positional_quadratic; the loss is its sum over rows / normaliser. Stops at the first k with
+    loss(P_k) < stop_loss, or at k = max_steps; loss is loss(P_k).
+    """
     t = cfg.seq_len
 
     def loss(p):

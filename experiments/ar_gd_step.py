@@ -44,6 +44,13 @@ PRESETS = {
 }
 
 
+def step_matrix_error(a: np.ndarray, b: np.ndarray, eta: float) -> tuple[np.ndarray, float]:
+    """(B A^T [d, d], ||B A^T - eta I||_F / ||eta I||_F) for the model's A, B [d, d]: 0 for one GD step of size eta."""
+    bat = b @ a.T
+    eye = eta * np.eye(len(bat))
+    return bat, np.linalg.norm(bat - eye) / np.linalg.norm(eye)
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
     positions = np.arange(task.seq_len)  # position t has t context pairs
@@ -63,9 +70,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=out_dir, evaluate=evaluate,
                    eval_every=cfg.eval_every, run_config={"experiment": "ar_gd_step"}, desc="ar_gd_step")
     p = result.state.params
-    a, b = np.asarray(p["a"][...]), np.asarray(p["b"][...])
-    bat = b @ a.T
-    eta_err = np.linalg.norm(bat - eta * np.eye(d)) / np.linalg.norm(eta * np.eye(d))
+    bat, eta_err = step_matrix_error(np.asarray(p["a"][...]), np.asarray(p["b"][...]), eta)
     final = result.eval_rows[-1]["loss"]
     gap = abs(final - theory.mean()) / theory.mean()
     measured = per_position_loss(graphdef, p, eval_batch)

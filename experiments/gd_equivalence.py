@@ -52,6 +52,28 @@ PRESETS = {
 }
 
 
+def ood_scaling(task: lr_task.LinearRegression, trained, gd1, eta: float, scales, key: jax.Array,
+                num: int) -> dict[str, list[float]]:
+    """trained vs GD-1 (both predictors tokens [T, D] -> [T]) with the inputs scaled by each s in scales.
+
+    Scale i is evaluated on num prompts from fold_in(key, i + 1). Returns lists [len(scales)]: scale, the
+    query MSE of trained and gd, theory (GD-1's closed-form loss at step eta) and the sensitivity cosines
+    query_cos, context_cos (jaxicl.analysis.equivalence).
+    """
+    ood = {"scale": [], "trained": [], "gd": [], "theory": [], "query_cos": [], "context_cos": []}
+    for i, s in enumerate(scales):
+        scaled = dataclasses.replace(task, x_scale=task.x_scale * s)
+        batch = sample_batch(lr_task.sample, scaled, jax.random.fold_in(key, i + 1), num)
+        ood["scale"].append(s)
+        ood["trained"].append(float(query_mse(jax.vmap(trained)(batch.inputs), batch.targets)))
+        ood["gd"].append(float(query_mse(jax.vmap(gd1)(batch.inputs), batch.targets)))
+        ood["theory"].append(gd_one_step_loss(scaled, eta))
+        sensitivity = equivalence_metrics(trained, gd1, batch.inputs)
+        ood["query_cos"].append(float(sensitivity["query_cos"]))
+        ood["context_cos"].append(float(sensitivity["context_cos"]))
+    return ood
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
     eta = optimal_gd_lr(task)
@@ -83,17 +105,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     construct_err = float(jnp.max(jnp.abs(construct - jax.vmap(gd1)(eval_batch.inputs)[:, -1])))
 
     # Out of distribution: inputs scaled by s (trained and GD-1 at the training eta*).
-    ood = {"scale": [], "trained": [], "gd": [], "theory": [], "query_cos": [], "context_cos": []}
-    for i, s in enumerate(cfg.scales):
-        scaled = dataclasses.replace(task, x_scale=task.x_scale * s)
-        batch = sample_batch(lr_task.sample, scaled, jax.random.fold_in(test_key, i + 1), cfg.eval_prompts)
-        ood["scale"].append(s)
-        ood["trained"].append(float(query_mse(jax.vmap(trained)(batch.inputs), batch.targets)))
-        ood["gd"].append(float(query_mse(jax.vmap(gd1)(batch.inputs), batch.targets)))
-        ood["theory"].append(gd_one_step_loss(scaled, eta))
-        sensitivity = equivalence_metrics(trained, gd1, batch.inputs)
-        ood["query_cos"].append(float(sensitivity["query_cos"]))
-        ood["context_cos"].append(float(sensitivity["context_cos"]))
+    ood = ood_scaling(task, trained, gd1, eta, cfg.scales, test_key, cfg.eval_prompts)
     ood_ratio = np.max(np.abs(np.array(ood["trained"]) / np.array(ood["gd"]) - 1))
 
     figures = [_plot_training(result.eval_rows, gd_loss, gd_one_step_loss(task, eta), out_dir),

@@ -58,6 +58,23 @@ PRESETS = {
 }
 
 
+def context_length_summary(table: list[dict], theory: dict[int, float]) -> dict:
+    """The sweep's table (gd_sweep.run_gd_sweep) against GD-1 at every context length k in theory {k: closed form}.
+
+    finite: the number of members that did not diverge; worst: max |rel_gap| over them; gd_mean {k: GD-1's loss
+    on the evaluation prompts of k}; z {k: |gd_mean - theory| / its standard error}; trained {k: mean loss of
+    the finite members}; falling: whether trained falls strictly with k.
+    """
+    lengths = sorted(theory)
+    finite = [r for r in table if r["diverged_at"] is None]
+    gd_row = {r[CONTEXT_FIELD]: r for r in table}  # GD-1 on the evaluation prompts of each k (same for every seed)
+    gd_mean = {k: gd_row[k]["gd1_loss"] for k in lengths}
+    trained = {k: float(np.mean([r["loss"] for r in finite if r[CONTEXT_FIELD] == k])) for k in lengths}
+    return {"finite": len(finite), "worst": max((abs(r["rel_gap"]) for r in finite), default=float("inf")),
+            "gd_mean": gd_mean, "z": {k: abs(gd_mean[k] - theory[k]) / gd_row[k]["gd1_loss_se"] for k in lengths},
+            "trained": trained, "falling": all(trained[a] > trained[b] for a, b in zip(lengths, lengths[1:]))}
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
     lengths = sorted(cfg.context_lengths)
     gd = dataclasses.replace(cfg.gd, task=dataclasses.replace(cfg.gd.task, n_context=lengths[-1]))
@@ -65,21 +82,17 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     table, _ = run_gd_sweep(gd, axes, f"{out_dir}/context_length")
     theory = {k: gd_one_step_loss(dataclasses.replace(gd.task, n_context=k),
                                   optimal_gd_lr(dataclasses.replace(gd.task, n_context=k))) for k in lengths}
-    finite = [r for r in table if r["diverged_at"] is None]
-    gd_row = {r[CONTEXT_FIELD]: r for r in table}  # GD-1 on the evaluation prompts of each k (same for every seed)
-    gd_mean = {k: gd_row[k]["gd1_loss"] for k in lengths}
-    worst = max((abs(r["rel_gap"]) for r in finite), default=float("inf"))
-    z = {k: abs(gd_mean[k] - theory[k]) / gd_row[k]["gd1_loss_se"] for k in lengths}
-    trained = {k: float(np.mean([r["loss"] for r in finite if r[CONTEXT_FIELD] == k])) for k in lengths}
-    falling = all(trained[a] > trained[b] for a, b in zip(lengths, lengths[1:]))
+    summary = context_length_summary(table, theory)
+    worst, gd_mean, z, trained = (summary[k] for k in ("worst", "gd_mean", "z", "trained"))
     checks = [
         check_below("worst_member_rel_gap_to_gd1_at_its_k", worst, cfg.match_tolerance,
-                    f"max over {len(finite)} members of |L / L_GD1(k) - 1|, GD-1 at eta*(k) on the same padded prompts"),
+                    f"max over {summary['finite']} members of |L / L_GD1(k) - 1|, GD-1 at eta*(k) on the same "
+                    "padded prompts"),
         check_below("gd1_on_padded_prompts_vs_closed_form_in_se", max(z.values()), cfg.max_standard_errors,
                     "max over k of |mean - closed form| / standard error, GD-1 at eta*(k) n_context/k on prompts "
                     f"padded to {lengths[-1]}: " + ", ".join(f"k={k}: {gd_mean[k]:.4f} vs {theory[k]:.4f}"
                                                             for k in lengths)),
-        Check("trained_loss_falls_with_context_length", len(lengths), "strictly decreasing", falling,
+        Check("trained_loss_falls_with_context_length", len(lengths), "strictly decreasing", summary["falling"],
               "mean over seeds: " + ", ".join(f"k={k}: {trained[k]:.4f}" for k in lengths)),
         diverged_check({r["member"]: r["diverged_at"] for r in table if r["diverged_at"] is not None}),
     ]

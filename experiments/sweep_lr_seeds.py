@@ -120,6 +120,28 @@ def _plot_lr(table: list[dict], gd_loss: float, matched: list[float], tolerance:
     return save_figure(fig, out_dir, "loss_vs_lr")
 
 
+def member_query_mse(graphdef, params, batch) -> np.ndarray:
+    """[M] query MSE on one batch of every member of the stacked parameters params [M, ...] (one vmapped program)."""
+    model = jax.jit(jax.vmap(lambda p: query_mse(jax.vmap(predictor(graphdef, p))(batch.inputs), batch.targets)))
+    return np.asarray(model(params))
+
+
+def pool_summary(losses: np.ndarray, members: list[dict], diverged: dict, dmmse_loss: dict[int, float]) -> dict:
+    """The members' fresh-task losses [M] by pool size task.n_tasks (dmmse_loss's keys; 0: a fresh task per prompt).
+
+    by_pool {k: losses of the members of pool k that did not diverge}; smallest: the smallest finite pool; small,
+    infinite: the mean loss at the smallest pool and at pool 0 (else the largest); beyond: the finite pools whose
+    mean loss is below their own dMMSE.
+    """
+    pools = sorted(dmmse_loss)
+    by_pool = {k: losses[[i for i, m in enumerate(members) if m["task.n_tasks"] == k and i not in diverged]]
+               for k in pools}
+    smallest = min(k for k in pools if k)
+    return {"by_pool": by_pool, "smallest": smallest, "small": float(np.mean(by_pool[smallest])),
+            "infinite": float(np.mean(by_pool[0 if 0 in pools else max(pools)])),
+            "beyond": [k for k in pools if k and float(np.mean(by_pool[k])) < dmmse_loss[k]]}
+
+
 def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], str]:
     task = cfg.diversity_task
     init, graphdef = attention_init(task.dim + 1, cfg.diversity_layers)
@@ -131,21 +153,16 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
     write_sweep_report(sweep_dir)
     key = eval_key(cfg.diversity_train.seed)
     fresh = sample_batch(lr_task.sample, dataclasses.replace(task, n_tasks=0), key, cfg.eval_prompts)
-    model = jax.jit(jax.vmap(lambda p: query_mse(jax.vmap(predictor(graphdef, p))(fresh.inputs), fresh.targets)))
-    losses = np.asarray(model(result.params))
+    losses = member_query_mse(graphdef, result.params, fresh)
     lam = task.noise_std**2 / task.w_scale**2
     ridge_loss = float(query_mse(jax.vmap(ridge(task, lam))(fresh.inputs), fresh.targets))
     pools = sorted(set(cfg.n_tasks))
     dmmse_loss = {k: ridge_loss if k == 0 else float(query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
         fresh.inputs), fresh.targets)) for k in pools}
-    by_pool = {k: losses[[i for i, m in enumerate(members) if m["task.n_tasks"] == k and i not in result.diverged]]
-               for k in pools}
-    figure = _plot_diversity(by_pool, dmmse_loss, ridge_loss, out_dir)
-    smallest = min(k for k in pools if k)
+    summary = pool_summary(losses, members, result.diverged, dmmse_loss)
+    figure = _plot_diversity(summary["by_pool"], dmmse_loss, ridge_loss, out_dir)
+    smallest, small, infinite, beyond = (summary[k] for k in ("smallest", "small", "infinite", "beyond"))
     dist = lambda v, ref: abs(np.log(v / ref))  # noqa: E731
-    small = float(np.mean(by_pool[smallest]))
-    infinite = float(np.mean(by_pool[0 if 0 in pools else max(pools)]))
-    beyond = [k for k in pools if k and float(np.mean(by_pool[k])) < dmmse_loss[k]]
     checks = [
         Check("small_pool_closer_to_dmmse_than_ridge", small, f"log-closer to dMMSE {dmmse_loss[smallest]:.3g} than to ridge {ridge_loss:.3g}",
               bool(dist(small, dmmse_loss[smallest]) < dist(small, ridge_loss)),

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from experiments.common.result import diverged_check
+from experiments.common.sweep_report import final_table
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
@@ -102,13 +104,18 @@ def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once
     _assert_trees_close(chunked.params, whole.params, rtol=1e-6, atol=1e-7)
 
 
-def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unchanged():
+def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unchanged(tmp_path):
     cfg = _cfg(optimizer="sgd")
     members = [{"train.lr": 1e-2}, {"train.lr": 3e3}, {"train.lr": 2e-2}]
-    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, progress=False)
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, out_dir=str(tmp_path), progress=False)
     assert list(swept.diverged) == [1]
     d = swept.diverged[1]
     assert 0 <= d < cfg.steps
+    # the report's round trip: sweep.json -> final_table -> diverged_at per member -> the experiments' check
+    _, table = final_table(str(tmp_path))
+    assert [r["diverged_at"] for r in table] == [None, d, None]
+    check = diverged_check({r["member"]: r["diverged_at"] for r in table if r["diverged_at"] is not None})
+    assert (check.value, check.passed) == (1, False) and f"{{1: {d}}}" in check.note
     assert [r["step"] for r in swept.train_rows if r["member"] == 1] == list(range(d))
     assert all(np.isfinite(r["loss"]) for r in swept.train_rows)
     leaves = jax.tree.leaves(swept.member_params(1))

@@ -1,0 +1,247 @@
+"""The computations behind the checks of the ar_* experiments, each against an independent value.
+
+Planted optima and perturbations with closed-form metrics, numpy loops and Monte Carlo against the
+theory's closed forms (float64 where the tolerance is tight).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import ar_fig6_pe_only as fig6
+from experiments.ar_common import fig3_metrics, gd_fit, haar_task, held_out_set, per_position_loss, sequence_loss
+from experiments.ar_fig5_augmented import best_gd_step, identity_error, qk_vo
+from experiments.ar_gd_step import step_matrix_error
+from jaxicl.models import apply
+from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
+from jaxicl.models.ar_transformer import AugmentedTransformer
+from jaxicl.tasks import autoregressive as ar
+from jaxicl.tasks import sample_batch
+from jaxicl.theory import autoregressive as th
+
+
+def test_gd_fit_is_plain_gd_across_chunk_boundaries(x64):
+    """On 0.5 |x - x*|^2 with lr 0.1, x_k - x* = 0.9^k (x_0 - x*); 25 steps in chunks of 10, 10 and 5."""
+    target = (jnp.array([1.0, -2.0, 0.5]), jnp.array([[3.0, 0.25]]))
+    p0 = (jnp.array([0.0, 1.0, -1.0]), jnp.array([[-1.0, 2.0]]))
+    loss = lambda p: 0.5 * sum(jnp.sum((x - t) ** 2) for x, t in zip(p, target))  # noqa: E731
+    params, losses = gd_fit(loss, p0, lr=0.1, steps=25, chunk=10)
+    for x, x0, t in zip(params, p0, target):
+        np.testing.assert_allclose(x, t + 0.9 ** 25 * (x0 - t), rtol=1e-12)  # float64 rounding over 25 steps
+    sq = sum(float(jnp.sum((x0 - t) ** 2)) for x0, t in zip(p0, target))
+    assert losses.shape == (25,)  # losses[i]: the loss before step i
+    np.testing.assert_allclose(losses, 0.5 * 0.81 ** np.arange(25) * sq, rtol=1e-12)
+
+
+@pytest.mark.parametrize("family", th.FAMILIES)
+def test_fig3_metrics_vanish_at_the_planted_optimum(family):
+    c = 1.7
+    optimum = th.unitary_optimum if family == "unitary" else th.orthogonal_optimum
+    m = fig3_metrics(family, *optimum(4, 5, 6, c))
+    np.testing.assert_allclose(m["scale"], c, rtol=1e-15)  # the mean of four or eight copies of c
+    errors = ["offdiag", "cur_err", "other"] + (["prev_err", "eig_err"] if family == "orthogonal" else [])
+    np.testing.assert_allclose([m[k] for k in errors], 0.0, atol=1e-12)  # float64 rounding of c * (1 / c) etc.
+    if family == "orthogonal":
+        np.testing.assert_allclose(m["eigs"], [2 * c, 2 * c, 0, 0, 0], atol=1e-12)
+
+
+def test_fig3_metrics_of_a_perturbed_unitary_optimum():
+    c, eps = 1.7, 0.3
+    a, b, p = th.unitary_optimum(4, 4, 6, c)
+    a[0, 1] = eps  # C = B^T A = A: one entry off the diagonal
+    p[2, 3] = 1.2 / c  # row 2's p_cur: c p_cur - 1 = 0.2
+    p[3, 1], p[3, 3] = 0.5, 0.25  # visible keys of row 3 other than p_cur (p_prev = P[3, 3] counts here)
+    p[1, 4], p[-1, 0] = 9.0, 9.0  # a key row 1 cannot see, and P's unused last row: neither counts
+    m = fig3_metrics("unitary", a, b, p)
+    p_cur_norm = np.sqrt(4 + 1.2 ** 2) / c
+    # float64 rounding of a handful of operations
+    np.testing.assert_allclose(m["offdiag"], eps / np.sqrt(4 * c ** 2 + eps ** 2), rtol=1e-12)
+    np.testing.assert_allclose(m["scale"], c, rtol=1e-15)
+    np.testing.assert_allclose(m["cur_err"], 0.2, rtol=1e-12)
+    np.testing.assert_allclose(m["other"], np.hypot(0.5, 0.25) / p_cur_norm, rtol=1e-12)
+    assert "prev_err" not in m and "eig_err" not in m
+
+
+def test_fig3_metrics_of_a_perturbed_orthogonal_optimum():
+    c, e, eps = 1.7, 0.1, 0.2
+    a, b, p = th.orthogonal_optimum(4, 2, 6, c)
+    a[0] *= 1 + e  # block 0 of C is c (1 + e) J: the mean on the structure is c (1 + e / 2)
+    a[1, 0] = eps  # C[2, 0] = C[3, 0] = eps, off the block structure; A B^T = [[2c(1+e), 0], [eps, 2c]]
+    p[3, 1] = 0.5  # a visible key before p_prev
+    p[1, 4], p[-1, 0] = 9.0, 9.0  # invisible / unused entries
+    m = fig3_metrics("orthogonal", a, b, p)
+    scale = c * (1 + e / 2)
+    np.testing.assert_allclose(m["scale"], scale, rtol=1e-14)  # float64 rounding
+    np.testing.assert_allclose(m["offdiag"], np.sqrt(2) * eps / np.sqrt(4 * c ** 2 * ((1 + e) ** 2 + 1) + 2 * eps ** 2),
+                               rtol=1e-12)
+    np.testing.assert_allclose(m["cur_err"], e / 2, rtol=1e-12)  # c_hat p_cur - 1 with p_cur = 1 / c
+    np.testing.assert_allclose(m["prev_err"], e / 4, rtol=1e-12)  # c_hat p_prev + 1/2 with p_prev = -1 / (2c)
+    np.testing.assert_allclose(m["eigs"], [2 * c * (1 + e), 2 * c], rtol=1e-12)
+    np.testing.assert_allclose(m["eig_err"], (e / 2) / (1 + e / 2), rtol=1e-12)  # both eigenvalues are this far off
+    np.testing.assert_allclose(m["other"], 0.5 / (np.sqrt(5) / c), rtol=1e-12)
+
+
+def test_identity_error_is_zero_on_multiples_of_the_identity_and_the_relative_rest_otherwise():
+    assert identity_error(2.5 * np.eye(3)) == (0.0, 2.5)  # exact: tr = 7.5, 7.5 / 3 = 2.5 and X - 2.5 I = 0
+    e = np.array([[0.0, 0.3, -0.2], [0.1, 0.0, 0.4], [-0.5, 0.2, 0.0]])
+    err, alpha = identity_error(2.5 * np.eye(3) + e)
+    assert alpha == 2.5  # E has a zero diagonal: the trace is exactly 7.5
+    np.testing.assert_allclose(err, np.linalg.norm(e) / np.linalg.norm(2.5 * np.eye(3) + e), rtol=1e-15)
+    err, alpha = identity_error(np.diag([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose((err, alpha), (np.sqrt(2 / 14), 2.0), rtol=1e-15)  # |diag(-1, 0, 1)| / |diag(1, 2, 3)|
+
+
+def test_qk_vo_are_the_layer_bilinear_score_and_value_output_maps(x64):
+    """With the q, k, v, o biases zeroed, the layer's scores are tril(x QK x^T) / sqrt(D) and its
+    attention output scores x VO: so QK[d:2d, 2d:] pairs the query's s_t with the key's s_(t'-1)."""
+    d = 2
+    tokens = held_out_set(haar_task("augmented", dim=d, seq_len=5), 1).inputs[0]
+    model = jax.tree.map(lambda v: v.astype(jnp.float64), AugmentedTransformer(3 * d, 1, rngs=nnx.Rngs(0)))
+    layer = model.layers[0]
+    for lin in (layer.q, layer.k, layer.v, layer.o):
+        lin.b[...] = jnp.zeros_like(lin.b[...])
+    qk, vo = qk_vo(layer)
+    _, cache = apply(*nnx.split(model), tokens, capture={"layer0.attn.scores", "layer0.attn.out"})
+    x = np.asarray(tokens)
+    scores = np.tril(x @ qk @ x.T) / np.sqrt(3 * d)
+    np.testing.assert_allclose(cache["layer0.attn.scores"], scores, rtol=1e-12, atol=1e-15)  # float64, reassociated
+    np.testing.assert_allclose(cache["layer0.attn.out"], scores @ x @ vo, rtol=1e-11, atol=1e-15)
+
+
+def _numpy_best_gd_step(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per position t: M_t = sum_{t'=1}^{t} s_t' s_(t'-1)^T, base = M_t s_t, eta_t = least squares of
+    eta base ~ s_(t+1) over the batch and coordinates (0 at t = 0), loss_t = mean squared error."""
+    n, t_plus_1, d = s.shape
+    eta, loss = np.zeros(t_plus_1 - 1), np.zeros(t_plus_1 - 1)
+    for t in range(t_plus_1 - 1):
+        base = np.zeros((n, d))
+        for b in range(n):
+            m = np.zeros((d, d))
+            for k in range(1, t + 1):
+                m += np.outer(s[b, k], s[b, k - 1])
+            base[b] = m @ s[b, t]
+        target = s[:, t + 1]
+        eta[t] = np.sum(base * target) / np.sum(base * base) if t else 0.0
+        loss[t] = np.mean((eta[t] * base - target) ** 2)
+    return eta, loss
+
+
+def test_best_gd_step_equals_a_numpy_loop(x64):
+    batch = held_out_set(haar_task("augmented", dim=3, seq_len=6), 16)
+    eta, loss = best_gd_step(batch)
+    ref_eta, ref_loss = _numpy_best_gd_step(np.asarray(batch.info["states"]))
+    assert eta[0] == 0.0  # no context pair at t = 0: 0 / max(0, 1e-30)
+    np.testing.assert_allclose(eta, ref_eta, rtol=1e-12)  # float64, summed in another order
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    for scale in (0.99, 1.01):  # eta_t is the best step at t: moving it either way costs
+        assert np.all(_numpy_gd_step_loss(np.asarray(batch.info["states"]), scale * ref_eta)[1:] > ref_loss[1:])
+
+
+def _numpy_gd_step_loss(s: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    """[T] mean squared error of eta_t M_t s_t against s_(t+1) for states s [B, T + 1, d]."""
+    loss = np.zeros(s.shape[1] - 1)
+    for t in range(len(loss)):
+        m = np.einsum("bki,bkj->bij", s[:, 1:t + 1], s[:, :t])
+        loss[t] = np.mean((eta[t] * np.einsum("bij,bj->bi", m, s[:, t]) - s[:, t + 1]) ** 2)
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["transformer", "linear_attention"])
+def test_sequence_and_per_position_losses_equal_numpy(x64, kind):
+    """Real tokens, width d, coordinates averaged (Fig. 5); complex states, all outputs, coordinates summed (GD step)."""
+    if kind == "transformer":
+        d, width, coords = 2, 2, "mean"
+        batch = held_out_set(haar_task("augmented", dim=d, seq_len=5), 4)
+        model = jax.tree.map(lambda v: v.astype(jnp.float64), AugmentedTransformer(3 * d, 1, rngs=nnx.Rngs(1)))
+    else:
+        d, width, coords = 3, None, "sum"
+        task = ar.Autoregressive(family="unitary", dim=d, seq_len=5, init="random_phase")
+        batch = sample_batch(ar.sample, task, jax.random.key(2), 4, axis=None)
+        model = AugmentedLinearAttention(d, init_scale=0.5, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    pred = np.stack([np.asarray(model(x)) for x in batch.inputs])[..., :width]
+    err = np.abs(pred - np.asarray(batch.targets)) ** 2  # [B, T, d]
+    per_position = (err.sum(-1) if coords == "sum" else err.mean(-1)).mean(0)
+    loss, aux = sequence_loss(graphdef, width, coords)(params, batch)
+    assert aux == {}
+    np.testing.assert_allclose(loss, per_position.mean(), rtol=1e-12)  # float64, vmapped vs per prompt
+    np.testing.assert_allclose(per_position_loss(graphdef, params, batch, width, coords), per_position, rtol=1e-12)
+
+
+def _gd_from_zero(g, h, alpha, k):
+    """P_k [T - 1, T] of k GD steps of size alpha on p G p - 2 h p from 0, per row in G's eigenbasis:
+    V diag((1 - (1 - alpha lam)^k) / lam) V^T h (alpha k where lam = 0)."""
+    rows = []
+    for gr, hr in zip(g, h):
+        lam, v = np.linalg.eigh(gr)
+        flat = lam <= 1e-12 * lam.max()  # the keys row r cannot see: G and h are 0 there
+        x = np.minimum(alpha * lam, 0.5)  # 1 - (1 - x)^k without cancellation for small x
+        filt = np.where(alpha * lam < 0.5, -np.expm1(k * np.log1p(-x)), 1 - (1 - alpha * lam) ** k)
+        filt = np.where(flat, alpha * k, filt / np.where(flat, 1.0, lam))
+        rows.append(v @ (filt * (v.T @ hr)))
+    return np.array(rows)
+
+
+def _positional_loss(s, p, normaliser):
+    """sum_{r, n} |sum_{k <= r+1} conj(s_r) s_k^2 P[r, k] - s_(r+2)|^2 / normaliser, straight from the states."""
+    total = 0.0
+    for r in range(s.shape[1] - 2):
+        f = np.conj(s[:, r])[:, None] * s[:, :r + 2] ** 2
+        total += np.sum(np.abs(f @ p[r, :r + 2] - s[:, r + 2]) ** 2)
+    return total / normaliser
+
+
+def test_fig6_fit_is_gd_from_zero_and_stops_at_the_first_step_below_stop_loss(x64):
+    t, n = 5, 30
+    task = ar.Autoregressive(family="complex_1d", dim=1, seq_len=t, mu=50.0, format="tiled", tile=1)
+    s = sample_batch(ar.sample, task, jax.random.key(4), n, axis=None).info["states"][..., 0]  # [n, T + 1]
+    g, h, c = th.positional_quadratic(s)
+    normaliser, lr = float(n * (t - 1)), 0.5
+    alpha = 2 * lr / normaliser  # the step on p G p - 2 h p
+    s, g, h = np.asarray(s), np.asarray(g), np.asarray(h)
+    paths = [np.concatenate([_gd_from_zero(g, h, alpha, k), np.zeros((1, t))]) for k in range(61)]  # last row: no data
+    losses = np.array([_positional_loss(s, p, normaliser) for p in paths])
+    assert np.all(np.diff(losses) < 0)  # alpha < 2 / lambda_max: the loss falls at every step
+    k0 = 40
+    cases = [(np.sqrt(losses[k0 - 1] * losses[k0]), 100_000, k0),  # between two steps' losses: stops at k0
+             (1e-300, 7, 7),  # never reached: stops at max_steps
+             (2 * losses[0], 100, 0)]  # already below at P = 0
+    for stop_loss, max_steps, steps in cases:
+        cfg = fig6.Config(seq_len=t, n_sequences=n, lr=lr, stop_loss=stop_loss, max_steps=max_steps)
+        p, loss, k = fig6.fit(jnp.asarray(g), jnp.asarray(h), c, cfg, normaliser=normaliser)
+        assert int(k) == steps
+        # float64: k updates of the iteration vs the spectral closed form
+        np.testing.assert_allclose(p, paths[steps], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(loss, losses[steps], rtol=1e-10)
+
+
+def test_step_matrix_error_is_zero_for_a_planted_gd_step_and_relative_otherwise():
+    eta = 0.0731
+    for a, b in ((np.eye(3), eta * np.eye(3)), (2 * np.eye(3), eta / 2 * np.eye(3))):
+        bat, err = step_matrix_error(a, b, eta)
+        np.testing.assert_allclose(bat, eta * np.eye(3), rtol=1e-15)  # eta / 2 * 2: exact up to one rounding
+        assert err < 1e-15
+    e = np.array([[0.0, 0.2, 0.0], [0.0, 0.1, 0.0], [-0.3, 0.0, 0.0]])
+    _, err = step_matrix_error(np.eye(3) + e.T, eta * np.eye(3), eta)  # B A^T = eta (I + E)
+    np.testing.assert_allclose(err, np.linalg.norm(e) / np.sqrt(3), rtol=1e-12)
+
+
+def test_planted_gd_step_model_has_the_closed_form_loss_per_position(x64):
+    """a = I, b = eta* I is one GD step of size eta*: its loss on random-phase prompts is gd_step_loss."""
+    d, t, r, n = 3, 6, 0.7, 20_000
+    task = ar.Autoregressive(family="unitary", dim=d, seq_len=t, init="random_phase", init_scale=r)
+    positions = np.arange(t)
+    eta = th.optimal_shared_gd_step(d, positions, r)
+    model = AugmentedLinearAttention(d, rngs=nnx.Rngs(0))
+    model.a[...], model.b[...] = jnp.eye(d), eta * jnp.eye(d)
+    graphdef, params = nnx.split(model)
+    batch = sample_batch(ar.sample, task, jax.random.key(5), n, axis=None)
+    err = jnp.sum(jnp.abs(jax.vmap(model)(batch.inputs) - batch.targets) ** 2, -1)  # [n, T]
+    mean, se = np.asarray(err.mean(0)), np.asarray(err.std(0) / np.sqrt(n))
+    theory = th.gd_step_loss(d, positions, eta, r)
+    assert np.all(np.abs(mean - theory) < 5 * se + 1e-12)  # position 0 is exact: |s_1|^2 = d r^2 for every prompt
+    per_prompt = err.mean(1)
+    loss = sequence_loss(graphdef)(params, batch)[0]
+    assert abs(float(loss) - theory.mean()) < 5 * float(per_prompt.std() / np.sqrt(n))

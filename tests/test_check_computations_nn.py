@@ -1,0 +1,167 @@
+"""The computations behind the checks of the nn_* experiments, each against an independent value.
+
+Finite differences, sphere moments, synthetic runs with known fits, planted weights whose
+predictions are known in closed form, and hand-built sweep results.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import nn_fig3_training as fig3
+from experiments.nn_common import eval_batches, family_loss, member_tables, nn_metrics
+from experiments.nn_fig2_landscape import _hessian_grid, _hessian_terms
+from experiments.nn_random_init import failing_scales, scale_means
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
+from jaxicl.tasks import nearest_neighbor as nn_task
+from jaxicl.tasks import sample_batch
+from jaxicl.theory import nearest_neighbor as theory
+from jaxicl.train import SweepResult
+
+
+def test_hessian_grid_equals_central_second_differences_of_the_reduced_loss(x64):
+    s = theory.sample_inner_products(jax.random.key(0), 4, 4, 2000)
+    points = jnp.array([[1.0, 2.0], [3.0, 0.5], [-2.0, 4.0]])
+    hess = np.asarray(_hessian_grid(points, s))
+    reduced_loss = jax.jit(theory.reduced_loss)
+    loss = lambda a, b: float(reduced_loss(a, b, s))  # noqa: E731
+    h = 1e-3
+    for (a, b), got in zip(np.asarray(points), hess):
+        h11 = (loss(a + h, b) - 2 * loss(a, b) + loss(a - h, b)) / h ** 2
+        h22 = (loss(a, b + h) - 2 * loss(a, b) + loss(a, b - h)) / h ** 2
+        h12 = (loss(a + h, b + h) - loss(a + h, b - h) - loss(a - h, b + h) + loss(a - h, b - h)) / (4 * h ** 2)
+        # truncation O(h^2) ~ 1e-6 relative, rounding ~1e-16 / h^2 ~ 1e-10
+        np.testing.assert_allclose(got, [[h11, h12], [h12, h22]], rtol=1e-5, atol=1e-7 * np.abs(got).max())
+
+
+def test_per_sample_hessians_average_to_the_hessian_of_the_mean(x64):
+    s = theory.sample_inner_products(jax.random.key(1), 4, 4, 500)
+    point = jnp.array([2.0, 1.5])
+    terms = _hessian_terms(point, s)
+    assert terms.shape == (500, 2, 2)
+    np.testing.assert_allclose(terms.mean(0), _hessian_grid(point[None], s)[0], rtol=1e-10)  # float64, two programs
+
+
+def test_inner_products_have_the_moments_of_a_coordinate_on_the_sphere():
+    """s = <x, e_1> for x uniform on S^(d-1): E s = 0, E s^2 = 1/d, E s^4 = 3/(d(d+2))."""
+    for d in (2, 5):
+        s = np.asarray(theory.sample_inner_products(jax.random.key(d), 3, d, 100_000), np.float64).ravel()
+        assert np.all(np.abs(s) <= 1 + 1e-6)
+        for power, moment in ((1, 0.0), (2, 1 / d), (4, 3 / (d * (d + 2)))):
+            v = s ** power
+            assert abs(v.mean() - moment) < 5 * v.std() / np.sqrt(len(v)), (d, power)
+
+
+def _synthetic_run(xi1, xi2, steps: int, reduced_no_d_scale: float) -> dict:
+    """A run of 2 seeds whose seed-mean (xi1, xi2) [steps] are given; the reduced path is planted on it."""
+    t = np.arange(steps)
+    spread = np.array([-0.1, 0.1])  # the seeds differ, their mean is the given path
+    xi = np.stack([xi1, xi2], -1)
+    path = np.concatenate([xi[::fig3.RECORD], xi[-1:]])  # reduced[k] at step RECORD k, plus the final state
+    return {"n": 4,
+            "per_step": {"loss": 1 / (t[:, None] + 1) + np.array([0.0, 0.01]),
+                         "xi1": xi1[:, None] + spread, "xi2": xi2[:, None] + spread,
+                         "off_family": np.tile([0.01, 0.03], (steps, 1))},
+            "evals": {"shifted_mse": np.array([[0.1, 0.2], [1e-3, 2e-3]]), "agree_1nn": np.array([[0.5, 0.6], [0.95, 0.92]])},
+            "reduced": path, "reduced_no_d": path / reduced_no_d_scale}
+
+
+def test_summaries_of_a_run_growing_exactly_like_log_t():
+    cfg = fig3.Config(runs=("4x3",), seeds=(0, 1), steps=200, steps_per_call=100)
+    t = np.maximum(np.arange(cfg.steps), 1)
+    xi1, xi2 = 1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1
+    s = fig3._summaries(cfg, _synthetic_run(xi1, xi2, cfg.steps, 1.01))
+    z = 4 + np.exp(-cfg.sigma)
+    np.testing.assert_allclose(s["initial_loss"], 0.5 * (1 - 2 / z + 4 / z ** 2), rtol=1e-15)
+    # float64 means of a few numbers
+    np.testing.assert_allclose(s["final_loss"], np.mean(1 / np.arange(191, 201)) + 0.005, rtol=1e-12)
+    np.testing.assert_allclose(s["mid_loss"], np.mean(1 / np.arange(91, 101)) + 0.005, rtol=1e-12)
+    assert (s["shifted_mse"], s["agreement"], s["off_family"]) == (2e-3, 0.92, 0.03)  # max, min, max of the last row
+    np.testing.assert_allclose(s["slopes"], [1.7, 2.3], rtol=1e-10)  # an exact a log t + b: least squares is exact
+    np.testing.assert_allclose([s["r2"], s["slope_drift"]], 1.0, rtol=1e-10)
+    # the planted reduced path: no gap, but for the seed mean's rounding (the mean of v - 0.1 and v + 0.1)
+    np.testing.assert_allclose([s["reduced_gap"], s["reduced_gap_early"]], 0.0, atol=1e-14)
+    np.testing.assert_allclose(s["reduced_gap_no_d"], 0.01, rtol=1e-10)  # |xi - xi / 1.01| / (xi / 1.01)
+    np.testing.assert_allclose(s["ratio"], (1.7 * np.log(199) + 3) / (2.3 * np.log(199) + 1), rtol=1e-12)
+
+
+def test_summaries_fit_the_exponent_of_a_power_law():
+    cfg = fig3.Config(runs=("4x3",), seeds=(0, 1), steps=200, steps_per_call=100)
+    t = np.maximum(np.arange(cfg.steps), 1)
+    s = fig3._summaries(cfg, _synthetic_run(2 * t ** 0.4, 3 * t ** 0.3, cfg.steps, 1.0))
+    np.testing.assert_allclose(s["powers"], [0.4, 0.3], rtol=1e-6)  # log xi is exactly linear in log t
+    assert s["r2"] < 1 and s["slope_drift"] > 1  # faster than log t: d xi / d log t grows
+
+
+def _merged_model(w: jax.Array, dim: int):
+    model = NearestNeighborAttention(dim, rngs=nnx.Rngs(0))
+    model.w[...] = w
+    return nnx.split(model)
+
+
+def test_family_loss_reports_the_family_coordinates_and_the_distance_to_it(x64):
+    w = theory.from_reduced(2.0, 5.0, 3)
+    w = w.at[0, 0].add(0.6).at[0, 1].set(0.3).at[3, 3].set(-0.4)  # diag x block (2.6, 2, 2): xi1 = 2.2
+    graphdef, params = _merged_model(w, 3)
+    batch = sample_batch(nn_task.sample, nn_task.NearestNeighbor(dim=3, n_context=4), jax.random.key(0), 8, axis=None)
+    loss, aux = family_loss(graphdef)(params, batch)
+    np.testing.assert_allclose(loss, query_loss(graphdef)(params, batch)[0], rtol=1e-15)  # the same computation
+    np.testing.assert_allclose([aux["xi1"], aux["xi2"]], [2.2, 5.0], rtol=1e-14)
+    # W - W(2.2, 5) = diag(0.4, -0.2, -0.2, -0.4, 0) + 0.3 e_0 e_1^T; |W|_F^2 = 2.6^2 + 8 + 0.09 + 0.16 + 25
+    np.testing.assert_allclose(aux["off_family"], 0.7 / np.sqrt(40.01), rtol=1e-12)
+
+
+def test_member_tables_fill_nan_after_a_member_stops():
+    members = [{"train.seed": 0}, {"train.seed": 1}]
+    train_rows = [{"step": t, "split": "train", "member": m, "train.seed": m, "loss": 10.0 * m + t, "xi1": -t}
+                  for m, steps in ((0, 4), (1, 2)) for t in range(steps)]  # member 1 stops after 2 steps
+    eval_rows = [{"step": t, "split": "eval", "member": m, "train.seed": m, "agree_1nn": 0.1 * t + m}
+                 for t in (0, 2, 4) for m in (0, 1)]
+    result = SweepResult(members, None, {1: 2}, train_rows, eval_rows, 2)
+    per_step, eval_steps, evals = member_tables(result, 4)
+    assert set(per_step) == {"loss", "xi1"} and set(evals) == {"agree_1nn"}
+    np.testing.assert_array_equal(per_step["loss"], [[0, 10], [1, 11], [2, np.nan], [3, np.nan]])  # copies
+    np.testing.assert_array_equal(per_step["xi1"][:, 0], [0, -1, -2, -3])
+    np.testing.assert_array_equal(eval_steps, [0, 2, 4])
+    np.testing.assert_array_equal(evals["agree_1nn"], [[0.0, 1.0], [0.2, 1.2], [0.4, 1.4]])
+
+
+def test_nn_metrics_at_the_paper_init_are_those_of_the_label_mean(x64):
+    """W = diag(0, .., 0, -sigma): every context point scores 0 and the query -sigma, so the prediction
+    is sum_j y_j / (N + e^-sigma)."""
+    task, sigma = nn_task.NearestNeighbor(dim=3, n_context=4), 3.0
+    uniform, shifted = eval_batches(task, 0, 256)
+    graphdef, params = nnx.split(NearestNeighborAttention(3, sigma=sigma, rngs=nnx.Rngs(0)))
+    m = jax.jit(nn_metrics(graphdef, uniform, shifted))(params)
+    expected = {}
+    for name, batch in (("uniform", uniform), ("shifted", shifted)):
+        pred = np.asarray(batch.info["labels"])[..., 0].sum(-1) / (4 + np.exp(-sigma))
+        target = np.asarray(batch.targets)[:, -1]
+        expected[f"{name}_mse"] = np.mean((pred - target) ** 2)
+        if name == "uniform":  # class 1 is the label -1; a prediction of exactly 0 is class 0
+            expected["agree_1nn"] = np.mean((pred < 0) == (target < 0))
+    assert 0.5 < expected["agree_1nn"] < 1  # the label mean often has the 1-NN label's sign, not always
+    for name, value in expected.items():
+        np.testing.assert_allclose(m[name], value, rtol=1e-12, err_msg=name)  # float64
+
+
+def test_nn_metrics_of_a_hard_1nn_weight_matrix(x64):
+    """xi1 = 1e7, xi2 = 1e8: the softmax puts all weight on the nearest context point, the prediction is its label."""
+    task = nn_task.NearestNeighbor(dim=3, n_context=4)
+    uniform, shifted = eval_batches(task, 0, 256)
+    graphdef, params = _merged_model(theory.from_reduced(1e7, 1e8, 3), 3)
+    m = jax.jit(nn_metrics(graphdef, uniform, shifted))(params)
+    assert float(m["agree_1nn"]) == 1.0  # 256 prompts: an exact count
+    assert float(m["uniform_mse"]) < 1e-20 and float(m["shifted_mse"]) < 1e-20
+
+
+def test_scale_means_and_failing_scales():
+    member_scales = np.array([0.3, 0.3, 5.0, 5.0, 1.0, 1.0])
+    metrics = {"agree": np.array([0.9, 0.96, 0.5, 0.7, 0.86, 0.8]), "off_family": np.arange(6.0)}
+    per_scale = scale_means(member_scales, metrics, (0.3, 5.0, 1.0))
+    assert list(per_scale) == [0.3, 5.0, 1.0]
+    np.testing.assert_allclose([[v["agree"], v["off_family"]] for v in per_scale.values()],
+                               [[0.93, 0.5], [0.6, 2.5], [0.83, 4.5]], rtol=1e-15)
+    assert failing_scales(per_scale, 0.85) == [5.0, 1.0]  # mean agreement below 0.85
+    assert failing_scales({0.1: {"agree": 0.9}, 3.0: {"agree": 0.84}, 0.5: {"agree": 0.85}}, 0.85) == [3.0]
