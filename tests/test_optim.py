@@ -17,7 +17,7 @@ def test_default_decay_mask_skips_biases_norm_scales_and_position_tables():
     got = {"/".join(path_names(p)): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     # by hand: only the Linear weights w are decayed
     expected = {"k/b": False, "k/w": True, "mix/b": False, "mix/w": True, "norm/bias": False, "norm/scale": False,
-                "positions": False, "q/b": False, "q/w": True, "readout/b": False, "readout/w": True,
+                "positions": False, "q/b": False, "q/w": True, "head/b": False, "head/w": True,
                 "v/b": False, "v/w": True}
     assert got == expected
 

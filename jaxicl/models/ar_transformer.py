@@ -86,7 +86,7 @@ class PositionalTransformer(Model):
         self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)))
         self.mix = Linear(dim, dim, rngs=rngs)
         self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
-        self.readout = Linear(dim, out_dim, rngs=rngs)
+        self.head = Linear(dim, out_dim, rngs=rngs)
 
     def _heads(self, proj: Linear, x: jax.Array) -> jax.Array:
         return proj(x).reshape(x.shape[0], self.num_heads, x.shape[1]).transpose(1, 0, 2)  # [H, T, D]
@@ -102,4 +102,4 @@ class PositionalTransformer(Model):
         pos = sites("attn.positional_weights", pos)
         heads = sites("attn.heads", (token * pos) @ v)
         out = sites("attn.out", heads.sum(0))
-        return sites("out", self.readout(self.norm(self.mix(out))))
+        return sites("out", self.head(self.norm(self.mix(out))))
