@@ -11,6 +11,34 @@ from collections.abc import Callable
 from jaxicl.train.config import TrainConfig
 
 
+class ChunkPrograms:
+    """A jitted chunk function `fn(state, *args, n)` (n static) lowered and compiled once per chunk length n.
+
+    flops_per_step is XLA's cost analysis of a lowered chunk: its lax.scan lowers to one while loop
+    whose body (one step) the analysis counts once, whatever n. None where the backend does not say.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn, self.programs, self.flops_per_step = fn, {}, None
+
+    def __call__(self, state, *args, n: int):
+        if n not in self.programs:
+            lowered = self.fn.lower(state, *args, n)
+            if self.flops_per_step is None:
+                self.flops_per_step = _flops(lowered)
+            self.programs[n] = lowered.compile()
+        return self.programs[n](state, *args)
+
+
+def _flops(lowered) -> float | None:
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis must not stop a run
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
     """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
     ends = {cfg.steps}

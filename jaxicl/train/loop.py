@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable
-from jaxicl.train.chunks import drive
+from jaxicl.train.chunks import ChunkPrograms, drive
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, read_metrics
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
-from jaxicl.train.step import LossFn, flops_per_step, run_steps, train_step
+from jaxicl.train.step import LossFn, run_steps
 from jaxicl.validation import check_positive
 
 
@@ -41,7 +41,7 @@ class TrainResult:
     state: TrainState  # on the training mesh's devices, usable outside it without jax.set_mesh (mesh.portable)
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
-    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis), devices
+    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; None when no step ran), devices
 
 
 def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None) -> dict:
@@ -80,8 +80,6 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         # state, never the caller's arrays (device_put alone may reuse the caller's buffer on a device)
         params = jax.tree.map(jnp.copy, jax.device_put(params, sharding))
         state = jax.device_put(init_state(params, cfg.seed, tx), sharding)
-        info = {"flops_per_step": flops_per_step(partial(train_step, **step_kw), state),
-                "devices": mesh.devices.size}
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and resume and store.steps():
@@ -89,10 +87,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             state = store.restore(state, sharding)
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-        if out_dir:
-            outputs.write_json(os.path.join(out_dir, "run.json"), info)
         writer = MetricsWriter(metrics_path, resume_step=start)
-        chunk = jax.jit(partial(run_steps, **step_kw), static_argnames="n", donate_argnums=0)
+        chunk = ChunkPrograms(jax.jit(partial(run_steps, **step_kw), static_argnums=1, donate_argnums=0))
         train_rows, eval_rows = [], []
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not outputs.is_primary(),
                    dynamic_ncols=True)
@@ -142,6 +138,9 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             bar.close()
             if store:
                 store.close()
+        info = {"flops_per_step": chunk.flops_per_step, "devices": mesh.devices.size}
+        if out_dir:
+            outputs.write_json(os.path.join(out_dir, "run.json"), info)
     if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
     return TrainResult(portable(state), train_rows, eval_rows, info)

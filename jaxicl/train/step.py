@@ -55,17 +55,6 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     return new, metrics
 
 
-def run_steps(state: TrainState, *, n: int, **step_kw) -> tuple[TrainState, dict]:
+def run_steps(state: TrainState, n: int, **step_kw) -> tuple[TrainState, dict]:
     """n training steps (train_step's keywords) as one lax.scan; returns the new state and per-step metrics [n]."""
     return jax.lax.scan(lambda s, _: train_step(s, **step_kw), state, length=n)
-
-
-def flops_per_step(step: Callable, *args) -> float | None:
-    """XLA's FLOP count of one call of `step(*args)` from its lowered program (None where not reported)."""
-    try:
-        cost = jax.jit(step).lower(*args).cost_analysis()
-    except Exception:  # noqa: BLE001 - a backend without cost analysis must not stop a run
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
-

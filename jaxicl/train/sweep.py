@@ -39,13 +39,13 @@ from tqdm.auto import tqdm
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable
-from jaxicl.train.chunks import drive
+from jaxicl.train.chunks import ChunkPrograms, drive
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.state import TrainState
-from jaxicl.train.step import LossFn, flops_per_step
+from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, swept_values
 from jaxicl.train.sweep_memory import device_budget, program_memory
 from jaxicl.train.sweep_program import SweepProgram, build_program
@@ -102,17 +102,13 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
         check_divisible(cfg.batch_size)
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))
         a = prog.inputs(chunks[0][np.zeros(size, int)], sharding)
-        stack_flops = flops_per_step(prog.one_step, prog.states(a, sharding), a["task"])
-        info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
-                "chunk_size": size}
-        if out_dir:
-            outputs.write_json(os.path.join(out_dir, "run.json"), info)
+        run_chunk = ChunkPrograms(prog.run_chunk)
         for k, idx in enumerate(chunks):
             store = CheckpointStore(os.path.join(out_dir, "checkpoints", f"chunk{k}"), keep=cfg.keep_checkpoints,
                                     config=config) if out_dir else None
             try:
-                state = _train_chunk(prog, cfg, members, idx, size, sharding, store, config, resume, metrics_path,
-                                     rows, bar, eval_every, fresh_file=k == 0 and not resume)
+                state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, config, resume,
+                                     metrics_path, rows, bar, eval_every, fresh_file=k == 0 and not resume)
             finally:
                 if store:
                     store.close()
@@ -120,6 +116,11 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
             diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
             finals.append(jax.tree.map(lambda x: np.asarray(x)[:len(idx)], jax.device_get(state.params)))
     bar.close()
+    stack_flops = run_chunk.flops_per_step
+    info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
+            "chunk_size": size}
+    if out_dir:
+        outputs.write_json(os.path.join(out_dir, "run.json"), info)
     if diverged and outputs.is_primary():
         tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
                    f"(member: step) {diverged}; the others trained on unchanged")
@@ -131,7 +132,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     return SweepResult(list(members), params, diverged, rows["train"], rows["eval"], size, info)
 
 
-def _train_chunk(prog: SweepProgram, cfg: TrainConfig, members: list[dict], idx: np.ndarray, size: int,
+def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray, size: int,
                  sharding: NamedSharding, store: CheckpointStore | None, config: dict, resume: bool,
                  metrics_path: str | None, rows: dict, bar, eval_every: int, fresh_file: bool) -> TrainState:
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
@@ -173,7 +174,7 @@ def _train_chunk(prog: SweepProgram, cfg: TrainConfig, members: list[dict], idx:
 
     if prog.eval_chunk and start == 0:
         log_eval(state, 0)
-    return drive(state, start, cfg, eval_every, run_chunk=lambda s, n: prog.run_chunk(s, a["task"], n),
+    return drive(state, start, cfg, eval_every, run_chunk=lambda s, n: run_chunk(s, a["task"], n=n),
                  on_metrics=on_metrics, on_state=on_state)
 
 

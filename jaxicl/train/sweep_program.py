@@ -36,7 +36,6 @@ class SweepProgram:
     make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
     run_chunk: Callable  # (states, task params, n) -> (states, metrics [C, n]); donates states
     eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
-    one_step: Callable  # (states, task params) -> one step of the stack (for its FLOP count)
     arrays: dict
 
     def inputs(self, idx: np.ndarray, sharding: NamedSharding) -> dict:
@@ -88,4 +87,4 @@ def build_program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, 
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return SweepProgram(vmap(new_state),  # eager: compiling it costs more than running it once
                         jax.jit(vmap(member_steps, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0),
-                        jax.jit(vmap(member_eval)) if evaluate else None, vmap(member_step), arrays)
+                        jax.jit(vmap(member_eval)) if evaluate else None, arrays)
