@@ -5,7 +5,7 @@ Importing jaxicl touches no device, so callers may still set `jax_num_cpu_device
 """
 
 from jaxicl.prompt import Prompt
-from jaxicl.sites import Sites
+from jaxicl.sites import Patch, Sites
 from jaxicl.validation import ConfigError
 
-__all__ = ["Prompt", "Sites", "ConfigError"]
+__all__ = ["ConfigError", "Patch", "Prompt", "Sites"]

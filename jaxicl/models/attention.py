@@ -76,6 +76,14 @@ class SelfAttention(Model):
     def readout(self, outputs: jax.Array) -> jax.Array:
         return -outputs[..., -1]
 
+    def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
+        kind = name.rsplit(".", 1)[-1]
+        if kind in ("scores", "weights"):
+            return ("head", "pos", "key")
+        if kind == "heads":
+            return ("head", "pos", "dim")
+        return super().site_axes(name, ndim)
+
     def _attend(self, layer: AttentionLayer, x: jax.Array, sites, name: str) -> jax.Array:
         t = x.shape[0]
         q = jnp.einsum("td,hdk->htk", x, layer.wq[...])

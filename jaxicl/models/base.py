@@ -23,3 +23,10 @@ class Model(nnx.Module):
     def site_shapes(self, tokens: jax.ShapeDtypeStruct) -> dict[str, jax.ShapeDtypeStruct]:
         """{site name: shape and dtype} of every site on one prompt like `tokens`, without running the model."""
         return jax.eval_shape(lambda t: run_with_sites(self, t, capture="all")[1], tokens)
+
+    def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
+        """Names of the axes of site `name` (ndim axes): "pos" (query position), "head", or other names.
+
+        Patching tools select positions and heads by these names. Default: positions first, no head axis.
+        """
+        return ("pos",) + tuple(f"dim{i}" for i in range(1, ndim))

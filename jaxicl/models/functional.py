@@ -9,16 +9,17 @@ from collections.abc import Callable, Iterable
 import jax
 from flax import nnx
 
-from jaxicl.sites import run_with_sites
+from jaxicl.sites import Patch, run_with_sites
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *,
-          capture: Iterable[str] | str = (), edits: dict[str, Callable] | None = None):
-    """Forward pass of one prompt: tokens [T, D] -> (outputs, {site: value}).
+          capture: Iterable[str] | str = (), edits: dict[str, Callable] | None = None, patch: Patch | None = None):
+    """Forward pass of one prompt: tokens [T, D] (or [T] token ids) -> (outputs, {site: value}).
 
-    Pure: safe under jit, vmap (over prompts, parameters or edits) and grad.
+    edits: {site: callable}; patch: edits as data (jaxicl.sites.Patch). Pure: safe under jit, vmap (over
+    prompts, parameters or patches) and grad.
     """
-    return run_with_sites(nnx.merge(graphdef, params), tokens, capture=capture, edits=edits)
+    return run_with_sites(nnx.merge(graphdef, params), tokens, capture=capture, edits=edits, patch=patch)
 
 
 def predictor(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[jax.Array], jax.Array]:
