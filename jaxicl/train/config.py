@@ -6,8 +6,9 @@ from jaxicl.validation import check_choice, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
-# Not decayed by default: biases (Linear's "b"), LayerNorm scales, embeddings and position tables.
-NO_DECAY = ("bias", "b", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
+# Not decayed by default: biases (any name containing 'bias', Linear's 'b'), LayerNorm scales, embeddings and
+# position tables.
+NO_DECAY = ("*bias*", "b", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,170 @@
+"""A GPT-style decoder: pre-LN blocks, causal softmax attention, an optional MLP, learned absolute positions.
+
+Inputs per prompt: token ids [T] (vocab_size > 0; an embedding table) or continuous vectors
+[T, input_dim] (input_dim > 0; a linear embedding x W_E, as in the TransformerLens fork of Bhargav & Gu).
+Outputs [T, out_dim]: logits over the vocabulary, or a regression output (out_dim = input_dim by default).
+Attention has no biases, so a head's output is z W_O and attn.out is exactly the sum of the heads.
+
+  x = embed + pos_embed
+  block l:  resid_mid = resid_pre + attn(LN1(resid_pre)),  resid_post = resid_mid + mlp(LN2(resid_mid))
+  out = LN_final(x) W_U + b_U      (final_norm=False: x W_U + b_U)
+
+Named sites (shapes per prompt; the TransformerLens hook of each is in README):
+  embed              [T, D]           token or input embedding
+  pos_embed          [T, D]           positional embedding
+  layer{l}.resid_pre [T, D]
+  layer{l}.attn.q, .k, .v   [T, H, dh]
+  layer{l}.attn.scores      [H, T, T]  q k / sqrt(dh), entries after the query masked to MASKED
+  layer{l}.attn.weights     [H, T, T]  softmax over keys (the attention pattern)
+  layer{l}.attn.z           [T, H, dh] weights v
+  layer{l}.attn.heads       [T, H, D]  each head's output z W_O
+  layer{l}.attn.out         [T, D]     the sum over heads
+  layer{l}.resid_mid        [T, D]
+  layer{l}.mlp.pre, .post   [T, d_mlp] before and after the activation (only with d_mlp > 0)
+  layer{l}.mlp.out          [T, D]
+  layer{l}.resid_post       [T, D]
+  final_norm.scale          [T, 1]     sqrt(var + eps) of the final LayerNorm (only with final_norm)
+  unembed.in                [T, D]     what the unembedding reads
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.models.base import Model
+from jaxicl.sites import null_sites
+from jaxicl.validation import ConfigError, check_choice, check_positive
+
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+MASKED = -1e9  # the score of a key after the query (finite, so patched and subtracted caches stay finite)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape))
+
+
+class LayerNorm(nnx.Module):
+    """x -> (x - mean) / sqrt(var + eps) * scale + bias over the last axis; __call__ returns (output, sqrt(var + eps))."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((dim,)))
+        self.bias = nnx.Param(jnp.zeros((dim,)))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        centred = x - jnp.mean(x, -1, keepdims=True)
+        std = jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + self.eps)
+        return centred / std * self.scale[...] + self.bias[...], std
+
+
+class Attention(nnx.Module):
+    """W_Q, W_K, W_V [H, D, dh], W_O [H, dh, D]; no biases."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, init_std: float, rngs: nnx.Rngs):
+        self.wq, self.wk, self.wv = (_normal(rngs, (n_heads, d_model, d_head), init_std) for _ in range(3))
+        self.wo = _normal(rngs, (n_heads, d_head, d_model), init_std)
+
+
+class MLP(nnx.Module):
+    def __init__(self, d_model: int, d_mlp: int, *, init_std: float, rngs: nnx.Rngs):
+        self.w_in = _normal(rngs, (d_model, d_mlp), init_std)
+        self.bias_in = nnx.Param(jnp.zeros((d_mlp,)))
+        self.w_out = _normal(rngs, (d_mlp, d_model), init_std)
+        self.bias_out = nnx.Param(jnp.zeros((d_model,)))
+
+
+class Block(nnx.Module):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, d_mlp: int, *, init_std: float, rngs: nnx.Rngs):
+        self.ln1 = LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, d_head, init_std=init_std, rngs=rngs)
+        self.ln2 = LayerNorm(d_model) if d_mlp else None
+        self.mlp = MLP(d_model, d_mlp, init_std=init_std, rngs=rngs) if d_mlp else None
+
+
+class GPT(Model):
+    """Call on token ids [T] (vocab_size) or vectors [T, input_dim] -> outputs [T, out_dim].
+
+    readout: outputs [T, out_dim], squeezed to [T] when out_dim = 1 (a scalar regression target).
+    """
+
+    def __init__(self, *, d_model: int = 64, n_layers: int = 3, n_heads: int = 4, d_head: int | None = None,
+                 d_mlp: int | None = None, max_len: int = 64, vocab_size: int = 0, input_dim: int = 0,
+                 out_dim: int | None = None, activation: str = "gelu", final_norm: bool = True,
+                 init_std: float = 0.02, rngs: nnx.Rngs):
+        for name, v in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("max_len", max_len)):
+            check_positive(name, v)
+        check_choice("activation", activation, tuple(ACTIVATIONS))
+        if (vocab_size > 0) == (input_dim > 0):
+            raise ConfigError(f"give exactly one of vocab_size (token inputs) and input_dim (vector inputs), got "
+                              f"vocab_size={vocab_size}, input_dim={input_dim}")
+        d_head = d_model // n_heads if d_head is None else d_head
+        d_mlp = 4 * d_model if d_mlp is None else d_mlp
+        check_positive("d_head", d_head)
+        check_positive("d_mlp", d_mlp, allow_zero=True)
+        self.vocab_size, self.input_dim, self.max_len = vocab_size, input_dim, max_len
+        self.out_dim = (vocab_size or input_dim) if out_dim is None else out_dim
+        check_positive("out_dim", self.out_dim)
+        self.activation, self.n_heads = activation, n_heads
+        width = vocab_size or input_dim
+        self.embed = _normal(rngs, (width, d_model), init_std)  # token table [V, D] or linear W_E [input_dim, D]
+        self.pos_embed = _normal(rngs, (max_len, d_model), init_std)
+        self.blocks = nnx.List([Block(d_model, n_heads, d_head, d_mlp, init_std=init_std, rngs=rngs)
+                                for _ in range(n_layers)])
+        self.ln_final = LayerNorm(d_model) if final_norm else None
+        self.unembed = _normal(rngs, (d_model, self.out_dim), init_std)
+        self.unembed_bias = nnx.Param(jnp.zeros((self.out_dim,)))
+
+    def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        t = tokens.shape[0]
+        if t > self.max_len:
+            raise ValueError(f"a prompt of {t} positions is longer than max_len={self.max_len}")
+        if self.vocab_size:
+            emb = jnp.take(self.embed[...], tokens, axis=0)
+        else:
+            emb = tokens @ self.embed[...]
+        x = sites("embed", emb) + sites("pos_embed", self.pos_embed[:t])
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        for l, block in enumerate(self.blocks):
+            x = sites(f"layer{l}.resid_pre", x)
+            x = sites(f"layer{l}.resid_mid", x + self._attend(block, x, causal, sites, f"layer{l}.attn"))
+            if block.mlp is not None:
+                x = x + self._mlp(block, x, sites, f"layer{l}.mlp")
+            x = sites(f"layer{l}.resid_post", x)
+        if self.ln_final is not None:
+            normed, std = self.ln_final(x)
+            sites("final_norm.scale", std)
+            x = normed
+        return sites("unembed.in", x) @ self.unembed[...] + self.unembed_bias[...]
+
+    def readout(self, outputs: jax.Array) -> jax.Array:
+        return outputs[..., 0] if self.out_dim == 1 else outputs
+
+    def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
+        kind = name.rsplit(".", 1)[-1]
+        if kind in ("scores", "weights"):
+            return ("head", "pos", "key")
+        if kind in ("q", "k", "v", "z"):
+            return ("pos", "head", "d_head")
+        if kind == "heads":
+            return ("pos", "head", "d_model")
+        return super().site_axes(name, ndim)
+
+    def _attend(self, block: Block, x: jax.Array, causal: jax.Array, sites, name: str) -> jax.Array:
+        h, _ = block.ln1(x)
+        a = block.attn
+        q = sites(f"{name}.q", jnp.einsum("td,hde->the", h, a.wq[...]))
+        k = sites(f"{name}.k", jnp.einsum("td,hde->the", h, a.wk[...]))
+        v = sites(f"{name}.v", jnp.einsum("td,hde->the", h, a.wv[...]))
+        scores = jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1])
+        scores = sites(f"{name}.scores", jnp.where(causal, scores, MASKED))
+        weights = sites(f"{name}.weights", jax.nn.softmax(scores, axis=-1))
+        z = sites(f"{name}.z", jnp.einsum("hqk,khe->qhe", weights, v))
+        heads = sites(f"{name}.heads", jnp.einsum("the,hed->thd", z, a.wo[...]))
+        return sites(f"{name}.out", heads.sum(axis=1))
+
+    def _mlp(self, block: Block, x: jax.Array, sites, name: str) -> jax.Array:
+        h, _ = block.ln2(x)
+        m = block.mlp
+        pre = sites(f"{name}.pre", h @ m.w_in[...] + m.bias_in[...])
+        post = sites(f"{name}.post", ACTIVATIONS[self.activation](pre))
+        return sites(f"{name}.out", post @ m.w_out[...] + m.bias_out[...])

@@ -1,0 +1,107 @@
+"""The GPT-style decoder: a numpy forward pass, causal patterns, exact residual identities, site shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicl.models import apply, predictor
+from jaxicl.models.gpt import GPT
+from jaxicl.validation import ConfigError
+
+
+def _vector_model(final_norm=True, d_mlp=None, seed=0):
+    return GPT(d_model=8, n_layers=2, n_heads=2, d_mlp=d_mlp, max_len=6, input_dim=1, final_norm=final_norm,
+               init_std=0.3, rngs=nnx.Rngs(seed))
+
+
+def _ln(x, p):
+    c = x - x.mean(-1, keepdims=True)
+    return c / np.sqrt((c**2).mean(-1, keepdims=True) + 1e-5) * np.asarray(p.scale[...]) + np.asarray(p.bias[...])
+
+
+def _numpy_forward(m: GPT, tokens: np.ndarray) -> np.ndarray:
+    """The decoder written with plain numpy loops over heads and positions (float64)."""
+    e = np.asarray(m.embed[...], np.float64)
+    x = (e[tokens] if m.vocab_size else tokens @ e) + np.asarray(m.pos_embed[...])[:len(tokens)]
+    t = len(tokens)
+    for b in m.blocks:
+        h = _ln(x, b.ln1)
+        out = np.zeros_like(x)
+        for k in range(m.n_heads):
+            wq, wk, wv, wo = (np.asarray(w[k], np.float64) for w in (b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo))
+            q, kk, v = h @ wq, h @ wk, h @ wv
+            for i in range(t):
+                s = np.array([q[i] @ kk[j] / np.sqrt(q.shape[1]) for j in range(i + 1)])
+                p = np.exp(s - s.max())
+                out[i] += (p / p.sum()) @ v[:i + 1] @ wo
+        x = x + out
+        if b.mlp is not None:
+            pre = _ln(x, b.ln2) @ np.asarray(b.mlp.w_in[...]) + np.asarray(b.mlp.bias_in[...])
+            x = x + np.asarray(jax.nn.gelu(pre)) @ np.asarray(b.mlp.w_out[...]) + np.asarray(b.mlp.bias_out[...])
+    if m.ln_final is not None:
+        x = _ln(x, m.ln_final)
+    return x @ np.asarray(m.unembed[...]) + np.asarray(m.unembed_bias[...])
+
+
+@pytest.mark.parametrize("inputs", ["vector", "token"])
+def test_forward_matches_a_numpy_loop(x64, inputs):
+    if inputs == "vector":
+        model = _vector_model()
+        tokens = np.asarray(jax.random.normal(jax.random.key(1), (5, 1)))
+    else:
+        model = GPT(d_model=8, n_layers=2, n_heads=2, max_len=6, vocab_size=7, init_std=0.3, rngs=nnx.Rngs(2))
+        tokens = np.asarray(jax.random.randint(jax.random.key(1), (5,), 0, 7))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, model)
+    np.testing.assert_allclose(model(jnp.asarray(tokens)), _numpy_forward(model, tokens), rtol=1e-9, atol=1e-12)
+    assert model(jnp.asarray(tokens)).shape == (5, 1 if inputs == "vector" else 7)
+
+
+def test_patterns_are_causal_and_sum_to_one_and_the_residual_identities_hold_exactly():
+    model = _vector_model()
+    g, p = nnx.split(model)
+    tokens = jax.random.normal(jax.random.key(3), (6, 1))
+    out, c = jax.jit(lambda t: apply(g, p, t, capture="all"))(tokens)
+    for l in range(2):
+        w = np.asarray(c[f"layer{l}.attn.weights"])
+        assert w.shape == (2, 6, 6) and np.all(np.triu(w, 1) == 0.0)  # exp(-1e9 - max) underflows to exactly 0
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+        # exact: each recorded value is the one materialised value the next operation reads (sites barrier),
+        # and a float32 sum of the same two floats is the same in XLA and numpy
+        np.testing.assert_array_equal(c[f"layer{l}.resid_mid"], np.asarray(c[f"layer{l}.resid_pre"])
+                                      + np.asarray(c[f"layer{l}.attn.out"]))
+        np.testing.assert_array_equal(c[f"layer{l}.resid_post"], np.asarray(c[f"layer{l}.resid_mid"])
+                                      + np.asarray(c[f"layer{l}.mlp.out"]))
+        # a sum over 2 heads: XLA's reduction order vs numpy's, so a float tolerance
+        np.testing.assert_allclose(c[f"layer{l}.attn.out"], np.asarray(c[f"layer{l}.attn.heads"]).sum(1),
+                                   rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(c["layer0.resid_pre"], np.asarray(c["embed"]) + np.asarray(c["pos_embed"]))
+    assert np.asarray(predictor(g, p)(tokens)).shape == (6,)  # the scalar regression readout
+
+
+def test_site_shapes_and_axes_are_declared_without_running_the_model():
+    model = GPT(d_model=8, n_layers=1, n_heads=2, d_head=3, d_mlp=5, max_len=6, vocab_size=7, rngs=nnx.Rngs(0))
+    shapes = model.site_shapes(jax.ShapeDtypeStruct((4,), jnp.int32))
+    expected = {"embed": (4, 8), "pos_embed": (4, 8), "layer0.resid_pre": (4, 8), "layer0.attn.q": (4, 2, 3),
+                "layer0.attn.k": (4, 2, 3), "layer0.attn.v": (4, 2, 3), "layer0.attn.scores": (2, 4, 4),
+                "layer0.attn.weights": (2, 4, 4), "layer0.attn.z": (4, 2, 3), "layer0.attn.heads": (4, 2, 8),
+                "layer0.attn.out": (4, 8), "layer0.resid_mid": (4, 8), "layer0.mlp.pre": (4, 5),
+                "layer0.mlp.post": (4, 5), "layer0.mlp.out": (4, 8), "layer0.resid_post": (4, 8),
+                "final_norm.scale": (4, 1), "unembed.in": (4, 8)}
+    assert {k: v.shape for k, v in shapes.items()} == expected
+    assert model.site_axes("layer0.attn.weights", 3) == ("head", "pos", "key")
+    assert model.site_axes("layer0.attn.z", 3) == ("pos", "head", "d_head")
+    attn_only = GPT(d_model=8, n_layers=1, n_heads=2, d_mlp=0, max_len=6, input_dim=2, final_norm=False,
+                    rngs=nnx.Rngs(0))
+    names = set(attn_only.site_shapes(jax.ShapeDtypeStruct((4, 2), jnp.float32)))
+    assert not any("mlp" in n for n in names) and "final_norm.scale" not in names
+
+
+def test_bad_model_configs_name_the_field():
+    with pytest.raises(ConfigError, match="exactly one of vocab_size"):
+        GPT(vocab_size=5, input_dim=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="activation"):
+        GPT(input_dim=1, activation="swish", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="longer than max_len=4"):
+        GPT(input_dim=1, max_len=4, rngs=nnx.Rngs(0))(jnp.zeros((5, 1)))
