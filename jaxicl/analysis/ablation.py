@@ -1,0 +1,56 @@
+"""Head ablation as patches: zero, mean (over a reference batch) or resample (another prompt's activation).
+
+A head is ablated at its per-head site (default "layer{layer}.attn.z", [T, H, dh], the TransformerLens
+hook_z), every position at once; several heads at once form one patch.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.analysis.patching import patched_predictions
+from jaxicl.sites import Patch
+
+KINDS = ("zero", "mean", "resample")
+
+
+def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Sequence[tuple[int, int]], kind: str = "zero",
+                 reference: jax.Array | None = None, key: jax.Array | None = None,
+                 site: str = "layer{layer}.attn.z") -> jax.Array:
+    """Predictions [B, ...] of tokens [B, T, ...] with every (layer, head) of `heads` ablated.
+
+    mean: the head's activation averaged over the prompts of `reference` (default: tokens), per position;
+    resample: each prompt gets the head's activation on a random other prompt of `reference` (key).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    info = site_info(graphdef, params, tokens[0])
+    names = sorted({site.format(layer=layer) for layer, _ in heads})
+    check_sites(names, info, "heads (through site)")
+    masks = {}
+    for layer, h in heads:
+        name = site.format(layer=layer)
+        shape, axes = info[name]
+        n_heads = shape[axes.index("head")]
+        if not 0 <= h < n_heads:
+            raise ValueError(f"heads: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
+        m = masks.get(name, np.zeros(tuple(n if a == "head" else 1 for n, a in zip(shape, axes)), bool))
+        m[tuple(h if a == "head" else 0 for a in axes)] = True
+        masks[name] = m
+    reference = tokens if reference is None else reference
+    if kind == "zero":
+        values = {n: jnp.zeros((tokens.shape[0], *info[n][0])) for n in names}
+    else:
+        ref = run_with_cache(graphdef, params, reference, names)[1]
+        if kind == "mean":
+            values = {n: jnp.broadcast_to(v.mean(0), (tokens.shape[0], *v.shape[1:])) for n, v in ref.items()}
+        else:
+            if key is None:
+                raise ValueError("kind='resample' needs a key")
+            pick = jax.random.randint(key, (tokens.shape[0],), 0, reference.shape[0])
+            values = {n: v[pick] for n, v in ref.items()}
+    return patched_predictions(graphdef, params, tokens, Patch(values=values, masks=masks))

@@ -1,0 +1,21 @@
+"""Summaries of attention patterns: the mass each head puts on the query itself, the previous token, k back."""
+
+import jax
+import jax.numpy as jnp
+
+
+def mass_at_offset(weights: jax.Array, offset: int) -> jax.Array:
+    """Mean over query positions q >= offset of weights[..., q, q - offset]: [..., H, T, T] -> [..., H].
+
+    offset 0: attention to the query's own position; 1: to the previous token.
+    """
+    t = weights.shape[-1]
+    if not 0 <= offset < t:
+        raise ValueError(f"offset must be in [0, {t - 1}], got {offset}")
+    q = jnp.arange(offset, t)
+    return weights[..., q, q - offset].mean(-1)
+
+
+def mass_profile(weights: jax.Array, max_offset: int) -> jax.Array:
+    """[..., H, max_offset + 1]: mass_at_offset for offsets 0..max_offset."""
+    return jnp.stack([mass_at_offset(weights, k) for k in range(max_offset + 1)], -1)

@@ -1,0 +1,65 @@
+"""Direct attribution of a GPT's prediction (jaxicl.models.gpt) to the components that write the residual stream,
+and the per-head OV and QK circuit matrices.
+
+The final residual stream is exactly embed + pos_embed + sum over layers of (sum over heads of attn.heads)
++ mlp.out (attention has no biases). With the final LayerNorm's scale frozen at its value on the prompt,
+the prediction is linear in that sum, so each component's direct contribution is
+  ((c - mean(c)) / scale * ln_final.scale) W_U,
+and the contributions plus the `bias` term (ln_final.bias W_U + b_U) add up to the prediction.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.models.functional import apply
+from jaxicl.models.gpt import GPT
+
+
+def direct_attribution(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, jax.Array]:
+    """Contributions to the outputs [T, out] of one prompt: embed, pos_embed [T, out], heads [L, H, T, out],
+    mlp [L, T, out] (zeros for an attention-only model), bias [T, out]; their sum is the output."""
+    model = nnx.merge(graphdef, params)
+    if not isinstance(model, GPT):
+        raise TypeError(f"direct_attribution needs a jaxicl.models.gpt.GPT, got {type(model).__name__}")
+    n = len(model.blocks)
+    names = ["embed", "pos_embed"] + [f"layer{l}.attn.heads" for l in range(n)] + \
+        [f"layer{l}.mlp.out" for l in range(n) if model.blocks[l].mlp is not None]
+    names += ["final_norm.scale"] if model.ln_final is not None else []
+    out, cache = apply(graphdef, params, tokens, capture=names)
+    w_u, b_u = model.unembed[...], model.unembed_bias[...]
+    if model.ln_final is not None:
+        scale, ln = cache["final_norm.scale"], model.ln_final
+
+        def direct(c):  # c [..., T, D]
+            return ((c - c.mean(-1, keepdims=True)) / scale * ln.scale[...]) @ w_u
+
+        bias = jnp.broadcast_to(ln.bias[...] @ w_u + b_u, out.shape)
+    else:
+        direct = lambda c: c @ w_u  # noqa: E731
+        bias = jnp.broadcast_to(b_u, out.shape)
+    heads = jnp.stack([direct(jnp.moveaxis(cache[f"layer{l}.attn.heads"], 1, 0)) for l in range(n)])
+    mlp = jnp.stack([direct(cache[f"layer{l}.mlp.out"]) if f"layer{l}.mlp.out" in cache else jnp.zeros_like(out)
+                     for l in range(n)])
+    return {"embed": direct(cache["embed"]), "pos_embed": direct(cache["pos_embed"]), "heads": heads, "mlp": mlp,
+            "bias": bias}
+
+
+def ov_circuit(model: GPT, layer: int, head: int) -> jax.Array:
+    """W_V W_O [D, D] of one head: what the head writes for a unit of (normalised) residual it attends to."""
+    a = model.blocks[layer].attn
+    return a.wv[head] @ a.wo[head]
+
+
+def qk_circuit(model: GPT, layer: int, head: int) -> jax.Array:
+    """W_Q W_K^T [D, D] of one head: the bilinear form of its attention score (before 1 / sqrt(dh))."""
+    a = model.blocks[layer].attn
+    return a.wq[head] @ a.wk[head].T
+
+
+def ov_gain(model: GPT, layer: int, head: int) -> jax.Array:
+    """W_E W_V W_O W_U [in, out] of one head (the LayerNorms left out): for scalar vector inputs and outputs, the
+    sign says whether attending to a value pushes the prediction up (copying) or down (negative heads)."""
+    if model.vocab_size:
+        raise ValueError("ov_gain is for vector-input models (input_dim > 0)")
+    return model.embed[...] @ ov_circuit(model, layer, head) @ model.unembed[...]

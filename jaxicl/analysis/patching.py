@@ -1,0 +1,180 @@
+"""Activation patching as one compiled program: the whole grid of patches is vmapped (TransformerLens runs a
+Python loop of forward passes, one per patch, `transformer_lens.patching.generic_activation_patch`).
+
+A grid patches, one at a time, each site of `sites` from a clean run into a corrupted run of the same
+shape, by whole site ("site"), by query position ("pos"), by head ("head") or by position and head
+("pos_head"), using the axis names the model declares for its sites (Model.site_axes). Each grid point
+is a jaxicl.sites.Patch whose masks select its slice; the patches are stacked and run by one jitted
+program (`jax.lax.map` over chunks of `chunk_size` points when the grid does not fit in memory at once).
+`metric(predictions [B, ...]) -> scalar` scores each patched batch.
+
+Attribution patching approximates the same grid to first order: metric(corrupted) + the gradient at
+the corrupted run (zero deltas at every site at once) times (clean - corrupted), summed over the patched
+slice. It equals activation patching where the metric is linear in the patched activations.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.models.functional import apply
+from jaxicl.sites import Patch
+
+BY = ("site", "pos", "head", "pos_head")
+Metric = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchGrid:
+    """The patches of a grid: shape (len(sites), [T], [H]) and masks {site: bool [G, *broadcast shape]}."""
+
+    sites: tuple[str, ...]
+    by: str
+    shape: tuple[int, ...]
+    masks: dict
+
+
+def build_grid(info: dict, sites: Sequence[str], by: str) -> PatchGrid:
+    """The grid of one-at-a-time patches of `sites` (site_info's {site: (shape, axes)}) by `by`."""
+    if by not in BY:
+        raise ValueError(f"by must be one of {BY}, got {by!r}")
+    check_sites(sites, info)
+    split = [a for a in ("pos", "head") if a in by]
+    sizes = {}
+    for s in sites:
+        shape, axes = info[s]
+        for a in split:
+            if a not in axes:
+                raise ValueError(f"by={by!r}: site {s!r} has no {a!r} axis (its axes are {axes}); sites with one: "
+                                 f"{[n for n, (_, ax) in info.items() if a in ax]}")
+            sizes.setdefault(a, set()).add(shape[axes.index(a)])
+    for a, n in sizes.items():
+        if len(n) > 1:
+            raise ValueError(f"by={by!r}: the sites {list(sites)} differ in their {a!r} sizes {sorted(n)}")
+    extent = tuple(next(iter(sizes[a])) for a in split)
+    per_site = math.prod(extent)
+    masks = {}
+    for i, s in enumerate(sites):
+        shape, axes = info[s]
+        bshape = tuple(shape[k] if axes[k] in split else 1 for k in range(len(shape)))
+        m = np.zeros((len(sites) * per_site, *bshape), bool)
+        for j, point in enumerate(np.ndindex(*extent) if extent else [()]):
+            index = tuple(point[split.index(axes[k])] if axes[k] in split else 0 for k in range(len(shape)))
+            m[(i * per_site + j, *index)] = True
+        masks[s] = m
+    return PatchGrid(tuple(sites), by, (len(sites), *extent), masks)
+
+
+def _check_batches(clean: jax.Array, corrupted: jax.Array) -> None:
+    if clean.shape != corrupted.shape or clean.dtype != corrupted.dtype:
+        raise ValueError(f"clean and corrupted must have the same shape and dtype, got clean {clean.shape} "
+                         f"{clean.dtype} and corrupted {corrupted.shape} {corrupted.dtype}")
+
+
+@partial(jax.jit, static_argnums=0)
+def patched_predictions(graphdef: nnx.GraphDef, params, tokens: jax.Array, patch: Patch) -> jax.Array:
+    """Predictions [B, ...] of the batch tokens [B, ...] under a patch whose values and deltas are per prompt
+    ([B, ...] leaves) and whose masks are shared by every prompt."""
+    readout = nnx.merge(graphdef, params).readout
+
+    def one(t, values, deltas):
+        return readout(apply(graphdef, params, t, patch=Patch(values, patch.masks, deltas))[0])
+
+    return jax.vmap(one)(tokens, patch.values, patch.deltas)
+
+
+def activation_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
+                        sites: Sequence[str], by: str = "pos", chunk_size: int | None = None) -> np.ndarray:
+    """metric of the corrupted run with each grid slice patched from the clean run: [len(sites), [T], [H]].
+
+    clean, corrupted: prompt batches [B, T, ...] of the same shape. All checks run before compiling.
+    """
+    _check_batches(clean, corrupted)
+    grid = build_grid(site_info(graphdef, params, clean[0]), sites, by)
+    values = run_with_cache(graphdef, params, clean, grid.sites)[1]
+    out = _grid_metric(graphdef, params, corrupted, values, grid.masks, metric, chunk_size)
+    return np.asarray(out).reshape(grid.shape)
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6))
+def _grid_metric(graphdef, params, corrupted, values, masks, metric, chunk_size):
+    def at(masks_g):
+        return metric(patched_predictions(graphdef, params, corrupted, Patch(values=values, masks=masks_g)))
+
+    return jax.lax.map(at, masks, batch_size=chunk_size)
+
+
+def grid_memory(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
+                sites: Sequence[str], by: str, chunk_size: int | None) -> int:
+    """Bytes of the compiled grid program (XLA's memory analysis: arguments + outputs + temporaries)."""
+    grid = build_grid(site_info(graphdef, params, clean[0]), sites, by)
+    values = run_with_cache(graphdef, params, clean, grid.sites)[1]
+    m = _grid_metric.lower(graphdef, params, corrupted, values, grid.masks, metric, chunk_size).compile()
+    m = m.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def attribution_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
+                         sites: Sequence[str], by: str = "pos") -> np.ndarray:
+    """The first-order estimate of activation_patching's grid, from one forward and one backward pass."""
+    _check_batches(clean, corrupted)
+    grid = build_grid(site_info(graphdef, params, clean[0]), sites, by)
+    clean_values = run_with_cache(graphdef, params, clean, grid.sites)[1]
+    return np.asarray(_attribution(graphdef, params, corrupted, clean_values, grid.masks, metric)).reshape(grid.shape)
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _attribution(graphdef, params, corrupted, clean_values, masks, metric):
+    names = tuple(clean_values)
+    corrupted_values = jax.vmap(lambda t: apply(graphdef, params, t, capture=names)[1])(corrupted)
+
+    def of_deltas(deltas):
+        return metric(patched_predictions(graphdef, params, corrupted, Patch(deltas=deltas)))
+
+    zeros = jax.tree.map(jnp.zeros_like, corrupted_values)
+    base, grads = jax.value_and_grad(of_deltas)(zeros)
+    total = base
+    for s in names:
+        effect = jnp.sum(grads[s] * (clean_values[s] - corrupted_values[s]), axis=0)  # [*site shape]
+        m = masks[s]
+        total = total + jnp.sum(m * effect[None], axis=tuple(range(1, m.ndim)))
+    return total
+
+
+def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
+                           heads: Sequence[tuple[int, int]], head_site: str = "layer{layer}.attn.heads",
+                           stream_site: str | None = None) -> np.ndarray:
+    """Path patching of each head's direct effect: the metric of the corrupted run when only the path from
+    head (layer, h) straight to the output carries its clean value: the difference of its clean and corrupted
+    outputs (head_site, [T, H, D]) is added at stream_site (default: the last layer's resid_post), after
+    every later layer. Returns [len(heads)]."""
+    _check_batches(clean, corrupted)
+    info = site_info(graphdef, params, clean[0])
+    layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
+    stream_site = stream_site or f"layer{layers[-1]}.resid_post"
+    names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
+    check_sites(names + (stream_site,), info, "head_site / stream_site")
+    for layer, h in heads:
+        shape, axes = info[head_site.format(layer=layer)]
+        n_heads = shape[axes.index("head")]
+        if not 0 <= h < n_heads:
+            raise ValueError(f"heads: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
+    clean_values = run_with_cache(graphdef, params, clean, names)[1]
+    corrupted_values = run_with_cache(graphdef, params, corrupted, names)[1]
+    deltas = jnp.stack([jnp.take(clean_values[head_site.format(layer=layer)]
+                                 - corrupted_values[head_site.format(layer=layer)], h,
+                                 axis=1 + info[head_site.format(layer=layer)][1].index("head")) for layer, h in heads])
+    return np.asarray(_direct(graphdef, params, corrupted, deltas, stream_site, metric))
+
+
+@partial(jax.jit, static_argnums=(0, 4, 5))
+def _direct(graphdef, params, corrupted, deltas, stream_site, metric):
+    return jax.lax.map(lambda d: metric(patched_predictions(graphdef, params, corrupted,
+                                                            Patch(deltas={stream_site: d}))), deltas)

@@ -1,0 +1,47 @@
+"""Linear probes: closed-form ridge regression from activations to a quantity, scored on a held-out split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3) -> jax.Array:
+    """[F + 1, K] weights (bias last) of argmin |[x 1] w - y|^2 + lam |w_F|^2 for x [N, F], y [N, K]."""
+    xb = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+    reg = lam * jnp.eye(xb.shape[1], dtype=x.dtype).at[-1, -1].set(0.0)  # the bias is not penalised
+    return jnp.linalg.solve(xb.T @ xb + reg, xb.T @ y)
+
+
+def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
+    return x @ w[:-1] + w[-1]
+
+
+def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fraction: float = 0.25,
+          key: jax.Array | None = None) -> dict:
+    """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
+    over K) or [N] ints (classes: one-hot regression, accuracy of the argmax). Returns {"score", "train_score",
+    "weights"} with score "r2" or "accuracy" on the held-out prompts (a random split by key, default key 0)."""
+    features = jnp.asarray(features, jnp.float32)
+    targets = jnp.asarray(targets)
+    n = features.shape[0]
+    if targets.shape[0] != n:
+        raise ValueError(f"features and targets need the same number of rows, got {n} and {targets.shape[0]}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
+    n_test = max(int(round(test_fraction * n)), 1)
+    test, train = order[:n_test], order[n_test:]
+    classes = jnp.issubdtype(targets.dtype, jnp.integer)
+    y = jax.nn.one_hot(targets, int(targets.max()) + 1) if classes else targets.reshape(n, -1).astype(jnp.float32)
+    w = ridge_fit(features[train], y[train], lam)
+
+    def score(idx):
+        pred = ridge_predict(w, features[idx])
+        if classes:
+            return float(jnp.mean(jnp.argmax(pred, -1) == targets[idx]))
+        resid = jnp.sum((pred - y[idx]) ** 2, 0)
+        total = jnp.sum((y[idx] - y[idx].mean(0)) ** 2, 0)
+        return float(jnp.mean(1 - resid / jnp.maximum(total, 1e-30)))
+
+    return {"score": score(test), "train_score": score(train), "weights": np.asarray(w),
+            "metric": "accuracy" if classes else "r2"}

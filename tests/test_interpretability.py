@@ -1,0 +1,162 @@
+"""The compiled interpretability toolkit: caches, patching grids, attribution, ablation, direct attribution, probes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicl.analysis.ablation import ablate_heads
+from jaxicl.analysis.attention_patterns import mass_at_offset, mass_profile
+from jaxicl.analysis.cache import run_with_cache
+from jaxicl.analysis.direct_attribution import direct_attribution, ov_gain
+from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
+                                      patched_predictions)
+from jaxicl.analysis.probes import probe
+from jaxicl.models import predictor
+from jaxicl.models.gpt import GPT
+from jaxicl.sites import Patch
+
+B, T = 4, 5
+
+
+def _setup(final_norm=True, d_mlp=None):
+    g, p = nnx.split(GPT(d_model=8, n_layers=2, n_heads=2, d_mlp=d_mlp, max_len=T, input_dim=1, final_norm=final_norm,
+                         init_std=0.4, rngs=nnx.Rngs(0)))
+    clean = jax.random.normal(jax.random.key(1), (B, T, 1))
+    corrupted = jax.random.normal(jax.random.key(2), (B, T, 1))
+    return g, p, clean, corrupted
+
+
+def mean_prediction(pred):
+    return jnp.mean(pred)
+
+
+def last_sq(pred):
+    return jnp.mean(pred[:, -1] ** 2)
+
+
+def test_cache_keeps_only_the_requested_sites_and_the_predictions():
+    g, p, clean, _ = _setup()
+    pred, cache = run_with_cache(g, p, clean, ["layer1.attn.z", "layer0.resid_post"])
+    assert set(cache) == {"layer1.attn.z", "layer0.resid_post"} and cache["layer1.attn.z"].shape == (B, T, 2, 4)
+    np.testing.assert_allclose(pred, jax.vmap(predictor(g, p))(clean), rtol=1e-5, atol=1e-7)  # two programs
+    with pytest.raises(ValueError, match=r"names: unknown site name\(s\) \['layer1.attn.pattern'\]"):
+        run_with_cache(g, p, clean, ["layer1.attn.pattern"])
+
+
+def test_patching_clean_into_clean_changes_nothing_and_every_site_into_corrupted_gives_the_clean_output():
+    g, p, clean, corrupted = _setup()
+    base = float(last_sq(run_with_cache(g, p, clean, [])[0]))
+    same = activation_patching(g, p, clean, clean, last_sq, ["layer0.resid_pre", "layer1.attn.z"], by="pos")
+    np.testing.assert_allclose(same, base, rtol=1e-5)  # the patch writes the values the run computes anyway
+    _, cache = run_with_cache(g, p, clean, ["layer1.resid_post"])
+    full = patched_predictions(g, p, corrupted, Patch(values={"layer1.resid_post": cache["layer1.resid_post"]}))
+    np.testing.assert_allclose(full, run_with_cache(g, p, clean, [])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sites,by,shape", [(["layer0.resid_pre", "layer1.resid_pre"], "pos", (2, T)),
+                                            (["layer0.attn.z", "layer1.attn.z"], "pos_head", (2, T, 2)),
+                                            (["layer0.attn.z", "layer1.attn.z"], "head", (2, 2)),
+                                            (["layer1.mlp.out", "unembed.in"], "site", (2,))])
+def test_the_vmapped_grid_equals_a_loop_of_single_patches(sites, by, shape):
+    g, p, clean, corrupted = _setup()
+    grid = activation_patching(g, p, clean, corrupted, last_sq, sites, by=by, chunk_size=3)
+    assert grid.shape == shape
+    _, cache = run_with_cache(g, p, clean, sites)
+    loop = np.zeros(shape)
+    for index in np.ndindex(*shape):  # one patch, one forward pass at a time, by hand
+        s = sites[index[0]]
+        value = np.asarray(cache[s])
+        patched = value.copy()
+        corrupt = np.asarray(run_with_cache(g, p, corrupted, [s])[1][s])
+        keep = np.zeros(value.shape[1:], bool)
+        pos, head = (index[1] if "pos" in by else slice(None)), (index[-1] if "head" in by else slice(None))
+        keep[(pos, head) if value.ndim == 4 else (pos,)] = True
+        patched = np.where(keep, value, corrupt)
+        loop[index] = float(last_sq(patched_predictions(g, p, corrupted, Patch(values={s: jnp.asarray(patched)}))))
+    np.testing.assert_allclose(grid, loop, rtol=1e-5, atol=1e-7)  # vmapped vs one program per patch
+
+
+def test_attribution_patching_is_exact_where_the_metric_is_linear_in_the_patched_activation():
+    g, p, clean, corrupted = _setup(final_norm=False)
+    # without a final norm the output is affine in unembed.in; mean_prediction is linear in the output
+    args = (g, p, clean, corrupted, mean_prediction, ["unembed.in"])
+    np.testing.assert_allclose(attribution_patching(*args, by="pos"), activation_patching(*args, by="pos"),
+                               rtol=1e-5, atol=1e-6)
+    # through attention and MLPs it is only a first-order estimate
+    nonlinear = (g, p, clean, corrupted, last_sq, ["layer0.resid_pre"])
+    gap = np.abs(attribution_patching(*nonlinear, by="pos") - activation_patching(*nonlinear, by="pos"))
+    assert gap.max() > 1e-3
+
+
+def test_direct_effect_of_a_head_is_its_output_difference_sent_straight_to_the_output():
+    g, p, clean, corrupted = _setup(final_norm=False)
+    effect = direct_effect_patching(g, p, clean, corrupted, mean_prediction, [(0, 1), (1, 0)])
+    model = nnx.merge(g, p)
+    for (layer, h), got in zip([(0, 1), (1, 0)], effect):
+        heads = [run_with_cache(g, p, x, [f"layer{layer}.attn.heads"])[1][f"layer{layer}.attn.heads"][:, :, h]
+                 for x in (clean, corrupted)]
+        # no final norm: the output moves by (clean - corrupted head output) W_U
+        expected = float(mean_prediction(run_with_cache(g, p, corrupted, [])[0]) +
+                         jnp.mean((heads[0] - heads[1]) @ model.unembed[...]))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"head index 2 of layer 0 is out of range; allowed 0..1"):
+        direct_effect_patching(g, p, clean, corrupted, mean_prediction, [(0, 2)])
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_direct_attributions_add_up_to_the_prediction(final_norm):
+    g, p, clean, _ = _setup(final_norm=final_norm)
+    parts = direct_attribution(g, p, clean[0])
+    total = parts["embed"] + parts["pos_embed"] + parts["heads"].sum((0, 1)) + parts["mlp"].sum(0) + parts["bias"]
+    np.testing.assert_allclose(total, nnx.merge(g, p)(clean[0]), rtol=1e-5, atol=1e-6)  # float32 sums in two orders
+    assert parts["heads"].shape == (2, 2, T, 1)
+
+
+def test_ablation_of_a_head_with_zero_ov_weights_changes_nothing_and_zero_ablation_matches_a_hand_patch():
+    g, p, clean, _ = _setup()
+    p["blocks"][1]["attn"]["wo"][...] = p["blocks"][1]["attn"]["wo"][...].at[0].set(0.0)  # head (1, 0) writes nothing
+    plain = run_with_cache(g, p, clean, [])[0]
+    for kind in ("zero", "mean", "resample"):
+        ablated = ablate_heads(g, p, clean, [(1, 0)], kind=kind, key=jax.random.key(0))
+        np.testing.assert_allclose(ablated, plain, rtol=1e-6, atol=1e-7)
+    hand = run_with_cache(g, p, clean, ["layer0.attn.z"])[1]["layer0.attn.z"].at[:, :, 1].set(0.0)
+    np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind="zero"),
+                               patched_predictions(g, p, clean, Patch(values={"layer0.attn.z": hand})),
+                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ablate_heads(g, p, clean, [(0, 1)], kind="noise")
+
+
+def test_bad_grids_fail_before_compiling_with_the_argument_named():
+    g, p, clean, corrupted = _setup()
+    with pytest.raises(ValueError, match="unknown site name"):
+        activation_patching(g, p, clean, corrupted, last_sq, ["layer5.attn.z"])
+    with pytest.raises(ValueError, match="clean and corrupted must have the same shape"):
+        activation_patching(g, p, clean, corrupted[:, :3], last_sq, ["layer0.attn.z"])
+    with pytest.raises(ValueError, match=r"site 'layer0.resid_pre' has no 'head' axis"):
+        activation_patching(g, p, clean, corrupted, last_sq, ["layer0.resid_pre"], by="head")
+    with pytest.raises(ValueError, match="by must be one of"):
+        activation_patching(g, p, clean, corrupted, last_sq, ["layer0.resid_pre"], by="neuron")
+
+
+def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
+    key = jax.random.key(4)
+    x = jax.random.normal(key, (2000, 6))
+    y = x @ jnp.array([1.0, -2.0, 0.0, 0.5, 0.0, 0.0]) + 3.0
+    planted = probe(x, y)
+    assert planted["metric"] == "r2" and planted["score"] > 1 - 1e-6  # noise-free and linear: R^2 = 1
+    shuffled = probe(x, jax.random.permutation(jax.random.key(5), y))
+    assert abs(shuffled["score"]) < 0.03  # held-out R^2 of a label with no relation to the features: about 0
+    classes = (x[:, 0] > 0).astype(jnp.int32)
+    assert probe(x, classes)["score"] > 0.95 and probe(x, jax.random.permutation(key, classes))["score"] < 0.6
+
+
+def test_attention_mass_at_offsets_against_planted_patterns():
+    eye = jnp.eye(4)[None]  # every query on itself
+    prev = jnp.eye(4, k=-1).at[0, 0].set(1.0)[None]  # every query on the previous token (the first on itself)
+    np.testing.assert_allclose(mass_at_offset(eye, 0), [1.0])
+    np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
+    np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
+    assert float(ov_gain(GPT(d_model=4, n_layers=1, n_heads=1, input_dim=1, rngs=nnx.Rngs(0)), 0, 0).shape[0]) == 1
