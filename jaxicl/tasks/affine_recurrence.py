@@ -1,0 +1,105 @@
+"""Affine recurrences in context (Bhargav & Gu 2024): x_{n+1} = a x_n + b, one (a, b, x_0) per sequence.
+
+dim = 1 is the paper's scalar recurrence; dim > 1 the vector extension x_{n+1} = A x_n + b with
+A [dim, dim] (entries drawn from `a` and divided by sqrt(dim), so dim = 1 is the scalar case), b, x_0 [dim].
+A prompt holds x_0..x_T (T = seq_len): position n sees x_0..x_n and predicts x_{n+1}.
+
+  inputs  [T, dim]   x_0 .. x_{T-1}
+  targets [T] (dim 1) or [T, dim]   x_1 .. x_T
+  mask    [T]        1 from position loss_from on (three terms identify (a, b); earlier positions cannot
+                     be predicted exactly)
+
+With rescale=True each sequence is divided by its largest |x| (x_0..x_T), so every term lies in
+[-1, 1]; info["scale"] keeps the factor. The distributions of a, b and x_0 are configurable; the
+defaults (U[-1, 1] each, seq_len 16) are jaxicl's, not the paper's (which are not public).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxicl.prompt import Prompt
+from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
+
+KINDS = ("uniform", "normal", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Distribution:
+    """uniform: U[low, high]; normal: N(mean, std^2); fixed: the constant mean."""
+
+    kind: str = "uniform"
+    low: float = -1.0
+    high: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self):
+        check_choice("kind", self.kind, KINDS)
+        if self.kind == "uniform" and not self.low < self.high:
+            raise ConfigError(f"a uniform distribution needs low < high, got low={self.low}, high={self.high}")
+        check_positive("std", self.std, allow_zero=True)
+
+    def sample(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, minval=self.low, maxval=self.high)
+        if self.kind == "normal":
+            return self.mean + self.std * jax.random.normal(key, shape)
+        return jnp.full(shape, self.mean)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineRecurrence:
+    """x_{n+1} = A x_n + b for n = 0..seq_len - 1, (A, b, x_0) drawn per sequence."""
+
+    dim: int = 1
+    seq_len: int = 16
+    a: Distribution = Distribution()
+    b: Distribution = Distribution()
+    x0: Distribution = Distribution()
+    rescale: bool = False
+    loss_from: int = 0
+
+    def __post_init__(self):
+        check_positive("dim", self.dim)
+        check_positive("seq_len", self.seq_len)
+        check_range("loss_from", self.loss_from, 0, self.seq_len - 1)
+
+    @property
+    def token_dim(self) -> int:
+        return self.dim
+
+
+def states(cfg: AffineRecurrence, key: jax.Array) -> tuple[jax.Array, dict]:
+    """One sequence: x_0..x_T [T + 1, dim] and info {"A" [dim, dim], "b" [dim], "x0" [dim], "scale" []}.
+
+    With rescale the states are the recurrence divided by scale, so they follow (A, b / scale): info
+    holds that b and the rescaled x_0.
+    """
+    k_a, k_b, k_x = jax.random.split(key, 3)
+    a = cfg.a.sample(k_a, (cfg.dim, cfg.dim)) / math.sqrt(cfg.dim)
+    b = cfg.b.sample(k_b, (cfg.dim,))
+    x0 = cfg.x0.sample(k_x, (cfg.dim,))
+
+    def step(x, _):
+        nxt = a @ x + b
+        return nxt, nxt
+
+    _, rest = jax.lax.scan(step, x0, length=cfg.seq_len)
+    xs = jnp.concatenate([x0[None], rest])
+    scale = jnp.max(jnp.abs(xs)) if cfg.rescale else jnp.ones(())
+    scale = jnp.where(scale > 0, scale, 1.0)
+    # one materialised copy: tokens, targets and info hold the same values bit for bit
+    xs, a, b, scale = jax.lax.optimization_barrier((xs / scale, a, b / scale, scale))
+    return xs, {"A": a, "b": b, "x0": xs[0], "scale": scale}
+
+
+def sample(cfg: AffineRecurrence, key: jax.Array) -> Prompt:
+    """One prompt: inputs [T, dim], targets [T] (dim 1) or [T, dim], mask [T]; info: states [T + 1, dim], A, b, x0,
+    scale (states[n + 1] = A states[n] + b)."""
+    xs, info = states(cfg, key)
+    targets = xs[1:, 0] if cfg.dim == 1 else xs[1:]
+    mask = (jnp.arange(cfg.seq_len) >= cfg.loss_from).astype(jnp.float32)
+    return Prompt(inputs=xs[:-1], targets=targets, mask=mask, info={"states": xs, **info})

@@ -1,0 +1,63 @@
+"""Affine-recurrence prompts and their baselines against numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxicl.baselines import affine_recurrence as base
+from jaxicl.tasks import affine_recurrence as ar
+from jaxicl.tasks import sample_batch
+from jaxicl.validation import ConfigError
+
+
+def test_scalar_prompts_follow_the_recurrence_and_the_distributions():
+    cfg = ar.AffineRecurrence(seq_len=8, loss_from=2)
+    b = sample_batch(ar.sample, cfg, jax.random.key(0), 4000)
+    s = np.asarray(b.info["states"], np.float64)[..., 0]  # [B, T + 1]
+    a, off = np.asarray(b.info["A"])[:, 0, 0], np.asarray(b.info["b"])[:, 0]
+    np.testing.assert_allclose(s[:, 1:], a[:, None] * s[:, :-1] + off[:, None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(b.inputs[..., 0], s[:, :-1])  # copies of the materialised states
+    np.testing.assert_array_equal(b.targets, s[:, 1:])
+    np.testing.assert_array_equal(b.mask[0], [0, 0, 1, 1, 1, 1, 1, 1])
+    for v in (a, off, s[:, 0]):  # U[-1, 1]: mean 0, variance 1/3, within 5 standard errors
+        assert abs(v.mean()) < 5 * np.sqrt(1 / 3 / v.size) and abs(v.var() - 1 / 3) < 0.02
+
+
+def test_vector_recurrence_rescaling_and_other_distributions():
+    cfg = ar.AffineRecurrence(dim=3, seq_len=6, a=ar.Distribution("normal", mean=0.0, std=1.0), rescale=True,
+                              b=ar.Distribution("fixed", mean=0.5))
+    b = sample_batch(ar.sample, cfg, jax.random.key(1), 64)
+    s, a, off = (np.asarray(b.info[k], np.float64) for k in ("states", "A", "b"))
+    np.testing.assert_allclose(s[:, 1:], np.einsum("bij,btj->bti", a, s[:, :-1]) + off[:, None], rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.abs(s).max((1, 2)), 1.0, rtol=1e-6)  # each sequence divided by its max |x|
+    np.testing.assert_allclose(off * np.asarray(b.info["scale"])[:, None], 0.5, rtol=1e-6)
+    assert b.targets.shape == (64, 6, 3) and b.inputs.shape == (64, 6, 3)
+    with pytest.raises(ConfigError, match="loss_from"):
+        ar.AffineRecurrence(seq_len=4, loss_from=4)
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        ar.Distribution("cauchy")
+
+
+def test_baselines_against_numpy_and_the_three_term_solver_is_exact_on_noise_free_sequences(x64):
+    cfg = ar.AffineRecurrence(seq_len=10, a=ar.Distribution(low=-0.9, high=0.9))
+    b = sample_batch(ar.sample, cfg, jax.random.key(2), 256, axis=None)
+    x = np.asarray(b.inputs[..., 0])
+    np.testing.assert_array_equal(jax.vmap(base.copy)(b.inputs), x)
+    lin = np.concatenate([x[:, :1], 2 * x[:, 1:] - x[:, :-1]], 1)
+    np.testing.assert_allclose(jax.vmap(base.linear_extrapolation)(b.inputs), lin, rtol=1e-12)
+    three = np.asarray(jax.vmap(base.three_term)(b.inputs))
+    np.testing.assert_allclose(three[:, 2:], np.asarray(b.targets)[:, 2:], rtol=1e-8, atol=1e-10)  # exact from n = 2
+    np.testing.assert_array_equal(three[:, :2], x[:, :2])  # copy before three terms exist
+    ls = np.asarray(jax.vmap(base.least_squares)(b.inputs))
+    np.testing.assert_allclose(ls[:, 2:], np.asarray(b.targets)[:, 2:], rtol=1e-6, atol=1e-8)  # two pairs identify
+    for p in range(3):  # position 1 from one pair: the minimum-norm [a b] of one equation, by numpy
+        feats = np.array([[x[p, 0], 1.0]])
+        w = np.linalg.pinv(feats) @ np.array([x[p, 1]])
+        np.testing.assert_allclose(ls[p, 1], np.array([x[p, 1], 1.0]) @ w, rtol=1e-8)
+    vec = sample_batch(ar.sample, ar.AffineRecurrence(dim=2, seq_len=8), jax.random.key(3), 16, axis=None)
+    np.testing.assert_allclose(jax.vmap(base.least_squares)(vec.inputs)[:, 3:], vec.targets[:, 3:], rtol=1e-6,
+                               atol=1e-8)  # three pairs identify the 2 x 2 A and b
+    with pytest.raises(ValueError, match="scalar recurrences"):
+        base.three_term(vec.inputs[0])
