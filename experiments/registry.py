@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "nn_random_init": "experiments.nn_random_init",
     "sweep_lr_seeds": "experiments.sweep_lr_seeds",
     "sweep_context_length": "experiments.sweep_context_length",
+    "affine_mechanism": "experiments.affine_mechanism",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

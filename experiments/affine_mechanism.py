@@ -1,0 +1,268 @@
+"""Bhargav & Gu 2024: a 3-layer GPT learns affine recurrences in context; layer 0 copies, layer-2 negative heads refine.
+
+Seeds are the members of one vmapped sweep. The analyses use seed 0's model (the others are reported):
+per-position loss against the copy, linear-extrapolation, exact three-term and least-squares
+predictors; layer-0 attention mass on positions n and n - 1 and ridge probes of the layer-0 output for
+x_n and x_{n+1}; for every layer-2 head its OV gain W_E W_V W_O W_U (sign: copying or negative) and the
+regression of its attention score on the similarity -|x_hat_q - x_k| between the query's current
+estimate (a probe of the stream entering layer 2) and the key's value; mean ablation of the negative
+similarity heads; activation-patching heatmaps (layers x positions, layers x heads) from clean prompts
+into prompts with other (a, b, x_0).
+
+The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours
+(the defaults of shared/papers/affine_recurrence_bhargav2024.md, Section 4), and the definitions of
+"copying" and "negative-similarity head" are the notes' recommendations, not the paper's.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.common.figures import heatmap, new_figure, save_figure
+from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
+from jaxicl.analysis.ablation import ablate_heads
+from jaxicl.analysis.attention_patterns import mass_at_offset
+from jaxicl.analysis.cache import run_with_cache
+from jaxicl.analysis.direct_attribution import ov_gain
+from jaxicl.analysis.patching import activation_patching
+from jaxicl.analysis.probes import probe
+from jaxicl.baselines import affine_recurrence as baselines
+from jaxicl.models.gpt import GPT
+from jaxicl.tasks import affine_recurrence as ar
+from jaxicl.tasks import sample_batch
+from jaxicl.train import TrainConfig, eval_key, regression_loss, train_sweep
+from jaxicl.validation import ConfigError, check_positive
+
+BASELINES = {"copy": baselines.copy, "linear_extrapolation": baselines.linear_extrapolation,
+             "three_term": baselines.three_term, "least_squares": baselines.least_squares}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 64
+    n_layers: int = 3
+    n_heads: int = 4
+    d_mlp: int = 256  # 0: attention only
+    final_norm: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    task: ar.AffineRecurrence = ar.AffineRecurrence(seq_len=16)
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(steps=4000, batch_size=128, lr=1e-3, schedule="warmup_cosine", warmup_steps=200,
+                                     steps_per_call=250, log_every=10)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_prompts: int = 2048
+    from_position: int = 2  # losses and comparisons from the third term on (three terms identify (a, b))
+    max_loss_over_copy: float = 0.5
+    max_loss_over_extrapolation: float = 1.0
+    min_layer0_local_mass: float = 0.5  # some layer-0 head puts this much mass on positions n and n - 1
+    min_layer0_copy_r2: float = 0.9  # probe R^2 for x_n from the layer-0 output
+    min_ablation_loss_ratio: float = 1.5
+
+    def __post_init__(self):
+        check_positive("eval_prompts", self.eval_prompts)
+        if self.task.dim != 1:
+            raise ConfigError("affine_mechanism studies the scalar recurrence: task.dim=1")
+        if self.model.n_layers != 3:
+            raise ConfigError("the mechanism is stated for the paper's three layers: model.n_layers=3")
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed")
+        if not 0 <= self.from_position < self.task.seq_len:
+            raise ConfigError(f"from_position must be in [0, {self.task.seq_len - 1}], got {self.from_position}")
+
+
+PRESETS = {
+    "smoke": Config(task=ar.AffineRecurrence(seq_len=8), model=ModelConfig(d_model=16, n_heads=2, d_mlp=32),
+                    train=TrainConfig(steps=60, batch_size=32, lr=3e-3, steps_per_call=30, log_every=10),
+                    seeds=(0, 1), eval_prompts=256),
+    "quick": Config(),
+    "full": Config(model=ModelConfig(d_model=128, n_heads=8, d_mlp=512),
+                   train=TrainConfig(steps=30000, batch_size=512, lr=1e-3, schedule="warmup_cosine", warmup_steps=1000,
+                                     steps_per_call=1000, log_every=100, checkpoint_every=5000),
+                   seeds=tuple(range(8)), eval_prompts=16384),
+}
+
+
+def build_model(cfg: Config, key: jax.Array) -> GPT:
+    m = cfg.model
+    return GPT(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_mlp=m.d_mlp, max_len=cfg.task.seq_len,
+               input_dim=1, final_norm=m.final_norm, rngs=nnx.Rngs(key))
+
+
+def position_mse(pred: jax.Array, targets: jax.Array) -> np.ndarray:
+    """[T] mean squared error per position: pred, targets [B, T]."""
+    return np.asarray(jnp.mean((pred - targets) ** 2, axis=0))
+
+
+def score_similarity_slope(scores: np.ndarray, estimate: np.ndarray, values: np.ndarray, start: int) -> tuple[float, float]:
+    """(slope, correlation) of the attention scores [B, T, T] (query, key) of one head regressed on the
+    similarity -|estimate_q - value_k| over causal pairs with query >= start (estimate [B, T], values [B, T])."""
+    q, k = np.tril_indices(scores.shape[-1])
+    keep = q >= start
+    q, k = q[keep], k[keep]
+    sim = -np.abs(estimate[:, q] - values[:, k]).ravel()
+    s = scores[:, q, k].ravel()
+    slope = np.cov(sim, s)[0, 1] / np.var(sim, ddof=1)
+    return float(slope), float(np.corrcoef(sim, s)[0, 1])
+
+
+def run(cfg: Config, out_dir: str) -> Outcome:
+    task, start = cfg.task, cfg.from_position
+    graphdef = nnx.graphdef(build_model(cfg, jax.random.key(0)))
+    result = train_sweep(regression_loss(graphdef), ar.sample, task, cfg.train,
+                         lambda key: nnx.state(build_model(cfg, key), nnx.Param),
+                         [{"train.seed": s} for s in cfg.seeds], out_dir=os.path.join(out_dir, "seeds"),
+                         run_config={"experiment": "affine_mechanism", "model": dataclasses.asdict(cfg.model)},
+                         desc="affine_mechanism")
+    test = sample_batch(ar.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts, axis=None)
+    targets = np.asarray(test.targets)
+    base = {n: position_mse(jax.jit(jax.vmap(f))(test.inputs), test.targets) for n, f in BASELINES.items()}
+    model_losses = [position_mse(run_with_cache(graphdef, result.member_params(i), test.inputs, [])[0], test.targets)
+                    for i in range(len(cfg.seeds))]
+    params = result.member_params(0)
+    model = nnx.merge(graphdef, params)
+    names = ["layer0.attn.weights", "layer0.resid_post", "layer1.resid_post", "layer2.attn.scores"]
+    pred, cache = run_with_cache(graphdef, params, test.inputs, names)
+    x = np.asarray(test.inputs[..., 0])  # x_n at position n
+
+    # Layer 0: attention on n and n - 1, and what its output encodes.
+    w0 = cache["layer0.attn.weights"]  # [B, H, T, T]
+    local = np.asarray(mass_at_offset(w0, 0) + mass_at_offset(w0, 1)).mean(0)  # [H]
+    rows = np.arange(start, task.seq_len)
+    uniform = float(np.mean(2.0 / (rows + 1)))
+    stream0 = np.asarray(cache["layer0.resid_post"])[:, rows].reshape(-1, cfg.model.d_model)
+    r2_xn = probe(stream0, x[:, rows].ravel())["score"]
+    r2_next = probe(stream0, targets[:, rows].ravel())["score"]
+
+    # Layer 2: OV gain and score-similarity per head.
+    stream1 = np.asarray(cache["layer1.resid_post"])
+    est_fit = probe(stream1[:, rows].reshape(-1, cfg.model.d_model), targets[:, rows].ravel())
+    w = est_fit["weights"]
+    estimate = stream1 @ w[:-1, 0] + w[-1, 0]  # [B, T]: the estimate of x_{n+1} entering layer 2
+    scores2 = np.asarray(cache["layer2.attn.scores"])  # [B, H, T, T]
+    heads2 = []
+    for h in range(cfg.model.n_heads):
+        slope, corr = score_similarity_slope(scores2[:, h], estimate, x, start)
+        heads2.append({"head": h, "ov_gain": float(ov_gain(model, 2, h)[0, 0]), "slope": slope, "corr": corr})
+    negative = [r["head"] for r in heads2 if r["ov_gain"] < 0 and r["slope"] > 0]
+
+    # Ablate the negative-similarity heads (or, where none qualifies, the most negative OV gain) by their mean.
+    mse = lambda p: float(np.mean(position_mse(p, test.targets)[start:]))  # noqa: E731
+    trained_mse = mse(pred)
+    ablated_heads = negative or [min(heads2, key=lambda r: r["ov_gain"])["head"]]
+    ablated = np.asarray(ablate_heads(graphdef, params, test.inputs, [(2, h) for h in ablated_heads], kind="mean"))
+    ablated_mse = mse(ablated)
+    to_copy = float(np.mean(np.abs(ablated - x)[:, start:]) / np.mean(np.abs(np.asarray(pred) - x)[:, start:]))
+
+    # Patching heatmaps: clean prompts into prompts with other (a, b, x_0); metric: the clean targets' MSE at the end.
+    n_patch = min(256, cfg.eval_prompts)
+    clean = test.inputs[:n_patch]
+    corrupted = sample_batch(ar.sample, task, jax.random.fold_in(eval_key(cfg.train.seed), 1), n_patch,
+                             axis=None).inputs
+    clean_last = test.targets[:n_patch, -1]
+
+    def metric(p):  # the clean targets' MSE at the last position
+        return jnp.mean((p[:, -1] - clean_last) ** 2)
+
+    layers = range(cfg.model.n_layers)
+    by_pos = activation_patching(graphdef, params, clean, corrupted, metric, [f"layer{l}.resid_pre" for l in layers],
+                                 by="pos")
+    by_head = activation_patching(graphdef, params, clean, corrupted, metric, [f"layer{l}.attn.z" for l in layers],
+                                  by="head")
+    corrupted_mse = float(metric(run_with_cache(graphdef, params, corrupted, [])[0]))
+
+    copy_mse = float(np.mean(base["copy"][start:]))
+    extrap_mse = float(np.mean(base["linear_extrapolation"][start:]))
+    all_seeds = [float(np.mean(m[start:])) for m in model_losses]
+    ours = ("settings are ours (the paper's are not public): a, b, x_0 ~ U[-1, 1], T = "
+            f"{task.seq_len}, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads, d_mlp {cfg.model.d_mlp}, "
+            f"Adam {cfg.train.lr} warmup-cosine, {cfg.train.steps} steps of {cfg.train.batch_size} fresh prompts")
+    checks = [
+        check_below("loss_over_copy", trained_mse / copy_mse, cfg.max_loss_over_copy,
+                    f"test MSE from position {start}: model {trained_mse:.3g} vs copy {copy_mse:.3g}; seeds "
+                    f"{np.round(all_seeds, 4).tolist()}; {ours}"),
+        check_below("loss_over_linear_extrapolation", trained_mse / extrap_mse, cfg.max_loss_over_extrapolation,
+                    f"linear extrapolation {extrap_mse:.3g}; exact three-term solver "
+                    f"{float(np.mean(base['three_term'][start:])):.2g}, least squares "
+                    f"{float(np.mean(base['least_squares'][start:])):.2g}"),
+        check_above("layer0_local_attention_mass", float(local.max()), cfg.min_layer0_local_mass,
+                    f"max over layer-0 heads of the attention mass on positions n and n - 1 (per head "
+                    f"{np.round(local, 3).tolist()}; uniform causal weights: {uniform:.3f})"),
+        check_above("layer0_probe_r2_for_x_n", r2_xn, cfg.min_layer0_copy_r2,
+                    f"held-out ridge probe of the layer-0 output (positions >= {start}) for x_n; for x_(n+1): "
+                    f"{r2_next:.3f}"),
+        Check("layer0_encodes_x_n_more_than_x_next", r2_xn - r2_next, "> 0", bool(r2_xn > r2_next),
+              "R^2(x_n) - R^2(x_(n+1)) of the layer-0 probes: the initial estimate is a copy"),
+        Check("negative_similarity_heads_in_layer2", len(negative), ">= 1", bool(negative),
+              "layer-2 heads with OV gain W_E W_V W_O W_U < 0 and attention score increasing with the similarity "
+              "-|x_hat_q - x_k| of the query's estimate (a probe of layer 1's output) and the key's value: " +
+              "; ".join(f"head {r['head']}: gain {r['ov_gain']:.3g}, slope {r['slope']:.3g}, corr {r['corr']:.2f}"
+                        for r in heads2)),
+        check_above("ablation_loss_ratio", ablated_mse / trained_mse, cfg.min_ablation_loss_ratio,
+                    f"test MSE with layer-2 heads {ablated_heads} mean-ablated ("
+                    f"{'the negative-similarity heads' if negative else 'none qualified: the most negative OV gain'}): "
+                    f"{ablated_mse:.3g} vs {trained_mse:.3g}"),
+        check_below("ablated_distance_to_copy_ratio", to_copy, 1.0,
+                    "mean |prediction - x_n| with the heads ablated / without: below 1 means the predictions move "
+                    "toward the copy estimate"),
+        diverged_check({f"seed {cfg.seeds[m]}": s for m, s in result.diverged.items()}),
+    ]
+    figures = [_plot_losses(cfg, model_losses, base, result.train_rows, out_dir),
+               _plot_mechanism(cfg, local, heads2, scores2, estimate, x, uniform, out_dir),
+               _plot_patching(by_pos, by_head, corrupted_mse, float(metric(pred[:n_patch])), out_dir)]
+    return Outcome(checks, figures)
+
+
+def _plot_losses(cfg, model_losses, base, rows, out_dir) -> str:
+    fig, axes = new_figure(2)
+    ax = axes[0, 0]
+    t = np.arange(cfg.task.seq_len)
+    for i, m in enumerate(model_losses):
+        ax.plot(t, m, color="k", alpha=1.0 if i == 0 else 0.3, label="trained GPT" if i == 0 else None)
+    for name, v in base.items():
+        ax.plot(t, np.maximum(v, 1e-12), ls="--", label=name)
+    ax.set(xlabel="position n (predicting x_(n+1))", ylabel="test MSE", yscale="log", title="per position")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    for m in sorted({r["member"] for r in rows}):
+        r = [row for row in rows if row["member"] == m]
+        ax.plot([row["step"] for row in r], [row["loss"] for row in r], label=f"seed {cfg.seeds[m]}")
+    ax.set(xlabel="step", ylabel="train MSE", yscale="log", title="training")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, "losses")
+
+
+def _plot_mechanism(cfg, local, heads2, scores2, estimate, x, uniform, out_dir) -> str:
+    fig, axes = new_figure(3)
+    ax = axes[0, 0]
+    ax.bar(np.arange(len(local)), local)
+    ax.axhline(uniform, color="k", ls=":", label="uniform causal")
+    ax.set(xlabel="layer-0 head", ylabel="mass on n and n-1", title="layer 0: local attention")
+    ax.legend(fontsize=7)
+    ax = axes[0, 1]
+    ax.bar(np.arange(len(heads2)), [r["ov_gain"] for r in heads2])
+    ax.set(xlabel="layer-2 head", ylabel="W_E W_V W_O W_U", title="layer 2: OV gain")
+    ax = axes[0, 2]
+    h = min(heads2, key=lambda r: r["ov_gain"])["head"]
+    q, k = np.tril_indices(scores2.shape[-1])
+    keep = q >= cfg.from_position
+    sim = -np.abs(estimate[:256][:, q[keep]] - x[:256][:, k[keep]]).ravel()
+    ax.scatter(sim, scores2[:256, h][:, q[keep], k[keep]].ravel(), s=1, alpha=0.2)
+    ax.set(xlabel="-|x_hat_q - x_k|", ylabel="attention score", title=f"layer-2 head {h} (most negative gain)")
+    return save_figure(fig, out_dir, "mechanism")
+
+
+def _plot_patching(by_pos, by_head, corrupted_mse, clean_mse, out_dir) -> str:
+    fig, axes = new_figure(2, size=(5.0, 3.2))
+    heatmap(axes[0, 0], by_pos, f"resid_pre patched (layer x position)\ncorrupted {corrupted_mse:.3g}, clean "
+            f"{clean_mse:.3g}", symmetric=False)
+    axes[0, 0].set(xlabel="position", ylabel="layer")
+    heatmap(axes[0, 1], by_head, "attn.z patched (layer x head)", symmetric=False)
+    axes[0, 1].set(xlabel="head", ylabel="layer")
+    return save_figure(fig, out_dir, "patching")

@@ -1,0 +1,35 @@
+"""affine_mechanism: its smoke run computes every check, and its score-similarity regression against numpy."""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from experiments.affine_mechanism import score_similarity_slope
+from experiments.common.runner import run_experiment
+
+
+def test_smoke_run_writes_every_check_and_figure(tmp_path):
+    result = run_experiment("affine_mechanism", "smoke", str(tmp_path))
+    out = tmp_path / "affine_mechanism"
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["checks"] == result["checks"] and len(stored["checks"]) == 9
+    for check in stored["checks"]:
+        assert isinstance(check["value"], (int, float)) and math.isfinite(check["value"]), check
+    assert {f for f in stored["figures"]} == {"losses.png", "mechanism.png", "patching.png"}
+    for fig in stored["figures"]:
+        assert os.path.getsize(out / fig) > 10_000
+
+
+def test_score_similarity_slope_recovers_a_planted_linear_score():
+    rng = np.random.default_rng(0)
+    estimate, values = rng.normal(size=(50, 6)), rng.normal(size=(50, 6))
+    sim = -np.abs(estimate[:, :, None] - values[:, None, :])  # [B, query, key]
+    slope, corr = score_similarity_slope(2.0 * sim + 1.0, estimate, values, start=2)
+    np.testing.assert_allclose([slope, corr], [2.0, 1.0], rtol=1e-10)
+    noisy = 2.0 * sim + rng.normal(size=sim.shape)
+    q, k = np.tril_indices(6)
+    keep = q >= 2
+    ref = np.polyfit(sim[:, q[keep], k[keep]].ravel(), noisy[:, q[keep], k[keep]].ravel(), 1)[0]
+    np.testing.assert_allclose(score_similarity_slope(noisy, estimate, values, start=2)[0], ref, rtol=1e-10)
