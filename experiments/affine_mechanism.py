@@ -12,6 +12,13 @@ into prompts with other (a, b, x_0).
 The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours
 (the defaults of shared/papers/affine_recurrence_bhargav2024.md, Section 4), and the definitions of
 "copying" and "negative-similarity head" are the notes' recommendations, not the paper's.
+
+What the quick preset shows (2 seeds, seed 0 analysed): the model beats copy (MSE ratio ~0.1) and linear
+extrapolation; what layer 0 writes encodes x_n (R^2 ~0.97) slightly better than x_(n+1); layer 2 has heads whose
+direct contribution is anti-correlated with the value they read, one of them with a score that grows with the
+similarity, and ablating it raises the loss. Not shown: layer-0 attention is local only at the first few positions
+(its mass on n and n - 1 is near uniform later: x_n reaches the stream through the embedding, not by attention), and
+the ablation does not move seed 0's predictions toward the copy estimate (seed 1's do, for its negative heads).
 """
 
 import dataclasses
@@ -25,9 +32,8 @@ from flax import nnx
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
 from jaxicl.analysis.ablation import ablate_heads
-from jaxicl.analysis.attention_patterns import mass_at_offset
 from jaxicl.analysis.cache import run_with_cache
-from jaxicl.analysis.direct_attribution import ov_gain
+from jaxicl.analysis.direct_attribution import direct_attribution, ov_gain
 from jaxicl.analysis.patching import activation_patching
 from jaxicl.analysis.probes import probe
 from jaxicl.baselines import affine_recurrence as baselines
@@ -43,10 +49,10 @@ BASELINES = {"copy": baselines.copy, "linear_extrapolation": baselines.linear_ex
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    d_model: int = 64
+    d_model: int = 32
     n_layers: int = 3
     n_heads: int = 4
-    d_mlp: int = 256  # 0: attention only
+    d_mlp: int = 128  # 0: attention only
     final_norm: bool = True
 
 
@@ -54,9 +60,9 @@ class ModelConfig:
 class Config:
     task: ar.AffineRecurrence = ar.AffineRecurrence(seq_len=16)
     model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig(steps=4000, batch_size=128, lr=1e-3, schedule="warmup_cosine", warmup_steps=200,
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, lr=1e-3, schedule="warmup_cosine", warmup_steps=200,
                                      steps_per_call=250, log_every=10)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1)
     eval_prompts: int = 2048
     from_position: int = 2  # losses and comparisons from the third term on (three terms identify (a, b))
     max_loss_over_copy: float = 0.5
@@ -64,6 +70,7 @@ class Config:
     min_layer0_local_mass: float = 0.5  # some layer-0 head puts this much mass on positions n and n - 1
     min_layer0_copy_r2: float = 0.9  # probe R^2 for x_n from the layer-0 output
     min_ablation_loss_ratio: float = 1.5
+    min_head_corr: float = 0.1  # a negative-similarity head: |correlations| of gain and score-similarity above this
 
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
@@ -127,18 +134,21 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     for i in range(len(cfg.seeds))]
     params = result.member_params(0)
     model = nnx.merge(graphdef, params)
-    names = ["layer0.attn.weights", "layer0.resid_post", "layer1.resid_post", "layer2.attn.scores"]
+    names = ["layer0.attn.weights", "layer0.resid_pre", "layer0.resid_post", "layer1.resid_post", "layer2.attn.scores",
+             "layer2.attn.weights"]
     pred, cache = run_with_cache(graphdef, params, test.inputs, names)
     x = np.asarray(test.inputs[..., 0])  # x_n at position n
 
     # Layer 0: attention on n and n - 1, and what its output encodes.
     w0 = cache["layer0.attn.weights"]  # [B, H, T, T]
-    local = np.asarray(mass_at_offset(w0, 0) + mass_at_offset(w0, 1)).mean(0)  # [H]
     rows = np.arange(start, task.seq_len)
+    local_by_row = np.asarray(w0[:, :, rows, rows] + w0[:, :, rows, rows - 1]).mean(0)  # [H, rows]
+    local, local_last = local_by_row.mean(-1), local_by_row[:, -1]  # [H]
     uniform = float(np.mean(2.0 / (rows + 1)))
-    stream0 = np.asarray(cache["layer0.resid_post"])[:, rows].reshape(-1, cfg.model.d_model)
-    r2_xn = probe(stream0, x[:, rows].ravel())["score"]
-    r2_next = probe(stream0, targets[:, rows].ravel())["score"]
+    # what layer 0 writes (its attention and MLP outputs, not the input token already in the stream)
+    write0 = np.asarray(cache["layer0.resid_post"] - cache["layer0.resid_pre"])[:, rows].reshape(-1, cfg.model.d_model)
+    r2_xn = probe(write0, x[:, rows].ravel())["score"]
+    r2_next = probe(write0, targets[:, rows].ravel())["score"]
 
     # Layer 2: OV gain and score-similarity per head.
     stream1 = np.asarray(cache["layer1.resid_post"])
@@ -146,19 +156,26 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     w = est_fit["weights"]
     estimate = stream1 @ w[:-1, 0] + w[-1, 0]  # [B, T]: the estimate of x_{n+1} entering layer 2
     scores2 = np.asarray(cache["layer2.attn.scores"])  # [B, H, T, T]
+    attended = np.einsum("bhqk,bk->bhq", np.asarray(cache["layer2.attn.weights"]), x)  # the value each head reads
+    direct = np.asarray(jax.jit(jax.vmap(lambda t: direct_attribution(graphdef, params, t)["heads"][2, ..., 0]))(
+        test.inputs))  # [B, H, T]: each layer-2 head's direct contribution to the prediction
     heads2 = []
     for h in range(cfg.model.n_heads):
         slope, corr = score_similarity_slope(scores2[:, h], estimate, x, start)
-        heads2.append({"head": h, "ov_gain": float(ov_gain(model, 2, h)[0, 0]), "slope": slope, "corr": corr})
-    negative = [r["head"] for r in heads2 if r["ov_gain"] < 0 and r["slope"] > 0]
+        gain = float(np.corrcoef(attended[:, h, rows].ravel(), direct[:, h, rows].ravel())[0, 1])
+        heads2.append({"head": h, "ov_gain": float(ov_gain(model, 2, h)[0, 0]), "gain_corr": gain, "slope": slope,
+                       "corr": corr})
+    negative = [r["head"] for r in heads2 if r["gain_corr"] < -cfg.min_head_corr and r["corr"] > cfg.min_head_corr]
 
     # Ablate the negative-similarity heads (or, where none qualifies, the most negative OV gain) by their mean.
     mse = lambda p: float(np.mean(position_mse(p, test.targets)[start:]))  # noqa: E731
     trained_mse = mse(pred)
-    ablated_heads = negative or [min(heads2, key=lambda r: r["ov_gain"])["head"]]
+    ablated_heads = negative or [min(heads2, key=lambda r: r["gain_corr"])["head"]]
     ablated = np.asarray(ablate_heads(graphdef, params, test.inputs, [(2, h) for h in ablated_heads], kind="mean"))
     ablated_mse = mse(ablated)
-    to_copy = float(np.mean(np.abs(ablated - x)[:, start:]) / np.mean(np.abs(np.asarray(pred) - x)[:, start:]))
+    change, to_copy = (ablated - np.asarray(pred))[:, start:].ravel(), (x - np.asarray(pred))[:, start:].ravel()
+    toward_copy = float(np.corrcoef(change, to_copy)[0, 1])
+    distance_ratio = float(np.mean(np.abs(ablated - x)[:, start:]) / np.mean(np.abs(np.asarray(pred) - x)[:, start:]))
 
     # Patching heatmaps: clean prompts into prompts with other (a, b, x_0); metric: the clean targets' MSE at the end.
     n_patch = min(256, cfg.eval_prompts)
@@ -192,25 +209,29 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"{float(np.mean(base['three_term'][start:])):.2g}, least squares "
                     f"{float(np.mean(base['least_squares'][start:])):.2g}"),
         check_above("layer0_local_attention_mass", float(local.max()), cfg.min_layer0_local_mass,
-                    f"max over layer-0 heads of the attention mass on positions n and n - 1 (per head "
-                    f"{np.round(local, 3).tolist()}; uniform causal weights: {uniform:.3f})"),
+                    f"max over layer-0 heads of the attention mass on positions n and n - 1, averaged over positions "
+                    f">= {start} (per head {np.round(local, 3).tolist()}; uniform causal weights: {uniform:.3f}; at the "
+                    f"last position {np.round(local_last, 3).tolist()}, uniform {2 / task.seq_len:.3f})"),
         check_above("layer0_probe_r2_for_x_n", r2_xn, cfg.min_layer0_copy_r2,
-                    f"held-out ridge probe of the layer-0 output (positions >= {start}) for x_n; for x_(n+1): "
-                    f"{r2_next:.3f}"),
+                    f"held-out ridge probe of what layer 0 writes (layer0.resid_post - resid_pre, positions >= "
+                    f"{start}) for x_n; for x_(n+1): {r2_next:.3f}"),
         Check("layer0_encodes_x_n_more_than_x_next", r2_xn - r2_next, "> 0", bool(r2_xn > r2_next),
               "R^2(x_n) - R^2(x_(n+1)) of the layer-0 probes: the initial estimate is a copy"),
         Check("negative_similarity_heads_in_layer2", len(negative), ">= 1", bool(negative),
-              "layer-2 heads with OV gain W_E W_V W_O W_U < 0 and attention score increasing with the similarity "
-              "-|x_hat_q - x_k| of the query's estimate (a probe of layer 1's output) and the key's value: " +
-              "; ".join(f"head {r['head']}: gain {r['ov_gain']:.3g}, slope {r['slope']:.3g}, corr {r['corr']:.2f}"
-                        for r in heads2)),
+              f"layer-2 heads whose direct contribution to the prediction is anti-correlated with the value they "
+              f"attend to (corr < -{cfg.min_head_corr}) and whose attention score grows with the similarity "
+              f"-|x_hat_q - x_k| of the query's estimate (a probe of layer 1's output) and the key's value (corr > "
+              f"{cfg.min_head_corr}): " +
+              "; ".join(f"head {r['head']}: gain corr {r['gain_corr']:.2f} (OV gain W_E W_V W_O W_U {r['ov_gain']:.2g}), "
+                        f"score slope {r['slope']:.3g}, corr {r['corr']:.2f}" for r in heads2)),
         check_above("ablation_loss_ratio", ablated_mse / trained_mse, cfg.min_ablation_loss_ratio,
                     f"test MSE with layer-2 heads {ablated_heads} mean-ablated ("
-                    f"{'the negative-similarity heads' if negative else 'none qualified: the most negative OV gain'}): "
+                    f"{'the negative-similarity heads' if negative else 'none qualified: the most negative gain'}): "
                     f"{ablated_mse:.3g} vs {trained_mse:.3g}"),
-        check_below("ablated_distance_to_copy_ratio", to_copy, 1.0,
-                    "mean |prediction - x_n| with the heads ablated / without: below 1 means the predictions move "
-                    "toward the copy estimate"),
+        check_above("ablation_moves_toward_copy", toward_copy, 0.0,
+                    "correlation of the change the ablation makes to the predictions with (x_n - prediction): above 0 "
+                    f"means the predictions move toward the copy estimate; mean |prediction - x_n| with the heads "
+                    f"ablated / without: {distance_ratio:.3g}"),
         diverged_check({f"seed {cfg.seeds[m]}": s for m, s in result.diverged.items()}),
     ]
     figures = [_plot_losses(cfg, model_losses, base, result.train_rows, out_dir),
@@ -246,10 +267,10 @@ def _plot_mechanism(cfg, local, heads2, scores2, estimate, x, uniform, out_dir) 
     ax.set(xlabel="layer-0 head", ylabel="mass on n and n-1", title="layer 0: local attention")
     ax.legend(fontsize=7)
     ax = axes[0, 1]
-    ax.bar(np.arange(len(heads2)), [r["ov_gain"] for r in heads2])
-    ax.set(xlabel="layer-2 head", ylabel="W_E W_V W_O W_U", title="layer 2: OV gain")
+    ax.bar(np.arange(len(heads2)), [r["gain_corr"] for r in heads2])
+    ax.set(xlabel="layer-2 head", ylabel="corr(attended value, direct contribution)", title="layer 2: head gain")
     ax = axes[0, 2]
-    h = min(heads2, key=lambda r: r["ov_gain"])["head"]
+    h = min(heads2, key=lambda r: r["gain_corr"])["head"]
     q, k = np.tril_indices(scores2.shape[-1])
     keep = q >= cfg.from_position
     sim = -np.abs(estimate[:256][:, q[keep]] - x[:256][:, k[keep]]).ravel()
@@ -262,7 +283,7 @@ def _plot_patching(by_pos, by_head, corrupted_mse, clean_mse, out_dir) -> str:
     fig, axes = new_figure(2, size=(5.0, 3.2))
     heatmap(axes[0, 0], by_pos, f"resid_pre patched (layer x position)\ncorrupted {corrupted_mse:.3g}, clean "
             f"{clean_mse:.3g}", symmetric=False)
-    axes[0, 0].set(xlabel="position", ylabel="layer")
+    axes[0, 0].set(xlabel="position", ylabel="layer", yticks=range(by_pos.shape[0]))
     heatmap(axes[0, 1], by_head, "attn.z patched (layer x head)", symmetric=False)
-    axes[0, 1].set(xlabel="head", ylabel="layer")
+    axes[0, 1].set(xlabel="head", ylabel="layer", xticks=range(by_head.shape[1]), yticks=range(by_head.shape[0]))
     return save_figure(fig, out_dir, "patching")
