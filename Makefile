@@ -6,7 +6,7 @@ PYTHON312 := $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.12*
 	$$p -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 OUT ?= results
 
-.PHONY: reproduce test setup clean
+.PHONY: reproduce test setup clean benchmark-patching
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,15 @@ test: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(OUT)
+
+# The PyTorch / TransformerLens environment of the comparison benchmarks (Python 3.11, like the PyTorch reference).
+PYTHON311 := $(shell for p in python3.11 $$HOME/.pyenv/versions/3.11*/bin/python3.11; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+
+benchmarks/.venv-torch:
+	@test -n "$(PYTHON311)" || { echo "error: the PyTorch benchmarks need python3.11 on PATH"; exit 1; }
+	$(PYTHON311) -m venv $@
+	$@/bin/pip install -q torch==2.13.0 transformer_lens==3.9.0
+
+benchmark-patching: $(VENV)/.installed benchmarks/.venv-torch
+	$(PY) -m benchmarks.patching

@@ -11,7 +11,7 @@ from jaxicl.analysis.attention_patterns import mass_at_offset, mass_profile
 from jaxicl.analysis.cache import run_with_cache
 from jaxicl.analysis.direct_attribution import direct_attribution, ov_gain
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
-                                      patched_predictions)
+                                      patched_predictions, resolve_chunk_size)
 from jaxicl.analysis.probes import probe
 from jaxicl.models import predictor
 from jaxicl.models.gpt import GPT
@@ -55,13 +55,14 @@ def test_patching_clean_into_clean_changes_nothing_and_every_site_into_corrupted
     np.testing.assert_allclose(full, run_with_cache(g, p, clean, [])[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("sites,by,shape", [(["layer0.resid_pre", "layer1.resid_pre"], "pos", (2, T)),
-                                            (["layer0.attn.z", "layer1.attn.z"], "pos_head", (2, T, 2)),
-                                            (["layer0.attn.z", "layer1.attn.z"], "head", (2, 2)),
-                                            (["layer1.mlp.out", "unembed.in"], "site", (2,))])
-def test_the_vmapped_grid_equals_a_loop_of_single_patches(sites, by, shape):
+@pytest.mark.parametrize("sites,by,shape,chunk", [(["layer0.resid_pre", "layer1.resid_pre"], "pos", (2, T), 3),
+                                                  (["layer0.attn.z", "layer1.attn.z"], "pos_head", (2, T, 2), 3),
+                                                  (["layer1.attn.z", "layer0.attn.z"], "pos_head", (2, T, 2), None),
+                                                  (["layer0.attn.z", "layer1.attn.z"], "head", (2, 2), "auto"),
+                                                  (["layer1.mlp.out", "unembed.in"], "site", (2,), 3)])
+def test_the_vmapped_grid_equals_a_loop_of_single_patches(sites, by, shape, chunk):
     g, p, clean, corrupted = _setup()
-    grid = activation_patching(g, p, clean, corrupted, last_sq, sites, by=by, chunk_size=3)
+    grid = activation_patching(g, p, clean, corrupted, last_sq, sites, by=by, chunk_size=chunk)
     assert grid.shape == shape
     _, cache = run_with_cache(g, p, clean, sites)
     loop = np.zeros(shape)
@@ -160,3 +161,20 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
     np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
     assert float(ov_gain(GPT(d_model=4, n_layers=1, n_heads=1, input_dim=1, rngs=nnx.Rngs(0)), 0, 0).shape[0]) == 1
+
+
+def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path):
+    from benchmarks.patching import main
+
+    main(["--smoke", "--repeats", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "patching.md").read_text()
+    assert "loop_over_grid" in table and "grid_memory_mb" in table
+
+
+def test_chunk_size_auto_fills_a_cpu_chunk_with_about_2048_prompt_tokens_and_bad_values_fail():
+    tokens = jnp.zeros((8, 16), jnp.int32)
+    assert resolve_chunk_size("auto", tokens) == (16 if jax.default_backend() == "cpu" else None)
+    assert resolve_chunk_size(None, tokens) is None and resolve_chunk_size(5, tokens) == 5
+    for bad in (0, "all", 2.5):
+        with pytest.raises(ValueError, match="chunk_size must be"):
+            resolve_chunk_size(bad, tokens)

@@ -13,11 +13,23 @@ from flax import nnx
 from jaxicl.models.functional import apply
 
 
+_SITE_INFO: dict = {}  # site_info by (graphdef, parameter shapes, prompt shape): tracing the model costs ~40 ms
+
+
 def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """{site: (shape, axis names)} of the model on one prompt like tokens [T, ...] (no computation runs)."""
-    model = nnx.merge(graphdef, params)
-    shapes = model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
-    return {name: (s.shape, model.site_axes(name, len(s.shape))) for name, s in shapes.items()}
+    """{site: (shape, axis names)} of the model on one prompt like tokens [T, ...] (no computation runs).
+
+    Shapes depend only on the graph and the shapes of params and tokens, so the answer is memoised on those.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    key = (graphdef, treedef, tuple((x.shape, str(x.dtype)) for x in leaves), tokens.shape, str(tokens.dtype))
+    if key not in _SITE_INFO:
+        model = nnx.merge(graphdef, params)
+        shapes = model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
+        if len(_SITE_INFO) >= 64:
+            _SITE_INFO.clear()
+        _SITE_INFO[key] = {name: (s.shape, model.site_axes(name, len(s.shape))) for name, s in shapes.items()}
+    return _SITE_INFO[key]
 
 
 def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> None:
@@ -27,14 +39,15 @@ def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> No
         raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}")
 
 
-def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Iterable[str] | str):
+def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Iterable[str] | str,
+                   info: dict | None = None):
     """(predictions [B, ...], {site: [B, ...]}) for a batch of prompts tokens [B, T, ...], jitted.
 
-    names: the sites to keep, or "all".
+    names: the sites to keep, or "all". info: site_info of this model and prompt shape, where the caller has it.
     """
     if names != "all":
         names = tuple(names)
-        check_sites(names, site_info(graphdef, params, tokens[0]), "names")
+        check_sites(names, info or site_info(graphdef, params, tokens[0]), "names")
     return _cached(graphdef, params, tokens, names)
 
 

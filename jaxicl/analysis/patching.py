@@ -5,7 +5,9 @@ A grid patches, one at a time, each site of `sites` from a clean run into a corr
 shape, by whole site ("site"), by query position ("pos"), by head ("head") or by position and head
 ("pos_head"), using the axis names the model declares for its sites (Model.site_axes). Each grid point
 is a jaxicl.sites.Patch whose masks select its slice; the patches are stacked and run by one jitted
-program (`jax.lax.map` over chunks of `chunk_size` points when the grid does not fit in memory at once).
+program (`jax.lax.map` over chunks of `chunk_size` points: None runs the whole grid at once; the default
+"auto" chunks on CPU so that a chunk holds about CPU_CHUNK_TOKENS prompt tokens, which measured fastest on
+a 2-core CPU for small GPTs, and runs the whole grid at once on accelerators).
 `metric(predictions [B, ...]) -> scalar` scores each patched batch.
 
 Attribution patching approximates the same grid to first order: metric(corrupted) + the gradient at
@@ -28,7 +30,9 @@ from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 
 BY = ("site", "pos", "head", "pos_head")
+CPU_CHUNK_TOKENS = 2048
 Metric = Callable[[jax.Array], jax.Array]
+ChunkSize = int | None | str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,33 +94,59 @@ def patched_predictions(graphdef: nnx.GraphDef, params, tokens: jax.Array, patch
     return jax.vmap(one)(tokens, patch.values, patch.deltas)
 
 
+def resolve_chunk_size(chunk_size: ChunkSize, corrupted: jax.Array) -> int | None:
+    """The number of grid points run at once: chunk_size itself, or for "auto" (see the module docstring) a
+    choice from the prompt batch corrupted [B, T, ...] and the backend."""
+    if chunk_size == "auto":
+        if jax.default_backend() != "cpu":
+            return None
+        return max(1, CPU_CHUNK_TOKENS // math.prod(corrupted.shape[:2]))
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, None (the whole grid) or 'auto', got {chunk_size!r}")
+    return chunk_size
+
+
 def activation_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
-                        sites: Sequence[str], by: str = "pos", chunk_size: int | None = None) -> np.ndarray:
+                        sites: Sequence[str], by: str = "pos", chunk_size: ChunkSize = "auto") -> np.ndarray:
     """metric of the corrupted run with each grid slice patched from the clean run: [len(sites), [T], [H]].
 
     clean, corrupted: prompt batches [B, T, ...] of the same shape. All checks run before compiling.
     """
     _check_batches(clean, corrupted)
-    grid = build_grid(site_info(graphdef, params, clean[0]), sites, by)
-    values = run_with_cache(graphdef, params, clean, grid.sites)[1]
-    out = _grid_metric(graphdef, params, corrupted, values, grid.masks, metric, chunk_size)
+    chunk = resolve_chunk_size(chunk_size, corrupted)
+    info = site_info(graphdef, params, clean[0])
+    grid = build_grid(info, sites, by)
+    values = run_with_cache(graphdef, params, clean, grid.sites, info)[1]
+    out = _grid_metric(graphdef, params, corrupted, values, grid.masks, metric, chunk, grid.sites)
     return np.asarray(out).reshape(grid.shape)
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6))
-def _grid_metric(graphdef, params, corrupted, values, masks, metric, chunk_size):
-    def at(masks_g):
-        return metric(patched_predictions(graphdef, params, corrupted, Patch(values=values, masks=masks_g)))
+@partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _grid_metric(graphdef, params, corrupted, values, masks, metric, chunk_size, sites):
+    """[G] metric per grid point (build_grid's order: the points of sites[0], then of sites[1], ...). The points
+    of each site are mapped over on their own, patching only that site, so what runs before the site does not
+    depend on the mapped masks and is computed once, not per point."""
+    out = []
+    for i, site in enumerate(sites):
+        per_site = masks[site].shape[0] // len(sites)
+        m = masks[site][i * per_site:(i + 1) * per_site]
 
-    return jax.lax.map(at, masks, batch_size=chunk_size)
+        def at(m_g, site=site):
+            return metric(patched_predictions(graphdef, params, corrupted,
+                                              Patch(values={site: values[site]}, masks={site: m_g})))
+
+        out.append(jax.vmap(at)(m) if chunk_size is None else jax.lax.map(at, m, batch_size=chunk_size))
+    return jnp.concatenate(out)
 
 
 def grid_memory(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
-                sites: Sequence[str], by: str, chunk_size: int | None) -> int:
+                sites: Sequence[str], by: str, chunk_size: ChunkSize = "auto") -> int:
     """Bytes of the compiled grid program (XLA's memory analysis: arguments + outputs + temporaries)."""
-    grid = build_grid(site_info(graphdef, params, clean[0]), sites, by)
-    values = run_with_cache(graphdef, params, clean, grid.sites)[1]
-    m = _grid_metric.lower(graphdef, params, corrupted, values, grid.masks, metric, chunk_size).compile()
+    chunk = resolve_chunk_size(chunk_size, corrupted)
+    info = site_info(graphdef, params, clean[0])
+    grid = build_grid(info, sites, by)
+    values = run_with_cache(graphdef, params, clean, grid.sites, info)[1]
+    m = _grid_metric.lower(graphdef, params, corrupted, values, grid.masks, metric, chunk, grid.sites).compile()
     m = m.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
@@ -125,8 +155,9 @@ def attribution_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corru
                          sites: Sequence[str], by: str = "pos") -> np.ndarray:
     """The first-order estimate of activation_patching's grid, from one forward and one backward pass."""
     _check_batches(clean, corrupted)
-    grid = build_grid(site_info(graphdef, params, clean[0]), sites, by)
-    clean_values = run_with_cache(graphdef, params, clean, grid.sites)[1]
+    info = site_info(graphdef, params, clean[0])
+    grid = build_grid(info, sites, by)
+    clean_values = run_with_cache(graphdef, params, clean, grid.sites, info)[1]
     return np.asarray(_attribution(graphdef, params, corrupted, clean_values, grid.masks, metric)).reshape(grid.shape)
 
 
@@ -166,8 +197,8 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
         n_heads = shape[axes.index("head")]
         if not 0 <= h < n_heads:
             raise ValueError(f"heads: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
-    clean_values = run_with_cache(graphdef, params, clean, names)[1]
-    corrupted_values = run_with_cache(graphdef, params, corrupted, names)[1]
+    clean_values = run_with_cache(graphdef, params, clean, names, info)[1]
+    corrupted_values = run_with_cache(graphdef, params, corrupted, names, info)[1]
     deltas = jnp.stack([jnp.take(clean_values[head_site.format(layer=layer)]
                                  - corrupted_values[head_site.format(layer=layer)], h,
                                  axis=1 + info[head_site.format(layer=layer)][1].index("head")) for layer, h in heads])
