@@ -48,16 +48,16 @@ def _args() -> argparse.Namespace:
 
 def main() -> None:
     args = _args()
-    from experiments.gd_sweep import attention_init
+    from jaxicl.models.attention import sweep_init
     from jaxicl.tasks import linear_regression as lr_task
     from jaxicl.train import TrainConfig, regression_loss, train
-    from jaxicl.train.sweep import estimate_memory, sweep_mesh, train_sweep
+    from jaxicl.train import estimate_memory, sweep_mesh, train_sweep
     from jaxicl.train.sweep_spec import Axis, grid
 
     task = lr_task.LinearRegression(dim=args.dim, n_context=10)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-3, steps_per_call=args.steps,
                       log_every=args.steps)
-    init, graphdef = attention_init(args.dim + 1)
+    init, graphdef = sweep_init(args.dim + 1)
     loss_fn = regression_loss(graphdef)
     lrs = tuple(float(v) for v in np.geomspace(1e-4, 1e-2, args.lrs))
     members = [m | {"init_scale": 0.002}
@@ -115,9 +115,10 @@ def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxicl.train.sweep import MEMBER_AXIS, _program
+    from jaxicl.train.mesh import MEMBER_AXIS
+    from jaxicl.train.sweep_program import build_program
 
-    prog = _program(loss_fn, sample, task, cfg, init, members, None)
+    prog = build_program(loss_fn, sample, task, cfg, init, members, None)
     sharding = NamedSharding(mesh, P(MEMBER_AXIS))
     n, steps = len(members), cfg.steps
     with jax.set_mesh(mesh):

@@ -3,8 +3,10 @@
 python -m benchmarks.train_throughput [--steps 200] [--batch-sizes 256,2048,8192] [--layers 1,4]
 
 Reports, per (layers, batch size): compile time of one chunk, steady-state steps/s and
-prompts/s (sampling on device included), and the cost of capturing every named site in a
-forward pass relative to capturing none. Run it on an otherwise idle machine.
+prompts/s (sampling on device included) of one compiled chunk, the same through the whole engine
+(`train()` with 10-step chunks, every step's metrics logged: the host loop fetches chunk k's metrics
+while chunk k+1 runs, so the ratio engine / chunk shows what the host costs), and the cost of
+capturing every named site in a forward pass relative to capturing none. Run it on an idle machine.
 """
 
 import argparse
@@ -18,9 +20,10 @@ from benchmarks.output import write_results
 from jaxicl.models import SelfAttention, apply
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
-from jaxicl.train import TrainConfig, data_mesh, regression_loss, replicated
-from jaxicl.train.loop import init_state, run_steps
+from jaxicl.train import TrainConfig, data_mesh, regression_loss, replicated, train
 from jaxicl.train.optim import make_optimizer
+from jaxicl.train.state import init_state
+from jaxicl.train.step import run_steps
 
 
 def _seconds(fn, *args) -> float:
@@ -36,7 +39,7 @@ def time_training(layers: int, batch_size: int, steps: int) -> dict:
     tx = make_optimizer(cfg)
     mesh = data_mesh()
     with jax.set_mesh(mesh):
-        state = jax.device_put(init_state(params, cfg, tx), replicated(mesh))
+        state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
         chunk = jax.jit(partial(run_steps, n=steps, loss_fn=regression_loss(graphdef), sample=lr.sample,
                                 task_cfg=task, batch_size=batch_size, tx=tx))
         start = time.perf_counter()
@@ -46,6 +49,21 @@ def time_training(layers: int, batch_size: int, steps: int) -> dict:
         run_s = min(_seconds(compiled, state) for _ in range(3))
     return {"layers": layers, "batch": batch_size, "steps": steps, "compile_s": compile_s,
             "steps_per_s": steps / run_s, "prompts_per_s": steps * batch_size / run_s}
+
+
+def time_engine(layers: int, batch_size: int, steps: int) -> dict:
+    """Steady-state steps/s of train() with 10-step chunks: (t(2 steps) - t(steps)) cancels compilation."""
+    task = lr.LinearRegression(dim=10, n_context=10)
+    graphdef, params = nnx.split(SelfAttention(11, num_layers=layers, init_scale=0.002, rngs=nnx.Rngs(0)))
+
+    def run(n):
+        cfg = TrainConfig(steps=n, batch_size=batch_size, steps_per_call=10, log_every=1)
+        start = time.perf_counter()
+        train(regression_loss(graphdef), lr.sample, task, cfg, params, progress=False)
+        return time.perf_counter() - start
+
+    extra = run(2 * steps) - run(steps)
+    return {"engine_steps_per_s": steps / extra if extra > 0 else float("nan")}  # nan: too few steps to resolve
 
 
 def time_capture(layers: int, batch_size: int, repeats: int = 20) -> dict:
@@ -66,11 +84,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-sizes", default="256,2048,8192")
     ap.add_argument("--layers", default="1,4")
+    ap.add_argument("--engine-steps", type=int, default=2000, help="steps of the engine timing (and twice that)")
     args = ap.parse_args(argv)
     rows = []
     for layers in map(int, args.layers.split(",")):
         for batch in map(int, args.batch_sizes.split(",")):
-            row = {**time_training(layers, batch, args.steps), **time_capture(layers, batch)}
+            row = {**time_training(layers, batch, args.steps), **time_engine(layers, batch, args.engine_steps),
+                   **time_capture(layers, batch)}
+            row["engine_over_chunk"] = row["engine_steps_per_s"] / row["steps_per_s"]
             print(row, flush=True)
             rows.append(row)
     print(write_results("train_throughput", rows, notes=f"{jax.device_count()} {jax.default_backend()} device(s); "

@@ -1,10 +1,13 @@
 """Sander et al. 2024 Fig. 3 (left): GD on the unitary closed-form loss finds C = c I with c p_cur = 1."""
 
-from experiments.ar_common import Fig3Config as Config
-from experiments.ar_common import run_fig3 as run
+from experiments.common.autoregressive import Fig3Config as Config
+from experiments.common.autoregressive import run_fig3 as run
+from jaxicl.tasks.autoregressive import Autoregressive
+from jaxicl.train import TrainConfig
 
 PRESETS = {
-    "smoke": Config(dim=4, heads=4, seq_len=6, steps=100, lr=0.01),
+    "smoke": Config(task=Autoregressive(family="unitary", dim=4, seq_len=6), heads=4,
+                    train=TrainConfig(optimizer="sgd", lr=0.01, steps=100, steps_per_call=100, log_every=1)),
     "quick": Config(),  # the official recipe: d = H = 10, T = 20, lr 0.01, 100 steps
     "full": Config(),
 }

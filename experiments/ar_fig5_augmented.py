@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.ar_common import haar_task, per_position_loss, sequence_loss, held_out_set
+from experiments.common.autoregressive import haar_task, held_out_set
+from jaxicl.baselines import best_gd_step
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from jaxicl.models.ar_transformer import AugmentedTransformer
 from jaxicl.tasks import autoregressive as ar
-from jaxicl.train import TrainConfig, train
+from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
 from jaxicl.validation import ConfigError, check_positive
 
 @dataclasses.dataclass(frozen=True)
@@ -45,25 +46,6 @@ PRESETS = {
 }
 
 
-def best_gd_step(batch) -> tuple[np.ndarray, np.ndarray]:
-    """One GD step from W = 0 with the best step eta_t per position (least squares on this batch).
-
-    Returns (eta [T], loss [T]) with loss the mean over coordinates of the squared error.
-    """
-    return tuple(np.asarray(x) for x in _best_gd_step(batch.info["states"]))
-
-
-@jax.jit
-def _best_gd_step(s: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """s: states [B, T + 1, d] -> (eta [T], loss [T])."""
-    moments = jnp.cumsum(s[:, 1:-1, :, None] * s[:, :-2, None, :], axis=1)  # sum_{t'=1}^{t} s_t' s_{t'-1}^T
-    moments = jnp.concatenate([jnp.zeros_like(moments[:, :1]), moments], axis=1)  # [B, T, d, d]
-    base = jnp.einsum("btij,btj->bti", moments, s[:, :-1])
-    target = s[:, 1:]
-    eta = jnp.sum(base * target, (0, 2)) / jnp.maximum(jnp.sum(base * base, (0, 2)), 1e-30)
-    return eta, jnp.mean((eta[None, :, None] * base - target) ** 2, axis=(0, 2))
-
-
 def qk_vo(layer) -> tuple[np.ndarray, np.ndarray]:
     """The layer's bilinear score matrix W_Q W_K^T and value-output map W_V W_O (row-vector convention) [D, D]."""
     wq, wk, wv, wo = (np.asarray(m.w[...]) for m in (layer.q, layer.k, layer.v, layer.o))
@@ -82,17 +64,16 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     _, gd_loss = best_gd_step(test)
     runs = {}
     for depth in cfg.depths:
-        model = AugmentedTransformer(task.token_dim, depth, rngs=nnx.Rngs(cfg.train.seed))
+        model = AugmentedTransformer(task.token_dim, depth, out_dim=d, rngs=nnx.Rngs(cfg.train.seed))
         graphdef, params = nnx.split(model)
-        loss_fn = sequence_loss(graphdef, width=d, coords="mean")
+        loss_fn = regression_loss(graphdef, coords="mean")
         evaluate = jax.jit(lambda p, loss_fn=loss_fn: {"test_loss": loss_fn(p, test)[0]})
         sub = os.path.join(out_dir, f"L{depth}")
-        os.makedirs(sub, exist_ok=True)
         result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=sub, evaluate=evaluate,
                        eval_every=cfg.eval_every, run_config={"experiment": "ar_fig5_augmented", "depth": depth},
                        desc=f"fig5 L={depth}")
         runs[depth] = {"rows": result.eval_rows, "loss": result.eval_rows[-1]["test_loss"],
-                       "per_position": per_position_loss(graphdef, result.state.params, test, d, "mean"),
+                       "per_position": per_position_loss(graphdef, result.state.params, test, "mean"),
                        "model": nnx.merge(graphdef, result.state.params)}
     first = runs[cfg.depths[0]]
     qk, vo = qk_vo(first["model"].layers[0])

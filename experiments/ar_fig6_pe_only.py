@@ -1,7 +1,7 @@
 """Sander et al. 2024 Fig. 6: positional-only attention, early-stopped GD = regularised min-norm least squares."""
 
 import dataclasses
-from functools import partial
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,59 +9,58 @@ import numpy as np
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below
+from jaxicl import outputs
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
-from jaxicl.validation import check_positive
+from jaxicl.train import TrainConfig, train
+from jaxicl.validation import ConfigError, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    mus: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0)
-    seq_len: int = 30  # T: P is [T, T]; sequences hold T + 1 states
-    n_sequences: int = 1000  # one fixed full batch per mu
-    lr: float = 0.5
-    stop_loss: float = 1e-3  # official rule: stop once the loss < stop_loss
-    max_steps: int = 100_000
+    task: ar.Autoregressive = ar.Autoregressive(family="complex_1d", dim=1, seq_len=30, format="tiled", tile=1)
+    mus: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0)  # task.mu of each fit
+    n_sequences: int = 1000  # one fixed full batch of sequences per mu
+    # the official rule: plain GD from P = 0 until the loss < stop_loss (train.steps is the cap)
+    train: TrainConfig = TrainConfig(optimizer="sgd", lr=0.5, steps=100_000, stop_loss=1e-3, steps_per_call=1000,
+                                     log_every=100)
     rcond: float = 0.03  # truncated-SVD min-norm LS (the notes' effective rank for mu = 50)
-    seed: int = 0
     max_ridge_dist: float = 0.2
 
     def __post_init__(self):
-        for name in ("seq_len", "n_sequences", "lr", "stop_loss", "max_steps", "rcond"):
+        for name in ("n_sequences", "rcond"):
             check_positive(name, getattr(self, name))
         for i, mu in enumerate(self.mus):
             check_positive(f"mus[{i}]", mu)
+        if self.task.family != "complex_1d" or self.task.format != "tiled" or self.task.tile != 1:
+            raise ConfigError("ar_fig6_pe_only needs task.family='complex_1d', task.format='tiled', task.tile=1")
+        if not self.train.stop_loss or self.train.optimizer != "sgd":
+            raise ConfigError("ar_fig6_pe_only is plain GD until a loss: train.optimizer='sgd', train.stop_loss > 0")
 
 
 PRESETS = {
-    "smoke": Config(mus=(50.0, 300.0), seq_len=10, n_sequences=200),
+    "smoke": Config(task=dataclasses.replace(Config.task, seq_len=10), mus=(50.0, 300.0), n_sequences=200),
     "quick": Config(),  # the official recipe
     "full": Config(),
 }
 
 
-@partial(jax.jit, static_argnames=("cfg", "normaliser"))
-def fit(g: jax.Array, h: jax.Array, c: jax.Array, cfg: Config, normaliser: float):
-    """Plain GD from P = 0 on the mean loss (exact quadratic form) until loss < stop_loss: (P, loss, steps).
+def fit(s: jax.Array, cfg: Config, task: ar.Autoregressive, out_dir: str | None = None):
+    """GD from P = 0 (cfg.train: lr, stop_loss, at most steps) on the exact mean loss of the positional-only model
+    on the sequences s [n, T + 1]: (P [T, T], loss(P), steps). Stops at the first k with loss(P_k) < stop_loss."""
+    g, h, c = th.positional_quadratic(s)
+    normaliser = s.shape[0] * (task.seq_len - 1)
 
-    g, h, c: th.positional_quadratic; the loss is its sum over rows / normaliser. Stops at the first k with
-    loss(P_k) < stop_loss, or at k = max_steps; loss is loss(P_k).
-    """
-    t = cfg.seq_len
+    def loss(params, batch):  # the whole fixed batch, in closed form: no sampled batch
+        pr = params["p"][:-1]
+        return jnp.sum(jnp.einsum("rk,rkl,rl->r", pr, g, pr) - 2 * jnp.sum(h * pr, 1) + c) / normaliser, {}
 
-    def loss(p):
-        pr = p[:-1]
-        return jnp.sum(jnp.einsum("rk,rkl,rl->r", pr, g, pr) - 2 * jnp.sum(h * pr, 1) + c) / normaliser
-
-    def body(state):
-        p, _, k = state
-        p = p - cfg.lr * jax.grad(loss)(p)
-        return p, loss(p), k + 1
-
-    p0 = jnp.zeros((t, t))
-    cond = lambda st: (st[1] >= cfg.stop_loss) & (st[2] < cfg.max_steps)  # noqa: E731
-    return jax.lax.while_loop(cond, body, (p0, loss(p0), 0))
+    p0 = {"p": jnp.zeros((task.seq_len, task.seq_len))}
+    result = train(loss, None, task, cfg.train, p0, out_dir=out_dir, desc=f"fig6 mu={task.mu:g}",
+                   run_config={"experiment": "ar_fig6_pe_only", "n_sequences": cfg.n_sequences})
+    p = result.state.params["p"]
+    return np.asarray(p), float(loss({"p": p}, None)[0]), int(result.state.step)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,21 +68,20 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
-    t, n = cfg.seq_len, cfg.n_sequences
+    t, n = cfg.task.seq_len, cfg.n_sequences
     res = {}
     with jax.enable_x64(True):
         for i, mu in enumerate(cfg.mus):
-            task = ar.Autoregressive(family="complex_1d", dim=1, seq_len=t, mu=mu, format="tiled", tile=1)
-            key = jax.random.fold_in(jax.random.key(cfg.seed), i)
+            task = dataclasses.replace(cfg.task, mu=mu)
+            key = jax.random.fold_in(jax.random.key(cfg.train.seed), i)
             s = sample_batch(ar.sample, task, key, n, axis=None).info["states"][..., 0]  # [n, T + 1]
-            g, h, c = th.positional_quadratic(s)
-            p, loss, steps = fit(g, h, c, cfg, normaliser=n * (t - 1))
-            lam = th.gd_ridge_penalty(cfg.lr, int(steps), n * (t - 1))
-            res[mu] = {"P": np.asarray(p), "steps": int(steps), "loss": float(loss),
+            p, loss, steps = fit(s, cfg, task, out_dir=os.path.join(out_dir, f"mu{mu:g}"))
+            lam = th.gd_ridge_penalty(cfg.train.lr, steps, n * (t - 1))
+            res[mu] = {"P": p, "steps": steps, "loss": loss,
                        "ridge": np.asarray(th.ridge_positional(s, lam)),
                        "tsvd": np.asarray(th.min_norm_positional(s, cfg.rcond)),
                        "exact": np.asarray(th.min_norm_positional(s, 1e-4))}
-    np.savez(f"{out_dir}/pe_only.npz", **{f"P_mu{int(mu)}": np.tril(r["P"]) for mu, r in res.items()})
+    outputs.save_arrays(f"{out_dir}/pe_only.npz", **{f"P_mu{int(mu)}": np.tril(r["P"]) for mu, r in res.items()})
     d_ridge = {mu: _rel(r["P"][:-1], r["ridge"][:-1]) for mu, r in res.items()}
     d_tsvd = {mu: _rel(r["P"][:-1], r["tsvd"][:-1]) for mu, r in res.items()}
     d_exact = {mu: _rel(r["P"][:-1], r["exact"][:-1]) for mu, r in res.items()}
@@ -97,9 +95,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"truncated-SVD min-norm LS at rcond={cfg.rcond}, the notes' proxy, is at {fmt(d_tsvd)}, and "
                     f"weakly regularised min-norm LS (rcond 1e-4) at {fmt(d_exact)}"),
         Check("stop_steps_decrease_with_mu", float(decreasing), "== 1", decreasing,
-              f"GD steps to loss < {cfg.stop_loss}: {dict(zip([int(m) for m in cfg.mus], steps))}"),
-        check_below("max_final_loss", max(r["loss"] for r in res.values()), cfg.stop_loss,
-                    f"stop rule reached for every mu (max {cfg.max_steps} steps)"),
+              f"GD steps to loss < {cfg.train.stop_loss}: {dict(zip([int(m) for m in cfg.mus], steps))}"),
+        check_below("max_final_loss", max(r["loss"] for r in res.values()), cfg.train.stop_loss,
+                    f"stop rule reached for every mu (max {cfg.train.steps} steps)"),
     ]
     return Outcome(checks, [_plot(res, out_dir)])
 

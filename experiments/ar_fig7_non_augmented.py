@@ -6,14 +6,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.ar_common import haar_task, per_position_loss, sequence_loss, held_out_set
-from experiments.ar_fig5_augmented import best_gd_step
+from experiments.common.autoregressive import haar_task, held_out_set
+from jaxicl.baselines import best_gd_step
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
 from jaxicl.models import apply
 from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.tasks import autoregressive as ar
-from jaxicl.train import TrainConfig, train
+from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -25,6 +25,7 @@ class Config:
     test_sequences: int = 1024
     eval_every: int = 160
     min_local_mass_ratio: float = 1.5
+    max_loss_ratio: float = 0.5  # final / initial test loss: the model learns something
 
     def __post_init__(self):
         check_positive("heads", self.heads)
@@ -66,7 +67,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     _, gd_loss = best_gd_step(test)
     model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, rngs=nnx.Rngs(cfg.train.seed))
     graphdef, params = nnx.split(model)
-    loss_fn = sequence_loss(graphdef, coords="mean")
+    loss_fn = regression_loss(graphdef, coords="mean")
     evaluate = jax.jit(lambda p: {"test_loss": loss_fn(p, test)[0]})
     result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=out_dir, evaluate=evaluate,
                    eval_every=cfg.eval_every, run_config={"experiment": "ar_fig7_non_augmented"}, desc="fig7")
@@ -92,7 +93,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "0.106; 32 heads, 800 warmup-cosine 0.79, 0.101. The ratio grows with training, a few heads "
                     "become local (up to 2.6x uniform) but others saturate onto key 1 (a per-sequence probe of W) "
                     "and mostly stay there; no run beats the one-step-GD baseline. Not reproduced at CPU scale"),
-        check_below("final_over_initial_test_loss", final / initial, 0.5,
+        check_below("final_over_initial_test_loss", final / initial, cfg.max_loss_ratio,
                     f"test MSE {initial:.4g} -> {final:.4g}; one GD step with the best eta per position on augmented "
                     f"information: {np.mean(gd_loss):.4g} (reference only)"),
     ]

@@ -6,14 +6,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.ar_common import per_position_loss, sequence_loss
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
-from jaxicl.train import TrainConfig, eval_key, train
+from jaxicl.train import TrainConfig, eval_key, per_position_loss, regression_loss, train
 from jaxicl.validation import ConfigError, check_positive
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +60,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     graphdef, params = nnx.split(model)
     eval_batch = sample_batch(ar.sample, task, eval_key(cfg.train.seed),
                               cfg.eval_prompts)
-    loss_fn = sequence_loss(graphdef)
+    loss_fn = regression_loss(graphdef)
 
     @jax.jit
     def evaluate(p):

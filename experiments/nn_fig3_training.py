@@ -17,12 +17,12 @@ from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below, diverged_check
-from experiments.nn_common import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
-                                   nn_metrics, sgd_config, smooth)
+from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
+                                                 nn_metrics, smooth)
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.train.sweep import train_sweep
+from jaxicl.train import TrainConfig, train_sweep
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -31,14 +31,13 @@ RECORD = 10  # the reduced dynamics are compared with the full run every RECORD 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    task: nn_task.NearestNeighbor = nn_task.NearestNeighbor(delta=0.5)  # each run sets dim and n_context
     runs: tuple[str, ...] = ("4x4", "8x4", "16x8")  # "NxD": context size N and dimension d of each run
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # trained together (vmap); the init is the same, the data differ
     sigma: float = 3.0
-    lr: float = 2.0  # eta: W <- W - eta grad L(W)
-    steps: int = 3000
-    batch_size: int = 128  # fresh prompts per step (sampled on device)
-    steps_per_call: int = 250
-    delta: float = 0.5  # margin of the shifted test set
+    # plain GD W <- W - eta grad L(W), the gradient estimated on batch_size fresh prompts per step
+    train: TrainConfig = TrainConfig(optimizer="sgd", lr=2.0, steps=3000, batch_size=128, steps_per_call=250,
+                                     log_every=1)
     eval_prompts: int = 2048
     reduced_samples: int = 4096  # Monte Carlo x samples of the reduced two-parameter dynamics
     fit_from: float = 0.1  # fits and comparisons use t >= fit_from * steps
@@ -57,30 +56,35 @@ class Config:
             parts = run.split("x")
             if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
                 raise ConfigError(f"runs entries must look like '16x8' (N x d, positive integers), got {run!r}")
-        for name in ("lr", "steps", "batch_size", "steps_per_call", "eval_prompts", "reduced_samples"):
+        for name in ("eval_prompts", "reduced_samples"):
             check_positive(name, getattr(self, name))
-        if self.steps % self.steps_per_call or self.steps_per_call % RECORD:
-            raise ConfigError(f"steps_per_call={self.steps_per_call} must be a multiple of {RECORD}")
-        if self.steps % self.steps_per_call:
-            raise ConfigError(f"steps={self.steps} must be a multiple of steps_per_call={self.steps_per_call}")
+        t = self.train
+        if t.optimizer != "sgd" or t.schedule != "constant" or t.log_every != 1:
+            raise ConfigError("nn_fig3_training is plain GD with every step logged: train.optimizer='sgd', "
+                              "train.schedule='constant', train.log_every=1")
+        if t.steps_per_call % RECORD:
+            raise ConfigError(f"train.steps_per_call={t.steps_per_call} must be a multiple of {RECORD}")
+        if t.steps % t.steps_per_call:
+            raise ConfigError(f"train.steps={t.steps} must be a multiple of train.steps_per_call={t.steps_per_call}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
 
 
 PRESETS = {
-    "smoke": Config(runs=("4x3",), seeds=(0, 1), steps=200, steps_per_call=100, batch_size=64,
+    "smoke": Config(runs=("4x3",), seeds=(0, 1),
+                    train=dataclasses.replace(Config.train, steps=200, steps_per_call=100, batch_size=64),
                     eval_prompts=256, reduced_samples=512),
     "quick": Config(),
-    "full": Config(runs=("4x4", "8x8", "16x8", "16x16", "32x16"), seeds=tuple(range(8)), lr=0.5,
-                   steps=100_000, batch_size=512, steps_per_call=2000, eval_prompts=10_000,
-                   reduced_samples=65_536),
+    "full": Config(runs=("4x4", "8x8", "16x8", "16x16", "32x16"), seeds=tuple(range(8)),
+                   train=dataclasses.replace(Config.train, lr=0.5, steps=100_000, batch_size=512, steps_per_call=2000),
+                   eval_prompts=10_000, reduced_samples=65_536),
 }
 
 
 def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
     """Trains every seed on (N = n, d) into out_dir; returns per-step metrics, evaluations, diverged members
     {seed: step} and the reduced-dynamics path."""
-    task = nn_task.NearestNeighbor(dim=d, n_context=n, delta=cfg.delta)
+    task = dataclasses.replace(cfg.task, dim=d, n_context=n)
     graphdef, params = nnx.split(NearestNeighborAttention(d, sigma=cfg.sigma, rngs=nnx.Rngs(0)))
     uniform, shifted = eval_batches(task, cfg.seeds[0], cfg.eval_prompts)
     metrics = nn_metrics(graphdef, uniform, shifted)
@@ -91,17 +95,17 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
 
     def evaluate(p):
         xi1, xi2 = theory.to_reduced(p["w"][...], d)
-        bound = theory.theorem2_bound(xi1, xi2, n, cfg.delta, label_bound)
+        bound = theory.theorem2_bound(xi1, xi2, n, cfg.task.delta, label_bound)
         return {**metrics(p), "theorem2_mse_bound": jnp.mean(jnp.minimum(bound, 2 * label_bound) ** 2)}
 
-    result = train_sweep(family_loss(graphdef), nn_task.sample, task, sgd_config(cfg), init,
+    result = train_sweep(family_loss(graphdef), nn_task.sample, task, cfg.train, init,
                          [{"train.seed": seed} for seed in cfg.seeds], out_dir=out_dir, evaluate=evaluate,
-                         eval_every=cfg.steps_per_call, desc=f"nn_fig3 N={n} d={d}",
+                         eval_every=cfg.train.steps_per_call, desc=f"nn_fig3 N={n} d={d}",
                          run_config={"nn_fig3": {"sigma": cfg.sigma, "eval_prompts": cfg.eval_prompts}})
-    per_step, eval_steps, evals = member_tables(result, cfg.steps)
+    per_step, eval_steps, evals = member_tables(result, cfg.train.steps)
     s = theory.sample_inner_products(jax.random.key(cfg.seeds[0]), n, d, cfg.reduced_samples)
     # reduced[k] is (xi1, xi2) after RECORD * k steps; per_step[..][t] is measured at W^t, before update t.
-    reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.lr, dim=dim, steps=cfg.steps,
+    reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.train.lr, dim=dim, steps=cfg.train.steps,
                                                   record_every=RECORD)) for dim in (d, 1))
     loss_path = np.asarray(theory.reduced_loss_grid(*reduced[:-1].T, s))
     return {"n": n, "d": d, "per_step": per_step, "eval_steps": eval_steps, "evals": evals, "reduced": reduced,
@@ -110,25 +114,25 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
 
 
 def _summaries(cfg: Config, r: dict) -> dict:
-    t = np.arange(cfg.steps)
-    late = t >= cfg.fit_from * cfg.steps
+    t = np.arange(cfg.train.steps)
+    late = t >= cfg.fit_from * cfg.train.steps
     loss = r["per_step"]["loss"].mean(1)
     xi = np.stack([r["per_step"]["xi1"].mean(1), r["per_step"]["xi2"].mean(1)], -1)  # [steps, 2]
     t_r = t[::RECORD]
 
     def rel_gap(start: float, reduced: np.ndarray, k) -> float:
-        sel = t_r >= start * cfg.steps
+        sel = t_r >= start * cfg.train.steps
         return float(np.max(np.abs(xi[::RECORD][sel, k] - reduced[:-1][sel, k]) / np.abs(reduced[:-1][sel, k])))
 
     fits = [theory.fit_log_growth(t[late], xi[late, k]) for k in range(2)]
-    middle = np.sqrt(cfg.fit_from) * cfg.steps  # splits [fit_from * steps, steps] in half on a log axis
-    halves = [(t >= cfg.fit_from * cfg.steps) & (t < middle), t >= middle]
+    middle = np.sqrt(cfg.fit_from) * cfg.train.steps  # splits [fit_from * steps, steps] in half on a log axis
+    halves = [(t >= cfg.fit_from * cfg.train.steps) & (t < middle), t >= middle]
     drift = [theory.fit_log_growth(t[halves[1]], xi[halves[1], k])[0] /
              theory.fit_log_growth(t[halves[0]], xi[halves[0], k])[0] for k in range(2)]
     powers = [np.polyfit(np.log(t[late]), np.log(xi[late, k]), 1)[0] for k in range(2)]
-    window = max(cfg.steps // 20, 1)
+    window = max(cfg.train.steps // 20, 1)
     return {"initial_loss": theory.loss_at_init(r["n"], cfg.sigma), "final_loss": float(loss[-window:].mean()),
-            "mid_loss": float(loss[cfg.steps // 2 - window:cfg.steps // 2].mean()),
+            "mid_loss": float(loss[cfg.train.steps // 2 - window:cfg.train.steps // 2].mean()),
             "shifted_mse": float(r["evals"]["shifted_mse"][-1].max()),
             "agreement": float(r["evals"]["agree_1nn"][-1].min()),
             "off_family": float(r["per_step"]["off_family"][-1].max()),
@@ -144,8 +148,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     runs = [run_one(cfg, n, d, os.path.join(out_dir, f"N{n}_d{d}")) for n, d in pairs]
     sums = [_summaries(cfg, r) for r in runs]
     label = ", ".join(f"(N={r['n']}, d={r['d']})" for r in runs)
-    seeds = (f"{len(cfg.seeds)} seeds, {cfg.steps} steps of full-matrix gradient descent, eta={cfg.lr}, the gradient "
-             f"estimated on {cfg.batch_size} fresh prompts per step")
+    seeds = (f"{len(cfg.seeds)} seeds, {cfg.train.steps} steps of full-matrix gradient descent, eta={cfg.train.lr}, the gradient "
+             f"estimated on {cfg.train.batch_size} fresh prompts per step")
     worst = lambda key, f=max: f(s[key] for s in sums)  # noqa: E731
     fraction = max(s["final_loss"] / s["initial_loss"] for s in sums)
     checks = [
@@ -154,7 +158,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_below("train_loss_late_over_mid", max(s["final_loss"] / s["mid_loss"] for s in sums), 1.0,
                     "loss still decreasing: mean over the last 5% / mean just before the midpoint (worst run)"),
         check_below("shifted_test_mse", worst("shifted_mse"), cfg.max_shifted_mse,
-                    f"Appendix-B shifted test set, delta={cfg.delta}, {cfg.eval_prompts} prompts, worst seed and run"),
+                    f"Appendix-B shifted test set, delta={cfg.task.delta}, {cfg.eval_prompts} prompts, worst seed and run"),
         check_above("agreement_with_1nn_uniform", worst("agreement", min), cfg.min_agreement,
                     "fraction of uniform prompts with sign(prediction) = 1-NN label (worst seed and run); the "
                     "paper expects a plateau below 1 from queries near a 1-NN decision boundary"),
@@ -186,13 +190,13 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 
 def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
     fig, axes = new_figure(3, 2)
-    t_log = log_spaced(cfg.steps)
-    t_reduced = np.arange(0, cfg.steps, RECORD)
+    t_log = log_spaced(cfg.train.steps)
+    t_reduced = np.arange(0, cfg.train.steps, RECORD)
     colors = [f"C{i}" for i in range(len(runs))]
     for r, c in zip(runs, colors):
         tag = f"N={r['n']}, d={r['d']}"
         loss = smooth(r["per_step"]["loss"])
-        idx = t_log[t_log < cfg.steps]
+        idx = t_log[t_log < cfg.train.steps]
         ax = axes[0, 0]
         ax.plot(idx, loss[idx].mean(1), color=c, label=tag)
         ax.fill_between(idx, loss[idx].min(1), loss[idx].max(1), color=c, alpha=0.2)
@@ -212,7 +216,7 @@ def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
         ax.plot(idx, r["per_step"]["off_family"][idx].mean(1), color=c, label=tag)
     axes[0, 0].set(xlabel="step t", ylabel="train loss", title="training loss (dashed: reduced L)")
     axes[0, 1].set(yscale="log", xlabel="step t", ylabel="MSE",
-                   title=f"shifted test MSE (dotted: Thm 2 bound), delta={cfg.delta}")
+                   title=f"shifted test MSE (dotted: Thm 2 bound), delta={cfg.task.delta}")
     axes[0, 2].set(xlabel="step t", ylabel="fraction", ylim=(0.4, 1.02),
                    title="sign(pred) = 1-NN label, uniform data")
     axes[1, 0].set(xlabel="step t", ylabel="xi1", title="xi1 = mean diag W_xx (dotted: reduced)")

@@ -16,12 +16,12 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below, diverged_check
-from experiments.nn_common import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
-                                   nn_metrics, sgd_config, smooth)
+from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
+                                                 nn_metrics, smooth)
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.train.sweep import train_sweep
+from jaxicl.train import TrainConfig, train_sweep
 from jaxicl.validation import ConfigError, check_positive
 
 
@@ -31,20 +31,20 @@ class Config:
     scales: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0, 3.0, 5.0)  # W_K, W_Q entries ~ N(0, scale^2)
     reference_scale: float = 0.3  # the scale whose members must learn 1-NN
     seeds: tuple[int, ...] = (0, 1)
-    lr: float = 1.0
-    steps: int = 3000
-    batch_size: int = 64
-    steps_per_call: int = 250
+    train: TrainConfig = TrainConfig(optimizer="sgd", lr=1.0, steps=3000, batch_size=64, steps_per_call=250,
+                                     log_every=1)
     eval_prompts: int = 2048
     min_agreement: float = 0.85
     max_shifted_mse: float = 0.05
     max_off_family: float = 0.3  # |W - W(xi1, xi2)|_F / |W|_F at the reference scale
 
     def __post_init__(self):
-        for name in ("lr", "steps", "batch_size", "steps_per_call", "eval_prompts"):
-            check_positive(name, getattr(self, name))
-        if self.steps % self.steps_per_call:
-            raise ConfigError(f"steps={self.steps} must be a multiple of steps_per_call={self.steps_per_call}")
+        check_positive("eval_prompts", self.eval_prompts)
+        if self.train.log_every != 1:
+            raise ConfigError("nn_random_init logs every step: train.log_every=1")
+        if self.train.steps % self.train.steps_per_call:
+            raise ConfigError(f"train.steps={self.train.steps} must be a multiple of "
+                              f"train.steps_per_call={self.train.steps_per_call}")
         if self.reference_scale not in self.scales:
             raise ConfigError(f"reference_scale must be one of scales={self.scales}, got {self.reference_scale}")
         if self.task.n_prompts == 0 or self.task.distribution != "uniform":
@@ -55,11 +55,14 @@ class Config:
 
 PRESETS = {
     "smoke": Config(task=nn_task.NearestNeighbor(dim=3, n_context=4, n_prompts=512), scales=(0.3, 5.0),
-                    seeds=(0,), steps=200, steps_per_call=100, eval_prompts=256),
+                    seeds=(0,), train=dataclasses.replace(Config.train, steps=200, steps_per_call=100),
+                    eval_prompts=256),
     "quick": Config(),
     "full": Config(task=nn_task.NearestNeighbor(dim=8, n_context=16, n_prompts=10_000),
-                   scales=(0.01, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0), seeds=tuple(range(4)), lr=0.5, steps=100_000,
-                   batch_size=128, steps_per_call=2000, eval_prompts=10_000),
+                   scales=(0.01, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0), seeds=tuple(range(4)),
+                   train=dataclasses.replace(Config.train, lr=0.5, steps=100_000, batch_size=128,
+                                             steps_per_call=2000),
+                   eval_prompts=10_000),
 }
 
 
@@ -82,11 +85,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     def init(key, *, init_scale):
         return jax.tree.map(lambda w: init_scale * w, nnx.state(_model(d, nnx.Rngs(key))))
 
-    result = train_sweep(family_loss(graphdef), nn_task.sample, task, sgd_config(cfg), init, members,
+    result = train_sweep(family_loss(graphdef), nn_task.sample, task, cfg.train, init, members,
                          out_dir=os.path.join(out_dir, "scales_seeds"), evaluate=nn_metrics(graphdef, uniform, shifted),
-                         eval_every=cfg.steps_per_call, desc="nn_random_init",
+                         eval_every=cfg.train.steps_per_call, desc="nn_random_init",
                          run_config={"nn_random_init": {"eval_prompts": cfg.eval_prompts}})
-    per_step, eval_steps, evals = member_tables(result, cfg.steps)
+    per_step, eval_steps, evals = member_tables(result, cfg.train.steps)
     w_final = np.asarray(jax.vmap(lambda p: nnx.merge(graphdef, p).merged())(result.params))
     scales = np.array([m["init_scale"] for m in members])
     ref = scales == cfg.reference_scale
@@ -97,8 +100,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     failed = failing_scales(per_scale, cfg.min_agreement)
     sweep = "; ".join(f"scale {s:g}: agree {v['agree']:.3f}, shifted MSE {v['shifted_mse']:.2g}, "
                       f"off-family {v['off_family']:.2f}" for s, v in per_scale.items())
-    setup = (f"N={task.n_context}, d={d}, {task.n_prompts} fixed prompts, SGD lr={cfg.lr}, batch {cfg.batch_size}, "
-             f"{cfg.steps} steps, seeds {cfg.seeds}")
+    setup = (f"N={task.n_context}, d={d}, {task.n_prompts} fixed prompts, SGD lr={cfg.train.lr}, batch {cfg.train.batch_size}, "
+             f"{cfg.train.steps} steps, seeds {cfg.seeds}")
     checks = [
         check_above("agreement_with_1nn_at_reference_scale", last["agree_1nn"][ref].min(), cfg.min_agreement,
                     f"scale {cfg.reference_scale}, worst seed, fresh uniform prompts; {setup}"),
@@ -107,7 +110,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_below("off_family_fraction_at_reference_scale", off[ref].max(), cfg.max_off_family,
                     "|W_K^T W_Q - diag(xi1 I, 0, -xi2)|_F / |W|_F at the end, worst seed"),
         check_above("largest_scale_fails", float(max(cfg.scales) in failed), 0.5,
-                    f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.steps} steps (the "
+                    f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.train.steps} steps (the "
                     f"follow-up reports failure at init noise 3; its scale convention may differ); failing scales "
                     f"{failed}. Sweep: {sweep}"),
         diverged_check({f"scale {members[m]['init_scale']:g} seed {members[m]['train.seed']}": step
@@ -125,7 +128,7 @@ def _model(d: int, rngs: nnx.Rngs) -> NearestNeighborAttention:
 
 def _plot_training(cfg: Config, scales, per_step, eval_steps, evals, out_dir: str) -> str:
     fig, axes = new_figure(4)
-    t = log_spaced(cfg.steps - 1)
+    t = log_spaced(cfg.train.steps - 1)
     for i, s in enumerate(cfg.scales):
         sel, c = scales == s, f"C{i}"
         loss = smooth(per_step["loss"][:, sel].mean(1))

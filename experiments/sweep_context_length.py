@@ -16,7 +16,7 @@ from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below, diverged_check
 from experiments.common.sweep_report import aggregate, plot_vs_axis
-from experiments.gd_sweep import CONTEXT_FIELD, run_gd_sweep
+from experiments.common.gd_sweep import CONTEXT_FIELD, run_gd_sweep
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, optimal_gd_lr
 from jaxicl.train import TrainConfig

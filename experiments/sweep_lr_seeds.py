@@ -21,15 +21,36 @@ from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
-from experiments.gd_sweep import attention_init, gd_sweep_checks, run_gd_sweep
+from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
+from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.models import predictor
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
-from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss
-from jaxicl.train.sweep import train_sweep
+from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss, train_sweep
 from jaxicl.train.sweep_spec import Axis, grid
-from jaxicl.validation import check_positive
+from jaxicl.validation import ConfigError, check_positive
+
+
+@dataclasses.dataclass(frozen=True)
+class Diversity:
+    """Part 2: a linear-attention stack on regression whose tasks come from a pool of n_tasks vectors."""
+
+    task: lr_task.LinearRegression = lr_task.LinearRegression(dim=8, n_context=16, noise_std=0.5)
+    train: TrainConfig = TrainConfig(steps=20000, batch_size=256, lr=1e-3, steps_per_call=500, log_every=50)
+    n_tasks: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 0)  # 0: a fresh task per prompt
+    seeds: int = 4
+    layers: int = 4
+    init_scale: float = 0.02
+    eval_prompts: int = 4096
+    max_infinite_over_ridge: float = 2.0  # a few preconditioned GD steps, not exact ridge
+    min_transition_ratio: float = 2.0  # fresh-task MSE, smallest pool / fresh task per prompt
+
+    def __post_init__(self):
+        for name in ("seeds", "layers", "eval_prompts"):
+            check_positive(name, getattr(self, name))
+        if self.task.noise_std <= 0:
+            raise ConfigError("diversity.task.noise_std must be > 0 (dMMSE and ridge use sigma^2)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,22 +59,12 @@ class Config:
     seeds: int = 8
     lrs: tuple[float, ...] = (1e-4, 2.7e-4, 7.2e-4, 1.9e-3, 5.2e-3, 1.4e-2, 3.7e-2, 1e-1)
     match_tolerance: float = 0.05  # |L / L_GD1 - 1| for "matches GD-1"
-    diversity_task: lr_task.LinearRegression = lr_task.LinearRegression(dim=8, n_context=16, noise_std=0.5)
-    diversity_train: TrainConfig = TrainConfig(steps=20000, batch_size=256, lr=1e-3, steps_per_call=500,
-                                               log_every=50)
-    n_tasks: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 0)  # 0: a fresh task per prompt
-    diversity_seeds: int = 4
-    diversity_layers: int = 4
-    diversity_init_scale: float = 0.02
-    eval_prompts: int = 4096
+    diversity: Diversity = Diversity()
     chunk_size: int = 0  # members trained at once; 0 = all
 
     def __post_init__(self):
-        for name in ("seeds", "diversity_seeds", "diversity_layers", "eval_prompts"):
-            check_positive(name, getattr(self, name))
+        check_positive("seeds", self.seeds)
         check_positive("chunk_size", self.chunk_size, allow_zero=True)
-        if self.diversity_task.noise_std <= 0:
-            raise ValueError("diversity_task.noise_std must be > 0 (dMMSE and ridge use sigma^2)")
 
 
 _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),
@@ -62,16 +73,15 @@ _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context
 PRESETS = {
     "smoke": Config(gd=dataclasses.replace(_SMALL_GD, task=lr_task.LinearRegression(dim=2, n_context=6),
                                            train=TrainConfig(steps=200, batch_size=128, steps_per_call=100)),
-                    seeds=2, lrs=(1e-3, 1e-2, 1e-1), n_tasks=(1, 8, 0), diversity_seeds=1, diversity_layers=1,
-                    diversity_task=lr_task.LinearRegression(dim=2, n_context=6, noise_std=0.5),
-                    diversity_train=TrainConfig(steps=200, batch_size=128, lr=1e-2, steps_per_call=100),
-                    eval_prompts=512),
+                    seeds=2, lrs=(1e-3, 1e-2, 1e-1),
+                    diversity=Diversity(task=lr_task.LinearRegression(dim=2, n_context=6, noise_std=0.5),
+                                        train=TrainConfig(steps=200, batch_size=128, lr=1e-2, steps_per_call=100),
+                                        n_tasks=(1, 8, 0), seeds=1, layers=1, eval_prompts=512)),
     "quick": Config(gd=_SMALL_GD, seeds=3, lrs=(1e-4, 5e-4, 2.5e-3, 1.25e-2, 6.25e-2),
-                    n_tasks=(1, 4, 16, 64, 256, 0), diversity_seeds=2, diversity_layers=2,
-                    diversity_task=lr_task.LinearRegression(dim=3, n_context=16, noise_std=0.5),
-                    diversity_train=TrainConfig(steps=1500, batch_size=256, lr=3e-3, steps_per_call=500,
-                                                log_every=10),
-                    eval_prompts=2048),
+                    diversity=Diversity(task=lr_task.LinearRegression(dim=3, n_context=16, noise_std=0.5),
+                                        train=TrainConfig(steps=1500, batch_size=256, lr=3e-3, steps_per_call=500,
+                                                          log_every=10),
+                                        n_tasks=(1, 4, 16, 64, 256, 0), seeds=2, layers=2, eval_prompts=2048)),
     "full": Config(),
 }
 
@@ -143,20 +153,21 @@ def pool_summary(losses: np.ndarray, members: list[dict], diverged: dict, dmmse_
 
 
 def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], str]:
-    task = cfg.diversity_task
-    init, graphdef = attention_init(task.dim + 1, cfg.diversity_layers)
-    members = grid((Axis("train.seed", tuple(range(cfg.diversity_seeds))), Axis("task.n_tasks", tuple(cfg.n_tasks))))
-    members = [m | {"init_scale": cfg.diversity_init_scale} for m in members]
-    result = train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.diversity_train, init, members,
-                         out_dir=sweep_dir, chunk_size=cfg.chunk_size or None, run_config={"experiment": "diversity"},
+    div, chunk_size = cfg.diversity, cfg.chunk_size
+    task = div.task
+    init, graphdef = sweep_init(task.dim + 1, div.layers)
+    members = grid((Axis("train.seed", tuple(range(div.seeds))), Axis("task.n_tasks", tuple(div.n_tasks))))
+    members = [m | {"init_scale": div.init_scale} for m in members]
+    result = train_sweep(regression_loss(graphdef), lr_task.sample, task, div.train, init, members,
+                         out_dir=sweep_dir, chunk_size=chunk_size or None, run_config={"experiment": "diversity"},
                          desc="task diversity")
     write_sweep_report(sweep_dir)
-    key = eval_key(cfg.diversity_train.seed)
-    fresh = sample_batch(lr_task.sample, dataclasses.replace(task, n_tasks=0), key, cfg.eval_prompts)
+    key = eval_key(div.train.seed)
+    fresh = sample_batch(lr_task.sample, dataclasses.replace(task, n_tasks=0), key, div.eval_prompts)
     losses = member_query_mse(graphdef, result.params, fresh)
     lam = task.noise_std**2 / task.w_scale**2
     ridge_loss = float(query_mse(jax.vmap(ridge(task, lam))(fresh.inputs), fresh.targets))
-    pools = sorted(set(cfg.n_tasks))
+    pools = sorted(set(div.n_tasks))
     dmmse_loss = {k: ridge_loss if k == 0 else float(query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
         fresh.inputs), fresh.targets)) for k in pools}
     summary = pool_summary(losses, members, result.diverged, dmmse_loss)
@@ -170,10 +181,10 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
         Check("pools_where_model_beats_its_dmmse", len(beyond), ">= 1", bool(beyond),
               f"n_tasks {beyond}: on fresh tasks the model beats the Bayes predictor of its own pool, i.e. it "
               f"generalises beyond the pool (the transition); {'first at ' + str(min(beyond)) if beyond else 'never'}"),
-        check_below("infinite_pool_model_over_ridge", infinite / ridge_loss, 2.0,
-                    f"fresh-task MSE with a fresh task per prompt / ridge {ridge_loss:.3g}; a {cfg.diversity_layers}-"
+        check_below("infinite_pool_model_over_ridge", infinite / ridge_loss, div.max_infinite_over_ridge,
+                    f"fresh-task MSE with a fresh task per prompt / ridge {ridge_loss:.3g}; a {div.layers}-"
                     "layer linear attention model is a few preconditioned GD steps, not exact ridge"),
-        check_above("transition_ratio_small_over_infinite_pool", small / infinite, 2.0,
+        check_above("transition_ratio_small_over_infinite_pool", small / infinite, div.min_transition_ratio,
                     "fresh-task MSE drops as the pretraining task pool grows"),
     ]
     return checks, figure

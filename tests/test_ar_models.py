@@ -94,5 +94,5 @@ def test_positional_transformer_matches_numpy(x64):
         # float64, two programs; the masked keys are exactly 0 in both
         np.testing.assert_allclose(cache["attn.positional_weights"][h], pos, rtol=1e-12)
         heads += (np.tril(q @ k.T / 2) * pos) @ v
-    ref = _np_linear(model.readout, _np_layernorm(model.norm, _np_linear(model.mix, heads)))
+    ref = _np_linear(model.head, _np_layernorm(model.norm, _np_linear(model.mix, heads)))
     np.testing.assert_allclose(out, ref, rtol=1e-10)

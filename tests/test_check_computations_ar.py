@@ -11,27 +11,32 @@ import pytest
 from flax import nnx
 
 from experiments import ar_fig6_pe_only as fig6
-from experiments.ar_common import fig3_metrics, gd_fit, haar_task, held_out_set, per_position_loss, sequence_loss
-from experiments.ar_fig5_augmented import best_gd_step, identity_error, qk_vo
+from experiments.ar_fig5_augmented import identity_error, qk_vo
 from experiments.ar_gd_step import step_matrix_error
+from experiments.common.autoregressive import fig3_metrics, haar_task, held_out_set
+from jaxicl.baselines import best_gd_step
 from jaxicl.models import apply
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
 from jaxicl.models.ar_transformer import AugmentedTransformer
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
+from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
 
 
-def test_gd_fit_is_plain_gd_across_chunk_boundaries(x64):
-    """On 0.5 |x - x*|^2 with lr 0.1, x_k - x* = 0.9^k (x_0 - x*); 25 steps in chunks of 10, 10 and 5."""
+def test_the_engine_is_plain_float64_gd_across_chunk_boundaries(x64):
+    """The Fig. 3 fits: on 0.5 |x - x*|^2 with lr 0.1, x_k - x* = 0.9^k (x_0 - x*); 25 steps in chunks of 10, 10, 5."""
     target = (jnp.array([1.0, -2.0, 0.5]), jnp.array([[3.0, 0.25]]))
     p0 = (jnp.array([0.0, 1.0, -1.0]), jnp.array([[-1.0, 2.0]]))
-    loss = lambda p: 0.5 * sum(jnp.sum((x - t) ** 2) for x, t in zip(p, target))  # noqa: E731
-    params, losses = gd_fit(loss, p0, lr=0.1, steps=25, chunk=10)
-    for x, x0, t in zip(params, p0, target):
+    loss = lambda p, batch: (0.5 * sum(jnp.sum((x - t) ** 2) for x, t in zip(p, target)), {})  # noqa: E731
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, steps=25, steps_per_call=10, log_every=1)
+    result = train(loss, None, None, cfg, p0, progress=False)
+    for x, x0, t in zip(result.state.params, p0, target):
+        assert x.dtype == jnp.float64
         np.testing.assert_allclose(x, t + 0.9 ** 25 * (x0 - t), rtol=1e-12)  # float64 rounding over 25 steps
     sq = sum(float(jnp.sum((x0 - t) ** 2)) for x0, t in zip(p0, target))
-    assert losses.shape == (25,)  # losses[i]: the loss before step i
+    losses = np.array([r["loss"] for r in result.train_rows])
+    assert losses.shape == (25,)  # row i: the loss before step i
     np.testing.assert_allclose(losses, 0.5 * 0.81 ** np.arange(25) * sq, rtol=1e-12)
 
 
@@ -154,7 +159,8 @@ def test_sequence_and_per_position_losses_equal_numpy(x64, kind):
     if kind == "transformer":
         d, width, coords = 2, 2, "mean"
         batch = held_out_set(haar_task("augmented", dim=d, seq_len=5), 4)
-        model = jax.tree.map(lambda v: v.astype(jnp.float64), AugmentedTransformer(3 * d, 1, rngs=nnx.Rngs(1)))
+        model = jax.tree.map(lambda v: v.astype(jnp.float64), AugmentedTransformer(3 * d, 1, out_dim=d,
+                                                                                   rngs=nnx.Rngs(1)))
     else:
         d, width, coords = 3, None, "sum"
         task = ar.Autoregressive(family="unitary", dim=d, seq_len=5, init="random_phase")
@@ -164,10 +170,10 @@ def test_sequence_and_per_position_losses_equal_numpy(x64, kind):
     pred = np.stack([np.asarray(model(x)) for x in batch.inputs])[..., :width]
     err = np.abs(pred - np.asarray(batch.targets)) ** 2  # [B, T, d]
     per_position = (err.sum(-1) if coords == "sum" else err.mean(-1)).mean(0)
-    loss, aux = sequence_loss(graphdef, width, coords)(params, batch)
+    loss, aux = regression_loss(graphdef, coords=coords)(params, batch)
     assert aux == {}
     np.testing.assert_allclose(loss, per_position.mean(), rtol=1e-12)  # float64, vmapped vs per prompt
-    np.testing.assert_allclose(per_position_loss(graphdef, params, batch, width, coords), per_position, rtol=1e-12)
+    np.testing.assert_allclose(per_position_loss(graphdef, params, batch, coords), per_position, rtol=1e-12)
 
 
 def _gd_from_zero(g, h, alpha, k):
@@ -209,8 +215,9 @@ def test_fig6_fit_is_gd_from_zero_and_stops_at_the_first_step_below_stop_loss(x6
              (1e-300, 7, 7),  # never reached: stops at max_steps
              (2 * losses[0], 100, 0)]  # already below at P = 0
     for stop_loss, max_steps, steps in cases:
-        cfg = fig6.Config(seq_len=t, n_sequences=n, lr=lr, stop_loss=stop_loss, max_steps=max_steps)
-        p, loss, k = fig6.fit(jnp.asarray(g), jnp.asarray(h), c, cfg, normaliser=normaliser)
+        train_cfg = TrainConfig(optimizer="sgd", lr=lr, steps=max_steps, stop_loss=stop_loss, steps_per_call=16)
+        cfg = fig6.Config(task=task, n_sequences=n, train=train_cfg)
+        p, loss, k = fig6.fit(jnp.asarray(s), cfg, task)
         assert int(k) == steps
         # float64: k updates of the iteration vs the spectral closed form
         np.testing.assert_allclose(p, paths[steps], rtol=1e-9, atol=1e-12)
@@ -243,5 +250,5 @@ def test_planted_gd_step_model_has_the_closed_form_loss_per_position(x64):
     theory = th.gd_step_loss(d, positions, eta, r)
     assert np.all(np.abs(mean - theory) < 5 * se + 1e-12)  # position 0 is exact: |s_1|^2 = d r^2 for every prompt
     per_prompt = err.mean(1)
-    loss = sequence_loss(graphdef)(params, batch)[0]
+    loss = regression_loss(graphdef)(params, batch)[0]
     assert abs(float(loss) - theory.mean()) < 5 * float(per_prompt.std() / np.sqrt(n))

@@ -8,7 +8,8 @@ from flax import nnx
 
 from experiments.common.result import Check, diverged_check
 from experiments.gd_equivalence import ood_scaling
-from experiments.gd_sweep import attention_init, gd_sweep_checks, padded_gd_lr
+from experiments.common.gd_sweep import gd_sweep_checks, padded_gd_lr
+from jaxicl.models.attention import sweep_init
 from experiments.sweep_context_length import context_length_summary
 from experiments.sweep_lr_seeds import _matched_lrs, member_query_mse, pool_summary
 from jaxicl.analysis.equivalence import equivalence_metrics
@@ -168,7 +169,7 @@ def test_the_sampler_with_an_n_tasks_override_draws_only_the_task_pool_vectors()
 
 def test_member_query_mse_equals_a_loop_over_members(x64):
     task = lr.LinearRegression(dim=2, n_context=5)
-    init, graphdef = attention_init(task.dim + 1, num_layers=2)
+    init, graphdef = sweep_init(task.dim + 1, num_layers=2)
     members = [init(jax.random.key(i), init_scale=0.3) for i in range(3)]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *members)
     batch = sample_batch(lr.sample, task, jax.random.key(2), 64)

@@ -4,16 +4,18 @@ Finite differences, sphere moments, synthetic runs with known fits, planted weig
 predictions are known in closed form, and hand-built sweep results.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from experiments import nn_fig3_training as fig3
-from experiments.nn_common import eval_batches, family_loss, member_tables, nn_metrics
+from experiments.common.nearest_neighbor import eval_batches, family_loss, member_tables, nn_metrics, paper_loss
 from experiments.nn_fig2_landscape import _hessian_grid, _hessian_terms
 from experiments.nn_random_init import failing_scales, scale_means
-from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import nearest_neighbor as theory
@@ -68,10 +70,11 @@ def _synthetic_run(xi1, xi2, steps: int, reduced_no_d_scale: float) -> dict:
 
 
 def test_summaries_of_a_run_growing_exactly_like_log_t():
-    cfg = fig3.Config(runs=("4x3",), seeds=(0, 1), steps=200, steps_per_call=100)
-    t = np.maximum(np.arange(cfg.steps), 1)
+    cfg = fig3.Config(runs=("4x3",), seeds=(0, 1), train=dataclasses.replace(fig3.Config.train, steps=200,
+                                                                           steps_per_call=100))
+    t = np.maximum(np.arange(cfg.train.steps), 1)
     xi1, xi2 = 1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1
-    s = fig3._summaries(cfg, _synthetic_run(xi1, xi2, cfg.steps, 1.01))
+    s = fig3._summaries(cfg, _synthetic_run(xi1, xi2, cfg.train.steps, 1.01))
     z = 4 + np.exp(-cfg.sigma)
     np.testing.assert_allclose(s["initial_loss"], 0.5 * (1 - 2 / z + 4 / z ** 2), rtol=1e-15)
     # float64 means of a few numbers
@@ -87,9 +90,10 @@ def test_summaries_of_a_run_growing_exactly_like_log_t():
 
 
 def test_summaries_fit_the_exponent_of_a_power_law():
-    cfg = fig3.Config(runs=("4x3",), seeds=(0, 1), steps=200, steps_per_call=100)
-    t = np.maximum(np.arange(cfg.steps), 1)
-    s = fig3._summaries(cfg, _synthetic_run(2 * t ** 0.4, 3 * t ** 0.3, cfg.steps, 1.0))
+    cfg = fig3.Config(runs=("4x3",), seeds=(0, 1), train=dataclasses.replace(fig3.Config.train, steps=200,
+                                                                           steps_per_call=100))
+    t = np.maximum(np.arange(cfg.train.steps), 1)
+    s = fig3._summaries(cfg, _synthetic_run(2 * t ** 0.4, 3 * t ** 0.3, cfg.train.steps, 1.0))
     np.testing.assert_allclose(s["powers"], [0.4, 0.3], rtol=1e-6)  # log xi is exactly linear in log t
     assert s["r2"] < 1 and s["slope_drift"] > 1  # faster than log t: d xi / d log t grows
 
@@ -106,7 +110,7 @@ def test_family_loss_reports_the_family_coordinates_and_the_distance_to_it(x64):
     graphdef, params = _merged_model(w, 3)
     batch = sample_batch(nn_task.sample, nn_task.NearestNeighbor(dim=3, n_context=4), jax.random.key(0), 8, axis=None)
     loss, aux = family_loss(graphdef)(params, batch)
-    np.testing.assert_allclose(loss, query_loss(graphdef)(params, batch)[0], rtol=1e-15)  # the same computation
+    np.testing.assert_allclose(loss, paper_loss(graphdef)(params, batch)[0], rtol=1e-15)  # the same computation
     np.testing.assert_allclose([aux["xi1"], aux["xi2"]], [2.2, 5.0], rtol=1e-14)
     # W - W(2.2, 5) = diag(0.4, -0.2, -0.2, -0.4, 0) + 0.3 e_0 e_1^T; |W|_F^2 = 2.6^2 + 8 + 0.09 + 0.16 + 25
     np.testing.assert_allclose(aux["off_family"], 0.7 / np.sqrt(40.01), rtol=1e-12)
@@ -118,7 +122,7 @@ def test_member_tables_fill_nan_after_a_member_stops():
                   for m, steps in ((0, 4), (1, 2)) for t in range(steps)]  # member 1 stops after 2 steps
     eval_rows = [{"step": t, "split": "eval", "member": m, "train.seed": m, "agree_1nn": 0.1 * t + m}
                  for t in (0, 2, 4) for m in (0, 1)]
-    result = SweepResult(members, None, {1: 2}, train_rows, eval_rows, 2)
+    result = SweepResult(members, None, {1: 2}, train_rows, eval_rows, 2, {})
     per_step, eval_steps, evals = member_tables(result, 4)
     assert set(per_step) == {"loss", "xi1"} and set(evals) == {"agree_1nn"}
     np.testing.assert_array_equal(per_step["loss"], [[0, 10], [1, 11], [2, np.nan], [3, np.nan]])  # copies

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,8 @@ import pytest
 from jaxicl.tasks import sample_batch
 from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
                           train)
-from jaxicl.train.loop import init_state, run_steps
+from jaxicl.train.state import init_state
+from jaxicl.train.step import run_steps
 from jaxicl.train.optim import make_optimizer
 from jaxicl.validation import ConfigError
 from tiny_run import tiny_setup
@@ -56,7 +58,7 @@ def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_red
         for g in jax.tree.leaves(per_example):
             assert g.sharding.spec[0] == "data" and len(g.sharding.device_set) == 4
         tx = make_optimizer(cfg)
-        state = jax.device_put(init_state(params, cfg, tx), replicated(mesh))
+        state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
         step = jax.jit(lambda s: run_steps(s, n=1, loss_fn=loss_fn, sample=sample, task_cfg=task,
                                            batch_size=cfg.batch_size, tx=tx))
         hlo = step.lower(state).compile().as_text()
@@ -96,7 +98,7 @@ def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path):
     four = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), mesh=data_mesh(4), progress=False)
     mesh1 = data_mesh(1)
     with jax.set_mesh(mesh1):
-        like = init_state(params, cfg, make_optimizer(cfg))
+        like = init_state(params, cfg.seed, make_optimizer(cfg))
         store = CheckpointStore(str(tmp_path / "checkpoints"))
         restored = store.restore(like, replicated(mesh1))
         store.close()
@@ -131,7 +133,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     store = CheckpointStore(str(tmp_path / "checkpoints"))
     assert store.steps() == [5, 10]
     with jax.set_mesh(data_mesh()):
-        restored = store.restore(init_state(params, cfg, _nan_at_update(12)), replicated(data_mesh()))
+        restored = store.restore(init_state(params, cfg.seed, _nan_at_update(12)), replicated(data_mesh()))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
     rows = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(13)) and all(np.isfinite(r["loss"]) for r in rows)
@@ -210,3 +212,59 @@ def test_a_killed_run_resumes_with_nothing_lost(tmp_path):
     np.testing.assert_array_equal(_losses(resumed), _losses(straight))
     _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
     assert [r["step"] for r in resumed.train_rows] == list(range(400))
+
+
+def test_a_batchless_objective_trains_through_the_engine_and_logs_the_step_metrics(tmp_path):
+    """SGD on 1/2 |A w - c|^2 with no sampled batch: lr, gradient / parameter / update RMS against numpy."""
+    a = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32) / 8
+    c = np.ones(32, np.float32)
+
+    def loss_fn(params, batch):
+        assert batch is None
+        return 0.5 * jnp.sum((a @ params["w"] - c) ** 2), {}
+
+    cfg = TrainConfig(steps=6, optimizer="sgd", lr=0.1, schedule="warmup_cosine", warmup_steps=2, steps_per_call=3,
+                      log_every=1, checkpoint_every=3)
+    result = train(loss_fn, None, None, cfg, {"w": jnp.zeros(32)}, out_dir=str(tmp_path), progress=False)
+    w = np.zeros(32)
+    for row in result.train_rows:
+        s = row["step"]
+        lr = 0.1 * (s / 2 if s < 2 else 0.5 * (1 + np.cos(np.pi * (s - 2) / 4)))
+        g = a.T @ (a @ w - c)
+        new = w - lr * g
+        rms = lambda v: np.sqrt(np.mean(v**2))  # noqa: E731
+        # float32 arithmetic in the engine vs float64 here
+        np.testing.assert_allclose([row["loss"], row["lr"], row["grad_rms"], row["param_rms"], row["update_rms"]],
+                                   [0.5 * np.sum((a @ w - c) ** 2), lr, rms(g), rms(new), rms(new - w)],
+                                   rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(row["update_ratio"], rms(new - w) / max(rms(new), 1e-30), rtol=2e-5)
+        w = new
+    assert [r["step"] for r in result.train_rows] == list(range(6))
+    # the cost of one step from XLA: at least the forward and backward matrix-vector products
+    assert result.info["flops_per_step"] >= 2 * 2 * 32 * 32
+    assert json.loads((tmp_path / "run.json").read_text()) == result.info
+    assert CheckpointStore(str(tmp_path / "checkpoints")).config()["task"] == {}
+
+
+def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_nothing(tmp_path):
+    """GD with lr 0.5 on 1/2 |w - 1|^2 from w = 0 in 8 dimensions halves the error each step: the loss at
+    step k is 4 * 0.25^k, first below 1e-3 at k = 6 (0.00098; k = 5 gives 0.0039)."""
+    def loss_fn(params, batch):
+        return 0.5 * jnp.sum((params["w"] - 1.0) ** 2), {}
+
+    cfg = TrainConfig(steps=50, optimizer="sgd", lr=0.5, stop_loss=1e-3, steps_per_call=4, log_every=10,
+                      checkpoint_every=8)
+    evaluate = jax.jit(lambda p: {"w0": p["w"][0]})
+    kw = dict(evaluate=evaluate, eval_every=8, progress=False)
+    result = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
+    expected = [4 * 0.25**k for k in range(7)]
+    assert int(result.state.step) == 6
+    assert [r["step"] for r in result.train_rows] == [0, 6]  # logged every 10 steps, and the stopping step
+    np.testing.assert_allclose(result.train_rows[-1]["loss"], expected[6], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(result.state.params["w"]), 1 - 0.5**6, rtol=1e-6)  # w_6: not updated again
+    assert [r["step"] for r in result.eval_rows] == [0, 6]
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [6]
+    rows = lambda: sorted(read_metrics(str(tmp_path / "metrics.jsonl")), key=lambda r: (r["step"], r["split"]))  # noqa: E731
+    before = rows()
+    again = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
+    assert int(again.state.step) == 6 and rows() == before  # the same rows (the stopping step's train row re-logged)

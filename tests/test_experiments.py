@@ -1,10 +1,13 @@
+import dataclasses
+
 import pytest
 
 from experiments import registry
 from experiments.cli import main
-from experiments.common.overrides import apply_overrides
+from jaxicl.config_paths import apply_overrides
 from experiments.common.report import write_report
 from experiments.gd_equivalence import Config
+from jaxicl.train import TrainConfig
 from jaxicl.validation import ConfigError
 
 
@@ -46,3 +49,28 @@ def test_report_has_a_checks_table_and_figures_per_experiment(tmp_path):
     assert "1 experiments ran, 1 raised; 1/2 checks passed." in text
     assert "| c1 | 0.5 | < 1 | yes | n |" in text and "| c2 | 2 | < 1 | **NO** |  |" in text
     assert "![f.png](a/f.png)" in text and "Traceback: boom" in text
+
+
+NOT_TRAINING = {"nn_fig2_landscape"}  # evaluates the closed-form loss landscape; nothing is trained
+
+
+def _configs(cfg):
+    """cfg and every nested config dataclass in it (TrainConfig and task configs included)."""
+    yield cfg
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _configs(value)
+
+
+@pytest.mark.parametrize("name", sorted(set(registry.EXPERIMENTS) - NOT_TRAINING))
+def test_every_training_experiment_has_task_and_train_sections(name):
+    """One config convention: what trains sits in a `train: TrainConfig` next to its `task`; no flattened lr/steps."""
+    for preset, cfg in registry.load(name).PRESETS.items():
+        sections = [c for c in _configs(cfg) if any(isinstance(getattr(c, f.name), TrainConfig)
+                                                     for f in dataclasses.fields(c))]
+        assert sections, (name, preset)
+        for c in sections:
+            fields = {f.name for f in dataclasses.fields(c)}
+            assert {"task", "train"} <= fields and isinstance(c.train, TrainConfig), (name, type(c).__name__)
+            assert not fields & {"lr", "steps", "batch_size", "steps_per_call"}, (name, fields)

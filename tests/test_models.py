@@ -141,3 +141,12 @@ def test_linear_attention_on_a_front_padded_prompt_is_the_short_prompt_model_wit
     out_padded = scaled(padded)
     np.testing.assert_allclose(out_padded[len(padded) - len(short):], model(short), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(out_padded[:len(padded) - len(short)], 0.0)  # padding stays zero
+
+
+def test_site_shapes_match_the_captured_values_without_running_the_model():
+    model = SelfAttention(4, num_layers=2, num_heads=3, kind="softmax", key_size=2, rngs=nnx.Rngs(14))
+    tokens = jax.random.normal(jax.random.key(15), (6, 4))
+    shapes = model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
+    _, rec = apply(*nnx.split(model), tokens, capture="all")
+    assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == {k: (v.shape, v.dtype) for k, v in rec.items()}
+    assert shapes["layer1.attn.weights"].shape == (3, 6, 6)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,3 +40,40 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
         assert m["restored_equal"] and m["restored_step"] == 12
     # one replicated array: both processes hold replicas that one SPMD program updated with the same all-reduce
     np.testing.assert_array_equal(multi[0]["params"], multi[1]["params"])
+
+
+_RUN_EXPERIMENT = """
+import logging, sys
+import jax
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 2)
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+logging.getLogger("jaxicl.outputs").setLevel(logging.DEBUG)
+from experiments.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_an_experiment_on_two_processes_writes_each_output_file_once_from_process_0(tmp_path):
+    """ar_fig3_unitary (smoke) end to end on two processes x 2 CPU devices sharing one output directory."""
+    port, out = _free_port(), tmp_path / "out"
+    root = os.path.dirname(HERE)
+    procs = [subprocess.Popen([sys.executable, "-c", _RUN_EXPERIMENT, "ar_fig3_unitary", "--preset", "smoke",
+                               "--out", str(out), "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    writes = [w for _, err in outs for w in re.findall(r"process (\d+) wrote (\S+)", err)]  # progress bars share stderr
+    assert writes and {w[0] for w in writes} == {"0"}  # only process 0 writes
+    written = [w[1] for w in writes]
+    run_dir = out / "ar_fig3_unitary"
+    files = {str(p) for p in run_dir.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
+    assert files == set(written)  # every file of the run went through the one writer
+    once = [f for f in written if not f.endswith("metrics.jsonl")]  # metrics.jsonl is appended chunk by chunk
+    assert len(once) == len(set(once)) and {os.path.basename(f) for f in once} >= {
+        "config.json", "result.json", "run.json", "params.npz", "fig3_unitary.png"}
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["checks"] and all(np.isfinite(c["value"]) for c in result["checks"])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, apply_nn, nn_predictor, stable_softmax
+from jaxicl.models import apply, predictor
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, stable_softmax
 from jaxicl.tasks import nearest_neighbor as nn
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.nearest_neighbor import from_reduced
@@ -32,7 +33,9 @@ def test_forward_matches_the_full_matrix_formula(x64, parametrisation, num_class
     w = np.asarray(model.merged())
     for p in range(6):
         expected = _numpy_layer(w, b.inputs[p], 3, cfg.label_dim)
-        np.testing.assert_allclose(np.atleast_1d(model(b.inputs[p])), expected, rtol=1e-10)
+        out = np.asarray(model(b.inputs[p]))
+        np.testing.assert_allclose(np.atleast_1d(out[-1]), expected, rtol=1e-10)
+        np.testing.assert_array_equal(out[:-1], 0.0)  # only the query is predicted
 
 
 def test_paper_init_in_both_parametrisations_is_diag_minus_sigma():
@@ -51,7 +54,7 @@ def test_huge_scores_stay_finite_and_give_hard_1nn():
     g, params = nnx.split(model)
     params["w"].set_value(from_reduced(1e4, 3e4, 4))  # scores of order 1e4: exp would overflow unshifted
     b = sample_batch(nn.sample, cfg, jax.random.key(2), 64)
-    pred = jax.vmap(nn_predictor(g, params))(b.inputs)
+    pred = jax.vmap(predictor(g, params))(b.inputs)
     assert np.all(np.isfinite(pred))
     np.testing.assert_allclose(pred, b.targets, atol=1e-6)  # margin delta: the 1-NN label exactly
 
@@ -61,14 +64,27 @@ def test_sites_capture_scores_weights_and_out():
     g, params = nnx.split(model)
     b = sample_batch(nn.sample, nn.NearestNeighbor(dim=3, n_context=4), jax.random.key(4), 1)
     tokens = b.inputs[0]
-    pred, rec = apply_nn(g, params, tokens, capture="all")
+    pred, rec = apply(g, params, tokens, capture="all")
     assert set(rec) == {"attn.scores", "attn.weights", "attn.out"}
     assert rec["attn.scores"].shape == (5,) and rec["attn.out"].shape == (5,)
     np.testing.assert_allclose(rec["attn.weights"].sum(), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(rec["attn.out"][3], pred, rtol=1e-6)
+    np.testing.assert_allclose(rec["attn.out"][3], pred[-1], rtol=1e-6)
     # an edit at attn.weights (all mass on context token 0) changes the prediction to its label
     one_hot = lambda w: jnp.zeros_like(w).at[0].set(1.0)  # noqa: E731
-    edited, _ = apply_nn(g, params, tokens, edits={"attn.weights": one_hot})
-    np.testing.assert_allclose(edited, tokens[0, 3])
+    edited, _ = apply(g, params, tokens, edits={"attn.weights": one_hot})
+    np.testing.assert_allclose(edited[-1], tokens[0, 3])
     with pytest.raises(KeyError):
-        apply_nn(g, params, tokens, capture=["attn.nope"])
+        apply(g, params, tokens, capture=["attn.nope"])
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_the_paper_loss_is_half_the_squared_error_at_the_query(num_classes):
+    from jaxicl.train import regression_loss
+
+    cfg = nn.NearestNeighbor(dim=3, n_context=5, num_classes=num_classes)
+    g, params = nnx.split(NearestNeighborAttention(3, cfg.label_dim, init="random", rngs=nnx.Rngs(5)))
+    b = sample_batch(nn.sample, cfg, jax.random.key(6), 32)
+    pred = np.asarray(jax.vmap(predictor(g, params))(b.inputs))[:, -1].reshape(32, -1)
+    expected = 0.5 * np.mean(np.sum((pred - np.asarray(b.targets)[:, -1].reshape(32, -1)) ** 2, -1))  # Eq. 2.5
+    loss, _ = regression_loss(g, coords="sum", scale=0.5)(params, b)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)  # float32 sums in two orders

@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from jaxicl.baselines import k_nearest_neighbors, one_nearest_neighbor
-from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn
 from jaxicl.tasks import sample_batch
-from jaxicl.train import TrainConfig, data_key, train, train_sweep
+from jaxicl.train import TrainConfig, data_key, regression_loss, train, train_sweep
 from jaxicl.validation import ConfigError
 
 
@@ -73,18 +73,19 @@ def test_simplex_vertices_and_multiclass_reduces_to_binary_for_k2():
 def test_sampler_trains_in_a_sweep_under_its_explicit_member_sharding():
     cfg = nn.NearestNeighbor(dim=2, n_context=3, num_classes=3)
     graphdef, params = nnx.split(NearestNeighborAttention(2, label_dim=2, rngs=nnx.Rngs(0)))
+    loss_fn = regression_loss(graphdef, coords="sum", scale=0.5)  # Li et al.'s loss
     train_cfg = TrainConfig(steps=2, batch_size=4, optimizer="sgd", log_every=1)
-    result = train_sweep(query_loss(graphdef), nn.sample, cfg, train_cfg, lambda key: params,
+    result = train_sweep(loss_fn, nn.sample, cfg, train_cfg, lambda key: params,
                          [{"train.seed": 0}, {"train.seed": 1}], progress=False)
     assert not result.diverged and len(result.train_rows) == 4  # 2 steps x 2 members
     for seed in (0, 1):  # each member's losses and parameters are those of the member trained alone
-        alone = train(query_loss(graphdef), nn.sample, cfg, dataclasses.replace(train_cfg, seed=seed), params,
+        alone = train(loss_fn, nn.sample, cfg, dataclasses.replace(train_cfg, seed=seed), params,
                       progress=False)
         swept = [r["loss"] for r in result.train_rows if r["member"] == seed]
         np.testing.assert_allclose(swept, [r["loss"] for r in alone.train_rows], rtol=1e-5)  # vmapped vs not
         np.testing.assert_allclose(result.member_params(seed)["w"], alone.state.params["w"], rtol=1e-5, atol=1e-7)
     first = sample_batch(nn.sample, cfg, jax.random.fold_in(data_key(0), 0), 4)  # member 0's first batch
-    np.testing.assert_allclose(result.train_rows[0]["loss"], query_loss(graphdef)(params, first)[0], rtol=1e-5)
+    np.testing.assert_allclose(result.train_rows[0]["loss"], loss_fn(params, first)[0], rtol=1e-5)
 
 
 def test_fixed_prompt_set_repeats_exactly_n_prompts_prompts():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 
 import jax
 import numpy as np
@@ -14,8 +15,11 @@ from experiments.common.sweep_report import final_table
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
-from jaxicl.train import TrainConfig, regression_loss, train
-from jaxicl.train.sweep import estimate_memory, split_fields, sweep_mesh, train_sweep
+from jaxicl.train import (CheckpointStore, TrainConfig, estimate_memory, regression_loss, sweep_mesh, train,
+                          train_sweep)
+from jaxicl.train.mesh import MEMBER_AXIS
+from jaxicl.train.sweep_fields import split_fields
+from jaxicl.train.sweep_program import build_program
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
 from jaxicl.validation import ConfigError
 
@@ -175,6 +179,10 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
     assert _rows(resumed) == _rows(straight)
     assert [r["step"] for r in resumed.train_rows if r["member"] == 2] == list(range(10))
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["chunk0", "chunk1"]
+    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints" / "chunk0")).config()  # names what varies (as made
+    # by the first, 5-step run: a longer constant-lr run may resume it)
+    assert stored["train"]["seed"] == {"swept": [0, 1, 2]} and stored["train"]["lr"] == {"swept": [1e-2, 2e-2, 3e-2]}
+    assert stored["train"]["steps"] == 5 and stored["task"] == json.loads(json.dumps(dataclasses.asdict(TASK)))
     with pytest.raises(ConfigError, match="cannot resume"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members[:2], out_dir=str(tmp_path / "b"),
                     **kw)
@@ -210,10 +218,8 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
 def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes():
     from jax.sharding import NamedSharding
 
-    from jaxicl.train.sweep import MEMBER_AXIS, _program
-
     members = [{"train.seed": s} for s in range(4)]
-    prog = _program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
+    prog = build_program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
     mesh = sweep_mesh(2, 2)
     with jax.set_mesh(mesh):
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))

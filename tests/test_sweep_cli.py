@@ -12,7 +12,8 @@ import pytest
 from experiments import gd_equivalence
 from experiments.cli import main
 from experiments.common.runner import run_experiment
-from experiments.gd_sweep import attention_init, run_gd_sweep
+from experiments.common.gd_sweep import run_gd_sweep
+from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import gradient_descent
 from jaxicl.models import predictor
 from jaxicl.tasks import linear_regression as lr_task
@@ -25,7 +26,7 @@ from jaxicl.train.sweep_spec import Axis
 @pytest.mark.parametrize("argv,message", [
     (["gd_equivalence", "--sweep", "lr=1e-4;1e-3"], "is not a number"),
     (["gd_equivalence", "--sweep", "seed=0:8:0"], "step must not be 0"),
-    (["gd_equivalence", "--sweep", "learning_rate=1,2"], "unknown sweep field 'learning_rate'"),
+    (["gd_equivalence", "--sweep", "learning_rate=1,2"], "unknown field 'learning_rate'"),
     (["gd_equivalence", "--sweep", "n_tasks=1.5,2"], "takes integers"),
     (["gd_equivalence", "--sweep", "lr=1,2", "lr=3"], "given twice"),
     (["sweep_lr_seeds", "--sweep", "lr=1e-3,1e-2"], "'lr' is ambiguous"),
@@ -88,7 +89,7 @@ def test_a_noise_sweep_evaluates_each_member_on_its_own_noise_like_the_member_al
     table, _ = run_gd_sweep(cfg, (Axis("task.noise_std", (0.0, 1.0)),), str(tmp_path))
     for row in table:
         task = dataclasses.replace(cfg.task, noise_std=row["task.noise_std"])
-        init, graphdef = attention_init(task.dim + 1)
+        init, graphdef = sweep_init(task.dim + 1)
         alone = train(regression_loss(graphdef), lr_task.sample, task, cfg.train,
                       init(jax.random.key(cfg.train.seed), init_scale=cfg.init_scale), progress=False)
         batch = sample_batch(lr_task.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts)

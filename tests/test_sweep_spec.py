@@ -7,7 +7,8 @@ import pytest
 
 from jaxicl.tasks.linear_regression import LinearRegression
 from jaxicl.train import TrainConfig
-from jaxicl.train.sweep_spec import Axis, grid, member_config, parse_axes, parse_axis, resolve_axes, resolve_field
+from jaxicl.config_paths import leaf_paths, resolve
+from jaxicl.train.sweep_spec import Axis, grid, member_config, parse_axes, parse_axis, resolve_axes
 from jaxicl.validation import ConfigError
 
 
@@ -65,9 +66,9 @@ def test_grid_is_the_product_first_axis_slowest():
 
 def test_short_names_resolve_to_unique_paths_and_values_take_the_field_type():
     cfg = Cfg()
-    assert resolve_field(cfg, "noise_std") == "task.noise_std"
-    assert resolve_field(cfg, "train.lr") == "train.lr"
-    assert resolve_field(cfg, "init_scale") == "init_scale"
+    assert resolve(cfg, "noise_std") == "task.noise_std"
+    assert resolve(cfg, "train.lr") == "train.lr"
+    assert resolve(cfg, "init_scale") == "init_scale"
     axes = resolve_axes(cfg, (Axis("task.n_tasks", (1.0, 4)), Axis("init_scale", (1, 2))))
     assert axes[0].values == (1, 4) and all(isinstance(v, int) for v in axes[0].values)
     assert axes[1].values == (1.0, 2.0) and all(isinstance(v, float) for v in axes[1].values)
@@ -75,7 +76,7 @@ def test_short_names_resolve_to_unique_paths_and_values_take_the_field_type():
 
 @pytest.mark.parametrize("axis,match", [
     (Axis("lr", (1e-3,)), r"'lr' is ambiguous.*\['train.lr', 'eval.lr'\]"),
-    (Axis("learning_rate", (1e-3,)), "unknown sweep field 'learning_rate'; fields of Cfg: .*train.lr"),
+    (Axis("learning_rate", (1e-3,)), "unknown field 'learning_rate' in Cfg; fields: .*train.lr"),
     (Axis("task.n_tasks", (1.5,)), "task.n_tasks' takes integers, got 1.5"),
     (Axis("train.optimizer", (1,)), "train.optimizer' has type str; only int and float"),
     (Axis("train.lr", (1e-3,)), None),
@@ -93,3 +94,23 @@ def test_member_config_sets_nested_fields_and_validates_them():
     assert (cfg.train.lr, cfg.task.noise_std, cfg.init_scale) == (3e-4, 0.5, 0.2)
     with pytest.raises(ValueError, match="noise_std"):
         member_config(Cfg(), {"task.noise_std": -1.0})
+
+
+@pytest.mark.parametrize("name,path", [("lr", "train.lr"), ("train.lr", "train.lr"), ("noise_std", "task.noise_std"),
+                                       ("init_scale", "init_scale")])
+def test_an_override_and_a_sweep_axis_name_the_same_field_the_same_way(name, path):
+    from experiments.gd_equivalence import Config
+
+    from jaxicl.config_paths import apply_overrides
+
+    cfg = Config()
+    overridden = apply_overrides(cfg, [f"{name}=0.25"])
+    changed = [p for p in leaf_paths(cfg) if resolve(overridden, p) and _get(overridden, p) != _get(cfg, p)]
+    assert changed == [path]
+    assert resolve_axes(cfg, parse_axes([f"{name}=0.25,0.5"]))[0].field == path
+
+
+def _get(cfg, path):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

@@ -48,7 +48,7 @@ def main() -> None:
     import numpy as np
 
     from jaxicl.train import CheckpointStore, data_mesh, replicated, train
-    from jaxicl.train.loop import init_state
+    from jaxicl.train import init_state
     from jaxicl.train.optim import make_optimizer
 
     loss_fn, sample, task, cfg, params = tiny_setup(args.steps, args.checkpoint_every, args.steps_per_call)
@@ -57,7 +57,7 @@ def main() -> None:
 
     mesh = data_mesh()
     with jax.set_mesh(mesh):
-        like = init_state(params, cfg, make_optimizer(cfg))
+        like = init_state(params, cfg.seed, make_optimizer(cfg))
         store = CheckpointStore(os.path.join(args.out, "checkpoints"))
         restored = store.restore(like, replicated(mesh))
         store.close()

@@ -5,6 +5,8 @@ import os
 import matplotlib
 import numpy as np
 
+from jaxicl import outputs
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -15,10 +17,10 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.5,
 
 
 def save_figure(fig, out_dir: str, name: str) -> str:
-    """Writes out_dir/name.png and returns the file name relative to out_dir."""
+    """Writes out_dir/name.png (process 0 only, jaxicl.outputs) and returns the file name relative to out_dir."""
     fig.tight_layout()
     path = f"{name}.png"
-    fig.savefig(os.path.join(out_dir, path), dpi=110)
+    outputs.write_with(os.path.join(out_dir, path), lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)
     return path
 

@@ -2,6 +2,8 @@
 
 import os
 
+from jaxicl import outputs
+
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -31,6 +33,5 @@ def write_report(out: str, preset: str, results: list[dict], errors: dict[str, s
     for name, err in errors.items():
         lines += ["", f"## {name}", "", "The experiment raised:", "", "```", err, "```"]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    outputs.write_text(path, "\n".join(lines) + "\n")
     return path

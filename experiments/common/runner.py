@@ -1,14 +1,13 @@
 """Runs one experiment into DIR/NAME/: config.json, metrics.jsonl, figures, result.json."""
 
 import dataclasses
-import json
 import os
 import time
 
-import jax
-
 from experiments import registry
-from experiments.common.overrides import apply_overrides
+from jaxicl import outputs
+from jaxicl.config_paths import apply_overrides
+from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError
 
@@ -36,16 +35,15 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     module, cfg = resolve_config(name, preset, list(overrides))
     axes = sweep_axes(name, cfg, list(sweep)) if sweep else ()
     out_dir = os.path.join(out, name)
-    os.makedirs(out_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({"experiment": name, "preset": preset, "overrides": list(overrides), "sweep": list(sweep),
-                       "config": dataclasses.asdict(cfg)}, f, indent=2)
+    config = dataclasses.asdict(cfg)
+    if axes:  # the swept fields hold {"swept": values}, not one member's value
+        config = mark_swept(config, {a.field: list(a.values) for a in axes})
+    outputs.write_json(os.path.join(out_dir, "config.json"),
+                       {"experiment": name, "preset": preset, "overrides": list(overrides), "sweep": list(sweep),
+                        "config": config}, indent=2)
     start = time.perf_counter()
     outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
-    if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    outputs.write_json(os.path.join(out_dir, "result.json"), result, indent=2)
     return result

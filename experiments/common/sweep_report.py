@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 
 from experiments.common.figures import new_figure, save_figure
+from jaxicl import outputs
 from jaxicl.train.metrics import read_metrics
 
 SEED_FIELD = "train.seed"
@@ -150,10 +151,8 @@ def write_sweep_report(sweep_dir: str, metric: str | None = None) -> list[str]:
     agg = aggregate(table, fields)
     files = []
     for name, rows in (("sweep_members", table), ("sweep_seeds", agg)):
-        with open(os.path.join(sweep_dir, f"{name}.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(sweep_dir, f"{name}.md"), "w") as f:
-            f.write(_markdown(rows))
+        outputs.write_json(os.path.join(sweep_dir, f"{name}.json"), rows)
+        outputs.write_text(os.path.join(sweep_dir, f"{name}.md"), _markdown(rows))
         files += [f"{name}.md", f"{name}.json"]
     metric = metric or ("loss" if "loss" in metric_names(table, fields) else "train_loss")
     for axis in (f for f in fields if f != SEED_FIELD):

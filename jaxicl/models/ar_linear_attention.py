@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_positive
 
@@ -39,7 +40,7 @@ def psi(g: jax.Array, token: jax.Array) -> jax.Array:
     return g @ token[d:2 * d]
 
 
-class AugmentedLinearAttention(nnx.Module):
+class AugmentedLinearAttention(Model):
     """Parameters a, b: [d, d]; call on augmented tokens [T, 3d] -> predictions [T, d]."""
 
     def __init__(self, dim: int, *, init_scale: float = 0.1, rngs: nnx.Rngs):
@@ -72,7 +73,7 @@ def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array,
     return sites("out", heads.sum(0))
 
 
-class DiagonalPositionalAttention(nnx.Module):
+class DiagonalPositionalAttention(Model):
     """Parameters a, b: [H, d], p: [T, T]; call on states [T, d] -> predictions [T, d]."""
 
     def __init__(self, dim: int, num_heads: int, seq_len: int, *, init_scale: float = 0.1, rngs: nnx.Rngs):
@@ -86,7 +87,7 @@ class DiagonalPositionalAttention(nnx.Module):
         return positional_attention(self.a[...], self.b[...], self.p[...], s, sites)
 
 
-class PositionalOnlyAttention(nnx.Module):
+class PositionalOnlyAttention(Model):
     """Parameter p: [T, T] (initialised to 0); call on 1-D states [T, 1] -> predictions [T, 1]."""
 
     def __init__(self, seq_len: int):

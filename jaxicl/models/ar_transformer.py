@@ -6,7 +6,7 @@ Scores are scaled by 1/sqrt(D) with D the token width (not the head width). Writ
 AugmentedTransformer (Fig. 5; tokens [T, D], D = 3d): L layers of
   x <- x + LayerNorm(Wo (causal_linear(q k^T / sqrt(D)) v) + bo),  q, k, v = x W_{q,k,v} + b_{q,k,v},
 with "causal_linear" = non-causal entries set to 0 (no softmax); then out = x Wf + bf [T, D].
-The prediction of s_{t+1} is out[t, :d].
+The prediction of s_{t+1} is out[t, :d] (readout with out_dim = d).
   Sites (l = 0..L-1): layer{l}.attn.scores [T, T], layer{l}.attn.out [T, D], layer{l}.resid_post [T, D], out.
 
 PositionalTransformer (Fig. 7; tokens [T, D] = tiled raw states): H full-width heads (Q, K, V:
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_positive
+from jaxicl.validation import check_positive, check_range
 
 
 class Linear(nnx.Module):
@@ -49,12 +50,15 @@ class AugmentedLayer(nnx.Module):
         self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
 
 
-class AugmentedTransformer(nnx.Module):
-    """num_layers augmented layers on tokens [T, dim] -> outputs [T, dim]."""
+class AugmentedTransformer(Model):
+    """num_layers augmented layers on tokens [T, dim] -> outputs [T, dim]; predictions: the first out_dim
+    channels (the state block of the augmented token, out_dim = d of tokens [T, 3d])."""
 
-    def __init__(self, dim: int, num_layers: int = 1, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_layers: int = 1, *, out_dim: int | None = None, rngs: nnx.Rngs):
         check_positive("dim", dim)
         check_positive("num_layers", num_layers)
+        self.out_dim = dim if out_dim is None else out_dim
+        check_range("out_dim", self.out_dim, 1, dim)
         self.layers = nnx.List([AugmentedLayer(dim, rngs=rngs) for _ in range(num_layers)])
         self.final = Linear(dim, dim, rngs=rngs)
 
@@ -67,8 +71,11 @@ class AugmentedTransformer(nnx.Module):
             x = sites(f"layer{l}.resid_post", x + layer.norm(out))
         return sites("out", self.final(x))
 
+    def readout(self, outputs: jax.Array) -> jax.Array:
+        return outputs[..., :self.out_dim]
 
-class PositionalTransformer(nnx.Module):
+
+class PositionalTransformer(Model):
     """num_heads full-width heads with a softmax positional score; tokens [T, dim] -> predictions [T, out_dim]."""
 
     def __init__(self, dim: int, out_dim: int, num_heads: int = 64, max_len: int = 100, *, rngs: nnx.Rngs):
@@ -79,7 +86,7 @@ class PositionalTransformer(nnx.Module):
         self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)))
         self.mix = Linear(dim, dim, rngs=rngs)
         self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
-        self.readout = Linear(dim, out_dim, rngs=rngs)
+        self.head = Linear(dim, out_dim, rngs=rngs)
 
     def _heads(self, proj: Linear, x: jax.Array) -> jax.Array:
         return proj(x).reshape(x.shape[0], self.num_heads, x.shape[1]).transpose(1, 0, 2)  # [H, T, D]
@@ -95,4 +102,4 @@ class PositionalTransformer(nnx.Module):
         pos = sites("attn.positional_weights", pos)
         heads = sites("attn.heads", (token * pos) @ v)
         out = sites("attn.out", heads.sum(0))
-        return sites("out", self.readout(self.norm(self.mix(out))))
+        return sites("out", self.head(self.norm(self.mix(out))))

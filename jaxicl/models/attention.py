@@ -20,10 +20,13 @@ Named sites, for l in 0..num_layers-1 (see jaxicl.sites):
   layer{l}.resid_post    [T, D]     the layer's output tokens
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive
 
@@ -44,8 +47,12 @@ class AttentionLayer(nnx.Module):
         self.wo = init((num_heads, key_size, dim))
 
 
-class SelfAttention(nnx.Module):
-    """A stack of num_layers multi-head self-attention layers; call on tokens [T, D] -> [T, D]."""
+class SelfAttention(Model):
+    """A stack of num_layers multi-head self-attention layers; call on tokens [T, D] -> [T, D].
+
+    Readout (von Oswald et al.'s convention): a layer writes -y_hat into the empty label slot, so the
+    predictions [T] are minus the last channel of the outputs.
+    """
 
     def __init__(self, dim: int, *, num_layers: int = 1, num_heads: int = 1, key_size: int | None = None,
                  kind: str = "linear", residual: bool = True, mask: str = "none",
@@ -65,6 +72,9 @@ class SelfAttention(nnx.Module):
             out = self._attend(layer, x, sites, f"layer{l}.attn")
             x = sites(f"layer{l}.resid_post", x + out if self.residual else out)
         return x
+
+    def readout(self, outputs: jax.Array) -> jax.Array:
+        return -outputs[..., -1]
 
     def _attend(self, layer: AttentionLayer, x: jax.Array, sites, name: str) -> jax.Array:
         t = x.shape[0]
@@ -89,3 +99,14 @@ def attention_mask(mask: str, t: int) -> jax.Array:
     if mask == "context":
         return jnp.ones((t, t), bool).at[:, t - 1].set(t == 1)
     return jnp.ones((t, t), bool)
+
+
+def sweep_init(dim: int, num_layers: int = 1, **model_kw) -> tuple[Callable, nnx.GraphDef]:
+    """(init(key, *, init_scale) -> params, graphdef): the members' init of a sweep of SelfAttention(dim, ...)
+    (linear with residual by default; model_kw as SelfAttention takes them), init_scale sweepable."""
+    kw = {"kind": "linear", "residual": True, **model_kw}
+
+    def init(key, *, init_scale):
+        return nnx.split(SelfAttention(dim, num_layers=num_layers, init_scale=init_scale, rngs=nnx.Rngs(key), **kw))[1]
+
+    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0), **kw))

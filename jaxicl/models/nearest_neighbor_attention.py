@@ -17,13 +17,12 @@ Named sites (see jaxicl.sites):
   attn.out      [D]  the query column of f(H), i.e. sum_j weights_j h_j
 """
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.sites import null_sites, run_with_sites
+from jaxicl.models.base import Model
+from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive
 
 PARAMETRISATIONS = ("merged", "separate")
@@ -37,8 +36,10 @@ def stable_softmax(scores: jax.Array, axis: int = -1) -> jax.Array:
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
-class NearestNeighborAttention(nnx.Module):
-    """Call on tokens [T, D] -> query prediction [L] (label_dim L; squeezed to [] when L = 1)."""
+class NearestNeighborAttention(Model):
+    """Call on tokens [T, D] -> predictions [T, L] (label_dim L; [T] when L = 1): the query's at the last
+    position, 0 elsewhere (the predictor signature of jaxicl.baselines). Trained with
+    regression_loss(graphdef, coords="sum", scale=0.5): the paper's 1/2 squared error at the query (Eq. 2.5)."""
 
     def __init__(self, dim: int, label_dim: int = 1, *, parametrisation: str = "merged", init: str = "paper",
                  sigma: float = 3.0, init_scale: float = 1.0, key_size: int | None = None, rngs: nnx.Rngs):
@@ -75,32 +76,6 @@ class NearestNeighborAttention(nnx.Module):
         weights = sites("attn.weights", stable_softmax(scores))
         out = sites("attn.out", weights @ tokens)
         labels = out[self.dim:self.dim + self.label_dim]
-        return labels[0] if self.label_dim == 1 else labels
+        labels = labels[0] if self.label_dim == 1 else labels
+        return jnp.zeros((tokens.shape[0], *labels.shape), labels.dtype).at[-1].set(labels)
 
-
-def apply_nn(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, capture=(), edits=None):
-    """Pure forward pass of one prompt: (query prediction, {site: value})."""
-    return run_with_sites(nnx.merge(graphdef, params), tokens, capture=capture, edits=edits)
-
-
-def nn_predictor(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[jax.Array], jax.Array]:
-    """The model with the baselines' signature: tokens [T, D] -> predictions [T] (or [T, L]).
-
-    The query's prediction is at the last position, 0 elsewhere."""
-
-    def predict(tokens: jax.Array) -> jax.Array:
-        pred = nnx.merge(graphdef, params)(tokens)
-        return jnp.zeros((tokens.shape[0], *pred.shape), pred.dtype).at[-1].set(pred)
-
-    return predict
-
-
-def query_loss(graphdef: nnx.GraphDef):
-    """(params, Prompt batch) -> (1/2 mean squared error at the query, {}) -- the paper's loss (Eq. 2.5)."""
-
-    def loss_fn(params, batch):
-        pred = jax.vmap(nnx.merge(graphdef, params))(batch.inputs)
-        err = (pred - batch.targets[:, -1]) ** 2
-        return 0.5 * jnp.mean(err.reshape(err.shape[0], -1).sum(-1)), {}
-
-    return loss_fn

@@ -6,6 +6,7 @@ now, so a checkpoint saved on 4 devices loads onto 1 (or onto another mesh). Eve
 multi-host run must call save and restore; orbax writes from the primary host.
 """
 
+import json
 import os
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import NamedSharding
 from orbax.checkpoint import v1 as ocp
 
 from jaxicl.train.state import TrainState
+from jaxicl.validation import ConfigError
 
 
 def _to_tree(state: TrainState) -> dict:
@@ -60,3 +62,36 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._ckptr.close()
+
+
+def normalise_config(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg))
+
+
+def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
+    """Raises ConfigError when a checkpoint at checkpoint_step cannot continue into the run `current`.
+
+    Every field must match, except that train.steps may change when the schedule is constant (then
+    the resumed run equals an uninterrupted run of the new length) and the checkpoint is not past it.
+    A warmup-cosine schedule decays to 0 at train.steps, so a run resumed with other steps would
+    follow a schedule that neither the old nor the new uninterrupted run has: refused.
+    """
+    stored, current = normalise_config(stored), normalise_config(current)
+    if not stored:
+        return
+    diffs = [f"{section}.{k}: checkpoint {stored.get(section, {}).get(k)!r} vs now {v!r}"
+             for section, fields in current.items() if isinstance(fields, dict)
+             for k, v in fields.items()
+             if not (section == "train" and k == "steps") and stored.get(section, {}).get(k) != v]
+    if diffs:
+        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
+                          + "; train into a new output directory, or keep the checkpoint's config")
+    before, now = stored["train"]["steps"], current["train"]["steps"]
+    if before != now and current["train"]["schedule"] != "constant":
+        raise ConfigError(f"cannot resume: train.steps: checkpoint {before} vs now {now}, and "
+                          f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
+                          f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
+                          f"or train into a new output directory")
+    if checkpoint_step > now:
+        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; "
+                          f"use train.steps >= {checkpoint_step} or a new output directory")

@@ -6,6 +6,8 @@ from jaxicl.validation import check_choice, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
+# Not decayed by default: biases (Linear's "b"), LayerNorm scales, embeddings and position tables.
+NO_DECAY = ("bias", "b", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,17 +19,19 @@ class TrainConfig:
     schedule: str = "constant"  # "warmup_cosine": linear warmup to lr, cosine decay to 0 at `steps`
     warmup_steps: int = 0
     weight_decay: float = 0.0  # adamw only
+    no_decay: tuple[str, ...] = NO_DECAY  # glob patterns of parameter path names adamw does not decay
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
     seed: int = 0
     steps_per_call: int = 100  # steps compiled into one lax.scan call
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3
+    stop_loss: float = 0.0  # > 0: stop at the first step whose loss (before its update) is below this
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints"):
             check_positive(name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every"):
+        for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every", "stop_loss"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("lr", self.lr)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -3,12 +3,12 @@
 Each step samples its batch on device from fold_in(data_key, step), born sharded over the mesh's
 "data" axis; parameters and optimiser state are replicated, so the compiler inserts the
 gradient all-reduce. The host only calls the compiled chunk of steps, writes metrics, moves the
-progress bar, evaluates and checkpoints between chunks. All host side effects happen on process 0;
-every process runs the same compiled calls and the orbax saves (multi-host safe).
+progress bar, evaluates and checkpoints between chunks (jaxicl.train.chunks). All host side effects
+happen on process 0; every process runs the same compiled calls and the orbax saves (multi-host safe).
+A loss that takes no batch (sample=None: a full-batch or closed-form objective) trains the same way.
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from functools import partial
@@ -19,19 +19,17 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxicl.prompt import Prompt
-from jaxicl.tasks.batching import Sampler, check_divisible, sample_batch
-from jaxicl.train.checkpoint import CheckpointStore
+from jaxicl import outputs
+from jaxicl.tasks.batching import Sampler, check_divisible
+from jaxicl.train.checkpoint import CheckpointStore, check_resumable
+from jaxicl.train.chunks import ChunkPrograms, drive
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, read_metrics
-from jaxicl.train.optim import make_optimizer
-from jaxicl.train.state import TrainState
-from jaxicl.validation import ConfigError, check_positive
-
-LossFn = Callable[[object, Prompt], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
-DATA_STREAM = 0xDA7A  # folded into the seed for the data key, so data and init keys differ
-EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts, never used for training batches
+from jaxicl.train.optim import make_optimizer, scheduled_lr
+from jaxicl.train.state import TrainState, init_state
+from jaxicl.train.step import LossFn, run_steps
+from jaxicl.validation import check_positive
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,111 +41,45 @@ class TrainResult:
     state: TrainState  # on the training mesh's devices, usable outside it without jax.set_mesh (mesh.portable)
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
+    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; None when no step ran), devices
 
 
-def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler, task_cfg, batch_size: int,
-               tx: optax.GradientTransformation, task_params: dict | None = None) -> tuple[TrainState, dict]:
-    """One step on the batch sampled from fold_in(state.key, state.step); returns the new state and metrics.
-
-    task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
-    """
-    batch = sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step), batch_size,
-                         task_params=task_params)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                        step=state.step + 1)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None) -> dict:
+    """The config stored with a run's checkpoints: its train and task sections (task {} without a task)."""
+    task = dataclasses.asdict(task_cfg) if task_cfg is not None else {}
+    return {"train": dataclasses.asdict(cfg), "task": task, **(extra or {})}
 
 
-def run_steps(state: TrainState, *, n: int, loss_fn: LossFn, sample: Sampler, task_cfg, batch_size: int,
-              tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-    """n training steps as one lax.scan; returns the new state and per-step metrics [n]."""
-    step = partial(train_step, loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=batch_size, tx=tx)
-    return jax.lax.scan(lambda s, _: step(s), state, length=n)
-
-
-def data_key(seed) -> jax.Array:
-    """The base key of a run's training batches (seed may be traced, e.g. per sweep member)."""
-    return jax.random.fold_in(jax.random.key(seed), DATA_STREAM)
-
-
-def eval_key(seed) -> jax.Array:
-    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key)."""
-    return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
-
-
-def init_state(params, cfg: TrainConfig, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(cfg.seed))
-
-
-def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
-    """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
-    ends = {cfg.steps}
-    for every in (cfg.steps_per_call, cfg.checkpoint_every, eval_every):
-        if every:
-            ends.update(range(every, cfg.steps, every))
-    return sorted(e for e in ends if e > start)
-
-
-def normalise_config(cfg: dict) -> dict:
-    return json.loads(json.dumps(cfg))
-
-
-def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
-    """Raises ConfigError when a checkpoint at checkpoint_step cannot continue into the run `current`.
-
-    Every field must match, except that train.steps may change when the schedule is constant (then
-    the resumed run equals an uninterrupted run of the new length) and the checkpoint is not past it.
-    A warmup-cosine schedule decays to 0 at train.steps, so a run resumed with other steps would
-    follow a schedule that neither the old nor the new uninterrupted run has: refused.
-    """
-    stored, current = normalise_config(stored), normalise_config(current)
-    if not stored:
-        return
-    diffs = [f"{section}.{k}: checkpoint {stored.get(section, {}).get(k)!r} vs now {v!r}"
-             for section, fields in current.items() if isinstance(fields, dict)
-             for k, v in fields.items()
-             if not (section == "train" and k == "steps") and stored.get(section, {}).get(k) != v]
-    if diffs:
-        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
-                          + "; train into a new output directory, or keep the checkpoint's config")
-    before, now = stored["train"]["steps"], current["train"]["steps"]
-    if before != now and current["train"]["schedule"] != "constant":
-        raise ConfigError(f"cannot resume: train.steps: checkpoint {before} vs now {now}, and "
-                          f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
-                          f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
-                          f"or train into a new output directory")
-    if checkpoint_step > now:
-        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; "
-                          f"use train.steps >= {checkpoint_step} or a new output directory")
-
-
-def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, *,
+def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, params, *,
           out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
           evaluate: Callable[[object], dict] | None = None, eval_every: int = 0,
           run_config: dict | None = None, tx: optax.GradientTransformation | None = None,
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
 
-    out_dir gets metrics.jsonl and checkpoints/ (none are written when out_dir is None). With
-    resume=True a run continues from the latest checkpoint in out_dir and produces the same
+    sample=None: loss_fn(params, None) needs no batch (task_cfg may then be None).
+    out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
+    With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run. `evaluate(params) -> {name: scalar}` runs at
     step 0, every eval_every steps and at the end (eval rows in metrics.jsonl). `tx` overrides
     the optimiser built from cfg. Raises NonFiniteLossError at the first non-finite loss,
     without saving the bad state.
     """
     mesh = data_mesh() if mesh is None else mesh
+    learning_rate = partial(scheduled_lr, cfg) if tx is None else None
     tx = make_optimizer(cfg) if tx is None else tx
     check_positive("eval_every", eval_every, allow_zero=True)
-    config = {"train": dataclasses.asdict(cfg), "task": dataclasses.asdict(task_cfg), **(run_config or {})}
+    config = stored_config(task_cfg, cfg, run_config)
+    step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,
+                   learning_rate=learning_rate, stop_loss=cfg.stop_loss)
     with jax.set_mesh(mesh):
-        check_divisible(cfg.batch_size)
+        if sample is not None:
+            check_divisible(cfg.batch_size)
         sharding = replicated(mesh)
         # a copy on this mesh, wherever params live (host, another mesh): the compiled steps donate the
         # state, never the caller's arrays (device_put alone may reuse the caller's buffer on a device)
         params = jax.tree.map(jnp.copy, jax.device_put(params, sharding))
-        state = jax.device_put(init_state(params, cfg, tx), sharding)
+        state = jax.device_put(init_state(params, cfg.seed, tx), sharding)
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and resume and store.steps():
@@ -156,49 +88,59 @@ def train(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, params, 
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         writer = MetricsWriter(metrics_path, resume_step=start)
-        chunk = jax.jit(partial(run_steps, loss_fn=loss_fn, sample=sample, task_cfg=task_cfg,
-                                batch_size=cfg.batch_size, tx=tx), static_argnames="n", donate_argnums=0)
+        chunk = ChunkPrograms(jax.jit(partial(run_steps, **step_kw), static_argnums=1, donate_argnums=0))
         train_rows, eval_rows = [], []
+        bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not outputs.is_primary(),
+                   dynamic_ncols=True)
 
-        def run_eval():
+        def run_eval(state):
             row = {"step": int(state.step), "split": "eval",
                    **{k: float(v) for k, v in jax.device_get(evaluate(state.params)).items()}}
             eval_rows.append(row)
             writer.write([row])
 
-        if evaluate and start == 0:
-            run_eval()
-        bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
-                   dynamic_ncols=True)
+        def on_metrics(first, end, metrics):
+            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+            stopped = metrics.pop("stopped", np.zeros(end - first, bool))
+            steps = np.arange(first, end)
+            bad = ~np.isfinite(metrics["loss"])
+            done = int(np.argmax(stopped)) if stopped.any() else None  # the step whose loss fell below stop_loss
+            logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1) | (np.arange(len(steps)) == done)
+            stop = int(np.argmax(bad)) if bad.any() else len(steps) if done is None else done + 1
+            rows = [{"step": int(s), "split": "train", **{k: float(v[i]) for k, v in metrics.items()}}
+                    for i, s in enumerate(steps[:stop]) if logged[i]]
+            train_rows.extend(rows)
+            writer.write(rows)
+            if bad.any():
+                last = store.steps()[-1] if store and store.steps() else None
+                raise NonFiniteLossError(
+                    f"non-finite loss {metrics['loss'][stop]} at step {int(steps[stop])}; the run stopped "
+                    f"without saving it. Last good checkpoint: "
+                    f"{f'step {last} in {store.directory}' if last is not None else 'none'}")
+            bar.update(end - first)
+            bar.set_postfix(loss=f"{metrics['loss'][stop - 1]:.4g}")
+            return None if done is None else first + done
+
+        def on_state(end, state, final):
+            if final and end == start > 0:  # resumed a run that had stopped here: its eval and checkpoint exist
+                return
+            if evaluate and (final or (eval_every and end % eval_every == 0)):
+                run_eval(state)
+            if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
+                store.save(state)
+
         try:
-            for end in chunk_boundaries(start, cfg, eval_every):
-                first = int(state.step)
-                state, metrics = chunk(state, n=end - first)
-                metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-                steps = np.arange(first, end)
-                bad = ~np.isfinite(metrics["loss"])
-                logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
-                stop = int(np.argmax(bad)) if bad.any() else len(steps)
-                rows = [{"step": int(s), "split": "train", **{k: float(v[i]) for k, v in metrics.items()}}
-                        for i, s in enumerate(steps[:stop]) if logged[i]]
-                train_rows += rows
-                writer.write(rows)
-                if bad.any():
-                    last = store.steps()[-1] if store and store.steps() else None
-                    raise NonFiniteLossError(
-                        f"non-finite loss {metrics['loss'][stop]} at step {int(steps[stop])}; the run stopped "
-                        f"without saving it. Last good checkpoint: "
-                        f"{f'step {last} in {store.directory}' if last is not None else 'none'}")
-                bar.update(end - first)
-                bar.set_postfix(loss=f"{metrics['loss'][-1]:.4g}")
-                if evaluate and (end == cfg.steps or (eval_every and end % eval_every == 0)):
-                    run_eval()
-                if store and (end == cfg.steps or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
-                    store.save(state)
+            if evaluate and start == 0:
+                run_eval(state)
+            state = drive(state, start, cfg, eval_every, run_chunk=lambda s, n: chunk(s, n=n),
+                          on_metrics=on_metrics, on_state=on_state)
         finally:
             bar.close()
             if store:
                 store.close()
-    if metrics_path and jax.process_index() == 0:
+        info = {"flops_per_step": chunk.flops_per_step, "devices": mesh.devices.size}
+        if out_dir:
+            outputs.write_json(os.path.join(out_dir, "run.json"), info)
+    if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
-    return TrainResult(portable(state), train_rows, eval_rows)
+    return TrainResult(portable(state), train_rows, eval_rows, info)

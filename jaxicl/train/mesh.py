@@ -1,10 +1,15 @@
-"""Device meshes for data parallelism (the modern form of pmap), and handing arrays back off them."""
+"""Device meshes for data parallelism (the modern form of pmap) and sweeps, and handing arrays back off them."""
+
+import math
 
 import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.tasks.batching import DATA_AXIS
+from jaxicl.validation import ConfigError
+
+MEMBER_AXIS = "members"  # the axis a sweep's stacked members are sharded over
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -13,6 +18,21 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     if not 1 <= n <= jax.device_count():
         raise ValueError(f"num_devices must be in [1, {jax.device_count()}], got {n}")
     return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
+
+
+def sweep_mesh(member_devices: int | None = None, data_devices: int = 1) -> jax.sharding.Mesh:
+    """A 2-D mesh (members x data) over the first member_devices * data_devices devices."""
+    n = jax.device_count()
+    member_devices = n // data_devices if member_devices is None else member_devices
+    if member_devices < 1 or data_devices < 1 or member_devices * data_devices > n:
+        raise ConfigError(f"sweep mesh {member_devices} x {data_devices} needs 1 <= devices <= {n}")
+    return jax.make_mesh((member_devices, data_devices), (MEMBER_AXIS, DATA_AXIS),
+                         devices=jax.devices()[:member_devices * data_devices])
+
+
+def default_sweep_mesh(stack: int) -> jax.sharding.Mesh:
+    """The sweep mesh for a stack of `stack` members: gcd(devices, stack) devices on the member axis."""
+    return sweep_mesh(math.gcd(jax.device_count(), stack))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

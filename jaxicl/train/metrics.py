@@ -1,10 +1,12 @@
-"""metrics.jsonl: one JSON object per line, written by process 0 only."""
+"""metrics.jsonl: one JSON object per line, written by process 0 only (jaxicl.outputs)."""
 
 import json
 import os
 
 import jax
 import numpy as np
+
+from jaxicl import outputs
 
 
 def _jsonable(v):
@@ -24,20 +26,18 @@ class MetricsWriter:
     """
 
     def __init__(self, path: str | None, resume_step: int = 0, keep=None):
-        self.path = path if jax.process_index() == 0 else None
-        if self.path is None:
+        self.path = path
+        if path is None:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         keep = keep or (lambda r: kept_on_resume(r, resume_step))
-        kept = [r for r in read_metrics(self.path) if keep(r)] if os.path.exists(self.path) else []
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        kept = [r for r in read_metrics(path) if keep(r)] if outputs.is_primary() and os.path.exists(path) else []
+        outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, rows: list[dict]) -> None:
         if self.path is None or not rows:
             return
-        with open(self.path, "a") as f:
-            f.writelines(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows)
+        outputs.write_text(self.path, "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n"
+                                              for r in rows), append=True)
 
 
 def kept_on_resume(row: dict, resume_step: int) -> bool:

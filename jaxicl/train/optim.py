@@ -1,71 +1,88 @@
-"""The optax optimiser described by a TrainConfig."""
+"""The optax optimiser a TrainConfig describes: one schedule, one builder, weight decay masked by path.
 
+Schedules are lr * unit(step) with a peak-1 unit schedule ("constant", or "warmup_cosine": linear
+warmup to 1 over warmup_steps, cosine decay to 0 at cfg.steps), written once with array arithmetic so
+that warmup_steps may be a traced, per-member value. AdamW decays only the parameters whose path
+matches none of cfg.no_decay (biases, LayerNorm scales, embeddings and position tables by default).
+"""
+
+import fnmatch
+
+import jax
 import jax.numpy as jnp
 import optax
 
 from jaxicl.train.config import TrainConfig
 
-# TrainConfig fields that may differ between the members of a vmapped sweep: they are passed to
-# build_optimizer as (possibly traced) arrays and live in the optimiser state (inject_hyperparams).
+# TrainConfig fields that may differ between the members of a vmapped sweep: make_optimizer(cfg, swept)
+# holds them in the optimiser state (optax.inject_hyperparams), so they may be per-member arrays.
 SWEEPABLE_OPTIMIZER_FIELDS = ("lr", "weight_decay", "warmup_steps")
 
 
-def unit_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """The learning-rate schedule with peak 1; multiply by the peak lr (vmap-safe for sweeps)."""
-    if cfg.schedule == "constant":
-        return optax.constant_schedule(1.0)
-    return optax.warmup_cosine_decay_schedule(0.0, 1.0, cfg.warmup_steps, cfg.steps)
+def unit_schedule(cfg: TrainConfig, warmup_steps=None) -> optax.Schedule:
+    """The peak-1 learning-rate schedule of cfg; warmup_steps (default cfg's) may be an array.
 
-
-def traced_warmup_cosine(warmup_steps, total_steps: int) -> optax.Schedule:
-    """optax.warmup_cosine_decay_schedule(0, 1, warmup_steps, total_steps) for a traced warmup_steps.
-
-    The optax constructor branches in Python on warmup_steps, so it cannot take a per-member value.
+    Values are in the default float type (float64 under jax.enable_x64), so a float64 fit keeps its lr exact.
     """
+    if cfg.schedule == "constant":
+        return lambda count: 1.0
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
 
     def unit(count):
-        count = jnp.asarray(count, jnp.float32)
-        warmup = jnp.asarray(warmup_steps, jnp.float32)
-        rise = count / jnp.maximum(warmup, 1.0)
-        decay_steps = jnp.maximum(total_steps - warmup, 1.0)
-        fall = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay_steps) / decay_steps))
-        return jnp.where(count < warmup, rise, fall)
+        count = jnp.asarray(count, float)
+        w = jnp.asarray(warmup, float)
+        decay_steps = jnp.maximum(cfg.steps - w, 1.0)
+        fall = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(count - w, 0.0, decay_steps) / decay_steps))
+        return jnp.where(count < w, count / jnp.maximum(w, 1.0), fall)
 
     return unit
 
 
-def build_optimizer(cfg: TrainConfig, *, lr=None, weight_decay=None, warmup_steps=None) -> optax.GradientTransformation:
-    """make_optimizer(cfg) with lr / weight_decay / warmup_steps replaced by (possibly traced) values."""
-    lr = cfg.lr if lr is None else lr
-    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
-    unit = unit_schedule(cfg)
-    if warmup_steps is not None and cfg.schedule == "warmup_cosine":
-        unit = traced_warmup_cosine(warmup_steps, cfg.steps)
-    schedule = lambda count: lr * unit(count)  # noqa: E731
-    if cfg.optimizer == "adam":
-        opt = optax.adam(schedule)
-    elif cfg.optimizer == "adamw":
-        opt = optax.adamw(schedule, weight_decay=weight_decay)
-    else:
-        opt = optax.sgd(schedule)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+def path_names(path) -> tuple[str, ...]:
+    """The components of a pytree key path as strings, e.g. ('layers', '0', 'norm', 'scale'); the trailing
+    `.value` attribute of an nnx Variable is not a name and is left out."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm (if clip_norm > 0) followed by adam / adamw / sgd on lr * unit_schedule."""
-    return build_optimizer(cfg)
+def decay_mask(params, no_decay: tuple[str, ...]):
+    """A pytree of bools like params: True where weight decay applies, i.e. no path component matches a
+    glob pattern of no_decay (e.g. 'bias', 'pos*')."""
+    def decayed(path, _):
+        return not any(fnmatch.fnmatchcase(name, pattern) for name in path_names(path) for pattern in no_decay)
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def sweep_optimizer(cfg: TrainConfig, swept: tuple[str, ...]) -> optax.GradientTransformation:
-    """make_optimizer(cfg) with the `swept` hyperparameters held per member in the optimiser state.
+def make_optimizer(cfg: TrainConfig, swept: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """clip_by_global_norm (if clip_norm > 0), then adam / adamw / sgd on lr * unit_schedule.
 
-    Uses optax.inject_hyperparams: the state's `hyperparams[name]` holds the member's value, so a
-    stack of states vmapped through one `tx.update` trains members with different values, and the
-    values are checkpointed with the state. Without swept fields this is make_optimizer(cfg).
+    swept: names from SWEEPABLE_OPTIMIZER_FIELDS held per member in the optimiser state
+    (`opt_state.hyperparams[name]`), so one `tx.update` vmapped over a stack of states trains
+    members with different values, and the values are checkpointed with the state.
     """
-    if not swept:
-        return make_optimizer(cfg)
-    def factory(lr=None, weight_decay=None, warmup_steps=None):
-        return build_optimizer(cfg, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
+    bad = set(swept) - set(SWEEPABLE_OPTIMIZER_FIELDS)
+    if bad:
+        raise ValueError(f"swept optimiser fields must be among {SWEEPABLE_OPTIMIZER_FIELDS}, got {sorted(bad)}")
 
-    return optax.inject_hyperparams(factory)(**{name: float(getattr(cfg, name)) for name in swept})
+    def build(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps):
+        unit = unit_schedule(cfg, warmup_steps)
+        schedule = lambda count: lr * unit(count)  # noqa: E731
+        if cfg.optimizer == "adam":
+            opt = optax.adam(schedule)
+        elif cfg.optimizer == "adamw":
+            opt = optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: decay_mask(p, cfg.no_decay))
+        else:
+            opt = optax.sgd(schedule)
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+
+    if not swept:
+        return build()
+    return optax.inject_hyperparams(build)(**{name: float(getattr(cfg, name)) for name in swept})
+
+
+def scheduled_lr(cfg: TrainConfig, opt_state, step) -> jax.Array:
+    """The learning rate that make_optimizer(cfg, swept) applies at `step` (per member in a sweep)."""
+    hp = getattr(opt_state, "hyperparams", {})
+    return jnp.asarray(hp.get("lr", cfg.lr) * unit_schedule(cfg, hp.get("warmup_steps"))(step))

@@ -1,9 +1,13 @@
-"""TrainState: everything a run needs to continue exactly."""
+"""TrainState (everything a run needs to continue exactly) and the key streams of a run."""
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
+
+DATA_STREAM = 0xDA7A  # folded into the seed for the data key, so data and init keys differ
+EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts, never used for training batches
 
 
 @jax.tree_util.register_dataclass
@@ -22,3 +26,18 @@ class TrainState:
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
+
+
+def data_key(seed) -> jax.Array:
+    """The base key of a run's training batches (seed may be traced, e.g. per sweep member)."""
+    return jax.random.fold_in(jax.random.key(seed), DATA_STREAM)
+
+
+def eval_key(seed) -> jax.Array:
+    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key)."""
+    return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+
+
+def init_state(params, seed, tx: optax.GradientTransformation) -> TrainState:
+    """The state at step 0 of a run with this seed (seed may be traced, e.g. per sweep member)."""
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(seed))

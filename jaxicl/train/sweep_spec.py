@@ -8,17 +8,18 @@ An axis names a config field and lists its values. Spec grammar (one axis per st
     noise_std=lin:0:1:5      5 evenly spaced values from 0 to 1 (both included)
 
 The members of a sweep are the grid (Cartesian product) of its axes, the first axis slowest.
-A field name is a dotted path on the config (`train.lr`) or, when unique, its last part (`lr`).
+A field name is a dotted path on the config (`train.lr`) or, when unique, its last part (`lr`): the
+same rule as command-line overrides (jaxicl.config_paths).
 """
 
 import dataclasses
 import itertools
 import math
 import re
-import typing
 
 import numpy as np
 
+from jaxicl import config_paths
 from jaxicl.validation import ConfigError
 
 _INT = re.compile(r"^[+-]?\d+$")
@@ -116,36 +117,14 @@ def grid(axes: tuple[Axis, ...]) -> list[dict]:
     return [dict(zip((a.field for a in axes), values)) for values in itertools.product(*(a.values for a in axes))]
 
 
-def _leaf_paths(cfg, prefix: str = "") -> list[str]:
-    paths = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            paths += _leaf_paths(value, f"{prefix}{f.name}.")
-        else:
-            paths.append(prefix + f.name)
-    return paths
-
-
-def resolve_field(cfg, name: str) -> str:
-    """The dotted path of field `name` in a (nested) config dataclass: an exact path or a unique last part."""
-    paths = _leaf_paths(cfg)
-    if name in paths:
-        return name
-    matches = [p for p in paths if p.rsplit(".", 1)[-1] == name]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ConfigError(f"sweep field {name!r} is ambiguous: it could be any of {matches}; give the full path")
-    raise ConfigError(f"unknown sweep field {name!r}; fields of {type(cfg).__name__}: {paths}")
-
-
 def resolve_axes(cfg, axes: tuple[Axis, ...]) -> tuple[Axis, ...]:
-    """The axes with their fields resolved to dotted paths of cfg, values cast to the fields' types."""
+    """The axes with their fields resolved to dotted paths of cfg (config_paths.resolve, the rule of
+    command-line overrides), values cast to the fields' types."""
     resolved = []
     for axis in axes:
-        path = resolve_field(cfg, axis.field)
-        resolved.append(Axis(path, tuple(_cast(cfg, path, v) for v in axis.values)))
+        path = config_paths.resolve(cfg, axis.field)
+        kind = config_paths.field_type(cfg, path)
+        resolved.append(Axis(path, tuple(config_paths.cast_number(v, kind, path) for v in axis.values)))
     paths = [a.field for a in resolved]
     for p in paths:
         if paths.count(p) > 1:
@@ -153,31 +132,8 @@ def resolve_axes(cfg, axes: tuple[Axis, ...]) -> tuple[Axis, ...]:
     return tuple(resolved)
 
 
-def _cast(cfg, path: str, value):
-    *parents, leaf = path.split(".")
-    for p in parents:
-        cfg = getattr(cfg, p)
-    kind = typing.get_type_hints(type(cfg))[leaf]
-    if kind is int:
-        if float(value) != int(value):
-            raise ConfigError(f"sweep field {path!r} takes integers, got {value!r}")
-        return int(value)
-    if kind is float:
-        return float(value)
-    raise ConfigError(f"sweep field {path!r} has type {getattr(kind, '__name__', kind)}; only int and float "
-                      "fields can be swept")
-
-
-def replace_path(cfg, path: str, value):
-    """cfg with the dotted field `path` set to value (the dataclasses validate the new value)."""
-    head, _, rest = path.partition(".")
-    if rest:
-        return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})
-    return dataclasses.replace(cfg, **{head: value})
-
-
 def member_config(cfg, member: dict):
-    """The config of one member: cfg with every {path: value} of the member set."""
+    """The config of one member: cfg with every {path: value} of the member set (and validated)."""
     for path, value in member.items():
-        cfg = replace_path(cfg, path, value)
+        cfg = config_paths.replace(cfg, path, value)
     return cfg

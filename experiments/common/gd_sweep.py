@@ -11,12 +11,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from experiments.common.result import Check, check_below, diverged_check
 from experiments.common.sweep_report import final_table, write_sweep_report
 from jaxicl.baselines import gradient_descent
-from jaxicl.models import SelfAttention, predictor
+from jaxicl.models import predictor
+from jaxicl.models.attention import sweep_init
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import optimal_gd_lr
@@ -25,16 +25,6 @@ from jaxicl.train.sweep import train_sweep
 from jaxicl.train.sweep_spec import Axis, grid
 
 CONTEXT_FIELD = "task.n_context"
-
-
-def attention_init(dim: int, num_layers: int = 1):
-    """(init(key, *, init_scale) -> params, graphdef) of the linear self-attention model of `dim` channels."""
-
-    def init(key, *, init_scale):
-        return nnx.split(SelfAttention(dim, num_layers=num_layers, kind="linear", residual=True,
-                                       init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
-
-    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0)))
 
 
 def padded_gd_lr(task: lr_task.LinearRegression, n_context, noise_std):
@@ -60,7 +50,7 @@ def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0)
     lengths = sorted({m.get(CONTEXT_FIELD, cfg.task.n_context) for m in members})
     task = dataclasses.replace(cfg.task, n_context=max(lengths))  # the sweep's shape: the longest context
     key = eval_key(cfg.train.seed)
-    init, graphdef = attention_init(task.dim + 1)
+    init, graphdef = sweep_init(task.dim + 1)
 
     def evaluate(params, **task_params):  # the member's swept task fields (noise_std, n_tasks, n_context)
         batch = sample_batch(lr_task.sample, task, key, cfg.eval_prompts, task_params=task_params)

@@ -1,4 +1,4 @@
-"""Shared pieces of the nn_* experiments: SGD sweeps logging the invariant family, 1-NN evaluation, log-axis helpers."""
+"""Shared pieces of the nn_* experiments: the paper's loss logging the invariant family, 1-NN evaluation, log axes."""
 
 import dataclasses
 from collections.abc import Callable
@@ -8,24 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention, query_loss
+from jaxicl.models import predictor
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.train import SweepResult, TrainConfig, eval_key
-from jaxicl.train.loop import LossFn
+from jaxicl.train import LossFn, SweepResult, eval_key, regression_loss
 
 
-def sgd_config(cfg) -> TrainConfig:
-    """Plain SGD, every step logged, from an experiment config's lr, steps, batch_size and steps_per_call."""
-    return TrainConfig(optimizer="sgd", lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size,
-                       steps_per_call=cfg.steps_per_call, log_every=1)
+def paper_loss(graphdef: nnx.GraphDef) -> LossFn:
+    """Li et al.'s loss (Eq. 2.5): 1/2 the squared error of the query's label prediction."""
+    return regression_loss(graphdef, coords="sum", scale=0.5)
 
 
 def family_loss(graphdef: nnx.GraphDef) -> LossFn:
-    """query_loss(graphdef) with aux {xi1, xi2, off_family} of the merged W [D, D] before the step:
+    """paper_loss(graphdef) with aux {xi1, xi2, off_family} of the merged W [D, D] before the step:
     its family coordinates and |W - diag(xi1 I, 0, -xi2)|_F / |W|_F."""
-    loss_fn = query_loss(graphdef)
+    loss_fn = paper_loss(graphdef)
 
     def loss_with_family(params, batch):
         loss, aux = loss_fn(params, batch)
@@ -71,9 +70,9 @@ def nn_metrics(graphdef: nnx.GraphDef, uniform, shifted) -> Callable[[object], d
     uniform prompts whose predicted class (sign for binary) is the 1-NN label's class."""
 
     def evaluate(params):
-        model = nnx.merge(graphdef, params)
-        pred_u = jax.vmap(model)(uniform.inputs)
-        pred_s = jax.vmap(model)(shifted.inputs)
+        model, predict = nnx.merge(graphdef, params), predictor(graphdef, params)
+        pred_u = jax.vmap(predict)(uniform.inputs)[:, -1]  # the query's prediction
+        pred_s = jax.vmap(predict)(shifted.inputs)[:, -1]
         agree = jnp.mean(_predicted_class(model, pred_u) == _predicted_class(model, uniform.targets[:, -1]))
         return {"shifted_mse": _mse(pred_s, shifted.targets[:, -1]),
                 "uniform_mse": _mse(pred_u, uniform.targets[:, -1]),

@@ -1,0 +1,101 @@
+"""Dotted paths into nested frozen config dataclasses: the one walker behind command-line overrides
+(`train.lr=3e-4`) and sweep axes (`--sweep train.lr=...`), so a field has the same name in both.
+
+A path is a dotted field path (`train.lr`) or, when unique in the config, its last part (`lr`).
+Overrides parse text by the field's type; sweeps take numbers, for int and float fields only.
+"""
+
+import dataclasses
+import typing
+
+from jaxicl.validation import ConfigError
+
+
+def leaf_paths(cfg, prefix: str = "") -> list[str]:
+    """Every non-dataclass field of cfg as a dotted path, nested configs expanded."""
+    paths = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        paths += leaf_paths(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return paths
+
+
+def resolve(cfg, name: str) -> str:
+    """The dotted path `name` names in cfg: an exact path or the unique path ending in `.name`."""
+    paths = leaf_paths(cfg)
+    if name in paths:
+        return name
+    head = name.split(".")[0]
+    nested = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    if name in nested:
+        raise ConfigError(f"{name} is a nested config; set one of its fields, e.g. {name}.<field>=...")
+    matches = [p for p in paths if p.endswith("." + name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"field {name!r} is ambiguous: it could be any of {matches}; give the full path")
+    where = f" (no field {name.split('.', 1)[1]!r} in {head})" if head in nested and "." in name else ""
+    raise ConfigError(f"unknown field {name!r} in {type(cfg).__name__}{where}; fields: {paths}")
+
+
+def field_type(cfg, path: str):
+    *parents, leaf = path.split(".")
+    for p in parents:
+        cfg = getattr(cfg, p)
+    return typing.get_type_hints(type(cfg))[leaf]
+
+
+def parse_text(text: str, kind, path: str):
+    """The value of command-line text for a field of type `kind` (int, float, bool, str, tuples, X | None)."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or origin is type(int | None):  # X | None
+        if text.lower() == "none":
+            return None
+        return parse_text(text, next(a for a in typing.get_args(kind) if a is not type(None)), path)
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(parse_text(t.strip(), item, path) for t in text.split(",") if t.strip())
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"{path} expects true or false, got {text!r}")
+    try:
+        return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+    except ValueError:
+        raise ConfigError(f"{path} expects a value of type {kind.__name__}, got {text!r}") from None
+
+
+def cast_number(value, kind, path: str):
+    """A swept number as the field's type; only int and float fields can be swept."""
+    if kind is int:
+        if float(value) != int(value):
+            raise ConfigError(f"field {path!r} takes integers, got {value!r}")
+        return int(value)
+    if kind is float:
+        return float(value)
+    raise ConfigError(f"field {path!r} has type {getattr(kind, '__name__', kind)}; only int and float "
+                      "fields can be swept")
+
+
+def replace(cfg, path: str, value):
+    """cfg with the dotted field `path` set to value; the dataclasses validate the new value."""
+    head, _, rest = path.partition(".")
+    if rest:
+        return dataclasses.replace(cfg, **{head: replace(getattr(cfg, head), rest, value)})
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def apply_overrides(cfg, assignments: list[str]):
+    """cfg with "field=value" strings applied in order (field: a path as `resolve` takes it)."""
+    for a in assignments:
+        name, sep, text = a.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"override {a!r} must look like field=value (nested: train.lr=1e-3)")
+        path = resolve(cfg, name.strip())
+        try:
+            cfg = replace(cfg, path, parse_text(text.strip(), field_type(cfg, path), path))
+        except ConfigError as e:
+            raise ConfigError(f"{path}={text.strip()}: {e}") from None
+    return cfg

@@ -1,0 +1,25 @@
+"""What every jaxicl model shares: a forward pass with named sites and a declared readout.
+
+A model maps one prompt's tokens [T, D] to its outputs, calling `sites(name, value)` at every named
+point (jaxicl.sites); `readout(outputs)` turns outputs into the per-position predictions that losses,
+baselines and analyses compare ([T] or [T, K]). jaxicl.models.functional.apply and predictor run every
+model through this one interface.
+"""
+
+import jax
+from flax import nnx
+
+from jaxicl.sites import run_with_sites
+
+
+class Model(nnx.Module):
+    """Base class: subclasses define __call__(tokens, sites=null_sites) and, where outputs are not
+    already the predictions, readout."""
+
+    def readout(self, outputs: jax.Array) -> jax.Array:
+        """Per-position predictions from the outputs of __call__ (the outputs themselves by default)."""
+        return outputs
+
+    def site_shapes(self, tokens: jax.ShapeDtypeStruct) -> dict[str, jax.ShapeDtypeStruct]:
+        """{site name: shape and dtype} of every site on one prompt like `tokens`, without running the model."""
+        return jax.eval_shape(lambda t: run_with_sites(self, t, capture="all")[1], tokens)

@@ -1,0 +1,79 @@
+"""The host side of training: compiled chunks of steps, with the host's work between them.
+
+The host regains control at chunk boundaries (every steps_per_call steps, at checkpoints,
+evaluations and the end). Between plain boundaries it never stalls the device: chunk k+1 is
+dispatched before chunk k's metrics are fetched. Where it needs the state itself (evaluate,
+checkpoint, finish) it first handles the metrics of the chunk that produced it.
+"""
+
+from collections.abc import Callable
+
+from jaxicl.train.config import TrainConfig
+
+
+class ChunkPrograms:
+    """A jitted chunk function `fn(state, *args, n)` (n static) lowered and compiled once per chunk length n.
+
+    flops_per_step is XLA's cost analysis of a lowered chunk: its lax.scan lowers to one while loop
+    whose body (one step) the analysis counts once, whatever n. None where the backend does not say.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn, self.programs, self.flops_per_step = fn, {}, None
+
+    def __call__(self, state, *args, n: int):
+        if n not in self.programs:
+            lowered = self.fn.lower(state, *args, n)
+            if self.flops_per_step is None:
+                self.flops_per_step = _flops(lowered)
+            self.programs[n] = lowered.compile()
+        return self.programs[n](state, *args)
+
+
+def _flops(lowered) -> float | None:
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis must not stop a run
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
+    """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
+    ends = {cfg.steps}
+    for every in (cfg.steps_per_call, cfg.checkpoint_every, eval_every):
+        if every:
+            ends.update(range(every, cfg.steps, every))
+    return sorted(e for e in ends if e > start)
+
+
+def needs_state(end: int, cfg: TrainConfig, eval_every: int) -> bool:
+    """Whether the host uses the state after step `end` (an evaluation, a checkpoint, the end)."""
+    return end == cfg.steps or any(every and end % every == 0 for every in (eval_every, cfg.checkpoint_every))
+
+
+def drive(state, start: int, cfg: TrainConfig, eval_every: int, *, run_chunk: Callable,
+          on_metrics: Callable[[int, int, dict], int | None], on_state: Callable[[int, object, bool], None]):
+    """Runs the chunks from step `start` to cfg.steps; returns the final state.
+
+    run_chunk(state, n) -> (state, metrics [.., n]) is asynchronous (jitted). on_metrics(first, end,
+    metrics) handles a chunk's metrics (fetch, log, raise on divergence) one chunk late where it can,
+    and returns the step at which the run stopped early (cfg.stop_loss), if it did. on_state(end, state,
+    final) evaluates and checkpoints where needs_state, and at the end (final=True) however it ends.
+    """
+    pending = None
+    for end in chunk_boundaries(start, cfg, eval_every):
+        state, metrics = run_chunk(state, end - start)
+        if pending and (stopped := on_metrics(*pending)) is not None:
+            on_state(stopped, state, True)  # the chunk just run left the stopped state as it was
+            return state
+        pending = (start, end, metrics)
+        if needs_state(end, cfg, eval_every):
+            stopped = on_metrics(*pending)
+            pending = None
+            on_state(end if stopped is None else stopped, state, end == cfg.steps or stopped is not None)
+            if stopped is not None:
+                return state
+        start = end
+    return state

@@ -1,0 +1,60 @@
+"""One training step and a scanned chunk of them: pure functions the engine jits (and a sweep vmaps).
+
+Every step returns its metrics: the loss and the loss function's aux values, the learning rate
+(when the optimiser is the config's), the gradient norm and RMS, the parameter RMS after the update
+and the update RMS with its ratio to the parameter RMS (the update-to-parameter ratio).
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxicl.prompt import Prompt
+from jaxicl.tasks.batching import Sampler, sample_batch
+from jaxicl.train.state import TrainState
+
+LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
+LearningRate = Callable[[object, jax.Array], jax.Array]  # (opt_state, step) -> lr
+
+
+def tree_rms(tree) -> jax.Array:
+    """Root mean square over every entry of every leaf (complex entries by modulus)."""
+    leaves = jax.tree.leaves(tree)
+    total = sum(jnp.sum(jnp.abs(x) ** 2) for x in leaves)
+    return jnp.sqrt(total / max(sum(x.size for x in leaves), 1))
+
+
+def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, task_cfg, batch_size: int,
+               tx: optax.GradientTransformation, learning_rate: LearningRate | None = None,
+               task_params: dict | None = None, stop_loss: float = 0.0) -> tuple[TrainState, dict]:
+    """One step on the batch sampled from fold_in(state.key, state.step); returns the new state and metrics.
+
+    sample=None: the loss takes no batch (a full-batch or closed-form objective; loss_fn(params, None)).
+    task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
+    stop_loss > 0: a step whose loss is below it leaves the state as it is (step counter included) and
+    reports stopped = True, so every later step does the same: the run has ended at that step.
+    """
+    batch = None if sample is None else sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step),
+                                                     batch_size, task_params=task_params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    param_rms, update_rms = tree_rms(params), tree_rms(updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "grad_rms": tree_rms(grads),
+               "param_rms": param_rms, "update_rms": update_rms,
+               "update_ratio": update_rms / jnp.maximum(param_rms, jnp.finfo(param_rms.dtype).tiny), **aux}
+    if learning_rate is not None:
+        metrics["lr"] = learning_rate(state.opt_state, state.step)
+    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    if stop_loss:
+        stopped = loss < stop_loss
+        new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)
+        metrics["stopped"] = stopped
+    return new, metrics
+
+
+def run_steps(state: TrainState, n: int, **step_kw) -> tuple[TrainState, dict]:
+    """n training steps (train_step's keywords) as one lax.scan; returns the new state and per-step metrics [n]."""
+    return jax.lax.scan(lambda s, _: train_step(s, **step_kw), state, length=n)

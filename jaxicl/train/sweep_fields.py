@@ -1,0 +1,114 @@
+"""Which fields of a sweep may vary per member, how they enter the program, and how a sweep's config names them.
+
+A member is {path: value}: `train.<f>` (seed and the optimiser hyperparameters), `task.<f>` (array
+keywords of the sampler) or `<f>` (keywords of init). Everything else changes shapes or code paths.
+"""
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Callable
+
+import numpy as np
+
+from jaxicl.tasks.batching import Sampler
+from jaxicl.train.config import TrainConfig
+from jaxicl.train.optim import SWEEPABLE_OPTIMIZER_FIELDS
+from jaxicl.train.sweep_spec import member_config
+from jaxicl.validation import ConfigError
+
+SWEEPABLE_TRAIN_FIELDS = ("seed",) + SWEEPABLE_OPTIMIZER_FIELDS
+
+
+def keywords(fn) -> tuple[str, ...]:
+    """The parameters of fn that can be passed by keyword with a default or keyword-only."""
+    return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY
+                 or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty))
+
+
+def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]:
+    """Sorts swept paths into train / task / init groups; raises ConfigError naming unsweepable fields."""
+    groups = {"train": [], "task": [], "init": []}
+    task_ok, init_ok = keywords(sample), keywords(init)
+    for path in paths:
+        head, _, name = path.partition(".")
+        if head == "train":
+            if name not in SWEEPABLE_TRAIN_FIELDS:
+                raise ConfigError(f"train.{name} cannot be swept (it changes shapes, the loop or the optimiser's code); "
+                                  f"sweepable train fields: {SWEEPABLE_TRAIN_FIELDS}")
+            groups["train"].append(name)
+        elif head == "task":
+            if name not in task_ok:
+                raise ConfigError(f"task.{name} cannot be swept: {sample.__module__}.sample does not take it as an "
+                                  f"array keyword (it changes shapes or the sampling code); sweepable task fields: "
+                                  f"{task_ok}")
+            groups["task"].append(name)
+        elif "." not in path and path in init_ok:
+            groups["init"].append(path)
+        else:
+            raise ConfigError(f"{path} cannot be swept: it is neither a sweepable train field {SWEEPABLE_TRAIN_FIELDS}, "
+                              f"a task field the sampler takes {task_ok}, nor a keyword of init {init_ok}")
+    return groups
+
+
+def check_members(members: list[dict], cfg: TrainConfig, task_cfg) -> None:
+    """Raises ConfigError unless every member sets the same fields to values its config accepts."""
+    if not members:
+        raise ConfigError("a sweep needs at least one member")
+    if cfg.stop_loss:
+        raise ConfigError(f"train.stop_loss={cfg.stop_loss}: stopping early is for single runs; a sweep trains "
+                          "every member for train.steps (use stop_loss=0)")
+    if any(set(m) != set(members[0]) for m in members):
+        raise ConfigError(f"every sweep member must set the same fields, e.g. {sorted(members[0])}")
+    for m in members:  # errors name the field
+        member_config(_Run(cfg, task_cfg), {p: v for p, v in m.items() if "." in p})
+
+
+def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:
+    """Raises ConfigError unless evaluate takes every swept task field as a keyword (or **kwargs).
+
+    A member is evaluated on its own task: evaluate(params, **{field: member's value}).
+    """
+    params = inspect.signature(evaluate).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    missing = [f for f in fields if f not in keywords(evaluate)]
+    if missing:
+        raise ConfigError(f"evaluate must take every swept task field as a keyword, so each member is evaluated on "
+                          f"its own task; {getattr(evaluate, '__name__', evaluate)} does not take {missing} "
+                          f"(add them, or **task_params, and pass them to the sampler)")
+
+
+def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[str, np.ndarray]:
+    """{name: [M] values of member[prefix + name]}: int32 when every value is an int, else float32."""
+    out = {}
+    for n in names:
+        values = [m[f"{prefix}{n}"] for m in members]
+        out[n] = np.asarray(values, np.int32 if all(isinstance(v, int) for v in values) else np.float32)
+    return out
+
+
+def swept_values(members: list[dict]) -> dict[str, list]:
+    """{path: sorted distinct values} of the fields the members set."""
+    return {path: sorted({m[path] for m in members}) for path in (members[0] if members else ())}
+
+
+def mark_swept(config: dict, swept: dict[str, list]) -> dict:
+    """A copy of a nested config dict where each swept dotted path holds {"swept": its values}.
+
+    A sweep's stored config names what varies instead of passing one member's value off as the run's.
+    """
+    config = json.loads(json.dumps(config))
+    for path, values in swept.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = {"swept": list(values)}
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    train: TrainConfig
+    task: object

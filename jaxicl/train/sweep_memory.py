@@ -1,0 +1,71 @@
+"""How many sweep members fit in device memory, from XLA's memory analysis of the compiled chunk program."""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxicl.tasks.batching import Sampler
+from jaxicl.train.config import TrainConfig
+from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
+from jaxicl.train.step import LossFn
+from jaxicl.train.sweep_program import SweepProgram, build_program
+from jaxicl.validation import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of the compiled chunk program: fixed + per_member * members (from XLA's memory analysis)."""
+
+    fixed: int
+    per_member: int
+    granularity: int  # chunk sizes are multiples of the mesh's member axis
+
+    def bytes_for(self, members: int) -> int:
+        return self.fixed + self.per_member * members
+
+    def largest_stack(self, budget: float) -> int:
+        n = int((budget - self.fixed) // max(self.per_member, 1))
+        n -= n % self.granularity
+        if n < self.granularity:
+            raise ConfigError(f"memory_budget={budget:.3g} bytes holds no chunk: {self.granularity} member(s) need "
+                              f"{self.bytes_for(self.granularity):.3g} bytes")
+        return n
+
+
+def estimate_memory(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable,
+                    members: list[dict], *, mesh: jax.sharding.Mesh | None = None) -> MemoryEstimate:
+    """Bytes of the chunk program of train_sweep(...) with these arguments, as fixed + per_member * chunk."""
+    return program_memory(build_program(loss_fn, sample, task_cfg, cfg, init, members, None), cfg,
+                          mesh or default_sweep_mesh(len(members)))
+
+
+def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh) -> MemoryEstimate:
+    """Bytes of a sweep's chunk program as fixed + per_member * chunk (XLA's memory analysis).
+
+    Compiles the chunk of cfg.steps_per_call steps for g and 2g members (g = the mesh's member
+    devices) and fits the two totals (arguments + outputs + temporaries - donated aliases).
+    """
+    g = mesh.shape[MEMBER_AXIS]
+    n = min(cfg.steps_per_call, cfg.steps)
+
+    def total(c):
+        with jax.set_mesh(mesh):
+            sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+            a = prog.inputs(np.zeros(c, int), sharding)
+            m = prog.run_chunk.lower(prog.states(a, sharding), a["task"], n).compile().memory_analysis()
+        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+    one, two = total(g), total(2 * g)
+    per = max((two - one) // g, 1)
+    return MemoryEstimate(max(one - per * g, 0), per, g)
+
+
+def device_budget(mesh: jax.sharding.Mesh, fraction: float = 0.8) -> float | None:
+    """fraction of the smallest device memory of the mesh (None where the backend does not say, e.g. CPU)."""
+    stats = [d.memory_stats() for d in mesh.devices.flat]
+    limits = [s["bytes_limit"] for s in stats if s and "bytes_limit" in s]
+    return fraction * min(limits) if limits and len(limits) == len(stats) else None

@@ -1,0 +1,90 @@
+"""The compiled program of a sweep: members stacked on a leading axis, the engine's train_step vmapped over them.
+
+The member axis is vmapped with spmd_axis_name "members", so it shards over that axis of the mesh.
+Inside that vmap (explicit sharding, jax 0.12) indexing a constant table with a per-member index, or
+jnp.searchsorted, fails to trace ("Resource axis: members ... not found"): samplers and evaluate
+functions use one-hot sums or closed forms instead.
+
+A member whose loss or updated parameters become non-finite is frozen at its last finite state: its
+update and step counter are held, so its step records where it diverged (and a resumed run finds it
+frozen again); the others continue unchanged.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from jaxicl.tasks.batching import Sampler
+from jaxicl.train.config import TrainConfig
+from jaxicl.train.mesh import MEMBER_AXIS
+from jaxicl.train.optim import make_optimizer, scheduled_lr
+from jaxicl.train.state import TrainState, init_state
+from jaxicl.train.step import LossFn, train_step
+from jaxicl.train.sweep_fields import check_members, check_takes_task_fields, member_arrays, split_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepProgram:
+    """The compiled pieces of a sweep and its per-member input arrays (host numpy, [M])."""
+
+    make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
+    run_chunk: Callable  # (states, task params, n) -> (states, metrics [C, n]); donates states
+    eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
+    arrays: dict
+
+    def inputs(self, idx: np.ndarray, sharding: NamedSharding) -> dict:
+        return jax.device_put(jax.tree.map(lambda a: a[idx], self.arrays), sharding)
+
+    def states(self, a: dict, sharding: NamedSharding) -> TrainState:
+        """Fresh stacked states, every leaf sharded over the member axis (unbatched leaves included)."""
+        return jax.device_put(self.make_states(a["seed"], a["opt"], a["init"]), sharding)
+
+
+def build_program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable, members: list[dict],
+                  evaluate: Callable | None) -> SweepProgram:
+    """The sweep's program; raises ConfigError (naming the field) for a member it cannot train."""
+    check_members(members, cfg, task_cfg)
+    groups = split_fields(list(members[0]), sample, init)
+    if evaluate:
+        check_takes_task_fields(evaluate, groups["task"])
+    # the sampling shape: the largest swept value (pool size, context length); each member's own
+    # value reaches the sampler as an array
+    shape_task = dataclasses.replace(task_cfg, **{n: max(m[f"task.{n}"] for m in members) for n in groups["task"]})
+    opt_fields = [n for n in groups["train"] if n != "seed"]
+    tx = make_optimizer(cfg, tuple(opt_fields))
+    seeds = member_arrays(members, "train.", ["seed"])["seed"] if "seed" in groups["train"] else \
+        np.full(len(members), cfg.seed, np.int32)
+    arrays = {"seed": seeds, "opt": member_arrays(members, "train.", opt_fields),
+              "task": member_arrays(members, "task.", groups["task"]), "init": member_arrays(members, "", groups["init"])}
+
+    def new_state(seed, hp, init_kw):
+        state = init_state(init(jax.random.key(seed), **init_kw), seed, tx)
+        for name, value in hp.items():
+            state.opt_state.hyperparams[name] = jnp.asarray(value, state.opt_state.hyperparams[name].dtype)
+        return state
+
+    def member_step(s, task_params):
+        new, metrics = train_step(s, loss_fn=loss_fn, sample=sample, task_cfg=shape_task, batch_size=cfg.batch_size,
+                                  tx=tx, learning_rate=partial(scheduled_lr, cfg), task_params=task_params or None)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(new.params))
+        keep = partial(jax.tree.map, lambda a, b: jnp.where(ok, a, b))
+        new = new.replace(params=keep(new.params, s.params), opt_state=keep(new.opt_state, s.opt_state),
+                          step=jnp.where(ok, new.step, s.step))
+        return new, {**metrics, "ok": ok}
+
+    def member_steps(state, task_params, n):
+        return jax.lax.scan(lambda s, _: member_step(s, task_params), state, length=n)
+
+    def member_eval(params, task_params):
+        return evaluate(params, **task_params)
+
+    vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
+    return SweepProgram(vmap(new_state),  # eager: compiling it costs more than running it once
+                        jax.jit(vmap(member_steps, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0),
+                        jax.jit(vmap(member_eval)) if evaluate else None, arrays)
