@@ -1,4 +1,5 @@
 # The two entry points of the README. Each sets up .venv (with Python >= 3.12) when missing.
+# Tests run on 2 worker processes (pytest-xdist): most of a test is single-threaded XLA compilation.
 VENV := .venv
 PY := $(VENV)/bin/python
 # First interpreter that really is Python >= 3.12 (a pyenv shim for a missing version fails the check).
@@ -21,7 +22,7 @@ reproduce: $(VENV)/.installed
 	$(PY) -m experiments all --preset quick --out $(OUT)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) $(OUT)
