@@ -5,6 +5,11 @@ gradient steps on the query loss, the gradient estimated on fresh prompts sample
 are the members of one vmapped sweep (jaxicl.train.sweep) writing N<n>_d<d>/ (metrics, checkpoints; a rerun into
 the same directory resumes). The full-W trajectory of (xi1, xi2) is compared with the closed-form two-parameter
 dynamics (step eta/d on xi1, eta on xi2; jaxicl.theory.nearest_neighbor).
+
+Two regimes: the full-W runs (3000 steps at quick) are pre-asymptotic, and there xi grows faster than log t; the
+reduced dynamics, exact on the invariant family that the full run is shown to follow, is run on to
+long_horizons (1e5 and 1e6 steps) where the lemmas' Theta(log t) growth is checked with the same slope-drift
+statistic, and from the sigma Lemma 12 assumes, where its ratio bound xi1 <= 7/15 xi2 is checked.
 """
 
 import dataclasses
@@ -40,6 +45,9 @@ class Config:
                                      log_every=1)
     eval_prompts: int = 2048
     reduced_samples: int = 4096  # Monte Carlo x samples of the reduced two-parameter dynamics
+    long_horizons: tuple[int, ...] = (100_000, 1_000_000)  # reduced dynamics only: the asymptotic regime
+    long_record_every: int = 1000
+    long_samples: int = 256  # Monte Carlo samples of the long runs (their cost is steps x samples x N)
     fit_from: float = 0.1  # fits and comparisons use t >= fit_from * steps
     max_final_loss_fraction: float = 0.3  # final train loss / L(0, sigma)
     max_shifted_mse: float = 0.01
@@ -56,8 +64,13 @@ class Config:
             parts = run.split("x")
             if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
                 raise ConfigError(f"runs entries must look like '16x8' (N x d, positive integers), got {run!r}")
-        for name in ("eval_prompts", "reduced_samples"):
+        for name in ("eval_prompts", "reduced_samples", "long_record_every", "long_samples"):
             check_positive(name, getattr(self, name))
+        if not self.long_horizons or any(h <= 0 or h % self.long_record_every for h in self.long_horizons):
+            raise ConfigError(f"long_horizons must be positive multiples of long_record_every="
+                              f"{self.long_record_every}, got {self.long_horizons}")
+        if any(int(run.split("x")[1]) <= 3 for run in self.runs):
+            raise ConfigError("Lemma 12's sigma needs d > 3: every runs entry 'NxD' must have D >= 4")
         t = self.train
         if t.optimizer != "sgd" or t.schedule != "constant" or t.log_every != 1:
             raise ConfigError("nn_fig3_training is plain GD with every step logged: train.optimizer='sgd', "
@@ -71,9 +84,10 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(runs=("4x3",), seeds=(0, 1),
+    "smoke": Config(runs=("4x4",), seeds=(0, 1),
                     train=dataclasses.replace(Config.train, steps=200, steps_per_call=100, batch_size=64),
-                    eval_prompts=256, reduced_samples=512),
+                    eval_prompts=256, reduced_samples=512, long_horizons=(2000, 10_000), long_record_every=100,
+                    long_samples=128),
     "quick": Config(),
     "full": Config(runs=("4x4", "8x8", "16x8", "16x16", "32x16"), seeds=tuple(range(8)),
                    train=dataclasses.replace(Config.train, lr=0.5, steps=100_000, batch_size=512, steps_per_call=2000),
@@ -108,8 +122,13 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
     reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.train.lr, dim=dim, steps=cfg.train.steps,
                                                   record_every=RECORD)) for dim in (d, 1))
     loss_path = np.asarray(theory.reduced_loss_grid(*reduced[:-1].T, s))
+    # long[k] is (xi1, xi2) after long_record_every * k steps, from sigma and from Lemma 12's sigma
+    s_long = theory.sample_inner_products(jax.random.fold_in(jax.random.key(cfg.seeds[0]), 1), n, d, cfg.long_samples)
+    long, lemma12 = (np.asarray(theory.reduced_gd(0.0, sigma, s_long, eta=cfg.train.lr, dim=d,
+                                                  steps=max(cfg.long_horizons), record_every=cfg.long_record_every))
+                     for sigma in (cfg.sigma, theory.lemma12_sigma(n, d)))
     return {"n": n, "d": d, "per_step": per_step, "eval_steps": eval_steps, "evals": evals, "reduced": reduced,
-            "reduced_no_d": no_d, "reduced_loss": loss_path,
+            "reduced_no_d": no_d, "reduced_loss": loss_path, "long": long, "lemma12": lemma12,
             "diverged": {cfg.seeds[m]: step for m, step in result.diverged.items()}}
 
 
@@ -125,10 +144,14 @@ def _summaries(cfg: Config, r: dict) -> dict:
         return float(np.max(np.abs(xi[::RECORD][sel, k] - reduced[:-1][sel, k]) / np.abs(reduced[:-1][sel, k])))
 
     fits = [theory.fit_log_growth(t[late], xi[late, k]) for k in range(2)]
-    middle = np.sqrt(cfg.fit_from) * cfg.train.steps  # splits [fit_from * steps, steps] in half on a log axis
-    halves = [(t >= cfg.fit_from * cfg.train.steps) & (t < middle), t >= middle]
-    drift = [theory.fit_log_growth(t[halves[1]], xi[halves[1], k])[0] /
-             theory.fit_log_growth(t[halves[0]], xi[halves[0], k])[0] for k in range(2)]
+    drift = [theory.log_slope_drift(t, xi[:, k], cfg.fit_from * cfg.train.steps, cfg.train.steps) for k in range(2)]
+    t_long = np.arange(len(r["long"])) * cfg.long_record_every
+    long_drift = {h: max(theory.log_slope_drift(t_long, r["long"][:, k], cfg.fit_from * h, h) for k in range(2))
+                  for h in cfg.long_horizons}
+    lemma12_ratio = r["lemma12"][1:, 0] / r["lemma12"][1:, 1]
+    horizon = max(cfg.long_horizons)
+    window = (t_long >= cfg.fit_from * horizon) & (t_long <= horizon)
+    long_powers = [float(np.polyfit(np.log(t_long[window]), np.log(r["long"][window, k]), 1)[0]) for k in range(2)]
     powers = [np.polyfit(np.log(t[late]), np.log(xi[late, k]), 1)[0] for k in range(2)]
     window = max(cfg.train.steps // 20, 1)
     return {"initial_loss": theory.loss_at_init(r["n"], cfg.sigma), "final_loss": float(loss[-window:].mean()),
@@ -140,7 +163,10 @@ def _summaries(cfg: Config, r: dict) -> dict:
             "reduced_gap_early": rel_gap(cfg.fit_from, r["reduced"], slice(None)),
             "reduced_gap_no_d": rel_gap(0.5, r["reduced_no_d"], 0),
             "r2": min(f[2] for f in fits), "slopes": [f[0] for f in fits], "powers": powers,
-            "slope_drift": max(drift), "ratio": float(xi[-1, 0] / xi[-1, 1])}
+            "slope_drift": max(drift), "ratio": float(xi[-1, 0] / xi[-1, 1]), "long_drift": long_drift,
+            "long_ratio": float(r["long"][-1, 0] / r["long"][-1, 1]), "long_powers": long_powers,
+            "lemma12_sigma": theory.lemma12_sigma(r["n"], r["d"]), "lemma12_max_ratio": float(lemma12_ratio.max()),
+            "lemma12_final": r["lemma12"][-1].tolist()}
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
@@ -171,9 +197,38 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     + ". xi1 / xi2 at the end: " + ", ".join(f"N={r['n']}: {s['ratio']:.2f}" for r, s in zip(runs, sums))
                     + f" (Lemma 12's bound xi1 <= 7/15 xi2 assumes a much larger sigma than {cfg.sigma})"),
         check_below("xi_log_slope_late_over_early", worst("slope_drift"), cfg.max_log_slope_drift,
-                    "d xi / d log t fitted on the later half of the log-t window over the earlier half (worst of xi1, "
-                    "xi2 and runs; 1 for exact a log t + b). Above 1 means xi grows faster than log t here, i.e. the "
-                    "asymptotic Theta(log t) of the paper's lemmas is not reached at this scale"),
+                    "full-W runs: d xi / d log t fitted on the later half of the log-t window over the earlier half "
+                    "(worst of xi1, xi2 and runs; 1 for exact a log t + b). Above 1 means xi grows faster than log t "
+                    f"here: over {cfg.train.steps} steps the runs are pre-asymptotic, and the asymptotic Theta(log t) "
+                    "of the paper's lemmas is not reached; the xi_log_slope_drift_reduced checks follow the same "
+                    "dynamics (reduced, exact on the family) to the horizons where the lemmas speak"),
+        *[check_below(f"xi_log_slope_drift_reduced[t<={h:.0e}]", max(s["long_drift"][h] for s in sums),
+                      cfg.max_log_slope_drift,
+                      f"the same statistic on the reduced dynamics (step eta/d on xi1, {cfg.long_samples} Monte "
+                      f"Carlo samples) over [{cfg.fit_from} t, t] with t = {h:.0e} steps, worst of xi1, xi2 and runs "
+                      "(per run: " + ", ".join(f"N={r['n']} d={r['d']}: {s['long_drift'][h]:.3f}"
+                                                for r, s in zip(runs, sums)) + "). The asymptotic regime of Lemmas "
+                      "4, 5 and 13: near 1 means xi grows like log t there" + (
+                          "; xi1 / xi2 at the end: " + ", ".join(f"N={r['n']}: {s['long_ratio']:.2f}"
+                                                                  for r, s in zip(runs, sums))
+                          + "; best power-law exponents xi ~ t^p over the window: " + "; ".join(
+                              f"N={r['n']}: p1={s['long_powers'][0]:.2f}, p2={s['long_powers'][1]:.2f}"
+                              for r, s in zip(runs, sums))
+                          + " (p near 1/3 is the t^(1/3) of the flow d xi1 / dt ~ C / xi1^2 once L ~ C / xi1, "
+                          "jaxicl.theory.nearest_neighbor.fit_log_growth; p near 0 would be log t)"
+                          if h == max(cfg.long_horizons) else ""))
+          for h in cfg.long_horizons],
+        check_below("xi1_over_xi2_at_lemma12_sigma", worst("lemma12_max_ratio"), 7 / 15,
+                    f"max over t <= {max(cfg.long_horizons):.0e} of xi1 / xi2 on the reduced dynamics started from "
+                    "(0, sigma_12) with the sigma Lemma 12 assumes, sigma_12 = 3 log(2 N^4 d / a_(N,d)) ("
+                    + ", ".join(f"N={r['n']} d={r['d']}: sigma_12 {s['lemma12_sigma']:.1f}, max ratio "
+                                f"{s['lemma12_max_ratio']:.3f}, final (xi1, xi2) "
+                                f"({s['lemma12_final'][0]:.3g}, {s['lemma12_final'][1]:.3g})"
+                                for r, s in zip(runs, sums))
+                    + f"). Lemma 12's bound is 7/15 = {7 / 15:.3f}; at sigma = {cfg.sigma} the ratio exceeds it. "
+                    f"Step eta = {cfg.train.lr} as in the full-W runs (ours; the notes record no condition on eta for "
+                    "Lemma 12): a ratio above the bound here is a mismatch with the lemma as restated, reported as "
+                    "measured"),
         check_below("full_vs_reduced_dynamics_rel_gap", worst("reduced_gap"), cfg.max_reduced_rel_gap,
                     f"max over t >= steps / 2 and xi1, xi2 of |xi(full W, seed mean) - xi(reduced)| / xi(reduced), "
                     f"reduced GD with step eta/d on xi1 (per run: "
@@ -184,7 +239,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         diverged_check({f"N={r['n']} d={r['d']} seed {seed}": step for r in runs
                         for seed, step in r["diverged"].items()}),
     ]
-    figures = [_plot(cfg, runs, out_dir)]
+    figures = [_plot(cfg, runs, out_dir), _plot_long_horizon(cfg, runs, out_dir)]
     return Outcome(checks, figures)
 
 
@@ -227,3 +282,29 @@ def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
         ax.legend(fontsize=7)
     log_axes(*axes.flat)
     return save_figure(fig, out_dir, "training")
+
+
+def _plot_long_horizon(cfg: Config, runs: list[dict], out_dir: str) -> str:
+    """xi1, xi2 of the reduced dynamics against log t to the longest horizon, the full-W runs overlaid; and
+    xi1 / xi2 at sigma and at Lemma 12's sigma against its 7/15 bound."""
+    fig, axes = new_figure(3)
+    t_long = np.arange(len(runs[0]["long"])) * cfg.long_record_every
+    idx = log_spaced(cfg.train.steps)
+    idx = idx[idx < cfg.train.steps]
+    for i, r in enumerate(runs):
+        c, tag = f"C{i}", f"N={r['n']}, d={r['d']}"
+        for k in range(2):
+            axes[0, k].plot(t_long[1:], r["long"][1:, k], color=c, label=f"{tag} reduced")
+            axes[0, k].plot(idx, r["per_step"][f"xi{k + 1}"][idx].mean(1), color=c, ls=":", lw=2,
+                            label=f"{tag} full W")
+        axes[0, 2].plot(t_long[1:], r["long"][1:, 0] / r["long"][1:, 1], color=c, label=f"{tag}, sigma={cfg.sigma}")
+        axes[0, 2].plot(t_long[1:], r["lemma12"][1:, 0] / r["lemma12"][1:, 1], color=c, ls="--",
+                        label=f"{tag}, sigma_12={theory.lemma12_sigma(r['n'], r['d']):.0f}")
+    axes[0, 2].axhline(7 / 15, color="k", ls=":", label="Lemma 12: 7/15")
+    for k in range(2):
+        axes[0, k].set(xlabel="step t (log)", ylabel=f"xi{k + 1}", title=f"xi{k + 1}: linear in log t = straight")
+    axes[0, 2].set(xlabel="step t (log)", ylabel="xi1 / xi2", title="ratio bound (Lemma 12)")
+    for ax in axes.flat:
+        ax.legend(fontsize=6)
+    log_axes(*axes.flat)
+    return save_figure(fig, out_dir, "long_horizon")

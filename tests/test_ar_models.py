@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxicl.models import apply
@@ -75,24 +76,39 @@ def test_augmented_transformer_matches_numpy(x64):
     np.testing.assert_allclose(out, _np_linear(model.final, x), rtol=1e-10)
 
 
-def test_positional_transformer_matches_numpy(x64):
+@pytest.mark.parametrize("query", ["current", "previous"])
+def test_positional_transformer_matches_a_loop_over_positions(x64, query):
     tokens = np.asarray(_seq("haar", 2, 4, fmt="tiled").inputs[0], np.float64)
     tokens = np.tile(tokens, (1, 2))
-    model = PositionalTransformer(4, 2, num_heads=3, max_len=10, rngs=nnx.Rngs(4))
+    model = PositionalTransformer(4, 2, num_heads=3, max_len=10, query=query, rngs=nnx.Rngs(4))
     model = jax.tree.map(lambda v: v.astype(jnp.float64), model)
     out, cache = apply(*nnx.split(model), jnp.asarray(tokens), capture="all")
     assert cache["attn.positional_weights"].shape == (3, 4, 4)
     e = np.asarray(model.positions[...])[:4]
-    heads = np.zeros((4, 4))
-    for h in range(3):
-        sl = slice(4 * h, 4 * h + 4)
-        q, k, v = (_np_linear(m, tokens)[:, sl] for m in (model.q, model.k, model.v))
-        qp, kp = _np_linear(model.q, e)[:, sl], _np_linear(model.k, e)[:, sl]
-        pos = np.where(np.tril(np.ones((4, 4))) > 0, qp @ kp.T / 2, -np.inf)
-        pos = np.exp(pos - pos.max(1, keepdims=True))
-        pos /= pos.sum(1, keepdims=True)
-        # float64, two programs; the masked keys are exactly 0 in both
-        np.testing.assert_allclose(cache["attn.positional_weights"][h], pos, rtol=1e-12)
-        heads += (np.tril(q @ k.T / 2) * pos) @ v
-    ref = _np_linear(model.head, _np_layernorm(model.norm, _np_linear(model.mix, heads)))
-    np.testing.assert_allclose(out, ref, rtol=1e-10)
+    for t in range(4):  # row t by hand: its query token and position, keys and values 0..t
+        src = t if query == "current" else t - 1
+        x_q, e_q = (tokens[src], e[src]) if src >= 0 else (np.zeros(4), np.zeros(4))
+        heads = np.zeros(4)
+        for h in range(3):
+            sl = slice(4 * h, 4 * h + 4)
+            q, qp = _np_linear(model.q, x_q[None])[0, sl], _np_linear(model.q, e_q[None])[0, sl]
+            k, v = _np_linear(model.k, tokens[:t + 1])[:, sl], _np_linear(model.v, tokens[:t + 1])[:, sl]
+            kp = _np_linear(model.k, e[:t + 1])[:, sl]
+            pos = np.exp(kp @ qp / 2 - np.max(kp @ qp / 2))
+            pos /= pos.sum()
+            # float64, two programs; the masked keys are exactly 0 in both
+            np.testing.assert_allclose(cache["attn.positional_weights"][h, t], np.pad(pos, (0, 3 - t)), rtol=1e-12)
+            heads += ((k @ q / 2) * pos) @ v
+        ref = _np_linear(model.head, _np_layernorm(model.norm, _np_linear(model.mix, heads[None])))[0]
+        np.testing.assert_allclose(out[t], ref, rtol=1e-10)
+
+
+def test_the_query_convention_changes_only_the_query_rows():
+    tokens = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)))
+    cur, prev = (PositionalTransformer(4, 2, num_heads=2, max_len=5, query=q, rngs=nnx.Rngs(1))
+                 for q in ("current", "previous"))
+    np.testing.assert_array_equal(prev._queries(tokens)[1:], tokens[:-1])  # a copy: exact
+    assert float(jnp.abs(prev._queries(tokens)[0]).max()) == 0.0
+    np.testing.assert_array_equal(cur._queries(tokens), tokens)
+    with pytest.raises(ValueError, match="query"):
+        PositionalTransformer(4, 2, query="next", rngs=nnx.Rngs(0))

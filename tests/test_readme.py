@@ -53,9 +53,27 @@ def test_python_block_runs_as_written(index, tmp_path, monkeypatch, capsys):
     assert all(math.isfinite(float(v)) for v in numbers), printed
 
 
-def test_cli_lines_run_with_the_smoke_preset(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def line_groups() -> list[list[str]]:
+    """The CLI lines in groups that run on their own (in parallel under xdist): each line alone, except that a
+    sweep-report line runs after the sweep lines before it, whose results it reads."""
+    groups: list[list[str]] = []
     for line in cli_lines():
+        if smoke_argv(line)[0] == "sweep-report":
+            sweeps = [g for g in groups if "--sweep" in g[0]]
+            groups = [g for g in groups if "--sweep" not in g[0]] + [[x for g in sweeps for x in g] + [line]]
+        else:
+            groups.append([line])
+    return groups
+
+
+def test_the_line_groups_hold_every_line_once():
+    assert sorted(x for g in line_groups() for x in g) == sorted(cli_lines())
+
+
+@pytest.mark.parametrize("lines", line_groups(), ids=lambda g: smoke_argv(g[-1])[0] + f"-{len(g)}")
+def test_cli_lines_run_with_the_smoke_preset(lines, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
         argv = smoke_argv(line)
         assert main(argv) == 0, line
         out = capsys.readouterr().out

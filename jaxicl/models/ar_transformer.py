@@ -14,6 +14,9 @@ D -> H D with bias); head h weights = token score (q_h k_h^T / sqrt(D), causal z
 softmax_k over causal keys of the positional score (Q, K applied, with biases, to a learned position
 table E [max_len, D] ~ N(0, 1)). Values from tokens only. Heads are summed, then
 Linear(D, D) -> LayerNorm -> Linear(D, d) gives the prediction [T, d]. No residual.
+query="current" (the official non_augmented.py: ordinary causal self-attention) queries row t with token t and
+position t; query="previous" (the theory of Section 5 and its closed forms) queries row t with token t - 1 and
+position t - 1 (row 0 with a zero token and a zero position), keys and values staying tokens 0..t.
   Sites: attn.token_scores [H, T, T], attn.positional_weights [H, T, T], attn.heads [H, T, D],
          attn.out [T, D], out [T, d].
 """
@@ -24,7 +27,10 @@ from flax import nnx
 
 from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_positive, check_range
+from jaxicl.validation import check_choice, check_positive, check_range
+
+
+QUERIES = ("current", "previous")
 
 
 class Linear(nnx.Module):
@@ -78,15 +84,21 @@ class AugmentedTransformer(Model):
 class PositionalTransformer(Model):
     """num_heads full-width heads with a softmax positional score; tokens [T, dim] -> predictions [T, out_dim]."""
 
-    def __init__(self, dim: int, out_dim: int, num_heads: int = 64, max_len: int = 100, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, out_dim: int, num_heads: int = 64, max_len: int = 100, query: str = "current", *,
+                 rngs: nnx.Rngs):
         for name, v in (("dim", dim), ("out_dim", out_dim), ("num_heads", num_heads), ("max_len", max_len)):
             check_positive(name, v)
-        self.num_heads = num_heads
+        check_choice("query", query, QUERIES)
+        self.num_heads, self.query = num_heads, query
         self.q, self.k, self.v = (Linear(dim, num_heads * dim, rngs=rngs) for _ in range(3))
         self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)))
         self.mix = Linear(dim, dim, rngs=rngs)
         self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
         self.head = Linear(dim, out_dim, rngs=rngs)
+
+    def _queries(self, x: jax.Array) -> jax.Array:
+        """The rows [T, D] that query: x itself, or x shifted down one row (row 0 zero) for query="previous"."""
+        return x if self.query == "current" else jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]])
 
     def _heads(self, proj: Linear, x: jax.Array) -> jax.Array:
         return proj(x).reshape(x.shape[0], self.num_heads, x.shape[1]).transpose(1, 0, 2)  # [H, T, D]
@@ -94,9 +106,9 @@ class PositionalTransformer(Model):
     def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
         t, dim = x.shape
         mask, scale = causal(t), jnp.sqrt(dim)
-        q, k, v = self._heads(self.q, x), self._heads(self.k, x), self._heads(self.v, x)
         e = self.positions[:t]
-        qp, kp = self._heads(self.q, e), self._heads(self.k, e)
+        q, qp = self._heads(self.q, self._queries(x)), self._heads(self.q, self._queries(e))
+        k, v, kp = self._heads(self.k, x), self._heads(self.v, x), self._heads(self.k, e)
         token = sites("attn.token_scores", mask * (q @ k.transpose(0, 2, 1)) / scale)
         pos = jax.nn.softmax(jnp.where(mask > 0, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf), axis=-1)
         pos = sites("attn.positional_weights", pos)

@@ -24,19 +24,21 @@ def sample_inner_products(key: jax.Array, n_context: int, dim: int, num: int) ->
     return z[..., 0] / jnp.linalg.norm(z, axis=-1)
 
 
-def _weights(xi1, xi2, s: jax.Array) -> jax.Array:
-    """q [M, N+1]: softmax of (xi1 s_1, .., xi1 s_N, xi1 - xi2), max-subtracted."""
-    scores = jnp.concatenate([xi1 * s, jnp.broadcast_to(xi1 - xi2, s.shape[:-1] + (1,))], axis=-1)
-    return jax.nn.softmax(scores, axis=-1)
+def _weights(xi1, xi2, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(q_context [M, N], q_query [M]): the softmax of (xi1 s_1, .., xi1 s_N, xi1 - xi2), max-subtracted, without
+    concatenating the query's score (this is the inner loop of the long reduced runs)."""
+    top = jnp.maximum(jnp.max(xi1 * s, axis=-1), xi1 - xi2)
+    e, e_self = jnp.exp(xi1 * s - top[..., None]), jnp.exp(xi1 - xi2 - top)
+    z = jnp.sum(e, axis=-1) + e_self
+    return e / z[..., None], e_self / z
 
 
 def reduced_terms(xi1, xi2, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-sample (loss, dL/dxi1, dL/dxi2), each [M], for s [M, N]."""
-    q = _weights(xi1, xi2, s)
-    qc, q_self = q[..., :-1], q[..., -1]
     best = jnp.argmax(s, axis=-1)
-    q_best = jnp.take_along_axis(qc, best[..., None], -1)[..., 0]
     s_best = jnp.take_along_axis(s, best[..., None], -1)[..., 0]
+    qc, q_self = _weights(xi1, xi2, s)
+    q_best = jnp.take_along_axis(qc, best[..., None], -1)[..., 0]
     sum_sq = jnp.sum(qc**2, axis=-1)
     s_bar = jnp.sum(qc * s, axis=-1) + q_self
     loss = 0.5 * (1.0 - 2.0 * q_best + sum_sq)
@@ -95,18 +97,23 @@ def reduced_gd(xi1: float, xi2: float, s: jax.Array, *, eta: float, dim: int, st
     """The two-parameter dynamics of full-matrix GD: [steps // record_every + 1, 2] (xi1, xi2), start first.
 
     xi1 <- xi1 - (eta / d) dL/dxi1,  xi2 <- xi2 - eta dL/dxi2, with L Monte Carlo over the fixed s [M, N].
+    The updates are summed with Kahan compensation: late increments are a few ulps of xi in float32, and
+    plain summation over 1e6 steps would drift.
     """
 
-    def step(xi, _):
+    def step(carry, _):
+        xi, lost = carry
         g1, g2 = reduced_grad(xi[0], xi[1], s)
-        return xi - jnp.stack([eta / dim * g1, eta * g2]), None
+        update = -jnp.stack([eta / dim * g1, eta * g2]) - lost
+        new = xi + update
+        return (new, (new - xi) - update), None
 
-    def block(xi, _):
-        xi = jax.lax.scan(step, xi, length=record_every)[0]
-        return xi, xi
+    def block(carry, _):
+        carry = jax.lax.scan(step, carry, length=record_every)[0]
+        return carry, carry[0]
 
     start = jnp.asarray([xi1, xi2], s.dtype)
-    path = jax.lax.scan(block, start, length=steps // record_every)[1]
+    path = jax.lax.scan(block, (start, jnp.zeros_like(start)), length=steps // record_every)[1]
     return jnp.concatenate([start[None], path], axis=0)
 
 
@@ -135,3 +142,24 @@ def fit_log_growth(steps, values) -> tuple[float, float, float]:
     resid = v - (slope * t + intercept)
     r2 = 1.0 - np.sum(resid**2) / max(np.sum((v - v.mean()) ** 2), 1e-300)
     return float(slope), float(intercept), float(r2)
+
+
+def log_slope_drift(steps, values, start: float, stop: float) -> float:
+    """d values / d log t fitted on the later half of the log window [start, stop] over the earlier half.
+
+    steps [K] > 0 and values [K]; the halves split at sqrt(start * stop). 1 for exact a log t + b; above 1
+    means faster growth than log t in the window (e.g. t^p with p > 0).
+    """
+    steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    middle = np.sqrt(start * stop)
+    early, late = (steps >= start) & (steps < middle), (steps >= middle) & (steps <= stop)
+    return fit_log_growth(steps[late], values[late])[0] / fit_log_growth(steps[early], values[early])[0]
+
+
+def lemma12_sigma(n_context: int, dim: int) -> float:
+    """The sigma Li et al.'s Lemma 12 (xi1 <= 7/15 xi2 for all t) assumes: 3 log(2 N^4 d / a_(N,d)) with
+    a_(N,d) = (2 N sqrt(d))^(-2 / (d - 3)); defined for d > 3."""
+    if dim <= 3:
+        raise ValueError(f"Lemma 12's sigma needs dim > 3, got dim={dim}")
+    a = (2 * n_context * np.sqrt(dim)) ** (-2 / (dim - 3))
+    return float(3 * np.log(2 * n_context**4 * dim / a))
