@@ -50,7 +50,7 @@ class Config:
 PRESETS = {
     "smoke": Config(task=haar_task("tiled", dim=3, seq_len=8, n_sequences=512), heads=2,
                     train=TrainConfig(steps=40, batch_size=32, lr=1e-2, steps_per_call=40), test_sequences=128,
-                    eval_every=40),
+                    eval_every=40, queries=("previous",)),  # the current-token query: the model's tests
     # CPU: 8 heads instead of 64, batch 128 instead of 1024, the paper's 3200 steps with a warmup-cosine lr
     "quick": Config(heads=8, train=TrainConfig(steps=3200, batch_size=128, optimizer="adam", lr=1e-2,
                                                schedule="warmup_cosine", warmup_steps=50, log_every=10),

@@ -40,7 +40,7 @@ def test_cache_keeps_only_the_requested_sites_and_the_predictions():
     g, p, clean, _ = _setup()
     pred, cache = run_with_cache(g, p, clean, ["layer1.attn.z", "layer0.resid_post"])
     assert set(cache) == {"layer1.attn.z", "layer0.resid_post"} and cache["layer1.attn.z"].shape == (B, T, 2, 4)
-    np.testing.assert_allclose(pred, jax.vmap(predictor(g, p))(clean), rtol=1e-5, atol=1e-7)  # two programs
+    np.testing.assert_allclose(pred, jax.vmap(predictor(g, p))(clean), rtol=1e-5, atol=2e-6)  # float32: ulps of O(1) terms
     with pytest.raises(ValueError, match=r"names: unknown site name\(s\) \['layer1.attn.pattern'\]"):
         run_with_cache(g, p, clean, ["layer1.attn.pattern"])
 

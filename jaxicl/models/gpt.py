@@ -27,8 +27,12 @@ Named sites (shapes per prompt; the TransformerLens hook of each is in README):
   unembed.in                [T, D]     what the unembedding reads
 """
 
+import math
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxicl.models.base import Model
@@ -39,8 +43,28 @@ ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
 MASKED = -1e9  # the score of a key after the query (finite, so patched and subtracted caches stay finite)
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape))
+class NormalWeights:
+    """Collects the N(0, std^2) weights a model asks for, then draws them all from one flat normal sample: XLA
+    compiles each distinct random shape on its own (about 0.4 s apiece on CPU), one flat draw compiles once."""
+
+    def __init__(self, std: float):
+        self.std, self.requests = std, []
+
+    def request(self, module: nnx.Module, name: str, shape: tuple[int, ...]) -> None:
+        self.requests.append((module, name, tuple(shape)))
+
+    def fill(self, key: jax.Array) -> None:
+        """Sets every requested attribute to an nnx.Param of its shape."""
+        values = _draw_normals(key, tuple(shape for *_, shape in self.requests), self.std)
+        for (module, name, _), value in zip(self.requests, values):
+            setattr(module, name, nnx.Param(value))
+
+
+@partial(jax.jit, static_argnums=1)
+def _draw_normals(key: jax.Array, shapes: tuple[tuple[int, ...], ...], std: float) -> list[jax.Array]:
+    sizes = [math.prod(shape) for shape in shapes]
+    parts = jnp.split(jax.random.normal(key, (sum(sizes),)), np.cumsum(sizes)[:-1])
+    return [std * part.reshape(shape) for part, shape in zip(parts, shapes)]
 
 
 class LayerNorm(nnx.Module):
@@ -60,25 +84,26 @@ class LayerNorm(nnx.Module):
 class Attention(nnx.Module):
     """W_Q, W_K, W_V [H, D, dh], W_O [H, dh, D]; no biases."""
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int, *, init_std: float, rngs: nnx.Rngs):
-        self.wq, self.wk, self.wv = (_normal(rngs, (n_heads, d_model, d_head), init_std) for _ in range(3))
-        self.wo = _normal(rngs, (n_heads, d_head, d_model), init_std)
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, normal: NormalWeights):
+        for name in ("wq", "wk", "wv"):
+            normal.request(self, name, (n_heads, d_model, d_head))
+        normal.request(self, "wo", (n_heads, d_head, d_model))
 
 
 class MLP(nnx.Module):
-    def __init__(self, d_model: int, d_mlp: int, *, init_std: float, rngs: nnx.Rngs):
-        self.w_in = _normal(rngs, (d_model, d_mlp), init_std)
+    def __init__(self, d_model: int, d_mlp: int, *, normal: NormalWeights):
+        normal.request(self, "w_in", (d_model, d_mlp))
         self.bias_in = nnx.Param(jnp.zeros((d_mlp,)))
-        self.w_out = _normal(rngs, (d_mlp, d_model), init_std)
+        normal.request(self, "w_out", (d_mlp, d_model))
         self.bias_out = nnx.Param(jnp.zeros((d_model,)))
 
 
 class Block(nnx.Module):
-    def __init__(self, d_model: int, n_heads: int, d_head: int, d_mlp: int, *, init_std: float, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, d_mlp: int, *, normal: NormalWeights):
         self.ln1 = LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, d_head, init_std=init_std, rngs=rngs)
+        self.attn = Attention(d_model, n_heads, d_head, normal=normal)
         self.ln2 = LayerNorm(d_model) if d_mlp else None
-        self.mlp = MLP(d_model, d_mlp, init_std=init_std, rngs=rngs) if d_mlp else None
+        self.mlp = MLP(d_model, d_mlp, normal=normal) if d_mlp else None
 
 
 class GPT(Model):
@@ -106,13 +131,14 @@ class GPT(Model):
         check_positive("out_dim", self.out_dim)
         self.activation, self.n_heads = activation, n_heads
         width = vocab_size or input_dim
-        self.embed = _normal(rngs, (width, d_model), init_std)  # token table [V, D] or linear W_E [input_dim, D]
-        self.pos_embed = _normal(rngs, (max_len, d_model), init_std)
-        self.blocks = nnx.List([Block(d_model, n_heads, d_head, d_mlp, init_std=init_std, rngs=rngs)
-                                for _ in range(n_layers)])
+        normal = NormalWeights(init_std)
+        normal.request(self, "embed", (width, d_model))  # token table [V, D] or linear W_E [input_dim, D]
+        normal.request(self, "pos_embed", (max_len, d_model))
+        self.blocks = nnx.List([Block(d_model, n_heads, d_head, d_mlp, normal=normal) for _ in range(n_layers)])
         self.ln_final = LayerNorm(d_model) if final_norm else None
-        self.unembed = _normal(rngs, (d_model, self.out_dim), init_std)
+        normal.request(self, "unembed", (d_model, self.out_dim))
         self.unembed_bias = nnx.Param(jnp.zeros((self.out_dim,)))
+        normal.fill(rngs.params())
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         t = tokens.shape[0]
