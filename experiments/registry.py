@@ -25,6 +25,7 @@ EXPERIMENTS = {
     "sweep_lr_seeds": "experiments.sweep_lr_seeds",
     "sweep_context_length": "experiments.sweep_context_length",
     "affine_mechanism": "experiments.affine_mechanism",
+    "clustering_dynamics": "experiments.clustering_dynamics",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

@@ -268,3 +268,40 @@ def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_n
     before = rows()
     again = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
     assert int(again.state.step) == 6 and rows() == before  # the same rows (the stopping step's train row re-logged)
+
+
+def test_evaluations_at_listed_steps_run_there_and_at_the_ends():
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=12, steps_per_call=5)
+    seen = []
+
+    def evaluate(p):
+        seen.append(p)
+        return {"n": len(seen)}
+
+    result = train(loss_fn, sample, task, cfg, params, evaluate=evaluate, eval_every=(3, 7, 10), progress=False)
+    assert [r["step"] for r in result.eval_rows] == [0, 3, 7, 10, 12]
+    assert [r["n"] for r in result.eval_rows] == [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match=r"evaluation steps must be integers in \[1, 12\], got \[0, 13\]"):
+        train(loss_fn, sample, task, cfg, params, evaluate=evaluate, eval_every=(0, 5, 13), progress=False)
+
+
+def test_cross_entropy_loss_against_a_numpy_log_softmax():
+    from flax import nnx
+
+    from jaxicl.models.gpt import GPT
+    from jaxicl.prompt import Prompt
+    from jaxicl.train import cross_entropy_loss
+
+    model = GPT(d_model=8, n_layers=1, n_heads=2, vocab_size=7, max_len=5, init_std=0.5, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    batch = Prompt(inputs=jnp.asarray(rng.integers(0, 7, (3, 5))), targets=jnp.asarray(rng.integers(0, 7, (3, 5))),
+                   mask=jnp.asarray(rng.random((3, 5)) < 0.6, jnp.float32))
+    loss, aux = cross_entropy_loss(graphdef)(params, batch)
+    logits = np.asarray(jax.vmap(model)(batch.inputs), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    t, m = np.asarray(batch.targets), np.asarray(batch.mask)
+    nll = -np.take_along_axis(logp, t[..., None], -1)[..., 0]
+    per_prompt = lambda v: np.mean((m * v).sum(-1) / np.maximum(m.sum(-1), 1e-12))  # noqa: E731
+    np.testing.assert_allclose(float(loss), per_prompt(nll), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["accuracy"]), per_prompt(logits.argmax(-1) == t), rtol=1e-6)

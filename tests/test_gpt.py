@@ -105,3 +105,19 @@ def test_bad_model_configs_name_the_field():
         GPT(input_dim=1, activation="swish", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="longer than max_len=4"):
         GPT(input_dim=1, max_len=4, rngs=nnx.Rngs(0))(jnp.zeros((5, 1)))
+
+
+def test_hidden_state_sites_follow_hugging_face_hidden_states():
+    """Index 0 the embeddings, l the output of block l, the last after the final LayerNorm (a numpy LayerNorm of
+    the last block's output)."""
+    model = GPT(d_model=8, n_layers=3, n_heads=2, vocab_size=11, max_len=6, rngs=nnx.Rngs(0))
+    sites = model.hidden_state_sites()
+    assert sites == ["layer0.resid_pre", "layer0.resid_post", "layer1.resid_post", "unembed.in"]
+    tokens = jnp.array([1, 4, 2, 9, 0])
+    _, cache = apply(*nnx.split(model), tokens, capture=[*sites, "layer2.resid_post", "embed", "pos_embed"])
+    np.testing.assert_array_equal(cache["layer0.resid_pre"], cache["embed"] + cache["pos_embed"])
+    last = np.asarray(cache["layer2.resid_post"], np.float64)
+    normed = (last - last.mean(-1, keepdims=True)) / np.sqrt(last.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(cache["unembed.in"], normed, rtol=1e-5, atol=1e-5)  # LayerNorm at init: scale 1, bias 0
+    no_norm = GPT(d_model=8, n_layers=2, n_heads=2, vocab_size=11, final_norm=False, rngs=nnx.Rngs(0))
+    assert no_norm.hidden_state_sites()[-1] == "layer1.resid_post"

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
@@ -65,6 +66,14 @@ def _draw_normals(key: jax.Array, shapes: tuple[tuple[int, ...], ...], std: floa
     sizes = [math.prod(shape) for shape in shapes]
     parts = jnp.split(jax.random.normal(key, (sum(sizes),)), np.cumsum(sizes)[:-1])
     return [std * part.reshape(shape) for part, shape in zip(parts, shapes)]
+
+
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [V, ...] at ids [...] (ndim >= 1) -> [..., ...], sharded like ids: under an explicit mesh (a batch sharded
+    over "data") a gather from a replicated table has no unambiguous output sharding of its own."""
+    sharding = jax.typeof(ids).sharding
+    spec = P(*sharding.spec, *[None] * (table.ndim - 1))
+    return table.at[ids].get(out_sharding=sharding.update(spec=spec))
 
 
 class LayerNorm(nnx.Module):
@@ -145,7 +154,7 @@ class GPT(Model):
         if t > self.max_len:
             raise ValueError(f"a prompt of {t} positions is longer than max_len={self.max_len}")
         if self.vocab_size:
-            emb = jnp.take(self.embed[...], tokens, axis=0)
+            emb = lookup(self.embed[...], tokens)
         else:
             emb = tokens @ self.embed[...]
         x = sites("embed", emb) + sites("pos_embed", self.pos_embed[:t])
@@ -164,6 +173,13 @@ class GPT(Model):
 
     def readout(self, outputs: jax.Array) -> jax.Array:
         return outputs[..., 0] if self.out_dim == 1 else outputs
+
+    def hidden_state_sites(self) -> list[str]:
+        """The n_layers + 1 sites of Hugging Face's hidden_states: index 0 the embeddings (layer0.resid_pre), index
+        l the output of block l, the last after the final LayerNorm (unembed.in) where the model has one."""
+        n = len(self.blocks)
+        last = "unembed.in" if self.ln_final is not None else f"layer{n - 1}.resid_post"
+        return ["layer0.resid_pre", *(f"layer{l}.resid_post" for l in range(n - 1)), last]
 
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
         kind = name.rsplit(".", 1)[-1]

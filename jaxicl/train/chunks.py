@@ -9,6 +9,26 @@ checkpoint, finish) it first handles the metrics of the chunk that produced it.
 from collections.abc import Callable
 
 from jaxicl.train.config import TrainConfig
+from jaxicl.validation import ConfigError
+
+EvalSchedule = int | tuple[int, ...]  # evaluate every k steps (0: never), or at the listed steps
+
+
+def check_eval_schedule(eval_every: EvalSchedule, steps: int) -> None:
+    """ConfigError unless eval_every is an int >= 0 or a tuple of steps in [1, steps]."""
+    if isinstance(eval_every, tuple):
+        bad = [s for s in eval_every if not (isinstance(s, int) and 1 <= s <= steps)]
+        if bad:
+            raise ConfigError(f"eval_every: the evaluation steps must be integers in [1, {steps}], got {bad}")
+    elif not isinstance(eval_every, int) or eval_every < 0:
+        raise ConfigError(f"eval_every must be an int >= 0 or a tuple of steps, got {eval_every!r}")
+
+
+def evaluates_at(end: int, eval_every: EvalSchedule) -> bool:
+    """Whether the schedule evaluates after step `end` (the end of the run is the caller's to add)."""
+    if isinstance(eval_every, tuple):
+        return end in eval_every
+    return bool(eval_every) and end % eval_every == 0
 
 
 class ChunkPrograms:
@@ -39,21 +59,21 @@ def _flops(lowered) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: int) -> list[int]:
+def chunk_boundaries(start: int, cfg: TrainConfig, eval_every: EvalSchedule) -> list[int]:
     """Steps after which the host regains control: chunk ends, checkpoints, evaluations, the end."""
-    ends = {cfg.steps}
-    for every in (cfg.steps_per_call, cfg.checkpoint_every, eval_every):
+    ends = {cfg.steps, *(eval_every if isinstance(eval_every, tuple) else ())}
+    for every in (cfg.steps_per_call, cfg.checkpoint_every, 0 if isinstance(eval_every, tuple) else eval_every):
         if every:
             ends.update(range(every, cfg.steps, every))
-    return sorted(e for e in ends if e > start)
+    return sorted(e for e in ends if start < e <= cfg.steps)
 
 
-def needs_state(end: int, cfg: TrainConfig, eval_every: int) -> bool:
+def needs_state(end: int, cfg: TrainConfig, eval_every: EvalSchedule) -> bool:
     """Whether the host uses the state after step `end` (an evaluation, a checkpoint, the end)."""
-    return end == cfg.steps or any(every and end % every == 0 for every in (eval_every, cfg.checkpoint_every))
+    return end == cfg.steps or evaluates_at(end, eval_every) or evaluates_at(end, cfg.checkpoint_every)
 
 
-def drive(state, start: int, cfg: TrainConfig, eval_every: int, *, run_chunk: Callable,
+def drive(state, start: int, cfg: TrainConfig, eval_every: EvalSchedule, *, run_chunk: Callable,
           on_metrics: Callable[[int, int, dict], int | None], on_state: Callable[[int, object, bool], None]):
     """Runs the chunks from step `start` to cfg.steps; returns the final state.
 

@@ -22,14 +22,13 @@ from tqdm.auto import tqdm
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable
-from jaxicl.train.chunks import ChunkPrograms, drive
+from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, read_metrics
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, run_steps
-from jaxicl.validation import check_positive
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,7 +51,7 @@ def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None) -> dict:
 
 def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, params, *,
           out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
-          evaluate: Callable[[object], dict] | None = None, eval_every: int = 0,
+          evaluate: Callable[[object], dict] | None = None, eval_every: EvalSchedule = 0,
           run_config: dict | None = None, tx: optax.GradientTransformation | None = None,
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
@@ -61,14 +60,14 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run. `evaluate(params) -> {name: scalar}` runs at
-    step 0, every eval_every steps and at the end (eval rows in metrics.jsonl). `tx` overrides
+    step 0, every eval_every steps (or at the steps of a tuple eval_every) and at the end (eval rows in metrics.jsonl). `tx` overrides
     the optimiser built from cfg. Raises NonFiniteLossError at the first non-finite loss,
     without saving the bad state.
     """
     mesh = data_mesh() if mesh is None else mesh
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
     tx = make_optimizer(cfg) if tx is None else tx
-    check_positive("eval_every", eval_every, allow_zero=True)
+    check_eval_schedule(eval_every, cfg.steps)
     config = stored_config(task_cfg, cfg, run_config)
     step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,
                    learning_rate=learning_rate, stop_loss=cfg.stop_loss)
@@ -124,7 +123,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         def on_state(end, state, final):
             if final and end == start > 0:  # resumed a run that had stopped here: its eval and checkpoint exist
                 return
-            if evaluate and (final or (eval_every and end % eval_every == 0)):
+            if evaluate and (final or evaluates_at(end, eval_every)):
                 run_eval(state)
             if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
                 store.save(state)

@@ -51,6 +51,19 @@ def regression_loss(graphdef: nnx.GraphDef, *, coords: str = "sum", scale: float
     return loss_fn
 
 
+def cross_entropy_loss(graphdef: nnx.GraphDef):
+    """The mask-weighted next-token cross-entropy of a model whose predictions are logits [B, T, V] over integer
+    targets [B, T]; aux {"accuracy"}: the mask-weighted fraction of positions whose argmax is the target."""
+
+    def loss_fn(params, batch: Prompt):
+        logits = jax.vmap(predictor(graphdef, params))(batch.inputs)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch.targets[..., None], axis=-1)[..., 0]
+        hits = (jnp.argmax(logits, -1) == batch.targets).astype(logits.dtype)
+        return masked_mean(nll, batch.mask), {"accuracy": masked_mean(hits, batch.mask)}
+
+    return loss_fn
+
+
 def per_position_loss(graphdef: nnx.GraphDef, params, batch: Prompt, coords: str = "sum") -> np.ndarray:
     """[T] mean over the batch of each position's squared error (regression_loss's conventions)."""
     return np.asarray(_per_position(graphdef, params, batch.inputs, batch.targets, coords))

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable
-from jaxicl.train.chunks import ChunkPrograms, drive
+from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
@@ -49,7 +49,6 @@ from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, swept_values
 from jaxicl.train.sweep_memory import device_budget, program_memory
 from jaxicl.train.sweep_program import SweepProgram, build_program
-from jaxicl.validation import check_positive
 
 
 @dataclasses.dataclass
@@ -69,7 +68,7 @@ class SweepResult:
 def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable, members: list[dict], *,
                 out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
                 chunk_size: int | None = None, memory_budget: float | None = None,
-                evaluate: Callable[[object], dict] | None = None, eval_every: int = 0,
+                evaluate: Callable[[object], dict] | None = None, eval_every: EvalSchedule = 0,
                 run_config: dict | None = None, progress: bool = True, desc: str = "sweep") -> SweepResult:
     """Trains every member of `members` ([{path: value}], see the module docstring) at once.
 
@@ -81,7 +80,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
     The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
-    check_positive("eval_every", eval_every, allow_zero=True)
+    check_eval_schedule(eval_every, cfg.steps)
     prog = build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate)
     mesh = mesh or default_sweep_mesh(chunk_size or len(members))
     memory_budget = memory_budget or (None if chunk_size else device_budget(mesh))
@@ -134,7 +133,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
 
 def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray, size: int,
                  sharding: NamedSharding, store: CheckpointStore | None, config: dict, resume: bool,
-                 metrics_path: str | None, rows: dict, bar, eval_every: int, fresh_file: bool) -> TrainState:
+                 metrics_path: str | None, rows: dict, bar, eval_every: EvalSchedule, fresh_file: bool) -> TrainState:
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
     a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
     state, start = prog.states(a, sharding), 0
@@ -167,7 +166,7 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         bar.update(end - first)
 
     def on_state(end, state, final):
-        if prog.eval_chunk and (final or (eval_every and end % eval_every == 0)):
+        if prog.eval_chunk and (final or evaluates_at(end, eval_every)):
             log_eval(state, end)
         if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
             store.save(state, step=end)

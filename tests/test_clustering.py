@@ -1,0 +1,134 @@
+"""Clustering analysis: ARI and NMI against scikit-learn and brute-force pair / contingency counts, k-means against
+planted clusters and scikit-learn's KMeans, Hungarian matching, sequence features."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from jaxicl.analysis.clustering import (adjusted_rand_index, cluster_scores, kmeans, match_clusters,
+                                        normalized_mutual_info, sequence_features)
+
+
+def _labelings(rng, n, k):
+    a = rng.integers(0, k, n)
+    yield a, rng.integers(0, k, n)  # independent
+    yield a, np.where(rng.random(n) < 0.6, a, rng.integers(0, k, n))  # partly planted
+    yield a, rng.permutation(k)[a]  # the same partition, relabelled
+    yield a, np.zeros(n, int)  # one cluster
+
+
+def _pair_counting_ari(a, b):
+    """ARI from the four pair counts, by a loop over every pair of points (an independent route)."""
+    n11 = n10 = n01 = n00 = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        same_a, same_b = a[i] == a[j], b[i] == b[j]
+        n11 += same_a and same_b
+        n10 += same_a and not same_b
+        n01 += same_b and not same_a
+        n00 += not same_a and not same_b
+    return 2 * (n11 * n00 - n01 * n10) / ((n11 + n01) * (n01 + n00) + (n11 + n10) * (n10 + n00))
+
+
+def _loop_nmi(a, b):
+    pa = {x: np.mean(a == x) for x in set(a)}
+    pb = {y: np.mean(b == y) for y in set(b)}
+    mi = sum(np.mean((a == x) & (b == y)) * math.log(np.mean((a == x) & (b == y)) / (pa[x] * pb[y]))
+             for x in pa for y in pb if np.any((a == x) & (b == y)))
+    h = lambda p: -sum(v * math.log(v) for v in p.values())  # noqa: E731
+    return mi / ((h(pa) + h(pb)) / 2) if h(pa) + h(pb) > 0 else 1.0
+
+
+def test_ari_and_nmi_match_scikit_learn_and_brute_force_counts():
+    rng = np.random.default_rng(0)
+    for a, b in _labelings(rng, 400, 5):
+        ari = float(adjusted_rand_index(jnp.asarray(a), jnp.asarray(b), 5, 5))
+        nmi = float(normalized_mutual_info(jnp.asarray(a), jnp.asarray(b), 5, 5))
+        # float32 pair counts (at most 8e4, exact) and their float32 products: about 1e-7 relative
+        assert ari == pytest.approx(adjusted_rand_score(a, b), abs=1e-5)
+        assert nmi == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-5)
+    small = list(_labelings(rng, 60, 4))
+    for a, b in small[:3]:
+        assert float(adjusted_rand_index(jnp.asarray(a), jnp.asarray(b), 4, 4)) == pytest.approx(
+            _pair_counting_ari(a, b), abs=1e-5)
+        assert float(normalized_mutual_info(jnp.asarray(a), jnp.asarray(b), 4, 4)) == pytest.approx(
+            _loop_nmi(a, b), abs=1e-5)
+
+
+def test_ari_is_one_for_a_relabelled_partition_and_near_zero_for_independent_ones():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 6, 5000)
+    assert float(adjusted_rand_index(jnp.asarray(a), jnp.asarray(rng.permutation(6)[a]), 6, 6)) == pytest.approx(1.0)
+    assert float(normalized_mutual_info(jnp.asarray(a), jnp.asarray(rng.permutation(6)[a]), 6, 6)) == pytest.approx(
+        1.0, abs=1e-6)
+    # independent labelings of 5000 points: the ARI's standard deviation is about 1e-4 here
+    assert abs(float(adjusted_rand_index(jnp.asarray(a), jnp.asarray(rng.integers(0, 6, 5000)), 6, 6))) < 2e-3
+    one = jnp.zeros(10, int)
+    assert float(adjusted_rand_index(one, one, 1, 1)) == 1.0 == adjusted_rand_score(one, one)
+
+
+def _blobs(rng, k, per, dim, spread):
+    centres = rng.normal(0, spread, (k, dim))
+    labels = np.repeat(np.arange(k), per)
+    return (centres[labels] + rng.normal(size=(k * per, dim))).astype(np.float32), labels
+
+
+def test_kmeans_recovers_well_separated_planted_clusters():
+    x, labels = _blobs(np.random.default_rng(2), 6, 50, 8, 30.0)
+    km = kmeans(jnp.asarray(x), 6, jax.random.key(0), restarts=4)
+    found = np.asarray(km["labels"])
+    # the same partition: each planted cluster maps to one found cluster and back (integers, exact)
+    assert len(set(zip(labels, found))) == 6 == len(set(found))
+
+
+def test_kmeans_inertia_is_no_worse_than_scikit_learn_with_the_same_restarts():
+    rng = np.random.default_rng(3)
+    for trial in range(3):
+        x, _ = _blobs(rng, 8, 60, 6, 2.5)  # overlapping blobs: local optima exist
+        km = kmeans(jnp.asarray(x), 8, jax.random.key(trial), restarts=8, iters=100)
+        centroids = np.asarray(km["centroids"], np.float64)
+        ours = np.sum(np.min(((x[:, None].astype(np.float64) - centroids[None]) ** 2).sum(-1), -1))
+        theirs = KMeans(8, n_init=8, random_state=trial).fit(x.astype(np.float64)).inertia_
+        # float32 centroids against float64 ones: the inertia differs by ~1e-6 relative at the same optimum
+        assert ours <= theirs * (1 + 1e-4), (trial, ours, theirs)
+        assert float(km["inertia"]) == pytest.approx(ours, rel=1e-4)
+
+
+def test_match_clusters_undoes_a_relabelling():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 5, 300)
+    perm = rng.permutation(5)
+    clusters = np.where(rng.random(300) < 0.9, perm[labels], rng.integers(0, 5, 300))  # 10% noise
+    mapping = match_clusters(labels, clusters, 5)
+    np.testing.assert_array_equal(mapping[perm], np.arange(5))
+
+
+def test_sequence_features_gather_or_average_against_numpy():
+    rng = np.random.default_rng(5)
+    cache = {"a": rng.normal(size=(4, 7, 3)).astype(np.float32), "b": rng.normal(size=(4, 7, 3)).astype(np.float32)}
+    pos = np.array([0, 6, 2, 3])
+    mask = rng.random((4, 7)) < 0.5
+    mask[:, 0] = True
+    got = np.asarray(sequence_features({k: jnp.asarray(v) for k, v in cache.items()}, ["b", "a"],
+                                       positions=jnp.asarray(pos)))
+    np.testing.assert_array_equal(got, np.stack([cache[k][np.arange(4), pos] for k in ("b", "a")]))
+    pooled = np.asarray(sequence_features(cache, ["a"], pool_mask=jnp.asarray(mask, jnp.float32)))
+    want = np.stack([cache["a"][i][mask[i]].mean(0) for i in range(4)])
+    np.testing.assert_allclose(pooled[0], want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="exactly one"):
+        sequence_features(cache, ["a"])
+
+
+def test_cluster_scores_per_layer_see_structure_only_where_it_is():
+    """Layer 0 is noise, layer 1 holds the planted clusters: ARI about 0 and exactly 1."""
+    rng = np.random.default_rng(6)
+    x, labels = _blobs(rng, 4, 40, 5, 40.0)
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    out = cluster_scores(jnp.asarray(np.stack([noise, x])), jnp.asarray(labels), 4, jax.random.key(0), restarts=4)
+    assert abs(float(out["ari"][0])) < 0.05 and float(out["ari"][1]) == pytest.approx(1.0)
+    assert float(out["nmi"][1]) == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,57 @@
+"""clustering_dynamics: its smoke run computes every check and figure; its site edits against patches."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import clustering_dynamics as cd
+from experiments.common.runner import run_experiment
+from jaxicl.analysis.patching import patched_predictions
+from jaxicl.sites import Patch
+from jaxicl.tasks import instructions as ins
+
+
+def test_smoke_run_writes_every_check_and_figure(tmp_path):
+    result = run_experiment("clustering_dynamics", "smoke", str(tmp_path))
+    out = tmp_path / "clustering_dynamics"
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["checks"] == result["checks"]
+    assert [c["name"] for c in stored["checks"]] == [
+        "layer0_ari_max", "final_layer_ari_train", "final_layer_ari_validation", "depth_monotone_validation_ari",
+        "clustering_onset_not_after_accuracy", "unseen_accuracy_over_agnostic", "unseen_own_cluster_accuracy_gain",
+        "centroid_switch_over_random", "centroid_subspace_ablation_drop_over_random"]
+    assert set(stored["figures"]) == {"ari_by_layer.png", "accuracy.png", "pca_last_layer.png", "interventions.png"}
+    for fig in stored["figures"]:
+        assert os.path.getsize(out / fig) > 10_000
+    rows = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    # evaluations at step 0 and the log-spaced multiples of steps_per_call
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, *cd.checkpoint_steps(cd.PRESETS["smoke"])]
+
+
+def test_edits_at_a_position_equal_patch_deltas_and_zero_edits_change_nothing():
+    cfg = cd.PRESETS["smoke"]
+    data = ins.build(cfg.task)
+    model = cd.build_model(cfg, jax.random.key(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    sites = tuple(model.hidden_state_sites())
+    batch = data.prompts("validation")
+    arrow = batch.info["arrow"]
+    b, t = batch.inputs.shape
+    d = model.blocks[0].attn.wq.shape[1]
+    delta = 3.0 * jax.random.normal(jax.random.key(1), (len(sites), b, d))
+    bases = jnp.zeros((1, len(sites), 2, d))
+    which = jnp.zeros(b, int)
+    mean = jnp.zeros((len(sites), d))
+    edited = np.asarray(cd._edited_predictions(graphdef, params, batch.inputs, arrow, arrow - 2, sites, delta, bases,
+                                               mean, which))
+    sep = jax.nn.one_hot(arrow - 2, t)[..., None]  # [B, T, 1]
+    for l, site in enumerate(sites):
+        logits = patched_predictions(graphdef, params, batch.inputs, Patch(deltas={site: sep * delta[l][:, None]}))
+        np.testing.assert_array_equal(edited[l], np.asarray(jnp.argmax(logits[jnp.arange(b), arrow], -1)))
+    plain = np.asarray(jnp.argmax(jax.vmap(model)(batch.inputs)[jnp.arange(b), arrow], -1))
+    none = cd._edited_predictions(graphdef, params, batch.inputs, arrow, arrow, sites, 0 * delta, bases, mean, which)
+    np.testing.assert_array_equal(np.asarray(none), np.broadcast_to(plain, (len(sites), b)))

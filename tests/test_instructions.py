@@ -1,0 +1,126 @@
+"""The instruction-following task: unambiguous instructions, disjoint splits, a task table that makes the answer
+depend on the instruction, the token layout, the on-device sampler, and errors that name the field."""
+
+import itertools
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxicl.tasks import instructions as ins
+from jaxicl.tasks import sample_batch
+from jaxicl.validation import ConfigError
+
+CFG = ins.Instructions(n_tasks=6, n_families=4, strings_per_family=10, validation_strings=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ins.build(CFG)
+
+
+def test_instructions_are_unambiguous_across_tasks_and_match_their_own_family(data):
+    compiled = [[re.compile(p) for p in fam] for fam in data.patterns]
+    for split in data.splits.values():
+        for s, k, m in zip(split.strings, split.task, split.family):
+            assert compiled[k][m].fullmatch(s)
+            assert not any(c.fullmatch(s) for j, cs in enumerate(compiled) if j != k for c in cs)
+            assert 0 < len(s) <= CFG.max_instruction_len
+
+
+def test_splits_are_disjoint_and_hold_the_promised_families_and_counts(data):
+    strings = {name: set(s.strings) for name, s in data.splits.items()}
+    for a, b in itertools.combinations(strings, 2):
+        assert not strings[a] & strings[b], (a, b)
+    seen = CFG.n_families - CFG.unseen_families
+    assert set(data.splits["train"].family) == set(data.splits["validation"].family) == set(range(seen))
+    assert set(data.splits["unseen"].family) == set(range(seen, CFG.n_families))
+    per_task = {"train": seen * (CFG.strings_per_family - CFG.validation_strings),
+                "validation": seen * CFG.validation_strings, "unseen": CFG.unseen_families * CFG.strings_per_family}
+    for name, split in data.splits.items():
+        # every string with every input, once
+        assert len(set(zip(split.strings, split.x))) == len(split) == CFG.n_tasks * per_task[name] * CFG.n_inputs
+        np.testing.assert_array_equal(np.bincount(split.task), CFG.n_tasks * [per_task[name] * CFG.n_inputs])
+
+
+def test_the_task_table_makes_the_answer_depend_on_the_instruction(data):
+    t = data.table
+    assert t.shape == (CFG.n_tasks, CFG.n_inputs) and t.min() >= 0 and t.max() < CFG.n_outputs
+    for a, b in itertools.combinations(range(CFG.n_tasks), 2):
+        assert np.sum(t[a] != t[b]) >= CFG.min_task_distance
+    for x in range(CFG.n_inputs):  # no input alone determines the answer
+        assert len(set(t[:, x])) > 1
+
+
+def test_sequences_decode_to_instruction_input_and_answer(data):
+    split = data.splits["validation"]
+    for i in range(0, len(split), 7):
+        seq = split.tokens[i]
+        s, k, x = split.strings[i], split.task[i], split.x[i]
+        want = [ins.BOS, *(CFG.letter_token(c) for c in s), ins.SEP, CFG.input_token(x), ins.ARROW,
+                CFG.answer_token(data.table[k, x]), ins.EOS]
+        np.testing.assert_array_equal(seq[:len(want)], want)
+        assert np.all(seq[len(want):] == ins.PAD) and seq[split.arrow[i]] == ins.ARROW
+        assert split.answer[i] == CFG.answer_token(data.table[k, x])
+        np.testing.assert_array_equal(np.flatnonzero(split.instruction_mask[i]), np.arange(1, 1 + len(s)))
+
+
+def test_the_device_sampler_draws_table_rows_with_the_answer_mask(data):
+    for loss in ins.LOSSES:
+        cfg = ins.Instructions(**{**CFG.__dict__, "loss": loss})
+        d = ins.build(cfg)
+        assert d.sampler("train") is d.sampler("train")  # one function: jitted callers compile once
+        batch = sample_batch(d.sampler("train"), cfg, jax.random.key(0), 64, axis=None)
+        split = d.splits["train"]
+        rows = {tuple(r) for r in split.tokens[:, :-1]}
+        inputs, targets, mask = (np.asarray(v) for v in (batch.inputs, batch.targets, batch.mask))
+        assert all(tuple(r) in rows for r in inputs)
+        arrow = np.asarray(batch.info["arrow"])
+        np.testing.assert_array_equal(inputs[np.arange(64), arrow], ins.ARROW)
+        np.testing.assert_array_equal(targets[np.arange(64), arrow], np.asarray(batch.info["answer"]))
+        if loss == "answer":
+            np.testing.assert_array_equal(mask, np.arange(mask.shape[1])[None] == arrow[:, None])
+        else:
+            np.testing.assert_array_equal(mask, targets != ins.PAD)
+        assert len({tuple(r) for r in inputs}) > 32  # uniform draws from 2000+ rows rarely repeat
+
+
+def test_parsed_patterns_sample_strings_that_re_matches_and_count_them():
+    rng = np.random.default_rng(0)
+    alphabet = "abcd"
+    for text in ("a[bc]{1,2}d?", "[a-c]+d", "b.?a*", "[ad]{2}c"):
+        atoms = ins.parse_pattern(text, alphabet)
+        for _ in range(50):
+            assert re.fullmatch(text, ins.sample_string(atoms, rng, max_repeat=3))
+    # a pattern whose atoms split every string one way: the capacity is the number of strings re matches
+    for text, max_len in (("a[bc]{1,2}d?", 5), ("[ab]c?[cd]{2}", 4)):
+        brute = sum(bool(re.fullmatch(text, "".join(s))) for n in range(max_len + 1)
+                    for s in itertools.product(alphabet, repeat=n))
+        assert ins.pattern_capacity(ins.parse_pattern(text, alphabet), max_len, 3) == brute
+
+
+@pytest.mark.parametrize("text,message", [
+    ("ab[cd", "unclosed '\\['"), ("+ab", "without an atom"), ("a{3,1}", "needs 0 <= m <= n"),
+    ("a{x}", "malformed repetition"), ("az", "letter 'z' is not in the alphabet"), ("[d-a]", "empty range"),
+])
+def test_pattern_syntax_errors_name_the_field_and_position(text, message):
+    cfg = ins.Instructions(n_tasks=2, n_families=2, n_letters=4, patterns=(("ab", text), ("cd", "dc")))
+    with pytest.raises(ConfigError, match=rf"patterns\[0\]\[1\]: .*{message}.* at position \d+"):
+        ins.build(cfg)
+
+
+def test_impossible_settings_fail_at_setup_with_the_field_and_the_count():
+    with pytest.raises(ConfigError, match=r"n_tasks=30 is too large for the alphabet: n_letters=5 makes only 25"):
+        ins.Instructions(n_tasks=30, n_letters=5)
+    with pytest.raises(ConfigError, match=r"n_tasks=9 is too large: only \d task functions"):
+        ins.build(ins.Instructions(n_tasks=9, n_inputs=2, n_outputs=2, min_task_distance=1))
+    few = ins.Instructions(n_tasks=2, n_families=2, strings_per_family=5, validation_strings=1,
+                           patterns=(("ab", "a[bc]"), ("cd", "c[de]")))
+    with pytest.raises(ConfigError, match=r"patterns\[0\]\[0\] \('ab'\) made only 1 unambiguous strings.*"
+                                          r"strings_per_family=5"):
+        ins.build(few)
+    with pytest.raises(ConfigError, match="patterns must hold n_families=3"):
+        ins.Instructions(n_tasks=2, n_families=3, patterns=(("a", "b"), ("c", "d")))
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        ins.Instructions(loss="every")
