@@ -2,6 +2,7 @@
 factorised-position transformer (parameter count, positions outside the residual, bidirectional attention, edits)."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jaxicl.models import apply
 from jaxicl.models.factor_transformer import FactorTransformer
 from jaxicl.sites import Patch
 from jaxicl.tasks import boards as bd
+from jaxicl.tasks import sample_batch
 from jaxicl.validation import ConfigError
 
 CFG = bd.Boards()
@@ -21,6 +23,18 @@ CFG = bd.Boards()
 @pytest.fixture(scope="module")
 def data():
     return bd.build(CFG)
+
+
+def _enumerate(kind):
+    """Every tuple of a type, by itertools (the reference numbering)."""
+    pos, bck, roots = range(6), range(10), range(10)
+    if kind == "single":
+        return np.array(list(itertools.product(roots, pos, pos, bck)))
+    if kind == "double":
+        return np.array([(k1, x1, y1, k2, x2, y2, b) for k1, k2 in itertools.product(roots, roots)
+                         for x1, y1, x2, y2 in itertools.product(pos, pos, pos, pos) if x1 != x2 and y1 != y2
+                         for b in bck])
+    return np.array(list(itertools.product(range(5), range(2), range(2), bck)))
 
 
 def _numpy_board(roots, composites, kind, t):
@@ -38,18 +52,19 @@ def _numpy_board(roots, composites, kind, t):
 
 
 def test_counts_per_type_and_split_match_the_notes_and_the_splits_are_disjoint(data):
-    counts = {s: {t: len(v) for t, v in by.items()} for s, by in data.tuples.items()}
+    tuples = {s: {t: data.tuples(s, t) for t in bd.TYPES} for s in ("train", "test")}
+    counts = {s: {t: len(v) for t, v in by.items()} for s, by in tuples.items()}
     assert counts == {"train": {"single": 3560, "double": 899600, "composition": 180},
                       "test": {"single": 40, "double": 400, "composition": 20}}
     for t in bd.TYPES:
-        train, test = (np.ascontiguousarray(data.tuples[s][t]) for s in ("train", "test"))
-        as_rows = lambda a: set(map(bytes, a.view(np.uint8).reshape(len(a), -1)))  # noqa: E731
-        assert not as_rows(train) & as_rows(test)
+        as_rows = lambda a: set(map(tuple, a.tolist()))  # noqa: E731
+        train, test, every = as_rows(tuples["train"][t]), as_rows(tuples["test"][t]), as_rows(_enumerate(t))
+        assert not train & test and train | test == every  # the arithmetic numbering covers every tuple once
         # four test tuples per group: per root, per ordered root pair, per composite
-        groups = bd.group_of(t, test, CFG.n_roots)
+        test_arr = tuples["test"][t]
+        groups = test_arr[:, 0] * 10 + test_arr[:, 3] if t == "double" else test_arr[:, 0]
         assert set(np.bincount(groups)[np.unique(groups)]) == {4}
-    x1, y1, x2, y2 = (data.tuples["train"]["double"][:, i] for i in (1, 2, 4, 5))
-    assert np.all(x1 != x2) and np.all(y1 != y2)
+        assert len(np.unique(groups)) == bd.sizes(CFG, t)[0]
 
 
 def test_the_blueprint_has_distinct_roots_and_composites(data):
@@ -61,15 +76,15 @@ def test_the_blueprint_has_distinct_roots_and_composites(data):
 def test_rendering_matches_a_numpy_renderer_and_later_objects_win_on_overlaps(data):
     rng = np.random.default_rng(0)
     for kind in bd.TYPES:
-        tuples = data.tuples["train"][kind]
+        tuples = data.tuples("train", kind)
         rows = rng.choice(len(tuples), 64, replace=False)
-        out = jax.vmap(data.render)(data.tables["train"][kind][rows])
+        out = jax.vmap(data.render)(data.rows(kind, tuples[rows]))
         want = np.stack([_numpy_board(data.roots, data.composites, kind, tuples[i]) for i in rows])
         np.testing.assert_array_equal(np.asarray(out["board"]), want)
         np.testing.assert_array_equal(np.asarray(out["root"]) >= 0, want >= 10)
     # an overlapping double board: root 2 at (2, 2) over root 1 at (1, 1); the cell annotations follow the winner
     t = np.array([[3, 1, 1, 7, 2, 2, 5]], np.int32)
-    out = data.render(jnp.asarray(bd.placements("double", t, data.composites))[0])
+    out = data.render(data.rows("double", t)[0])
     board, root, cell = (np.asarray(out[k]).reshape(8, 8) for k in ("board", "root", "cell"))
     np.testing.assert_array_equal(board[2:5, 2:5], 10 + data.roots[7])
     assert board[1, 1] == 10 + data.roots[3][0, 0] and root[2, 2] == 7 and root[1, 1] == 3
@@ -77,8 +92,8 @@ def test_rendering_matches_a_numpy_renderer_and_later_objects_win_on_overlaps(da
 
 
 def test_composites_cover_their_footprint_with_a_one_cell_margin(data):
-    t = data.tuples["train"]["composition"]
-    out = jax.vmap(data.render)(data.tables["train"]["composition"])
+    t = data.tuples("train", "composition")
+    out = jax.vmap(data.render)(data.rows("composition", t))
     objects = np.asarray(out["root"]).reshape(-1, 8, 8) >= 0
     for i in range(len(t)):
         x, y = t[i, 1], t[i, 2]
@@ -90,15 +105,16 @@ def test_composites_cover_their_footprint_with_a_one_cell_margin(data):
 
 
 def test_masks_have_the_scheduled_rate_and_patches_come_late(data):
-    sample = data.sampler("train")
-    keys = jax.random.split(jax.random.key(1), 4096)
     for epoch in (0, 300, 740, 2000):
-        b = jax.vmap(sample, in_axes=(0, None))(keys, epoch)
+        b = sample_batch(data.sampler("train"), CFG, jax.random.key(1), 4096, axis=None,
+                         step=epoch * CFG.steps_per_epoch + 3)
         p = float(bd.mask_probability(CFG, epoch))
         want = p + (CFG.patch_p * 9 / 64 * (1 - p) if epoch >= CFG.patch_from else 0.0)
+        masked = np.asarray(b.info["masked"])
         # 4096 x 64 cells: the fraction's standard deviation is below 2e-3 here (patches included)
-        assert float(jnp.mean(b["mask"])) == pytest.approx(want, abs=6e-3), epoch
-        np.testing.assert_array_equal(np.where(b["mask"], 20, b["board"]), b["masked"])
+        assert masked.mean() == pytest.approx(want, abs=6e-3), epoch
+        np.testing.assert_array_equal(np.where(masked, 20, b.targets), b.inputs)
+        np.testing.assert_array_equal(b.mask, 1.0)
     np.testing.assert_allclose([bd.mask_probability(CFG, e) for e in (0, 375, 750, 3000)], [0.01, 0.125, 0.25, 0.25],
                                rtol=1e-6)  # float32
 
@@ -108,12 +124,14 @@ def test_the_type_curriculum_ramps_linearly_and_the_sampler_follows_it(data):
     np.testing.assert_allclose(bd.type_probabilities(CFG, 625), [(0.8 + 1 / 3) / 2, (0.1 + 1 / 3) / 2,
                                                                  (0.1 + 1 / 3) / 2], rtol=1e-6)
     np.testing.assert_allclose(bd.type_probabilities(CFG, 5000), [1 / 3] * 3, rtol=1e-6)
-    b = jax.vmap(data.sampler("train"), in_axes=(0, None))(jax.random.split(jax.random.key(2), 8000), 0)
+    b = sample_batch(data.sampler("train"), CFG, jax.random.key(2), 8000, axis=None, step=0).info
     freq = np.bincount(np.asarray(b["type"]), minlength=3) / 8000
     np.testing.assert_allclose(freq, [0.8, 0.1, 0.1], atol=0.02)  # binomial sd <= 0.0045
     objects = np.asarray(b["root"] >= 0).sum(1)
     np.testing.assert_array_equal(objects[np.asarray(b["type"]) == 2], 36)  # composites: 4 roots, 36 cells
     assert set(objects[np.asarray(b["type"]) == 0]) == {9}
+    with pytest.raises(ValueError, match="takes the training step"):
+        sample_batch(data.sampler("train"), CFG, jax.random.key(2), 8, axis=None)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -138,7 +156,7 @@ def test_parameter_count_matches_the_notes(model):
 
 
 def test_positions_never_enter_the_residual_stream(model, data):
-    board = data.render(data.tables["train"]["single"][0])["board"]
+    board = data.render(data.rows("single", data.tuples("train", "single")[:1])[0])["board"]
     sites = ["embed"] + [f"layer{l}.{s}" for l in range(3) for s in ("attn.out", "mlp.out", "resid_post")]
     _, cache = apply(*nnx.split(model), board, capture=sites)
     np.testing.assert_array_equal(cache["embed"], model.embed[...][board])  # the token embedding alone
@@ -152,7 +170,7 @@ def test_positions_never_enter_the_residual_stream(model, data):
 
 
 def test_attention_is_bidirectional(model, data):
-    board = data.render(data.tables["train"]["single"][0])["board"]
+    board = data.render(data.rows("single", data.tuples("train", "single")[:1])[0])["board"]
     graphdef, params = nnx.split(model)
     before = apply(graphdef, params, board)[0]
     after = apply(graphdef, params, board.at[63].set(20))[0]
@@ -161,7 +179,7 @@ def test_attention_is_bidirectional(model, data):
 
 def test_site_edits_replace_add_and_transplant_only_the_named_cells(model, data):
     graphdef, params = nnx.split(model)
-    boards = jax.vmap(data.render)(data.tables["train"]["double"][:2])["board"]
+    boards = jax.vmap(data.render)(data.rows("double", data.tuples("train", "double")[:2]))["board"]
     site = "layer1.resid_mid"
     base, cache = apply(graphdef, params, boards[0], capture=[site])
     same, _ = apply(graphdef, params, boards[0], patch=Patch(values={site: cache[site]}))
@@ -177,3 +195,56 @@ def test_site_edits_replace_add_and_transplant_only_the_named_cells(model, data)
     np.testing.assert_array_equal(edited[site][~cells[:, 0]], cache[site][~cells[:, 0]])
     with pytest.raises(KeyError, match="unknown site name"):
         apply(graphdef, params, boards[0], capture=["layer9.z"])
+
+
+def _recipe(steps):
+    """The official optimiser (AdamW, lr 1e-3 constant, betas (0.9, 0.95), decay 0.01 on linear weights)."""
+    from jaxicl.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=16, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01,
+                       steps_per_call=4, log_every=1, checkpoint_every=4)
+
+
+def test_the_official_recipe_decays_linear_weights_only(model):
+    from jaxicl.train.optim import decay_mask, path_names
+
+    mask = decay_mask(nnx.state(model, nnx.Param), _recipe(8).no_decay)
+    decayed = {"/".join(path_names(p)) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+    assert decayed == {f"blocks/{l}/{n}/w" for l in range(3) for n in ("q", "k", "v", "proj", "mlp_in", "mlp_out")} | {
+        "head/w"}
+
+
+def test_a_curriculum_run_through_the_engine_resumes_exactly(tmp_path):
+    """The sampler takes the step (types, masking and patches change within these 8 steps: one step an epoch); a
+    run whose last checkpoint is lost resumes from step 4 and gives the same losses as it did straight through."""
+    import shutil
+
+    from jaxicl.train import cross_entropy_loss, train
+
+    cfg = dataclasses.replace(CFG, steps_per_epoch=1, types_ramp=(0, 8), mask_ramp_end=8, patch_from=4)
+    data = bd.build(cfg)
+    graphdef, params = nnx.split(FactorTransformer(d_model=16, d_pos=8, n_layers=1, rngs=nnx.Rngs(0)), nnx.Param)
+    loss = cross_entropy_loss(graphdef)
+    straight = train(loss, data.sampler("train"), cfg, _recipe(8), params, out_dir=str(tmp_path), progress=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    resumed = train(loss, data.sampler("train"), cfg, _recipe(8), params, out_dir=str(tmp_path), progress=False)
+    # exact: the same compiled 4-step program on the same state and step
+    assert [r["step"] for r in resumed.train_rows] == list(range(8))
+    np.testing.assert_array_equal([r["loss"] for r in resumed.train_rows], [r["loss"] for r in straight.train_rows])
+    assert np.isfinite([r["loss"] for r in straight.train_rows]).all()
+
+
+def test_board_metrics_against_numpy(data):
+    batch = bd.eval_prompts(data, "test", jax.random.key(4), epoch=2000, per_type=(40, 100, 20), rounds=2)
+    assert batch.inputs.shape == (320, 64)
+    np.testing.assert_array_equal(np.bincount(np.asarray(batch.info["type"])), [80, 200, 40])
+    rng = np.random.default_rng(5)
+    targets = np.asarray(batch.targets)
+    pred = np.where(rng.random(targets.shape) < 0.02, 20, targets)  # 2% of cells wrong
+    got = bd.board_metrics(jnp.asarray(pred), batch)
+    wrong, masked = pred != targets, np.asarray(batch.info["masked"])
+    np.testing.assert_allclose(float(got["token_accuracy"]), 1 - wrong.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(got["masked_error"]), wrong[masked].mean(), rtol=1e-6)
+    types = np.asarray(batch.info["type"])
+    for i, t in enumerate(bd.TYPES):
+        np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)
