@@ -55,3 +55,58 @@ def test_participation_ratio_of_planted_low_rank_sets():
     ev = np.linalg.eigvalsh(cov)
     assert float(participation_ratio(jnp.asarray(x[:2000], jnp.float32))) == pytest.approx(
         ev.sum() ** 2 / np.sum(ev**2), rel=1e-4)
+
+
+def test_probe_with_held_out_rows_scores_exactly_those_rows():
+    from jaxicl.analysis.probes import probe
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    position = rng.integers(0, 8, 400)
+    y = (x @ rng.normal(size=6) > 0).astype(np.int32)
+    held = position >= 6  # whole positions held out
+    out = probe(x, y, held_out=held)
+    w = out["weights"]
+    pred = np.argmax(x[held] @ w[:-1] + w[-1], -1)
+    assert out["score"] == pytest.approx(np.mean(pred == y[held])) and out["score"] > 0.9
+    with pytest.raises(ValueError, match="rows on both sides"):
+        probe(x, y, held_out=np.ones(400, bool))
+
+
+def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation():
+    import jax
+    from flax import nnx
+
+    from jaxicl.analysis.perturbation import perturbation_distances
+    from jaxicl.models import apply
+    from jaxicl.models.factor_transformer import FactorTransformer
+    from jaxicl.sites import Patch
+
+    model = FactorTransformer(d_model=16, d_pos=8, n_layers=2, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(0), (3, 64), 0, 21)
+    cells = np.zeros((3, 64), bool)
+    cells[:, 10:19] = True
+    sites = ["layer0.resid_post", "layer1.resid_post", "unembed.in"]
+    d = np.asarray(perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
+                                          jax.random.key(1), sites))
+    assert d[0] == pytest.approx(0.3, rel=1e-5)  # at the perturbed site: alpha by construction
+    # an independent route: the clean and the perturbed run of each board, the same noise
+    x = np.stack([apply(graphdef, params, t, capture=sites)[1]["layer0.resid_post"] for t in tokens])
+    noise = np.asarray(jax.random.normal(jax.random.key(1), x.shape))
+    delta = np.where(cells[..., None], noise * 0.3 * np.linalg.norm(x, axis=-1, keepdims=True)
+                     / np.linalg.norm(noise, axis=-1, keepdims=True), 0.0)
+    want = []
+    for s in sites[1:]:
+        rel = []
+        for b in range(3):
+            clean = apply(graphdef, params, tokens[b], capture=[s])[1][s]
+            pert = apply(graphdef, params, tokens[b], capture=[s],
+                         patch=Patch(deltas={"layer0.resid_post": jnp.asarray(delta[b], jnp.float32)}))[1][s]
+            rel.append(np.linalg.norm(np.asarray(pert - clean), axis=-1)[cells[b]] /
+                       np.linalg.norm(np.asarray(clean), axis=-1)[cells[b]])
+        want.append(np.mean(rel))
+    np.testing.assert_allclose(d[1:], want, rtol=1e-4)
+    zero = perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.0,
+                                  jax.random.key(1), sites)
+    np.testing.assert_allclose(np.asarray(zero), 0.0, atol=1e-6)
