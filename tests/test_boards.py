@@ -214,26 +214,6 @@ def test_the_official_recipe_decays_linear_weights_only(model):
         "head/w"}
 
 
-def test_a_curriculum_run_through_the_engine_resumes_exactly(tmp_path):
-    """The sampler takes the step (types, masking and patches change within these 8 steps: one step an epoch); a
-    run whose last checkpoint is lost resumes from step 4 and gives the same losses as it did straight through."""
-    import shutil
-
-    from jaxicl.train import cross_entropy_loss, train
-
-    cfg = dataclasses.replace(CFG, steps_per_epoch=1, types_ramp=(0, 8), mask_ramp_end=8, patch_from=4)
-    data = bd.build(cfg)
-    graphdef, params = nnx.split(FactorTransformer(d_model=16, d_pos=8, n_layers=1, rngs=nnx.Rngs(0)), nnx.Param)
-    loss = cross_entropy_loss(graphdef)
-    straight = train(loss, data.sampler("train"), cfg, _recipe(8), params, out_dir=str(tmp_path), progress=False)
-    shutil.rmtree(tmp_path / "checkpoints" / "8")
-    resumed = train(loss, data.sampler("train"), cfg, _recipe(8), params, out_dir=str(tmp_path), progress=False)
-    # exact: the same compiled 4-step program on the same state and step
-    assert [r["step"] for r in resumed.train_rows] == list(range(8))
-    np.testing.assert_array_equal([r["loss"] for r in resumed.train_rows], [r["loss"] for r in straight.train_rows])
-    assert np.isfinite([r["loss"] for r in straight.train_rows]).all()
-
-
 def test_board_metrics_against_numpy(data):
     batch = bd.eval_prompts(data, "test", jax.random.key(4), epoch=2000, per_type=(40, 100, 20), rounds=2)
     assert batch.inputs.shape == (320, 64)
