@@ -147,16 +147,21 @@ def measure(graphdef, params, batch, pool, key, sites: tuple[str, ...], sizes: t
     logits, cache = jax.vmap(lambda t: apply(graphdef, params, t, capture=sites))(batch.inputs)
     arrow, answer = batch.info["arrow"], batch.info["answer"]
     correct = jnp.argmax(jnp.take_along_axis(logits, arrow[:, None, None], axis=1)[:, 0], -1) == answer
-    feats = {"arrow": sequence_features(cache, list(sites), positions=arrow),
-             "sep": sequence_features(cache, list(sites), positions=arrow - 2),
-             "instruction_mean": sequence_features(cache, list(sites), pool_mask=pool)}
+    feats = jnp.stack([sequence_features(cache, list(sites), positions=arrow - POSITION_OFFSETS["sep"]),
+                       sequence_features(cache, list(sites), positions=arrow),
+                       sequence_features(cache, list(sites), pool_mask=pool)])  # [R, L, N, D], REPRESENTATIONS' order
+    n_reps, n_layers = feats.shape[:2]
     out, lo = [], 0
     for n in sizes:
         part = slice(lo, lo + n)
+        f = feats[:, :, part]
+        # one k-means program for every representation and layer of the split
+        scores = cluster_scores(f.reshape(n_reps * n_layers, n, -1), batch.info["task"][part], n_tasks, key, restarts,
+                                iters)
         split = {"accuracy": jnp.mean(correct[part]), "correct": correct[part]}
-        for rep, f in feats.items():
-            split[rep] = {"features": f[:, part],
-                          **cluster_scores(f[:, part], batch.info["task"][part], n_tasks, key, restarts, iters)}
+        for r, rep in enumerate(REPRESENTATIONS):
+            split[rep] = {"features": f[r], **{k: v.reshape(n_reps, n_layers, *v.shape[1:])[r]
+                                               for k, v in scores.items()}}
         split["arrow"]["answer_ari"] = jax.vmap(lambda c: adjusted_rand_index(
             answer[part] - answers[0], c, answers[1], n_tasks))(split["arrow"]["clusters"])
         out.append(split)
@@ -184,9 +189,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         answers=(cfg.task.answer_token(0), cfg.task.n_outputs), restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters)))
     rep = cfg.representation
     snapshots = []  # the train set's last-layer features at each evaluation of this process (the PCA figure)
+    last = []  # the latest evaluation's measurements: the final one is the end of the run's
 
     def evaluate(p):
         m = measured(p)
+        last[:] = [m]
         snapshots.append(np.asarray(m["train"][rep]["features"][-1]))
         scores = {}
         for split in ins.SPLITS:
@@ -202,7 +209,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                    run_config={"experiment": "clustering_dynamics", "model": dataclasses.asdict(cfg.model)},
                    desc="clustering_dynamics")
     final_params = result.state.params
-    final = jax.device_get(measured(final_params))
+    # the run's final evaluation (the engine evaluates at the end), or a new one where a finished run was resumed
+    final = jax.device_get(last[0] if last else measured(final_params))
     rows = sorted(result.eval_rows, key=lambda r: r["step"])
     layers = range(len(sites))
     curve = {(name, r, split, l): np.array([row[f"{name}_{r}_{split}_layer{l}"] for row in rows])

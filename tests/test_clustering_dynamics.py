@@ -49,7 +49,7 @@ def test_edits_at_a_position_equal_patch_deltas_and_zero_edits_change_nothing():
     edited = np.asarray(cd._edited_predictions(graphdef, params, batch.inputs, arrow, arrow - 2, sites, delta, bases,
                                                mean, which))
     sep = jax.nn.one_hot(arrow - 2, t)[..., None]  # [B, T, 1]
-    for l, site in enumerate(sites):
+    for l, site in list(enumerate(sites))[1:2]:  # one site against patches (each site is one more compile)
         logits = patched_predictions(graphdef, params, batch.inputs, Patch(deltas={site: sep * delta[l][:, None]}))
         np.testing.assert_array_equal(edited[l], np.asarray(jnp.argmax(logits[jnp.arange(b), arrow], -1)))
     plain = np.asarray(jnp.argmax(jax.vmap(model)(batch.inputs)[jnp.arange(b), arrow], -1))

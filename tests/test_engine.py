@@ -305,3 +305,21 @@ def test_cross_entropy_loss_against_a_numpy_log_softmax():
     per_prompt = lambda v: np.mean((m * v).sum(-1) / np.maximum(m.sum(-1), 1e-12))  # noqa: E731
     np.testing.assert_allclose(float(loss), per_prompt(nll), rtol=1e-5)
     np.testing.assert_allclose(float(aux["accuracy"]), per_prompt(logits.argmax(-1) == t), rtol=1e-6)
+
+
+def test_the_engine_passes_the_step_to_a_sampler_that_takes_it():
+    """A curriculum's sampler gets the step of the batch it draws: here its target is the step, so each logged loss
+    (the mean target, through a parameter that is not updated: lr 0) is that step, across chunks and on 4 devices."""
+    from jaxicl.prompt import Prompt
+
+    def sample(cfg, key, step):
+        del cfg
+        return Prompt(inputs=jax.random.normal(key, (1,)), targets=jnp.full((1,), step, jnp.float32),
+                      mask=jnp.ones(1))
+
+    def loss_fn(params, batch):
+        return jnp.mean(batch.targets) + 0.0 * params["w"], {}
+
+    cfg = TrainConfig(steps=7, batch_size=8, optimizer="sgd", lr=1e-9, steps_per_call=3, log_every=1)
+    result = train(loss_fn, sample, None, cfg, {"w": jnp.zeros(())}, progress=False)
+    np.testing.assert_array_equal(_losses(result), np.arange(7))

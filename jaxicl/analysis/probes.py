@@ -17,10 +17,11 @@ def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fraction: float = 0.25,
-          key: jax.Array | None = None) -> dict:
+          key: jax.Array | None = None, held_out: jax.Array | None = None) -> dict:
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
     over K) or [N] ints (classes: one-hot regression, accuracy of the argmax). Returns {"score", "train_score",
-    "weights"} with score "r2" or "accuracy" on the held-out prompts (a random split by key, default key 0)."""
+    "weights"} with score "r2" or "accuracy" on the held-out prompts: a random split by key (default key 0), or the
+    rows where held_out [N] is True (e.g. whole board positions, so the probe must generalise across them)."""
     features = jnp.asarray(features, jnp.float32)
     targets = jnp.asarray(targets)
     n = features.shape[0]
@@ -28,9 +29,15 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
         raise ValueError(f"features and targets need the same number of rows, got {n} and {targets.shape[0]}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
-    n_test = max(int(round(test_fraction * n)), 1)
-    test, train = order[:n_test], order[n_test:]
+    if held_out is not None:
+        held_out = np.asarray(held_out, bool)
+        if held_out.shape != (n,) or held_out.all() or not held_out.any():
+            raise ValueError(f"held_out must be a [{n}] boolean mask with rows on both sides")
+        test, train = np.flatnonzero(held_out), np.flatnonzero(~held_out)
+    else:
+        order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
+        n_test = max(int(round(test_fraction * n)), 1)
+        test, train = order[:n_test], order[n_test:]
     classes = jnp.issubdtype(targets.dtype, jnp.integer)
     y = jax.nn.one_hot(targets, int(targets.max()) + 1) if classes else targets.reshape(n, -1).astype(jnp.float32)
     w = ridge_fit(features[train], y[train], lam)

@@ -1,5 +1,6 @@
 """Generic batching of one-prompt samplers: vmap over keys, born sharded on the mesh."""
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
@@ -40,13 +41,19 @@ def fixed_set_key(key: jax.Array, size: int, seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), jax.random.randint(key, (), 0, size))
 
 
+def takes_step(sample: Sampler) -> bool:
+    """Whether the sampler takes the training step as a keyword (a curriculum: sample(cfg, key, step=...))."""
+    return "step" in inspect.signature(sample).parameters
+
+
 @partial(jax.jit, static_argnames=("sample", "cfg", "batch_size", "axis"))
 def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: str | None = DATA_AXIS,
-                 task_params: dict | None = None) -> Prompt:
+                 task_params: dict | None = None, step: jax.Array | None = None) -> Prompt:
     """batch_size prompts from `sample(cfg, key, **task_params)`: every leaf gets a leading [batch_size] axis.
 
     task_params holds array values of task fields that the sampler takes as keywords (the fields a
-    sweep may vary per member, e.g. noise_std); None means the values in cfg.
+    sweep may vary per member, e.g. noise_std); None means the values in cfg. step: the training step,
+    passed on to a sampler that takes it (takes_step; then it is required).
 
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
     that axis before the vmap, so each device samples its own slice and no data crosses the host.
@@ -56,4 +63,9 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     if axis is not None and data_axis_size(axis) > 1:
         check_divisible(batch_size, axis)
         keys = jax.reshard(keys, P(axis))
-    return jax.vmap(partial(sample, cfg, **(task_params or {})))(keys)
+    kwargs = dict(task_params or {})
+    if takes_step(sample):
+        if step is None:
+            raise ValueError("this sampler takes the training step (a curriculum): pass step=")
+        kwargs["step"] = step
+    return jax.vmap(partial(sample, cfg, **kwargs))(keys)

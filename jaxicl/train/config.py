@@ -17,6 +17,7 @@ class TrainConfig:
     batch_size: int = 256
     optimizer: str = "adam"
     lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's (b1, b2)
     schedule: str = "constant"  # "warmup_cosine": linear warmup to lr, cosine decay to 0 at `steps`
     warmup_steps: int = 0
     weight_decay: float = 0.0  # adamw only
@@ -38,5 +39,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_range("warmup_steps", self.warmup_steps, 0, self.steps)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
         if self.weight_decay and self.optimizer != "adamw":
             raise ValueError(f"weight_decay={self.weight_decay} needs optimizer='adamw', got {self.optimizer!r}")

@@ -69,10 +69,12 @@ def make_optimizer(cfg: TrainConfig, swept: tuple[str, ...] = ()) -> optax.Gradi
     def build(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps):
         unit = unit_schedule(cfg, warmup_steps)
         schedule = lambda count: lr * unit(count)  # noqa: E731
+        b1, b2 = cfg.betas
         if cfg.optimizer == "adam":
-            opt = optax.adam(schedule)
+            opt = optax.adam(schedule, b1=b1, b2=b2)
         elif cfg.optimizer == "adamw":
-            opt = optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: decay_mask(p, cfg.no_decay))
+            opt = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                              mask=lambda p: decay_mask(p, cfg.no_decay))
         else:
             opt = optax.sgd(schedule)
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt

@@ -29,7 +29,8 @@ def tree_rms(tree) -> jax.Array:
 def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, task_cfg, batch_size: int,
                tx: optax.GradientTransformation, learning_rate: LearningRate | None = None,
                task_params: dict | None = None, stop_loss: float = 0.0) -> tuple[TrainState, dict]:
-    """One step on the batch sampled from fold_in(state.key, state.step); returns the new state and metrics.
+    """One step on the batch sampled from fold_in(state.key, state.step) (a sampler that takes `step` gets it: a
+    curriculum); returns the new state and metrics.
 
     sample=None: the loss takes no batch (a full-batch or closed-form objective; loss_fn(params, None)).
     task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
@@ -37,7 +38,7 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     reports stopped = True, so every later step does the same: the run has ended at that step.
     """
     batch = None if sample is None else sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step),
-                                                     batch_size, task_params=task_params)
+                                                     batch_size, task_params=task_params, step=state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

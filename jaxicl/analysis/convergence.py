@@ -1,0 +1,53 @@
+"""Convergence and dimensionality of token representations (Ferry et al. 2023's analyses, generic in the site).
+
+unit distance: || v / |v| - w / |w| ||_2, the official metric. cross_board_distance is the official
+`analyze_across_boards`: for the same F focus cells of k boards (e.g. one object's 9 cells in other contexts,
+at the same position), the mean over board pairs of each cell's unit distance. within_board_ratio is the
+reconstructed within-board measure R = W / OB of the notes (Section 6.2). participation_ratio is
+(sum lambda)^2 / sum lambda^2 of the covariance's eigenvalues.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def unit(x: jax.Array) -> jax.Array:
+    """Rows scaled to unit L2 norm (zero rows stay zero): x [..., D]."""
+    n = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.where(n > 0, n, 1.0)
+
+
+def mean_pairwise_distance(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean Euclidean distance over distinct pairs of the rows of x [N, D] (pairs weighted by weights [N, N] if
+    given: the mean over pairs i != j with weight w_ij)."""
+    d = jnp.sqrt(jnp.maximum(jnp.sum((x[:, None] - x[None]) ** 2, -1), 0.0))
+    off = 1.0 - jnp.eye(x.shape[0])
+    w = off if weights is None else off * weights
+    return jnp.sum(w * d) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def cross_board_distance(features: jax.Array) -> jax.Array:
+    """[F] for features [B, F, D] (the same F focus cells on B boards): the mean over board pairs b < b' of the unit
+    distance between the boards' f-th cells. Low values: the cell is represented alike across contexts."""
+    return jax.vmap(lambda f: mean_pairwise_distance(unit(f)), in_axes=1)(features)
+
+
+def within_board_ratio(features: jax.Array, objects: jax.Array) -> jax.Array:
+    """R = W / OB for one board: features [T, D], objects [T] bool (the cells of one object). W is the mean unit
+    distance among the object's cells, OB the mean unit distance between its cells and the other cells."""
+    u = unit(features)
+    o = objects.astype(u.dtype)
+    w = mean_pairwise_distance(u, o[:, None] * o[None])
+    ob = mean_pairwise_distance(u, o[:, None] * (1 - o)[None] + (1 - o)[:, None] * o[None])
+    return w / jnp.maximum(ob, 1e-12)
+
+
+def participation_ratio(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """(sum lambda)^2 / sum lambda^2 of the covariance of the rows of x [N, D] (rows weighted by weights [N] if
+    given, e.g. a mask selecting one root's cells): between 1 (one direction) and D (isotropic)."""
+    w = jnp.ones(x.shape[0], x.dtype) if weights is None else weights.astype(x.dtype)
+    w = w / jnp.maximum(w.sum(), 1e-12)
+    centred = x - w @ x
+    cov = (centred * w[:, None]).T @ centred
+    # trace and Frobenius norm of the covariance: sum lambda and sum lambda^2, no eigendecomposition needed
+    return jnp.trace(cov) ** 2 / jnp.maximum(jnp.sum(cov**2), 1e-30)

@@ -1,0 +1,43 @@
+"""The attractor test (Ferry et al. 2023, notes Section 6.2): perturb a site at some cells, follow the distance.
+
+Gaussian noise of norm alpha |x| is added to the site's value x at each selected cell; at every later site the
+distance between the perturbed and the clean values at those cells, relative to the clean norm, says whether
+the perturbation shrinks (an attractor) or grows through the layers.
+"""
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.models.functional import apply
+from jaxicl.sites import Patch
+
+
+def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array,
+                           alpha: float, key: jax.Array, sites: Sequence[str]) -> jax.Array:
+    """[len(sites)] mean over the selected cells of |z_perturbed - z_clean| / |z_clean| at each of `sites` when
+    noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]."""
+    info = site_info(graphdef, params, tokens[0])
+    check_sites([site, *sites], info)
+    clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
+    x = clean[site]
+    noise = jax.random.normal(key, x.shape)
+    scale = alpha * jnp.linalg.norm(x, axis=-1, keepdims=True) / jnp.linalg.norm(noise, axis=-1, keepdims=True)
+    delta = jnp.where(cells[..., None], noise * scale, 0.0)
+    perturbed = _perturbed(graphdef, params, tokens, site, delta, tuple(sites))
+    w = cells.astype(x.dtype)
+    out = []
+    for s in sites:
+        d = jnp.linalg.norm(perturbed[s] - clean[s], axis=-1) / jnp.maximum(jnp.linalg.norm(clean[s], axis=-1), 1e-30)
+        out.append(jnp.sum(w * d) / jnp.maximum(jnp.sum(w), 1.0))
+    return jnp.stack(out)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 5))
+def _perturbed(graphdef, params, tokens, site, delta, sites):
+    return jax.vmap(lambda t, d: apply(graphdef, params, t, capture=sites, patch=Patch(deltas={site: d}))[1])(
+        tokens, delta)

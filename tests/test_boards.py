@@ -1,0 +1,230 @@
+"""Ferry et al.'s board generator against the notes' counts and a numpy renderer, its masking and curricula, and the
+factorised-position transformer (parameter count, positions outside the residual, bidirectional attention, edits)."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxicl.models import apply
+from jaxicl.models.factor_transformer import FactorTransformer
+from jaxicl.sites import Patch
+from jaxicl.tasks import boards as bd
+from jaxicl.tasks import sample_batch
+from jaxicl.validation import ConfigError
+
+CFG = bd.Boards()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return bd.build(CFG)
+
+
+def _enumerate(kind):
+    """Every tuple of a type, by itertools (the reference numbering)."""
+    pos, bck, roots = range(6), range(10), range(10)
+    if kind == "single":
+        return np.array(list(itertools.product(roots, pos, pos, bck)))
+    if kind == "double":
+        return np.array([(k1, x1, y1, k2, x2, y2, b) for k1, k2 in itertools.product(roots, roots)
+                         for x1, y1, x2, y2 in itertools.product(pos, pos, pos, pos) if x1 != x2 and y1 != y2
+                         for b in bck])
+    return np.array(list(itertools.product(range(5), range(2), range(2), bck)))
+
+
+def _numpy_board(roots, composites, kind, t):
+    """The board of one tuple, drawn cell by cell."""
+    board = np.full((8, 8), t[-1])
+    if kind == "composition":
+        objs = [(composites[t[0], i, j], t[1] + 4 * i, t[2] + 4 * j) for i in range(2) for j in range(2)]
+    elif kind == "double":
+        objs = [(t[0], t[1], t[2]), (t[3], t[4], t[5])]
+    else:
+        objs = [(t[0], t[1], t[2])]
+    for k, x, y in objs:  # later objects drawn on top
+        board[x:x + 3, y:y + 3] = 10 + roots[k]
+    return board.ravel()
+
+
+def test_counts_per_type_and_split_match_the_notes_and_the_splits_are_disjoint(data):
+    tuples = {s: {t: data.tuples(s, t) for t in bd.TYPES} for s in ("train", "test")}
+    counts = {s: {t: len(v) for t, v in by.items()} for s, by in tuples.items()}
+    assert counts == {"train": {"single": 3560, "double": 899600, "composition": 180},
+                      "test": {"single": 40, "double": 400, "composition": 20}}
+    for t in bd.TYPES:
+        as_rows = lambda a: set(map(tuple, a.tolist()))  # noqa: E731
+        train, test, every = as_rows(tuples["train"][t]), as_rows(tuples["test"][t]), as_rows(_enumerate(t))
+        assert not train & test and train | test == every  # the arithmetic numbering covers every tuple once
+        # four test tuples per group: per root, per ordered root pair, per composite
+        test_arr = tuples["test"][t]
+        groups = test_arr[:, 0] * 10 + test_arr[:, 3] if t == "double" else test_arr[:, 0]
+        assert set(np.bincount(groups)[np.unique(groups)]) == {4}
+        assert len(np.unique(groups)) == bd.sizes(CFG, t)[0]
+
+
+def test_the_blueprint_has_distinct_roots_and_composites(data):
+    assert data.roots.shape == (10, 3, 3) and data.composites.shape == (5, 2, 2)
+    assert len({r.tobytes() for r in data.roots}) == 10 and len({c.tobytes() for c in data.composites}) == 5
+    assert data.roots.min() >= 0 and data.roots.max() < 10 and data.composites.max() < 10
+
+
+def test_rendering_matches_a_numpy_renderer_and_later_objects_win_on_overlaps(data):
+    rng = np.random.default_rng(0)
+    for kind in bd.TYPES:
+        tuples = data.tuples("train", kind)
+        rows = rng.choice(len(tuples), 64, replace=False)
+        out = jax.vmap(data.render)(data.rows(kind, tuples[rows]))
+        want = np.stack([_numpy_board(data.roots, data.composites, kind, tuples[i]) for i in rows])
+        np.testing.assert_array_equal(np.asarray(out["board"]), want)
+        np.testing.assert_array_equal(np.asarray(out["root"]) >= 0, want >= 10)
+    # an overlapping double board: root 2 at (2, 2) over root 1 at (1, 1); the cell annotations follow the winner
+    t = np.array([[3, 1, 1, 7, 2, 2, 5]], np.int32)
+    out = data.render(data.rows("double", t)[0])
+    board, root, cell = (np.asarray(out[k]).reshape(8, 8) for k in ("board", "root", "cell"))
+    np.testing.assert_array_equal(board[2:5, 2:5], 10 + data.roots[7])
+    assert board[1, 1] == 10 + data.roots[3][0, 0] and root[2, 2] == 7 and root[1, 1] == 3
+    assert cell[2, 2] == 0 and cell[4, 4] == 8 and cell[1, 3] == 2 and board[0, 0] == 5 and root[0, 0] == -1
+
+
+def test_composites_cover_their_footprint_with_a_one_cell_margin(data):
+    t = data.tuples("train", "composition")
+    out = jax.vmap(data.render)(data.rows("composition", t))
+    objects = np.asarray(out["root"]).reshape(-1, 8, 8) >= 0
+    for i in range(len(t)):
+        x, y = t[i, 1], t[i, 2]
+        want = np.zeros((8, 8), bool)
+        for a in range(2):
+            for b in range(2):
+                want[x + 4 * a:x + 4 * a + 3, y + 4 * b:y + 4 * b + 3] = True
+        np.testing.assert_array_equal(objects[i], want)
+
+
+def test_masks_have_the_scheduled_rate_and_patches_come_late(data):
+    for epoch in (0, 300, 740, 2000):
+        b = sample_batch(data.sampler("train"), CFG, jax.random.key(1), 4096, axis=None,
+                         step=epoch * CFG.steps_per_epoch + 3)
+        p = float(bd.mask_probability(CFG, epoch))
+        want = p + (CFG.patch_p * 9 / 64 * (1 - p) if epoch >= CFG.patch_from else 0.0)
+        masked = np.asarray(b.info["masked"])
+        # 4096 x 64 cells: the fraction's standard deviation is below 2e-3 here (patches included)
+        assert masked.mean() == pytest.approx(want, abs=6e-3), epoch
+        np.testing.assert_array_equal(np.where(masked, 20, b.targets), b.inputs)
+        np.testing.assert_array_equal(b.mask, 1.0)
+    np.testing.assert_allclose([bd.mask_probability(CFG, e) for e in (0, 375, 750, 3000)], [0.01, 0.125, 0.25, 0.25],
+                               rtol=1e-6)  # float32
+
+
+def test_the_type_curriculum_ramps_linearly_and_the_sampler_follows_it(data):
+    np.testing.assert_allclose(bd.type_probabilities(CFG, 100), [0.8, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(bd.type_probabilities(CFG, 625), [(0.8 + 1 / 3) / 2, (0.1 + 1 / 3) / 2,
+                                                                 (0.1 + 1 / 3) / 2], rtol=1e-6)
+    np.testing.assert_allclose(bd.type_probabilities(CFG, 5000), [1 / 3] * 3, rtol=1e-6)
+    b = sample_batch(data.sampler("train"), CFG, jax.random.key(2), 8000, axis=None, step=0).info
+    freq = np.bincount(np.asarray(b["type"]), minlength=3) / 8000
+    np.testing.assert_allclose(freq, [0.8, 0.1, 0.1], atol=0.02)  # binomial sd <= 0.0045
+    objects = np.asarray(b["root"] >= 0).sum(1)
+    np.testing.assert_array_equal(objects[np.asarray(b["type"]) == 2], 36)  # composites: 4 roots, 36 cells
+    assert set(objects[np.asarray(b["type"]) == 0]) == {9}
+    with pytest.raises(ValueError, match="takes the training step"):
+        sample_batch(data.sampler("train"), CFG, jax.random.key(2), 8, axis=None)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mask_max", 1.5, "mask_max must be in"), ("patch_p", -0.1, "patch_p must be in"),
+    ("types_start", (0.5, 0.5), "types_start must be 3"), ("types_ramp", (500, 100), "types_ramp must be"),
+    ("test_per_group", 0, "test_per_group must be in"), ("test_per_group", 40, "test_per_group must be in"),
+])
+def test_bad_settings_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CFG, **{field: value})
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = FactorTransformer(rngs=nnx.Rngs(0))
+    m.pos_table[...] = jax.random.normal(jax.random.key(3), m.pos_table.shape)  # as if trained: positions matter
+    return m
+
+
+def test_parameter_count_matches_the_notes(model):
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == 197_824
+
+
+def test_positions_never_enter_the_residual_stream(model, data):
+    board = data.render(data.rows("single", data.tuples("train", "single")[:1])[0])["board"]
+    sites = ["embed"] + [f"layer{l}.{s}" for l in range(3) for s in ("attn.out", "mlp.out", "resid_post")]
+    _, cache = apply(*nnx.split(model), board, capture=sites)
+    np.testing.assert_array_equal(cache["embed"], model.embed[...][board])  # the token embedding alone
+    resid = cache["embed"]
+    for l in range(3):  # the residual is the embedding plus the sub-layers' updates, nothing else
+        resid = resid + cache[f"layer{l}.attn.out"] + cache[f"layer{l}.mlp.out"]
+        np.testing.assert_allclose(cache[f"layer{l}.resid_post"], resid, rtol=1e-6, atol=1e-6)
+    # the same token at two cells starts identical in the residual; positions only act through the sub-layers
+    assert board[-1] == board[-2] and np.array_equal(cache["embed"][-1], cache["embed"][-2])
+    assert not np.allclose(cache["layer0.attn.out"][-1], cache["layer0.attn.out"][-2])
+
+
+def test_attention_is_bidirectional(model, data):
+    board = data.render(data.rows("single", data.tuples("train", "single")[:1])[0])["board"]
+    graphdef, params = nnx.split(model)
+    before = apply(graphdef, params, board)[0]
+    after = apply(graphdef, params, board.at[63].set(20))[0]
+    assert float(jnp.abs(after[0] - before[0]).max()) > 1e-4  # a later cell moves the first cell's logits
+
+
+def test_site_edits_replace_add_and_transplant_only_the_named_cells(model, data):
+    graphdef, params = nnx.split(model)
+    boards = jax.vmap(data.render)(data.rows("double", data.tuples("train", "double")[:2]))["board"]
+    site = "layer1.resid_mid"
+    base, cache = apply(graphdef, params, boards[0], capture=[site])
+    same, _ = apply(graphdef, params, boards[0], patch=Patch(values={site: cache[site]}))
+    np.testing.assert_allclose(same, base, rtol=1e-6, atol=1e-6)  # replacing a site with its own value
+    zero, _ = apply(graphdef, params, boards[0], patch=Patch(deltas={site: jnp.zeros_like(cache[site])}))
+    np.testing.assert_array_equal(zero, base)
+    _, donor = apply(graphdef, params, boards[1], capture=[site])
+    cells = np.zeros((64, 1), bool)
+    cells[[9, 10, 17]] = True
+    _, edited = apply(graphdef, params, boards[0], capture=[site],
+                      patch=Patch(values={site: donor[site]}, masks={site: jnp.asarray(cells)}))
+    np.testing.assert_array_equal(edited[site][cells[:, 0]], donor[site][cells[:, 0]])
+    np.testing.assert_array_equal(edited[site][~cells[:, 0]], cache[site][~cells[:, 0]])
+    with pytest.raises(KeyError, match="unknown site name"):
+        apply(graphdef, params, boards[0], capture=["layer9.z"])
+
+
+def _recipe(steps):
+    """The official optimiser (AdamW, lr 1e-3 constant, betas (0.9, 0.95), decay 0.01 on linear weights)."""
+    from jaxicl.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=16, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01,
+                       steps_per_call=4, log_every=1, checkpoint_every=4)
+
+
+def test_the_official_recipe_decays_linear_weights_only(model):
+    from jaxicl.train.optim import decay_mask, path_names
+
+    mask = decay_mask(nnx.state(model, nnx.Param), _recipe(8).no_decay)
+    decayed = {"/".join(path_names(p)) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+    assert decayed == {f"blocks/{l}/{n}/w" for l in range(3) for n in ("q", "k", "v", "proj", "mlp_in", "mlp_out")} | {
+        "head/w"}
+
+
+def test_board_metrics_against_numpy(data):
+    batch = bd.eval_prompts(data, "test", jax.random.key(4), epoch=2000, per_type=(40, 100, 20), rounds=2)
+    assert batch.inputs.shape == (320, 64)
+    np.testing.assert_array_equal(np.bincount(np.asarray(batch.info["type"])), [80, 200, 40])
+    rng = np.random.default_rng(5)
+    targets = np.asarray(batch.targets)
+    pred = np.where(rng.random(targets.shape) < 0.02, 20, targets)  # 2% of cells wrong
+    got = bd.board_metrics(jnp.asarray(pred), batch)
+    wrong, masked = pred != targets, np.asarray(batch.info["masked"])
+    np.testing.assert_allclose(float(got["token_accuracy"]), 1 - wrong.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(got["masked_error"]), wrong[masked].mean(), rtol=1e-6)
+    types = np.asarray(batch.info["type"])
+    for i, t in enumerate(bd.TYPES):
+        np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)

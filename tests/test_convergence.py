@@ -1,0 +1,113 @@
+"""Convergence and dimensionality metrics against numpy loops and planted structure."""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, within_board_ratio
+
+
+def _u(v):
+    return v / np.linalg.norm(v)
+
+
+def test_cross_board_distance_is_the_official_unit_distance_over_board_pairs():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(5, 9, 4))
+    want = [np.mean([np.linalg.norm(_u(f[a, i]) - _u(f[b, i])) for a, b in itertools.combinations(range(5), 2)])
+            for i in range(9)]
+    np.testing.assert_allclose(cross_board_distance(jnp.asarray(f, jnp.float32)), want, rtol=1e-5)
+    same = np.broadcast_to(f[:1], f.shape) * rng.uniform(0.5, 2, (5, 1, 1))  # rescaled copies: distance 0
+    np.testing.assert_allclose(cross_board_distance(jnp.asarray(same, jnp.float32)), 0.0, atol=1e-3)
+
+
+def test_within_board_ratio_against_a_loop_and_a_planted_object():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(12, 5))
+    obj = np.zeros(12, bool)
+    obj[[1, 4, 5, 9]] = True
+    d = lambda i, j: np.linalg.norm(_u(f[i]) - _u(f[j]))  # noqa: E731
+    w = np.mean([d(i, j) for i, j in itertools.permutations(np.flatnonzero(obj), 2)])
+    ob = np.mean([d(i, j) for i in np.flatnonzero(obj) for j in np.flatnonzero(~obj)])
+    assert float(within_board_ratio(jnp.asarray(f, jnp.float32), jnp.asarray(obj))) == pytest.approx(w / ob, rel=1e-5)
+    planted = f.copy()
+    planted[obj] = f[1] + 0.01 * rng.normal(size=(4, 5))  # the object's cells converged
+    assert float(within_board_ratio(jnp.asarray(planted, jnp.float32), jnp.asarray(obj))) < 0.05
+
+
+def test_participation_ratio_of_planted_low_rank_sets():
+    rng = np.random.default_rng(2)
+    basis = np.linalg.qr(rng.normal(size=(16, 3)))[0]  # an isotropic 3-dimensional set in 16 dimensions
+    x = rng.normal(size=(20000, 3)) @ basis.T
+    assert float(participation_ratio(jnp.asarray(x, jnp.float32))) == pytest.approx(3.0, rel=0.02)
+    lam = np.array([4.0, 1.0, 1.0])  # anisotropic: (sum lambda)^2 / sum lambda^2 = 36 / 18
+    y = (rng.normal(size=(20000, 3)) * np.sqrt(lam)) @ basis.T
+    assert float(participation_ratio(jnp.asarray(y, jnp.float32))) == pytest.approx(2.0, rel=0.03)
+    # weights select rows: the PR of a selected one-dimensional subset
+    line = np.outer(rng.normal(size=500), basis[:, 0])
+    both = np.concatenate([x[:500], line])
+    sel = np.r_[np.zeros(500), np.ones(500)]
+    assert float(participation_ratio(jnp.asarray(both, jnp.float32), jnp.asarray(sel))) == pytest.approx(1.0,
+                                                                                                     abs=1e-4)
+    cov = np.cov(x[:2000].T, bias=True)
+    ev = np.linalg.eigvalsh(cov)
+    assert float(participation_ratio(jnp.asarray(x[:2000], jnp.float32))) == pytest.approx(
+        ev.sum() ** 2 / np.sum(ev**2), rel=1e-4)
+
+
+def test_probe_with_held_out_rows_scores_exactly_those_rows():
+    from jaxicl.analysis.probes import probe
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    position = rng.integers(0, 8, 400)
+    y = (x @ rng.normal(size=6) > 0).astype(np.int32)
+    held = position >= 6  # whole positions held out
+    out = probe(x, y, held_out=held)
+    w = out["weights"]
+    pred = np.argmax(x[held] @ w[:-1] + w[-1], -1)
+    assert out["score"] == pytest.approx(np.mean(pred == y[held])) and out["score"] > 0.9
+    with pytest.raises(ValueError, match="rows on both sides"):
+        probe(x, y, held_out=np.ones(400, bool))
+
+
+def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation():
+    import jax
+    from flax import nnx
+
+    from jaxicl.analysis.perturbation import perturbation_distances
+    from jaxicl.models import apply
+    from jaxicl.models.factor_transformer import FactorTransformer
+    from jaxicl.sites import Patch
+
+    model = FactorTransformer(d_model=16, d_pos=8, n_layers=2, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(0), (3, 64), 0, 21)
+    cells = np.zeros((3, 64), bool)
+    cells[:, 10:19] = True
+    sites = ["layer0.resid_post", "layer1.resid_post", "unembed.in"]
+    d = np.asarray(perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
+                                          jax.random.key(1), sites))
+    assert d[0] == pytest.approx(0.3, rel=1e-5)  # at the perturbed site: alpha by construction
+    # an independent route: the clean and the perturbed run of each board, the same noise
+    x = np.stack([apply(graphdef, params, t, capture=sites)[1]["layer0.resid_post"] for t in tokens])
+    noise = np.asarray(jax.random.normal(jax.random.key(1), x.shape))
+    delta = np.where(cells[..., None], noise * 0.3 * np.linalg.norm(x, axis=-1, keepdims=True)
+                     / np.linalg.norm(noise, axis=-1, keepdims=True), 0.0)
+    run = jax.jit(lambda t, dl: [apply(graphdef, params, t, capture=sites[1:], patch=Patch(
+        deltas={"layer0.resid_post": dl}))[1][s] for s in sites[1:]])
+    want = []
+    for i in range(len(sites) - 1):
+        rel = []
+        for b in range(3):
+            clean = run(tokens[b], jnp.zeros_like(jnp.asarray(delta[b], jnp.float32)))[i]
+            pert = run(tokens[b], jnp.asarray(delta[b], jnp.float32))[i]
+            rel.append(np.linalg.norm(np.asarray(pert - clean), axis=-1)[cells[b]] /
+                       np.linalg.norm(np.asarray(clean), axis=-1)[cells[b]])
+        want.append(np.mean(rel))
+    np.testing.assert_allclose(d[1:], want, rtol=1e-4)
+    zero = perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.0,
+                                  jax.random.key(1), sites)
+    np.testing.assert_allclose(np.asarray(zero), 0.0, atol=1e-6)
