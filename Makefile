@@ -39,3 +39,17 @@ benchmarks/.venv-torch:
 
 benchmark-patching: $(VENV)/.installed benchmarks/.venv-torch
 	$(PY) -m benchmarks.patching
+
+# The suite on the JAX of the GPU machine the GPU check is for (jax 0.11.2; its flax and optax), jaxicl from the
+# source tree: the CPU install's pins are unchanged, this only checks that jaxicl also runs there.
+JAX011 := .venv-jax011
+.PHONY: test-jax011
+$(JAX011)/.installed: constraints.txt
+	@test -n "$(PYTHON312)" || { echo "error: needs python3.12 or newer on PATH"; exit 1; }
+	$(PYTHON312) -m venv $(JAX011)
+	$(JAX011)/bin/pip install -q jax==0.11.2 jaxlib==0.11.2 flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 \
+		chex==0.1.92 "numpy>=2.2,<3" matplotlib tqdm scipy pytest pytest-xdist scikit-learn
+	touch $@
+
+test-jax011: $(JAX011)/.installed
+	PYTHONPATH=. $(JAX011)/bin/python -m pytest -q -ra -n 3 --dist worksteal -p no:cacheprovider $(TESTS)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.output import write_results
+from benchmarks.timing import best_seconds
 from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.analysis.patching import (activation_patching, build_grid, grid_memory, patched_predictions,
                                      resolve_chunk_size)
@@ -49,16 +50,6 @@ def tl_weights(model: GPT) -> dict[str, np.ndarray]:
               p + "attn.W_V": b.attn.wv[...], p + "attn.W_O": b.attn.wo[...], p + "mlp.W_in": b.mlp.w_in[...],
               p + "mlp.b_in": b.mlp.bias_in[...], p + "mlp.W_out": b.mlp.w_out[...], p + "mlp.b_out": b.mlp.bias_out[...]}
     return {k: np.asarray(v, np.float32) for k, v in w.items()}
-
-
-def seconds(fn, repeats: int) -> float:
-    """Best of `repeats` wall seconds of fn() (its result blocked on)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv=None) -> None:
@@ -100,7 +91,7 @@ def bench_batch(model: GPT, sizes: dict, batch: int, repeats: int, budget: float
     start = time.perf_counter()
     grid = grid_fn()
     compiled_first = time.perf_counter() - start
-    compiled_best = seconds(grid_fn, repeats)
+    compiled_best = best_seconds(grid_fn, repeats)
 
     # the loop: one jitted forward pass per patch, a host sync after each
     plan = build_grid(site_info(graphdef, params, clean[0]), sites, "pos_head")
@@ -113,7 +104,7 @@ def bench_batch(model: GPT, sizes: dict, batch: int, repeats: int, budget: float
                          for g in range(len(next(iter(plan.masks.values()))))]).reshape(plan.shape)
 
     np.testing.assert_allclose(loop(), grid, rtol=1e-5, atol=1e-6)
-    loop_best = seconds(loop, repeats)
+    loop_best = best_seconds(loop, repeats)
     chunk = resolve_chunk_size("auto", corrupted)
     row = {"batch": batch, "grid": "x".join(map(str, grid.shape)), "chunk": chunk or "all",
            "jaxicl_grid_s": compiled_best, "jaxicl_first_call_s": compiled_first, "jaxicl_loop_s": loop_best,

@@ -13,7 +13,7 @@ Wall times include compilation (which dominates short runs on a loaded CPU), so 
 is also timed: the compiled sweep program (the one train_sweep runs) on the whole stack vs on one
 member at a time in a Python loop, after a warm-up call. Also reports XLA's memory estimate of the
 sweep program and the largest stack that fits --memory-budget.
-Writes benchmarks/results/sweep_vs_loop.json and a Markdown table sweep_vs_loop.md.
+Writes sweep_vs_loop.json and a Markdown table sweep_vs_loop.md under --out (default benchmarks/results).
 
 What to expect on a CPU: stacking members removes per-run compilation and per-op overhead, not
 FLOPs. With a small per-member batch (overhead-bound, e.g. --batch-size 32) the stacked program
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 
-def _args() -> argparse.Namespace:
+def _args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--lrs", type=int, default=8, help="learning rates, log-spaced in [1e-4, 1e-2]")
@@ -42,12 +42,16 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=10, help="task dim (gd_equivalence: 10, n_context 10)")
     ap.add_argument("--train-loop-members", type=int, default=4, help="members timed with train(); 0 = skip")
     ap.add_argument("--memory-budget", type=float, default=2**30, help="bytes (default 1 GiB)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sweep_vs_loop.json"))
-    return ap.parse_args()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="results directory")
+    ap.add_argument("--smoke", action="store_true", help="2 x 2 members, 4 steps (the tests)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.lrs, args.steps, args.batch_size, args.train_loop_members = 2, 2, 4, 8, 1
+    return args
 
 
-def main() -> None:
-    args = _args()
+def main(argv=None) -> None:
+    args = _args(argv)
     from jaxicl.models.attention import sweep_init
     from jaxicl.tasks import linear_regression as lr_task
     from jaxicl.train import TrainConfig, regression_loss, train
@@ -100,14 +104,15 @@ def main() -> None:
     results["memory"] = {"budget_bytes": args.memory_budget, "fixed_bytes": est.fixed,
                          "per_member_bytes": est.per_member, "bytes_for_this_grid": est.bytes_for(n),
                          "largest_stack_in_budget": est.largest_stack(args.memory_budget)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "sweep_vs_loop.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     table = _table(results)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(table + "\n")
     print(table)
-    print(f"-> {args.out} and its .md table")
+    print(f"-> {path} and its .md table")
 
 
 def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:

@@ -1,6 +1,6 @@
 """Training throughput of the engine's scanned step (W-vOswald: 1-layer LSA, d = 10, N = 10).
 
-python -m benchmarks.train_throughput [--steps 200] [--batch-sizes 256,2048,8192] [--layers 1,4]
+python -m benchmarks.train_throughput [--smoke] [--steps 200] [--batch-sizes 256,2048,8192] [--layers 1,4] [--out DIR]
 
 Reports, per (layers, batch size): compile time of one chunk, steady-state steps/s and
 prompts/s (sampling on device included) of one compiled chunk, the same through the whole engine
@@ -11,44 +11,25 @@ capturing every named site in a forward pass relative to capturing none. Run it 
 
 import argparse
 import time
-from functools import partial
 
 import jax
 from flax import nnx
 
 from benchmarks.output import write_results
+from benchmarks.timing import best_seconds, chunk_throughput
 from jaxicl.models import SelfAttention, apply
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
-from jaxicl.train import TrainConfig, data_mesh, regression_loss, replicated, train
-from jaxicl.train.optim import make_optimizer
-from jaxicl.train.state import init_state
-from jaxicl.train.step import run_steps
-
-
-def _seconds(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
+from jaxicl.train import TrainConfig, regression_loss, train
 
 
 def time_training(layers: int, batch_size: int, steps: int) -> dict:
     task = lr.LinearRegression(dim=10, n_context=10)
     graphdef, params = nnx.split(SelfAttention(11, num_layers=layers, init_scale=0.002, rngs=nnx.Rngs(0)))
-    cfg = TrainConfig(steps=steps, batch_size=batch_size)
-    tx = make_optimizer(cfg)
-    mesh = data_mesh()
-    with jax.set_mesh(mesh):
-        state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
-        chunk = jax.jit(partial(run_steps, n=steps, loss_fn=regression_loss(graphdef), sample=lr.sample,
-                                task_cfg=task, batch_size=batch_size, tx=tx))
-        start = time.perf_counter()
-        compiled = chunk.lower(state).compile()
-        compile_s = time.perf_counter() - start
-        _seconds(compiled, state)  # warm-up
-        run_s = min(_seconds(compiled, state) for _ in range(3))
-    return {"layers": layers, "batch": batch_size, "steps": steps, "compile_s": compile_s,
-            "steps_per_s": steps / run_s, "prompts_per_s": steps * batch_size / run_s}
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, steps_per_call=steps)
+    out = chunk_throughput(regression_loss(graphdef), lr.sample, task, params, cfg)
+    return {"layers": layers, "batch": batch_size, "steps": steps, "compile_s": out["compile_s"],
+            "steps_per_s": out["steps_per_s"], "prompts_per_s": out["steps_per_s"] * batch_size}
 
 
 def time_engine(layers: int, batch_size: int, steps: int) -> dict:
@@ -74,8 +55,7 @@ def time_capture(layers: int, batch_size: int, repeats: int = 20) -> dict:
     times = {}
     for capture in ((), "all"):
         fwd = jax.jit(jax.vmap(lambda t, c=capture: apply(graphdef, params, t, capture=c)))
-        _seconds(fwd, tokens)
-        times[capture or "none"] = min(_seconds(fwd, tokens) for _ in range(repeats))
+        times[capture or "none"] = best_seconds(lambda f=fwd: f(tokens), repeats + 1)
     return {"capture_all_over_none": times["all"] / times["none"]}
 
 
@@ -85,7 +65,11 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-sizes", default="256,2048,8192")
     ap.add_argument("--layers", default="1,4")
     ap.add_argument("--engine-steps", type=int, default=2000, help="steps of the engine timing (and twice that)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
+    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_sizes, args.layers, args.engine_steps = 2, "8", "1", 10
     rows = []
     for layers in map(int, args.layers.split(",")):
         for batch in map(int, args.batch_sizes.split(",")):
@@ -94,8 +78,9 @@ def main(argv=None) -> None:
             row["engine_over_chunk"] = row["engine_steps_per_s"] / row["steps_per_s"]
             print(row, flush=True)
             rows.append(row)
+    kw = {"out_dir": args.out} if args.out else {}
     print(write_results("train_throughput", rows, notes=f"{jax.device_count()} {jax.default_backend()} device(s); "
-                        "steps include on-device sampling; compile time is separate"))
+                        "steps include on-device sampling; compile time is separate", **kw))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Tests run on CPU with 4 simulated devices (set before any JAX computation)."""
+"""Tests run on CPU with 4 simulated devices (set before any JAX computation), compiled at LLVM optimisation level 0:
+most of a test is XLA compiling small programs, which that makes about a third faster (the programs' own results
+keep the tolerances every test states; subprocesses inherit the setting)."""
 
-import jax
+import os
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 4)

@@ -163,14 +163,6 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     assert float(ov_gain(GPT(d_model=4, n_layers=1, n_heads=1, input_dim=1, rngs=nnx.Rngs(0)), 0, 0).shape[0]) == 1
 
 
-def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path):
-    from benchmarks.patching import main
-
-    main(["--smoke", "--repeats", "1", "--out", str(tmp_path)])
-    table = (tmp_path / "patching.md").read_text()
-    assert "loop_over_grid" in table and "grid_memory_mb" in table
-
-
 def test_chunk_size_auto_fills_a_cpu_chunk_with_about_2048_prompt_tokens_and_bad_values_fail():
     tokens = jnp.zeros((8, 16), jnp.int32)
     assert resolve_chunk_size("auto", tokens) == (16 if jax.default_backend() == "cpu" else None)

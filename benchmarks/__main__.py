@@ -1,0 +1,80 @@
+"""Runs the benchmarks, each in its own process (a benchmark may set JAX flags before JAX starts).
+
+python -m benchmarks all [--smoke] [--out DIR]      every benchmark below, at CPU sizes (or the tests' sizes)
+python -m benchmarks gpu-check [--out DIR]          on one GPU, in at most 8 minutes: the GPU sizes, PyTorch on
+                                                    the same GPU, the sweep against the loop and gd_equivalence's
+                                                    full preset; every result as JSON under DIR
+
+Each benchmark writes DIR/NAME.json and DIR/NAME.md (default DIR: benchmarks/results).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (arguments at CPU sizes, arguments of the tests); every module takes --out DIR
+BENCHMARKS = {"vs_torch": ([], ["--smoke"]),
+              "sampler_throughput": ([], ["--smoke"]),
+              "device_scaling": ([], ["--smoke"]),
+              "train_throughput": ([], ["--smoke"]),
+              "patching": ([], ["--smoke"]),
+              "sweep_vs_loop": ([], ["--smoke"])}
+
+# the GPU check: (name, arguments, seconds it may take); 8 minutes in all with the experiment
+GPU_CHECK = [("vs_torch", ["--gpu"], 150),
+             ("sampler_throughput", ["--batch", "8192"], 40),
+             ("device_scaling", ["--devices", "1", "--per-device-batch", "4096"], 30),
+             ("sweep_vs_loop", ["--seeds", "16", "--lrs", "16", "--batch-size", "1024"], 90)]
+GPU_EXPERIMENT = ("gd_equivalence", "full", 150)
+
+
+def commands(names: list[str], smoke: bool, out: str) -> list[list[str]]:
+    """The command line of each named benchmark."""
+    return [[sys.executable, "-m", f"benchmarks.{n}", *BENCHMARKS[n][smoke], "--out", out] for n in names]
+
+
+def gpu_commands(out: str) -> list[tuple[list[str], int]]:
+    """(command, timeout seconds) of each step of the GPU check."""
+    steps = [([sys.executable, "-m", f"benchmarks.{n}", *args, "--out", out], limit) for n, args, limit in GPU_CHECK]
+    name, preset, limit = GPU_EXPERIMENT
+    steps.append(([sys.executable, "-m", "experiments", name, "--preset", preset, "--out",
+                   os.path.join(out, "experiments")], limit))
+    return steps
+
+
+def run(command: list[str], timeout: int | None = None) -> dict:
+    """Runs one command from the repository root; its outcome and wall seconds."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=os.path.dirname(HERE), timeout=timeout)
+        status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
+    except subprocess.TimeoutExpired:
+        status = f"timed out after {timeout} s"
+    return {"command": " ".join(command[1:]), "status": status, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["all", "gpu-check", *BENCHMARKS])
+    ap.add_argument("--smoke", action="store_true", help="the tests' sizes")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.what == "gpu-check":
+        outcomes = [run(c, limit) for c, limit in gpu_commands(args.out)]
+    else:
+        names = list(BENCHMARKS) if args.what == "all" else [args.what]
+        outcomes = [run(c) for c in commands(names, args.smoke, args.out)]
+    for o in outcomes:
+        print(f"{o['status']:>24}  {o['wall_s']:7.1f} s  {o['command']}")
+    failed = [o for o in outcomes if o["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(outcomes)} benchmarks failed")
+
+
+if __name__ == "__main__":
+    main()

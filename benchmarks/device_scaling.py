@@ -1,0 +1,65 @@
+"""Data-parallel scaling: training steps/s with the batch sharded over 1, 2, 4, 8 devices, as efficiency.
+
+python -m benchmarks.device_scaling [--smoke] [--devices 1 2 4 8] [--per-device-batch 256] [--steps 100]
+
+Weak scaling of the gd_equivalence workload (1 linear self-attention layer, d = 10, N = 10, Adam, fresh prompts
+sampled on every device for its own slice): each device keeps `--per-device-batch` prompts, so n devices train
+n times the prompts per step; efficiency = prompts/s on n devices / (n x prompts/s on one). On a CPU host the
+devices are simulated (`jax_num_cpu_devices`, set before JAX starts) and share the host's cores, so efficiency
+falls like cores / devices there: the script is meant for accelerators, where it runs unchanged over the local
+devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host after
+`jax.distributed.initialize()` (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or let a SLURM /
+TPU pod environment supply them: `--distributed` calls it); `jax.devices()` then spans every host and the
+engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engine on two processes).
+"""
+
+import argparse
+import os
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="2 simulated devices, tiny sizes (the tests)")
+    ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--per-device-batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first (multi-host)")
+    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.devices, args.per_device_batch, args.steps, args.repeats = [1, 2], 4, 2, 1
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    else:
+        jax.config.update("jax_num_cpu_devices", max(args.devices))  # only the CPU backend reads it
+    from flax import nnx
+
+    from benchmarks.output import write_results
+    from benchmarks.timing import chunk_throughput
+    from jaxicl.models import SelfAttention
+    from jaxicl.tasks import linear_regression as lr
+    from jaxicl.train import TrainConfig, regression_loss
+
+    available = jax.device_count()
+    task = lr.LinearRegression(dim=10, n_context=10)
+    graphdef, params = nnx.split(SelfAttention(11, init_scale=0.002, rngs=nnx.Rngs(0)))
+    rows = []
+    for n in [d for d in args.devices if d <= available]:
+        cfg = TrainConfig(steps=args.steps, batch_size=n * args.per_device_batch, steps_per_call=args.steps)
+        out = chunk_throughput(regression_loss(graphdef), lr.sample, task, params, cfg, args.repeats, num_devices=n)
+        rows.append({"devices": n, "batch": cfg.batch_size, "steps_per_s": out["steps_per_s"],
+                     "prompts_per_s": out["steps_per_s"] * cfg.batch_size, "compile_s": out["compile_s"]})
+        rows[-1]["efficiency"] = rows[-1]["prompts_per_s"] / (n * rows[0]["prompts_per_s"])
+        print(rows[-1], flush=True)
+    skipped = [d for d in args.devices if d > available]
+    kw = {"out_dir": args.out} if args.out else {}
+    print(write_results("device_scaling", rows, notes=f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
+                        f"{os.cpu_count()} host cores; weak scaling, {args.per_device_batch} prompts per device"
+                        + (f"; not run: {skipped} devices (only {available})" if skipped else ""), **kw))
+
+
+if __name__ == "__main__":
+    main()

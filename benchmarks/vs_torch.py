@@ -1,0 +1,201 @@
+"""Training steps/s of jaxicl against plain eager PyTorch on the same workloads, in one invocation, as a ratio.
+
+python -m benchmarks.vs_torch [--smoke | --gpu] [--workloads lsa gpt_small gpt_large] [--repeats 3] [--out DIR]
+
+Workloads (fresh Gaussian linear-regression prompts every step, Adam lr 1e-3):
+  lsa        the gd_equivalence model: 1 linear self-attention layer, d = 10, N = 10 (paired tokens), batch 256,
+             loss at the query
+  gpt_small  the GPT decoder (jaxicl.models.gpt), 2 layers, 4 heads, width 64, d = 20, 41 points interleaved
+             (81 tokens), batch 64, loss at every x token (Garg et al. 2022's setting at a small size)
+  gpt_large  the same at Garg et al.'s size: 12 layers, 8 heads, width 256
+jaxicl is timed as one compiled chunk of training steps (the engine's lax.scan, sampling on device); PyTorch
+(benchmarks/torch_reference.py, in benchmarks/.venv-torch; `make benchmarks/.venv-torch`) as an eager loop over
+the same number of steps with torch.randn prompts. Before timing, the PyTorch model gets jaxicl's initial weights
+and both compute loss and gradients on one batch: they must agree to float32 tolerance, with equal parameter
+counts and equal matmul FLOPs per step (the analytic count, PyTorch's FlopCounterMode), or nothing is timed.
+Also reported: XLA's FLOP count of the forward and backward pass (matmuls plus elementwise work) over the
+analytic matmul count, and the achieved matmul FLOP/s. Where the PyTorch environment is missing, jaxicl alone is timed and the table says why.
+"""
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks.output import write_results
+from benchmarks.timing import chunk_throughput
+from jaxicl.models import SelfAttention
+from jaxicl.models.gpt import GPT
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+from jaxicl.train import TrainConfig, regression_loss
+from jaxicl.train.optim import path_names
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH_PYTHON = os.path.join(HERE, ".venv-torch", "bin", "python")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A model and task size; kind "lsa" (SelfAttention, paired tokens) or "gpt" (GPT, interleaved tokens)."""
+
+    kind: str
+    dim: int
+    n_context: int
+    batch: int
+    steps: int
+    layers: int = 1
+    heads: int = 1
+    width: int = 0  # gpt: d_model (d_mlp = 4 width)
+
+    @property
+    def task(self) -> lr.LinearRegression:
+        if self.kind == "lsa":
+            return lr.LinearRegression(dim=self.dim, n_context=self.n_context)
+        return lr.LinearRegression(dim=self.dim, n_context=self.n_context, format="interleaved", loss_on="all")
+
+    def model(self):
+        if self.kind == "lsa":
+            return SelfAttention(self.dim + 1, num_layers=self.layers, num_heads=self.heads, init_scale=0.002,
+                                 rngs=nnx.Rngs(0))
+        return GPT(d_model=self.width, n_layers=self.layers, n_heads=self.heads, input_dim=self.dim + 1, out_dim=1,
+                   max_len=self.task.seq_len, rngs=nnx.Rngs(0))
+
+
+WORKLOADS = {"lsa": Workload("lsa", dim=10, n_context=10, batch=256, steps=200),
+             "gpt_small": Workload("gpt", dim=20, n_context=40, batch=64, steps=20, layers=2, heads=4, width=64),
+             "gpt_large": Workload("gpt", dim=20, n_context=40, batch=64, steps=3, layers=12, heads=8, width=256)}
+GPU = {"lsa": dataclasses.replace(WORKLOADS["lsa"], batch=4096, steps=500),
+       "gpt_small": dataclasses.replace(WORKLOADS["gpt_small"], batch=512, steps=100),
+       "gpt_large": dataclasses.replace(WORKLOADS["gpt_large"], steps=50)}
+SMOKE = {"lsa": Workload("lsa", dim=3, n_context=4, batch=8, steps=4),
+         "gpt_small": Workload("gpt", dim=3, n_context=4, batch=4, steps=2, layers=2, heads=2, width=8)}
+
+
+def matmul_flops(w: Workload) -> int:
+    """Multiply-add FLOPs (2 per product) of the matmuls of one training step: the forward pass, then twice each
+    matmul backwards, less the input gradient of the first projection (the prompts need none)."""
+    t, d_in = w.task.seq_len, w.dim + 1
+    if w.kind == "lsa":
+        proj = 3 * 2 * t * d_in * w.heads * d_in
+        forward = proj + 2 * (2 * w.heads * t * t * d_in) + 2 * t * w.heads * d_in * d_in
+        return w.batch * (3 * forward - proj)
+    d, dh = w.width, w.width // w.heads
+    embed = 2 * t * d_in * d
+    block = 3 * 2 * t * d * d + 2 * (2 * w.heads * t * t * dh) + 2 * t * d * d + 2 * (2 * t * d * 4 * d)
+    forward = embed + w.layers * block + 2 * t * d
+    return w.batch * (3 * forward - embed)
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+    """{'layers.0.wq': array, ...}: every parameter under its dotted path."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {".".join(path_names(path)): np.asarray(v) for path, v in leaves}
+
+
+def loss_and_grads(graphdef, params, batch) -> tuple[float, dict[str, np.ndarray], float]:
+    """jaxicl's loss and gradients on one batch, and XLA's FLOP count of that forward and backward pass."""
+    compiled = jax.jit(jax.value_and_grad(regression_loss(graphdef), has_aux=True)).lower(params, batch).compile()
+    (loss, _), grads = compiled(params, batch)
+    return float(loss), flat_params(grads), float(compiled.cost_analysis()["flops"])
+
+
+def agreement(w: Workload, loss: float, grads: dict[str, np.ndarray], torch_out: dict) -> dict:
+    """Loss, gradients, parameter count and matmul FLOPs of the two implementations; raises if they disagree."""
+    n_params = sum(g.size for g in grads.values())
+    worst = max(float(np.max(np.abs(torch_out[f"grad/{n}"] - g)) / max(float(np.max(np.abs(g))), 1e-30))
+                for n, g in grads.items())
+    loss_diff = abs(float(torch_out["loss"]) - loss) / abs(loss)
+    problems = []
+    if loss_diff > 1e-4 or worst > 1e-3:  # float32 sums in another order: relative differences of ~1e-6 expected
+        problems.append(f"loss differs by {loss_diff:.2g} (relative), a gradient by {worst:.2g} of its largest entry")
+    if int(torch_out["n_params"]) != n_params:
+        problems.append(f"parameter counts differ: torch {int(torch_out['n_params'])}, jaxicl {n_params}")
+    if int(torch_out["flops_per_step"]) != matmul_flops(w):
+        problems.append(f"matmul FLOPs per step differ: torch {int(torch_out['flops_per_step'])}, "
+                        f"analytic {matmul_flops(w)}")
+    if problems:
+        raise SystemExit(f"{w.kind}: PyTorch and jaxicl disagree, not timing them: " + "; ".join(problems))
+    return {"loss_rel_diff": loss_diff, "grad_rel_diff": worst}
+
+
+def run_torch(w: Workload, params, batch, repeats: int, python: str, device: str) -> dict | str:
+    """The PyTorch reference's output on jaxicl's weights and batch, or why it did not run."""
+    if not os.path.exists(python):
+        return f"PyTorch not timed: no environment at {python} (make benchmarks/.venv-torch)"
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "in.npz"), os.path.join(d, "out.npz")
+        np.savez(src, device=device, workload=w.kind, heads=w.heads, layers=w.layers, dim=w.dim, n_context=w.n_context,
+                 batch=w.batch, steps=w.steps, repeats=repeats + 1, threads=os.cpu_count(),
+                 inputs=np.asarray(batch.inputs), targets=np.asarray(batch.targets), mask=np.asarray(batch.mask),
+                 **{f"param/{n}": v for n, v in flat_params(params).items()})
+        done = subprocess.run([python, os.path.join(HERE, "torch_reference.py"), src, dst],
+                              capture_output=True, text=True)
+        if done.returncode:
+            return f"PyTorch not timed: its run failed: {done.stderr[-800:]}"
+        return dict(np.load(dst))
+
+
+def bench(name: str, w: Workload, repeats: int, python: str, device: str) -> tuple[dict, str]:
+    """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts."""
+    graphdef, params = nnx.split(w.model())
+    batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
+    torch_out = run_torch(w, params, batch, repeats, python, device)
+    loss, grads, xla_flops = loss_and_grads(graphdef, params, batch)
+    row = {"workload": name, "batch": w.batch, "tokens": w.task.seq_len, "steps": w.steps,
+           "n_params": sum(g.size for g in grads.values())}
+    note = ""
+    if isinstance(torch_out, str):
+        note = torch_out
+    else:
+        row |= agreement(w, loss, grads, torch_out)
+    cfg = TrainConfig(steps=w.steps, batch_size=w.batch, steps_per_call=w.steps)
+    jx = chunk_throughput(regression_loss(graphdef), lr.sample, w.task, params, cfg, repeats)
+    flops = matmul_flops(w)
+    row |= {"jaxicl_steps_per_s": jx["steps_per_s"], "jaxicl_compile_s": jx["compile_s"],
+            "matmul_gflop_per_step": flops / 1e9, "xla_over_matmul_flops": xla_flops / flops,
+            "jaxicl_matmul_gflop_per_s": flops * jx["steps_per_s"] / 1e9}
+    if not isinstance(torch_out, str):
+        torch_steps = w.steps / float(np.min(torch_out["times"][1:]))
+        row |= {"torch_steps_per_s": torch_steps, "jaxicl_over_torch": jx["steps_per_s"] / torch_steps}
+        note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
+                                                             f"{int(torch_out['threads'])} CPU threads")
+    row["prompts_per_s"] = jx["steps_per_s"] * w.batch
+    return row, note
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
+    ap.add_argument("--workloads", nargs="+", default=None, help=f"of {list(WORKLOADS)}")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gpu", action="store_true", help="GPU sizes, PyTorch on CUDA in this Python (its own torch)")
+    ap.add_argument("--torch-python", default=None, help=f"the Python with torch (default {TORCH_PYTHON}; with "
+                    "--gpu this one)")
+    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    table = SMOKE if args.smoke else GPU if args.gpu else WORKLOADS
+    python = args.torch_python or (sys.executable if args.gpu else TORCH_PYTHON)
+    names = args.workloads or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
+    rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {args.repeats} "
+                       "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops"]
+    for name in names:
+        row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python, "cuda" if args.gpu else "cpu")
+        print(row, flush=True)
+        rows.append(row)
+        notes += [note] if note and note not in notes else []
+    kw = {"out_dir": args.out} if args.out else {}
+    print(write_results("vs_torch", rows, notes="; ".join(notes), **kw))
+
+
+if __name__ == "__main__":
+    main()

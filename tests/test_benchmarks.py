@@ -1,0 +1,116 @@
+"""The benchmarks at their smoke sizes: well-formed tables, the PyTorch agreement check (where the PyTorch
+environment exists) and its refusal to time implementations that disagree, the numpy samplers' shapes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import __main__ as runner
+from benchmarks import sampler_throughput, vs_torch
+from jaxicl.tasks import linear_regression as lr
+from jaxicl.tasks import sample_batch
+from jaxicl.tasks.batching import takes_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = os.path.exists(vs_torch.TORCH_PYTHON)
+
+
+def rows(path) -> list[dict]:
+    data = json.loads(open(path).read())
+    assert data["environment"]["backend"] == "cpu"
+    return data["rows"]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason=f"no PyTorch environment at {vs_torch.TORCH_PYTHON} "
+                    "(make benchmarks/.venv-torch)")
+@pytest.mark.parametrize("name", list(vs_torch.SMOKE))
+def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(name):
+    w = vs_torch.SMOKE[name]
+    graphdef, params = nnx.split(w.model())
+    batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
+    out = vs_torch.run_torch(w, params, batch, 1, vs_torch.TORCH_PYTHON, "cpu")
+    assert not isinstance(out, str), out
+    loss, grads, xla_flops = vs_torch.loss_and_grads(graphdef, params, batch)
+    agreed = vs_torch.agreement(w, loss, grads, out)
+    assert agreed["loss_rel_diff"] < 1e-5 and agreed["grad_rel_diff"] < 1e-4  # float32, different summation order
+    assert xla_flops >= vs_torch.matmul_flops(w)  # XLA counts the elementwise work too
+    wrong = dict(out)
+    first = next(k for k in out if k.startswith("grad/"))
+    wrong[first] = out[first] * 1.01
+    with pytest.raises(SystemExit, match="disagree"):
+        vs_torch.agreement(w, loss, grads, wrong)
+
+
+def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path):
+    vs_torch.main(["--smoke", "--workloads", "lsa", "--out", str(tmp_path)])
+    (row,) = rows(tmp_path / "vs_torch.json")
+    assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
+    table = (tmp_path / "vs_torch.md").read_text()
+    assert ("jaxicl_over_torch" in row) == HAS_TORCH
+    assert HAS_TORCH or "PyTorch not timed" in table
+    with pytest.raises(SystemExit, match="unknown"):
+        vs_torch.main(["--smoke", "--workloads", "gpt_huge", "--out", str(tmp_path)])
+
+
+def test_numpy_samplers_give_the_device_samplers_shapes_and_the_table_has_every_family(tmp_path):
+    families = sampler_throughput.families(smoke=True)
+    rng = np.random.default_rng(0)
+    for name, (sample, cfg, host_sample, host_arg) in families.items():
+        device = sample_batch(sample, cfg, jax.random.key(0), 4, axis=None,
+                              **({"step": 0} if takes_step(sample) else {}))
+        host = host_sample(host_arg, rng, 4)
+        assert [a.shape for a in host] == [device.inputs.shape, device.targets.shape, device.mask.shape], name
+    x, y, _ = sampler_throughput.numpy_linear_regression(lr.LinearRegression(), rng, 4096)
+    np.testing.assert_allclose(np.var(x[..., :-1]), 1.0, atol=0.02)  # 450k N(0, 1) draws: sd of the var 0.002
+    np.testing.assert_allclose(np.var(y), 10.0, atol=0.5)  # y = <w, x>, w, x ~ N(0, I_10): var 10
+    sampler_throughput.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == list(families)
+
+
+def run_module(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_device_scaling_runs_on_simulated_devices_and_reports_efficiency(tmp_path):
+    run_module(["benchmarks.device_scaling", "--smoke", "--out", str(tmp_path)])  # sets its device count first
+    table = rows(tmp_path / "device_scaling.json")
+    assert [r["devices"] for r in table] == [1, 2] and table[0]["efficiency"] == 1.0
+    assert [r["batch"] for r in table] == [4, 8]
+
+
+def test_train_throughput_and_sweep_vs_loop_write_their_tables(tmp_path):
+    from benchmarks import sweep_vs_loop, train_throughput
+
+    train_throughput.main(["--smoke", "--out", str(tmp_path)])
+    (row,) = rows(tmp_path / "train_throughput.json")
+    assert row["steps_per_s"] > 0 and row["capture_all_over_none"] > 0
+    sweep_vs_loop.main(["--smoke", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
+    assert result["members"] == 4 and result["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+
+
+def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path):
+    from benchmarks.patching import main
+
+    main(["--smoke", "--repeats", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "patching.md").read_text()
+    assert "loop_over_grid" in table and "grid_memory_mb" in table
+
+
+def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the_full_experiment(tmp_path):
+    modules = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+               if f.endswith(".py") and not f.startswith("_")}
+    helpers = {"output", "timing", "torch_reference", "tl_patching"}  # imported or run by the benchmarks
+    assert set(runner.BENCHMARKS) == modules - helpers
+    commands = runner.commands(list(runner.BENCHMARKS), True, str(tmp_path))
+    assert all(c[-2:] == ["--out", str(tmp_path)] and "--smoke" in c for c in commands)
+    steps = runner.gpu_commands(str(tmp_path))
+    assert sum(limit for _, limit in steps) <= 8 * 60
+    assert steps[-1][0][2:6] == ["experiments", "gd_equivalence", "--preset", "full"]
