@@ -14,7 +14,8 @@ the same number of steps with torch.randn prompts. Before timing, the PyTorch mo
 and both compute loss and gradients on one batch: they must agree to float32 tolerance, with equal parameter
 counts and equal matmul FLOPs per step (the analytic count, PyTorch's FlopCounterMode), or nothing is timed.
 Also reported: XLA's FLOP count of the forward and backward pass (matmuls plus elementwise work) over the
-analytic matmul count, and the achieved matmul FLOP/s. Where the PyTorch environment is missing, jaxicl alone is timed and the table says why.
+analytic matmul count, and the achieved matmul FLOP/s as a fraction of a 2048 x 2048 matmul's, measured in the
+same run. Where the PyTorch environment is missing, jaxicl alone is timed and the table says why.
 """
 
 import argparse
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.output import write_results
-from benchmarks.timing import chunk_throughput
+from benchmarks.timing import chunk_throughput, matmul_peak_gflops
 from jaxicl.models import SelfAttention
 from jaxicl.models.gpt import GPT
 from jaxicl.tasks import linear_regression as lr
@@ -188,8 +189,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
     rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {args.repeats} "
                        "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops"]
+    peak = matmul_peak_gflops(256 if args.smoke else 2048)
+    notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, this run)")
     for name in names:
         row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python, "cuda" if args.gpu else "cpu")
+        row["fraction_of_matmul_peak"] = row["jaxicl_matmul_gflop_per_s"] / peak
         print(row, flush=True)
         rows.append(row)
         notes += [note] if note and note not in notes else []
