@@ -21,6 +21,13 @@ def best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Achieved GFLOP/s of one n x n float32 matmul (jitted): the peak the training steps are measured against."""
+    x = jax.random.normal(jax.random.key(0), (n, n))
+    matmul = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / best_seconds(lambda: matmul(x), repeats + 1) / 1e9
+
+
 def chunk_throughput(loss_fn, sample, task, params, cfg: TrainConfig, repeats: int = 3,
                      num_devices: int | None = None) -> dict:
     """compile_s and steady-state steps/s of cfg.steps training steps (on-device sampling included) as one compiled

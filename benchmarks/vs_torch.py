@@ -14,7 +14,9 @@ the same number of steps with torch.randn prompts. Before timing, the PyTorch mo
 and both compute loss and gradients on one batch: they must agree to float32 tolerance, with equal parameter
 counts and equal matmul FLOPs per step (the analytic count, PyTorch's FlopCounterMode), or nothing is timed.
 Also reported: XLA's FLOP count of the forward and backward pass (matmuls plus elementwise work) over the
-analytic matmul count, and the achieved matmul FLOP/s. Where the PyTorch environment is missing, jaxicl alone is timed and the table says why.
+analytic matmul count, and the achieved matmul FLOP/s as a fraction of a 2048 x 2048 matmul's, measured in the
+same run; the memory of one compiled step and the largest batch that fits --memory-budget-mb. Where the PyTorch
+environment is missing, jaxicl alone is timed and the table says why.
 """
 
 import argparse
@@ -29,13 +31,15 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.output import write_results
-from benchmarks.timing import chunk_throughput
+from benchmarks.timing import chunk_throughput, matmul_peak_gflops
 from jaxicl.models import SelfAttention
 from jaxicl.models.gpt import GPT
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, regression_loss
-from jaxicl.train.optim import path_names
+from jaxicl.train.optim import make_optimizer, path_names
+from jaxicl.train.state import init_state
+from jaxicl.train.step import train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_PYTHON = os.path.join(HERE, ".venv-torch", "bin", "python")
@@ -142,7 +146,23 @@ def run_torch(w: Workload, params, batch, repeats: int, python: str, device: str
         return dict(np.load(dst))
 
 
-def bench(name: str, w: Workload, repeats: int, python: str, device: str) -> tuple[dict, str]:
+def step_memory(w: Workload, graphdef, params, budget: float) -> dict:
+    """MB of one compiled training step (XLA's memory analysis: arguments + outputs + temporaries - aliases) at the
+    workload's batch, and the largest batch whose step fits `budget` bytes (the line through batch and 2 x batch)."""
+    def total(batch: int) -> int:
+        tx = make_optimizer(TrainConfig(batch_size=batch))
+        step = jax.jit(lambda s: train_step(s, loss_fn=regression_loss(graphdef), sample=lr.sample, task_cfg=w.task,
+                                            batch_size=batch, tx=tx))
+        m = step.lower(init_state(params, 0, tx)).compile().memory_analysis()
+        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+    one, two = total(w.batch), total(2 * w.batch)
+    per_prompt = max((two - one) / w.batch, 1.0)
+    return {"step_memory_mb": one / 2**20, "largest_batch_in_budget": int((budget - (one - per_prompt * w.batch))
+                                                                           // per_prompt)}
+
+
+def bench(name: str, w: Workload, repeats: int, python: str, device: str, budget: float) -> tuple[dict, str]:
     """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts."""
     graphdef, params = nnx.split(w.model())
     batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
@@ -167,7 +187,7 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str) -> tup
         note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
                                                              f"{int(torch_out['threads'])} CPU threads")
     row["prompts_per_s"] = jx["steps_per_s"] * w.batch
-    return row, note
+    return row | step_memory(w, graphdef, params, budget), note
 
 
 def main(argv=None) -> None:
@@ -175,6 +195,7 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
     ap.add_argument("--workloads", nargs="+", default=None, help=f"of {list(WORKLOADS)}")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-budget-mb", type=float, default=1024.0, help="for the largest batch that fits")
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, PyTorch on CUDA in this Python (its own torch)")
     ap.add_argument("--torch-python", default=None, help=f"the Python with torch (default {TORCH_PYTHON}; with "
                     "--gpu this one)")
@@ -188,8 +209,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
     rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {args.repeats} "
                        "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops"]
+    peak = matmul_peak_gflops(256 if args.smoke else 2048)
+    notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, this run)")
     for name in names:
-        row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python, "cuda" if args.gpu else "cpu")
+        row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python, "cuda" if args.gpu else "cpu",
+                          args.memory_budget_mb * 2**20)
+        row["fraction_of_matmul_peak"] = row["jaxicl_matmul_gflop_per_s"] / peak
         print(row, flush=True)
         rows.append(row)
         notes += [note] if note and note not in notes else []

@@ -71,6 +71,14 @@ class Sites:
             self.recorded[name] = value
         return value
 
+    def wants(self, name: str) -> bool:
+        """Whether the site is captured, edited or patched. A model may skip computing a site nothing reads (e.g.
+        per-head outputs whose sum it contracts directly); the site still counts as visited."""
+        if self.capture_all or name in self.capture or name in self.edits or name in self.patch.names():
+            return True
+        self.seen.append(name)
+        return False
+
     def check_names(self) -> None:
         """Raises KeyError if a requested capture, edit or patch names a site the model never visited."""
         unknown = (self.capture | set(self.edits) | self.patch.names()) - set(self.seen)
@@ -91,3 +99,8 @@ def null_sites(name: str, value: jax.Array) -> jax.Array:
     """The site hook used when nothing is captured or edited."""
     del name
     return value
+
+
+def wants(sites, name: str) -> bool:
+    """Whether the site hook `sites` reads or changes site `name` (null_sites: never; see Sites.wants)."""
+    return isinstance(sites, Sites) and sites.wants(name)

@@ -51,6 +51,9 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path):
     vs_torch.main(["--smoke", "--workloads", "lsa", "--out", str(tmp_path)])
     (row,) = rows(tmp_path / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
+    # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction
+    assert 0 < row["step_memory_mb"] < 1024 and row["largest_batch_in_budget"] > row["batch"]
+    assert 0 < row["fraction_of_matmul_peak"] < 1
     table = (tmp_path / "vs_torch.md").read_text()
     assert ("jaxicl_over_torch" in row) == HAS_TORCH
     assert HAS_TORCH or "PyTorch not timed" in table
