@@ -294,7 +294,7 @@ def mask_board(cfg: Boards, key: jax.Array, rendered: dict, epoch) -> tuple[jax.
     pc = jnp.where(composite, jnp.where(corner % 2 == 0, min_c, max_c - 2), uniform_int(u[66], 6))
     patch = (r >= pr) & (r < pr + 3) & (c >= pc) & (c < pc + 3)
     mask = mask | (patch & (epoch >= cfg.patch_from) & (u[64] < cfg.patch_p))
-    return jnp.where(mask, 20, rendered["board"]), mask
+    return jnp.where(mask, cfg.unk, rendered["board"]), mask
 
 
 def eval_prompts(data: BoardData, split: str, key: jax.Array, epoch: int, per_type: tuple[int, int, int],
