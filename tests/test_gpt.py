@@ -121,3 +121,15 @@ def test_hidden_state_sites_follow_hugging_face_hidden_states():
     np.testing.assert_allclose(cache["unembed.in"], normed, rtol=1e-5, atol=1e-5)  # LayerNorm at init: scale 1, bias 0
     no_norm = GPT(d_model=8, n_layers=2, n_heads=2, vocab_size=11, final_norm=False, rngs=nnx.Rngs(0))
     assert no_norm.hidden_state_sites()[-1] == "layer1.resid_post"
+
+
+def test_attention_output_is_the_sum_of_the_heads_whether_or_not_they_are_read():
+    """Unread per-head outputs are skipped (one contraction over head and d_head); reading them gives the same model."""
+    model = GPT(d_model=16, n_layers=2, n_heads=4, vocab_size=8, max_len=6, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.array([1, 5, 2, 7, 0, 3])
+    plain, cache = apply(graphdef, params, tokens, capture=("layer1.attn.out",))
+    read, heads = apply(graphdef, params, tokens, capture=("layer1.attn.out", "layer1.attn.heads"))
+    # two float32 contractions in a different order: rounding-level differences only
+    np.testing.assert_allclose(read, plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(heads["layer1.attn.heads"].sum(axis=1), cache["layer1.attn.out"], rtol=1e-5, atol=1e-6)
