@@ -24,6 +24,7 @@ the probe set's size, mask rate, held-out positions and ridge penalty are ours (
 
 import dataclasses
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,6 @@ class Config:
     perturb_boards: int = 200
     min_probe_over_chance: float = 2.0  # best held-out accuracy / chance (position: R^2 above min_position_r2)
     min_position_r2: float = 0.5
-    max_root_pr_fraction: float = 0.5  # one root's PR over every root's pooled PR at the convergence site
 
     def __post_init__(self):
         check_range("probe_positions", self.probe_positions, 2, 36)
@@ -86,15 +86,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     acts = ab.activations(graphdef, params, single["tokens"], sites)
     obj = {s: a[np.arange(len(cells))[:, None], cells] for s, a in acts.items()}  # [N, 9, D]
 
-    # boards are ordered (root, position, background): C compares one root at one position over backgrounds
-    distance = {s: float(jnp.mean(jax.vmap(cross_board_distance)(jnp.asarray(o.reshape(n_roots * n_pos, n_bck, 9,
-                                                                                       -1)))))
-                for s, o in obj.items()}
     objects = jnp.asarray(single["root"] >= 0)
-    ratio = {s: float(jnp.mean(jax.vmap(within_board_ratio)(jnp.asarray(a), objects))) for s, a in acts.items()}
-    pr_root = {s: float(np.mean([participation_ratio(jnp.asarray(o.reshape(-1, o.shape[-1])[root == k]))
-                                 for k in range(n_roots)])) for s, o in obj.items()}
-    pr_all = {s: float(participation_ratio(jnp.asarray(o.reshape(-1, o.shape[-1])))) for s, o in obj.items()}
+    measured = {s: site_geometry(jnp.asarray(acts[s]), jnp.asarray(obj[s]), objects, jnp.asarray(root), n_roots,
+                                 n_bck) for s in sites}
+    distance, ratio, pr_root, pr_all = ({s: float(m[i]) for s, m in measured.items()} for i in range(4))
     inner = sites[1:-1]
     best = min(inner, key=distance.get)
 
@@ -116,10 +111,12 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"({distance[sites[-1]]:.3f}); C per site: {fmt(distance)}. Within-board ratio R per site: "
                     f"{fmt(ratio)}. Probe set: {n_roots} roots x {n_pos} positions x {n_bck} backgrounds, token "
                     f"mask {cfg.mask_p}"),
-        check_below("root_pr_fraction_at_convergence_site", pr_root[best] / pr_all[best], cfg.max_root_pr_fraction,
-                    f"at {best}: one root's participation ratio {pr_root[best]:.2f} (mean over roots) over the pooled "
-                    f"PR of every root's cells {pr_all[best]:.2f} (d_model {cfg.training.model.d_model}); per root "
-                    f"per site: {fmt(pr_root)}"),
+        check_below("root_pr_at_convergence_site_over_ends", pr_root[best] / min(pr_root[sites[0]],
+                                                                                  pr_root[sites[-1]]), 1.0,
+                    f"at {best}: one root's participation ratio {pr_root[best]:.2f} (mean over roots) over the smaller "
+                    f"of the embedding's ({pr_root[sites[0]]:.2f}) and the output's ({pr_root[sites[-1]]:.2f}); "
+                    f"d_model {cfg.training.model.d_model}; every root's cells pooled at {best}: {pr_all[best]:.2f}; "
+                    f"one root's PR per site: {fmt(pr_root)}"),
     ]
     for name, scores in probes.items():
         top = max(scores, key=scores.get)
@@ -143,6 +140,19 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                _plot_probes(sites, probes, context, out_dir),
                _plot_pca(obj, root, [sites[0], best, sites[-1]], out_dir)]
     return Outcome(checks, figures)
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def site_geometry(acts, obj, objects, root, n_roots: int, n_bck: int):
+    """(C, R, one root's PR averaged over roots, every root's pooled PR) at one site: acts [N, 64, D] of the probe
+    boards (ordered root, position, background), obj [N, 9, D] their object cells, objects [N, 64] bool, root
+    [N * 9] the root of each object cell. C compares one root at one position over the backgrounds."""
+    d = obj.shape[-1]
+    distance = jnp.mean(jax.vmap(cross_board_distance)(obj.reshape(-1, n_bck, 9, d)))
+    ratio = jnp.mean(jax.vmap(within_board_ratio)(acts, objects))
+    flat = obj.reshape(-1, d)
+    pr_root = jnp.mean(jax.vmap(lambda k: participation_ratio(flat, root == k))(jnp.arange(n_roots)))
+    return distance, ratio, pr_root, participation_ratio(flat)
 
 
 def probe_scores(cfg, data, graphdef, params, sites, single, obj, root, key) -> dict[str, dict[str, float]]:

@@ -6,7 +6,9 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
 - transplant root A -> B on a single board's 9 object cells (every ordered pair A != B, boards_per_pair boards
   each at a random position and background with a token mask) by (a) activation patching from the B board with
   the same position, background and mask, and (b) adding the centroid difference mu_B - mu_A (centroids: the
-  mean over a probe set's object cells of each root, per site); control: a random direction of the same norm.
+  mean over a probe set's object cells of each root and cell index, per site, so cell c of A receives
+  mu_(B,c) - mu_(A,c); centroid="root" pools the 9 cells, the notes' mu_k, and is measured as well); control: a
+  random direction of the same norm.
   Reported: the fraction of the object's cells decoded as B's token at that cell (over cells where A's and B's
   colours differ), on every footprint cell and on the masked ones;
 - mean ablation (loss of function): the object cells set to the grand mean of the root centroids; reported:
@@ -15,6 +17,9 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
   cells only: does the network complete B instead of A?
 - part-whole: on composite boards, A -> B in one quadrant (the root there) by the centroid difference: the
   fraction of that quadrant's cells decoded as B, and of the other cells left as the unedited run draws them.
+
+Every check reads the best inner site (not the embedding, where editing a visible cell swaps its token, nor the
+output, the readout itself); every site is in the notes and the figure.
 
 The edits are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6.4-6.5);
 sizes and thresholds are ours (Config).
@@ -32,7 +37,9 @@ from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above
 from jaxicl.analysis.steering import edit_each_site
-from jaxicl.validation import check_positive, check_range
+from jaxicl.validation import check_choice, check_positive, check_range
+
+CENTROIDS = ("root_cell", "root")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +48,14 @@ class Config:
     boards_per_pair: int = 2  # single boards per ordered root pair (A, B)
     mask_p: float = 0.25  # token mask of the edited boards and of the centroid probe set
     centroid_positions: int = 12  # top-left positions of the probe set the centroids come from
+    centroid: str = "root_cell"  # the checks' centroids: per (root, cell index), or "root" (every cell of a root)
     completion_masked: int = 6  # footprint cells masked in the completion test
     composite_backgrounds: int = 2  # composite boards: every composite at every position on this many backgrounds
     min_transplant_gain: float = 0.5  # best site's B fraction minus the random control's
     min_patch_transplant: float = 0.5
     min_ablation_drop: float = 0.5
     min_completion_gain: float = 0.3
+    min_part_whole_gain: float = 0.3
     min_part_whole_kept: float = 0.9
 
     def __post_init__(self):
@@ -54,6 +63,7 @@ class Config:
             check_positive(name, getattr(self, name))
         check_range("mask_p", self.mask_p, 0.0, 1.0)
         check_range("completion_masked", self.completion_masked, 1, 9)
+        check_choice("centroid", self.centroid, CENTROIDS)
         check_range("composite_backgrounds", self.composite_backgrounds, 1, self.training.task.n_backgrounds)
 
 
@@ -68,7 +78,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     data, graphdef, params, _ = ab.trained(cfg.training, os.path.dirname(out_dir))
     sites = ab.residual_sites(graphdef, params)
     k_probe, k_boards, k_mask, k_rand, k_comp, k_q = jax.random.split(jax.random.key(cfg.training.train.seed + 30), 6)
-    mu = site_centroids(data, graphdef, params, sites, cfg, k_probe)  # [S, K, D]
+    mu = {by: site_centroids(data, graphdef, params, sites, cfg, k_probe, by) for by in CENTROIDS}  # [S, K, 9, D]
     n_roots = data.cfg.n_roots
     colours = data.roots.reshape(n_roots, 9)
 
@@ -88,46 +98,53 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     differ = on & (tok_a != tok_b)
     masked = boards["a"]["masked"]
     tokens = jnp.asarray(boards["a"]["tokens"])
-    delta = mu[:, b] - mu[:, a]  # [S, N, D]
-    random = _random_like(delta, k_rand)
-    per_cell = lambda d: np.broadcast_to(d[:, :, None], (*d.shape[:2], 64, d.shape[-1]))  # noqa: E731
+    delta = {by: np.stack([m[:, b, c] - m[:, a, c] for c in range(9)], 2) for by, m in mu.items()}  # [S, N, 9, D]
+    random = _random_like(delta[cfg.centroid], k_rand)
+    at_cells = lambda d: _on_cells(d, cells)  # noqa: E731
 
     def decoded(edited, want, where):  # [S] fraction of the selected cells decoded as `want`
         pred = np.asarray(jnp.argmax(edited, -1))
         return (np.sum((pred == want) & where, (1, 2)) / np.maximum(np.sum(where), 1)).astype(float)
 
     donor = ab.activations(graphdef, params, boards["b"]["tokens"], sites)
+    mean = mu[cfg.centroid].mean(1)  # [S, 9, D] the mean over roots of each cell's centroid
     edits = {
         "patch": edit_each_site(graphdef, params, tokens, sites, on, values=np.stack([donor[s] for s in sites])),
-        "centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=per_cell(delta)),
-        "random": edit_each_site(graphdef, params, tokens, sites, on, deltas=per_cell(random)),
-        "ablation": edit_each_site(graphdef, params, tokens, sites, on,
-                                   values=per_cell(np.broadcast_to(mu.mean(1, keepdims=True), delta.shape))),
+        "centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(delta[cfg.centroid])),
+        "random": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(random)),
+        "other_centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(
+            delta[next(by for by in CENTROIDS if by != cfg.centroid)])),
+        "ablation": edit_each_site(graphdef, params, tokens, sites, on, values=at_cells(
+            np.broadcast_to(mean[:, None], delta[cfg.centroid].shape))),
     }
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
     to_b = {k: decoded(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
     to_b_masked = {k: decoded(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
     kept_a = decoded(edits["ablation"], tok_a, on)
     clean_a = float(np.mean(clean[on] == tok_a[on]))
-    completion = masked_completion(cfg, data, graphdef, params, sites, a, b, x, y, bck, cells, tok_a, tok_b, delta,
-                                   random, k_mask)
-    part_whole = part_whole_test(cfg, data, graphdef, params, sites, mu, k_comp, k_q)
+    completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
+                                   delta[cfg.centroid], random, k_mask)
+    part_whole = part_whole_test(cfg, data, graphdef, params, sites, mu[cfg.centroid], k_comp, k_q)
 
     def fmt(v):
         return ", ".join(f"{s} {x:.2f}" for s, x in zip(sites, v))
 
-    best = int(np.argmax(to_b["centroid"] - to_b["random"]))
-    best_patch = int(np.argmax(to_b["patch"]))
-    best_ablation = int(np.argmin(kept_a))
-    best_completion = int(np.argmax(completion["centroid"] - completion["random"]))
-    best_part = int(np.argmax(part_whole["quadrant_b"] - part_whole["quadrant_b_random"]))
+    # the best inner site: at the embedding an edit of a visible cell swaps its token, at the output it is the
+    # readout itself
+    inner = np.arange(1, len(sites) - 1)
+    best, best_patch, best_completion, best_part = (int(inner[np.argmax(v[inner])]) for v in (
+        to_b["centroid"] - to_b["random"], to_b["patch"], completion["centroid"] - completion["random"],
+        part_whole["quadrant_b"] - part_whole["quadrant_b_random"]))
+    best_ablation = int(inner[np.argmin(kept_a[inner])])
     checks = [
         check_above("centroid_transplant_over_random", to_b["centroid"][best] - to_b["random"][best],
                     cfg.min_transplant_gain,
                     f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b['centroid'][best]:.3f} of them "
                     f"into B's colour (masked cells only: {to_b_masked['centroid'][best]:.3f}), a random direction "
                     f"of the same norm {to_b['random'][best]:.3f}; {len(a)} boards ({n_roots * (n_roots - 1)} pairs); "
-                    f"per site: {fmt(to_b['centroid'])}; random per site: {fmt(to_b['random'])}"),
+                    f"centroids by {cfg.centroid}; per site: {fmt(to_b['centroid'])}; random per site: "
+                    f"{fmt(to_b['random'])}; with the other centroids ("
+                    f"{next(by for by in CENTROIDS if by != cfg.centroid)}) per site: {fmt(to_b['other_centroid'])}"),
         check_above("patch_transplant", to_b["patch"][best_patch], cfg.min_patch_transplant,
                     f"at {sites[best_patch]}: the B board's activations on A's cells (same position, background and "
                     f"mask) turn {to_b['patch'][best_patch]:.3f} of them into B's colour (masked cells only: "
@@ -142,6 +159,13 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"{sites[best_completion]} {completion['centroid'][best_completion]:.3f} of them are completed "
                     f"as B (random direction {completion['random'][best_completion]:.3f}); unedited, "
                     f"{completion['clean_a']:.3f} are completed as A; per site: {fmt(completion['centroid'])}"),
+        check_above("part_whole_quadrant_over_random",
+                    part_whole["quadrant_b"][best_part] - part_whole["quadrant_b_random"][best_part],
+                    cfg.min_part_whole_gain,
+                    f"composites, mu_B - mu_A on one quadrant's root A: at {sites[best_part]} "
+                    f"{part_whole['quadrant_b'][best_part]:.3f} of the quadrant's cells become B's colour (random "
+                    f"direction {part_whole['quadrant_b_random'][best_part]:.3f}); per site: "
+                    f"{fmt(part_whole['quadrant_b'])}"),
         check_above("part_whole_other_cells_kept", part_whole["kept"][best_part], cfg.min_part_whole_kept,
                     f"composites, A -> B in one quadrant at {sites[best_part]} (the site where the quadrant turns "
                     f"most, {part_whole['quadrant_b'][best_part]:.3f} of its cells B, random "
@@ -153,20 +177,36 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     return Outcome(checks, figures)
 
 
-def site_centroids(data, graphdef, params, sites, cfg: Config, key) -> np.ndarray:
-    """[S, K, D] per site the mean over a single-board probe set's object cells of each root."""
+def site_centroids(data, graphdef, params, sites, cfg: Config, key, by: str) -> np.ndarray:
+    """[S, K, 9, D] per site the mean over a single-board probe set's object cells of each root and cell index
+    (by="root_cell"), or of each root over its 9 cells, repeated on the cell axis (by="root")."""
     single = ab.single_probe_set(data, cfg.centroid_positions, cfg.mask_p, key)
     cells = ab.footprint(single["x"], single["y"])
-    roots = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)
+    rows = np.arange(len(cells))[:, None]
+    roots = single["root"][rows, cells].ravel()
+    labels = roots * 9 + np.tile(np.arange(9), len(cells)) if by == "root_cell" else roots
     acts = ab.activations(graphdef, params, single["tokens"], sites)
-    return np.stack([ab.centroids(acts[s][np.arange(len(cells))[:, None], cells].reshape(len(roots), -1), roots,
-                                  data.cfg.n_roots) for s in sites]).astype(np.float32)
+    k = data.cfg.n_roots
+    out = []
+    for s in sites:
+        mu = ab.centroids(acts[s][rows, cells].reshape(len(roots), -1), labels, k * 9 if by == "root_cell" else k)
+        out.append(mu.reshape(k, 9, -1) if by == "root_cell" else np.repeat(mu[:, None], 9, 1))
+    return np.stack(out).astype(np.float32)
 
 
-def masked_completion(cfg, data, graphdef, params, sites, a, b, x, y, bck, cells, tok_a, tok_b, delta, random,
+def _on_cells(per_cell: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """[S, N, 64, D] with per_cell [S, N, 9, D] at the board cells cells [N, 9] (zeros elsewhere)."""
+    s, n, _, d = per_cell.shape
+    out = np.zeros((s, n, 64, d), np.float32)
+    out[:, np.arange(n)[:, None], cells] = per_cell
+    return out
+
+
+def masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b, delta, random,
                       key) -> dict:
-    """[S] fractions of the masked footprint cells decoded as B when mu_B - mu_A ("centroid") or a random
-    direction of its norm ("random") is added on them only; "clean_a": unedited, the fraction completed as A."""
+    """[S] fractions of the masked footprint cells decoded as B when the centroid difference delta [S, N, 9, D]
+    ("centroid") or random [S, N, 9, D] ("random") is added on them only; "clean_a": unedited, the fraction
+    completed as A."""
     base = ab.masked_set(data, data.rows("single", np.stack([a, x, y, bck], 1)), cfg.mask_p, key)
     order = np.argsort(np.random.default_rng(cfg.training.train.seed + 31).random(cells.shape), axis=1)
     hidden = np.zeros_like(base["masked"])
@@ -178,16 +218,15 @@ def masked_completion(cfg, data, graphdef, params, sites, a, b, x, y, bck, cells
         pred = np.asarray(jnp.argmax(edited, -1))
         return (np.sum((pred == tok_b) & where, (1, 2)) / np.maximum(where.sum(), 1)).astype(float)
 
-    per_cell = lambda d: np.broadcast_to(d[:, :, None], (*d.shape[:2], 64, d.shape[-1]))  # noqa: E731
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
-    return {"centroid": frac(edit_each_site(graphdef, params, tokens, sites, hidden, deltas=per_cell(delta))),
-            "random": frac(edit_each_site(graphdef, params, tokens, sites, hidden, deltas=per_cell(random))),
+    return {"centroid": frac(edit_each_site(graphdef, params, tokens, sites, hidden, deltas=_on_cells(delta, cells))),
+            "random": frac(edit_each_site(graphdef, params, tokens, sites, hidden, deltas=_on_cells(random, cells))),
             "clean_a": float(np.mean(clean[hidden] == tok_a[hidden]))}
 
 
 def part_whole_test(cfg, data, graphdef, params, sites, mu, key, k_target) -> dict:
     """[S] on composite boards, A -> B in one quadrant (every quadrant of every board, B a random other root) by
-    mu_B - mu_A and by a random direction of its norm: "quadrant_b" / "quadrant_b_random", the fraction of the
+    the centroid differences of mu [S, K, 9, D] and by a random direction of their norm: "quadrant_b" / "quadrant_b_random", the fraction of the
     quadrant's cells (where A's and B's colours differ) decoded as B, and "kept", the fraction of the other
     cells whose prediction is the unedited one (centroid edit)."""
     tuples = np.concatenate([data.tuples(split, "composition") for split in ("train", "test")])
@@ -206,13 +245,13 @@ def part_whole_test(cfg, data, graphdef, params, sites, mu, key, k_target) -> di
     colours = data.roots.reshape(n_roots, 9)
     tok_a, tok_b = _object_tokens(cells, colours[a]), _object_tokens(cells, colours[b])
     tokens = jnp.asarray(comp["tokens"][board])
-    delta = mu[:, b] - mu[:, a]
-    per_cell = np.broadcast_to(delta[:, :, None], (*delta.shape[:2], 64, delta.shape[-1]))
+    delta = np.stack([mu[:, b, c] - mu[:, a, c] for c in range(9)], 2)  # [S, N, 9, D]
     random = _random_like(delta, key)
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
-    centroid = np.asarray(jnp.argmax(edit_each_site(graphdef, params, tokens, sites, on, deltas=per_cell), -1))
-    rand = np.asarray(jnp.argmax(edit_each_site(graphdef, params, tokens, sites, on, deltas=np.broadcast_to(
-        random[:, :, None], per_cell.shape)), -1))
+    centroid = np.asarray(jnp.argmax(edit_each_site(graphdef, params, tokens, sites, on,
+                                                    deltas=_on_cells(delta, cells)), -1))
+    rand = np.asarray(jnp.argmax(edit_each_site(graphdef, params, tokens, sites, on,
+                                                deltas=_on_cells(random, cells)), -1))
     where = on & (tok_a != tok_b)
     frac = lambda pred: (np.sum((pred == tok_b) & where, (1, 2)) / max(where.sum(), 1)).astype(float)  # noqa: E731
     return {"quadrant_b": frac(centroid), "quadrant_b_random": frac(rand),

@@ -11,6 +11,7 @@ per-site activations of a batch.
 
 import dataclasses
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from flax import nnx
 
 from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.models.factor_transformer import FactorTransformer
+from jaxicl.sites import Sites
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig, TrainResult, cross_entropy_loss, train
 from jaxicl.validation import ConfigError, check_positive
@@ -110,10 +112,13 @@ def trained(cfg: Training, results_dir: str, progress: bool = True) -> tuple[bd.
 
 
 def residual_sites(graphdef, params) -> list[str]:
-    """The model's [T, D] sites in depth order (embed, per block z, attn.out, resid_mid, mlp_in, mlp.out,
-    resid_post, then unembed.in)."""
-    info = site_info(graphdef, params, jnp.zeros(64, jnp.int32))
-    return [s for s, (shape, _) in info.items() if len(shape) == 2 and s.rsplit(".", 1)[-1] != "weights"]
+    """The model's [T, D] sites in the order the forward pass visits them (embed, per block z, attn.out,
+    resid_mid, mlp_in, mlp.out, resid_post, then unembed.in)."""
+    tokens = jnp.zeros(64, jnp.int32)
+    info = site_info(graphdef, params, tokens)
+    visited = Sites()
+    jax.eval_shape(lambda p, t: nnx.merge(graphdef, p)(t, sites=visited), params, tokens)
+    return [s for s in visited.seen if len(info[s][0]) == 2]
 
 
 def single_probe_set(data: bd.BoardData, positions: int, mask_p: float, key: jax.Array) -> dict:
@@ -138,14 +143,18 @@ def masked_set(data: bd.BoardData, rows: jax.Array, mask_p: float, key: jax.Arra
     """Boards of placement rows [N, 17] with independent token masks of rate mask_p (no patches): render's
     annotations plus "tokens" (masked) and "masked"."""
     fixed = dataclasses.replace(data.cfg, mask_max=mask_p, mask_min=mask_p, patch_p=0.0)
+    out = _masked_boards(fixed, jnp.asarray(data.roots), rows, jax.random.split(key, rows.shape[0]))
+    return {k: np.asarray(v) for k, v in out.items()}
 
+
+@partial(jax.jit, static_argnums=0)
+def _masked_boards(cfg: bd.Boards, roots, rows, keys):
     def one(row, k):
-        out = bd.render(jnp.asarray(data.roots), row)
-        tokens, masked = bd.mask_board(fixed, k, out, fixed.mask_ramp_end)
+        out = bd.render(roots, row)
+        tokens, masked = bd.mask_board(cfg, k, out, cfg.mask_ramp_end)
         return {**out, "tokens": tokens, "masked": masked}
 
-    out = jax.vmap(one)(rows, jax.random.split(key, rows.shape[0]))
-    return {k: np.asarray(v) for k, v in out.items()}
+    return jax.vmap(one)(rows, keys)
 
 
 def activations(graphdef, params, tokens: np.ndarray, sites: list[str]) -> dict[str, np.ndarray]:
