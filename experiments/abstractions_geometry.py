@@ -20,6 +20,18 @@ site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, th
 
 The probe protocols are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6);
 the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config).
+
+What the quick preset shows (the quick training run's model; under a minute): transient convergence. The
+cross-board distance is 0.54 at the embedding (the masks differ), 0.57 at the output, and falls to 0.27 at the
+second block's attention output (layer1.attn.out), where the within-board ratio R is 0.14 (0.86 at the
+embedding): the object's 9 cells are written alike there. One root's participation ratio is lowest there too
+(2.0, against 4.4 at the embedding and 7.3 at the output, of 64 dimensions). Every feature is decodable on
+held-out positions somewhere: root 0.93, root from masked cells 0.95 (chance at the embedding, by
+construction), cell index 0.76, background 0.49, position R^2 0.98, composite id 0.76, a composite's roots 0.99.
+Context independence: at layer1.attn.out a root's single-board centroid has cosine 0.80 with its centroid on
+double and composite boards (0.15 with other roots'), and the single-board root probe reads double boards at
+0.86 and composites at 0.90. Noise on the object cells at the embedding shrinks from 0.5 |x| to 0.15-0.2 within
+the first two blocks (the attractor test).
 """
 
 import dataclasses

@@ -21,6 +21,18 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
 Every check reads the best inner site (not the embedding, where editing a visible cell swaps its token, nor the
 output, the readout itself); every site is in the notes and the figure.
 
+What the quick preset shows (under a minute): editing the residual stream changes what the network draws.
+With per-(root, cell) centroids, adding mu_B - mu_A on A's cells at any residual-stream site turns 0.96-1.0 of
+them into B's colours (a random direction of the same norm: 0.00-0.02); the activations of the B board do the
+same (0.98); setting the cells to the mean centroid leaves 0.15-0.33 of A's colours (unedited 0.99); with 6 of 9
+cells masked, the transplant on the masked cells alone makes the network complete B (0.78-0.90 inside the
+blocks) where unedited it completes A (0.50); on composites, the edit of one quadrant turns that quadrant (0.96-
+0.98) and leaves every other cell as it was (1.00). Honest limits: a residual-stream site carries each visible
+cell's own colour, so a per-cell centroid transplant there is close to substituting tokens; the notes' per-root
+centroids (one vector per root, the 9 cells pooled) move only masked cells (0.40 at layer2.resid_mid, visible
+and masked together 0.13), and edits at the attention and MLP updates alone (including layer1.attn.out, where
+geometry finds the convergence) barely move the output (<= 0.06; the MLP update of the last block 0.36).
+
 The edits are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6.4-6.5);
 sizes and thresholds are ours (Config).
 """

@@ -6,11 +6,18 @@ official test set (novel position/background pairs of known objects, each board 
 training boards, masked as at the last epoch: token accuracy over every cell (copying counts), the error on
 masked cells and on masked object cells (the informative one: chance is about 0.9), board accuracy per type.
 
-Schedules: the official ones are in epochs of 16 steps (1000 boards); quick compresses them by running
-task.steps_per_epoch steps an epoch (the ramps keep their epochs, so they pass that many times faster) and
-trains with a larger learning rate (settings ours, see PRESETS); full is the official schedule for 1000 epochs.
+Schedules: the official ones are in epochs of 16 steps (1000 boards); quick compresses them 8x by running
+task.steps_per_epoch = 2 steps an epoch (the epochs of the ramps are kept: masking reaches 0.25 and patches start
+at step 1500, the type curriculum ramps over steps 500-2000) and trains 3000 steps at lr 3e-3 instead of 1e-3
+(settings ours; on this 2-core CPU, measured: lr 1e-3 at 1 step an epoch reached board accuracy 0.36 in 3000
+steps, lr 2e-3 with batch 32 0.40 in 4000); full is the official schedule for 1000 epochs (16,000 steps).
 
-What the quick preset shows: see the result's notes (the measured curves and the accuracy reached).
+What the quick preset shows (about 6.5 minutes on 2 cores): the plateau and the jump. Masked object cells stay
+at chance (error 0.87-0.97) for the first ~1000 steps, while the model copies visible cells and fills masked
+background; completion then appears and the error falls to 0.20 by step 3000. On the test split: token accuracy
+0.98, board accuracy 0.54 (single 0.82, double 0.37, composite 0.88); double boards, with overlapping objects,
+are the hardest, as the notes say. The paper's numbers are not available (qualitative claims only); a longer run
+(the full preset) is what reaches high board accuracy on double boards.
 """
 
 import dataclasses

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@jax.jit
 def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3) -> jax.Array:
     """[F + 1, K] weights (bias last) of argmin |[x 1] w - y|^2 + lam |w_F|^2 for x [N, F], y [N, K]."""
     xb = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
