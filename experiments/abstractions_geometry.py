@@ -42,14 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.abstractions_training import PRESETS as TRAINING_PRESETS
 from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below
-from experiments.abstractions_training import PRESETS as TRAINING_PRESETS
 from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, unit, within_board_ratio
 from jaxicl.analysis.perturbation import perturbation_distances
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
-from jaxicl.tasks import boards as bd
 from jaxicl.validation import check_positive, check_range
 
 CHANCE = {"root": 0.1, "masked_root": 0.1, "cell": 1 / 9, "background": 0.1, "position": 0.0, "composite": 0.2,

@@ -114,10 +114,6 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     random = _random_like(delta[cfg.centroid], k_rand)
     at_cells = lambda d: _on_cells(d, cells)  # noqa: E731
 
-    def decoded(edited, want, where):  # [S] fraction of the selected cells decoded as `want`
-        pred = np.asarray(jnp.argmax(edited, -1))
-        return (np.sum((pred == want) & where, (1, 2)) / np.maximum(np.sum(where), 1)).astype(float)
-
     donor = ab.activations(graphdef, params, boards["b"]["tokens"], sites)
     mean = mu[cfg.centroid].mean(1)  # [S, 9, D] the mean over roots of each cell's centroid
     edits = {
@@ -130,9 +126,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
             np.broadcast_to(mean[:, None], delta[cfg.centroid].shape))),
     }
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
-    to_b = {k: decoded(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
-    to_b_masked = {k: decoded(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
-    kept_a = decoded(edits["ablation"], tok_a, on)
+    to_b = {k: decoded_as(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
+    to_b_masked = {k: decoded_as(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
+    kept_a = decoded_as(edits["ablation"], tok_a, on)
     clean_a = float(np.mean(clean[on] == tok_a[on]))
     completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
                                    delta[cfg.centroid], random, k_mask)
@@ -225,14 +221,11 @@ def masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, t
     np.put_along_axis(hidden, np.take_along_axis(cells, order[:, :cfg.completion_masked], 1), True, axis=1)
     tokens = jnp.asarray(np.where(hidden, data.cfg.unk, base["tokens"]))
     where = hidden & (tok_a != tok_b)
-
-    def frac(edited):
-        pred = np.asarray(jnp.argmax(edited, -1))
-        return (np.sum((pred == tok_b) & where, (1, 2)) / np.maximum(where.sum(), 1)).astype(float)
-
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
-    return {"centroid": frac(edit_each_site(graphdef, params, tokens, sites, hidden, deltas=_on_cells(delta, cells))),
-            "random": frac(edit_each_site(graphdef, params, tokens, sites, hidden, deltas=_on_cells(random, cells))),
+    return {"centroid": decoded_as(edit_each_site(graphdef, params, tokens, sites, hidden,
+                                                  deltas=_on_cells(delta, cells)), tok_b, where),
+            "random": decoded_as(edit_each_site(graphdef, params, tokens, sites, hidden,
+                                                deltas=_on_cells(random, cells)), tok_b, where),
             "clean_a": float(np.mean(clean[hidden] == tok_a[hidden]))}
 
 
@@ -260,14 +253,18 @@ def part_whole_test(cfg, data, graphdef, params, sites, mu, key, k_target) -> di
     delta = np.stack([mu[:, b, c] - mu[:, a, c] for c in range(9)], 2)  # [S, N, 9, D]
     random = _random_like(delta, key)
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
-    centroid = np.asarray(jnp.argmax(edit_each_site(graphdef, params, tokens, sites, on,
-                                                    deltas=_on_cells(delta, cells)), -1))
-    rand = np.asarray(jnp.argmax(edit_each_site(graphdef, params, tokens, sites, on,
-                                                deltas=_on_cells(random, cells)), -1))
+    centroid = edit_each_site(graphdef, params, tokens, sites, on, deltas=_on_cells(delta, cells))
+    rand = edit_each_site(graphdef, params, tokens, sites, on, deltas=_on_cells(random, cells))
     where = on & (tok_a != tok_b)
-    frac = lambda pred: (np.sum((pred == tok_b) & where, (1, 2)) / max(where.sum(), 1)).astype(float)  # noqa: E731
-    return {"quadrant_b": frac(centroid), "quadrant_b_random": frac(rand),
-            "kept": (np.sum((centroid == clean) & ~on, (1, 2)) / np.sum(~on)).astype(float)}
+    return {"quadrant_b": decoded_as(centroid, tok_b, where), "quadrant_b_random": decoded_as(rand, tok_b, where),
+            "kept": decoded_as(centroid, clean, ~on)}
+
+
+def decoded_as(edited: jax.Array, want: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """[S] per site the fraction of the selected cells where [N, 64] whose argmax of edited [S, N, 64, V] is want
+    [N, 64]."""
+    pred = np.asarray(jnp.argmax(edited, -1))
+    return (np.sum((pred == want) & where, (1, 2)) / max(np.sum(where), 1)).astype(float)
 
 
 def _object_tokens(cells: np.ndarray, colours: np.ndarray) -> np.ndarray:

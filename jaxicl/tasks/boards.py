@@ -179,12 +179,11 @@ class BoardData:
         in_test = np.zeros((groups, per), bool)
         np.put_along_axis(in_test, self.test[kind], True, axis=1)
         rows = np.flatnonzero(in_test.ravel() == (split == "test"))
-        return np.asarray(jax.vmap(lambda r: decode(self.cfg, kind, r // per, r % per))(jnp.asarray(rows)))
+        return np.asarray(_decode_all(self.cfg, kind, per, jnp.asarray(rows)))
 
     def rows(self, kind: str, tuples: np.ndarray) -> jax.Array:
         """[N, 17] placement rows of tuples [N, columns] of a type."""
-        comp = jnp.asarray(self.composites)
-        return jax.vmap(lambda t: placement_row(self.cfg, kind, t, comp))(jnp.asarray(tuples, jnp.int32))
+        return _placement_rows(self.cfg, kind, jnp.asarray(tuples, jnp.int32), jnp.asarray(self.composites))
 
     def render(self, rows: jax.Array) -> dict:
         """Boards and their per-cell annotations for placement rows [..., 17] (see render)."""
@@ -202,6 +201,16 @@ class BoardData:
         check_choice("split", split, ("train", "test"))
         test = {k: jnp.asarray(v) for k, v in self.test.items()}
         return functools.partial(_sample_board, split, test, jnp.asarray(self.roots), jnp.asarray(self.composites))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode_all(cfg: Boards, kind: str, per: int, rows: jax.Array) -> jax.Array:
+    return jax.vmap(lambda r: decode(cfg, kind, r // per, r % per))(rows)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _placement_rows(cfg: Boards, kind: str, tuples: jax.Array, composites: jax.Array) -> jax.Array:
+    return jax.vmap(lambda t: placement_row(cfg, kind, t, composites))(tuples)
 
 
 def uniform_int(u: jax.Array, n: int) -> jax.Array:
@@ -309,14 +318,19 @@ def eval_prompts(data: BoardData, split: str, key: jax.Array, epoch: int, per_ty
     kinds = jnp.concatenate([jnp.full(len(c), i) for i, c in enumerate(chosen)])
     rows, kinds = jnp.tile(rows, (rounds, 1)), jnp.tile(kinds, rounds)
 
+    return _masked_prompts(cfg, jnp.asarray(data.roots), rows, kinds, jax.random.split(key, len(kinds)), epoch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_prompts(cfg: Boards, roots, rows, kinds, keys, epoch) -> Prompt:
     def one(row, kind, k):
-        out = render(jnp.asarray(data.roots), row)
+        out = render(roots, row)
         inputs, masked = mask_board(cfg, k, out, epoch)
         board = out.pop("board")
         return Prompt(inputs=inputs, targets=board, mask=jnp.ones(board.shape, jnp.float32),
                       info={**out, "masked": masked, "type": kind})
 
-    return jax.vmap(one)(rows, kinds, jax.random.split(key, len(kinds)))
+    return jax.vmap(one)(rows, kinds, keys)
 
 
 def spread(rows: np.ndarray, n: int) -> np.ndarray:
