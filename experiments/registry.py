@@ -26,6 +26,9 @@ EXPERIMENTS = {
     "sweep_context_length": "experiments.sweep_context_length",
     "affine_mechanism": "experiments.affine_mechanism",
     "clustering_dynamics": "experiments.clustering_dynamics",
+    "abstractions_training": "experiments.abstractions_training",  # before the two that load its checkpoint
+    "abstractions_geometry": "experiments.abstractions_geometry",
+    "abstractions_manipulation": "experiments.abstractions_manipulation",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

@@ -225,6 +225,8 @@ def test_board_metrics_against_numpy(data):
     wrong, masked = pred != targets, np.asarray(batch.info["masked"])
     np.testing.assert_allclose(float(got["token_accuracy"]), 1 - wrong.mean(), rtol=1e-6)
     np.testing.assert_allclose(float(got["masked_error"]), wrong[masked].mean(), rtol=1e-6)
+    masked_object = masked & (np.asarray(batch.info["root"]) >= 0)
+    np.testing.assert_allclose(float(got["masked_object_error"]), wrong[masked_object].mean(), rtol=1e-6)
     types = np.asarray(batch.info["type"])
     for i, t in enumerate(bd.TYPES):
         np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)

@@ -20,7 +20,9 @@ def unit(x: jax.Array) -> jax.Array:
 def mean_pairwise_distance(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Mean Euclidean distance over distinct pairs of the rows of x [N, D] (pairs weighted by weights [N, N] if
     given: the mean over pairs i != j with weight w_ij)."""
-    d = jnp.sqrt(jnp.maximum(jnp.sum((x[:, None] - x[None]) ** 2, -1), 0.0))
+    sq = jnp.sum(x**2, -1)
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: a Gram matrix, not the [N, N, D] differences
+    d = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None] - 2.0 * (x @ x.T), 0.0))
     off = 1.0 - jnp.eye(x.shape[0])
     w = off if weights is None else off * weights
     return jnp.sum(w * d) / jnp.maximum(jnp.sum(w), 1e-12)

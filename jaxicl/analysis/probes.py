@@ -1,10 +1,13 @@
 """Linear probes: closed-form ridge regression from activations to a quantity, scored on a held-out split."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+@jax.jit
 def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3) -> jax.Array:
     """[F + 1, K] weights (bias last) of argmin |[x 1] w - y|^2 + lam |w_F|^2 for x [N, F], y [N, K]."""
     xb = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
@@ -38,17 +41,27 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
         order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
         n_test = max(int(round(test_fraction * n)), 1)
         test, train = order[:n_test], order[n_test:]
-    classes = jnp.issubdtype(targets.dtype, jnp.integer)
-    y = jax.nn.one_hot(targets, int(targets.max()) + 1) if classes else targets.reshape(n, -1).astype(jnp.float32)
+    classes = bool(jnp.issubdtype(targets.dtype, jnp.integer))
+    n_classes = int(targets.max()) + 1 if classes else 0
+    w, test_score, train_score = _fit_and_score(features, targets, jnp.asarray(train), jnp.asarray(test), lam,
+                                                n_classes)
+    return {"score": float(test_score), "train_score": float(train_score), "weights": np.asarray(w),
+            "metric": "accuracy" if classes else "r2"}
+
+
+@partial(jax.jit, static_argnums=5)
+def _fit_and_score(features, targets, train, test, lam, n_classes: int):
+    """(weights, held-out score, train score) of probe: one compiled program per shape (n_classes 0: regression)."""
+    n = features.shape[0]
+    y = jax.nn.one_hot(targets, n_classes) if n_classes else targets.reshape(n, -1).astype(jnp.float32)
     w = ridge_fit(features[train], y[train], lam)
 
     def score(idx):
         pred = ridge_predict(w, features[idx])
-        if classes:
-            return float(jnp.mean(jnp.argmax(pred, -1) == targets[idx]))
+        if n_classes:
+            return jnp.mean(jnp.argmax(pred, -1) == targets[idx])
         resid = jnp.sum((pred - y[idx]) ** 2, 0)
         total = jnp.sum((y[idx] - y[idx].mean(0)) ** 2, 0)
-        return float(jnp.mean(1 - resid / jnp.maximum(total, 1e-30)))
+        return jnp.mean(1 - resid / jnp.maximum(total, 1e-30))
 
-    return {"score": score(test), "train_score": score(train), "weights": np.asarray(w),
-            "metric": "accuracy" if classes else "r2"}
+    return w, score(test), score(train)

@@ -1,0 +1,306 @@
+"""Ferry et al. 2023, manipulation: editing the abstractions changes what the network draws (gain of function).
+
+On the training run's model (experiments/common/abstractions.py; trained first if missing), at every [T, D]
+site, one site at a time, all sites and boards in one compiled program (jaxicl.analysis.steering):
+
+- transplant root A -> B on a single board's 9 object cells (every ordered pair A != B, boards_per_pair boards
+  each at a random position and background with a token mask) by (a) activation patching from the B board with
+  the same position, background and mask, and (b) adding the centroid difference mu_B - mu_A (centroids: the
+  mean over a probe set's object cells of each root and cell index, per site, so cell c of A receives
+  mu_(B,c) - mu_(A,c); centroid="root" pools the 9 cells, the notes' mu_k, and is measured as well); control: a
+  random direction of the same norm.
+  Reported: the fraction of the object's cells decoded as B's token at that cell (over cells where A's and B's
+  colours differ), on every footprint cell and on the masked ones;
+- mean ablation (loss of function): the object cells set to the grand mean of the root centroids; reported:
+  the fraction still decoded as A's tokens;
+- masked completion through an abstraction: completion_masked of the 9 cells masked, mu_B - mu_A added on those
+  cells only: does the network complete B instead of A?
+- part-whole: on composite boards, A -> B in one quadrant (the root there) by the centroid difference: the
+  fraction of that quadrant's cells decoded as B, and of the other cells left as the unedited run draws them.
+
+Every check reads the best inner site (not the embedding, where editing a visible cell swaps its token, nor the
+output, the readout itself); every site is in the notes and the figure.
+
+What the quick preset shows (under a minute): editing the residual stream changes what the network draws.
+With per-(root, cell) centroids, adding mu_B - mu_A on A's cells at any residual-stream site turns 0.96-1.0 of
+them into B's colours (a random direction of the same norm: 0.00-0.02); the activations of the B board do the
+same (0.98); setting the cells to the mean centroid leaves 0.15-0.33 of A's colours (unedited 0.99); with 6 of 9
+cells masked, the transplant on the masked cells alone makes the network complete B (0.78-0.90 inside the
+blocks) where unedited it completes A (0.50); on composites, the edit of one quadrant turns that quadrant (0.96-
+0.98) and leaves every other cell as it was (1.00). Honest limits: a residual-stream site carries each visible
+cell's own colour, so a per-cell centroid transplant there is close to substituting tokens; the notes' per-root
+centroids (one vector per root, the 9 cells pooled) move only masked cells (0.40 at layer2.resid_mid, visible
+and masked together 0.13), and edits at the attention and MLP updates alone (including layer1.attn.out, where
+geometry finds the convergence) barely move the output (<= 0.06; the MLP update of the last block 0.36).
+
+The edits are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6.4-6.5);
+sizes and thresholds are ours (Config).
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.abstractions_training import PRESETS as TRAINING_PRESETS
+from experiments.common import abstractions as ab
+from experiments.common.figures import new_figure, save_figure
+from experiments.common.result import Outcome, check_above
+from jaxicl.analysis.steering import edit_each_site
+from jaxicl.validation import check_choice, check_positive, check_range
+
+CENTROIDS = ("root_cell", "root")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    training: ab.Training = TRAINING_PRESETS["quick"].training
+    boards_per_pair: int = 2  # single boards per ordered root pair (A, B)
+    mask_p: float = 0.25  # token mask of the edited boards and of the centroid probe set
+    centroid_positions: int = 12  # top-left positions of the probe set the centroids come from
+    centroid: str = "root_cell"  # the checks' centroids: per (root, cell index), or "root" (every cell of a root)
+    completion_masked: int = 6  # footprint cells masked in the completion test
+    composite_backgrounds: int = 2  # composite boards: every composite at every position on this many backgrounds
+    min_transplant_gain: float = 0.5  # best site's B fraction minus the random control's
+    min_patch_transplant: float = 0.5
+    min_ablation_drop: float = 0.5
+    min_completion_gain: float = 0.3
+    min_part_whole_gain: float = 0.3
+    min_part_whole_kept: float = 0.9
+
+    def __post_init__(self):
+        for name in ("boards_per_pair", "centroid_positions", "composite_backgrounds"):
+            check_positive(name, getattr(self, name))
+        check_range("mask_p", self.mask_p, 0.0, 1.0)
+        check_range("completion_masked", self.completion_masked, 1, 9)
+        check_choice("centroid", self.centroid, CENTROIDS)
+        check_range("composite_backgrounds", self.composite_backgrounds, 1, self.training.task.n_backgrounds)
+
+
+PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_per_pair=1, centroid_positions=2,
+                           composite_backgrounds=1),
+           "quick": Config(),
+           "full": Config(training=TRAINING_PRESETS["full"].training, boards_per_pair=8, centroid_positions=36,
+                          composite_backgrounds=10)}
+
+
+def run(cfg: Config, out_dir: str) -> Outcome:
+    data, graphdef, params, _ = ab.trained(cfg.training, os.path.dirname(out_dir))
+    sites = ab.residual_sites(graphdef, params)
+    k_probe, k_boards, k_mask, k_rand, k_comp, k_q = jax.random.split(jax.random.key(cfg.training.train.seed + 30), 6)
+    mu = {by: site_centroids(data, graphdef, params, sites, cfg, k_probe, by) for by in CENTROIDS}  # [S, K, 9, D]
+    n_roots = data.cfg.n_roots
+    colours = data.roots.reshape(n_roots, 9)
+
+    # single boards: A at a random position and background, and the B board with the same position, background
+    # and mask
+    a, b = np.array([(i, j) for i in range(n_roots) for j in range(n_roots) if i != j]).T
+    a, b = np.repeat(a, cfg.boards_per_pair), np.repeat(b, cfg.boards_per_pair)
+    rng = np.random.default_rng(cfg.training.train.seed + 30)
+    pos, bck = rng.integers(0, 36, len(a)), rng.integers(0, data.cfg.n_backgrounds, len(a))
+    x, y = pos // 6, pos % 6
+    boards = {r: ab.masked_set(data, data.rows("single", np.stack([k, x, y, bck], 1)), cfg.mask_p, k_mask)
+              for r, k in (("a", a), ("b", b))}
+    cells = ab.footprint(x, y)  # [N, 9]
+    on = np.zeros((len(a), 64), bool)
+    np.put_along_axis(on, cells, True, axis=1)
+    tok_a, tok_b = _object_tokens(cells, colours[a]), _object_tokens(cells, colours[b])  # [N, 64], -1 off object
+    differ = on & (tok_a != tok_b)
+    masked = boards["a"]["masked"]
+    tokens = jnp.asarray(boards["a"]["tokens"])
+    delta = {by: np.stack([m[:, b, c] - m[:, a, c] for c in range(9)], 2) for by, m in mu.items()}  # [S, N, 9, D]
+    random = _random_like(delta[cfg.centroid], k_rand)
+    at_cells = lambda d: _on_cells(d, cells)  # noqa: E731
+
+    donor = ab.activations(graphdef, params, boards["b"]["tokens"], sites)
+    mean = mu[cfg.centroid].mean(1)  # [S, 9, D] the mean over roots of each cell's centroid
+    edits = {
+        "patch": edit_each_site(graphdef, params, tokens, sites, on, values=np.stack([donor[s] for s in sites])),
+        "centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(delta[cfg.centroid])),
+        "random": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(random)),
+        "other_centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(
+            delta[next(by for by in CENTROIDS if by != cfg.centroid)])),
+        "ablation": edit_each_site(graphdef, params, tokens, sites, on, values=at_cells(
+            np.broadcast_to(mean[:, None], delta[cfg.centroid].shape))),
+    }
+    clean = np.asarray(ab.predictions(graphdef, params, tokens))
+    to_b = {k: decoded_as(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
+    to_b_masked = {k: decoded_as(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
+    kept_a = decoded_as(edits["ablation"], tok_a, on)
+    clean_a = float(np.mean(clean[on] == tok_a[on]))
+    completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
+                                   delta[cfg.centroid], random, k_mask)
+    part_whole = part_whole_test(cfg, data, graphdef, params, sites, mu[cfg.centroid], k_comp, k_q)
+
+    def fmt(v):
+        return ", ".join(f"{s} {x:.2f}" for s, x in zip(sites, v))
+
+    # the best inner site: at the embedding an edit of a visible cell swaps its token, at the output it is the
+    # readout itself
+    inner = np.arange(1, len(sites) - 1)
+    best, best_patch, best_completion, best_part = (int(inner[np.argmax(v[inner])]) for v in (
+        to_b["centroid"] - to_b["random"], to_b["patch"], completion["centroid"] - completion["random"],
+        part_whole["quadrant_b"] - part_whole["quadrant_b_random"]))
+    best_ablation = int(inner[np.argmin(kept_a[inner])])
+    checks = [
+        check_above("centroid_transplant_over_random", to_b["centroid"][best] - to_b["random"][best],
+                    cfg.min_transplant_gain,
+                    f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b['centroid'][best]:.3f} of them "
+                    f"into B's colour (masked cells only: {to_b_masked['centroid'][best]:.3f}), a random direction "
+                    f"of the same norm {to_b['random'][best]:.3f}; {len(a)} boards ({n_roots * (n_roots - 1)} pairs); "
+                    f"centroids by {cfg.centroid}; per site: {fmt(to_b['centroid'])}; random per site: "
+                    f"{fmt(to_b['random'])}; with the other centroids ("
+                    f"{next(by for by in CENTROIDS if by != cfg.centroid)}) per site: {fmt(to_b['other_centroid'])}"),
+        check_above("patch_transplant", to_b["patch"][best_patch], cfg.min_patch_transplant,
+                    f"at {sites[best_patch]}: the B board's activations on A's cells (same position, background and "
+                    f"mask) turn {to_b['patch'][best_patch]:.3f} of them into B's colour (masked cells only: "
+                    f"{to_b_masked['patch'][best_patch]:.3f}); per site: {fmt(to_b['patch'])}"),
+        check_above("mean_ablation_drop", clean_a - kept_a[best_ablation], cfg.min_ablation_drop,
+                    f"at {sites[best_ablation]}: the object cells set to the mean root centroid keep "
+                    f"{kept_a[best_ablation]:.3f} of A's colours (unedited: {clean_a:.3f}); per site: {fmt(kept_a)}"),
+        check_above("masked_completion_over_random",
+                    completion["centroid"][best_completion] - completion["random"][best_completion],
+                    cfg.min_completion_gain,
+                    f"{cfg.completion_masked} of A's 9 cells masked, mu_B - mu_A added there only: at "
+                    f"{sites[best_completion]} {completion['centroid'][best_completion]:.3f} of them are completed "
+                    f"as B (random direction {completion['random'][best_completion]:.3f}); unedited, "
+                    f"{completion['clean_a']:.3f} are completed as A; per site: {fmt(completion['centroid'])}"),
+        check_above("part_whole_quadrant_over_random",
+                    part_whole["quadrant_b"][best_part] - part_whole["quadrant_b_random"][best_part],
+                    cfg.min_part_whole_gain,
+                    f"composites, mu_B - mu_A on one quadrant's root A: at {sites[best_part]} "
+                    f"{part_whole['quadrant_b'][best_part]:.3f} of the quadrant's cells become B's colour (random "
+                    f"direction {part_whole['quadrant_b_random'][best_part]:.3f}); per site: "
+                    f"{fmt(part_whole['quadrant_b'])}"),
+        check_above("part_whole_other_cells_kept", part_whole["kept"][best_part], cfg.min_part_whole_kept,
+                    f"composites, A -> B in one quadrant at {sites[best_part]} (the site where the quadrant turns "
+                    f"most, {part_whole['quadrant_b'][best_part]:.3f} of its cells B, random "
+                    f"{part_whole['quadrant_b_random'][best_part]:.3f}): {part_whole['kept'][best_part]:.3f} of the "
+                    f"other cells keep their unedited prediction; quadrant B fraction per site: "
+                    f"{fmt(part_whole['quadrant_b'])}"),
+    ]
+    figures = [_plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir)]
+    return Outcome(checks, figures)
+
+
+def site_centroids(data, graphdef, params, sites, cfg: Config, key, by: str) -> np.ndarray:
+    """[S, K, 9, D] per site the mean over a single-board probe set's object cells of each root and cell index
+    (by="root_cell"), or of each root over its 9 cells, repeated on the cell axis (by="root")."""
+    single = ab.single_probe_set(data, cfg.centroid_positions, cfg.mask_p, key)
+    cells = ab.footprint(single["x"], single["y"])
+    rows = np.arange(len(cells))[:, None]
+    roots = single["root"][rows, cells].ravel()
+    labels = roots * 9 + np.tile(np.arange(9), len(cells)) if by == "root_cell" else roots
+    acts = ab.activations(graphdef, params, single["tokens"], sites)
+    k = data.cfg.n_roots
+    out = []
+    for s in sites:
+        mu = ab.centroids(acts[s][rows, cells].reshape(len(roots), -1), labels, k * 9 if by == "root_cell" else k)
+        out.append(mu.reshape(k, 9, -1) if by == "root_cell" else np.repeat(mu[:, None], 9, 1))
+    return np.stack(out).astype(np.float32)
+
+
+def _on_cells(per_cell: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """[S, N, 64, D] with per_cell [S, N, 9, D] at the board cells cells [N, 9] (zeros elsewhere)."""
+    s, n, _, d = per_cell.shape
+    out = np.zeros((s, n, 64, d), np.float32)
+    out[:, np.arange(n)[:, None], cells] = per_cell
+    return out
+
+
+def masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b, delta, random,
+                      key) -> dict:
+    """[S] fractions of the masked footprint cells decoded as B when the centroid difference delta [S, N, 9, D]
+    ("centroid") or random [S, N, 9, D] ("random") is added on them only; "clean_a": unedited, the fraction
+    completed as A."""
+    base = ab.masked_set(data, data.rows("single", np.stack([a, x, y, bck], 1)), cfg.mask_p, key)
+    order = np.argsort(np.random.default_rng(cfg.training.train.seed + 31).random(cells.shape), axis=1)
+    hidden = np.zeros_like(base["masked"])
+    np.put_along_axis(hidden, np.take_along_axis(cells, order[:, :cfg.completion_masked], 1), True, axis=1)
+    tokens = jnp.asarray(np.where(hidden, data.cfg.unk, base["tokens"]))
+    where = hidden & (tok_a != tok_b)
+    clean = np.asarray(ab.predictions(graphdef, params, tokens))
+    return {"centroid": decoded_as(edit_each_site(graphdef, params, tokens, sites, hidden,
+                                                  deltas=_on_cells(delta, cells)), tok_b, where),
+            "random": decoded_as(edit_each_site(graphdef, params, tokens, sites, hidden,
+                                                deltas=_on_cells(random, cells)), tok_b, where),
+            "clean_a": float(np.mean(clean[hidden] == tok_a[hidden]))}
+
+
+def part_whole_test(cfg, data, graphdef, params, sites, mu, key, k_target) -> dict:
+    """[S] on composite boards, A -> B in one quadrant (every quadrant of every board, B a random other root) by
+    the centroid differences of mu [S, K, 9, D] and by a random direction of their norm: "quadrant_b" / "quadrant_b_random", the fraction of the
+    quadrant's cells (where A's and B's colours differ) decoded as B, and "kept", the fraction of the other
+    cells whose prediction is the unedited one (centroid edit)."""
+    tuples = np.concatenate([data.tuples(split, "composition") for split in ("train", "test")])
+    tuples = tuples[tuples[:, 3] < cfg.composite_backgrounds]
+    comp = ab.masked_set(data, data.rows("composition", tuples), cfg.mask_p, key)
+    n, n_roots = len(tuples), data.cfg.n_roots
+    quadrant = np.tile(np.arange(4), n)  # every board once per quadrant
+    board = np.repeat(np.arange(n), 4)
+    qi, qj = np.divmod(quadrant, 2)
+    qx, qy = tuples[board, 1] + 4 * qi, tuples[board, 2] + 4 * qj
+    cells = ab.footprint(qx, qy)
+    a = comp["root"][board, cells[:, 0]]
+    b = (a + np.asarray(jax.random.randint(k_target, a.shape, 1, n_roots))) % n_roots
+    on = np.zeros((len(a), 64), bool)
+    np.put_along_axis(on, cells, True, axis=1)
+    colours = data.roots.reshape(n_roots, 9)
+    tok_a, tok_b = _object_tokens(cells, colours[a]), _object_tokens(cells, colours[b])
+    tokens = jnp.asarray(comp["tokens"][board])
+    delta = np.stack([mu[:, b, c] - mu[:, a, c] for c in range(9)], 2)  # [S, N, 9, D]
+    random = _random_like(delta, key)
+    clean = np.asarray(ab.predictions(graphdef, params, tokens))
+    centroid = edit_each_site(graphdef, params, tokens, sites, on, deltas=_on_cells(delta, cells))
+    rand = edit_each_site(graphdef, params, tokens, sites, on, deltas=_on_cells(random, cells))
+    where = on & (tok_a != tok_b)
+    return {"quadrant_b": decoded_as(centroid, tok_b, where), "quadrant_b_random": decoded_as(rand, tok_b, where),
+            "kept": decoded_as(centroid, clean, ~on)}
+
+
+def decoded_as(edited: jax.Array, want: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """[S] per site the fraction of the selected cells where [N, 64] whose argmax of edited [S, N, 64, V] is want
+    [N, 64]."""
+    pred = np.asarray(jnp.argmax(edited, -1))
+    return (np.sum((pred == want) & where, (1, 2)) / max(np.sum(where), 1)).astype(float)
+
+
+def _object_tokens(cells: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """[N, 64] the object token (10 + colour) each footprint cell of cells [N, 9] holds for patterns colours
+    [N, 9]; -1 elsewhere."""
+    out = np.full((len(cells), 64), -1)
+    np.put_along_axis(out, cells, 10 + colours, axis=1)
+    return out
+
+
+def _random_like(delta: np.ndarray, key) -> np.ndarray:
+    """Random directions with the norms of delta [..., D]."""
+    r = np.asarray(jax.random.normal(key, delta.shape))
+    return (r * np.linalg.norm(delta, axis=-1, keepdims=True) / np.linalg.norm(r, axis=-1, keepdims=True)).astype(
+        np.float32)
+
+
+def _plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir) -> str:
+    fig, axes = new_figure(3, size=(5.5, 3.6))
+    x = np.arange(len(sites))
+    labels = [s.replace("layer", "L").replace(".resid_", ".").replace("unembed.in", "out") for s in sites]
+    for name, style in (("centroid", "-"), ("patch", "-"), ("random", ":")):
+        axes[0, 0].plot(x, to_b[name], style, marker=".", label=f"{name}: footprint")
+        axes[0, 0].plot(x, to_b_masked[name], style, color="0.6", lw=0.8)
+    axes[0, 0].set(ylabel="cells decoded as B", title="transplant A -> B (grey: masked cells)")
+    axes[0, 1].plot(x, kept_a, marker=".", label="mean ablation: cells still A")
+    axes[0, 1].axhline(clean_a, color="k", ls=":", label="unedited")
+    axes[0, 1].plot(x, completion["centroid"], marker=".", label="completion as B (centroid)")
+    axes[0, 1].plot(x, completion["random"], ":", marker=".", label="completion as B (random)")
+    axes[0, 1].set(title="ablation and masked completion")
+    axes[0, 2].plot(x, part_whole["quadrant_b"], marker=".", label="edited quadrant: B")
+    axes[0, 2].plot(x, part_whole["quadrant_b_random"], ":", marker=".", label="edited quadrant: B (random)")
+    axes[0, 2].plot(x, part_whole["kept"], marker=".", label="other cells unchanged")
+    axes[0, 2].set(title="part-whole: one quadrant of a composite")
+    for ax in axes[0]:
+        ax.set(ylim=(-0.05, 1.05))
+        ax.set_xticks(x, labels, rotation=90, fontsize=6)
+        ax.legend(fontsize=6)
+    return save_figure(fig, out_dir, "manipulations")

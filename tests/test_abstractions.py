@@ -1,0 +1,118 @@
+"""The three abstractions experiments (Ferry et al. 2023): one shared training run, every check and figure written;
+edits at each site against one patch per site; the probe-set helpers against the renderer."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.common import abstractions as ab
+from experiments.common.runner import run_experiment
+from jaxicl.analysis.steering import edit_each_site
+from jaxicl.models import apply
+from jaxicl.models.factor_transformer import FactorTransformer
+from jaxicl.sites import Patch
+from jaxicl.tasks import boards as bd
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = FactorTransformer(rngs=nnx.Rngs(0))
+    m.pos_table[...] = jax.random.normal(jax.random.key(1), m.pos_table.shape)
+    return nnx.split(m, nnx.Param)
+
+
+def test_edit_each_site_equals_one_patch_per_site(model):
+    graphdef, params = model
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 21, (3, 64)))
+    sites = ["embed", "layer0.resid_mid", "layer2.mlp.out"]
+    masks = rng.random((3, 64)) < 0.2
+    values = rng.normal(size=(3, 3, 64, 64)).astype(np.float32)
+    deltas = rng.normal(size=(3, 3, 64, 64)).astype(np.float32)
+    for kw in ({"values": values}, {"deltas": deltas}, {"values": values, "deltas": deltas}):
+        got = np.asarray(edit_each_site(graphdef, params, tokens, sites, masks, **kw))
+        assert got.shape == (3, 3, 64, 21)
+        for i, s in enumerate(sites):
+            for b in range(3):
+                m = jnp.asarray(masks[b])[:, None]
+                patch = Patch(values={s: values[i, b]} if "values" in kw else {},
+                              masks={s: m} if "values" in kw else {},
+                              deltas={s: jnp.where(m, deltas[i, b], 0.0)} if "deltas" in kw else {})
+                want = apply(graphdef, params, tokens[b], patch=patch)[0]
+                np.testing.assert_allclose(got[i, b], want, rtol=1e-4, atol=1e-4)
+    # zero deltas, and a site replaced by its own values, leave the logits as they are
+    clean, cache = jax.vmap(lambda t: apply(graphdef, params, t, capture=sites))(tokens)
+    own = np.stack([cache[s] for s in sites])
+    for kw in ({"deltas": np.zeros_like(deltas)}, {"values": own}):
+        got = np.asarray(edit_each_site(graphdef, params, tokens, sites, masks, **kw))
+        np.testing.assert_allclose(got, np.broadcast_to(clean, got.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_edit_each_site_rejects_bad_input_naming_it(model):
+    graphdef, params = model
+    tokens = jnp.zeros((2, 64), jnp.int32)
+    masks = np.zeros((2, 64), bool)
+    with pytest.raises(ValueError, match="unknown site name"):
+        edit_each_site(graphdef, params, tokens, ["layer7.z"], masks, deltas=np.zeros((1, 2, 64, 64)))
+    with pytest.raises(ValueError, match="one \\[T, D\\] shape"):
+        edit_each_site(graphdef, params, tokens, ["embed", "layer0.attn.q"], masks, deltas=np.zeros((2, 2, 64, 64)))
+    with pytest.raises(ValueError, match="needs values, deltas or both"):
+        edit_each_site(graphdef, params, tokens, ["embed"], masks)
+    with pytest.raises(ValueError, match="deltas must have shape"):
+        edit_each_site(graphdef, params, tokens, ["embed"], masks, deltas=np.zeros((2, 64, 64)))
+    with pytest.raises(ValueError, match="masks must have shape"):
+        edit_each_site(graphdef, params, tokens, ["embed"], masks[:, :8], deltas=np.zeros((1, 2, 64, 64)))
+
+
+def test_probe_sets_follow_the_renderer():
+    data = bd.build(bd.Boards())
+    single = ab.single_probe_set(data, 4, 0.25, jax.random.key(0))
+    assert single["tokens"].shape == (10 * 4 * 10, 64)
+    cells = ab.footprint(single["x"], single["y"])
+    rows = np.arange(len(cells))[:, None]
+    # the footprint is exactly the object's cells, in cell-index order, and the mask has the asked rate
+    np.testing.assert_array_equal(np.sort(cells, 1), np.stack([np.flatnonzero(r >= 0) for r in single["root"]]))
+    np.testing.assert_array_equal(single["cell"][rows, cells], np.broadcast_to(np.arange(9), cells.shape))
+    root = single["root"][rows[:, 0], cells[:, 0]]
+    np.testing.assert_array_equal(single["board"][rows, cells], 10 + data.roots.reshape(10, 9)[root])
+    assert abs(single["masked"].mean() - 0.25) < 0.02  # 25,600 cells: 4 standard errors
+    np.testing.assert_array_equal(single["tokens"], np.where(single["masked"], 20, single["board"]))
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    labels = np.arange(50) % 4
+    np.testing.assert_allclose(ab.centroids(x, labels, 5)[:4], [x[labels == k].mean(0) for k in range(4)])
+    assert np.isnan(ab.centroids(x, labels, 5)[4]).all()
+
+
+def test_smoke_runs_share_one_training_run(tmp_path):
+    """Geometry first (it trains the run it needs), then training and manipulation load it without a step."""
+    out = tmp_path
+    geometry = run_experiment("abstractions_geometry", "smoke", str(out))
+    metrics = out / "abstractions_training" / "run" / "metrics.jsonl"
+    before = metrics.read_text()
+    training = run_experiment("abstractions_training", "smoke", str(out))
+    manipulation = run_experiment("abstractions_manipulation", "smoke", str(out))
+    assert metrics.read_text() == before  # nothing retrained, nothing re-evaluated
+    rows = [json.loads(line) for line in before.splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20]
+    names = {r["experiment"]: [c["name"] for c in r["checks"]] for r in (training, geometry, manipulation)}
+    assert names == {
+        "abstractions_training": ["test_token_accuracy", "test_board_accuracy", "test_masked_object_error"],
+        "abstractions_geometry": ["convergence_min_over_ends", "root_pr_at_convergence_site_over_ends",
+                                  "probe_root_over_chance", "probe_masked_root_over_chance", "probe_cell_over_chance",
+                                  "probe_background_over_chance", "probe_position_r2", "probe_composite_over_chance",
+                                  "probe_composite_root_over_chance", "context_independence_cosine_gap"],
+        "abstractions_manipulation": ["centroid_transplant_over_random", "patch_transplant", "mean_ablation_drop",
+                                      "masked_completion_over_random", "part_whole_quadrant_over_random",
+                                      "part_whole_other_cells_kept"]}
+    for r in (training, geometry, manipulation):
+        assert all(np.isfinite(c["value"]) for c in r["checks"]), r["checks"]
+        for fig in r["figures"]:
+            assert os.path.getsize(out / r["experiment"] / fig) > 10_000
+    # the final evaluation in the run's log is the one the training checks report
+    final = [r for r in rows if r["split"] == "eval"][-1]
+    assert training["checks"][0]["value"] == pytest.approx(final["test_token_accuracy"])
