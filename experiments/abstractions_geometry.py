@@ -104,8 +104,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     inner = sites[1:-1]
     best = min(inner, key=distance.get)
 
-    probes = probe_scores(cfg, data, graphdef, params, sites, single, obj, root, k_comp)
-    context = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, k_comp)
+    comp = ab.composite_set(data, cfg.mask_p, k_comp)  # every composite, masked: the probes and context share it
+    comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
+    probes = probe_scores(cfg, sites, single, obj, root, comp, comp_acts)
+    context = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts)
     perturb_sites = sites[1:]
     attractor = np.asarray(perturbation_distances(graphdef, params, jnp.asarray(single["tokens"][:cfg.perturb_boards]),
                                                   "embed", objects[:cfg.perturb_boards], cfg.perturb_alpha,
@@ -166,9 +168,9 @@ def site_geometry(acts, obj, objects, root, n_roots: int, n_bck: int):
     return distance, ratio, pr_root, participation_ratio(flat)
 
 
-def probe_scores(cfg, data, graphdef, params, sites, single, obj, root, key) -> dict[str, dict[str, float]]:
+def probe_scores(cfg, sites, single, obj, root, comp, comp_acts) -> dict[str, dict[str, float]]:
     """{feature: {site: held-out score}} for the single-board features and, on composite boards, composite id
-    and root id (composite position (1, 1) held out)."""
+    and root id (comp: composite_set, comp_acts its activations; composite position (1, 1) held out)."""
     pos = single["x"] * 6 + single["y"]
     held_positions = np.unique(pos)[np.linspace(0, len(np.unique(pos)) - 1, cfg.held_out_positions).round()
                                     .astype(int)]
@@ -180,8 +182,6 @@ def probe_scores(cfg, data, graphdef, params, sites, single, obj, root, key) -> 
                "position": np.repeat(np.stack([single["x"], single["y"]], 1), 9, axis=0).astype(np.float32)}
     out = {name: {} for name in ("root", "masked_root", "cell", "background", "position", "composite",
                                  "composite_root")}
-    comp = ab.composite_set(data, cfg.mask_p, key)
-    comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
     on = comp["root"] >= 0  # [M, 64]
     comp_held = np.broadcast_to((comp["x"] == 1) & (comp["y"] == 1), on.T.shape).T[on]
     for s in sites:
@@ -207,7 +207,7 @@ def position_r2(features: np.ndarray, xy: np.ndarray, held: np.ndarray, lam: flo
     return float(np.mean(1 - err / (held.sum() * xy.var(0))))
 
 
-def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, k_comp) -> dict:
+def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comps, comp_acts) -> dict:
     """Per site: mean cosine of each root's single-board centroid with its centroid on double and composite
     boards ("cos_same"), with other roots' centroids there ("cos_other"), and the held-out accuracy on double
     and composite boards' object cells of a root probe fit on every single-board object cell."""
@@ -216,9 +216,8 @@ def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double
     tuples = np.concatenate([data.tuples(split, "double") for split in ("train", "test")])
     doubles = ab.masked_set(data, data.rows("double", tuples[rng.choice(len(tuples), cfg.double_boards)]),
                             cfg.mask_p, k_double)
-    comps = ab.composite_set(data, cfg.mask_p, k_comp)
     others = [doubles, comps]
-    acts = [ab.activations(graphdef, params, o["tokens"], sites) for o in others]
+    acts = [ab.activations(graphdef, params, doubles["tokens"], sites), comp_acts]
     out = {k: {} for k in ("cos_same", "cos_other", "transfer_double", "transfer_composite")}
     for s in sites:
         d = obj[s].shape[-1]

@@ -89,7 +89,7 @@ PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_p
 def run(cfg: Config, out_dir: str) -> Outcome:
     data, graphdef, params, _ = ab.trained(cfg.training, os.path.dirname(out_dir))
     sites = ab.residual_sites(graphdef, params)
-    k_probe, k_boards, k_mask, k_rand, k_comp, k_q = jax.random.split(jax.random.key(cfg.training.train.seed + 30), 6)
+    k_probe, _, k_mask, k_rand, k_comp, k_q = jax.random.split(jax.random.key(cfg.training.train.seed + 30), 6)
     mu = {by: site_centroids(data, graphdef, params, sites, cfg, k_probe, by) for by in CENTROIDS}  # [S, K, 9, D]
     n_roots = data.cfg.n_roots
     colours = data.roots.reshape(n_roots, 9)
