@@ -4,6 +4,7 @@ the codebook, the message analysis against independent computations, bad message
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +17,12 @@ from experiments.common.runner import run_experiment
 from jaxicl.analysis import language as lang
 from jaxicl.models import lea
 from jaxicl.models import vector_quantizer as vq
+from jaxicl.prompt import Prompt
 from jaxicl.sites import run_with_sites
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig, train
 from jaxicl.train.losses import lea_loss
+from jaxicl.train.mesh import data_mesh
 from jaxicl.train.metrics import read_metrics
 
 TINY = dict(d_model=16, d_pos=8, n_layers=1, n_heads=2, n_words=12, message_len=4)
@@ -76,10 +79,14 @@ def _count(d, p, layers, words_len, board=64, vocab=21):
 
 
 def test_parameter_count_and_the_streams_meet_only_through_cross_attention():
-    graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0)), nnx.Param, lea.VQBuffer)
+    shapes = nnx.eval_shape(lambda: lea.LEA(rngs=nnx.Rngs(0)))
+    _, params, buffers = nnx.split(shapes, nnx.Param, lea.VQBuffer)
     assert sum(x.size for x in jax.tree.leaves(params)) == _count(32, 16, 3, 16) == 137_088
     assert {k: v.shape for k, v in buffers.items()} == {"codebook": (128, 32), "ema_w": (128, 32),
                                                         "cluster_size": (128,)}
+    small = dict(TINY, n_layers=2, n_words=128, message_len=16)
+    graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **small), nnx.Param, lea.VQBuffer)
+    assert sum(x.size for x in jax.tree.leaves(params)) == _count(16, 8, 2, 16)
     model = nnx.merge(graphdef, params, buffers)
     model.codebook[...] = jax.random.normal(jax.random.key(2), model.codebook.shape)  # distinct words
     graphdef, state = nnx.split(model)
@@ -106,16 +113,16 @@ def test_parameter_count_and_the_streams_meet_only_through_cross_attention():
 
 
 def test_both_streams_expose_every_block_through_sites():
-    model = lea.LEA(rngs=nnx.Rngs(0))
+    model = lea.LEA(rngs=nnx.Rngs(0), **dict(TINY, n_layers=2, message_len=16))
     board = jax.random.randint(jax.random.key(0), (64,), 0, 21)
     words, cache = run_with_sites(model.message, board, capture="all")
     for stream, t, other in (("picture", 64, 16), ("speech", 16, 64)):
-        for l in range(3):
+        for l in range(2):
             name = f"{stream}.layer{l}"
             assert cache[f"{name}.self_attn.weights"].shape == (2, t, t)
             assert cache[f"{name}.cross_attn.weights"].shape == (2, t, other)
             for site in ("self_attn.out", "resid_mid", "cross_attn.out", "resid_cross", "mlp.out", "resid_post"):
-                assert cache[f"{name}.{site}"].shape == (t, 32)
+                assert cache[f"{name}.{site}"].shape == (t, 16)
     # the recorded speech output is what the words are read from, and zero edits change nothing
     np.testing.assert_array_equal(words, vq.nearest_codes(model.codebook[...], cache["speech.out"]))
     edited, _ = run_with_sites(model.message, board, edits={"picture.layer1.cross_attn.out": lambda v: v + 0.0})
@@ -137,16 +144,23 @@ def test_bad_messages_name_the_argument_and_the_allowed_range():
 
 
 def test_a_resumed_lea_run_equals_the_uninterrupted_run_codebook_included(tmp_path):
-    task = bd.Boards(types_start=(0.95, 0.05, 0.0), types_end=(0.6, 0.4, 0.0), steps_per_epoch=1, patch_p=0.0)
-    data = bd.build(task)
+    """The run is cut after its step-6 checkpoint (later checkpoints deleted) and run again: it resumes there."""
+    task = bd.Boards()
+
+    def sample(cfg, key, step):  # random boards, one UNK in four (the board sampler would double the compile time)
+        board = jax.random.randint(key, (64,), 0, 20)
+        masked = jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), (64,)) < 0.25, 20, board)
+        return Prompt(inputs=masked, targets=board, mask=jnp.ones(64), info={"epoch": step})
+
     graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY), nnx.Param, lea.VQBuffer)
     loss = lea_loss(graphdef, rfs_ramp=(0, 4))
-    cfg = TrainConfig(steps=12, batch_size=8, optimizer="adamw", lr=1e-3, steps_per_call=6, log_every=1)
-    kw = dict(buffers=buffers, progress=False)
-    whole = train(loss, data.sampler(), task, cfg, params, out_dir=str(tmp_path / "a"), **kw)
-    half = dataclasses.replace(cfg, steps=6)
-    train(loss, data.sampler(), task, half, params, out_dir=str(tmp_path / "b"), **kw)
-    resumed = train(loss, data.sampler(), task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
+    cfg = TrainConfig(steps=12, batch_size=4, optimizer="adamw", lr=1e-3, steps_per_call=6, log_every=1,
+                      checkpoint_every=6)
+    kw = dict(buffers=buffers, progress=False, mesh=data_mesh(1))
+    whole = train(loss, sample, task, cfg, params, out_dir=str(tmp_path / "a"), **kw)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "12")
+    resumed = train(loss, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
     for got, want in ((resumed.state.params, whole.state.params), (resumed.state.buffers, whole.state.buffers)):
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
