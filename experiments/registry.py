@@ -29,6 +29,7 @@ EXPERIMENTS = {
     "abstractions_training": "experiments.abstractions_training",  # before the two that load its checkpoint
     "abstractions_geometry": "experiments.abstractions_geometry",
     "abstractions_manipulation": "experiments.abstractions_manipulation",
+    "abstractions_lea": "experiments.abstractions_lea",
 }
 PRESET_NAMES = ("smoke", "quick", "full")
 

@@ -80,18 +80,25 @@ class FactorTransformer(Model):
         return self.head(sites("unembed.in", self.ln_final(x)[0]))
 
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
-        kind = name.rsplit(".", 1)[-1]
-        if kind == "weights":
-            return ("head", "pos", "key")
-        if kind in ("q", "k", "v"):
-            return ("pos", "head", "d_head")
-        return super().site_axes(name, ndim)
+        return attention_site_axes(name) or super().site_axes(name, ndim)
 
     def _attend(self, b: FactorBlock, h: jax.Array, sites, l: int) -> jax.Array:
-        t, name = h.shape[0], f"layer{l}.attn"
-        q, k, v = (sites(f"{name}.{n}", f(h).reshape(t, b.n_heads, -1)) for n, f in (("q", b.q), ("k", b.k),
-                                                                                      ("v", b.v)))
-        weights = sites(f"{name}.weights", jax.nn.softmax(jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1]),
-                                                          axis=-1))
-        z = jnp.einsum("hqk,khe->qhe", weights, v).reshape(t, -1)
-        return sites(f"{name}.out", b.proj(z))
+        name = f"layer{l}.attn"
+        return sites(f"{name}.out", b.proj(attend(b.q(h), b.k(h), b.v(h), b.n_heads, sites, name)))
+
+
+def attention_site_axes(name: str) -> tuple[str, ...] | None:
+    """The axes of attend's sites (weights [H, Tq, Tk], q/k/v [T, H, dh]); None for any other site."""
+    kind = name.rsplit(".", 1)[-1]
+    return {"weights": ("head", "pos", "key"), "q": ("pos", "head", "d_head"), "k": ("pos", "head", "d_head"),
+            "v": ("pos", "head", "d_head")}.get(kind)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, n_heads: int, sites, name: str) -> jax.Array:
+    """Bidirectional softmax attention of queries q [Tq, D] over keys k and values v [Tk, D] in n_heads heads ->
+    [Tq, D] (the heads side by side, before the output projection); sites name.q, .k, .v [T, H, dh] and
+    name.weights [H, Tq, Tk]."""
+    q, k, v = (sites(f"{name}.{n}", x.reshape(x.shape[0], n_heads, -1)) for n, x in (("q", q), ("k", k), ("v", v)))
+    weights = sites(f"{name}.weights", jax.nn.softmax(jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1]),
+                                                      axis=-1))
+    return jnp.einsum("hqk,khe->qhe", weights, v).reshape(q.shape[0], -1)

@@ -195,8 +195,8 @@ class BoardData:
         step // cfg.steps_per_epoch), a tuple uniform over the split's tuples of that type, masked for the epoch.
 
         inputs [64] the masked board, targets [64] the clean board, mask [64] ones (the loss covers every cell);
-        info: "masked" [64] bool (the cells set to UNK), "type" [], and render's annotations "root", "cell",
-        "object" [64] and "background" []. The same function object each call (jitted callers compile once).
+        info: "masked" [64] bool (the cells set to UNK), "type" [], "epoch" [], and render's annotations "root",
+        "cell", "object" [64] and "background" []. The same function object each call (jitted callers compile once).
         """
         check_choice("split", split, ("train", "test"))
         test = {k: jnp.asarray(v) for k, v in self.test.items()}
@@ -242,7 +242,7 @@ def _sample_board(split: str, test: dict, roots, composites, cfg: Boards, key: j
     inputs, masked = mask_board(cfg, k_mask, out, epoch)
     board = out.pop("board")
     return Prompt(inputs=inputs, targets=board, mask=jnp.ones(board.shape, jnp.float32),
-                  info={**out, "masked": masked, "type": kind})
+                  info={**out, "masked": masked, "type": kind, "epoch": jnp.asarray(epoch, jnp.int32)})
 
 
 def build(cfg: Boards) -> BoardData:
@@ -328,7 +328,7 @@ def _masked_prompts(cfg: Boards, roots, rows, kinds, keys, epoch) -> Prompt:
         inputs, masked = mask_board(cfg, k, out, epoch)
         board = out.pop("board")
         return Prompt(inputs=inputs, targets=board, mask=jnp.ones(board.shape, jnp.float32),
-                      info={**out, "masked": masked, "type": kind})
+                      info={**out, "masked": masked, "type": kind, "epoch": jnp.asarray(epoch, jnp.int32)})
 
     return jax.vmap(one)(rows, kinds, keys)
 

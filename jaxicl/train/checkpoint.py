@@ -1,6 +1,6 @@
 """Orbax checkpoints of a TrainState (all orbax calls of jaxicl live here).
 
-Each checkpoint holds params, optimiser state, step and the raw key data; the run config is
+Each checkpoint holds params, optimiser state, step, the raw key data and the buffers (if any); the run config is
 root metadata. Restoring always goes through an abstract target carrying the shardings wanted
 now, so a checkpoint saved on 4 devices loads onto 1 (or onto another mesh). Every process of a
 multi-host run must call save and restore; orbax writes from the primary host.
@@ -18,8 +18,9 @@ from jaxicl.validation import ConfigError
 
 
 def _to_tree(state: TrainState) -> dict:
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+    tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
             "key_data": jax.random.key_data(state.key)}
+    return tree if state.buffers is None else {**tree, "buffers": state.buffers}
 
 
 class CheckpointStore:
@@ -58,7 +59,7 @@ class CheckpointStore:
                                 jax.eval_shape(_to_tree, like))
         tree = self._ckptr.load(step, abstract)
         key = jax.random.wrap_key_data(tree["key_data"], impl=jax.random.key_impl(like.key))
-        return TrainState(tree["params"], tree["opt_state"], tree["step"], key)
+        return TrainState(tree["params"], tree["opt_state"], tree["step"], key, tree.get("buffers"))
 
     def close(self) -> None:
         self._ckptr.close()

@@ -53,7 +53,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
           out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
           evaluate: Callable[[object], dict] | None = None, eval_every: EvalSchedule = 0,
           run_config: dict | None = None, tx: optax.GradientTransformation | None = None,
-          progress: bool = True, desc: str = "train") -> TrainResult:
+          progress: bool = True, desc: str = "train", buffers=None) -> TrainResult:
     """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
 
     sample=None: loss_fn(params, None) needs no batch (task_cfg may then be None).
@@ -61,8 +61,10 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run. `evaluate(params) -> {name: scalar}` runs at
     step 0, every eval_every steps (or at the steps of a tuple eval_every) and at the end (eval rows in metrics.jsonl). `tx` overrides
-    the optimiser built from cfg. Raises NonFiniteLossError at the first non-finite loss,
-    without saving the bad state.
+    the optimiser built from cfg. buffers: state the loss updates outside the optimiser (then
+    loss_fn(params, batch, buffers) -> (loss, (aux, new buffers)) and evaluate(params, buffers); checkpointed, in
+    the result's state).
+    Raises NonFiniteLossError at the first non-finite loss, without saving the bad state.
     """
     mesh = data_mesh() if mesh is None else mesh
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
@@ -77,8 +79,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         sharding = replicated(mesh)
         # a copy on this mesh, wherever params live (host, another mesh): the compiled steps donate the
         # state, never the caller's arrays (device_put alone may reuse the caller's buffer on a device)
-        params = jax.tree.map(jnp.copy, jax.device_put(params, sharding))
-        state = jax.device_put(init_state(params, cfg.seed, tx), sharding)
+        params, buffers = jax.tree.map(jnp.copy, jax.device_put((params, buffers), sharding))
+        state = jax.device_put(init_state(params, cfg.seed, tx, buffers), sharding)
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and resume and store.steps():
@@ -94,7 +96,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
 
         def run_eval(state):
             row = {"step": int(state.step), "split": "eval",
-                   **{k: float(v) for k, v in jax.device_get(evaluate(state.params)).items()}}
+                   **{k: float(v) for k, v in jax.device_get(evaluate(*_model_state(state))).items()}}
             eval_rows.append(row)
             writer.write([row])
 
@@ -143,3 +145,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
     return TrainResult(portable(state), train_rows, eval_rows, info)
+
+
+def _model_state(state: TrainState) -> tuple:
+    """(params,) or (params, buffers): what the loss and the evaluation of a run receive."""
+    return (state.params,) if state.buffers is None else (state.params, state.buffers)

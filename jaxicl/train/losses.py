@@ -12,6 +12,9 @@ import numpy as np
 from flax import nnx
 
 from jaxicl.models.functional import predictor
+from jaxicl.models.gpt import lookup
+from jaxicl.models.lea import VQBuffer
+from jaxicl.models.vector_quantizer import ema_update, nearest_codes, straight_through, vq_loss
 from jaxicl.prompt import Prompt
 
 COORDS = ("sum", "mean")
@@ -57,9 +60,55 @@ def cross_entropy_loss(graphdef: nnx.GraphDef):
 
     def loss_fn(params, batch: Prompt):
         logits = jax.vmap(predictor(graphdef, params))(batch.inputs)
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch.targets[..., None], axis=-1)[..., 0]
         hits = (jnp.argmax(logits, -1) == batch.targets).astype(logits.dtype)
-        return masked_mean(nll, batch.mask), {"accuracy": masked_mean(hits, batch.mask)}
+        return masked_mean(token_nll(logits, batch.targets), batch.mask), {"accuracy": masked_mean(hits, batch.mask)}
+
+    return loss_fn
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target]: logits [..., V], integer targets [...] -> [...]."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+
+
+def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000), decay: float = 0.99,
+             epsilon: float = 1e-5, commitment: float = 0.25, usage_cost: float = 0.25):
+    """The three-pass loss of Ferry et al.'s LEA (jaxicl.models.lea; shared/papers/abstractions_ferry2023.md,
+    Section 5) on board batches (info["epoch"] [B]: the epoch the boards were drawn for); a run with buffers.
+
+      1. masked board -> picture stream (blank message) -> logits_board, and its LN_f output z
+      2. z -> speech stream -> s [L, D] -> nearest words, quantised straight-through
+      3. the all-UNK board + the quantised message -> the same picture stream -> logits_speech
+      loss = CE(logits_board) + a(epoch) (VQ loss + CE(logits_speech)),  a ramping 0 -> 1 over rfs_ramp epochs
+
+    Cross-entropies are means over every cell of every board. The new buffers are the codebook's EMA step on this
+    batch's speech vectors (vector_quantizer.ema_update with decay, epsilon); every pass reads the codebook as it
+    was before the step. aux: both cross-entropies and token accuracies, the VQ loss, a(epoch), and the number of
+    distinct words in the batch.
+    """
+    def loss_fn(params, batch: Prompt, buffers):
+        model = nnx.merge(graphdef, params, buffers)
+        codebook = model.codebook[...]
+        blank = model.words(jnp.full(model.message_len, model.blank))
+        logits_board, z = jax.vmap(model.picture, in_axes=(0, None))(batch.inputs, blank)
+        s = jax.vmap(model.speech)(z)  # [B, L, D]
+        codes = nearest_codes(codebook, s)
+        chosen = lookup(codebook, codes)
+        unk = jnp.full_like(batch.inputs, model.vocab_size - 1)
+        logits_speech = jax.vmap(lambda t, m: model.picture(t, m)[0])(unk, straight_through(s, chosen))
+        ce_board = jnp.mean(token_nll(logits_board, batch.targets))
+        ce_speech = jnp.mean(token_nll(logits_speech, batch.targets))
+        vq = vq_loss(s, chosen, codes, model.n_words, commitment=commitment, usage_cost=usage_cost)
+        lo, hi = rfs_ramp
+        a = jnp.clip((jnp.max(batch.info["epoch"]) - lo) / max(hi - lo, 1), 0.0, 1.0)
+        new = ema_update(model.ema_w[...], model.cluster_size[...], jax.lax.stop_gradient(s), codes, decay=decay,
+                         epsilon=epsilon)
+        new_buffers = nnx.State({k: VQBuffer(v) for k, v in zip(("codebook", "ema_w", "cluster_size"), new)})
+        aux = {"ce_board": ce_board, "ce_speech": ce_speech, "vq_loss": vq, "rfs_weight": a,
+               "accuracy_board": jnp.mean(jnp.argmax(logits_board, -1) == batch.targets),
+               "accuracy_speech": jnp.mean(jnp.argmax(logits_speech, -1) == batch.targets),
+               "words_used": jnp.sum(jnp.any(jax.nn.one_hot(codes.reshape(-1), model.n_words) > 0, 0))}
+        return ce_board + a * (vq + ce_speech), (aux, new_buffers)
 
     return loss_fn
 

@@ -13,7 +13,8 @@ EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts, never used 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """params and opt_state are pytrees; step is a scalar int32; key is the run's typed base key.
+    """params and opt_state are pytrees; step is a scalar int32; key is the run's typed base key; buffers: state
+    the loss updates and the optimiser never sees (e.g. a vector quantiser's EMA codebook), None for most models.
 
     The batch of step s is sampled from fold_in(key, s), so the state at step s determines the
     rest of the run.
@@ -23,6 +24,7 @@ class TrainState:
     opt_state: optax.OptState
     step: jax.Array
     key: jax.Array
+    buffers: object = None
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
@@ -38,6 +40,6 @@ def eval_key(seed) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
 
 
-def init_state(params, seed, tx: optax.GradientTransformation) -> TrainState:
+def init_state(params, seed, tx: optax.GradientTransformation, buffers=None) -> TrainState:
     """The state at step 0 of a run with this seed (seed may be traced, e.g. per sweep member)."""
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(seed))
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(seed), buffers)

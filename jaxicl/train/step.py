@@ -16,6 +16,7 @@ from jaxicl.tasks.batching import Sampler, sample_batch
 from jaxicl.train.state import TrainState
 
 LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
+# A run with buffers (TrainState.buffers) calls loss_fn(params, batch, buffers) -> (loss, (aux metrics, new buffers)).
 LearningRate = Callable[[object, jax.Array], jax.Array]  # (opt_state, step) -> lr
 
 
@@ -30,7 +31,7 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
                tx: optax.GradientTransformation, learning_rate: LearningRate | None = None,
                task_params: dict | None = None, stop_loss: float = 0.0) -> tuple[TrainState, dict]:
     """One step on the batch sampled from fold_in(state.key, state.step) (a sampler that takes `step` gets it: a
-    curriculum); returns the new state and metrics.
+    curriculum); returns the new state and metrics. With state.buffers, the loss also returns the new buffers.
 
     sample=None: the loss takes no batch (a full-batch or closed-form objective; loss_fn(params, None)).
     task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
@@ -39,7 +40,11 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     """
     batch = None if sample is None else sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step),
                                                      batch_size, task_params=task_params, step=state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    buffers = state.buffers
+    if buffers is None:
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    else:
+        (loss, (aux, buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, buffers)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     param_rms, update_rms = tree_rms(params), tree_rms(updates)
@@ -48,7 +53,7 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
                "update_ratio": update_rms / jnp.maximum(param_rms, jnp.finfo(param_rms.dtype).tiny), **aux}
     if learning_rate is not None:
         metrics["lr"] = learning_rate(state.opt_state, state.step)
-    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers)
     if stop_loss:
         stopped = loss < stop_loss
         new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)

@@ -1,0 +1,315 @@
+"""Ferry et al. 2023, the language-enhanced architecture (LEA): a network that must describe each board in 16
+discrete words, from which its own picture stream redraws the board.
+
+Training (jaxicl.train.losses.lea_loss through the engine; the EMA codebook is the run's buffers): the notes'
+three passes per step (masked board -> board; the picture stream's abstract representation -> speech stream ->
+16 quantised words; the all-UNK board plus the words -> board), the reconstruction-from-speech weight ramping
+0 -> 1 over epochs 250-1000, single and double boards only ([0.95, 0.05, 0] ramping to [0.6, 0.4, 0] over
+epochs 1000-2000), token masking ramping 0.01 -> 0.25 over the whole run, no patches; evaluation masks with
+p = 0.2 (shared/papers/abstractions_ferry2023.md, Section 5).
+
+Analyses (Section 6.6, reconstructed):
+- reconstruction from speech (the board's own message, the picture stream given nothing else) beside
+  reconstruction from the board, on the test split; control: each board reconstructed from another board's message;
+- the messages of every clean single-root board (every root, position and background): word usage per slot
+  against root, position and background, and each slot's mutual information with each attribute against the
+  same statistic with shuffled labels;
+- steering by words: for a board (A, x, y, bck), the root slots (the slots whose mutual information with the
+  root is at least half the largest) get the words root B uses most there (from the usage table); the board
+  is redrawn from the edited message. Success: the drawn board is exactly (B, x, y, bck). Control: as many
+  slots edited with random words (uniform over the words each slot uses).
+
+What the quick preset shows (about 3 minutes on 2 cores), honestly, is only the first half of the paper's claim.
+The messages become a language about the background: reconstruction from speech redraws the background (test
+token accuracy 0.77, every object cell wrong) where another board's message gives 0.05; the best slot carries 2.2
+of the background's 3.32 bits (3.1-3.3 after 2000-5000 steps), while no slot carries the root or the position
+(MI <= 0.02 bits here, <= 0.12 after 5000 steps: the shuffled-label level), so steering by words cannot succeed
+(0.00): the checks on root words and steering fail. What was measured on the way (batch 32, lr 3e-3, 1 step an epoch unless said): the EMA codebook
+collapses to 1-3 live words before the speech loss is switched on, and the language stays at 7-13 words; 5000
+steps (10.6 min) end the same (root MI 0.04 bits, objects never drawn from speech); ema_init="codebook" keeps 24
+words at step 250 and then collapses to 10; a Laplace epsilon of 1 revives 82 words, then collapses to 8 with a
+growing commitment loss; the official lr 1e-3 at batch 64 is slower on the same path; two backgrounds instead of
+ten make the language a single background bit (2 words). The picture stream itself has not reached the
+completion jump either (masked object cells at chance; board accuracy 0.03-0.33 at 1250-5000 steps). The
+paper's language (words naming roots and positions) needs the full preset, which was not run (no GPU), or an
+optimisation of the discrete bottleneck that the notes' recipe does not have.
+
+Settings ours: the total length (the notes do not record it; full = 2000 epochs, past the end of the type ramp),
+the VQ's Laplace epsilon (1e-5 instead of the official 1e-20: in float32 a never-used code would sit at
+~1e20, whose squared norm overflows; the official code runs in float64), and quick's compression
+(task.steps_per_epoch, lr) in PRESETS. The official initialisation is kept: the codebook starts at N(0, 0.02^2)
+like every embedding, ema_w at N(0, 1).
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.common import abstractions as ab
+from experiments.common.figures import heatmap, new_figure, save_figure
+from experiments.common.result import Outcome, check_above
+from jaxicl.analysis import language as lang
+from jaxicl.models import lea
+from jaxicl.tasks import boards as bd
+from jaxicl.train import TrainConfig, train
+from jaxicl.train.losses import lea_loss
+from jaxicl.validation import ConfigError, check_positive, check_range
+
+ATTRIBUTES = ("root", "position", "background")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaModel:
+    """The official LEA sizes (Section 5)."""
+
+    d_model: int = 32
+    d_pos: int = 16
+    n_layers: int = 3
+    n_heads: int = 2
+    n_words: int = 128
+    message_len: int = 16
+    ema_init: str = "normal"  # the official N(0, 1) start of the EMA numerator, or "codebook" (see jaxicl.models.lea)
+
+
+LEA_TASK = bd.Boards(types_start=(0.95, 0.05, 0.0), types_end=(0.6, 0.4, 0.0), types_ramp=(1000, 2000),
+                     mask_ramp_end=2000, patch_p=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    task: bd.Boards = LEA_TASK  # mask_ramp_end: the run's last epoch (the masking ramp spans the whole run)
+    model: LeaModel = LeaModel()
+    train: TrainConfig = TrainConfig(steps=32_000, batch_size=64, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95),
+                                     weight_decay=0.01, steps_per_call=250, log_every=50, checkpoint_every=4000)
+    rfs_ramp: tuple[int, int] = (250, 1000)  # epochs over which the reconstruction-from-speech weight ramps 0 -> 1
+    vq_decay: float = 0.99
+    vq_epsilon: float = 1e-5
+    eval_every: int = 2000
+    eval_per_type: tuple[int, int] = (40, 100)  # single, double test tuples (the official test set has no composites)
+    eval_mask: float = 0.2
+    steer_boards: int = 600
+    min_speech_gain: float = 0.2  # speech token accuracy minus the other-board-message control
+    min_mi_gain: float = 0.5  # bits: the best slot's MI with the root minus its MI with shuffled roots
+    min_steer_success: float = 0.3
+    min_steer_ratio: float = 5.0  # over the random-word control (plus 1 / steer_boards, so a zero control is finite)
+
+    def __post_init__(self):
+        for name in ("eval_every", "steer_boards"):
+            check_positive(name, getattr(self, name))
+        check_range("eval_mask", self.eval_mask, 0.0, 1.0)
+        check_range("vq_decay", self.vq_decay, 0.0, 1.0)
+        check_positive("vq_epsilon", self.vq_epsilon)
+        if self.eval_every % self.train.steps_per_call:
+            raise ConfigError(f"eval_every={self.eval_every} must be a multiple of train.steps_per_call="
+                              f"{self.train.steps_per_call}")
+        if len(self.eval_per_type) != 2 or min(self.eval_per_type) < 1:
+            raise ConfigError(f"eval_per_type must be 2 positive counts (single, double), got {self.eval_per_type}")
+
+
+def _preset(steps: int, steps_per_epoch: int, **kw) -> Config:
+    last_epoch = (steps - 1) // steps_per_epoch
+    task = dataclasses.replace(LEA_TASK, steps_per_epoch=steps_per_epoch, mask_ramp_end=max(last_epoch, 1))
+    return Config(task=task, **kw)
+
+
+SMOKE = _preset(20, 1, model=LeaModel(d_model=16, d_pos=8, n_layers=1, n_heads=2, n_words=16, message_len=4),
+                train=TrainConfig(steps=20, batch_size=16, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95),
+                                  weight_decay=0.01, steps_per_call=10, log_every=5),
+                rfs_ramp=(2, 10), eval_every=10, eval_per_type=(8, 8), steer_boards=20)
+QUICK = _preset(1250, 1, train=TrainConfig(steps=1250, batch_size=32, optimizer="adamw", lr=3e-3,
+                                            betas=(0.9, 0.95), weight_decay=0.01, steps_per_call=250, log_every=50,
+                                            checkpoint_every=500),
+                eval_every=250)
+PRESETS = {"smoke": SMOKE, "quick": QUICK, "full": Config()}
+
+
+def build_model(cfg: Config) -> lea.LEA:
+    m = cfg.model
+    return lea.LEA(d_model=m.d_model, d_pos=m.d_pos, n_layers=m.n_layers, n_heads=m.n_heads, n_words=m.n_words,
+                   message_len=m.message_len, ema_init=m.ema_init, rngs=nnx.Rngs(cfg.train.seed))
+
+
+def eval_set(cfg: Config, data: bd.BoardData, split: str, key) -> object:
+    """The split's single and double tuples (eval_per_type), masked at eval_mask without patches."""
+    fixed = dataclasses.replace(data, cfg=dataclasses.replace(data.cfg, mask_max=cfg.eval_mask,
+                                                              mask_min=cfg.eval_mask, patch_p=0.0))
+    return bd.eval_prompts(fixed, split, key, 0, (*cfg.eval_per_type, 0))
+
+
+def reconstruction_metrics(graphdef, state, batch) -> dict:
+    """board_metrics plus the accuracy on object cells, of the reconstruction from the board ("board_") and from the
+    board's message ("speech_")."""
+    drawn = {"board": lea.reconstruct_from_board(graphdef, state, batch.inputs),
+             "speech": lea.reconstruct_from_message(graphdef, state, lea.message_of(graphdef, state, batch.inputs))}
+    objects = batch.info["root"] >= 0
+    return {f"{source}_{k}": v for source, pred in drawn.items()
+            for k, v in {**bd.board_metrics(pred, batch),
+                         "object_accuracy": jnp.sum((pred == batch.targets) & objects) / jnp.sum(objects)}.items()}
+
+
+def trained(cfg: Config, out_dir: str):
+    """(data, graphdef, the merged params and buffers, the run), trained into out_dir/run (or loaded)."""
+    data = bd.build(cfg.task)
+    graphdef, params, buffers = nnx.split(build_model(cfg), nnx.Param, lea.VQBuffer)
+    test = eval_set(cfg, data, "test", jax.random.key(cfg.train.seed + 11))
+
+    def evaluate(params, buffers):
+        m = reconstruction_metrics(graphdef, nnx.merge_state(params, buffers), test)
+        return {f"{source}_{k}": m[f"{source}_{k}"] for source in ("board", "speech")
+                for k in ("token_accuracy", "board_accuracy", "object_accuracy")}
+
+    loss = lea_loss(graphdef, rfs_ramp=cfg.rfs_ramp, decay=cfg.vq_decay, epsilon=cfg.vq_epsilon)
+    result = train(loss, data.sampler("train"), cfg.task, cfg.train, params, buffers=buffers,
+                   out_dir=os.path.join(out_dir, "run"), evaluate=evaluate, eval_every=cfg.eval_every,
+                   run_config={"experiment": "abstractions_lea", "model": dataclasses.asdict(cfg.model),
+                               "rfs_ramp": list(cfg.rfs_ramp), "vq": [cfg.vq_decay, cfg.vq_epsilon]},
+                   desc="abstractions_lea")
+    return data, graphdef, nnx.merge_state(result.state.params, result.state.buffers), result
+
+
+def single_boards(data: bd.BoardData) -> dict:
+    """Every clean single-root board (every root, top-left position and background): "tokens" [N, 64], "root",
+    "position" (x * 6 + y), "background", "x", "y" [N]."""
+    cfg = data.cfg
+    k, p, b = (a.ravel() for a in np.meshgrid(np.arange(cfg.n_roots), np.arange(36), np.arange(cfg.n_backgrounds),
+                                              indexing="ij"))
+    tuples = np.stack([k, p // 6, p % 6, b], 1)
+    boards = ab.masked_set(data, data.rows("single", tuples), 0.0, jax.random.key(0))["tokens"]  # no mask
+    return {"tokens": boards, "root": k, "position": p, "background": b, "x": p // 6, "y": p % 6}
+
+
+def run(cfg: Config, out_dir: str) -> Outcome:
+    data, graphdef, state, result = trained(cfg, out_dir)
+    m = cfg.model
+    rng = np.random.default_rng(cfg.train.seed)
+    # reconstruction from the board vs from its message, and from another board's message
+    test = eval_set(cfg, data, "test", jax.random.key(cfg.train.seed + 11))
+    rec = {k: float(v) for k, v in reconstruction_metrics(graphdef, state, test).items()}
+    words = np.asarray(lea.message_of(graphdef, state, test.inputs))
+    other = lea.reconstruct_from_message(graphdef, state, words[rng.permutation(len(words))])
+    control = {k: float(v) for k, v in bd.board_metrics(other, test).items()}
+    # the language of single boards
+    singles = single_boards(data)
+    messages = np.asarray(lea.message_of(graphdef, state, jnp.asarray(singles["tokens"])))
+    mi = {a: lang.mutual_information(messages, singles[a]) for a in ATTRIBUTES}
+    mi_shuffled = {a: lang.shuffled_mutual_information(messages, singles[a], rng) for a in ATTRIBUTES}
+    root_table = lang.usage_table(messages, singles["root"], data.cfg.n_roots, m.n_words)
+    steer = _steer(cfg, data, graphdef, state, singles, messages, mi["root"], root_table, rng)
+
+    gain = mi["root"] - mi_shuffled["root"]
+    best = int(np.argmax(gain))
+    steer_ratio = steer["success"] / (steer["control_success"] + 1 / cfg.steer_boards)
+    ours = (f"settings ours: {cfg.train.steps} steps at {cfg.task.steps_per_epoch} steps an epoch, lr {cfg.train.lr}, "
+            f"VQ epsilon {cfg.vq_epsilon}")
+    checks = [
+        check_above("speech_token_accuracy_over_other_message", rec["speech_token_accuracy"]
+                    - control["token_accuracy"], cfg.min_speech_gain,
+                    f"test boards (p = {cfg.eval_mask} masks) redrawn from their own {m.message_len} words: token "
+                    f"accuracy {rec['speech_token_accuracy']:.3f}, boards {rec['speech_board_accuracy']:.3f}; from "
+                    f"another board's message {control['token_accuracy']:.3f} / {control['board_accuracy']:.3f}; "
+                    f"from the board itself {rec['board_token_accuracy']:.3f} / {rec['board_board_accuracy']:.3f}; "
+                    f"{ours}"),
+        check_above("root_mi_over_shuffled_bits", gain[best], cfg.min_mi_gain,
+                    f"slot {best}: MI with the root {mi['root'][best]:.2f} bits (max log2 {data.cfg.n_roots} = "
+                    f"{np.log2(data.cfg.n_roots):.2f}), shuffled labels {mi_shuffled['root'][best]:.3f}; per slot "
+                    + ", ".join(f"{a} max {mi[a].max():.2f}" for a in ATTRIBUTES)
+                    + f"; {len(messages)} clean single boards, {len(np.unique(messages))} distinct words"),
+        check_above("steer_success", steer["success"], cfg.min_steer_success,
+                    f"{steer['boards']} boards (A, x, y, bck) whose root slots {steer['slots']} were given root B's "
+                    f"words: drawn exactly as (B, x, y, bck); B's pattern on the footprint "
+                    f"{steer['footprint']:.3f}, still A {steer['still_a']:.3f}; unedited messages redraw their own "
+                    f"board {steer['unedited']:.3f}"),
+        check_above("steer_over_random_words", steer_ratio, cfg.min_steer_ratio,
+                    f"random words in {len(steer['slots'])} random slots: drawn as (B, x, y, bck) "
+                    f"{steer['control_success']:.3f}, B's footprint {steer['control_footprint']:.3f}"),
+    ]
+    figures = [_plot_training(result, out_dir), _plot_language(mi, mi_shuffled, singles, messages, data.cfg,
+                                                               m.n_words, out_dir),
+               _plot_steering(steer, out_dir)]
+    return Outcome(checks, figures)
+
+
+def _steer(cfg, data, graphdef, state, singles, messages, root_mi, root_table, rng) -> dict:
+    """Root A -> B by editing the root slots' words, against random words in as many random slots."""
+    slots = np.flatnonzero(root_mi >= 0.5 * root_mi.max())
+    pick = rng.choice(len(messages), min(cfg.steer_boards, len(messages)), replace=False)
+    a = singles["root"][pick]
+    b = (a + rng.integers(1, data.cfg.n_roots, len(pick))) % data.cfg.n_roots
+    target = np.stack([b, singles["x"][pick], singles["y"][pick], singles["background"][pick]], 1)
+    target_boards = ab.masked_set(data, data.rows("single", target), 0.0, jax.random.key(0))["tokens"]
+    edits = {"steered": lang.swap_words(messages[pick], b, slots, root_table),
+             "control": lang.random_words(messages[pick], len(slots), root_table, rng), "unedited": messages[pick]}
+    drawn = {k: np.asarray(lea.reconstruct_from_message(graphdef, state, v)) for k, v in edits.items()}
+    cells = ab.footprint(singles["x"][pick], singles["y"][pick])
+    on_foot = lambda d, boards: np.mean(np.take_along_axis(d, cells, 1) == np.take_along_axis(boards, cells, 1))  # noqa: E731
+    return {"boards": len(pick), "slots": slots.tolist(),
+            "success": float(np.mean(np.all(drawn["steered"] == target_boards, 1))),
+            "footprint": float(on_foot(drawn["steered"], target_boards)),
+            "still_a": float(on_foot(drawn["steered"], singles["tokens"][pick])),
+            "control_success": float(np.mean(np.all(drawn["control"] == target_boards, 1))),
+            "control_footprint": float(on_foot(drawn["control"], target_boards)),
+            "unedited": float(np.mean(np.all(drawn["unedited"] == singles["tokens"][pick], 1))),
+            "examples": {"original": singles["tokens"][pick[:4]], "target": target_boards[:4],
+                         **{k: v[:4] for k, v in drawn.items()}}}
+
+
+def _plot_training(result, out_dir) -> str:
+    fig, axes = new_figure(2)
+    rows = result.train_rows
+    steps = np.array([r["step"] for r in rows])
+    for key, label in (("ce_board", "from the board"), ("ce_speech", "from speech")):
+        axes[0, 0].plot(steps, [r[key] for r in rows], label=label)
+    axes[0, 0].plot(steps, [r["rfs_weight"] for r in rows], "k:", label="speech weight a(epoch)")
+    axes[0, 0].set(yscale="log", xlabel="step", ylabel="cross-entropy", title="LEA training")
+    axes[0, 0].legend(fontsize=7)
+    ev = sorted(result.eval_rows, key=lambda r: r["step"])
+    es = [r["step"] for r in ev]
+    for key, label in (("board", "from the board"), ("speech", "from speech")):
+        axes[0, 1].plot(es, [r[f"{key}_token_accuracy"] for r in ev], marker=".", label=f"{label}: tokens")
+        axes[0, 1].plot(es, [r[f"{key}_board_accuracy"] for r in ev], "--", marker=".", label=f"{label}: boards")
+    axes[0, 1].set(xlabel="step", ylabel="test accuracy", ylim=(0, 1.02), title="reconstruction")
+    axes[0, 1].legend(fontsize=7)
+    return save_figure(fig, out_dir, "training_curves")
+
+
+def _plot_language(mi, mi_shuffled, singles, messages, task, n_words, out_dir) -> str:
+    """MI per slot and attribute (shuffled-label control dotted); for each attribute, the usage of the slot that
+    carries it best: P(word | attribute value) over the words that slot uses."""
+    fig, axes = new_figure(1 + len(ATTRIBUTES), size=(4.6, 3.6))
+    slots = np.arange(messages.shape[1])
+    for i, a in enumerate(ATTRIBUTES):
+        axes[0, 0].bar(slots + (i - 1) * 0.27, mi[a], width=0.27, label=a)
+        axes[0, 0].plot(slots, mi_shuffled[a], ":", color=f"C{i}")
+    axes[0, 0].set(xlabel="word slot", ylabel="mutual information (bits)", title="what each slot says")
+    axes[0, 0].legend(fontsize=7)
+    sizes = {"root": task.n_roots, "position": 36, "background": task.n_backgrounds}
+    for ax, a in zip(axes[0, 1:], ATTRIBUTES):
+        best = int(np.argmax(mi[a]))
+        table = lang.usage_table(messages, singles[a], sizes[a], n_words)[best]
+        used = np.flatnonzero(table.sum(0))
+        heatmap(ax, table[:, used] / np.maximum(table.sum(1, keepdims=True), 1), f"slot {best}: P(word | {a})",
+                symmetric=False)
+        ax.set_aspect("auto")
+        ax.set(xlabel=f"word ({len(used)} used)", ylabel=a, xticks=range(len(used)), xticklabels=used)
+        ax.tick_params(axis="x", labelsize=6)
+    return save_figure(fig, out_dir, "language")
+
+
+def _plot_steering(steer, out_dir) -> str:
+    """Rows: boards; columns: the board, the target (B at its place), drawn from its message, from the edited
+    message, from random words."""
+    ex = steer["examples"]
+    cols = (("original", "board (A)"), ("target", "target (B)"), ("unedited", "from its words"),
+            ("steered", "A's words -> B's"), ("control", "random words"))
+    n = len(ex["original"])
+    fig, axes = new_figure(len(cols), n, size=(1.9, 1.9))
+    for r in range(n):
+        for c, (key, title) in enumerate(cols):
+            axes[r, c].imshow(ex[key][r].reshape(8, 8), cmap="tab20b", vmin=0, vmax=20)
+            axes[r, c].set(xticks=[], yticks=[], title=title)
+            axes[r, c].title.set_fontsize(7)
+    return save_figure(fig, out_dir, "steering_examples")

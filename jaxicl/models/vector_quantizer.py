@@ -1,0 +1,56 @@
+"""A vector quantiser with an exponential-moving-average codebook (the EMA variant of Ferry et al.'s LEA).
+
+Pure functions of explicit arrays: the codebook [K, D], its EMA numerator ema_w [K, D] and the EMA cluster
+sizes [K] go in and come out, so a training step carries them as state (TrainState.buffers) and nothing is
+mutated behind the caller's back. Per step (shared/papers/abstractions_ferry2023.md, Section 5):
+
+  code(x)       = argmin_k ||x - c_k||                      (Euclidean; ties: the lowest k)
+  quantised     = x + stop_gradient(c_code - x)             (straight-through: the gradient is the identity)
+  cluster_size <- decay * cluster_size + (1 - decay) * counts,   then Laplace smoothing:
+                  (cluster_size + eps) / (n + K eps) * n    with n = sum(cluster_size)
+  ema_w        <- decay * ema_w + (1 - decay) * sum of the x assigned to each code
+  codebook     <- ema_w / cluster_size
+  loss          = commitment * mean (x - sg(c_code))^2 + usage_cost * mean_k (usage_k - 1/K)^2
+
+The usage term comes from an argmin and carries no gradient; the codebook gets none either (only the EMA moves it).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def nearest_codes(codebook: jax.Array, x: jax.Array) -> jax.Array:
+    """int32 [...] the index of the nearest code [K, D] to each vector x [..., D]."""
+    d2 = jnp.sum(x**2, -1, keepdims=True) - 2 * x @ codebook.T + jnp.sum(codebook**2, -1)
+    return jnp.argmin(d2, -1).astype(jnp.int32)
+
+
+def straight_through(x: jax.Array, quantised: jax.Array) -> jax.Array:
+    """quantised in the forward pass, the identity on x in the backward pass."""
+    return x + jax.lax.stop_gradient(quantised - x)
+
+
+def usage(codes: jax.Array, n_codes: int) -> jax.Array:
+    """[K] the fraction of the vectors assigned to each code (sums to 1)."""
+    return jnp.mean(jax.nn.one_hot(codes.reshape(-1), n_codes, dtype=jnp.float32), 0)
+
+
+def ema_update(ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array, codes: jax.Array, *, decay: float,
+               epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(codebook [K, D], ema_w [K, D], cluster_size [K]) after one EMA step on vectors x [..., D] with codes [...]."""
+    flat = x.reshape(-1, x.shape[-1])
+    onehot = jax.nn.one_hot(codes.reshape(-1), cluster_size.shape[0], dtype=flat.dtype)  # [N, K]
+    size = decay * cluster_size + (1 - decay) * jnp.sum(onehot, 0)
+    n = jnp.sum(size)
+    size = (size + epsilon) / (n + size.shape[0] * epsilon) * n
+    # per-code sums as a reduction over the vectors (not onehot.T @ flat: a contraction over a batch axis sharded
+    # over "data" has no unambiguous output sharding)
+    ema_w = decay * ema_w + (1 - decay) * jnp.sum(onehot[:, :, None] * flat[:, None, :], 0)
+    return ema_w / size[:, None], ema_w, size
+
+
+def vq_loss(x: jax.Array, quantised: jax.Array, codes: jax.Array, n_codes: int, *, commitment: float = 0.25,
+            usage_cost: float = 0.25) -> jax.Array:
+    """The commitment loss (x pulled to its code, the code held fixed) plus the usage penalty (no gradient)."""
+    mse = jnp.mean((x - jax.lax.stop_gradient(quantised)) ** 2)
+    return commitment * mse + usage_cost * jnp.mean((usage(codes, n_codes) - 1 / n_codes) ** 2)

@@ -1,0 +1,208 @@
+"""Ferry et al.'s LEA: the EMA vector quantiser against numpy, the model's streams and sizes, an exact resume with
+the codebook, the message analysis against independent computations, bad messages, and the experiment's smoke run."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from sklearn.metrics import mutual_info_score
+
+from experiments.common.runner import run_experiment
+from jaxicl.analysis import language as lang
+from jaxicl.models import lea
+from jaxicl.models import vector_quantizer as vq
+from jaxicl.prompt import Prompt
+from jaxicl.sites import run_with_sites
+from jaxicl.tasks import boards as bd
+from jaxicl.train import TrainConfig, train
+from jaxicl.train.losses import lea_loss
+from jaxicl.train.mesh import data_mesh
+from jaxicl.train.metrics import read_metrics
+
+TINY = dict(d_model=16, d_pos=8, n_layers=1, n_heads=2, n_words=12, message_len=4)
+
+
+def test_nearest_codes_straight_through_and_usage_against_brute_force():
+    rng = np.random.default_rng(0)
+    codebook, x = rng.normal(size=(20, 5)).astype(np.float32), rng.normal(size=(7, 9, 5)).astype(np.float32)
+    codes = np.asarray(vq.nearest_codes(jnp.asarray(codebook), jnp.asarray(x)))
+    brute = np.array([[np.argmin([np.linalg.norm(v - c) for c in codebook]) for v in row] for row in x])
+    np.testing.assert_array_equal(codes, brute)
+    # straight-through: the forward value is the code, the gradient is the identity on x
+    w = rng.normal(size=x.shape).astype(np.float32)
+    q = jnp.asarray(codebook[codes])
+    # x + (q - x) in float32: equal to q up to two roundings (|values| < 8, so within 2 ulp of 8 = 2e-6)
+    np.testing.assert_allclose(vq.straight_through(jnp.asarray(x), q), q, rtol=0, atol=2e-6)
+    grad = jax.grad(lambda v: jnp.sum(jnp.asarray(w) * vq.straight_through(v, q)))(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, w)
+    u = np.asarray(vq.usage(jnp.asarray(codes), 20))
+    np.testing.assert_allclose(u, np.bincount(codes.ravel(), minlength=20) / codes.size, rtol=1e-6)
+    assert u.sum() == pytest.approx(1.0, abs=1e-6)
+    # the VQ loss: commitment on the distance to the (fixed) code, the usage penalty; no gradient to the codebook
+    want = 0.25 * np.mean((x - codebook[codes]) ** 2) + 0.25 * np.mean((u - 1 / 20) ** 2)
+    got = vq.vq_loss(jnp.asarray(x), q, jnp.asarray(codes), 20)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    g_code = jax.grad(lambda c: vq.vq_loss(jnp.asarray(x), c[codes], jnp.asarray(codes), 20))(jnp.asarray(codebook))
+    assert not np.any(np.asarray(g_code))
+
+
+def test_ema_update_follows_the_notes_formulas():
+    rng = np.random.default_rng(1)
+    k, d, decay, eps = 6, 3, 0.9, 1e-5
+    ema_w, size = rng.normal(size=(k, d)), np.abs(rng.normal(size=k))
+    x = rng.normal(size=(10, d))
+    codes = np.array([0, 0, 1, 3, 3, 3, 5, 0, 1, 3])  # codes 2 and 4 unused
+    # the notes' formulas, one code at a time
+    want_size = np.array([decay * size[j] + (1 - decay) * np.sum(codes == j) for j in range(k)])
+    n = want_size.sum()
+    want_size = (want_size + eps) / (n + k * eps) * n
+    want_w = np.array([decay * ema_w[j] + (1 - decay) * x[codes == j].sum(0) for j in range(k)])
+    got = vq.ema_update(jnp.asarray(ema_w, jnp.float32), jnp.asarray(size, jnp.float32), jnp.asarray(x, jnp.float32),
+                        jnp.asarray(codes), decay=decay, epsilon=eps)
+    np.testing.assert_allclose(got[2], want_size, rtol=1e-5)
+    np.testing.assert_allclose(got[1], want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0], want_w / want_size[:, None], rtol=1e-5, atol=1e-6)
+
+
+def _count(d, p, layers, words_len, board=64, vocab=21):
+    """LEA's parameters from the notes' sizes: per block 4 LayerNorms over d + p, self and cross attention (q, k, v:
+    d + p -> d, proj d -> d, biases), MLP d + p -> 4d -> d; embeddings, position tables, final LNs, the head."""
+    w = d + p
+    block = 4 * 2 * w + 2 * (3 * (w * d + d) + d * d + d) + (w * 4 * d + 4 * d) + (4 * d * d + d)
+    return 2 * layers * block + vocab * d + board * p + 2 * d + d * vocab + words_len * d + words_len * p + 2 * d
+
+
+def test_parameter_count_and_the_streams_meet_only_through_cross_attention():
+    shapes = nnx.eval_shape(lambda: lea.LEA(rngs=nnx.Rngs(0)))
+    _, params, buffers = nnx.split(shapes, nnx.Param, lea.VQBuffer)
+    assert sum(x.size for x in jax.tree.leaves(params)) == _count(32, 16, 3, 16) == 137_088
+    assert {k: v.shape for k, v in buffers.items()} == {"codebook": (128, 32), "ema_w": (128, 32),
+                                                        "cluster_size": (128,)}
+    small = dict(TINY, n_layers=2, n_words=128, message_len=16)
+    graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **small), nnx.Param, lea.VQBuffer)
+    assert sum(x.size for x in jax.tree.leaves(params)) == _count(16, 8, 2, 16)
+    model = nnx.merge(graphdef, params, buffers)
+    model.codebook[...] = jax.random.normal(jax.random.key(2), model.codebook.shape)  # distinct words
+    graphdef, state = nnx.split(model)
+    boards = jax.random.randint(jax.random.key(3), (4, 64), 0, 21)
+    words = jax.random.randint(jax.random.key(4), (4, 16), 0, 127)
+    from_board, logits = lea.reconstruct_from_board(graphdef, state, boards), jax.vmap(model)(boards)
+    message = jax.vmap(model.message)(boards)
+    a = jax.vmap(model.from_message)(words)
+    b = jax.vmap(model.from_message)(words[::-1])
+    assert np.abs(np.asarray(a - b)).max() > 1e-3  # another message, another reconstruction from speech
+    # changing every word but the blank one, and the whole speech stream, leaves the reconstruction from the board
+    changed = nnx.clone(model)
+    changed.codebook[:-1] = -changed.codebook[:-1]
+    for block in changed.speech_blocks:
+        block.mlp_out.w[...] = 10 * block.mlp_out.w[...]
+    np.testing.assert_array_equal(jax.vmap(changed)(boards), logits)
+    np.testing.assert_array_equal(lea.reconstruct_from_board(*nnx.split(changed), boards), from_board)
+    assert np.any(np.asarray(jax.vmap(changed.message)(boards)) != np.asarray(message))
+    # without the picture stream's cross-attention, the words no longer reach the board
+    for block in changed.picture_blocks:
+        block.cross_proj.w[...] = 0.0
+        block.cross_proj.bias[...] = 0.0
+    np.testing.assert_array_equal(jax.vmap(changed.from_message)(words), jax.vmap(changed.from_message)(words[::-1]))
+
+
+def test_both_streams_expose_every_block_through_sites():
+    model = lea.LEA(rngs=nnx.Rngs(0), **dict(TINY, n_layers=2, message_len=16))
+    board = jax.random.randint(jax.random.key(0), (64,), 0, 21)
+    words, cache = run_with_sites(model.message, board, capture="all")
+    for stream, t, other in (("picture", 64, 16), ("speech", 16, 64)):
+        for l in range(2):
+            name = f"{stream}.layer{l}"
+            assert cache[f"{name}.self_attn.weights"].shape == (2, t, t)
+            assert cache[f"{name}.cross_attn.weights"].shape == (2, t, other)
+            for site in ("self_attn.out", "resid_mid", "cross_attn.out", "resid_cross", "mlp.out", "resid_post"):
+                assert cache[f"{name}.{site}"].shape == (t, 16)
+    # the recorded speech output is what the words are read from, and zero edits change nothing
+    np.testing.assert_array_equal(words, vq.nearest_codes(model.codebook[...], cache["speech.out"]))
+    edited, _ = run_with_sites(model.message, board, edits={"picture.layer1.cross_attn.out": lambda v: v + 0.0})
+    np.testing.assert_array_equal(edited, words)
+    assert model.site_axes("speech.layer0.cross_attn.weights", 3) == ("head", "pos", "key")
+
+
+def test_bad_messages_name_the_argument_and_the_allowed_range():
+    graphdef, state = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY))
+    with pytest.raises(ValueError, match=r"words must have shape \[batch, 4\]"):
+        lea.reconstruct_from_message(graphdef, state, np.zeros((2, 5), int))
+    with pytest.raises(ValueError, match=r"word ids must be in \[0, 11\].*got values in \[0, 12\]"):
+        lea.reconstruct_from_message(graphdef, state, np.array([[0, 1, 2, 12]]))
+    with pytest.raises(ValueError, match=r"word ids must be in \[0, 11\]"):
+        lea.reconstruct_from_message(graphdef, state, np.array([[-1, 1, 2, 3]]))
+    with pytest.raises(ValueError, match="integer word ids"):
+        lea.reconstruct_from_message(graphdef, state, np.zeros((1, 4)))
+    assert lea.reconstruct_from_message(graphdef, state, np.zeros((3, 4), int)).shape == (3, 64)
+
+
+def test_a_resumed_lea_run_equals_the_uninterrupted_run_codebook_included(tmp_path):
+    """The run is cut after its step-6 checkpoint (later checkpoints deleted) and run again: it resumes there."""
+    task = bd.Boards()
+
+    def sample(cfg, key, step):  # random boards, one UNK in four (the board sampler would double the compile time)
+        board = jax.random.randint(key, (64,), 0, 20)
+        masked = jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), (64,)) < 0.25, 20, board)
+        return Prompt(inputs=masked, targets=board, mask=jnp.ones(64), info={"epoch": step})
+
+    graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY), nnx.Param, lea.VQBuffer)
+    loss = lea_loss(graphdef, rfs_ramp=(0, 4))
+    cfg = TrainConfig(steps=12, batch_size=4, optimizer="adamw", lr=1e-3, steps_per_call=6, log_every=1,
+                      checkpoint_every=6)
+    kw = dict(buffers=buffers, progress=False, mesh=data_mesh(1))
+    whole = train(loss, sample, task, cfg, params, out_dir=str(tmp_path / "a"), **kw)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "12")
+    resumed = train(loss, sample, task, cfg, params, out_dir=str(tmp_path / "b"), **kw)
+    assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+    for got, want in ((resumed.state.params, whole.state.params), (resumed.state.buffers, whole.state.buffers)):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(g, w)  # the same compiled chunk of 6 steps, from the same bytes
+    moved = np.abs(np.asarray(whole.state.buffers["codebook"][...]) - np.asarray(buffers["codebook"][...])).max()
+    assert moved > 1e-3  # the EMA did move the codebook
+
+
+def test_usage_table_mutual_information_and_word_swaps_against_independent_counts():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 500)
+    words = np.stack([labels * 2 + rng.integers(0, 2, 500), rng.integers(0, 8, 500), labels], 1)  # [N, 3]
+    table = lang.usage_table(words, labels, 4, 8)
+    for s in range(3):
+        for k in range(4):
+            np.testing.assert_array_equal(table[s, k], np.bincount(words[labels == k, s], minlength=8))
+    mi = lang.mutual_information(words, labels)
+    want = [mutual_info_score(labels, words[:, s]) / np.log(2) for s in range(3)]
+    np.testing.assert_allclose(mi, want, rtol=1e-9, atol=1e-12)
+    assert mi[2] == pytest.approx(-np.sum(np.bincount(labels) / 500 * np.log2(np.bincount(labels) / 500)))
+    assert lang.shuffled_mutual_information(words, labels, rng).max() < 0.1 < mi[0]
+    target = (labels + 1) % 4
+    swapped = lang.swap_words(words, target, np.array([2]), table)
+    np.testing.assert_array_equal(swapped[:, 2], target)  # slot 2's most frequent word under label k is k
+    np.testing.assert_array_equal(swapped[:, :2], words[:, :2])
+    control = lang.random_words(words, 1, table, rng)
+    assert np.all(np.sum(control != words, 1) <= 1)
+    assert all(set(control[:, s]) <= set(words[:, s]) for s in range(3))
+
+
+def test_smoke_run_writes_every_check_and_figure(tmp_path):
+    result = run_experiment("abstractions_lea", "smoke", str(tmp_path))
+    assert [c["name"] for c in result["checks"]] == ["speech_token_accuracy_over_other_message",
+                                                     "root_mi_over_shuffled_bits", "steer_success",
+                                                     "steer_over_random_words"]
+    assert all(np.isfinite(c["value"]) for c in result["checks"])
+    for fig in result["figures"]:
+        assert os.path.getsize(tmp_path / "abstractions_lea" / fig) > 10_000
+    metrics = tmp_path / "abstractions_lea" / "run" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20]
+    first_train = next(r for r in rows if r["split"] == "train")
+    assert {"ce_board", "ce_speech", "vq_loss", "rfs_weight", "words_used"} <= set(first_train)
+    final = [r for r in rows if r["split"] == "eval"][-1]
+    assert 0 <= final["speech_token_accuracy"] <= 1 and 0 <= final["board_object_accuracy"] <= 1
