@@ -19,7 +19,7 @@ Analyses (Section 6.6, reconstructed):
   is redrawn from the edited message. Success: the drawn board is exactly (B, x, y, bck). Control: as many
   slots edited with random words (uniform over the words each slot uses).
 
-What the quick preset shows (about 3 minutes on 2 cores), honestly, is only the first half of the paper's claim.
+What the quick preset shows (about 4 minutes on 2 cores), honestly, is only the first half of the paper's claim.
 The messages become a language about the background: reconstruction from speech redraws the background (test
 token accuracy 0.77, every object cell wrong) where another board's message gives 0.05; the best slot carries 2.2
 of the background's 3.32 bits (3.1-3.3 after 2000-5000 steps), while no slot carries the root or the position
