@@ -88,6 +88,7 @@ class Config:
     rfs_ramp: tuple[int, int] = (250, 1000)  # epochs over which the reconstruction-from-speech weight ramps 0 -> 1
     vq_decay: float = 0.99
     vq_epsilon: float = 1e-5
+    vq_restart_below: float = 0.0  # restart codes whose EMA cluster size falls below this (0: never, the notes')
     eval_every: int = 2000
     eval_per_type: tuple[int, int] = (40, 100)  # single, double test tuples (the official test set has no composites)
     eval_mask: float = 0.2
@@ -103,6 +104,7 @@ class Config:
         check_range("eval_mask", self.eval_mask, 0.0, 1.0)
         check_range("vq_decay", self.vq_decay, 0.0, 1.0)
         check_positive("vq_epsilon", self.vq_epsilon)
+        check_range("vq_restart_below", self.vq_restart_below, 0.0)
         if self.eval_every % self.train.steps_per_call:
             raise ConfigError(f"eval_every={self.eval_every} must be a multiple of train.steps_per_call="
                               f"{self.train.steps_per_call}")
@@ -162,11 +164,12 @@ def trained(cfg: Config, out_dir: str):
         return {f"{source}_{k}": m[f"{source}_{k}"] for source in ("board", "speech")
                 for k in ("token_accuracy", "board_accuracy", "object_accuracy")}
 
-    loss = lea_loss(graphdef, rfs_ramp=cfg.rfs_ramp, decay=cfg.vq_decay, epsilon=cfg.vq_epsilon)
+    loss = lea_loss(graphdef, rfs_ramp=cfg.rfs_ramp, decay=cfg.vq_decay, epsilon=cfg.vq_epsilon,
+                    restart_below=cfg.vq_restart_below)
     result = train(loss, data.sampler("train"), cfg.task, cfg.train, params, buffers=buffers,
                    out_dir=os.path.join(out_dir, "run"), evaluate=evaluate, eval_every=cfg.eval_every,
                    run_config={"experiment": "abstractions_lea", "model": dataclasses.asdict(cfg.model),
-                               "rfs_ramp": list(cfg.rfs_ramp), "vq": [cfg.vq_decay, cfg.vq_epsilon]},
+                               "rfs_ramp": list(cfg.rfs_ramp), "vq": [cfg.vq_decay, cfg.vq_epsilon, cfg.vq_restart_below]},
                    desc="abstractions_lea")
     return data, graphdef, nnx.merge_state(result.state.params, result.state.buffers), result
 

@@ -68,7 +68,8 @@ class Config:
 
 
 _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),
-                                  train=TrainConfig(steps=600, batch_size=256, steps_per_call=200, log_every=10),
+                                  train=TrainConfig(steps=600, batch_size=256, schedule="warmup_cosine",
+                                                    steps_per_call=200, log_every=10),
                                   eval_every=200, eval_prompts=2048)
 PRESETS = {
     "smoke": Config(gd=dataclasses.replace(_SMALL_GD, task=lr_task.LinearRegression(dim=2, n_context=6),

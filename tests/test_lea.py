@@ -70,6 +70,34 @@ def test_ema_update_follows_the_notes_formulas():
     np.testing.assert_allclose(got[0], want_w / want_size[:, None], rtol=1e-5, atol=1e-6)
 
 
+def test_dead_codes_restart_on_the_worst_quantised_vectors_in_index_order():
+    rng = np.random.default_rng(2)
+    k, d, below = 8, 3, 0.5
+    codebook, ema_w = rng.normal(size=(k, d)), rng.normal(size=(k, d))
+    size = np.array([2.0, 0.1, 3.0, 0.0, 0.7, 0.2, 1.0, 0.4])  # codes 1, 3, 5, 7 are dead
+    x = rng.normal(size=(2, 3, d))
+    codes = rng.integers(0, k, (2, 3))
+    got = vq.restart_dead_codes(*(jnp.asarray(a, jnp.float32) for a in (codebook, ema_w, size, x, codebook[codes])),
+                                below=below)
+    flat = x.reshape(-1, d)
+    error = [np.sum((v - codebook[c]) ** 2) for v, c in zip(flat, codes.ravel())]
+    order = sorted(range(len(flat)), key=lambda i: -error[i])
+    want_code, want_w, want_size = codebook.copy(), ema_w.copy(), size.copy()
+    for rank, j in enumerate([1, 3, 5, 7]):
+        want_code[j], want_w[j], want_size[j] = flat[order[rank]], below * flat[order[rank]], below
+    for g, w in zip(got, (want_code, want_w, want_size)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    # more dead codes than vectors: they cycle through the vectors; nothing dead: nothing moves
+    many = vq.restart_dead_codes(*(jnp.asarray(a, jnp.float32) for a in (codebook, ema_w, np.zeros(k), x[:1],
+                                                                           codebook[codes[:1]])), below=below)[0]
+    order1 = sorted(range(3), key=lambda i: -error[i])
+    np.testing.assert_allclose(many, x[0][[order1[j % 3] for j in range(k)]], rtol=1e-6)
+    same = vq.restart_dead_codes(*(jnp.asarray(a, jnp.float32) for a in (codebook, ema_w, size, x, codebook[codes])),
+                                 below=0.0)
+    for g, w in zip(same, (codebook, ema_w, size)):
+        np.testing.assert_array_equal(g, np.asarray(w, np.float32))
+
+
 def _count(d, p, layers, words_len, board=64, vocab=21):
     """LEA's parameters from the notes' sizes: per block 4 LayerNorms over d + p, self and cross attention (q, k, v:
     d + p -> d, proj d -> d, biases), MLP d + p -> 4d -> d; embeddings, position tables, final LNs, the head."""

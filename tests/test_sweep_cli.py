@@ -52,7 +52,7 @@ def test_cli_sweep_trains_the_grid_and_sweep_report_regenerates_it(tmp_path, cap
     assert main(argv) == 0
     with open(os.path.join(out, "gd_equivalence", "sweep.json")) as f:
         spec = json.load(f)
-    assert spec["members"] == [{"train.lr": lr, "train.seed": s, "init_scale": 0.002}
+    assert spec["members"] == [{"train.lr": lr, "train.seed": s, "init_scale": 0.1}
                                for lr in (1e-3, 1e-2) for s in (0, 1)]
     table = os.path.join(out, "gd_equivalence", "sweep_seeds.md")
     os.remove(table)

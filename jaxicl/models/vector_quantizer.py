@@ -12,6 +12,10 @@ mutated behind the caller's back. Per step (shared/papers/abstractions_ferry2023
   codebook     <- ema_w / cluster_size
   loss          = commitment * mean (x - sg(c_code))^2 + usage_cost * mean_k (usage_k - 1/K)^2
 
+Optionally (ours, not in the notes' recipe; off by default), codes whose EMA cluster size falls below a threshold
+are restarted on this batch's worst-quantised vectors (restart_dead_codes), so a code that lost every vector
+early in training is not left unreachable far from the data.
+
 The usage term comes from an argmin and carries no gradient; the codebook gets none either (only the EMA moves it).
 """
 
@@ -47,6 +51,26 @@ def ema_update(ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array, codes: j
     # over "data" has no unambiguous output sharding)
     ema_w = decay * ema_w + (1 - decay) * jnp.sum(onehot[:, :, None] * flat[:, None, :], 0)
     return ema_w / size[:, None], ema_w, size
+
+
+def restart_dead_codes(codebook: jax.Array, ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array,
+                       quantised: jax.Array, *, below: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(codebook [K, D], ema_w [K, D], cluster_size [K]) with every code whose cluster size is < below moved onto
+    one of the vectors x [..., D] (quantised [..., D]: the code vectors x was assigned to).
+
+    Deterministic (no key): the dead codes, in index order, take the vectors of x farthest from their codes (the
+    worst-quantised first; cycling when there are more dead codes than vectors), with cluster size `below` and
+    ema_w = below * vector, so the codebook entry is the vector itself. below <= 0 restarts nothing.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    error = jnp.sum((flat - quantised.reshape(flat.shape)) ** 2, -1)  # [N]
+    worst_first = jnp.argsort(-error)
+    dead = cluster_size < below
+    rank = jnp.cumsum(dead) - 1  # the i-th dead code takes the i-th worst vector
+    fresh = flat[worst_first[rank % flat.shape[0]]]  # [K, D]
+    size = jnp.where(dead, below, cluster_size)
+    ema_w = jnp.where(dead[:, None], below * fresh, ema_w)
+    return jnp.where(dead[:, None], fresh, codebook), ema_w, size
 
 
 def vq_loss(x: jax.Array, quantised: jax.Array, codes: jax.Array, n_codes: int, *, commitment: float = 0.25,

@@ -148,9 +148,13 @@ def initial_state(cfg: Autoregressive, key: jax.Array) -> jax.Array:
 
 
 def _noise(cfg: Autoregressive, key: jax.Array, shape: tuple[int, ...], complex_: bool) -> jax.Array:
+    """noise_std * N(0, I) (complex: circular) of `shape`, drawn flat; exact zeros without a draw when noise_std = 0."""
+    dtype = jnp.result_type(1j) if complex_ else jnp.float32
+    if cfg.noise_std == 0:
+        return jnp.zeros(shape, dtype)
     if not complex_:
-        return cfg.noise_std * jax.random.normal(key, shape)
-    re, im = jax.random.normal(key, (2, *shape))
+        return cfg.noise_std * jax.random.normal(key, (math.prod(shape),)).reshape(shape)
+    re, im = jax.random.normal(key, (2 * math.prod(shape),)).reshape(2, *shape)
     return cfg.noise_std * (re + 1j * im) / math.sqrt(2)
 
 

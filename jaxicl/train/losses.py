@@ -14,7 +14,7 @@ from flax import nnx
 from jaxicl.models.functional import predictor
 from jaxicl.models.gpt import lookup
 from jaxicl.models.lea import VQBuffer
-from jaxicl.models.vector_quantizer import ema_update, nearest_codes, straight_through, vq_loss
+from jaxicl.models.vector_quantizer import ema_update, nearest_codes, restart_dead_codes, straight_through, vq_loss
 from jaxicl.prompt import Prompt
 
 COORDS = ("sum", "mean")
@@ -72,7 +72,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000), decay: float = 0.99,
-             epsilon: float = 1e-5, commitment: float = 0.25, usage_cost: float = 0.25):
+             epsilon: float = 1e-5, commitment: float = 0.25, usage_cost: float = 0.25, restart_below: float = 0.0):
     """The three-pass loss of Ferry et al.'s LEA (jaxicl.models.lea; shared/papers/abstractions_ferry2023.md,
     Section 5) on board batches (info["epoch"] [B]: the epoch the boards were drawn for); a run with buffers.
 
@@ -82,8 +82,10 @@ def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000),
       loss = CE(logits_board) + a(epoch) (VQ loss + CE(logits_speech)),  a ramping 0 -> 1 over rfs_ramp epochs
 
     Cross-entropies are means over every cell of every board. The new buffers are the codebook's EMA step on this
-    batch's speech vectors (vector_quantizer.ema_update with decay, epsilon); every pass reads the codebook as it
-    was before the step. aux: both cross-entropies and token accuracies, the VQ loss, a(epoch), and the number of
+    batch's speech vectors (vector_quantizer.ema_update with decay, epsilon), then, when restart_below > 0, codes
+    whose cluster size fell below it restarted on the batch's worst-quantised speech vectors
+    (vector_quantizer.restart_dead_codes; ours, off in the notes' recipe); every pass reads the codebook as it was
+    before the step. aux: both cross-entropies and token accuracies, the VQ loss, a(epoch), and the number of
     distinct words in the batch.
     """
     def loss_fn(params, batch: Prompt, buffers):
@@ -103,6 +105,8 @@ def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000),
         a = jnp.clip((jnp.max(batch.info["epoch"]) - lo) / max(hi - lo, 1), 0.0, 1.0)
         new = ema_update(model.ema_w[...], model.cluster_size[...], jax.lax.stop_gradient(s), codes, decay=decay,
                          epsilon=epsilon)
+        if restart_below > 0:
+            new = restart_dead_codes(*new, jax.lax.stop_gradient(s), chosen, below=restart_below)
         new_buffers = nnx.State({k: VQBuffer(v) for k, v in zip(("codebook", "ema_w", "cluster_size"), new)})
         aux = {"ce_board": ce_board, "ce_speech": ce_speech, "vq_loss": vq, "rfs_weight": a,
                "accuracy_board": jnp.mean(jnp.argmax(logits_board, -1) == batch.targets),
