@@ -30,9 +30,26 @@ steps (10.6 min) end the same (root MI 0.04 bits, objects never drawn from speec
 words at step 250 and then collapses to 10; a Laplace epsilon of 1 revives 82 words, then collapses to 8 with a
 growing commitment loss; the official lr 1e-3 at batch 64 is slower on the same path; two backgrounds instead of
 ten make the language a single background bit (2 words). The picture stream itself has not reached the
-completion jump either (masked object cells at chance; board accuracy 0.03-0.33 at 1250-5000 steps). The
-paper's language (words naming roots and positions) needs the full preset, which was not run (no GPU), or an
-optimisation of the discrete bottleneck that the notes' recipe does not have.
+completion jump either (masked object cells at chance; board accuracy 0.03-0.33 at 1250-5000 steps).
+
+Where the language stops (measured in a later session, quick unless said): the codebook is not the bottleneck.
+With vq_restart_below=1 (dead codes restarted on the batch's worst-quantised speech vectors; ours) all 128 words
+stay in use until the speech loss starts, the background language appears by step 400 instead of 900, and it is
+still a background language (root MI 0.12 bits, 10-13 words). With no quantisation at all in pass 3 until epoch
+600 (the continuous speech vectors redraw the board, then a ramp to the quantised words; a scratch test, not an
+option here), reconstruction from speech still stops at the background (train token accuracy 0.855, the
+background's share of the cells). Ridge probes on held-out boards (reported in the root check's note) read the
+root and the position from the picture stream's abstract representation (0.997 and 1.0 at quick) but not from
+the speech stream's continuous output (0.11 and 0.01; chance 0.10 and 0.03): the speech stream never starts
+reading the object, because the picture stream, given only words, never starts drawing one.
+
+The official recipe at the full preset (32,000 steps of 64 boards, lr 1e-3, the notes' schedules; 88 minutes on
+2 CPU cores, shared with other work) goes further, and not all the way: the picture stream reaches test board
+accuracy 0.83 (object cells 0.99), and the words carry the background (3.31 of 3.32 bits in the best slot) and
+now the position too (2.53 of 5.17 bits), but not the root (0.03 bits, shuffled 0.02); reconstruction from
+speech draws the background and, from step 30,000, the first object cells (0.7% -> 3.2% of them), so steering by
+root words still fails (0.00). The official code's schedules run to epoch 3000 (48,000 steps), past our full
+preset's 2000 epochs; whether roots enter the language by then is not measured.
 
 Settings ours: the total length (the notes do not record it; full = 2000 epochs, past the end of the type ramp),
 the VQ's Laplace epsilon (1e-5 instead of the official 1e-20: in float32 a never-used code would sit at
@@ -53,7 +70,9 @@ from experiments.common import abstractions as ab
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above
 from jaxicl.analysis import language as lang
+from jaxicl.analysis.probes import probe
 from jaxicl.models import lea
+from jaxicl.sites import run_with_sites
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig, train
 from jaxicl.train.losses import lea_loss
@@ -185,6 +204,18 @@ def single_boards(data: bd.BoardData) -> dict:
     return {"tokens": boards, "root": k, "position": p, "background": b, "x": p // 6, "y": p % 6}
 
 
+def representation_probes(graphdef, state, singles: dict) -> dict[str, dict[str, float]]:
+    """Held-out accuracy of ridge probes for root, position and background (single_boards' labels) from the picture
+    stream's abstract representation (picture.unembed.in, every cell: [N, 64 * D]) and from the speech stream's
+    continuous output before quantisation (speech.out: [N, L * D]); a quarter of the boards held out."""
+    model = nnx.merge(graphdef, state)
+    sites = ("picture.unembed.in", "speech.out")
+    cache = jax.jit(jax.vmap(lambda t: run_with_sites(model.message, t, capture=sites)[1]))(
+        jnp.asarray(singles["tokens"]))
+    return {site: {a: probe(cache[site].reshape(len(singles["root"]), -1), jnp.asarray(singles[a]))["score"]
+                   for a in ATTRIBUTES} for site in sites}
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
     data, graphdef, state, result = trained(cfg, out_dir)
     m = cfg.model
@@ -201,6 +232,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     mi = {a: lang.mutual_information(messages, singles[a]) for a in ATTRIBUTES}
     mi_shuffled = {a: lang.shuffled_mutual_information(messages, singles[a], rng) for a in ATTRIBUTES}
     root_table = lang.usage_table(messages, singles["root"], data.cfg.n_roots, m.n_words)
+    probes = representation_probes(graphdef, state, singles)
     steer = _steer(cfg, data, graphdef, state, singles, messages, mi["root"], root_table, rng)
 
     gain = mi["root"] - mi_shuffled["root"]
@@ -220,7 +252,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"slot {best}: MI with the root {mi['root'][best]:.2f} bits (max log2 {data.cfg.n_roots} = "
                     f"{np.log2(data.cfg.n_roots):.2f}), shuffled labels {mi_shuffled['root'][best]:.3f}; per slot "
                     + ", ".join(f"{a} max {mi[a].max():.2f}" for a in ATTRIBUTES)
-                    + f"; {len(messages)} clean single boards, {len(np.unique(messages))} distinct words"),
+                    + f"; {len(messages)} clean single boards, {len(np.unique(messages))} distinct words; linear "
+                    "probes (held-out boards) for root / position / background read "
+                    + "; ".join(f"{site} " + " / ".join(f"{v:.2f}" for v in probes[site].values())
+                                for site in probes)
+                    + f" (chance {1 / data.cfg.n_roots:.2f} / {1 / 36:.2f} / {1 / data.cfg.n_backgrounds:.2f})"),
         check_above("steer_success", steer["success"], cfg.min_steer_success,
                     f"{steer['boards']} boards (A, x, y, bck) whose root slots {steer['slots']} were given root B's "
                     f"words: drawn exactly as (B, x, y, bck); B's pattern on the footprint "
