@@ -19,8 +19,8 @@ Analyses (Section 6.6, reconstructed):
   is redrawn from the edited message. Success: the drawn board is exactly (B, x, y, bck). Control: as many
   slots edited with random words (uniform over the words each slot uses).
 
-What the quick preset shows (about 4 minutes on 2 cores), honestly, is only the first half of the paper's claim.
-The messages become a language about the background: reconstruction from speech redraws the background (test
+What the quick preset shows (81 s on a 2-core Intel Xeon, about 4 minutes on a 2-core AMD EPYC), honestly, is only
+the first half of the paper's claim. The messages become a language about the background: reconstruction from speech redraws the background (test
 token accuracy 0.77, every object cell wrong) where another board's message gives 0.05; the best slot carries 2.2
 of the background's 3.32 bits (3.1-3.3 after 2000-5000 steps), while no slot carries the root or the position
 (MI <= 0.02 bits here, <= 0.12 after 5000 steps: the shuffled-label level), so steering by words cannot succeed
@@ -38,10 +38,14 @@ stay in use until the speech loss starts, the background language appears by ste
 still a background language (root MI 0.12 bits, 10-13 words). With no quantisation at all in pass 3 until epoch
 600 (the continuous speech vectors redraw the board, then a ramp to the quantised words; a scratch test, not an
 option here), reconstruction from speech still stops at the background (train token accuracy 0.855, the
-background's share of the cells). Ridge probes on held-out boards (reported in the root check's note) read the
-root and the position from the picture stream's abstract representation (0.997 and 1.0 at quick) but not from
-the speech stream's continuous output (0.11 and 0.01; chance 0.10 and 0.03): the speech stream never starts
-reading the object, because the picture stream, given only words, never starts drawing one.
+background's share of the cells). Probes on held-out clean single boards (ridge, reported in the root check's
+note) say where the root is lost. At quick, the picture stream's abstract representation gives root 0.73,
+position 0.99, background 1.00 (chance 0.10 / 0.03 / 0.10; the colours of the cells alone identify a root, so
+this is no evidence of abstraction); the speech stream's continuous output, before quantisation, 0.37 / 0.04 /
+1.00; the 8 words in use carry none of the root (MI 0.00 bits). So the speech stream reads a little of the root and
+none of the position, and quantisation keeps only the background; with the dead-code restart a logistic probe of
+the continuous output read the root at chance (0.11). The picture stream, given only words, never starts drawing
+an object, so nothing rewards words that name one.
 
 The official recipe at the full preset (32,000 steps of 64 boards, lr 1e-3, the notes' schedules; 88 minutes on
 2 CPU cores, shared with other work) goes further, and not all the way: the picture stream reaches test board
