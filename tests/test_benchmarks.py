@@ -110,7 +110,7 @@ def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_ta
     assert "loop_over_grid" in table and "grid_memory_mb" in table
 
 
-def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the_full_experiment(tmp_path):
+def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the_full_experiments(tmp_path):
     modules = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
                if f.endswith(".py") and not f.startswith("_")}
     helpers = {"output", "timing", "torch_reference", "tl_patching"}  # imported or run by the benchmarks
@@ -119,4 +119,5 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
     assert all(c[-2:] == ["--out", str(tmp_path)] and "--smoke" in c for c in commands)
     steps = runner.gpu_commands(str(tmp_path))
     assert sum(limit for _, limit in steps) <= 8 * 60
-    assert steps[-1][0][2:6] == ["experiments", "gd_equivalence", "--preset", "full"]
+    assert [c[2:6] for c, _ in steps[-2:]] == [["experiments", name, "--preset", "full"]
+                                               for name in ("gd_equivalence", "ar_fig7_non_augmented")]
