@@ -45,6 +45,25 @@ def test_softmax_attention_rows_sum_to_one_and_causal_means_no_future(x64):
     np.testing.assert_allclose(apply(g, p, changed)[0][:-1], out[:-1], rtol=1e-12)
 
 
+def test_softmax_attention_matches_a_brute_force_loop(x64):
+    """The model multiplies through Wq Wk^T and Wv Wo; the loop projects to q, k, v per head as the papers write it."""
+    model = SelfAttention(4, num_layers=2, num_heads=3, key_size=2, kind="softmax", mask="causal", init_scale=0.7,
+                          rngs=nnx.Rngs(5))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    tokens = np.asarray(jax.random.normal(jax.random.key(6), (6, 4), jnp.float64))
+    x = tokens.copy()
+    for layer in model.layers:
+        wq, wk, wv, wo = (np.asarray(w[...], np.float64) for w in (layer.wq, layer.wk, layer.wv, layer.wo))
+        out = np.zeros_like(x)
+        for h in range(3):
+            for j in range(6):
+                scores = np.array([(x[j] @ wq[h]) @ (x[i] @ wk[h]) / np.sqrt(2) for i in range(j + 1)])
+                weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+                out[j] += sum(weights[i] * (x[i] @ wv[h]) @ wo[h] for i in range(j + 1))
+        x = x + out
+    np.testing.assert_allclose(model(jnp.asarray(tokens)), x, rtol=1e-10)
+
+
 def test_context_mask_hides_the_query_from_every_token(x64):
     model = SelfAttention(3, mask="context", residual=False, init_scale=1.0, rngs=nnx.Rngs(4))
     tokens = jax.random.normal(jax.random.key(5), (4, 3))
