@@ -18,20 +18,23 @@ def _numpy_linear_attention(model: SelfAttention, tokens: np.ndarray) -> np.ndar
         for h in range(wq.shape[0]):
             for j in range(t):
                 for i in range(t):
-                    if model.mask == "causal" and i > j:
+                    if (model.mask == "causal" and i > j) or (model.mask == "context" and i == t - 1):
                         continue
                     out[j] += (x[j] @ wq[h]) @ (x[i] @ wk[h]) * (x[i] @ wv[h] @ wo[h]) / (t - 1)
         x = x + out if model.residual else out
     return x
 
 
-@pytest.mark.parametrize("mask,residual", [("none", True), ("causal", False)])
-def test_linear_attention_matches_a_brute_force_loop(x64, mask, residual):
+@pytest.mark.parametrize("capture", [(), ("layer0.attn.scores", "layer1.attn.heads")])
+@pytest.mark.parametrize("mask,residual", [("none", True), ("context", True), ("causal", False)])
+def test_linear_attention_matches_a_brute_force_loop(x64, mask, residual, capture):
+    """Without the [T, T] scores (masks none and context: x Wqk (x_S^T x_S) Wov) and with them (a site reads them)."""
     model = SelfAttention(4, num_layers=2, num_heads=3, key_size=2, mask=mask, residual=residual,
                           init_scale=0.5, rngs=nnx.Rngs(0))
     model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
     tokens = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
-    np.testing.assert_allclose(model(tokens), _numpy_linear_attention(model, tokens), rtol=1e-10)
+    out, _ = apply(*nnx.split(model), tokens, capture=capture)
+    np.testing.assert_allclose(out, _numpy_linear_attention(model, tokens), rtol=1e-10)
 
 
 def test_softmax_attention_rows_sum_to_one_and_causal_means_no_future(x64):
