@@ -8,6 +8,7 @@ checkpoint, finish) it first handles the metrics of the chunk that produced it.
 
 from collections.abc import Callable
 
+from jaxicl.prng import unrolled_threefry
 from jaxicl.train.config import TrainConfig
 from jaxicl.validation import ConfigError
 
@@ -32,7 +33,8 @@ def evaluates_at(end: int, eval_every: EvalSchedule) -> bool:
 
 
 class ChunkPrograms:
-    """A jitted chunk function `fn(state, *args, n)` (n static) lowered and compiled once per chunk length n.
+    """A jitted chunk function `fn(state, *args, n)` (n static) lowered and compiled once per chunk length n, its
+    random draws through the unrolled threefry (jaxicl.prng).
 
     flops_per_step is XLA's cost analysis of a lowered chunk: its lax.scan lowers to one while loop
     whose body (one step) the analysis counts once, whatever n. None where the backend does not say.
@@ -43,7 +45,8 @@ class ChunkPrograms:
 
     def __call__(self, state, *args, n: int):
         if n not in self.programs:
-            lowered = self.fn.lower(state, *args, n)
+            with unrolled_threefry():
+                lowered = self.fn.lower(state, *args, n)
             if self.flops_per_step is None:
                 self.flops_per_step = _flops(lowered)
             self.programs[n] = lowered.compile()

@@ -8,6 +8,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks.batching import Sampler
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
@@ -53,7 +54,7 @@ def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh
     n = min(cfg.steps_per_call, cfg.steps)
 
     def total(c):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
             sharding = NamedSharding(mesh, P(MEMBER_AXIS))
             a = prog.inputs(np.zeros(c, int), sharding)
             m = prog.run_chunk.lower(prog.states(a, sharding), a["task"], n).compile().memory_analysis()

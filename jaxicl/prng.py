@@ -1,0 +1,47 @@
+"""Training chunks lower JAX's threefry hash unrolled on CPU: the same random values, a faster step.
+
+On CPU, JAX lowers threefry2x32 (the bits behind every jax.random draw) as a fori_loop over its five
+key-schedule rounds, which keeps compile times short but runs each round as separate kernels. Unrolled,
+the hash fuses into one elementwise kernel: the gd_equivalence training step (batch 256) runs about 10%
+faster, and the sampler programs of benchmarks/sampler_throughput up to 1.25x faster, but a program that
+draws random numbers compiles 0.2-1 s slower. Both lowerings compute the same hash, so every random
+value is bit for bit the same (tests/test_prng.py). So the engine lowers its training chunks, which run
+thousands of steps, inside `unrolled_threefry()`, and everything else keeps JAX's lowering. Other
+platforms are untouched.
+"""
+
+import contextlib
+
+try:  # JAX internals: where they are missing (another JAX version), JAX's own lowering stays
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32 as _threefry
+    _RULES = {True: _threefry._threefry2x32_lowering_rule, False: _threefry._threefry2x32_cpu_lowering_rule}
+except (ImportError, AttributeError):
+    _RULES = None
+_depth = 0  # nested unrolled_threefry() blocks open now
+
+
+def available() -> bool:
+    """Whether this JAX has the lowering rules unrolled_threefry() switches between."""
+    return _RULES is not None
+
+
+@contextlib.contextmanager
+def unrolled_threefry():
+    """Programs lowered inside this block (jax.jit(f).lower(...), or a first call) draw through the unrolled
+    threefry on CPU; JAX's rolled lowering is back when the outermost block exits. JAX caches the lowering of a
+    traced function, so a function lowered before keeps the form it had. Not thread-safe: a program lowered by
+    another thread meanwhile gets the unrolled form too (the same values)."""
+    global _depth
+    if _RULES is None:
+        yield
+        return
+    if _depth == 0:
+        mlir.register_lowering(_threefry.threefry2x32_p, _RULES[True], platform="cpu")
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            mlir.register_lowering(_threefry.threefry2x32_p, _RULES[False], platform="cpu")
