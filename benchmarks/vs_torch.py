@@ -14,8 +14,9 @@ the same number of steps with torch.randn prompts. Before timing, the PyTorch mo
 and both compute loss and gradients on one batch: they must agree to float32 tolerance, with equal parameter
 counts and equal matmul FLOPs per step (the analytic count, PyTorch's FlopCounterMode), or nothing is timed.
 Also reported: XLA's FLOP count of the forward and backward pass (matmuls plus elementwise work) over the
-analytic matmul count (below 1 for lsa: jaxicl's SelfAttention multiplies through Wq Wk^T and Wv Wo), and the achieved matmul FLOP/s as a fraction of a 2048 x 2048 matmul's, measured in the
-same run; the memory of one compiled step and the largest batch that fits --memory-budget-mb. Where the PyTorch
+analytic matmul count (below 1 for lsa: jaxicl's SelfAttention multiplies through Wq Wk^T and Wv Wo, and its
+unmasked linear layer forms no [T, T] scores), and the achieved matmul FLOP/s as a fraction of a 2048 x 2048
+matmul's, measured in the same run; the memory of one compiled step and the largest batch that fits --memory-budget-mb. Where the PyTorch
 environment is missing, jaxicl alone is timed and the table says why.
 """
 
