@@ -16,8 +16,8 @@ counts and equal matmul FLOPs per step (the analytic count, PyTorch's FlopCounte
 Also reported: XLA's FLOP count of the forward and backward pass (matmuls plus elementwise work) over the
 analytic matmul count (below 1 for lsa: jaxicl's SelfAttention multiplies through Wq Wk^T and Wv Wo, and its
 unmasked linear layer forms no [T, T] scores), and the achieved matmul FLOP/s as a fraction of a 2048 x 2048
-matmul's, measured in the same run; the memory of one compiled step and the largest batch that fits --memory-budget-mb. Where the PyTorch
-environment is missing, jaxicl alone is timed and the table says why.
+matmul's, measured in the same run; the memory of one compiled step and the largest batch that fits
+--memory-budget-mb. Where the PyTorch environment is missing, jaxicl alone is timed and the table says why.
 """
 
 import argparse

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxicl import prng
+from jaxicl.train.chunks import ChunkPrograms
 
 pytestmark = [pytest.mark.skipif(jax.default_backend() != "cpu", reason="the lowering is CPU-only"),
               pytest.mark.skipif(not prng.available(), reason="this JAX lacks the rules jaxicl.prng switches")]
@@ -42,8 +43,6 @@ def test_the_rolled_lowering_is_back_after_nested_blocks():
 
 
 def test_the_engine_lowers_its_chunks_unrolled():
-    from jaxicl.train.chunks import ChunkPrograms
-
     def make_steps():  # a chunk of n steps that each draw: one while loop (the scan), plus one per rolled hash
         return lambda key, n: jax.lax.scan(lambda k, _: (jax.random.split(k)[0], jax.random.normal(k, (4,))), key,
                                            length=n)
