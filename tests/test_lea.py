@@ -158,6 +158,43 @@ def test_both_streams_expose_every_block_through_sites():
     assert model.site_axes("speech.layer0.cross_attn.weights", 3) == ("head", "pos", "key")
 
 
+def test_the_three_pass_loss_against_the_entry_points_with_and_without_quantisation():
+    """lea_loss's passes recomputed from the model's entry points: its cross-entropies, the words of pass 3 (or,
+    with quantise=False, the continuous speech, with no VQ loss, the buffers untouched and the speech stream
+    trained by the reconstruction from speech alone)."""
+    graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY), nnx.Param, lea.VQBuffer)
+    model = nnx.merge(graphdef, params, buffers)
+    board = jax.random.randint(jax.random.key(1), (3, 64), 0, 20)
+    batch = Prompt(inputs=board.at[:, ::5].set(20), targets=board, mask=jnp.ones((3, 64)),
+                   info={"epoch": jnp.full(3, 2)})
+
+    def ce(logits):  # mean cross-entropy over every cell, in numpy
+        logits = np.asarray(logits, np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        return float(np.mean(logz - np.take_along_axis(logits, np.asarray(board)[..., None], -1)[..., 0]))
+
+    ce_board = ce(jax.vmap(model)(batch.inputs))
+    words = jax.vmap(model.message)(batch.inputs)
+    for quantise, speech in ((True, jax.vmap(model.from_message)(words)),
+                             (False, jax.vmap(model.from_vectors)(jax.vmap(model.speech_of)(batch.inputs)))):
+        loss, (aux, new) = lea_loss(graphdef, rfs_ramp=(0, 4), quantise=quantise)(params, batch, buffers)
+        assert float(aux["rfs_weight"]) == 0.5
+        np.testing.assert_allclose([aux["ce_board"], aux["ce_speech"]], [ce_board, ce(speech)], rtol=1e-5)
+        np.testing.assert_allclose(loss, ce_board + 0.5 * (float(aux["vq_loss"]) + ce(speech)), rtol=1e-5)
+        drawn = lea.reconstruct_from_speech(graphdef, nnx.merge_state(params, buffers), batch.inputs, quantise)
+        np.testing.assert_array_equal(drawn, np.argmax(np.asarray(speech), -1))
+        if quantise:
+            assert float(aux["vq_loss"]) > 0
+            assert np.abs(np.asarray(new["codebook"][...]) - np.asarray(buffers["codebook"][...])).max() > 1e-3
+    assert float(aux["vq_loss"]) == 0.0
+    for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(buffers)):
+        np.testing.assert_array_equal(got, want)
+    # the reconstruction from continuous speech trains the speech stream
+    grads = jax.grad(lambda p: lea_loss(graphdef, rfs_ramp=(0, 4), quantise=False)(p, batch, buffers)[1][0]
+                     ["ce_speech"])(params)
+    assert np.abs(np.asarray(grads["speech_blocks"][0]["mlp_out"]["w"][...])).max() > 0
+
+
 def test_bad_messages_name_the_argument_and_the_allowed_range():
     graphdef, state = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY))
     with pytest.raises(ValueError, match=r"words must have shape \[batch, 4\]"):

@@ -19,7 +19,8 @@ residual stream; bidirectional attention; exact GELU):
 The codebook and its EMA state are VQBuffer variables: nnx.split(model, nnx.Param, VQBuffer) gives (graphdef,
 params, buffers); the training step updates the buffers (jaxicl.train.losses.lea_loss), the optimiser never sees them.
 Entry points on the merged state (nnx.merge_state(params, buffers)): reconstruct_from_board, message_of,
-reconstruct_from_message (the steering interface: edit words, watch the board).
+reconstruct_from_speech (a board redrawn from its own words, or from its continuous speech), reconstruct_from_message
+(the steering interface: edit words, watch the board).
 
 Named sites (per board; the picture stream's in reconstruct-from-board and message_of, the speech stream's in
 message_of):
@@ -136,15 +137,23 @@ class LEA(Model):
             x = block(x, pos, picture_z, picture_pos, sites, f"speech.layer{l}")
         return sites("speech.out", self.speech_ln(x)[0])
 
+    def speech_of(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        """[L, D] the speech stream's continuous output about board tokens [64] (read with the blank message)."""
+        z = self.picture(tokens, self.words(jnp.full(self.message_len, self.blank)), sites)[1]
+        return self.speech(z, sites)
+
     def message(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         """int32 [L] the words the model says about board tokens [64]."""
-        z = self.picture(tokens, self.words(jnp.full(self.message_len, self.blank)), sites)[1]
-        return nearest_codes(self.codebook[...], self.speech(z, sites))
+        return nearest_codes(self.codebook[...], self.speech_of(tokens, sites))
+
+    def from_vectors(self, message: jax.Array, sites=null_sites) -> jax.Array:
+        """logits [64, V] of the all-UNK board reading message vectors [L, D] (reconstruction from speech)."""
+        unk = jnp.full(self.picture_pos.shape[0], self.vocab_size - 1)
+        return self.picture(unk, message, sites)[0]
 
     def from_message(self, ids: jax.Array, sites=null_sites) -> jax.Array:
-        """logits [64, V] of the all-UNK board reading the words ids [L] (reconstruction from speech)."""
-        unk = jnp.full(self.picture_pos.shape[0], self.vocab_size - 1)
-        return self.picture(unk, self.words(ids), sites)[0]
+        """logits [64, V] of the all-UNK board reading the words ids [L]."""
+        return self.from_vectors(self.words(ids), sites)
 
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
         return attention_site_axes(name) or super().site_axes(name, ndim)
@@ -174,16 +183,25 @@ def message_of(graphdef: nnx.GraphDef, state, boards: jax.Array) -> jax.Array:
     return _run(graphdef, state, jnp.asarray(boards), "message")
 
 
+def reconstruct_from_speech(graphdef: nnx.GraphDef, state, boards: jax.Array, quantise: bool = True) -> jax.Array:
+    """int32 [B, 64] the argmax board the picture stream draws from the speech about boards [B, 64] alone: its words,
+    or (quantise=False) the speech stream's continuous output, as a run trained without quantisation reads it."""
+    return _run(graphdef, state, jnp.asarray(boards), "speech" if quantise else "continuous")
+
+
 def reconstruct_from_message(graphdef: nnx.GraphDef, state, words) -> jax.Array:
     """int32 [B, 64] the argmax board the picture stream draws from word ids [B, L] alone (the steering interface)."""
     model = nnx.merge(graphdef, state)
-    return _run(graphdef, state, jnp.asarray(check_message(words, model.n_words, model.message_len)), "speech")
+    return _run(graphdef, state, jnp.asarray(check_message(words, model.n_words, model.message_len)), "words")
 
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _run(graphdef, state, x, entry):
+    """entry: "message" (boards -> words), or the logits' argmax of "board" (boards), "words" (word ids), "speech"
+    (boards -> their words -> board) or "continuous" (boards -> their continuous speech -> board)."""
     model = nnx.merge(graphdef, state)
     if entry == "message":
         return jax.vmap(model.message)(x)
-    fn = model if entry == "board" else model.from_message
+    fn = {"board": model, "words": model.from_message, "speech": lambda t: model.from_message(model.message(t)),
+          "continuous": lambda t: model.from_vectors(model.speech_of(t))}[entry]
     return jnp.argmax(jax.vmap(fn)(x), -1).astype(jnp.int32)

@@ -72,7 +72,8 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000), decay: float = 0.99,
-             epsilon: float = 1e-5, commitment: float = 0.25, usage_cost: float = 0.25, restart_below: float = 0.0):
+             epsilon: float = 1e-5, commitment: float = 0.25, usage_cost: float = 0.25, restart_below: float = 0.0,
+             quantise: bool = True):
     """The three-pass loss of Ferry et al.'s LEA (jaxicl.models.lea; shared/papers/abstractions_ferry2023.md,
     Section 5) on board batches (info["epoch"] [B]: the epoch the boards were drawn for); a run with buffers.
 
@@ -87,6 +88,9 @@ def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000),
     (vector_quantizer.restart_dead_codes; ours, off in the notes' recipe); every pass reads the codebook as it was
     before the step. aux: both cross-entropies and token accuracies, the VQ loss, a(epoch), and the number of
     distinct words in the batch.
+
+    quantise=False (an ablation, ours): pass 3 reads the speech stream's continuous output s instead of its words;
+    no VQ loss, and the codebook and its EMA state stay as they are (the words are still reported).
     """
     def loss_fn(params, batch: Prompt, buffers):
         model = nnx.merge(graphdef, params, buffers)
@@ -97,17 +101,21 @@ def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000),
         codes = nearest_codes(codebook, s)
         chosen = lookup(codebook, codes)
         unk = jnp.full_like(batch.inputs, model.vocab_size - 1)
-        logits_speech = jax.vmap(lambda t, m: model.picture(t, m)[0])(unk, straight_through(s, chosen))
+        logits_speech = jax.vmap(lambda t, m: model.picture(t, m)[0])(unk, straight_through(s, chosen)
+                                                                       if quantise else s)
         ce_board = jnp.mean(token_nll(logits_board, batch.targets))
         ce_speech = jnp.mean(token_nll(logits_speech, batch.targets))
-        vq = vq_loss(s, chosen, codes, model.n_words, commitment=commitment, usage_cost=usage_cost)
         lo, hi = rfs_ramp
         a = jnp.clip((jnp.max(batch.info["epoch"]) - lo) / max(hi - lo, 1), 0.0, 1.0)
-        new = ema_update(model.ema_w[...], model.cluster_size[...], jax.lax.stop_gradient(s), codes, decay=decay,
-                         epsilon=epsilon)
-        if restart_below > 0:
-            new = restart_dead_codes(*new, jax.lax.stop_gradient(s), chosen, below=restart_below)
-        new_buffers = nnx.State({k: VQBuffer(v) for k, v in zip(("codebook", "ema_w", "cluster_size"), new)})
+        if quantise:
+            vq = vq_loss(s, chosen, codes, model.n_words, commitment=commitment, usage_cost=usage_cost)
+            new = ema_update(model.ema_w[...], model.cluster_size[...], jax.lax.stop_gradient(s), codes, decay=decay,
+                             epsilon=epsilon)
+            if restart_below > 0:
+                new = restart_dead_codes(*new, jax.lax.stop_gradient(s), chosen, below=restart_below)
+            new_buffers = nnx.State({k: VQBuffer(v) for k, v in zip(("codebook", "ema_w", "cluster_size"), new)})
+        else:
+            vq, new_buffers = jnp.zeros(()), buffers
         aux = {"ce_board": ce_board, "ce_speech": ce_speech, "vq_loss": vq, "rfs_weight": a,
                "accuracy_board": jnp.mean(jnp.argmax(logits_board, -1) == batch.targets),
                "accuracy_speech": jnp.mean(jnp.argmax(logits_speech, -1) == batch.targets),
