@@ -15,6 +15,8 @@ mutated behind the caller's back. Per step (shared/papers/abstractions_ferry2023
 Optionally (ours, not in the notes' recipe; off by default), codes whose EMA cluster size falls below a threshold
 are restarted on this batch's worst-quantised vectors (restart_dead_codes), so a code that lost every vector
 early in training is not left unreachable far from the data.
+Also ours: kmeans fits a codebook to a batch of vectors (the LEA's words, fitted to its speech when they take over
+from continuous speech; jaxicl.train.losses.lea_loss).
 
 The usage term comes from an argmin and carries no gradient; the codebook gets none either (only the EMA moves it).
 """
@@ -53,6 +55,30 @@ def ema_update(ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array, codes: j
     return ema_w / size[:, None], ema_w, size
 
 
+def kmeans(x: jax.Array, k: int, iters: int = 10) -> tuple[jax.Array, jax.Array]:
+    """(centroids [k, D], counts [k]) of vectors x [..., D] (at least k of them) after `iters` Lloyd steps from k
+    vectors evenly spaced through x; a centroid that loses every vector stays where it was."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] < k:
+        raise ValueError(f"kmeans needs at least k={k} vectors, got {flat.shape[0]}")
+
+    def lloyd(c, _):
+        onehot = jax.nn.one_hot(nearest_codes(c, flat), k, dtype=flat.dtype)  # [N, k]
+        n = jnp.sum(onehot, 0)
+        sums = jnp.sum(onehot[:, :, None] * flat[:, None, :], 0)  # a reduction, as in ema_update
+        return jnp.where(n[:, None] > 0, sums / jnp.maximum(n, 1)[:, None], c), None
+
+    # the evenly spaced start as a reduction over the vectors, not a gather (x may be sharded over "data")
+    pick = jax.nn.one_hot(jnp.arange(k) * (flat.shape[0] // k), flat.shape[0], dtype=flat.dtype)  # [k, N]
+    c = jax.lax.scan(lloyd, jnp.sum(pick[:, :, None] * flat[None], 1), None, iters)[0]
+    return c, jnp.sum(jax.nn.one_hot(nearest_codes(c, flat), k, dtype=flat.dtype), 0)
+
+
+def _on_every_device(x: jax.Array) -> jax.Array:
+    """x replicated over the current mesh, if one is set (a sort or gather cannot run over a sharded axis)."""
+    return x if jax.sharding.get_abstract_mesh().empty else jax.reshard(x, jax.P())
+
+
 def restart_dead_codes(codebook: jax.Array, ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array,
                        quantised: jax.Array, *, below: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(codebook [K, D], ema_w [K, D], cluster_size [K]) with every code whose cluster size is < below moved onto
@@ -62,8 +88,8 @@ def restart_dead_codes(codebook: jax.Array, ema_w: jax.Array, cluster_size: jax.
     worst-quantised first; cycling when there are more dead codes than vectors), with cluster size `below` and
     ema_w = below * vector, so the codebook entry is the vector itself. below <= 0 restarts nothing.
     """
-    flat = x.reshape(-1, x.shape[-1])
-    error = jnp.sum((flat - quantised.reshape(flat.shape)) ** 2, -1)  # [N]
+    flat, quantised = (_on_every_device(v.reshape(-1, x.shape[-1])) for v in (x, quantised))  # for the sort
+    error = jnp.sum((flat - quantised) ** 2, -1)  # [N]
     worst_first = jnp.argsort(-error)
     dead = cluster_size < below
     rank = jnp.cumsum(dead) - 1  # the i-th dead code takes the i-th worst vector

@@ -14,7 +14,8 @@ from flax import nnx
 from jaxicl.models.functional import predictor
 from jaxicl.models.gpt import lookup
 from jaxicl.models.lea import VQBuffer
-from jaxicl.models.vector_quantizer import ema_update, nearest_codes, restart_dead_codes, straight_through, vq_loss
+from jaxicl.models.vector_quantizer import (ema_update, kmeans, nearest_codes, restart_dead_codes, straight_through,
+                                           vq_loss)
 from jaxicl.prompt import Prompt
 
 COORDS = ("sum", "mean")
@@ -73,7 +74,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000), decay: float = 0.99,
              epsilon: float = 1e-5, commitment: float = 0.25, usage_cost: float = 0.25, restart_below: float = 0.0,
-             quantise: bool = True):
+             continuous_until: int = 0):
     """The three-pass loss of Ferry et al.'s LEA (jaxicl.models.lea; shared/papers/abstractions_ferry2023.md,
     Section 5) on board batches (info["epoch"] [B]: the epoch the boards were drawn for); a run with buffers.
 
@@ -89,33 +90,43 @@ def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000),
     before the step. aux: both cross-entropies and token accuracies, the VQ loss, a(epoch), and the number of
     distinct words in the batch.
 
-    quantise=False (an ablation, ours): pass 3 reads the speech stream's continuous output s instead of its words;
-    no VQ loss, and the codebook and its EMA state stay as they are (the words are still reported).
+    continuous_until (ours; 0 in the notes' recipe): before this epoch pass 3 reads the speech stream's continuous
+    output s instead of its words, with no VQ loss and the buffers untouched; in that epoch every word but the blank
+    is refit to the batch's speech vectors (vector_quantizer.kmeans; cluster sizes: the counts, at least 1) before the
+    step's codes are read, so the words take over from a codebook fitted to the speech. A value past the run's last
+    epoch is the continuous-speech ablation.
     """
     def loss_fn(params, batch: Prompt, buffers):
         model = nnx.merge(graphdef, params, buffers)
-        codebook = model.codebook[...]
+        codebook, ema_w, cluster_size = model.codebook[...], model.ema_w[...], model.cluster_size[...]
         blank = model.words(jnp.full(model.message_len, model.blank))
         logits_board, z = jax.vmap(model.picture, in_axes=(0, None))(batch.inputs, blank)
         s = jax.vmap(model.speech)(z)  # [B, L, D]
+        epoch = jnp.max(batch.info["epoch"])
+        quantised = epoch >= continuous_until
+        if continuous_until > 0:  # the words' refit, in the first epoch that reads them
+            fitted, counts = kmeans(jax.lax.stop_gradient(s), model.n_words - 1)
+            refit = epoch == continuous_until
+            codebook = jnp.where(refit, codebook.at[:-1].set(fitted), codebook)
+            cluster_size = jnp.where(refit, cluster_size.at[:-1].set(jnp.maximum(counts, 1)), cluster_size)
+            ema_w = jnp.where(refit, codebook * cluster_size[:, None], ema_w)
         codes = nearest_codes(codebook, s)
         chosen = lookup(codebook, codes)
         unk = jnp.full_like(batch.inputs, model.vocab_size - 1)
-        logits_speech = jax.vmap(lambda t, m: model.picture(t, m)[0])(unk, straight_through(s, chosen)
-                                                                       if quantise else s)
+        message = jnp.where(quantised, straight_through(s, chosen), s)
+        logits_speech = jax.vmap(lambda t, m: model.picture(t, m)[0])(unk, message)
         ce_board = jnp.mean(token_nll(logits_board, batch.targets))
         ce_speech = jnp.mean(token_nll(logits_speech, batch.targets))
         lo, hi = rfs_ramp
-        a = jnp.clip((jnp.max(batch.info["epoch"]) - lo) / max(hi - lo, 1), 0.0, 1.0)
-        if quantise:
-            vq = vq_loss(s, chosen, codes, model.n_words, commitment=commitment, usage_cost=usage_cost)
-            new = ema_update(model.ema_w[...], model.cluster_size[...], jax.lax.stop_gradient(s), codes, decay=decay,
-                             epsilon=epsilon)
-            if restart_below > 0:
-                new = restart_dead_codes(*new, jax.lax.stop_gradient(s), chosen, below=restart_below)
-            new_buffers = nnx.State({k: VQBuffer(v) for k, v in zip(("codebook", "ema_w", "cluster_size"), new)})
-        else:
-            vq, new_buffers = jnp.zeros(()), buffers
+        a = jnp.clip((epoch - lo) / max(hi - lo, 1), 0.0, 1.0)
+        vq = jnp.where(quantised, vq_loss(s, chosen, codes, model.n_words, commitment=commitment,
+                                          usage_cost=usage_cost), 0.0)
+        new = ema_update(ema_w, cluster_size, jax.lax.stop_gradient(s), codes, decay=decay, epsilon=epsilon)
+        if restart_below > 0:
+            new = restart_dead_codes(*new, jax.lax.stop_gradient(s), chosen, below=restart_below)
+        new = [jnp.where(quantised, v, old) for v, old in zip(new, (model.codebook[...], model.ema_w[...],
+                                                                    model.cluster_size[...]))]
+        new_buffers = nnx.State({k: VQBuffer(v) for k, v in zip(("codebook", "ema_w", "cluster_size"), new)})
         aux = {"ce_board": ce_board, "ce_speech": ce_speech, "vq_loss": vq, "rfs_weight": a,
                "accuracy_board": jnp.mean(jnp.argmax(logits_board, -1) == batch.targets),
                "accuracy_speech": jnp.mean(jnp.argmax(logits_speech, -1) == batch.targets),
