@@ -19,47 +19,67 @@ Analyses (Section 6.6, reconstructed):
   is redrawn from the edited message. Success: the drawn board is exactly (B, x, y, bck). Control: as many
   slots edited with random words (uniform over the words each slot uses).
 
-What the quick preset shows (81 s on a 2-core Intel Xeon, about 4 minutes on a 2-core AMD EPYC), honestly, is only
-the first half of the paper's claim. The messages become a language about the background: reconstruction from speech redraws the background (test
-token accuracy 0.77, every object cell wrong) where another board's message gives 0.05; the best slot carries 2.2
-of the background's 3.32 bits (3.1-3.3 after 2000-5000 steps), while no slot carries the root or the position
-(MI <= 0.02 bits here, <= 0.12 after 5000 steps: the shuffled-label level), so steering by words cannot succeed
-(0.00): the checks on root words and steering fail. What was measured on the way (batch 32, lr 3e-3, 1 step an epoch unless said): the EMA codebook
-collapses to 1-3 live words before the speech loss is switched on, and the language stays at 7-13 words; 5000
-steps (10.6 min) end the same (root MI 0.04 bits, objects never drawn from speech); ema_init="codebook" keeps 24
-words at step 250 and then collapses to 10; a Laplace epsilon of 1 revives 82 words, then collapses to 8 with a
-growing commitment loss; the official lr 1e-3 at batch 64 is slower on the same path; two backgrounds instead of
-ten make the language a single background bit (2 words). The picture stream itself has not reached the
-completion jump either (masked object cells at chance; board accuracy 0.03-0.33 at 1250-5000 steps).
+What the quick preset shows (4.3 minutes on a 2-core Intel Xeon), with a curriculum of ours
+(continuous_until=3000: for its first 3000 steps pass 3 reads the speech stream's continuous output, then every
+word but the blank is refit to a batch of speech vectors by k-means and 2000 steps read words; the masking ramp
+ends at step 2999): half of the paper's claim. The words carry the root: the best slot's mutual information with
+the root is 1.77 bits (shuffled labels 0.14), with the position 4.18 of 5.17 bits, the background 3.32 (all of
+it), and 85 words are in use; reconstruction from speech draws objects (test token accuracy 0.848, object cells
+0.42, 5.7% of boards exact; another board's message 0.05), where the continuous channel had reached object cells
+0.60 at the switch. Steering by root words fails (0.00 exact, B's pattern on 7% of the footprint against 15% for
+random words), because the words name root and position jointly: eleven slots carry 1.0-1.8 bits of root and
+each of them 2.8-4.2 bits of position (the others only the background), so a slot has no word for "root B" apart
+from its position, and the root-slot swap replaces the position too. Even an oracle swap (the root slots given
+the words of the target board itself) redraws the target exactly for 0-3% of boards (B's footprint 0.18-0.39 with
+1-6 slots swapped), bounded by the reconstruction, which redraws 9-11% of unedited clean boards exactly. Without the
+curriculum the continuous phase is what is missing (see below: at quick the words never leave the background).
+Measured on the way to this design: refitting on 32,768 speech vectors (2048 boards) instead of one batch gave the
+same picture (root 2.16 bits, steering 0.00); letting the EMA (with dead-code restarts) follow the speech during
+the continuous phase instead of a refit kept the blank word moving, delayed the objects in the continuous channel,
+and the words then carried the position (2.1-2.9 bits) but no root (0.02-0.10 bits, shuffled 0.14-0.15).
 
-Where the language stops (measured in a later session, quick unless said): the number of live words is not the
-bottleneck.
-With vq_restart_below=1 (dead codes restarted on the batch's worst-quantised speech vectors; ours) all 128 words
-stay in use until the speech loss starts, the background language appears by step 400 instead of 900, and it is
-still a background language (root MI 0.12 bits, 10-13 words). With no quantisation at all in pass 3 until epoch
-600 (the continuous speech vectors redraw the board, then a ramp to the quantised words; a scratch test, not an
-option here), reconstruction from speech still stops at the background (train token accuracy 0.855, the
-background's share of the cells). Probes on held-out clean single boards (ridge, reported in the root check's
-note) say where the root is lost. At quick, the picture stream's abstract representation gives root 0.73,
-position 0.99, background 1.00 (chance 0.10 / 0.03 / 0.10; the colours of the cells alone identify a root, so
-this is no evidence of abstraction); the speech stream's continuous output, before quantisation, 0.37 / 0.04 /
-1.00; the 8 words in use carry none of the root (MI 0.00 bits). So the speech stream reads a little of the root and
-none of the position, and quantisation keeps only the background; with the dead-code restart a logistic probe of
-the continuous output read the root at chance (0.11). The picture stream, given only words, never starts drawing
-an object, so nothing rewards words that name one.
+The notes' recipe at quick length (`continuous_until=0 train.steps=1250 task.mask_ramp_end=1249 eval_every=250`;
+81 s on a 2-core Intel Xeon, about 4 minutes on a 2-core AMD EPYC) shows only the background. The messages become a
+language about the background: reconstruction from speech redraws the background (test token accuracy 0.77, every
+object cell wrong) where another board's message gives 0.05; the best slot carries 2.2 of the background's 3.32 bits
+(3.1-3.3 after 2000-5000 steps), while no slot carries the root or the position (MI <= 0.02 bits here, <= 0.12 after
+5000 steps: the shuffled-label level), so steering by words cannot succeed (0.00): the checks on root words and
+steering fail. What was measured on the way (batch 32, lr 3e-3, 1 step an epoch unless said): the EMA codebook
+collapses to 1-3 live words before the speech loss is switched on, and the language stays at 7-13 words; 5000 steps
+(10.6 min) end the same (root MI 0.04 bits, objects never drawn from speech); ema_init="codebook" keeps 24 words at
+step 250 and then collapses to 10; a Laplace epsilon of 1 revives 82 words, then collapses to 8 with a growing
+commitment loss; the official lr 1e-3 at batch 64 is slower on the same path; two backgrounds instead of ten make
+the language a single background bit (2 words). The picture stream itself has not reached the completion jump either
+(masked object cells at chance; board accuracy 0.03-0.33 at 1250-5000 steps).
 
-The discreteness is (quantise=False, an ablation: pass 3 and the speech reconstruction read the speech stream's
-continuous output; no VQ loss, no codebook updates). At quick's 1250 steps the continuous channel also redraws only
-the background (test token accuracy 0.768, object cells 0.00), but run longer
-(`abstractions_lea --preset quick quantise=false train.steps=3000 task.mask_ramp_end=2999`, 2.5 min) it starts
-drawing objects at step 2250 and reaches test object-cell accuracy 0.60 (tokens 0.897) at step 3000, while every
-quantised run (5000 steps at quick, 32,000 and 48,000 at the official settings) drew no object from its words.
-In a scratch test on the 3600 clean single boards with the speech weight at 1 from the first step (batch 64, lr
-1e-3), the continuous channel redraws every board exactly by step 1750; the official EMA quantiser in the same
-test (and with decay 0.9, with no commitment loss, or with dead-code restarts) ends its 2000-3000 steps on 8-10
-words that redraw at most the background (token accuracy 0.60-0.86, object cells 0.00). So the architecture and
-the picture stream can carry a board through 16 speech vectors; the straight-through quantised channel, as the
-official code trains it, does not get past the background here.
+Where the notes' recipe stops (measured in earlier sessions, at its quick length unless said): the number of live
+words is not the bottleneck. With vq_restart_below=1 (dead codes restarted on the batch's worst-quantised speech
+vectors; ours) all 128 words stay in use until the speech loss starts, the background language appears by step 400
+instead of 900, and it is still a background language (root MI 0.12 bits, 10-13 words). With no quantisation at all
+in pass 3 until epoch 600 (the continuous speech vectors redraw the board, then a ramp to the quantised words,
+without a refit; a scratch test before continuous_until), reconstruction from speech still stops at the background
+(train token accuracy 0.855, the background's share of the cells). Probes on held-out clean single boards (ridge,
+reported in the root check's note) say where the root is lost. At quick, the picture stream's abstract
+representation gives root 0.73, position 0.99, background 1.00 (chance 0.10 / 0.03 / 0.10; the colours of the cells
+alone identify a root, so this is no evidence of abstraction); the speech stream's continuous output, before
+quantisation, 0.37 / 0.04 / 1.00; the 8 words in use carry none of the root (MI 0.00 bits). So the speech stream
+reads a little of the root and none of the position, and quantisation keeps only the background; with the dead-code
+restart a logistic probe of the continuous output read the root at chance (0.11). The picture stream, given only
+words, never starts drawing an object, so nothing rewards words that name one.
+
+The discreteness is (continuous_until past the run's end, an ablation: pass 3 and the speech reconstruction read the
+speech stream's continuous output; no VQ loss, no codebook updates). At 1250 steps the continuous channel also
+redraws only the background (test token accuracy 0.768, object cells 0.00), but run longer (`abstractions_lea
+--preset quick train.steps=3000`: the quick preset's first 3000 steps, 2.5 min) it starts drawing objects at step
+2250 and reaches test object-cell accuracy 0.60 (tokens 0.897) at step 3000, while every run of the notes' recipe
+(5000 steps at quick, 32,000 and 48,000 at the official settings) drew no object from its words. In a scratch test
+on the 3600 clean single boards with the speech weight at 1 from the first step (batch 64, lr 1e-3), the continuous
+channel redraws every board exactly by step 1750; the official EMA quantiser in the same test (and with decay 0.9,
+with no commitment loss, or with dead-code restarts) ends its 2000-3000 steps on 8-10 words that redraw at most the
+background (token accuracy 0.60-0.86, object cells 0.00). So the architecture and the picture stream can carry a
+board through 16 speech vectors; the straight-through quantised channel, as the official code trains it, does not
+get past the background here, unless its words are fitted to a speech that already carries the board (the quick
+preset's curriculum, above).
 
 A relaxed quantiser was tried in a scratch test and not taken (ours; not an option here): pass 3 reads the
 straight-through Gumbel-softmax word (the one-hot of the noisy argmax forward, the softmax's gradient backward, over
@@ -142,7 +162,7 @@ class Config:
     vq_decay: float = 0.99
     vq_epsilon: float = 1e-5
     vq_restart_below: float = 0.0  # restart codes whose EMA cluster size falls below this (0: never, the notes')
-    quantise: bool = True  # False (an ablation, ours): pass 3 and the speech reconstruction read continuous speech
+    continuous_until: int = 0  # ours: pass 3 reads the continuous speech before this epoch (lea_loss), words after
     eval_every: int = 2000
     eval_per_type: tuple[int, int] = (40, 100)  # single, double test tuples (the official test set has no composites)
     eval_mask: float = 0.2
@@ -152,6 +172,11 @@ class Config:
     min_steer_success: float = 0.3
     min_steer_ratio: float = 5.0  # over the random-word control (plus 1 / steer_boards, so a zero control is finite)
 
+    @property
+    def ends_quantised(self) -> bool:
+        """Whether the run's last steps read words (False: the continuous-speech ablation)."""
+        return (self.train.steps - 1) // self.task.steps_per_epoch >= self.continuous_until
+
     def __post_init__(self):
         for name in ("eval_every", "steer_boards"):
             check_positive(name, getattr(self, name))
@@ -159,6 +184,7 @@ class Config:
         check_range("vq_decay", self.vq_decay, 0.0, 1.0)
         check_positive("vq_epsilon", self.vq_epsilon)
         check_range("vq_restart_below", self.vq_restart_below, 0.0)
+        check_range("continuous_until", self.continuous_until, 0)
         if self.eval_every % self.train.steps_per_call:
             raise ConfigError(f"eval_every={self.eval_every} must be a multiple of train.steps_per_call="
                               f"{self.train.steps_per_call}")
@@ -166,20 +192,23 @@ class Config:
             raise ConfigError(f"eval_per_type must be 2 positive counts (single, double), got {self.eval_per_type}")
 
 
-def _preset(steps: int, steps_per_epoch: int, **kw) -> Config:
+def _preset(steps: int, steps_per_epoch: int, mask_ramp_end: int | None = None, **kw) -> Config:
+    """A config of `steps` steps whose masking ramp ends at mask_ramp_end (default: the run's last epoch)."""
     last_epoch = (steps - 1) // steps_per_epoch
-    task = dataclasses.replace(LEA_TASK, steps_per_epoch=steps_per_epoch, mask_ramp_end=max(last_epoch, 1))
+    task = dataclasses.replace(LEA_TASK, steps_per_epoch=steps_per_epoch,
+                               mask_ramp_end=max(last_epoch, 1) if mask_ramp_end is None else mask_ramp_end)
     return Config(task=task, **kw)
 
 
 SMOKE = _preset(20, 1, model=LeaModel(d_model=16, d_pos=8, n_layers=1, n_heads=2, n_words=16, message_len=4),
                 train=TrainConfig(steps=20, batch_size=16, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95),
                                   weight_decay=0.01, steps_per_call=10, log_every=5),
-                rfs_ramp=(2, 10), eval_every=10, eval_per_type=(8, 8), steer_boards=20)
-QUICK = _preset(1250, 1, train=TrainConfig(steps=1250, batch_size=32, optimizer="adamw", lr=3e-3,
-                                            betas=(0.9, 0.95), weight_decay=0.01, steps_per_call=250, log_every=50,
-                                            checkpoint_every=500),
-                eval_every=250)
+                rfs_ramp=(2, 10), continuous_until=10, eval_every=10, eval_per_type=(8, 8), steer_boards=20)
+# quick: continuous speech for 3000 steps (the masking ramp ends there), then 2000 steps of words (see the docstring)
+QUICK = _preset(5000, 1, mask_ramp_end=2999, continuous_until=3000,
+                train=TrainConfig(steps=5000, batch_size=32, optimizer="adamw", lr=3e-3, betas=(0.9, 0.95),
+                                  weight_decay=0.01, steps_per_call=250, log_every=50, checkpoint_every=1000),
+                eval_every=500)
 PRESETS = {"smoke": SMOKE, "quick": QUICK, "full": Config()}
 
 
@@ -214,16 +243,21 @@ def trained(cfg: Config, out_dir: str):
     test = eval_set(cfg, data, "test", jax.random.key(cfg.train.seed + 11))
 
     def evaluate(params, buffers):
-        m = reconstruction_metrics(graphdef, nnx.merge_state(params, buffers), test, cfg.quantise)
-        return {f"{source}_{k}": m[f"{source}_{k}"] for source in ("board", "speech")
-                for k in ("token_accuracy", "board_accuracy", "object_accuracy")}
+        state = nnx.merge_state(params, buffers)
+        m = reconstruction_metrics(graphdef, state, test)
+        continuous = lea.reconstruct_from_speech(graphdef, state, test.inputs, quantise=False)
+        objects = test.info["root"] >= 0
+        return {**{f"{source}_{k}": m[f"{source}_{k}"] for source in ("board", "speech")
+                   for k in ("token_accuracy", "board_accuracy", "object_accuracy")},
+                "continuous_token_accuracy": jnp.mean(continuous == test.targets),
+                "continuous_object_accuracy": jnp.sum((continuous == test.targets) & objects) / jnp.sum(objects)}
 
     loss = lea_loss(graphdef, rfs_ramp=cfg.rfs_ramp, decay=cfg.vq_decay, epsilon=cfg.vq_epsilon,
-                    restart_below=cfg.vq_restart_below, quantise=cfg.quantise)
+                    restart_below=cfg.vq_restart_below, continuous_until=cfg.continuous_until)
     result = train(loss, data.sampler("train"), cfg.task, cfg.train, params, buffers=buffers,
                    out_dir=os.path.join(out_dir, "run"), evaluate=evaluate, eval_every=cfg.eval_every,
                    run_config={"experiment": "abstractions_lea", "model": dataclasses.asdict(cfg.model),
-                               "rfs_ramp": list(cfg.rfs_ramp), "quantise": cfg.quantise,
+                               "rfs_ramp": list(cfg.rfs_ramp), "continuous_until": cfg.continuous_until,
                                "vq": [cfg.vq_decay, cfg.vq_epsilon, cfg.vq_restart_below]},
                    desc="abstractions_lea")
     return data, graphdef, nnx.merge_state(result.state.params, result.state.buffers), result
@@ -258,8 +292,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     rng = np.random.default_rng(cfg.train.seed)
     # reconstruction from the board vs from its speech, and from another board's speech
     test = eval_set(cfg, data, "test", jax.random.key(cfg.train.seed + 11))
-    rec = {k: float(v) for k, v in reconstruction_metrics(graphdef, state, test, cfg.quantise).items()}
-    other = lea.reconstruct_from_speech(graphdef, state, test.inputs[rng.permutation(len(test.inputs))], cfg.quantise)
+    rec = {k: float(v) for k, v in reconstruction_metrics(graphdef, state, test, cfg.ends_quantised).items()}
+    other = lea.reconstruct_from_speech(graphdef, state, test.inputs[rng.permutation(len(test.inputs))],
+                                        cfg.ends_quantised)
     control = {k: float(v) for k, v in bd.board_metrics(other, test).items()}
     # the language of single boards
     singles = single_boards(data)
@@ -274,8 +309,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     best = int(np.argmax(gain))
     steer_ratio = steer["success"] / (steer["control_success"] + 1 / cfg.steer_boards)
     ours = (f"settings ours: {cfg.train.steps} steps at {cfg.task.steps_per_epoch} steps an epoch, lr {cfg.train.lr}, "
-            f"VQ epsilon {cfg.vq_epsilon}" + ("" if cfg.quantise else "; no quantisation: pass 3 and the speech "
-                                              "reconstruction read the continuous speech (an ablation)"))
+            f"VQ epsilon {cfg.vq_epsilon}"
+            + (f", dead codes restarted below {cfg.vq_restart_below}" if cfg.vq_restart_below else "")
+            + (f", continuous speech in pass 3 before epoch {cfg.continuous_until}" if cfg.continuous_until else "")
+            + ("" if cfg.ends_quantised else " (past the run's end: the continuous-speech ablation)"))
     checks = [
         check_above("speech_token_accuracy_over_other_message", rec["speech_token_accuracy"]
                     - control["token_accuracy"], cfg.min_speech_gain,
@@ -346,6 +383,10 @@ def _plot_training(result, out_dir) -> str:
     for key, label in (("board", "from the board"), ("speech", "from speech")):
         axes[0, 1].plot(es, [r[f"{key}_token_accuracy"] for r in ev], marker=".", label=f"{label}: tokens")
         axes[0, 1].plot(es, [r[f"{key}_board_accuracy"] for r in ev], "--", marker=".", label=f"{label}: boards")
+    axes[0, 1].plot(es, [r["speech_object_accuracy"] for r in ev], ":", marker=".",
+                    label="from speech: object cells")
+    axes[0, 1].plot(es, [r["continuous_object_accuracy"] for r in ev], ":", marker="x",
+                    label="from continuous speech: object cells")
     axes[0, 1].set(xlabel="step", ylabel="test accuracy", ylim=(0, 1.02), title="reconstruction")
     axes[0, 1].legend(fontsize=7)
     return save_figure(fig, out_dir, "training_curves")
