@@ -19,24 +19,26 @@ Analyses (Section 6.6, reconstructed):
   is redrawn from the edited message. Success: the drawn board is exactly (B, x, y, bck). Control: as many
   slots edited with random words (uniform over the words each slot uses).
 
-What the quick preset shows (4.3 minutes on a 2-core Intel Xeon), with a curriculum of ours
-(continuous_until=3000: for its first 3000 steps pass 3 reads the speech stream's continuous output, then every
-word but the blank is refit to a batch of speech vectors by k-means and 2000 steps read words; the masking ramp
-ends at step 2999): half of the paper's claim. The words carry the root: the best slot's mutual information with
-the root is 1.77 bits (shuffled labels 0.14), with the position 4.18 of 5.17 bits, the background 3.32 (all of
-it), and 85 words are in use; reconstruction from speech draws objects (test token accuracy 0.848, object cells
-0.42, 5.7% of boards exact; another board's message 0.05), where the continuous channel had reached object cells
-0.60 at the switch. Steering by root words fails (0.00 exact, B's pattern on 7% of the footprint against 15% for
-random words), because the words name root and position jointly: eleven slots carry 1.0-1.8 bits of root and
-each of them 2.8-4.2 bits of position (the others only the background), so a slot has no word for "root B" apart
-from its position, and the root-slot swap replaces the position too. Even an oracle swap (the root slots given
-the words of the target board itself) redraws the target exactly for 0-3% of boards (B's footprint 0.18-0.39 with
-1-6 slots swapped), bounded by the reconstruction, which redraws 9-11% of unedited clean boards exactly. Without the
-curriculum the continuous phase is what is missing (see below: at quick the words never leave the background).
-Measured on the way to this design: refitting on 32,768 speech vectors (2048 boards) instead of one batch gave the
-same picture (root 2.16 bits, steering 0.00); letting the EMA (with dead-code restarts) follow the speech during
-the continuous phase instead of a refit kept the blank word moving, delayed the objects in the continuous channel,
-and the words then carried the position (2.1-2.9 bits) but no root (0.02-0.10 bits, shuffled 0.14-0.15).
+What the quick preset shows (4.3 minutes on a 2-core Intel Xeon), with a curriculum of ours (continuous_until=3000:
+for its first 3000 steps pass 3 reads the speech stream's continuous output, then every word but the blank is refit
+to a batch of speech vectors by k-means and 2000 steps read words; the masking ramp ends at step 2999): half of the
+paper's claim. The words carry the root: the best slot's mutual information with the root is 1.77 bits (shuffled
+labels 0.14), with the position 4.18 of 5.17 bits, the background 3.32 (all of it), and 85 words are in use;
+reconstruction from speech draws objects (test token accuracy 0.848, object cells 0.42, 5.7% of boards exact;
+another board's message 0.05), where the continuous channel had reached object cells 0.60 at the switch. Steering by
+root words fails (0.00 exact, B's pattern on 7% of the footprint against 15% for random words), because the words
+name root and position jointly: eleven slots carry 1.0-1.8 bits of root and each of them 2.8-4.2 bits of position
+(the others only the background), so a slot has no word for "root B" apart from its position, and the root-slot swap
+replaces the position too. Even an oracle swap (the root slots given the words of the target board itself) redraws
+the target exactly for 0-3% of boards (B's footprint 0.18-0.39 with 1-6 slots swapped), bounded by the
+reconstruction, which redraws 9-11% of unedited clean boards exactly. Five thousand steps of words instead of two
+(`train.steps=8000`, 6.9 min) end the same: root 1.81 bits, object cells from speech 0.42 (0.48 at step 6000), 22.5%
+of unedited boards redrawn exactly, steering 0.00 with 5 root slots. Without the curriculum the continuous phase is
+what is missing (see below: at quick the words never leave the background). Measured on the way to this design:
+refitting on 32,768 speech vectors (2048 boards) instead of one batch gave the same picture (root 2.16 bits,
+steering 0.00); letting the EMA (with dead-code restarts) follow the speech during the continuous phase instead of a
+refit kept the blank word moving, delayed the objects in the continuous channel, and the words then carried the
+position (2.1-2.9 bits) but no root (0.02-0.10 bits, shuffled 0.14-0.15).
 
 The notes' recipe at quick length (`continuous_until=0 train.steps=1250 task.mask_ramp_end=1249 eval_every=250`;
 81 s on a 2-core Intel Xeon, about 4 minutes on a 2-core AMD EPYC) shows only the background. The messages become a
