@@ -33,12 +33,14 @@ replaces the position too. Even an oracle swap (the root slots given the words o
 the target exactly for 0-3% of boards (B's footprint 0.18-0.39 with 1-6 slots swapped), bounded by the
 reconstruction, which redraws 9-11% of unedited clean boards exactly. Five thousand steps of words instead of two
 (`train.steps=8000`, 6.9 min) end the same: root 1.81 bits, object cells from speech 0.42 (0.48 at step 6000), 22.5%
-of unedited boards redrawn exactly, steering 0.00 with 5 root slots. Without the curriculum the continuous phase is
-what is missing (see below: at quick the words never leave the background). Measured on the way to this design:
-refitting on 32,768 speech vectors (2048 boards) instead of one batch gave the same picture (root 2.16 bits,
-steering 0.00); letting the EMA (with dead-code restarts) follow the speech during the continuous phase instead of a
-refit kept the blank word moving, delayed the objects in the continuous channel, and the words then carried the
-position (2.1-2.9 bits) but no root (0.02-0.10 bits, shuffled 0.14-0.15).
+of unedited boards redrawn exactly, steering 0.00 with 5 root slots. A cosine-decayed lr
+(`train.schedule=warmup_cosine train.warmup_steps=100`) gives more root (2.03 bits) and a worse reconstruction
+(object cells 0.31, no board exact), steering 0.00. Without the curriculum the continuous phase is what is missing
+(see below: at quick the words never leave the background). Measured on the way to this design: refitting on 32,768
+speech vectors (2048 boards) instead of one batch gave the same picture (root 2.16 bits, steering 0.00); letting the
+EMA (with dead-code restarts) follow the speech during the continuous phase instead of a refit kept the blank word
+moving, delayed the objects in the continuous channel, and the words then carried the position (2.1-2.9 bits) but no
+root (0.02-0.10 bits, shuffled 0.14-0.15).
 
 The notes' recipe at quick length (`continuous_until=0 train.steps=1250 task.mask_ramp_end=1249 eval_every=250`;
 81 s on a 2-core Intel Xeon, about 4 minutes on a 2-core AMD EPYC) shows only the background. The messages become a
