@@ -273,8 +273,8 @@ def test_the_curriculum_gives_the_same_run_on_1_and_4_devices_and_the_refits_tak
     """continuous_until (the k-means refit at epoch 3) under the engine with the batch sharded over 4 devices: the
     same losses, words, parameters and codebook as on 1 device, to float32 sums taken in another order (measured
     2e-7 relative; the key biases are left out: softmax ignores them, so their gradient is float noise that Adam
-    turns into steps of its own). kmeans and restart_dead_codes on vectors sharded over "data" give what they give unsharded:
-    restart_dead_codes exactly (a sort and a gather of the same values), kmeans to float32 sums."""
+    turns into steps of its own). kmeans and restart_dead_codes on vectors sharded over "data" give what they give
+    unsharded: restart_dead_codes exactly (a sort and a gather of the same values), kmeans to float32 sums."""
     graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY), nnx.Param, lea.VQBuffer)
     loss = lea_loss(graphdef, rfs_ramp=(0, 2), continuous_until=3)
     cfg = TrainConfig(steps=8, batch_size=4, optimizer="adamw", lr=1e-3, steps_per_call=8, log_every=1)

@@ -44,15 +44,20 @@ def usage(codes: jax.Array, n_codes: int) -> jax.Array:
 def ema_update(ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array, codes: jax.Array, *, decay: float,
                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(codebook [K, D], ema_w [K, D], cluster_size [K]) after one EMA step on vectors x [..., D] with codes [...]."""
-    flat = x.reshape(-1, x.shape[-1])
-    onehot = jax.nn.one_hot(codes.reshape(-1), cluster_size.shape[0], dtype=flat.dtype)  # [N, K]
-    size = decay * cluster_size + (1 - decay) * jnp.sum(onehot, 0)
+    counts, sums = _per_code(x.reshape(-1, x.shape[-1]), codes.reshape(-1), cluster_size.shape[0])
+    size = decay * cluster_size + (1 - decay) * counts
     n = jnp.sum(size)
     size = (size + epsilon) / (n + size.shape[0] * epsilon) * n
-    # per-code sums as a reduction over the vectors (not onehot.T @ flat: a contraction over a batch axis sharded
-    # over "data" has no unambiguous output sharding)
-    ema_w = decay * ema_w + (1 - decay) * jnp.sum(onehot[:, :, None] * flat[:, None, :], 0)
+    ema_w = decay * ema_w + (1 - decay) * sums
     return ema_w / size[:, None], ema_w, size
+
+
+def _per_code(flat: jax.Array, codes: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(counts [k], sums [k, D]) of the vectors flat [N, D] assigned to each code by codes [N]."""
+    onehot = jax.nn.one_hot(codes, k, dtype=flat.dtype)  # [N, k]
+    # the sums as a reduction over the vectors (not onehot.T @ flat: a contraction over a batch axis sharded over
+    # "data" has no unambiguous output sharding)
+    return jnp.sum(onehot, 0), jnp.sum(onehot[:, :, None] * flat[:, None, :], 0)
 
 
 def kmeans(x: jax.Array, k: int, iters: int = 10) -> tuple[jax.Array, jax.Array]:
@@ -63,15 +68,12 @@ def kmeans(x: jax.Array, k: int, iters: int = 10) -> tuple[jax.Array, jax.Array]
         raise ValueError(f"kmeans needs at least k={k} vectors, got {flat.shape[0]}")
 
     def lloyd(c, _):
-        onehot = jax.nn.one_hot(nearest_codes(c, flat), k, dtype=flat.dtype)  # [N, k]
-        n = jnp.sum(onehot, 0)
-        sums = jnp.sum(onehot[:, :, None] * flat[:, None, :], 0)  # a reduction, as in ema_update
+        n, sums = _per_code(flat, nearest_codes(c, flat), k)
         return jnp.where(n[:, None] > 0, sums / jnp.maximum(n, 1)[:, None], c), None
 
-    # the evenly spaced start as a reduction over the vectors, not a gather (x may be sharded over "data")
-    pick = jax.nn.one_hot(jnp.arange(k) * (flat.shape[0] // k), flat.shape[0], dtype=flat.dtype)  # [k, N]
-    c = jax.lax.scan(lloyd, jnp.sum(pick[:, :, None] * flat[None], 1), None, iters)[0]
-    return c, jnp.sum(jax.nn.one_hot(nearest_codes(c, flat), k, dtype=flat.dtype), 0)
+    start = _on_every_device(flat)[jnp.arange(k) * (flat.shape[0] // k)]  # a gather: not over a sharded axis
+    c = jax.lax.scan(lloyd, start, None, iters)[0]
+    return c, _per_code(flat, nearest_codes(c, flat), k)[0]
 
 
 def _on_every_device(x: jax.Array) -> jax.Array:
