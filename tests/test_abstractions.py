@@ -88,6 +88,25 @@ def test_probe_sets_follow_the_renderer():
     assert np.isnan(ab.centroids(x, labels, 5)[4]).all()
 
 
+def test_shown_root_against_a_loop_over_roots():
+    data = bd.build(bd.Boards())
+    single = ab.single_probe_set(data, 36, 0.0, jax.random.key(0))
+    x, y, bck = single["x"], single["y"], single["background"]
+    k = single["root"][np.arange(len(x)), ab.footprint(x, y)[:, 0]]
+    np.testing.assert_array_equal(ab.shown_root(single["board"], x, y, bck, data.roots), k)  # clean boards
+    rng = np.random.default_rng(0)
+    boards = np.where(rng.random(single["board"].shape) < 0.15, rng.integers(0, 20, single["board"].shape),
+                      single["board"])  # wrong colours and wrong background cells
+    got = ab.shown_root(boards, x, y, bck, data.roots)
+    for i in range(len(boards)):
+        cells = ab.footprint(x[i:i + 1], y[i:i + 1])[0]
+        off = np.setdiff1d(np.arange(64), cells)
+        agree = [sum(boards[i, c] == 10 + data.roots[r].ravel()[j] for j, c in enumerate(cells)) for r in range(10)]
+        unique_best = sorted(agree)[-1] > sorted(agree)[-2]
+        assert got[i] == (int(np.argmax(agree)) if unique_best and np.all(boards[i, off] == bck[i]) else -1)
+    assert 0 < np.mean(got == -1) < 1 and np.mean(got == k) > 0  # both outcomes occur
+
+
 def test_smoke_runs_share_one_training_run(tmp_path):
     """Geometry first (it trains the run it needs), then training and manipulation load it without a step."""
     out = tmp_path

@@ -168,6 +168,22 @@ def footprint(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x[:, None] + i) * 8 + y[:, None] + j
 
 
+def shown_root(boards: np.ndarray, x: np.ndarray, y: np.ndarray, background: np.ndarray,
+               roots: np.ndarray) -> np.ndarray:
+    """[N] which root boards [N, 64] show at top-left (x, y) [N] on background [N]: the root of roots [R, 3, 3]
+    (colours) whose tokens agree with the board's 3x3 footprint on the most cells, or -1 where two roots tie or a
+    cell off the footprint is not the background. A reading of "the board has B at (x, y) on bck" that tolerates
+    a few wrong colours on the object."""
+    cells = footprint(x, y)
+    drawn = np.take_along_axis(boards, cells, 1)  # [N, 9]
+    agree = np.sum(drawn[:, None] == 10 + roots.reshape(len(roots), 9)[None], -1)  # [N, R]
+    best = np.sort(agree, 1)
+    off = np.ones(boards.shape, bool)
+    np.put_along_axis(off, cells, False, 1)
+    clean = np.all(np.where(off, boards == background[:, None], True), 1)
+    return np.where((best[:, -1] > best[:, -2]) & clean, np.argmax(agree, 1), -1)
+
+
 def centroids(features: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """[n, D] the mean row of features [N, D] per label [N] in 0..n-1 (NaN where a label has no row)."""
     counts = np.bincount(labels, minlength=n)[:, None]
