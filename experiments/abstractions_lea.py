@@ -23,7 +23,7 @@ Analyses (Section 6.6, reconstructed):
   exactly words redraw any board). Reported beside it: exact copies, and the target board's own message (the
   ceiling of any edit). Control: as many slots edited with random words (uniform over the words each slot uses).
 
-What the quick preset shows (5.5 minutes on a 2-core Intel Xeon), with a curriculum of ours (continuous_until=3000:
+What the quick preset shows (5.5-5.9 minutes on a 2-core Intel Xeon), with a curriculum of ours (continuous_until=3000:
 for its first 3000 steps pass 3 reads the speech stream's continuous output, then every word but the blank is refit
 to a batch of speech vectors by k-means and 3000 steps read words; the masking ramp ends at step 2999): the paper's
 claims at small scale, with a language that names the object and its place together. The words carry the root:
