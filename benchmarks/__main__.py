@@ -5,6 +5,8 @@ python -m benchmarks gpu-check [--out DIR]          on one GPU, in at most 8 min
                                                     the same GPU, the sweep against the loop, the full presets of
                                                     gd_equivalence and ar_fig7_non_augmented; every result as JSON
                                                     under DIR
+python -m benchmarks gpu-check --smoke              the same steps and arguments at the tests' sizes and the smoke
+                                                    presets, on any machine: a rehearsal before device time is spent
 
 Each benchmark writes DIR/NAME.json and DIR/NAME.md (default DIR: benchmarks/results).
 """
@@ -41,12 +43,14 @@ def commands(names: list[str], smoke: bool, out: str) -> list[list[str]]:
     return [[sys.executable, "-m", f"benchmarks.{n}", *BENCHMARKS[n][smoke], "--out", out] for n in names]
 
 
-def gpu_commands(out: str) -> list[tuple[list[str], int]]:
-    """(command, timeout seconds) of each step of the GPU check."""
-    steps = [([sys.executable, "-m", f"benchmarks.{n}", *args, "--out", out], limit) for n, args, limit in GPU_CHECK]
-    steps += [([sys.executable, "-m", "experiments", name, "--preset", preset, "--out", os.path.join(out, "experiments")],
-               limit) for name, preset, limit in GPU_EXPERIMENTS]
-    return steps
+def gpu_commands(out: str, smoke: bool = False) -> list[tuple[list[str], int | None]]:
+    """(command, timeout seconds) of each step of the GPU check; smoke: each benchmark also gets --smoke (its tests'
+    sizes), each experiment the smoke preset, and no step a timeout (a rehearsal of the steps, not of their time)."""
+    steps = [([sys.executable, "-m", f"benchmarks.{n}", *args, *["--smoke"] * smoke, "--out", out], limit)
+             for n, args, limit in GPU_CHECK]
+    steps += [([sys.executable, "-m", "experiments", name, "--preset", "smoke" if smoke else preset,
+                "--out", os.path.join(out, "experiments")], limit) for name, preset, limit in GPU_EXPERIMENTS]
+    return [(command, None if smoke else limit) for command, limit in steps]
 
 
 def run(command: list[str], timeout: int | None = None) -> dict:
@@ -63,12 +67,12 @@ def run(command: list[str], timeout: int | None = None) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["all", "gpu-check", *BENCHMARKS])
-    ap.add_argument("--smoke", action="store_true", help="the tests' sizes")
+    ap.add_argument("--smoke", action="store_true", help="the tests' sizes (gpu-check: and the smoke presets)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.what == "gpu-check":
-        outcomes = [run(c, limit) for c, limit in gpu_commands(args.out)]
+        outcomes = [run(c, limit) for c, limit in gpu_commands(args.out, args.smoke)]
     else:
         names = list(BENCHMARKS) if args.what == "all" else [args.what]
         outcomes = [run(c) for c in commands(names, args.smoke, args.out)]

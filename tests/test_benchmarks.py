@@ -121,3 +121,14 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
     assert sum(limit for _, limit in steps) <= 8 * 60
     assert [c[2:6] for c, _ in steps[-2:]] == [["experiments", name, "--preset", "full"]
                                                for name in ("gd_equivalence", "ar_fig7_non_augmented")]
+
+
+def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
+    runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
+    assert [r["workload"] for r in rows(tmp_path / "vs_torch.json")] == list(vs_torch.SMOKE)
+    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == list(sampler_throughput.families(True))
+    assert [r["devices"] for r in rows(tmp_path / "device_scaling.json")] == [1, 2]
+    assert json.loads((tmp_path / "sweep_vs_loop.json").read_text())["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+    for name in ("gd_equivalence", "ar_fig7_non_augmented"):
+        result = json.loads((tmp_path / "experiments" / name / "result.json").read_text())
+        assert result["preset"] == "smoke" and result["checks"]
