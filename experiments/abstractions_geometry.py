@@ -49,6 +49,7 @@ from experiments.common.result import Check, Outcome, check_above, check_below
 from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, unit, within_board_ratio
 from jaxicl.analysis.perturbation import perturbation_distances
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
+from jaxicl.tasks import boards as bd
 from jaxicl.validation import check_positive, check_range
 
 CHANCE = {"root": 0.1, "masked_root": 0.1, "cell": 1 / 9, "background": 0.1, "position": 0.0, "composite": 0.2,
@@ -69,7 +70,7 @@ class Config:
     min_position_r2: float = 0.5
 
     def __post_init__(self):
-        check_range("probe_positions", self.probe_positions, 2, 36)
+        check_range("probe_positions", self.probe_positions, 2, bd.POSITIONS)
         check_range("held_out_positions", self.held_out_positions, 1, self.probe_positions - 1)
         check_range("mask_p", self.mask_p, 0.0, 1.0)
         for name in ("double_boards", "perturb_boards"):
@@ -80,8 +81,8 @@ class Config:
 PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, probe_positions=3, held_out_positions=1,
                            double_boards=40, perturb_boards=20),
            "quick": Config(),
-           "full": Config(training=TRAINING_PRESETS["full"].training, probe_positions=36, held_out_positions=9,
-                          double_boards=4000, perturb_boards=1000)}
+           "full": Config(training=TRAINING_PRESETS["full"].training, probe_positions=bd.POSITIONS,
+                          held_out_positions=9, double_boards=4000, perturb_boards=1000)}
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:

@@ -291,8 +291,8 @@ def single_boards(data: bd.BoardData) -> dict:
     """Every clean single-root board (every root, top-left position and background): "tokens" [N, 64], "root",
     "position" (x * 6 + y), "background", "x", "y" [N]."""
     cfg = data.cfg
-    k, p, b = (a.ravel() for a in np.meshgrid(np.arange(cfg.n_roots), np.arange(36), np.arange(cfg.n_backgrounds),
-                                              indexing="ij"))
+    k, p, b = (a.ravel() for a in np.meshgrid(np.arange(cfg.n_roots), np.arange(bd.POSITIONS),
+                                              np.arange(cfg.n_backgrounds), indexing="ij"))
     tuples = np.stack([k, p // 6, p % 6, b], 1)
     boards = ab.masked_set(data, data.rows("single", tuples), 0.0, jax.random.key(0))["tokens"]  # no mask
     return {"tokens": boards, "root": k, "position": p, "background": b, "x": p // 6, "y": p % 6}
@@ -352,7 +352,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "probes (held-out boards) for root / position / background read "
                     + "; ".join(f"{site} " + " / ".join(f"{v:.2f}" for v in probes[site].values())
                                 for site in probes)
-                    + f" (chance {1 / data.cfg.n_roots:.2f} / {1 / 36:.2f} / {1 / data.cfg.n_backgrounds:.2f})"),
+                    + f" (chance {1 / data.cfg.n_roots:.2f} / {1 / bd.POSITIONS:.2f} / "
+                       f"{1 / data.cfg.n_backgrounds:.2f})"),
         check_above("steer_success", steer["steered_shows_b"], cfg.min_steer_success,
                     f"{steer['boards']} boards (A, x, y, bck) whose root slots {steer['slots']} were given the words "
                     f"root B has at (x, y) (usage table against root and position): drawn as B at (x, y) on bck "
@@ -383,8 +384,9 @@ def _steer(cfg, data, graphdef, state, singles, messages, root_mi, rng) -> dict:
     target_boards = ab.masked_set(data, data.rows("single", np.stack([b, x, y, bck], 1)), 0.0,
                                   jax.random.key(0))["tokens"]
     root_table = lang.usage_table(messages, singles["root"], n_roots, n_words)
-    place_table = lang.usage_table(messages, singles["root"] * 36 + singles["position"], n_roots * 36, n_words)
-    edits = {"steered": lang.swap_words(messages[pick], b * 36 + pos, slots, place_table),
+    place_table = lang.usage_table(messages, singles["root"] * bd.POSITIONS + singles["position"],
+                                  n_roots * bd.POSITIONS, n_words)
+    edits = {"steered": lang.swap_words(messages[pick], b * bd.POSITIONS + pos, slots, place_table),
              "root_only": lang.swap_words(messages[pick], b, slots, root_table),
              "control": lang.random_words(messages[pick], len(slots), root_table, rng), "unedited": messages[pick],
              "target": np.asarray(lea.message_of(graphdef, state, jnp.asarray(target_boards)))}
@@ -432,7 +434,7 @@ def _plot_language(mi, mi_shuffled, singles, messages, task, n_words, out_dir) -
         axes[0, 0].plot(slots, mi_shuffled[a], ":", color=f"C{i}")
     axes[0, 0].set(xlabel="word slot", ylabel="mutual information (bits)", title="what each slot says")
     axes[0, 0].legend(fontsize=7)
-    sizes = {"root": task.n_roots, "position": 36, "background": task.n_backgrounds}
+    sizes = {"root": task.n_roots, "position": bd.POSITIONS, "background": task.n_backgrounds}
     for ax, a in zip(axes[0, 1:], ATTRIBUTES):
         best = int(np.argmax(mi[a]))
         table = lang.usage_table(messages, singles[a], sizes[a], n_words)[best]

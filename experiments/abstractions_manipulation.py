@@ -49,6 +49,7 @@ from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above
 from jaxicl.analysis.steering import edit_each_site
+from jaxicl.tasks import boards as bd
 from jaxicl.validation import check_choice, check_positive, check_range
 
 CENTROIDS = ("root_cell", "root")
@@ -82,8 +83,8 @@ class Config:
 PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_per_pair=1, centroid_positions=2,
                            composite_backgrounds=1),
            "quick": Config(),
-           "full": Config(training=TRAINING_PRESETS["full"].training, boards_per_pair=8, centroid_positions=36,
-                          composite_backgrounds=10)}
+           "full": Config(training=TRAINING_PRESETS["full"].training, boards_per_pair=8,
+                          centroid_positions=bd.POSITIONS, composite_backgrounds=10)}
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
@@ -99,7 +100,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     a, b = np.array([(i, j) for i in range(n_roots) for j in range(n_roots) if i != j]).T
     a, b = np.repeat(a, cfg.boards_per_pair), np.repeat(b, cfg.boards_per_pair)
     rng = np.random.default_rng(cfg.training.train.seed + 30)
-    pos, bck = rng.integers(0, 36, len(a)), rng.integers(0, data.cfg.n_backgrounds, len(a))
+    pos, bck = rng.integers(0, bd.POSITIONS, len(a)), rng.integers(0, data.cfg.n_backgrounds, len(a))
     x, y = pos // 6, pos % 6
     boards = {r: ab.masked_set(data, data.rows("single", np.stack([k, x, y, bck], 1)), cfg.mask_p, k_mask)
               for r, k in (("a", a), ("b", b))}

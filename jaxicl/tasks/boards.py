@@ -32,6 +32,7 @@ from jaxicl.prompt import Prompt
 from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 TYPES = ("single", "double", "composition")
+POSITIONS = 36  # top-left places of a 3x3 root on the 8x8 board (6 x 6), numbered x * 6 + y
 N_PLACEMENTS = 4  # a composite's four roots; single and double boards leave the rest inactive
 
 
@@ -75,7 +76,7 @@ class Boards:
         check_range("mask_min", self.mask_min, 0.0, 1.0)
         check_range("patch_p", self.patch_p, 0.0, 1.0)
         check_positive("patch_from", self.patch_from, allow_zero=True)
-        sizes = {"single": 36 * self.n_backgrounds, "double": 900 * self.n_backgrounds,
+        sizes = {"single": POSITIONS * self.n_backgrounds, "double": 900 * self.n_backgrounds,
                  "composition": 4 * self.n_backgrounds}
         for t in TYPES:
             if not 1 <= self.test_per_group < sizes[t]:
@@ -117,7 +118,7 @@ def sizes(cfg: Boards, kind: str) -> tuple[int, int]:
     """(groups, tuples per group) of a type. Tuples are numbered group by group: single (k, x, y, bck), double
     ((k1, k2), (x1, y1, x2, y2), bck) and composition (c, x, y, bck), each in lexicographic order."""
     nb = cfg.n_backgrounds
-    return {"single": (cfg.n_roots, 36 * nb), "double": (cfg.n_roots**2, 900 * nb),
+    return {"single": (cfg.n_roots, POSITIONS * nb), "double": (cfg.n_roots**2, 900 * nb),
             "composition": (cfg.n_composites, 4 * nb)}[kind]
 
 
