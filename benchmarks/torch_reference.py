@@ -122,6 +122,7 @@ def main(src: str, dst: str) -> None:
                                 "threads")}
     device = str(data["device"])
     torch.set_num_threads(int(cfg["threads"]))
+    torch.set_float32_matmul_precision("highest")  # no TF32 on CUDA (the default; jaxicl's side runs float32 too)
     torch.manual_seed(0)
     params = load(data, device)
     inputs, targets, mask = (torch.tensor(data[k], device=device) for k in ("inputs", "targets", "mask"))

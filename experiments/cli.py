@@ -14,7 +14,7 @@ import jax
 
 from experiments import registry
 from experiments.common.report import write_report
-from experiments.common.runner import resolve_config, run_experiment, sweep_axes
+from experiments.common.runner import MATMUL_PRECISIONS, resolve_config, run_experiment, sweep_axes
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
 from jaxicl.validation import ConfigError
 
@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
     p.add_argument("--out", default="results", help="output directory (default: results)")
+    p.add_argument("--matmul-precision", default="float32", choices=MATMUL_PRECISIONS,
+                   help="float32 matmuls computed in float32 (default), TF32 (GPU), one bfloat16 pass (TPU) or JAX's "
+                        "default for the backend (TF32 on recent NVIDIA GPUs, bfloat16 on TPUs); CPUs compute "
+                        "float32 whatever the choice")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; run the same command on every host)")
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed, where not auto-detected)")
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} ({args.preset})", flush=True)
         try:
             result = run_experiment(name, args.preset, args.out, args.overrides if args.name != "all" else [],
-                                    sweep=args.sweep)
+                                    sweep=args.sweep, matmul_precision=args.matmul_precision)
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
             print(f"error: {e.args[0]}", file=sys.stderr)
             if args.name != "all":

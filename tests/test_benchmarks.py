@@ -50,8 +50,13 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
         vs_torch.agreement(w, loss, grads, wrong)
 
 
-def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path):
+def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
+    precisions = []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
+    timed = vs_torch.chunk_throughput
+    monkeypatch.setattr(vs_torch, "chunk_throughput", lambda *a: precisions.append(
+        jax.config.jax_default_matmul_precision) or timed(*a))
     vs_torch.main(["--smoke", "--workloads", "lsa", "--out", str(tmp_path)])
+    assert precisions == ["float32"]
     (row,) = rows(tmp_path / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
     # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction

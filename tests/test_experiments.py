@@ -1,12 +1,19 @@
 import dataclasses
+import json
+import re
 
+import jax
 import pytest
+from flax import nnx
 
 from experiments import registry
 from experiments.cli import main
-from jaxicl.config_paths import apply_overrides
 from experiments.common.report import write_report
+from experiments.common.result import Outcome
+from experiments.common.runner import run_experiment
 from experiments.gd_equivalence import Config
+from jaxicl.config_paths import apply_overrides
+from jaxicl.models.gpt import GPT
 from jaxicl.train import TrainConfig
 from jaxicl.validation import ConfigError
 
@@ -74,3 +81,34 @@ def test_every_training_experiment_has_task_and_train_sections(name):
             fields = {f.name for f in dataclasses.fields(c)}
             assert {"task", "train"} <= fields and isinstance(c.train, TrainConfig), (name, type(c).__name__)
             assert not fields & {"lr", "steps", "batch_size", "steps_per_call"}, (name, fields)
+
+
+def _dot_precisions(cfg, out_dir, seen):
+    """A stand-in for an experiment's run: lowers a GPT's loss gradient and records each dot's precision."""
+    graphdef, params = nnx.split(GPT(d_model=8, n_layers=1, n_heads=2, input_dim=3, max_len=4, rngs=nnx.Rngs(0)))
+    loss = lambda p, x: (nnx.merge(graphdef, p)(x) ** 2).sum()  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params, jax.numpy.ones((4, 3))).as_text()  # StableHLO
+    seen.extend(re.findall(r"stablehlo\.dot_general .*precision = \[(\w+), (\w+)\]", text))
+    return Outcome(checks=[], figures=[])
+
+
+@pytest.mark.parametrize("flag,expected", [([], "HIGHEST"), (["--matmul-precision", "default"], "DEFAULT"),
+                                           (["--matmul-precision", "tensorfloat32"], "HIGH")])
+def test_experiments_compute_matmuls_at_the_chosen_precision(flag, expected, monkeypatch, tmp_path):
+    """float32 by default (JAX's own default is TF32 on recent GPUs, one bfloat16 pass on TPUs): every dot of the
+    forward and backward pass is lowered at that precision, and config.json records it."""
+    seen = []
+    monkeypatch.setattr(registry.load("gd_equivalence"), "run", lambda cfg, out_dir: _dot_precisions(cfg, out_dir,
+                                                                                                      seen))
+    assert main(["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path), *flag]) == 0
+    assert len(seen) >= 6 and set(seen) == {(expected, expected)}  # q, k, v, scores, z, out, MLP, ... and grads
+    config = json.load(open(tmp_path / "gd_equivalence" / "config.json"))
+    assert config["matmul_precision"] == (flag[1] if flag else "float32")
+
+
+def test_a_bad_matmul_precision_names_the_allowed_values(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["gd_equivalence", "--matmul-precision", "f32", "--out", str(tmp_path)])
+    assert "float32" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"matmul_precision must be one of \('float32'"):
+        run_experiment("gd_equivalence", "smoke", str(tmp_path), matmul_precision="f32")
