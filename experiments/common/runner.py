@@ -2,8 +2,8 @@
 
 Matmul precision: JAX computes float32 matmuls in TF32 on recent NVIDIA GPUs and in one bfloat16 pass on TPUs
 unless told otherwise; an experiment runs at float32 by default, since its checks compare trained models with closed
-forms at float32 tolerances (gd_equivalence: Prop. 1's construction within 1e-4 of GD-1). On CPU every choice
-computes in float32.
+forms at float32 tolerances (gd_equivalence: Prop. 1's construction within 1e-4 of GD-1). On a CPU, XLA computed
+float32 under every choice (an AMD EPYC: identical products and bitwise-identical training chunks).
 """
 
 import dataclasses
