@@ -92,7 +92,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     k_probe, k_double, k_comp, k_perturb = jax.random.split(key, 4)
     single = ab.single_probe_set(data, cfg.probe_positions, cfg.mask_p, k_probe)
     n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
-    n_pos = len(np.unique(single["x"] * 6 + single["y"]))
+    n_pos = len(np.unique(bd.position_of(single["x"], single["y"])))
     cells = ab.footprint(single["x"], single["y"])  # [N, 9]
     root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)  # [N * 9]
     acts = ab.activations(graphdef, params, single["tokens"], sites)
@@ -172,7 +172,7 @@ def site_geometry(acts, obj, objects, root, n_roots: int, n_bck: int):
 def probe_scores(cfg, sites, single, obj, root, comp, comp_acts) -> dict[str, dict[str, float]]:
     """{feature: {site: held-out score}} for the single-board features and, on composite boards, composite id
     and root id (comp: composite_set, comp_acts its activations; composite position (1, 1) held out)."""
-    pos = single["x"] * 6 + single["y"]
+    pos = bd.position_of(single["x"], single["y"])
     held_positions = np.unique(pos)[np.linspace(0, len(np.unique(pos)) - 1, cfg.held_out_positions).round()
                                     .astype(int)]
     held = np.repeat(np.isin(pos, held_positions), 9)

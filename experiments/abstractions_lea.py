@@ -293,9 +293,9 @@ def single_boards(data: bd.BoardData) -> dict:
     cfg = data.cfg
     k, p, b = (a.ravel() for a in np.meshgrid(np.arange(cfg.n_roots), np.arange(bd.POSITIONS),
                                               np.arange(cfg.n_backgrounds), indexing="ij"))
-    tuples = np.stack([k, p // 6, p % 6, b], 1)
+    tuples = np.stack([k, *bd.place_of(p), b], 1)
     boards = ab.masked_set(data, data.rows("single", tuples), 0.0, jax.random.key(0))["tokens"]  # no mask
-    return {"tokens": boards, "root": k, "position": p, "background": b, "x": p // 6, "y": p % 6}
+    return {"tokens": boards, "root": k, "position": p, "background": b, "x": tuples[:, 1], "y": tuples[:, 2]}
 
 
 def representation_probes(graphdef, state, singles: dict) -> dict[str, dict[str, float]]:

@@ -101,7 +101,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     a, b = np.repeat(a, cfg.boards_per_pair), np.repeat(b, cfg.boards_per_pair)
     rng = np.random.default_rng(cfg.training.train.seed + 30)
     pos, bck = rng.integers(0, bd.POSITIONS, len(a)), rng.integers(0, data.cfg.n_backgrounds, len(a))
-    x, y = pos // 6, pos % 6
+    x, y = bd.place_of(pos)
     boards = {r: ab.masked_set(data, data.rows("single", np.stack([k, x, y, bck], 1)), cfg.mask_p, k_mask)
               for r, k in (("a", a), ("b", b))}
     cells = ab.footprint(x, y)  # [N, 9]

@@ -230,3 +230,10 @@ def test_board_metrics_against_numpy(data):
     types = np.asarray(batch.info["type"])
     for i, t in enumerate(bd.TYPES):
         np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)
+
+
+def test_place_numbers_and_coordinates_round_trip_over_the_6x6_top_left_places():
+    p = np.arange(bd.POSITIONS)
+    x, y = bd.place_of(p)
+    assert set(zip(x.tolist(), y.tolist())) == {(i, j) for i in range(6) for j in range(6)}  # 3x3 roots on 8x8
+    np.testing.assert_array_equal(bd.position_of(x, y), p)

@@ -128,7 +128,7 @@ def single_probe_set(data: bd.BoardData, positions: int, mask_p: float, key: jax
     cfg = data.cfg
     picks = np.unique(np.linspace(0, bd.POSITIONS - 1, positions).round().astype(int))
     k, p, b = np.meshgrid(np.arange(cfg.n_roots), picks, np.arange(cfg.n_backgrounds), indexing="ij")
-    tuples = np.stack([k.ravel(), p.ravel() // 6, p.ravel() % 6, b.ravel()], 1)
+    tuples = np.stack([k.ravel(), *bd.place_of(p.ravel()), b.ravel()], 1)
     return masked_set(data, data.rows("single", tuples), mask_p, key) | {"x": tuples[:, 1], "y": tuples[:, 2]}
 
 

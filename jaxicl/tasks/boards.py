@@ -36,6 +36,16 @@ POSITIONS = 36  # top-left places of a 3x3 root on the 8x8 board (6 x 6), number
 N_PLACEMENTS = 4  # a composite's four roots; single and double boards leave the rest inactive
 
 
+def place_of(position):
+    """A top-left place's number (0 .. POSITIONS - 1, int or int array) -> its (x, y)."""
+    return position // 6, position % 6
+
+
+def position_of(x, y):
+    """(x, y) of a top-left place (ints or int arrays) -> its number x * 6 + y."""
+    return x * 6 + y
+
+
 @dataclasses.dataclass(frozen=True)
 class Boards:
     """The generator's configuration: the official values (shared/papers/abstractions_ferry2023.md, Section 2)."""
