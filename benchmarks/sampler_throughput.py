@@ -8,9 +8,10 @@ targets and mask. Families at their experiments' sizes: linear_regression (d 10,
 N 16, 2 classes), autoregressive (orthogonal, d 6, T 50), affine_recurrence (d 1, T 16), instructions (rows of
 the train split's table) and boards (rendered and masked; numpy draws the rows from precomputed placement tables
 and masks cells only, without the patch masking that jaxicl also does, so it does less work than jaxicl).
-jaxicl is timed twice: with threefry unrolled (device_*, as the engine's training chunks draw; the ratio to numpy
-is of these) and with JAX's rolled CPU lowering (rolled_*, a sampler jitted on its own); first_call_s is the
-compile and first batch of each.
+jaxicl is timed with threefry unrolled (device_*, as the engine's training chunks draw; the ratio to numpy is of
+these) and, on CPU, where the two lowerings differ, also with JAX's rolled one (rolled_*, a sampler jitted on its
+own); first_call_s is the compile and first batch of each. Each other key implementation of jaxicl.prng.PRNG_IMPLS is timed as well
+({impl}_prompts_per_s; its own lowering), the measurement behind TrainConfig.prng_impl's default.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import numpy as np
 
 from benchmarks.output import write_results
 from benchmarks.timing import best_seconds
-from jaxicl.prng import unrolled_threefry
+from jaxicl.prng import PRNG_IMPLS, unrolled_threefry
 from jaxicl.tasks import affine_recurrence as ar_task
 from jaxicl.tasks import autoregressive as auto_task
 from jaxicl.tasks import boards as boards_task
@@ -138,18 +139,25 @@ def families(smoke: bool) -> dict:
 
 def bench(name: str, family: tuple, batch: int, repeats: int) -> dict:
     """One row: the family's prompts/s on device (threefry unrolled, as in the engine's training chunks, and JAX's
-    rolled CPU lowering, as in a sampler called on its own; jaxicl.prng) and with numpy plus the transfer."""
+    rolled CPU lowering, as in a sampler called on its own; jaxicl.prng; the other key implementations) and with
+    numpy plus the transfer."""
     sample, cfg, host_sample, host_arg = family
     step = {"step": 0} if takes_step(sample) else {}
     keys = iter(jax.random.split(jax.random.key(0), 20 * (repeats + 1)))
     row = {"family": name, "batch": batch}
-    for label, lowering in (("device", unrolled_threefry), ("rolled", contextlib.nullcontext)):
+    lowerings = [("device", unrolled_threefry), ("rolled", contextlib.nullcontext)]
+    for label, lowering in lowerings[:2 if jax.default_backend() == "cpu" else 1]:  # elsewhere one lowering
         device = jax.jit(lambda key: sample_batch(sample, cfg, key, batch, axis=None, **step))
         start = time.perf_counter()
         with lowering():
             jax.block_until_ready(device(next(keys)))
         row[f"{label}_first_call_s"] = time.perf_counter() - start
         row[f"{label}_prompts_per_s"] = batch / best_seconds(lambda: device(next(keys)), repeats)
+    for impl in PRNG_IMPLS[1:]:  # the other key implementations a run may choose (TrainConfig.prng_impl)
+        device = jax.jit(lambda key: sample_batch(sample, cfg, key, batch, axis=None, **step))
+        impl_keys = iter(jax.random.split(jax.random.key(0, impl=impl), repeats + 1))
+        jax.block_until_ready(device(next(impl_keys)))
+        row[f"{impl}_prompts_per_s"] = batch / best_seconds(lambda: device(next(impl_keys)), repeats)
     rng = np.random.default_rng(0)
     host_s = best_seconds(lambda: [jax.device_put(a) for a in host_sample(host_arg, rng, batch)], repeats)
     row["numpy_prompts_per_s"] = batch / host_s

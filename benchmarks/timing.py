@@ -37,7 +37,7 @@ def chunk_throughput(loss_fn, sample, task, params, cfg: TrainConfig, repeats: i
     tx = make_optimizer(cfg)
     mesh = data_mesh(num_devices)
     with jax.set_mesh(mesh):
-        state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
+        state = jax.device_put(init_state(params, cfg.seed, tx, prng_impl=cfg.prng_impl), replicated(mesh))
         chunk = jax.jit(partial(run_steps, n=cfg.steps, loss_fn=loss_fn, sample=sample, task_cfg=task,
                                 batch_size=cfg.batch_size, tx=tx))
         start = time.perf_counter()

@@ -8,6 +8,14 @@ draws random numbers compiles 0.2-1 s slower. Both lowerings compute the same ha
 value is bit for bit the same (tests/test_prng.py). So the engine lowers its training chunks, which run
 thousands of steps, inside `unrolled_threefry()`, and everything else keeps JAX's lowering. Other
 platforms are untouched.
+
+PRNG_IMPLS: the JAX key implementations a run may draw its batches with (TrainConfig.prng_impl; threefry2x32, JAX's
+default, unless a measurement says otherwise). Both keep the engine's promises: a batch is the same vmapped over
+per-prompt keys as drawn prompt by prompt, on 1 or 4 devices, and on every platform. Not offered: "rbg" and
+"unsafe_rbg", which under vmap draw the whole batch from its first key (JAX's documentation), so a sweep member's
+batches would depend on another member's seed (on CPU they were also 3-4x slower than threefry); and "philox2x32" /
+"philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12 ("Unable to convert MHLO to StableHLO"
+at their mulhi), and the engine always trains under one.
 """
 
 import contextlib
@@ -19,6 +27,8 @@ try:  # JAX internals: where they are missing (another JAX version), JAX's own l
 except (ImportError, AttributeError):
     _RULES = None
 _depth = 0  # nested unrolled_threefry() blocks open now
+
+PRNG_IMPLS = ("threefry2x32", "threefry4x32")
 
 
 def available() -> bool:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from benchmarks import __main__ as runner
 from benchmarks import sampler_throughput, vs_torch
+from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.tasks.batching import takes_step
@@ -81,7 +82,9 @@ def test_numpy_samplers_give_the_device_samplers_shapes_and_the_table_has_every_
     np.testing.assert_allclose(np.var(x[..., :-1]), 1.0, atol=0.02)  # 450k N(0, 1) draws: sd of the var 0.002
     np.testing.assert_allclose(np.var(y), 10.0, atol=0.5)  # y = <w, x>, w, x ~ N(0, I_10): var 10
     sampler_throughput.main(["--smoke", "--out", str(tmp_path)])
-    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == list(families)
+    table = rows(tmp_path / "sampler_throughput.json")
+    assert [r["family"] for r in table] == list(families)
+    assert all(r[f"{impl}_prompts_per_s"] > 0 for r in table for impl in PRNG_IMPLS[1:])  # every key implementation
 
 
 def run_module(args: list[str]) -> None:

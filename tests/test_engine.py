@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import sample_batch
 from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
                           train)
@@ -34,8 +35,9 @@ def _assert_params_close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
 
-def test_four_devices_give_the_same_losses_as_one():
-    loss_fn, sample, task, cfg, params = tiny_setup(steps=15)
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_four_devices_give_the_same_losses_as_one(prng_impl):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=15, prng_impl=prng_impl)
     one = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(1), progress=False)
     four = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(4), progress=False)
     assert len(one.train_rows) == 15
@@ -65,10 +67,11 @@ def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_red
     assert "all-reduce" in hlo  # the per-device gradients are summed across the data axis
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10)
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, prng_impl):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10, prng_impl=prng_impl)
     straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
-    _, _, _, half_cfg, _ = tiny_setup(steps=10, checkpoint_every=10)
+    _, _, _, half_cfg, _ = tiny_setup(steps=10, checkpoint_every=10, prng_impl=prng_impl)
     train(loss_fn, sample, task, half_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
     resumed = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
     # exact: every chunk of both runs is the same compiled 5-step program applied to the same state
@@ -93,13 +96,18 @@ def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicate
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 
 
-def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path):
-    loss_fn, sample, task, cfg, params = tiny_setup(steps=10)
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path, prng_impl):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10, prng_impl=prng_impl)
     four = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), mesh=data_mesh(4), progress=False)
+    assert str(jax.random.key_impl(four.state.key)) == prng_impl
     mesh1 = data_mesh(1)
     with jax.set_mesh(mesh1):
-        like = init_state(params, cfg.seed, make_optimizer(cfg))
         store = CheckpointStore(str(tmp_path / "checkpoints"))
+        other = next(i for i in PRNG_IMPLS if i != prng_impl)
+        with pytest.raises(ConfigError, match=f"train.prng_impl='{prng_impl}'"):  # raw key data cannot tell
+            store.restore(init_state(params, cfg.seed, make_optimizer(cfg), prng_impl=other), replicated(mesh1))
+        like = init_state(params, cfg.seed, make_optimizer(cfg), prng_impl=prng_impl)
         restored = store.restore(like, replicated(mesh1))
         store.close()
     assert int(restored.step) == 10
@@ -108,7 +116,7 @@ def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path):
     _assert_params_close(restored.params, four.state.params, rtol=0, atol=0)  # orbax stores the bytes
     np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(four.state.key))
     # and training continues on one device from there
-    _, _, _, longer, _ = tiny_setup(steps=15)
+    _, _, _, longer, _ = tiny_setup(steps=15, prng_impl=prng_impl)
     cont = train(loss_fn, sample, task, longer, params, out_dir=str(tmp_path), mesh=mesh1, progress=False)
     assert [r["step"] for r in cont.train_rows] == list(range(15))
 
@@ -149,7 +157,7 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
 @pytest.mark.parametrize("kwargs,field", [
     ({"steps": 0}, "steps"), ({"optimizer": "rmsprop"}, "optimizer"), ({"schedule": "step"}, "schedule"),
     ({"lr": -1.0}, "lr"), ({"warmup_steps": 5, "steps": 2}, "warmup_steps"), ({"clip_norm": -1.0}, "clip_norm"),
-    ({"weight_decay": 0.1}, "weight_decay")])
+    ({"weight_decay": 0.1}, "weight_decay"), ({"prng_impl": "rbg"}, "prng_impl")])
 def test_bad_train_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**kwargs)

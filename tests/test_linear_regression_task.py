@@ -3,17 +3,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.validation import ConfigError
 
 
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
 @pytest.mark.parametrize("fmt,seq_len", [("paired", 9), ("interleaved", 17)])
-def test_shapes_dtypes_and_determinism(fmt, seq_len):
+def test_shapes_dtypes_and_determinism(fmt, seq_len, prng_impl):
     cfg = lr.LinearRegression(dim=5, n_context=8, format=fmt)
-    b1 = sample_batch(lr.sample, cfg, jax.random.key(0), 32)
-    b2 = sample_batch(lr.sample, cfg, jax.random.key(0), 32)
-    b3 = sample_batch(lr.sample, cfg, jax.random.key(1), 32)
+    b1 = sample_batch(lr.sample, cfg, jax.random.key(0, impl=prng_impl), 32)
+    b2 = sample_batch(lr.sample, cfg, jax.random.key(0, impl=prng_impl), 32)
+    b3 = sample_batch(lr.sample, cfg, jax.random.key(1, impl=prng_impl), 32)
     assert b1.inputs.shape == (32, seq_len, 6) and b1.inputs.dtype == jnp.float32
     assert b1.targets.shape == (32, seq_len) and b1.mask.shape == (32, seq_len)
     assert b1.info["w"].shape == (32, 5) and b1.info["x"].shape == (32, 9, 5)
@@ -21,19 +23,21 @@ def test_shapes_dtypes_and_determinism(fmt, seq_len):
     assert not np.allclose(b1.inputs, b3.inputs)
 
 
-def test_x_statistics_match_covariance():
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_x_statistics_match_covariance(prng_impl):
     cov_diag = (1.0, 4.0, 0.25)
     cfg = lr.LinearRegression(dim=3, n_context=4, x_scale=2.0, x_cov_diag=cov_diag)
-    x = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(3), 40000).info["x"]).reshape(-1, 3)
+    x = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(3, impl=prng_impl), 40000).info["x"]).reshape(-1, 3)
     expected = 4.0 * np.diag(cov_diag)
     n = x.shape[0]
     assert np.all(np.abs(x.mean(0)) < 5 * np.sqrt(np.diag(expected) / n))
     np.testing.assert_allclose(np.cov(x.T), expected, atol=0.05 * expected.max())
 
 
-def test_w_statistics_and_noise_free_labels():
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_w_statistics_and_noise_free_labels(prng_impl):
     cfg = lr.LinearRegression(dim=4, n_context=6, w_scale=0.5)
-    b = sample_batch(lr.sample, cfg, jax.random.key(4), 20000)
+    b = sample_batch(lr.sample, cfg, jax.random.key(4, impl=prng_impl), 20000)
     w = np.asarray(b.info["w"])
     np.testing.assert_allclose(np.cov(w.T), 0.25 * np.eye(4), atol=0.01)
     y = np.einsum("bnd,bd->bn", np.asarray(b.info["x"]), w)
@@ -45,9 +49,10 @@ def test_w_statistics_and_noise_free_labels():
     np.testing.assert_array_equal(b.mask[0], np.eye(7)[-1])
 
 
-def test_noise_has_the_requested_std():
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_noise_has_the_requested_std(prng_impl):
     cfg = lr.LinearRegression(dim=3, n_context=5, noise_std=0.3)
-    b = sample_batch(lr.sample, cfg, jax.random.key(5), 20000)
+    b = sample_batch(lr.sample, cfg, jax.random.key(5, impl=prng_impl), 20000)
     resid = np.asarray(b.info["y"]) - np.einsum("bnd,bd->bn", b.info["x"], b.info["w"])
     assert abs(resid.std() - 0.3) < 0.005
 

@@ -57,7 +57,7 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
 
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
     that axis before the vmap, so each device samples its own slice and no data crosses the host.
-    Values do not depend on the mesh (threefry is partitionable).
+    Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS).
     """
     keys = jax.random.split(key, batch_size)
     if axis is not None and data_axis_size(axis) > 1:

@@ -53,8 +53,14 @@ class CheckpointStore:
     def restore(self, like: TrainState, sharding: NamedSharding, step: int | None = None) -> TrainState:
         """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`.
 
-        `sharding` applies to every leaf (e.g. P() replicated, or P("members") for a sweep's stack).
+        `sharding` applies to every leaf (e.g. P() replicated, or P("members") for a sweep's stack). `like.key` must
+        be of the PRNG implementation the run drew its batches with (raw key data alone would not tell them apart).
         """
+        made_with, wanted = self.config().get("train", {}).get("prng_impl"), str(jax.random.key_impl(like.key))
+        if made_with is not None and made_with != wanted:
+            raise ConfigError(f"cannot restore: the checkpoint's run drew its batches with train.prng_impl="
+                              f"{made_with!r}, the state to restore into has {wanted!r} keys; build it with "
+                              f"init_state(..., prng_impl={made_with!r})")
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                 jax.eval_shape(_to_tree, like))
         tree = self._ckptr.load(step, abstract)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from jaxicl.prng import PRNG_IMPLS
 from jaxicl.validation import check_choice, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -24,6 +25,7 @@ class TrainConfig:
     no_decay: tuple[str, ...] = NO_DECAY  # glob patterns of parameter path names adamw does not decay
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
     seed: int = 0
+    prng_impl: str = "threefry2x32"  # the generator of the training batches (jaxicl.prng.PRNG_IMPLS)
     steps_per_call: int = 100  # steps compiled into one lax.scan call
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end
@@ -38,6 +40,7 @@ class TrainConfig:
         check_positive("lr", self.lr)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("prng_impl", self.prng_impl, PRNG_IMPLS)
         check_range("warmup_steps", self.warmup_steps, 0, self.steps)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")

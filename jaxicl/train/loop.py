@@ -80,7 +80,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         # a copy on this mesh, wherever params live (host, another mesh): the compiled steps donate the
         # state, never the caller's arrays (device_put alone may reuse the caller's buffer on a device)
         params, buffers = jax.tree.map(jnp.copy, jax.device_put((params, buffers), sharding))
-        state = jax.device_put(init_state(params, cfg.seed, tx, buffers), sharding)
+        state = jax.device_put(init_state(params, cfg.seed, tx, buffers, cfg.prng_impl), sharding)
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and resume and store.steps():

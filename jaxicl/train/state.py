@@ -30,16 +30,20 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
-def data_key(seed) -> jax.Array:
-    """The base key of a run's training batches (seed may be traced, e.g. per sweep member)."""
-    return jax.random.fold_in(jax.random.key(seed), DATA_STREAM)
+def data_key(seed, prng_impl: str = "threefry2x32") -> jax.Array:
+    """The base key of a run's training batches, of JAX's PRNG implementation prng_impl (seed may be traced, e.g.
+    per sweep member)."""
+    return jax.random.fold_in(jax.random.key(seed, impl=prng_impl), DATA_STREAM)
 
 
 def eval_key(seed) -> jax.Array:
-    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key)."""
+    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key); JAX's default
+    implementation whatever the run's prng_impl, so runs that draw their batches differently share a test set."""
     return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
 
 
-def init_state(params, seed, tx: optax.GradientTransformation, buffers=None) -> TrainState:
-    """The state at step 0 of a run with this seed (seed may be traced, e.g. per sweep member)."""
-    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(seed), buffers)
+def init_state(params, seed, tx: optax.GradientTransformation, buffers=None,
+               prng_impl: str = "threefry2x32") -> TrainState:
+    """The state at step 0 of a run with this seed (seed may be traced, e.g. per sweep member), its batches drawn
+    by the PRNG implementation prng_impl."""
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(seed, prng_impl), buffers)

@@ -64,7 +64,7 @@ def build_program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, 
               "task": member_arrays(members, "task.", groups["task"]), "init": member_arrays(members, "", groups["init"])}
 
     def new_state(seed, hp, init_kw):
-        state = init_state(init(jax.random.key(seed), **init_kw), seed, tx)
+        state = init_state(init(jax.random.key(seed), **init_kw), seed, tx, prng_impl=cfg.prng_impl)
         for name, value in hp.items():
             state.opt_state.hyperparams[name] = jnp.asarray(value, state.opt_state.hyperparams[name].dtype)
         return state
