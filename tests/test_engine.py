@@ -105,7 +105,7 @@ def test_checkpoint_saved_on_four_devices_restores_onto_one(tmp_path, prng_impl)
     with jax.set_mesh(mesh1):
         store = CheckpointStore(str(tmp_path / "checkpoints"))
         other = next(i for i in PRNG_IMPLS if i != prng_impl)
-        with pytest.raises(ConfigError, match=f"train.prng_impl='{prng_impl}'"):  # raw key data cannot tell
+        with pytest.raises(ConfigError, match=f"train.prng_impl='{prng_impl}'"):  # named, not a shape mismatch
             store.restore(init_state(params, cfg.seed, make_optimizer(cfg), prng_impl=other), replicated(mesh1))
         like = init_state(params, cfg.seed, make_optimizer(cfg), prng_impl=prng_impl)
         restored = store.restore(like, replicated(mesh1))

@@ -54,7 +54,8 @@ class CheckpointStore:
         """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`.
 
         `sharding` applies to every leaf (e.g. P() replicated, or P("members") for a sweep's stack). `like.key` must
-        be of the PRNG implementation the run drew its batches with (raw key data alone would not tell them apart).
+        be of the PRNG implementation the run drew its batches with (checked against the stored config: raw key data
+        of one shape may belong to several implementations).
         """
         made_with, wanted = self.config().get("train", {}).get("prng_impl"), str(jax.random.key_impl(like.key))
         if made_with is not None and made_with != wanted:
