@@ -1,6 +1,7 @@
 """Wall-clock helpers shared by the benchmarks: the best of repeated calls, and a compiled chunk of training steps."""
 
 import time
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -29,11 +30,11 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best_seconds(lambda: matmul(x), repeats + 1) / 1e9
 
 
-def chunk_throughput(loss_fn, sample, task, params, cfg: TrainConfig, repeats: int = 3,
-                     num_devices: int | None = None) -> dict:
-    """compile_s and steady-state steps/s of cfg.steps training steps (on-device sampling included) as one compiled
-    lax.scan on the batch sharded over the first num_devices devices (all by default); the first call after
-    compiling is a warm-up."""
+def compiled_chunk(loss_fn, sample, task, params, cfg: TrainConfig, num_devices: int | None = None
+                   ) -> tuple[Callable[[], object], float]:
+    """cfg.steps training steps (on-device sampling included) compiled as one lax.scan on the batch sharded over the
+    first num_devices devices (all by default), lowered as the engine lowers its chunks; returns a function that runs
+    it from the initial state (blocking on the result) and the compile seconds."""
     tx = make_optimizer(cfg)
     mesh = data_mesh(num_devices)
     with jax.set_mesh(mesh):
@@ -44,5 +45,15 @@ def chunk_throughput(loss_fn, sample, task, params, cfg: TrainConfig, repeats: i
         with unrolled_threefry():  # as the engine lowers its chunks
             compiled = chunk.lower(state).compile()
         compile_s = time.perf_counter() - start
-        run_s = best_seconds(lambda: compiled(state), repeats + 1)
-    return {"compile_s": compile_s, "steps_per_s": cfg.steps / run_s}
+
+    def run():
+        with jax.set_mesh(mesh):
+            return jax.block_until_ready(compiled(state))
+    return run, compile_s
+
+
+def chunk_throughput(loss_fn, sample, task, params, cfg: TrainConfig, repeats: int = 3,
+                     num_devices: int | None = None) -> dict:
+    """compile_s and steady-state steps/s of compiled_chunk: the best of repeats calls after a warm-up call."""
+    run, compile_s = compiled_chunk(loss_fn, sample, task, params, cfg, num_devices)
+    return {"compile_s": compile_s, "steps_per_s": cfg.steps / best_seconds(run, repeats + 1)}

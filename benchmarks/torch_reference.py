@@ -4,9 +4,10 @@ eager PyTorch, as a researcher would write them. Runs in the PyTorch environment
 python benchmarks/torch_reference.py IN.npz OUT.npz
 IN.npz: the device ("cpu" or "cuda"), the workload (`workload` "lsa" or "gpt" and its sizes), jaxicl's initial weights under jaxicl's parameter
 paths and layouts, and one batch (inputs, targets, mask). OUT.npz: the loss and the gradients (jaxicl's paths and
-layouts) on that batch, the parameter count, the matmul FLOPs of one training step's forward and
-backward pass (torch's FlopCounterMode) and the
-wall seconds of `steps` training steps, `repeats` times (the first includes warm-up).
+layouts) on that batch, the parameter count and the matmul FLOPs of one training step's forward and
+backward pass (torch's FlopCounterMode). Then it prints "ready" and, for every line read from stdin, trains `steps`
+steps and prints their wall seconds, until stdin closes: benchmarks/vs_torch.py alternates these timed runs with
+jaxicl's.
 
 Models (the layouts convert once, at load):
   lsa: 1 linear self-attention layer with residual, x + (x Wq)(x Wk)^T / (T - 1) (x Wv) Wo; prediction -out[:, :, -1]
@@ -118,8 +119,7 @@ def fresh_batch(cfg: dict, batch: int, device: str):
 
 def main(src: str, dst: str) -> None:
     data = dict(np.load(src))
-    cfg = {k: data[k] for k in ("workload", "heads", "layers", "dim", "n_context", "batch", "steps", "repeats",
-                                "threads")}
+    cfg = {k: data[k] for k in ("workload", "heads", "layers", "dim", "n_context", "batch", "steps", "threads")}
     device = str(data["device"])
     torch.set_num_threads(int(cfg["threads"]))
     torch.set_float32_matmul_precision("highest")  # no TF32 on CUDA (the default; jaxicl's side runs float32 too)
@@ -144,16 +144,16 @@ def main(src: str, dst: str) -> None:
         loss_explicit.backward()
     out["loss_explicit"] = loss_explicit.item()
     out["flops_per_step"] = counter.get_total_flops() * batch // len(inputs)
-    times = []
-    for _ in range(int(cfg["repeats"])):
+    np.savez(dst, torch=torch.__version__, threads=torch.get_num_threads(),
+             device=torch.cuda.get_device_name() if device == "cuda" else "cpu", **out)
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one timed run per line
         start = time.perf_counter()
         for _ in range(steps):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    np.savez(dst, times=np.array(times), torch=torch.__version__, threads=torch.get_num_threads(),
-             device=torch.cuda.get_device_name() if device == "cuda" else "cpu", **out)
+        print(time.perf_counter() - start, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Workloads (fresh Gaussian linear-regression prompts every step, Adam lr 1e-3):
   gpt_large  the same at Garg et al.'s size: 12 layers, 8 heads, width 256
 jaxicl is timed as one compiled chunk of training steps (the engine's lax.scan, sampling on device); PyTorch
 (benchmarks/torch_reference.py, in benchmarks/.venv-torch; `make benchmarks/.venv-torch`) as an eager loop over
-the same number of steps with torch.randn prompts. Before timing, the PyTorch model gets jaxicl's initial weights
+the same number of steps with torch.randn prompts. The two sides' timed runs alternate (--repeats + 1 of each, the
+first a warm-up; the best of the rest counts), so a drift in the machine's speed during the run reaches both. Before
+timing, the PyTorch model gets jaxicl's initial weights
 and both compute loss and gradients on one batch: they must agree to float32 tolerance, with equal parameter
 counts and equal matmul FLOPs per step (the analytic count, PyTorch's FlopCounterMode), or nothing is timed.
 PyTorch's GPT trains with F.scaled_dot_product_attention; its FLOPs are counted with the attention written out,
@@ -23,6 +25,7 @@ matmul's, measured in the same run; the memory of one compiled step and the larg
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -34,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.output import write_results
-from benchmarks.timing import chunk_throughput, matmul_peak_gflops
+from benchmarks.timing import best_seconds, compiled_chunk, matmul_peak_gflops
 from jaxicl.models import SelfAttention
 from jaxicl.models.gpt import GPT
 from jaxicl.prng import unrolled_threefry
@@ -136,21 +139,45 @@ def agreement(w: Workload, loss: float, grads: dict[str, np.ndarray], torch_out:
     return {"loss_rel_diff": loss_diff, "grad_rel_diff": worst}
 
 
-def run_torch(w: Workload, params, batch, repeats: int, python: str, device: str) -> dict | str:
-    """The PyTorch reference's output on jaxicl's weights and batch, or why it did not run."""
+@contextlib.contextmanager
+def torch_reference(w: Workload, params, batch, python: str, device: str):
+    """Starts the PyTorch reference on jaxicl's weights and batch and yields (its outputs, a function that runs the
+    workload's steps there once and returns their wall seconds); where it cannot run, (the reason, None)."""
     if not os.path.exists(python):
-        return f"PyTorch not timed: no environment at {python} (make benchmarks/.venv-torch)"
-    with tempfile.TemporaryDirectory() as d:
+        yield f"PyTorch not timed: no environment at {python} (make benchmarks/.venv-torch)", None
+        return
+    with tempfile.TemporaryDirectory() as d, open(os.path.join(d, "stderr"), "w+") as err:
         src, dst = os.path.join(d, "in.npz"), os.path.join(d, "out.npz")
         np.savez(src, device=device, workload=w.kind, heads=w.heads, layers=w.layers, dim=w.dim, n_context=w.n_context,
-                 batch=w.batch, steps=w.steps, repeats=repeats + 1, threads=os.cpu_count(),
+                 batch=w.batch, steps=w.steps, threads=os.cpu_count(),
                  inputs=np.asarray(batch.inputs), targets=np.asarray(batch.targets), mask=np.asarray(batch.mask),
                  **{f"param/{n}": v for n, v in flat_params(params).items()})
-        done = subprocess.run([python, os.path.join(HERE, "torch_reference.py"), src, dst],
-                              capture_output=True, text=True)
-        if done.returncode:
-            return f"PyTorch not timed: its run failed: {done.stderr[-800:]}"
-        return dict(np.load(dst))
+        proc = subprocess.Popen([python, os.path.join(HERE, "torch_reference.py"), src, dst], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+
+        def failure() -> str:
+            proc.kill()
+            proc.wait()
+            err.seek(0)
+            return err.read()[-800:]
+
+        def timed() -> float:
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the PyTorch reference stopped: {failure()}")
+            return float(line)
+
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                yield f"PyTorch not timed: its run failed: {failure()}", None
+                return
+            yield dict(np.load(dst)), timed
+        finally:
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait()
 
 
 def step_memory(w: Workload, graphdef, params, budget: float) -> dict:
@@ -174,27 +201,32 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, budget
     """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts."""
     graphdef, params = nnx.split(w.model())
     batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
-    torch_out = run_torch(w, params, batch, repeats, python, device)
     loss, grads, xla_flops = loss_and_grads(graphdef, params, batch)
     row = {"workload": name, "batch": w.batch, "tokens": w.task.seq_len, "steps": w.steps,
            "n_params": sum(g.size for g in grads.values())}
-    note = ""
-    if isinstance(torch_out, str):
-        note = torch_out
-    else:
-        row |= agreement(w, loss, grads, torch_out)
-    cfg = TrainConfig(steps=w.steps, batch_size=w.batch, steps_per_call=w.steps)
-    jx = chunk_throughput(regression_loss(graphdef), lr.sample, w.task, params, cfg, repeats)
+    with torch_reference(w, params, batch, python, device) as (torch_out, torch_timed):
+        if torch_timed is None:
+            note = torch_out
+        else:
+            row |= agreement(w, loss, grads, torch_out)
+            note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
+                                                                 f"{int(torch_out['threads'])} CPU threads")
+        cfg = TrainConfig(steps=w.steps, batch_size=w.batch, steps_per_call=w.steps)
+        run, compile_s = compiled_chunk(regression_loss(graphdef), lr.sample, w.task, params, cfg)
+        jaxicl_s, torch_s = [], []
+        for _ in range(repeats + 1):  # alternating, so the machine's speed drifting touches both sides alike
+            if torch_timed is not None:
+                torch_s.append(torch_timed())
+            jaxicl_s.append(best_seconds(run, 1))
+    jaxicl_steps = w.steps / min(jaxicl_s[1:])  # the first run of each side is a warm-up
     flops = matmul_flops(w)
-    row |= {"jaxicl_steps_per_s": jx["steps_per_s"], "jaxicl_compile_s": jx["compile_s"],
+    row |= {"jaxicl_steps_per_s": jaxicl_steps, "jaxicl_compile_s": compile_s,
             "matmul_gflop_per_step": flops / 1e9, "xla_over_matmul_flops": xla_flops / flops,
-            "jaxicl_matmul_gflop_per_s": flops * jx["steps_per_s"] / 1e9}
-    if not isinstance(torch_out, str):
-        torch_steps = w.steps / float(np.min(torch_out["times"][1:]))
-        row |= {"torch_steps_per_s": torch_steps, "jaxicl_over_torch": jx["steps_per_s"] / torch_steps}
-        note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
-                                                             f"{int(torch_out['threads'])} CPU threads")
-    row["prompts_per_s"] = jx["steps_per_s"] * w.batch
+            "jaxicl_matmul_gflop_per_s": flops * jaxicl_steps / 1e9}
+    if torch_s:
+        torch_steps = w.steps / min(torch_s[1:])
+        row |= {"torch_steps_per_s": torch_steps, "jaxicl_over_torch": jaxicl_steps / torch_steps}
+    row["prompts_per_s"] = jaxicl_steps * w.batch
     return row | step_memory(w, graphdef, params, budget), note
 
 
@@ -216,7 +248,8 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
     rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {args.repeats} "
-                       "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops"]
+                       "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops, the two "
+                       "alternating"]
     with jax.default_matmul_precision(PRECISION):
         peak = matmul_peak_gflops(256 if args.smoke else 2048)
         notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, this run); matmuls computed in "

@@ -1,6 +1,7 @@
 """The benchmarks at their smoke sizes: well-formed tables, the PyTorch agreement check (where the PyTorch
 environment exists) and its refusal to time implementations that disagree, the numpy samplers' shapes."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -35,8 +36,9 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
     w = vs_torch.SMOKE[name]
     graphdef, params = nnx.split(w.model())
     batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
-    out = vs_torch.run_torch(w, params, batch, 1, vs_torch.TORCH_PYTHON, "cpu")
-    assert not isinstance(out, str), out
+    with vs_torch.torch_reference(w, params, batch, vs_torch.TORCH_PYTHON, "cpu") as (out, timed):
+        assert timed is not None, out
+        assert [timed() > 0 for _ in range(2)] == [True, True]  # one timed run of the workload's steps per call
     loss, grads, xla_flops = vs_torch.loss_and_grads(graphdef, params, batch)
     agreed = vs_torch.agreement(w, loss, grads, out)
     assert agreed["loss_rel_diff"] < 1e-5 and agreed["grad_rel_diff"] < 1e-4  # float32, different summation order
@@ -52,12 +54,24 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
 
 
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
-    precisions = []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
-    timed = vs_torch.chunk_throughput
-    monkeypatch.setattr(vs_torch, "chunk_throughput", lambda *a: precisions.append(
-        jax.config.jax_default_matmul_precision) or timed(*a))
+    precisions, runs = [], []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
+    compiled, reference = vs_torch.compiled_chunk, vs_torch.torch_reference
+
+    def chunk(*a):
+        precisions.append(jax.config.jax_default_matmul_precision)
+        run, compile_s = compiled(*a)
+        return (lambda: runs.append("jaxicl") or run()), compile_s
+
+    @contextlib.contextmanager
+    def torch_side(*a):
+        with reference(*a) as (out, timed):
+            yield out, timed and (lambda: runs.append("torch") or timed())
+
+    monkeypatch.setattr(vs_torch, "compiled_chunk", chunk)
+    monkeypatch.setattr(vs_torch, "torch_reference", torch_side)
     vs_torch.main(["--smoke", "--workloads", "lsa", "--out", str(tmp_path)])
     assert precisions == ["float32"]
+    assert runs == (["torch", "jaxicl"] if HAS_TORCH else ["jaxicl"]) * 2  # alternating; the first pair warms up
     (row,) = rows(tmp_path / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
     # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction
