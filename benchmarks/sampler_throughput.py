@@ -145,16 +145,20 @@ def bench(name: str, family: tuple, batch: int, repeats: int) -> dict:
     step = {"step": 0} if takes_step(sample) else {}
     keys = iter(jax.random.split(jax.random.key(0), 20 * (repeats + 1)))
     row = {"family": name, "batch": batch}
+
+    def new_program():  # a fresh jit for each timing: the lowering context is not part of jit's cache key
+        return jax.jit(lambda key: sample_batch(sample, cfg, key, batch, axis=None, **step))
+
     lowerings = [("device", unrolled_threefry), ("rolled", contextlib.nullcontext)]
     for label, lowering in lowerings[:2 if jax.default_backend() == "cpu" else 1]:  # elsewhere one lowering
-        device = jax.jit(lambda key: sample_batch(sample, cfg, key, batch, axis=None, **step))
+        device = new_program()
         start = time.perf_counter()
         with lowering():
             jax.block_until_ready(device(next(keys)))
         row[f"{label}_first_call_s"] = time.perf_counter() - start
         row[f"{label}_prompts_per_s"] = batch / best_seconds(lambda: device(next(keys)), repeats)
     for impl in PRNG_IMPLS[1:]:  # the other key implementations a run may choose (TrainConfig.prng_impl)
-        device = jax.jit(lambda key: sample_batch(sample, cfg, key, batch, axis=None, **step))
+        device = new_program()
         impl_keys = iter(jax.random.split(jax.random.key(0, impl=impl), repeats + 1))
         jax.block_until_ready(device(next(impl_keys)))
         row[f"{impl}_prompts_per_s"] = batch / best_seconds(lambda: device(next(impl_keys)), repeats)

@@ -25,7 +25,7 @@ class TrainConfig:
     no_decay: tuple[str, ...] = NO_DECAY  # glob patterns of parameter path names adamw does not decay
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
     seed: int = 0
-    prng_impl: str = "threefry2x32"  # the generator of the training batches (jaxicl.prng.PRNG_IMPLS)
+    prng_impl: str = PRNG_IMPLS[0]  # the generator of the training batches (threefry2x32, JAX's default)
     steps_per_call: int = 100  # steps compiled into one lax.scan call
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end

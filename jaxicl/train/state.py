@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxicl.prng import PRNG_IMPLS
+
 DATA_STREAM = 0xDA7A  # folded into the seed for the data key, so data and init keys differ
 EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts, never used for training batches
 
@@ -30,7 +32,7 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
-def data_key(seed, prng_impl: str = "threefry2x32") -> jax.Array:
+def data_key(seed, prng_impl: str = PRNG_IMPLS[0]) -> jax.Array:
     """The base key of a run's training batches, of JAX's PRNG implementation prng_impl (seed may be traced, e.g.
     per sweep member)."""
     return jax.random.fold_in(jax.random.key(seed, impl=prng_impl), DATA_STREAM)
@@ -43,7 +45,7 @@ def eval_key(seed) -> jax.Array:
 
 
 def init_state(params, seed, tx: optax.GradientTransformation, buffers=None,
-               prng_impl: str = "threefry2x32") -> TrainState:
+               prng_impl: str = PRNG_IMPLS[0]) -> TrainState:
     """The state at step 0 of a run with this seed (seed may be traced, e.g. per sweep member), its batches drawn
     by the PRNG implementation prng_impl."""
     return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), data_key(seed, prng_impl), buffers)
