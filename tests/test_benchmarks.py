@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import __main__ as runner
-from benchmarks import sampler_throughput, vs_torch
+from benchmarks import output, sampler_throughput, vs_torch
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
@@ -154,3 +154,18 @@ def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every
     for name in ("gd_equivalence", "ar_fig7_non_augmented"):
         result = json.loads((tmp_path / "experiments" / name / "result.json").read_text())
         assert result["preset"] == "smoke" and result["checks"]
+
+
+@pytest.mark.parametrize("text, cpu, simd", [
+    ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+     "flags\t\t: fpu sse4_2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: other\n",
+     "AMD EPYC (family 25, model 1)", "avx2"),
+    ("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+     "flags\t\t: avx2 avx512f avx512bw\n", "Intel(R) Xeon(R) Platinum 8488C (family 6, model 143)", "avx512f"),
+    ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm\nCPU part\t: 0xd0c\n", "0xd0c", "asimd"),
+])
+def test_host_cpu_reads_the_first_processor_of_cpuinfo(tmp_path, text, cpu, simd):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert output.host_cpu(str(path)) == {"cpu": cpu, "cpu_simd": simd}
+    assert output.host_cpu(str(tmp_path / "missing"))["cpu_simd"] == "unknown"
