@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.base import Model
+from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive, check_range
 
@@ -110,7 +111,7 @@ class PositionalTransformer(Model):
         q, qp = self._heads(self.q, self._queries(x)), self._heads(self.q, self._queries(e))
         k, v, kp = self._heads(self.k, x), self._heads(self.v, x), self._heads(self.k, e)
         token = sites("attn.token_scores", mask * (q @ k.transpose(0, 2, 1)) / scale)
-        pos = jax.nn.softmax(jnp.where(mask > 0, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf), axis=-1)
+        pos = softmax(jnp.where(mask > 0, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf))
         pos = sites("attn.positional_weights", pos)
         heads = sites("attn.heads", (token * pos) @ v)
         out = sites("attn.out", heads.sum(0))

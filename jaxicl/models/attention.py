@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.base import Model
+from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import check_choice, check_positive
 
@@ -108,7 +109,7 @@ class SelfAttention(Model):
             weights = sites(f"{name}.scores", jnp.where(visible, scores, 0.0) / max(t - 1, 1))
         else:
             scores = sites(f"{name}.scores", scores / jnp.sqrt(layer.wq.shape[-1]))
-            weights = sites(f"{name}.weights", jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1))
+            weights = sites(f"{name}.weights", softmax(jnp.where(visible, scores, -jnp.inf)))
         heads = sites(f"{name}.heads", jnp.einsum("hqs,hse->hqe", weights, jnp.einsum("sd,hde->hse", x, ov)))
         return sites(f"{name}.out", heads.sum(axis=0))
 

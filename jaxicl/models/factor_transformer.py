@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxicl.models.base import Model
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
+from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_positive
 
@@ -99,6 +100,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, n_heads: int, sites, name: 
     [Tq, D] (the heads side by side, before the output projection); sites name.q, .k, .v [T, H, dh] and
     name.weights [H, Tq, Tk]."""
     q, k, v = (sites(f"{name}.{n}", x.reshape(x.shape[0], n_heads, -1)) for n, x in (("q", q), ("k", k), ("v", v)))
-    weights = sites(f"{name}.weights", jax.nn.softmax(jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1]),
-                                                      axis=-1))
+    weights = sites(f"{name}.weights", softmax(jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1])))
     return jnp.einsum("hqk,khe->qhe", weights, v).reshape(q.shape[0], -1)

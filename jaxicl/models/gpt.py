@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.models.base import Model
+from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import ConfigError, check_choice, check_positive
 
@@ -199,7 +200,7 @@ class GPT(Model):
         v = sites(f"{name}.v", jnp.einsum("td,hde->the", h, a.wv[...]))
         scores = jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1])
         scores = sites(f"{name}.scores", jnp.where(causal, scores, MASKED))
-        weights = sites(f"{name}.weights", jax.nn.softmax(scores, axis=-1))
+        weights = sites(f"{name}.weights", softmax(scores))
         z = sites(f"{name}.z", jnp.einsum("hqk,khe->qhe", weights, v))
         if wants(sites, f"{name}.heads"):
             out = sites(f"{name}.heads", jnp.einsum("the,hed->thd", z, a.wo[...])).sum(axis=1)

@@ -22,18 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.base import Model
+from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive
 
 PARAMETRISATIONS = ("merged", "separate")
 INITS = ("paper", "random")
-
-
-def stable_softmax(scores: jax.Array, axis: int = -1) -> jax.Array:
-    """exp(s - max s) / sum exp(s - max s): finite for any finite scores, however large."""
-    shifted = scores - jax.lax.stop_gradient(jnp.max(scores, axis=axis, keepdims=True))
-    e = jnp.exp(shifted)
-    return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
 class NearestNeighborAttention(Model):
@@ -73,7 +67,7 @@ class NearestNeighborAttention(Model):
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         scores = sites("attn.scores", tokens @ (self.merged() @ tokens[-1]))
-        weights = sites("attn.weights", stable_softmax(scores))
+        weights = sites("attn.weights", softmax(scores))
         out = sites("attn.out", weights @ tokens)
         labels = out[self.dim:self.dim + self.label_dim]
         labels = labels[0] if self.label_dim == 1 else labels
