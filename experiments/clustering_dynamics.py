@@ -24,9 +24,11 @@ SEP clusters are not what the model reads the task from.
 
 What the quick preset shows (about 4.5 minutes on 2 cores): layer 0 stays flat (ARI <= 0.03); at SEP the
 validation ARI rises to 0.87 at hidden state 2 (train 0.92) and falls to 0.63 at the last one, so "deeper layers
-cluster more" and "final-layer ARI near 1" are not seen; the last layer's ARI reaches 0.5 after accuracy has
-half risen (step 240 vs 140); unseen instruction families are answered at 0.68 (0.24 without reading the
-instruction), and unseen examples that land in their task's cluster are answered far more often (0.94 vs 0.23).
+cluster more" and "final-layer ARI near 1" are not seen (one run's numbers: they move by about 0.1 between machines
+and code versions; a later run peaked at 0.83 at hidden state 3 and ended at 0.76, the same shape); the last
+layer's ARI reaches 0.5 after accuracy has half risen (step 240 vs 140); unseen instruction families are
+answered at 0.68 (0.24 without reading the instruction), and unseen examples that land in their task's cluster
+are answered far more often (0.94 vs 0.23).
 At ARROW, setting the between-centroid subspace to the mean drops accuracy from 0.97 to 0.40 at hidden state 3
 (a random subspace: 0.97); adding a centroid difference switches the answer in 0.23 of cases (random: 0.01), just
 short of the check's 0.25 gain.
