@@ -1,4 +1,5 @@
-"""The GPT-style decoder: a numpy forward pass, causal patterns, exact residual identities, site shapes."""
+"""The GPT-style decoder: a numpy forward pass, causal patterns, exact residual identities, site shapes, the split
+attention of long prompts."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxicl.models import apply, predictor
-from jaxicl.models.gpt import GPT
+from jaxicl.models.gpt import GPT, SPLIT_FROM
 from jaxicl.validation import ConfigError
 
 
@@ -133,3 +134,42 @@ def test_attention_output_is_the_sum_of_the_heads_whether_or_not_they_are_read()
     # two float32 contractions in a different order: rounding-level differences only
     np.testing.assert_allclose(read, plain, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(heads["layer1.attn.heads"].sum(axis=1), cache["layer1.attn.out"], rtol=1e-5, atol=1e-6)
+
+
+def _long_prompt_model():
+    """A float64 vector GPT and a prompt of SPLIT_FROM + 5 positions (odd: halves of unequal length)."""
+    t = SPLIT_FROM + 5
+    model = GPT(d_model=8, n_layers=2, n_heads=2, max_len=t, input_dim=1, init_std=0.3, rngs=nnx.Rngs(3))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, model)
+    return model, jax.random.normal(jax.random.key(4), (t, 1), jnp.float64)
+
+
+def test_long_prompts_skip_unread_attention_weights_and_match_a_numpy_loop(x64):
+    """From SPLIT_FROM positions, unread [H, T, T] scores are formed only for the second half of the queries
+    (split_causal_attention): the program holds no [H, T, T] array, and the outputs are the numpy loop's."""
+    model, tokens = _long_prompt_model()
+    t, heads = tokens.shape[0], model.n_heads
+    np.testing.assert_allclose(model(tokens), _numpy_forward(model, np.asarray(tokens)), rtol=1e-9, atol=1e-12)
+
+    def square_arrays(fn):
+        jaxpr = jax.make_jaxpr(fn)(tokens).jaxpr
+        return sum(v.aval.shape == (heads, t, t) for eqn in jaxpr.eqns for v in eqn.outvars)
+
+    graphdef, params = nnx.split(model)
+    assert square_arrays(lambda x: apply(graphdef, params, x)[0]) == 0
+    assert square_arrays(lambda x: apply(graphdef, params, x, capture=("layer1.attn.weights",))[0]) > 0
+
+
+def test_split_attention_gives_the_full_attentions_gradients(x64):
+    """Reading every layer's weights forces the full [H, T, T] attention; outputs and parameter gradients agree with
+    the split form's to float64 rounding (the two sum the same nonzero terms in a different grouping)."""
+    model, tokens = _long_prompt_model()
+    graphdef, params = nnx.split(model)
+    every_weights = tuple(f"layer{l}.attn.weights" for l in range(len(model.blocks)))
+
+    def loss(p, capture):
+        return (apply(graphdef, p, tokens, capture=capture)[0] ** 2).sum()
+
+    (split, g_split), (full, g_full) = (jax.value_and_grad(loss)(params, c) for c in ((), every_weights))
+    np.testing.assert_allclose(split, full, rtol=1e-12)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g_split, g_full)
