@@ -17,7 +17,6 @@ largest chunk that fits --budget-mb.
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 

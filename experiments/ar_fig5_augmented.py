@@ -14,7 +14,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

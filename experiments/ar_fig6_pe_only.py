@@ -111,7 +111,7 @@ def _plot(res: dict, out_dir: str) -> str:
         ax.set_title(f"P, mu = {int(mu)} ({r['steps']} steps)", fontsize=9)
         ax.axis("off")
     ax = axes[0, k]
-    for j, (mu, r) in enumerate(res.items()):
+    for mu, r in res.items():
         last = len(r["P"]) - 2
         line, = ax.plot(r["P"][last, :last + 1], label=f"mu={int(mu)} GD")
         ax.plot(r["ridge"][last, :last + 1], ls="--", color=line.get_color(), lw=1)

@@ -230,8 +230,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "Lemma 12): a ratio above the bound here is a mismatch with the lemma as restated, reported as "
                     "measured"),
         check_below("full_vs_reduced_dynamics_rel_gap", worst("reduced_gap"), cfg.max_reduced_rel_gap,
-                    f"max over t >= steps / 2 and xi1, xi2 of |xi(full W, seed mean) - xi(reduced)| / xi(reduced), "
-                    f"reduced GD with step eta/d on xi1 (per run: "
+                    "max over t >= steps / 2 and xi1, xi2 of |xi(full W, seed mean) - xi(reduced)| / xi(reduced), "
+                    "reduced GD with step eta/d on xi1 (per run: "
                     + ", ".join(f"N={r['n']}: {s['reduced_gap']:.4f}" for r, s in zip(runs, sums))
                     + f"). Over t >= {cfg.fit_from} * steps the gap is {worst('reduced_gap_early'):.3f}: the full "
                     f"run's xi2 starts growing slightly later. With step eta (no 1/d) on xi1 the late gap would be "

@@ -1,7 +1,6 @@
 """Affine-recurrence prompts and their baselines against numpy."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

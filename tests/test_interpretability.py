@@ -9,7 +9,7 @@ from flax import nnx
 from jaxicl.analysis.ablation import ablate_heads
 from jaxicl.analysis.attention_patterns import mass_at_offset, mass_profile
 from jaxicl.analysis.cache import run_with_cache
-from jaxicl.analysis.direct_attribution import direct_attribution, ov_gain
+from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, ov_gain, qk_circuit
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
                                       patched_predictions, resolve_chunk_size)
 from jaxicl.analysis.probes import probe
@@ -160,7 +160,28 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     np.testing.assert_allclose(mass_at_offset(eye, 0), [1.0])
     np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
     np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
-    assert float(ov_gain(GPT(d_model=4, n_layers=1, n_heads=1, input_dim=1, rngs=nnx.Rngs(0)), 0, 0).shape[0]) == 1
+
+
+def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalised_input():
+    g, p, clean, _ = _setup()
+    model = nnx.merge(g, p)
+    _, cache = run_with_cache(g, p, clean, ["layer1.resid_pre", "layer1.attn.scores", "layer1.attn.weights",
+                                            "layer1.attn.heads"])
+    h = np.asarray(jax.vmap(lambda x: model.blocks[1].ln1(x)[0])(cache["layer1.resid_pre"]), np.float64)  # [B, T, D]
+    dh = model.blocks[1].attn.wq.shape[-1]
+    lower = np.tril(np.ones((T, T), bool))
+    for head in range(2):
+        scores = np.einsum("bqd,de,bke->bqk", h, np.asarray(qk_circuit(model, 1, head), np.float64), h) / dh ** 0.5
+        got = np.asarray(cache["layer1.attn.scores"][:, head])
+        np.testing.assert_allclose(got[:, lower], scores[:, lower], rtol=1e-4, atol=1e-5)  # float32 products of 8
+        written = np.einsum("bqk,bkd,de->bqe", np.asarray(cache["layer1.attn.weights"][:, head], np.float64), h,
+                            np.asarray(ov_circuit(model, 1, head), np.float64))
+        np.testing.assert_allclose(cache["layer1.attn.heads"][:, :, head], written, rtol=1e-4, atol=1e-5)
+    w = {k: np.asarray(v, np.float64) for k, v in (("e", model.embed[...]), ("u", model.unembed[...]),
+                                                     ("v", model.blocks[0].attn.wv[1]), ("o", model.blocks[0].attn.wo[1]))}
+    np.testing.assert_allclose(ov_gain(model, 0, 1), w["e"] @ w["v"] @ w["o"] @ w["u"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="vector-input"):
+        ov_gain(GPT(d_model=4, n_layers=1, n_heads=1, vocab_size=5, rngs=nnx.Rngs(0)), 0, 0)
 
 
 def test_chunk_size_auto_fills_a_cpu_chunk_with_about_2048_prompt_tokens_and_bad_values_fail():

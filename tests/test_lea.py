@@ -1,7 +1,6 @@
 """Ferry et al.'s LEA: the EMA vector quantiser against numpy, the model's streams and sizes, an exact resume with
 the codebook, the message analysis against independent computations, bad messages, and the experiment's smoke run."""
 
-import dataclasses
 import json
 import os
 import re

@@ -28,7 +28,7 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
     single = subprocess.run([sys.executable, script, str(tmp_path / "single"), "--steps", "12", "--devices", "4"],
                             capture_output=True, text=True, timeout=120)
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     assert single.returncode == 0, single.stderr[-2000:]
     multi = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

@@ -21,7 +21,7 @@ def write_report(out: str, preset: str, results: list[dict], errors: dict[str, s
     for r in results:
         passed = sum(c["passed"] for c in r["checks"])
         lines.append(f"| [{r['experiment']}](#{r['experiment']}) | {passed}/{len(r['checks'])} | {r['wall_seconds']:.0f} |")
-    for name, err in errors.items():
+    for name in errors:
         lines.append(f"| {name} | raised | - |")
     for r in results:
         lines += ["", f"## {r['experiment']}", "", "| check | value | target | passed | note |", "|---|---|---|---|---|"]

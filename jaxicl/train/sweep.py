@@ -100,7 +100,6 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     with jax.set_mesh(mesh):
         check_divisible(cfg.batch_size)
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))
-        a = prog.inputs(chunks[0][np.zeros(size, int)], sharding)
         run_chunk = ChunkPrograms(prog.run_chunk)
         for k, idx in enumerate(chunks):
             store = CheckpointStore(os.path.join(out_dir, "checkpoints", f"chunk{k}"), keep=cfg.keep_checkpoints,
