@@ -174,6 +174,22 @@ def test_resuming_with_another_config_is_refused(tmp_path):
         train(loss_fn, sample, task, shorter, params, out_dir=str(tmp_path), progress=False)
 
 
+def test_a_run_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
+    """lr 1e-2, then lr 3e-2 with resume=False into the same directory: a later resume sees only the second run (it
+    refuses lr 1e-2 and restores the second run's final state for lr 3e-2)."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10, checkpoint_every=5)
+    out = str(tmp_path)
+    train(loss_fn, sample, task, cfg, params, out_dir=out, progress=False)
+    other = dataclasses.replace(cfg, lr=3e-2, steps=5)
+    second = train(loss_fn, sample, task, other, params, out_dir=out, resume=False, progress=False)
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [5]  # the first run's step 10 is gone
+    with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.03 vs now 0.01"):
+        train(loss_fn, sample, task, cfg, params, out_dir=out, progress=False)
+    again = train(loss_fn, sample, task, other, params, out_dir=out, progress=False)  # restores, trains nothing
+    _assert_params_close(again.state.params, second.state.params, rtol=0, atol=0)
+    assert [r["step"] for r in again.train_rows] == list(range(5))
+
+
 def test_a_schedule_that_depends_on_steps_refuses_to_resume_with_other_steps(tmp_path):
     loss_fn, sample, task, cfg, params = tiny_setup(steps=10)
     cosine = dataclasses.replace(cfg, schedule="warmup_cosine", warmup_steps=2)

@@ -188,6 +188,21 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
                     **kw)
 
 
+def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
+    """Three members in chunks of two at lr 1e-2, then two members at lr 3e-2 with resume=False: only the new
+    sweep's chunk remains, and resuming at lr 1e-2 is refused instead of restoring the other sweep's state."""
+    members = [{"train.seed": s} for s in range(3)]
+    kw = dict(chunk_size=2, mesh=sweep_mesh(2), out_dir=str(tmp_path), progress=False)
+    train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, **kw)
+    second = train_sweep(LOSS, lr.sample, TASK, _cfg(lr=3e-2), init, members[:2], resume=False, **kw)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["chunk0"]
+    assert CheckpointStore(str(tmp_path / "checkpoints" / "chunk0")).config()["train"]["lr"] == 3e-2
+    with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.03 vs now 0.01"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members[:2], **kw)
+    again = train_sweep(LOSS, lr.sample, TASK, _cfg(lr=3e-2), init, members[:2], **kw)
+    _assert_trees_close(again.params, second.params, rtol=0, atol=0)
+
+
 def optax_norm(params):
     import optax
 

@@ -8,13 +8,25 @@ multi-host run must call save and restore; orbax writes from the primary host.
 
 import json
 import os
+import shutil
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from orbax.checkpoint import v1 as ocp
 
+from jaxicl import outputs
 from jaxicl.train.state import TrainState
 from jaxicl.validation import ConfigError
+
+
+def remove_checkpoints(directory: str) -> None:
+    """Deletes `directory` (checkpoints and their stored config), so a new run there starts fresh and a later resume
+    finds only the new run. Every process calls it: process 0 deletes, the others wait until it has."""
+    if outputs.is_primary():
+        shutil.rmtree(directory, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxicl.remove_checkpoints:{os.path.abspath(directory)}")
 
 
 def _to_tree(state: TrainState) -> dict:

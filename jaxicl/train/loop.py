@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
-from jaxicl.train.checkpoint import CheckpointStore, check_resumable
+from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import data_mesh, portable, replicated
@@ -59,7 +59,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     sample=None: loss_fn(params, None) needs no batch (task_cfg may then be None).
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
-    losses and parameters as an uninterrupted run. `evaluate(params) -> {name: scalar}` runs at
+    losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh. `evaluate(params) -> {name: scalar}` runs at
     step 0, every eval_every steps (or at the steps of a tuple eval_every) and at the end (eval rows in metrics.jsonl). `tx` overrides
     the optimiser built from cfg. buffers: state the loss updates outside the optimiser (then
     loss_fn(params, batch, buffers) -> (loss, (aux, new buffers)) and evaluate(params, buffers); checkpointed, in
@@ -81,9 +81,11 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         # state, never the caller's arrays (device_put alone may reuse the caller's buffer on a device)
         params, buffers = jax.tree.map(jnp.copy, jax.device_put((params, buffers), sharding))
         state = jax.device_put(init_state(params, cfg.seed, tx, buffers, cfg.prng_impl), sharding)
+        if out_dir and not resume:
+            remove_checkpoints(os.path.join(out_dir, "checkpoints"))
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
-        if store and resume and store.steps():
+        if store and store.steps():
             check_resumable(store.config(), config, store.steps()[-1])
             state = store.restore(state, sharding)
         start = int(state.step)

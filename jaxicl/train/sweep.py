@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
-from jaxicl.train.checkpoint import CheckpointStore, check_resumable
+from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config
@@ -74,7 +74,8 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
 
     init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed).
     out_dir gets sweep.json, run.json, metrics.jsonl (rows carry "member" and its values) and
-    checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly. chunk_size bounds the
+    checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly (resume=False deletes the checkpoints
+    and starts afresh). chunk_size bounds the
     members trained at once; memory_budget (bytes per device) chooses it from the compiled program's memory
     (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU, TPU),
     else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
@@ -94,6 +95,8 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if out_dir:
         _write_sweep_json(out_dir, members, {}, size, cfg)
+        if not resume:
+            remove_checkpoints(os.path.join(out_dir, "checkpoints"))
     rows, finals, diverged = {"train": [], "eval": []}, [], {}
     bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
                disable=not progress or not outputs.is_primary())
@@ -105,8 +108,8 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
             store = CheckpointStore(os.path.join(out_dir, "checkpoints", f"chunk{k}"), keep=cfg.keep_checkpoints,
                                     config=config) if out_dir else None
             try:
-                state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, config, resume,
-                                     metrics_path, rows, bar, eval_every, fresh_file=k == 0 and not resume)
+                state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, config, metrics_path,
+                                     rows, bar, eval_every, fresh_file=k == 0 and not resume)
             finally:
                 if store:
                     store.close()
@@ -131,12 +134,12 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
 
 
 def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray, size: int,
-                 sharding: NamedSharding, store: CheckpointStore | None, config: dict, resume: bool,
-                 metrics_path: str | None, rows: dict, bar, eval_every: EvalSchedule, fresh_file: bool) -> TrainState:
+                 sharding: NamedSharding, store: CheckpointStore | None, config: dict, metrics_path: str | None,
+                 rows: dict, bar, eval_every: EvalSchedule, fresh_file: bool) -> TrainState:
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
     a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
     state, start = prog.states(a, sharding), 0
-    if store and resume and store.steps():
+    if store and store.steps():
         check_resumable(store.config(), config, store.steps()[-1])
         state, start = store.restore(state, sharding), store.steps()[-1]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
