@@ -134,17 +134,22 @@ def _nan_at_update(k: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("k,last", [(12, 10), (9, 5)])
+def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, k, last):
+    """The k-th update (step k) writes NaN into the parameters; its loss is finite. k = 9: the checkpoint after step 9
+    would hold NaN parameters, so the run stops at step 9 and step 5's checkpoint is the last good one."""
     loss_fn, sample, task, cfg, params = tiny_setup(steps=30, checkpoint_every=5)
-    with pytest.raises(NonFiniteLossError, match=r"at step 13\b.*Last good checkpoint: step 10"):
-        train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), tx=_nan_at_update(12), progress=False)
+    match = rf"non-finite parameters after the update at step {k}\b.*Last good checkpoint: step {last}"
+    with pytest.raises(NonFiniteLossError, match=match):
+        train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), tx=_nan_at_update(k), progress=False)
     store = CheckpointStore(str(tmp_path / "checkpoints"))
-    assert store.steps() == [5, 10]
+    assert store.steps() == list(range(5, last + 1, 5))
     with jax.set_mesh(data_mesh()):
-        restored = store.restore(init_state(params, cfg.seed, _nan_at_update(12)), replicated(data_mesh()))
+        restored = store.restore(init_state(params, cfg.seed, _nan_at_update(k)), replicated(data_mesh()))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
     rows = read_metrics(str(tmp_path / "metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(13)) and all(np.isfinite(r["loss"]) for r in rows)
+    # the rows of the steps before the bad update, all finite
+    assert [r["step"] for r in rows] == list(range(k)) and all(np.isfinite(r["param_rms"]) for r in rows)
 
 
 def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():

@@ -32,7 +32,7 @@ from jaxicl.train.step import LossFn, run_steps
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the run stopped before saving the bad state."""
+    """The loss or the updated parameters became NaN or inf; the run stopped before saving the bad state."""
 
 
 @dataclasses.dataclass
@@ -64,7 +64,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     the optimiser built from cfg. buffers: state the loss updates outside the optimiser (then
     loss_fn(params, batch, buffers) -> (loss, (aux, new buffers)) and evaluate(params, buffers); checkpointed, in
     the result's state).
-    Raises NonFiniteLossError at the first non-finite loss, without saving the bad state.
+    Raises NonFiniteLossError at the first step whose loss or updated parameters are not finite, without saving the
+    bad state (nor logging that step).
     """
     mesh = data_mesh() if mesh is None else mesh
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
@@ -106,7 +107,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
             stopped = metrics.pop("stopped", np.zeros(end - first, bool))
             steps = np.arange(first, end)
-            bad = ~np.isfinite(metrics["loss"])
+            # a step that stopped the run (stop_loss) discarded its update
+            bad = ~np.isfinite(metrics["loss"]) | (~np.isfinite(metrics["param_rms"]) & ~stopped)
             done = int(np.argmax(stopped)) if stopped.any() else None  # the step whose loss fell below stop_loss
             logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1) | (np.arange(len(steps)) == done)
             stop = int(np.argmax(bad)) if bad.any() else len(steps) if done is None else done + 1
@@ -116,9 +118,10 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             writer.write(rows)
             if bad.any():
                 last = store.steps()[-1] if store and store.steps() else None
+                what = "loss" if not np.isfinite(metrics["loss"][stop]) else "parameters after the update"
                 raise NonFiniteLossError(
-                    f"non-finite loss {metrics['loss'][stop]} at step {int(steps[stop])}; the run stopped "
-                    f"without saving it. Last good checkpoint: "
+                    f"non-finite {what} at step {int(steps[stop])} (loss {metrics['loss'][stop]}, parameter RMS "
+                    f"{metrics['param_rms'][stop]}); the run stopped without saving it. Last good checkpoint: "
                     f"{f'step {last} in {store.directory}' if last is not None else 'none'}")
             bar.update(end - first)
             bar.set_postfix(loss=f"{metrics['loss'][stop - 1]:.4g}")
