@@ -275,17 +275,19 @@ def test_a_batchless_objective_trains_through_the_engine_and_logs_the_step_metri
     assert CheckpointStore(str(tmp_path / "checkpoints")).config()["task"] == {}
 
 
-def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_nothing(tmp_path):
-    """GD with lr 0.5 on 1/2 |w - 1|^2 from w = 0 in 8 dimensions halves the error each step: the loss at
-    step k is 4 * 0.25^k, first below 1e-3 at k = 6 (0.00098; k = 5 gives 0.0039)."""
-    def loss_fn(params, batch):
-        return 0.5 * jnp.sum((params["w"] - 1.0) ** 2), {}
+def _halving_loss(params, batch):
+    """1/2 |w - 1|^2: GD with lr 0.5 from w = 0 in 8 dimensions halves the error each step, so the loss at step k is
+    4 * 0.25^k, first below 1e-3 at k = 6 (0.00098; k = 5 gives 0.0039)."""
+    return 0.5 * jnp.sum((params["w"] - 1.0) ** 2), {}
 
+
+def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_nothing(tmp_path):
+    """The loss first falls below 1e-3 at step 6 (_halving_loss)."""
     cfg = TrainConfig(steps=50, optimizer="sgd", lr=0.5, stop_loss=1e-3, steps_per_call=4, log_every=10,
                       checkpoint_every=8)
     evaluate = jax.jit(lambda p: {"w0": p["w"][0]})
     kw = dict(evaluate=evaluate, eval_every=8, progress=False)
-    result = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
+    result = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
     expected = [4 * 0.25**k for k in range(7)]
     assert int(result.state.step) == 6
     assert [r["step"] for r in result.train_rows] == [0, 6]  # logged every 10 steps, and the stopping step
@@ -295,8 +297,43 @@ def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_n
     assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [6]
     rows = lambda: sorted(read_metrics(str(tmp_path / "metrics.jsonl")), key=lambda r: (r["step"], r["split"]))  # noqa: E731
     before = rows()
-    again = train(loss_fn, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
+    again = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
     assert int(again.state.step) == 6 and rows() == before  # the same rows (the stopping step's train row re-logged)
+
+
+def test_a_stop_on_an_evaluation_step_evaluates_and_saves_once_and_a_resumed_run_writes_the_same_file(
+        tmp_path, monkeypatch):
+    """The run stops at step 6 (_halving_loss), where it evaluates and checkpoints anyway: one eval row and one save
+    there. A run trained for 3 steps and then resumed for 50 leaves the same metrics.jsonl (its forced train row
+    at step 2 goes). Every chunk is the same one-step program, so the rows are equal exactly."""
+    saved, save = [], CheckpointStore.save
+    monkeypatch.setattr(CheckpointStore, "save", lambda self, state, step=None: (
+        saved.append(int(state.step)), save(self, state, step))[1])
+    cfg = TrainConfig(steps=50, optimizer="sgd", lr=0.5, stop_loss=1e-3, steps_per_call=1, log_every=10,
+                      checkpoint_every=3)
+    kw = dict(evaluate=jax.jit(lambda p: {"w0": p["w"][0]}), eval_every=3, progress=False)
+    result = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "a"), **kw)
+    assert int(result.state.step) == 6 and saved == [3, 6]
+    assert [r["step"] for r in result.eval_rows] == [0, 3, 6] and [r["step"] for r in result.train_rows] == [0, 6]
+    short = dataclasses.replace(cfg, steps=3)
+    train(_halving_loss, None, None, short, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "b"), **kw)
+    train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "b"), **kw)
+    assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+
+
+def test_resuming_with_more_steps_writes_the_metrics_of_a_straight_run_of_the_new_length(tmp_path):
+    """7 steps, then resumed to 12: the 7-step run's forced rows (train at step 6, its final eval at 7) are not rows
+    of a 12-step run (log_every=5, eval_every=5) and go; exact, as every chunk is the same one-step program."""
+    cfg = TrainConfig(steps=12, optimizer="sgd", lr=0.1, steps_per_call=1, log_every=5)
+    kw = dict(evaluate=jax.jit(lambda p: {"w0": p["w"][0]}), eval_every=5, progress=False)
+    straight = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "a"), **kw)
+    assert [r["step"] for r in straight.train_rows] == [0, 5, 10, 11]
+    assert [r["step"] for r in straight.eval_rows] == [0, 5, 10, 12]
+    short = train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), {"w": jnp.zeros(8)},
+                  out_dir=str(tmp_path / "b"), **kw)
+    assert [r["step"] for r in short.train_rows] == [0, 5, 6] and [r["step"] for r in short.eval_rows] == [0, 5, 7]
+    train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "b"), **kw)
+    assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 
 
 def test_evaluations_at_listed_steps_run_there_and_at_the_ends():

@@ -25,7 +25,7 @@ from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_che
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import data_mesh, portable, replicated
-from jaxicl.train.metrics import MetricsWriter, read_metrics
+from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, run_steps
@@ -91,14 +91,20 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             state = store.restore(state, sharding)
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-        writer = MetricsWriter(metrics_path, resume_step=start)
+        writer = MetricsWriter(metrics_path, keep=lambda r: kept_on_resume(r, start, cfg, eval_every))
         chunk = ChunkPrograms(jax.jit(partial(run_steps, **step_kw), static_argnums=1, donate_argnums=0))
         train_rows, eval_rows = [], []
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not outputs.is_primary(),
                    dynamic_ncols=True)
 
+        # the steps whose evaluation is in metrics.jsonl and whose checkpoint is saved (kept_on_resume's rule)
+        evaluated_at = start if start and evaluates_at(start, eval_every) else None
+        saved_at = start if start else None
+
         def run_eval(state):
-            row = {"step": int(state.step), "split": "eval",
+            nonlocal evaluated_at
+            evaluated_at = int(state.step)
+            row = {"step": evaluated_at, "split": "eval",
                    **{k: float(v) for k, v in jax.device_get(evaluate(*_model_state(state))).items()}}
             eval_rows.append(row)
             writer.write([row])
@@ -127,13 +133,13 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             bar.set_postfix(loss=f"{metrics['loss'][stop - 1]:.4g}")
             return None if done is None else first + done
 
-        def on_state(end, state, final):
-            if final and end == start > 0:  # resumed a run that had stopped here: its eval and checkpoint exist
-                return
-            if evaluate and (final or evaluates_at(end, eval_every)):
+        def on_state(end, state, final):  # twice at one step when the run stops (stop_loss) at a boundary
+            nonlocal saved_at
+            if evaluate and (final or evaluates_at(end, eval_every)) and evaluated_at != end:
                 run_eval(state)
-            if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
+            if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)) and saved_at != end:
                 store.save(state)
+                saved_at = end
 
         try:
             if evaluate and start == 0:

@@ -2,11 +2,14 @@
 
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from jaxicl import outputs
+from jaxicl.train.chunks import EvalSchedule, evaluates_at
+from jaxicl.train.config import TrainConfig
 
 
 def _jsonable(v):
@@ -17,19 +20,15 @@ def _jsonable(v):
 
 
 class MetricsWriter:
-    """Appends rows {"step": s, "split": ..., name: value} to `path`.
-
-    On resume from step c it first drops the rows that the resumed run will write again
-    (train rows with step >= c, eval rows with step > c, or >= 0 when c = 0), so an interrupted and resumed run
-    leaves the same file as an uninterrupted one. `keep(row) -> bool` replaces that rule (a
-    chunked sweep resumes one chunk of members and keeps the finished chunks' rows).
+    """Appends rows {"step": s, "split": ..., name: value} to `path`, first keeping only the existing rows for which
+    keep(row) is true (kept_on_resume: those a resumed run does not write again), so an interrupted and resumed run
+    leaves the same file as an uninterrupted one.
     """
 
-    def __init__(self, path: str | None, resume_step: int = 0, keep=None):
+    def __init__(self, path: str | None, keep: Callable[[dict], bool]):
         self.path = path
         if path is None:
             return
-        keep = keep or (lambda r: kept_on_resume(r, resume_step))
         kept = [r for r in read_metrics(path) if keep(r)] if outputs.is_primary() and os.path.exists(path) else []
         outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -40,9 +39,17 @@ class MetricsWriter:
                                               for r in rows), append=True)
 
 
-def kept_on_resume(row: dict, resume_step: int) -> bool:
-    """Whether a row survives a resume from resume_step (a run from step 0 evaluates step 0 again)."""
-    return row["step"] < resume_step or (row.get("split") == "eval" and row["step"] == resume_step > 0)
+def kept_on_resume(row: dict, resume_step: int, cfg: TrainConfig, eval_every: EvalSchedule) -> bool:
+    """Whether a row survives a resume from resume_step of a run of cfg.steps steps: the rows before resume_step that
+    an uninterrupted run writes. Nothing survives a start from step 0. An earlier run of fewer steps that ended at
+    resume_step logged its last step and evaluated at its end: those two rows go unless this run logs that step
+    (log_every) and evaluates there (eval_every). The evaluation at resume_step of a run stopped there (stop_loss)
+    goes too; the resumed run stops there again and evaluates it anew.
+    """
+    step = row["step"]
+    if row.get("split") == "eval":
+        return step < resume_step or step == resume_step > 0 and (step == cfg.steps or evaluates_at(step, eval_every))
+    return step < resume_step and (step % cfg.log_every == 0 or step == cfg.steps - 1)
 
 
 def read_metrics(path: str, split: str | None = None) -> list[dict]:

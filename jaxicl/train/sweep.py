@@ -145,7 +145,7 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     # rows of other chunks stay; this chunk's rows from `start` on are written again
     writer = MetricsWriter(metrics_path, keep=lambda r: not fresh_file and (
-        not lo <= r.get("member", -1) < hi or kept_on_resume(r, start)))
+        not lo <= r.get("member", -1) < hi or kept_on_resume(r, start, cfg, eval_every)))
     bar.update(start)
 
     def log(split, steps, values, ok=None):
