@@ -1,11 +1,16 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxicl.models import SelfAttention
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
+from jaxicl.tasks.batching import POOL_STREAM
 from jaxicl.validation import ConfigError
 
 
@@ -76,9 +81,26 @@ def test_finite_pool_draws_only_pool_vectors():
     w = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(8), 400).info["w"])
     unique = np.unique(w.round(6), axis=0)
     assert len(unique) == 4
-    pool = np.stack([jax.random.normal(jax.random.fold_in(jax.random.key(7), i), (3,)) for i in range(4)])
+    stream = jax.random.fold_in(jax.random.key(7), POOL_STREAM)
+    pool = np.stack([jax.random.normal(jax.random.fold_in(stream, i), (3,)) for i in range(4)])
     np.testing.assert_allclose(lr.task_pool(cfg), pool, rtol=1e-6)
     np.testing.assert_allclose(np.sort(unique, axis=0), np.sort(pool, axis=0), rtol=1e-5)
+
+
+def test_the_pool_is_not_the_initial_weights_of_a_model_built_with_the_same_seed():
+    """nnx.Rngs(0) draws its i-th parameter from fold_in(key(0), i); a pool with pool_seed=0 must not reuse those
+    keys (it did: each [2, 4, 4] weight of SelfAttention was 0.1 x a pool vector of dim 32). The pool stays a
+    function of pool_seed alone, and a pool of n tasks is the first n rows of a larger one."""
+    model = SelfAttention(4, num_heads=2, init_scale=0.1, rngs=nnx.Rngs(0))
+    leaves = [np.asarray(x).ravel() / 0.1 for x in jax.tree.leaves(nnx.split(model)[1])]
+    cfg = lr.LinearRegression(dim=leaves[0].size, n_context=2, n_tasks=16)
+    pool = np.asarray(lr.task_pool(cfg))
+    # independent N(0, 1) vectors of 32 entries: |correlation| above 0.8 has probability ~1e-8 per pair
+    corr = np.corrcoef(np.concatenate([pool, np.stack(leaves)]))[:16, 16:]
+    assert np.abs(corr).max() < 0.8
+    np.testing.assert_array_equal(lr.task_pool(dataclasses.replace(cfg, n_tasks=32))[:16], pool)
+    np.testing.assert_array_equal(lr.task_pool(cfg), pool)
+    assert not np.allclose(lr.task_pool(dataclasses.replace(cfg, pool_seed=1)), pool)
 
 
 @pytest.mark.parametrize("kwargs,field", [

@@ -10,6 +10,7 @@ from jaxicl.baselines import k_nearest_neighbors, one_nearest_neighbor
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn
 from jaxicl.tasks import sample_batch
+from jaxicl.tasks.batching import POOL_STREAM
 from jaxicl.train import TrainConfig, data_key, regression_loss, train, train_sweep
 from jaxicl.validation import ConfigError
 
@@ -89,9 +90,20 @@ def test_sampler_trains_in_a_sweep_under_its_explicit_member_sharding():
 
 
 def test_fixed_prompt_set_repeats_exactly_n_prompts_prompts():
-    cfg = nn.NearestNeighbor(dim=3, n_context=4, n_prompts=5)
+    """Prompt m of the set is the fresh prompt of pool_key(pool_seed, m), a key of its own stream: not
+    fold_in(key(pool_seed), m), the key of the m-th parameter nnx.Rngs(pool_seed) initialises."""
+    cfg = nn.NearestNeighbor(dim=3, n_context=4, n_prompts=5, pool_seed=2)
     b = sample_batch(nn.sample, cfg, jax.random.key(3), 200)
-    assert len(np.unique(np.asarray(b.inputs).reshape(200, -1), axis=0)) == 5
+    drawn = np.asarray(b.inputs).reshape(200, -1)
+    fresh = dataclasses.replace(cfg, n_prompts=0)
+    prompts = lambda keys: np.asarray(jax.vmap(lambda k: nn.sample(fresh, k))(keys).inputs).reshape(5, -1)  # noqa: E731
+    the_set = prompts(jax.vmap(lambda m: jax.random.fold_in(jax.random.fold_in(jax.random.key(2), POOL_STREAM), m))(
+        jnp.arange(5)))
+    init_keys = prompts(jax.vmap(lambda m: jax.random.fold_in(jax.random.key(2), m))(jnp.arange(5)))
+    # another compiled program than the batch's: equal up to float32 rounding
+    nearest = np.abs(drawn[:, None] - the_set[None]).max(-1)  # [200, 5]
+    assert nearest.min(1).max() < 1e-5 and set(nearest.argmin(1)) == set(range(5))
+    assert np.abs(init_keys[:, None] - the_set[None]).max(-1).min() > 0.1
 
 
 def test_config_errors_name_the_field():

@@ -19,7 +19,7 @@ predicts s_{t+1}. Token formats:
   "tiled":     e_t = (s_t, ..., s_t) (tile copies) in R^{tile dim}.
 
 With n_sequences > 0 the prompts come from a fixed dataset of n_sequences sequences (sequence i is
-generated from fold_in(key(pool_seed), i)); each draw picks a uniform index, so a training run
+generated from batching.pool_key(pool_seed, i)); each draw picks a uniform index, so a training run
 indexes a device-resident (here: regenerated on device) fixed dataset instead of fresh samples.
 """
 

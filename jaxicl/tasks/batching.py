@@ -32,13 +32,25 @@ def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:
             f"'{axis}'; use a multiple of {n}")
 
 
+POOL_STREAM = 0x9001  # folded into a fixed set's seed before the item index, so its keys are not nnx.Rngs(seed)'s
+
+
+def pool_key(seed: int, index: jax.Array) -> jax.Array:
+    """The key of item `index` of a fixed set (a task pool, a prompt set) made from `seed`:
+    fold_in(fold_in(key(seed), POOL_STREAM), index). Without the stream, fold_in(key(seed), i) would be the key of
+    the i-th parameter that nnx.Rngs(seed) initialises, so a pool would copy the initial weights of a model
+    built with the same seed.
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), POOL_STREAM), index)
+
+
 def fixed_set_key(key: jax.Array, size: int, seed: int) -> jax.Array:
     """The key of a prompt drawn uniformly (by `key`) from a fixed set of `size` prompts.
 
-    Prompt i of the set is always sampled from fold_in(key(seed), i), so a task trained on a
-    finite dataset regenerates it on device instead of storing it.
+    Prompt i of the set is always sampled from pool_key(seed, i), so a task trained on a finite dataset
+    regenerates it on device instead of storing it.
     """
-    return jax.random.fold_in(jax.random.key(seed), jax.random.randint(key, (), 0, size))
+    return pool_key(seed, jax.random.randint(key, (), 0, size))
 
 
 def takes_step(sample: Sampler) -> bool:

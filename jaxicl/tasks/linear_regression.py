@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.prompt import Prompt
+from jaxicl.tasks.batching import pool_key
 from jaxicl.validation import check_choice, check_positive
 
 FORMATS = ("paired", "interleaved")
@@ -79,13 +80,13 @@ def prediction_positions(cfg: LinearRegression) -> np.ndarray:
 
 
 def pool_vector(cfg: LinearRegression, index: jax.Array) -> jax.Array:
-    """Row `index` of the fixed pool: w_scale * N(0, I) from fold_in(key(pool_seed), index), [dim].
+    """Row `index` of the fixed pool: w_scale * N(0, I) from pool_key(pool_seed, index), [dim].
 
     Each row has its own key, so a prompt never materialises the pool (pools of 2^20 tasks cost
     nothing), a pool of n tasks is the first n rows of any larger pool, and the index may be
     sharded over devices without a gather from a replicated table.
     """
-    return cfg.w_scale * jax.random.normal(jax.random.fold_in(jax.random.key(cfg.pool_seed), index), (cfg.dim,))
+    return cfg.w_scale * jax.random.normal(pool_key(cfg.pool_seed, index), (cfg.dim,))
 
 
 def task_pool(cfg: LinearRegression, n_tasks: int | None = None) -> jax.Array:

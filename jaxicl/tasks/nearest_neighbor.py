@@ -17,7 +17,7 @@ Distributions:
              of a uniformly chosen context point i, and every other x_j with |x_j - x_q|^2 <= delta
              is replaced by -x_j (point i itself is never flipped). For delta < 2 every j != i then
              sits at squared distance >= delta from the query (a margin of delta).
-`n_prompts > 0` makes a fixed training set: prompt m is always drawn from fold_in(key(pool_seed), m)
+`n_prompts > 0` makes a fixed training set: prompt m is always drawn from batching.pool_key(pool_seed, m)
 and `sample` picks m uniformly (SGD on a finite set of prompts, as in the paper's experiments).
 """
 
