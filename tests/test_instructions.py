@@ -120,6 +120,10 @@ def test_impossible_settings_fail_at_setup_with_the_field_and_the_count():
     with pytest.raises(ConfigError, match=r"patterns\[0\]\[0\] \('ab'\) made only 1 unambiguous strings.*"
                                           r"strings_per_family=5"):
         ins.build(few)
+    # a keyword of 2 letters and at least two more atoms leave no room in 3 letters for 100 strings per family
+    with pytest.raises(ConfigError, match=r"only 0 of n_families=5 generated patterns .* strings_per_family=100 "
+                                          r"strings of at most max_instruction_len=3 .*keyword_len=2"):
+        ins.build(ins.Instructions(max_instruction_len=3))
     with pytest.raises(ConfigError, match="patterns must hold n_families=3"):
         ins.Instructions(n_tasks=2, n_families=3, patterns=(("a", "b"), ("c", "d")))
     with pytest.raises(ConfigError, match="loss must be one of"):

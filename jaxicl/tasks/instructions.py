@@ -281,7 +281,10 @@ def task_table(cfg: Instructions, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate_patterns(cfg: Instructions, rng: np.random.Generator) -> tuple[tuple[str, ...], ...]:
-    """[K][M] patterns: a keyword per task inside 2 to 4 random atoms per family (see the module docstring)."""
+    """[K][M] patterns: a keyword per task inside 2 to 4 random atoms per family (see the module docstring).
+
+    Raises ConfigError when a task gets fewer than n_families patterns that fit max_instruction_len.
+    """
     alphabet, keywords = cfg.alphabet, []
     while len(keywords) < cfg.n_tasks:
         word = "".join(rng.choice(list(alphabet), cfg.keyword_len))
@@ -307,6 +310,12 @@ def generate_patterns(cfg: Instructions, rng: np.random.Generator) -> tuple[tupl
                 families.append(text)
             if len(families) == cfg.n_families:
                 break
+        if len(families) < cfg.n_families:
+            raise ConfigError(
+                f"only {len(families)} of n_families={cfg.n_families} generated patterns for keyword {word!r} can "
+                f"spell 5 x strings_per_family={5 * cfg.strings_per_family} strings of at most max_instruction_len="
+                f"{cfg.max_instruction_len} letters (the keyword takes keyword_len={cfg.keyword_len}, at least two "
+                f"more atoms the rest); raise max_instruction_len or lower strings_per_family or n_families")
         patterns.append(tuple(families))
     return tuple(patterns)
 
