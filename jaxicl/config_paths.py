@@ -62,7 +62,7 @@ def parse_text(text: str, kind, path: str):
             return False
         raise ConfigError(f"{path} expects true or false, got {text!r}")
     try:
-        return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        return cast_number(float(text), int, path) if kind is int and "e" in text.lower() else kind(text)
     except ValueError:
         raise ConfigError(f"{path} expects a value of type {kind.__name__}, got {text!r}") from None
 
@@ -70,7 +70,7 @@ def parse_text(text: str, kind, path: str):
 def cast_number(value, kind, path: str):
     """A swept number as the field's type; only int and float fields can be swept."""
     if kind is int:
-        if float(value) != int(value):
+        if not float(value).is_integer():
             raise ConfigError(f"field {path!r} takes integers, got {value!r}")
         return int(value)
     if kind is float:

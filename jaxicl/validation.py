@@ -1,5 +1,6 @@
 """Config validation helpers: every error names the field and the allowed values."""
 
+import math
 from collections.abc import Iterable
 
 
@@ -7,15 +8,24 @@ class ConfigError(ValueError):
     """A config field holds a value outside its allowed range."""
 
 
+def check_finite(name: str, value) -> None:
+    """Rejects inf and NaN."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """Checks that value is finite and > 0 (>= 0 with allow_zero)."""
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}, got {value!r}")
+    check_finite(name, value)
 
 
 def check_range(name: str, value, low=None, high=None) -> None:
-    """Checks low <= value <= high (either bound may be None)."""
+    """Checks low <= value <= high (either bound may be None) and that value is finite."""
+    check_finite(name, value)
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high

@@ -162,7 +162,9 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
 @pytest.mark.parametrize("kwargs,field", [
     ({"steps": 0}, "steps"), ({"optimizer": "rmsprop"}, "optimizer"), ({"schedule": "step"}, "schedule"),
     ({"lr": -1.0}, "lr"), ({"warmup_steps": 5, "steps": 2}, "warmup_steps"), ({"clip_norm": -1.0}, "clip_norm"),
-    ({"weight_decay": 0.1}, "weight_decay"), ({"prng_impl": "rbg"}, "prng_impl")])
+    ({"weight_decay": 0.1}, "weight_decay"), ({"prng_impl": "rbg"}, "prng_impl"),
+    ({"lr": float("inf")}, "lr must be a finite number"), ({"stop_loss": float("nan")}, "stop_loss"),
+    ({"warmup_steps": 5}, "warmup_steps=5 needs schedule='warmup_cosine'.*schedule='constant'")])
 def test_bad_train_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**kwargs)

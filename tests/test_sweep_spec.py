@@ -96,6 +96,22 @@ def test_member_config_sets_nested_fields_and_validates_them():
         member_config(Cfg(), {"task.noise_std": -1.0})
 
 
+@pytest.mark.parametrize("override,match", [
+    ("train.seed=1e-3", r"train.seed=1e-3: .*type int, got '1e-3'"),  # was int(0.001) = 0
+    ("train.seed=1e400", r"train.seed=1e400: .*type int"),
+    ("train.lr=inf", r"train.lr=inf: lr must be a finite number, got inf"),
+    ("task.noise_std=nan", r"task.noise_std=nan: noise_std must be >= 0, got nan"),
+    ("task.x_scale=inf", r"task.x_scale=inf: x_scale must be a finite number, got inf"),
+    ("train.warmup_steps=5", r"warmup_steps=5 needs schedule='warmup_cosine'"),
+])
+def test_overrides_refuse_non_integral_ints_non_finite_numbers_and_an_unused_warmup(override, match):
+    from jaxicl.config_paths import apply_overrides
+
+    assert apply_overrides(Cfg(), ["train.seed=2e3"]).train.seed == 2000
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(Cfg(), [override])
+
+
 @pytest.mark.parametrize("name,path", [("lr", "train.lr"), ("train.lr", "train.lr"), ("noise_std", "task.noise_std"),
                                        ("init_scale", "init_scale")])
 def test_an_override_and_a_sweep_axis_name_the_same_field_the_same_way(name, path):

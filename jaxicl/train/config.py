@@ -3,7 +3,7 @@
 import dataclasses
 
 from jaxicl.prng import PRNG_IMPLS
-from jaxicl.validation import check_choice, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -42,6 +42,9 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("prng_impl", self.prng_impl, PRNG_IMPLS)
         check_range("warmup_steps", self.warmup_steps, 0, self.steps)
+        if self.warmup_steps and self.schedule == "constant":
+            raise ConfigError(f"warmup_steps={self.warmup_steps} needs schedule='warmup_cosine' (schedule='constant' "
+                              f"has no warmup); set warmup_steps=0 or schedule='warmup_cosine'")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
         if self.weight_decay and self.optimizer != "adamw":
