@@ -104,6 +104,40 @@ def test_composites_cover_their_footprint_with_a_one_cell_margin(data):
         np.testing.assert_array_equal(objects[i], want)
 
 
+def _sampled_tuples(data, split: str) -> dict[str, set]:
+    """The tuples of 3000 boards of the split's sampler at uniform type probabilities, read back from the render's
+    annotations: a placement's top-left is a visible cell's position minus its cell offset."""
+    b = sample_batch(data.sampler(split), CFG, jax.random.key(5), 3000, axis=None, step=2000 * CFG.steps_per_epoch).info
+    root, cell, obj = (np.asarray(b[k]).reshape(-1, 64) for k in ("root", "cell", "object"))
+    out = {t: set() for t in bd.TYPES}
+    for i, kind in enumerate(np.asarray(b["type"])):
+        places = []
+        for q in range(4 if kind == 2 else kind + 1):
+            c = np.flatnonzero(obj[i] == q)[0]  # some cell of every placement stays visible
+            places.append((int(root[i, c]), c // 8 - cell[i, c] // 3, c % 8 - cell[i, c] % 3))
+        bck = int(b["background"][i])
+        if kind == 2:
+            grid = [p[0] for p in places]
+            comp = next(k for k, g in enumerate(data.composites.reshape(-1, 4).tolist()) if g == grid)
+            out["composition"].add((comp, places[0][1], places[0][2], bck))
+        else:
+            out[bd.TYPES[kind]].add(tuple(int(v) for p in places for v in p) + (bck,))
+    return out
+
+
+def test_the_train_sampler_never_draws_a_held_out_tuple_and_the_test_sampler_only_those(data):
+    """Against the held-out indices applied to the itertools numbering (not the sampler's arithmetic decoding)."""
+    train, test = _sampled_tuples(data, "train"), _sampled_tuples(data, "test")
+    for t in bd.TYPES:
+        groups, per = bd.sizes(CFG, t)
+        every = _enumerate(t).reshape(groups, per, -1)
+        held = {tuple(r) for g in range(groups) for r in every[g, data.test[t][g]].tolist()}
+        assert train[t] and not train[t] & held, t
+        assert test[t] <= held, t
+    # ~1000 draws per type: every held-out single (40) and composition (20) tuple appears
+    assert len(test["single"]) == 40 and len(test["composition"]) == 20
+
+
 def test_masks_have_the_scheduled_rate_and_patches_come_late(data):
     for epoch in (0, 300, 740, 2000):
         b = sample_batch(data.sampler("train"), CFG, jax.random.key(1), 4096, axis=None,

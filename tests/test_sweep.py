@@ -103,9 +103,11 @@ def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once
                           progress=False)
     assert chunked.chunk_size == 2
     assert len(compiles) <= 3, compiles  # the 5-step chunk program once for 3 chunks (plus tiny helpers)
+    # a stack of 2 and one of 5 are two compiled programs (other fusions and reduction orders): float32 rounding
+    # differences grow over 10 Adam steps, so the tolerances of the suite's other cross-program comparisons
     for i in range(5):
-        np.testing.assert_allclose(_member_losses(chunked, i), _member_losses(whole, i), rtol=1e-6)
-    _assert_trees_close(chunked.params, whole.params, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(_member_losses(chunked, i), _member_losses(whole, i), rtol=2e-5)
+    _assert_trees_close(chunked.params, whole.params, rtol=2e-4, atol=1e-6)
 
 
 def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unchanged(tmp_path):
