@@ -167,7 +167,7 @@ def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalise
     model = nnx.merge(g, p)
     _, cache = run_with_cache(g, p, clean, ["layer1.resid_pre", "layer1.attn.scores", "layer1.attn.weights",
                                             "layer1.attn.heads"])
-    h = np.asarray(jax.vmap(lambda x: model.blocks[1].ln1(x)[0])(cache["layer1.resid_pre"]), np.float64)  # [B, T, D]
+    h = np.asarray(jax.vmap(lambda x: model.blocks[1].ln1(x))(cache["layer1.resid_pre"]), np.float64)  # [B, T, D]
     dh = model.blocks[1].attn.wq.shape[-1]
     lower = np.tril(np.ones((T, T), bool))
     for head in range(2):
