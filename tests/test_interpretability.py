@@ -130,6 +130,34 @@ def test_ablation_of_a_head_with_zero_ov_weights_changes_nothing_and_zero_ablati
         ablate_heads(g, p, clean, [(0, 1)], kind="noise")
 
 
+def test_mean_and_resample_ablation_of_a_writing_head_match_hand_patches():
+    """Head (0, 1) has nonzero W_O. mean: its z replaced by the batch mean over prompts, per position; resample on the
+    batch itself: by z of prompt (b + offset) % B with offset uniform in 1..B-1 (never the prompt itself);
+    resample from a separate reference: by z of a uniform reference prompt. Same key, so the picks are reproduced."""
+    g, p, clean, corrupted = _setup()
+    key = jax.random.key(7)
+
+    def hand(z_head):  # the predictions with head 1's z [B, T, dh] at layer 0 replaced
+        z = run_with_cache(g, p, clean, ["layer0.attn.z"])[1]["layer0.attn.z"].at[:, :, 1].set(z_head)
+        return patched_predictions(g, p, clean, Patch(values={"layer0.attn.z": z}))
+
+    z_clean, z_corrupted = (run_with_cache(g, p, x, ["layer0.attn.z"])[1]["layer0.attn.z"][:, :, 1]
+                            for x in (clean, corrupted))
+    own = (np.arange(B) + np.asarray(jax.random.randint(key, (B,), 1, B))) % B
+    assert np.all(own != np.arange(B))
+    other = np.asarray(jax.random.randint(key, (B,), 0, B))
+    expected = {"mean": hand(jnp.broadcast_to(z_clean.mean(0), z_clean.shape)), "resample": hand(z_clean[own])}
+    plain = run_with_cache(g, p, clean, [])[0]
+    for kind, want in expected.items():
+        got = ablate_heads(g, p, clean, [(0, 1)], kind=kind, key=key)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # the same patch through two compiled programs
+        assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3  # the head matters: ablating it moves the output
+    np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind="resample", reference=corrupted, key=key),
+                               hand(z_corrupted[other]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="tokens of at least 2 prompts"):
+        ablate_heads(g, p, clean[:1], [(0, 1)], kind="resample", key=key)
+
+
 def test_bad_grids_fail_before_compiling_with_the_argument_named():
     g, p, clean, corrupted = _setup()
     with pytest.raises(ValueError, match="unknown site name"):
