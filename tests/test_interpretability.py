@@ -182,6 +182,43 @@ def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
     assert probe(x, classes)["score"] > 0.95 and probe(x, jax.random.permutation(key, classes))["score"] < 0.6
 
 
+@pytest.mark.parametrize("split", ["random", "held_out"])
+def test_probe_fits_only_the_training_rows(split):
+    """Noise targets, F = 200 features, 300 training rows: ridge (lam 1e-3, negligible here) interpolates much of the
+    noise, train R^2 ~ Beta(F/2, (N_train - F - 1)/2): mean 0.67, sd 0.04, so > 0.5. On the 100 held-out rows the
+    fitted noise is pure error: expected R^2 about -(F + 1)/(N_train - F - 2) = -2; a probe that had also fitted
+    those rows would score them about like the training rows (0.5), so < 0.1 tells the two apart. The weights are
+    a float64 numpy ridge fit on the training rows alone (the split reproduced from the same key)."""
+    n, f, n_test = 400, 200, 100
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(n, f)).astype(np.float32)
+    y = rng.normal(size=n).astype(np.float32)
+    if split == "random":
+        out = probe(x, y, key=jax.random.key(3))
+        test = np.asarray(jax.random.permutation(jax.random.key(3), n))[:n_test]
+    else:
+        test = rng.choice(n, n_test, replace=False)
+        out = probe(x, y, held_out=np.isin(np.arange(n), test))
+    train = np.setdiff1d(np.arange(n), test)
+    assert out["train_score"] > 0.5 and out["score"] < 0.1
+
+    def ridge(rows):
+        xb = np.c_[x[rows], np.ones(len(rows))].astype(np.float64)
+        reg = 1e-3 * np.diag(np.r_[np.ones(f), 0.0])
+        return np.linalg.solve(xb.T @ xb + reg, xb.T @ y[rows])
+
+    def rel_err(w, want):
+        return np.linalg.norm(w - want) / np.linalg.norm(want)
+
+    # float32 normal equations with condition number ((sqrt(300) + sqrt(200)) / (sqrt(300) - sqrt(200)))^2 ~ 1e2:
+    # relative error ~ 1e2 * 6e-8 * sqrt(F) ~ 1e-4; a fit that also saw the held-out rows is O(1) away
+    w = out["weights"][:, 0]
+    assert rel_err(w, ridge(train)) < 1e-3 and rel_err(ridge(np.arange(n)), ridge(train)) > 0.1
+    pred = x[test] @ w[:-1] + w[-1]
+    r2 = 1 - np.sum((pred - y[test]) ** 2) / np.sum((y[test] - y[test].mean()) ** 2)
+    assert out["score"] == pytest.approx(r2, rel=1e-4)
+
+
 def test_attention_mass_at_offsets_against_planted_patterns():
     eye = jnp.eye(4)[None]  # every query on itself
     prev = jnp.eye(4, k=-1).at[0, 0].set(1.0)[None]  # every query on the previous token (the first on itself)
