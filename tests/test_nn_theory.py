@@ -95,6 +95,9 @@ def test_reduced_gd_takes_eta_over_d_steps_on_xi1(x64):
         xi = xi - np.array([0.8 / 5 * g1, 0.8 * g2])
     assert path.shape == (3, 2)
     np.testing.assert_allclose(path[-1], xi, rtol=1e-12)
+    for steps, every in ((5, 2), (4, 0)):  # 5 steps in blocks of 2 would drop the last step
+        with pytest.raises(ValueError, match=f"got steps={steps}, record_every={every}"):
+            th.reduced_gd(0.5, 3.0, s, eta=0.8, dim=5, steps=steps, record_every=every)
 
 
 @pytest.mark.parametrize("xi1,xi2", [(5.0, 8.0), (20.0, 30.0)])
