@@ -82,6 +82,18 @@ def test_unitary_optimum_needs_all_heads_and_trig_solution_works_in_the_real_bas
     assert mc.max() < 1e-20
 
 
+def test_bad_family_or_odd_dim_fail_with_the_argument_named():
+    """Both entry points share the checks: an unknown family, or the orthogonal family's coordinate pairs (i, i ^ 1)
+    with odd d (the last partner index would be out of bounds and silently clamped)."""
+    a, b, p = jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.eye(4)
+    for loss in (th.population_loss, th.row_losses):
+        with pytest.raises(ValueError, match=r"family must be one of \('unitary', 'orthogonal'\), got 'orthogonl'"):
+            loss("orthogonl", a, b, p)
+        with pytest.raises(ValueError, match="d must be even, got d=3"):
+            loss("orthogonal", a, b, p)
+        assert np.isfinite(float(jnp.sum(loss("unitary", a, b, p))))  # odd d is fine for independent eigenvalues
+
+
 def test_gamma_is_one_gd_step_on_the_inner_objective(x64):
     cfg = ar.Autoregressive(family="haar", dim=4, seq_len=6)
     s = sample_batch(ar.sample, cfg, jax.random.key(4), 1, axis=None).info["states"][0]

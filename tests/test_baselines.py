@@ -2,7 +2,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxicl.baselines import gradient_descent, least_squares, ridge
+from jaxicl.baselines import best_gd_step, gradient_descent, least_squares, ridge
+from jaxicl.prompt import Prompt
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 
@@ -57,3 +58,22 @@ def test_gd_on_a_front_padded_prompt_with_the_step_scaled_by_n_over_k_is_gd_on_t
     x, y = np.asarray(b.info["x"]), np.asarray(b.info["y"])
     expected = [_numpy_gd(x[i, -k - 1:-1], y[i, -k - 1:-1], steps, lr_) @ x[i, -1] for i in range(5)]
     np.testing.assert_allclose(padded, expected, rtol=1e-10)
+
+
+def test_best_gd_step_on_complex_states_is_a_real_least_squares_fit(x64):
+    """Complex states: base_t = (sum_{t'<=t} s_t' s_{t'-1}^H) s_t (numpy loop), eta_t the real least-squares step of
+    eta base_t ~ s_{t+1} (numpy lstsq on the stacked real and imaginary parts), loss its mean |residual|^2: real
+    and non-negative."""
+    rng = np.random.default_rng(0)
+    n, t, d = 6, 5, 3
+    s = rng.normal(size=(n, t + 1, d)) + 1j * rng.normal(size=(n, t + 1, d))
+    eta, loss = best_gd_step(Prompt(inputs=s, targets=s, mask=np.ones(t), info={"states": s}))
+    assert eta.dtype == loss.dtype == np.float64
+    for k in range(1, t):
+        base = np.stack([sum(np.outer(s[b, j], s[b, j - 1].conj()) for j in range(1, k + 1)) @ s[b, k]
+                         for b in range(n)]).ravel()
+        target = s[:, k + 1].ravel()
+        (want,), res, *_ = np.linalg.lstsq(np.r_[base.real, base.imag][:, None], np.r_[target.real, target.imag])
+        assert eta[k] == pytest.approx(want, rel=1e-12)  # float64 sums in another order
+        assert loss[k] == pytest.approx(res[0] / base.size, rel=1e-12)
+    assert eta[0] == 0.0 and loss[0] == pytest.approx(np.mean(np.abs(s[:, 1]) ** 2), rel=1e-12)

@@ -29,4 +29,7 @@ def test_dmmse_limits_one_task_is_known_and_a_large_pool_approaches_ridge():
     b = sample_batch(lr.sample, fresh, jax.random.key(2), 256)
     big = jax.vmap(dmmse(fresh, lr.task_pool(fresh, 20000)))(b.inputs)[:, -1]
     exact = jax.vmap(ridge(fresh, 0.25))(b.inputs)[:, -1]
-    assert float(np.mean((big - exact) ** 2)) < 0.01 * float(np.mean(exact**2))
+    # the pool is a Monte Carlo sample of the Gaussian prior: squared error ~ c / pool relative, c about 2-6 here
+    # (measured over 3 pool seeds: 1.2e-4 to 2.9e-4 at 20000, this pool 1.8e-4; 1.6e-3 to 2.3e-3 at 1000,
+    # 4e-3 to 6e-3 at 500), so 1e-3 has margin at 20000 and fails for a pool of a few hundred to a thousand
+    assert float(np.mean((big - exact) ** 2)) < 1e-3 * float(np.mean(exact**2))

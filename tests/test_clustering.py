@@ -120,8 +120,27 @@ def test_sequence_features_gather_or_average_against_numpy():
     pooled = np.asarray(sequence_features(cache, ["a"], pool_mask=jnp.asarray(mask, jnp.float32)))
     want = np.stack([cache["a"][i][mask[i]].mean(0) for i in range(4)])
     np.testing.assert_allclose(pooled[0], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(sequence_features(cache, ["a"], positions=jnp.array([-1, -7, 0, 6]))[0],
+                                  cache["a"][np.arange(4), [6, 0, 0, 6]])  # from the end, as numpy
     with pytest.raises(ValueError, match="exactly one"):
         sequence_features(cache, ["a"])
+    for bad in (7, -8):  # a position past either end: no NaN rows (take_along_axis's fill)
+        with pytest.raises(ValueError, match=r"positions must lie in \[-7, 7\)"):
+            sequence_features(cache, ["a"], positions=jnp.array([0, bad, 2, 3]))
+
+
+def test_labels_outside_their_count_fail_with_the_argument_named():
+    """A label >= n (or < 0) would get an all-zero one-hot row and drop out of the scores silently."""
+    good, bad = np.array([0, 1, 2, 1]), np.array([0, 1, 3, 1])
+    for fn in (adjusted_rand_index, normalized_mutual_info):
+        with pytest.raises(ValueError, match=r"labels a must lie in \[0, 3\)"):
+            fn(jnp.asarray(bad), jnp.asarray(good), 3, 3)
+        with pytest.raises(ValueError, match=r"labels b must lie in \[0, 3\)"):
+            fn(jnp.asarray(good), jnp.asarray(-bad), 3, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        cluster_scores(jnp.zeros((1, 4, 2)), jnp.asarray(bad), 3, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"clusters must lie in \[0, 3\)"):
+        match_clusters(good, bad, 3)
 
 
 def test_cluster_scores_per_layer_see_structure_only_where_it_is():

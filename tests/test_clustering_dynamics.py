@@ -51,7 +51,20 @@ def test_edits_at_a_position_equal_patch_deltas_and_zero_edits_change_nothing():
     sep = jax.nn.one_hot(arrow - 2, t)[..., None]  # [B, T, 1]
     for l, site in list(enumerate(sites))[1:2]:  # one site against patches (each site is one more compile)
         logits = patched_predictions(graphdef, params, batch.inputs, Patch(deltas={site: sep * delta[l][:, None]}))
-        np.testing.assert_array_equal(edited[l], np.asarray(jnp.argmax(logits[jnp.arange(b), arrow], -1)))
-    plain = np.asarray(jnp.argmax(jax.vmap(model)(batch.inputs)[jnp.arange(b), arrow], -1))
+        _assert_argmax_where_clear(edited[l], logits[jnp.arange(b), arrow])
+    plain = jax.vmap(model)(batch.inputs)[jnp.arange(b), arrow]
     none = cd._edited_predictions(graphdef, params, batch.inputs, arrow, arrow, sites, 0 * delta, bases, mean, which)
-    np.testing.assert_array_equal(np.asarray(none), np.broadcast_to(plain, (len(sites), b)))
+    for l in range(len(sites)):
+        _assert_argmax_where_clear(np.asarray(none)[l], plain)
+
+
+def _assert_argmax_where_clear(got: np.ndarray, logits: jax.Array, tol: float = 1e-5):
+    """got [B] (argmax of one compiled program) equals the argmax of logits [B, V] (another program's) wherever the
+    top-2 margin exceeds tol, and that is at least 90% of the prompts (so the check bites). tol: the logits here
+    are below 0.3 in size, where float32 rounding is ~2e-8 per operation; two programs that group the same sums
+    differently differ by a few ulps per layer (measured 6e-8), far below 1e-5. The smoke model's margins are
+    mostly above 1e-3."""
+    top2 = np.sort(np.asarray(logits), -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > tol
+    assert clear.mean() >= 0.9
+    np.testing.assert_array_equal(got[clear], np.asarray(jnp.argmax(logits, -1))[clear])

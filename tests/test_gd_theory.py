@@ -53,6 +53,9 @@ def test_gd1_loss_formula_matches_monte_carlo(x64):
 def test_optimal_lr_closed_form_and_minimises_the_monte_carlo_loss(x64):
     cfg = lr.LinearRegression(dim=10, n_context=10)
     assert np.isclose(optimal_gd_lr(cfg), 10 / 21)  # N / (N + d + 1)
+    # the noise enters relative to the task's scale: N / (N + d + 1 + noise_std^2 / w_scale^2)
+    scaled = lr.LinearRegression(dim=10, n_context=10, noise_std=1.0, w_scale=2.0)
+    assert np.isclose(optimal_gd_lr(scaled), 10 / (21 + 1.0 / 4.0))
     b = sample_batch(lr.sample, cfg, jax.random.key(3), 50_000)
     grid = np.linspace(0.2, 0.8, 25)
     losses = [float(jnp.mean((jax.vmap(gradient_descent(cfg, 1, e))(b.inputs)[:, -1] - b.targets[:, -1]) ** 2))

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxicl.models import apply, predictor
 from jaxicl.models.gpt import GPT, SPLIT_FROM
+from jaxicl.sites import Patch
 from jaxicl.validation import ConfigError
 
 
@@ -97,6 +98,33 @@ def test_site_shapes_and_axes_are_declared_without_running_the_model():
                     rngs=nnx.Rngs(0))
     names = set(attn_only.site_shapes(jax.ShapeDtypeStruct((4, 2), jnp.float32)))
     assert not any("mlp" in n for n in names) and "final_norm.scale" not in names
+
+
+def test_editing_or_patching_the_final_norm_scale_site_divides_the_normalised_output(x64):
+    """final_norm.scale is sqrt(var + eps) before the division (TransformerLens's ln_final.hook_scale): doubling it
+    halves the normalised output before the affine, and patching it with a constant c gives (x - mean) / c; the
+    outputs follow by hand through ln_final's scale and bias and the unembedding (float64 numpy)."""
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _vector_model())
+    ln = model.ln_final
+    ln.scale[...] = jnp.linspace(0.5, 2.0, 8)  # a non-trivial affine, so the division and the affine are told apart
+    ln.bias[...] = jnp.linspace(-0.3, 0.4, 8)
+    graphdef, params = nnx.split(model)
+    tokens = jax.random.normal(jax.random.key(5), (5, 1), jnp.float64)
+    _, cache = apply(graphdef, params, tokens, capture=("layer1.resid_post", "final_norm.scale"))
+    resid = np.asarray(cache["layer1.resid_post"])
+    centred = resid - resid.mean(-1, keepdims=True)
+    np.testing.assert_allclose(cache["final_norm.scale"], np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5),
+                               rtol=1e-12)
+
+    def by_hand(std):
+        normed = centred / std * np.asarray(ln.scale[...]) + np.asarray(ln.bias[...])
+        return normed @ np.asarray(model.unembed[...]) + np.asarray(model.unembed_bias[...])
+
+    doubled, _ = apply(graphdef, params, tokens, edits={"final_norm.scale": lambda s: 2 * s})
+    patched, _ = apply(graphdef, params, tokens, patch=Patch(values={"final_norm.scale": jnp.float64(100.0)}))
+    np.testing.assert_allclose(doubled, by_hand(2 * np.asarray(cache["final_norm.scale"])), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(patched, by_hand(100.0), rtol=1e-9, atol=1e-12)
+    assert np.abs(np.asarray(doubled) - by_hand(np.asarray(cache["final_norm.scale"]))).max() > 1e-3
 
 
 def test_bad_model_configs_name_the_field():

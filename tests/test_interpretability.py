@@ -130,6 +130,34 @@ def test_ablation_of_a_head_with_zero_ov_weights_changes_nothing_and_zero_ablati
         ablate_heads(g, p, clean, [(0, 1)], kind="noise")
 
 
+def test_mean_and_resample_ablation_of_a_writing_head_match_hand_patches():
+    """Head (0, 1) has nonzero W_O. mean: its z replaced by the batch mean over prompts, per position; resample on the
+    batch itself: by z of prompt (b + offset) % B with offset uniform in 1..B-1 (never the prompt itself);
+    resample from a separate reference: by z of a uniform reference prompt. Same key, so the picks are reproduced."""
+    g, p, clean, corrupted = _setup()
+    key = jax.random.key(7)
+
+    def hand(z_head):  # the predictions with head 1's z [B, T, dh] at layer 0 replaced
+        z = run_with_cache(g, p, clean, ["layer0.attn.z"])[1]["layer0.attn.z"].at[:, :, 1].set(z_head)
+        return patched_predictions(g, p, clean, Patch(values={"layer0.attn.z": z}))
+
+    z_clean, z_corrupted = (run_with_cache(g, p, x, ["layer0.attn.z"])[1]["layer0.attn.z"][:, :, 1]
+                            for x in (clean, corrupted))
+    own = (np.arange(B) + np.asarray(jax.random.randint(key, (B,), 1, B))) % B
+    assert np.all(own != np.arange(B))
+    other = np.asarray(jax.random.randint(key, (B,), 0, B))
+    expected = {"mean": hand(jnp.broadcast_to(z_clean.mean(0), z_clean.shape)), "resample": hand(z_clean[own])}
+    plain = run_with_cache(g, p, clean, [])[0]
+    for kind, want in expected.items():
+        got = ablate_heads(g, p, clean, [(0, 1)], kind=kind, key=key)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # the same patch through two compiled programs
+        assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3  # the head matters: ablation moves the output
+    np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind="resample", reference=corrupted, key=key),
+                               hand(z_corrupted[other]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="tokens of at least 2 prompts"):
+        ablate_heads(g, p, clean[:1], [(0, 1)], kind="resample", key=key)
+
+
 def test_bad_grids_fail_before_compiling_with_the_argument_named():
     g, p, clean, corrupted = _setup()
     with pytest.raises(ValueError, match="unknown site name"):
@@ -154,6 +182,43 @@ def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
     assert probe(x, classes)["score"] > 0.95 and probe(x, jax.random.permutation(key, classes))["score"] < 0.6
 
 
+@pytest.mark.parametrize("split", ["random", "held_out"])
+def test_probe_fits_only_the_training_rows(split):
+    """Noise targets, F = 200 features, 300 training rows: ridge (lam 1e-3, negligible here) interpolates much of the
+    noise, train R^2 ~ Beta(F/2, (N_train - F - 1)/2): mean 0.67, sd 0.04, so > 0.5. On the 100 held-out rows the
+    fitted noise is pure error: expected R^2 about -(F + 1)/(N_train - F - 2) = -2; a probe that had also fitted
+    those rows would score them about like the training rows (0.5), so < 0.1 tells the two apart. The weights are
+    a float64 numpy ridge fit on the training rows alone (the split reproduced from the same key)."""
+    n, f, n_test = 400, 200, 100
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(n, f)).astype(np.float32)
+    y = rng.normal(size=n).astype(np.float32)
+    if split == "random":
+        out = probe(x, y, key=jax.random.key(3))
+        test = np.asarray(jax.random.permutation(jax.random.key(3), n))[:n_test]
+    else:
+        test = rng.choice(n, n_test, replace=False)
+        out = probe(x, y, held_out=np.isin(np.arange(n), test))
+    train = np.setdiff1d(np.arange(n), test)
+    assert out["train_score"] > 0.5 and out["score"] < 0.1
+
+    def ridge(rows):
+        xb = np.c_[x[rows], np.ones(len(rows))].astype(np.float64)
+        reg = 1e-3 * np.diag(np.r_[np.ones(f), 0.0])
+        return np.linalg.solve(xb.T @ xb + reg, xb.T @ y[rows])
+
+    def rel_err(w, want):
+        return np.linalg.norm(w - want) / np.linalg.norm(want)
+
+    # float32 normal equations with condition number ((sqrt(300) + sqrt(200)) / (sqrt(300) - sqrt(200)))^2 ~ 1e2:
+    # relative error ~ 1e2 * 6e-8 * sqrt(F) ~ 1e-4; a fit that also saw the held-out rows is O(1) away
+    w = out["weights"][:, 0]
+    assert rel_err(w, ridge(train)) < 1e-3 and rel_err(ridge(np.arange(n)), ridge(train)) > 0.1
+    pred = x[test] @ w[:-1] + w[-1]
+    r2 = 1 - np.sum((pred - y[test]) ** 2) / np.sum((y[test] - y[test].mean()) ** 2)
+    assert out["score"] == pytest.approx(r2, rel=1e-4)
+
+
 def test_attention_mass_at_offsets_against_planted_patterns():
     eye = jnp.eye(4)[None]  # every query on itself
     prev = jnp.eye(4, k=-1).at[0, 0].set(1.0)[None]  # every query on the previous token (the first on itself)
@@ -167,7 +232,7 @@ def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalise
     model = nnx.merge(g, p)
     _, cache = run_with_cache(g, p, clean, ["layer1.resid_pre", "layer1.attn.scores", "layer1.attn.weights",
                                             "layer1.attn.heads"])
-    h = np.asarray(jax.vmap(lambda x: model.blocks[1].ln1(x)[0])(cache["layer1.resid_pre"]), np.float64)  # [B, T, D]
+    h = np.asarray(jax.vmap(lambda x: model.blocks[1].ln1(x))(cache["layer1.resid_pre"]), np.float64)  # [B, T, D]
     dh = model.blocks[1].attn.wq.shape[-1]
     lower = np.tril(np.ones((T, T), bool))
     for head in range(2):

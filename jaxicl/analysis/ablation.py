@@ -24,7 +24,8 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
     """Predictions [B, ...] of tokens [B, T, ...] with every (layer, head) of `heads` ablated.
 
     mean: the head's activation averaged over the prompts of `reference` (default: tokens), per position;
-    resample: each prompt gets the head's activation on a random other prompt of `reference` (key).
+    resample: each prompt gets the head's activation on a random prompt of `reference` (key); without a reference
+    (or with tokens itself) a random other prompt of the batch, never the prompt itself.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -41,6 +42,7 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
         m = masks.get(name, np.zeros(tuple(n if a == "head" else 1 for n, a in zip(shape, axes)), bool))
         m[tuple(h if a == "head" else 0 for a in axes)] = True
         masks[name] = m
+    own = reference is None or reference is tokens
     reference = tokens if reference is None else reference
     if kind == "zero":
         values = {n: jnp.zeros((tokens.shape[0], *info[n][0])) for n in names}
@@ -51,6 +53,15 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
         else:
             if key is None:
                 raise ValueError("kind='resample' needs a key")
-            pick = jax.random.randint(key, (tokens.shape[0],), 0, reference.shape[0])
+            pick = resample_picks(key, tokens.shape[0], reference.shape[0], own)
             values = {n: v[pick] for n, v in ref.items()}
     return patched_predictions(graphdef, params, tokens, Patch(values=values, masks=masks))
+
+
+def resample_picks(key: jax.Array, batch: int, n_reference: int, own: bool) -> jax.Array:
+    """Indices [batch] into the reference, uniform; own (the reference is the batch): never a prompt's own index."""
+    if not own:
+        return jax.random.randint(key, (batch,), 0, n_reference)
+    if batch < 2:
+        raise ValueError(f"kind='resample' on the batch itself needs tokens of at least 2 prompts, got {batch}")
+    return (jnp.arange(batch) + jax.random.randint(key, (batch,), 1, batch)) % batch

@@ -2,7 +2,8 @@
 Rand index, normalized mutual information, and Hungarian matching of clusters to labels (on the host).
 
 Labels are integer arrays [N] with values in [0, n) for a static n; scores come from the contingency table, so
-every function here is jittable and vmaps over layers, checkpoints or restarts.
+every function here is jittable and vmaps over layers, checkpoints or restarts. Labels and positions are checked
+where they are concrete (on the host, outside jit); traced ones (inside jit) are the caller's to check.
 """
 
 import math
@@ -71,8 +72,19 @@ def kmeans(x: jax.Array, k: int, key: jax.Array, restarts: int = 8, iters: int =
     return {"labels": labels[best], "centroids": centroids[best], "inertia": inertia[best]}
 
 
+def check_indices(name: str, values, low: int, high: int) -> None:
+    """ValueError naming `name` unless low <= values < high; a traced value (inside jit) passes unchecked."""
+    if isinstance(values, jax.core.Tracer):
+        return
+    v = np.asarray(values)
+    if v.size and (v.min() < low or v.max() >= high):
+        raise ValueError(f"{name} must lie in [{low}, {high}), got values from {v.min()} to {v.max()}")
+
+
 def contingency(a: jax.Array, b: jax.Array, n_a: int, n_b: int) -> jax.Array:
-    """[n_a, n_b] counts of the pairs (a_i, b_i) for labels a, b [N]."""
+    """[n_a, n_b] counts of the pairs (a_i, b_i) for labels a [N] in [0, n_a) and b [N] in [0, n_b]."""
+    check_indices("labels a", a, 0, n_a)
+    check_indices("labels b", b, 0, n_b)
     return jax.nn.one_hot(a, n_a, dtype=jnp.float32).T @ jax.nn.one_hot(b, n_b, dtype=jnp.float32)
 
 
@@ -114,6 +126,8 @@ def sequence_features(cache: dict, sites: list[str], positions: jax.Array | None
     if (positions is None) == (pool_mask is None):
         raise ValueError("give exactly one of positions (a position per sequence) and pool_mask (positions to average)")
     if positions is not None:
+        t = min(cache[s].shape[1] for s in sites)
+        check_indices("positions", positions, -t, t)
         return jnp.stack([jnp.take_along_axis(cache[s], positions[:, None, None], axis=1)[:, 0] for s in sites])
     w = pool_mask / jnp.maximum(pool_mask.sum(-1, keepdims=True), 1)
     return jnp.stack([jnp.einsum("nt,ntd->nd", w, cache[s]) for s in sites])
@@ -125,6 +139,8 @@ def cluster_scores(features: jax.Array, labels: jax.Array, n_labels: int, key: j
 
     Returns {"ari" [L], "nmi" [L], "inertia" [L], "clusters" [L, N], "centroids" [L, k, D]}; jittable.
     """
+    check_indices("labels", labels, 0, n_labels)
+
     def one(x):
         km = kmeans(x, n_labels, key, restarts, iters)
         return {"ari": adjusted_rand_index(labels, km["labels"], n_labels, n_labels),
@@ -136,7 +152,9 @@ def cluster_scores(features: jax.Array, labels: jax.Array, n_labels: int, key: j
 
 def match_clusters(labels: np.ndarray, clusters: np.ndarray, n: int) -> np.ndarray:
     """[n] the label matched to each cluster by the Hungarian algorithm on the contingency table (the matching
-    that maximises the number of points whose cluster is matched to their label)."""
+    that maximises the number of points whose cluster is matched to their label): labels, clusters [N] in [0, n)."""
+    check_indices("labels", labels, 0, n)
+    check_indices("clusters", clusters, 0, n)
     table = np.asarray(contingency(jnp.asarray(labels), jnp.asarray(clusters), n, n))
     rows, cols = linear_sum_assignment(-table)
     mapping = np.zeros(n, int)

@@ -73,12 +73,12 @@ class FactorTransformer(Model):
         pos = self.pos_table[:t]
         x = sites("embed", lookup(self.embed[...], tokens))
         for l, b in enumerate(self.blocks):
-            z = sites(f"layer{l}.z", b.ln1(x)[0])
+            z = sites(f"layer{l}.z", b.ln1(x))
             x = sites(f"layer{l}.resid_mid", x + self._attend(b, jnp.concatenate([z, pos], -1), sites, l))
-            m = sites(f"layer{l}.mlp_in", b.ln2(x)[0])
+            m = sites(f"layer{l}.mlp_in", b.ln2(x))
             h = jax.nn.gelu(b.mlp_in(jnp.concatenate([m, pos], -1)), approximate=False)
             x = sites(f"layer{l}.resid_post", x + sites(f"layer{l}.mlp.out", b.mlp_out(h)))
-        return self.head(sites("unembed.in", self.ln_final(x)[0]))
+        return self.head(sites("unembed.in", self.ln_final(x)))
 
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
         return attention_site_axes(name) or super().site_axes(name, ndim)

@@ -30,6 +30,7 @@ Named sites (shapes per prompt; the TransformerLens hook of each is in README):
 """
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -102,17 +103,18 @@ def split_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: jax
 
 
 class LayerNorm(nnx.Module):
-    """x -> (x - mean) / sqrt(var + eps) * scale + bias over the last axis; __call__ returns (output, sqrt(var + eps))."""
+    """x [..., D] -> (x - mean) / sqrt(var + eps) * scale + bias over the last axis; std_site maps sqrt(var + eps)
+    [..., 1] before the division (a named site, so capturing or editing it acts on the output)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         self.scale = nnx.Param(jnp.ones((dim,)))
         self.bias = nnx.Param(jnp.zeros((dim,)))
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, std_site: Callable[[jax.Array], jax.Array] = lambda std: std) -> jax.Array:
         centred = x - jnp.mean(x, -1, keepdims=True)
-        std = jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + self.eps)
-        return centred / std * self.scale[...] + self.bias[...], std
+        std = std_site(jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + self.eps))
+        return centred / std * self.scale[...] + self.bias[...]
 
 
 class Attention(nnx.Module):
@@ -191,9 +193,7 @@ class GPT(Model):
                 x = x + self._mlp(block, x, sites, f"layer{l}.mlp")
             x = sites(f"layer{l}.resid_post", x)
         if self.ln_final is not None:
-            normed, std = self.ln_final(x)
-            sites("final_norm.scale", std)
-            x = normed
+            x = self.ln_final(x, partial(sites, "final_norm.scale"))
         return sites("unembed.in", x) @ self.unembed[...] + self.unembed_bias[...]
 
     def readout(self, outputs: jax.Array) -> jax.Array:
@@ -217,7 +217,7 @@ class GPT(Model):
         return super().site_axes(name, ndim)
 
     def _attend(self, block: Block, x: jax.Array, causal: jax.Array, sites, name: str) -> jax.Array:
-        h, _ = block.ln1(x)
+        h = block.ln1(x)
         a = block.attn
         q = sites(f"{name}.q", jnp.einsum("td,hde->the", h, a.wq[...]))
         k = sites(f"{name}.k", jnp.einsum("td,hde->the", h, a.wk[...]))
@@ -236,7 +236,7 @@ class GPT(Model):
         return sites(f"{name}.out", out)
 
     def _mlp(self, block: Block, x: jax.Array, sites, name: str) -> jax.Array:
-        h, _ = block.ln2(x)
+        h = block.ln2(x)
         m = block.mlp
         pre = sites(f"{name}.pre", h @ m.w_in[...] + m.bias_in[...])
         post = sites(f"{name}.post", ACTIVATIONS[self.activation](pre))

@@ -66,14 +66,14 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x, pos, context, context_pos, sites, name: str) -> jax.Array:
         """x [T, D] (positions pos [T, P]) cross-attending to context [Tc, D] (context_pos [Tc, P]) -> [T, D]."""
-        h = self.ln_self(jnp.concatenate([x, pos], -1))[0]
+        h = self.ln_self(jnp.concatenate([x, pos], -1))
         a = attend(self.self_q(h), self.self_k(h), self.self_v(h), self.n_heads, sites, f"{name}.self_attn")
         x = sites(f"{name}.resid_mid", x + sites(f"{name}.self_attn.out", self.self_proj(a)))
-        h = self.ln_cross(jnp.concatenate([x, pos], -1))[0]
-        c = self.ln_context(jnp.concatenate([context, context_pos], -1))[0]
+        h = self.ln_cross(jnp.concatenate([x, pos], -1))
+        c = self.ln_context(jnp.concatenate([context, context_pos], -1))
         a = attend(self.cross_q(h), self.cross_k(c), self.cross_v(c), self.n_heads, sites, f"{name}.cross_attn")
         x = sites(f"{name}.resid_cross", x + sites(f"{name}.cross_attn.out", self.cross_proj(a)))
-        h = jax.nn.gelu(self.mlp_in(self.ln_mlp(jnp.concatenate([x, pos], -1))[0]), approximate=False)
+        h = jax.nn.gelu(self.mlp_in(self.ln_mlp(jnp.concatenate([x, pos], -1))), approximate=False)
         return sites(f"{name}.resid_post", x + sites(f"{name}.mlp.out", self.mlp_out(h)))
 
 
@@ -126,7 +126,7 @@ class LEA(Model):
         x = sites("picture.embed", lookup(self.embed[...], tokens))
         for l, block in enumerate(self.picture_blocks):
             x = block(x, pos, message, message_pos, sites, f"picture.layer{l}")
-        z = sites("picture.unembed.in", self.picture_ln(x)[0])
+        z = sites("picture.unembed.in", self.picture_ln(x))
         return self.head(z), z
 
     def speech(self, picture_z: jax.Array, sites=null_sites) -> jax.Array:
@@ -135,7 +135,7 @@ class LEA(Model):
         x = sites("speech.embed", self.speech_embed[...])
         for l, block in enumerate(self.speech_blocks):
             x = block(x, pos, picture_z, picture_pos, sites, f"speech.layer{l}")
-        return sites("speech.out", self.speech_ln(x)[0])
+        return sites("speech.out", self.speech_ln(x))
 
     def speech_of(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         """[L, D] the speech stream's continuous output about board tokens [64] (read with the blank message)."""

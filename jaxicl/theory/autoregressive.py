@@ -37,8 +37,12 @@ def row_statistics(p: jax.Array) -> dict[str, jax.Array]:
 
 
 def _row_losses(c: jax.Array, p: jax.Array, family: str) -> jax.Array:
-    """L_r [T - 1] for C [d, d] and P [T, T]."""
+    """L_r [T - 1] for C [d, d] and P [T, T]; family in FAMILIES (orthogonal: d even, coordinates in pairs)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     d = c.shape[0]
+    if family == "orthogonal" and d % 2:
+        raise ValueError(f"family='orthogonal' pairs coordinates (2k, 2k+1): d must be even, got d={d}")
     st = row_statistics(p)
     prev2, rest = st["p_prev"] ** 2, st["sq_norm"] - st["p_prev"] ** 2
     rows_sq = (c ** 2).sum(1)  # ||C_i||^2 [d]
@@ -54,8 +58,6 @@ def _row_losses(c: jax.Array, p: jax.Array, family: str) -> jax.Array:
 
 def population_loss(family: str, a: jax.Array, b: jax.Array, p: jax.Array) -> jax.Array:
     """Sum over rows of the exact population loss; a, b [H, d], p [T, T]; family in FAMILIES."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return _row_losses(b.T @ a, p, family).sum()
 
 

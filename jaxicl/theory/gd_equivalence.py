@@ -51,7 +51,7 @@ def gd_one_step_loss(cfg: LinearRegression, lr, *, n_context=None, noise_std=Non
 
 
 def optimal_gd_lr(cfg: LinearRegression, *, n_context=None, noise_std=None):
-    """The lr minimising gd_one_step_loss; N / (N + d + 1 + noise_std^2) for isotropic unit inputs.
+    """The lr minimising gd_one_step_loss; N / (N + d + 1 + noise_std^2 / w_scale^2) for isotropic unit inputs.
 
     A float for a plain config; an array when n_context or noise_std is an array (traced or not).
     """

@@ -94,12 +94,16 @@ def off_family_norm(w: jax.Array, dim: int) -> jax.Array:
 @partial(jax.jit, static_argnames=("steps", "record_every"))
 def reduced_gd(xi1: float, xi2: float, s: jax.Array, *, eta: float, dim: int, steps: int,
                record_every: int = 1) -> jax.Array:
-    """The two-parameter dynamics of full-matrix GD: [steps // record_every + 1, 2] (xi1, xi2), start first.
+    """The two-parameter dynamics of full-matrix GD: [steps // record_every + 1, 2] (xi1, xi2), start first;
+    record_every > 0 divides steps.
 
     xi1 <- xi1 - (eta / d) dL/dxi1,  xi2 <- xi2 - eta dL/dxi2, with L Monte Carlo over the fixed s [M, N].
     The updates are summed with Kahan compensation: late increments are a few ulps of xi in float32, and
     plain summation over 1e6 steps would drift.
     """
+    if record_every <= 0 or steps < 0 or steps % record_every:
+        raise ValueError(f"steps must be a non-negative multiple of record_every > 0, got steps={steps}, "
+                         f"record_every={record_every}")
 
     def step(carry, _):
         xi, lost = carry
