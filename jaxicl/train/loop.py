@@ -59,11 +59,11 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     sample=None: loss_fn(params, None) needs no batch (task_cfg may then be None).
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
-    losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh. `evaluate(params) -> {name: scalar}` runs at
-    step 0, every eval_every steps (or at the steps of a tuple eval_every) and at the end (eval rows in metrics.jsonl). `tx` overrides
-    the optimiser built from cfg. buffers: state the loss updates outside the optimiser (then
-    loss_fn(params, batch, buffers) -> (loss, (aux, new buffers)) and evaluate(params, buffers); checkpointed, in
-    the result's state).
+    losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh.
+    `evaluate(params) -> {name: scalar}` runs at step 0, every eval_every steps (or at the steps of a tuple
+    eval_every) and at the end (eval rows in metrics.jsonl). `tx` overrides the optimiser built from cfg.
+    buffers: state the loss updates outside the optimiser (then loss_fn(params, batch, buffers) -> (loss, (aux, new
+    buffers)) and evaluate(params, buffers); checkpointed, in the result's state).
     Raises NonFiniteLossError at the first step whose loss or updated parameters are not finite, without saving the
     bad state (nor logging that step).
     """
