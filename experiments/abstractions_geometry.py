@@ -21,17 +21,26 @@ site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, th
 The probe protocols are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6);
 the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config).
 
-What the quick preset shows (the quick training run's model; under a minute): transient convergence. The
-cross-board distance is 0.54 at the embedding (the masks differ), 0.57 at the output, and falls to 0.27 at the
+Every check compares the trained model with the same run's initial parameters, measured the same way: a random
+transformer already decodes most features far above chance (random features mix the board), so "decodable" shows
+nothing about learning. Probes: trained minus untrained best held-out score over sites, > 0.05; convergence:
+(inner-site minimum of C over the ends) trained over untrained, < 0.8, layer0.z (the embedding's LayerNorm, no
+mixing across cells) excluded; context independence: the cosine gap at the convergence site minus the untrained
+model's largest at any inner site, > 0.1.
+
+What the quick preset shows (the quick training run's model; under two minutes): transient convergence. The
+cross-board distance is 0.54 at the embedding (the masks differ), 0.56 at the output, and falls to 0.26 at the
 second block's attention output (layer1.attn.out), where the within-board ratio R is 0.14 (0.86 at the
-embedding): the object's 9 cells are written alike there. One root's participation ratio is lowest there too
-(2.0, against 4.4 at the embedding and 7.3 at the output, of 64 dimensions). Every feature is decodable on
-held-out positions somewhere: root 0.93, root from masked cells 0.95 (chance at the embedding, by
-construction), cell index 0.76, background 0.49, position R^2 0.98, composite id 0.76, a composite's roots 0.99.
-Context independence: at layer1.attn.out a root's single-board centroid has cosine 0.80 with its centroid on
-double and composite boards (0.15 with other roots'), and the single-board root probe reads double boards at
-0.86 and composites at 0.90. Noise on the object cells at the embedding shrinks from 0.5 |x| to 0.15-0.2 within
-the first two blocks (the attractor test).
+embedding): the object's 9 cells are written alike there; C-minimum over the ends 0.48 against 1.99 untrained
+(ratio 0.24). One root's participation ratio is lowest there too (2.2, against 4.5 at the embedding and 7.6 at the
+output, of 64 dimensions). Probes on held-out positions, trained vs untrained best: cell index 0.76 vs 0.29,
+position R^2 0.99 vs -0.52 and a composite's roots 0.98 vs 0.50 are learned; root (0.93 vs 0.92), root from
+masked cells (0.90 vs 0.90: the untrained attention already averages the visible cells into the masked ones),
+background (0.36 vs 1.00) and composite id (0.72 vs 0.90) are not: the untrained model decodes them as well or
+better, and these four checks fail. Context independence: at layer1.attn.out a root's single-board centroid has
+cosine 0.83 with its centroid on double and composite boards (0.17 with other roots'): gap 0.66 against at most
+0.19 untrained; the single-board root probe reads double boards at 0.86 and composites at 0.92. Noise on the object
+cells at the embedding shrinks from 0.5 |x| to 0.15-0.2 within the first two blocks (the attractor test).
 """
 
 import dataclasses
@@ -41,11 +50,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from experiments.abstractions_training import PRESETS as TRAINING_PRESETS
 from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
-from experiments.common.result import Check, Outcome, check_above, check_below
+from experiments.common.result import Outcome, check_above, check_below
 from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, unit, within_board_ratio
 from jaxicl.analysis.perturbation import perturbation_distances
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
@@ -66,8 +76,12 @@ class Config:
     ridge_lam: float = 1.0
     perturb_alpha: float = 0.5
     perturb_boards: int = 200
-    min_probe_over_chance: float = 2.0  # best held-out accuracy / chance (position: R^2 above min_position_r2)
-    min_position_r2: float = 0.5
+    # trained minus untrained (the run's initial parameters), each at its best site: the untrained model's random
+    # features already decode most features far above chance. 0.05 is 3-5 standard errors of a held-out accuracy
+    # (hundreds to thousands of held-out cells)
+    min_probe_gain: float = 0.05
+    max_convergence_vs_untrained: float = 0.8  # trained C-ratio / untrained: at least 20% closer than at init
+    min_cosine_gap_gain: float = 0.1  # context-independence cosine gap, trained minus untrained
 
     def __post_init__(self):
         check_range("probe_positions", self.probe_positions, 2, bd.POSITIONS)
@@ -87,28 +101,21 @@ PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, probe_po
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     data, graphdef, params, _ = ab.trained(cfg.training, os.path.dirname(out_dir))
+    init_params = nnx.split(ab.build_model(cfg.training), nnx.Param)[1]  # the run's own initial parameters
     sites = ab.residual_sites(graphdef, params)
     key = jax.random.key(cfg.training.train.seed + 20)
     k_probe, k_double, k_comp, k_perturb = jax.random.split(key, 4)
     single = ab.single_probe_set(data, cfg.probe_positions, cfg.mask_p, k_probe)
+    comp = ab.composite_set(data, cfg.mask_p, k_comp)  # every composite, masked: the probes and context share it
     n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
     n_pos = len(np.unique(bd.position_of(single["x"], single["y"])))
-    cells = ab.footprint(single["x"], single["y"])  # [N, 9]
-    root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)  # [N * 9]
-    acts = ab.activations(graphdef, params, single["tokens"], sites)
-    obj = {s: a[np.arange(len(cells))[:, None], cells] for s, a in acts.items()}  # [N, 9, D]
-
+    trained, init = (measure(cfg, data, graphdef, p, sites, single, comp, k_double) for p in (params, init_params))
+    distance, ratio, pr_root, pr_all, probes, context, obj, root = (trained[k] for k in (
+        "distance", "ratio", "pr_root", "pr_all", "probes", "context", "obj", "root"))
+    # the inner sites; layer0.z is the LayerNorm of the embedding (a per-token rescaling: no mixing across cells)
+    inner = [s for s in sites[1:-1] if s != "layer0.z"]
+    best, best_init = (min(inner, key=m["distance"].get) for m in (trained, init))
     objects = jnp.asarray(single["root"] >= 0)
-    measured = {s: site_geometry(jnp.asarray(acts[s]), jnp.asarray(obj[s]), objects, jnp.asarray(root), n_roots,
-                                 n_bck) for s in sites}
-    distance, ratio, pr_root, pr_all = ({s: float(m[i]) for s, m in measured.items()} for i in range(4))
-    inner = sites[1:-1]
-    best = min(inner, key=distance.get)
-
-    comp = ab.composite_set(data, cfg.mask_p, k_comp)  # every composite, masked: the probes and context share it
-    comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
-    probes = probe_scores(cfg, sites, single, obj, root, comp, comp_acts)
-    context = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts)
     perturb_sites = sites[1:]
     attractor = np.asarray(perturbation_distances(graphdef, params, jnp.asarray(single["tokens"][:cfg.perturb_boards]),
                                                   "embed", objects[:cfg.perturb_boards], cfg.perturb_alpha,
@@ -117,43 +124,79 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     def fmt(d):
         return ", ".join(f"{s} {d[s]:.3f}" for s in sites)
 
-    ends = min(distance[sites[0]], distance[sites[-1]])
+    def min_over_ends(m, site):
+        return m["distance"][site] / min(m["distance"][sites[0]], m["distance"][sites[-1]])
+
+    conv, conv_init = min_over_ends(trained, best), min_over_ends(init, best_init)
     checks = [
-        check_below("convergence_min_over_ends", distance[best] / ends, 1.0,
-                    f"cross-board unit distance C at the minimising inner site {best} ({distance[best]:.3f}) over the "
-                    f"smaller of the embedding's ({distance[sites[0]]:.3f}) and the output's "
-                    f"({distance[sites[-1]]:.3f}); C per site: {fmt(distance)}. Within-board ratio R per site: "
-                    f"{fmt(ratio)}. Probe set: {n_roots} roots x {n_pos} positions x {n_bck} backgrounds, token "
-                    f"mask {cfg.mask_p}"),
+        check_below("convergence_min_over_ends_vs_untrained", conv / conv_init, cfg.max_convergence_vs_untrained,
+                    f"(C at the minimising inner site over the smaller of C at the embedding and the output), trained "
+                    f"over untrained: trained {conv:.3f} at {best} (C {distance[best]:.3f}, embedding "
+                    f"{distance[sites[0]]:.3f}, output {distance[sites[-1]]:.3f}), untrained {conv_init:.3f} at "
+                    f"{best_init}; inner sites exclude layer0.z (the embedding's LayerNorm). C per site: "
+                    f"{fmt(distance)}; untrained: {fmt(init['distance'])}. Within-board ratio R per site: "
+                    f"{fmt(ratio)}; untrained: {fmt(init['ratio'])}. Probe set: {n_roots} roots x {n_pos} positions x "
+                    f"{n_bck} backgrounds, token mask {cfg.mask_p}"),
         check_below("root_pr_at_convergence_site_over_ends", pr_root[best] / min(pr_root[sites[0]],
                                                                                   pr_root[sites[-1]]), 1.0,
                     f"at {best}: one root's participation ratio {pr_root[best]:.2f} (mean over roots) over the smaller "
                     f"of the embedding's ({pr_root[sites[0]]:.2f}) and the output's ({pr_root[sites[-1]]:.2f}); "
                     f"d_model {cfg.training.model.d_model}; every root's cells pooled at {best}: {pr_all[best]:.2f}; "
-                    f"one root's PR per site: {fmt(pr_root)}"),
+                    f"one root's PR per site: {fmt(pr_root)}; untrained: {fmt(init['pr_root'])}"),
     ]
     for name, scores in probes.items():
-        top = max(scores, key=scores.get)
-        note = (f"best site {top}; held-out {'R^2' if name == 'position' else 'accuracy'} per site: {fmt(scores)}"
-                + (f" (held-out positions: {cfg.held_out_positions} of {n_pos})" if name == "root" else ""))
-        if name == "position":
-            checks.append(check_above("probe_position_r2", scores[top], cfg.min_position_r2, note))
-        else:
-            checks.append(check_above(f"probe_{name}_over_chance", scores[top] / CHANCE[name],
-                                      cfg.min_probe_over_chance, f"chance {CHANCE[name]:.3f}; {note}"))
-    gap = context["cos_same"][best] - context["cos_other"][best]
-    checks.append(Check(
-        "context_independence_cosine_gap", float(gap), "> 0", bool(gap > 0),
-        f"at {best}: cosine of a root's single-board centroid with its double/composite-board centroid "
-        f"{context['cos_same'][best]:.3f} vs with other roots' {context['cos_other'][best]:.3f}; the single-board "
-        f"root probe on double boards {context['transfer_double'][best]:.3f}, on composite boards "
-        f"{context['transfer_composite'][best]:.3f} (chance 0.1). Attractor test (noise {cfg.perturb_alpha} |x| "
+        top, top_init = (max(m, key=m.get) for m in (scores, init["probes"][name]))
+        gain = scores[top] - init["probes"][name][top_init]
+        checks.append(check_above(
+            f"probe_{name}_gain_over_untrained", gain, cfg.min_probe_gain,
+            f"best held-out {'R^2' if name == 'position' else 'accuracy'} over sites, trained {scores[top]:.3f} "
+            f"at {top} minus untrained {init['probes'][name][top_init]:.3f} at {top_init}"
+            + ("" if name == "position" else f" (chance {CHANCE[name]:.3f})") + f"; per site: {fmt(scores)}; "
+            f"untrained: {fmt(init['probes'][name])}"
+            + (f" (held-out positions: {cfg.held_out_positions} of {n_pos})" if name == "root" else "")))
+    gap = _gap(context)[best]
+    best_gap_init = max(inner, key=_gap(init["context"]).get)  # the untrained model's best inner site
+    gap_init = _gap(init["context"])[best_gap_init]
+    checks.append(check_above(
+        "context_independence_cosine_gap_over_untrained", gap - gap_init, cfg.min_cosine_gap_gain,
+        f"gap: cosine of a root's single-board centroid with its double/composite-board centroid minus that with "
+        f"other roots'; trained at {best} {gap:.3f} ({context['cos_same'][best]:.3f} vs "
+        f"{context['cos_other'][best]:.3f}) minus the untrained model's largest over the inner sites, {gap_init:.3f} "
+        f"at {best_gap_init}; gap per site: "
+        f"{fmt(_gap(context))}; untrained: {fmt(_gap(init['context']))}. The single-board root probe on double "
+        f"boards {context['transfer_double'][best]:.3f}, on composite boards {context['transfer_composite'][best]:.3f} "
+        f"(chance 0.1; untrained at {best_init}: {init['context']['transfer_double'][best_init]:.3f}, "
+        f"{init['context']['transfer_composite'][best_init]:.3f}). Attractor test (noise {cfg.perturb_alpha} |x| "
         f"on the object cells at embed), relative distance per later site: "
         + ", ".join(f"{s} {v:.2f}" for s, v in zip(perturb_sites, attractor))))
     figures = [_plot_convergence(sites, distance, ratio, pr_root, pr_all, attractor, out_dir),
                _plot_probes(sites, probes, context, out_dir),
                _plot_pca(obj, root, [sites[0], best, sites[-1]], out_dir)]
     return Outcome(checks, figures)
+
+
+def _gap(context: dict) -> dict[str, float]:
+    return {s: context["cos_same"][s] - context["cos_other"][s] for s in context["cos_same"]}
+
+
+def measure(cfg, data, graphdef, params, sites, single, comp, k_double) -> dict:
+    """Every per-site quantity of the checks for one set of parameters: "distance", "ratio", "pr_root", "pr_all"
+    ({site: float}), "probes" (probe_scores), "context" (context_independence), and "obj" ({site: [N, 9, D]}) and
+    "root" ([N * 9]) of the single probe boards (single_probe_set) and composite boards comp (composite_set)."""
+    n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
+    cells = ab.footprint(single["x"], single["y"])  # [N, 9]
+    root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)  # [N * 9]
+    acts = ab.activations(graphdef, params, single["tokens"], sites)
+    obj = {s: a[np.arange(len(cells))[:, None], cells] for s, a in acts.items()}  # [N, 9, D]
+    objects = jnp.asarray(single["root"] >= 0)
+    measured = {s: site_geometry(jnp.asarray(acts[s]), jnp.asarray(obj[s]), objects, jnp.asarray(root), n_roots,
+                                 n_bck) for s in sites}
+    out = {name: {s: float(m[i]) for s, m in measured.items()}
+           for i, name in enumerate(("distance", "ratio", "pr_root", "pr_all"))}
+    comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
+    out["probes"] = probe_scores(cfg, sites, single, obj, root, comp, comp_acts)
+    out["context"] = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts)
+    return out | {"obj": obj, "root": root}
 
 
 @partial(jax.jit, static_argnums=(4, 5))

@@ -21,7 +21,14 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
 Every check reads the best inner site (not the embedding, where editing a visible cell swaps its token, nor the
 output, the readout itself); every site is in the notes and the figure.
 
-What the quick preset shows (under a minute): editing the residual stream changes what the network draws.
+The transplant and ablation checks score the masked footprint cells only (UNK at the input, so their colour is
+not in the residual stream at their own position): on visible cells a model that copies its input would pass.
+Quick (masked cells): the centroid transplant turns 0.995 of them into B's colours at layer2.resid_post (random
+direction 0.046), the B board's activations 0.92 (at layer0.resid_mid), and the mean ablation at layer1.attn.out
+leaves 0.05 of A's colours (unedited 0.94).
+
+What the quick preset shows on every footprint cell (under a minute): editing the residual stream changes what the
+network draws.
 With per-(root, cell) centroids, adding mu_B - mu_A on A's cells at any residual-stream site turns 0.96-1.0 of
 them into B's colours (a random direction of the same norm: 0.00-0.02); the activations of the B board do the
 same (0.98); setting the cells to the mean centroid leaves 0.15-0.33 of A's colours (unedited 0.99); with 6 of 9
@@ -129,8 +136,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
     to_b = {k: decoded_as(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
     to_b_masked = {k: decoded_as(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
-    kept_a = decoded_as(edits["ablation"], tok_a, on)
-    clean_a = float(np.mean(clean[on] == tok_a[on]))
+    kept_a = {k: decoded_as(edits["ablation"], tok_a, w) for k, w in (("footprint", on), ("masked", on & masked))}
+    clean_a = {k: float(np.mean(clean[w] == tok_a[w])) for k, w in (("footprint", on), ("masked", on & masked))}
     completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
                                    delta[cfg.centroid], random, k_mask)
     part_whole = part_whole_test(cfg, data, graphdef, params, sites, mu[cfg.centroid], k_comp, k_q)
@@ -139,28 +146,37 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         return ", ".join(f"{s} {x:.2f}" for s, x in zip(sites, v))
 
     # the best inner site: at the embedding an edit of a visible cell swaps its token, at the output it is the
-    # readout itself
+    # readout itself. The transplant and ablation checks score the masked cells only: a visible cell's colour is
+    # in the residual stream at its own position, so any model that copies visible tokens would pass on them.
     inner = np.arange(1, len(sites) - 1)
     best, best_patch, best_completion, best_part = (int(inner[np.argmax(v[inner])]) for v in (
-        to_b["centroid"] - to_b["random"], to_b["patch"], completion["centroid"] - completion["random"],
-        part_whole["quadrant_b"] - part_whole["quadrant_b_random"]))
-    best_ablation = int(inner[np.argmin(kept_a[inner])])
+        to_b_masked["centroid"] - to_b_masked["random"], to_b_masked["patch"],
+        completion["centroid"] - completion["random"], part_whole["quadrant_b"] - part_whole["quadrant_b_random"]))
+    best_ablation = int(inner[np.argmin(kept_a["masked"][inner])])
     checks = [
-        check_above("centroid_transplant_over_random", to_b["centroid"][best] - to_b["random"][best],
-                    cfg.min_transplant_gain,
-                    f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b['centroid'][best]:.3f} of them "
-                    f"into B's colour (masked cells only: {to_b_masked['centroid'][best]:.3f}), a random direction "
-                    f"of the same norm {to_b['random'][best]:.3f}; {len(a)} boards ({n_roots * (n_roots - 1)} pairs); "
-                    f"centroids by {cfg.centroid}; per site: {fmt(to_b['centroid'])}; random per site: "
-                    f"{fmt(to_b['random'])}; with the other centroids ("
-                    f"{next(by for by in CENTROIDS if by != cfg.centroid)}) per site: {fmt(to_b['other_centroid'])}"),
-        check_above("patch_transplant", to_b["patch"][best_patch], cfg.min_patch_transplant,
+        check_above("centroid_transplant_over_random_masked",
+                    to_b_masked["centroid"][best] - to_b_masked["random"][best], cfg.min_transplant_gain,
+                    f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b_masked['centroid'][best]:.3f} of "
+                    f"the masked ones into B's colour, a random direction of the same norm "
+                    f"{to_b_masked['random'][best]:.3f} (every footprint cell, visible ones included: "
+                    f"{to_b['centroid'][best]:.3f}, random {to_b['random'][best]:.3f}); {len(a)} boards "
+                    f"({n_roots * (n_roots - 1)} pairs); centroids by {cfg.centroid}; masked cells per site: "
+                    f"{fmt(to_b_masked['centroid'])}; random per site: {fmt(to_b_masked['random'])}; every footprint "
+                    f"cell per site: {fmt(to_b['centroid'])}; with the other centroids ("
+                    f"{next(by for by in CENTROIDS if by != cfg.centroid)}), masked cells per site: "
+                    f"{fmt(to_b_masked['other_centroid'])}"),
+        check_above("patch_transplant_masked", to_b_masked["patch"][best_patch], cfg.min_patch_transplant,
                     f"at {sites[best_patch]}: the B board's activations on A's cells (same position, background and "
-                    f"mask) turn {to_b['patch'][best_patch]:.3f} of them into B's colour (masked cells only: "
-                    f"{to_b_masked['patch'][best_patch]:.3f}); per site: {fmt(to_b['patch'])}"),
-        check_above("mean_ablation_drop", clean_a - kept_a[best_ablation], cfg.min_ablation_drop,
+                    f"mask) turn {to_b_masked['patch'][best_patch]:.3f} of the masked ones into B's colour (every "
+                    f"footprint cell: {to_b['patch'][best_patch]:.3f}); masked cells per site: "
+                    f"{fmt(to_b_masked['patch'])}; every footprint cell per site: {fmt(to_b['patch'])}"),
+        check_above("mean_ablation_drop_masked", clean_a["masked"] - kept_a["masked"][best_ablation],
+                    cfg.min_ablation_drop,
                     f"at {sites[best_ablation]}: the object cells set to the mean root centroid keep "
-                    f"{kept_a[best_ablation]:.3f} of A's colours (unedited: {clean_a:.3f}); per site: {fmt(kept_a)}"),
+                    f"{kept_a['masked'][best_ablation]:.3f} of A's colours on the masked cells (unedited: "
+                    f"{clean_a['masked']:.3f}; every footprint cell {kept_a['footprint'][best_ablation]:.3f}, "
+                    f"unedited {clean_a['footprint']:.3f}); masked cells per site: {fmt(kept_a['masked'])}; every "
+                    f"footprint cell per site: {fmt(kept_a['footprint'])}"),
         check_above("masked_completion_over_random",
                     completion["centroid"][best_completion] - completion["random"][best_completion],
                     cfg.min_completion_gain,
@@ -291,8 +307,8 @@ def _plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out
         axes[0, 0].plot(x, to_b[name], style, marker=".", label=f"{name}: footprint")
         axes[0, 0].plot(x, to_b_masked[name], style, color="0.6", lw=0.8)
     axes[0, 0].set(ylabel="cells decoded as B", title="transplant A -> B (grey: masked cells)")
-    axes[0, 1].plot(x, kept_a, marker=".", label="mean ablation: cells still A")
-    axes[0, 1].axhline(clean_a, color="k", ls=":", label="unedited")
+    axes[0, 1].plot(x, kept_a["masked"], marker=".", label="mean ablation: masked cells still A")
+    axes[0, 1].axhline(clean_a["masked"], color="k", ls=":", label="unedited")
     axes[0, 1].plot(x, completion["centroid"], marker=".", label="completion as B (centroid)")
     axes[0, 1].plot(x, completion["random"], ":", marker=".", label="completion as B (random)")
     axes[0, 1].set(title="ablation and masked completion")

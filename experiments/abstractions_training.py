@@ -10,7 +10,9 @@ Schedules: the official ones are in epochs of 16 steps (1000 boards); quick comp
 task.steps_per_epoch = 2 steps an epoch (the epochs of the ramps are kept: masking reaches 0.25 and patches start
 at step 1500, the type curriculum ramps over steps 500-2000) and trains 3000 steps at lr 3e-3 instead of 1e-3
 (settings ours; on this 2-core CPU, measured: lr 1e-3 at 1 step an epoch reached board accuracy 0.36 in 3000
-steps, lr 2e-3 with batch 32 0.40 in 4000); full is the official schedule for 1000 epochs (16,000 steps).
+steps, lr 2e-3 with batch 32 0.40 in 4000); full is the official recipe and schedules at 16 steps an epoch for
+1000 epochs (16,000 steps), an epoch count of ours: the official code takes it from the command line and does
+not record it (shared/papers/abstractions_ferry2023.md, Section 4, suggests 1500 to 3000).
 
 What the quick preset shows (about 6.5 minutes on 2 cores): the plateau and the jump. Masked object cells stay
 at chance (error 0.87-0.97) for the first ~1000 steps, while the model copies visible cells and fills masked

@@ -14,7 +14,10 @@ The paper's data ranges, sizes and hyperparameters are not public: every setting
 "copying" and "negative-similarity head" are the notes' recommendations, not the paper's.
 
 What the quick preset shows (2 seeds, seed 0 analysed): the model beats copy (MSE ratio ~0.13) and linear
-extrapolation; what layer 0 writes encodes x_n (R^2 ~0.99) slightly better than x_(n+1); layer 2 has a head with
+extrapolation; what layer 0 writes encodes x_n at R^2 0.986 against 0.879 for seed 0's initial parameters (a random
+layer 0 already writes a function of x_n; training leaves 1/8.8 of its unexplained variance); it encodes x_n
+slightly better than x_(n+1) (0.970), but by less than the untrained layer 0 does (lead 0.017 vs 0.038: that check
+fails, so the layer-0 "copy" is not shown to be learned); layer 2 has a head with
 strongly negative gain (its direct contribution anti-correlated with the value it reads) whose ablation raises the
 loss ~1.8x. Not shown: that head's score does not grow with the similarity of the query's estimate and the key's
 value (with another initialisation draw of the same settings one head did qualify: the signature is fragile
@@ -69,7 +72,11 @@ class Config:
     max_loss_over_copy: float = 0.5
     max_loss_over_extrapolation: float = 1.0
     min_layer0_local_mass: float = 0.5  # some layer-0 head puts this much mass on positions n and n - 1
-    min_layer0_copy_r2: float = 0.9  # probe R^2 for x_n from the layer-0 output
+    # layer-0 probes against the seed's initial parameters, whose random layer 0 already writes a function of x_n
+    # (R^2 ~0.88): what training adds must at least halve the unexplained variance 1 - R^2 of x_n, and widen the
+    # lead of x_n over x_(n+1) by more than the probes' noise (R^2 over ~30k held-out pairs: well below 0.01)
+    min_layer0_unexplained_ratio: float = 2.0
+    min_layer0_copy_lead_gain: float = 0.01
     min_ablation_loss_ratio: float = 1.5
     min_head_corr: float = 0.1  # a negative-similarity head: |correlations| of gain and score-similarity above this
 
@@ -120,6 +127,16 @@ def score_similarity_slope(scores: np.ndarray, estimate: np.ndarray, values: np.
     return float(slope), float(np.corrcoef(sim, s)[0, 1])
 
 
+def layer0_probes(graphdef, params, inputs: jax.Array, targets: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
+    """Held-out ridge-probe R^2 of what layer 0 writes (its attention and MLP outputs, not the input token already
+    in the stream) at positions rows, for x_n and for x_(n+1): inputs [B, T, 1], targets [B, T]."""
+    _, cache = run_with_cache(graphdef, params, inputs, ["layer0.resid_pre", "layer0.resid_post"])
+    write0 = np.asarray(cache["layer0.resid_post"] - cache["layer0.resid_pre"])[:, rows]
+    write0 = write0.reshape(-1, write0.shape[-1])
+    return (probe(write0, np.asarray(inputs[..., 0])[:, rows].ravel())["score"],
+            probe(write0, targets[:, rows].ravel())["score"])
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, start = cfg.task, cfg.from_position
     graphdef = nnx.graphdef(build_model(cfg, jax.random.key(0)))
@@ -135,8 +152,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     for i in range(len(cfg.seeds))]
     params = result.member_params(0)
     model = nnx.merge(graphdef, params)
-    names = ["layer0.attn.weights", "layer0.resid_pre", "layer0.resid_post", "layer1.resid_post", "layer2.attn.scores",
-             "layer2.attn.weights"]
+    names = ["layer0.attn.weights", "layer1.resid_post", "layer2.attn.scores", "layer2.attn.weights"]
     pred, cache = run_with_cache(graphdef, params, test.inputs, names)
     x = np.asarray(test.inputs[..., 0])  # x_n at position n
 
@@ -146,10 +162,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     local_by_row = np.asarray(w0[:, :, rows, rows] + w0[:, :, rows, rows - 1]).mean(0)  # [H, rows]
     local, local_last = local_by_row.mean(-1), local_by_row[:, -1]  # [H]
     uniform = float(np.mean(2.0 / (rows + 1)))
-    # what layer 0 writes (its attention and MLP outputs, not the input token already in the stream)
-    write0 = np.asarray(cache["layer0.resid_post"] - cache["layer0.resid_pre"])[:, rows].reshape(-1, cfg.model.d_model)
-    r2_xn = probe(write0, x[:, rows].ravel())["score"]
-    r2_next = probe(write0, targets[:, rows].ravel())["score"]
+    r2_xn, r2_next = layer0_probes(graphdef, params, test.inputs, targets, rows)
+    r2_xn_init, r2_next_init = layer0_probes(graphdef, nnx.state(build_model(cfg, jax.random.key(cfg.seeds[0])),
+                                                                 nnx.Param), test.inputs, targets, rows)
 
     # Layer 2: OV gain and score-similarity per head.
     stream1 = np.asarray(cache["layer1.resid_post"])
@@ -213,11 +228,17 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"max over layer-0 heads of the attention mass on positions n and n - 1, averaged over positions "
                     f">= {start} (per head {np.round(local, 3).tolist()}; uniform causal weights: {uniform:.3f}; at the "
                     f"last position {np.round(local_last, 3).tolist()}, uniform {2 / task.seq_len:.3f})"),
-        check_above("layer0_probe_r2_for_x_n", r2_xn, cfg.min_layer0_copy_r2,
-                    f"held-out ridge probe of what layer 0 writes (layer0.resid_post - resid_pre, positions >= "
-                    f"{start}) for x_n; for x_(n+1): {r2_next:.3f}"),
-        Check("layer0_encodes_x_n_more_than_x_next", r2_xn - r2_next, "> 0", bool(r2_xn > r2_next),
-              "R^2(x_n) - R^2(x_(n+1)) of the layer-0 probes: the initial estimate is a copy"),
+        check_above("layer0_x_n_unexplained_untrained_over_trained", (1 - r2_xn_init) / (1 - r2_xn),
+                    cfg.min_layer0_unexplained_ratio,
+                    f"(1 - R^2) of a held-out ridge probe of what layer 0 writes (layer0.resid_post - resid_pre, "
+                    f"positions >= {start}) for x_n, seed {cfg.seeds[0]}'s initial parameters over the trained: R^2 "
+                    f"trained {r2_xn:.3f}, untrained {r2_xn_init:.3f}; for x_(n+1): trained {r2_next:.3f}, untrained "
+                    f"{r2_next_init:.3f}"),
+        check_above("layer0_x_n_lead_over_x_next_gain", (r2_xn - r2_next) - (r2_xn_init - r2_next_init),
+                    cfg.min_layer0_copy_lead_gain,
+                    f"R^2(x_n) - R^2(x_(n+1)) of the layer-0 probes, trained {r2_xn - r2_next:.3f} minus untrained "
+                    f"{r2_xn_init - r2_next_init:.3f}: does training make layer 0 a copy (the initial estimate) "
+                    "rather than a predictor of x_(n+1)? An untrained layer 0 already writes x_n more than x_(n+1)"),
         Check("negative_similarity_heads_in_layer2", len(negative), ">= 1", bool(negative),
               f"layer-2 heads whose direct contribution to the prediction is anti-correlated with the value they "
               f"attend to (corr < -{cfg.min_head_corr}) and whose attention score grows with the similarity "

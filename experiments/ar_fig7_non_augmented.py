@@ -12,6 +12,11 @@ The paper's head count does not bring the local structure on a CPU: the full pre
 (`--preset full train.batch_size=256`: 64 heads, 3200 steps of Adam 1e-2, 48 minutes on 2 cores) gave a local
 positional mass of 0.93x uniform under the current-token query and 1.08x under the previous one (12 and 11 of the 64
 heads above 1.5x; the quick preset's 8 heads: 0.94x and 1.44x), at test MSEs 1.29x and 1.18x the best GD step's.
+
+That the model learns is checked against two references, not against its initial loss (predicting 0 already
+divides that by almost 4): the fraction of the way from the zero predictor's test MSE (0.20) to the best single
+GD step's (0.060) that the model covers, above one half. Quick: 0.72 under the current-token query and 0.78 under
+the previous one (test MSE 0.100 and 0.090); the untrained model, at 0.75, sits at -3.96.
 """
 
 import dataclasses
@@ -41,7 +46,9 @@ class Config:
     test_sequences: int = 1024
     eval_every: int = 160
     min_local_mass_ratio: float = 1.5
-    max_loss_ratio: float = 0.5  # final / initial test loss: the model learns something
+    # (zero - final) / (zero - GD) test loss, zero: predicting 0, GD: the best GD step; initial models sit above
+    # zero (gap closed < 0), so passing needs the model past predicting 0, half way to the GD step
+    min_gap_closed: float = 0.5
 
     def __post_init__(self):
         check_positive("heads", self.heads)
@@ -94,15 +101,16 @@ CURRENT_QUERY_HISTORY = (
 def run(cfg: Config, out_dir: str) -> Outcome:
     test = held_out_set(cfg.task, cfg.test_sequences)
     _, gd_loss = best_gd_step(test)
+    zero_loss = float(np.mean(np.asarray(test.targets) ** 2))  # predicting 0 (the task's mask is all ones)
     checks, figures = [], []
     for query in cfg.queries:
-        c, f = run_query(cfg, query, test, gd_loss, os.path.join(out_dir, query))
+        c, f = run_query(cfg, query, test, gd_loss, zero_loss, os.path.join(out_dir, query))
         checks += c
         figures.append(os.path.join(query, f))
     return Outcome(checks, figures)
 
 
-def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, out_dir: str) -> tuple[list, str]:
+def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, zero_loss: float, out_dir: str) -> tuple[list, str]:
     """Trains one query convention into out_dir; its checks and its figure (relative to out_dir)."""
     task, d = cfg.task, cfg.task.dim
     model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, query=query, rngs=nnx.Rngs(cfg.train.seed))
@@ -118,6 +126,7 @@ def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, out_dir: str) 
     mass, uniform, early = local_mass(weights)
     rows = result.eval_rows
     final, initial = rows[-1]["test_loss"], rows[0]["test_loss"]
+    gd = float(np.mean(gd_loss))
     per_position = per_position_loss(graphdef, p, test, coords="mean")
     whose = ("the official code's convention (non_augmented.py: each token queries with itself)" if query == "current"
              else "the theory's convention (Section 5: the query is s_(t-1), keys and values up to s_t)")
@@ -131,10 +140,12 @@ def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, out_dir: str) 
                     f"s_1 = W s_0): {np.round(early, 2).tolist()}. The Section-5 structure (attend to the current and "
                     "previous positions) is the plausible reading of Fig. 7; no reference numbers exist. "
                     + (CURRENT_QUERY_HISTORY if query == "current" else "")),
-        check_below(f"final_over_initial_test_loss[{query}]", final / initial, cfg.max_loss_ratio,
-                    f"query={query}: test MSE {initial:.4g} -> {final:.4g}; one GD step with the best eta per position "
-                    f"on augmented information: {np.mean(gd_loss):.4g} (reference: final / GD "
-                    f"{final / np.mean(gd_loss):.3g})"),
+        check_above(f"test_loss_gap_closed_zero_to_gd[{query}]", (zero_loss - final) / (zero_loss - gd),
+                    cfg.min_gap_closed,
+                    f"query={query}: (zero - final) / (zero - GD) test MSE, zero: predicting 0 ({zero_loss:.4g}), GD: "
+                    f"one GD step with the best eta per position on augmented information ({gd:.4g}), final "
+                    f"{final:.4g} (final / GD {final / gd:.3g}); the untrained model: {initial:.4g}, gap closed "
+                    f"{(zero_loss - initial) / (zero_loss - gd):.3g}"),
     ]
     return checks, _plot(weights, rows, per_position, gd_loss, query, out_dir)
 

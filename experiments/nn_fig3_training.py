@@ -1,15 +1,22 @@
 """Li et al. 2024 Fig. 3: full-matrix GD from diag(0, .., 0, -sigma) learns 1-NN; matches the reduced dynamics.
 
-For each (N, d) in `runs`, the merged W of the one-layer model is trained from the paper's initialisation by
-gradient steps on the query loss, the gradient estimated on fresh prompts sampled on device each step; the seeds
-are the members of one vmapped sweep (jaxicl.train.sweep) writing N<n>_d<d>/ (metrics, checkpoints; a rerun into
-the same directory resumes). The full-W trajectory of (xi1, xi2) is compared with the closed-form two-parameter
+For each (N, d) in `runs`, the merged W of the one-layer model is trained from the theorem's deterministic
+initialisation (the paper's own experiments start from a random init: nn_random_init) by gradient steps on the
+query loss, the gradient estimated on fresh prompts sampled on device each step; the seeds are the members of
+one vmapped sweep (jaxicl.train.sweep) writing N<n>_d<d>/ (metrics, checkpoints; a rerun into the same
+directory resumes). The full-W trajectory of (xi1, xi2) is compared with the closed-form two-parameter
 dynamics (step eta/d on xi1, eta on xi2; jaxicl.theory.nearest_neighbor).
 
 Two regimes: the full-W runs (3000 steps at quick) are pre-asymptotic, and there xi grows faster than log t; the
 reduced dynamics, exact on the invariant family that the full run is shown to follow, is run on to
 long_horizons (1e5 and 1e6 steps) where the lemmas' Theta(log t) growth is checked with the same slope-drift
-statistic, and from the sigma Lemma 12 assumes, where its ratio bound xi1 <= 7/15 xi2 is checked.
+statistic, and from the sigma Lemma 12 assumes, where its ratio bound xi1 <= 7/15 xi2 is checked. The r^2 of
+xi ~ a log t + b is reported, not checked: a power law t^p up to p = 0.8 also reaches 0.95.
+
+Settings: every preset's are ours. The paper's experiments (shared/papers/nearest_neighbor_li2024.md, Section 3)
+train from a random init by SGD on a fixed set of 10,000 prompts for 2,000 epochs; here every preset starts from
+the theorem's init and draws fresh prompts each step, and full's (N, d) grid, lr 0.5, 100,000 steps of batch 512
+and 8 seeds are ours (the paper's lr, batch and grid are not known).
 """
 
 import dataclasses
@@ -52,7 +59,6 @@ class Config:
     max_final_loss_fraction: float = 0.3  # final train loss / L(0, sigma)
     max_shifted_mse: float = 0.01
     max_off_family: float = 0.05  # |W - W(xi1, xi2)|_F / |W|_F
-    min_log_r2: float = 0.95
     max_log_slope_drift: float = 1.25  # "roughly linear in log t": the slope changes by < 25% over the window
     max_reduced_rel_gap: float = 0.02  # over the second half of training
     min_agreement: float = 0.9
@@ -105,7 +111,7 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
     label_bound = jnp.max(jnp.abs(shifted.info["labels"][..., 0]), axis=-1)
 
     def init(key):
-        return params  # the paper's deterministic init; the seeds differ only in their data
+        return params  # the theorem's deterministic init; the seeds differ only in their data
 
     def evaluate(p):
         xi1, xi2 = theory.to_reduced(p["w"][...], d)
@@ -190,18 +196,18 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "paper expects a plateau below 1 from queries near a 1-NN decision boundary"),
         check_below("off_family_fraction", worst("off_family"), cfg.max_off_family,
                     "|W - diag(xi1 I, 0, -xi2)|_F / |W|_F at the end (worst seed and run)"),
-        check_above("xi_linear_in_log_t_r2", worst("r2", min), cfg.min_log_r2,
-                    f"r^2 of xi ~ a log t + b for t >= {cfg.fit_from} * steps (worst of xi1, xi2 and runs); "
-                    "best power-law exponents xi ~ t^p: " + "; ".join(
-                        f"N={r['n']}: p1={s['powers'][0]:.2f}, p2={s['powers'][1]:.2f}" for r, s in zip(runs, sums))
-                    + ". xi1 / xi2 at the end: " + ", ".join(f"N={r['n']}: {s['ratio']:.2f}" for r, s in zip(runs, sums))
-                    + f" (Lemma 12's bound xi1 <= 7/15 xi2 assumes a much larger sigma than {cfg.sigma})"),
         check_below("xi_log_slope_late_over_early", worst("slope_drift"), cfg.max_log_slope_drift,
                     "full-W runs: d xi / d log t fitted on the later half of the log-t window over the earlier half "
                     "(worst of xi1, xi2 and runs; 1 for exact a log t + b). Above 1 means xi grows faster than log t "
                     f"here: over {cfg.train.steps} steps the runs are pre-asymptotic, and the asymptotic Theta(log t) "
                     "of the paper's lemmas is not reached; the xi_log_slope_drift_reduced checks follow the same "
-                    "dynamics (reduced, exact on the family) to the horizons where the lemmas speak"),
+                    "dynamics (reduced, exact on the family) to the horizons where the lemmas speak. Reported, not "
+                    f"checked: r^2 of xi ~ a log t + b for t >= {cfg.fit_from} * steps (worst of xi1, xi2 and runs) "
+                    f"{worst('r2', min):.3f} (r^2 cannot tell log t from t^p up to p = 0.8, which also gives 0.95); "
+                    "best power-law exponents xi ~ t^p: " + "; ".join(
+                        f"N={r['n']}: p1={s['powers'][0]:.2f}, p2={s['powers'][1]:.2f}" for r, s in zip(runs, sums))
+                    + ". xi1 / xi2 at the end: " + ", ".join(f"N={r['n']}: {s['ratio']:.2f}" for r, s in zip(runs, sums))
+                    + f" (Lemma 12's bound xi1 <= 7/15 xi2 assumes a much larger sigma than {cfg.sigma})"),
         *[check_below(f"xi_log_slope_drift_reduced[t<={h:.0e}]", max(s["long_drift"][h] for s in sums),
                       cfg.max_log_slope_drift,
                       f"the same statistic on the reduced dynamics (step eta/d on xi1, {cfg.long_samples} Monte "

@@ -4,6 +4,12 @@ Members (init scale x seed) share the training set and are trained together (one
 jaxicl.train.sweep writing scales_seeds/; a rerun into the same directory resumes). For each scale
 we report the 1-NN agreement on fresh uniform prompts, the shifted-test MSE and how far the merged
 W = W_K^T W_Q ends from the invariant family diag(xi1 I, 0, -xi2).
+
+From the paper (shared/papers/nearest_neighbor_li2024.md, Section 3): a fixed set of 10,000 training prompts
+(quick and full) and, at full, 2,000 epochs of it (156,250 steps of batch 128). Ours: everything else, as the
+paper does not record it: plain SGD (implied), the learning rate (1.0 quick, 0.5 full), the batch size, d and N
+(full's d = 8, N = 16 are the follow-up's defaults, whose lr is 0.05), the init scales and separate W_K, W_Q;
+quick's 3000 steps of 64 are 19 epochs.
 """
 
 import dataclasses
@@ -60,8 +66,8 @@ PRESETS = {
     "quick": Config(),
     "full": Config(task=nn_task.NearestNeighbor(dim=8, n_context=16, n_prompts=10_000),
                    scales=(0.01, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0), seeds=tuple(range(4)),
-                   train=dataclasses.replace(Config.train, lr=0.5, steps=100_000, batch_size=128,
-                                             steps_per_call=2000),
+                   train=dataclasses.replace(Config.train, lr=0.5, steps=156_250, batch_size=128,
+                                             steps_per_call=1250),  # 2,000 epochs of the 10,000 prompts
                    eval_prompts=10_000),
 }
 

@@ -121,11 +121,13 @@ def test_smoke_runs_share_one_training_run(tmp_path):
     names = {r["experiment"]: [c["name"] for c in r["checks"]] for r in (training, geometry, manipulation)}
     assert names == {
         "abstractions_training": ["test_token_accuracy", "test_board_accuracy", "test_masked_object_error"],
-        "abstractions_geometry": ["convergence_min_over_ends", "root_pr_at_convergence_site_over_ends",
-                                  "probe_root_over_chance", "probe_masked_root_over_chance", "probe_cell_over_chance",
-                                  "probe_background_over_chance", "probe_position_r2", "probe_composite_over_chance",
-                                  "probe_composite_root_over_chance", "context_independence_cosine_gap"],
-        "abstractions_manipulation": ["centroid_transplant_over_random", "patch_transplant", "mean_ablation_drop",
+        "abstractions_geometry": ["convergence_min_over_ends_vs_untrained", "root_pr_at_convergence_site_over_ends",
+                                  *(f"probe_{n}_gain_over_untrained" for n in ("root", "masked_root", "cell",
+                                                                              "background", "position", "composite",
+                                                                              "composite_root")),
+                                  "context_independence_cosine_gap_over_untrained"],
+        "abstractions_manipulation": ["centroid_transplant_over_random_masked", "patch_transplant_masked",
+                                      "mean_ablation_drop_masked",
                                       "masked_completion_over_random", "part_whole_quadrant_over_random",
                                       "part_whole_other_cells_kept"]}
     for r in (training, geometry, manipulation):
