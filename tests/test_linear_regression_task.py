@@ -98,7 +98,8 @@ def test_the_pool_is_not_the_initial_weights_of_a_model_built_with_the_same_seed
     # independent N(0, 1) vectors of 32 entries: |correlation| above 0.8 has probability ~1e-8 per pair
     corr = np.corrcoef(np.concatenate([pool, np.stack(leaves)]))[:16, 16:]
     assert np.abs(corr).max() < 0.8
-    np.testing.assert_array_equal(lr.task_pool(dataclasses.replace(cfg, n_tasks=32))[:16], pool)
+    # another program (32 rows): the same bits, normals equal up to the transform's rounding in another fusion
+    np.testing.assert_allclose(lr.task_pool(dataclasses.replace(cfg, n_tasks=32))[:16], pool, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(lr.task_pool(cfg), pool)
     assert not np.allclose(lr.task_pool(dataclasses.replace(cfg, pool_seed=1)), pool)
 
