@@ -11,12 +11,15 @@ minute; `python -m benchmarks gpu-check` runs it with a 130-second limit.
 The paper's head count does not bring the local structure on a CPU: the full preset at a quarter of its batch
 (`--preset full train.batch_size=256`: 64 heads, 3200 steps of Adam 1e-2, 48 minutes on 2 cores) gave a local
 positional mass of 0.93x uniform under the current-token query and 1.08x under the previous one (12 and 11 of the 64
-heads above 1.5x; the quick preset's 8 heads: 0.94x and 1.44x), at test MSEs 1.29x and 1.18x the best GD step's.
+heads above 1.5x), at test MSEs 1.29x and 1.18x the best GD step's; that run drew the fixed training set from the
+keys nnx.Rngs(seed) also initialises the model with, as the quick runs before December 2026 did. The quick
+preset's 8 heads gave 0.94x and 1.44x with that draw, and give 0.95x and 0.52x with the set drawn from its own key
+stream (the same distribution): under the previous-token query, 8 heads' local mass depends on the data draw.
 
 That the model learns is checked against two references, not against its initial loss (predicting 0 already
 divides that by almost 4): the fraction of the way from the zero predictor's test MSE (0.20) to the best single
-GD step's (0.060) that the model covers, above one half. Quick: 0.72 under the current-token query and 0.78 under
-the previous one (test MSE 0.100 and 0.090); the untrained model, at 0.75, sits at -3.96.
+GD step's (0.060) that the model covers, above one half. Quick: 0.73 under the current-token query and 0.74 under
+the previous one (test MSE 0.098 and 0.096); the untrained model, at 0.75, sits at -3.96.
 """
 
 import dataclasses
