@@ -1,10 +1,21 @@
+import importlib
+import pkgutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxicl.models import SelfAttention, apply
+import jaxicl.models
+from jaxicl.models import Model, SelfAttention, apply
+from jaxicl.models.ar_linear_attention import (AugmentedLinearAttention, DiagonalPositionalAttention,
+                                               PositionalOnlyAttention)
+from jaxicl.models.ar_transformer import AugmentedTransformer, PositionalTransformer
+from jaxicl.models.factor_transformer import FactorTransformer
+from jaxicl.models.gpt import GPT
+from jaxicl.models.lea import LEA
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.models.pq_view import from_pq, to_pq
 
 
@@ -175,3 +186,55 @@ def test_site_shapes_match_the_captured_values_without_running_the_model():
     _, rec = apply(*nnx.split(model), tokens, capture="all")
     assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == {k: (v.shape, v.dtype) for k, v in rec.items()}
     assert shapes["layer1.attn.weights"].shape == (3, 6, 6)
+
+
+T, H = 5, 3  # prompt length and head count, distinct from every other axis size below
+AXES_CASES = {  # model class -> (model, one prompt [T, ...], head count or None)
+    SelfAttention: lambda: (SelfAttention(4, num_layers=2, num_heads=H, kind="softmax", key_size=2, rngs=nnx.Rngs(0)),
+                            jnp.ones((T, 4)), H),
+    AugmentedLinearAttention: lambda: (AugmentedLinearAttention(2, rngs=nnx.Rngs(0)), jnp.ones((T, 6)), None),
+    DiagonalPositionalAttention: lambda: (DiagonalPositionalAttention(2, H, T, rngs=nnx.Rngs(0)), jnp.ones((T, 2)), H),
+    PositionalOnlyAttention: lambda: (PositionalOnlyAttention(T), jnp.ones((T, 1)), 1),
+    AugmentedTransformer: lambda: (AugmentedTransformer(6, 2, out_dim=2, rngs=nnx.Rngs(0)), jnp.ones((T, 6)), None),
+    PositionalTransformer: lambda: (PositionalTransformer(2, 4, num_heads=H, max_len=7, rngs=nnx.Rngs(0)),
+                                    jnp.ones((T, 2)), H),
+    NearestNeighborAttention: lambda: (NearestNeighborAttention(2, rngs=nnx.Rngs(0)), jnp.ones((T, 4)), None),
+    GPT: lambda: (GPT(d_model=12, n_layers=1, n_heads=H, d_mlp=8, max_len=7, input_dim=2, rngs=nnx.Rngs(0)),
+                  jnp.ones((T, 2)), H),
+    FactorTransformer: lambda: (FactorTransformer(vocab_size=7, d_model=12, d_pos=2, n_layers=1, n_heads=H, max_len=7,
+                                                  rngs=nnx.Rngs(0)), jnp.arange(T), H),
+    LEA: lambda: (LEA(vocab_size=7, d_model=12, d_pos=2, n_layers=1, n_heads=H, board_len=T, n_words=8, message_len=4,
+                      rngs=nnx.Rngs(0)), jnp.arange(T), H),
+}
+
+
+def _model_classes() -> set[type]:
+    """Every Model subclass with a forward pass defined in jaxicl.models."""
+    for module in pkgutil.iter_modules(jaxicl.models.__path__):
+        importlib.import_module(f"jaxicl.models.{module.name}")
+    found, todo = set(), [Model]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("jaxicl.models.") and any("__call__" in vars(c) for c in sub.__mro__[:-1]
+                                                                   if issubclass(c, Model)):
+                found.add(sub)
+    return found
+
+
+def test_every_model_class_is_covered_by_the_site_axes_test():
+    assert _model_classes() == set(AXES_CASES)
+
+
+@pytest.mark.parametrize("cls", list(AXES_CASES), ids=lambda c: c.__name__)
+def test_site_axes_name_every_axis_with_pos_of_size_t_and_head_of_size_h(cls):
+    """Patching selects positions and heads by these names, so a misnamed axis patches the wrong slice silently."""
+    model, tokens, heads = AXES_CASES[cls]()
+    _, rec = apply(*nnx.split(model), tokens, capture="all")
+    for name, value in rec.items():
+        axes = model.site_axes(name, value.ndim)
+        assert len(axes) == value.ndim and len(set(axes)) == len(axes), (name, value.shape, axes)
+        if "pos" in axes:
+            assert value.shape[axes.index("pos")] == T, (name, value.shape, axes)
+        if "head" in axes:
+            assert heads is not None and value.shape[axes.index("head")] == heads, (name, value.shape, axes)

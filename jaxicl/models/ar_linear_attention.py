@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxicl.models.attention import HeadFirstModel
 from jaxicl.models.base import Model
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_positive
@@ -73,7 +74,7 @@ def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array,
     return sites("out", heads.sum(0))
 
 
-class DiagonalPositionalAttention(Model):
+class DiagonalPositionalAttention(HeadFirstModel):
     """Parameters a, b: [H, d], p: [T, T]; call on states [T, d] -> predictions [T, d]."""
 
     def __init__(self, dim: int, num_heads: int, seq_len: int, *, init_scale: float = 0.1, rngs: nnx.Rngs):
@@ -87,7 +88,7 @@ class DiagonalPositionalAttention(Model):
         return positional_attention(self.a[...], self.b[...], self.p[...], s, sites)
 
 
-class PositionalOnlyAttention(Model):
+class PositionalOnlyAttention(HeadFirstModel):
     """Parameter p: [T, T] (initialised to 0); call on 1-D states [T, 1] -> predictions [T, 1]."""
 
     def __init__(self, seq_len: int):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxicl.models.attention import HeadFirstModel
 from jaxicl.models.base import Model
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
@@ -82,7 +83,7 @@ class AugmentedTransformer(Model):
         return outputs[..., :self.out_dim]
 
 
-class PositionalTransformer(Model):
+class PositionalTransformer(HeadFirstModel):
     """num_heads full-width heads with a softmax positional score; tokens [T, dim] -> predictions [T, out_dim]."""
 
     def __init__(self, dim: int, out_dim: int, num_heads: int = 64, max_len: int = 100, query: str = "current", *,

@@ -50,7 +50,21 @@ class AttentionLayer(nnx.Module):
         self.wo = init((num_heads, key_size, dim))
 
 
-class SelfAttention(Model):
+class HeadFirstModel(Model):
+    """A model whose attention sites are head-first: [H, T, T] scores or weights (also the autoregressive models'
+    token_scores and positional_weights) and [H, T, D] per-head outputs, named by the last part of the site name.
+    Every other site is position-first."""
+
+    def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
+        kind = name.rsplit(".", 1)[-1]
+        if kind in ("scores", "weights", "token_scores", "positional_weights"):
+            return ("head", "pos", "key")
+        if kind == "heads":
+            return ("head", "pos", "dim")
+        return super().site_axes(name, ndim)
+
+
+class SelfAttention(HeadFirstModel):
     """A stack of num_layers multi-head self-attention layers; call on tokens [T, D] -> [T, D].
 
     Readout (von Oswald et al.'s convention): a layer writes -y_hat into the empty label slot, so the
@@ -78,14 +92,6 @@ class SelfAttention(Model):
 
     def readout(self, outputs: jax.Array) -> jax.Array:
         return -outputs[..., -1]
-
-    def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
-        kind = name.rsplit(".", 1)[-1]
-        if kind in ("scores", "weights"):
-            return ("head", "pos", "key")
-        if kind == "heads":
-            return ("head", "pos", "dim")
-        return super().site_axes(name, ndim)
 
     def _attend(self, layer: AttentionLayer, x: jax.Array, sites, name: str) -> jax.Array:
         """Through the per-head products Wq Wk^T and Wv Wo [H, D, D]: the function of projecting to q, k, v first,

@@ -26,7 +26,8 @@ Named sites (per board; the picture stream's in reconstruct-from-board and messa
 message_of):
   picture.embed [64, D]   speech.embed [L, D] (the learned initial vectors)
   {stream}.layer{l}.self_attn.q/.k/.v [T, H, dh], .weights [H, T, T], .out [T, D]; {stream}.layer{l}.resid_mid
-  {stream}.layer{l}.cross_attn.q/.k/.v, .weights [H, T, T_other], .out [T, D]; {stream}.layer{l}.resid_cross
+  {stream}.layer{l}.cross_attn.q [T, H, dh], .k/.v [T_other, H, dh], .weights [H, T, T_other], .out [T, D];
+  {stream}.layer{l}.resid_cross
   {stream}.layer{l}.mlp.out [T, D]; {stream}.layer{l}.resid_post [T, D]
   picture.unembed.in [64, D] (LN_f: the abstract representation)   speech.out [L, D] (before quantisation)
 """
@@ -156,6 +157,8 @@ class LEA(Model):
         return self.from_vectors(self.words(ids), sites)
 
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
+        if ".cross_attn." in name and name.rsplit(".", 1)[-1] in ("k", "v"):
+            return ("key", "head", "d_head")  # over the other stream's positions, not this stream's
         return attention_site_axes(name) or super().site_axes(name, ndim)
 
 

@@ -65,6 +65,11 @@ class NearestNeighborAttention(Model):
             return self.w[...]
         return self.wk[...].T @ self.wq[...]
 
+    def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
+        """Only the query column is computed, so no site has a position axis: scores and weights run over the keys,
+        attn.out over the token's features."""
+        return ("dim",) if name == "attn.out" else ("key",)
+
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         scores = sites("attn.scores", tokens @ (self.merged() @ tokens[-1]))
         weights = sites("attn.weights", softmax(scores))
