@@ -46,6 +46,11 @@ def test_diagonal_positional_attention_matches_a_loop(x64):
             for i in range(d):
                 ref[q, i] += p[q - 1, k] * sum(c[i, j] * np.conj(s[q - 1, j]) * s[k, j] for j in range(d)) * s[k, i]
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
+    scores = np.zeros((h, t, t), complex)  # attn.scores as documented: the positional weight already multiplied in
+    for q in range(1, t):
+        for k in range(q + 1):
+            scores[:, q, k] = p[q - 1, k] * (a * np.conj(s[q - 1]) * s[k]).sum(-1)
+    np.testing.assert_allclose(cache["attn.scores"], scores, rtol=1e-12, atol=1e-14)
     pe = PositionalOnlyAttention(t)
     pe.p[...] = jnp.asarray(p)
     one = DiagonalPositionalAttention(1, 1, t, rngs=nnx.Rngs(2))

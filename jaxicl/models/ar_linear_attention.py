@@ -12,7 +12,9 @@ a_h and value diagonal b_h (rows of A, B [H, d]) and positional weights P [T, T]
 the PREVIOUS token s_{t-1}; keys and values are s_{t'} for t' <= t; position t uses row t - 1:
   s_hat_{t+1, i} = sum_{t'<=t} P[t-1, t'] sum_h b_{h,i} (sum_j a_{h,j} conj(s_{t-1,j}) s_{t',j}) s_{t',i}
 so C = B^T A [d, d]. Position 0 has no previous token and predicts 0; P's last row is never used.
-  Sites: attn.scores [H, T, T] (token scores, masked), attn.heads [H, T, d], out [T, d].
+  Sites: attn.scores [H, T, T] (the weight of key t' at position q in head h, P included:
+         P[q-1, t'] sum_j a_{h,j} conj(s_{q-1,j}) s_{t',j}, zero for t' > q and in row 0),
+         attn.heads [H, T, d], out [T, d].
 
 PositionalOnlyAttention: the same with d = 1, H = 1 and a = b = 1 fixed; only P is learned (Fig. 6).
   Sites: as DiagonalPositionalAttention.
