@@ -134,6 +134,9 @@ def test_bad_model_configs_name_the_field():
         GPT(input_dim=1, activation="swish", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="longer than max_len=4"):
         GPT(input_dim=1, max_len=4, rngs=nnx.Rngs(0))(jnp.zeros((5, 1)))
+    with pytest.raises(ConfigError, match=r"d_model=10 must be a multiple of n_heads=4 .*d_head"):
+        GPT(d_model=10, n_heads=4, input_dim=1, rngs=nnx.Rngs(0))  # heads would span 8 of the 10 dims
+    assert GPT(d_model=10, n_heads=4, d_head=3, input_dim=1, rngs=nnx.Rngs(0)).blocks[0].attn.wq.shape == (4, 10, 3)
 
 
 def test_hidden_state_sites_follow_hugging_face_hidden_states():

@@ -156,6 +156,8 @@ def test_bad_model_options_name_the_field():
         SelfAttention(3, mask="diagonal", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_heads"):
         SelfAttention(3, num_heads=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="key_size must be > 0"):
+        SelfAttention(3, key_size=0, rngs=nnx.Rngs(0))  # attention identically zero
 
 
 @pytest.mark.parametrize("mask,fmt", [("none", "paired"), ("causal", "paired"), ("causal", "interleaved")])

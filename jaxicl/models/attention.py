@@ -80,6 +80,7 @@ class SelfAttention(HeadFirstModel):
         check_choice("mask", mask, MASKS)
         self.kind, self.residual, self.mask = kind, residual, mask
         key_size = dim if key_size is None else key_size
+        check_positive("key_size", key_size)
         self.layers = nnx.List([AttentionLayer(dim, num_heads, key_size, init_scale=init_scale, rngs=rngs)
                                 for _ in range(num_layers)])
 

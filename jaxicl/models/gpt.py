@@ -158,6 +158,9 @@ class GPT(Model):
         if (vocab_size > 0) == (input_dim > 0):
             raise ConfigError(f"give exactly one of vocab_size (token inputs) and input_dim (vector inputs), got "
                               f"vocab_size={vocab_size}, input_dim={input_dim}")
+        if d_head is None and d_model % n_heads:
+            raise ConfigError(f"d_model={d_model} must be a multiple of n_heads={n_heads} when d_head is not given "
+                              f"(d_head = d_model // n_heads by default), or pass d_head")
         d_head = d_model // n_heads if d_head is None else d_head
         d_mlp = 4 * d_model if d_mlp is None else d_mlp
         check_positive("d_head", d_head)
