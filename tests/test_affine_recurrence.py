@@ -62,18 +62,19 @@ def test_baselines_against_numpy_and_the_three_term_solver_is_exact_on_noise_fre
         base.three_term(vec.inputs[0])
 
 
-def test_linear_filter_is_per_position_least_squares_on_the_last_taps_terms(x64):
-    cfg = ar.AffineRecurrence(seq_len=7)
-    train = sample_batch(ar.sample, cfg, jax.random.key(4), 500, axis=None)
+def test_linear_filter_is_per_position_least_squares_on_the_last_taps_terms():
+    # float32 prompts as in the experiments, against numpy's float64 lstsq: the late terms are nearly collinear
+    cfg = ar.AffineRecurrence(seq_len=16)
+    train = sample_batch(ar.sample, cfg, jax.random.key(4), 4000, axis=None)
     test = sample_batch(ar.sample, cfg, jax.random.key(5), 20, axis=None)
-    x, y, xt = (np.asarray(v) for v in (train.inputs[..., 0], train.targets, test.inputs[..., 0]))
+    x, y, xt = (np.asarray(v, np.float64) for v in (train.inputs[..., 0], train.targets, test.inputs[..., 0]))
     for taps in (1, 3, None):
         pred = np.asarray(jax.vmap(base.fit_linear_filter(train.inputs, train.targets, taps))(test.inputs))
-        for n in range(7):  # numpy: lstsq over the available terms x_max(0, n-taps+1)..x_n and a constant
+        for n in range(16):  # lstsq over the available terms x_max(0, n-taps+1)..x_n and a constant
             lo = 0 if taps is None else max(0, n - taps + 1)
             w = np.linalg.lstsq(np.c_[x[:, lo:n + 1], np.ones(len(x))], y[:, n], rcond=None)[0]
-            np.testing.assert_allclose(pred[:, n], np.c_[xt[:, lo:n + 1], np.ones(len(xt))] @ w, rtol=1e-8,
-                                       atol=1e-10)
+            # float32 rounding of up to 17 products of weights <~ 6 and |x| <~ 4: ~2e-5 at worst (measured 5e-6)
+            np.testing.assert_allclose(pred[:, n], np.c_[xt[:, lo:n + 1], np.ones(len(xt))] @ w, rtol=0, atol=1e-4)
 
 
 def test_linear_filter_is_exact_when_every_prompt_shares_a_and_b_and_cannot_be_without_them(x64):

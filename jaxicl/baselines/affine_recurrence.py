@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Predictor = Callable[[jax.Array], jax.Array]
 
@@ -83,9 +84,12 @@ def fit_linear_filter(inputs: jax.Array, targets: jax.Array, taps: int | None = 
         taps = t
     if taps < 1:
         raise ValueError(f"taps must be >= 1 or None (the whole prefix), got {taps}")
-    feats = _windows(inputs[..., 0], taps)  # [B, T, taps]
-    feats = jnp.concatenate([feats, jnp.ones_like(feats[..., :1])], axis=-1)  # [B, T, taps + 1]
-    weights = jax.vmap(lambda f, y: jnp.linalg.pinv(f) @ y, in_axes=1)(feats, targets)  # [T, taps + 1]
+    # in float64 on the host: late terms of a contracting recurrence are nearly collinear, and a float32 pinv's
+    # cutoff (10 B eps of the largest singular value) would discard the directions that separate them
+    feats = np.asarray(_windows(inputs[..., 0], taps), np.float64)  # [B, T, taps]
+    feats = np.concatenate([feats, np.ones_like(feats[..., :1])], axis=-1)  # [B, T, taps + 1]
+    y = np.asarray(targets, np.float64)
+    weights = jnp.asarray(np.stack([np.linalg.lstsq(feats[:, n], y[:, n], rcond=None)[0] for n in range(t)]))
 
     def predict(tokens: jax.Array) -> jax.Array:
         if tokens.shape != (t, 1):
