@@ -1,28 +1,33 @@
 """Bhargav & Gu 2024: a 3-layer GPT learns affine recurrences in context; layer 0 copies, layer-2 negative heads refine.
 
-Seeds are the members of one vmapped sweep. The analyses use seed 0's model (the others are reported):
-per-position loss against the copy, linear-extrapolation, exact three-term and least-squares
-predictors; layer-0 attention mass on positions n and n - 1 and ridge probes of the layer-0 output for
-x_n and x_{n+1}; for every layer-2 head its OV gain W_E W_V W_O W_U (sign: copying or negative) and the
-regression of its attention score on the similarity -|x_hat_q - x_k| between the query's current
-estimate (a probe of the stream entering layer 2) and the key's value; mean ablation of the negative
-similarity heads; activation-patching heatmaps (layers x positions, layers x heads) from clean prompts
-into prompts with other (a, b, x_0).
+Seeds are the members of one vmapped sweep. The analyses use seed 0's model (the others are reported): per-position
+loss against the copy, linear-extrapolation, exact three-term and least-squares predictors and the best fixed affine
+filter of the prefix (least squares per position on training prompts: the same weights for every (a, b), so the
+control a model must beat to show in-context inference); layer-0 attention mass on positions n and n - 1 and ridge
+probes of the layer-0 output for x_n and x_{n+1}; for every layer-2 head its OV gain W_E W_V W_O W_U (sign: copying
+or negative) and the regression of its attention score on the similarity -|x_hat_q - x_k| between the query's
+current estimate (a probe of the stream entering layer 2) and the key's value; mean ablation of the negative
+similarity heads, against every layer-2 head ablated alone; activation-patching heatmaps (layers x positions, layers
+x heads) from clean prompts into prompts with other (a, b, x_0).
 
-The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours
-(the defaults of shared/papers/affine_recurrence_bhargav2024.md, Section 4), and the definitions of
-"copying" and "negative-similarity head" are the notes' recommendations, not the paper's.
+The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours (the defaults of
+shared/papers/affine_recurrence_bhargav2024.md, Section 4), and the definitions of "copying" and
+"negative-similarity head" are the notes' recommendations, not the paper's.
 
-What the quick preset shows (2 seeds, seed 0 analysed): the model beats copy (MSE ratio ~0.13) and linear
-extrapolation; what layer 0 writes encodes x_n at R^2 0.986 against 0.879 for seed 0's initial parameters (a random
-layer 0 already writes a function of x_n; training leaves 1/8.8 of its unexplained variance); it encodes x_n
-slightly better than x_(n+1) (0.970), but by less than the untrained layer 0 does (lead 0.017 vs 0.038: that check
-fails, so the layer-0 "copy" is not shown to be learned); layer 2 has a head with
-strongly negative gain (its direct contribution anti-correlated with the value it reads) whose ablation raises the
-loss ~1.8x. Not shown: that head's score does not grow with the similarity of the query's estimate and the key's
-value (with another initialisation draw of the same settings one head did qualify: the signature is fragile
-across initialisations); layer-0 attention is local only at the first few positions (x_n reaches the stream
-through the embedding, not by attention); and the ablation does not move the predictions toward the copy.
+What the quick preset shows (2 seeds, seed 0 analysed): the model beats copy (MSE ratio ~0.13), but in-context
+inference is not shown: the fixed affine filter of the prefix reaches 0.086 of copy's MSE (of the last 3 terms
+0.099), and the model's MSE is 1.53x the filter's (seed 1 1.2x; the check asks < 0.5x and fails); what layer 0
+writes encodes x_n at R^2 0.986 against 0.879 for seed 0's initial parameters (a random layer 0 already writes a
+function of x_n; training leaves 1/8.8 of its unexplained variance); it encodes x_n slightly better than x_(n+1)
+(0.970), but by less than the untrained layer 0 does (lead 0.017 vs 0.038: that check fails, so the layer-0 "copy"
+is not shown to be learned); layer 2 has a head with strongly negative gain (its direct contribution anti-correlated
+with the value it reads) whose ablation raises the loss ~1.8x, 1.48x the median of the other layer-2 heads ablated
+alone (a positive-gain head raises it 2.55x). Not shown: that head's score does not grow with the similarity of the
+query's estimate and the key's value (with another initialisation draw of the same settings one head did qualify:
+the signature is fragile across initialisations); layer-0 attention is local only at the first few positions (x_n
+reaches the stream through the embedding, not by attention); and the ablation does not move the predictions toward
+the copy (correlation of the change with x_n - prediction -0.24; ablating the positive-gain heads 1 and 3 does, 0.23
+and 0.25).
 """
 
 import dataclasses
@@ -70,7 +75,13 @@ class Config:
     eval_prompts: int = 2048
     from_position: int = 2  # losses and comparisons from the third term on (three terms identify (a, b))
     max_loss_over_copy: float = 0.5
-    max_loss_over_extrapolation: float = 1.0
+    # The control for in-context inference: the best fixed affine filter of the whole prefix x_0..x_n, fitted per
+    # position by least squares on filter_fit_prompts fresh training prompts. Its weights are the same for every
+    # (a, b), so it infers nothing from the prompt, yet it beats copy ~12x (a 3-tap filter, the terms the exact
+    # three-term solver uses, ~10x). An in-context solver reaches the three-term solver's ~0: the model must at
+    # least halve the filter's MSE (the ratio's noise over 2048 test prompts is a few percent).
+    filter_fit_prompts: int = 16384
+    max_loss_over_filter: float = 0.5
     min_layer0_local_mass: float = 0.5  # some layer-0 head puts this much mass on positions n and n - 1
     # layer-0 probes against the seed's initial parameters, whose random layer 0 already writes a function of x_n
     # (R^2 ~0.88): what training adds must at least halve the unexplained variance 1 - R^2 of x_n, and widen the
@@ -78,14 +89,23 @@ class Config:
     min_layer0_unexplained_ratio: float = 2.0
     min_layer0_copy_lead_gain: float = 0.01
     min_ablation_loss_ratio: float = 1.5
+    # ablation control: the most negative-gain layer-2 head alone must raise the loss more than the median other alone
+    min_ablation_over_other_heads: float = 1.0
+    # toward the copy: the correlation must exceed this many standard errors of a zero correlation, 1 / sqrt(n),
+    # with n the test prompts (conservative: the positions of one prompt are not independent)
+    toward_copy_standard_errors: float = 3.0
     min_head_corr: float = 0.1  # a negative-similarity head: |correlations| of gain and score-similarity above this
 
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
+        check_positive("filter_fit_prompts", self.filter_fit_prompts)
         if self.task.dim != 1:
             raise ConfigError("affine_mechanism studies the scalar recurrence: task.dim=1")
         if self.model.n_layers != 3:
             raise ConfigError("the mechanism is stated for the paper's three layers: model.n_layers=3")
+        if self.model.n_heads < 2:
+            raise ConfigError(f"the ablation control compares layer-2 heads: model.n_heads must be >= 2, got "
+                              f"{self.model.n_heads}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
         if not 0 <= self.from_position < self.task.seq_len:
@@ -148,6 +168,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     test = sample_batch(ar.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts, axis=None)
     targets = np.asarray(test.targets)
     base = {n: position_mse(jax.jit(jax.vmap(f))(test.inputs), test.targets) for n, f in BASELINES.items()}
+    fit = sample_batch(ar.sample, task, jax.random.fold_in(eval_key(cfg.train.seed), 2), cfg.filter_fit_prompts,
+                       axis=None)
+    for name, taps in (("fixed_filter", None), ("fixed_filter_3_taps", 3)):
+        f = baselines.fit_linear_filter(fit.inputs, fit.targets, taps)
+        base[name] = position_mse(jax.jit(jax.vmap(f))(test.inputs), test.targets)
     model_losses = [position_mse(run_with_cache(graphdef, result.member_params(i), test.inputs, [])[0], test.targets)
                     for i in range(len(cfg.seeds))]
     params = result.member_params(0)
@@ -183,15 +208,24 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                        "corr": corr})
     negative = [r["head"] for r in heads2 if r["gain_corr"] < -cfg.min_head_corr and r["corr"] > cfg.min_head_corr]
 
-    # Ablate the negative-similarity heads (or, where none qualifies, the most negative OV gain) by their mean.
+    # Ablate the negative-similarity heads (or, where none qualifies, the most negative OV gain) by their mean;
+    # the control: every layer-2 head ablated alone (the lead head against the others; the set may hold them all).
     mse = lambda p: float(np.mean(position_mse(p, test.targets)[start:]))  # noqa: E731
     trained_mse = mse(pred)
-    ablated_heads = negative or [min(heads2, key=lambda r: r["gain_corr"])["head"]]
-    ablated = np.asarray(ablate_heads(graphdef, params, test.inputs, [(2, h) for h in ablated_heads], kind="mean"))
-    ablated_mse = mse(ablated)
-    change, to_copy = (ablated - np.asarray(pred))[:, start:].ravel(), (x - np.asarray(pred))[:, start:].ravel()
-    toward_copy = float(np.corrcoef(change, to_copy)[0, 1])
+    lead = min(heads2, key=lambda r: r["gain_corr"])["head"]  # the most negative gain
+    ablated_heads = negative or [lead]
+    which = "the negative-similarity heads" if negative else "none qualified: the most negative gain"
+
+    def ablate(heads):  # (MSE ratio to the trained model, correlation of the change with x_n - prediction)
+        p = np.asarray(ablate_heads(graphdef, params, test.inputs, [(2, h) for h in heads], kind="mean"))
+        change, to_copy = (p - np.asarray(pred))[:, start:].ravel(), (x - np.asarray(pred))[:, start:].ravel()
+        return mse(p) / trained_mse, float(np.corrcoef(change, to_copy)[0, 1]), p
+
+    ablation_ratio, toward_copy, ablated = ablate(ablated_heads)
     distance_ratio = float(np.mean(np.abs(ablated - x)[:, start:]) / np.mean(np.abs(np.asarray(pred) - x)[:, start:]))
+    alone = [ablate([h])[:2] for h in range(cfg.model.n_heads)]  # [(ratio, toward-copy correlation)] per head
+    over_others = alone[lead][0] / float(np.median([r for h, (r, _) in enumerate(alone) if h != lead]))
+    min_toward_copy = cfg.toward_copy_standard_errors / np.sqrt(cfg.eval_prompts)
 
     # Patching heatmaps: clean prompts into prompts with other (a, b, x_0); metric: the clean targets' MSE at the end.
     n_patch = min(256, cfg.eval_prompts)
@@ -210,8 +244,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                                   by="head")
     corrupted_mse = float(metric(run_with_cache(graphdef, params, corrupted, [])[0]))
 
-    copy_mse = float(np.mean(base["copy"][start:]))
-    extrap_mse = float(np.mean(base["linear_extrapolation"][start:]))
+    copy_mse, filter_mse, filter3_mse, extrap_mse = (float(np.mean(base[n][start:])) for n in (
+        "copy", "fixed_filter", "fixed_filter_3_taps", "linear_extrapolation"))
     all_seeds = [float(np.mean(m[start:])) for m in model_losses]
     ours = ("settings are ours (the paper's are not public): a, b, x_0 ~ U[-1, 1], T = "
             f"{task.seq_len}, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads, d_mlp {cfg.model.d_mlp}, "
@@ -219,9 +253,14 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     checks = [
         check_below("loss_over_copy", trained_mse / copy_mse, cfg.max_loss_over_copy,
                     f"test MSE from position {start}: model {trained_mse:.3g} vs copy {copy_mse:.3g}; seeds "
-                    f"{np.round(all_seeds, 4).tolist()}; {ours}"),
-        check_below("loss_over_linear_extrapolation", trained_mse / extrap_mse, cfg.max_loss_over_extrapolation,
-                    f"linear extrapolation {extrap_mse:.3g}; exact three-term solver "
+                    f"{np.round(all_seeds, 4).tolist()}; {ours}. Shows training, not inference: the fixed filter "
+                    f"below passes too ({filter_mse / copy_mse:.3g}; linear extrapolation "
+                    f"{extrap_mse / copy_mse:.3g})"),
+        check_below("loss_over_fixed_linear_filter", trained_mse / filter_mse, cfg.max_loss_over_filter,
+                    f"test MSE from position {start}, model over the best fixed affine filter of x_0..x_n (least "
+                    f"squares per position on {cfg.filter_fit_prompts} training prompts; the same weights for every "
+                    f"(a, b)) {filter_mse:.3g}; seeds {np.round(np.array(all_seeds) / filter_mse, 3).tolist()}; 3-tap "
+                    f"filter {filter3_mse:.3g}; the in-context solvers: exact three-term "
                     f"{float(np.mean(base['three_term'][start:])):.2g}, least squares "
                     f"{float(np.mean(base['least_squares'][start:])):.2g}"),
         check_above("layer0_local_attention_mass", float(local.max()), cfg.min_layer0_local_mass,
@@ -246,14 +285,18 @@ def run(cfg: Config, out_dir: str) -> Outcome:
               f"{cfg.min_head_corr}): " +
               "; ".join(f"head {r['head']}: gain corr {r['gain_corr']:.2f} (OV gain W_E W_V W_O W_U {r['ov_gain']:.2g}), "
                         f"score slope {r['slope']:.3g}, corr {r['corr']:.2f}" for r in heads2)),
-        check_above("ablation_loss_ratio", ablated_mse / trained_mse, cfg.min_ablation_loss_ratio,
-                    f"test MSE with layer-2 heads {ablated_heads} mean-ablated ("
-                    f"{'the negative-similarity heads' if negative else 'none qualified: the most negative gain'}): "
-                    f"{ablated_mse:.3g} vs {trained_mse:.3g}"),
-        check_above("ablation_moves_toward_copy", toward_copy, 0.0,
-                    "correlation of the change the ablation makes to the predictions with (x_n - prediction): above 0 "
-                    f"means the predictions move toward the copy estimate; mean |prediction - x_n| with the heads "
-                    f"ablated / without: {distance_ratio:.3g}"),
+        check_above("ablation_loss_ratio", ablation_ratio, cfg.min_ablation_loss_ratio,
+                    f"test MSE with layer-2 heads {ablated_heads} mean-ablated over the trained model's "
+                    f"{trained_mse:.3g} ({which}); any important head passes this: the next check is its control"),
+        check_above("ablation_loss_ratio_over_other_heads", over_others, cfg.min_ablation_over_other_heads,
+                    f"the control: the loss ratio of head {lead} (the most negative gain) mean-ablated alone over the "
+                    f"median of the other layer-2 heads alone; per head (loss ratio, toward-copy correlation): " +
+                    "; ".join(f"{h}: {r:.3g}, {c:.2f}" for h, (r, c) in enumerate(alone))),
+        check_above("ablation_moves_toward_copy", toward_copy, min_toward_copy,
+                    f"correlation of the change the ablation of heads {ablated_heads} makes to the predictions with "
+                    f"(x_n - prediction); the bound is {cfg.toward_copy_standard_errors:g} standard errors of a zero "
+                    f"correlation over {cfg.eval_prompts} prompts; mean |prediction - x_n| with the heads ablated / "
+                    f"without: {distance_ratio:.3g}"),
         diverged_check({f"seed {cfg.seeds[m]}": s for m, s in result.diverged.items()}),
     ]
     figures = [_plot_losses(cfg, model_losses, base, result.train_rows, out_dir),

@@ -14,7 +14,7 @@ def test_smoke_run_writes_every_check_and_figure(tmp_path):
     result = run_experiment("affine_mechanism", "smoke", str(tmp_path))
     out = tmp_path / "affine_mechanism"
     stored = json.loads((out / "result.json").read_text())
-    assert stored["checks"] == result["checks"] and len(stored["checks"]) == 9
+    assert stored["checks"] == result["checks"] and len(stored["checks"]) == 10
     for check in stored["checks"]:
         assert isinstance(check["value"], (int, float)) and math.isfinite(check["value"]), check
     assert {f for f in stored["figures"]} == {"losses.png", "mechanism.png", "patching.png"}

@@ -60,3 +60,36 @@ def test_baselines_against_numpy_and_the_three_term_solver_is_exact_on_noise_fre
                                atol=1e-8)  # three pairs identify the 2 x 2 A and b
     with pytest.raises(ValueError, match="scalar recurrences"):
         base.three_term(vec.inputs[0])
+
+
+def test_linear_filter_is_per_position_least_squares_on_the_last_taps_terms():
+    # float32 prompts as in the experiments, against numpy's float64 lstsq: the late terms are nearly collinear
+    cfg = ar.AffineRecurrence(seq_len=16)
+    train = sample_batch(ar.sample, cfg, jax.random.key(4), 4000, axis=None)
+    test = sample_batch(ar.sample, cfg, jax.random.key(5), 20, axis=None)
+    x, y, xt = (np.asarray(v, np.float64) for v in (train.inputs[..., 0], train.targets, test.inputs[..., 0]))
+    for taps in (1, 3, None):
+        pred = np.asarray(jax.vmap(base.fit_linear_filter(train.inputs, train.targets, taps))(test.inputs))
+        for n in range(16):  # lstsq over the available terms x_max(0, n-taps+1)..x_n and a constant
+            lo = 0 if taps is None else max(0, n - taps + 1)
+            w = np.linalg.lstsq(np.c_[x[:, lo:n + 1], np.ones(len(x))], y[:, n], rcond=None)[0]
+            # float32 rounding of up to 17 products of weights <~ 6 and |x| <~ 4: ~2e-5 at worst (measured 5e-6)
+            np.testing.assert_allclose(pred[:, n], np.c_[xt[:, lo:n + 1], np.ones(len(xt))] @ w, rtol=0, atol=1e-4)
+
+
+def test_linear_filter_is_exact_when_every_prompt_shares_a_and_b_and_cannot_be_without_them(x64):
+    fixed = ar.AffineRecurrence(seq_len=6, a=ar.Distribution("fixed", mean=0.7), b=ar.Distribution("fixed", mean=-0.2))
+    train = sample_batch(ar.sample, fixed, jax.random.key(6), 64, axis=None)
+    test = sample_batch(ar.sample, fixed, jax.random.key(7), 16, axis=None)
+    pred = jax.vmap(base.fit_linear_filter(train.inputs, train.targets, taps=1))(test.inputs)
+    np.testing.assert_allclose(pred, test.targets, rtol=1e-10, atol=1e-12)  # one term and the constant: 0.7 x - 0.2
+    cfg = ar.AffineRecurrence(seq_len=6)  # (a, b) per prompt: a fixed filter is far from the three-term solver
+    train = sample_batch(ar.sample, cfg, jax.random.key(6), 4000, axis=None)
+    test = sample_batch(ar.sample, cfg, jax.random.key(7), 4000, axis=None)
+    err = np.mean((np.asarray(jax.vmap(base.fit_linear_filter(train.inputs, train.targets))(test.inputs))
+                   - np.asarray(test.targets))[:, 2:] ** 2)
+    assert err > 0.01  # measured 0.020 (copy 0.128); the three-term solver is exact from n = 2 (the test above)
+    with pytest.raises(ValueError, match="taps"):
+        base.fit_linear_filter(train.inputs, train.targets, taps=0)
+    with pytest.raises(ValueError, match="inputs"):
+        base.fit_linear_filter(train.inputs[..., 0], train.targets)

@@ -6,12 +6,16 @@ signature: tokens [T, dim] (x_0..x_{T-1}) -> predictions of x_1..x_T, [T] for di
   three_term             exact for noise-free scalar sequences from n = 2 on: a = (x_n - x_{n-1}) /
                          (x_{n-1} - x_{n-2}), b = x_n - a x_{n-1}; copy before (and at a fixed point)
   least_squares          [A b] by minimum-norm least squares on the prefix pairs (x_i, x_{i+1}), i < n
+
+fit_linear_filter returns a predictor with fixed weights fitted on training prompts: it infers nothing about
+(a, b) from the prompt, so it is the control a model must beat to show in-context inference.
 """
 
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Predictor = Callable[[jax.Array], jax.Array]
 
@@ -58,3 +62,38 @@ def least_squares(tokens: jax.Array) -> jax.Array:
         return feats[n] @ w
 
     return _out(jax.vmap(at)(jnp.arange(t)))
+
+
+def _windows(x: jax.Array, taps: int) -> jax.Array:
+    """[..., T] -> [..., T, taps]: x_n, x_{n-1}, .., x_{n-taps+1} at position n, zero before x_0."""
+    lag = jnp.arange(x.shape[-1])[:, None] - jnp.arange(taps)[None, :]  # [T, taps]: n - j
+    return jnp.where(lag >= 0, jnp.take(x, jnp.maximum(lag, 0), axis=-1), 0.0)
+
+
+def fit_linear_filter(inputs: jax.Array, targets: jax.Array, taps: int | None = None) -> Predictor:
+    """The best fixed affine filter of a scalar recurrence, fitted by least squares separately at every position.
+
+    inputs [B, T, 1], targets [B, T]: training prompts. At position n the prediction is w_n . (x_n, .., x_{n-taps+1})
+    + c_n (taps None: all of x_0..x_n), with (w_n, c_n) minimising the squared error over the B prompts (minimum norm
+    where terms before x_0 leave a column zero). Returns a predictor tokens [T, 1] -> [T].
+    """
+    if inputs.ndim != 3 or inputs.shape[-1] != 1:
+        raise ValueError(f"inputs must be [B, T, 1] (scalar recurrences), got shape {inputs.shape}")
+    t = inputs.shape[1]
+    if taps is None:
+        taps = t
+    if taps < 1:
+        raise ValueError(f"taps must be >= 1 or None (the whole prefix), got {taps}")
+    # in float64 on the host: late terms of a contracting recurrence are nearly collinear, and a float32 pinv's
+    # cutoff (10 B eps of the largest singular value) would discard the directions that separate them
+    feats = np.asarray(_windows(inputs[..., 0], taps), np.float64)  # [B, T, taps]
+    feats = np.concatenate([feats, np.ones_like(feats[..., :1])], axis=-1)  # [B, T, taps + 1]
+    y = np.asarray(targets, np.float64)
+    weights = jnp.asarray(np.stack([np.linalg.lstsq(feats[:, n], y[:, n], rcond=None)[0] for n in range(t)]))
+
+    def predict(tokens: jax.Array) -> jax.Array:
+        if tokens.shape != (t, 1):
+            raise ValueError(f"tokens must be [{t}, 1] like the fitted prompts, got shape {tokens.shape}")
+        return jnp.sum(_windows(tokens[:, 0], taps) * weights[:, :-1], axis=-1) + weights[:, -1]
+
+    return predict
