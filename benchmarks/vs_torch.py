@@ -123,11 +123,14 @@ def loss_and_grads(graphdef, params, batch) -> tuple[float, dict[str, np.ndarray
 def agreement(w: Workload, loss: float, grads: dict[str, np.ndarray], torch_out: dict) -> dict:
     """Loss, gradients, parameter count and matmul FLOPs of the two implementations; raises if they disagree."""
     n_params = sum(g.size for g in grads.values())
-    worst = max(float(np.max(np.abs(torch_out[f"grad/{n}"] - g)) / max(float(np.max(np.abs(g))), 1e-30))
-                for n, g in grads.items())
-    loss_diff = max(abs(float(torch_out[k]) - loss) / abs(loss) for k in ("loss", "loss_explicit"))
+    # np.max, not max(): a NaN anywhere makes the maximum NaN, which no tolerance below admits
+    worst = float(np.max([np.max(np.abs(torch_out[f"grad/{n}"] - g)) / np.maximum(np.max(np.abs(g)), 1e-30)
+                          for n, g in grads.items()]))
+    loss_diff = float(np.max([np.abs(torch_out[k] - loss) / np.maximum(np.abs(loss), 1e-30)
+                              for k in ("loss", "loss_explicit")]))
     problems = []
-    if loss_diff > 1e-4 or worst > 1e-3:  # float32 sums in another order: relative differences of ~1e-6 expected
+    # float32 sums in another order: relative differences of ~1e-6 expected; NaN or inf fails both comparisons
+    if not (loss_diff <= 1e-4 and worst <= 1e-3):
         problems.append(f"loss differs by {loss_diff:.2g} (relative), a gradient by {worst:.2g} of its largest entry")
     if int(torch_out["n_params"]) != n_params:
         problems.append(f"parameter counts differ: torch {int(torch_out['n_params'])}, jaxicl {n_params}")

@@ -46,11 +46,33 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
         assert xla_flops >= vs_torch.matmul_flops(w)  # XLA counts the elementwise work too
     else:  # SelfAttention multiplies through Wq Wk^T and Wv Wo: fewer FLOPs than the model as written
         assert xla_flops < vs_torch.matmul_flops(w)
-    wrong = dict(out)
-    first = next(k for k in out if k.startswith("grad/"))
-    wrong[first] = out[first] * 1.01
-    with pytest.raises(SystemExit, match="disagree"):
-        vs_torch.agreement(w, loss, grads, wrong)
+    assert_agreement_refuses(w, loss, grads, out)
+
+
+def assert_agreement_refuses(w, loss: float, grads: dict, out: dict) -> None:
+    """The agreement check, which admits (loss, grads) against the reference's outputs `out`, refuses a gradient
+    1% off, a NaN gradient (first or last: max() keeps a leading NaN, which then fails no comparison, and drops a later
+    one) and a NaN loss on either side."""
+    names = [k for k in out if k.startswith("grad/")]
+    nan = lambda a: np.full_like(a, np.nan)  # noqa: E731
+    wrongs = [(out | {names[0]: out[names[0]] * 1.01}, loss), (out | {names[0]: nan(out[names[0]])}, loss),
+              (out | {names[-1]: nan(out[names[-1]])}, loss), (out | {"loss": np.nan}, loss), (out, float("nan"))]
+    for wrong, jaxicl_loss in wrongs:
+        with pytest.raises(SystemExit, match="disagree"):
+            vs_torch.agreement(w, jaxicl_loss, grads, wrong)
+
+
+@pytest.mark.parametrize("name", list(vs_torch.SMOKE))
+def test_the_agreement_check_refuses_a_gradient_or_loss_that_is_off_or_nan(name):
+    """Against jaxicl's own outputs as the reference (no PyTorch needed): admitted exactly, refused when perturbed."""
+    w = vs_torch.SMOKE[name]
+    graphdef, params = nnx.split(w.model())
+    loss, grads, _ = vs_torch.loss_and_grads(graphdef, params, sample_batch(lr.sample, w.task, jax.random.key(1),
+                                                                            w.batch, axis=None))
+    out = {"loss": loss, "loss_explicit": loss, "n_params": sum(g.size for g in grads.values()),
+           "flops_per_step": vs_torch.matmul_flops(w), **{f"grad/{n}": g for n, g in grads.items()}}
+    assert vs_torch.agreement(w, loss, grads, out) == {"loss_rel_diff": 0.0, "grad_rel_diff": 0.0}
+    assert_agreement_refuses(w, loss, grads, out)
 
 
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
