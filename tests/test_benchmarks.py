@@ -58,7 +58,7 @@ def assert_agreement_refuses(w, loss: float, grads: dict, out: dict) -> None:
     wrongs = [(out | {names[0]: out[names[0]] * 1.01}, loss), (out | {names[0]: nan(out[names[0]])}, loss),
               (out | {names[-1]: nan(out[names[-1]])}, loss), (out | {"loss": np.nan}, loss), (out, float("nan"))]
     for wrong, jaxicl_loss in wrongs:
-        with pytest.raises(SystemExit, match="disagree"):
+        with pytest.raises(vs_torch.Disagreement, match="disagree"):
             vs_torch.agreement(w, jaxicl_loss, grads, wrong)
 
 
@@ -104,6 +104,46 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkey
     assert HAS_TORCH or "PyTorch not timed" in table
     with pytest.raises(SystemExit, match="unknown"):
         vs_torch.main(["--smoke", "--workloads", "gpt_huge", "--out", str(tmp_path)])
+
+
+def test_vs_torch_records_a_failed_workload_in_its_row_runs_the_others_and_exits_nonzero(tmp_path, monkeypatch):
+    """--gpu: a PyTorch reference that does not start is a failure (jaxicl is still timed); a workload that raises
+    (here lsa, as on a disagreement) gets its reason in its row and the next one runs; each row is on disk before the
+    next workload starts."""
+    monkeypatch.setattr(vs_torch, "GPU", vs_torch.SMOKE)  # the --gpu code path at the tests' sizes
+    bench, on_disk = vs_torch.bench, []
+
+    def failing_lsa(name, *a):
+        on_disk.append([r["workload"] for r in rows(tmp_path / "vs_torch.json")] if on_disk else [])
+        if name == "lsa":
+            raise vs_torch.Disagreement("lsa: PyTorch and jaxicl disagree, not timing them: (a test)")
+        return bench(name, *a)
+
+    monkeypatch.setattr(vs_torch, "bench", failing_lsa)
+    with pytest.raises(SystemExit, match=r"\['lsa', 'gpt_small'\] failed"):
+        vs_torch.main(["--gpu", "--repeats", "1", "--torch-python", str(tmp_path / "no-torch"), "--out", str(tmp_path)])
+    assert on_disk == [[], ["lsa"]]
+    lsa, gpt = rows(tmp_path / "vs_torch.json")
+    assert lsa == {"workload": "lsa", "failed": "Disagreement: lsa: PyTorch and jaxicl disagree, not timing them: "
+                   "(a test)"}
+    assert gpt["failed"].startswith("PyTorch not timed: no environment at") and "jaxicl_over_torch" not in gpt
+    assert gpt["jaxicl_steps_per_s"] > 0
+    table = (tmp_path / "vs_torch.md").read_text().splitlines()
+    assert table[-4].startswith("| workload | failed | batch |") and table[-2].startswith("| lsa | Disagreement: ")
+
+
+def test_the_reference_must_run_under_gpu_and_the_rehearsal_uses_the_cpu_environment(tmp_path):
+    """On the GPU machine the check's own Python has torch with CUDA; the rehearsal (--gpu --smoke) runs the
+    benchmarks' PyTorch environment where it exists (the CPU build of torch: on the CPU), and requires it there."""
+    assert vs_torch.reference(False, False, None) == (vs_torch.TORCH_PYTHON, "cpu", False)
+    assert vs_torch.reference(True, False, None) == (sys.executable, "cuda", True)
+    assert vs_torch.reference(True, False, "/x/python") == ("/x/python", "cuda", True)
+    assert vs_torch.torch_device(str(tmp_path / "no-python")) is None
+    assert vs_torch.reference(True, True, str(tmp_path / "no-python")) == (str(tmp_path / "no-python"), "cpu", False)
+    if HAS_TORCH:
+        assert vs_torch.reference(True, True, None) == (vs_torch.TORCH_PYTHON, "cpu", True)
+    else:
+        assert vs_torch.reference(True, True, None)[0] == sys.executable
 
 
 def test_numpy_samplers_give_the_device_samplers_shapes_and_the_table_has_every_family(tmp_path):
@@ -169,7 +209,9 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
 
 def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
     runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
-    assert [r["workload"] for r in rows(tmp_path / "vs_torch.json")] == list(vs_torch.SMOKE)
+    table = rows(tmp_path / "vs_torch.json")
+    assert [r["workload"] for r in table] == list(vs_torch.SMOKE)
+    assert [r.get("jaxicl_over_torch", 0) > 0 for r in table] == [HAS_TORCH] * len(table)  # PyTorch ran, on the CPU
     assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == list(sampler_throughput.families(True))
     assert [r["devices"] for r in rows(tmp_path / "device_scaling.json")] == [1, 2]
     assert json.loads((tmp_path / "sweep_vs_loop.json").read_text())["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
