@@ -2,10 +2,13 @@
 environment exists) and its refusal to time implementations that disagree, the numpy samplers' shapes."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 
 import jax
 import numpy as np
@@ -184,6 +187,44 @@ def test_train_throughput_and_sweep_vs_loop_write_their_tables(tmp_path):
     sweep_vs_loop.main(["--smoke", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
     assert result["members"] == 4 and result["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+
+
+def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
+    """Steady state: between the clock's readings only the chunk runs (inputs and fresh states are built before);
+    a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written."""
+    import jaxicl.train
+    from benchmarks import sweep_vs_loop
+    from jaxicl.train import sweep_program
+
+    events, on_disk, build = [], [], sweep_program.build_program
+
+    def logged(name, fn):
+        return lambda *a, **k: events.append(name) or fn(*a, **k)
+
+    for method in ("inputs", "states"):
+        monkeypatch.setattr(sweep_program.SweepProgram, method, logged(method, getattr(sweep_program.SweepProgram,
+                                                                                        method)))
+    def build_logged(*a):
+        prog = build(*a)
+        return dataclasses.replace(prog, run_chunk=logged("run", prog.run_chunk))
+
+    monkeypatch.setattr(sweep_program, "build_program", build_logged)
+    monkeypatch.setattr(sweep_vs_loop, "time", types.SimpleNamespace(perf_counter=logged("clock", time.perf_counter)))
+
+    def no_estimate(*a, **k):
+        on_disk.append(set(json.loads((tmp_path / "sweep_vs_loop.json").read_text())))
+        raise RuntimeError("out of memory (a test)")
+
+    monkeypatch.setattr(jaxicl.train, "estimate_memory", no_estimate)
+    with pytest.raises(SystemExit, match=r"\['memory'\] failed"):
+        sweep_vs_loop.main(["--smoke", "--train-loop-members", "0", "--out", str(tmp_path)])
+    a, b, c, d = [i for i, e in enumerate(events) if e == "clock"][-4:]  # the steady state's two timed regions
+    assert events[a + 1:b] == ["run"] and events[c + 1:d] == ["run"] * 4  # all 4 members, then one at a time
+    assert {"vmapped", "loop", "steady"} <= on_disk[0]
+    result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
+    assert result["failed"] == {"memory": "RuntimeError: out of memory (a test)"} and "memory" not in result
+    assert result["steady"]["vmapped"]["member_steps_per_s"] > 0
+    assert "failed: memory: RuntimeError" in (tmp_path / "sweep_vs_loop.md").read_text()
 
 
 def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path):
