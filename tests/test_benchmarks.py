@@ -178,6 +178,16 @@ def test_device_scaling_runs_on_simulated_devices_and_reports_efficiency(tmp_pat
     assert [r["batch"] for r in table] == [4, 8]
 
 
+def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
+    """--devices 2 4: perfect weak scaling (4 devices, twice 2 devices' prompts/s) is 1, not 0.5."""
+    from benchmarks.device_scaling import efficiency
+
+    two, four = {"devices": 2, "prompts_per_s": 100.0}, {"devices": 4, "prompts_per_s": 200.0}
+    assert [efficiency(r, two) for r in (two, four)] == [1.0, 1.0]
+    assert efficiency({"devices": 4, "prompts_per_s": 150.0}, two) == 0.75  # 37.5 per device against 50
+    assert efficiency({"devices": 8, "prompts_per_s": 200.0}, {"devices": 1, "prompts_per_s": 100.0}) == 0.25
+
+
 def test_train_throughput_and_sweep_vs_loop_write_their_tables(tmp_path):
     from benchmarks import sweep_vs_loop, train_throughput
 
