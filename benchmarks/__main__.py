@@ -7,6 +7,8 @@ python -m benchmarks gpu-check [--out DIR]          on one GPU, in at most 8 min
                                                     under DIR
 python -m benchmarks gpu-check --smoke              the same steps and arguments at the tests' sizes and the smoke
                                                     presets, on any machine: a rehearsal before device time is spent
+                                                    (PyTorch's side in benchmarks/.venv-torch where it exists, on
+                                                    CUDA only where its torch sees a GPU)
 
 Each benchmark writes DIR/NAME.json and DIR/NAME.md (default DIR: benchmarks/results).
 """

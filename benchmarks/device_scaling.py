@@ -4,10 +4,10 @@ python -m benchmarks.device_scaling [--smoke] [--devices 1 2 4 8] [--per-device-
 
 Weak scaling of the gd_equivalence workload (1 linear self-attention layer, d = 10, N = 10, Adam, fresh prompts
 sampled on every device for its own slice): each device keeps `--per-device-batch` prompts, so n devices train
-n times the prompts per step; efficiency = prompts/s on n devices / (n x prompts/s on one). On a CPU host the
-devices are simulated (`jax_num_cpu_devices`, set before JAX starts) and share the host's cores, so efficiency
-falls like cores / devices there: the script is meant for accelerators, where it runs unchanged over the local
-devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host after
+n times the prompts per step; efficiency = prompts/s per device on n devices / the same on the first count run (one
+device by default). On a CPU host the devices are simulated (`jax_num_cpu_devices`, set before JAX starts) and share
+the host's cores, so efficiency falls like cores / devices there: the script is meant for accelerators, where it
+runs unchanged over the local devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host after
 `jax.distributed.initialize()` (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or let a SLURM /
 TPU pod environment supply them: `--distributed` calls it); `jax.devices()` then spans every host and the
 engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engine on two processes).
@@ -15,6 +15,11 @@ engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engin
 
 import argparse
 import os
+
+
+def efficiency(row: dict, base: dict) -> float:
+    """Weak-scaling efficiency of a row ({"devices", "prompts_per_s"}): its prompts/s per device over base's."""
+    return row["prompts_per_s"] / row["devices"] / (base["prompts_per_s"] / base["devices"])
 
 
 def main(argv=None) -> None:
@@ -52,7 +57,7 @@ def main(argv=None) -> None:
         out = chunk_throughput(regression_loss(graphdef), lr.sample, task, params, cfg, args.repeats, num_devices=n)
         rows.append({"devices": n, "batch": cfg.batch_size, "steps_per_s": out["steps_per_s"],
                      "prompts_per_s": out["steps_per_s"] * cfg.batch_size, "compile_s": out["compile_s"]})
-        rows[-1]["efficiency"] = rows[-1]["prompts_per_s"] / (n * rows[0]["prompts_per_s"])
+        rows[-1]["efficiency"] = efficiency(rows[-1], rows[0])
         print(rows[-1], flush=True)
     skipped = [d for d in args.devices if d > available]
     kw = {"out_dir": args.out} if args.out else {}

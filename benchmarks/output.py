@@ -41,17 +41,23 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
 
 
 def write_results(name: str, rows: list[dict], notes: str = "", out_dir: str = RESULTS) -> str:
-    """Writes NAME.json and NAME.md (a Markdown table of rows); returns the .md path."""
+    """Writes NAME.json and NAME.md (a Markdown table of rows: every key of any row, a blank where a row has none, as
+    where a failed row has only its name and `failed`); returns the .md path."""
     os.makedirs(out_dir, exist_ok=True)
     env = environment()
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json_path = os.path.join(out_dir, f"{name}.json")
+    with open(json_path + ".partial", "w") as f:  # then renamed: a run killed while writing leaves the last whole file
         json.dump({"benchmark": name, "environment": env, "notes": notes, "rows": rows}, f, indent=2)
-    cols = list(rows[0]) if rows else []
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    os.replace(json_path + ".partial", json_path)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else " ".join(str(v).split()).replace("|", "\\|")
+
     host = (f"{len(env['devices'])} x {env['device_kind']} device(s); host CPU {env['cpu']} ({env['cpu_simd']}, "
             f"{env['cpu_count']} cores); jax {env['jax']}")
     lines = [f"# {name}", "", host, "", notes, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     path = os.path.join(out_dir, f"{name}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -13,7 +13,9 @@ Wall times include compilation (which dominates short runs on a loaded CPU), so 
 is also timed: the compiled sweep program (the one train_sweep runs) on the whole stack vs on one
 member at a time in a Python loop, after a warm-up call. Also reports XLA's memory estimate of the
 sweep program and the largest stack that fits --memory-budget.
-Writes sweep_vs_loop.json and a Markdown table sweep_vs_loop.md under --out (default benchmarks/results).
+Writes sweep_vs_loop.json and a Markdown table sweep_vs_loop.md under --out (default benchmarks/results), rewritten
+after each of the stages above (so a run stopped at a time limit keeps the stages it finished); a stage that fails
+is recorded under "failed", the later ones still run, and the exit status is non-zero.
 
 What to expect on a CPU: stacking members removes per-run compilation and per-op overhead, not
 FLOPs. With a small per-member batch (overhead-bound, e.g. --batch-size 32) the stacked program
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -74,19 +77,19 @@ def main(argv=None) -> None:
         jax.block_until_ready(jax.tree.leaves(out.params if hasattr(out, "params") else out.state.params))
         return time.perf_counter() - start, out
 
-    t_vmap, vmapped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh,
-                                                progress=False))
-    t_loop, looped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh,
-                                               chunk_size=1, progress=False))
-    same = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vmapped.params),
-                                                             jax.tree.leaves(looped.params)))
-    results = {"members": n, "steps": args.steps, "batch_size": args.batch_size, "task_dim": args.dim,
-               "model": "gd_equivalence LSA (1 linear attention layer)", "devices": str(jax.devices()[0]),
-               "cpu_count": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
-               "platform": platform.platform(), "jax": jax.__version__,
-               "vmapped": _row(t_vmap, n, args.steps), "loop": _row(t_loop, n, args.steps),
-               "max_abs_param_diff_vmapped_vs_loop": same}
-    if args.train_loop_members:
+    walls = {}  # unrounded wall seconds of the ways timed so far
+
+    def vmapped_and_loop() -> dict:
+        walls["vmapped"], vmapped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
+                                                              mesh=mesh, progress=False))
+        walls["loop"], looped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
+                                                          mesh=mesh, chunk_size=1, progress=False))
+        same = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vmapped.params),
+                                                                 jax.tree.leaves(looped.params)))
+        return {"vmapped": _row(walls["vmapped"], n, args.steps), "loop": _row(walls["loop"], n, args.steps),
+                "max_abs_param_diff_vmapped_vs_loop": same, "ratio_loop_over_vmapped": walls["loop"] / walls["vmapped"]}
+
+    def train_loop() -> dict:
         k = min(args.train_loop_members, n)
         start = time.perf_counter()
         for m in members[:k]:
@@ -94,29 +97,54 @@ def main(argv=None) -> None:
             out = train(loss_fn, lr_task.sample, task, c, init(jax.random.key(c.seed), init_scale=0.002),
                         progress=False)
             jax.block_until_ready(jax.tree.leaves(out.state.params))
-        t_train = (time.perf_counter() - start) * n / k
-        results["train_loop"] = _row(t_train, n, args.steps) | {"timed_members": k, "extrapolated_to": n}
-    results["ratio_loop_over_vmapped"] = t_loop / t_vmap
-    results["steady"] = _steady(loss_fn, lr_task.sample, task, cfg, init, members, mesh)
-    if "train_loop" in results:
-        results["ratio_train_loop_over_vmapped"] = results["train_loop"]["wall_s"] / t_vmap
-    est = estimate_memory(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh)
-    results["memory"] = {"budget_bytes": args.memory_budget, "fixed_bytes": est.fixed,
-                         "per_member_bytes": est.per_member, "bytes_for_this_grid": est.bytes_for(n),
-                         "largest_stack_in_budget": est.largest_stack(args.memory_budget)}
+        walls["train_loop"] = (time.perf_counter() - start) * n / k
+        row = {"train_loop": _row(walls["train_loop"], n, args.steps) | {"timed_members": k, "extrapolated_to": n}}
+        return row | ({"ratio_train_loop_over_vmapped": walls["train_loop"] / walls["vmapped"]} if "vmapped" in walls
+                      else {})
+
+    def memory() -> dict:
+        est = estimate_memory(loss_fn, lr_task.sample, task, cfg, init, members, mesh=mesh)
+        return {"memory": {"budget_bytes": args.memory_budget, "fixed_bytes": est.fixed,
+                           "per_member_bytes": est.per_member, "bytes_for_this_grid": est.bytes_for(n),
+                           "largest_stack_in_budget": est.largest_stack(args.memory_budget)}}
+
+    stages = {"vmapped_and_loop": vmapped_and_loop, **({"train_loop": train_loop} if args.train_loop_members else {}),
+              "steady": lambda: {"steady": _steady(loss_fn, lr_task.sample, task, cfg, init, members, mesh)},
+              "memory": memory}
+    results = {"members": n, "steps": args.steps, "batch_size": args.batch_size, "task_dim": args.dim,
+               "model": "gd_equivalence LSA (1 linear attention layer)", "devices": str(jax.devices()[0]),
+               "cpu_count": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
+               "platform": platform.platform(), "jax": jax.__version__}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep_vs_loop.json")
-    with open(path, "w") as f:
+    for name, stage in stages.items():  # each stage's results are on disk before the next starts
+        try:
+            results |= stage()
+        except Exception as e:  # noqa: BLE001 - recorded; the other stages still run
+            traceback.print_exc()
+            results.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+        table = _write(path, results)
+    print(table)
+    print(f"-> {path} and its .md table")
+    if "failed" in results:
+        raise SystemExit(f"sweep_vs_loop: {list(results['failed'])} failed (see `failed` in {path})")
+
+
+def _write(path: str, results: dict) -> str:
+    """Writes the results as JSON at `path` (through a rename, so a killed run leaves the last whole file) and their
+    table next to it as .md; returns the table."""
+    with open(path + ".partial", "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(path + ".partial", path)
     table = _table(results)
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(table + "\n")
-    print(table)
-    print(f"-> {path} and its .md table")
+    return table
 
 
 def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
-    """Execution only: the compiled chunk program on all members at once vs one member per call."""
+    """Execution only: the compiled chunk program on all members at once vs one member per call; every call's inputs
+    and fresh states (the chunk donates them) are built and placed on the device before the clock starts."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -127,18 +155,23 @@ def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
     sharding = NamedSharding(mesh, P(MEMBER_AXIS))
     n, steps = len(members), cfg.steps
     with jax.set_mesh(mesh):
-        def run(idx):
+        def arguments(idx) -> tuple:
+            """(states, task params) of members idx, on the device."""
             a = prog.inputs(np.asarray(idx), sharding)
-            states, _ = prog.run_chunk(prog.states(a, sharding), a["task"], steps)
+            return jax.block_until_ready((prog.states(a, sharding), a["task"]))
+
+        def run(states_and_task):
+            states, _ = prog.run_chunk(*states_and_task, steps)
             return jax.block_until_ready(states.step)
 
-        run(range(n)), run([0])  # compile both shapes
+        run(arguments(range(n))), run(arguments([0]))  # compile both shapes
+        stack, each = arguments(range(n)), [arguments([i]) for i in range(n)]
         start = time.perf_counter()
-        run(range(n))
+        run(stack)
         t_vmap = time.perf_counter() - start
         start = time.perf_counter()
-        for i in range(n):
-            run([i])
+        for one in each:
+            run(one)
         t_loop = time.perf_counter() - start
     return {"vmapped": _row(t_vmap, n, steps), "loop": _row(t_loop, n, steps), "ratio_loop_over_vmapped":
             round(t_loop / t_vmap, 2)}
@@ -149,8 +182,7 @@ def _row(wall: float, members: int, steps: int) -> dict:
 
 
 def _table(r: dict) -> str:
-    """The results as Markdown."""
-    s, m = r["steady"], r["memory"]
+    """The results as Markdown: the parts done so far, and the stages that failed."""
     lines = [f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
              f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus", "",
              "| way | wall time (s, incl. compile) | member-steps/s |", "|---|---|---|"]
@@ -158,13 +190,21 @@ def _table(r: dict) -> str:
         if way in r:
             note = " (extrapolated)" if way == "train_loop" else ""
             lines.append(f"| {way}{note} | {r[way]['wall_s']} | {r[way]['member_steps_per_s']} |")
-    lines += ["", f"ratio loop / vmapped: {r['ratio_loop_over_vmapped']:.1f}x"
-              + (f"; train() loop / vmapped: {r['ratio_train_loop_over_vmapped']:.1f}x" if "train_loop" in r else ""),
-              f"steady state (compiled, execution only): vmapped {s['vmapped']['wall_s']} s "
-              f"({s['vmapped']['member_steps_per_s']} member-steps/s), loop {s['loop']['wall_s']} s "
-              f"({s['loop']['member_steps_per_s']} member-steps/s): ratio {s['ratio_loop_over_vmapped']}x",
-              f"memory: {m['per_member_bytes']} B/member + {m['fixed_bytes']} B fixed; this grid "
-              f"{m['bytes_for_this_grid']} B; largest stack in {m['budget_bytes']:.3g} B: {m['largest_stack_in_budget']}"]
+    ratios = [f"{name} / vmapped: {r[key]:.1f}x" for name, key in (("loop", "ratio_loop_over_vmapped"),
+                                                                     ("train() loop", "ratio_train_loop_over_vmapped"))
+              if key in r]
+    lines += ["", "ratio " + "; ".join(ratios)] if ratios else [""]
+    if "steady" in r:
+        s = r["steady"]
+        lines.append(f"steady state (compiled, execution only): vmapped {s['vmapped']['wall_s']} s "
+                     f"({s['vmapped']['member_steps_per_s']} member-steps/s), loop {s['loop']['wall_s']} s "
+                     f"({s['loop']['member_steps_per_s']} member-steps/s): ratio {s['ratio_loop_over_vmapped']}x")
+    if "memory" in r:
+        m = r["memory"]
+        lines.append(f"memory: {m['per_member_bytes']} B/member + {m['fixed_bytes']} B fixed; this grid "
+                     f"{m['bytes_for_this_grid']} B; largest stack in {m['budget_bytes']:.3g} B: "
+                     f"{m['largest_stack_in_budget']}")
+    lines += [f"failed: {stage}: {why}" for stage, why in r.get("failed", {}).items()]
     return "\n".join(lines)
 
 

@@ -22,6 +22,13 @@ analytic matmul count (below 1 for lsa: jaxicl's SelfAttention multiplies throug
 unmasked linear layer forms no [T, T] scores), and the achieved matmul FLOP/s as a fraction of a 2048 x 2048
 matmul's, measured in the same run; the memory of one compiled step and the largest batch that fits
 --memory-budget-mb. Where the PyTorch environment is missing, jaxicl alone is timed and the table says why.
+
+With --gpu the reference runs on CUDA in this Python's torch and must run: a workload where it does not is a failure
+(jaxicl is still timed). With --gpu --smoke (the GPU check's rehearsal) it runs in benchmarks/.venv-torch where that
+exists (else this Python), on CUDA only where that torch sees a GPU, and must run wherever a torch is found. Each
+workload's row is written (JSON and table) as soon as it is done; a workload that fails (a disagreement, a reference
+that does not run where it must, an error) gets the reason in its row's `failed` column, the others still run, and the
+exit status is non-zero.
 """
 
 import argparse
@@ -31,6 +38,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import jax
 import numpy as np
@@ -53,6 +61,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # fail the agreement check and time a cheaper arithmetic); on CPU both compute float32 anyway.
 PRECISION = "float32"
 TORCH_PYTHON = os.path.join(HERE, ".venv-torch", "bin", "python")
+
+
+class Disagreement(Exception):
+    """PyTorch and jaxicl compute different losses, gradients, parameter counts or FLOPs: neither is timed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +135,14 @@ def loss_and_grads(graphdef, params, batch) -> tuple[float, dict[str, np.ndarray
 def agreement(w: Workload, loss: float, grads: dict[str, np.ndarray], torch_out: dict) -> dict:
     """Loss, gradients, parameter count and matmul FLOPs of the two implementations; raises if they disagree."""
     n_params = sum(g.size for g in grads.values())
-    worst = max(float(np.max(np.abs(torch_out[f"grad/{n}"] - g)) / max(float(np.max(np.abs(g))), 1e-30))
-                for n, g in grads.items())
-    loss_diff = max(abs(float(torch_out[k]) - loss) / abs(loss) for k in ("loss", "loss_explicit"))
+    # np.max, not max(): a NaN anywhere makes the maximum NaN, which no tolerance below admits
+    worst = float(np.max([np.max(np.abs(torch_out[f"grad/{n}"] - g)) / np.maximum(np.max(np.abs(g)), 1e-30)
+                          for n, g in grads.items()]))
+    loss_diff = float(np.max([np.abs(torch_out[k] - loss) / np.maximum(np.abs(loss), 1e-30)
+                              for k in ("loss", "loss_explicit")]))
     problems = []
-    if loss_diff > 1e-4 or worst > 1e-3:  # float32 sums in another order: relative differences of ~1e-6 expected
+    # float32 sums in another order: relative differences of ~1e-6 expected; NaN or inf fails both comparisons
+    if not (loss_diff <= 1e-4 and worst <= 1e-3):
         problems.append(f"loss differs by {loss_diff:.2g} (relative), a gradient by {worst:.2g} of its largest entry")
     if int(torch_out["n_params"]) != n_params:
         problems.append(f"parameter counts differ: torch {int(torch_out['n_params'])}, jaxicl {n_params}")
@@ -135,8 +150,30 @@ def agreement(w: Workload, loss: float, grads: dict[str, np.ndarray], torch_out:
         problems.append(f"matmul FLOPs per step differ: torch {int(torch_out['flops_per_step'])}, "
                         f"analytic {matmul_flops(w)}")
     if problems:
-        raise SystemExit(f"{w.kind}: PyTorch and jaxicl disagree, not timing them: " + "; ".join(problems))
+        raise Disagreement(f"{w.kind}: PyTorch and jaxicl disagree, not timing them: " + "; ".join(problems))
     return {"loss_rel_diff": loss_diff, "grad_rel_diff": worst}
+
+
+def torch_device(python: str) -> str | None:
+    """"cuda" where the Python at `python` has a torch that sees a GPU, "cpu" where its torch sees none, None where it
+    has no torch."""
+    if not os.path.exists(python):
+        return None
+    done = subprocess.run([python, "-c", "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def reference(gpu: bool, smoke: bool, torch_python: str | None) -> tuple[str, str, bool]:
+    """The PyTorch reference's (Python, device, whether it must run) for the command line's --gpu, --smoke and
+    --torch-python (see the module's docstring)."""
+    if not gpu:
+        return torch_python or TORCH_PYTHON, "cpu", False
+    if not smoke:
+        return torch_python or sys.executable, "cuda", True
+    python = torch_python or (TORCH_PYTHON if os.path.exists(TORCH_PYTHON) else sys.executable)
+    device = torch_device(python)
+    return python, device or "cpu", device is not None
 
 
 @contextlib.contextmanager
@@ -197,8 +234,10 @@ def step_memory(w: Workload, graphdef, params, budget: float) -> dict:
                                                                            // per_prompt)}
 
 
-def bench(name: str, w: Workload, repeats: int, python: str, device: str, budget: float) -> tuple[dict, str]:
-    """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts."""
+def bench(name: str, w: Workload, repeats: int, python: str, device: str, required: bool, budget: float, peak: float
+          ) -> tuple[dict, str]:
+    """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts, the fraction of the
+    matmul `peak` (GFLOP/s); `failed` says why where the reference is `required` and did not run."""
     graphdef, params = nnx.split(w.model())
     batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
     loss, grads, xla_flops = loss_and_grads(graphdef, params, batch)
@@ -207,6 +246,8 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, budget
     with torch_reference(w, params, batch, python, device) as (torch_out, torch_timed):
         if torch_timed is None:
             note = torch_out
+            if required:
+                row["failed"] = note
         else:
             row |= agreement(w, loss, grads, torch_out)
             note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
@@ -222,7 +263,8 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, budget
     flops = matmul_flops(w)
     row |= {"jaxicl_steps_per_s": jaxicl_steps, "jaxicl_compile_s": compile_s,
             "matmul_gflop_per_step": flops / 1e9, "xla_over_matmul_flops": xla_flops / flops,
-            "jaxicl_matmul_gflop_per_s": flops * jaxicl_steps / 1e9}
+            "jaxicl_matmul_gflop_per_s": flops * jaxicl_steps / 1e9,
+            "fraction_of_matmul_peak": flops * jaxicl_steps / 1e9 / peak}
     if torch_s:
         torch_steps = w.steps / min(torch_s[1:])
         row |= {"torch_steps_per_s": torch_steps, "jaxicl_over_torch": jaxicl_steps / torch_steps}
@@ -238,15 +280,16 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-budget-mb", type=float, default=1024.0, help="for the largest batch that fits")
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, PyTorch on CUDA in this Python (its own torch)")
     ap.add_argument("--torch-python", default=None, help=f"the Python with torch (default {TORCH_PYTHON}; with "
-                    "--gpu this one)")
+                    "--gpu this one; with --gpu --smoke the default where it exists, else this one)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     table = SMOKE if args.smoke else GPU if args.gpu else WORKLOADS
-    python = args.torch_python or (sys.executable if args.gpu else TORCH_PYTHON)
+    python, device, required = reference(args.gpu, args.smoke, args.torch_python)
     names = args.workloads or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
+    kw = {"out_dir": args.out} if args.out else {}
     rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {args.repeats} "
                        "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops, the two "
                        "alternating"]
@@ -255,14 +298,20 @@ def main(argv=None) -> None:
         notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, this run); matmuls computed in "
                      f"{PRECISION} on both sides")
         for name in names:
-            row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python,
-                              "cuda" if args.gpu else "cpu", args.memory_budget_mb * 2**20)
-            row["fraction_of_matmul_peak"] = row["jaxicl_matmul_gflop_per_s"] / peak
+            try:
+                row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python, device, required,
+                                  args.memory_budget_mb * 2**20, peak)
+            except Exception as e:  # noqa: BLE001 - recorded in the row; the other workloads still run
+                traceback.print_exc()
+                row, note = {"workload": name, "failed": f"{type(e).__name__}: {e}"}, ""
             print(row, flush=True)
             rows.append(row)
             notes += [note] if note and note not in notes else []
-    kw = {"out_dir": args.out} if args.out else {}
-    print(write_results("vs_torch", rows, notes="; ".join(notes), **kw))
+            path = write_results("vs_torch", rows, notes="; ".join(notes), **kw)  # what is done survives a kill
+    print(path)
+    failed = [r["workload"] for r in rows if "failed" in r]
+    if failed:
+        raise SystemExit(f"vs_torch: {failed} failed (see their rows' `failed` in {path})")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 environment exists) and its refusal to time implementations that disagree, the numpy samplers' shapes."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 
 import jax
 import numpy as np
@@ -46,11 +49,33 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
         assert xla_flops >= vs_torch.matmul_flops(w)  # XLA counts the elementwise work too
     else:  # SelfAttention multiplies through Wq Wk^T and Wv Wo: fewer FLOPs than the model as written
         assert xla_flops < vs_torch.matmul_flops(w)
-    wrong = dict(out)
-    first = next(k for k in out if k.startswith("grad/"))
-    wrong[first] = out[first] * 1.01
-    with pytest.raises(SystemExit, match="disagree"):
-        vs_torch.agreement(w, loss, grads, wrong)
+    assert_agreement_refuses(w, loss, grads, out)
+
+
+def assert_agreement_refuses(w, loss: float, grads: dict, out: dict) -> None:
+    """The agreement check, which admits (loss, grads) against the reference's outputs `out`, refuses a gradient
+    1% off, a NaN gradient (first or last: max() keeps a leading NaN, which then fails no comparison, and drops a later
+    one) and a NaN loss on either side."""
+    names = [k for k in out if k.startswith("grad/")]
+    nan = lambda a: np.full_like(a, np.nan)  # noqa: E731
+    wrongs = [(out | {names[0]: out[names[0]] * 1.01}, loss), (out | {names[0]: nan(out[names[0]])}, loss),
+              (out | {names[-1]: nan(out[names[-1]])}, loss), (out | {"loss": np.nan}, loss), (out, float("nan"))]
+    for wrong, jaxicl_loss in wrongs:
+        with pytest.raises(vs_torch.Disagreement, match="disagree"):
+            vs_torch.agreement(w, jaxicl_loss, grads, wrong)
+
+
+@pytest.mark.parametrize("name", list(vs_torch.SMOKE))
+def test_the_agreement_check_refuses_a_gradient_or_loss_that_is_off_or_nan(name):
+    """Against jaxicl's own outputs as the reference (no PyTorch needed): admitted exactly, refused when perturbed."""
+    w = vs_torch.SMOKE[name]
+    graphdef, params = nnx.split(w.model())
+    loss, grads, _ = vs_torch.loss_and_grads(graphdef, params, sample_batch(lr.sample, w.task, jax.random.key(1),
+                                                                            w.batch, axis=None))
+    out = {"loss": loss, "loss_explicit": loss, "n_params": sum(g.size for g in grads.values()),
+           "flops_per_step": vs_torch.matmul_flops(w), **{f"grad/{n}": g for n, g in grads.items()}}
+    assert vs_torch.agreement(w, loss, grads, out) == {"loss_rel_diff": 0.0, "grad_rel_diff": 0.0}
+    assert_agreement_refuses(w, loss, grads, out)
 
 
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
@@ -84,6 +109,46 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkey
         vs_torch.main(["--smoke", "--workloads", "gpt_huge", "--out", str(tmp_path)])
 
 
+def test_vs_torch_records_a_failed_workload_in_its_row_runs_the_others_and_exits_nonzero(tmp_path, monkeypatch):
+    """--gpu: a PyTorch reference that does not start is a failure (jaxicl is still timed); a workload that raises
+    (here lsa, as on a disagreement) gets its reason in its row and the next one runs; each row is on disk before the
+    next workload starts."""
+    monkeypatch.setattr(vs_torch, "GPU", vs_torch.SMOKE)  # the --gpu code path at the tests' sizes
+    bench, on_disk = vs_torch.bench, []
+
+    def failing_lsa(name, *a):
+        on_disk.append([r["workload"] for r in rows(tmp_path / "vs_torch.json")] if on_disk else [])
+        if name == "lsa":
+            raise vs_torch.Disagreement("lsa: PyTorch and jaxicl disagree, not timing them: (a test)")
+        return bench(name, *a)
+
+    monkeypatch.setattr(vs_torch, "bench", failing_lsa)
+    with pytest.raises(SystemExit, match=r"\['lsa', 'gpt_small'\] failed"):
+        vs_torch.main(["--gpu", "--repeats", "1", "--torch-python", str(tmp_path / "no-torch"), "--out", str(tmp_path)])
+    assert on_disk == [[], ["lsa"]]
+    lsa, gpt = rows(tmp_path / "vs_torch.json")
+    assert lsa == {"workload": "lsa", "failed": "Disagreement: lsa: PyTorch and jaxicl disagree, not timing them: "
+                   "(a test)"}
+    assert gpt["failed"].startswith("PyTorch not timed: no environment at") and "jaxicl_over_torch" not in gpt
+    assert gpt["jaxicl_steps_per_s"] > 0
+    table = (tmp_path / "vs_torch.md").read_text().splitlines()
+    assert table[-4].startswith("| workload | failed | batch |") and table[-2].startswith("| lsa | Disagreement: ")
+
+
+def test_the_reference_must_run_under_gpu_and_the_rehearsal_uses_the_cpu_environment(tmp_path):
+    """On the GPU machine the check's own Python has torch with CUDA; the rehearsal (--gpu --smoke) runs the
+    benchmarks' PyTorch environment where it exists (the CPU build of torch: on the CPU), and requires it there."""
+    assert vs_torch.reference(False, False, None) == (vs_torch.TORCH_PYTHON, "cpu", False)
+    assert vs_torch.reference(True, False, None) == (sys.executable, "cuda", True)
+    assert vs_torch.reference(True, False, "/x/python") == ("/x/python", "cuda", True)
+    assert vs_torch.torch_device(str(tmp_path / "no-python")) is None
+    assert vs_torch.reference(True, True, str(tmp_path / "no-python")) == (str(tmp_path / "no-python"), "cpu", False)
+    if HAS_TORCH:
+        assert vs_torch.reference(True, True, None) == (vs_torch.TORCH_PYTHON, "cpu", True)
+    else:
+        assert vs_torch.reference(True, True, None)[0] == sys.executable
+
+
 def test_numpy_samplers_give_the_device_samplers_shapes_and_the_table_has_every_family(tmp_path):
     families = sampler_throughput.families(smoke=True)
     rng = np.random.default_rng(0)
@@ -113,6 +178,16 @@ def test_device_scaling_runs_on_simulated_devices_and_reports_efficiency(tmp_pat
     assert [r["batch"] for r in table] == [4, 8]
 
 
+def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
+    """--devices 2 4: perfect weak scaling (4 devices, twice 2 devices' prompts/s) is 1, not 0.5."""
+    from benchmarks.device_scaling import efficiency
+
+    two, four = {"devices": 2, "prompts_per_s": 100.0}, {"devices": 4, "prompts_per_s": 200.0}
+    assert [efficiency(r, two) for r in (two, four)] == [1.0, 1.0]
+    assert efficiency({"devices": 4, "prompts_per_s": 150.0}, two) == 0.75  # 37.5 per device against 50
+    assert efficiency({"devices": 8, "prompts_per_s": 200.0}, {"devices": 1, "prompts_per_s": 100.0}) == 0.25
+
+
 def test_train_throughput_and_sweep_vs_loop_write_their_tables(tmp_path):
     from benchmarks import sweep_vs_loop, train_throughput
 
@@ -122,6 +197,44 @@ def test_train_throughput_and_sweep_vs_loop_write_their_tables(tmp_path):
     sweep_vs_loop.main(["--smoke", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
     assert result["members"] == 4 and result["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+
+
+def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
+    """Steady state: between the clock's readings only the chunk runs (inputs and fresh states are built before);
+    a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written."""
+    import jaxicl.train
+    from benchmarks import sweep_vs_loop
+    from jaxicl.train import sweep_program
+
+    events, on_disk, build = [], [], sweep_program.build_program
+
+    def logged(name, fn):
+        return lambda *a, **k: events.append(name) or fn(*a, **k)
+
+    for method in ("inputs", "states"):
+        monkeypatch.setattr(sweep_program.SweepProgram, method, logged(method, getattr(sweep_program.SweepProgram,
+                                                                                        method)))
+    def build_logged(*a):
+        prog = build(*a)
+        return dataclasses.replace(prog, run_chunk=logged("run", prog.run_chunk))
+
+    monkeypatch.setattr(sweep_program, "build_program", build_logged)
+    monkeypatch.setattr(sweep_vs_loop, "time", types.SimpleNamespace(perf_counter=logged("clock", time.perf_counter)))
+
+    def no_estimate(*a, **k):
+        on_disk.append(set(json.loads((tmp_path / "sweep_vs_loop.json").read_text())))
+        raise RuntimeError("out of memory (a test)")
+
+    monkeypatch.setattr(jaxicl.train, "estimate_memory", no_estimate)
+    with pytest.raises(SystemExit, match=r"\['memory'\] failed"):
+        sweep_vs_loop.main(["--smoke", "--train-loop-members", "0", "--out", str(tmp_path)])
+    a, b, c, d = [i for i, e in enumerate(events) if e == "clock"][-4:]  # the steady state's two timed regions
+    assert events[a + 1:b] == ["run"] and events[c + 1:d] == ["run"] * 4  # all 4 members, then one at a time
+    assert {"vmapped", "loop", "steady"} <= on_disk[0]
+    result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
+    assert result["failed"] == {"memory": "RuntimeError: out of memory (a test)"} and "memory" not in result
+    assert result["steady"]["vmapped"]["member_steps_per_s"] > 0
+    assert "failed: memory: RuntimeError" in (tmp_path / "sweep_vs_loop.md").read_text()
 
 
 def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path):
@@ -147,7 +260,9 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
 
 def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
     runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
-    assert [r["workload"] for r in rows(tmp_path / "vs_torch.json")] == list(vs_torch.SMOKE)
+    table = rows(tmp_path / "vs_torch.json")
+    assert [r["workload"] for r in table] == list(vs_torch.SMOKE)
+    assert [r.get("jaxicl_over_torch", 0) > 0 for r in table] == [HAS_TORCH] * len(table)  # PyTorch ran, on the CPU
     assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == list(sampler_throughput.families(True))
     assert [r["devices"] for r in rows(tmp_path / "device_scaling.json")] == [1, 2]
     assert json.loads((tmp_path / "sweep_vs_loop.json").read_text())["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
