@@ -12,7 +12,9 @@ analysis layer, clusters matched to tasks by the Hungarian algorithm) are answer
 others, and two interventions at every layer through site edits: adding the difference of two task centroids
 (does the answer switch to the other task's?), and replacing the component in the span of the centred task
 centroids by the mean's (does accuracy drop?), each against a random direction / subspace of the same norm /
-dimension.
+dimension. A rerun into the same directory resumes the run (or restores it, finished) and gives the same result:
+the curves come from metrics.jsonl, the PCA figure's features from run/pca_features_step<s>.npz (written at its
+evaluations), the end-of-run measurements from the final parameters.
 
 Which representation: the issue and the notes suggest ARROW; in this task ARROW's deep states cluster by the
 answer f_task(x) (ARI against the answer near 1 at the last layer), which mixes the task with the input, so the
@@ -45,11 +47,12 @@ from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below
+from jaxicl import outputs
 from jaxicl.analysis.clustering import adjusted_rand_index, cluster_scores, match_clusters, sequence_features
 from jaxicl.models.functional import apply
 from jaxicl.models.gpt import GPT
 from jaxicl.tasks import instructions as ins
-from jaxicl.train import TrainConfig, cross_entropy_loss, train
+from jaxicl.train import TrainConfig, cross_entropy_loss, read_metrics, train
 from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 REPRESENTATIONS = ("sep", "arrow", "instruction_mean")  # the state at SEP or ARROW, or the instruction's mean
@@ -131,6 +134,14 @@ def checkpoint_steps(cfg: Config) -> tuple[int, ...]:
     return tuple(int(s) for s in np.unique(steps))
 
 
+def pca_steps(cfg: Config) -> tuple[int, ...]:
+    """The evaluation steps (0 and checkpoint_steps) whose last-layer train features the PCA figure shows:
+    pca_checkpoints of them, evenly spread over the evaluations."""
+    evals = (0, *checkpoint_steps(cfg))
+    picks = np.linspace(0, len(evals) - 1, min(cfg.pca_checkpoints, len(evals))).astype(int)
+    return tuple(evals[i] for i in sorted(set(picks)))
+
+
 def eval_rows(split: ins.Split, size: int, seed: int) -> np.ndarray:
     """Up to `size` rows of the split, a seeded random subset when it is larger."""
     rows = np.arange(len(split))
@@ -188,13 +199,21 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         graphdef, p, batch, pool, key, sites=sites, sizes=tuple(len(r) for r in rows), n_tasks=cfg.task.n_tasks,
         answers=(cfg.task.answer_token(0), cfg.task.n_outputs), restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters)))
     rep = cfg.representation
-    snapshots = []  # the train set's last-layer features at each evaluation of this process (the PCA figure)
     last = []  # the latest evaluation's measurements: the final one is the end of the run's
+    steps = checkpoint_steps(cfg)
+    run_dir = os.path.join(out_dir, "run")
+    pca_at = pca_steps(cfg)
+    pca_file = lambda s: os.path.join(run_dir, f"pca_features_step{s}.npz")  # noqa: E731
 
     def evaluate(p):
         m = measured(p)
         last[:] = [m]
-        snapshots.append(np.asarray(m["train"][rep]["features"][-1]))
+        if outputs.is_primary():  # the process that writes metrics.jsonl (and every file)
+            # this evaluation's step: the schedule's next after those metrics.jsonl holds (train writes this one's
+            # row after evaluate returns; a resumed run keeps the rows of the steps before its checkpoint)
+            step = (0, *steps)[len(read_metrics(os.path.join(run_dir, "metrics.jsonl"), "eval"))]
+            if step in pca_at:  # kept beside the metrics, so a resumed or finished run draws the same figure
+                outputs.save_arrays(pca_file(step), features=m["train"][rep]["features"][-1])
         scores = {}
         for split in ins.SPLITS:
             scores[f"accuracy_{split}"] = m[split]["accuracy"]
@@ -203,9 +222,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     scores.update({f"{name}_{r}_{split}_layer{l}": m[split][r][name][l] for l in range(len(sites))})
         return scores
 
-    steps = checkpoint_steps(cfg)
     result = train(cross_entropy_loss(graphdef), data.sampler("train"), cfg.task, cfg.train, params,
-                   out_dir=os.path.join(out_dir, "run"), evaluate=evaluate, eval_every=steps,
+                   out_dir=run_dir, evaluate=evaluate, eval_every=steps,
                    run_config={"experiment": "clustering_dynamics", "model": dataclasses.asdict(cfg.model)},
                    desc="clustering_dynamics")
     final_params = result.state.params
@@ -294,7 +312,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"{fmt(effects['accuracy_ablated'])}"),
     ]
     figures = [_plot_ari(curve, at, layers, out_dir), _plot_accuracy(acc, at, agnostic, cfg, out_dir),
-               _plot_pca(snapshots, at, train_tasks, cfg, out_dir), _plot_interventions(effects, cfg, out_dir)]
+               _plot_pca({s: np.load(pca_file(s))["features"] for s in pca_at}, train_tasks, out_dir),
+               _plot_interventions(effects, cfg, out_dir)]
     return Outcome(checks, figures)
 
 
@@ -403,18 +422,14 @@ def _plot_accuracy(acc, at, agnostic, cfg, out_dir) -> str:
     return save_figure(fig, out_dir, "accuracy")
 
 
-def _plot_pca(snapshots, at, tasks, cfg, out_dir) -> str:
-    """The last layer's train features projected on their top two principal components, at a few checkpoints
-    (those evaluated by this process: a resumed run shows the checkpoints after the resume)."""
-    picks = sorted(set(np.linspace(0, len(snapshots) - 1, min(cfg.pca_checkpoints, len(snapshots))).astype(int)))
-    fig, axes = new_figure(len(picks), size=(3.0, 3.0))
-    offset = len(at) - len(snapshots)
-    for j, i in enumerate(picks):
-        f = snapshots[i] - snapshots[i].mean(0)
+def _plot_pca(snapshots: dict, tasks, out_dir) -> str:
+    """The last layer's train features {step: [N, D]} projected on their top two principal components."""
+    fig, axes = new_figure(len(snapshots), size=(3.0, 3.0))
+    for ax, (step, features) in zip(axes[0], snapshots.items()):
+        f = features - features.mean(0)
         proj = f @ np.linalg.svd(f, full_matrices=False)[2][:2].T
-        ax = axes[0, j]
         ax.scatter(proj[:, 0], proj[:, 1], c=tasks, cmap="tab10", s=3)
-        ax.set(title=f"step {at[offset + i]}", xticks=[], yticks=[])
+        ax.set(title=f"step {step}", xticks=[], yticks=[])
     return save_figure(fig, out_dir, "pca_last_layer")
 
 
