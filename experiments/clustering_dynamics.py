@@ -87,6 +87,7 @@ class Config:
     depth_tolerance: float = 0.02  # ARI may fall by this much from one layer to the next (k-means noise)
     min_unseen_over_agnostic: float = 2.0  # unseen accuracy / the best instruction-agnostic accuracy
     min_intervention_gain: float = 0.25  # centroid effect minus the random control's
+    min_own_cluster_gain_se: float = 3.0  # own-cluster accuracy gain in standard errors of a gain with no relation
 
     def __post_init__(self):
         for name in ("n_checkpoints", "eval_size", "kmeans_restarts", "kmeans_iters",
@@ -254,8 +255,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     nearest = np.argmin(((u[:, None] - centroids[None]) ** 2).sum(-1), -1)
     own = mapping[nearest] == unseen_tasks
     correct = np.asarray(final["unseen"]["correct"])
-    acc_own = float(correct[own].mean()) if own.any() else float("nan")
-    acc_other = float(correct[~own].mean()) if (~own).any() else float("nan")
+    acc_own, acc_other, gain_se = own_cluster_accuracy(correct, own)
 
     table = data.table
     agnostic = float(np.mean([np.bincount(table[:, i]).max() / cfg.task.n_tasks for i in range(cfg.task.n_inputs)]))
@@ -296,9 +296,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"accuracy on held-out instruction families {acc['unseen'][-1]:.3f} vs {agnostic:.3f} for the best "
                     f"predictor that ignores the instruction (uniform guess {1 / cfg.task.n_outputs:.2f}); train "
                     f"{acc['train'][-1]:.3f}, validation {acc['validation'][-1]:.3f}"),
-        Check("unseen_own_cluster_accuracy_gain", acc_own - acc_other, "> 0", bool(acc_own > acc_other),
-              f"unseen examples nearest a train cluster (hidden state {al} at {rep}) matched to their own task "
-              f"({own.mean():.1%} of them) are answered correctly {acc_own:.3f}, the others {acc_other:.3f}"),
+        check_above("unseen_own_cluster_accuracy_gain", acc_own - acc_other, cfg.min_own_cluster_gain_se * gain_se,
+                    f"unseen examples nearest a train cluster (hidden state {al} at {rep}) matched to their own task "
+                    f"({own.sum()} of {len(own)}) are answered correctly {acc_own:.3f}, the others {acc_other:.3f}; "
+                    f"threshold {cfg.min_own_cluster_gain_se:g} standard errors ({gain_se:.3f}) of the gain where "
+                    f"membership says nothing of success (both at the pooled accuracy {correct.mean():.3f})"),
         check_above("centroid_switch_over_random", effects["switch"][al] - effects["switch_random"][al],
                     cfg.min_intervention_gain,
                     f"at hidden state {al}: adding c_target - c_source at {cfg.intervention_position} switches the "
@@ -315,6 +317,18 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                _plot_pca({s: np.load(pca_file(s))["features"] for s in pca_at}, train_tasks, out_dir),
                _plot_interventions(effects, cfg, out_dir)]
     return Outcome(checks, figures)
+
+
+def own_cluster_accuracy(correct: np.ndarray, own: np.ndarray) -> tuple[float, float, float]:
+    """(accuracy where own, accuracy elsewhere, the standard error of their difference where membership says nothing
+    of success: both at the pooled accuracy p, sqrt(p (1 - p) (1 / n_own + 1 / n_other))); correct, own [N] bool.
+    NaN where either group is empty."""
+    n_own = int(own.sum())
+    if not 0 < n_own < len(own):
+        return (float("nan"),) * 3
+    p = float(correct.mean())
+    return (float(correct[own].mean()), float(correct[~own].mean()),
+            float(np.sqrt(p * (1 - p) * (1 / n_own + 1 / (len(own) - n_own)))))
 
 
 def interventions(cfg: Config, data: ins.InstructionData, graphdef, params, sites, train_features: np.ndarray,

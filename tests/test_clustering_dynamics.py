@@ -84,3 +84,24 @@ def _assert_argmax_where_clear(got: np.ndarray, logits: jax.Array, tol: float = 
     clear = top2[:, 1] - top2[:, 0] > tol
     assert clear.mean() >= 0.9
     np.testing.assert_array_equal(got[clear], np.asarray(jnp.argmax(logits, -1))[clear])
+
+
+def test_own_cluster_gain_threshold_is_rarely_met_without_a_relation_and_met_with_one():
+    """3 standard errors: where cluster membership is independent of success the gain exceeds it in ~0.13% of draws
+    (the old threshold 0: ~50%); a real relation of 0.2 on 1000 examples exceeds it."""
+    rng = np.random.default_rng(0)
+    n, draws = 1000, 400
+    z = []
+    for _ in range(draws):
+        correct, own = rng.random(n) < 0.5, rng.random(n) < 0.3
+        acc_own, acc_other, se = cd.own_cluster_accuracy(correct, own)
+        np.testing.assert_allclose(acc_own - acc_other, correct[own].mean() - correct[~own].mean(), rtol=1e-12)
+        z.append((acc_own - acc_other) / se)
+    z = np.array(z)
+    assert 0.85 < z.std() < 1.15  # the standard error is the spread of the gain (400 draws: std's error ~0.035)
+    assert np.mean(z > 3) <= 0.01 and 0.4 < np.mean(z > 0) < 0.6
+    own = rng.random(n) < 0.3
+    correct = rng.random(n) < np.where(own, 0.6, 0.4)
+    acc_own, acc_other, se = cd.own_cluster_accuracy(correct, own)
+    assert acc_own - acc_other > 3 * se
+    assert all(np.isnan(cd.own_cluster_accuracy(correct, np.zeros(n, bool))))
