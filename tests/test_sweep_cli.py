@@ -76,7 +76,7 @@ def test_sweep_lr_seeds_smoke_computes_every_check(tmp_path):
 
 # fresh-task losses of the quick preset's references (d = 3, sigma = 0.5): dMMSE per pool, ridge, E[y^2]
 _DMMSE = {1: 12.07, 4: 2.985, 16: 1.572, 64: 0.746, 0: 0.301}
-_RIDGE, _ZERO = 0.301, 3.244
+_RIDGE, _ZERO = 0.301, 3.308
 
 
 def _diversity_checks(model: dict[int, float]) -> dict[str, dict]:
@@ -87,7 +87,7 @@ def _diversity_checks(model: dict[int, float]) -> dict[str, dict]:
 
 
 def test_diversity_checks_fail_for_the_zero_predictor_and_pass_for_a_dmmse_like_model():
-    # predicting 0 beats dMMSE at pools 1 (12.07) and 4 (2.985), which are not informative (dMMSE >= 0.5 x 3.244)
+    # predicting 0 beats dMMSE at pools 1 (12.07) and 4 (2.985), which are not informative (dMMSE >= 0.5 x 3.308)
     zero = _diversity_checks({k: _ZERO for k in _DMMSE})
     assert not zero["small_informative_pool_nearest_dmmse"].passed  # pool 16: log-nearest the zero predictor
     assert zero["small_informative_pool_nearest_dmmse"].value == _ZERO
@@ -97,7 +97,7 @@ def test_diversity_checks_fail_for_the_zero_predictor_and_pass_for_a_dmmse_like_
     good = _diversity_checks({1: 5.0, 4: 1.0, 16: 1.7, 64: 0.6, 0: 0.45})
     assert good["small_informative_pool_nearest_dmmse"].passed
     assert good["informative_pools_where_model_beats_its_dmmse"].value == 1  # pool 64
-    # above sqrt(1.572 x 3.244) = 2.258 the zero predictor is nearer; at ridge's level ridge is
+    # above sqrt(1.572 x 3.308) = 2.280 the zero predictor is nearer; at ridge's level ridge is
     assert not _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 2.3})["small_informative_pool_nearest_dmmse"].passed
     assert _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 2.2})["small_informative_pool_nearest_dmmse"].passed
     assert not _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 0.5})["small_informative_pool_nearest_dmmse"].passed
