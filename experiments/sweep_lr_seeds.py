@@ -5,7 +5,15 @@ one vmapped program and plots the final test loss against the learning rate with
 marking the learning rates where every seed matches GD-1 at eta*. Part 2 trains a linear
 attention stack on linear regression whose tasks come from a pool of n_tasks vectors (0 = a fresh
 task per prompt) and plots its loss on fresh tasks against the pool size next to ridge
-(lam = sigma^2 / tau^2, Bayes for the Gaussian task prior) and dMMSE (Bayes for the pool).
+(lam = sigma^2 / tau^2, Bayes for the Gaussian task prior), dMMSE (Bayes for the pool) and the zero predictor
+(E[y^2]). The dMMSE comparisons use only informative pools, whose dMMSE is below half the zero predictor's loss: a
+small pool's dMMSE on fresh tasks is worse than predicting 0 (pool 1: d + |w_1|^2 + sigma^2 against d + sigma^2),
+so a model that beats it or sits near it may have learned nothing. At the smallest informative pool the model's
+fresh-task loss must be log-nearest dMMSE (not ridge, not the zero predictor); some informative pool's model must
+beat its dMMSE. Quick (d = 3, zero predictor 3.31, ridge 0.301): pools 1 and 4 are not informative (dMMSE 12.1 and
+2.99); at pool 16 the model's 0.756 is log-nearer dMMSE 1.57 (0.73) than ridge (0.92), a narrow pass, and it beats
+dMMSE at 16 and 64: the transition is already under way at 16. An untrained model (0.02-scale init) predicts ~0
+(3.31 at every pool) and fails every task-diversity check.
 
 `--sweep` on this experiment replaces part 1's grid, with fields of the gd_equivalence config
 (`--sweep gd.train.lr=log:1e-4:1e-1:8 gd.train.seed=0:8`); gd_equivalence itself takes
@@ -15,6 +23,7 @@ task per prompt) and plots its loss on fresh tasks against the pool size next to
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import gd_equivalence
@@ -44,6 +53,7 @@ class Diversity:
     init_scale: float = 0.02
     eval_prompts: int = 4096
     max_infinite_over_ridge: float = 2.0  # a few preconditioned GD steps, not exact ridge
+    max_informative_dmmse: float = 0.5  # a pool counts where its dMMSE is below this x the zero predictor's loss
     min_transition_ratio: float = 2.0  # fresh-task MSE, smallest pool / fresh task per prompt
 
     def __post_init__(self):
@@ -77,7 +87,7 @@ PRESETS = {
                     seeds=2, lrs=(1e-3, 1e-2, 1e-1),
                     diversity=Diversity(task=lr_task.LinearRegression(dim=2, n_context=6, noise_std=0.5),
                                         train=TrainConfig(steps=200, batch_size=128, lr=1e-2, steps_per_call=100),
-                                        n_tasks=(1, 8, 0), seeds=1, layers=1, eval_prompts=512)),
+                                        n_tasks=(1, 16, 0), seeds=1, layers=1, eval_prompts=512)),
     "quick": Config(gd=_SMALL_GD, seeds=3, lrs=(1e-4, 5e-4, 2.5e-3, 1.25e-2, 6.25e-2),
                     diversity=Diversity(task=lr_task.LinearRegression(dim=3, n_context=16, noise_std=0.5),
                                         train=TrainConfig(steps=1500, batch_size=256, lr=3e-3, steps_per_call=500,
@@ -171,27 +181,58 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
     pools = sorted(set(div.n_tasks))
     dmmse_loss = {k: ridge_loss if k == 0 else float(query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
         fresh.inputs), fresh.targets)) for k in pools}
+    zero_loss = float(query_mse(jnp.zeros_like(fresh.targets), fresh.targets))  # E[y^2] on the fresh prompts
     summary = pool_summary(losses, members, result.diverged, dmmse_loss)
-    figure = _plot_diversity(summary["by_pool"], dmmse_loss, ridge_loss, out_dir)
-    smallest, small, infinite, beyond = (summary[k] for k in ("smallest", "small", "infinite", "beyond"))
-    dist = lambda v, ref: abs(np.log(v / ref))  # noqa: E731
-    checks = [
-        Check("small_pool_closer_to_dmmse_than_ridge", small, f"log-closer to dMMSE {dmmse_loss[smallest]:.3g} than to ridge {ridge_loss:.3g}",
-              bool(dist(small, dmmse_loss[smallest]) < dist(small, ridge_loss)),
-              f"fresh-task MSE at n_tasks={smallest}; ridge {ridge_loss:.3g}"),
-        Check("pools_where_model_beats_its_dmmse", len(beyond), ">= 1", bool(beyond),
-              f"n_tasks {beyond}: on fresh tasks the model beats the Bayes predictor of its own pool, i.e. it "
-              f"generalises beyond the pool (the transition); {'first at ' + str(min(beyond)) if beyond else 'never'}"),
-        check_below("infinite_pool_model_over_ridge", infinite / ridge_loss, div.max_infinite_over_ridge,
+    figure = _plot_diversity(summary["by_pool"], dmmse_loss, ridge_loss, zero_loss, out_dir)
+    return diversity_checks(summary, dmmse_loss, ridge_loss, zero_loss, div), figure
+
+
+def diversity_checks(summary: dict, dmmse_loss: dict[int, float], ridge_loss: float, zero_loss: float,
+                     div: Diversity) -> list[Check]:
+    """Part 2's checks from pool_summary's summary and the fresh-task losses of dMMSE per pool, ridge and the zero
+    predictor. Only informative pools take part in the dMMSE comparisons: those whose dMMSE is below
+    div.max_informative_dmmse x the zero predictor's loss. A smaller pool's dMMSE (pool 1: E|w - w_1|^2 + sigma^2,
+    above E[y^2]) is beaten by predicting 0, so beating it, or being near it, says nothing."""
+    bound = div.max_informative_dmmse * zero_loss
+    informative = [k for k in sorted(dmmse_loss) if k and dmmse_loss[k] < bound]
+    beyond = [k for k in summary["beyond"] if k in informative]
+    by_pool = {k: float(np.mean(v)) for k, v in summary["by_pool"].items()}
+    refs = {"zero": zero_loss, "ridge": ridge_loss}
+    if informative:
+        k = informative[0]
+        refs["dMMSE"] = dmmse_loss[k]
+        dist = {r: abs(np.log(by_pool[k] / v)) for r, v in refs.items()}
+        nearest = min(dist, key=dist.get)
+        pool_check = Check("small_informative_pool_nearest_dmmse", by_pool[k],
+                           f"log-nearest dMMSE {dmmse_loss[k]:.3g} (not ridge {ridge_loss:.3g}, zero {zero_loss:.3g})",
+                           nearest == "dMMSE",
+                           f"fresh-task MSE at n_tasks={k}, the smallest pool whose dMMSE is below "
+                           f"{div.max_informative_dmmse:g} x the zero predictor's {zero_loss:.3g}; |log(model / ref)|: "
+                           + ", ".join(f"{r} {v:.2f}" for r, v in dist.items())
+                           + f" (so the model must be below sqrt(dMMSE x zero) = "
+                           f"{np.sqrt(dmmse_loss[k] * zero_loss):.3g}); model per pool "
+                           + ", ".join(f"{p}: {v:.3g}" for p, v in by_pool.items()))
+    else:
+        pool_check = Check("small_informative_pool_nearest_dmmse", float("nan"), "an informative pool", False,
+                           f"no pool's dMMSE is below {div.max_informative_dmmse:g} x the zero predictor's "
+                           f"{zero_loss:.3g}: {dmmse_loss}")
+    return [
+        pool_check,
+        Check("informative_pools_where_model_beats_its_dmmse", len(beyond), ">= 1", bool(beyond),
+              f"n_tasks {beyond} of the informative pools {informative} (dMMSE "
+              + ", ".join(f"{p}: {dmmse_loss[p]:.3g}" for p in sorted(dmmse_loss) if p)
+              + f"; informative below {bound:.3g}): on fresh tasks the model beats the Bayes predictor of its own "
+              "pool, i.e. it generalises beyond the pool (the transition)"),
+        check_below("infinite_pool_model_over_ridge", summary["infinite"] / ridge_loss, div.max_infinite_over_ridge,
                     f"fresh-task MSE with a fresh task per prompt / ridge {ridge_loss:.3g}; a {div.layers}-"
                     "layer linear attention model is a few preconditioned GD steps, not exact ridge"),
-        check_above("transition_ratio_small_over_infinite_pool", small / infinite, div.min_transition_ratio,
+        check_above("transition_ratio_small_over_infinite_pool", summary["small"] / summary["infinite"],
+                    div.min_transition_ratio,
                     "fresh-task MSE drops as the pretraining task pool grows"),
     ]
-    return checks, figure
 
 
-def _plot_diversity(by_pool: dict, dmmse_loss: dict, ridge_loss: float, out_dir: str) -> str:
+def _plot_diversity(by_pool: dict, dmmse_loss: dict, ridge_loss: float, zero_loss: float, out_dir: str) -> str:
     finite = [k for k in by_pool if k]
     x = {k: (k if k else max(finite) * 8) for k in by_pool}  # "infinite" drawn to the right of the largest pool
     ks = sorted(by_pool, key=lambda k: x[k])
@@ -203,6 +244,7 @@ def _plot_diversity(by_pool: dict, dmmse_loss: dict, ridge_loss: float, out_dir:
     ax.fill_between([x[k] for k in ks], lo, hi, alpha=0.25, label="seed range")
     ax.plot([x[k] for k in ks], [dmmse_loss[k] for k in ks], "s--", label="dMMSE (Bayes for the pool)")
     ax.axhline(ridge_loss, color="k", ls=":", label="ridge lam = sigma^2/tau^2")
+    ax.axhline(zero_loss, color="0.5", ls="-.", label="predicting 0 (E[y^2])")
     ax.set_xscale("log")
     ax.set_xticks([x[k] for k in ks], [str(k) if k else "inf" for k in ks])
     ax.set(xlabel="pretraining tasks in the pool", ylabel="query MSE on fresh tasks", yscale="log",

@@ -137,3 +137,26 @@ def test_smoke_runs_share_one_training_run(tmp_path):
     # the final evaluation in the run's log is the one the training checks report
     final = [r for r in rows if r["split"] == "eval"][-1]
     assert training["checks"][0]["value"] == pytest.approx(final["test_token_accuracy"])
+
+
+def test_lea_speech_check_scores_object_cells_so_a_background_language_fails():
+    """A language of the background alone redraws every cell as the board's background: token accuracy far above
+    another board's message (the old check's quantity), object-cell accuracy 0 for both (the check's)."""
+    from experiments import abstractions_lea as lea_exp
+
+    cfg = lea_exp.PRESETS["smoke"]
+    data = bd.build(cfg.task)
+    test = lea_exp.eval_set(cfg, data, "test", jax.random.key(0))
+    targets, objects = np.asarray(test.targets), np.asarray(test.info["root"]) >= 0
+    background = targets[np.arange(len(targets)), np.argmin(objects, 1)]  # a cell off every object
+    drawn = jnp.asarray(np.broadcast_to(background[:, None], targets.shape))
+    other = drawn[np.random.default_rng(0).permutation(len(targets))]
+    own_tokens, other_tokens = (float(bd.board_metrics(d, test)["token_accuracy"]) for d in (drawn, other))
+    np.testing.assert_allclose(own_tokens, 1 - objects.mean(), rtol=1e-6)  # every background cell right
+    assert own_tokens - other_tokens > 0.5  # would pass a token-accuracy check
+    assert float(lea_exp.object_accuracy(drawn, test)) == 0.0 == float(lea_exp.object_accuracy(other, test))
+    # the object accuracy against a loop over boards and cells
+    pred = np.where(np.random.default_rng(1).random(targets.shape) < 0.5, targets, 99)
+    right = sum(pred[i, j] == targets[i, j] for i in range(len(targets)) for j in range(64) if objects[i, j])
+    np.testing.assert_allclose(float(lea_exp.object_accuracy(jnp.asarray(pred), test)), right / objects.sum(),
+                               rtol=1e-6)

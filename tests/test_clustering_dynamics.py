@@ -1,4 +1,5 @@
-"""clustering_dynamics: its smoke run computes every check and figure; its site edits against patches."""
+"""clustering_dynamics: its smoke run computes every check and figure, and a rerun into its directory gives the same
+result; its site edits against patches."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from jaxicl.sites import Patch
 from jaxicl.tasks import instructions as ins
 
 
-def test_smoke_run_writes_every_check_and_figure(tmp_path):
+def test_smoke_run_writes_every_check_and_figure_and_a_rerun_gives_the_same(tmp_path):
     result = run_experiment("clustering_dynamics", "smoke", str(tmp_path))
     out = tmp_path / "clustering_dynamics"
     stored = json.loads((out / "result.json").read_text())
@@ -29,7 +30,22 @@ def test_smoke_run_writes_every_check_and_figure(tmp_path):
         assert os.path.getsize(out / fig) > 10_000
     rows = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     # evaluations at step 0 and the log-spaced multiples of steps_per_call
-    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, *cd.checkpoint_steps(cd.PRESETS["smoke"])]
+    evals = [0, *cd.checkpoint_steps(cd.PRESETS["smoke"])]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == evals
+    # the PCA figure's features, kept beside the metrics at the first and last evaluation (pca_checkpoints=2)
+    assert cd.pca_steps(cd.PRESETS["smoke"]) == (0, evals[-1])
+    kept = {p.name for p in (out / "run").glob("pca_features_*")}
+    assert kept == {f"pca_features_step{s}.npz" for s in (0, evals[-1])}
+
+    # a rerun into the same directory restores the finished run (no training, no evaluation) and gives the same
+    # result: the final measurements are taken anew from the restored parameters by the same compiled programs
+    # (tolerance: rounding only), the curves come from metrics.jsonl and the PCA features from their files
+    again = run_experiment("clustering_dynamics", "smoke", str(tmp_path))
+    assert [(c["name"], c["passed"]) for c in again["checks"]] == [(c["name"], c["passed"]) for c in result["checks"]]
+    np.testing.assert_allclose([c["value"] for c in again["checks"]], [c["value"] for c in result["checks"]],
+                               rtol=1e-5, atol=1e-6)
+    assert again["figures"] == result["figures"]
+    assert [json.loads(line) for line in open(out / "run" / "metrics.jsonl")] == rows
 
 
 def test_edits_at_a_position_equal_patch_deltas_and_zero_edits_change_nothing():
@@ -68,3 +84,24 @@ def _assert_argmax_where_clear(got: np.ndarray, logits: jax.Array, tol: float = 
     clear = top2[:, 1] - top2[:, 0] > tol
     assert clear.mean() >= 0.9
     np.testing.assert_array_equal(got[clear], np.asarray(jnp.argmax(logits, -1))[clear])
+
+
+def test_own_cluster_gain_threshold_is_rarely_met_without_a_relation_and_met_with_one():
+    """3 standard errors: where cluster membership is independent of success the gain exceeds it in ~0.13% of draws
+    (the old threshold 0: ~50%); a real relation of 0.2 on 1000 examples exceeds it."""
+    rng = np.random.default_rng(0)
+    n, draws = 1000, 400
+    z = []
+    for _ in range(draws):
+        correct, own = rng.random(n) < 0.5, rng.random(n) < 0.3
+        acc_own, acc_other, se = cd.own_cluster_accuracy(correct, own)
+        np.testing.assert_allclose(acc_own - acc_other, correct[own].mean() - correct[~own].mean(), rtol=1e-12)
+        z.append((acc_own - acc_other) / se)
+    z = np.array(z)
+    assert 0.85 < z.std() < 1.15  # the standard error is the spread of the gain (400 draws: std's error ~0.035)
+    assert np.mean(z > 3) <= 0.01 and 0.4 < np.mean(z > 0) < 0.6
+    own = rng.random(n) < 0.3
+    correct = rng.random(n) < np.where(own, 0.6, 0.4)
+    acc_own, acc_other, se = cd.own_cluster_accuracy(correct, own)
+    assert acc_own - acc_other > 3 * se
+    assert all(np.isnan(cd.own_cluster_accuracy(correct, np.zeros(n, bool))))

@@ -338,9 +338,9 @@ def test_usage_table_mutual_information_and_word_swaps_against_independent_count
 
 def test_smoke_run_writes_every_check_and_figure(tmp_path):
     result = run_experiment("abstractions_lea", "smoke", str(tmp_path))
-    assert [c["name"] for c in result["checks"]] == ["speech_token_accuracy_over_other_message",
-                                                     "root_mi_over_shuffled_bits", "steer_success",
-                                                     "steer_over_random_words"]
+    assert [c["name"] for c in result["checks"]] == ["speech_object_accuracy_over_other_message",
+                                                     "root_mi_over_shuffled_bits", "steer_root_words_shows_b",
+                                                     "steer_place_words_shows_b", "steer_place_words_b_over_c"]
     assert all(np.isfinite(c["value"]) for c in result["checks"])
     for fig in result["figures"]:
         assert os.path.getsize(tmp_path / "abstractions_lea" / fig) > 10_000

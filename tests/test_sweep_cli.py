@@ -1,4 +1,5 @@
-"""The --sweep command line and sweep-report, and the sweep_lr_seeds and sweep_context_length smoke runs."""
+"""The --sweep command line and sweep-report, the sweep_lr_seeds and sweep_context_length smoke runs, and
+sweep_lr_seeds' task-diversity checks against the zero predictor."""
 
 import dataclasses
 import json
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import gd_equivalence
+from experiments import gd_equivalence, sweep_lr_seeds
 from experiments.cli import main
 from experiments.common.runner import run_experiment
 from experiments.common.gd_sweep import run_gd_sweep
@@ -71,6 +72,35 @@ def test_sweep_lr_seeds_smoke_computes_every_check(tmp_path):
         assert isinstance(c["value"], (int, float)) and math.isfinite(c["value"]), c
     for fig in result["figures"]:
         assert os.path.getsize(os.path.join(tmp_path, "sweep_lr_seeds", fig)) > 10_000
+
+
+# fresh-task losses of the quick preset's references (d = 3, sigma = 0.5): dMMSE per pool, ridge, E[y^2]
+_DMMSE = {1: 12.07, 4: 2.985, 16: 1.572, 64: 0.746, 0: 0.301}
+_RIDGE, _ZERO = 0.301, 3.308
+
+
+def _diversity_checks(model: dict[int, float]) -> dict[str, dict]:
+    members = [{"train.seed": 0, "task.n_tasks": k} for k in _DMMSE]
+    summary = sweep_lr_seeds.pool_summary(np.array([model[k] for k in _DMMSE]), members, {}, _DMMSE)
+    checks = sweep_lr_seeds.diversity_checks(summary, _DMMSE, _RIDGE, _ZERO, sweep_lr_seeds.Diversity())
+    return {c.name: c for c in checks}
+
+
+def test_diversity_checks_fail_for_the_zero_predictor_and_pass_for_a_dmmse_like_model():
+    # predicting 0 beats dMMSE at pools 1 (12.07) and 4 (2.985), which are not informative (dMMSE >= 0.5 x 3.308)
+    zero = _diversity_checks({k: _ZERO for k in _DMMSE})
+    assert not zero["small_informative_pool_nearest_dmmse"].passed  # pool 16: log-nearest the zero predictor
+    assert zero["small_informative_pool_nearest_dmmse"].value == _ZERO
+    assert zero["informative_pools_where_model_beats_its_dmmse"].value == 0
+    assert not zero["informative_pools_where_model_beats_its_dmmse"].passed
+    # near dMMSE at pool 16, below dMMSE at pool 64: both pass; pools 1 and 4 are not counted though beaten
+    good = _diversity_checks({1: 5.0, 4: 1.0, 16: 1.7, 64: 0.6, 0: 0.45})
+    assert good["small_informative_pool_nearest_dmmse"].passed
+    assert good["informative_pools_where_model_beats_its_dmmse"].value == 1  # pool 64
+    # above sqrt(1.572 x 3.308) = 2.280 the zero predictor is nearer; at ridge's level ridge is
+    assert not _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 2.3})["small_informative_pool_nearest_dmmse"].passed
+    assert _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 2.2})["small_informative_pool_nearest_dmmse"].passed
+    assert not _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 0.5})["small_informative_pool_nearest_dmmse"].passed
 
 
 def test_sweep_context_length_smoke_matches_gd1_at_every_context_length(tmp_path):
