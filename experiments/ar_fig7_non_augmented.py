@@ -32,7 +32,7 @@ from flax import nnx
 from experiments.common.autoregressive import haar_task, held_out_set
 from jaxicl.baselines import best_gd_step
 from experiments.common.figures import new_figure, save_figure
-from experiments.common.result import Outcome, check_above, check_below
+from experiments.common.result import Outcome, check_above
 from jaxicl.models import apply
 from jaxicl.models.ar_transformer import QUERIES, PositionalTransformer
 from jaxicl.tasks import autoregressive as ar
