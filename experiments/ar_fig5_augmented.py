@@ -50,7 +50,8 @@ PRESETS = {
                     train=TrainConfig(steps=60, batch_size=32, lr=1e-2, steps_per_call=60), test_sequences=128,
                     eval_every=60),
     # CPU: 8x smaller batch and 3.2x fewer steps than the official recipe (Adam 1e-2, batch 1024, 3200 steps)
-    "quick": Config(train=TrainConfig(steps=1000, batch_size=128, optimizer="adam", lr=1e-2, log_every=10),
+    "quick": Config(train=TrainConfig(steps=1000, batch_size=128, optimizer="adam", lr=1e-2, log_every=10,
+                                      checkpoint_every=500),
                     eval_every=250),
     "full": Config(),  # the official recipe: Adam 1e-2, batch 1024, 200 epochs of 2^14 sequences
 }

@@ -71,7 +71,8 @@ PRESETS = {
     # CPU: 8 heads instead of 64, batch 64 instead of 1024, half the paper's 3200 steps (the quick reproduction's
     # 30-minute budget; 3200 steps of batch 128 moved neither check's outcome) with a warmup-cosine lr
     "quick": Config(heads=8, train=TrainConfig(steps=1600, batch_size=64, optimizer="adam", lr=1e-2,
-                                               schedule="warmup_cosine", warmup_steps=50, log_every=10),
+                                               schedule="warmup_cosine", warmup_steps=50, log_every=10,
+                                               checkpoint_every=400),
                     eval_every=320),
     "full": Config(),  # the official recipe: 64 heads, Adam 1e-2, batch 1024, 200 epochs of 2^14 sequences
 }

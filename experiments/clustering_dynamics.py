@@ -73,7 +73,8 @@ class Config:
     task: ins.Instructions = ins.Instructions()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(steps=1200, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.01,
-                                     schedule="warmup_cosine", warmup_steps=100, steps_per_call=20, log_every=10)
+                                     schedule="warmup_cosine", warmup_steps=100, steps_per_call=20, log_every=10,
+                                     checkpoint_every=400)
     n_checkpoints: int = 14  # evaluations at log-spaced multiples of train.steps_per_call (and at step 0)
     eval_size: int = 2048  # sequences of each split clustered and scored (every one of a smaller split)
     representation: str = "sep"  # the one the checks use; every representation is measured and plotted

@@ -49,7 +49,7 @@ class Config:
     sigma: float = 3.0
     # plain GD W <- W - eta grad L(W), the gradient estimated on batch_size fresh prompts per step
     train: TrainConfig = TrainConfig(optimizer="sgd", lr=2.0, steps=3000, batch_size=128, steps_per_call=250,
-                                     log_every=1)
+                                     log_every=1, checkpoint_every=1000)
     eval_prompts: int = 2048
     reduced_samples: int = 4096  # Monte Carlo x samples of the reduced two-parameter dynamics
     long_horizons: tuple[int, ...] = (100_000, 1_000_000)  # reduced dynamics only: the asymptotic regime
@@ -96,7 +96,8 @@ PRESETS = {
                     long_samples=128),
     "quick": Config(),
     "full": Config(runs=("4x4", "8x8", "16x8", "16x16", "32x16"), seeds=tuple(range(8)),
-                   train=dataclasses.replace(Config.train, lr=0.5, steps=100_000, batch_size=512, steps_per_call=2000),
+                   train=dataclasses.replace(Config.train, lr=0.5, steps=100_000, batch_size=512, steps_per_call=2000,
+                                             checkpoint_every=10_000),
                    eval_prompts=10_000, reduced_samples=65_536),
 }
 
