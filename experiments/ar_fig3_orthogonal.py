@@ -1,4 +1,9 @@
-"""Sander et al. 2024 Fig. 3 (right): GD on the orthogonal closed-form loss, H < d: the trigonometric solution."""
+"""Sander et al. 2024 Fig. 3 (right): GD on the orthogonal closed-form loss, H < d: the trigonometric solution.
+
+The init draw matters: of train.seed 0-4, four reach the solution in the official 100,000 steps (|c| 1.279-1.296,
+the official code's saved parameters 1.289), while seed 3 is still at loss 1.71 there (initial 190), with c = -0.12
+and every structure check failing. The quick and full presets use seed 0.
+"""
 
 from experiments.common.autoregressive import Fig3Config as Config
 from experiments.common.autoregressive import run_fig3 as run

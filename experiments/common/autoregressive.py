@@ -2,6 +2,8 @@
 engine), the Haar task and held-out set of Figs. 5/7, plots."""
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,10 @@ class Fig3Config:
     max_offdiag: float = 0.05
     max_invariant_err: float = 0.05
     max_eig_err: float = 0.05  # orthogonal: | |eig(A B^T)| / |2c| - 1 | over the d/2 largest
+    # the official recipe: | |c| / |c_official| - 1 | against the official code's saved parameters, whose init draw
+    # differs from ours. Over seeds 0-4 here |c| spans 1.186-1.210 (unitary) and 1.279-1.296 (orthogonal, the four
+    # that converge): at most 2% apart, within 1.4% of the official values; the bound is twice the spread
+    max_official_scale_dev: float = 0.04
 
     def __post_init__(self):
         check_choice("task.family", self.task.family, th.FAMILIES)
@@ -77,6 +83,18 @@ def fig3_metrics(family: str, a: np.ndarray, b: np.ndarray, p: np.ndarray) -> di
     return out
 
 
+OFFICIAL_SCALES = os.path.join(os.path.dirname(__file__), os.pardir, "reference", "sander2024_fig3_scale.json")
+
+
+def official_scale(cfg: Fig3Config) -> float | None:
+    """c of the official code's saved Fig. 3 parameters where cfg is the recipe that produced them, else None."""
+    with open(OFFICIAL_SCALES) as f:
+        ref = json.load(f)["families"].get(cfg.task.family)
+    mine = {"dim": cfg.task.dim, "seq_len": cfg.task.seq_len, "heads": cfg.heads, "lr": cfg.train.lr,
+            "steps": cfg.train.steps, "init_scale": cfg.init_scale}
+    return ref["c"] if ref and cfg.train.optimizer == "sgd" and mine == ref["recipe"] else None
+
+
 def run_fig3(cfg: Fig3Config, out_dir: str) -> Outcome:
     task = cfg.task
     with jax.enable_x64(True):
@@ -111,6 +129,12 @@ def run_fig3(cfg: Fig3Config, out_dir: str) -> Outcome:
     checks.append(check_below("other_P_mass", m["other"], cfg.max_offdiag,
                               "||P entries other than p_cur" + (", p_prev" if task.family == "orthogonal" else "")
                               + "|| / ||p_cur|| over trained rows"))
+    reference = official_scale(cfg)
+    if reference is not None:
+        checks.append(check_below(
+            "abs_c_vs_official_rel_dev", abs(abs(m["scale"]) / abs(reference) - 1), cfg.max_official_scale_dev,
+            f"|c| = {abs(m['scale']):.4f} against {abs(reference):.4f} for the official code's saved parameters "
+            "(github.com/michaelsdr/ical tensors/; another init draw; the sign of c follows the init)"))
     outputs.save_arrays(f"{out_dir}/params.npz", A=a, B=b, P=p, steps=steps, losses=losses)
     return Outcome(checks, [_plot_fig3(a, b, p, steps, losses, task.family, out_dir)])
 
