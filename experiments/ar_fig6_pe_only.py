@@ -9,13 +9,13 @@ of neighbouring mus differ by about 0.1. The quick run's rows are within 0.0024 
 """
 
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import reference
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below
 from jaxicl import outputs
@@ -74,9 +74,6 @@ def fit(s: jax.Array, cfg: Config, task: ar.Autoregressive, out_dir: str | None 
     return np.asarray(p), float(loss({"p": p}, None)[0]), int(result.state.step)
 
 
-OFFICIAL_ROWS = os.path.join(os.path.dirname(__file__), "reference", "sander2024_fig6_row28.json")
-
-
 def official_rows(cfg: Config) -> dict[float, np.ndarray]:
     """{mu: row 28 of the official P [29]} for the mus of cfg that the official code saved; empty unless cfg is the
     official recipe (the rows depend on T, the number of sequences, the step size and the stop rule)."""
@@ -85,8 +82,7 @@ def official_rows(cfg: Config) -> dict[float, np.ndarray]:
                 and cfg.n_sequences == 1000 and cfg.train.lr == 0.5 and cfg.train.stop_loss == 1e-3)
     if not official:
         return {}
-    with open(OFFICIAL_ROWS) as f:
-        rows = json.load(f)["row28"]
+    rows = reference.load("sander2024_fig6_row28")["row28"]
     return {mu: np.array(rows[f"{mu:g}"]) for mu in cfg.mus if f"{mu:g}" in rows}
 
 
@@ -126,18 +122,18 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_below("max_final_loss", max(r["loss"] for r in res.values()), cfg.train.stop_loss,
                     f"stop rule reached for every mu (max {cfg.train.steps} steps)"),
     ]
-    reference = official_rows(cfg)
-    if reference:
-        gaps = {mu: float(np.max(np.abs(res[mu]["P"][28, :29] - row))) for mu, row in reference.items()}
+    official = official_rows(cfg)
+    if official:
+        gaps = {mu: float(np.max(np.abs(res[mu]["P"][28, :29] - row))) for mu, row in official.items()}
         checks.append(check_below(
             "max_abs_diff_to_official_row28", max(gaps.values()), cfg.max_official_row_diff,
             f"max |P_GD[28, t] - P_official[28, t]| over t <= 28 against the official code's saved matrices "
             f"(github.com/michaelsdr/ical results/noisy_pe, unseeded data); per mu: "
             f"{', '.join(f'mu={m:g}: {g:.4f}' for m, g in gaps.items())}"))
-    return Outcome(checks, [_plot(res, out_dir, reference)])
+    return Outcome(checks, [_plot(res, out_dir, official)])
 
 
-def _plot(res: dict, out_dir: str, reference: dict) -> str:
+def _plot(res: dict, out_dir: str, official: dict) -> str:
     k = len(res)
     fig, axes = new_figure(k + 1, size=(3.0, 3.0))
     for ax, (mu, r) in zip(axes[0], res.items()):
@@ -150,9 +146,9 @@ def _plot(res: dict, out_dir: str, reference: dict) -> str:
         last = len(r["P"]) - 2
         line, = ax.plot(r["P"][last, :last + 1], label=f"mu={int(mu)} GD")
         ax.plot(r["ridge"][last, :last + 1], ls="--", color=line.get_color(), lw=1)
-        if mu in reference and last == 28:
-            ax.plot(reference[mu], ls="none", marker=".", ms=3, color=line.get_color())
+        if mu in official:  # row 28 (official rows exist for T = 30 only)
+            ax.plot(official[mu], ls="none", marker=".", ms=3, color=line.get_color())
     ax.set(xlabel="key position t", ylabel=f"P[{last}, t]",
-           title="last row (dashed: ridge LS, dots: official)" if reference else "last row (dashed: ridge LS)")
+           title="last row (dashed: ridge LS, dots: official)" if official else "last row (dashed: ridge LS)")
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, "fig6_pe_only")

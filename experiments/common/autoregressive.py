@@ -2,13 +2,12 @@
 engine), the Haar task and held-out set of Figs. 5/7, plots."""
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import reference
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from jaxicl import outputs
@@ -83,13 +82,9 @@ def fig3_metrics(family: str, a: np.ndarray, b: np.ndarray, p: np.ndarray) -> di
     return out
 
 
-OFFICIAL_SCALES = os.path.join(os.path.dirname(__file__), os.pardir, "reference", "sander2024_fig3_scale.json")
-
-
 def official_scale(cfg: Fig3Config) -> float | None:
     """c of the official code's saved Fig. 3 parameters where cfg is the recipe that produced them, else None."""
-    with open(OFFICIAL_SCALES) as f:
-        ref = json.load(f)["families"].get(cfg.task.family)
+    ref = reference.load("sander2024_fig3_scale")["families"].get(cfg.task.family)
     mine = {"dim": cfg.task.dim, "seq_len": cfg.task.seq_len, "heads": cfg.heads, "lr": cfg.train.lr,
             "steps": cfg.train.steps, "init_scale": cfg.init_scale}
     return ref["c"] if ref and cfg.train.optimizer == "sgd" and mine == ref["recipe"] else None
@@ -129,11 +124,11 @@ def run_fig3(cfg: Fig3Config, out_dir: str) -> Outcome:
     checks.append(check_below("other_P_mass", m["other"], cfg.max_offdiag,
                               "||P entries other than p_cur" + (", p_prev" if task.family == "orthogonal" else "")
                               + "|| / ||p_cur|| over trained rows"))
-    reference = official_scale(cfg)
-    if reference is not None:
+    official = official_scale(cfg)
+    if official is not None:
         checks.append(check_below(
-            "abs_c_vs_official_rel_dev", abs(abs(m["scale"]) / abs(reference) - 1), cfg.max_official_scale_dev,
-            f"|c| = {abs(m['scale']):.4f} against {abs(reference):.4f} for the official code's saved parameters "
+            "abs_c_vs_official_rel_dev", abs(abs(m["scale"]) / abs(official) - 1), cfg.max_official_scale_dev,
+            f"|c| = {abs(m['scale']):.4f} against {abs(official):.4f} for the official code's saved parameters "
             "(github.com/michaelsdr/ical tensors/; another init draw; the sign of c follows the init)"))
     outputs.save_arrays(f"{out_dir}/params.npz", A=a, B=b, P=p, steps=steps, losses=losses)
     return Outcome(checks, [_plot_fig3(a, b, p, steps, losses, task.family, out_dir)])
