@@ -78,9 +78,12 @@ def test_rendering_matches_a_numpy_renderer_and_later_objects_win_on_overlaps(da
     for kind in bd.TYPES:
         tuples = data.tuples("train", kind)
         rows = rng.choice(len(tuples), 64, replace=False)
-        out = jax.vmap(data.render)(data.rows(kind, tuples[rows]))
+        placements = data.rows(kind, tuples[rows])
+        out = data.render(placements)  # [64, 17] rows -> [64, 64] boards; any leading axes: [2, 32, 17] -> [2, 32, 64]
         want = np.stack([_numpy_board(data.roots, data.composites, kind, tuples[i]) for i in rows])
         np.testing.assert_array_equal(np.asarray(out["board"]), want)
+        np.testing.assert_array_equal(np.asarray(data.render(placements.reshape(2, 32, 17))["board"]),
+                                      want.reshape(2, 32, 64))
         np.testing.assert_array_equal(np.asarray(out["root"]) >= 0, want >= 10)
     # an overlapping double board: root 2 at (2, 2) over root 1 at (1, 1); the cell annotations follow the winner
     t = np.array([[3, 1, 1, 7, 2, 2, 5]], np.int32)

@@ -112,6 +112,15 @@ def test_bad_configs_name_the_field(kwargs, field):
         lr.LinearRegression(**kwargs)
 
 
+def test_paired_tokens_refuse_a_loss_on_every_pair_since_each_carries_its_own_label():
+    with pytest.raises(ConfigError, match="loss_on='all' needs format='interleaved'"):
+        lr.LinearRegression(format="paired", loss_on="all")
+    prompt = lr.sample(lr.LinearRegression(dim=3, n_context=4, format="interleaved", loss_on="all"), jax.random.key(0))
+    scored = np.flatnonzero(prompt.mask)  # every scored position's own token holds no label
+    np.testing.assert_array_equal(scored, 2 * np.arange(5))
+    np.testing.assert_array_equal(prompt.inputs[scored, -1], 0.0)
+
+
 def test_batch_is_born_sharded_over_the_data_axis():
     mesh = jax.make_mesh((4,), ("data",))
     cfg = lr.LinearRegression(dim=3, n_context=4)
@@ -128,9 +137,9 @@ def test_batch_is_born_sharded_over_the_data_axis():
     np.testing.assert_allclose(b.inputs, unsharded.inputs, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fmt", ["paired", "interleaved"])
-def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_the_rest(fmt):
-    cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.2, format=fmt, loss_on="all")
+@pytest.mark.parametrize("fmt,loss_on", [("paired", "query"), ("interleaved", "all")])
+def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_the_rest(fmt, loss_on):
+    cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.2, format=fmt, loss_on=loss_on)
     key = jax.random.key(8)
     # eager calls: each op runs as its own compiled executable on identical inputs, and multiplying by
     # the 0/1 mask is exact, so the kept pairs equal the full prompt's bit for bit
@@ -148,11 +157,11 @@ def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_th
     np.testing.assert_array_equal(short.inputs[:first_real], 0.0)
     np.testing.assert_array_equal(short.inputs[first_real:], full.inputs[first_real:])
     np.testing.assert_array_equal(short.mask, full.mask * (np.arange(cfg.seq_len) >= first_real))
-    assert short.mask.sum() == k + 1
+    assert short.mask.sum() == (k + 1 if loss_on == "all" else 1)
 
 
 def test_batched_context_lengths_may_differ_per_prompt_group():
-    cfg = lr.LinearRegression(dim=2, n_context=5, loss_on="all")
+    cfg = lr.LinearRegression(dim=2, n_context=5, format="interleaved", loss_on="all")
     b = jax.vmap(lambda k: sample_batch(lr.sample, cfg, jax.random.key(0), 8, task_params={"n_context": k}))(
         jnp.array([1, 3, 5]))
     np.testing.assert_array_equal(b.mask.sum(-1), [[2] * 8, [4] * 8, [6] * 8])

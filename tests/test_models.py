@@ -166,7 +166,7 @@ def test_linear_attention_on_a_front_padded_prompt_is_the_short_prompt_model_wit
     layer's wo is scaled by n_context / k (the 1 / (T - 1) normalisation counts the padding)."""
     from jaxicl.tasks import linear_regression as lr
 
-    cfg = lr.LinearRegression(dim=3, n_context=7, format=fmt, loss_on="all")
+    cfg = lr.LinearRegression(dim=3, n_context=7, format=fmt)
     k = 3
     padded = lr.sample(cfg, jax.random.key(2), n_context=k).inputs.astype(jnp.float64)
     tokens_per_pair = 1 if fmt == "paired" else 2

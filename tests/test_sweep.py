@@ -139,7 +139,7 @@ def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unc
 def test_a_context_length_axis_pads_each_member_and_evaluates_it_at_its_own_length():
     """Members with k < n_context context pairs train on front-padded prompts with a loss mask: each equals a
     run of the padded sampler alone, and evaluate receives the member's n_context."""
-    task = dataclasses.replace(TASK, loss_on="all")
+    task = dataclasses.replace(TASK, format="interleaved", loss_on="all")
     members = [{"task.n_context": k} for k in (2, 5, 4)]
 
     def evaluate(params, *, n_context):

@@ -197,8 +197,13 @@ class BoardData:
         return _placement_rows(self.cfg, kind, jnp.asarray(tuples, jnp.int32), jnp.asarray(self.composites))
 
     def render(self, rows: jax.Array) -> dict:
-        """Boards and their per-cell annotations for placement rows [..., 17] (see render)."""
-        return render(jnp.asarray(self.roots), rows)
+        """Boards and their per-cell annotations for placement rows [..., 17] (see render; every entry gains the
+        leading axes of rows)."""
+        rows = jnp.asarray(rows)
+        one = functools.partial(render, jnp.asarray(self.roots))
+        for _ in range(rows.ndim - 1):
+            one = jax.vmap(one)
+        return one(rows)
 
     @functools.cache
     def sampler(self, split: str = "train"):

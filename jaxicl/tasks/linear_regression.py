@@ -6,7 +6,8 @@ Token formats (D = dim + 1 channels, the last channel holds labels):
   "interleaved": x_j and y_j as separate tokens [x_j; 0], [0; y_j], ending with the query
                  [x_q; 0]; T = 2 n_context + 1 and pair j is predicted at position 2j.
 The prediction at pair j's position may use only pairs < j (a causal model or, for the query,
-any model). `loss_on="query"` trains on the query only, `"all"` on every pair.
+any model). `loss_on="query"` trains on the query only, `"all"` on every pair (interleaved only: a
+paired token j carries y_j itself, so predicting it at position j would read the answer).
 
 Shorter contexts in the same shape (sweeps over context length): `sample(..., n_context=k)` keeps
 the last k context pairs and the query of a full prompt and zeroes the first n_context - k pairs
@@ -24,7 +25,7 @@ import numpy as np
 
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import pool_key
-from jaxicl.validation import check_choice, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_positive
 
 FORMATS = ("paired", "interleaved")
 
@@ -53,6 +54,9 @@ class LinearRegression:
         check_positive("n_tasks", self.n_tasks, allow_zero=True)
         check_choice("format", self.format, FORMATS)
         check_choice("loss_on", self.loss_on, ("query", "all"))
+        if self.loss_on == "all" and self.format == "paired":
+            raise ConfigError("loss_on='all' needs format='interleaved': a paired token j = [x_j; y_j] carries the "
+                              "label it would be scored on; use loss_on='query' with format='paired'")
         if self.x_cov_diag and len(self.x_cov_diag) != self.dim:
             raise ValueError(f"x_cov_diag must have dim={self.dim} entries or be empty, got {len(self.x_cov_diag)}")
         for i, v in enumerate(self.x_cov_diag):
