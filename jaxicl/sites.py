@@ -52,6 +52,9 @@ class Sites:
 
     def __init__(self, capture: Iterable[str] | str = (), edits: dict[str, Edit] | None = None,
                  patch: Patch | None = None):
+        if isinstance(capture, str) and capture != "all":
+            raise ValueError(f"capture: give a list of site names or 'all', got the string {capture!r} "
+                             f"(write [{capture!r}])")
         self.capture_all = capture == "all"
         self.capture = frozenset() if self.capture_all else frozenset(capture)
         self.edits = dict(edits or {})

@@ -17,6 +17,7 @@ from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import sample_batch
 from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
                           train)
+from jaxicl.train.checkpoint import check_resumable
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
 from jaxicl.train.optim import make_optimizer
@@ -164,9 +165,10 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
     ({"lr": -1.0}, "lr"), ({"warmup_steps": 5, "steps": 2}, "warmup_steps"), ({"clip_norm": -1.0}, "clip_norm"),
     ({"weight_decay": 0.1}, "weight_decay"), ({"prng_impl": "rbg"}, "prng_impl"),
     ({"lr": float("inf")}, "lr must be a finite number"), ({"stop_loss": float("nan")}, "stop_loss"),
-    ({"warmup_steps": 5}, "warmup_steps=5 needs schedule='warmup_cosine'.*schedule='constant'")])
+    ({"warmup_steps": 5}, "warmup_steps=5 needs schedule='warmup_cosine'.*schedule='constant'"),
+    ({"betas": (0.9, 1.0)}, "betas"), ({"weight_decay": 0.1, "optimizer": "adam"}, "weight_decay=0.1 needs")])
 def test_bad_train_configs_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         TrainConfig(**kwargs)
 
 
@@ -177,8 +179,31 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.01 vs now 0.03"):
         train(loss_fn, sample, task, other, params, out_dir=str(tmp_path), progress=False)
     shorter = dataclasses.replace(cfg, steps=4)
-    with pytest.raises(ConfigError, match=r"checkpoint is at step 5, past train.steps=4"):
+    with pytest.raises(ConfigError, match=r"checkpoint is at step 5 .*use train.steps > 5"):
         train(loss_fn, sample, task, shorter, params, out_dir=str(tmp_path), progress=False)
+
+
+def test_resuming_refuses_another_run_config_entry_and_a_run_that_would_end_at_the_checkpoint(tmp_path):
+    """Top-level run_config entries (an experiment's name, its own scalars) are compared like the sections; a run
+    cut to end exactly at the checkpoint of a longer run is refused (its last step's rows were never logged)."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10, checkpoint_every=5)
+    out = str(tmp_path / "a")
+    train(loss_fn, sample, task, cfg, params, out_dir=out, run_config={"experiment": "x", "n": 1}, progress=False)
+    for other, match in (({"experiment": "x", "n": 2}, r"n: checkpoint 1 vs now 2"),
+                         ({"experiment": "y", "n": 1}, r"experiment: checkpoint 'x' vs now 'y'"),
+                         ({"experiment": {"name": "x"}, "n": 1}, r"experiment: checkpoint 'x' vs now \{'name': 'x'\}"),
+                         ({"experiment": "x"}, r"n: checkpoint 1 vs now None")):
+        with pytest.raises(ConfigError, match=match):
+            train(loss_fn, sample, task, cfg, params, out_dir=out, run_config=other, progress=False)
+    again = train(loss_fn, sample, task, cfg, params, out_dir=out, run_config={"experiment": "x", "n": 1},
+                  progress=False)  # the same config resumes (here: from its final checkpoint)
+    assert again.state.step == 10
+    run = {"train": {"steps": 20, "schedule": "constant"}}
+    cut = {"train": {"steps": 10, "schedule": "constant"}}
+    with pytest.raises(ConfigError, match=r"checkpoint is at step 10 of a run of train.steps=20.*> 10"):
+        check_resumable(run, cut, 10)
+    check_resumable(run, cut, 5)  # a checkpoint before the shorter run's end continues into it
+    check_resumable(cut, cut, 10)  # a finished run, rerun as it was: nothing left to train
 
 
 def test_a_run_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):

@@ -132,7 +132,7 @@ def test_bad_model_configs_name_the_field():
         GPT(vocab_size=5, input_dim=2, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="activation"):
         GPT(input_dim=1, activation="swish", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="longer than max_len=4"):
+    with pytest.raises(ValueError, match="a prompt of 5 positions does not fit this model: its max_len=4"):
         GPT(input_dim=1, max_len=4, rngs=nnx.Rngs(0))(jnp.zeros((5, 1)))
     with pytest.raises(ConfigError, match=r"d_model=10 must be a multiple of n_heads=4 .*d_head"):
         GPT(d_model=10, n_heads=4, input_dim=1, rngs=nnx.Rngs(0))  # heads would span 8 of the 10 dims

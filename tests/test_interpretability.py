@@ -13,7 +13,7 @@ from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, o
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
                                       patched_predictions, resolve_chunk_size)
 from jaxicl.analysis.probes import probe
-from jaxicl.models import predictor
+from jaxicl.models import apply, predictor
 from jaxicl.models.gpt import GPT
 from jaxicl.sites import Patch
 
@@ -168,6 +168,19 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         activation_patching(g, p, clean, corrupted, last_sq, ["layer0.resid_pre"], by="head")
     with pytest.raises(ValueError, match="by must be one of"):
         activation_patching(g, p, clean, corrupted, last_sq, ["layer0.resid_pre"], by="neuron")
+    with pytest.raises(ValueError, match="sites: give at least one site name"):
+        activation_patching(g, p, clean, corrupted, last_sq, [], by="pos")
+    for grid in (activation_patching, attribution_patching):  # a repeated name would lose its first row block
+        with pytest.raises(ValueError, match=r"sites: \['layer0.attn.z'\] named more than once"):
+            grid(g, p, clean, corrupted, last_sq, ["layer0.attn.z", "layer1.attn.z", "layer0.attn.z"])
+    with pytest.raises(ValueError, match=r"names: give a list of site names, got the string 'layer0.resid_pre'"):
+        run_with_cache(g, p, clean, "layer0.resid_pre")
+    with pytest.raises(ValueError, match=r"capture: give a list of site names or 'all'"):
+        apply(g, p, clean[0], capture="layer0.resid_pre")
+    with pytest.raises(ValueError, match=r"heads: site 'layer0.resid_post' has no 'head' axis.*'layer0.attn.z'"):
+        ablate_heads(g, p, clean, [(0, 1)], site="layer{layer}.resid_post")
+    with pytest.raises(ValueError, match=r"heads / head_site: head index 2 of layer 1 is out of range; allowed 0..1"):
+        direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 2)])
 
 
 def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
@@ -180,6 +193,12 @@ def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
     assert abs(shuffled["score"]) < 0.03  # held-out R^2 of a label with no relation to the features: about 0
     classes = (x[:, 0] > 0).astype(jnp.int32)
     assert probe(x, classes)["score"] > 0.95 and probe(x, jax.random.permutation(key, classes))["score"] < 0.6
+    with pytest.raises(ValueError, match="targets: class labels must be integers 0, 1, ..., got -1"):
+        probe(x, 2 * classes - 1)  # one_hot(-1) is a zero row: class -1 could never be predicted
+    few = probe(x[:2], classes[:2], test_fraction=0.75)  # the split keeps one row on each side
+    assert np.isfinite(few["score"]) and np.isfinite(few["weights"]).all()
+    with pytest.raises(ValueError, match="features: a probe needs at least 2 rows"):
+        probe(x[:1], classes[:1])
 
 
 @pytest.mark.parametrize("split", ["random", "held_out"])

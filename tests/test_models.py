@@ -240,3 +240,16 @@ def test_site_axes_name_every_axis_with_pos_of_size_t_and_head_of_size_h(cls):
             assert value.shape[axes.index("pos")] == T, (name, value.shape, axes)
         if "head" in axes:
             assert heads is not None and value.shape[axes.index("head")] == heads, (name, value.shape, axes)
+
+
+@pytest.mark.parametrize("build,tokens,match", [
+    (lambda: FactorTransformer(max_len=4, rngs=nnx.Rngs(0)), jnp.zeros(5, jnp.int32), "its max_len=4 .at most"),
+    (lambda: PositionalTransformer(2, 2, num_heads=2, max_len=4, rngs=nnx.Rngs(0)), jnp.zeros((5, 2)),
+     "its max_len=4 .at most"),
+    (lambda: DiagonalPositionalAttention(2, 2, 5, rngs=nnx.Rngs(0)), jnp.zeros((4, 2)), "its seq_len=5 .exactly"),
+    (lambda: PositionalOnlyAttention(5), jnp.zeros((7, 1)), "its seq_len=5 .exactly")])
+def test_a_prompt_that_does_not_fit_the_positions_names_the_field(build, tokens, match):
+    model = build()
+    with pytest.raises(ValueError, match=f"a prompt of {tokens.shape[0]} positions does not fit this model: {match}"):
+        model(tokens)
+    model(tokens[:4] if "max_len" in match else jnp.zeros((5, tokens.shape[1])))  # a prompt that fits runs

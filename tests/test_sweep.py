@@ -15,7 +15,7 @@ from experiments.common.sweep_report import final_table
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
-from jaxicl.train import (CheckpointStore, TrainConfig, estimate_memory, regression_loss, sweep_mesh, train,
+from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, regression_loss, sweep_mesh, train,
                           train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import split_fields
@@ -188,6 +188,10 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
     with pytest.raises(ConfigError, match="cannot resume"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members[:2], out_dir=str(tmp_path / "b"),
                     **kw)
+    # the same swept values paired otherwise (or in another order): chunk k would hold other members' states
+    swapped = [{"train.seed": s, "train.lr": v} for s, v in [(1, 1e-2), (0, 2e-2), (2, 3e-2)]]
+    with pytest.raises(ConfigError, match=r"cannot resume.*sweep\.members"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, swapped, out_dir=str(tmp_path / "b"), **kw)
 
 
 def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
@@ -230,6 +234,20 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
     with pytest.raises(ConfigError, match=r"evaluate must take every swept task field.*\['noise_std'\]"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"task.noise_std": 0.0}, {"task.noise_std": 1.0}],
                     evaluate=lambda params: {"norm": 0.0}, progress=False)
+    with pytest.raises(ConfigError, match=r"train\.seed: a swept integer must fit in int32.*\[2147483648\]"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}, {"train.seed": 2**31}], progress=False)
+    with pytest.raises(ConfigError, match="mesh: a sweep needs a mesh with a 'members' axis"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)
+
+
+def test_numpy_member_values_train_like_the_python_numbers_they_hold():
+    cfg = _cfg(steps=3)
+    plain = train_sweep(LOSS, lr.sample, TASK, cfg, init, [{"train.seed": s, "train.lr": 1e-2} for s in (0, 1)],
+                        progress=False)
+    numpy = train_sweep(LOSS, lr.sample, TASK, cfg, init,
+                        [{"train.seed": s, "train.lr": np.float64(1e-2)} for s in np.arange(2)], progress=False)
+    assert numpy.members == plain.members and type(numpy.members[1]["train.seed"]) is int
+    _assert_trees_close(numpy.params, plain.params, rtol=1e-6, atol=1e-7)  # the same program on the same inputs
 
 
 def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes():

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.analysis.cache import check_heads, run_with_cache, site_info
 from jaxicl.analysis.patching import patched_predictions
 from jaxicl.sites import Patch
 
@@ -31,14 +31,11 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     info = site_info(graphdef, params, tokens[0])
     names = sorted({site.format(layer=layer) for layer, _ in heads})
-    check_sites(names, info, "heads (through site)")
+    check_heads(heads, site, info)
     masks = {}
     for layer, h in heads:
         name = site.format(layer=layer)
         shape, axes = info[name]
-        n_heads = shape[axes.index("head")]
-        if not 0 <= h < n_heads:
-            raise ValueError(f"heads: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
         m = masks.get(name, np.zeros(tuple(n if a == "head" else 1 for n, a in zip(shape, axes)), bool))
         m[tuple(h if a == "head" else 0 for a in axes)] = True
         masks[name] = m

@@ -33,10 +33,28 @@ def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tu
 
 
 def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> None:
-    """ValueError naming the argument and the model's sites if a name is not one of them."""
+    """ValueError naming the argument and the model's sites if a name is not one of them (or names is one string,
+    which would be read as its characters)."""
+    if isinstance(names, str):
+        raise ValueError(f"{argument}: give a list of site names, got the string {names!r} (write [{names!r}])")
     unknown = sorted(set(names) - set(info))
     if unknown:
         raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}")
+
+
+def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argument: str = "heads") -> None:
+    """ValueError naming the argument unless every (layer, head) names a head of site.format(layer=layer), a site
+    with a "head" axis."""
+    for layer, h in heads:
+        name = site.format(layer=layer)
+        check_sites([name], info, f"{argument} (through site {site!r})")
+        shape, axes = info[name]
+        if "head" not in axes:
+            raise ValueError(f"{argument}: site {name!r} has no 'head' axis (its axes are {axes}); sites with one: "
+                             f"{[n for n, (_, ax) in info.items() if 'head' in ax]}")
+        n_heads = shape[axes.index("head")]
+        if not 0 <= h < n_heads:
+            raise ValueError(f"{argument}: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
 
 
 def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Iterable[str] | str,
@@ -46,8 +64,8 @@ def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Ite
     names: the sites to keep, or "all". info: site_info of this model and prompt shape, where the caller has it.
     """
     if names != "all":
-        names = tuple(names)
         check_sites(names, info or site_info(graphdef, params, tokens[0]), "names")
+        names = tuple(names)
     return _cached(graphdef, params, tokens, names)
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.analysis.cache import check_heads, check_sites, run_with_cache, site_info
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 
@@ -50,6 +50,11 @@ def build_grid(info: dict, sites: Sequence[str], by: str) -> PatchGrid:
     if by not in BY:
         raise ValueError(f"by must be one of {BY}, got {by!r}")
     check_sites(sites, info)
+    if not sites:
+        raise ValueError("sites: give at least one site name")
+    repeated = sorted({s for s in sites if list(sites).count(s) > 1})
+    if repeated:  # a grid row per entry: a repeated name would share (and lose) one row block
+        raise ValueError(f"sites: {repeated} named more than once; name each site once")
     split = [a for a in ("pos", "head") if a in by]
     sizes = {}
     for s in sites:
@@ -189,14 +194,13 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     _check_batches(clean, corrupted)
     info = site_info(graphdef, params, clean[0])
     layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
+    if stream_site is None and not layers:
+        raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
+                         f"from, one of {list(info)}")
     stream_site = stream_site or f"layer{layers[-1]}.resid_post"
     names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
-    check_sites(names + (stream_site,), info, "head_site / stream_site")
-    for layer, h in heads:
-        shape, axes = info[head_site.format(layer=layer)]
-        n_heads = shape[axes.index("head")]
-        if not 0 <= h < n_heads:
-            raise ValueError(f"heads: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
+    check_sites([stream_site], info, "stream_site")
+    check_heads(heads, head_site, info, "heads / head_site")
     clean_values = run_with_cache(graphdef, params, clean, names, info)[1]
     corrupted_values = run_with_cache(graphdef, params, corrupted, names, info)[1]
     deltas = jnp.stack([jnp.take(clean_values[head_site.format(layer=layer)]

@@ -38,10 +38,15 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
             raise ValueError(f"held_out must be a [{n}] boolean mask with rows on both sides")
         test, train = np.flatnonzero(held_out), np.flatnonzero(~held_out)
     else:
+        if n < 2:
+            raise ValueError(f"features: a probe needs at least 2 rows (one to fit, one to score), got {n}")
         order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
-        n_test = max(int(round(test_fraction * n)), 1)
+        n_test = min(max(int(round(test_fraction * n)), 1), n - 1)  # at least one row on each side
         test, train = order[:n_test], order[n_test:]
     classes = bool(jnp.issubdtype(targets.dtype, jnp.integer))
+    if classes and int(targets.min()) < 0:
+        raise ValueError(f"targets: class labels must be integers 0, 1, ..., got {int(targets.min())}; relabel them "
+                         f"(np.unique(targets, return_inverse=True)[1])")
     n_classes = int(targets.max()) + 1 if classes else 0
     w, test_score, train_score = _fit_and_score(features, targets, jnp.asarray(train), jnp.asarray(test), lam,
                                                 n_classes)

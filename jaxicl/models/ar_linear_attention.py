@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.attention import HeadFirstModel
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, check_prompt_length
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_positive
 
@@ -68,6 +68,7 @@ def positional_mask(t: int) -> jax.Array:
 def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array, sites) -> jax.Array:
     """Predictions [T, d] of the diagonal positional attention; a, b [H, d], p [T, T], states s [T, d]."""
     t = s.shape[0]
+    check_prompt_length(t, p.shape[0], "seq_len", exact=True)
     prev = jnp.concatenate([jnp.zeros_like(s[:1]), s[:-1]])  # query token s_{t-1} at position t
     scores = jnp.einsum("hj,qj,kj->hqk", a, jnp.conj(prev), s)
     rows = jnp.concatenate([jnp.zeros_like(p[:1]), p[:-1]])  # position q uses P[q - 1]

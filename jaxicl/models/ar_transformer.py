@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.attention import HeadFirstModel
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive, check_range
@@ -107,6 +107,7 @@ class PositionalTransformer(HeadFirstModel):
 
     def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
         t, dim = x.shape
+        check_prompt_length(t, self.positions.shape[0])
         mask, scale = causal(t), jnp.sqrt(dim)
         e = self.positions[:t]
         q, qp = self._heads(self.q, self._queries(x)), self._heads(self.q, self._queries(e))

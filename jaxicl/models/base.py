@@ -30,3 +30,11 @@ class Model(nnx.Module):
         Patching tools select positions and heads by these names. Default: positions first, no head axis.
         """
         return ("pos",) + tuple(f"dim{i}" for i in range(1, ndim))
+
+
+def check_prompt_length(t: int, positions: int, field: str = "max_len", exact: bool = False) -> None:
+    """ValueError naming the model's field when a prompt of t positions does not fit its `positions`-row table
+    (exact: the model's parameters are for exactly that many positions)."""
+    if t > positions or (exact and t != positions):
+        raise ValueError(f"a prompt of {t} positions does not fit this model: its {field}={positions} "
+                         f"({'exactly' if exact else 'at most'} that many positions)")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import ConfigError, check_choice, check_positive
@@ -181,8 +181,7 @@ class GPT(Model):
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         t = tokens.shape[0]
-        if t > self.max_len:
-            raise ValueError(f"a prompt of {t} positions is longer than max_len={self.max_len}")
+        check_prompt_length(t, self.max_len)
         if self.vocab_size:
             emb = lookup(self.embed[...], tokens)
         else:

@@ -91,18 +91,16 @@ def normalise_config(cfg: dict) -> dict:
 def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
     """Raises ConfigError when a checkpoint at checkpoint_step cannot continue into the run `current`.
 
-    Every field must match, except that train.steps may change when the schedule is constant (then
-    the resumed run equals an uninterrupted run of the new length) and the checkpoint is not past it.
+    Every entry and section field must match, except that train.steps may change when the schedule is constant
+    (then the resumed run equals an uninterrupted run of the new length) and the checkpoint is before its end.
     A warmup-cosine schedule decays to 0 at train.steps, so a run resumed with other steps would
     follow a schedule that neither the old nor the new uninterrupted run has: refused.
     """
     stored, current = normalise_config(stored), normalise_config(current)
     if not stored:
         return
-    diffs = [f"{section}.{k}: checkpoint {stored.get(section, {}).get(k)!r} vs now {v!r}"
-             for section, fields in current.items() if isinstance(fields, dict)
-             for k, v in fields.items()
-             if not (section == "train" and k == "steps") and stored.get(section, {}).get(k) != v]
+    diffs = [f"{path}: checkpoint {_short(a)} vs now {_short(b)}" for path, a, b in _differences(stored, current)
+             if path != "train.steps"]
     if diffs:
         raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
                           + "; train into a new output directory, or keep the checkpoint's config")
@@ -112,6 +110,26 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
                           f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
                           f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
                           f"or train into a new output directory")
-    if checkpoint_step > now:
-        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; "
-                          f"use train.steps >= {checkpoint_step} or a new output directory")
+    if checkpoint_step > now or (checkpoint_step == now != before):
+        # at step == now the shorter run would end without the rows it logs at its last step and its final evaluation
+        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step} of a run of train.steps="
+                          f"{before}, and a run of train.steps={now} would end there without its last step's rows; "
+                          f"use train.steps > {checkpoint_step} or a new output directory")
+
+
+def _differences(stored: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted path, stored value, current value) for every top-level entry or section field that differs; a field
+    missing on one side counts as None there."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            out += _differences(a, b, f"{key}.")
+        elif a != b:
+            out.append((prefix + key, a, b))
+    return out
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

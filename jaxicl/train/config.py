@@ -46,6 +46,7 @@ class TrainConfig:
             raise ConfigError(f"warmup_steps={self.warmup_steps} needs schedule='warmup_cosine' (schedule='constant' "
                               f"has no warmup); set warmup_steps=0 or schedule='warmup_cosine'")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+            raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")
         if self.weight_decay and self.optimizer != "adamw":
-            raise ValueError(f"weight_decay={self.weight_decay} needs optimizer='adamw', got {self.optimizer!r}")
+            raise ConfigError(f"weight_decay={self.weight_decay} needs optimizer='adamw', "
+                              f"got optimizer={self.optimizer!r}")

@@ -46,9 +46,10 @@ from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.state import TrainState
 from jaxicl.train.step import LossFn
-from jaxicl.train.sweep_fields import mark_swept, swept_values
+from jaxicl.train.sweep_fields import mark_swept, plain_members, swept_values
 from jaxicl.train.sweep_memory import device_budget, program_memory
 from jaxicl.train.sweep_program import SweepProgram, build_program
+from jaxicl.validation import ConfigError
 
 
 @dataclasses.dataclass
@@ -82,6 +83,10 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_eval_schedule(eval_every, cfg.steps)
+    members = plain_members(members)
+    if mesh is not None and MEMBER_AXIS not in mesh.axis_names:
+        raise ConfigError(f"mesh: a sweep needs a mesh with a {MEMBER_AXIS!r} axis (jaxicl.train.sweep_mesh), got "
+                          f"axes {mesh.axis_names}")
     prog = build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate)
     mesh = mesh or default_sweep_mesh(chunk_size or len(members))
     memory_budget = memory_budget or (None if chunk_size else device_budget(mesh))
@@ -91,7 +96,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     size = -(-min(chunk_size or len(members), len(members)) // n_dev) * n_dev  # a multiple of the member devices
     chunks = [np.arange(lo, min(lo + size, len(members))) for lo in range(0, len(members), size)]
     swept = swept_values([{(p if "." in p else f"init.{p}"): v for p, v in m.items()} for m in members])
-    config = mark_swept({**stored_config(task_cfg, cfg, run_config), "sweep": {"chunk_size": size}}, swept)
+    # the members in order: a rerun with another order or pairing of the same values must not resume into them
+    config = mark_swept({**stored_config(task_cfg, cfg, run_config),
+                         "sweep": {"chunk_size": size, "members": members}}, swept)
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if out_dir:
         _write_sweep_json(out_dir, members, {}, size, cfg)

@@ -79,12 +79,21 @@ def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:
                           f"(add them, or **task_params, and pass them to the sampler)")
 
 
+def plain_members(members: list[dict]) -> list[dict]:
+    """The members with numpy scalars (np.arange(4) as seeds) as the Python numbers they hold."""
+    return [{p: v.item() if isinstance(v, np.generic) else v for p, v in m.items()} for m in members]
+
+
 def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[str, np.ndarray]:
     """{name: [M] values of member[prefix + name]}: int32 when every value is an int, else float32."""
     out = {}
     for n in names:
         values = [m[f"{prefix}{n}"] for m in members]
-        out[n] = np.asarray(values, np.int32 if all(isinstance(v, int) for v in values) else np.float32)
+        integers = all(isinstance(v, int) for v in values)
+        if integers and not all(-2**31 <= v < 2**31 for v in values):
+            raise ConfigError(f"{prefix}{n}: a swept integer must fit in int32 [-2**31, 2**31), got "
+                              f"{[v for v in values if not -2**31 <= v < 2**31]}")
+        out[n] = np.asarray(values, np.int32 if integers else np.float32)
     return out
 
 
