@@ -195,6 +195,9 @@ def test_resuming_refuses_another_run_config_entry_and_a_run_that_would_end_at_t
                          ({"experiment": "x"}, r"n: checkpoint 1 vs now None")):
         with pytest.raises(ConfigError, match=match):
             train(loss_fn, sample, task, cfg, params, out_dir=out, run_config=other, progress=False)
+    bf16 = jax.default_matmul_precision("bfloat16")  # another precision: on a GPU or TPU, other results
+    with bf16, pytest.raises(ConfigError, match="matmul_precision: checkpoint None vs now 'bfloat16'"):
+        train(loss_fn, sample, task, cfg, params, out_dir=out, run_config={"experiment": "x", "n": 1}, progress=False)
     again = train(loss_fn, sample, task, cfg, params, out_dir=out, run_config={"experiment": "x", "n": 1},
                   progress=False)  # the same config resumes (here: from its final checkpoint)
     assert again.state.step == 10

@@ -40,8 +40,15 @@ def test_splits_are_disjoint_and_hold_the_promised_families_and_counts(data):
                 "validation": seen * CFG.validation_strings, "unseen": CFG.unseen_families * CFG.strings_per_family}
     for name, split in data.splits.items():
         # every string with every input, once
-        assert len(set(zip(split.strings, split.x))) == len(split) == CFG.n_tasks * per_task[name] * CFG.n_inputs
-        np.testing.assert_array_equal(np.bincount(split.task), CFG.n_tasks * [per_task[name] * CFG.n_inputs])
+        assert len(set(zip(split.strings, split.x))) == len(split) == len(set(split.strings)) * CFG.n_inputs
+        if name != "unseen":
+            np.testing.assert_array_equal(np.bincount(split.task), CFG.n_tasks * [per_task[name] * CFG.n_inputs])
+    # an unseen family's strings are those its sampler made that no seen family of the same task also spells
+    compiled = [[re.compile(p) for p in fam] for fam in data.patterns]
+    unseen = data.splits["unseen"]
+    assert not any(c.fullmatch(s) for s, k in zip(unseen.strings, unseen.task) for c in compiled[k][:seen])
+    made = CFG.n_tasks * per_task["unseen"]
+    assert 0.9 * made <= len(set(unseen.strings)) <= made
 
 
 def test_the_task_table_makes_the_answer_depend_on_the_instruction(data):

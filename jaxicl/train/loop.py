@@ -44,9 +44,11 @@ class TrainResult:
 
 
 def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None) -> dict:
-    """The config stored with a run's checkpoints: its train and task sections (task {} without a task)."""
+    """The config stored with a run's checkpoints: its train and task sections (task {} without a task) and the
+    matmul precision in force (jax.default_matmul_precision: on a GPU or TPU it changes the results)."""
     task = dataclasses.asdict(task_cfg) if task_cfg is not None else {}
-    return {"train": dataclasses.asdict(cfg), "task": task, **(extra or {})}
+    return {"train": dataclasses.asdict(cfg), "task": task,
+            "matmul_precision": jax.config.jax_default_matmul_precision, **(extra or {})}
 
 
 def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, params, *,
@@ -87,8 +89,12 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         store = CheckpointStore(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
                                 config=config) if out_dir else None
         if store and store.steps():
-            check_resumable(store.config(), config, store.steps()[-1])
-            state = store.restore(state, sharding)
+            try:
+                check_resumable(store.config(), config, store.steps()[-1])
+                state = store.restore(state, sharding)
+            except BaseException:
+                store.close()
+                raise
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         writer = MetricsWriter(metrics_path, keep=lambda r: kept_on_resume(r, start, cfg, eval_every))
