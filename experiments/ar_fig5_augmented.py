@@ -25,7 +25,7 @@ from experiments.common.result import Outcome, check_below
 from jaxicl.models.ar_transformer import AugmentedTransformer
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_increasing, check_positive
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -41,8 +41,8 @@ class Config:
         check_positive("test_sequences", self.test_sequences)
         if self.task.family != "haar" or self.task.format != "augmented":
             raise ConfigError("ar_fig5_augmented needs task.family='haar' and task.format='augmented'")
-        if not self.depths or min(self.depths) < 1:
-            raise ConfigError(f"depths must be a non-empty tuple of positive ints, got {self.depths}")
+        check_increasing("depths", self.depths)  # the depth check compares each depth with the one before it
+        check_positive("depths[0]", self.depths[0])
 
 
 PRESETS = {

@@ -23,7 +23,7 @@ from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
 from jaxicl.train import TrainConfig, train
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_increasing, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,8 @@ class Config:
     def __post_init__(self):
         for name in ("n_sequences", "rcond"):
             check_positive(name, getattr(self, name))
-        for i, mu in enumerate(self.mus):
-            check_positive(f"mus[{i}]", mu)
+        check_increasing("mus", self.mus)  # the stop-step check reads them in order
+        check_positive("mus[0]", self.mus[0])
         if self.task.family != "complex_1d" or self.task.format != "tiled" or self.task.tile != 1:
             raise ConfigError("ar_fig6_pe_only needs task.family='complex_1d', task.format='tiled', task.tile=1")
         if not self.train.stop_loss or self.train.optimizer != "sgd":

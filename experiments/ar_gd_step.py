@@ -82,10 +82,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"eval loss {final:.4g} vs closed form at eta* {theory.mean():.4g} ({cfg.eval_prompts} prompts, "
                     "SGD on the unitary family with random-phase s_0)"),
     ]
-    return Outcome(checks, [_plot(result.eval_rows, theory, measured, bat, eta, d, out_dir)])
+    return Outcome(checks, [_plot(result.eval_rows, theory, measured, bat, eta, d, r, out_dir)])
 
 
-def _plot(rows, theory, measured, bat, eta, d, out_dir) -> str:
+def _plot(rows, theory, measured, bat, eta, d, r, out_dir) -> str:
     fig, axes = new_figure(3)
     ax = axes[0, 0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="trained (eval)")
@@ -96,7 +96,7 @@ def _plot(rows, theory, measured, bat, eta, d, out_dir) -> str:
     t = np.arange(len(theory))
     ax.plot(t, measured, "o", label="trained")
     ax.plot(t, theory, "-", label="GD step, shared eta*")
-    ax.plot(t[1:], th.gd_step_min_loss(d, t[1:]), ":", color="gray", label="GD step, eta* per position")
+    ax.plot(t[1:], th.gd_step_min_loss(d, t[1:], r), ":", color="gray", label="GD step, eta* per position")
     ax.set(xlabel="position t (context pairs)", ylabel="loss", title="per position")
     ax.legend(fontsize=8)
     heatmap(axes[0, 2], bat / eta, "learned $B A^T / \\eta^*$")

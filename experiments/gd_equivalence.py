@@ -28,7 +28,7 @@ from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
 from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss, train
-from jaxicl.validation import check_positive
+from jaxicl.validation import check_increasing, check_positive
 
 
 
@@ -48,6 +48,8 @@ class Config:
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
         check_positive("init_scale", self.init_scale)
+        check_increasing("scales", self.scales)
+        check_positive("scales[0]", self.scales[0])
         if self.task.format != "paired" or self.task.loss_on != "query":
             raise ValueError("gd_equivalence needs task.format='paired' and task.loss_on='query'")
 
@@ -184,12 +186,18 @@ def _plot_ood(ood: dict, out_dir: str) -> str:
     return save_figure(fig, out_dir, "ood_scaling")
 
 
+def rescaled_pq(model: SelfAttention) -> tuple[jax.Array, jax.Array]:
+    """(P, Q) [D, D] of a one-layer, one-head model, rescaled onto the GD construction's scale: the layer computes the
+    same function for (P c, Q / c), and c = the mean of Q's input diagonal puts Q's input block on the identity."""
+    p, q = (m[0, 0] for m in to_pq(model))
+    c = jnp.mean(jnp.diag(q)[:-1])
+    return p * c, q / c
+
+
 def _plot_weights(trained: SelfAttention, construction: SelfAttention, out_dir: str) -> str:
-    (p_t, q_t), (p_c, q_c) = to_pq(trained), to_pq(construction)
-    p_t, q_t = p_t[0, 0], q_t[0, 0]
-    scale = jnp.sqrt(jnp.abs(p_t[-1, -1]) / jnp.mean(jnp.abs(jnp.diag(q_t)[:-1])))  # P, Q are defined up to P c, Q / c
+    p_c, q_c = (m[0, 0] for m in to_pq(construction))
     fig, axes = new_figure(4, size=(3.3, 3.0))
-    for ax, m, title in zip(axes[0], (p_t / scale, q_t * scale, p_c[0, 0], q_c[0, 0]),
+    for ax, m, title in zip(axes[0], (*rescaled_pq(trained), p_c, q_c),
                             ("trained P (rescaled)", "trained Q (rescaled)", "GD construction P", "GD construction Q")):
         heatmap(ax, m, title)
     return save_figure(fig, out_dir, "weights_pq")

@@ -64,6 +64,9 @@ class Config:
     min_agreement: float = 0.9
 
     def __post_init__(self):
+        if self.task.num_classes != 2:
+            raise ConfigError(f"nn_fig3_training needs task.num_classes=2 (the paper's +-1 labels, one label "
+                              f"channel), got {self.task.num_classes}")
         if not self.runs:
             raise ConfigError("runs must name at least one 'NxD' pair")
         for run in self.runs:

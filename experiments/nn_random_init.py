@@ -46,6 +46,9 @@ class Config:
 
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
+        if self.task.num_classes != 2:
+            raise ConfigError(f"nn_random_init needs task.num_classes=2 (the paper's +-1 labels, one label "
+                              f"channel), got {self.task.num_classes}")
         if self.train.log_every != 1:
             raise ConfigError("nn_random_init logs every step: train.log_every=1")
         if self.train.steps % self.train.steps_per_call:

@@ -36,3 +36,10 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_increasing(name: str, values) -> None:
+    """Checks a non-empty, strictly increasing tuple (a grid of depths, mus or scales that checks read in order)."""
+    values = tuple(values)
+    if not values or any(b <= a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"{name} must be a non-empty, strictly increasing tuple, got {values}")

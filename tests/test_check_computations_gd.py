@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.common.result import Check, diverged_check
-from experiments.gd_equivalence import ood_scaling
+from experiments.gd_equivalence import ood_scaling, rescaled_pq
 from experiments.common.gd_sweep import gd_sweep_checks, padded_gd_lr
 from jaxicl.models.attention import sweep_init
 from experiments.sweep_context_length import context_length_summary
@@ -190,3 +190,18 @@ def test_pool_summary_groups_finite_members_by_pool():
     np.testing.assert_allclose(s["infinite"], 0.36, rtol=1e-15)  # pool 0
     no_fresh = pool_summary(losses, members, {3: 10}, {1: 0.3, 4: 0.46})
     np.testing.assert_allclose(no_fresh["infinite"], 0.45, rtol=1e-15)  # the largest pool stands in for 0
+
+
+def test_the_weights_figure_puts_any_rescaling_of_the_construction_on_the_construction():
+    """The layer is the same function for (P c, Q / c), c of either sign: each such model rescales onto the
+    construction's P (-eta in the label row) and Q (identity on the inputs)."""
+    from jaxicl.models.pq_view import from_pq, to_pq
+
+    construction = gd_step_model(4, 0.3)
+    p, q = to_pq(construction)
+    for c in (1.0, 2.5, -0.4):
+        rp, rq = rescaled_pq(from_pq(p * c, q / c))
+        np.testing.assert_allclose(rp, p[0, 0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(rq, q[0, 0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p[0, 0][-1, -1], -0.3, rtol=1e-6)  # what the figure's construction panels show
+    np.testing.assert_allclose(q[0, 0][:-1, :-1], np.eye(4), rtol=0, atol=1e-7)
