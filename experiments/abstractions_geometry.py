@@ -21,7 +21,8 @@ site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, th
 The probe protocols are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6);
 the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config).
 
-Every check compares the trained model with the same run's initial parameters, measured the same way: a random
+Every check but the participation ratio's (which the untrained model fails at every inner site) compares the
+trained model with the same run's initial parameters, measured the same way: a random
 transformer already decodes most features far above chance (random features mix the board), so "decodable" shows
 nothing about learning. Probes: trained minus untrained best held-out score over sites, > 0.05; convergence:
 (inner-site minimum of C over the ends) trained over untrained, < 0.8, layer0.z (the embedding's LayerNorm, no
@@ -62,8 +63,11 @@ from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.tasks import boards as bd
 from jaxicl.validation import check_positive, check_range
 
-CHANCE = {"root": 0.1, "masked_root": 0.1, "cell": 1 / 9, "background": 0.1, "position": 0.0, "composite": 0.2,
-          "composite_root": 0.1}
+def chance(task: bd.Boards) -> dict[str, float]:
+    """Each class probe's chance accuracy (the most frequent class of a balanced probe set)."""
+    return {"root": 1 / task.n_roots, "masked_root": 1 / task.n_roots, "cell": 1 / 9,
+            "background": 1 / task.n_backgrounds, "composite": 1 / task.n_composites,
+            "composite_root": 1 / task.n_roots}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
             f"probe_{name}_gain_over_untrained", gain, cfg.min_probe_gain,
             f"best held-out {'R^2' if name == 'position' else 'accuracy'} over sites, trained {scores[top]:.3f} "
             f"at {top} minus untrained {init['probes'][name][top_init]:.3f} at {top_init}"
-            + ("" if name == "position" else f" (chance {CHANCE[name]:.3f})") + f"; per site: {fmt(scores)}; "
+            + ("" if name == "position" else f" (chance {chance(data.cfg)[name]:.3f})") + f"; per site: {fmt(scores)}; "
             f"untrained: {fmt(init['probes'][name])}"
             + (f" (held-out positions: {cfg.held_out_positions} of {n_pos})" if name == "root" else "")))
     gap = _gap(context)[best]

@@ -226,6 +226,7 @@ class Config:
         if self.eval_every % self.train.steps_per_call:
             raise ConfigError(f"eval_every={self.eval_every} must be a multiple of train.steps_per_call="
                               f"{self.train.steps_per_call}")
+        check_range("task.n_roots", self.task.n_roots, 3)  # steering's control draws a root C that is neither A nor B
         if len(self.eval_per_type) != 2 or min(self.eval_per_type) < 1:
             raise ConfigError(f"eval_per_type must be 2 positive counts (single, double), got {self.eval_per_type}")
 

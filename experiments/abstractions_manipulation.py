@@ -57,7 +57,7 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above
 from jaxicl.analysis.steering import edit_each_site
 from jaxicl.tasks import boards as bd
-from jaxicl.validation import check_choice, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 CENTROIDS = ("root_cell", "root")
 
@@ -67,7 +67,7 @@ class Config:
     training: ab.Training = TRAINING_PRESETS["quick"].training
     boards_per_pair: int = 2  # single boards per ordered root pair (A, B)
     mask_p: float = 0.25  # token mask of the edited boards and of the centroid probe set
-    centroid_positions: int = 12  # top-left positions of the probe set the centroids come from
+    centroid_positions: int = 36  # top-left positions of the probe set the centroids come from
     centroid: str = "root_cell"  # the checks' centroids: per (root, cell index), or "root" (every cell of a root)
     completion_masked: int = 6  # footprint cells masked in the completion test
     composite_backgrounds: int = 2  # composite boards: every composite at every position on this many backgrounds
@@ -87,7 +87,7 @@ class Config:
         check_range("composite_backgrounds", self.composite_backgrounds, 1, self.training.task.n_backgrounds)
 
 
-PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_per_pair=1, centroid_positions=2,
+PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_per_pair=1, centroid_positions=6,
                            composite_backgrounds=1),
            "quick": Config(),
            "full": Config(training=TRAINING_PRESETS["full"].training, boards_per_pair=8,
@@ -149,9 +149,13 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     # readout itself. The transplant and ablation checks score the masked cells only: a visible cell's colour is
     # in the residual stream at its own position, so any model that copies visible tokens would pass on them.
     inner = np.arange(1, len(sites) - 1)
-    best, best_patch, best_completion, best_part = (int(inner[np.argmax(v[inner])]) for v in (
+    best, best_patch, best_completion = (int(inner[np.argmax(v[inner])]) for v in (
         to_b_masked["centroid"] - to_b_masked["random"], to_b_masked["patch"],
-        completion["centroid"] - completion["random"], part_whole["quadrant_b"] - part_whole["quadrant_b_random"]))
+        completion["centroid"] - completion["random"]))
+    # part-whole reads the sites a later attention layer reads (up to the last block's layer{L-1}.z): after it every
+    # operation is per cell, so an edit there cannot reach the other cells and "kept" would be 1 by construction
+    reaching = inner[inner <= max(i for i, s in enumerate(sites) if s.endswith(".z"))]
+    best_part = int(reaching[np.argmax((part_whole["quadrant_b"] - part_whole["quadrant_b_random"])[reaching])])
     best_ablation = int(inner[np.argmin(kept_a["masked"][inner])])
     checks = [
         check_above("centroid_transplant_over_random_masked",
@@ -187,15 +191,16 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_above("part_whole_quadrant_over_random",
                     part_whole["quadrant_b"][best_part] - part_whole["quadrant_b_random"][best_part],
                     cfg.min_part_whole_gain,
-                    f"composites, mu_B - mu_A on one quadrant's root A: at {sites[best_part]} "
+                    f"composites, mu_B - mu_A on one quadrant's root A: at {sites[best_part]} (of the sites a later "
+                    f"attention layer reads) "
                     f"{part_whole['quadrant_b'][best_part]:.3f} of the quadrant's cells become B's colour (random "
                     f"direction {part_whole['quadrant_b_random'][best_part]:.3f}); per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
         check_above("part_whole_other_cells_kept", part_whole["kept"][best_part], cfg.min_part_whole_kept,
-                    f"composites, A -> B in one quadrant at {sites[best_part]} (the site where the quadrant turns "
-                    f"most, {part_whole['quadrant_b'][best_part]:.3f} of its cells B, random "
-                    f"{part_whole['quadrant_b_random'][best_part]:.3f}): {part_whole['kept'][best_part]:.3f} of the "
-                    f"other cells keep their unedited prediction; quadrant B fraction per site: "
+                    f"composites, A -> B in one quadrant at {sites[best_part]} (of the sites a later attention layer "
+                    f"reads, where the quadrant turns most, {part_whole['quadrant_b'][best_part]:.3f} of its cells B, "
+                    f"random {part_whole['quadrant_b_random'][best_part]:.3f}): {part_whole['kept'][best_part]:.3f} "
+                    f"of the other cells keep their unedited prediction; quadrant B fraction per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
     ]
     figures = [_plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir)]
@@ -203,18 +208,28 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 
 
 def site_centroids(data, graphdef, params, sites, cfg: Config, key, by: str) -> np.ndarray:
-    """[S, K, 9, D] per site the mean over a single-board probe set's object cells of each root and cell index
-    (by="root_cell"), or of each root over its 9 cells, repeated on the cell axis (by="root")."""
+    """[S, K, 9, D] per site the mean over a single-board probe set's masked object cells of each root and cell
+    index (by="root_cell"), or of each root over its 9 cells, repeated on the cell axis (by="root").
+
+    Masked cells only (UNK at the input): what the network infers about a cell it cannot see. A centroid over visible
+    cells carries the cell's own token, and adding such a difference on a masked cell writes B's colour into the
+    stream there, which a model that only copies visible tokens would then draw."""
     single = ab.single_probe_set(data, cfg.centroid_positions, cfg.mask_p, key)
     cells = ab.footprint(single["x"], single["y"])
     rows = np.arange(len(cells))[:, None]
-    roots = single["root"][rows, cells].ravel()
-    labels = roots * 9 + np.tile(np.arange(9), len(cells)) if by == "root_cell" else roots
+    hidden = single["masked"][rows, cells].ravel()
+    roots = single["root"][rows, cells].ravel()[hidden]
+    labels = (roots * 9 + np.tile(np.arange(9), len(cells))[hidden]) if by == "root_cell" else roots
+    n_labels = data.cfg.n_roots * 9 if by == "root_cell" else data.cfg.n_roots
+    if np.bincount(labels, minlength=n_labels).min() == 0:
+        raise ConfigError(f"centroid_positions={cfg.centroid_positions} with mask_p={cfg.mask_p} leaves a "
+                          f"{'(root, cell)' if by == 'root_cell' else 'root'} with no masked cell in the probe set; "
+                          f"raise centroid_positions or mask_p")
     acts = ab.activations(graphdef, params, single["tokens"], sites)
     k = data.cfg.n_roots
     out = []
     for s in sites:
-        mu = ab.centroids(acts[s][rows, cells].reshape(len(roots), -1), labels, k * 9 if by == "root_cell" else k)
+        mu = ab.centroids(acts[s][rows, cells].reshape(len(hidden), -1)[hidden], labels, n_labels)
         out.append(mu.reshape(k, 9, -1) if by == "root_cell" else np.repeat(mu[:, None], 9, 1))
     return np.stack(out).astype(np.float32)
 

@@ -188,7 +188,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     rows = np.arange(start, task.seq_len)
     local_by_row = np.asarray(w0[:, :, rows, rows] + w0[:, :, rows, rows - 1]).mean(0)  # [H, rows]
     local, local_last = local_by_row.mean(-1), local_by_row[:, -1]  # [H]
-    uniform = float(np.mean(2.0 / (rows + 1)))
+    uniform = float(np.mean(np.minimum(2, rows + 1) / (rows + 1)))  # row 0 has one key
     r2_xn, r2_next = layer0_probes(graphdef, params, test.inputs, targets, rows)
     r2_xn_init, r2_next_init = layer0_probes(graphdef, nnx.state(build_model(cfg, jax.random.key(cfg.seeds[0])),
                                                                  nnx.Param), test.inputs, targets, rows)

@@ -25,19 +25,21 @@ SEP leave the answers unchanged (switch rate 0.01 and an accuracy drop of 0.01 a
 SEP clusters are not what the model reads the task from.
 
 What the quick preset shows (AdamW 3e-3 for 1,200 steps, about 2 minutes on 2 quiet cores): layer 0 stays flat (ARI
-<= 0.03); at SEP the validation ARI rises with depth to 0.91 at hidden state 2 and 0.93 at the last (train 0.96),
-NMI 0.94; the last layer's ARI reaches 0.5 one checkpoint after accuracy has half risen (step 180 vs 140: that check
-fails); unseen instruction families are answered at 0.63 (0.24 without reading the instruction), and unseen examples
-that land in their task's cluster are answered far more often (0.89 vs 0.18; the check asks for 3 standard errors of
-a gain with no relation, 0.032; untrained models answer 0.00-0.01 and gain -0.01 to 0.00). At ARROW, setting the
-between-centroid subspace to the mean drops accuracy from 0.97 to 0.36 at hidden state 3 (a random subspace: 0.96);
-adding a centroid difference switches the answer in 0.23 of cases (random: 0.01), short of the check's 0.25 gain.
-That is seed 0's run. Whether the ARI at SEP still rises past hidden state 3 to the last layer depends on the draw,
-so the final-layer and depth checks are not robust at quick: seed 1 (`train.seed=1`) peaks at 0.87 at hidden state
-3 and ends at 0.76 (train 0.91; the centroid switch passes there, 0.27 vs 0.01); 2,400 steps end at 0.88 for both
-seeds (seed 1 rising with depth, seed 0 not). With AdamW 1e-3, the earlier quick setting, seed 0 ended at 0.76 below
-its peak 0.83 at hidden state 3. Nothing trains the last layer's state at SEP (the loss is on the answer), so the
-paper's "near 1 at the last layer" has no force here; clustering by hidden state 3 (0.86-0.93 in these runs) does.
+<= 0.03; at SEP hidden state 0 is a function of the instruction's length, so this says only that task and length
+hardly co-vary in the data, and it is plotted, not checked); at SEP the validation ARI rises with depth to 0.91 at
+hidden state 2 and 0.93 at the last (train 0.96), NMI 0.94; the last layer's ARI reaches 0.5 one checkpoint after
+accuracy has half risen (step 180 vs 140: that check fails); unseen instruction families are answered at 0.63 (0.24
+without reading the instruction), and unseen examples that land in their task's cluster are answered far more often
+(0.89 vs 0.18; the check asks for 3 standard errors of a gain with no relation, 0.032; untrained models answer
+0.00-0.01 and gain -0.01 to 0.00). At ARROW, setting the between-centroid subspace to the mean drops accuracy from
+0.97 to 0.36 at hidden state 3 (a random subspace: 0.96); adding a centroid difference switches the answer in 0.23
+of cases (random: 0.01), short of the check's 0.25 gain. That is seed 0's run. Whether the ARI at SEP still rises
+past hidden state 3 to the last layer depends on the draw, so the final-layer and depth checks are not robust at
+quick: seed 1 (`train.seed=1`) peaks at 0.87 at hidden state 3 and ends at 0.76 (train 0.91; the centroid switch
+passes there, 0.27 vs 0.01); 2,400 steps end at 0.88 for both seeds (seed 1 rising with depth, seed 0 not). With
+AdamW 1e-3, the earlier quick setting, seed 0 ended at 0.76 below its peak 0.83 at hidden state 3. Nothing trains
+the last layer's state at SEP (the loss is on the answer), so the paper's "near 1 at the last layer" has no force
+here; clustering by hidden state 3 (0.86-0.93 in these runs) does.
 """
 
 import dataclasses
@@ -50,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
-from experiments.common.result import Check, Outcome, check_above, check_below
+from experiments.common.result import Check, Outcome, check_above
 from jaxicl import outputs
 from jaxicl.analysis.clustering import adjusted_rand_index, cluster_scores, match_clusters, sequence_features
 from jaxicl.models.functional import apply
@@ -89,7 +91,6 @@ class Config:
     analysis_layer: int = 3  # the hidden state of the cluster-vs-success and intervention checks (all are plotted)
     intervention_position: str = "arrow"  # where the model uses the task: edits at SEP change nothing (quick)
     intervention_examples: int = 24  # validation examples per task in the interventions
-    max_layer0_ari: float = 0.05
     min_final_ari: float = 0.9
     depth_tolerance: float = 0.02  # ARI may fall by this much from one layer to the next (k-means noise)
     min_unseen_over_agnostic: float = 2.0  # unseen accuracy / the best instruction-agnostic accuracy
@@ -269,6 +270,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     effects = interventions(cfg, data, graphdef, final_params, sites,
                             np.asarray(final["train"][cfg.intervention_position]["features"]), train_tasks)
 
+    # hidden state 0 at SEP or ARROW is that token's embedding plus the position after the instruction: a function
+    # of the instruction's length alone, so its ARI measures the data (task against length), not the model; plotted,
+    # not checked
     layer0 = max(float(np.max(curve["ari", rep, s, 0])) for s in ("train", "validation"))
     end = {split: np.array([curve["ari", rep, split, l][-1] for l in layers]) for split in ins.SPLITS}
     end_arrow = {name: [float(curve[name, "arrow", "validation", l][-1]) for l in layers]
@@ -281,11 +285,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
             f"{cfg.model.d_model}, AdamW {cfg.train.lr}, {cfg.train.steps} steps of {cfg.train.batch_size}, loss on "
             f"{cfg.task.loss}, representation {rep}")
     checks = [
-        check_below("layer0_ari_max", layer0, cfg.max_layer0_ari,
-                    f"largest ARI of hidden state 0 (embeddings) at {rep} over every checkpoint, train and "
-                    f"validation; {ours}"),
         check_above("final_layer_ari_train", float(end["train"][last]), cfg.min_final_ari,
-                    f"ARI of the last hidden state at {rep} at the end; per layer {fmt(end['train'])}"),
+                    f"ARI of the last hidden state at {rep} at the end; per layer {fmt(end['train'])} (hidden state "
+                    f"0, a function of the instruction's length at {rep}: at most {layer0:.3f} over every checkpoint, "
+                    f"train and validation); {ours}"),
         check_above("final_layer_ari_validation", float(end["validation"][last]), cfg.min_final_ari,
                     f"per layer {fmt(end['validation'])}, NMI "
                     f"{fmt([curve['nmi', rep, 'validation', l][-1] for l in layers])}; the other representations' "
@@ -294,7 +297,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_above("depth_monotone_validation_ari", float(np.min(np.diff(end["validation"]))), -cfg.depth_tolerance,
                     f"smallest change of the final validation ARI at {rep} from one hidden state to the next "
                     "(tolerance: k-means restarts' noise)"),
-        Check("clustering_onset_not_after_accuracy", float("nan") if ari_onset is None else ari_onset / acc_onset,
+        Check("clustering_onset_not_after_accuracy",
+              float("nan") if ari_onset is None else _ratio(ari_onset, acc_onset),
               "<= 1", ari_onset is not None and ari_onset <= acc_onset,
               f"first checkpoint with last-layer validation ARI >= 0.5: step {ari_onset}; first with validation "
               f"accuracy halfway from {acc['validation'][0]:.2f} to {acc['validation'][-1]:.2f}: step {acc_onset} "
@@ -324,6 +328,12 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                _plot_pca({s: np.load(pca_file(s))["features"] for s in pca_at}, train_tasks, out_dir),
                _plot_interventions(effects, cfg, out_dir)]
     return Outcome(checks, figures)
+
+
+def _ratio(a: int, b: int) -> float:
+    """a / b, inf for a > 0 = b and nan for 0 / 0 (an accuracy onset at step 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(a) / b)
 
 
 def own_cluster_accuracy(correct: np.ndarray, own: np.ndarray) -> tuple[float, float, float]:

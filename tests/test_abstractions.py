@@ -107,6 +107,33 @@ def test_shown_root_against_a_loop_over_roots():
     assert 0 < np.mean(got == -1) < 1 and np.mean(got == k) > 0  # both outcomes occur
 
 
+def test_transplant_centroids_come_from_masked_cells_so_they_carry_no_visible_token(model):
+    """At the embedding every masked cell holds the UNK embedding: if the centroids are means over masked cells
+    only, every (root, cell) centroid there is that one vector (exactly: float64 means of equal float32 rows), and
+    mu_B - mu_A is 0. A centroid over visible cells would carry the cell's colour, which a copier redraws."""
+    from experiments import abstractions_manipulation as am
+    from jaxicl.validation import ConfigError
+
+    graphdef, params = model
+    data = bd.build(bd.Boards())
+    sites = ab.residual_sites(graphdef, params)
+    cfg = am.Config(centroid_positions=6)
+    embed = np.asarray(nnx.merge(graphdef, params).embed[...])
+    for by in am.CENTROIDS:
+        mu = am.site_centroids(data, graphdef, params, sites[:1], cfg, jax.random.key(0), by)  # [1, K, 9, D]
+        np.testing.assert_array_equal(mu[0], np.broadcast_to(embed[data.cfg.unk], mu[0].shape))
+    # the same probe set's centroids over every object cell differ from root to root (they carry the colours)
+    single = ab.single_probe_set(data, cfg.centroid_positions, cfg.mask_p, jax.random.key(0))
+    cells = ab.footprint(single["x"], single["y"])
+    rows = np.arange(len(cells))[:, None]
+    every = ab.centroids(embed[single["tokens"][rows, cells]].reshape(cells.size, -1),
+                         single["root"][rows, cells].ravel(), data.cfg.n_roots)
+    assert np.abs(every - every.mean(0)).max() > 0.25 * embed.std()  # colour differences, on the scale of an embedding
+    with pytest.raises(ConfigError, match="centroid_positions=1 with mask_p=0.01 leaves a .root, cell. with no masked"):
+        am.site_centroids(data, graphdef, params, sites[:1], am.Config(centroid_positions=1, mask_p=0.01),
+                          jax.random.key(0), "root_cell")
+
+
 def test_smoke_runs_share_one_training_run(tmp_path):
     """Geometry first (it trains the run it needs), then training and manipulation load it without a step."""
     out = tmp_path

@@ -22,7 +22,7 @@ def test_smoke_run_writes_every_check_and_figure_and_a_rerun_gives_the_same(tmp_
     stored = json.loads((out / "result.json").read_text())
     assert stored["checks"] == result["checks"]
     assert [c["name"] for c in stored["checks"]] == [
-        "layer0_ari_max", "final_layer_ari_train", "final_layer_ari_validation", "depth_monotone_validation_ari",
+        "final_layer_ari_train", "final_layer_ari_validation", "depth_monotone_validation_ari",
         "clustering_onset_not_after_accuracy", "unseen_accuracy_over_agnostic", "unseen_own_cluster_accuracy_gain",
         "centroid_switch_over_random", "centroid_subspace_ablation_drop_over_random"]
     assert set(stored["figures"]) == {"ari_by_layer.png", "accuracy.png", "pca_last_layer.png", "interventions.png"}
@@ -105,3 +105,9 @@ def test_own_cluster_gain_threshold_is_rarely_met_without_a_relation_and_met_wit
     acc_own, acc_other, se = cd.own_cluster_accuracy(correct, own)
     assert acc_own - acc_other > 3 * se
     assert all(np.isnan(cd.own_cluster_accuracy(correct, np.zeros(n, bool))))
+
+
+def test_the_onset_ratio_of_an_accuracy_onset_at_step_0_is_inf_or_nan_not_an_error():
+    from experiments.clustering_dynamics import _ratio
+
+    assert _ratio(180, 140) == 180 / 140 and _ratio(20, 0) == float("inf") and np.isnan(_ratio(0, 0))

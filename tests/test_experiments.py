@@ -39,6 +39,7 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["ar_fig6_pe_only", "mus=300,50"], "mus must be a non-empty, strictly increasing tuple, got (300.0, 50.0)"),
     (["nn_fig3_training", "task.num_classes=3"], "nn_fig3_training needs task.num_classes=2"),
     (["nn_random_init", "task.num_classes=3"], "nn_random_init needs task.num_classes=2"),
+    (["abstractions_lea", "task.n_roots=2"], "task.n_roots must be in [3, inf], got 2"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
