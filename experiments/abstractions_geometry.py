@@ -121,9 +121,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     best, best_init = (min(inner, key=m["distance"].get) for m in (trained, init))
     objects = jnp.asarray(single["root"] >= 0)
     perturb_sites = sites[1:]
-    attractor = np.asarray(perturbation_distances(graphdef, params, jnp.asarray(single["tokens"][:cfg.perturb_boards]),
-                                                  "embed", objects[:cfg.perturb_boards], cfg.perturb_alpha,
-                                                  k_perturb, perturb_sites))
+    # boards evenly spaced over the probe set (ordered root-major): every root, not the first few
+    spread = np.unique(np.linspace(0, len(objects) - 1, cfg.perturb_boards).round().astype(int))
+    attractor = np.asarray(perturbation_distances(graphdef, params, jnp.asarray(single["tokens"][spread]), "embed",
+                                                  objects[spread], cfg.perturb_alpha, k_perturb, perturb_sites))
 
     def fmt(d):
         return ", ".join(f"{s} {d[s]:.3f}" for s in sites)
