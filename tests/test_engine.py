@@ -179,7 +179,7 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.01 vs now 0.03"):
         train(loss_fn, sample, task, other, params, out_dir=str(tmp_path), progress=False)
     shorter = dataclasses.replace(cfg, steps=4)
-    with pytest.raises(ConfigError, match=r"checkpoint is at step 5 .*use train.steps > 5"):
+    with pytest.raises(ConfigError, match=r"step 5, past train.steps=4; use train.steps=5 .* or more than 5"):
         train(loss_fn, sample, task, shorter, params, out_dir=str(tmp_path), progress=False)
 
 
@@ -203,7 +203,7 @@ def test_resuming_refuses_another_run_config_entry_and_a_run_that_would_end_at_t
     assert again.state.step == 10
     run = {"train": {"steps": 20, "schedule": "constant"}}
     cut = {"train": {"steps": 10, "schedule": "constant"}}
-    with pytest.raises(ConfigError, match=r"checkpoint is at step 10 of a run of train.steps=20.*> 10"):
+    with pytest.raises(ConfigError, match=r"step 10 of a run of train.steps=20; a run of train.steps=10 would end"):
         check_resumable(run, cut, 10)
     check_resumable(run, cut, 5)  # a checkpoint before the shorter run's end continues into it
     check_resumable(cut, cut, 10)  # a finished run, rerun as it was: nothing left to train

@@ -110,11 +110,13 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
                           f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
                           f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
                           f"or train into a new output directory")
-    if checkpoint_step > now or (checkpoint_step == now != before):
-        # at step == now the shorter run would end without the rows it logs at its last step and its final evaluation
+    fix = f"use train.steps={before} (the checkpoint's run) or more than {checkpoint_step}, or a new output directory"
+    if checkpoint_step > now:
+        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; {fix}")
+    if checkpoint_step == now != before:
         raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step} of a run of train.steps="
-                          f"{before}, and a run of train.steps={now} would end there without its last step's rows; "
-                          f"use train.steps > {checkpoint_step} or a new output directory")
+                          f"{before}; a run of train.steps={now} would end there without the rows of its last step "
+                          f"and its final evaluation; {fix}")
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
