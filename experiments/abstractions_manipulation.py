@@ -6,7 +6,7 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
 - transplant root A -> B on a single board's 9 object cells (every ordered pair A != B, boards_per_pair boards
   each at a random position and background with a token mask) by (a) activation patching from the B board with
   the same position, background and mask, and (b) adding the centroid difference mu_B - mu_A (centroids: the
-  mean over a probe set's object cells of each root and cell index, per site, so cell c of A receives
+  mean over a probe set's masked object cells of each root and cell index, per site, so cell c of A receives
   mu_(B,c) - mu_(A,c); centroid="root" pools the 9 cells, the notes' mu_k, and is measured as well); control: a
   random direction of the same norm.
   Reported: the fraction of the object's cells decoded as B's token at that cell (over cells where A's and B's
@@ -16,29 +16,31 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
 - masked completion through an abstraction: completion_masked of the 9 cells masked, mu_B - mu_A added on those
   cells only: does the network complete B instead of A?
 - part-whole: on composite boards, A -> B in one quadrant (the root there) by the centroid difference: the
-  fraction of that quadrant's cells decoded as B, and of the other cells left as the unedited run draws them.
+  fraction of that quadrant's masked cells decoded as B, and of the other cells left as the unedited run draws them.
 
-Every check reads the best inner site (not the embedding, where editing a visible cell swaps its token, nor the
-output, the readout itself); every site is in the notes and the figure.
+Every check reads the best inner site: not the embedding or its LayerNorm (layer0.z), where editing a visible cell
+swaps its token, nor the output, the readout itself; every site is in the notes and the figure. The part-whole
+checks read only the sites a later attention layer reads (up to the last block's layer{L-1}.z): after that every
+operation is per cell, so no edit there can reach the other cells and "kept" would hold by construction.
 
-The transplant and ablation checks score the masked footprint cells only (UNK at the input, so their colour is
-not in the residual stream at their own position): on visible cells a model that copies its input would pass.
-Quick (masked cells): the centroid transplant turns 0.995 of them into B's colours at layer2.resid_post (random
-direction 0.046), the B board's activations 0.92 (at layer0.resid_mid), and the mean ablation at layer1.attn.out
-leaves 0.05 of A's colours (unedited 0.94).
+Why masked cells (UNK at the input, so their colour is not in the residual stream at their own position): a model
+that copies its visible tokens would pass on visible cells. For the same reason the centroids are means over masked
+cells only: a centroid over visible cells carries the cell's own token, and adding mu_B - mu_A made from such
+centroids on a masked cell writes B's colour into the stream there, which a copier redraws (a review found the
+earlier all-cell centroids passing both masked-cell checks for the model with every attention output zeroed).
 
-What the quick preset shows on every footprint cell (under a minute): editing the residual stream changes what the
-network draws.
-With per-(root, cell) centroids, adding mu_B - mu_A on A's cells at any residual-stream site turns 0.96-1.0 of
-them into B's colours (a random direction of the same norm: 0.00-0.02); the activations of the B board do the
-same (0.98); setting the cells to the mean centroid leaves 0.15-0.33 of A's colours (unedited 0.99); with 6 of 9
-cells masked, the transplant on the masked cells alone makes the network complete B (0.78-0.90 inside the
-blocks) where unedited it completes A (0.50); on composites, the edit of one quadrant turns that quadrant (0.96-
-0.98) and leaves every other cell as it was (1.00). Honest limits: a residual-stream site carries each visible
-cell's own colour, so a per-cell centroid transplant there is close to substituting tokens; the notes' per-root
-centroids (one vector per root, the 9 cells pooled) move only masked cells (0.40 at layer2.resid_mid, visible
-and masked together 0.13), and edits at the attention and MLP updates alone (including layer1.attn.out, where
-geometry finds the convergence) barely move the output (<= 0.06; the MLP update of the last block 0.36).
+What the quick preset shows (under a minute on the training run's model), on masked cells: adding mu_B - mu_A
+turns 0.93 of them into B's colours at layer2.resid_post (random direction 0.03; 0.94 at layer2.resid_mid, 0.28-0.32
+in block 1, 0.01 before it), the B board's activations 0.92 (at layer0.resid_mid), and setting the object cells to
+the mean centroid at layer2.z leaves 0.05 of A's colours (unedited 0.94); with 6 of 9 cells masked, adding the
+difference on the masked cells makes the network complete B on 0.87 of them at layer2.resid_post (random 0.08)
+where unedited it completes A on 0.49. On every footprint cell, visible ones included, the centroid transplant
+moves 0.30 (a visible cell's own token holds). So the per-(root, cell) abstractions the network infers for hidden
+cells are what its last block reads, and editing them there redraws the object; the notes' per-root centroids (the
+9 cells pooled) move masked cells less (0.56 at layer2.resid_mid). Part-whole, honestly short of its check: editing
+one quadrant of a composite turns 0.25 of its masked cells at the sites a later attention reads (layer1.attn.out,
+random 0.01), with every other cell unchanged (1.00); after the last attention it turns 0.85 (layer2.resid_mid),
+where keeping the other cells is automatic.
 
 The edits are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6.4-6.5);
 sizes and thresholds are ours (Config).
@@ -85,6 +87,8 @@ class Config:
         check_range("completion_masked", self.completion_masked, 1, 9)
         check_choice("centroid", self.centroid, CENTROIDS)
         check_range("composite_backgrounds", self.composite_backgrounds, 1, self.training.task.n_backgrounds)
+        # the part-whole test reads sites a later attention layer reads, past the first block's embedding LayerNorm
+        check_range("training.model.n_layers", self.training.model.n_layers, 2)
 
 
 PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_per_pair=1, centroid_positions=6,
@@ -148,7 +152,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     # the best inner site: at the embedding an edit of a visible cell swaps its token, at the output it is the
     # readout itself. The transplant and ablation checks score the masked cells only: a visible cell's colour is
     # in the residual stream at its own position, so any model that copies visible tokens would pass on them.
-    inner = np.arange(1, len(sites) - 1)
+    inner = np.array([i for i, s in enumerate(sites[1:-1], 1) if s != "layer0.z"])  # layer0.z: the embedding's
+    # LayerNorm, a per-token rescaling, where an edit is an edit of the tokens as at the embedding
     best, best_patch, best_completion = (int(inner[np.argmax(v[inner])]) for v in (
         to_b_masked["centroid"] - to_b_masked["random"], to_b_masked["patch"],
         completion["centroid"] - completion["random"]))
@@ -193,14 +198,15 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     cfg.min_part_whole_gain,
                     f"composites, mu_B - mu_A on one quadrant's root A: at {sites[best_part]} (of the sites a later "
                     f"attention layer reads) "
-                    f"{part_whole['quadrant_b'][best_part]:.3f} of the quadrant's cells become B's colour (random "
-                    f"direction {part_whole['quadrant_b_random'][best_part]:.3f}); per site: "
+                    f"{part_whole['quadrant_b'][best_part]:.3f} of the quadrant's masked cells become B's colour "
+                    f"(random direction {part_whole['quadrant_b_random'][best_part]:.3f}); per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
         check_above("part_whole_other_cells_kept", part_whole["kept"][best_part], cfg.min_part_whole_kept,
                     f"composites, A -> B in one quadrant at {sites[best_part]} (of the sites a later attention layer "
-                    f"reads, where the quadrant turns most, {part_whole['quadrant_b'][best_part]:.3f} of its cells B, "
-                    f"random {part_whole['quadrant_b_random'][best_part]:.3f}): {part_whole['kept'][best_part]:.3f} "
-                    f"of the other cells keep their unedited prediction; quadrant B fraction per site: "
+                    f"reads, where the quadrant turns most: {part_whole['quadrant_b'][best_part]:.3f} of its masked "
+                    f"cells B, random {part_whole['quadrant_b_random'][best_part]:.3f}): "
+                    f"{part_whole['kept'][best_part]:.3f} of the other cells keep their unedited prediction; quadrant "
+                    f"B fraction per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
     ]
     figures = [_plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir)]
@@ -263,9 +269,9 @@ def masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, t
 
 def part_whole_test(cfg, data, graphdef, params, sites, mu, key, k_target) -> dict:
     """[S] on composite boards, A -> B in one quadrant (every quadrant of every board, B a random other root) by
-    the centroid differences of mu [S, K, 9, D] and by a random direction of their norm: "quadrant_b" / "quadrant_b_random", the fraction of the
-    quadrant's cells (where A's and B's colours differ) decoded as B, and "kept", the fraction of the other
-    cells whose prediction is the unedited one (centroid edit)."""
+    the centroid differences of mu [S, K, 9, D] and by a random direction of their norm: "quadrant_b" /
+    "quadrant_b_random", the fraction of the quadrant's masked cells (where A's and B's colours differ) decoded as
+    B, and "kept", the fraction of the other cells whose prediction is the unedited one (centroid edit)."""
     tuples = np.concatenate([data.tuples(split, "composition") for split in ("train", "test")])
     tuples = tuples[tuples[:, 3] < cfg.composite_backgrounds]
     comp = ab.masked_set(data, data.rows("composition", tuples), cfg.mask_p, key)
@@ -287,7 +293,7 @@ def part_whole_test(cfg, data, graphdef, params, sites, mu, key, k_target) -> di
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
     centroid = edit_each_site(graphdef, params, tokens, sites, on, deltas=_on_cells(delta, cells))
     rand = edit_each_site(graphdef, params, tokens, sites, on, deltas=_on_cells(random, cells))
-    where = on & (tok_a != tok_b)
+    where = on & (tok_a != tok_b) & comp["masked"][board]  # a visible cell's own token is in the stream there
     return {"quadrant_b": decoded_as(centroid, tok_b, where), "quadrant_b_random": decoded_as(rand, tok_b, where),
             "kept": decoded_as(centroid, clean, ~on)}
 
@@ -327,8 +333,9 @@ def _plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out
     axes[0, 1].plot(x, completion["centroid"], marker=".", label="completion as B (centroid)")
     axes[0, 1].plot(x, completion["random"], ":", marker=".", label="completion as B (random)")
     axes[0, 1].set(title="ablation and masked completion")
-    axes[0, 2].plot(x, part_whole["quadrant_b"], marker=".", label="edited quadrant: B")
-    axes[0, 2].plot(x, part_whole["quadrant_b_random"], ":", marker=".", label="edited quadrant: B (random)")
+    axes[0, 2].plot(x, part_whole["quadrant_b"], marker=".", label="edited quadrant, masked cells: B")
+    axes[0, 2].plot(x, part_whole["quadrant_b_random"], ":", marker=".",
+                    label="edited quadrant, masked cells: B (random)")
     axes[0, 2].plot(x, part_whole["kept"], marker=".", label="other cells unchanged")
     axes[0, 2].set(title="part-whole: one quadrant of a composite")
     for ax in axes[0]:

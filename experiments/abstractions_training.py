@@ -49,7 +49,7 @@ class Config:
 
 
 SMOKE = ab.Training(task=bd.Boards(steps_per_epoch=1, types_ramp=(2, 10), mask_ramp_end=8, patch_from=8),
-                    model=ab.ModelConfig(d_model=16, d_pos=8, n_layers=1, n_heads=2),
+                    model=ab.ModelConfig(d_model=16, d_pos=8, n_layers=2, n_heads=2),
                     train=TrainConfig(steps=20, batch_size=16, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95),
                                       weight_decay=0.01, steps_per_call=10, log_every=5),
                     eval_every=10, eval_per_type=(8, 8, 4), eval_rounds=1)

@@ -28,9 +28,9 @@ What the quick preset shows (AdamW 3e-3 for 1,200 steps, about 2 minutes on 2 qu
 <= 0.03; at SEP hidden state 0 is a function of the instruction's length, so this says only that task and length
 hardly co-vary in the data, and it is plotted, not checked); at SEP the validation ARI rises with depth to 0.91 at
 hidden state 2 and 0.93 at the last (train 0.96), NMI 0.94; the last layer's ARI reaches 0.5 one checkpoint after
-accuracy has half risen (step 180 vs 140: that check fails); unseen instruction families are answered at 0.63 (0.24
+accuracy has half risen (step 180 vs 140: that check fails); unseen instruction families are answered at 0.62 (0.24
 without reading the instruction), and unseen examples that land in their task's cluster are answered far more often
-(0.89 vs 0.18; the check asks for 3 standard errors of a gain with no relation, 0.032; untrained models answer
+(0.88 vs 0.18; the check asks for 3 standard errors of a gain with no relation, 0.032; untrained models answer
 0.00-0.01 and gain -0.01 to 0.00). At ARROW, setting the between-centroid subspace to the mean drops accuracy from
 0.97 to 0.36 at hidden state 3 (a random subspace: 0.96); adding a centroid difference switches the answer in 0.23
 of cases (random: 0.01), short of the check's 0.25 gain. That is seed 0's run. Whether the ARI at SEP still rises
