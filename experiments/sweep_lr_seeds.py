@@ -61,6 +61,10 @@ class Diversity:
             check_positive(name, getattr(self, name))
         if self.task.noise_std <= 0:
             raise ConfigError("diversity.task.noise_std must be > 0 (dMMSE and ridge use sigma^2)")
+        pools = [n for n in self.n_tasks if n > 0]
+        if 0 not in self.n_tasks or not pools or min(self.n_tasks) < 0 or len(set(self.n_tasks)) < len(self.n_tasks):
+            raise ConfigError(f"diversity.n_tasks must hold 0 (a fresh task per prompt) and at least one pool size "
+                              f"> 0, each once; its checks compare them, got {self.n_tasks}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,10 @@ class Config:
     def __post_init__(self):
         check_positive("seeds", self.seeds)
         check_positive("chunk_size", self.chunk_size, allow_zero=True)
+        if not self.lrs:
+            raise ConfigError("lrs must name at least one learning rate")
+        for i, lr in enumerate(self.lrs):
+            check_positive(f"lrs[{i}]", lr)
 
 
 _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),

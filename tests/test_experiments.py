@@ -40,6 +40,9 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["nn_fig3_training", "task.num_classes=3"], "nn_fig3_training needs task.num_classes=2"),
     (["nn_random_init", "task.num_classes=3"], "nn_random_init needs task.num_classes=2"),
     (["abstractions_lea", "task.n_roots=2"], "task.n_roots must be in [3, inf], got 2"),
+    (["sweep_lr_seeds", "diversity.n_tasks=16,64"], "diversity.n_tasks must hold 0 (a fresh task per prompt)"),
+    (["sweep_lr_seeds", "diversity.n_tasks=0"], "and at least one pool size > 0, each once"),
+    (["sweep_lr_seeds", "lrs=1e-3,-1"], "lrs[1] must be > 0"),
     (["abstractions_manipulation", "training.model.n_layers=1"], "training.model.n_layers must be in [2, inf], got 1"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
