@@ -41,8 +41,7 @@ class Config:
         check_positive("test_sequences", self.test_sequences)
         if self.task.family != "haar" or self.task.format != "augmented":
             raise ConfigError("ar_fig5_augmented needs task.family='haar' and task.format='augmented'")
-        check_increasing("depths", self.depths)  # the depth check compares each depth with the one before it
-        check_positive("depths[0]", self.depths[0])
+        check_increasing("depths", self.depths, positive=True)  # the depth check compares each with the one before
 
 
 PRESETS = {

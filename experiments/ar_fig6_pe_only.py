@@ -42,8 +42,7 @@ class Config:
     def __post_init__(self):
         for name in ("n_sequences", "rcond"):
             check_positive(name, getattr(self, name))
-        check_increasing("mus", self.mus)  # the stop-step check reads them in order
-        check_positive("mus[0]", self.mus[0])
+        check_increasing("mus", self.mus, positive=True)  # the stop-step check reads them in order
         if self.task.family != "complex_1d" or self.task.format != "tiled" or self.task.tile != 1:
             raise ConfigError("ar_fig6_pe_only needs task.family='complex_1d', task.format='tiled', task.tile=1")
         if not self.train.stop_loss or self.train.optimizer != "sgd":

@@ -48,8 +48,7 @@ class Config:
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
         check_positive("init_scale", self.init_scale)
-        check_increasing("scales", self.scales)
-        check_positive("scales[0]", self.scales[0])
+        check_increasing("scales", self.scales, positive=True)
         if self.task.format != "paired" or self.task.loss_on != "query":
             raise ValueError("gd_equivalence needs task.format='paired' and task.loss_on='query'")
 

@@ -38,8 +38,11 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def check_increasing(name: str, values) -> None:
-    """Checks a non-empty, strictly increasing tuple (a grid of depths, mus or scales that checks read in order)."""
+def check_increasing(name: str, values, *, positive: bool = False) -> None:
+    """Checks a non-empty, strictly increasing tuple (a grid of depths, mus or scales that checks read in order),
+    and with positive=True that its first (smallest) value is > 0."""
     values = tuple(values)
     if not values or any(b <= a for a, b in zip(values, values[1:])):
         raise ConfigError(f"{name} must be a non-empty, strictly increasing tuple, got {values}")
+    if positive:
+        check_positive(f"{name}[0]", values[0])
