@@ -52,6 +52,7 @@ from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, regression_loss
+from jaxicl.train.cpu_matmuls import CPU_MATMULS, compile_chunk, uses_onednn
 from jaxicl.train.optim import make_optimizer, path_names
 from jaxicl.train.state import init_state
 from jaxicl.train.step import train_step
@@ -217,15 +218,15 @@ def torch_reference(w: Workload, params, batch, python: str, device: str):
                 proc.wait()
 
 
-def step_memory(w: Workload, graphdef, params, budget: float) -> dict:
+def step_memory(w: Workload, graphdef, params, budget: float, cpu_matmuls: str) -> dict:
     """MB of one compiled training step (XLA's memory analysis: arguments + outputs + temporaries - aliases) at the
     workload's batch, and the largest batch whose step fits `budget` bytes (the line through batch and 2 x batch)."""
     def total(batch: int) -> int:
         tx = make_optimizer(TrainConfig(batch_size=batch))
         step = jax.jit(lambda s: train_step(s, loss_fn=regression_loss(graphdef), sample=lr.sample, task_cfg=w.task,
                                             batch_size=batch, tx=tx))
-        with unrolled_threefry():  # as the engine lowers its chunks
-            m = step.lower(init_state(params, 0, tx)).compile().memory_analysis()
+        with unrolled_threefry():  # as the engine lowers and compiles its chunks
+            m = compile_chunk(step.lower(init_state(params, 0, tx)), cpu_matmuls).memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
     one, two = total(w.batch), total(2 * w.batch)
@@ -234,8 +235,8 @@ def step_memory(w: Workload, graphdef, params, budget: float) -> dict:
                                                                            // per_prompt)}
 
 
-def bench(name: str, w: Workload, repeats: int, python: str, device: str, required: bool, budget: float, peak: float
-          ) -> tuple[dict, str]:
+def bench(name: str, w: Workload, repeats: int, python: str, device: str, required: bool, budget: float, peak: float,
+          cpu_matmuls: str = "auto") -> tuple[dict, str]:
     """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts, the fraction of the
     matmul `peak` (GFLOP/s); `failed` says why where the reference is `required` and did not run."""
     graphdef, params = nnx.split(w.model())
@@ -252,7 +253,7 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, requir
             row |= agreement(w, loss, grads, torch_out)
             note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
                                                                  f"{int(torch_out['threads'])} CPU threads")
-        cfg = TrainConfig(steps=w.steps, batch_size=w.batch, steps_per_call=w.steps)
+        cfg = TrainConfig(steps=w.steps, batch_size=w.batch, steps_per_call=w.steps, cpu_matmuls=cpu_matmuls)
         run, compile_s = compiled_chunk(regression_loss(graphdef), lr.sample, w.task, params, cfg)
         jaxicl_s, torch_s = [], []
         for _ in range(repeats + 1):  # alternating, so the machine's speed drifting touches both sides alike
@@ -269,7 +270,7 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, requir
         torch_steps = w.steps / min(torch_s[1:])
         row |= {"torch_steps_per_s": torch_steps, "jaxicl_over_torch": jaxicl_steps / torch_steps}
     row["prompts_per_s"] = jaxicl_steps * w.batch
-    return row | step_memory(w, graphdef, params, budget), note
+    return row | step_memory(w, graphdef, params, budget, cpu_matmuls), note
 
 
 def main(argv=None) -> None:
@@ -281,6 +282,8 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, PyTorch on CUDA in this Python (its own torch)")
     ap.add_argument("--torch-python", default=None, help=f"the Python with torch (default {TORCH_PYTHON}; with "
                     "--gpu this one; with --gpu --smoke the default where it exists, else this one)")
+    ap.add_argument("--cpu-matmuls", default="auto", choices=CPU_MATMULS,
+                    help="the library of jaxicl's products on CPU (TrainConfig.cpu_matmuls)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     table = SMOKE if args.smoke else GPU if args.gpu else WORKLOADS
@@ -295,12 +298,15 @@ def main(argv=None) -> None:
                        "alternating"]
     with jax.default_matmul_precision(PRECISION):
         peak = matmul_peak_gflops(256 if args.smoke else 2048)
-        notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, this run); matmuls computed in "
-                     f"{PRECISION} on both sides")
+        notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, the faster of XLA's default products "
+                     f"and oneDNN's on CPU, this run); jaxicl's chunks multiply with "
+                     f"{'oneDNN' if uses_onednn(args.cpu_matmuls) else 'XLA defaults'} "
+                     f"(TrainConfig.cpu_matmuls={args.cpu_matmuls!r}); "
+                     f"matmuls computed in {PRECISION} on both sides")
         for name in names:
             try:
                 row, note = bench(name, table[name], 1 if args.smoke else args.repeats, python, device, required,
-                                  args.memory_budget_mb * 2**20, peak)
+                                  args.memory_budget_mb * 2**20, peak, args.cpu_matmuls)
             except Exception as e:  # noqa: BLE001 - recorded in the row; the other workloads still run
                 traceback.print_exc()
                 row, note = {"workload": name, "failed": f"{type(e).__name__}: {e}"}, ""

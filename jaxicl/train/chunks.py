@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from jaxicl.prng import unrolled_threefry
 from jaxicl.train.config import TrainConfig
+from jaxicl.train.cpu_matmuls import compile_chunk
 from jaxicl.validation import ConfigError
 
 EvalSchedule = int | tuple[int, ...]  # evaluate every k steps (0: never), or at the listed steps
@@ -34,14 +35,14 @@ def evaluates_at(end: int, eval_every: EvalSchedule) -> bool:
 
 class ChunkPrograms:
     """A jitted chunk function `fn(state, *args, n)` (n static) lowered and compiled once per chunk length n, its
-    random draws through the unrolled threefry (jaxicl.prng).
+    random draws through the unrolled threefry (jaxicl.prng), its products on CPU by `cpu_matmuls`'s library.
 
     flops_per_step is XLA's cost analysis of a lowered chunk: its lax.scan lowers to one while loop
     whose body (one step) the analysis counts once, whatever n. None where the backend does not say.
     """
 
-    def __init__(self, fn: Callable):
-        self.fn, self.programs, self.flops_per_step = fn, {}, None
+    def __init__(self, fn: Callable, cpu_matmuls: str):
+        self.fn, self.cpu_matmuls, self.programs, self.flops_per_step = fn, cpu_matmuls, {}, None
 
     def __call__(self, state, *args, n: int):
         if n not in self.programs:
@@ -49,7 +50,7 @@ class ChunkPrograms:
                 lowered = self.fn.lower(state, *args, n)
             if self.flops_per_step is None:
                 self.flops_per_step = _flops(lowered)
-            self.programs[n] = lowered.compile()
+            self.programs[n] = compile_chunk(lowered, self.cpu_matmuls)
         return self.programs[n](state, *args)
 
 

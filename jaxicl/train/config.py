@@ -3,6 +3,7 @@
 import dataclasses
 
 from jaxicl.prng import PRNG_IMPLS
+from jaxicl.train.cpu_matmuls import CPU_MATMULS
 from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -26,6 +27,7 @@ class TrainConfig:
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
     seed: int = 0
     prng_impl: str = PRNG_IMPLS[0]  # the generator of the training batches (threefry2x32, JAX's default)
+    cpu_matmuls: str = "auto"  # the library of the chunks' products on CPU (jaxicl.train.cpu_matmuls)
     steps_per_call: int = 100  # steps compiled into one lax.scan call
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end
@@ -41,6 +43,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("prng_impl", self.prng_impl, PRNG_IMPLS)
+        check_choice("cpu_matmuls", self.cpu_matmuls, CPU_MATMULS)
         check_range("warmup_steps", self.warmup_steps, 0, self.steps)
         if self.warmup_steps and self.schedule == "constant":
             raise ConfigError(f"warmup_steps={self.warmup_steps} needs schedule='warmup_cosine' (schedule='constant' "

@@ -98,7 +98,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         writer = MetricsWriter(metrics_path, keep=lambda r: kept_on_resume(r, start, cfg, eval_every))
-        chunk = ChunkPrograms(jax.jit(partial(run_steps, **step_kw), static_argnums=1, donate_argnums=0))
+        chunk = ChunkPrograms(jax.jit(partial(run_steps, **step_kw), static_argnums=1, donate_argnums=0),
+                              cfg.cpu_matmuls)
         train_rows, eval_rows = [], []
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not outputs.is_primary(),
                    dynamic_ncols=True)

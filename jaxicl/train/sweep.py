@@ -110,7 +110,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     with jax.set_mesh(mesh):
         check_divisible(cfg.batch_size)
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))
-        run_chunk = ChunkPrograms(prog.run_chunk)
+        run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
         for k, idx in enumerate(chunks):
             store = CheckpointStore(os.path.join(out_dir, "checkpoints", f"chunk{k}"), keep=cfg.keep_checkpoints,
                                     config=config) if out_dir else None

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks.batching import Sampler
 from jaxicl.train.config import TrainConfig
+from jaxicl.train.cpu_matmuls import compile_chunk
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_program import SweepProgram, build_program
@@ -57,7 +58,8 @@ def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh
         with jax.set_mesh(mesh), unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
             sharding = NamedSharding(mesh, P(MEMBER_AXIS))
             a = prog.inputs(np.zeros(c, int), sharding)
-            m = prog.run_chunk.lower(prog.states(a, sharding), a["task"], n).compile().memory_analysis()
+            lowered = prog.run_chunk.lower(prog.states(a, sharding), a["task"], n)
+            m = compile_chunk(lowered, cfg.cpu_matmuls).memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
     one, two = total(g), total(2 * g)
