@@ -3,7 +3,7 @@
 By default XLA:CPU hands float32 dots to YNNPACK or to its own Eigen contractions; compiled with ONEDNN_OPTIONS, a
 program hands them to oneDNN instead (the library PyTorch's CPU build multiplies with). On a 2-core Intel Xeon
 (Emerald Rapids) the engine's training chunks ran 1.5-1.7x faster with oneDNN for the 1-layer linear attention of
-gd_equivalence and 1.1-1.2x for the GPT decoders (benchmarks/measurements.md); on AMD EPYCs it has not been
+gd_equivalence and 1.06-1.24x for the GPT decoders (benchmarks/measurements.md); on AMD EPYCs it has not been
 measured, so "auto" takes oneDNN on Intel CPUs only. The two libraries' losses agree to float32 rounding, not bit
 for bit; each program gives the same bits on every call, so a resumed run on the same machine continues exactly.
 Only the engine's training chunks take the choice (like jaxicl.prng's unrolled threefry); other platforms and
