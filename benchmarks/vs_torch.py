@@ -236,7 +236,7 @@ def step_memory(w: Workload, graphdef, params, budget: float, cpu_matmuls: str) 
 
 
 def bench(name: str, w: Workload, repeats: int, python: str, device: str, required: bool, budget: float, peak: float,
-          cpu_matmuls: str = "auto") -> tuple[dict, str]:
+          cpu_matmuls: str = CPU_MATMULS[0]) -> tuple[dict, str]:
     """One row: the agreement checks, both implementations' steps/s and their ratio, FLOP counts, the fraction of the
     matmul `peak` (GFLOP/s); `failed` says why where the reference is `required` and did not run."""
     graphdef, params = nnx.split(w.model())
@@ -282,7 +282,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, PyTorch on CUDA in this Python (its own torch)")
     ap.add_argument("--torch-python", default=None, help=f"the Python with torch (default {TORCH_PYTHON}; with "
                     "--gpu this one; with --gpu --smoke the default where it exists, else this one)")
-    ap.add_argument("--cpu-matmuls", default="auto", choices=CPU_MATMULS,
+    ap.add_argument("--cpu-matmuls", default=CPU_MATMULS[0], choices=CPU_MATMULS,
                     help="the library of jaxicl's products on CPU (TrainConfig.cpu_matmuls)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)

@@ -49,7 +49,7 @@ def test_the_engine_lowers_its_chunks_unrolled():
 
     # two functions: JAX caches the lowering of a traced function, whichever rule made it
     outside = jax.jit(make_steps(), static_argnums=1).lower(jax.random.key(0), 3).compile()
-    chunks = ChunkPrograms(jax.jit(make_steps(), static_argnums=1), "auto")
+    chunks = ChunkPrograms(jax.jit(make_steps(), static_argnums=1), "xla")
     chunks(jax.random.key(0), n=3)
     assert chunks.programs[3].as_text().count(" while(") == 1
     assert outside.as_text().count(" while(") > 1  # JAX's own lowering outside the engine

@@ -12,7 +12,7 @@ import sys
 
 
 def tiny_setup(steps: int, checkpoint_every: int = 0, steps_per_call: int = 5, prng_impl: str = "threefry2x32",
-               cpu_matmuls: str = "auto"):
+               cpu_matmuls: str = "xla"):
     from flax import nnx
 
     from jaxicl.models import SelfAttention

@@ -27,7 +27,7 @@ class TrainConfig:
     clip_norm: float = 0.0  # global gradient-norm clipping; 0 = off
     seed: int = 0
     prng_impl: str = PRNG_IMPLS[0]  # the generator of the training batches (threefry2x32, JAX's default)
-    cpu_matmuls: str = "auto"  # the library of the chunks' products on CPU (jaxicl.train.cpu_matmuls)
+    cpu_matmuls: str = CPU_MATMULS[0]  # the library of the chunks' products on CPU (jaxicl.train.cpu_matmuls)
     steps_per_call: int = 100  # steps compiled into one lax.scan call
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end
