@@ -332,6 +332,10 @@ def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_n
     assert [r["step"] for r in result.train_rows] == [0, 6]  # logged every 10 steps, and the stopping step
     np.testing.assert_allclose(result.train_rows[-1]["loss"], expected[6], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(result.state.params["w"]), 1 - 0.5**6, rtol=1e-6)  # w_6: not updated again
+    stopping = result.train_rows[-1]  # describes the step as it ended: no update, w_6 kept
+    assert stopping["update_rms"] == 0 and stopping["update_ratio"] == 0
+    np.testing.assert_allclose(stopping["param_rms"], 1 - 0.5**6, rtol=1e-6)
+    np.testing.assert_allclose(stopping["grad_norm"], np.sqrt(8) * 0.5**6, rtol=1e-5)  # |w_6 - 1| in 8 dimensions
     assert [r["step"] for r in result.eval_rows] == [0, 6]
     assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [6]
     rows = lambda: sorted(read_metrics(str(tmp_path / "metrics.jsonl")), key=lambda r: (r["step"], r["split"]))  # noqa: E731

@@ -120,8 +120,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
             stopped = metrics.pop("stopped", np.zeros(end - first, bool))
             steps = np.arange(first, end)
-            # a step that stopped the run (stop_loss) discarded its update
-            bad = ~np.isfinite(metrics["loss"]) | (~np.isfinite(metrics["param_rms"]) & ~stopped)
+            bad = ~np.isfinite(metrics["loss"]) | ~np.isfinite(metrics["param_rms"])
             done = int(np.argmax(stopped)) if stopped.any() else None  # the step whose loss fell below stop_loss
             logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1) | (np.arange(len(steps)) == done)
             stop = int(np.argmax(bad)) if bad.any() else len(steps) if done is None else done + 1

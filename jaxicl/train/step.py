@@ -36,7 +36,8 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     sample=None: the loss takes no batch (a full-batch or closed-form objective; loss_fn(params, None)).
     task_params: (possibly traced) values of task fields passed to `sample` as keywords (sweeps).
     stop_loss > 0: a step whose loss is below it leaves the state as it is (step counter included) and
-    reports stopped = True, so every later step does the same: the run has ended at that step.
+    reports stopped = True (its update_rms 0, its param_rms of the parameters kept), so every later step does the
+    same: the run has ended at that step.
     """
     batch = None if sample is None else sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step),
                                                      batch_size, task_params=task_params, step=state.step)
@@ -46,17 +47,20 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     else:
         (loss, (aux, buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, buffers)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    param_rms, update_rms = tree_rms(params), tree_rms(updates)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1,
+                        buffers=buffers)
+    update_rms = tree_rms(updates)
+    if stop_loss:
+        stopped = loss < stop_loss
+        new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)
+        update_rms = jnp.where(stopped, 0.0, update_rms)  # the stopping step's update is discarded
+    param_rms = tree_rms(new.params)  # of the parameters the step leaves
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "grad_rms": tree_rms(grads),
                "param_rms": param_rms, "update_rms": update_rms,
                "update_ratio": update_rms / jnp.maximum(param_rms, jnp.finfo(param_rms.dtype).tiny), **aux}
     if learning_rate is not None:
         metrics["lr"] = learning_rate(state.opt_state, state.step)
-    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1, buffers=buffers)
     if stop_loss:
-        stopped = loss < stop_loss
-        new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)
         metrics["stopped"] = stopped
     return new, metrics
 
