@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 import types
@@ -160,22 +159,7 @@ def test_numpy_samplers_give_the_device_samplers_shapes_and_the_table_has_every_
     x, y, _ = sampler_throughput.numpy_linear_regression(lr.LinearRegression(), rng, 4096)
     np.testing.assert_allclose(np.var(x[..., :-1]), 1.0, atol=0.02)  # 450k N(0, 1) draws: sd of the var 0.002
     np.testing.assert_allclose(np.var(y), 10.0, atol=0.5)  # y = <w, x>, w, x ~ N(0, I_10): var 10
-    sampler_throughput.main(["--smoke", "--out", str(tmp_path)])
-    table = rows(tmp_path / "sampler_throughput.json")
-    assert [r["family"] for r in table] == list(families)
-    assert all(r[f"{impl}_prompts_per_s"] > 0 for r in table for impl in PRNG_IMPLS[1:])  # every key implementation
-
-
-def run_module(args: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_device_scaling_runs_on_simulated_devices_and_reports_efficiency(tmp_path):
-    run_module(["benchmarks.device_scaling", "--smoke", "--out", str(tmp_path)])  # sets its device count first
-    table = rows(tmp_path / "device_scaling.json")
-    assert [r["devices"] for r in table] == [1, 2] and table[0]["efficiency"] == 1.0
-    assert [r["batch"] for r in table] == [4, 8]
+    # the benchmark's own run and table: the GPU check's rehearsal (below) runs it at these sizes
 
 
 def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
@@ -188,15 +172,12 @@ def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
     assert efficiency({"devices": 8, "prompts_per_s": 200.0}, {"devices": 1, "prompts_per_s": 100.0}) == 0.25
 
 
-def test_train_throughput_and_sweep_vs_loop_write_their_tables(tmp_path):
-    from benchmarks import sweep_vs_loop, train_throughput
+def test_train_throughput_writes_its_table(tmp_path):
+    from benchmarks import train_throughput
 
     train_throughput.main(["--smoke", "--out", str(tmp_path)])
     (row,) = rows(tmp_path / "train_throughput.json")
     assert row["steps_per_s"] > 0 and row["capture_all_over_none"] > 0
-    sweep_vs_loop.main(["--smoke", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
-    assert result["members"] == 4 and result["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
 
 
 def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
@@ -259,13 +240,19 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
 
 
 def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
+    """Also the tests of sampler_throughput, device_scaling and sweep_vs_loop at their smoke sizes (--smoke
+    replaces the GPU check's sizes), so the suite runs each once."""
     runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
     table = rows(tmp_path / "vs_torch.json")
     assert [r["workload"] for r in table] == list(vs_torch.SMOKE)
     assert [r.get("jaxicl_over_torch", 0) > 0 for r in table] == [HAS_TORCH] * len(table)  # PyTorch ran, on the CPU
-    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == list(sampler_throughput.families(True))
-    assert [r["devices"] for r in rows(tmp_path / "device_scaling.json")] == [1, 2]
-    assert json.loads((tmp_path / "sweep_vs_loop.json").read_text())["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+    samplers = rows(tmp_path / "sampler_throughput.json")
+    assert [r["family"] for r in samplers] == list(sampler_throughput.families(True))
+    assert all(r[f"{impl}_prompts_per_s"] > 0 for r in samplers for impl in PRNG_IMPLS[1:])  # each other generator
+    scaling = rows(tmp_path / "device_scaling.json")  # its process sets its own simulated device count
+    assert [(r["devices"], r["batch"]) for r in scaling] == [(1, 4), (2, 8)] and scaling[0]["efficiency"] == 1.0
+    sweep = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
+    assert sweep["members"] == 4 and sweep["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
     for name in ("gd_equivalence", "ar_fig7_non_augmented"):
         result = json.loads((tmp_path / "experiments" / name / "result.json").read_text())
         assert result["preset"] == "smoke" and result["checks"]
