@@ -13,7 +13,7 @@ from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, o
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
                                       patched_predictions, resolve_chunk_size)
 from jaxicl.analysis.probes import probe
-from jaxicl.models import apply, predictor
+from jaxicl.models import SelfAttention, apply, predictor
 from jaxicl.models.gpt import GPT
 from jaxicl.sites import Patch
 
@@ -104,6 +104,17 @@ def test_direct_effect_of_a_head_is_its_output_difference_sent_straight_to_the_o
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match=r"head index 2 of layer 0 is out of range; allowed 0..1"):
         direct_effect_patching(g, p, clean, corrupted, mean_prediction, [(0, 2)])
+
+
+def test_without_a_residual_stream_only_the_last_layers_heads_have_a_direct_effect():
+    g, p = nnx.split(SelfAttention(4, num_layers=2, num_heads=2, residual=False, init_scale=0.3, rngs=nnx.Rngs(0)))
+    clean, corrupted = (jax.random.normal(jax.random.key(k), (B, T, 4)) for k in (1, 2))
+    with pytest.raises(ValueError, match=r"no residual stream \(residual=False\).*layer\(s\) \[0\]"):
+        direct_effect_patching(g, p, clean, corrupted, last_sq, [(0, 1), (1, 0)])
+    # the last layer's output is the sum of its heads: patching a head there is its direct effect
+    direct = direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 0), (1, 1)])
+    patched = activation_patching(g, p, clean, corrupted, last_sq, ["layer1.attn.heads"], by="head")[0]
+    np.testing.assert_allclose(direct, patched, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("final_norm", [False, True])

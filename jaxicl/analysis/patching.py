@@ -190,13 +190,19 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     """Path patching of each head's direct effect: the metric of the corrupted run when only the path from
     head (layer, h) straight to the output carries its clean value: the difference of its clean and corrupted
     outputs (head_site, [T, H, D]) is added at stream_site (default: the last layer's resid_post), after
-    every later layer. Returns [len(heads)]."""
+    every later layer. Returns [len(heads)]. A model without a residual stream (SelfAttention(residual=False))
+    has no such path from a head below its last layer: asking for one is an error."""
     _check_batches(clean, corrupted)
     info = site_info(graphdef, params, clean[0])
     layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
     if stream_site is None and not layers:
         raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
                          f"from, one of {list(info)}")
+    if stream_site is None and not getattr(nnx.merge(graphdef, params), "residual", True):
+        if below := sorted({layer for layer, _ in heads} - {layers[-1]}):
+            raise ValueError(f"heads: this model has no residual stream (residual=False), so the heads of layer(s) "
+                             f"{below} reach the output only through the layers above them: no direct path; "
+                             f"direct effects exist for the last layer's heads (layer {layers[-1]})")
     stream_site = stream_site or f"layer{layers[-1]}.resid_post"
     names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
     check_sites([stream_site], info, "stream_site")
