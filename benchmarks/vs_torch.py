@@ -298,8 +298,8 @@ def main(argv=None) -> None:
                        "alternating"]
     with jax.default_matmul_precision(PRECISION):
         peak = matmul_peak_gflops(256 if args.smoke else 2048)
-        notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, the faster of XLA's default products "
-                     f"and oneDNN's on CPU, this run); jaxicl's chunks multiply with "
+        notes.append(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32, jitted, XLA's default products, this run); "
+                     f"jaxicl's chunks multiply with "
                      f"{'oneDNN' if uses_onednn(args.cpu_matmuls) else 'XLA defaults'} "
                      f"(TrainConfig.cpu_matmuls={args.cpu_matmuls!r}); "
                      f"matmuls computed in {PRECISION} on both sides")

@@ -18,7 +18,6 @@ from jaxicl.tasks import sample_batch
 from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
                           train)
 from jaxicl.train.checkpoint import check_resumable
-from jaxicl.train.cpu_matmuls import onednn_available
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
 from jaxicl.train.optim import make_optimizer
@@ -37,15 +36,9 @@ def _assert_params_close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
 
-# every batch generator on XLA's own products, and JAX's default generator on oneDNN's (jaxicl.train.cpu_matmuls)
-GENERATORS_AND_MATMULS = [*((impl, "xla") for impl in PRNG_IMPLS),
-                          pytest.param(PRNG_IMPLS[0], "onednn", marks=pytest.mark.skipif(
-                              not onednn_available(), reason="this jaxlib's XLA has no oneDNN dot fusion"))]
-
-
-@pytest.mark.parametrize("prng_impl,cpu_matmuls", GENERATORS_AND_MATMULS)
-def test_four_devices_give_the_same_losses_as_one(prng_impl, cpu_matmuls):
-    loss_fn, sample, task, cfg, params = tiny_setup(steps=15, prng_impl=prng_impl, cpu_matmuls=cpu_matmuls)
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_four_devices_give_the_same_losses_as_one(prng_impl):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=15, prng_impl=prng_impl)
     one = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(1), progress=False)
     four = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(4), progress=False)
     assert len(one.train_rows) == 15
@@ -75,12 +68,11 @@ def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_red
     assert "all-reduce" in hlo  # the per-device gradients are summed across the data axis
 
 
-@pytest.mark.parametrize("prng_impl,cpu_matmuls", GENERATORS_AND_MATMULS)
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, prng_impl, cpu_matmuls):
-    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10, prng_impl=prng_impl,
-                                                    cpu_matmuls=cpu_matmuls)
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, prng_impl):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10, prng_impl=prng_impl)
     straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
-    _, _, _, half_cfg, _ = tiny_setup(steps=10, checkpoint_every=10, prng_impl=prng_impl, cpu_matmuls=cpu_matmuls)
+    _, _, _, half_cfg, _ = tiny_setup(steps=10, checkpoint_every=10, prng_impl=prng_impl)
     train(loss_fn, sample, task, half_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
     resumed = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
     # exact: every chunk of both runs is the same compiled 5-step program applied to the same state

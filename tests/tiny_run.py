@@ -11,8 +11,7 @@ import os
 import sys
 
 
-def tiny_setup(steps: int, checkpoint_every: int = 0, steps_per_call: int = 5, prng_impl: str = "threefry2x32",
-               cpu_matmuls: str = "xla"):
+def tiny_setup(steps: int, checkpoint_every: int = 0, steps_per_call: int = 5, prng_impl: str = "threefry2x32"):
     from flax import nnx
 
     from jaxicl.models import SelfAttention
@@ -23,8 +22,7 @@ def tiny_setup(steps: int, checkpoint_every: int = 0, steps_per_call: int = 5, p
     model = SelfAttention(4, num_heads=2, init_scale=0.1, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     cfg = TrainConfig(steps=steps, batch_size=16, lr=1e-2, steps_per_call=steps_per_call, log_every=1,
-                      checkpoint_every=checkpoint_every, keep_checkpoints=2, prng_impl=prng_impl,
-                      cpu_matmuls=cpu_matmuls)
+                      checkpoint_every=checkpoint_every, keep_checkpoints=2, prng_impl=prng_impl)
     return regression_loss(graphdef), lr.sample, task, cfg, params
 
 

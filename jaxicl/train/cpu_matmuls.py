@@ -8,8 +8,9 @@ through an experimental path of XLA:CPU. On a 2-core Intel Xeon (Emerald Rapids)
 - the two libraries' losses agree to float32 rounding, not bit for bit, and oneDNN's are the same bits on every call
   of one program but not always in another process: a run killed and resumed in a new process may continue within
   rounding of the uninterrupted run instead of exactly (the test suite saw it; resumed in one process it is exact);
-- XLA's oneDNN path aborts some programs when they first run ("partition compile failed", then SIGILL): the
-  abstractions_lea model's training chunk does, on JAX 0.12.
+- XLA's oneDNN path aborts processes: the abstractions_lea model's training chunk when it first runs ("partition
+  compile failed", then SIGILL), and once, in the test suite, a plain 256 x 256 matmul (SIGABRT), on JAX 0.12.
+  The tests therefore only compile oneDNN programs.
 Only the engine's training chunks take the choice (like jaxicl.prng's unrolled threefry); other platforms and every
 other program keep XLA's defaults.
 """
