@@ -28,7 +28,7 @@ import numpy as np
 
 from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
-from experiments.common.result import Check, Outcome, check_above, check_below
+from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
 from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
 from jaxicl.models.attention import sweep_init
@@ -155,16 +155,15 @@ def member_query_mse(graphdef, params, batch) -> np.ndarray:
     return np.asarray(model(params))
 
 
-def pool_summary(losses: np.ndarray, members: list[dict], diverged: dict, dmmse_loss: dict[int, float]) -> dict:
+def pool_summary(losses: np.ndarray, members: list[dict], dmmse_loss: dict[int, float]) -> dict:
     """The members' fresh-task losses [M] by pool size task.n_tasks (dmmse_loss's keys; 0: a fresh task per prompt).
 
-    by_pool {k: losses of the members of pool k that did not diverge}; smallest: the smallest finite pool; small,
-    infinite: the mean loss at the smallest pool and at pool 0 (else the largest); beyond: the finite pools whose
-    mean loss is below their own dMMSE.
+    by_pool {k: losses of the members of pool k, a diverged member's at its last finite state (the divergence is a
+    check of its own)}; smallest: the smallest finite pool; small, infinite: the mean loss at the smallest pool and
+    at pool 0 (else the largest); beyond: the finite pools whose mean loss is below their own dMMSE.
     """
     pools = sorted(dmmse_loss)
-    by_pool = {k: losses[[i for i, m in enumerate(members) if m["task.n_tasks"] == k and i not in diverged]]
-               for k in pools}
+    by_pool = {k: losses[[i for i, m in enumerate(members) if m["task.n_tasks"] == k]] for k in pools}
     smallest = min(k for k in pools if k)
     return {"by_pool": by_pool, "smallest": smallest, "small": float(np.mean(by_pool[smallest])),
             "infinite": float(np.mean(by_pool[0 if 0 in pools else max(pools)])),
@@ -190,9 +189,12 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
     dmmse_loss = {k: ridge_loss if k == 0 else float(query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
         fresh.inputs), fresh.targets)) for k in pools}
     zero_loss = float(query_mse(jnp.zeros_like(fresh.targets), fresh.targets))  # E[y^2] on the fresh prompts
-    summary = pool_summary(losses, members, result.diverged, dmmse_loss)
+    summary = pool_summary(losses, members, dmmse_loss)
     figure = _plot_diversity(summary["by_pool"], dmmse_loss, ridge_loss, zero_loss, out_dir)
-    return diversity_checks(summary, dmmse_loss, ridge_loss, zero_loss, div), figure
+    diverged = {f"seed {members[m]['train.seed']} n_tasks {members[m]['task.n_tasks']}": step
+                for m, step in result.diverged.items()}
+    return (diversity_checks(summary, dmmse_loss, ridge_loss, zero_loss, div)
+            + [diverged_check(diverged, "diversity_diverged_members")]), figure
 
 
 def diversity_checks(summary: dict, dmmse_loss: dict[int, float], ridge_loss: float, zero_loss: float,

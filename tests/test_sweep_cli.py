@@ -67,7 +67,9 @@ def test_cli_sweep_trains_the_grid_and_sweep_report_regenerates_it(tmp_path, cap
 def test_sweep_lr_seeds_smoke_computes_every_check(tmp_path):
     result = run_experiment("sweep_lr_seeds", "smoke", str(tmp_path))
     names = [c["name"] for c in result["checks"]]
-    assert "best_member_rel_gap_to_gd1" in names and "transition_ratio_small_over_infinite_pool" in names
+    assert {"best_member_rel_gap_to_gd1", "transition_ratio_small_over_infinite_pool", "diverged_members",
+            "diversity_diverged_members"} <= set(names)
+    assert len(set(names)) == len(names)
     for c in result["checks"]:
         assert isinstance(c["value"], (int, float)) and math.isfinite(c["value"]), c
     for fig in result["figures"]:
@@ -81,7 +83,7 @@ _RIDGE, _ZERO = 0.301, 3.308
 
 def _diversity_checks(model: dict[int, float]) -> dict[str, dict]:
     members = [{"train.seed": 0, "task.n_tasks": k} for k in _DMMSE]
-    summary = sweep_lr_seeds.pool_summary(np.array([model[k] for k in _DMMSE]), members, {}, _DMMSE)
+    summary = sweep_lr_seeds.pool_summary(np.array([model[k] for k in _DMMSE]), members, _DMMSE)
     checks = sweep_lr_seeds.diversity_checks(summary, _DMMSE, _RIDGE, _ZERO, sweep_lr_seeds.Diversity())
     return {c.name: c for c in checks}
 

@@ -30,9 +30,9 @@ def check_above(name: str, value: float, bound: float, note: str = "") -> Check:
     return Check(name, float(value), f"> {bound:g}", bool(value > bound), note)
 
 
-def diverged_check(diverged: dict) -> Check:
+def diverged_check(diverged: dict, name: str = "diverged_members") -> Check:
     """Passes when no sweep member diverged; diverged maps a member's label to the step its loss became non-finite."""
-    return Check("diverged_members", len(diverged), "== 0", not diverged,
+    return Check(name, len(diverged), "== 0", not diverged,
                  f"members frozen at their last finite state (member: step): {diverged or 'none'}; their train "
                  f"metrics stop there")
 
