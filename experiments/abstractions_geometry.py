@@ -63,11 +63,12 @@ from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.tasks import boards as bd
 from jaxicl.validation import check_positive, check_range
 
-def chance(task: bd.Boards) -> dict[str, float]:
-    """Each class probe's chance accuracy (the most frequent class of a balanced probe set)."""
-    return {"root": 1 / task.n_roots, "masked_root": 1 / task.n_roots, "cell": 1 / 9,
-            "background": 1 / task.n_backgrounds, "composite": 1 / task.n_composites,
-            "composite_root": 1 / task.n_roots}
+def majority_share(labels: np.ndarray, held: np.ndarray) -> float:
+    """A class probe's chance accuracy: the share of the held-out rows (held [N] bool) whose label (labels [N]) is
+    the most frequent one of the other rows, i.e. the score of the constant predictor fit on the training rows.
+    Not 1 / classes: composites draw their roots with replacement from a few composites, so their root labels are
+    far from balanced."""
+    return float(np.mean(labels[held] == np.bincount(labels[~held]).argmax()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     trained, init = (measure(cfg, data, graphdef, p, sites, single, comp, k_double) for p in (params, init_params))
     distance, ratio, pr_root, pr_all, probes, context, obj, root = (trained[k] for k in (
         "distance", "ratio", "pr_root", "pr_all", "probes", "context", "obj", "root"))
+    probe_chance = {name: majority_share(y, held)
+                    for name, (_, _, y, held) in probe_problems(cfg, single, root, comp).items() if name != "position"}
     # the inner sites; layer0.z is the LayerNorm of the embedding (a per-token rescaling: no mixing across cells)
     inner = [s for s in sites[1:-1] if s != "layer0.z"]
     best, best_init = (min(inner, key=m["distance"].get) for m in (trained, init))
@@ -156,7 +159,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
             f"probe_{name}_gain_over_untrained", gain, cfg.min_probe_gain,
             f"best held-out {'R^2' if name == 'position' else 'accuracy'} over sites, trained {scores[top]:.3f} "
             f"at {top} minus untrained {init['probes'][name][top_init]:.3f} at {top_init}"
-            + ("" if name == "position" else f" (chance {chance(data.cfg)[name]:.3f})") + f"; per site: {fmt(scores)}; "
+            + ("" if name == "position" else f" (chance {probe_chance[name]:.3f})") + f"; per site: {fmt(scores)}; "
             f"untrained: {fmt(init['probes'][name])}"
             + (f" (held-out positions: {cfg.held_out_positions} of {n_pos})" if name == "root" else "")))
     gap = _gap(context)[best]
@@ -170,7 +173,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         f"at {best_gap_init}; gap per site: "
         f"{fmt(_gap(context))}; untrained: {fmt(_gap(init['context']))}. The single-board root probe on double "
         f"boards {context['transfer_double'][best]:.3f}, on composite boards {context['transfer_composite'][best]:.3f} "
-        f"(chance 0.1; untrained at {best_init}: {init['context']['transfer_double'][best_init]:.3f}, "
+        f"(chance {context['chance']['transfer_double']:.3f} and {context['chance']['transfer_composite']:.3f}; "
+        f"untrained at {best_init}: {init['context']['transfer_double'][best_init]:.3f}, "
         f"{init['context']['transfer_composite'][best_init]:.3f}). Attractor test (noise {cfg.perturb_alpha} |x| "
         f"on the object cells at embed), relative distance per later site: "
         + ", ".join(f"{s} {v:.2f}" for s, v in zip(perturb_sites, attractor))))
@@ -199,7 +203,7 @@ def measure(cfg, data, graphdef, params, sites, single, comp, k_double) -> dict:
     out = {name: {s: float(m[i]) for s, m in measured.items()}
            for i, name in enumerate(("distance", "ratio", "pr_root", "pr_all"))}
     comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
-    out["probes"] = probe_scores(cfg, sites, single, obj, root, comp, comp_acts)
+    out["probes"] = probe_scores(cfg, sites, probe_problems(cfg, single, root, comp), obj, comp_acts)
     out["context"] = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts)
     return out | {"obj": obj, "root": root}
 
@@ -217,9 +221,11 @@ def site_geometry(acts, obj, objects, root, n_roots: int, n_bck: int):
     return distance, ratio, pr_root, participation_ratio(flat)
 
 
-def probe_scores(cfg, sites, single, obj, root, comp, comp_acts) -> dict[str, dict[str, float]]:
-    """{feature: {site: held-out score}} for the single-board features and, on composite boards, composite id
-    and root id (comp: composite_set, comp_acts its activations; composite position (1, 1) held out)."""
+def probe_problems(cfg, single, root, comp) -> dict[str, tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """{feature: (board set, rows, labels, held)}: the single-board features are read at the probe boards' object
+    cells (rows of the [N * 9] cells, root [N * 9] their roots; held: the cfg.held_out_positions positions), composite
+    id and root id at the
+    composite boards' object cells (comp: composite_set; rows of its [M, 64] cells; held: composite position (1, 1))."""
     pos = bd.position_of(single["x"], single["y"])
     held_positions = np.unique(pos)[np.linspace(0, len(np.unique(pos)) - 1, cfg.held_out_positions).round()
                                     .astype(int)]
@@ -227,24 +233,31 @@ def probe_scores(cfg, sites, single, obj, root, comp, comp_acts) -> dict[str, di
     n = len(pos)
     cells = ab.footprint(single["x"], single["y"])
     masked = single["masked"][np.arange(n)[:, None], cells].ravel()
-    targets = {"root": root, "cell": np.tile(np.arange(9), n), "background": np.repeat(single["background"], 9),
-               "position": np.repeat(np.stack([single["x"], single["y"]], 1), 9, axis=0).astype(np.float32)}
-    out = {name: {} for name in ("root", "masked_root", "cell", "background", "position", "composite",
-                                 "composite_root")}
+    every = np.ones(n * 9, bool)
     on = comp["root"] >= 0  # [M, 64]
     comp_held = np.broadcast_to((comp["x"] == 1) & (comp["y"] == 1), on.T.shape).T[on]
+    return {"root": ("single", every, root, held),
+            "masked_root": ("single", masked, root[masked], held[masked]),
+            "cell": ("single", every, np.tile(np.arange(9), n), held),
+            "background": ("single", every, np.repeat(single["background"], 9), held),
+            "position": ("single", every, np.repeat(np.stack([single["x"], single["y"]], 1), 9, axis=0)
+                         .astype(np.float32), held),
+            "composite": ("composite", on, np.broadcast_to(comp["composite"], on.T.shape).T[on], comp_held),
+            "composite_root": ("composite", on, comp["root"][on], comp_held)}
+
+
+def probe_scores(cfg, sites, problems, obj, comp_acts) -> dict[str, dict[str, float]]:
+    """{feature: {site: held-out score}} of probe_problems' problems on the object cells obj ({site: [N, 9, D]})
+    of the single probe boards and the composite boards' activations comp_acts ({site: [M, 64, D]})."""
+    out = {name: {} for name in problems}
     for s in sites:
-        f = obj[s].reshape(n * 9, -1)
-        for name, y in targets.items():
+        features = {"single": obj[s].reshape(-1, obj[s].shape[-1]), "composite": comp_acts[s]}
+        for name, (board_set, rows, y, held) in problems.items():
+            f = features[board_set][rows]
             if name == "position":
                 out[name][s] = position_r2(f, y, held, cfg.ridge_lam)
             else:
                 out[name][s] = probe(f, y, lam=cfg.ridge_lam, held_out=held)["score"]
-        out["masked_root"][s] = probe(f[masked], root[masked], lam=cfg.ridge_lam, held_out=held[masked])["score"]
-        fc = comp_acts[s][on]
-        out["composite"][s] = probe(fc, np.broadcast_to(comp["composite"], on.T.shape).T[on], lam=cfg.ridge_lam,
-                                    held_out=comp_held)["score"]
-        out["composite_root"][s] = probe(fc, comp["root"][on], lam=cfg.ridge_lam, held_out=comp_held)["score"]
     return out
 
 
@@ -259,7 +272,8 @@ def position_r2(features: np.ndarray, xy: np.ndarray, held: np.ndarray, lam: flo
 def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comps, comp_acts) -> dict:
     """Per site: mean cosine of each root's single-board centroid with its centroid on double and composite
     boards ("cos_same"), with other roots' centroids there ("cos_other"), and the held-out accuracy on double
-    and composite boards' object cells of a root probe fit on every single-board object cell."""
+    and composite boards' object cells of a root probe fit on every single-board object cell; "chance": the
+    majority_share of those two transfers ({name: float})."""
     n_roots = data.cfg.n_roots
     rng = np.random.default_rng(int(jax.random.randint(k_double, (), 0, 2**31 - 1)))
     tuples = np.concatenate([data.tuples(split, "double") for split in ("train", "test")])
@@ -267,7 +281,7 @@ def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double
                             cfg.mask_p, k_double)
     others = [doubles, comps]
     acts = [ab.activations(graphdef, params, doubles["tokens"], sites), comp_acts]
-    out = {k: {} for k in ("cos_same", "cos_other", "transfer_double", "transfer_composite")}
+    out = {k: {} for k in ("cos_same", "cos_other", "transfer_double", "transfer_composite", "chance")}
     for s in sites:
         d = obj[s].shape[-1]
         single_f = obj[s].reshape(-1, d)
@@ -283,8 +297,9 @@ def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double
             f = a[s][o["root"] >= 0]
             both = np.concatenate([single_f, f])
             held = np.r_[np.zeros(len(single_f), bool), np.ones(len(f), bool)]
-            out[name][s] = probe(both, np.concatenate([root, o["root"][o["root"] >= 0]]), lam=cfg.ridge_lam,
-                                 held_out=held)["score"]
+            labels = np.concatenate([root, o["root"][o["root"] >= 0]])
+            out[name][s] = probe(both, labels, lam=cfg.ridge_lam, held_out=held)["score"]
+            out["chance"][name] = majority_share(labels, held)
     return out
 
 

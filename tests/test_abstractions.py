@@ -88,6 +88,28 @@ def test_probe_sets_follow_the_renderer():
     assert np.isnan(ab.centroids(x, labels, 5)[4]).all()
 
 
+def test_probe_chance_is_the_training_majority_share_of_the_held_out_rows():
+    """The composite boards' root labels are unbalanced (four roots drawn with replacement from a few composites), so
+    the composite-root probe's chance is the constant predictor's score, not 1 / n_roots."""
+    from collections import Counter
+
+    from experiments.abstractions_geometry import Config, majority_share, probe_problems
+
+    data = bd.build(bd.Boards())
+    single = ab.single_probe_set(data, 4, 0.25, jax.random.key(0))
+    cells = ab.footprint(single["x"], single["y"])
+    root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)
+    problems = probe_problems(Config(), single, root, ab.composite_set(data, 0.25, jax.random.key(1)))
+    for name, (_, _, y, held) in problems.items():
+        if name != "position":
+            top = Counter(y[~held].tolist()).most_common(1)[0][0]
+            assert majority_share(y, held) == sum(v == top for v in y[held]) / held.sum(), name
+    _, rows, y, held = problems["composite_root"]
+    assert len(y) == rows.sum() and 0 < held.sum() < len(y)
+    assert majority_share(y, held) > 1.5 / data.cfg.n_roots  # unbalanced: far above 1 / n_roots
+    assert majority_share(np.array([0, 0, 1, 0, 1, 2]), np.array([0, 0, 0, 1, 1, 1], bool)) == 1 / 3  # class 0
+
+
 def test_shown_root_against_a_loop_over_roots():
     data = bd.build(bd.Boards())
     single = ab.single_probe_set(data, 36, 0.0, jax.random.key(0))
