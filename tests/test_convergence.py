@@ -39,6 +39,9 @@ def test_within_board_ratio_against_a_loop_and_a_planted_object():
     planted = f.copy()
     planted[obj] = f[1] + 0.01 * rng.normal(size=(4, 5))  # the object's cells converged
     assert float(within_board_ratio(jnp.asarray(planted, jnp.float32), jnp.asarray(obj))) < 0.05
+    one_cell, every_cell = np.arange(12) == 3, np.ones(12, bool)  # no pair inside the object; no cell outside it
+    for undefined in (one_cell, every_cell):
+        assert np.isnan(float(within_board_ratio(jnp.asarray(f, jnp.float32), jnp.asarray(undefined))))
 
 
 def test_participation_ratio_of_planted_low_rank_sets():
@@ -59,6 +62,10 @@ def test_participation_ratio_of_planted_low_rank_sets():
     ev = np.linalg.eigvalsh(cov)
     assert float(participation_ratio(jnp.asarray(x[:2000], jnp.float32))) == pytest.approx(
         ev.sum() ** 2 / np.sum(ev**2), rel=1e-4)
+    # no direction to count (it was 0 before, below the documented range): one row, no row, rows all zero
+    for rows in (np.eye(1000)[0], np.zeros(1000)):
+        assert np.isnan(float(participation_ratio(jnp.asarray(both, jnp.float32), jnp.asarray(rows))))
+    assert np.isnan(float(participation_ratio(jnp.zeros((5, 3), jnp.float32))))
 
 
 def test_probe_with_held_out_rows_scores_exactly_those_rows():
@@ -75,6 +82,27 @@ def test_probe_with_held_out_rows_scores_exactly_those_rows():
     assert out["score"] == pytest.approx(np.mean(pred == y[held])) and out["score"] > 0.9
     with pytest.raises(ValueError, match="rows on both sides"):
         probe(x, y, held_out=np.ones(400, bool))
+
+
+def test_probe_r2_of_a_column_constant_on_the_held_out_rows_is_0_not_a_division_by_zero():
+    """scikit-learn's r2_score convention: a column without variance on the scored rows scores 1 if predicted exactly,
+    else 0; the other columns keep their R^2 (numpy's, from the probe's own weights)."""
+    from jaxicl.analysis.probes import probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    held = np.arange(200) >= 150
+    y = np.stack([x @ [1.0, -2.0, 0.5] + 0.3 * rng.normal(size=200), np.where(held, 0.0, rng.normal(size=200))], 1)
+    out = probe(x, y.astype(np.float32), held_out=held)
+    pred = x[held] @ out["weights"][:-1] + out["weights"][-1]
+    r2 = 1 - np.sum((pred[:, 0] - y[held, 0]) ** 2) / np.sum((y[held, 0] - y[held, 0].mean()) ** 2)
+    assert out["score"] == pytest.approx((r2 + 0.0) / 2, rel=1e-5) and r2 > 0.9
+    zeros = np.stack([y[:, 0], np.zeros(200)], 1).astype(np.float32)  # all-zero targets: fit and predicted exactly
+    exact = probe(x, zeros, held_out=held)
+    assert np.all(exact["weights"][:, 1] == 0)
+    pred = x[held] @ exact["weights"][:-1, 0] + exact["weights"][-1, 0]
+    r2 = 1 - np.sum((pred - y[held, 0]) ** 2) / np.sum((y[held, 0] - y[held, 0].mean()) ** 2)
+    assert exact["score"] == pytest.approx((r2 + 1.0) / 2, rel=1e-5)
 
 
 def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation():
@@ -95,6 +123,12 @@ def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation(
     d = np.asarray(perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
                                           jax.random.key(1), sites))
     assert d[0] == pytest.approx(0.3, rel=1e-5)  # at the perturbed site: alpha by construction
+    with pytest.raises(ValueError, match=r"cells must be a \[B, T\] = \[3, 64\] mask"):  # [T] would broadcast
+        perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells[0]), 0.3,
+                               jax.random.key(1), sites)
+    with pytest.raises(ValueError, match=r"must be \[T, D\] sites.*layer0.attn.weights"):
+        perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
+                               jax.random.key(1), ["layer0.attn.weights"])
     # an independent route: the clean and the perturbed run of each board, the same noise
     x = np.stack([apply(graphdef, params, t, capture=sites)[1]["layer0.resid_post"] for t in tokens])
     noise = np.asarray(jax.random.normal(jax.random.key(1), x.shape))

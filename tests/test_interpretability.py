@@ -91,6 +91,23 @@ def test_attribution_patching_is_exact_where_the_metric_is_linear_in_the_patched
     assert gap.max() > 1e-3
 
 
+def test_attribution_patching_of_a_complex_site_is_real_and_exact_where_the_metric_is_linear():
+    """For a complex site JAX's gradient of a real metric is df/dRe - i df/dIm: the first-order change of the metric
+    is the real part of grad * delta, a real number."""
+    from jaxicl.models.ar_linear_attention import DiagonalPositionalAttention
+
+    g, p = nnx.split(DiagonalPositionalAttention(2, 2, 4, init_scale=0.5, rngs=nnx.Rngs(0)))
+    clean, corrupted = (jax.lax.complex(*jax.random.normal(jax.random.key(k), (2, 2, 4, 2))) for k in (1, 2))
+
+    def metric(predictions):  # linear in attn.heads (the output is the sum of the heads)
+        return jnp.mean(jnp.real(predictions[:, -1, 0]))
+
+    args = (g, p, clean, corrupted, metric, ["attn.heads"])
+    attribution = attribution_patching(*args, by="head")
+    assert not np.iscomplexobj(attribution)
+    np.testing.assert_allclose(attribution, activation_patching(*args, by="head"), rtol=1e-5, atol=1e-6)
+
+
 def test_direct_effect_of_a_head_is_its_output_difference_sent_straight_to_the_output():
     g, p, clean, corrupted = _setup(final_norm=False)
     effect = direct_effect_patching(g, p, clean, corrupted, mean_prediction, [(0, 1), (1, 0)])

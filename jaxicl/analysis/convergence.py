@@ -36,20 +36,24 @@ def cross_board_distance(features: jax.Array) -> jax.Array:
 
 def within_board_ratio(features: jax.Array, objects: jax.Array) -> jax.Array:
     """R = W / OB for one board: features [T, D], objects [T] bool (the cells of one object). W is the mean unit
-    distance among the object's cells, OB the mean unit distance between its cells and the other cells."""
+    distance among the object's cells, OB the mean unit distance between its cells and the other cells. NaN where
+    undefined: an object of fewer than 2 cells (no pair for W) or of every cell (none for OB)."""
     u = unit(features)
     o = objects.astype(u.dtype)
     w = mean_pairwise_distance(u, o[:, None] * o[None])
     ob = mean_pairwise_distance(u, o[:, None] * (1 - o)[None] + (1 - o)[:, None] * o[None])
-    return w / jnp.maximum(ob, 1e-12)
+    defined = (o.sum() >= 2) & (o.sum() < o.shape[0])
+    return jnp.where(defined, w / jnp.maximum(ob, 1e-12), jnp.nan)
 
 
 def participation_ratio(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """(sum lambda)^2 / sum lambda^2 of the covariance of the rows of x [N, D] (rows weighted by weights [N] if
-    given, e.g. a mask selecting one root's cells): between 1 (one direction) and D (isotropic)."""
+    given, e.g. a mask selecting one root's cells): between 1 (one direction) and D (isotropic); NaN where the
+    selected rows do not vary (none, one, or all equal: no direction at all)."""
     w = jnp.ones(x.shape[0], x.dtype) if weights is None else weights.astype(x.dtype)
     w = w / jnp.maximum(w.sum(), 1e-12)
     centred = x - w @ x
     cov = (centred * w[:, None]).T @ centred
     # trace and Frobenius norm of the covariance: sum lambda and sum lambda^2, no eigendecomposition needed
-    return jnp.trace(cov) ** 2 / jnp.maximum(jnp.sum(cov**2), 1e-30)
+    sum_sq = jnp.sum(cov**2)
+    return jnp.where(sum_sq > 0, jnp.trace(cov) ** 2 / jnp.where(sum_sq > 0, sum_sq, 1.0), jnp.nan)

@@ -178,7 +178,9 @@ def _attribution(graphdef, params, corrupted, clean_values, masks, metric):
     base, grads = jax.value_and_grad(of_deltas)(zeros)
     total = base
     for s in names:
-        effect = jnp.sum(grads[s] * (clean_values[s] - corrupted_values[s]), axis=0)  # [*site shape]
+        # the real part: for a complex site JAX's gradient of a real metric is df/dRe - i df/dIm, and the first-order
+        # change is Re(grad * delta)
+        effect = jnp.sum(jnp.real(grads[s] * (clean_values[s] - corrupted_values[s])), axis=0)  # [*site shape]
         m = masks[s]
         total = total + jnp.sum(m * effect[None], axis=tuple(range(1, m.ndim)))
     return total

@@ -23,6 +23,13 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
     noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]."""
     info = site_info(graphdef, params, tokens[0])
     check_sites([site, *sites], info)
+    t = tokens.shape[1]
+    not_cells = {s: info[s][0] for s in [site, *sites] if len(info[s][0]) != 2 or info[s][0][0] != t}
+    if not_cells:
+        raise ValueError(f"site and sites must be [T, D] sites (a vector per cell, T = {t}), got {not_cells}")
+    if cells.shape != tokens.shape[:2]:
+        raise ValueError(f"cells must be a [B, T] = {list(tokens.shape[:2])} mask (one row per prompt), got "
+                         f"{list(cells.shape)}")
     clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
     x = clean[site]
     noise = jax.random.normal(key, x.shape)

@@ -22,9 +22,10 @@ def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
 def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fraction: float = 0.25,
           key: jax.Array | None = None, held_out: jax.Array | None = None) -> dict:
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
-    over K) or [N] ints (classes: one-hot regression, accuracy of the argmax). Returns {"score", "train_score",
-    "weights"} with score "r2" or "accuracy" on the held-out prompts: a random split by key (default key 0), or the
-    rows where held_out [N] is True (e.g. whole board positions, so the probe must generalise across them)."""
+    over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints (classes: one-hot
+    regression, accuracy of the argmax). Returns {"score", "train_score", "weights"} with score "r2" or "accuracy"
+    on the held-out prompts: a random split by key (default key 0), or the rows where held_out [N] is True (e.g.
+    whole board positions, so the probe must generalise across them)."""
     features = jnp.asarray(features, jnp.float32)
     targets = jnp.asarray(targets)
     n = features.shape[0]
@@ -67,6 +68,10 @@ def _fit_and_score(features, targets, train, test, lam, n_classes: int):
             return jnp.mean(jnp.argmax(pred, -1) == targets[idx])
         resid = jnp.sum((pred - y[idx]) ** 2, 0)
         total = jnp.sum((y[idx] - y[idx].mean(0)) ** 2, 0)
-        return jnp.mean(1 - resid / jnp.maximum(total, 1e-30))
+        # a column constant on these rows has no variance to explain: 1 for an exact prediction, else 0 (as
+        # scikit-learn's r2_score), not a division by ~0
+        constant = jnp.ptp(y[idx], 0) == 0
+        r2 = 1 - resid / jnp.where(constant, 1.0, total)
+        return jnp.mean(jnp.where(constant, (resid == 0).astype(r2.dtype), r2))
 
     return w, score(test), score(train)
