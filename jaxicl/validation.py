@@ -1,6 +1,7 @@
 """Config validation helpers: every error names the field and the allowed values."""
 
 import math
+import numbers
 from collections.abc import Iterable
 
 
@@ -21,6 +22,12 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}, got {value!r}")
     check_finite(name, value)
+
+
+def check_integer(name: str, value) -> None:
+    """Rejects anything but an integer (Python or numpy; not a bool): a count or step given as 2.5 or True."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
 
 
 def check_range(name: str, value, low=None, high=None) -> None:

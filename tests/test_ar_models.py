@@ -59,7 +59,7 @@ def test_diagonal_positional_attention_matches_a_loop(x64):
 
 
 def _np_linear(lin, x):
-    return x @ np.asarray(lin.w[...]) + np.asarray(lin.b[...])
+    return x @ np.asarray(lin.w[...]) + np.asarray(lin.bias[...])
 
 
 def _np_layernorm(norm, x):

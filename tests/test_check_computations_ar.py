@@ -109,7 +109,7 @@ def test_qk_vo_are_the_layer_bilinear_score_and_value_output_maps(x64):
     model = jax.tree.map(lambda v: v.astype(jnp.float64), AugmentedTransformer(3 * d, 1, rngs=nnx.Rngs(0)))
     layer = model.layers[0]
     for lin in (layer.q, layer.k, layer.v, layer.o):
-        lin.b[...] = jnp.zeros_like(lin.b[...])
+        lin.bias[...] = jnp.zeros_like(lin.bias[...])
     qk, vo = qk_vo(layer)
     _, cache = apply(*nnx.split(model), tokens, capture={"layer0.attn.scores", "layer0.attn.out"})
     x = np.asarray(tokens)

@@ -167,7 +167,9 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
     ({"cpu_matmuls": "mkl"}, r"cpu_matmuls must be one of \('xla', 'onednn'\)"),
     ({"lr": float("inf")}, "lr must be a finite number"), ({"stop_loss": float("nan")}, "stop_loss"),
     ({"warmup_steps": 5}, "warmup_steps=5 needs schedule='warmup_cosine'.*schedule='constant'"),
-    ({"betas": (0.9, 1.0)}, "betas"), ({"weight_decay": 0.1, "optimizer": "adam"}, "weight_decay=0.1 needs")])
+    ({"betas": (0.9, 1.0)}, "betas"), ({"weight_decay": 0.1, "optimizer": "adam"}, "weight_decay=0.1 needs"),
+    ({"log_every": 2.5}, "log_every must be an integer, got 2.5"), ({"seed": 1.0}, "seed must be an integer"),
+    ({"steps": True}, "steps must be an integer, got True"), ({"keep_checkpoints": 1.5}, "keep_checkpoints")])
 def test_bad_train_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kwargs)
@@ -224,6 +226,49 @@ def test_a_run_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_pat
     again = train(loss_fn, sample, task, other, params, out_dir=out, progress=False)  # restores, trains nothing
     _assert_params_close(again.state.params, second.state.params, rtol=0, atol=0)
     assert [r["step"] for r in again.train_rows] == list(range(5))
+
+
+class _Stopped(Exception):
+    """Stands for Ctrl-C or a lost machine."""
+
+
+def _stop(params):
+    raise _Stopped
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_config_for_the_next_run(tmp_path):
+    """Orbax writes a store's config when it first opens the directory: a run stopped before any checkpoint left its
+    config there, and the next run's checkpoints were stored under it (its rerun refused, the first config's rerun
+    resumed from them)."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10)  # a checkpoint only at the end
+    out = str(tmp_path)
+    with pytest.raises(_Stopped):  # stopped in the step-0 evaluation, before any checkpoint
+        train(loss_fn, sample, task, cfg, params, out_dir=out, evaluate=_stop, progress=False)
+    other = dataclasses.replace(cfg, lr=3e-2)
+    second = train(loss_fn, sample, task, other, params, out_dir=out, progress=False)
+    assert CheckpointStore(str(tmp_path / "checkpoints")).config()["train"]["lr"] == 3e-2
+    with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.03 vs now 0.01"):
+        train(loss_fn, sample, task, cfg, params, out_dir=out, progress=False)
+    again = train(loss_fn, sample, task, other, params, out_dir=out, progress=False)  # restores, trains nothing
+    _assert_params_close(again.state.params, second.state.params, rtol=0, atol=0)
+
+
+def test_resuming_with_another_evaluation_schedule_is_refused(tmp_path):
+    """A resume with another eval_every would keep the old schedule's rows before the checkpoint and write the new
+    one's after it: a file matching neither run."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10, checkpoint_every=5)
+    out = str(tmp_path)
+
+    def evaluate(p):
+        return {"norm": optax.tree.norm(p)}
+
+    train(loss_fn, sample, task, cfg, params, out_dir=out, evaluate=evaluate, eval_every=2, progress=False)
+    with pytest.raises(ConfigError, match=r"eval_every: checkpoint 2 vs now 5"):
+        train(loss_fn, sample, task, cfg, params, out_dir=out, evaluate=evaluate, eval_every=5, progress=False)
+    with pytest.raises(ConfigError, match=r"eval_every: checkpoint 2 vs now \[4, 8\]"):
+        train(loss_fn, sample, task, cfg, params, out_dir=out, evaluate=evaluate, eval_every=(4, 8), progress=False)
+    again = train(loss_fn, sample, task, cfg, params, out_dir=out, evaluate=evaluate, eval_every=2, progress=False)
+    assert [r["step"] for r in again.eval_rows] == [0, 2, 4, 6, 8, 10]
 
 
 def test_a_schedule_that_depends_on_steps_refuses_to_resume_with_other_steps(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxicl.models.ar_linear_attention import AugmentedLinearAttention, DiagonalPositionalAttention
 from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.train import TrainConfig
 from jaxicl.train.optim import decay_mask, make_optimizer, path_names, scheduled_lr, unit_schedule
@@ -16,10 +17,16 @@ def test_default_decay_mask_skips_biases_norm_scales_and_position_tables():
     mask = decay_mask(params, TrainConfig().no_decay)
     got = {"/".join(path_names(p)): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     # by hand: only the Linear weights w are decayed
-    expected = {"k/b": False, "k/w": True, "mix/b": False, "mix/w": True, "norm/bias": False, "norm/scale": False,
-                "positions": False, "q/b": False, "q/w": True, "head/b": False, "head/w": True,
-                "v/b": False, "v/w": True}
+    expected = {"k/bias": False, "k/w": True, "mix/bias": False, "mix/w": True, "norm/bias": False,
+                "norm/scale": False, "positions": False, "q/bias": False, "q/w": True, "head/bias": False,
+                "head/w": True, "v/bias": False, "v/w": True}
     assert got == expected
+    # the autoregressive models' A and B (and P) are weights: all decayed
+    for model, names in ((AugmentedLinearAttention(3, rngs=nnx.Rngs(0)), "ab"),
+                         (DiagonalPositionalAttention(3, 2, 5, rngs=nnx.Rngs(0)), "abp")):
+        mask = decay_mask(nnx.state(model, nnx.Param), TrainConfig().no_decay)
+        assert {"/".join(path_names(p)): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]} == {
+            n: True for n in names}
 
 
 def test_adamw_decays_exactly_the_masked_parameters():

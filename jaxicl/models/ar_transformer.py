@@ -36,15 +36,15 @@ QUERIES = ("current", "previous")
 
 
 class Linear(nnx.Module):
-    """x [..., n_in] -> x w + b [..., n_out]; PyTorch default init."""
+    """x [..., n_in] -> x w + bias [..., n_out]; PyTorch default init."""
 
     def __init__(self, n_in: int, n_out: int, *, rngs: nnx.Rngs):
         bound = 1.0 / jnp.sqrt(n_in)
         self.w = nnx.Param(jax.random.uniform(rngs.params(), (n_in, n_out), minval=-bound, maxval=bound))
-        self.b = nnx.Param(jax.random.uniform(rngs.params(), (n_out,), minval=-bound, maxval=bound))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (n_out,), minval=-bound, maxval=bound))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.w[...] + self.b[...]
+        return x @ self.w[...] + self.bias[...]
 
 
 def causal(t: int) -> jax.Array:

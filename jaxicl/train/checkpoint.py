@@ -40,10 +40,19 @@ class CheckpointStore:
 
     def __init__(self, directory: str, *, keep: int = 3, config: dict | None = None):
         self.directory = os.path.abspath(directory)
-        self._ckptr = ocp.training.Checkpointer(
-            self.directory,
-            preservation_policy=ocp.training.preservation_policies.LatestN(keep),
-            custom_metadata=config or {})
+        self._ckptr = self._open(keep, config)
+        if not self._ckptr.checkpoints and self.config() != normalise_config(config or {}):
+            # orbax writes the config when a store first opens a directory and never rewrites it: a run that stopped
+            # before its first checkpoint left its own config here, under which this run's checkpoints would be
+            # stored (and another config's rerun would resume them); with no checkpoint there is nothing to keep
+            self._ckptr.close()
+            remove_checkpoints(self.directory)
+            self._ckptr = self._open(keep, config)
+
+    def _open(self, keep: int, config: dict | None):
+        return ocp.training.Checkpointer(self.directory,
+                                         preservation_policy=ocp.training.preservation_policies.LatestN(keep),
+                                         custom_metadata=config or {})
 
     def save(self, state: TrainState, step: int | None = None) -> None:
         """Blocks until the checkpoint at `step` (default state.step) is committed.

@@ -4,13 +4,13 @@ import dataclasses
 
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.train.cpu_matmuls import CPU_MATMULS
-from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
-# Not decayed by default: biases (any name containing 'bias', Linear's 'b'), LayerNorm scales, embeddings and
-# position tables.
-NO_DECAY = ("*bias*", "b", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
+# Not decayed by default: biases (any name containing 'bias'), LayerNorm scales, embeddings and position tables. (Not
+# a bare 'b': the autoregressive models' B is a weight matrix.)
+NO_DECAY = ("*bias*", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class TrainConfig:
     stop_loss: float = 0.0  # > 0: stop at the first step whose loss (before its update) is below this
 
     def __post_init__(self):
+        for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints", "warmup_steps",
+                     "checkpoint_every", "seed"):
+            check_integer(name, getattr(self, name))
         for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints"):
             check_positive(name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every", "stop_loss"):

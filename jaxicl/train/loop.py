@@ -43,12 +43,13 @@ class TrainResult:
     info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; None when no step ran), devices
 
 
-def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None) -> dict:
-    """The config stored with a run's checkpoints: its train and task sections (task {} without a task) and the
-    matmul precision in force (jax.default_matmul_precision: on a GPU or TPU it changes the results)."""
+def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: EvalSchedule | None) -> dict:
+    """The config stored with a run's checkpoints: its train and task sections (task {} without a task), the matmul
+    precision in force (jax.default_matmul_precision: on a GPU or TPU it changes the results) and the evaluation
+    schedule (None without an evaluate function; a resume with another would mix two schedules' eval rows)."""
     task = dataclasses.asdict(task_cfg) if task_cfg is not None else {}
     return {"train": dataclasses.asdict(cfg), "task": task,
-            "matmul_precision": jax.config.jax_default_matmul_precision, **(extra or {})}
+            "matmul_precision": jax.config.jax_default_matmul_precision, "eval_every": eval_every, **(extra or {})}
 
 
 def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, params, *,
@@ -73,7 +74,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
     tx = make_optimizer(cfg) if tx is None else tx
     check_eval_schedule(eval_every, cfg.steps)
-    config = stored_config(task_cfg, cfg, run_config)
+    config = stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None)
     step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,
                    learning_rate=learning_rate, stop_loss=cfg.stop_loss)
     with jax.set_mesh(mesh):

@@ -97,7 +97,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     chunks = [np.arange(lo, min(lo + size, len(members))) for lo in range(0, len(members), size)]
     swept = swept_values([{(p if "." in p else f"init.{p}"): v for p, v in m.items()} for m in members])
     # the members in order: a rerun with another order or pairing of the same values must not resume into them
-    config = mark_swept({**stored_config(task_cfg, cfg, run_config),
+    config = mark_swept({**stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None),
                          "sweep": {"chunk_size": size, "members": members}}, swept)
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if out_dir:

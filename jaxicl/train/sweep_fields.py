@@ -85,7 +85,8 @@ def plain_members(members: list[dict]) -> list[dict]:
 
 
 def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[str, np.ndarray]:
-    """{name: [M] values of member[prefix + name]}: int32 when every value is an int, else float32."""
+    """{name: [M] values of member[prefix + name]}: int32 when every value is an int, else float64 (exact; JAX takes
+    them as float32 unless jax_enable_x64 is on, where a lone run's Python floats are float64 too)."""
     out = {}
     for n in names:
         values = [m[f"{prefix}{n}"] for m in members]
@@ -93,7 +94,7 @@ def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[st
         if integers and not all(-2**31 <= v < 2**31 for v in values):
             raise ConfigError(f"{prefix}{n}: a swept integer must fit in int32 [-2**31, 2**31), got "
                               f"{[v for v in values if not -2**31 <= v < 2**31]}")
-        out[n] = np.asarray(values, np.int32 if integers else np.float32)
+        out[n] = np.asarray(values, np.int32 if integers else np.float64)
     return out
 
 
