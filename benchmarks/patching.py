@@ -8,7 +8,9 @@ The model is jaxicl.models.gpt.GPT with token inputs at the affine_mechanism siz
 in a HookedTransformer (attention biases 0), the same clean and corrupted batches and the same metric
 (the mean logit of an answer token at the last position), and patches hook_z per (layer, position,
 head) with `patching.get_act_patch_attn_head_out_by_pos`. The grids must agree to float tolerance or
-nothing is timed. TransformerLens runs in the PyTorch environment benchmarks/.venv-torch (Python 3.11;
+nothing is timed. Every timing includes the clean run whose activations are patched in (jaxicl's
+activation_patching makes it inside its call; TransformerLens's run_with_cache and the loop's run_with_cache are
+timed with their grids). TransformerLens runs in the PyTorch environment benchmarks/.venv-torch (Python 3.11;
 `make benchmarks/.venv-torch` installs it); where it is missing the benchmark says so and times the
 jaxicl loop only. Also reported: the compiled grid's memory (XLA's analysis) by chunk size, and the
 largest chunk that fits --budget-mb.
@@ -92,14 +94,14 @@ def bench_batch(model: GPT, sizes: dict, batch: int, repeats: int, budget: float
     compiled_first = time.perf_counter() - start
     compiled_best = best_seconds(grid_fn, repeats)
 
-    # the loop: one jitted forward pass per patch, a host sync after each
+    # the loop: one jitted forward pass per patch, a host sync after each, after the clean run (timed, as the grid's)
     plan = build_grid(site_info(graphdef, params, clean[0]), sites, "pos_head")
-    values = run_with_cache(graphdef, params, clean, sites)[1]
-    step = jax.jit(lambda masks: metric(patched_predictions(graphdef, params, corrupted,
-                                                            Patch(values=values, masks=masks))))
+    step = jax.jit(lambda values, masks: metric(patched_predictions(graphdef, params, corrupted,
+                                                                    Patch(values=values, masks=masks))))
 
     def loop():
-        return np.array([float(step({s: m[g] for s, m in plan.masks.items()}))
+        values = run_with_cache(graphdef, params, clean, sites)[1]
+        return np.array([float(step(values, {s: m[g] for s, m in plan.masks.items()}))
                          for g in range(len(next(iter(plan.masks.values()))))]).reshape(plan.shape)
 
     np.testing.assert_allclose(loop(), grid, rtol=1e-5, atol=1e-6)

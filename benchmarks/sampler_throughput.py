@@ -95,11 +95,12 @@ def numpy_instructions(data: instr_task.InstructionData, rng: np.random.Generato
 
 
 def numpy_boards(tables: tuple, rng: np.random.Generator, b: int) -> tuple:
-    """tables: (cfg, roots [R, 3, 3], placement rows per type [N_t, 17], type probabilities [3], mask rate)."""
-    cfg, roots, rows_by_type, probs, rate = tables
-    kinds = rng.choice(len(rows_by_type), b, p=probs)
-    rows = np.stack([rows_by_type[k][rng.integers(0, len(rows_by_type[k]))] for k in range(len(rows_by_type))])
-    rows = np.where((kinds[:, None] == np.arange(len(rows_by_type))[None, :])[..., None], rows[None], 0).sum(1)
+    """tables: (cfg, roots [R, 3, 3], the placement rows of every type one after another [N, 17], where each type's
+    rows start [3], how many each type has [3], type probabilities [3], mask rate). Each prompt draws its type, then
+    a row of that type, as the device sampler draws its tuple."""
+    cfg, roots, all_rows, starts, sizes, probs, rate = tables
+    kinds = rng.choice(len(sizes), b, p=probs)
+    rows = all_rows[starts[kinds] + rng.integers(0, sizes[kinds])]
     place = rows[:, :-1].reshape(b, boards_task.N_PLACEMENTS, 4)
     r, c = np.divmod(np.arange(64), 8)
     board = np.repeat(rows[:, -1:], 64, 1)
@@ -124,9 +125,10 @@ def families(smoke: bool) -> dict:
     board_cfg = boards_task.Boards()
     boards = boards_task.build(board_cfg)
     epoch = 0
-    tables = (board_cfg, np.asarray(boards.roots),
-              [np.asarray(boards.rows(t, boards.tuples("train", t)[:2000 if smoke else None]))
-               for t in boards_task.TYPES],
+    rows_by_type = [np.asarray(boards.rows(t, boards.tuples("train", t)[:2000 if smoke else None]))
+                    for t in boards_task.TYPES]
+    sizes = np.array([len(r) for r in rows_by_type])
+    tables = (board_cfg, np.asarray(boards.roots), np.concatenate(rows_by_type), np.cumsum(sizes) - sizes, sizes,
               np.asarray(boards_task.type_probabilities(board_cfg, epoch)),
               float(boards_task.mask_probability(board_cfg, epoch)))
     return {"linear_regression": (lr.sample, lr_cfg, numpy_linear_regression, lr_cfg),

@@ -3,8 +3,9 @@ eager PyTorch, as a researcher would write them. Runs in the PyTorch environment
 
 python benchmarks/torch_reference.py IN.npz OUT.npz
 IN.npz: the device ("cpu" or "cuda"), the workload (`workload` "lsa" or "gpt" and its sizes), jaxicl's initial weights under jaxicl's parameter
-paths and layouts, and one batch (inputs, targets, mask). OUT.npz: the loss and the gradients (jaxicl's paths and
-layouts) on that batch, the parameter count and the matmul FLOPs of one training step's forward and
+paths and layouts (param/...), the probe weights of the agreement check (probe/...) and one batch (inputs, targets,
+mask). OUT.npz: the loss and the gradients (jaxicl's paths and layouts) on that batch at both weights (probe_loss,
+probe_grad/...), the parameter count and the matmul FLOPs of one training step's forward and
 backward pass (torch's FlopCounterMode). Then it prints "ready" and, for every line read from stdin, trains `steps`
 steps and prints their wall seconds, until stdin closes: benchmarks/vs_torch.py alternates these timed runs with
 jaxicl's.
@@ -29,13 +30,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def load(data: dict, device: str) -> dict[str, torch.Tensor]:
-    """jaxicl's weights [H, D, dh] / [H, dh, D] as matmul-ready [D, H*dh] / [H*dh, D] leaf tensors."""
+def load(data: dict, device: str, prefix: str = "param/") -> dict[str, torch.Tensor]:
+    """jaxicl's weights [H, D, dh] / [H, dh, D] (the entries under `prefix`) as matmul-ready [D, H*dh] / [H*dh, D]
+    leaf tensors."""
     params = {}
     for name, value in data.items():
-        if not name.startswith("param/"):
+        if not name.startswith(prefix):
             continue
-        name, value = name[len("param/"):], torch.tensor(value)
+        name, value = name[len(prefix):], torch.tensor(value)
         kind = name.rsplit(".", 1)[-1]
         if kind in ("wq", "wk", "wv"):
             value = value.permute(1, 0, 2).reshape(value.shape[1], -1)
@@ -126,10 +128,12 @@ def main(src: str, dst: str) -> None:
     torch.manual_seed(0)
     params = load(data, device)
     inputs, targets, mask = (torch.tensor(data[k], device=device) for k in ("inputs", "targets", "mask"))
-    loss = loss_of(params, inputs, targets, mask, cfg)
-    grads = torch.autograd.grad(loss, list(params.values()))
-    out = {"loss": loss.item(), "n_params": sum(p.numel() for p in params.values()),
-           **{f"grad/{n}": to_jaxicl(n, g, data[f"param/{n}"].shape) for n, g in zip(params, grads)}}
+    out = {"n_params": sum(p.numel() for p in params.values())}
+    for prefix, weights in (("", params), ("probe_", load(data, device, "probe/"))):
+        loss = loss_of(weights, inputs, targets, mask, cfg)
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        out |= {f"{prefix}loss": loss.item(),
+                **{f"{prefix}grad/{n}": to_jaxicl(n, g, data[f"param/{n}"].shape) for n, g in zip(weights, grads)}}
 
     opt = torch.optim.Adam(params.values(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     batch, steps = int(cfg["batch"]), int(cfg["steps"])

@@ -41,27 +41,59 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
     with vs_torch.torch_reference(w, params, batch, vs_torch.TORCH_PYTHON, "cpu") as (out, timed):
         assert timed is not None, out
         assert [timed() > 0 for _ in range(2)] == [True, True]  # one timed run of the workload's steps per call
-    loss, grads, xla_flops = vs_torch.loss_and_grads(graphdef, params, batch)
-    agreed = vs_torch.agreement(w, loss, grads, out)
-    assert agreed["loss_rel_diff"] < 1e-5 and agreed["grad_rel_diff"] < 1e-4  # float32, different summation order
+    xla_flops = vs_torch.loss_and_grads(graphdef, params, batch)[2]
+    jaxicl_out = _jaxicl_outputs(graphdef, params, batch)
+    agreed = vs_torch.agreement(w, jaxicl_out, out)
+    assert agreed["loss_rel_diff"] < 1e-5 and agreed["grad_rel_diff"] < 1e-5  # float32, different summation order
     if w.kind == "gpt":
         assert xla_flops >= vs_torch.matmul_flops(w)  # XLA counts the elementwise work too
     else:  # SelfAttention multiplies through Wq Wk^T and Wv Wo: fewer FLOPs than the model as written
         assert xla_flops < vs_torch.matmul_flops(w)
-    assert_agreement_refuses(w, loss, grads, out)
+    assert_agreement_refuses(w, jaxicl_out, out)
 
 
-def assert_agreement_refuses(w, loss: float, grads: dict, out: dict) -> None:
-    """The agreement check, which admits (loss, grads) against the reference's outputs `out`, refuses a gradient
-    1% off, a NaN gradient (first or last: max() keeps a leading NaN, which then fails no comparison, and drops a later
-    one) and a NaN loss on either side."""
+@pytest.mark.skipif(not HAS_TORCH, reason=f"no PyTorch environment at {vs_torch.TORCH_PYTHON} "
+                    "(make benchmarks/.venv-torch)")
+@pytest.mark.parametrize("name,written,mutated", [
+    ("gpt_small", 'F.gelu(m, approximate="tanh")', 'F.gelu(m, approximate="none")'),
+    ("lsa", "k.transpose(-1, -2) / (t - 1)", "k.transpose(-1, -2) / t")])
+def test_the_agreement_check_refuses_a_reference_that_computes_another_model(name, written, mutated, tmp_path,
+                                                                               monkeypatch):
+    """At the initial weights these references agree with jaxicl to float32 tolerance (the GPT's GELU inputs are too
+    small to tell erf from tanh; the lsa attention adds ~1e-11 to its output); at the probe weights they do not."""
+    source = open(os.path.join(ROOT, "benchmarks", "torch_reference.py")).read()
+    assert source.count(written) == 1
+    (tmp_path / "torch_reference.py").write_text(source.replace(written, mutated))
+    monkeypatch.setattr(vs_torch, "HERE", str(tmp_path))
+    w = vs_torch.SMOKE[name]
+    graphdef, params = nnx.split(w.model())
+    batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
+    with vs_torch.torch_reference(w, params, batch, vs_torch.TORCH_PYTHON, "cpu") as (out, _):
+        jaxicl_out = _jaxicl_outputs(graphdef, params, batch)
+        with pytest.raises(vs_torch.Disagreement, match="disagree"):
+            vs_torch.agreement(w, jaxicl_out, out)
+
+
+def _jaxicl_outputs(graphdef, params, batch) -> dict:
+    """vs_torch.agreement's jaxicl side: (loss, grads) at the initial and at the probe weights."""
+    probe = vs_torch.probe_weights(params, vs_torch.PROBE_KEY)
+    return {p: vs_torch.loss_and_grads(graphdef, q, batch)[:2] for p, q in (("", params), ("probe_", probe))}
+
+
+def assert_agreement_refuses(w, jaxicl_out: dict, out: dict) -> None:
+    """The agreement check, which admits jaxicl_out against the reference's outputs `out`, refuses a gradient 1% off
+    (at either set of weights), a NaN gradient (first or last: max() keeps a leading NaN, which then fails no
+    comparison, and drops a later one) and a NaN loss on either side."""
     names = [k for k in out if k.startswith("grad/")]
     nan = lambda a: np.full_like(a, np.nan)  # noqa: E731
-    wrongs = [(out | {names[0]: out[names[0]] * 1.01}, loss), (out | {names[0]: nan(out[names[0]])}, loss),
-              (out | {names[-1]: nan(out[names[-1]])}, loss), (out | {"loss": np.nan}, loss), (out, float("nan"))]
-    for wrong, jaxicl_loss in wrongs:
+    probe = "probe_" + names[-1]
+    no_loss = jaxicl_out | {"": (float("nan"), jaxicl_out[""][1])}
+    wrongs = [(out | {names[0]: out[names[0]] * 1.01}, jaxicl_out), (out | {probe: out[probe] * 1.01}, jaxicl_out),
+              (out | {names[0]: nan(out[names[0]])}, jaxicl_out), (out | {names[-1]: nan(out[names[-1]])}, jaxicl_out),
+              (out | {"loss": np.nan}, jaxicl_out), (out | {"probe_loss": np.nan}, jaxicl_out), (out, no_loss)]
+    for wrong, jaxicl in wrongs:
         with pytest.raises(vs_torch.Disagreement, match="disagree"):
-            vs_torch.agreement(w, jaxicl_loss, grads, wrong)
+            vs_torch.agreement(w, jaxicl, wrong)
 
 
 @pytest.mark.parametrize("name", list(vs_torch.SMOKE))
@@ -69,12 +101,14 @@ def test_the_agreement_check_refuses_a_gradient_or_loss_that_is_off_or_nan(name)
     """Against jaxicl's own outputs as the reference (no PyTorch needed): admitted exactly, refused when perturbed."""
     w = vs_torch.SMOKE[name]
     graphdef, params = nnx.split(w.model())
-    loss, grads, _ = vs_torch.loss_and_grads(graphdef, params, sample_batch(lr.sample, w.task, jax.random.key(1),
-                                                                            w.batch, axis=None))
-    out = {"loss": loss, "loss_explicit": loss, "n_params": sum(g.size for g in grads.values()),
-           "flops_per_step": vs_torch.matmul_flops(w), **{f"grad/{n}": g for n, g in grads.items()}}
-    assert vs_torch.agreement(w, loss, grads, out) == {"loss_rel_diff": 0.0, "grad_rel_diff": 0.0}
-    assert_agreement_refuses(w, loss, grads, out)
+    jaxicl_out = _jaxicl_outputs(graphdef, params, sample_batch(lr.sample, w.task, jax.random.key(1), w.batch,
+                                                                axis=None))
+    (loss, grads), (probe_loss, probe_grads) = jaxicl_out[""], jaxicl_out["probe_"]
+    out = {"loss": loss, "loss_explicit": loss, "probe_loss": probe_loss, "n_params": sum(g.size for g in grads.values()),
+           "flops_per_step": vs_torch.matmul_flops(w), **{f"grad/{n}": g for n, g in grads.items()},
+           **{f"probe_grad/{n}": g for n, g in probe_grads.items()}}
+    assert vs_torch.agreement(w, jaxicl_out, out) == {"loss_rel_diff": 0.0, "grad_rel_diff": 0.0}
+    assert_agreement_refuses(w, jaxicl_out, out)
 
 
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
@@ -159,6 +193,9 @@ def test_numpy_samplers_give_the_device_samplers_shapes_and_moments():
     x, y, _ = sampler_throughput.numpy_linear_regression(lr.LinearRegression(), rng, 4096)
     np.testing.assert_allclose(np.var(x[..., :-1]), 1.0, atol=0.02)  # 450k N(0, 1) draws: sd of the var 0.002
     np.testing.assert_allclose(np.var(y), 10.0, atol=0.5)  # y = <w, x>, w, x ~ N(0, I_10): var 10
+    # boards: a placement row per prompt (it was one per type for the whole batch: 3 distinct boards)
+    _, boards, _ = sampler_throughput.numpy_boards(families["boards"][3], rng, 256)
+    assert len(np.unique(boards, axis=0)) > 200  # 256 draws from 2,000 rows per type (smoke tables)
     # the benchmark's own run and table are tested by the GPU check's rehearsal (below), at these sizes
 
 
