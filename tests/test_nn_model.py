@@ -39,12 +39,15 @@ def test_forward_matches_the_full_matrix_formula(x64, parametrisation, num_class
         np.testing.assert_array_equal(out[:-1], 0.0)  # only the query is predicted
 
 
-def test_paper_init_in_both_parametrisations_is_diag_minus_sigma():
+@pytest.mark.parametrize("float64", [False, True])
+def test_paper_init_in_both_parametrisations_is_diag_minus_sigma(float64):
+    """To float32 rounding, and under x64 to float64 rounding (the separate init's sqrt(sigma) was float32 there)."""
     expected = np.zeros((6, 6))
-    expected[-1, -1] = -2.5
-    for parametrisation in ("merged", "separate"):
-        model = NearestNeighborAttention(4, parametrisation=parametrisation, sigma=2.5, rngs=nnx.Rngs(0))
-        np.testing.assert_allclose(model.merged(), expected, rtol=1e-6)
+    expected[-1, -1] = -3.0
+    with jax.enable_x64(float64):
+        for parametrisation in ("merged", "separate"):
+            model = NearestNeighborAttention(4, parametrisation=parametrisation, sigma=3.0, rngs=nnx.Rngs(0))
+            np.testing.assert_allclose(model.merged(), expected, rtol=1e-15 if float64 else 1e-6)
 
 
 def test_huge_scores_stay_finite_and_give_hard_1nn():

@@ -203,7 +203,8 @@ class GPT(Model):
 
     def hidden_state_sites(self) -> list[str]:
         """The n_layers + 1 sites of Hugging Face's hidden_states: index 0 the embeddings (layer0.resid_pre), index
-        l the output of block l, the last after the final LayerNorm (unembed.in) where the model has one."""
+        l the output of block l - 1 (layer{l-1}.resid_post), the last after the final LayerNorm (unembed.in) where the
+        model has one."""
         n = len(self.blocks)
         last = "unembed.in" if self.ln_final is not None else f"layer{n - 1}.resid_post"
         return ["layer0.resid_pre", *(f"layer{l}.resid_post" for l in range(n - 1)), last]

@@ -52,7 +52,7 @@ class NearestNeighborAttention(Model):
                  else init_scale * jax.random.normal(rngs.params(), (size, size)))
             self.w = nnx.Param(w)
         elif init == "paper":
-            root = jnp.sqrt(jnp.asarray(sigma, jnp.float32))
+            root = jnp.sqrt(jnp.asarray(sigma, float))  # float64 under x64, like the merged W
             self.wk = nnx.Param(jnp.zeros((key_size, size)).at[-1, -1].set(root))
             self.wq = nnx.Param(jnp.zeros((key_size, size)).at[-1, -1].set(-root))
         else:
