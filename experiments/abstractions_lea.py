@@ -161,6 +161,7 @@ from flax import nnx
 from experiments.common import abstractions as ab
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above
+from experiments.common.run_config import run_config
 from jaxicl.analysis import language as lang
 from jaxicl.analysis.probes import probe
 from jaxicl.models import lea
@@ -298,9 +299,7 @@ def trained(cfg: Config, out_dir: str):
                     restart_below=cfg.vq_restart_below, continuous_until=cfg.continuous_until)
     result = train(loss, data.sampler("train"), cfg.task, cfg.train, params, buffers=buffers,
                    out_dir=os.path.join(out_dir, "run"), evaluate=evaluate, eval_every=cfg.eval_every,
-                   run_config={"experiment": "abstractions_lea", "model": dataclasses.asdict(cfg.model),
-                               "rfs_ramp": list(cfg.rfs_ramp), "continuous_until": cfg.continuous_until,
-                               "vq": [cfg.vq_decay, cfg.vq_epsilon, cfg.vq_restart_below]},
+                   run_config=run_config("abstractions_lea", cfg),
                    desc="abstractions_lea")
     return data, graphdef, nnx.merge_state(result.state.params, result.state.buffers), result
 

@@ -42,6 +42,7 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
+from experiments.common.run_config import run_config
 from jaxicl.analysis.ablation import ablate_heads
 from jaxicl.analysis.cache import run_with_cache
 from jaxicl.analysis.direct_attribution import direct_attribution, ov_gain
@@ -165,7 +166,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     result = train_sweep(regression_loss(graphdef), ar.sample, task, cfg.train,
                          lambda key: nnx.state(build_model(cfg, key), nnx.Param),
                          [{"train.seed": s} for s in cfg.seeds], out_dir=os.path.join(out_dir, "seeds"),
-                         run_config={"experiment": "affine_mechanism", "model": dataclasses.asdict(cfg.model)},
+                         run_config=run_config("affine_mechanism", cfg),
                          desc="affine_mechanism")
     test = sample_batch(ar.sample, task, eval_key(cfg.train.seed), cfg.eval_prompts, axis=None)
     targets = np.asarray(test.targets)

@@ -22,6 +22,7 @@ from experiments.common.autoregressive import haar_task, held_out_set
 from jaxicl.baselines import best_gd_step
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
+from experiments.common.run_config import run_config
 from jaxicl.models.ar_transformer import AugmentedTransformer
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
@@ -80,7 +81,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         evaluate = jax.jit(lambda p, loss_fn=loss_fn: {"test_loss": loss_fn(p, test)[0]})
         sub = os.path.join(out_dir, f"L{depth}")
         result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=sub, evaluate=evaluate,
-                       eval_every=cfg.eval_every, run_config={"experiment": "ar_fig5_augmented", "depth": depth},
+                       eval_every=cfg.eval_every, run_config=run_config("ar_fig5_augmented", cfg, depth=depth),
                        desc=f"fig5 L={depth}")
         runs[depth] = {"rows": result.eval_rows, "loss": result.eval_rows[-1]["test_loss"],
                        "per_position": per_position_loss(graphdef, result.state.params, test, "mean"),

@@ -18,6 +18,7 @@ import numpy as np
 from experiments.common import reference
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below
+from experiments.common.run_config import run_config
 from jaxicl import outputs
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
@@ -68,7 +69,7 @@ def fit(s: jax.Array, cfg: Config, task: ar.Autoregressive, out_dir: str | None 
 
     p0 = {"p": jnp.zeros((task.seq_len, task.seq_len))}
     result = train(loss, None, task, cfg.train, p0, out_dir=out_dir, desc=f"fig6 mu={task.mu:g}",
-                   run_config={"experiment": "ar_fig6_pe_only", "n_sequences": cfg.n_sequences})
+                   run_config=run_config("ar_fig6_pe_only", cfg))
     p = result.state.params["p"]
     return np.asarray(p), float(loss({"p": p}, None)[0]), int(result.state.step)
 

@@ -33,6 +33,7 @@ from experiments.common.autoregressive import haar_task, held_out_set
 from jaxicl.baselines import best_gd_step
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above
+from experiments.common.run_config import run_config
 from jaxicl.models import apply
 from jaxicl.models.ar_transformer import QUERIES, PositionalTransformer
 from jaxicl.tasks import autoregressive as ar
@@ -122,7 +123,7 @@ def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, zero_loss: flo
     loss_fn = regression_loss(graphdef, coords="mean")
     evaluate = jax.jit(lambda p: {"test_loss": loss_fn(p, test)[0]})
     result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=out_dir, evaluate=evaluate,
-                   eval_every=cfg.eval_every, run_config={"experiment": "ar_fig7_non_augmented", "query": query},
+                   eval_every=cfg.eval_every, run_config=run_config("ar_fig7_non_augmented", cfg, query=query),
                    desc=f"fig7 query={query}")
     p = result.state.params
     _, cache = jax.jit(lambda q, x: apply(graphdef, q, x, capture={"attn.positional_weights"}))(p, test.inputs[0])

@@ -8,6 +8,7 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
+from experiments.common.run_config import run_config
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
@@ -67,7 +68,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         return {"loss": loss_fn(p, eval_batch)[0]}
 
     result = train(loss_fn, ar.sample, task, cfg.train, params, out_dir=out_dir, evaluate=evaluate,
-                   eval_every=cfg.eval_every, run_config={"experiment": "ar_gd_step"}, desc="ar_gd_step")
+                   eval_every=cfg.eval_every, run_config=run_config("ar_gd_step", cfg), desc="ar_gd_step")
     p = result.state.params
     bat, eta_err = step_matrix_error(np.asarray(p["a"][...]), np.asarray(p["b"][...]), eta)
     final = result.eval_rows[-1]["loss"]

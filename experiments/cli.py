@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sweep and args.name == "all":
             raise ConfigError("--sweep needs one experiment name, not 'all'")
+        if args.overrides and args.name == "all":  # the experiments' configs have different fields
+            raise ConfigError(f"overrides {args.overrides} need one experiment name, not 'all'")
         for name in names:  # fail on a bad name, preset, override or sweep axis before running anything
-            _, cfg = resolve_config(name, args.preset, args.overrides if args.name != "all" else [])
+            _, cfg = resolve_config(name, args.preset, args.overrides)
             if args.sweep:
                 sweep_axes(name, cfg, args.sweep)
     except (ConfigError, KeyError) as e:
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== {name} ({args.preset})", flush=True)
         try:
-            result = run_experiment(name, args.preset, args.out, args.overrides if args.name != "all" else [],
-                                    sweep=args.sweep, matmul_precision=args.matmul_precision)
+            result = run_experiment(name, args.preset, args.out, args.overrides, sweep=args.sweep,
+                                    matmul_precision=args.matmul_precision)
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
             print(f"error: {e.args[0]}", file=sys.stderr)
             if args.name != "all":

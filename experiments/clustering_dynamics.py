@@ -53,6 +53,7 @@ from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above
+from experiments.common.run_config import run_config
 from jaxicl import outputs
 from jaxicl.analysis.clustering import adjusted_rand_index, cluster_scores, match_clusters, sequence_features
 from jaxicl.models.functional import apply
@@ -233,7 +234,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 
     result = train(cross_entropy_loss(graphdef), data.sampler("train"), cfg.task, cfg.train, params,
                    out_dir=run_dir, evaluate=evaluate, eval_every=steps,
-                   run_config={"experiment": "clustering_dynamics", "model": dataclasses.asdict(cfg.model)},
+                   run_config=run_config("clustering_dynamics", cfg),
                    desc="clustering_dynamics")
     final_params = result.state.params
     # the run's final evaluation (the engine evaluates at the end), or a new one where a finished run was resumed

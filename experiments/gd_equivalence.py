@@ -20,6 +20,7 @@ from flax import nnx
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
 from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
+from experiments.common.run_config import run_config
 from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent
 from jaxicl.models import SelfAttention, predictor
@@ -106,7 +107,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         return {"loss": loss, **equivalence_metrics(f, gd1, eval_batch.inputs)}
 
     result = train(regression_loss(graphdef), lr_task.sample, task, cfg.train, params, out_dir=out_dir,
-                   evaluate=evaluate, eval_every=cfg.eval_every, run_config={"experiment": "gd_equivalence"},
+                   evaluate=evaluate, eval_every=cfg.eval_every, run_config=run_config("gd_equivalence", cfg),
                    desc="gd_equivalence")
     final = result.eval_rows[-1]
     final_params = jax.device_get(result.state.params)  # off the training mesh, for analysis on one device

@@ -31,6 +31,7 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below, diverged_check
 from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
                                                  nn_metrics, smooth)
+from experiments.common.run_config import run_config
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
@@ -125,7 +126,7 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
     result = train_sweep(family_loss(graphdef), nn_task.sample, task, cfg.train, init,
                          [{"train.seed": seed} for seed in cfg.seeds], out_dir=out_dir, evaluate=evaluate,
                          eval_every=cfg.train.steps_per_call, desc=f"nn_fig3 N={n} d={d}",
-                         run_config={"nn_fig3": {"sigma": cfg.sigma, "eval_prompts": cfg.eval_prompts}})
+                         run_config=run_config("nn_fig3_training", cfg))
     per_step, eval_steps, evals = member_tables(result, cfg.train.steps)
     s = theory.sample_inner_products(jax.random.key(cfg.seeds[0]), n, d, cfg.reduced_samples)
     # reduced[k] is (xi1, xi2) after RECORD * k steps; per_step[..][t] is measured at W^t, before update t.

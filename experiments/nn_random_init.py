@@ -24,6 +24,7 @@ from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below, diverged_check
 from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
                                                  nn_metrics, smooth)
+from experiments.common.run_config import run_config
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
@@ -97,7 +98,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     result = train_sweep(family_loss(graphdef), nn_task.sample, task, cfg.train, init, members,
                          out_dir=os.path.join(out_dir, "scales_seeds"), evaluate=nn_metrics(graphdef, uniform, shifted),
                          eval_every=cfg.train.steps_per_call, desc="nn_random_init",
-                         run_config={"nn_random_init": {"eval_prompts": cfg.eval_prompts}})
+                         run_config=run_config("nn_random_init", cfg))
     per_step, eval_steps, evals = member_tables(result, cfg.train.steps)
     w_final = np.asarray(jax.vmap(lambda p: nnx.merge(graphdef, p).merged())(result.params))
     scales = np.array([m["init_scale"] for m in members])

@@ -29,6 +29,7 @@ import numpy as np
 from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
+from experiments.common.run_config import run_config
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
 from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
 from jaxicl.models.attention import sweep_init
@@ -177,7 +178,7 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
     members = grid((Axis("train.seed", tuple(range(div.seeds))), Axis("task.n_tasks", tuple(div.n_tasks))))
     members = [m | {"init_scale": div.init_scale} for m in members]
     result = train_sweep(regression_loss(graphdef), lr_task.sample, task, div.train, init, members,
-                         out_dir=sweep_dir, chunk_size=chunk_size or None, run_config={"experiment": "diversity"},
+                         out_dir=sweep_dir, chunk_size=chunk_size or None, run_config=run_config("diversity", div),
                          desc="task diversity")
     write_sweep_report(sweep_dir)
     key = eval_key(div.train.seed)

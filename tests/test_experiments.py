@@ -44,11 +44,28 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["sweep_lr_seeds", "diversity.n_tasks=0"], "and at least one pool size > 0, each once"),
     (["sweep_lr_seeds", "lrs=1e-3,-1"], "lrs[1] must be > 0"),
     (["abstractions_manipulation", "training.model.n_layers=1"], "training.model.n_layers must be in [2, inf], got 1"),
+    (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "gd_equivalence").exists()
+
+
+def test_a_rerun_with_any_other_setting_is_refused_and_keeps_the_old_config_json(capsys, tmp_path):
+    """Every field of the experiment's config is stored with its checkpoints, not only train and task: a rerun with
+    another init scale resumed the old run's checkpoint and reported its results under the new config.json."""
+    argv = ["gd_equivalence", "--preset", "smoke", "train.steps=20", "train.steps_per_call=10", "eval_every=10",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    path = tmp_path / "gd_equivalence" / "config.json"
+    before = path.read_text()
+    for other, field in (("init_scale=0.3", "config.init_scale: checkpoint 0.1 vs now 0.3"),
+                         ("eval_prompts=64", "config.eval_prompts: checkpoint 1024 vs now 64")):
+        assert main([*argv, other]) == 2
+        assert field in capsys.readouterr().err
+        assert path.read_text() == before  # still the config of the run the directory holds
+    assert main(argv) == 0  # the same settings resume (from the final checkpoint)
 
 
 def test_overrides_reach_nested_fields_and_parse_types():

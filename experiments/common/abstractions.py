@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.common.run_config import run_config
 from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.models.factor_transformer import FactorTransformer
 from jaxicl.sites import Sites
@@ -104,9 +105,7 @@ def trained(cfg: Training, results_dir: str, progress: bool = True) -> tuple[bd.
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
     result = train(cross_entropy_loss(graphdef), data.sampler("train"), cfg.task, cfg.train, params,
                    out_dir=os.path.join(results_dir, TRAINING_DIR, "run"), evaluate=evaluator(cfg, data, graphdef),
-                   eval_every=cfg.eval_every, run_config={"experiment": "abstractions", "model":
-                                                          dataclasses.asdict(cfg.model),
-                                                          "eval_every": cfg.eval_every},
+                   eval_every=cfg.eval_every, run_config=run_config("abstractions", cfg),
                    progress=progress, desc="abstractions_training")
     return data, graphdef, result.state.params, result
 

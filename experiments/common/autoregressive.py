@@ -10,6 +10,7 @@ import numpy as np
 from experiments.common import reference
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_below
+from experiments.common.run_config import run_config
 from jaxicl import outputs
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
@@ -101,7 +102,7 @@ def run_fig3(cfg: Fig3Config, out_dir: str) -> Outcome:
             return th.population_loss(task.family, q["a"], q["b"], q["p"]), {}
 
         result = train(loss_fn, None, task, cfg.train, params, out_dir=out_dir, desc=f"fig3 {task.family}",
-                       run_config={"experiment": f"ar_fig3_{task.family}", "heads": cfg.heads})
+                       run_config=run_config(f"ar_fig3_{task.family}", cfg))
         final = float(loss_fn(result.state.params, None)[0])
         a, b, p = (np.asarray(result.state.params[n]) for n in "abp")
     steps = np.array([r["step"] for r in result.train_rows])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.common.result import Check, check_below, diverged_check
+from experiments.common.run_config import run_config
 from experiments.common.sweep_report import final_table, write_sweep_report
 from jaxicl.baselines import gradient_descent
 from jaxicl.models import predictor
@@ -65,7 +66,7 @@ def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0)
 
     train_sweep(regression_loss(graphdef), lr_task.sample, task, cfg.train, init, members, out_dir=out_dir,
                 chunk_size=chunk_size or None, evaluate=evaluate, eval_every=cfg.eval_every,
-                run_config={"experiment": "gd_sweep"}, desc="gd sweep")
+                run_config=run_config("gd_sweep", cfg), desc="gd sweep")
     files = write_sweep_report(out_dir)
     _, table = final_table(out_dir)
     for row in table:

@@ -51,12 +51,19 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     config = dataclasses.asdict(cfg)
     if axes:  # the swept fields hold {"swept": values}, not one member's value
         config = mark_swept(config, {a.field: list(a.values) for a in axes})
-    outputs.write_json(os.path.join(out_dir, "config.json"),
-                       {"experiment": name, "preset": preset, "overrides": list(overrides), "sweep": list(sweep),
-                        "matmul_precision": matmul_precision, "config": config}, indent=2)
+    config_path = os.path.join(out_dir, "config.json")
+    previous = open(config_path).read() if os.path.exists(config_path) else None
+    outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
+                                     "sweep": list(sweep), "matmul_precision": matmul_precision, "config": config},
+                       indent=2)
     start = time.perf_counter()
-    with jax.default_matmul_precision(matmul_precision):
-        outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
+    try:
+        with jax.default_matmul_precision(matmul_precision):
+            outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
+    except ConfigError:  # refused before training (a resume with another config): the directory holds the old run
+        if previous is not None:
+            outputs.write_text(config_path, previous)
+        raise
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
     outputs.write_json(os.path.join(out_dir, "result.json"), result, indent=2)

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from orbax.checkpoint import v1 as ocp
@@ -41,10 +42,14 @@ class CheckpointStore:
     def __init__(self, directory: str, *, keep: int = 3, config: dict | None = None):
         self.directory = os.path.abspath(directory)
         self._ckptr = self._open(keep, config)
-        if not self._ckptr.checkpoints and self.config() != normalise_config(config or {}):
-            # orbax writes the config when a store first opens a directory and never rewrites it: a run that stopped
-            # before its first checkpoint left its own config here, under which this run's checkpoints would be
-            # stored (and another config's rerun would resume them); with no checkpoint there is nothing to keep
+        # orbax writes the config when a store first opens a directory and never rewrites it: a run that stopped
+        # before its first checkpoint left its own config here, under which this run's checkpoints would be stored
+        # (and another config's rerun would resume them); with no checkpoint there is nothing to keep. Process 0
+        # decides: another process may read the directory before process 0 has written this run's config.
+        stale = not self._ckptr.checkpoints and self.config() != normalise_config(config or {})
+        if jax.process_count() > 1:
+            stale = bool(multihost_utils.broadcast_one_to_all(np.asarray(stale)))
+        if stale:
             self._ckptr.close()
             remove_checkpoints(self.directory)
             self._ckptr = self._open(keep, config)
@@ -129,12 +134,12 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted path, stored value, current value) for every top-level entry or section field that differs; a field
-    missing on one side counts as None there."""
+    """(dotted path, stored value, current value) for every entry that differs, at any depth (an experiment's
+    "config.model.d_model"); a field missing on one side counts as None there."""
     out = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+        if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{key}.")
         elif a != b:
             out.append((prefix + key, a, b))
