@@ -54,6 +54,9 @@ def parse_text(text: str, kind, path: str):
         return parse_text(text, next(a for a in typing.get_args(kind) if a is not type(None)), path)
     if origin is tuple:
         item = typing.get_args(kind)[0]
+        if typing.get_origin(item) is tuple:
+            raise ConfigError(f"{path} is a tuple of tuples, which a command line cannot spell; set it in a preset "
+                              f"or in Python")
         return tuple(parse_text(t.strip(), item, path) for t in text.split(",") if t.strip())
     if kind is bool:
         if text.lower() in ("1", "true", "yes"):
@@ -62,9 +65,12 @@ def parse_text(text: str, kind, path: str):
             return False
         raise ConfigError(f"{path} expects true or false, got {text!r}")
     try:
-        return cast_number(float(text), int, path) if kind is int and "e" in text.lower() else kind(text)
+        value = cast_number(float(text), int, path) if kind is int and "e" in text.lower() else kind(text)
     except ValueError:
         raise ConfigError(f"{path} expects a value of type {kind.__name__}, got {text!r}") from None
+    if kind is float and value != value:  # every float field is a setting or a threshold: NaN is neither
+        raise ConfigError(f"{path} expects a number, got {text!r}")
+    return value
 
 
 def cast_number(value, kind, path: str):

@@ -45,6 +45,8 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["sweep_lr_seeds", "lrs=1e-3,-1"], "lrs[1] must be > 0"),
     (["abstractions_manipulation", "training.model.n_layers=1"], "training.model.n_layers must be in [2, inf], got 1"),
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
+    (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
+    (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2

@@ -100,7 +100,7 @@ def test_member_config_sets_nested_fields_and_validates_them():
     ("train.seed=1e-3", r"train.seed=1e-3: .*type int, got '1e-3'"),  # was int(0.001) = 0
     ("train.seed=1e400", r"train.seed=1e400: .*type int"),
     ("train.lr=inf", r"train.lr=inf: lr must be a finite number, got inf"),
-    ("task.noise_std=nan", r"task.noise_std=nan: noise_std must be >= 0, got nan"),
+    ("task.noise_std=nan", r"task.noise_std=nan: task.noise_std expects a number, got .nan."),
     ("task.x_scale=inf", r"task.x_scale=inf: x_scale must be a finite number, got inf"),
     ("train.warmup_steps=5", r"warmup_steps=5 needs schedule='warmup_cosine'"),
 ])
