@@ -110,6 +110,18 @@ def test_probe_chance_is_the_training_majority_share_of_the_held_out_rows():
     assert majority_share(np.array([0, 0, 1, 0, 1, 2]), np.array([0, 0, 0, 1, 1, 1], bool)) == 1 / 3  # class 0
 
 
+def test_manipulation_checks_read_only_sites_a_later_attention_reads(model):
+    """Not the embedding or its LayerNorm, nothing after the last block's z (there an edit of the scored cells decides
+    what they draw by construction): for the 3-layer model, layer0's attention output up to layer2.z."""
+    from experiments.abstractions_manipulation import checked_sites
+
+    sites = ab.residual_sites(*model)
+    assert sites[0] == "embed" and sites[-1] == "unembed.in" and len(sites) == 20
+    block = ["attn.out", "resid_mid", "mlp_in", "mlp.out", "resid_post"]
+    want = [f"layer0.{s}" for s in block] + ["layer1.z"] + [f"layer1.{s}" for s in block] + ["layer2.z"]
+    assert [sites[i] for i in checked_sites(sites)] == want
+
+
 def test_shown_root_against_a_loop_over_roots():
     data = bd.build(bd.Boards())
     single = ab.single_probe_set(data, 36, 0.0, jax.random.key(0))
