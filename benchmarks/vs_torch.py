@@ -138,6 +138,14 @@ def loss_and_grads(graphdef, params, batch) -> tuple[float, dict[str, np.ndarray
     return float(loss), flat_params(grads), float(compiled.cost_analysis()["flops"])
 
 
+def jaxicl_outputs(graphdef, params, batch) -> tuple[dict[str, tuple[float, dict[str, np.ndarray]]], float]:
+    """agreement's jaxicl side, {"": (loss, grads) at params, "probe_": the same at probe_weights}, and XLA's FLOP
+    count of the forward and backward pass at params."""
+    loss, grads, xla_flops = loss_and_grads(graphdef, params, batch)
+    probe = loss_and_grads(graphdef, probe_weights(params, PROBE_KEY), batch)[:2]
+    return {"": (loss, grads), "probe_": probe}, xla_flops
+
+
 def probe_weights(params, key: jax.Array):
     """The agreement check's second set of weights: each initial weight plus N(0, 0.25 / fan_in) noise (fan_in its
     second-to-last axis, 1 for a vector), where the models' attention and nonlinearities matter. At the initial
@@ -265,8 +273,8 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, requir
     matmul `peak` (GFLOP/s); `failed` says why where the reference is `required` and did not run."""
     graphdef, params = nnx.split(w.model())
     batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
-    loss, grads, xla_flops = loss_and_grads(graphdef, params, batch)
-    jaxicl_out = {"": (loss, grads), "probe_": loss_and_grads(graphdef, probe_weights(params, PROBE_KEY), batch)[:2]}
+    jaxicl_out, xla_flops = jaxicl_outputs(graphdef, params, batch)
+    grads = jaxicl_out[""][1]
     row = {"workload": name, "batch": w.batch, "tokens": w.task.seq_len, "steps": w.steps,
            "n_params": sum(g.size for g in grads.values())}
     with torch_reference(w, params, batch, python, device) as (torch_out, torch_timed):

@@ -41,8 +41,7 @@ def test_torch_reference_computes_jaxicl_loss_gradients_parameters_and_flops(nam
     with vs_torch.torch_reference(w, params, batch, vs_torch.TORCH_PYTHON, "cpu") as (out, timed):
         assert timed is not None, out
         assert [timed() > 0 for _ in range(2)] == [True, True]  # one timed run of the workload's steps per call
-    xla_flops = vs_torch.loss_and_grads(graphdef, params, batch)[2]
-    jaxicl_out = _jaxicl_outputs(graphdef, params, batch)
+    jaxicl_out, xla_flops = vs_torch.jaxicl_outputs(graphdef, params, batch)
     agreed = vs_torch.agreement(w, jaxicl_out, out)
     assert agreed["loss_rel_diff"] < 1e-5 and agreed["grad_rel_diff"] < 1e-5  # float32, different summation order
     if w.kind == "gpt":
@@ -69,15 +68,9 @@ def test_the_agreement_check_refuses_a_reference_that_computes_another_model(nam
     graphdef, params = nnx.split(w.model())
     batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
     with vs_torch.torch_reference(w, params, batch, vs_torch.TORCH_PYTHON, "cpu") as (out, _):
-        jaxicl_out = _jaxicl_outputs(graphdef, params, batch)
+        jaxicl_out = vs_torch.jaxicl_outputs(graphdef, params, batch)[0]
         with pytest.raises(vs_torch.Disagreement, match="disagree"):
             vs_torch.agreement(w, jaxicl_out, out)
-
-
-def _jaxicl_outputs(graphdef, params, batch) -> dict:
-    """vs_torch.agreement's jaxicl side: (loss, grads) at the initial and at the probe weights."""
-    probe = vs_torch.probe_weights(params, vs_torch.PROBE_KEY)
-    return {p: vs_torch.loss_and_grads(graphdef, q, batch)[:2] for p, q in (("", params), ("probe_", probe))}
 
 
 def assert_agreement_refuses(w, jaxicl_out: dict, out: dict) -> None:
@@ -101,8 +94,8 @@ def test_the_agreement_check_refuses_a_gradient_or_loss_that_is_off_or_nan(name)
     """Against jaxicl's own outputs as the reference (no PyTorch needed): admitted exactly, refused when perturbed."""
     w = vs_torch.SMOKE[name]
     graphdef, params = nnx.split(w.model())
-    jaxicl_out = _jaxicl_outputs(graphdef, params, sample_batch(lr.sample, w.task, jax.random.key(1), w.batch,
-                                                                axis=None))
+    jaxicl_out = vs_torch.jaxicl_outputs(graphdef, params, sample_batch(lr.sample, w.task, jax.random.key(1),
+                                                                        w.batch, axis=None))[0]
     (loss, grads), (probe_loss, probe_grads) = jaxicl_out[""], jaxicl_out["probe_"]
     out = {"loss": loss, "loss_explicit": loss, "probe_loss": probe_loss, "n_params": sum(g.size for g in grads.values()),
            "flops_per_step": vs_torch.matmul_flops(w), **{f"grad/{n}": g for n, g in grads.items()},
