@@ -15,20 +15,20 @@ Analyses (Section 6.6, reconstructed):
 - the messages of every clean single-root board (every root, position and background): word usage per slot
   against root, position and background, and each slot's mutual information with each attribute against the
   same statistic with shuffled labels;
-- steering by words: for a board (A, x, y, bck), the root slots (the slots whose mutual information with the
-  root is at least half the largest) get the words root B uses most there at (x, y) (the usage table against
-  root and position: the words name root and position jointly, see below; the table against the root alone is
-  reported beside it); the board is redrawn from the edited message. Success: the drawn board shows B at (x, y)
-  on bck (experiments.common.abstractions.shown_root: every cell off the footprint is bck, and B's pattern agrees
-  with the drawn footprint on more cells than any other root's; ours, since an exact copy is bounded by how
-  exactly words redraw any board). Reported beside it: exact copies, and the target board's own message (the
-  ceiling of any edit). Three checks: root B's words over all positions draw B at (x, y) (steer_root_words_shows_b:
-  the paper's steering, a word for the root that leaves the place alone); B's words at (x, y) draw B there
-  (steer_place_words_shows_b: where the slots name root and place together these words are close to the target
-  board's own, so this shows the words are read, not that the root can be steered apart from the place); and B's
-  words at (x, y) draw B more often than another root C's words at (x, y) do (steer_place_words_b_over_c: the
-  success is about B's words, not the edited slots). Reported beside them: as many slots edited with random words
-  (uniform over the words each slot uses).
+- steering by words: for a board (A, x, y, bck), the root slots (the slots whose mutual information with the root is
+  at least half the largest) get the words root B uses most there at (x, y) (the usage table against root and
+  position: the words name root and position jointly, see below; the table against the root alone is reported beside
+  it); the board is redrawn from the edited message. Success: the drawn board shows B at (x, y) on bck
+  (experiments.common.abstractions.shown_root: every cell off the footprint is bck, and B's pattern agrees with the
+  drawn footprint on more cells than any other root's, and on at least 5 of the 9; ours, since an exact copy is
+  bounded by how exactly words redraw any board). Reported beside it: exact copies, and the target board's own
+  message (the ceiling of any edit). Three checks: root B's words over all positions draw B at (x, y)
+  (steer_root_words_shows_b: the paper's steering, a word for the root that leaves the place alone); B's words at
+  (x, y) draw B there (steer_place_words_shows_b: where the slots name root and place together these words are close
+  to the target board's own, so this shows the words are read, not that the root can be steered apart from the
+  place); and B's words at (x, y) draw B more often than another root C's words at (x, y) do
+  (steer_place_words_b_over_c: the success is about B's words, not the edited slots). Reported beside them: as many
+  slots edited with random words (uniform over the words each slot uses).
 
 What the quick preset shows (5.5-5.9 minutes on a 2-core Intel Xeon), with a curriculum of ours (continuous_until=3000:
 for its first 3000 steps pass 3 reads the speech stream's continuous output, then every word but the blank is refit
