@@ -1,12 +1,14 @@
-"""affine_mechanism: its smoke run computes every check, and its score-similarity regression against numpy."""
+"""affine_mechanism: its smoke run computes every check, its score-similarity regression against numpy, and its
+ablation control."""
 
 import json
 import math
 import os
 
 import numpy as np
+import pytest
 
-from experiments.affine_mechanism import score_similarity_slope
+from experiments.affine_mechanism import ratio_over_other_heads, score_similarity_slope
 from experiments.common.runner import run_experiment
 
 
@@ -16,6 +18,9 @@ def test_smoke_run_writes_every_check_and_figure(tmp_path):
     stored = json.loads((out / "result.json").read_text())
     assert stored["checks"] == result["checks"] and len(stored["checks"]) == 10
     for check in stored["checks"]:
+        if check["name"] == "ablation_loss_ratio_over_other_heads" and check["value"] == "nan":
+            assert not check["passed"]  # every layer-2 head was ablated: no other head to compare with
+            continue
         assert isinstance(check["value"], (int, float)) and math.isfinite(check["value"]), check
     assert {f for f in stored["figures"]} == {"losses.png", "mechanism.png", "patching.png"}
     for fig in stored["figures"]:
@@ -33,3 +38,10 @@ def test_score_similarity_slope_recovers_a_planted_linear_score():
     keep = q >= 2
     ref = np.polyfit(sim[:, q[keep], k[keep]].ravel(), noisy[:, q[keep], k[keep]].ravel(), 1)[0]
     np.testing.assert_allclose(score_similarity_slope(noisy, estimate, values, start=2)[0], ref, rtol=1e-10)
+
+
+def test_ablation_control_compares_the_ablated_heads_with_the_others():
+    ratios = [44.0, 1.09, 565.0, 9.23]  # quick's per-head loss ratios: the ablated head 3 is not the most important
+    assert ratio_over_other_heads(ratios, [3]) == pytest.approx(9.23 / 44.0)  # median of 1.09, 44, 565
+    assert ratio_over_other_heads(ratios, [2, 3]) == pytest.approx(9.23 / np.median([44.0, 1.09]))
+    assert np.isnan(ratio_over_other_heads(ratios, [0, 1, 2, 3]))
