@@ -70,6 +70,26 @@ def test_a_rerun_with_any_other_setting_is_refused_and_keeps_the_old_config_json
     assert main(argv) == 0  # the same settings resume (from the final checkpoint)
 
 
+def test_a_run_that_raises_leaves_no_earlier_result_beside_its_config(monkeypatch, tmp_path):
+    """The earlier run's result.json (passing checks) stayed beside the config.json of a run that then raised."""
+    from experiments import gd_equivalence
+
+    argv = ["gd_equivalence", "--preset", "smoke", "train.steps=20", "train.steps_per_call=10", "eval_every=10",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert (tmp_path / "gd_equivalence" / "result.json").exists()
+
+    def blow_up(cfg, out_dir):
+        raise FloatingPointError("training blew up")
+
+    monkeypatch.setattr(gd_equivalence, "run", blow_up)
+    with pytest.raises(FloatingPointError):
+        run_experiment("gd_equivalence", "smoke", str(tmp_path), ["train.steps=20", "train.steps_per_call=10",
+                                                                  "eval_every=10", "init_scale=0.3"])
+    config = json.loads((tmp_path / "gd_equivalence" / "config.json").read_text())
+    assert config["config"]["init_scale"] == 0.3 and not (tmp_path / "gd_equivalence" / "result.json").exists()
+
+
 def test_overrides_reach_nested_fields_and_parse_types():
     cfg = apply_overrides(Config(), ["train.lr=3e-4", "train.steps=2e3", "task.noise_std=0.5",
                                      "scales=0.5,2", "task.format=paired"])

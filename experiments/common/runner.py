@@ -51,7 +51,7 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     config = dataclasses.asdict(cfg)
     if axes:  # the swept fields hold {"swept": values}, not one member's value
         config = mark_swept(config, {a.field: list(a.values) for a in axes})
-    config_path = os.path.join(out_dir, "config.json")
+    config_path, result_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "result.json")
     previous = open(config_path).read() if os.path.exists(config_path) else None
     outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
                                      "sweep": list(sweep), "matmul_precision": matmul_precision, "config": config},
@@ -64,7 +64,11 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
         if previous is not None:
             outputs.write_text(config_path, previous)
         raise
+    except BaseException:  # raised or interrupted: an earlier run's result.json is not this config's result
+        if outputs.is_primary() and os.path.exists(result_path):
+            os.remove(result_path)
+        raise
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
-    outputs.write_json(os.path.join(out_dir, "result.json"), result, indent=2)
+    outputs.write_json(result_path, result, indent=2)
     return result
