@@ -101,10 +101,14 @@ def test_overrides_reach_nested_fields_and_parse_types():
 def test_report_has_a_checks_table_and_figures_per_experiment(tmp_path):
     results = [{"experiment": "a", "preset": "quick", "wall_seconds": 3.0, "figures": ["f.png"],
                 "checks": [{"name": "c1", "value": 0.5, "target": "< 1", "passed": True, "note": "n"},
-                           {"name": "c2", "value": 2.0, "target": "< 1", "passed": False, "note": ""}]}]
+                           {"name": "c2", "value": 2.0, "target": "< 1", "passed": False, "note": ""},
+                           {"name": "c3", "value": 0.25, "target": "< 1", "passed": True, "note": "|L / L_GD - 1|"}]}]
     text = open(write_report(str(tmp_path), "quick", results, {"b": "Traceback: boom"})).read()
-    assert "1 experiments ran, 1 raised; 1/2 checks passed." in text
+    assert "1 experiments ran, 1 raised; 2/3 checks passed." in text
     assert "| c1 | 0.5 | < 1 | yes | n |" in text and "| c2 | 2 | < 1 | **NO** |  |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| c3 "))
+    assert row == r"| c3 | 0.25 | < 1 | yes | \|L / L_GD - 1\| |"  # 5 cells: the note's bars escaped
+    assert len(row.replace(r"\|", "").split("|")) == 7
     assert "![f.png](a/f.png)" in text and "Traceback: boom" in text
 
 

@@ -6,9 +6,9 @@ from jaxicl import outputs
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    """A table cell: floats to 4 digits; a '|' (notes write |x| and ||C||) escaped so it does not end the cell."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def write_report(out: str, preset: str, results: list[dict], errors: dict[str, str]) -> str:
@@ -27,7 +27,8 @@ def write_report(out: str, preset: str, results: list[dict], errors: dict[str, s
         lines += ["", f"## {r['experiment']}", "", "| check | value | target | passed | note |", "|---|---|---|---|---|"]
         for c in r["checks"]:
             mark = "yes" if c["passed"] else "**NO**"
-            lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['target']} | {mark} | {c['note']} |")
+            cells = (_fmt(c["name"]), _fmt(c["value"]), _fmt(c["target"]), mark, _fmt(c["note"]))
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines += [f"![{fig}]({r['experiment']}/{fig})" for fig in r["figures"]]
     for name, err in errors.items():
