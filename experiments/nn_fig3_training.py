@@ -15,8 +15,18 @@ xi ~ a log t + b is reported, not checked: a power law t^p up to p = 0.8 also re
 
 Settings: every preset's are ours. The paper's experiments (shared/papers/nearest_neighbor_li2024.md, Section 3)
 train from a random init by SGD on a fixed set of 10,000 prompts for 2,000 epochs; here every preset starts from
-the theorem's init and draws fresh prompts each step, and full's (N, d) grid, lr 0.5, 100,000 steps of batch 512
-and 8 seeds are ours (the paper's lr, batch and grid are not known).
+the theorem's init and draws fresh prompts each step; quick's (N, d) = (4, 4), (8, 4), (16, 8), sigma 3, lr 2.0,
+3000 steps of batch 128 and 4 seeds, and full's (N, d) grid, lr 0.5, 100,000 steps of batch 512 and 8 seeds are ours
+(the paper's lr, batch and grid are not known).
+
+What the quick preset shows (83 s on a 2-core Intel Xeon): the trained W becomes 1-NN (0.96 of uniform prompts agree
+with the 1-NN label, the shifted test set's MSE 5e-4, the train loss at 0.20 of its start and still falling) and stays
+on the invariant family (1.2% off it), where the full-W runs follow the reduced dynamics within 1.2% over the second
+half. Not shown (4 of 11 checks fail): the lemmas' Theta(log t) growth. Over 3000 steps xi grows faster than log t
+(slope drift 1.47, check 1.25), and the reduced dynamics run on to 1e5 and 1e6 steps do not reach log t either (1.43
+and 1.44; xi ~ t^0.3 there, the t^(1/3) of the flow once the loss is ~ C / xi1); from the sigma Lemma 12 assumes its
+ratio bound xi1 <= 7/15 xi2 is exceeded in every run (at most 0.69, 0.75 and 1.10 for N = 4, 8, 16), with the
+step eta = 2.0 ours.
 """
 
 import dataclasses
