@@ -20,6 +20,9 @@ That the model learns is checked against two references, not against its initial
 divides that by almost 4): the fraction of the way from the zero predictor's test MSE (0.20) to the best single
 GD step's (0.060) that the model covers, above one half. Quick: 0.73 under the current-token query and 0.74 under
 the previous one (test MSE 0.098 and 0.096); the untrained model, at 0.75, sits at -3.96.
+
+Settings ours at quick (PRESETS): 8 heads instead of 64, batch 64 instead of 1024, 1600 steps instead of 3200, and a
+warmup-cosine lr (50 warmup steps) instead of a constant one.
 """
 
 import dataclasses
