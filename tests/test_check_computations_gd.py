@@ -139,9 +139,10 @@ def test_context_length_summary_of_a_hand_built_table():
     assert s["gd_mean"] == {2: 1.52, 4: 1.19, 8: 0.905}
     np.testing.assert_allclose([s["z"][k] for k in (2, 4, 8)], [2.0, 0.5, 5.0], rtol=1e-12)  # |mean - theory| / se
     np.testing.assert_allclose([s["trained"][k] for k in (2, 4, 8)], [1.575, 1.25, 0.94], rtol=1e-15)
-    assert s["falling"] is True
+    assert s["falls"] == 2 and s["falling"] is True
     table[5]["loss"] = 1.6  # k = 8 now averages 1.275 > 1.25
-    assert context_length_summary(table, theory)["falling"] is False
+    s = context_length_summary(table, theory)
+    assert s["falls"] == 1 and s["falling"] is False
 
 
 def test_matched_lrs_need_every_seed_finite_and_within_tolerance():
