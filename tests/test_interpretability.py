@@ -266,6 +266,33 @@ def test_probe_fits_only_the_training_rows(split):
     assert out["score"] == pytest.approx(r2, rel=1e-4)
 
 
+@pytest.mark.parametrize("x64", [False, True])
+def test_probe_of_features_sharing_a_large_offset_matches_sklearn_ridge(x64):
+    """Features z + 1000 (z standard normal), y = z.v + 0.1 noise: the uncentred normal equations cancel the unit
+    spread against the 1e6 offset squared (held-out R^2 -30 in float32 where scikit-learn's Ridge, with the same
+    unpenalised intercept, scores 0.998). Float32 stores x to ulp(1000) / 2 = 3e-5, so the slopes agree to 1e-4 and
+    the held-out predictions, a sum of terms ~1e3 and a bias ~1e3, to 1e-3 (R^2, 1 - resid / total with
+    resid / total ~ 2e-3, to 1e-5); under x64 the fit is float64 and all agree to 1e-9."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(7)
+    n, f = 400, 8
+    held = np.arange(n) < 100
+    z = rng.normal(size=(n, f))
+    x, y = z + 1000.0, z @ rng.normal(size=f) + 0.1 * rng.normal(size=n)
+    with jax.enable_x64(x64):
+        out = probe(x, y, held_out=held)
+    ref = Ridge(alpha=1e-3).fit(x[~held], y[~held])
+    w = out["weights"][:, 0]
+    slope_tol, pred_tol, r2_tol = (1e-9, 1e-9, 1e-9) if x64 else (1e-4, 1e-3, 1e-5)
+    assert w.dtype == (np.float64 if x64 else np.float32)
+    np.testing.assert_allclose(w[:-1], ref.coef_, rtol=0, atol=slope_tol)
+    np.testing.assert_allclose(x[held] @ w[:-1] + w[-1], ref.predict(x[held]), rtol=0, atol=pred_tol)
+    assert out["score"] == pytest.approx(r2_score(y[held], ref.predict(x[held])), abs=r2_tol)
+    assert out["train_score"] == pytest.approx(r2_score(y[~held], ref.predict(x[~held])), abs=r2_tol)
+
+
 def test_attention_mass_at_offsets_against_planted_patterns():
     eye = jnp.eye(4)[None]  # every query on itself
     prev = jnp.eye(4, k=-1).at[0, 0].set(1.0)[None]  # every query on the previous token (the first on itself)
