@@ -45,6 +45,19 @@ def test_cache_keeps_only_the_requested_sites_and_the_predictions():
         run_with_cache(g, p, clean, ["layer1.attn.pattern"])
 
 
+def test_cache_of_sites_named_by_a_generator_keeps_them_all():
+    """A generator of names is read once: checked and cached alike (the check used to spend it, leaving {})."""
+    g, p, clean, _ = _setup()
+    sites = ["layer1.attn.z", "layer0.resid_post"]
+    _, want = run_with_cache(g, p, clean, sites)
+    _, cache = run_with_cache(g, p, clean, (s for s in sites))
+    assert set(cache) == set(sites)
+    for s in sites:  # the same compiled program on the same prompts
+        np.testing.assert_allclose(cache[s], want[s], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="names: give a list of site names, got the string 'layer1.attn.z'"):
+        run_with_cache(g, p, clean, "layer1.attn.z")
+
+
 def test_patching_clean_into_clean_changes_nothing_and_every_site_into_corrupted_gives_the_clean_output():
     g, p, clean, corrupted = _setup()
     base = float(last_sq(run_with_cache(g, p, clean, [])[0]))
