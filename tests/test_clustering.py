@@ -99,6 +99,29 @@ def test_kmeans_inertia_is_no_worse_than_scikit_learn_with_the_same_restarts():
         assert float(km["inertia"]) == pytest.approx(ours, rel=1e-4)
 
 
+@pytest.mark.parametrize("x64", [False, True])
+def test_kmeans_of_points_sharing_a_large_offset_matches_scikit_learn_and_its_own_labels(x64):
+    """4 blobs (sd 0.3 around centres ~5 apart) shifted by 3000: the expanded |x|^2 - 2 x.c + |c|^2 cancels 1e7
+    against distances ~1 in float32 (ARI 0, inertia reported 8x too small). k-means is shift invariant, so the
+    partition must be scikit-learn's and the planted one (ARI 1, integers), the centroids the float64 means of the
+    labels and the inertia their squared distances. Float32 stores the points and centroids to ulp(3000) / 2 = 1.2e-4
+    (relative ~4e-4 of the spread 0.3 per squared term, averaging out over 3200 of them): centroids to 2.5e-4,
+    inertia to 1e-4 relative; under x64 the run is float64, to 1e-9."""
+    rng = np.random.default_rng(0)
+    planted = np.repeat(np.arange(4), 50)
+    x = rng.normal(size=(4, 16))[planted] + 0.3 * rng.normal(size=(200, 16)) + 3000.0
+    with jax.enable_x64(x64):
+        km = kmeans(x, 4, jax.random.key(0))
+    labels = np.asarray(km["labels"])
+    reference = KMeans(4, n_init=8, random_state=0).fit(x).labels_
+    assert adjusted_rand_score(planted, labels) == 1.0 and adjusted_rand_score(reference, labels) == 1.0
+    means = np.stack([x[labels == j].mean(0) for j in range(4)])
+    centroid_tol, inertia_tol = (1e-9, 1e-9) if x64 else (2.5e-4, 1e-4)
+    assert km["centroids"].dtype == (jnp.float64 if x64 else jnp.float32)
+    np.testing.assert_allclose(km["centroids"], means, rtol=0, atol=centroid_tol)
+    assert float(km["inertia"]) == pytest.approx(np.sum((x - means[labels]) ** 2), rel=inertia_tol)
+
+
 def test_match_clusters_undoes_a_relabelling():
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 5, 300)

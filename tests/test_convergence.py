@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, within_board_ratio
+from jaxicl.analysis.convergence import (cross_board_distance, mean_pairwise_distance, participation_ratio,
+                                         within_board_ratio)
 
 
 def _u(v):
@@ -25,6 +26,20 @@ def test_cross_board_distance_is_the_official_unit_distance_over_board_pairs():
         base = rng.normal(size=(1, 9, d))
         same = np.broadcast_to(base, (5, 9, d)) * rng.uniform(0.5, 2, (5, 1, 1))
         np.testing.assert_allclose(cross_board_distance(jnp.asarray(same, jnp.float32)), 0.0, atol=1e-6)
+
+
+def test_distances_without_a_pair_are_nan_not_perfect_convergence():
+    """One board, one row or zero weights leave no pair to average: NaN (0 would read as perfect convergence). A
+    single weighted pair still gives its own distance (float32 norm of O(1) differences: rtol 1e-6)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    assert np.isnan(cross_board_distance(jnp.asarray(x[None]))).all()
+    assert np.isnan(mean_pairwise_distance(jnp.asarray(x[:1])))
+    assert np.isnan(mean_pairwise_distance(jnp.asarray(x), jnp.zeros((3, 3))))
+    one_pair = np.zeros((3, 3), np.float32)
+    one_pair[0, 2] = 1.0
+    np.testing.assert_allclose(mean_pairwise_distance(jnp.asarray(x), jnp.asarray(one_pair)),
+                               np.linalg.norm(x[0].astype(np.float64) - x[2]), rtol=1e-6)
 
 
 def test_within_board_ratio_against_a_loop_and_a_planted_object():

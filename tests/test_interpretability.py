@@ -45,6 +45,19 @@ def test_cache_keeps_only_the_requested_sites_and_the_predictions():
         run_with_cache(g, p, clean, ["layer1.attn.pattern"])
 
 
+def test_cache_of_sites_named_by_a_generator_keeps_them_all():
+    """A generator of names is read once: checked and cached alike (the check used to spend it, leaving {})."""
+    g, p, clean, _ = _setup()
+    sites = ["layer1.attn.z", "layer0.resid_post"]
+    _, want = run_with_cache(g, p, clean, sites)
+    _, cache = run_with_cache(g, p, clean, (s for s in sites))
+    assert set(cache) == set(sites)
+    for s in sites:  # the same compiled program on the same prompts
+        np.testing.assert_allclose(cache[s], want[s], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="names: give a list of site names, got the string 'layer1.attn.z'"):
+        run_with_cache(g, p, clean, "layer1.attn.z")
+
+
 def test_patching_clean_into_clean_changes_nothing_and_every_site_into_corrupted_gives_the_clean_output():
     g, p, clean, corrupted = _setup()
     base = float(last_sq(run_with_cache(g, p, clean, [])[0]))
@@ -264,6 +277,33 @@ def test_probe_fits_only_the_training_rows(split):
     pred = x[test] @ w[:-1] + w[-1]
     r2 = 1 - np.sum((pred - y[test]) ** 2) / np.sum((y[test] - y[test].mean()) ** 2)
     assert out["score"] == pytest.approx(r2, rel=1e-4)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_probe_of_features_sharing_a_large_offset_matches_sklearn_ridge(x64):
+    """Features z + 1000 (z standard normal), y = z.v + 0.1 noise: the uncentred normal equations cancel the unit
+    spread against the 1e6 offset squared (held-out R^2 -30 in float32 where scikit-learn's Ridge, with the same
+    unpenalised intercept, scores 0.998). Float32 stores x to ulp(1000) / 2 = 3e-5, so the slopes agree to 1e-4 and
+    the held-out predictions, a sum of terms ~1e3 and a bias ~1e3, to 1e-3 (R^2, 1 - resid / total with
+    resid / total ~ 2e-3, to 1e-5); under x64 the fit is float64 and all agree to 1e-9."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(7)
+    n, f = 400, 8
+    held = np.arange(n) < 100
+    z = rng.normal(size=(n, f))
+    x, y = z + 1000.0, z @ rng.normal(size=f) + 0.1 * rng.normal(size=n)
+    with jax.enable_x64(x64):
+        out = probe(x, y, held_out=held)
+    ref = Ridge(alpha=1e-3).fit(x[~held], y[~held])
+    w = out["weights"][:, 0]
+    slope_tol, pred_tol, r2_tol = (1e-9, 1e-9, 1e-9) if x64 else (1e-4, 1e-3, 1e-5)
+    assert w.dtype == (np.float64 if x64 else np.float32)
+    np.testing.assert_allclose(w[:-1], ref.coef_, rtol=0, atol=slope_tol)
+    np.testing.assert_allclose(x[held] @ w[:-1] + w[-1], ref.predict(x[held]), rtol=0, atol=pred_tol)
+    assert out["score"] == pytest.approx(r2_score(y[held], ref.predict(x[held])), abs=r2_tol)
+    assert out["train_score"] == pytest.approx(r2_score(y[~held], ref.predict(x[~held])), abs=r2_tol)
 
 
 def test_attention_mass_at_offsets_against_planted_patterns():

@@ -64,8 +64,8 @@ def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Ite
     names: the sites to keep, or "all". info: site_info of this model and prompt shape, where the caller has it.
     """
     if names != "all":
+        names = names if isinstance(names, str) else tuple(names)  # once: the check would spend a generator
         check_sites(names, info or site_info(graphdef, params, tokens[0]), "names")
-        names = tuple(names)
     return _cached(graphdef, params, tokens, names)
 
 

@@ -45,8 +45,8 @@ def kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
 
 
 def lloyd(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """iters Lloyd steps from centroids [k, D]; (labels [N], centroids [k, D], inertia []) of the final centroids.
-    A cluster left empty keeps its centroid."""
+    """iters Lloyd steps from centroids [k, D]; (labels [N], centroids [k, D], inertia []) of the final centroids,
+    the inertia summed directly as |x - centroid of its label|^2. A cluster left empty keeps its centroid."""
     k = centroids.shape[0]
 
     def step(c, _):
@@ -56,20 +56,23 @@ def lloyd(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, ja
         return jnp.where(counts[:, None] > 0, means, c), None
 
     centroids, _ = jax.lax.scan(step, centroids, length=iters)
-    d = _sq_distances(x, centroids)
-    labels = jnp.argmin(d, -1)
-    return labels, centroids, jnp.sum(jnp.min(d, -1))
+    labels = jnp.argmin(_sq_distances(x, centroids), -1)
+    return labels, centroids, jnp.sum((x - centroids[labels]) ** 2)
 
 
 @partial(jax.jit, static_argnames=("k", "restarts", "iters"))
 def kmeans(x: jax.Array, k: int, key: jax.Array, restarts: int = 8, iters: int = 50) -> dict:
     """k-means of x [N, D]: `restarts` k-means++ starts refined by `iters` Lloyd steps, all in one vmapped program;
-    the restart of least inertia is kept. Returns {"labels" [N], "centroids" [k, D], "inertia" []}."""
-    x = jnp.asarray(x, jnp.float32)
+    the restart of least inertia is kept. Returns {"labels" [N], "centroids" [k, D], "inertia" []}, in float64 under
+    jax x64, else float32. Runs on x minus its mean (k-means is shift invariant), so the expanded distances
+    |x|^2 - 2 x.c + |c|^2 do not cancel where the points share a large offset."""
+    x = jnp.asarray(x, float)
+    mean = x.mean(0)
+    x = x - mean
     starts = jax.vmap(lambda kk: kmeans_plus_plus(x, k, kk))(jax.random.split(key, restarts))
     labels, centroids, inertia = jax.vmap(lambda c: lloyd(x, c, iters))(starts)
     best = jnp.argmin(inertia)
-    return {"labels": labels[best], "centroids": centroids[best], "inertia": inertia[best]}
+    return {"labels": labels[best], "centroids": centroids[best] + mean, "inertia": inertia[best]}
 
 
 def check_indices(name: str, values, low: int, high: int) -> None:

@@ -19,18 +19,21 @@ def unit(x: jax.Array) -> jax.Array:
 
 def mean_pairwise_distance(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Mean Euclidean distance over distinct pairs of the rows of x [N, D] (pairs weighted by weights [N, N] if
-    given: the mean over pairs i != j with weight w_ij)."""
+    given: the mean over pairs i != j with weight w_ij). NaN where there is no pair (one row, or zero weights): 0
+    would read as perfect convergence."""
     # the [N, N, D] differences themselves: the Gram identity |a|^2 + |b|^2 - 2 a.b cancels catastrophically for
     # near-equal rows (float32: ~sqrt(eps) = 3e-4 for identical unit vectors), the converged regime measured here
     d = jnp.linalg.norm(x[:, None] - x[None], axis=-1)
     off = 1.0 - jnp.eye(x.shape[0])
     w = off if weights is None else off * weights
-    return jnp.sum(w * d) / jnp.maximum(jnp.sum(w), 1e-12)
+    total = jnp.sum(w)
+    return jnp.where(total > 0, jnp.sum(w * d) / jnp.where(total > 0, total, 1.0), jnp.nan)
 
 
 def cross_board_distance(features: jax.Array) -> jax.Array:
     """[F] for features [B, F, D] (the same F focus cells on B boards): the mean over board pairs b < b' of the unit
-    distance between the boards' f-th cells. Low values: the cell is represented alike across contexts."""
+    distance between the boards' f-th cells. Low values: the cell is represented alike across contexts. NaN for
+    one board (no pair)."""
     return jax.vmap(lambda f: mean_pairwise_distance(unit(f)), in_axes=1)(features)
 
 

@@ -9,10 +9,13 @@ import numpy as np
 
 @jax.jit
 def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3) -> jax.Array:
-    """[F + 1, K] weights (bias last) of argmin |[x 1] w - y|^2 + lam |w_F|^2 for x [N, F], y [N, K]."""
-    xb = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-    reg = lam * jnp.eye(xb.shape[1], dtype=x.dtype).at[-1, -1].set(0.0)  # the bias is not penalised
-    return jnp.linalg.solve(xb.T @ xb + reg, xb.T @ y)
+    """[F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N, K] (the bias is not
+    penalised). Solved on x and y centred on their means, with b = ybar - xbar w: the same minimiser, without the
+    normal equations cancelling where the features share a large offset."""
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    w = jnp.linalg.solve(xc.T @ xc + lam * jnp.eye(x.shape[1], dtype=x.dtype), xc.T @ yc)
+    return jnp.concatenate([w, (y_mean - x_mean @ w)[None]])
 
 
 def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
@@ -25,8 +28,8 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints (classes: one-hot
     regression, accuracy of the argmax). Returns {"score", "train_score", "weights"} with score "r2" or "accuracy"
     on the held-out prompts: a random split by key (default key 0), or the rows where held_out [N] is True (e.g.
-    whole board positions, so the probe must generalise across them)."""
-    features = jnp.asarray(features, jnp.float32)
+    whole board positions, so the probe must generalise across them). Fits in float64 under jax x64, else float32."""
+    features = jnp.asarray(features, float)
     targets = jnp.asarray(targets)
     n = features.shape[0]
     if targets.shape[0] != n:
@@ -59,7 +62,8 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
 def _fit_and_score(features, targets, train, test, lam, n_classes: int):
     """(weights, held-out score, train score) of probe: one compiled program per shape (n_classes 0: regression)."""
     n = features.shape[0]
-    y = jax.nn.one_hot(targets, n_classes) if n_classes else targets.reshape(n, -1).astype(jnp.float32)
+    y = jax.nn.one_hot(targets, n_classes, dtype=features.dtype) if n_classes else \
+        targets.reshape(n, -1).astype(features.dtype)
     w = ridge_fit(features[train], y[train], lam)
 
     def score(idx):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
 
 KINDS = ("uniform", "normal", "fixed")
 
@@ -63,6 +63,8 @@ class AffineRecurrence:
     loss_from: int = 0
 
     def __post_init__(self):
+        for name in ("dim", "seq_len", "loss_from"):
+            check_integer(name, getattr(self, name))
         check_positive("dim", self.dim)
         check_positive("seq_len", self.seq_len)
         check_range("loss_from", self.loss_from, 0, self.seq_len - 1)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import fixed_set_key
-from jaxicl.validation import ConfigError, check_choice, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive
 
 FAMILIES = ("unitary", "orthogonal", "haar", "complex_1d")
 COMPLEX_FAMILIES = ("unitary", "complex_1d")
@@ -61,6 +61,8 @@ class Autoregressive:
         check_choice("family", self.family, FAMILIES)
         check_choice("init", self.init, INITS)
         check_choice("format", self.format, FORMATS)
+        for name in ("dim", "seq_len", "tile", "basis_seed", "n_sequences", "pool_seed"):
+            check_integer(name, getattr(self, name))
         for name in ("dim", "seq_len", "mu", "init_scale", "tile"):
             check_positive(name, getattr(self, name))
         check_positive("noise_std", self.noise_std, allow_zero=True)

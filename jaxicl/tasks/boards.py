@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
 
 TYPES = ("single", "double", "composition")
 POSITIONS = 36  # top-left places of a 3x3 root on the 8x8 board (6 x 6), numbered x * 6 + y
@@ -70,6 +70,9 @@ class Boards:
     steps_per_epoch: int = 16  # an official epoch: 1000 boards in batches of 64
 
     def __post_init__(self):
+        for name in ("n_roots", "n_composites", "n_colours", "n_backgrounds", "board_dim", "root_dim", "comp_margin",
+                     "test_per_group", "blueprint_seed", "mask_ramp_end", "patch_from", "steps_per_epoch"):
+            check_integer(name, getattr(self, name))
         for name in ("n_roots", "n_composites", "n_colours", "n_backgrounds", "mask_ramp_end", "steps_per_epoch"):
             check_positive(name, getattr(self, name))
         check_range("n_colours", self.n_colours, 1, 10)
@@ -80,10 +83,14 @@ class Boards:
             p = getattr(self, name)
             if len(p) != 3 or min(p) < 0 or sum(p) <= 0:
                 raise ConfigError(f"{name} must be 3 non-negative type probabilities with a positive sum, got {p}")
+        if len(self.types_ramp) != 2:
+            raise ConfigError(f"types_ramp must be (start, end) epochs, got {self.types_ramp}")
+        for i, epoch in enumerate(self.types_ramp):
+            check_integer(f"types_ramp[{i}]", epoch)
         if not 0 <= self.types_ramp[0] <= self.types_ramp[1]:
             raise ConfigError(f"types_ramp must be (start, end) epochs with 0 <= start <= end, got {self.types_ramp}")
         check_range("mask_max", self.mask_max, 0.0, 1.0)
-        check_range("mask_min", self.mask_min, 0.0, 1.0)
+        check_range("mask_min", self.mask_min, 0.0, self.mask_max)
         check_range("patch_p", self.patch_p, 0.0, 1.0)
         check_positive("patch_from", self.patch_from, allow_zero=True)
         sizes = {"single": POSITIONS * self.n_backgrounds, "double": 900 * self.n_backgrounds,

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxicl.models.gpt import lookup
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
 
 PAD, BOS, SEP, ARROW, EOS = range(5)
 N_SPECIAL = 5
@@ -157,6 +157,10 @@ class Instructions:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("n_tasks", "n_families", "unseen_families", "strings_per_family", "validation_strings",
+                     "n_letters", "n_inputs", "n_outputs", "min_task_distance", "max_instruction_len", "max_repeat",
+                     "keyword_len", "seed"):
+            check_integer(name, getattr(self, name))
         for name in ("n_tasks", "n_families", "strings_per_family", "n_letters", "n_inputs", "n_outputs",
                      "max_instruction_len", "max_repeat", "keyword_len"):
             check_positive(name, getattr(self, name))

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import pool_key
-from jaxicl.validation import ConfigError, check_choice, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive
 
 FORMATS = ("paired", "interleaved")
 
@@ -46,6 +46,8 @@ class LinearRegression:
     loss_on: str = "query"
 
     def __post_init__(self):
+        for name in ("dim", "n_context", "n_tasks", "pool_seed"):
+            check_integer(name, getattr(self, name))
         check_positive("dim", self.dim)
         check_positive("n_context", self.n_context)
         check_positive("noise_std", self.noise_std, allow_zero=True)
@@ -58,7 +60,7 @@ class LinearRegression:
             raise ConfigError("loss_on='all' needs format='interleaved': a paired token j = [x_j; y_j] carries the "
                               "label it would be scored on; use loss_on='query' with format='paired'")
         if self.x_cov_diag and len(self.x_cov_diag) != self.dim:
-            raise ValueError(f"x_cov_diag must have dim={self.dim} entries or be empty, got {len(self.x_cov_diag)}")
+            raise ConfigError(f"x_cov_diag must have dim={self.dim} entries or be empty, got {len(self.x_cov_diag)}")
         for i, v in enumerate(self.x_cov_diag):
             check_positive(f"x_cov_diag[{i}]", v)
 

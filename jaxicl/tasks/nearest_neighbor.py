@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import fixed_set_key
-from jaxicl.validation import check_choice, check_positive, check_range
+from jaxicl.validation import check_choice, check_integer, check_positive, check_range
 
 DISTRIBUTIONS = ("uniform", "shifted")
 
@@ -48,6 +48,8 @@ class NearestNeighbor:
     pool_seed: int = 0
 
     def __post_init__(self):
+        for name in ("dim", "n_context", "num_classes", "n_prompts", "pool_seed"):
+            check_integer(name, getattr(self, name))
         check_positive("dim", self.dim)
         check_positive("n_context", self.n_context)
         check_range("num_classes", self.num_classes, 2, None)
