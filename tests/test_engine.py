@@ -416,6 +416,25 @@ def test_resuming_with_more_steps_writes_the_metrics_of_a_straight_run_of_the_ne
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 
 
+def test_an_extended_run_reruns_as_the_extended_command_and_is_refused_as_the_first(tmp_path):
+    """7 steps, then extended to 12: the extension's checkpoints are stored under train.steps=12, so its command
+    reruns (restores step 12, trains nothing, leaves the file as it was) and the 7-step command is refused."""
+    cfg = TrainConfig(steps=12, optimizer="sgd", lr=0.1, steps_per_call=5, checkpoint_every=5, log_every=1)
+    out, w = str(tmp_path), {"w": jnp.zeros(8)}
+    train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), w, out_dir=out, progress=False)
+    extended = train(_halving_loss, None, None, cfg, w, out_dir=out, progress=False)
+    rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    assert store.steps() == [7, 10, 12] and store.config()["train"]["steps"] == 12
+    store.close()
+    again = train(_halving_loss, None, None, cfg, w, out_dir=out, progress=False)
+    assert int(again.state.step) == 12 and [r["step"] for r in again.train_rows] == list(range(12))
+    np.testing.assert_array_equal(again.state.params["w"], extended.state.params["w"])
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == rows
+    with pytest.raises(ConfigError, match=r"step 12, past train.steps=7; use train.steps=12 \(the checkpoint's run\)"):
+        train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), w, out_dir=out, progress=False)
+
+
 def test_evaluations_at_listed_steps_run_there_and_at_the_ends():
     loss_fn, sample, task, cfg, params = tiny_setup(steps=12, steps_per_call=5)
     seen = []

@@ -15,6 +15,7 @@ from experiments.common.sweep_report import final_table
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
+from jaxicl.train import sweep as sweep_module
 from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, regression_loss, sweep_mesh, train,
                           train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
@@ -197,10 +198,10 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
     assert _rows(resumed) == _rows(straight)
     assert [r["step"] for r in resumed.train_rows if r["member"] == 2] == list(range(10))
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["chunk0", "chunk1"]
-    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints" / "chunk0")).config()  # names what varies (as made
-    # by the first, 5-step run: a longer constant-lr run may resume it)
+    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints" / "chunk0")).config()  # names what varies; the
+    # steps of the run that wrote the latest checkpoint (the 10-step run that resumed the 5-step one)
     assert stored["train"]["seed"] == {"swept": [0, 1, 2]} and stored["train"]["lr"] == {"swept": [1e-2, 2e-2, 3e-2]}
-    assert stored["train"]["steps"] == 5 and stored["task"] == json.loads(json.dumps(dataclasses.asdict(TASK)))
+    assert stored["train"]["steps"] == 10 and stored["task"] == json.loads(json.dumps(dataclasses.asdict(TASK)))
     with pytest.raises(ConfigError, match="cannot resume"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members[:2], out_dir=str(tmp_path / "b"),
                     **kw)
@@ -208,6 +209,31 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
     swapped = [{"train.seed": s, "train.lr": v} for s, v in [(1, 1e-2), (0, 2e-2), (2, 3e-2)]]
     with pytest.raises(ConfigError, match=r"cannot resume.*sweep\.members"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, swapped, out_dir=str(tmp_path / "b"), **kw)
+
+
+def test_an_extended_sweep_stopped_between_chunks_resumes_to_the_straight_sweep(tmp_path, monkeypatch):
+    """Two members in chunks of one, 5 steps, extended to 10 and stopped once chunk 0 is done: chunk 0's checkpoint
+    was written by the 10-step sweep, so the same command resumes (it was refused: "step 10 of a run of
+    train.steps=5") and equals a straight 10-step sweep."""
+    members = [{"train.seed": s} for s in range(2)]
+    kw = dict(chunk_size=1, progress=False)
+    straight = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=str(tmp_path / "a"), **kw)
+    out = str(tmp_path / "b")
+    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5), init, members, out_dir=out, **kw)
+
+    class StopAtChunk1(CheckpointStore):
+        def __init__(self, directory, **store_kw):
+            if directory.endswith("chunk1"):
+                raise KeyboardInterrupt
+            super().__init__(directory, **store_kw)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(sweep_module, "CheckpointStore", StopAtChunk1)
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
+    assert [CheckpointStore(f"{out}/checkpoints/chunk{k}").steps()[-1] for k in (0, 1)] == [10, 5]
+    resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
+    _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)
+    assert _rows(resumed) == _rows(straight)
 
 
 def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
