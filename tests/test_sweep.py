@@ -16,8 +16,8 @@ from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import sweep as sweep_module
-from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, regression_loss, sweep_mesh, train,
-                          train_sweep)
+from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, read_metrics, regression_loss,
+                          sweep_mesh, train, train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import split_fields
 from jaxicl.train.sweep_program import build_program
@@ -234,6 +234,24 @@ def test_an_extended_sweep_stopped_between_chunks_resumes_to_the_straight_sweep(
     resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
     _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)
     assert _rows(resumed) == _rows(straight)
+
+
+def test_a_sweep_keeps_no_rows_of_another_sweep_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
+    """Seeds 0-3 stopped in their first save leave rows and no checkpoint; seeds 10, 11 in the same directory (in
+    chunks of one or at once) return and leave only their own rows (they returned members 2 and 3 of seeds 2, 3)."""
+    for chunk_size in (1, None):
+        out = tmp_path / str(chunk_size)
+        kw = dict(out_dir=str(out), progress=False)
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(CheckpointStore, "save", lambda self, state, step=None: (_ for _ in ()).throw(KeyboardInterrupt))
+            train_sweep(LOSS, lr.sample, TASK, _cfg(steps=4), init, [{"train.seed": s} for s in range(4)], **kw)
+        assert {r["member"] for r in read_metrics(str(out / "metrics.jsonl"))} == {0, 1, 2, 3}
+        result = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=4), init, [{"train.seed": 10}, {"train.seed": 11}],
+                             chunk_size=chunk_size, **kw)
+        assert sorted({(r["member"], r["train.seed"]) for r in result.train_rows}) == [(0, 10), (1, 11)]
+        assert [r["step"] for r in result.train_rows if r["member"] == 1] == [0, 1, 2, 3]
+        assert _rows(result) == sorted(read_metrics(str(out / "metrics.jsonl")),
+                                       key=lambda r: (r["member"], r["split"], r["step"]))
 
 
 def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
