@@ -20,6 +20,7 @@ from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data
 from jaxicl.train.checkpoint import check_resumable
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
+from jaxicl.train.sweep_fields import member_arrays
 from jaxicl.train.optim import make_optimizer
 from jaxicl.validation import ConfigError
 from tiny_run import tiny_setup
@@ -173,6 +174,18 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
 def test_bad_train_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kwargs)
+
+
+def test_a_lone_run_takes_the_seeds_a_sweep_takes():
+    """int32 seeds: without x64 jax.random.key keeps a seed's low 32 bits (2**32 trained exactly like 0)."""
+    for seed in (-2**31, 2**31 - 1):
+        assert TrainConfig(seed=seed).seed == seed
+        assert member_arrays([{"train.seed": seed}], "train.", ["seed"])["seed"].tolist() == [seed]
+    for seed in (-2**31 - 1, 2**31, 2**32):
+        with pytest.raises(ConfigError, match=rf"seed must be in \[-2147483648, 2147483647\], got {seed}"):
+            TrainConfig(seed=seed)
+        with pytest.raises(ConfigError, match=rf"train\.seed: a swept integer must fit in int32.*\[{seed}\]"):
+            member_arrays([{"train.seed": seed}], "train.", ["seed"])
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
