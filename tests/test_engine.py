@@ -448,6 +448,15 @@ def test_an_extended_run_reruns_as_the_extended_command_and_is_refused_as_the_fi
         train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), w, out_dir=out, progress=False)
 
 
+def test_a_rerun_of_a_finished_run_keeps_the_flops_per_step_of_run_json(tmp_path):
+    """The rerun restores the final state and compiles no chunk (XLA's count needs one): run.json keeps the count."""
+    cfg = TrainConfig(steps=4, optimizer="sgd", lr=0.1, steps_per_call=2)
+    first = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
+    again = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
+    assert first.info["flops_per_step"] > 0 and again.info == first.info
+    assert json.loads((tmp_path / "run.json").read_text()) == first.info
+
+
 def test_evaluations_at_listed_steps_run_there_and_at_the_ends():
     loss_fn, sample, task, cfg, params = tiny_setup(steps=12, steps_per_call=5)
     seen = []

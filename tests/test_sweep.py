@@ -256,7 +256,8 @@ def test_a_sweep_keeps_no_rows_of_another_sweep_stopped_before_its_first_checkpo
 
 def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
     """Three members in chunks of two at lr 1e-2, then two members at lr 3e-2 with resume=False: only the new
-    sweep's chunk remains, and resuming at lr 1e-2 is refused instead of restoring the other sweep's state."""
+    sweep's chunk remains, and resuming at lr 1e-2 is refused instead of restoring the other sweep's state; the rerun
+    that trains nothing keeps run.json's flops_per_step."""
     members = [{"train.seed": s} for s in range(3)]
     kw = dict(chunk_size=2, mesh=sweep_mesh(2), out_dir=str(tmp_path), progress=False)
     train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, **kw)
@@ -267,6 +268,9 @@ def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_p
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members[:2], **kw)
     again = train_sweep(LOSS, lr.sample, TASK, _cfg(lr=3e-2), init, members[:2], **kw)
     _assert_trees_close(again.params, second.params, rtol=0, atol=0)
+    # the rerun compiled no chunk: run.json keeps the per-member flops count
+    assert second.info["flops_per_step"] > 0 and again.info == second.info
+    assert json.loads((tmp_path / "run.json").read_text()) == second.info
 
 
 def optax_norm(params):

@@ -41,7 +41,7 @@ from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.loop import stored_config
+from jaxicl.train.loop import stored_config, write_run_info
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.state import TrainState
@@ -127,8 +127,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     stack_flops = run_chunk.flops_per_step
     info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
             "chunk_size": size}
-    if out_dir:
-        outputs.write_json(os.path.join(out_dir, "run.json"), info)
+    info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
     if diverged and outputs.is_primary():
         tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
                    f"(member: step) {diverged}; the others trained on unchanged")
