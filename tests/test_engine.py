@@ -20,6 +20,7 @@ from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data
 from jaxicl.train.checkpoint import check_resumable
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
+from jaxicl.train.sweep_fields import member_arrays
 from jaxicl.train.optim import make_optimizer
 from jaxicl.validation import ConfigError
 from tiny_run import tiny_setup
@@ -173,6 +174,18 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
 def test_bad_train_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kwargs)
+
+
+def test_a_lone_run_takes_the_seeds_a_sweep_takes():
+    """int32 seeds: without x64 jax.random.key keeps a seed's low 32 bits (2**32 trained exactly like 0)."""
+    for seed in (-2**31, 2**31 - 1):
+        assert TrainConfig(seed=seed).seed == seed
+        assert member_arrays([{"train.seed": seed}], "train.", ["seed"])["seed"].tolist() == [seed]
+    for seed in (-2**31 - 1, 2**31, 2**32):
+        with pytest.raises(ConfigError, match=rf"seed must be in \[-2147483648, 2147483647\], got {seed}"):
+            TrainConfig(seed=seed)
+        with pytest.raises(ConfigError, match=rf"train\.seed: a swept integer must fit in int32.*\[{seed}\]"):
+            member_arrays([{"train.seed": seed}], "train.", ["seed"])
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
@@ -414,6 +427,34 @@ def test_resuming_with_more_steps_writes_the_metrics_of_a_straight_run_of_the_ne
     assert [r["step"] for r in short.train_rows] == [0, 5, 6] and [r["step"] for r in short.eval_rows] == [0, 5, 7]
     train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "b"), **kw)
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
+
+
+def test_an_extended_run_reruns_as_the_extended_command_and_is_refused_as_the_first(tmp_path):
+    """7 steps, then extended to 12: the extension's checkpoints are stored under train.steps=12, so its command
+    reruns (restores step 12, trains nothing, leaves the file as it was) and the 7-step command is refused."""
+    cfg = TrainConfig(steps=12, optimizer="sgd", lr=0.1, steps_per_call=5, checkpoint_every=5, log_every=1)
+    out, w = str(tmp_path), {"w": jnp.zeros(8)}
+    train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), w, out_dir=out, progress=False)
+    extended = train(_halving_loss, None, None, cfg, w, out_dir=out, progress=False)
+    rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    assert store.steps() == [7, 10, 12] and store.config()["train"]["steps"] == 12
+    store.close()
+    again = train(_halving_loss, None, None, cfg, w, out_dir=out, progress=False)
+    assert int(again.state.step) == 12 and [r["step"] for r in again.train_rows] == list(range(12))
+    np.testing.assert_array_equal(again.state.params["w"], extended.state.params["w"])
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == rows
+    with pytest.raises(ConfigError, match=r"step 12, past train.steps=7; use train.steps=12 \(the checkpoint's run\)"):
+        train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), w, out_dir=out, progress=False)
+
+
+def test_a_rerun_of_a_finished_run_keeps_the_flops_per_step_of_run_json(tmp_path):
+    """The rerun restores the final state and compiles no chunk (XLA's count needs one): run.json keeps the count."""
+    cfg = TrainConfig(steps=4, optimizer="sgd", lr=0.1, steps_per_call=2)
+    first = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
+    again = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
+    assert first.info["flops_per_step"] > 0 and again.info == first.info
+    assert json.loads((tmp_path / "run.json").read_text()) == first.info
 
 
 def test_evaluations_at_listed_steps_run_there_and_at_the_ends():

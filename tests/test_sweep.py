@@ -15,8 +15,9 @@ from experiments.common.sweep_report import final_table
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
-from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, regression_loss, sweep_mesh, train,
-                          train_sweep)
+from jaxicl.train import sweep as sweep_module
+from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, read_metrics, regression_loss,
+                          sweep_mesh, train, train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import split_fields
 from jaxicl.train.sweep_program import build_program
@@ -197,10 +198,10 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
     assert _rows(resumed) == _rows(straight)
     assert [r["step"] for r in resumed.train_rows if r["member"] == 2] == list(range(10))
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["chunk0", "chunk1"]
-    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints" / "chunk0")).config()  # names what varies (as made
-    # by the first, 5-step run: a longer constant-lr run may resume it)
+    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints" / "chunk0")).config()  # names what varies; the
+    # steps of the run that wrote the latest checkpoint (the 10-step run that resumed the 5-step one)
     assert stored["train"]["seed"] == {"swept": [0, 1, 2]} and stored["train"]["lr"] == {"swept": [1e-2, 2e-2, 3e-2]}
-    assert stored["train"]["steps"] == 5 and stored["task"] == json.loads(json.dumps(dataclasses.asdict(TASK)))
+    assert stored["train"]["steps"] == 10 and stored["task"] == json.loads(json.dumps(dataclasses.asdict(TASK)))
     with pytest.raises(ConfigError, match="cannot resume"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, members[:2], out_dir=str(tmp_path / "b"),
                     **kw)
@@ -210,9 +211,53 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
         train_sweep(LOSS, lr.sample, TASK, _cfg(checkpoint_every=5), init, swapped, out_dir=str(tmp_path / "b"), **kw)
 
 
+def test_an_extended_sweep_stopped_between_chunks_resumes_to_the_straight_sweep(tmp_path, monkeypatch):
+    """Two members in chunks of one, 5 steps, extended to 10 and stopped once chunk 0 is done: chunk 0's checkpoint
+    was written by the 10-step sweep, so the same command resumes (it was refused: "step 10 of a run of
+    train.steps=5") and equals a straight 10-step sweep."""
+    members = [{"train.seed": s} for s in range(2)]
+    kw = dict(chunk_size=1, progress=False)
+    straight = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=str(tmp_path / "a"), **kw)
+    out = str(tmp_path / "b")
+    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5), init, members, out_dir=out, **kw)
+
+    class StopAtChunk1(CheckpointStore):
+        def __init__(self, directory, **store_kw):
+            if directory.endswith("chunk1"):
+                raise KeyboardInterrupt
+            super().__init__(directory, **store_kw)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(sweep_module, "CheckpointStore", StopAtChunk1)
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
+    assert [CheckpointStore(f"{out}/checkpoints/chunk{k}").steps()[-1] for k in (0, 1)] == [10, 5]
+    resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
+    _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)
+    assert _rows(resumed) == _rows(straight)
+
+
+def test_a_sweep_keeps_no_rows_of_another_sweep_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
+    """Seeds 0-3 stopped in their first save leave rows and no checkpoint; seeds 10, 11 in the same directory (in
+    chunks of one or at once) return and leave only their own rows (they returned members 2 and 3 of seeds 2, 3)."""
+    for chunk_size in (1, None):
+        out = tmp_path / str(chunk_size)
+        kw = dict(out_dir=str(out), progress=False)
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(CheckpointStore, "save", lambda self, state, step=None: (_ for _ in ()).throw(KeyboardInterrupt))
+            train_sweep(LOSS, lr.sample, TASK, _cfg(steps=4), init, [{"train.seed": s} for s in range(4)], **kw)
+        assert {r["member"] for r in read_metrics(str(out / "metrics.jsonl"))} == {0, 1, 2, 3}
+        result = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=4), init, [{"train.seed": 10}, {"train.seed": 11}],
+                             chunk_size=chunk_size, **kw)
+        assert sorted({(r["member"], r["train.seed"]) for r in result.train_rows}) == [(0, 10), (1, 11)]
+        assert [r["step"] for r in result.train_rows if r["member"] == 1] == [0, 1, 2, 3]
+        assert _rows(result) == sorted(read_metrics(str(out / "metrics.jsonl")),
+                                       key=lambda r: (r["member"], r["split"], r["step"]))
+
+
 def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):
     """Three members in chunks of two at lr 1e-2, then two members at lr 3e-2 with resume=False: only the new
-    sweep's chunk remains, and resuming at lr 1e-2 is refused instead of restoring the other sweep's state."""
+    sweep's chunk remains, and resuming at lr 1e-2 is refused instead of restoring the other sweep's state; the rerun
+    that trains nothing keeps run.json's flops_per_step."""
     members = [{"train.seed": s} for s in range(3)]
     kw = dict(chunk_size=2, mesh=sweep_mesh(2), out_dir=str(tmp_path), progress=False)
     train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, **kw)
@@ -223,6 +268,9 @@ def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_p
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members[:2], **kw)
     again = train_sweep(LOSS, lr.sample, TASK, _cfg(lr=3e-2), init, members[:2], **kw)
     _assert_trees_close(again.params, second.params, rtol=0, atol=0)
+    # the rerun compiled no chunk: run.json keeps the per-member flops count
+    assert second.info["flops_per_step"] > 0 and again.info == second.info
+    assert json.loads((tmp_path / "run.json").read_text()) == second.info
 
 
 def optax_norm(params):
@@ -250,7 +298,7 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
     with pytest.raises(ConfigError, match=r"evaluate must take every swept task field.*\['noise_std'\]"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"task.noise_std": 0.0}, {"task.noise_std": 1.0}],
                     evaluate=lambda params: {"norm": 0.0}, progress=False)
-    with pytest.raises(ConfigError, match=r"train\.seed: a swept integer must fit in int32.*\[2147483648\]"):
+    with pytest.raises(ConfigError, match=r"seed must be in \[-2147483648, 2147483647\], got 2147483648"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}, {"train.seed": 2**31}], progress=False)
     with pytest.raises(ConfigError, match="mesh: a sweep needs a mesh with a 'members' axis"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a TrainState (all orbax calls of jaxicl live here).
 
 Each checkpoint holds params, optimiser state, step, the raw key data and the buffers (if any); the run config is
-root metadata. Restoring always goes through an abstract target carrying the shardings wanted
+root metadata, and each checkpoint's own metadata holds the train.steps of the run that wrote it (a resume may extend
+a run with a constant schedule). Restoring always goes through an abstract target carrying the shardings wanted
 now, so a checkpoint saved on 4 devices loads onto 1 (or onto another mesh). Every process of a
 multi-host run must call save and restore; orbax writes from the primary host.
 """
@@ -41,12 +42,13 @@ class CheckpointStore:
 
     def __init__(self, directory: str, *, keep: int = 3, config: dict | None = None):
         self.directory = os.path.abspath(directory)
+        self._steps = (config or {}).get("train", {}).get("steps")
         self._ckptr = self._open(keep, config)
         # orbax writes the config when a store first opens a directory and never rewrites it: a run that stopped
         # before its first checkpoint left its own config here, under which this run's checkpoints would be stored
         # (and another config's rerun would resume them); with no checkpoint there is nothing to keep. Process 0
         # decides: another process may read the directory before process 0 has written this run's config.
-        stale = not self._ckptr.checkpoints and self.config() != normalise_config(config or {})
+        stale = not self._ckptr.checkpoints and self._root_config() != normalise_config(config or {})
         if jax.process_count() > 1:
             stale = bool(multihost_utils.broadcast_one_to_all(np.asarray(stale)))
         if stale:
@@ -65,14 +67,24 @@ class CheckpointStore:
         A sweep's stacked state has one step per member, so it passes the sweep's step.
         """
         step = int(state.step) if step is None else step
-        self._ckptr.save(step, _to_tree(state), force=True, overwrite=True)
+        written_by = None if self._steps is None else {"train.steps": self._steps}
+        self._ckptr.save(step, _to_tree(state), force=True, overwrite=True, custom_metadata=written_by)
         self._ckptr.wait()
 
     def steps(self) -> list[int]:
         return [c.step for c in self._ckptr.checkpoints]
 
     def config(self) -> dict:
-        """The run config stored with the checkpoints ({} if none)."""
+        """The run config of the latest checkpoint ({} if none stored): the config stored when the directory was
+        first opened, with the train.steps of the run that wrote that checkpoint (an extended run's, not the first
+        run's)."""
+        config = self._root_config()
+        written_by = self._ckptr.checkpointables_metadata().custom_metadata if self._ckptr.checkpoints else None
+        if written_by and "train" in config:
+            config = {**config, "train": {**config["train"], "steps": written_by["train.steps"]}}
+        return config
+
+    def _root_config(self) -> dict:
         meta = self._ckptr.root_metadata()
         return dict(meta.custom_metadata or {}) if meta is not None else {}
 

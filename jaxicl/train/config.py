@@ -43,6 +43,8 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every", "stop_loss"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("lr", self.lr)
+        # the seeds a sweep takes (int32): without x64 jax.random.key keeps the low 32 bits, so 2**32 would train as 0
+        check_range("seed", self.seed, -2**31, 2**31 - 1)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("prng_impl", self.prng_impl, PRNG_IMPLS)

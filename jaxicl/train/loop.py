@@ -9,6 +9,7 @@ A loss that takes no batch (sample=None: a full-batch or closed-form objective) 
 """
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from functools import partial
@@ -40,7 +41,8 @@ class TrainResult:
     state: TrainState  # on the training mesh's devices, usable outside it without jax.set_mesh (mesh.portable)
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
-    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; None when no step ran), devices
+    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; where no step ran, run.json's
+    # earlier value, else None), devices
 
 
 def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: EvalSchedule | None) -> dict:
@@ -50,6 +52,18 @@ def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: Ev
     task = dataclasses.asdict(task_cfg) if task_cfg is not None else {}
     return {"train": dataclasses.asdict(cfg), "task": task,
             "matmul_precision": jax.config.jax_default_matmul_precision, "eval_every": eval_every, **(extra or {})}
+
+
+def write_run_info(out_dir: str | None, info: dict, *, compiled: bool) -> dict:
+    """info, also written to out_dir/run.json. Where no chunk was compiled (a rerun of a finished run) flops_per_step
+    is the value run.json holds (XLA's count needs a compiled chunk), on process 0, the one that writes it."""
+    path = os.path.join(out_dir, "run.json") if out_dir else None
+    if path and not compiled and outputs.is_primary() and os.path.exists(path):
+        with open(path) as f:
+            info = {**info, "flops_per_step": json.load(f).get("flops_per_step")}
+    if path:
+        outputs.write_json(path, info)
+    return info
 
 
 def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, params, *,
@@ -157,9 +171,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             bar.close()
             if store:
                 store.close()
-        info = {"flops_per_step": chunk.flops_per_step, "devices": mesh.devices.size}
-        if out_dir:
-            outputs.write_json(os.path.join(out_dir, "run.json"), info)
+        info = write_run_info(out_dir, {"flops_per_step": chunk.flops_per_step, "devices": mesh.devices.size},
+                              compiled=bool(chunk.programs))
     if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
     return TrainResult(portable(state), train_rows, eval_rows, info)

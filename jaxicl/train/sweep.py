@@ -41,7 +41,7 @@ from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.loop import stored_config
+from jaxicl.train.loop import stored_config, write_run_info
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.state import TrainState
@@ -116,7 +116,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
                                     config=config) if out_dir else None
             try:
                 state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, config, metrics_path,
-                                     rows, bar, eval_every, fresh_file=k == 0 and not resume)
+                                     rows, bar, eval_every)
             finally:
                 if store:
                     store.close()
@@ -127,8 +127,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     stack_flops = run_chunk.flops_per_step
     info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
             "chunk_size": size}
-    if out_dir:
-        outputs.write_json(os.path.join(out_dir, "run.json"), info)
+    info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
     if diverged and outputs.is_primary():
         tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
                    f"(member: step) {diverged}; the others trained on unchanged")
@@ -140,9 +139,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     return SweepResult(list(members), params, diverged, rows["train"], rows["eval"], size, info)
 
 
-def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray, size: int,
-                 sharding: NamedSharding, store: CheckpointStore | None, config: dict, metrics_path: str | None,
-                 rows: dict, bar, eval_every: EvalSchedule, fresh_file: bool) -> TrainState:
+def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray,
+                 size: int, sharding: NamedSharding, store: CheckpointStore | None, config: dict,
+                 metrics_path: str | None, rows: dict, bar, eval_every: EvalSchedule) -> TrainState:
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
     a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
     state, start = prog.states(a, sharding), 0
@@ -150,9 +149,17 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         check_resumable(store.config(), config, store.steps()[-1])
         state, start = store.restore(state, sharding), store.steps()[-1]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
-    # rows of other chunks stay; this chunk's rows from `start` on are written again
-    writer = MetricsWriter(metrics_path, keep=lambda r: not fresh_file and (
-        not lo <= r.get("member", -1) < hi or kept_on_resume(r, start, cfg, eval_every)))
+
+    def keep(row):  # which rows of metrics.jsonl a chunk starting at `start` keeps
+        # this chunk's as a lone run keeps them; the earlier chunks' (their writers ran first in this sweep); the others
+        # only where this chunk holds this sweep's checkpoint: with none, they are another run's (nothing kept at
+        # chunk 0, as a lone run from step 0 clears the file)
+        member = row.get("member", -1)
+        if lo <= member < hi:
+            return kept_on_resume(row, start, cfg, eval_every)
+        return 0 <= member < lo or member >= hi and start > 0
+
+    writer = MetricsWriter(metrics_path, keep=keep)
     bar.update(start)
 
     def log(split, steps, values, ok=None):
