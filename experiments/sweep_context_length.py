@@ -94,8 +94,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     "max over k of |mean - closed form| / standard error, GD-1 at eta*(k) n_context/k on prompts "
                     f"padded to {lengths[-1]}: " + ", ".join(f"k={k}: {gd_mean[k]:.4f} vs {theory[k]:.4f}"
                                                             for k in lengths)),
-        Check("trained_loss_falls_with_context_length", summary["falls"], f"== {len(lengths) - 1}", summary["falling"], "the number of steps from one context length to the next where the trained loss "
-              "falls; mean over seeds: " + ", ".join(f"k={k}: {trained[k]:.4f}" for k in lengths)),
+        Check("trained_loss_falls_with_context_length", summary["falls"], f"== {len(lengths) - 1}", summary["falling"],
+              "the number of steps from one context length to the next where the trained loss falls; mean over "
+              "seeds: " + ", ".join(f"k={k}: {trained[k]:.4f}" for k in lengths)),
         diverged_check({r["member"]: r["diverged_at"] for r in table if r["diverged_at"] is not None}),
     ]
     return Outcome(checks, [_plot(table, theory, gd.task.dim, out_dir)])
