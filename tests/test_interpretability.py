@@ -312,6 +312,8 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     np.testing.assert_allclose(mass_at_offset(eye, 0), [1.0])
     np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
     np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
+    with pytest.raises(ValueError, match=r"\[\.\.\., T, T\].*\(1, 4, 6\)"):  # cross-attention: keys are not the queries
+        mass_at_offset(jnp.ones((1, 4, 6)) / 6, 1)
 
 
 def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalised_input():
