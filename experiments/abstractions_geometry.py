@@ -29,19 +29,20 @@ nothing about learning. Probes: trained minus untrained best held-out score over
 mixing across cells) excluded; context independence: the cosine gap at the convergence site minus the untrained
 model's largest at any inner site, > 0.1.
 
-What the quick preset shows (the quick training run's model; under two minutes): transient convergence. The
-cross-board distance is 0.54 at the embedding (the masks differ), 0.56 at the output, and falls to 0.26 at the
-second block's attention output (layer1.attn.out), where the within-board ratio R is 0.14 (0.86 at the
-embedding): the object's 9 cells are written alike there; C-minimum over the ends 0.48 against 1.99 untrained
-(ratio 0.24). One root's participation ratio is lowest there too (2.2, against 4.5 at the embedding and 7.6 at the
-output, of 64 dimensions). Probes on held-out positions, trained vs untrained best: cell index 0.76 vs 0.29,
-position R^2 0.99 vs -0.52 and a composite's roots 0.98 vs 0.50 are learned; root (0.93 vs 0.92), root from
-masked cells (0.90 vs 0.90: the untrained attention already averages the visible cells into the masked ones),
-background (0.36 vs 1.00) and composite id (0.72 vs 0.90) are not: the untrained model decodes them as well or
-better, and these four checks fail. Context independence: at layer1.attn.out a root's single-board centroid has
-cosine 0.83 with its centroid on double and composite boards (0.17 with other roots'): gap 0.66 against at most
-0.19 untrained; the single-board root probe reads double boards at 0.86 and composites at 0.92. Noise on the object
-cells at the embedding shrinks from 0.5 |x| to 0.15-0.2 within the first two blocks (the attractor test).
+What the quick preset shows (the quick training run's model; under a minute): transient convergence. The
+cross-board distance is 0.54 at the embedding (the masks differ), 0.55 at the output, and falls to 0.30 at the
+second block's attention output (layer1.attn.out), where the within-board ratio R is 0.19 (0.87 at the
+embedding): the object's 9 cells are written alike there; C-minimum over the ends 0.55 against 1.99 untrained
+(ratio 0.28). One root's participation ratio is lowest there too (2.4, against 4.7 at the embedding and 7.4 at the
+output, of 64 dimensions). Probes on held-out positions, trained vs untrained best: cell index 0.84 vs 0.29,
+position R^2 0.98 vs -0.52 and a composite's roots 0.99 vs 0.50 are learned; root from masked cells passes
+narrowly (0.96 vs 0.90, a gain of 0.066 against the check's 0.05: the untrained attention already averages the
+visible cells into the masked ones); root (0.95 vs 0.92), background (0.66 vs 1.00) and composite id (0.76 vs 0.90)
+are not learned: the untrained model decodes them as well or better, and these three checks fail. Context
+independence: at layer1.attn.out a root's single-board centroid has cosine 0.82 with its centroid on double and
+composite boards (0.16 with other roots'): gap 0.66 against at most 0.19 untrained; the single-board root probe
+reads double boards at 0.82 and composites at 0.92. Noise on the object cells at the embedding shrinks from 0.5 |x|
+to 0.13-0.2 within the first two blocks (the attractor test).
 """
 
 import dataclasses

@@ -74,10 +74,10 @@ float rounding in training), four slots name the root (best 1.77 bits, shuffled 
 from the words 0.289 against 0.028 from another board's message (gain 0.260, passes 0.2; tokens 0.820), B's words at
 (x, y) draw B 0.173 (ceiling 0.182) where C's words there draw B 0.027 and C 0.210 (gain 0.147, fails 0.25), B's
 words over all positions draw B 0.015 (fails 0.3). The latest run, seed 0 with today's code on a 2-core Intel Xeon
-of another generation (Emerald Rapids; 6.5 min), has no root in its words either (best slot 0.08 bits, shuffled
+of another generation (Emerald Rapids; 4.8-6.5 min), has no root in its words either (best slot 0.08 bits, shuffled
 0.08; position 3.57 bits, background 3.32; 93 words in use): only the speech check passes (object cells from the
 words 0.234 against 0.031 from another board's message; tokens 0.812, no board exact), and B's words at (x, y) draw
-B for 0.035 of boards (ceiling 0.090, C's words 0.020). So at quick the root check passed in 4 of 6 runs and the
+B for 0.030 of boards (ceiling 0.078, C's words 0.020). So at quick the root check passed in 4 of 6 runs and the
 steering check (B's words at (x, y)) in 1 of 6 (the 0.30 threshold missed by 0.002 once): steering by B's words, as
 read here, is not a robust property of the quick preset, and whether the words name the root at all depends on the
 machine.
