@@ -22,21 +22,35 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def write_with(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(path) on process 0 only, after creating its directory."""
+def write_with(path: str, write: Callable[[str], None], *, atomic: bool = True) -> None:
+    """Calls write(p) on process 0 only, after creating its directory. atomic: p is a file beside path with the same
+    extension (savefig and savez read it), which then replaces path, so a run killed mid-write leaves the old file
+    whole (metrics.jsonl is rewritten on every resume); else p is path itself."""
     if not is_primary():
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    if atomic:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        partial = os.path.join(directory, f".{stem}.partial{ext}")
+        try:
+            write(partial)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    else:
+        write(path)
     log.debug("process %d wrote %s", jax.process_index(), os.path.abspath(path))
 
 
 def write_text(path: str, text: str, *, append: bool = False) -> None:
+    """Writes (or appends: a killed append cuts at most its last line, which read_metrics skips) text to path."""
     def write(p):
         with open(p, "a" if append else "w") as f:
             f.write(text)
 
-    write_with(path, write)
+    write_with(path, write, atomic=not append)
 
 
 def write_json(path: str, obj, indent: int | None = 1) -> None:
