@@ -16,6 +16,7 @@ from flax import nnx
 
 from benchmarks import __main__ as runner
 from benchmarks import output, sampler_throughput, vs_torch
+from jaxicl.models.gpt import SPLIT_FROM
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
@@ -29,6 +30,13 @@ def rows(path) -> list[dict]:
     data = json.loads(open(path).read())
     assert data["environment"]["backend"] == "cpu"
     return data["rows"]
+
+
+def test_smoke_gpt_prompts_take_the_attention_path_the_timed_sizes_take():
+    """Prompts shorter than SPLIT_FROM skip the split causal attention: a smoke run would check the agreement, FLOPs
+    and memory of another attention than the CPU and GPU tables time."""
+    for sizes in (vs_torch.SMOKE, vs_torch.WORKLOADS, vs_torch.GPU):
+        assert all(w.task.seq_len >= SPLIT_FROM for w in sizes.values() if w.kind == "gpt")
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason=f"no PyTorch environment at {vs_torch.TORCH_PYTHON} "
