@@ -7,6 +7,7 @@ is field=v1,v2 | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n
 (overrides go before --sweep). sweep-report regenerates the tables and plots of every sweep under DIR."""
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -14,8 +15,9 @@ import jax
 
 from experiments import registry
 from experiments.common.report import write_report
-from experiments.common.runner import MATMUL_PRECISIONS, resolve_config, run_experiment, sweep_axes
+from experiments.common.runner import MATMUL_PRECISIONS, check_out_dir, resolve_config, run_experiment, sweep_axes
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
+from jaxicl.train.sweep_spec import parse_axes
 from jaxicl.validation import ConfigError
 
 
@@ -62,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--sweep needs one experiment name, not 'all'")
         if args.overrides and args.name == "all":  # the experiments' configs have different fields
             raise ConfigError(f"overrides {args.overrides} need one experiment name, not 'all'")
-        for name in names:  # fail on a bad name, preset, override or sweep axis before running anything
+        for name in names:  # fail on a bad name, preset, override, sweep axis or --out before running anything
             _, cfg = resolve_config(name, args.preset, args.overrides)
             if args.sweep:
                 sweep_axes(name, cfg, args.sweep)
+            check_out_dir(os.path.join(args.out, name), args.sweep)
     except (ConfigError, KeyError) as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
+        print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)
         return 2
     results, errors = [], {}
     for name in names:
@@ -75,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_experiment(name, args.preset, args.out, args.overrides, sweep=args.sweep,
                                     matmul_precision=args.matmul_precision)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {name}'s last checkpoint is under {args.out}/{name}; the same command resumes "
+                  f"from it", file=sys.stderr)
+            return 130
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
-            print(f"error: {e.args[0]}", file=sys.stderr)
+            print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)
             if args.name != "all":
                 return 2
             errors[name] = traceback.format_exc()
@@ -94,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "all" and jax.process_index() == 0:
         print(f"report: {write_report(args.out, args.preset, results, errors)}")
     return 1 if errors else 0
+
+
+def _one_value_hint(specs: list[str]) -> str:
+    """For an error of a command with one-value sweep axes: they may be overrides typed after --sweep."""
+    try:
+        single = [spec for spec, axis in zip(specs, parse_axes(specs)) if len(axis.values) == 1]
+    except ConfigError:
+        return ""
+    return f" ({' '.join(single)}: one value; overrides go before --sweep)" if single else ""
 
 
 def _sweep_report(dirs: list[str]) -> int:

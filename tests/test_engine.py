@@ -510,3 +510,15 @@ def test_the_engine_passes_the_step_to_a_sampler_that_takes_it():
     cfg = TrainConfig(steps=7, batch_size=8, optimizer="sgd", lr=1e-9, steps_per_call=3, log_every=1)
     result = train(loss_fn, sample, None, cfg, {"w": jnp.zeros(())}, progress=False)
     np.testing.assert_array_equal(_losses(result), np.arange(7))
+
+
+def test_a_run_keeps_what_its_checkpoint_directory_holds_without_a_stored_config(tmp_path):
+    """A store that finds no checkpoint and another config takes the directory for a stopped run's and clears it; a
+    directory with no stored config (here a sweep's chunk directory) is not such a run's and stays."""
+    held = tmp_path / "checkpoints" / "chunk0"
+    held.mkdir(parents=True)
+    (held / "note").write_text("a sweep's")
+    cfg = TrainConfig(steps=2, optimizer="sgd", lr=0.1, steps_per_call=1)
+    train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
+    assert (held / "note").read_text() == "a sweep's"
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [2]

@@ -33,11 +33,43 @@ from jaxicl.train.sweep_spec import Axis
     (["sweep_lr_seeds", "--sweep", "lr=1e-3,1e-2"], "'lr' is ambiguous"),
     (["all", "--sweep", "lr=1e-3,1e-2"], "needs one experiment"),
     (["sweep-report"], "usage"),
+    (["gd_equivalence", "--sweep", "lr=-1,1e-3"], "--sweep train.lr=-1.0: lr must be > 0"),  # before training
+    (["gd_equivalence", "--sweep", "seed=0:2", "train.steps=50"], "(train.steps=50: one value; overrides go before --sweep)"),
 ])
 def test_malformed_sweeps_exit_2_with_a_clear_message_before_training(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "gd_equivalence").exists()
+
+
+def test_a_single_run_and_a_sweep_do_not_share_a_directory(capsys, tmp_path):
+    """A single run into a sweep's directory deleted the sweep's chunk checkpoints (its store took the directory,
+    which held no run config of its own, for a stale one) and left sweep.json for sweep-report to crash on."""
+    common = ["gd_equivalence", "--preset", "smoke", "train.steps=20", "train.steps_per_call=10", "eval_every=10"]
+    swept, single = str(tmp_path / "swept"), str(tmp_path / "single")
+    assert main([*common, "--out", swept, "--sweep", "seed=0:2"]) == 0
+    assert main([*common, "--out", single]) == 0
+    before = {d: sorted(os.listdir(os.path.join(d, "gd_equivalence"))) for d in (swept, single)}
+    assert main([*common, "--out", swept]) == 2
+    assert "holds a sweep (--sweep seed=0:2); a single run cannot share its directory" in capsys.readouterr().err
+    assert main([*common, "--out", single, "--sweep", "seed=0:2"]) == 2
+    assert "holds a single run; a sweep cannot share" in capsys.readouterr().err
+    assert {d: sorted(os.listdir(os.path.join(d, "gd_equivalence"))) for d in (swept, single)} == before
+    assert os.listdir(os.path.join(swept, "gd_equivalence", "checkpoints")) == ["chunk0"]
+    assert main(["sweep-report", swept]) == 0
+
+
+def test_an_out_that_is_a_file_and_an_interrupt_end_with_a_message_not_a_traceback(monkeypatch, capsys, tmp_path):
+    (tmp_path / "f").write_text("")
+    assert main(["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path / "f")]) == 2
+    assert f"--out: {tmp_path / 'f'} is a file, not a directory" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("experiments.cli.run_experiment", interrupted)
+    assert main(["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path)]) == 130
+    assert "the same command resumes from it" in capsys.readouterr().err
 
 
 def test_unsweepable_field_is_refused_naming_the_allowed_ones(capsys, tmp_path):

@@ -7,6 +7,7 @@ float32 under every choice (an AMD EPYC: identical products and bitwise-identica
 """
 
 import dataclasses
+import json
 import os
 import time
 
@@ -16,7 +17,7 @@ from experiments import registry
 from jaxicl import outputs
 from jaxicl.config_paths import apply_overrides
 from jaxicl.train.sweep_fields import mark_swept
-from jaxicl.train.sweep_spec import Axis, parse_axes, resolve_axes
+from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError, check_choice
 
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")  # "default": JAX's choice for the backend
@@ -30,11 +31,35 @@ def resolve_config(name: str, preset: str, overrides: list[str]):
 
 
 def sweep_axes(name: str, cfg, specs: list[str]) -> tuple[Axis, ...]:
-    """The --sweep axes resolved on the experiment's config; ConfigError if it cannot sweep them."""
+    """The --sweep axes resolved on the experiment's config, every value checked against its field; ConfigError if
+    it cannot sweep them."""
     if not hasattr(registry.load(name), "run_sweep"):
         raise ConfigError(f"experiment {name!r} does not support --sweep (its module has no run_sweep); "
                           f"sweepable: {[n for n in registry.EXPERIMENTS if hasattr(registry.load(n), 'run_sweep')]}")
-    return resolve_axes(cfg, parse_axes(specs))
+    axes = resolve_axes(cfg, parse_axes(specs))
+    for axis in axes:  # a member's own error does not say which axis set the value
+        for value in axis.values:
+            try:
+                member_config(cfg, {axis.field: value})
+            except ConfigError as e:
+                raise ConfigError(f"--sweep {axis.field}={value}: {e.args[0]}") from None
+    return axes
+
+
+def check_out_dir(out_dir: str, sweep: list[str]) -> None:
+    """ConfigError where out_dir (--out/NAME) or --out is not a directory, or out_dir holds a sweep and this is a single run or the other way
+    round (their checkpoints, metrics and figures would mix)."""
+    for path in (os.path.dirname(out_dir), out_dir):  # --out, then its experiment's directory
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--out: {path} is a file, not a directory")
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    held = json.load(open(path)).get("sweep") or []
+    if bool(held) != bool(sweep):
+        kind = f"a sweep (--sweep {' '.join(held)})" if held else "a single run"
+        raise ConfigError(f"--out: {out_dir} holds {kind}; a {'sweep' if sweep else 'single run'} cannot share its "
+                          f"directory (their checkpoints, metrics and figures would mix): use another --out")
 
 
 def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), sweep: list[str] = (),
@@ -48,6 +73,7 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     module, cfg = resolve_config(name, preset, list(overrides))
     axes = sweep_axes(name, cfg, list(sweep)) if sweep else ()
     out_dir = os.path.join(out, name)
+    check_out_dir(out_dir, list(sweep))
     config = dataclasses.asdict(cfg)
     if axes:  # the swept fields hold {"swept": values}, not one member's value
         config = mark_swept(config, {a.field: list(a.values) for a in axes})
@@ -63,6 +89,10 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     except ConfigError:  # refused before training (a resume with another config): the directory holds the old run
         if previous is not None:
             outputs.write_text(config_path, previous)
+        elif outputs.is_primary():  # or no run at all
+            os.remove(config_path)
+            if not os.listdir(out_dir):
+                os.rmdir(out_dir)
         raise
     except BaseException:  # raised or interrupted: an earlier run's result.json is not this config's result
         if outputs.is_primary() and os.path.exists(result_path):
