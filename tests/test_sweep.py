@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -271,6 +272,28 @@ def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_p
     # the rerun compiled no chunk: run.json keeps the per-member flops count
     assert second.info["flops_per_step"] > 0 and again.info == second.info
     assert json.loads((tmp_path / "run.json").read_text()) == second.info
+
+
+def test_a_rerun_refused_at_a_later_chunk_leaves_out_dir_as_it_was(tmp_path):
+    """Four members in chunks of two, finished, then chunk 0's checkpoints deleted: a rerun at another lr is refused
+    by chunk 1's checkpoint before chunk 0 trains, so every file (metrics.jsonl, sweep.json, chunk 1's checkpoint) is
+    unchanged and chunk 0 has none (chunk 0 was retrained and metrics.jsonl rewritten before chunk 1 refused)."""
+    members = [{"train.seed": s} for s in range(4)]
+    kw = dict(chunk_size=2, mesh=sweep_mesh(2), out_dir=str(tmp_path), progress=False)
+    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5), init, members, **kw)
+    shutil.rmtree(tmp_path / "checkpoints" / "chunk0")
+
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+
+    before = snapshot()
+    assert CheckpointStore(str(tmp_path / "checkpoints" / "chunk1")).steps() == [5]
+    assert snapshot() == before  # a store opened on a directory with checkpoints writes nothing
+    with pytest.raises(ConfigError, match=r"cannot resume.*train\.lr: checkpoint 0.01 vs now 0.03"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5, lr=3e-2), init, members, **kw)
+    assert snapshot() == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["chunk1"]
+    assert {r["member"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))} == {0, 1, 2, 3}
 
 
 def optax_norm(params):

@@ -51,7 +51,7 @@ class CheckpointStore:
         # sides normalised: a config orbax has just written reads back as given (tuples), not as stored (lists), and
         # a directory with no config of its own (a sweep's chunk directories) would be taken for a stale one.
         stale = (not self._ckptr.checkpoints
-                 and normalise_config(self._root_config()) != normalise_config(config or {}))
+                 and normalise_config(_root_config(self._ckptr)) != normalise_config(config or {}))
         if jax.process_count() > 1:
             stale = bool(multihost_utils.broadcast_one_to_all(np.asarray(stale)))
         if stale:
@@ -81,15 +81,7 @@ class CheckpointStore:
         """The run config of the latest checkpoint ({} if none stored): the config stored when the directory was
         first opened, with the train.steps of the run that wrote that checkpoint (an extended run's, not the first
         run's)."""
-        config = self._root_config()
-        written_by = self._ckptr.checkpointables_metadata().custom_metadata if self._ckptr.checkpoints else None
-        if written_by and "train" in config:
-            config = {**config, "train": {**config["train"], "steps": written_by["train.steps"]}}
-        return config
-
-    def _root_config(self) -> dict:
-        meta = self._ckptr.root_metadata()
-        return dict(meta.custom_metadata or {}) if meta is not None else {}
+        return _latest_config(self._ckptr)
 
     def restore(self, like: TrainState, sharding: NamedSharding, step: int | None = None) -> TrainState:
         """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`.
@@ -111,6 +103,44 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._ckptr.close()
+
+
+def _root_config(ckptr) -> dict:
+    meta = ckptr.root_metadata()
+    return dict(meta.custom_metadata or {}) if meta is not None else {}
+
+
+def _latest_config(ckptr) -> dict:
+    """CheckpointStore.config of the checkpoints `ckptr` holds."""
+    config = _root_config(ckptr)
+    written_by = ckptr.checkpointables_metadata().custom_metadata if ckptr.checkpoints else None
+    if written_by and "train" in config:
+        config = {**config, "train": {**config["train"], "steps": written_by["train.steps"]}}
+    return config
+
+
+def check_all_resumable(directories: list[str], config: dict) -> None:
+    """Raises check_resumable's ConfigError for the first of `directories` whose latest checkpoint cannot continue
+    into the run `config`; writes nothing, so a run with several stores (a sweep's chunks) can check them all before
+    it writes to any. Every process calls it; process 0 decides, and none goes on before every one has read."""
+    refused, error = -1, None
+    for k, directory in enumerate(directories):
+        if not os.path.isdir(directory):  # opening a checkpointer would create it
+            continue
+        ckptr = ocp.training.Checkpointer(directory)  # no custom_metadata: opening an existing directory writes none
+        try:
+            if ckptr.checkpoints:
+                check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step)
+        except ConfigError as e:
+            refused, error = k, e
+            break
+        finally:
+            ckptr.close()
+    if jax.process_count() > 1:
+        refused = int(multihost_utils.broadcast_one_to_all(np.asarray(refused)))
+    if refused >= 0:
+        raise error or ConfigError(f"cannot resume: process 0 found the checkpoint in {directories[refused]} made "
+                                   f"with another config")
 
 
 def normalise_config(cfg: dict) -> dict:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
-from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
+from jaxicl.train.checkpoint import CheckpointStore, check_all_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config, write_run_info
@@ -75,11 +75,11 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
 
     init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed).
     out_dir gets sweep.json, run.json, metrics.jsonl (rows carry "member" and its values) and
-    checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly (resume=False deletes the checkpoints
-    and starts afresh). chunk_size bounds the
-    members trained at once; memory_budget (bytes per device) chooses it from the compiled program's memory
-    (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU, TPU),
-    else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
+    checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
+    refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
+    afresh). chunk_size bounds the members trained at once; memory_budget (bytes per device) chooses it from the
+    compiled program's memory (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU,
+    TPU), else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
     The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_eval_schedule(eval_every, cfg.steps)
@@ -101,9 +101,13 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
                          "sweep": {"chunk_size": size, "members": members}}, swept)
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if out_dir:
-        _write_sweep_json(out_dir, members, {}, size, cfg)
-        if not resume:
+        # every chunk's checkpoint before any chunk trains: refused at chunk k > 0, a rerun had retrained chunks < k
+        # and rewritten their metrics.jsonl rows; refused here, it leaves out_dir as it was
+        if resume:
+            check_all_resumable([_chunk_dir(out_dir, k) for k in range(len(chunks))], config)
+        else:
             remove_checkpoints(os.path.join(out_dir, "checkpoints"))
+        _write_sweep_json(out_dir, members, {}, size, cfg)
     rows, finals, diverged = {"train": [], "eval": []}, [], {}
     bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
                disable=not progress or not outputs.is_primary())
@@ -112,10 +116,10 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))
         run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
         for k, idx in enumerate(chunks):
-            store = CheckpointStore(os.path.join(out_dir, "checkpoints", f"chunk{k}"), keep=cfg.keep_checkpoints,
-                                    config=config) if out_dir else None
+            store = (CheckpointStore(_chunk_dir(out_dir, k), keep=cfg.keep_checkpoints, config=config)
+                     if out_dir else None)
             try:
-                state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, config, metrics_path,
+                state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, metrics_path,
                                      rows, bar, eval_every)
             finally:
                 if store:
@@ -140,13 +144,12 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
 
 
 def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray,
-                 size: int, sharding: NamedSharding, store: CheckpointStore | None, config: dict,
-                 metrics_path: str | None, rows: dict, bar, eval_every: EvalSchedule) -> TrainState:
+                 size: int, sharding: NamedSharding, store: CheckpointStore | None, metrics_path: str | None,
+                 rows: dict, bar, eval_every: EvalSchedule) -> TrainState:
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
     a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
     state, start = prog.states(a, sharding), 0
-    if store and store.steps():
-        check_resumable(store.config(), config, store.steps()[-1])
+    if store and store.steps():  # resumable: train_sweep checked every chunk first
         state, start = store.restore(state, sharding), store.steps()[-1]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
 
@@ -191,6 +194,10 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         log_eval(state, 0)
     return drive(state, start, cfg, eval_every, run_chunk=lambda s, n: run_chunk(s, a["task"], n=n),
                  on_metrics=on_metrics, on_state=on_state)
+
+
+def _chunk_dir(out_dir: str, k: int) -> str:
+    return os.path.join(out_dir, "checkpoints", f"chunk{k}")
 
 
 def _write_sweep_json(out_dir: str, members: list[dict], diverged: dict, chunk_size: int, cfg: TrainConfig) -> None:
