@@ -77,3 +77,30 @@ def test_an_experiment_on_two_processes_writes_each_output_file_once_from_proces
         "config.json", "result.json", "run.json", "params.npz", "fig3_unitary.png"}
     result = json.loads((run_dir / "result.json").read_text())
     assert result["checks"] and all(np.isfinite(c["value"]) for c in result["checks"])
+
+
+@pytest.mark.slow
+def test_a_sweep_on_two_processes_trains_each_member_as_one_process_does(tmp_path):
+    """gd_equivalence's seed sweep (smoke, 4 members) on two processes x 2 CPU devices vs one process x 4 devices.
+    It failed on two processes: memory statistics of the other process's devices, float64 member values that
+    device_put compares with the float32 the devices hold, and host copies of the member-sharded metrics. Each member
+    trains on one device in both layouts (the same program per member), so the losses agree to float rounding."""
+    port, root = _free_port(), os.path.dirname(HERE)
+    argv = ["gd_equivalence", "--preset", "smoke", "train.steps=200", "--sweep", "seed=0:4"]
+    multi = [subprocess.Popen([sys.executable, "-c", _RUN_EXPERIMENT, *argv, "--out", str(tmp_path / "multi"),
+                               "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    four = _RUN_EXPERIMENT.replace('"jax_num_cpu_devices", 2', '"jax_num_cpu_devices", 4')
+    assert four != _RUN_EXPERIMENT
+    single = subprocess.run([sys.executable, "-c", four, *argv, "--out", str(tmp_path / "single")], cwd=root,
+                            capture_output=True, text=True, timeout=180)
+    for p in multi:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+    assert single.returncode == 0, single.stderr[-2000:]
+    rows = [json.loads((tmp_path / d / "gd_equivalence" / "sweep_members.json").read_text())
+            for d in ("multi", "single")]
+    assert [r["train.seed"] for r in rows[0]] == [r["train.seed"] for r in rows[1]] == [0, 1, 2, 3]
+    for key in ("loss", "train_loss", "gd1_loss"):
+        np.testing.assert_allclose([r[key] for r in rows[0]], [r[key] for r in rows[1]], rtol=1e-5)

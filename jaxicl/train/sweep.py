@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -124,9 +125,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
             finally:
                 if store:
                     store.close()
-            member_step = np.asarray(jax.device_get(state.step))[:len(idx)]
+            member_step = fetch(state.step)[:len(idx)]
             diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
-            finals.append(jax.tree.map(lambda x: np.asarray(x)[:len(idx)], jax.device_get(state.params)))
+            finals.append(jax.tree.map(lambda x: x[:len(idx)], fetch(state.params)))
     bar.close()
     stack_flops = run_chunk.flops_per_step
     info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
@@ -141,6 +142,12 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
         rows = {s: read_metrics(metrics_path, s) for s in rows}
     params = jax.tree.map(lambda *xs: np.concatenate(xs), *finals)
     return SweepResult(list(members), params, diverged, rows["train"], rows["eval"], size, info)
+
+
+def fetch(tree):
+    """Host numpy copies of the (member-sharded) arrays of tree, whole on every process: in a multi-process run a
+    process addresses only its own members' shards, and jax.device_get refuses the others."""
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray,
@@ -173,11 +180,10 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         writer.write(new)
 
     def log_eval(state, step):
-        log("eval", [step], {n: np.asarray(v)[:len(idx), None]
-                             for n, v in jax.device_get(prog.eval_chunk(state.params, a["task"])).items()})
+        log("eval", [step], {n: v[:len(idx), None] for n, v in fetch(prog.eval_chunk(state.params, a["task"])).items()})
 
     def on_metrics(first, end, metrics):
-        metrics = {n: np.asarray(v)[:len(idx)] for n, v in jax.device_get(metrics).items()}
+        metrics = {n: v[:len(idx)] for n, v in fetch(metrics).items()}
         steps = np.arange(first, end)
         logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
         ok = metrics.pop("ok")[:, logged]

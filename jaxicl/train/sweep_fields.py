@@ -9,6 +9,7 @@ import inspect
 import json
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.tasks.batching import Sampler
@@ -85,8 +86,9 @@ def plain_members(members: list[dict]) -> list[dict]:
 
 
 def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[str, np.ndarray]:
-    """{name: [M] values of member[prefix + name]}: int32 when every value is an int, else float64 (exact; JAX takes
-    them as float32 unless jax_enable_x64 is on, where a lone run's Python floats are float64 too)."""
+    """{name: [M] values of member[prefix + name]}: int32 when every value is an int, else JAX's float (float64 under
+    jax_enable_x64, where a lone run's Python floats are float64 too, else float32: the dtype the device holds, which
+    a multi-process device_put compares across processes)."""
     out = {}
     for n in names:
         values = [m[f"{prefix}{n}"] for m in members]
@@ -94,7 +96,7 @@ def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[st
         if integers and not all(-2**31 <= v < 2**31 for v in values):
             raise ConfigError(f"{prefix}{n}: a swept integer must fit in int32 [-2**31, 2**31), got "
                               f"{[v for v in values if not -2**31 <= v < 2**31]}")
-        out[n] = np.asarray(values, np.int32 if integers else np.float64)
+        out[n] = np.asarray(values, np.int32 if integers else jnp.result_type(float))
     return out
 
 

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,7 +69,12 @@ def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh
 
 
 def device_budget(mesh: jax.sharding.Mesh, fraction: float = 0.8) -> float | None:
-    """fraction of the smallest device memory of the mesh (None where the backend does not say, e.g. CPU)."""
-    stats = [d.memory_stats() for d in mesh.devices.flat]
+    """fraction of the smallest device memory of the mesh (None where the backend does not say, e.g. CPU). Each
+    process reads its own devices (another's refuse), and every process gets the same answer."""
+    stats = [d.memory_stats() for d in mesh.devices.flat if d.process_index == jax.process_index()]
     limits = [s["bytes_limit"] for s in stats if s and "bytes_limit" in s]
-    return fraction * min(limits) if limits and len(limits) == len(stats) else None
+    smallest = float(min(limits)) if limits and len(limits) == len(stats) else -1.0
+    if jax.process_count() > 1:  # a float: bytes overflow int32 without x64
+        every = multihost_utils.process_allgather(np.asarray(smallest))
+        smallest = float(every.min()) if (every > 0).all() else -1.0
+    return fraction * smallest if smallest > 0 else None
