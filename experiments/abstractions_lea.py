@@ -1,5 +1,6 @@
-"""Ferry et al. 2023, the language-enhanced architecture (LEA): a network that must describe each board in 16
-discrete words, from which its own picture stream redraws the board.
+"""Ferry et al. 2023, the language-enhanced architecture (LEA): boards described in 16 words and redrawn from them.
+
+A network that must describe each board in 16 discrete words, from which its own picture stream redraws the board.
 
 Training (jaxicl.train.losses.lea_loss through the engine; the EMA codebook is the run's buffers): the notes'
 three passes per step (masked board -> board; the picture stream's abstract representation -> speech stream ->
