@@ -34,7 +34,8 @@ from jaxicl.train.sweep_spec import Axis
     (["all", "--sweep", "lr=1e-3,1e-2"], "needs one experiment"),
     (["sweep-report"], "usage"),
     (["gd_equivalence", "--sweep", "lr=-1,1e-3"], "--sweep train.lr=-1.0: lr must be > 0"),  # before training
-    (["gd_equivalence", "--sweep", "seed=0:2", "train.steps=50"], "(train.steps=50: one value; overrides go before --sweep)"),
+    (["gd_equivalence", "--sweep", "seed=0:2", "train.steps=50"],
+     "(train.steps=50: one value; overrides go before --sweep)"),
 ])
 def test_malformed_sweeps_exit_2_with_a_clear_message_before_training(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path)]) == 2

@@ -47,8 +47,8 @@ def sweep_axes(name: str, cfg, specs: list[str]) -> tuple[Axis, ...]:
 
 
 def check_out_dir(out_dir: str, sweep: list[str]) -> None:
-    """ConfigError where out_dir (--out/NAME) or --out is not a directory, or out_dir holds a sweep and this is a single run or the other way
-    round (their checkpoints, metrics and figures would mix)."""
+    """ConfigError where out_dir (--out/NAME) or --out is not a directory, or out_dir holds a sweep and this is a
+    single run or the other way round (their checkpoints, metrics and figures would mix)."""
     for path in (os.path.dirname(out_dir), out_dir):  # --out, then its experiment's directory
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"--out: {path} is a file, not a directory")
