@@ -116,6 +116,9 @@ def _sweep_report(dirs: list[str]) -> int:
     if len(dirs) != 1:
         print("error: usage: python -m experiments sweep-report DIR", file=sys.stderr)
         return 2
+    if not os.path.isdir(dirs[0]):
+        print(f"error: {dirs[0]} is not a directory", file=sys.stderr)
+        return 2
     found = find_sweeps(dirs[0])
     if not found:
         print(f"error: no sweep.json under {dirs[0]}", file=sys.stderr)

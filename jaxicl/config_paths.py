@@ -94,12 +94,17 @@ def replace(cfg, path: str, value):
 
 
 def apply_overrides(cfg, assignments: list[str]):
-    """cfg with "field=value" strings applied in order (field: a path as `resolve` takes it)."""
+    """cfg with "field=value" strings applied in order (field: a path as `resolve` takes it); a field set twice (under
+    any of its names) is refused rather than the last one winning."""
+    given = {}
     for a in assignments:
         name, sep, text = a.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"override {a!r} must look like field=value (nested: train.lr=1e-3)")
         path = resolve(cfg, name.strip())
+        if path in given:
+            raise ConfigError(f"{path} is set twice: {given[path]!r} and {a!r}")
+        given[path] = a
         try:
             cfg = replace(cfg, path, parse_text(text.strip(), field_type(cfg, path), path))
         except ConfigError as e:

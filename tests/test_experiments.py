@@ -32,6 +32,7 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["gd_equivalence", "train.steps=many"], "train.steps expects a value of type int"),
     (["gd_equivalence", "task=3"], "task is a nested config"),
     (["gd_equivalence", "lr"], "must look like field=value"),
+    (["gd_equivalence", "steps=10", "train.steps=20"], "train.steps is set twice: 'steps=10' and 'train.steps=20'"),
     (["no_such_experiment"], "unknown experiment 'no_such_experiment'"),
     (["gd_equivalence", "train.weight_decay=0.1"], "weight_decay=0.1 needs optimizer='adamw', got optimizer='adam'"),
     (["gd_equivalence", "scales=2,1"], "scales must be a non-empty, strictly increasing tuple, got (2.0, 1.0)"),

@@ -33,6 +33,7 @@ from jaxicl.train.sweep_spec import Axis
     (["sweep_lr_seeds", "--sweep", "lr=1e-3,1e-2"], "'lr' is ambiguous"),
     (["all", "--sweep", "lr=1e-3,1e-2"], "needs one experiment"),
     (["sweep-report"], "usage"),
+    (["sweep-report", "no_such_dir"], "no_such_dir is not a directory"),
     (["gd_equivalence", "--sweep", "lr=-1,1e-3"], "--sweep train.lr=-1.0: lr must be > 0"),  # before training
     (["gd_equivalence", "--sweep", "seed=0:2", "train.steps=50"],
      "(train.steps=50: one value; overrides go before --sweep)"),
