@@ -47,11 +47,8 @@ class CheckpointStore:
         # orbax writes the config when a store first opens a directory and never rewrites it: a run that stopped
         # before its first checkpoint left its own config here, under which this run's checkpoints would be stored
         # (and another config's rerun would resume them); with no checkpoint there is nothing to keep. Process 0
-        # decides: another process may read the directory before process 0 has written this run's config. Both
-        # sides normalised: a config orbax has just written reads back as given (tuples), not as stored (lists), and
-        # a directory with no config of its own (a sweep's chunk directories) would be taken for a stale one.
-        stale = (not self._ckptr.checkpoints
-                 and normalise_config(_root_config(self._ckptr)) != normalise_config(config or {}))
+        # decides: another process may read the directory before process 0 has written this run's config.
+        stale = not self._ckptr.checkpoints and _root_config(self._ckptr) != normalise_config(config or {})
         if jax.process_count() > 1:
             stale = bool(multihost_utils.broadcast_one_to_all(np.asarray(stale)))
         if stale:
@@ -106,8 +103,11 @@ class CheckpointStore:
 
 
 def _root_config(ckptr) -> dict:
+    """The config stored when the directory was first opened, normalised: one orbax has just written reads back as
+    given (tuples), not as stored (lists), and would differ from itself (a sweep's chunk directories, which hold no
+    config of the directory above them, were taken for a stale run's and deleted)."""
     meta = ckptr.root_metadata()
-    return dict(meta.custom_metadata or {}) if meta is not None else {}
+    return normalise_config(dict(meta.custom_metadata or {})) if meta is not None else {}
 
 
 def _latest_config(ckptr) -> dict:

@@ -125,9 +125,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
             finally:
                 if store:
                     store.close()
-            member_step = fetch(state.step)[:len(idx)]
+            member_step = _fetch(state.step)[:len(idx)]
             diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
-            finals.append(jax.tree.map(lambda x: x[:len(idx)], fetch(state.params)))
+            finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
     bar.close()
     stack_flops = run_chunk.flops_per_step
     info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
@@ -144,7 +144,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     return SweepResult(list(members), params, diverged, rows["train"], rows["eval"], size, info)
 
 
-def fetch(tree):
+def _fetch(tree):
     """Host numpy copies of the (member-sharded) arrays of tree, whole on every process: in a multi-process run a
     process addresses only its own members' shards, and jax.device_get refuses the others."""
     return multihost_utils.process_allgather(tree, tiled=True)
@@ -180,10 +180,11 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         writer.write(new)
 
     def log_eval(state, step):
-        log("eval", [step], {n: v[:len(idx), None] for n, v in fetch(prog.eval_chunk(state.params, a["task"])).items()})
+        values = _fetch(prog.eval_chunk(state.params, a["task"]))
+        log("eval", [step], {n: v[:len(idx), None] for n, v in values.items()})
 
     def on_metrics(first, end, metrics):
-        metrics = {n: v[:len(idx)] for n, v in fetch(metrics).items()}
+        metrics = {n: v[:len(idx)] for n, v in _fetch(metrics).items()}
         steps = np.arange(first, end)
         logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
         ok = metrics.pop("ok")[:, logged]
