@@ -1,5 +1,9 @@
 """python -m experiments {list | all | NAME} [--preset P] [--out DIR] [field=value ...] [--sweep AXIS ...]
+   python -m experiments list NAME [--preset P] [field=value ...]
    python -m experiments sweep-report DIR
+
+`list NAME` prints every field of NAME's config (dotted paths, as overrides and sweep axes name them) with its
+value under the preset and the overrides, without running anything.
 
 --sweep trains a grid of members in one vmapped program (experiments with a run_sweep); each AXIS
 is field=v1,v2 | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n, e.g.
@@ -7,6 +11,7 @@ is field=v1,v2 | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n
 (overrides go before --sweep). sweep-report regenerates the tables and plots of every sweep under DIR."""
 
 import argparse
+import functools
 import os
 import sys
 import traceback
@@ -17,6 +22,7 @@ from experiments import registry
 from experiments.common.report import write_report
 from experiments.common.runner import MATMUL_PRECISIONS, check_out_dir, resolve_config, run_experiment, sweep_axes
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
+from jaxicl.config_paths import leaf_paths
 from jaxicl.train.sweep_spec import parse_axes
 from jaxicl.validation import ConfigError
 
@@ -24,7 +30,7 @@ from jaxicl.validation import ConfigError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md) or 'list'")
+    p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md) or 'list' [NAME]")
     p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
     p.add_argument("--out", default="results", help="output directory (default: results)")
@@ -52,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         _initialize_distributed(args)
     if args.name == "list":
-        for name in registry.EXPERIMENTS:
-            doc = (registry.load(name).__doc__ or "").strip().splitlines()
-            print(f"{name:28s} {doc[0] if doc else ''}")
-        return 0
+        return _list(args.overrides, args.preset)
     if args.name == "sweep-report":
         return _sweep_report(args.overrides)
     names = list(registry.EXPERIMENTS) if args.name == "all" else [args.name]
@@ -110,6 +113,25 @@ def _one_value_hint(specs: list[str]) -> str:
     except ConfigError:
         return ""
     return f" ({' '.join(single)}: one value; overrides go before --sweep)" if single else ""
+
+
+def _list(argv: list[str], preset: str) -> int:
+    """Every experiment with its summary line; with a name (argv[0]), that experiment's config fields and values
+    under the preset and the overrides argv[1:]."""
+    if not argv:
+        for name in registry.EXPERIMENTS:
+            doc = (registry.load(name).__doc__ or "").strip().splitlines()
+            print(f"{name:28s} {doc[0] if doc else ''}")
+        return 0
+    try:
+        _, cfg = resolve_config(argv[0], preset, argv[1:])
+    except (ConfigError, KeyError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(f"{argv[0]} --preset {preset}{''.join(' ' + a for a in argv[1:])}:")
+    for path in leaf_paths(cfg):
+        print(f"  {path} = {functools.reduce(getattr, path.split('.'), cfg)!r}")
+    return 0
 
 
 def _sweep_report(dirs: list[str]) -> int:

@@ -12,7 +12,7 @@ from experiments.common.report import write_report
 from experiments.common.result import Outcome
 from experiments.common.runner import run_experiment
 from experiments.gd_equivalence import Config
-from jaxicl.config_paths import apply_overrides
+from jaxicl.config_paths import apply_overrides, leaf_paths
 from jaxicl.models.gpt import GPT
 from jaxicl.train import TrainConfig
 from jaxicl.validation import ConfigError
@@ -53,6 +53,17 @@ def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, mess
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "gd_equivalence").exists()
+
+
+def test_list_name_prints_every_field_of_the_config_as_the_preset_and_overrides_set_it(capsys):
+    assert main(["list", "gd_equivalence", "--preset", "smoke", "lr=3e-4", "scales=1,2"]) == 0
+    rows = dict(line.strip().split(" = ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    cfg = registry.load("gd_equivalence").PRESETS["smoke"]
+    assert list(rows) == leaf_paths(cfg)
+    assert rows["train.lr"] == "0.0003" and rows["scales"] == "(1.0, 2.0)"
+    assert rows["task.dim"] == str(cfg.task.dim) and rows["init_scale"] == str(cfg.init_scale)
+    assert main(["list", "gd_equivalence", "lr=-1"]) == 2
+    assert "train.lr=-1: lr must be > 0" in capsys.readouterr().err
 
 
 def test_a_rerun_with_any_other_setting_is_refused_and_keeps_the_old_config_json(capsys, tmp_path):

@@ -78,7 +78,9 @@ def test_cli_lines_run_with_the_smoke_preset(lines, tmp_path, monkeypatch, capsy
         assert main(argv) == 0, line
         out = capsys.readouterr().out
         name = argv[0]
-        if name == "list":
+        if name == "list" and argv[1] in registry.EXPERIMENTS:  # one experiment's fields and values
+            assert out.splitlines()[0].startswith(f"{argv[1]} --preset smoke") and "  train.lr = " in out
+        elif name == "list":
             assert [row.split()[0] for row in out.splitlines()] == list(registry.EXPERIMENTS)
         elif name == "sweep-report":
             assert "sweep_seeds.md" in out
