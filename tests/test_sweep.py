@@ -128,6 +128,15 @@ def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once
     _assert_trees_close(chunked.params, whole.params, rtol=2e-4, atol=1e-6)
 
 
+def test_the_progress_bar_shows_the_median_final_loss_of_the_members_still_training(capsys):
+    cfg = _cfg(optimizer="sgd")
+    members = [{"train.lr": 1e-2}, {"train.lr": 3e3}, {"train.lr": 2e-2}]  # member 1 diverges
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members)
+    last = [r["loss"] for r in swept.train_rows if r["step"] == cfg.steps - 1]
+    assert len(last) == 2  # members 0 and 2
+    assert f"median_loss={np.median(last):.4g}" in capsys.readouterr().err.split("\r")[-1]
+
+
 def test_a_diverging_member_is_frozen_and_reported_while_the_others_continue_unchanged(tmp_path):
     cfg = _cfg(optimizer="sgd")
     members = [{"train.lr": 1e-2}, {"train.lr": 3e3}, {"train.lr": 2e-2}]

@@ -187,9 +187,11 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         metrics = {n: v[:len(idx)] for n, v in _fetch(metrics).items()}
         steps = np.arange(first, end)
         logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
-        ok = metrics.pop("ok")[:, logged]
-        log("train", steps[logged], {n: v[:, logged] for n, v in metrics.items()}, ok)
+        ok = metrics.pop("ok")
+        log("train", steps[logged], {n: v[:, logged] for n, v in metrics.items()}, ok[:, logged])
         bar.update(end - first)
+        if ok[:, -1].any():  # the chunk's training members at its last step
+            bar.set_postfix(median_loss=f"{np.median(metrics['loss'][ok[:, -1], -1]):.4g}")
 
     def on_state(end, state, final):
         if prog.eval_chunk and (final or evaluates_at(end, eval_every)):
