@@ -197,6 +197,10 @@ def test_mean_and_resample_ablation_of_a_writing_head_match_hand_patches():
                                hand(z_corrupted[other]), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="tokens of at least 2 prompts"):
         ablate_heads(g, p, clean[:1], [(0, 1)], kind="resample", key=key)
+    # the value is per position: a one-position reference was broadcast over every position (position 0's z)
+    for kind in ("mean", "resample"):
+        with pytest.raises(ValueError, match=r"reference: prompts of the shape .*got \(4, 1, 1\) float32"):
+            ablate_heads(g, p, clean, [(0, 1)], kind=kind, reference=corrupted[:, :1], key=key)
 
 
 def test_bad_grids_fail_before_compiling_with_the_argument_named():
