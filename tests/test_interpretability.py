@@ -150,10 +150,28 @@ def test_without_a_residual_stream_only_the_last_layers_heads_have_a_direct_effe
 @pytest.mark.parametrize("final_norm", [False, True])
 def test_direct_attributions_add_up_to_the_prediction(final_norm):
     g, p, clean, _ = _setup(final_norm=final_norm)
+    if final_norm:  # not the init's scale 1 and bias 0, which a part that leaves them out would match
+        for k, name in enumerate(("scale", "bias")):
+            p["ln_final"][name][...] = 1.0 + jax.random.normal(jax.random.key(10 + k), (8,))
     parts = direct_attribution(g, p, clean[0])
     total = parts["embed"] + parts["pos_embed"] + parts["heads"].sum((0, 1)) + parts["mlp"].sum(0) + parts["bias"]
     np.testing.assert_allclose(total, nnx.merge(g, p)(clean[0]), rtol=1e-5, atol=1e-6)  # float32 sums in two orders
     assert parts["heads"].shape == (2, 2, T, 1)
+    # each part on its own (the sum holds for any split, e.g. heads indexed [H, L]): the component through the final
+    # LayerNorm with its scale frozen at the prompt's value, in float64 (TransformerLens's decompose_resid, apply_ln)
+    model = nnx.merge(g, p)
+    _, cache = apply(g, p, clean[0], capture=["layer0.attn.heads", "layer1.mlp.out", "final_norm.scale"][:2 + final_norm])
+    w_u = np.asarray(model.unembed[...], np.float64)
+
+    def direct(c):
+        c = np.asarray(c, np.float64)
+        if not final_norm:
+            return c @ w_u
+        c = (c - c.mean(-1, keepdims=True)) / np.asarray(cache["final_norm.scale"]) * np.asarray(model.ln_final.scale)
+        return c @ w_u
+
+    np.testing.assert_allclose(parts["heads"][0, 1], direct(cache["layer0.attn.heads"][:, 1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts["mlp"][1], direct(cache["layer1.mlp.out"]), rtol=1e-5, atol=1e-6)
 
 
 def test_ablation_of_a_head_with_zero_ov_weights_changes_nothing_and_zero_ablation_matches_a_hand_patch():
