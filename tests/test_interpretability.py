@@ -160,7 +160,8 @@ def test_direct_attributions_add_up_to_the_prediction(final_norm):
     # each part on its own (the sum holds for any split, e.g. heads indexed [H, L]): the component through the final
     # LayerNorm with its scale frozen at the prompt's value, in float64 (TransformerLens's decompose_resid, apply_ln)
     model = nnx.merge(g, p)
-    _, cache = apply(g, p, clean[0], capture=["layer0.attn.heads", "layer1.mlp.out", "final_norm.scale"][:2 + final_norm])
+    sites = ["layer0.attn.heads", "layer1.mlp.out", "final_norm.scale"]
+    _, cache = apply(g, p, clean[0], capture=sites[:2 + final_norm])
     w_u = np.asarray(model.unembed[...], np.float64)
 
     def direct(c):
