@@ -245,6 +245,12 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         ablate_heads(g, p, clean, [(0, 1)], site="layer{layer}.resid_post")
     with pytest.raises(ValueError, match=r"heads / head_site: head index 2 of layer 1 is out of range; allowed 0..1"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 2)])
+    per_prompt = lambda pred: pred[:, -1] ** 2  # noqa: E731  [B], not a scalar
+    for grid in (activation_patching, attribution_patching):  # one failed to reshape its grid, one to take a gradient
+        with pytest.raises(ValueError, match=r"metric must return a scalar .*got shape \(4,\)"):
+            grid(g, p, clean, corrupted, per_prompt, ["layer0.attn.z"])
+    with pytest.raises(ValueError, match=r"metric must return a scalar"):  # it returned [len(heads), B]
+        direct_effect_patching(g, p, clean, corrupted, per_prompt, [(1, 1)])
 
 
 def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
