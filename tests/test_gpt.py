@@ -139,6 +139,24 @@ def test_bad_model_configs_name_the_field():
     assert GPT(d_model=10, n_heads=4, d_head=3, input_dim=1, rngs=nnx.Rngs(0)).blocks[0].attn.wq.shape == (4, 10, 3)
 
 
+def test_a_prompt_without_its_position_axis_is_refused_not_read_as_positions():
+    """One [T, 1] prompt given to run_with_cache (which maps the model over a batch's first axis) used to run as T
+    one-position prompts: predictions [T, 1], each from a single vector, with no error."""
+    from jaxicl.analysis.cache import run_with_cache
+
+    g, p = nnx.split(_vector_model())
+    prompt = jax.random.normal(jax.random.key(1), (5, 1))
+    with pytest.raises(ValueError, match=r"tokens: one prompt is \[T, input_dim=1\] vectors, got shape \(1,\)"):
+        run_with_cache(g, p, prompt, ["layer0.resid_pre"])
+    with pytest.raises(ValueError, match=r"input_dim=1\] vectors, got shape \(5, 2\)"):
+        nnx.merge(g, p)(jnp.zeros((5, 2)))
+    tokens = GPT(d_model=8, n_layers=1, n_heads=2, vocab_size=7, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"one prompt is \[T\] token ids, got shape \(5, 1\)"):
+        tokens(jnp.zeros((5, 1), int))
+    pred, _ = run_with_cache(g, p, prompt[None], [])  # the batch of one prompt
+    np.testing.assert_allclose(pred[0], predictor(g, p)(prompt), rtol=1e-5, atol=1e-6)
+
+
 def test_hidden_state_sites_follow_hugging_face_hidden_states():
     """Index 0 the embeddings, l the output of block l, the last after the final LayerNorm (a numpy LayerNorm of
     the last block's output)."""

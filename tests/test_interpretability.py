@@ -150,10 +150,29 @@ def test_without_a_residual_stream_only_the_last_layers_heads_have_a_direct_effe
 @pytest.mark.parametrize("final_norm", [False, True])
 def test_direct_attributions_add_up_to_the_prediction(final_norm):
     g, p, clean, _ = _setup(final_norm=final_norm)
+    if final_norm:  # not the init's scale 1 and bias 0, which a part that leaves them out would match
+        for k, name in enumerate(("scale", "bias")):
+            p["ln_final"][name][...] = 1.0 + jax.random.normal(jax.random.key(10 + k), (8,))
     parts = direct_attribution(g, p, clean[0])
     total = parts["embed"] + parts["pos_embed"] + parts["heads"].sum((0, 1)) + parts["mlp"].sum(0) + parts["bias"]
     np.testing.assert_allclose(total, nnx.merge(g, p)(clean[0]), rtol=1e-5, atol=1e-6)  # float32 sums in two orders
     assert parts["heads"].shape == (2, 2, T, 1)
+    # each part on its own (the sum holds for any split, e.g. heads indexed [H, L]): the component through the final
+    # LayerNorm with its scale frozen at the prompt's value, in float64 (TransformerLens's decompose_resid, apply_ln)
+    model = nnx.merge(g, p)
+    sites = ["layer0.attn.heads", "layer1.mlp.out", "final_norm.scale"]
+    _, cache = apply(g, p, clean[0], capture=sites[:2 + final_norm])
+    w_u = np.asarray(model.unembed[...], np.float64)
+
+    def direct(c):
+        c = np.asarray(c, np.float64)
+        if not final_norm:
+            return c @ w_u
+        c = (c - c.mean(-1, keepdims=True)) / np.asarray(cache["final_norm.scale"]) * np.asarray(model.ln_final.scale)
+        return c @ w_u
+
+    np.testing.assert_allclose(parts["heads"][0, 1], direct(cache["layer0.attn.heads"][:, 1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts["mlp"][1], direct(cache["layer1.mlp.out"]), rtol=1e-5, atol=1e-6)
 
 
 def test_ablation_of_a_head_with_zero_ov_weights_changes_nothing_and_zero_ablation_matches_a_hand_patch():
@@ -197,6 +216,10 @@ def test_mean_and_resample_ablation_of_a_writing_head_match_hand_patches():
                                hand(z_corrupted[other]), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="tokens of at least 2 prompts"):
         ablate_heads(g, p, clean[:1], [(0, 1)], kind="resample", key=key)
+    # the value is per position: a one-position reference was broadcast over every position (position 0's z)
+    for kind in ("mean", "resample"):
+        with pytest.raises(ValueError, match=r"reference: prompts of the shape .*got \(4, 1, 1\) float32"):
+            ablate_heads(g, p, clean, [(0, 1)], kind=kind, reference=corrupted[:, :1], key=key)
 
 
 def test_bad_grids_fail_before_compiling_with_the_argument_named():
@@ -222,6 +245,12 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         ablate_heads(g, p, clean, [(0, 1)], site="layer{layer}.resid_post")
     with pytest.raises(ValueError, match=r"heads / head_site: head index 2 of layer 1 is out of range; allowed 0..1"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 2)])
+    per_prompt = lambda pred: pred[:, -1] ** 2  # noqa: E731  [B], not a scalar
+    for grid in (activation_patching, attribution_patching):  # one failed to reshape its grid, one to take a gradient
+        with pytest.raises(ValueError, match=r"metric must return a scalar .*got shape \(4,\)"):
+            grid(g, p, clean, corrupted, per_prompt, ["layer0.attn.z"])
+    with pytest.raises(ValueError, match=r"metric must return a scalar"):  # it returned [len(heads), B]
+        direct_effect_patching(g, p, clean, corrupted, per_prompt, [(1, 1)])
 
 
 def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():

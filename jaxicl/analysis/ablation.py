@@ -23,7 +23,7 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
                  site: str = "layer{layer}.attn.z") -> jax.Array:
     """Predictions [B, ...] of tokens [B, T, ...] with every (layer, head) of `heads` ablated.
 
-    mean: the head's activation averaged over the prompts of `reference` (default: tokens), per position;
+    mean: the head's activation averaged over the prompts of `reference` [N, T, ...] (default: tokens), per position;
     resample: each prompt gets the head's activation on a random prompt of `reference` (key); without a reference
     (or with tokens itself) a random other prompt of the batch, never the prompt itself.
     """
@@ -39,6 +39,10 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
         m = masks.get(name, np.zeros(tuple(n if a == "head" else 1 for n, a in zip(shape, axes)), bool))
         m[tuple(h if a == "head" else 0 for a in axes)] = True
         masks[name] = m
+    if reference is not None and (reference.shape[1:] != tokens.shape[1:] or reference.dtype != tokens.dtype):
+        # a per-position activation of another prompt length would be broadcast (one position) or fail inside the trace
+        raise ValueError(f"reference: prompts of the shape and dtype of tokens' are needed ([N, *{tokens.shape[1:]}] "
+                         f"{tokens.dtype}: the value is per position), got {reference.shape} {reference.dtype}")
     own = reference is None or reference is tokens
     reference = tokens if reference is None else reference
     if kind == "zero":

@@ -99,6 +99,16 @@ def patched_predictions(graphdef: nnx.GraphDef, params, tokens: jax.Array, patch
     return jax.vmap(one)(tokens, patch.values, patch.deltas)
 
 
+def _score(metric: Metric, predictions: jax.Array) -> jax.Array:
+    """metric(predictions), refused unless a scalar: a per-prompt [B] metric would make activation_patching fail to
+    reshape its grid and direct_effect_patching return [len(heads), B]."""
+    out = metric(predictions)
+    if jnp.shape(out) != ():
+        raise ValueError(f"metric must return a scalar (e.g. a mean over the batch's prompts), got shape "
+                         f"{jnp.shape(out)} from predictions of shape {predictions.shape}")
+    return out
+
+
 def resolve_chunk_size(chunk_size: ChunkSize, corrupted: jax.Array) -> int | None:
     """The number of grid points run at once: chunk_size itself, or for "auto" (see the module docstring) a
     choice from the prompt batch corrupted [B, T, ...] and the backend."""
@@ -137,8 +147,8 @@ def _grid_metric(graphdef, params, corrupted, values, masks, metric, chunk_size,
         m = masks[site][i * per_site:(i + 1) * per_site]
 
         def at(m_g, site=site):
-            return metric(patched_predictions(graphdef, params, corrupted,
-                                              Patch(values={site: values[site]}, masks={site: m_g})))
+            return _score(metric, patched_predictions(graphdef, params, corrupted,
+                                                     Patch(values={site: values[site]}, masks={site: m_g})))
 
         out.append(jax.vmap(at)(m) if chunk_size is None else jax.lax.map(at, m, batch_size=chunk_size))
     return jnp.concatenate(out)
@@ -172,7 +182,7 @@ def _attribution(graphdef, params, corrupted, clean_values, masks, metric):
     corrupted_values = jax.vmap(lambda t: apply(graphdef, params, t, capture=names)[1])(corrupted)
 
     def of_deltas(deltas):
-        return metric(patched_predictions(graphdef, params, corrupted, Patch(deltas=deltas)))
+        return _score(metric, patched_predictions(graphdef, params, corrupted, Patch(deltas=deltas)))
 
     zeros = jax.tree.map(jnp.zeros_like, corrupted_values)
     base, grads = jax.value_and_grad(of_deltas)(zeros)
@@ -219,5 +229,5 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
 
 @partial(jax.jit, static_argnums=(0, 4, 5))
 def _direct(graphdef, params, corrupted, deltas, stream_site, metric):
-    return jax.lax.map(lambda d: metric(patched_predictions(graphdef, params, corrupted,
-                                                            Patch(deltas={stream_site: d}))), deltas)
+    return jax.lax.map(lambda d: _score(metric, patched_predictions(graphdef, params, corrupted,
+                                                                   Patch(deltas={stream_site: d}))), deltas)
