@@ -139,6 +139,17 @@ def test_bad_model_configs_name_the_field():
     assert GPT(d_model=10, n_heads=4, d_head=3, input_dim=1, rngs=nnx.Rngs(0)).blocks[0].attn.wq.shape == (4, 10, 3)
 
 
+def test_a_prompt_of_the_wrong_rank_is_refused_not_broadcast():
+    vectors = GPT(d_model=8, n_layers=1, n_heads=2, max_len=4, input_dim=3, rngs=nnx.Rngs(0))
+    # one vector [3] without its position axis used to run as 3 positions holding the same embedding
+    with pytest.raises(ValueError, match=r"shape \(3,\) does not fit this model: its input_dim=3 takes vectors \[T, 3"):
+        vectors(jnp.ones(3))
+    tokens = GPT(d_model=8, n_layers=1, n_heads=2, max_len=4, vocab_size=5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"shape \(4, 1\) does not fit this model: its vocab_size=5 takes token ids"):
+        tokens(jnp.zeros((4, 1), jnp.int32))
+    assert vectors(jnp.ones((3, 3))).shape == (3, 3) and tokens(jnp.zeros(3, jnp.int32)).shape == (3, 5)
+
+
 def test_hidden_state_sites_follow_hugging_face_hidden_states():
     """Index 0 the embeddings, l the output of block l, the last after the final LayerNorm (a numpy LayerNorm of
     the last block's output)."""

@@ -180,6 +180,7 @@ class GPT(Model):
         normal.fill(rngs.params())
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        self._check_inputs(tokens)
         t = tokens.shape[0]
         check_prompt_length(t, self.max_len)
         if self.vocab_size:
@@ -200,6 +201,16 @@ class GPT(Model):
 
     def readout(self, outputs: jax.Array) -> jax.Array:
         return outputs[..., 0] if self.out_dim == 1 else outputs
+
+    def _check_inputs(self, tokens: jax.Array) -> None:
+        """ValueError unless tokens are one prompt's ids [T] (vocab_size) or vectors [T, input_dim]: a single vector
+        [input_dim] would otherwise broadcast against the position table as input_dim copies of itself."""
+        if self.vocab_size and tokens.ndim != 1:
+            raise ValueError(f"a prompt of shape {tokens.shape} does not fit this model: its vocab_size="
+                             f"{self.vocab_size} takes token ids [T] (vmap over a batch)")
+        if self.input_dim and (tokens.ndim != 2 or tokens.shape[1] != self.input_dim):
+            raise ValueError(f"a prompt of shape {tokens.shape} does not fit this model: its input_dim="
+                             f"{self.input_dim} takes vectors [T, {self.input_dim}] (vmap over a batch)")
 
     def hidden_state_sites(self) -> list[str]:
         """The n_layers + 1 sites of Hugging Face's hidden_states: index 0 the embeddings (layer0.resid_pre), index
