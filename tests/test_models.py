@@ -96,6 +96,10 @@ def test_pq_view_round_trips(x64):
     model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
     tokens = jax.random.normal(jax.random.key(9), (7, 5))
     np.testing.assert_allclose(from_pq(*to_pq(model))(tokens), model(tokens), rtol=1e-10)
+    model = SelfAttention(5, num_heads=3, residual=False, mask="causal", init_scale=0.3, rngs=nnx.Rngs(8))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    view = from_pq(*to_pq(model), residual=model.residual, mask=model.mask)  # as the module docstring says
+    np.testing.assert_allclose(view(tokens), model(tokens), rtol=1e-10)
 
 
 def test_capture_and_identity_edit_leave_outputs_unchanged():
