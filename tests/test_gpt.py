@@ -157,6 +157,14 @@ def test_a_prompt_without_its_position_axis_is_refused_not_read_as_positions():
     np.testing.assert_allclose(pred[0], predictor(g, p)(prompt), rtol=1e-5, atol=1e-6)
 
 
+def test_a_token_id_the_vocabulary_lacks_gives_nan_not_another_tokens_embedding():
+    model = GPT(d_model=8, n_layers=1, n_heads=2, max_len=4, vocab_size=5, rngs=nnx.Rngs(0))
+    assert np.isfinite(model(jnp.array([1, 4, 2]))).all()
+    for bad in (5, -1):  # used to be clamped to id 4 and wrapped to id 4: the outputs of [1, 4, 2], silently
+        # NaN everywhere: the earlier positions' weight 0 on the NaN value is NaN too (IEEE 0 * NaN)
+        assert np.isnan(model(jnp.array([1, bad, 2]))).all()
+
+
 def test_hidden_state_sites_follow_hugging_face_hidden_states():
     """Index 0 the embeddings, l the output of block l, the last after the final LayerNorm (a numpy LayerNorm of
     the last block's output)."""

@@ -96,6 +96,10 @@ def test_pq_view_round_trips(x64):
     model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
     tokens = jax.random.normal(jax.random.key(9), (7, 5))
     np.testing.assert_allclose(from_pq(*to_pq(model))(tokens), model(tokens), rtol=1e-10)
+    model = SelfAttention(5, num_heads=3, residual=False, mask="causal", init_scale=0.3, rngs=nnx.Rngs(8))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
+    view = from_pq(*to_pq(model), residual=model.residual, mask=model.mask)  # as the module docstring says
+    np.testing.assert_allclose(view(tokens), model(tokens), rtol=1e-10)
 
 
 def test_capture_and_identity_edit_leave_outputs_unchanged():
@@ -247,9 +251,11 @@ def test_site_axes_name_every_axis_with_pos_of_size_t_and_head_of_size_h(cls):
     (lambda: PositionalTransformer(2, 2, num_heads=2, max_len=4, rngs=nnx.Rngs(0)), jnp.zeros((5, 2)),
      "its max_len=4 .at most"),
     (lambda: DiagonalPositionalAttention(2, 2, 5, rngs=nnx.Rngs(0)), jnp.zeros((4, 2)), "its seq_len=5 .exactly"),
-    (lambda: PositionalOnlyAttention(5), jnp.zeros((7, 1)), "its seq_len=5 .exactly")])
+    (lambda: PositionalOnlyAttention(5), jnp.zeros((7, 1)), "its seq_len=5 .exactly"),
+    (lambda: LEA(d_model=4, d_pos=2, n_layers=1, board_len=4, n_words=3, message_len=2, rngs=nnx.Rngs(0)),
+     jnp.zeros(5, jnp.int32), "its board_len=4 .at most")])
 def test_a_prompt_that_does_not_fit_the_positions_names_the_field(build, tokens, match):
     model = build()
     with pytest.raises(ValueError, match=f"a prompt of {tokens.shape[0]} positions does not fit this model: {match}"):
         model(tokens)
-    model(tokens[:4] if "max_len" in match else jnp.zeros((5, tokens.shape[1])))  # a prompt that fits runs
+    model(tokens[:4] if "at most" in match else jnp.zeros((5, tokens.shape[1])))  # a prompt that fits runs

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention, DiagonalPositionalAttention
 from jaxicl.models.ar_transformer import PositionalTransformer
+from jaxicl.models.gpt import GPT
 from jaxicl.train import TrainConfig
 from jaxicl.train.optim import decay_mask, make_optimizer, path_names, scheduled_lr, unit_schedule
 
@@ -21,6 +22,11 @@ def test_default_decay_mask_skips_biases_norm_scales_and_position_tables():
                 "norm/scale": False, "positions": False, "q/bias": False, "q/w": True, "head/bias": False,
                 "head/w": True, "v/bias": False, "v/w": True}
     assert got == expected
+    # the continuous-input GPT's linear W_E is `embed`: undecayed like its position table (TrainConfig's NO_DECAY)
+    gpt = nnx.state(GPT(d_model=4, n_layers=1, n_heads=1, d_mlp=0, max_len=3, input_dim=2, rngs=nnx.Rngs(0)), nnx.Param)
+    got = {"/".join(path_names(p)): m for p, m in
+           jax.tree_util.tree_flatten_with_path(decay_mask(gpt, TrainConfig().no_decay))[0]}
+    assert {k for k, m in got.items() if m} == {f"blocks/0/attn/{w}" for w in ("wq", "wk", "wv", "wo")} | {"unembed"}
     # the autoregressive models' A and B (and P) are weights: all decayed
     for model, names in ((AugmentedLinearAttention(3, rngs=nnx.Rngs(0)), "ab"),
                          (DiagonalPositionalAttention(3, 2, 5, rngs=nnx.Rngs(0)), "abp")):

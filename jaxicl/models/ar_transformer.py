@@ -16,7 +16,8 @@ table E [max_len, D] ~ N(0, 1)). Values from tokens only. Heads are summed, then
 Linear(D, D) -> LayerNorm -> Linear(D, d) gives the prediction [T, d]. No residual.
 query="current" (the official non_augmented.py: ordinary causal self-attention) queries row t with token t and
 position t; query="previous" (the theory of Section 5 and its closed forms) queries row t with token t - 1 and
-position t - 1 (row 0 with a zero token and a zero position), keys and values staying tokens 0..t.
+position t - 1 (row 0 with a zero token and a zero position, s_(-1) := 0 as in the augmented tokens: its queries
+are Q's bias, and its positional softmax has the one key 0), keys and values staying tokens 0..t.
   Sites: attn.token_scores [H, T, T], attn.positional_weights [H, T, T], attn.heads [H, T, D],
          attn.out [T, D], out [T, d].
 """

@@ -78,10 +78,12 @@ def _draw_normals(key: jax.Array, shapes: tuple[tuple[int, ...], ...], std: floa
 
 def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """table [V, ...] at ids [...] (ndim >= 1) -> [..., ...], sharded like ids: under an explicit mesh (a batch sharded
-    over "data") a gather from a replicated table has no unambiguous output sharding of its own."""
+    over "data") a gather from a replicated table has no unambiguous output sharding of its own. An id outside
+    [0, V) (a token the table lacks, e.g. -1 or V) gives a NaN row (float tables), not the clamped or wrapped row of
+    another token."""
     sharding = jax.typeof(ids).sharding
     spec = P(*sharding.spec, *[None] * (table.ndim - 1))
-    return table.at[ids].get(out_sharding=sharding.update(spec=spec))
+    return table.at[ids].get(mode="fill", wrap_negative_indices=False, out_sharding=sharding.update(spec=spec))
 
 
 def masked_scores(q: jax.Array, k: jax.Array, causal: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, check_prompt_length
 from jaxicl.models.factor_transformer import Linear, attend, attention_site_axes
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
 from jaxicl.models.vector_quantizer import nearest_codes
@@ -123,6 +123,7 @@ class LEA(Model):
 
     def picture(self, tokens: jax.Array, message: jax.Array, sites=null_sites) -> tuple[jax.Array, jax.Array]:
         """(logits [64, V], the LN_f output [64, D]) of board tokens [64] reading message vectors [L, D]."""
+        check_prompt_length(tokens.shape[0], self.picture_pos.shape[0], "board_len")
         pos, message_pos = self.picture_pos[...][: tokens.shape[0]], self.speech_pos[...]
         x = sites("picture.embed", lookup(self.embed[...], tokens))
         for l, block in enumerate(self.picture_blocks):

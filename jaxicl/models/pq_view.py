@@ -3,7 +3,8 @@
 In that notation head h of a layer updates token e_j by P_h (sum_i e_i e_i^T) Q_h e_j / (T - 1),
 with P_h = (wv_h wo_h)^T and Q_h = wk_h wq_h^T in the row-vector weights of SelfAttention.
 `from_pq` builds weights with key_size = D, wq = Q^T, wk = I, wv = P^T, wo = I, so
-`to_pq(from_pq(P, Q)) == (P, Q)` and `from_pq(*to_pq(m))` computes the same function as m.
+`to_pq(from_pq(P, Q)) == (P, Q)` and `from_pq(*to_pq(m), residual=m.residual, mask=m.mask)` computes the same
+function as m (P and Q hold neither: from_pq's defaults, residual=True and mask="none", are another model otherwise).
 """
 
 import jax

@@ -9,7 +9,9 @@ from jaxicl.validation import ConfigError, check_choice, check_integer, check_po
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
 # Not decayed by default: biases (any name containing 'bias'), LayerNorm scales, embeddings and position tables. (Not
-# a bare 'b': the autoregressive models' B is a weight matrix.)
+# a bare 'b': the autoregressive models' B is a weight matrix.) The continuous-input GPT's linear embedding W_E
+# [input_dim, D] is `embed` too, so it is left undecayed like the position table added to it (unlike HF and nanoGPT,
+# which decay every matrix; experiments.affine_mechanism trains it with Adam, no decay): drop "embed*" to decay it.
 NO_DECAY = ("*bias*", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
 
 
