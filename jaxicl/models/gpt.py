@@ -22,7 +22,7 @@ Named sites (shapes per prompt; the TransformerLens hook of each is in README):
   layer{l}.attn.heads       [T, H, D]  each head's output z W_O
   layer{l}.attn.out         [T, D]     the sum over heads
   layer{l}.resid_mid        [T, D]
-  layer{l}.mlp.pre, .post   [T, d_mlp] before and after the activation (only with d_mlp > 0)
+  layer{l}.mlp.pre, .post   [T, d_mlp] before and after the activation (these three only with d_mlp > 0)
   layer{l}.mlp.out          [T, D]
   layer{l}.resid_post       [T, D]
   final_norm.scale          [T, 1]     sqrt(var + eps) of the final LayerNorm (only with final_norm)
