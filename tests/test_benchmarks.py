@@ -112,6 +112,25 @@ def test_the_agreement_check_refuses_a_gradient_or_loss_that_is_off_or_nan(name)
     assert_agreement_refuses(w, jaxicl_out, out)
 
 
+def test_jaxicl_side_compiles_once_and_a_backend_without_a_flop_count_leaves_it_empty(monkeypatch):
+    """Both weights run through one compiled program (a GPU compiles slowly; the check has minutes); the FLOP count
+    is run.json's, None where the backend gives none (as JAX's GPU cost analysis has, before and after compiling),
+    and then the row's ratio is empty instead of the workload failing."""
+    w = vs_torch.SMOKE["lsa"]
+    graphdef, params = nnx.split(w.model())
+    batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
+    compiles, compile = [], jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a: compiles.append(1) or compile(self, *a))
+    out, flops = vs_torch.jaxicl_outputs(graphdef, params, batch)
+    loss_and_grad = jax.jit(jax.value_and_grad(vs_torch.regression_loss(graphdef), has_aux=True))
+    assert len(compiles) == 1 and flops == loss_and_grad.lower(params, batch).cost_analysis()["flops"]
+    assert out["probe_"][0] != out[""][0]  # the probe weights' own loss
+    for stage in (jax.stages.Lowered, jax.stages.Compiled):
+        monkeypatch.setattr(stage, "cost_analysis", lambda self: None)
+    none_out, none_flops = vs_torch.jaxicl_outputs(graphdef, params, batch)
+    assert none_flops is None and none_out[""][0] == out[""][0]
+
+
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
     precisions, runs = [], []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
     compiled, reference = vs_torch.compiled_chunk, vs_torch.torch_reference
