@@ -80,8 +80,10 @@ def main(argv=None) -> None:
     walls = {}  # unrounded wall seconds of the ways timed so far
 
     def vmapped_and_loop() -> dict:
+        # chunk_size=n: all at once, without the memory estimate (two more compilations) that train_sweep makes to
+        # choose a chunk on a device that reports its memory (GPU, TPU) and not on a CPU
         walls["vmapped"], vmapped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
-                                                              mesh=mesh, progress=False))
+                                                              mesh=mesh, chunk_size=n, progress=False))
         walls["loop"], looped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
                                                           mesh=mesh, chunk_size=1, progress=False))
         same = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vmapped.params),

@@ -239,10 +239,16 @@ def test_train_throughput_writes_its_table(tmp_path):
 
 def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
     """Steady state: between the clock's readings only the chunk runs (inputs and fresh states are built before);
-    a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written."""
+    a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written. On a
+    device that reports its memory (a GPU, faked here) the vmapped way trains all members at once, without the
+    memory estimate train_sweep would compile to choose a chunk (two more compilations in its wall time)."""
     import jaxicl.train
     from benchmarks import sweep_vs_loop
-    from jaxicl.train import sweep_program
+    from jaxicl.train import sweep, sweep_program
+
+    estimates, program_memory = [], sweep.program_memory
+    monkeypatch.setattr(sweep, "device_budget", lambda mesh: 0.8 * 80e9)  # an 80 GB GPU
+    monkeypatch.setattr(sweep, "program_memory", lambda *a: estimates.append(a) or program_memory(*a))
 
     events, on_disk, build = [], [], sweep_program.build_program
 
@@ -270,6 +276,7 @@ def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage
     assert events[a + 1:b] == ["run"] and events[c + 1:d] == ["run"] * 4  # all 4 members, then one at a time
     assert {"vmapped", "loop", "steady"} <= on_disk[0]
     result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
+    assert estimates == [] and result["vmapped"]["wall_s"] > 0
     assert result["failed"] == {"memory": "RuntimeError: out of memory (a test)"} and "memory" not in result
     assert result["steady"]["vmapped"]["member_steps_per_s"] > 0
     assert "failed: memory: RuntimeError" in (tmp_path / "sweep_vs_loop.md").read_text()
