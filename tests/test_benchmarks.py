@@ -219,6 +219,22 @@ def test_numpy_samplers_give_the_device_samplers_shapes_and_moments():
     # the benchmark's own run and table are tested by the GPU check's rehearsal (below), at these sizes
 
 
+def test_sampler_throughput_has_each_family_on_disk_before_the_next_starts(tmp_path, monkeypatch):
+    """The GPU check stops it at its time limit: the families done by then are kept."""
+    bench, on_disk = sampler_throughput.bench, []
+
+    def stopped_at_the_second(name, *a):
+        if on_disk:
+            raise KeyboardInterrupt  # as a kill would stop it
+        on_disk.append(name)
+        return bench(name, *a)
+
+    monkeypatch.setattr(sampler_throughput, "bench", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        sampler_throughput.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == on_disk == ["linear_regression"]
+
+
 def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
     """--devices 2 4: perfect weak scaling (4 devices, twice 2 devices' prompts/s) is 1, not 0.5."""
     from benchmarks.device_scaling import efficiency
