@@ -116,7 +116,8 @@ def main(argv=None) -> None:
     results = {"members": n, "steps": args.steps, "batch_size": args.batch_size, "task_dim": args.dim,
                "model": "gd_equivalence LSA (1 linear attention layer)", "devices": str(jax.devices()[0]),
                "cpu_count": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
-               "platform": platform.platform(), "jax": jax.__version__}
+               "platform": platform.platform(), "jax": jax.__version__,
+               "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep_vs_loop.json")
     for name, stage in stages.items():  # each stage's results are on disk before the next starts
@@ -186,7 +187,8 @@ def _row(wall: float, members: int, steps: int) -> dict:
 def _table(r: dict) -> str:
     """The results as Markdown: the parts done so far, and the stages that failed."""
     lines = [f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
-             f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus", "",
+             f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus, matmul precision "
+             f"{r['matmul_precision']}", "",
              "| way | wall time (s, incl. compile) | member-steps/s |", "|---|---|---|"]
     for way in ("vmapped", "loop", "train_loop"):
         if way in r:

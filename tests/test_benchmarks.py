@@ -314,15 +314,44 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
     commands = runner.commands(list(runner.BENCHMARKS), True, str(tmp_path))
     assert all(c[-2:] == ["--out", str(tmp_path)] and "--smoke" in c for c in commands)
     steps = runner.gpu_commands(str(tmp_path))
-    assert sum(limit for _, limit in steps) <= 8 * 60
-    assert [c[2:6] for c, _ in steps[-2:]] == [["experiments", name, "--preset", "full"]
-                                               for name in ("gd_equivalence", "ar_fig7_non_augmented")]
+    assert sum(limit for _, _, limit in steps) <= 8 * 60
+    assert [(n, c[2:6]) for n, c, _ in steps[-2:]] == [(name, ["experiments", name, "--preset", "full"])
+                                                      for name in ("gd_equivalence", "ar_fig7_non_augmented")]
+    assert [n for n, c, _ in steps[:-2]] == [c[2].removeprefix("benchmarks.") for _, c, _ in steps[:-2]]
+
+
+def test_the_gpu_check_logs_each_step_records_it_as_it_ends_and_computes_float32_products(tmp_path, monkeypatch):
+    """Each step's output goes to logs/NAME.log and gpu_check.json is rewritten after each step: a step that runs
+    past its limit is recorded as such (with what it printed) and the next one still runs; an experiment's failed
+    checks are listed. Every step runs with JAX's float32 products (JAX's default on a GPU is TF32)."""
+    summary, result = tmp_path / "gpu_check.json", tmp_path / "experiments" / "gd_equivalence" / "result.json"
+    experiment = (f"import json, os; print(len(json.load(open({str(summary)!r}))['steps'])); "
+                  f"os.makedirs({str(result.parent)!r}); json.dump({{'checks': [{{'name': 'a', 'passed': True}}, "
+                  f"{{'name': 'b', 'passed': False}}]}}, open({str(result)!r}, 'w'))")
+    steps = [("vs_torch", "import jax; print(jax.config.jax_default_matmul_precision)", None),
+             ("sampler_throughput", "print('started'); import time; time.sleep(60)", 2),
+             ("gd_equivalence", experiment, None)]
+    monkeypatch.setattr(runner, "gpu_commands", lambda out, smoke: [(name, [sys.executable, "-c", code], limit)
+                                                                    for name, code, limit in steps])
+    for var in ("JAX_DEFAULT_MATMUL_PRECISION", "PYTHONUNBUFFERED"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match="1 of 3 benchmarks failed"):
+        runner.main(["gpu-check", "--out", str(tmp_path)])
+    done = json.loads(summary.read_text())["steps"]
+    assert [o["status"] for o in done] == ["ok", "timed out after 2 s", "ok"]
+    assert [o.get("failed_checks") for o in done] == [None, None, ["b"]]
+    logs = [(tmp_path / "logs" / f"{name}.log").read_text() for name, _, _ in steps]
+    assert logs == ["float32\n", "started\n", "2\n"]  # the timed-out step's output survives; 2 steps on disk
 
 
 def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
     """Also the tests of sampler_throughput, device_scaling and sweep_vs_loop at their smoke sizes (--smoke
     replaces the GPU check's sizes), so the suite runs each once."""
     runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
+    done = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert [o["status"] for o in done] == ["ok"] * len(runner.gpu_commands(str(tmp_path)))
+    for name in ("vs_torch", "sampler_throughput", "device_scaling"):  # float32 products, as on a GPU
+        assert json.loads((tmp_path / f"{name}.json").read_text())["environment"]["matmul_precision"] == "float32"
     table = rows(tmp_path / "vs_torch.json")
     assert [r["workload"] for r in table] == list(vs_torch.SMOKE)
     assert [r.get("jaxicl_over_torch", 0) > 0 for r in table] == [HAS_TORCH] * len(table)  # PyTorch ran, on the CPU
@@ -333,6 +362,7 @@ def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every
     assert [(r["devices"], r["batch"]) for r in scaling] == [(1, 4), (2, 8)] and scaling[0]["efficiency"] == 1.0
     sweep = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
     assert sweep["members"] == 4 and sweep["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+    assert sweep["matmul_precision"] == "float32"
     for name in ("gd_equivalence", "ar_fig7_non_augmented"):
         result = json.loads((tmp_path / "experiments" / name / "result.json").read_text())
         assert result["preset"] == "smoke" and result["checks"]
