@@ -13,12 +13,15 @@ SIMD_FLAGS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")  # widest fir
 
 
 def environment() -> dict:
-    """What a timing depends on: devices, versions, host."""
+    """What a timing depends on: devices, the precision of float32 products in force (JAX's "default": TF32 on recent
+    NVIDIA GPUs), versions, host."""
     import flax
     import optax
 
     return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "flax": flax.__version__,
+            "device_kind": jax.devices()[0].device_kind,
+            "matmul_precision": jax.config.jax_default_matmul_precision or "default",
+            "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
             **host_cpu()}
 
@@ -55,7 +58,7 @@ def write_results(name: str, rows: list[dict], notes: str = "", out_dir: str = R
         return f"{v:.4g}" if isinstance(v, float) else " ".join(str(v).split()).replace("|", "\\|")
 
     host = (f"{len(env['devices'])} x {env['device_kind']} device(s); host CPU {env['cpu']} ({env['cpu_simd']}, "
-            f"{env['cpu_count']} cores); jax {env['jax']}")
+            f"{env['cpu_count']} cores); jax {env['jax']}; matmul precision {env['matmul_precision']}")
     lines = [f"# {name}", "", host, "", notes, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     path = os.path.join(out_dir, f"{name}.md")

@@ -10,8 +10,9 @@ the train split's table) and boards (rendered and masked; numpy draws the rows f
 and masks cells only, without the patch masking that jaxicl also does, so it does less work than jaxicl).
 jaxicl is timed with threefry unrolled (device_*, as the engine's training chunks draw; the ratio to numpy is of
 these) and, on CPU, where the two lowerings differ, also with JAX's rolled one (rolled_*, a sampler jitted on its
-own); first_call_s is the compile and first batch of each. Each other key implementation of jaxicl.prng.PRNG_IMPLS is timed as well
-({impl}_prompts_per_s; its own lowering), the measurement behind TrainConfig.prng_impl's default.
+own); first_call_s is the compile and first batch of each. Each other key implementation of jaxicl.prng.PRNG_IMPLS
+is timed as well ({impl}_prompts_per_s; its own lowering), the measurement behind TrainConfig.prng_impl's default.
+The JSON and table are rewritten after each family, so a run stopped at a time limit keeps the families it finished.
 """
 
 import argparse
@@ -179,13 +180,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
     batch, repeats = (8, 1) if args.smoke else (args.batch, args.repeats)
-    rows = []
+    rows, kw = [], {"out_dir": args.out} if args.out else {}
+    notes = (f"{jax.device_count()} {jax.default_backend()} device(s); best of {repeats} batches; numpy includes "
+             "jax.device_put of inputs, targets, mask")
     for name, family in families(args.smoke).items():
         rows.append(bench(name, family, batch, repeats))
         print(rows[-1], flush=True)
-    kw = {"out_dir": args.out} if args.out else {}
-    print(write_results("sampler_throughput", rows, notes=f"{jax.device_count()} {jax.default_backend()} device(s); "
-                        f"best of {repeats} batches; numpy includes jax.device_put of inputs, targets, mask", **kw))
+        path = write_results("sampler_throughput", rows, notes=notes, **kw)  # what is done survives a kill
+    print(path)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ def main(argv=None) -> None:
     walls = {}  # unrounded wall seconds of the ways timed so far
 
     def vmapped_and_loop() -> dict:
+        # chunk_size=n: all at once, without the memory estimate (two more compilations) that train_sweep makes to
+        # choose a chunk on a device that reports its memory (GPU, TPU) and not on a CPU
         walls["vmapped"], vmapped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
-                                                              mesh=mesh, progress=False))
+                                                              mesh=mesh, chunk_size=n, progress=False))
         walls["loop"], looped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
                                                           mesh=mesh, chunk_size=1, progress=False))
         same = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(vmapped.params),
@@ -114,7 +116,8 @@ def main(argv=None) -> None:
     results = {"members": n, "steps": args.steps, "batch_size": args.batch_size, "task_dim": args.dim,
                "model": "gd_equivalence LSA (1 linear attention layer)", "devices": str(jax.devices()[0]),
                "cpu_count": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
-               "platform": platform.platform(), "jax": jax.__version__}
+               "platform": platform.platform(), "jax": jax.__version__,
+               "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep_vs_loop.json")
     for name, stage in stages.items():  # each stage's results are on disk before the next starts
@@ -184,7 +187,8 @@ def _row(wall: float, members: int, steps: int) -> dict:
 def _table(r: dict) -> str:
     """The results as Markdown: the parts done so far, and the stages that failed."""
     lines = [f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
-             f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus", "",
+             f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus, matmul precision "
+             f"{r['matmul_precision']}", "",
              "| way | wall time (s, incl. compile) | member-steps/s |", "|---|---|---|"]
     for way in ("vmapped", "loop", "train_loop"):
         if way in r:

@@ -20,7 +20,9 @@ PyTorch's GPT trains with F.scaled_dot_product_attention; its FLOPs are counted 
 and both attentions' losses must agree with jaxicl's. Matmuls are float32 on both sides (no TF32 on a GPU).
 Also reported: XLA's FLOP count of the forward and backward pass (matmuls plus elementwise work) over the
 analytic matmul count (below 1 for lsa: jaxicl's SelfAttention multiplies through Wq Wk^T and Wv Wo, and its
-unmasked linear layer forms no [T, T] scores), and the achieved matmul FLOP/s as a fraction of a 2048 x 2048
+unmasked linear layer forms no [T, T] scores); like run.json's flops_per_step it counts the program as lowered, before
+the backend's optimisations (the compiled program's count has missed the products XLA hands to cuBLAS on GPUs), and
+is empty where the backend gives none; and the achieved matmul FLOP/s as a fraction of a 2048 x 2048
 matmul's, measured in the same run. That rate counts the model's matmul FLOPs (the analytic count above, the one
 PyTorch runs), not the ones jaxicl performs: at 81 positions jaxicl's GPT skips the hidden first-half scores
 (gpt.split_causal_attention), 4.3% of the small GPT's matmul FLOPs and 1.3% of the 12-layer one's, and still
@@ -56,6 +58,7 @@ from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, regression_loss
+from jaxicl.train.chunks import lowered_flops
 from jaxicl.train.cpu_matmuls import CPU_MATMULS, compile_chunk, uses_onednn
 from jaxicl.train.optim import make_optimizer, path_names
 from jaxicl.train.state import init_state
@@ -132,19 +135,17 @@ def flat_params(params) -> dict[str, np.ndarray]:
     return {".".join(path_names(path)): np.asarray(v) for path, v in leaves}
 
 
-def loss_and_grads(graphdef, params, batch) -> tuple[float, dict[str, np.ndarray], float]:
-    """jaxicl's loss and gradients on one batch, and XLA's FLOP count of that forward and backward pass."""
-    compiled = jax.jit(jax.value_and_grad(regression_loss(graphdef), has_aux=True)).lower(params, batch).compile()
-    (loss, _), grads = compiled(params, batch)
-    return float(loss), flat_params(grads), float(compiled.cost_analysis()["flops"])
+def jaxicl_outputs(graphdef, params, batch) -> tuple[dict[str, tuple[float, dict[str, np.ndarray]]], float | None]:
+    """agreement's jaxicl side, {"": (loss, grads) at params, "probe_": the same at probe_weights} (one compiled
+    program), and XLA's FLOP count of that forward and backward pass (as run.json's: None where the backend gives
+    none)."""
+    lowered = jax.jit(jax.value_and_grad(regression_loss(graphdef), has_aux=True)).lower(params, batch)
+    compiled = lowered.compile()
 
-
-def jaxicl_outputs(graphdef, params, batch) -> tuple[dict[str, tuple[float, dict[str, np.ndarray]]], float]:
-    """agreement's jaxicl side, {"": (loss, grads) at params, "probe_": the same at probe_weights}, and XLA's FLOP
-    count of the forward and backward pass at params."""
-    loss, grads, xla_flops = loss_and_grads(graphdef, params, batch)
-    probe = loss_and_grads(graphdef, probe_weights(params, PROBE_KEY), batch)[:2]
-    return {"": (loss, grads), "probe_": probe}, xla_flops
+    def at(p) -> tuple[float, dict[str, np.ndarray]]:
+        (loss, _), grads = compiled(p, batch)
+        return float(loss), flat_params(grads)
+    return {"": at(params), "probe_": at(probe_weights(params, PROBE_KEY))}, lowered_flops(lowered)
 
 
 def probe_weights(params, key: jax.Array):
@@ -297,7 +298,7 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, requir
     jaxicl_steps = w.steps / min(jaxicl_s[1:])  # the first run of each side is a warm-up
     flops = matmul_flops(w)
     row |= {"jaxicl_steps_per_s": jaxicl_steps, "jaxicl_compile_s": compile_s,
-            "matmul_gflop_per_step": flops / 1e9, "xla_over_matmul_flops": xla_flops / flops,
+            "matmul_gflop_per_step": flops / 1e9, "xla_over_matmul_flops": xla_flops and xla_flops / flops,
             "jaxicl_matmul_gflop_per_s": flops * jaxicl_steps / 1e9,
             "fraction_of_matmul_peak": flops * jaxicl_steps / 1e9 / peak}
     if torch_s:

@@ -112,6 +112,25 @@ def test_the_agreement_check_refuses_a_gradient_or_loss_that_is_off_or_nan(name)
     assert_agreement_refuses(w, jaxicl_out, out)
 
 
+def test_jaxicl_side_compiles_once_and_a_backend_without_a_flop_count_leaves_it_empty(monkeypatch):
+    """Both weights run through one compiled program (a GPU compiles slowly; the check has minutes); the FLOP count
+    is run.json's, None where the backend gives none (as JAX's GPU cost analysis has, before and after compiling),
+    and then the row's ratio is empty instead of the workload failing."""
+    w = vs_torch.SMOKE["lsa"]
+    graphdef, params = nnx.split(w.model())
+    batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
+    compiles, compile = [], jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a: compiles.append(1) or compile(self, *a))
+    out, flops = vs_torch.jaxicl_outputs(graphdef, params, batch)
+    loss_and_grad = jax.jit(jax.value_and_grad(vs_torch.regression_loss(graphdef), has_aux=True))
+    assert len(compiles) == 1 and flops == loss_and_grad.lower(params, batch).cost_analysis()["flops"]
+    assert out["probe_"][0] != out[""][0]  # the probe weights' own loss
+    for stage in (jax.stages.Lowered, jax.stages.Compiled):
+        monkeypatch.setattr(stage, "cost_analysis", lambda self: None)
+    none_out, none_flops = vs_torch.jaxicl_outputs(graphdef, params, batch)
+    assert none_flops is None and none_out[""][0] == out[""][0]
+
+
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
     precisions, runs = [], []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
     compiled, reference = vs_torch.compiled_chunk, vs_torch.torch_reference
@@ -200,6 +219,22 @@ def test_numpy_samplers_give_the_device_samplers_shapes_and_moments():
     # the benchmark's own run and table are tested by the GPU check's rehearsal (below), at these sizes
 
 
+def test_sampler_throughput_has_each_family_on_disk_before_the_next_starts(tmp_path, monkeypatch):
+    """The GPU check stops it at its time limit: the families done by then are kept."""
+    bench, on_disk = sampler_throughput.bench, []
+
+    def stopped_at_the_second(name, *a):
+        if on_disk:
+            raise KeyboardInterrupt  # as a kill would stop it
+        on_disk.append(name)
+        return bench(name, *a)
+
+    monkeypatch.setattr(sampler_throughput, "bench", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        sampler_throughput.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == on_disk == ["linear_regression"]
+
+
 def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
     """--devices 2 4: perfect weak scaling (4 devices, twice 2 devices' prompts/s) is 1, not 0.5."""
     from benchmarks.device_scaling import efficiency
@@ -220,10 +255,16 @@ def test_train_throughput_writes_its_table(tmp_path):
 
 def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
     """Steady state: between the clock's readings only the chunk runs (inputs and fresh states are built before);
-    a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written."""
+    a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written. On a
+    device that reports its memory (a GPU, faked here) the vmapped way trains all members at once, without the
+    memory estimate train_sweep would compile to choose a chunk (two more compilations in its wall time)."""
     import jaxicl.train
     from benchmarks import sweep_vs_loop
-    from jaxicl.train import sweep_program
+    from jaxicl.train import sweep, sweep_program
+
+    estimates, program_memory = [], sweep.program_memory
+    monkeypatch.setattr(sweep, "device_budget", lambda mesh: 0.8 * 80e9)  # an 80 GB GPU
+    monkeypatch.setattr(sweep, "program_memory", lambda *a: estimates.append(a) or program_memory(*a))
 
     events, on_disk, build = [], [], sweep_program.build_program
 
@@ -251,6 +292,7 @@ def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage
     assert events[a + 1:b] == ["run"] and events[c + 1:d] == ["run"] * 4  # all 4 members, then one at a time
     assert {"vmapped", "loop", "steady"} <= on_disk[0]
     result = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
+    assert estimates == [] and result["vmapped"]["wall_s"] > 0
     assert result["failed"] == {"memory": "RuntimeError: out of memory (a test)"} and "memory" not in result
     assert result["steady"]["vmapped"]["member_steps_per_s"] > 0
     assert "failed: memory: RuntimeError" in (tmp_path / "sweep_vs_loop.md").read_text()
@@ -272,15 +314,44 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
     commands = runner.commands(list(runner.BENCHMARKS), True, str(tmp_path))
     assert all(c[-2:] == ["--out", str(tmp_path)] and "--smoke" in c for c in commands)
     steps = runner.gpu_commands(str(tmp_path))
-    assert sum(limit for _, limit in steps) <= 8 * 60
-    assert [c[2:6] for c, _ in steps[-2:]] == [["experiments", name, "--preset", "full"]
-                                               for name in ("gd_equivalence", "ar_fig7_non_augmented")]
+    assert sum(limit for _, _, limit in steps) <= 8 * 60
+    assert [(n, c[2:6]) for n, c, _ in steps[-2:]] == [(name, ["experiments", name, "--preset", "full"])
+                                                      for name in ("gd_equivalence", "ar_fig7_non_augmented")]
+    assert [n for n, c, _ in steps[:-2]] == [c[2].removeprefix("benchmarks.") for _, c, _ in steps[:-2]]
+
+
+def test_the_gpu_check_logs_each_step_records_it_as_it_ends_and_computes_float32_products(tmp_path, monkeypatch):
+    """Each step's output goes to logs/NAME.log and gpu_check.json is rewritten after each step: a step that runs
+    past its limit is recorded as such (with what it printed) and the next one still runs; an experiment's failed
+    checks are listed. Every step runs with JAX's float32 products (JAX's default on a GPU is TF32)."""
+    summary, result = tmp_path / "gpu_check.json", tmp_path / "experiments" / "gd_equivalence" / "result.json"
+    experiment = (f"import json, os; print(len(json.load(open({str(summary)!r}))['steps'])); "
+                  f"os.makedirs({str(result.parent)!r}); json.dump({{'checks': [{{'name': 'a', 'passed': True}}, "
+                  f"{{'name': 'b', 'passed': False}}]}}, open({str(result)!r}, 'w'))")
+    steps = [("vs_torch", "import jax; print(jax.config.jax_default_matmul_precision)", None),
+             ("sampler_throughput", "print('started'); import time; time.sleep(60)", 2),
+             ("gd_equivalence", experiment, None)]
+    monkeypatch.setattr(runner, "gpu_commands", lambda out, smoke: [(name, [sys.executable, "-c", code], limit)
+                                                                    for name, code, limit in steps])
+    for var in ("JAX_DEFAULT_MATMUL_PRECISION", "PYTHONUNBUFFERED"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match="1 of 3 benchmarks failed"):
+        runner.main(["gpu-check", "--out", str(tmp_path)])
+    done = json.loads(summary.read_text())["steps"]
+    assert [o["status"] for o in done] == ["ok", "timed out after 2 s", "ok"]
+    assert [o.get("failed_checks") for o in done] == [None, None, ["b"]]
+    logs = [(tmp_path / "logs" / f"{name}.log").read_text() for name, _, _ in steps]
+    assert logs == ["float32\n", "started\n", "2\n"]  # the timed-out step's output survives; 2 steps on disk
 
 
 def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
     """Also the tests of sampler_throughput, device_scaling and sweep_vs_loop at their smoke sizes (--smoke
     replaces the GPU check's sizes), so the suite runs each once."""
     runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
+    done = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert [o["status"] for o in done] == ["ok"] * len(runner.gpu_commands(str(tmp_path)))
+    for name in ("vs_torch", "sampler_throughput", "device_scaling"):  # float32 products, as on a GPU
+        assert json.loads((tmp_path / f"{name}.json").read_text())["environment"]["matmul_precision"] == "float32"
     table = rows(tmp_path / "vs_torch.json")
     assert [r["workload"] for r in table] == list(vs_torch.SMOKE)
     assert [r.get("jaxicl_over_torch", 0) > 0 for r in table] == [HAS_TORCH] * len(table)  # PyTorch ran, on the CPU
@@ -291,6 +362,7 @@ def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every
     assert [(r["devices"], r["batch"]) for r in scaling] == [(1, 4), (2, 8)] and scaling[0]["efficiency"] == 1.0
     sweep = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
     assert sweep["members"] == 4 and sweep["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+    assert sweep["matmul_precision"] == "float32"
     for name in ("gd_equivalence", "ar_fig7_non_augmented"):
         result = json.loads((tmp_path / "experiments" / name / "result.json").read_text())
         assert result["preset"] == "smoke" and result["checks"]

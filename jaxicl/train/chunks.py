@@ -49,12 +49,14 @@ class ChunkPrograms:
             with unrolled_threefry():
                 lowered = self.fn.lower(state, *args, n)
             if self.flops_per_step is None:
-                self.flops_per_step = _flops(lowered)
+                self.flops_per_step = lowered_flops(lowered)
             self.programs[n] = compile_chunk(lowered, self.cpu_matmuls)
         return self.programs[n](state, *args)
 
 
-def _flops(lowered) -> float | None:
+def lowered_flops(lowered) -> float | None:
+    """XLA's FLOP count of a lowered program (before the backend's optimisations); None where the backend gives
+    none."""
     try:
         cost = lowered.cost_analysis()
     except Exception:  # noqa: BLE001 - a backend without cost analysis must not stop a run
