@@ -79,6 +79,19 @@ def test_augmented_tokens_and_noise():
     assert 0.08 < resid.std() < 0.12
 
 
+
+def test_complex_noise_is_circular_with_variance_noise_std_squared_per_coordinate():
+    """s_{t+1} - W s_t for a complex family: E|eps|^2 = noise_std^2 per coordinate (the real and imaginary parts
+    each noise_std^2 / 2) and E[eps^2] = 0 (circular); 3000 draws, standard errors sigma^2 / sqrt(n) and
+    sqrt(2) sigma^2 / sqrt(n)."""
+    sigma = 0.1
+    b = _batch(ar.Autoregressive(family="unitary", dim=3, seq_len=5, init="random_phase", noise_std=sigma), 200)
+    s, w = np.asarray(b.info["states"]), np.asarray(b.info["W"])
+    eps = (s[:, 1:] - np.einsum("bij,btj->bti", w, s[:, :-1])).ravel()
+    n = eps.size
+    assert abs(np.mean(np.abs(eps) ** 2) - sigma ** 2) < 5 * sigma ** 2 / np.sqrt(n)
+    assert abs(np.mean(eps ** 2)) < 5 * np.sqrt(2) * sigma ** 2 / np.sqrt(n)
+
 def test_fixed_dataset_repeats_sequences():
     cfg = ar.Autoregressive(family="haar", dim=3, seq_len=4, n_sequences=5)
     w = np.asarray(_batch(cfg, 200).info["W"]).reshape(200, -1)
