@@ -52,6 +52,15 @@ def test_orthogonal_eigenvalues_are_conjugate_pairs_of_the_angles():
         lam = np.asarray(ar.eigenvalues(cfg, jnp.asarray(th)))
         got = np.sort_complex(np.linalg.eigvals(w))
         np.testing.assert_allclose(got, np.sort_complex(lam), atol=1e-5)
+    # W = Q blockdiag(R(theta_k)) Q^T with R(t) = [[cos t, -sin t], [sin t, cos t]], and s_0 = Q 1 (float32 products)
+    q = np.asarray(ar.basis(cfg), np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-6)
+    for w, th in zip(np.asarray(b.info["W"], np.float64), np.asarray(b.info["angles"], np.float64)):
+        blocks = np.zeros((4, 4))
+        for k, t in enumerate(th):
+            blocks[2 * k:2 * k + 2, 2 * k:2 * k + 2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+        np.testing.assert_allclose(q.T @ w @ q, blocks, atol=1e-5)
+    np.testing.assert_allclose(b.info["s0"], np.broadcast_to(q @ np.ones(4), (8, 4)), atol=1e-6)
 
 
 def test_complex_1d_angles_lie_in_the_range_and_initial_states():
