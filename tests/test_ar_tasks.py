@@ -52,6 +52,15 @@ def test_orthogonal_eigenvalues_are_conjugate_pairs_of_the_angles():
         lam = np.asarray(ar.eigenvalues(cfg, jnp.asarray(th)))
         got = np.sort_complex(np.linalg.eigvals(w))
         np.testing.assert_allclose(got, np.sort_complex(lam), atol=1e-5)
+    # W = Q blockdiag(R(theta_k)) Q^T with R(t) = [[cos t, -sin t], [sin t, cos t]], and s_0 = Q 1 (float32 products)
+    q = np.asarray(ar.basis(cfg), np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-6)
+    for w, th in zip(np.asarray(b.info["W"], np.float64), np.asarray(b.info["angles"], np.float64)):
+        blocks = np.zeros((4, 4))
+        for k, t in enumerate(th):
+            blocks[2 * k:2 * k + 2, 2 * k:2 * k + 2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+        np.testing.assert_allclose(q.T @ w @ q, blocks, atol=1e-5)
+    np.testing.assert_allclose(b.info["s0"], np.broadcast_to(q @ np.ones(4), (8, 4)), atol=1e-6)
 
 
 def test_complex_1d_angles_lie_in_the_range_and_initial_states():
@@ -78,6 +87,19 @@ def test_augmented_tokens_and_noise():
     resid = s[:, 1:] - np.einsum("bij,btj->bti", np.asarray(b.info["W"]), s[:, :-1])
     assert 0.08 < resid.std() < 0.12
 
+
+
+def test_complex_noise_is_circular_with_variance_noise_std_squared_per_coordinate():
+    """s_{t+1} - W s_t for a complex family: E|eps|^2 = noise_std^2 per coordinate (the real and imaginary parts
+    each noise_std^2 / 2) and E[eps^2] = 0 (circular); 3000 draws, standard errors sigma^2 / sqrt(n) and
+    sqrt(2) sigma^2 / sqrt(n)."""
+    sigma = 0.1
+    b = _batch(ar.Autoregressive(family="unitary", dim=3, seq_len=5, init="random_phase", noise_std=sigma), 200)
+    s, w = np.asarray(b.info["states"]), np.asarray(b.info["W"])
+    eps = (s[:, 1:] - np.einsum("bij,btj->bti", w, s[:, :-1])).ravel()
+    n = eps.size
+    assert abs(np.mean(np.abs(eps) ** 2) - sigma ** 2) < 5 * sigma ** 2 / np.sqrt(n)
+    assert abs(np.mean(eps ** 2)) < 5 * np.sqrt(2) * sigma ** 2 / np.sqrt(n)
 
 def test_fixed_dataset_repeats_sequences():
     cfg = ar.Autoregressive(family="haar", dim=3, seq_len=4, n_sequences=5)

@@ -11,7 +11,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from jaxicl.analysis.clustering import (adjusted_rand_index, cluster_scores, kmeans, match_clusters,
+from jaxicl.analysis.clustering import (adjusted_rand_index, cluster_scores, kmeans, kmeans_plus_plus, match_clusters,
                                         normalized_mutual_info, sequence_features)
 
 
@@ -21,6 +21,7 @@ def _labelings(rng, n, k):
     yield a, np.where(rng.random(n) < 0.6, a, rng.integers(0, k, n))  # partly planted
     yield a, rng.permutation(k)[a]  # the same partition, relabelled
     yield a, np.zeros(n, int)  # one cluster
+    yield a, (a >= k - 2).astype(int)  # a coarsening: entropies far apart (arithmetic vs geometric NMI)
 
 
 def _pair_counting_ari(a, b):
@@ -98,6 +99,24 @@ def test_kmeans_inertia_is_no_worse_than_scikit_learn_with_the_same_restarts():
         assert ours <= theirs * (1 + 1e-4), (trial, ours, theirs)
         assert float(km["inertia"]) == pytest.approx(ours, rel=1e-4)
 
+
+
+def test_kmeans_plus_plus_draws_by_squared_distance_and_keeps_the_better_candidate():
+    """k = 2 on a = (0, 0), b = (1, 0), c = (0, 3): a start on a or b is followed by c unless both candidates
+    (2 + log 2 = 2) are the other near point, drawn with probability |ab|^2 / (|ab|^2 + |ac|^2) = 1/10 from a and
+    1/(1 + 10) from b, so P(start {a, b}) = (1/10^2 + 1/11^2) / 3 = 0.0061. Drawing by the distance instead of its
+    square gives 0.040, keeping the first candidate 0.064: 4000 starts (standard error 0.0012) tell them apart."""
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]], np.float32)
+    n = 4000
+    keys = jax.random.split(jax.random.key(0), n)
+    starts = np.asarray(jax.vmap(lambda k: kmeans_plus_plus(jnp.asarray(x), 2, k))(keys))
+    picked = np.argmax(np.all(starts[:, :, None] == x[None, None], -1), -1)  # [n, 2]: rows of x (centroids are copies)
+    assert np.all(np.all(starts[:, :, None] == x[None, None], -1).any(-1)) and np.all(picked[:, 0] != picked[:, 1])
+    first = np.bincount(picked[:, 0], minlength=3) / n
+    assert np.all(np.abs(first - 1 / 3) < 5 * np.sqrt(2 / 9 / n)), first  # the first uniform over the rows
+    p = (1 / 100 + 1 / 121) / 3
+    near = np.mean(np.all(np.sort(picked, 1) == [0, 1], 1))
+    assert abs(near - p) < 5 * np.sqrt(p * (1 - p) / n), near
 
 @pytest.mark.parametrize("x64", [False, True])
 def test_kmeans_of_points_sharing_a_large_offset_matches_scikit_learn_and_its_own_labels(x64):

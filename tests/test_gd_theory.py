@@ -50,6 +50,17 @@ def test_gd1_loss_formula_matches_monte_carlo(x64):
         assert abs(mc - gd_one_step_loss(cfg, eta)) < 4 * sem, (eta, mc, gd_one_step_loss(cfg, eta), sem)
 
 
+
+def test_gd1_loss_formula_noise_term_matches_monte_carlo(x64):
+    """With w nearly 0 the GD-1 query loss is the label noise's, sigma^2 (1 + eta^2 tr(Sigma^2) / N): 2.05 here, where
+    tr(Sigma) in place of tr(Sigma^2) would give 1.70 (the test above cannot tell: its noise term is 1% of its loss)."""
+    cfg = lr.LinearRegression(dim=3, n_context=5, noise_std=1.0, w_scale=1e-3, x_cov_diag=(0.5, 1.0, 2.0))
+    np.testing.assert_allclose(gd_one_step_loss(cfg, 1.0), 1 + 5.25 / 5, rtol=1e-4)  # the w terms are ~1e-5
+    b = sample_batch(lr.sample, cfg, jax.random.key(3), 100_000)
+    err = jax.vmap(gradient_descent(cfg, 1, 1.0))(b.inputs)[:, -1] - b.targets[:, -1]
+    mc, sem = float(jnp.mean(err**2)), float(jnp.std(err**2) / np.sqrt(err.shape[0]))  # sem ~0.01
+    assert abs(mc - gd_one_step_loss(cfg, 1.0)) < 4 * sem, (mc, gd_one_step_loss(cfg, 1.0), sem)
+
 def test_optimal_lr_closed_form_and_minimises_the_monte_carlo_loss(x64):
     cfg = lr.LinearRegression(dim=10, n_context=10)
     assert np.isclose(optimal_gd_lr(cfg), 10 / 21)  # N / (N + d + 1)

@@ -235,6 +235,19 @@ def test_the_three_pass_loss_against_the_entry_points_with_words_continuous_spee
     assert np.abs(np.asarray(grads["speech_blocks"][0]["mlp_out"]["w"][...])).max() > 0
 
 
+
+def test_the_speech_weight_ramps_linearly_from_the_ramps_first_epoch_to_its_last():
+    """a(epoch) = clip((epoch - lo) / (hi - lo), 0, 1) for the notes' ramp (250, 1000): 0 up to 250, 1/2 at 625
+    (the other tests ramp from lo = 0, where dividing by hi instead of hi - lo gives the same weights)."""
+    graphdef, params, buffers = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY), nnx.Param, lea.VQBuffer)
+    loss = jax.jit(lea_loss(graphdef, rfs_ramp=(250, 1000)))
+    board = jax.random.randint(jax.random.key(1), (2, 64), 0, 20)
+    for epoch, want in ((100, 0.0), (250, 0.0), (400, 0.2), (625, 0.5), (1000, 1.0), (1500, 1.0)):
+        batch = Prompt(inputs=board, targets=board, mask=jnp.ones((2, 64)), info={"epoch": jnp.full(2, epoch)})
+        total, (aux, _) = loss(params, batch, buffers)
+        np.testing.assert_allclose(aux["rfs_weight"], want, rtol=1e-6, atol=1e-7)  # one float32 division
+        np.testing.assert_allclose(total, aux["ce_board"] + want * (aux["vq_loss"] + aux["ce_speech"]), rtol=1e-6)
+
 def test_bad_messages_name_the_argument_and_the_allowed_range():
     graphdef, state = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY))
     with pytest.raises(ValueError, match=r"words must have shape \[batch, 4\]"):

@@ -61,3 +61,43 @@ def test_one_schedule_for_plain_and_traced_warmup_and_the_logged_lr():
     state.hyperparams["lr"] = jnp.float32(4.0)
     np.testing.assert_allclose(scheduled_lr(cfg, state, 5), 4.0 * 0.5, rtol=1e-6)
     np.testing.assert_allclose(scheduled_lr(cfg, make_optimizer(cfg).init({"w": jnp.zeros(2)}), 5), 1.0, rtol=1e-6)
+
+
+def test_adamw_with_clipping_and_a_schedule_follows_a_numpy_adamw():
+    """Three steps of make_optimizer against Loshchilov & Hutter's AdamW written out in numpy (optax's form: the
+    decay inside the scheduled step): global-norm clipping, then Adam moments with cfg.betas (b1, b2 distinct and
+    far from the defaults, so swapping them shows), bias correction, eps 1e-8, decay on the masked leaves only."""
+    cfg = TrainConfig(optimizer="adamw", lr=0.1, betas=(0.5, 0.8), weight_decay=0.3, clip_norm=1.0, steps=6,
+                      schedule="warmup_cosine", warmup_steps=2, no_decay=("bias",))
+    params = {"w": jnp.array([1.0, -2.0, 0.5]), "bias": jnp.array([0.3, -0.1])}
+    grads = [{"w": jnp.array([3.0, 0.0, -4.0]), "bias": jnp.array([0.0, 0.0])},  # norm 5: clipped to 1
+             {"w": jnp.array([0.1, 0.2, 0.0]), "bias": jnp.array([-0.3, 0.1])},  # norm 0.39: kept
+             {"w": jnp.array([-0.5, 0.4, 0.2]), "bias": jnp.array([0.6, 0.9])}]  # norm 1.27: clipped
+    tx = make_optimizer(cfg)
+    state, p = tx.init(params), params
+    want = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in want.items()}
+    v = {k: np.zeros_like(x) for k, x in want.items()}
+    b1, b2 = cfg.betas
+    for t, g in enumerate(grads):
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+        g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+        norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+        lr = 0.1 * (t / 2 if t < 2 else 0.5 * (1 + np.cos(np.pi * (t - 2) / 4)))  # warmup 2, cosine to 0 at 6
+        for k in want:
+            gk = g[k] * min(1.0, 1.0 / norm)
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk ** 2
+            adam = m[k] / (1 - b1 ** (t + 1)) / (np.sqrt(v[k] / (1 - b2 ** (t + 1))) + 1e-8)
+            want[k] = want[k] - lr * (adam + (0.3 * want[k] if k == "w" else 0.0))
+        for k in want:  # float32 steps of O(0.1) on O(1) parameters
+            np.testing.assert_allclose(p[k], want[k], rtol=1e-6, atol=1e-6)
+
+
+def test_the_logged_lr_of_a_sweep_reads_each_members_warmup():
+    cfg = TrainConfig(steps=100, lr=2.0, schedule="warmup_cosine", warmup_steps=10)
+    state = make_optimizer(cfg, ("warmup_steps",)).init({"w": jnp.zeros(2)})
+    state.hyperparams["warmup_steps"] = jnp.float32(4.0)  # this member warms up over 4 steps, not cfg's 10
+    np.testing.assert_allclose(scheduled_lr(cfg, state, 2), 2.0 * 2 / 4, rtol=1e-6)
+    np.testing.assert_allclose(scheduled_lr(cfg, state, 4), 2.0 * 1.0, rtol=1e-6)  # peak at the member's warmup
