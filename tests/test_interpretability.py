@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxicl.analysis.ablation import ablate_heads
 from jaxicl.analysis.attention_patterns import mass_at_offset, mass_profile
-from jaxicl.analysis.cache import run_with_cache
+from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, ov_gain, qk_circuit
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
                                       patched_predictions, resolve_chunk_size)
@@ -43,6 +43,25 @@ def test_cache_keeps_only_the_requested_sites_and_the_predictions():
     np.testing.assert_allclose(pred, jax.vmap(predictor(g, p))(clean), rtol=1e-5, atol=2e-6)  # float32: ulps of O(1) terms
     with pytest.raises(ValueError, match=r"names: unknown site name\(s\) \['layer1.attn.pattern'\]"):
         run_with_cache(g, p, clean, ["layer1.attn.pattern"])
+
+
+def test_cache_and_site_info_keep_the_forward_order_of_the_sites():
+    """As TransformerLens's cache: embed first, layer2 before layer10, unembed.in last (jit's output dict sorted them,
+    so layer10 came before layer2 and embed after attn)."""
+    model = GPT(d_model=4, n_layers=11, n_heads=1, max_len=T, input_dim=1, rngs=nnx.Rngs(0))
+    g, p = nnx.split(model)
+    clean = jnp.ones((2, T, 1))
+    _, cache = run_with_cache(g, p, clean, "all")
+    order = list(cache)
+    assert order[:3] == ["embed", "pos_embed", "layer0.resid_pre"] and order[-1] == "unembed.in"
+    layers = [int(n.split(".")[0][5:]) for n in order if n.startswith("layer")]
+    assert layers == sorted(layers) and layers[-1] == 10
+    block = [n.split(".", 1)[1] for n in order if n.startswith("layer3.")]
+    assert block.index("resid_pre") < block.index("attn.q") < block.index("attn.out") < block.index("resid_mid")
+    assert block.index("resid_mid") < block.index("mlp.pre") < block.index("mlp.out") < block.index("resid_post")
+    assert list(site_info(g, p, clean[0])) == order
+    _, some = run_with_cache(g, p, clean, ["layer10.resid_post", "layer2.resid_post", "embed"])
+    assert list(some) == ["embed", "layer2.resid_post", "layer10.resid_post"]
 
 
 def test_cache_of_sites_named_by_a_generator_keeps_them_all():

@@ -59,14 +59,17 @@ def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argumen
 
 def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Iterable[str] | str,
                    info: dict | None = None):
-    """(predictions [B, ...], {site: [B, ...]}) for a batch of prompts tokens [B, T, ...], jitted.
+    """(predictions [B, ...], {site: [B, ...]}) for a batch of prompts tokens [B, T, ...], jitted; the cache's sites
+    in the order the forward pass visits them, as TransformerLens keeps its hooks (jit's output sorts them).
 
     names: the sites to keep, or "all". info: site_info of this model and prompt shape, where the caller has it.
     """
+    info = info or site_info(graphdef, params, tokens[0])
     if names != "all":
         names = names if isinstance(names, str) else tuple(names)  # once: the check would spend a generator
-        check_sites(names, info or site_info(graphdef, params, tokens[0]), "names")
-    return _cached(graphdef, params, tokens, names)
+        check_sites(names, info, "names")
+    predictions, cache = _cached(graphdef, params, tokens, names)
+    return predictions, {name: cache[name] for name in info if name in cache}
 
 
 @partial(jax.jit, static_argnums=(0, 3))

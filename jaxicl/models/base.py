@@ -21,8 +21,17 @@ class Model(nnx.Module):
         return outputs
 
     def site_shapes(self, tokens: jax.ShapeDtypeStruct) -> dict[str, jax.ShapeDtypeStruct]:
-        """{site name: shape and dtype} of every site on one prompt like `tokens`, without running the model."""
-        return jax.eval_shape(lambda t: run_with_sites(self, t, capture="all")[1], tokens)
+        """{site name: shape and dtype} of every site on one prompt like `tokens`, in the order the forward pass
+        visits them (layer2 before layer10), without running the model."""
+        order = []
+
+        def recorded(t):
+            cache = run_with_sites(self, t, capture="all")[1]
+            order.extend(cache)  # insertion order; the pytree eval_shape returns sorts its keys
+            return cache
+
+        shapes = jax.eval_shape(recorded, tokens)
+        return {name: shapes[name] for name in order}
 
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
         """Names of the axes of site `name` (ndim axes): "pos" (query position), "head", or other names.
