@@ -10,8 +10,11 @@ current estimate (a probe of the stream entering layer 2) and the key's value; m
 similarity heads, against every layer-2 head ablated alone; activation-patching heatmaps (layers x positions, layers
 x heads) from clean prompts into prompts with other (a, b, x_0).
 
-The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours (the defaults of
-shared/papers/affine_recurrence_bhargav2024.md, Section 4), and the definitions of "copying" and
+The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours. The task (a, b, x_0 ~
+U[-1, 1], 16 terms, MSE on every position) and the model family (3-layer pre-LN GPT, learned positions, linear embed
+and unembed of the scalar) are the defaults of shared/papers/affine_recurrence_bhargav2024.md, Section 4; the sizes
+and optimiser are not (the notes suggest d_model 64, 4 heads, Adam 1e-3; quick trains d_model 32, 4 heads with Adam
+3e-3 warmup-cosine, full d_model 128, 8 heads with Adam 1e-3 warmup-cosine). The definitions of "copying" and
 "negative-similarity head" are the notes' recommendations, not the paper's.
 
 What the quick preset shows (2 seeds, seed 0 analysed; 6,000 steps of Adam 3e-3, about two minutes on 2 CPU cores):
@@ -132,6 +135,16 @@ def build_model(cfg: Config, key: jax.Array) -> GPT:
     m = cfg.model
     return GPT(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads, d_mlp=m.d_mlp, max_len=cfg.task.seq_len,
                input_dim=1, final_norm=m.final_norm, rngs=nnx.Rngs(key))
+
+
+def settings_note(cfg: Config) -> str:
+    """The run's settings, as the checks' notes state them (every one is ours: the paper's are not public)."""
+    task, m, tc = cfg.task, cfg.model, cfg.train
+    return (f"settings are ours (the paper's are not public): a ~ {task.a.describe()}, b ~ {task.b.describe()}, x_0 ~ "
+            f"{task.x0.describe()}{', rescaled by max |x|' if task.rescale else ''}, T = {task.seq_len}, d_model "
+            f"{m.d_model}, {m.n_heads} heads, d_mlp {m.d_mlp}, {tc.optimizer} lr {tc.lr} "
+            f"{'warmup-cosine' if tc.schedule == 'warmup_cosine' else tc.schedule}, {tc.steps} steps of "
+            f"{tc.batch_size} fresh prompts")
 
 
 def position_mse(pred: jax.Array, targets: jax.Array) -> np.ndarray:
@@ -259,9 +272,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     copy_mse, filter_mse, filter3_mse, extrap_mse = (float(np.mean(base[n][start:])) for n in (
         "copy", "fixed_filter", "fixed_filter_3_taps", "linear_extrapolation"))
     all_seeds = [float(np.mean(m[start:])) for m in model_losses]
-    ours = ("settings are ours (the paper's are not public): a, b, x_0 ~ U[-1, 1], T = "
-            f"{task.seq_len}, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads, d_mlp {cfg.model.d_mlp}, "
-            f"Adam {cfg.train.lr} warmup-cosine, {cfg.train.steps} steps of {cfg.train.batch_size} fresh prompts")
+    ours = settings_note(cfg)
     checks = [
         check_below("loss_over_copy", trained_mse / copy_mse, cfg.max_loss_over_copy,
                     f"test MSE from position {start}: model {trained_mse:.3g} vs copy {copy_mse:.3g}; seeds "

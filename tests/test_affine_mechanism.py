@@ -1,5 +1,5 @@
-"""affine_mechanism: its smoke run computes every check, its score-similarity regression against numpy, and its
-ablation control."""
+"""affine_mechanism: its smoke run computes every check, its score-similarity regression against numpy, its
+ablation control, and the settings its notes state."""
 
 import json
 import math
@@ -8,7 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from experiments.affine_mechanism import ratio_over_other_heads, score_similarity_slope
+import dataclasses
+
+from experiments.affine_mechanism import PRESETS, ratio_over_other_heads, score_similarity_slope, settings_note
+from jaxicl.tasks import affine_recurrence as ar
+from jaxicl.train import TrainConfig
 from experiments.common.runner import run_experiment
 
 
@@ -45,3 +49,17 @@ def test_ablation_control_compares_the_ablated_heads_with_the_others():
     assert ratio_over_other_heads(ratios, [3]) == pytest.approx(9.23 / 44.0)  # median of 1.09, 44, 565
     assert ratio_over_other_heads(ratios, [2, 3]) == pytest.approx(9.23 / np.median([44.0, 1.09]))
     assert np.isnan(ratio_over_other_heads(ratios, [0, 1, 2, 3]))
+
+
+def test_settings_note_states_the_run_distributions_and_optimiser():
+    """The checks' notes said "a, b, x_0 ~ U[-1, 1] ... Adam <lr> warmup-cosine" whatever the config: the smoke
+    preset (constant lr) and any override of the task's distributions were misreported."""
+    assert "adam lr 0.003 constant, 60 steps of 32" in settings_note(PRESETS["smoke"])
+    quick = settings_note(PRESETS["quick"])
+    assert "a ~ U[-1, 1], b ~ U[-1, 1], x_0 ~ U[-1, 1], T = 16" in quick and "adam lr 0.003 warmup-cosine" in quick
+    cfg = dataclasses.replace(PRESETS["smoke"], task=ar.AffineRecurrence(
+        seq_len=8, a=ar.Distribution("normal", std=0.5), b=ar.Distribution("fixed", mean=0.25),
+        x0=ar.Distribution(low=0.0, high=2.0), rescale=True),
+        train=TrainConfig(steps=60, batch_size=32, optimizer="adamw", lr=1e-3))
+    assert ("a ~ N(0, 0.5^2), b ~ fixed at 0.25, x_0 ~ U[0, 2], rescaled by max |x|, T = 8" in settings_note(cfg)
+            and "adamw lr 0.001 constant" in settings_note(cfg))

@@ -49,6 +49,14 @@ class Distribution:
             return self.mean + self.std * jax.random.normal(key, shape)
         return jnp.full(shape, self.mean)
 
+    def describe(self) -> str:
+        """The distribution in words: "U[low, high]", "N(mean, std^2)" or "fixed at mean"."""
+        if self.kind == "uniform":
+            return f"U[{self.low:g}, {self.high:g}]"
+        if self.kind == "normal":
+            return f"N({self.mean:g}, {self.std:g}^2)"
+        return f"fixed at {self.mean:g}"
+
 
 @dataclasses.dataclass(frozen=True)
 class AffineRecurrence:
