@@ -154,6 +154,17 @@ def pca_steps(cfg: Config) -> tuple[int, ...]:
     return tuple(evals[i] for i in sorted(set(picks)))
 
 
+def settings_note(cfg: Config) -> str:
+    """The run's settings, as the checks' notes state them (ours: shared/papers/clustering_wu2024.md [R])."""
+    t, tc = cfg.task, cfg.train
+    patterns = "a keyword per task in every family" if t.patterns is None else "the given patterns"
+    return (f"settings are ours (shared/papers/clustering_wu2024.md [R]): K={t.n_tasks} tasks, M={t.n_families} "
+            f"families ({t.unseen_families} held out), {t.strings_per_family} strings per family, {patterns}, "
+            f"{cfg.model.n_layers} blocks of width {cfg.model.d_model}, {tc.optimizer} lr {tc.lr} "
+            f"{'warmup-cosine' if tc.schedule == 'warmup_cosine' else tc.schedule}, {tc.steps} steps of "
+            f"{tc.batch_size}, loss on {t.loss}, representation {cfg.representation}")
+
+
 def eval_rows(split: ins.Split, size: int, seed: int) -> np.ndarray:
     """Up to `size` rows of the split, a seeded random subset when it is larger."""
     rows = np.arange(len(split))
@@ -282,11 +293,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                  for name in ("ari", "answer_ari")}
     others = "; ".join(f"{r}: {fmt([curve['ari', r, 'validation', l][-1] for l in layers])}"
                        for r in REPRESENTATIONS if r != rep)
-    ours = (f"settings are ours (shared/papers/clustering_wu2024.md [R]): K={cfg.task.n_tasks} tasks, "
-            f"M={cfg.task.n_families} families ({cfg.task.unseen_families} held out), {cfg.task.strings_per_family} "
-            f"strings per family, a keyword per task in every family, {cfg.model.n_layers} blocks of width "
-            f"{cfg.model.d_model}, AdamW {cfg.train.lr}, {cfg.train.steps} steps of {cfg.train.batch_size}, loss on "
-            f"{cfg.task.loss}, representation {rep}")
+    ours = settings_note(cfg)
     checks = [
         check_above("final_layer_ari_train", float(end["train"][last]), cfg.min_final_ari,
                     f"ARI of the last hidden state at {rep} at the end; per layer {fmt(end['train'])} (hidden state "

@@ -1,5 +1,5 @@
 """clustering_dynamics: its smoke run computes every check and figure, and a rerun into its directory gives the same
-result; its site edits against patches."""
+result; its site edits against patches; the settings its notes state."""
 
 import json
 import os
@@ -10,10 +10,12 @@ import numpy as np
 from flax import nnx
 
 from experiments import clustering_dynamics as cd
+from experiments.clustering_dynamics import Config
 from experiments.common.runner import run_experiment
 from jaxicl.analysis.patching import patched_predictions
 from jaxicl.sites import Patch
 from jaxicl.tasks import instructions as ins
+from jaxicl.train import TrainConfig
 
 
 def test_smoke_run_writes_every_check_and_figure_and_a_rerun_gives_the_same(tmp_path):
@@ -111,3 +113,16 @@ def test_the_onset_ratio_of_an_accuracy_onset_at_step_0_is_inf_or_nan_not_an_err
     from experiments.clustering_dynamics import _ratio
 
     assert _ratio(180, 140) == 180 / 140 and _ratio(20, 0) == float("inf") and np.isnan(_ratio(0, 0))
+
+
+def test_settings_note_states_the_run_optimiser_schedule_and_patterns():
+    """The notes said "AdamW <lr>" and "a keyword per task in every family" for any config (an adam run, or one
+    with given patterns, was misreported) and left out the schedule."""
+    assert "adamw lr 0.003 warmup-cosine, 1200 steps of 128" in cd.settings_note(cd.PRESETS["quick"])
+    assert "adamw lr 0.003 constant, 40 steps of 32" in cd.settings_note(cd.PRESETS["smoke"])
+    smoke = cd.PRESETS["smoke"]
+    task = ins.Instructions(n_tasks=2, n_families=2, strings_per_family=3, validation_strings=1, n_inputs=3,
+                            n_outputs=4, min_task_distance=2, patterns=(("ab+", "a[b-d]c"), ("xy+", "x[b-d]z")))
+    note = cd.settings_note(Config(task=task, model=smoke.model, representation="arrow",
+                                   train=TrainConfig(steps=40, optimizer="adam", steps_per_call=10), analysis_layer=1))
+    assert "the given patterns" in note and "adam lr 0.001 constant" in note and "representation arrow" in note
