@@ -31,6 +31,7 @@ import numpy as np
 from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
+from jaxicl.config_paths import leaf_paths, value_at
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig
 from jaxicl.validation import check_range
@@ -61,6 +62,18 @@ PRESETS = {"smoke": Config(training=SMOKE, example_boards=2), "quick": Config(tr
            "full": Config(training=ab.Training())}
 
 
+BOOKKEEPING = ("train.steps", "train.steps_per_call", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.cpu_matmuls", "train.seed", "eval_every", "eval_per_type", "eval_rounds")
+
+
+def recipe_differences(t: ab.Training) -> str:
+    """The fields of t that differ from the official recipe and model (ab.Training()), as 'field v (official w)';
+    left out: the length (train.steps, which the official code does not record) and bookkeeping."""
+    official = ab.Training()
+    return ", ".join(f"{p} {value_at(t, p)} (official {value_at(official, p)})" for p in leaf_paths(t)
+                     if p not in BOOKKEEPING and value_at(t, p) != value_at(official, p))
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
     t = cfg.training
     data, graphdef, params, result = ab.trained(t, os.path.dirname(out_dir))
@@ -70,9 +83,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     steps = np.array([r["step"] for r in rows])
     errs = ", ".join(f"{s}: {e:.2f}" for s, e in zip(steps, curve["test_masked_object_error"]))
     by_type = ", ".join(f"{k} {final[f'test_board_accuracy_{k}']:.2f}" for k in bd.TYPES)
-    ours = (f"settings: the official recipe and model; schedules at {t.task.steps_per_epoch} steps an epoch, lr "
-            f"{t.train.lr}, {t.train.steps} steps of {t.train.batch_size} boards (ours where they differ from "
-            f"16 steps an epoch, lr 1e-3, >= 16000 steps)")
+    ours = (f"settings: the official recipe and model except (ours) {recipe_differences(t) or 'nothing'}; "
+            f"{t.train.steps} steps (ours: the official code does not record the length)")
     checks = [
         check_above("test_token_accuracy", final["test_token_accuracy"], cfg.min_token_accuracy,
                     f"every cell of the {sum(t.eval_per_type) * t.eval_rounds} test boards (copying counts); train "

@@ -11,7 +11,6 @@ is field=v1,v2 | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n
 (overrides go before --sweep). sweep-report regenerates the tables and plots of every sweep under DIR."""
 
 import argparse
-import functools
 import os
 import sys
 import traceback
@@ -22,7 +21,7 @@ from experiments import registry
 from experiments.common.report import write_report
 from experiments.common.runner import MATMUL_PRECISIONS, check_out_dir, resolve_config, run_experiment, sweep_axes
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
-from jaxicl.config_paths import leaf_paths
+from jaxicl.config_paths import leaf_paths, value_at
 from jaxicl.train.sweep_spec import parse_axes
 from jaxicl.validation import ConfigError
 
@@ -130,7 +129,7 @@ def _list(argv: list[str], preset: str) -> int:
         return 2
     print(f"{argv[0]} --preset {preset}{''.join(' ' + a for a in argv[1:])}:")
     for path in leaf_paths(cfg):
-        print(f"  {path} = {functools.reduce(getattr, path.split('.'), cfg)!r}")
+        print(f"  {path} = {value_at(cfg, path)!r}")
     return 0
 
 

@@ -38,11 +38,16 @@ def resolve(cfg, name: str) -> str:
     raise ConfigError(f"unknown field {name!r} in {type(cfg).__name__}{where}; fields: {paths}")
 
 
+def value_at(cfg, path: str):
+    """The value of the dotted field `path` of cfg."""
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def field_type(cfg, path: str):
-    *parents, leaf = path.split(".")
-    for p in parents:
-        cfg = getattr(cfg, p)
-    return typing.get_type_hints(type(cfg))[leaf]
+    parent, _, leaf = path.rpartition(".")
+    return typing.get_type_hints(type(value_at(cfg, parent) if parent else cfg))[leaf]
 
 
 def parse_text(text: str, kind, path: str):

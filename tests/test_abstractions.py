@@ -230,3 +230,17 @@ def test_lea_speech_check_scores_object_cells_so_a_background_language_fails():
     right = sum(pred[i, j] == targets[i, j] for i in range(len(targets)) for j in range(64) if objects[i, j])
     np.testing.assert_allclose(float(lea_exp.object_accuracy(jnp.asarray(pred), test)), right / objects.sum(),
                                rtol=1e-6)
+
+
+def test_the_training_note_names_each_setting_that_differs_from_the_official_recipe():
+    """The note said "the official recipe and model" whatever the config (a 2-layer model, another optimiser)."""
+    from experiments.abstractions_training import PRESETS, recipe_differences
+    from jaxicl.config_paths import apply_overrides
+
+    assert recipe_differences(PRESETS["full"].training) == ""
+    assert recipe_differences(PRESETS["quick"].training) == ("task.steps_per_epoch 2 (official 16), train.lr 0.003 "
+                                                            "(official 0.001)")
+    changed = apply_overrides(PRESETS["full"], ["training.model.n_layers=2", "training.train.betas=0.9,0.99",
+                                                "training.train.steps=10"])
+    assert recipe_differences(changed.training) == ("model.n_layers 2 (official 3), train.betas (0.9, 0.99) "
+                                                    "(official (0.9, 0.95))")
