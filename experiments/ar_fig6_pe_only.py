@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import reference
+from experiments.common.autoregressive import plain_gd
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below
 from experiments.common.run_config import run_config
@@ -76,10 +77,11 @@ def fit(s: jax.Array, cfg: Config, task: ar.Autoregressive, out_dir: str | None 
 
 def official_rows(cfg: Config) -> dict[float, np.ndarray]:
     """{mu: row 28 of the official P [29]} for the mus of cfg that the official code saved; empty unless cfg is the
-    official recipe (the rows depend on T, the number of sequences, the step size and the stop rule)."""
+    official recipe (the rows depend on T, the number of sequences, the optimiser, the step size and the stop rule)."""
     t = cfg.task
     official = (t.seq_len == 30 and t.init == "fixed" and t.init_scale == 1.0 and t.noise_std == 0.0
-                and cfg.n_sequences == 1000 and cfg.train.lr == 0.5 and cfg.train.stop_loss == 1e-3)
+                and cfg.n_sequences == 1000 and cfg.train.lr == 0.5 and cfg.train.stop_loss == 1e-3
+                and plain_gd(cfg.train))
     if not official:
         return {}
     rows = reference.load("sander2024_fig6_row28")["row28"]

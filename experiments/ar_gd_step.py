@@ -8,7 +8,7 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
-from experiments.common.run_config import run_config
+from experiments.common.run_config import optimizer_note, run_config
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
@@ -80,8 +80,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"0..{task.seq_len - 1}),"
                     f" learned diag mean {np.mean(np.diag(bat)):.4g}"),
         check_below("rel_gap_loss_vs_closed_form_min", gap, cfg.max_rel_loss_gap,
-                    f"eval loss {final:.4g} vs closed form at eta* {theory.mean():.4g} ({cfg.eval_prompts} prompts, "
-                    "SGD on the unitary family with random-phase s_0)"),
+                    f"eval loss {final:.4g} vs closed form at eta* {theory.mean():.4g} ({cfg.eval_prompts} prompts; "
+                    f"{cfg.train.steps} steps of {optimizer_note(cfg.train)}, batch {cfg.train.batch_size}, on the "
+                    "unitary family with random-phase s_0)"),
     ]
     return Outcome(checks, [_plot(result.eval_rows, theory, measured, bat, eta, d, r, out_dir)])
 

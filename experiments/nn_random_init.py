@@ -24,7 +24,7 @@ from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below, diverged_check
 from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_axes, log_spaced, member_tables,
                                                  nn_metrics, smooth)
-from experiments.common.run_config import run_config
+from experiments.common.run_config import optimizer_note, run_config
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
@@ -110,8 +110,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     failed = failing_scales(per_scale, cfg.min_agreement)
     sweep = "; ".join(f"scale {s:g}: agree {v['agree']:.3f}, shifted MSE {v['shifted_mse']:.2g}, "
                       f"off-family {v['off_family']:.2f}" for s, v in per_scale.items())
-    setup = (f"N={task.n_context}, d={d}, {task.n_prompts} fixed prompts, SGD lr={cfg.train.lr}, batch {cfg.train.batch_size}, "
-             f"{cfg.train.steps} steps, seeds {cfg.seeds}")
+    setup = (f"N={task.n_context}, d={d}, {task.n_prompts} fixed prompts, {optimizer_note(cfg.train)}, batch "
+             f"{cfg.train.batch_size}, {cfg.train.steps} steps, seeds {cfg.seeds}")
     checks = [
         check_above("agreement_with_1nn_at_reference_scale", last["agree_1nn"][ref].min(), cfg.min_agreement,
                     f"scale {cfg.reference_scale}, worst seed, fresh uniform prompts; {setup}"),

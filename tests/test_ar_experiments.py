@@ -38,3 +38,28 @@ def test_fig7_local_mass_is_one_for_uniform_causal_weights():
     mass, uniform, early = local_mass(np.stack([uniform_weights, local_weights]))
     np.testing.assert_allclose(mass / uniform, [1.0, 1.0 / uniform])
     np.testing.assert_allclose(early, [np.mean(2.0 / np.arange(3, t + 1)), 0.0])
+
+
+def test_notes_state_the_run_optimiser_not_fixed_text(tmp_path):
+    """ar_gd_step's loss note said "SGD" and ar_fig3's "GD steps" whatever train.optimizer was (an adam run was
+    reported as SGD); both now state the optimiser, lr and schedule of the config."""
+    import dataclasses
+
+    from experiments import ar_fig3_unitary, ar_gd_step
+    from experiments.common.autoregressive import run_fig3
+    from experiments.common.run_config import optimizer_note
+
+    smoke = ar_gd_step.PRESETS["smoke"]
+    adam = dataclasses.replace(smoke.train, optimizer="adam", steps=20, steps_per_call=20)
+    cfg = dataclasses.replace(smoke, train=adam, eval_every=20, eval_prompts=64)
+    notes = {c.name: c.note for c in ar_gd_step.run(cfg, str(tmp_path / "gd_step")).checks}
+    assert "20 steps of adam lr 0.003 constant, batch 64" in notes["rel_gap_loss_vs_closed_form_min"]
+    assert "SGD" not in notes["rel_gap_loss_vs_closed_form_min"]
+    fig3 = ar_fig3_unitary.PRESETS["smoke"]
+    cosine = dataclasses.replace(fig3.train, optimizer="adam", schedule="warmup_cosine", warmup_steps=5, steps=10,
+                                 steps_per_call=10)
+    notes = {c.name: c.note for c in run_fig3(dataclasses.replace(fig3, train=cosine), str(tmp_path / "f3")).checks}
+    assert "after 10 steps of adam lr 0.01 warmup-cosine (5 warmup steps) (float64)" in notes["final_loss"]
+    assert optimizer_note(fig3.train) == "sgd lr 0.01 constant"
+    clipped = dataclasses.replace(fig3.train, optimizer="adamw", weight_decay=0.1, clip_norm=1.0)
+    assert optimizer_note(clipped) == "adamw lr 0.01 constant, weight decay 0.1, clip 1"

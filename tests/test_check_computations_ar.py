@@ -241,7 +241,9 @@ def test_fig6_official_recipe_reproduces_the_official_row_28_and_only_it_is_comp
     other = fig6.official_rows(dataclasses.replace(cfg, mus=(100.0,)))[100.0]
     assert np.max(np.abs(p[28, :29] - other)) > 5 * cfg.max_official_row_diff
     for changed in (dict(n_sequences=500), dict(task=dataclasses.replace(cfg.task, seq_len=20)),
-                    dict(train=dataclasses.replace(cfg.train, stop_loss=1e-4))):
+                    dict(train=dataclasses.replace(cfg.train, stop_loss=1e-4)),
+                    dict(train=dataclasses.replace(cfg.train, schedule="warmup_cosine", warmup_steps=100)),
+                    dict(train=dataclasses.replace(cfg.train, clip_norm=1.0))):
         assert fig6.official_rows(dataclasses.replace(cfg, **changed)) == {}
 
 
@@ -252,7 +254,9 @@ def test_fig3_official_recipes_reach_the_official_scale_and_only_they_are_compar
     assert official_scale(unitary) == pytest.approx(-1.2018) and official_scale(orthogonal) == pytest.approx(-1.28914)
     for cfg in (ar_fig3_unitary.PRESETS["smoke"], dataclasses.replace(unitary, heads=8),
                 dataclasses.replace(unitary, train=dataclasses.replace(unitary.train, steps=200)),
-                dataclasses.replace(orthogonal, init_scale=0.2)):
+                dataclasses.replace(orthogonal, init_scale=0.2),
+                dataclasses.replace(unitary, train=dataclasses.replace(unitary.train, schedule="warmup_cosine")),
+                dataclasses.replace(orthogonal, train=dataclasses.replace(orthogonal.train, clip_norm=1.0))):
         assert official_scale(cfg) is None
     cfg = dataclasses.replace(unitary, train=dataclasses.replace(unitary.train, seed=5))
     checks = {c.name: c for c in run_fig3(cfg, str(tmp_path)).checks}
