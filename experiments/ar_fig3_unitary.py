@@ -1,4 +1,9 @@
-"""Sander et al. 2024 Fig. 3 (left): GD on the unitary closed-form loss finds C = c I with c p_cur = 1."""
+"""Sander et al. 2024 Fig. 3 (left): GD on the unitary closed-form loss finds C = c I with c p_cur = 1.
+
+The loss is the exact population loss (jaxicl.theory.autoregressive). The official unitary.py drops p_prev^2 ||C||_F^2
+from it: the minimiser (p_prev = 0) is the same, the GD path from a random P is not, so "the official recipe" below
+means its settings (init scale, lr, steps), and only |c| is compared with the official parameters.
+"""
 
 from experiments.common.autoregressive import Fig3Config as Config
 from experiments.common.autoregressive import run_fig3 as run

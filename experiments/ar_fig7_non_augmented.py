@@ -78,7 +78,9 @@ PRESETS = {
                                                schedule="warmup_cosine", warmup_steps=50, log_every=10,
                                                checkpoint_every=400),
                     eval_every=320),
-    "full": Config(),  # the official recipe: 64 heads, Adam 1e-2, batch 1024, 200 epochs of 2^14 sequences
+    # the official recipe: 64 heads, Adam 1e-2, batch 1024, 3200 steps = 200 epochs of 2^14 sequences (drawn with
+    # replacement from the fixed set, the official script shuffles it each epoch)
+    "full": Config(),
 }
 
 

@@ -6,10 +6,11 @@ we report the 1-NN agreement on fresh uniform prompts, the shifted-test MSE and 
 W = W_K^T W_Q ends from the invariant family diag(xi1 I, 0, -xi2).
 
 From the paper (shared/papers/nearest_neighbor_li2024.md, Section 3): a fixed set of 10,000 training prompts
-(quick and full) and, at full, 2,000 epochs of it (156,250 steps of batch 128). Ours: everything else, as the
-paper does not record it: plain SGD (implied), the learning rate (1.0 quick, 0.5 full), the batch size, d and N
-(full's d = 8, N = 16 are the follow-up's defaults, whose lr is 0.05), the init scales and separate W_K, W_Q;
-quick's 3000 steps of 64 are 19 epochs.
+(quick and full) and, at full, 2,000 epochs of it (156,250 steps of batch 128; each batch is drawn with replacement
+from the set, not an epoch-wise shuffle). Ours: everything else, as the paper does not record it: plain SGD
+(implied), the learning rate (1.0 quick, 0.5 full), the batch size, d and N (full's d = 8, N = 16 are the
+follow-up's defaults, whose lr is 0.05), the init scales and separate W_K, W_Q; quick's 3000 steps of 64 are 19
+epochs.
 """
 
 import dataclasses

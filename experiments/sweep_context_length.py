@@ -5,6 +5,9 @@ context pairs trains and is evaluated on prompts with N - k zero pairs in front 
 linear self-attention layer ignores zero tokens up to a factor k / N that its weights absorb, so each
 member should learn GD-1 with the optimal step for its own k (von Oswald et al. 2023): its test loss
 should match GD-1 at eta*(k) = k / (k + d + 1 + sigma^2), whose closed-form loss falls with k.
+
+An extension (the paper trains one N = 10): its settings are ours, x ~ N(0, I_d) as in gd_equivalence (the paper's
+U(-1, 1)^d has no closed form here), and every preset's lengths, seeds and warmup-cosine Adam schedule.
 """
 
 import dataclasses
