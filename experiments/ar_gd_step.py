@@ -1,4 +1,10 @@
-"""Sander et al. 2024 (augmented tokens): SGD on the block linear attention learns one GD step, B A^T -> eta* I."""
+"""Sander et al. 2024 (augmented tokens): SGD on the block linear attention learns one GD step, B A^T -> eta* I.
+
+Not a figure of the paper: the notes' check of its one-GD-step optimum (shared/papers/autoregressive_sander2024.md,
+Section 4: eta* = 1 / (r^2 (t + d - 1)) for the unitary family with random-phase s_0, found there by alternating
+least squares at d = 5, t = 8). Every setting is ours: d = 5, T = 10 positions sharing one eta*, the init scale,
+and plain SGD (lr 3e-3, batch 256 quick, 1024 full) on fresh prompts.
+"""
 
 import dataclasses
 
