@@ -40,6 +40,20 @@ def test_x_statistics_match_covariance(prng_impl):
 
 
 @pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
+def test_uniform_inputs_fill_their_box_with_a_third_of_its_squared_half_width_as_variance(prng_impl):
+    cfg = lr.LinearRegression(dim=3, n_context=4, x_scale=2.0, x_cov_diag=(1.0, 4.0, 0.25), x_dist="uniform")
+    x = np.asarray(sample_batch(lr.sample, cfg, jax.random.key(3, impl=prng_impl), 40000).info["x"]).reshape(-1, 3)
+    half_width = 2.0 * np.sqrt([1.0, 4.0, 0.25])  # x_scale sqrt(x_cov_diag) U(-1, 1)
+    assert np.all(np.abs(x) <= half_width * (1 + 1e-6)) and np.all(np.abs(x).max(0) > 0.999 * half_width)
+    np.testing.assert_allclose(cfg.x_cov, half_width**2 / 3, rtol=1e-12)
+    np.testing.assert_allclose(np.cov(x.T), np.diag(cfg.x_cov), atol=0.05 * cfg.x_cov.max())
+    kurtosis = (x**4).mean(0) / (x**2).mean(0) ** 2  # 9/5 for a uniform coordinate (3 for a Gaussian one)
+    np.testing.assert_allclose(kurtosis, lr.KURTOSIS["uniform"], rtol=0.03)  # ~0.4% standard error at 160k draws
+    with pytest.raises(ConfigError, match="x_dist must be one of"):
+        lr.LinearRegression(x_dist="laplace")
+
+
+@pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
 def test_w_statistics_and_noise_free_labels(prng_impl):
     cfg = lr.LinearRegression(dim=4, n_context=6, w_scale=0.5)
     b = sample_batch(lr.sample, cfg, jax.random.key(4, impl=prng_impl), 20000)

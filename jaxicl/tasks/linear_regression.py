@@ -28,17 +28,22 @@ from jaxicl.tasks.batching import pool_key
 from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive
 
 FORMATS = ("paired", "interleaved")
+X_DISTS = ("normal", "uniform")
+KURTOSIS = {"normal": 3.0, "uniform": 1.8}  # E[x_j^4] / E[x_j^2]^2 of each input coordinate
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearRegression:
-    """x ~ N(0, x_scale^2 diag(x_cov_diag)), w ~ N(0, w_scale^2 I) or a fixed pool of n_tasks."""
+    """x ~ N(0, x_scale^2 diag(x_cov_diag)) or, x_dist="uniform", x ~ x_scale sqrt(x_cov_diag) U(-1, 1)^dim (von
+    Oswald et al.'s inputs at x_scale 1; Cov(x) = x_scale^2 diag(x_cov_diag) / 3); w ~ N(0, w_scale^2 I) or a fixed
+    pool of n_tasks."""
 
     dim: int = 10
     n_context: int = 10
     noise_std: float = 0.0
     x_scale: float = 1.0
-    x_cov_diag: tuple[float, ...] = ()  # diagonal of Cov(x) before x_scale; () means identity
+    x_cov_diag: tuple[float, ...] = ()  # diagonal of Cov(x) before x_scale (and uniform's 1/3); () means identity
+    x_dist: str = "normal"  # "normal" | "uniform": independent coordinates either way
     w_scale: float = 1.0
     n_tasks: int = 0  # 0: a fresh w per prompt; > 0: w uniform over a fixed pool of n_tasks vectors
     pool_seed: int = 0  # key of the finite pool
@@ -55,6 +60,7 @@ class LinearRegression:
         check_positive("w_scale", self.w_scale)
         check_positive("n_tasks", self.n_tasks, allow_zero=True)
         check_choice("format", self.format, FORMATS)
+        check_choice("x_dist", self.x_dist, X_DISTS)
         check_choice("loss_on", self.loss_on, ("query", "all"))
         if self.loss_on == "all" and self.format == "paired":
             raise ConfigError("loss_on='all' needs format='interleaved': a paired token j = [x_j; y_j] carries the "
@@ -68,7 +74,7 @@ class LinearRegression:
     def x_cov(self) -> np.ndarray:
         """Cov(x): [dim]-diagonal as a [dim] vector."""
         diag = np.asarray(self.x_cov_diag or np.ones(self.dim), dtype=np.float64)
-        return self.x_scale**2 * diag
+        return self.x_scale**2 * diag / (3.0 if self.x_dist == "uniform" else 1.0)
 
     @property
     def seq_len(self) -> int:
@@ -130,7 +136,9 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     z = jax.random.normal(key, (d + n * d + n,))
     pooled = cfg.n_tasks > 0 or n_tasks is not None
     w = task_vector(cfg, jax.random.fold_in(key, 1) if pooled else key, n_tasks, fresh=z[:d])
-    x = z[d:d + n * d].reshape(n, d) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.float32))
+    unit = z[d:d + n * d] if cfg.x_dist == "normal" else \
+        jnp.sqrt(3.0) * jax.random.uniform(jax.random.fold_in(key, 2), (n * d,), minval=-1.0, maxval=1.0)
+    x = unit.reshape(n, d) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.float32))  # unit: mean 0, variance 1
     y = x @ w + noise_std * z[d + n * d:]
     weights = _loss_weights(cfg)
     if n_context is not None:
