@@ -9,10 +9,12 @@ or 0.01); with lr 3e-3 and the cosine decay, 9 of 10 escaped at init 0.01 (seed 
 0.1, by step 500, all ending within 0.0015 of GD-1's predictions. A run that stays on the saddle fails the loss
 and sensitivity checks, and its P/Q figure shows the rank-1 column.
 
-Data as in the paper (d = 10, N = 10, w ~ N(0, I), the loss on the query) except the inputs: x ~ N(0, I_d) here,
-U(-1, 1)^d in the paper, because GD-1's closed-form loss and eta* (jaxicl.theory.gd_equivalence: Isserlis' theorem)
-hold for Gaussian inputs and the task draws no others. The construction is the same; the numbers differ: eta* 0.476
-and GD-1 loss 5.24 (0.52 of Var y) here, eta* 1.52 and 1.65 (0.49 of Var y) for U(-1, 1)^10.
+Data as in the paper: d = 10, N = 10, x ~ U(-1, 1)^d, w ~ N(0, I), the loss on the query; GD-1's closed-form loss
+and eta* (jaxicl.theory.gd_equivalence) take the inputs' kurtosis (9/5): eta* 1.52, GD-1 loss 1.65 (0.49 of Var y).
+`task.x_dist=normal` trains on x ~ N(0, I_d) instead (eta* 0.476, GD-1 loss 5.24, 0.52 of Var y), the inputs of
+this experiment until the task drew uniform ones; the saddle measurements above were taken on them. On the paper's
+inputs the quick preset's seeds 0-5 all left the saddle and ended within 0.11% of GD-1's loss (mean squared
+prediction difference <= 3e-4; an Intel Xeon, Emerald Rapids).
 """
 
 import dataclasses
@@ -40,7 +42,7 @@ from jaxicl.validation import check_increasing, check_positive
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    task: lr_task.LinearRegression = lr_task.LinearRegression(dim=10, n_context=10)
+    task: lr_task.LinearRegression = lr_task.LinearRegression(dim=10, n_context=10, x_dist="uniform")
     train: TrainConfig = TrainConfig(steps=3000, batch_size=2048, lr=1e-3, steps_per_call=100, log_every=10)
     init_scale: float = 0.1
     eval_every: int = 100
@@ -60,7 +62,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(task=lr_task.LinearRegression(dim=3, n_context=6),
+    "smoke": Config(task=lr_task.LinearRegression(dim=3, n_context=6, x_dist="uniform"),
                     train=TrainConfig(steps=800, batch_size=512, lr=3e-3, steps_per_call=100),
                     eval_every=200, eval_prompts=1024, scales=(0.5, 1.0, 2.0)),
     "quick": Config(train=TrainConfig(steps=2000, batch_size=2048, lr=3e-3, schedule="warmup_cosine",
