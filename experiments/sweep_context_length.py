@@ -6,8 +6,9 @@ linear self-attention layer ignores zero tokens up to a factor k / N that its we
 member should learn GD-1 with the optimal step for its own k (von Oswald et al. 2023): its test loss
 should match GD-1 at eta*(k) = k / (k + d + 1 + sigma^2), whose closed-form loss falls with k.
 
-An extension (the paper trains one N = 10): its settings are ours, x ~ N(0, I_d) as in gd_equivalence (the paper's
-U(-1, 1)^d has no closed form here), and every preset's lengths, seeds and warmup-cosine Adam schedule.
+An extension (the paper trains one N = 10): its settings are ours, x ~ N(0, I_d) (gd_equivalence draws the paper's
+U(-1, 1)^d; `gd.task.x_dist=uniform` does here too, with eta*(k) and GD-1's loss from the uniform inputs' kurtosis,
+jaxicl.theory.gd_equivalence), and every preset's lengths, seeds and warmup-cosine Adam schedule.
 """
 
 import dataclasses
