@@ -219,6 +219,11 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
     check_sites([stream_site], info, "stream_site")
     check_heads(heads, head_site, info, "heads / head_site")
+    order = list(info)  # the forward pass's order
+    if early := sorted({n for n in names if order.index(n) >= order.index(stream_site)}):
+        raise ValueError(f"stream_site: {stream_site!r} comes before {early} in the forward pass, so a head's output "
+                         f"added there is not a path from the head; name a site after them (default: the last "
+                         f"layer's resid_post)")
     clean_values = run_with_cache(graphdef, params, clean, names, info)[1]
     corrupted_values = run_with_cache(graphdef, params, corrupted, names, info)[1]
     deltas = jnp.stack([jnp.take(clean_values[head_site.format(layer=layer)]
