@@ -274,3 +274,33 @@ def test_place_numbers_and_coordinates_round_trip_over_the_6x6_top_left_places()
     x, y = bd.place_of(p)
     assert set(zip(x.tolist(), y.tolist())) == {(i, j) for i in range(6) for j in range(6)}  # 3x3 roots on 8x8
     np.testing.assert_array_equal(bd.position_of(x, y), p)
+
+
+def test_patches_are_a_composites_root_footprints_and_elsewhere_a_uniform_3x3_block(data):
+    """Patches only (no token masking, patch_p 1): on a composite each of its four roots' footprints about a quarter
+    of the time (the corners of the object cells' bounding box); on single and double boards (at most 18 object
+    cells) a 3x3 block whose top-left is uniform over the 36 places."""
+    cfg = dataclasses.replace(CFG, mask_max=0.0, mask_min=0.0, patch_p=1.0)
+    keys = jax.random.split(jax.random.key(6), 2000)
+    r, c = np.divmod(np.arange(64), 8)
+    for kind, t in (("single", [3, 2, 4, 7]), ("double", [1, 0, 0, 2, 1, 1, 5]), ("composition", [2, 1, 0, 3])):
+        rendered = data.render(data.rows(kind, np.array([t]))[0])
+        masked = np.asarray(jax.vmap(lambda k: bd.mask_board(cfg, k, rendered, cfg.patch_from)[1])(keys))
+        top, left = r[masked.argmax(1)], c[masked.argmax(1)]  # the first masked cell in raster order
+        block = (r >= top[:, None]) & (r < top[:, None] + 3) & (c >= left[:, None]) & (c < left[:, None] + 3)
+        np.testing.assert_array_equal(masked, block)
+        counts = np.bincount(bd.position_of(top, left), minlength=bd.POSITIONS)
+        if kind == "composition":
+            corners = [bd.position_of(t[1] + 4 * i, t[2] + 4 * j) for i in range(2) for j in range(2)]
+            assert set(np.flatnonzero(counts)) == set(corners)
+            np.testing.assert_allclose(counts[corners], 500, atol=80)  # binomial(2000, 1/4): sd 19
+        else:  # binomial(2000, 1/36): mean 55.6, sd 7.3
+            assert counts.min() >= 20 and counts.max() <= 100, (kind, counts)
+
+
+def test_type_probabilities_are_renormalised_and_spread_keeps_both_ends():
+    cfg = dataclasses.replace(CFG, types_start=(8.0, 1.0, 1.0), types_end=(1.0, 1.0, 2.0))
+    np.testing.assert_allclose(bd.type_probabilities(cfg, 0), [0.8, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(bd.type_probabilities(cfg, 5000), [0.25, 0.25, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(bd.spread(np.arange(10), 4), [0, 3, 6, 9])
+    np.testing.assert_array_equal(bd.spread(np.arange(3), 5), [0, 1, 2])
