@@ -265,6 +265,9 @@ def test_board_metrics_against_numpy(data):
     masked_object = masked & (np.asarray(batch.info["root"]) >= 0)
     np.testing.assert_allclose(float(got["masked_object_error"]), wrong[masked_object].mean(), rtol=1e-6)
     types = np.asarray(batch.info["type"])
+    objects = (np.asarray(batch.info["root"]) >= 0).sum(1)  # each prompt's type is its board's: 9, 10..18, 36 cells
+    assert set(objects[types == 0]) == {9} and set(objects[types == 2]) == {36}
+    assert objects[types == 1].min() >= 10 and objects[types == 1].max() <= 18
     for i, t in enumerate(bd.TYPES):
         np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)
 
