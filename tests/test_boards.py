@@ -71,6 +71,9 @@ def test_the_blueprint_has_distinct_roots_and_composites(data):
     assert data.roots.shape == (10, 3, 3) and data.composites.shape == (5, 2, 2)
     assert len({r.tobytes() for r in data.roots}) == 10 and len({c.tobytes() for c in data.composites}) == 5
     assert data.roots.min() >= 0 and data.roots.max() < 10 and data.composites.max() < 10
+    # 16 of the 81 grids of 3 roots: every root id is drawn (16 grids of only 2 roots would also fit)
+    _, composites = bd.blueprint(dataclasses.replace(CFG, n_roots=3, n_composites=16), jax.random.key(0))
+    assert set(composites.ravel().tolist()) == {0, 1, 2}
 
 
 def test_rendering_matches_a_numpy_renderer_and_later_objects_win_on_overlaps(data):
@@ -307,3 +310,11 @@ def test_type_probabilities_are_renormalised_and_spread_keeps_both_ends():
     np.testing.assert_allclose(bd.type_probabilities(cfg, 5000), [0.25, 0.25, 0.5], rtol=1e-6)
     np.testing.assert_array_equal(bd.spread(np.arange(10), 4), [0, 3, 6, 9])
     np.testing.assert_array_equal(bd.spread(np.arange(3), 5), [0, 1, 2])
+
+
+def test_held_out_indices_are_distinct_within_every_group_even_when_they_are_most_of_it():
+    test = bd.test_indices(dataclasses.replace(CFG, test_per_group=30), jax.random.key(0))  # 30 of 40 compositions
+    for t in bd.TYPES:
+        groups, per = bd.sizes(CFG, t)
+        assert test[t].shape == (groups, 30) and test[t].min() >= 0 and test[t].max() < per
+        assert (np.diff(test[t], axis=1) > 0).all(), t  # sorted, no index drawn twice
