@@ -347,6 +347,13 @@ def test_usage_table_mutual_information_and_word_swaps_against_independent_count
     control = lang.random_words(words, 1, table, rng)
     assert np.all(np.sum(control != words, 1) <= 1)
     assert all(set(control[:, s]) <= set(words[:, s]) for s in range(3))
+    every = lang.random_words(words, 3, table, rng)  # every slot redrawn: 500 uniform draws reach each used word
+    assert all(set(every[:, s]) == set(words[:, s]) for s in range(3))
+    only7 = np.zeros((3, 4, 8), int)
+    only7[..., 7] = 1  # a table where every slot uses word 7 alone: a redrawn slot is 7, an untouched one stays 0
+    redrawn = lang.random_words(np.zeros((200, 3), int), 2, only7, rng) == 7
+    np.testing.assert_array_equal(redrawn.sum(1), 2)  # n_slots distinct slots per row
+    assert redrawn.all(0).sum() == 0 and redrawn.any(0).all()
 
 
 def test_smoke_run_writes_every_check_and_figure(tmp_path):
