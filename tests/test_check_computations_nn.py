@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from experiments import nn_fig3_training as fig3
-from experiments.common.nearest_neighbor import eval_batches, family_loss, member_tables, nn_metrics, paper_loss
+from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_spaced, member_tables, nn_metrics,
+                                                paper_loss, smooth)
 from experiments.nn_fig2_landscape import _hessian_grid, _hessian_terms
 from experiments.nn_random_init import failing_scales, scale_means
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
@@ -217,3 +218,15 @@ def test_the_compensated_float32_reduced_dynamics_follows_float64_over_many_step
     assert got.dtype == np.float32
     # per-step gradients carry float32 rounding (~1e-7 relative); compensated sums keep the path within ~1e-5
     np.testing.assert_allclose(got, ref, rtol=2e-5)
+
+
+def test_smooth_is_a_centred_window_mean_by_a_loop_and_log_spaced_spans_1_to_n():
+    """The window at t spans t +- min(half_width, t // 4, T - 1 - t): the curves' smoothing, by a plain loop."""
+    values = np.random.default_rng(0).normal(size=(120, 2, 3))
+    want = np.empty_like(values)
+    for t in range(120):
+        h = min(12, t // 4, 119 - t)
+        want[t] = values[t - h:t + h + 1].mean(0)
+    np.testing.assert_allclose(smooth(values), want, rtol=1e-12, atol=1e-12)
+    steps = log_spaced(5000, 50)
+    assert steps[0] == 1 and steps[-1] == 5000 and np.all(np.diff(steps) > 0) and 40 <= len(steps) <= 50
