@@ -183,6 +183,10 @@ def test_kmeans_against_numpy_lloyd():
     want, want_counts = _numpy_kmeans(x, 8)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float32 means of ~40 O(5) vectors
     np.testing.assert_array_equal(counts, want_counts)
+    # both starts at 2 (ties go to code 0): code 1 loses every vector, stays at 2 and takes 0, 2, 2 next, by hand
+    c, n = vq.kmeans(jnp.array([[2.0], [0.0], [2.0], [5.0]]), 2, iters=3)
+    np.testing.assert_allclose(c, [[5.0], [4 / 3]], rtol=1e-6)
+    np.testing.assert_array_equal(n, [1, 3])
     with pytest.raises(ValueError, match="at least k=8 vectors"):
         vq.kmeans(jnp.zeros((5, 4)), 8)
 
