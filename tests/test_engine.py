@@ -522,3 +522,19 @@ def test_a_run_keeps_what_its_checkpoint_directory_holds_without_a_stored_config
     train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
     assert (held / "note").read_text() == "a sweep's"
     assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [2]
+
+
+def test_kept_on_resume_keeps_the_rows_an_uninterrupted_run_writes_before_the_resume_step():
+    """steps 10, log_every 4: a straight run logs steps 0, 4, 8 and its last, 9; evaluations every 3 steps (or at
+    step 5) and at the end. A resume keeps the rows before its step and the evaluation at it if the schedule or
+    the end has one there (an earlier shorter run's final evaluation goes); a start from 0 keeps nothing."""
+    from jaxicl.train.metrics import kept_on_resume
+
+    cfg = TrainConfig(steps=10, log_every=4)
+
+    def kept(split, resume, schedule):
+        return [s for s in range(11) if kept_on_resume({"step": s, "split": split}, resume, cfg, schedule)]
+
+    assert [kept("train", r, 3) for r in (0, 6, 10)] == [[], [0, 4], [0, 4, 8, 9]]
+    assert [kept("eval", r, 3) for r in (0, 5, 6)] == [[], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
+    assert kept("eval", 6, (5,)) == [0, 1, 2, 3, 4, 5] and kept("eval", 10, (5,)) == list(range(11))
