@@ -538,3 +538,13 @@ def test_kept_on_resume_keeps_the_rows_an_uninterrupted_run_writes_before_the_re
     assert [kept("train", r, 3) for r in (0, 6, 10)] == [[], [0, 4], [0, 4, 8, 9]]
     assert [kept("eval", r, 3) for r in (0, 5, 6)] == [[], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
     assert kept("eval", 6, (5,)) == [0, 1, 2, 3, 4, 5] and kept("eval", 10, (5,)) == list(range(11))
+
+
+def test_an_evaluation_schedule_may_list_any_step_from_1_to_the_last():
+    from jaxicl.train.chunks import check_eval_schedule
+
+    check_eval_schedule((1, 5, 10), 10)
+    check_eval_schedule(0, 10)
+    for bad in ((0, 5), (5, 11), -1, 2.5):
+        with pytest.raises(ConfigError, match="eval_every"):
+            check_eval_schedule(bad, 10)
