@@ -186,6 +186,10 @@ def test_a_lone_run_takes_the_seeds_a_sweep_takes():
             TrainConfig(seed=seed)
         with pytest.raises(ConfigError, match=rf"train\.seed: a swept integer must fit in int32.*\[{seed}\]"):
             member_arrays([{"train.seed": seed}], "train.", ["seed"])
+    # a float axis written with an integer among its values (lr=0,1e-3) stays float; only all-integer axes are int32
+    mixed = member_arrays([{"train.lr": 0}, {"train.lr": 1e-3}, {"train.lr": 2}], "train.", ["lr"])["lr"]
+    assert mixed.dtype == jnp.result_type(float)
+    np.testing.assert_allclose(mixed, [0.0, 1e-3, 2.0], rtol=1e-7)
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
