@@ -334,6 +334,20 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}, {"train.seed": 2**31}], progress=False)
     with pytest.raises(ConfigError, match="mesh: a sweep needs a mesh with a 'members' axis"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)
+    with pytest.raises(ConfigError, match=r"every sweep member must set the same fields, e\.g\. \['train\.lr'\]"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.seed": 1}], progress=False)
+
+
+def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():
+    from jaxicl.train.sweep_fields import mark_swept, swept_values
+
+    swept = swept_values([{"train.lr": 0.1, "init_scale": 2}, {"train.lr": 0.01, "init_scale": 2},
+                          {"train.lr": 0.1, "init_scale": 1}])
+    assert swept == {"train.lr": [0.01, 0.1], "init_scale": [1, 2]}
+    config = {"train": {"lr": 0.1, "steps": 5}, "task": {"dim": 3}}
+    assert mark_swept(config, swept) == {"train": {"lr": {"swept": [0.01, 0.1]}, "steps": 5}, "task": {"dim": 3},
+                                         "init_scale": {"swept": [1, 2]}}
+    assert config["train"]["lr"] == 0.1  # a copy: the caller's dict is left as it was
 
 
 def test_numpy_member_values_train_like_the_python_numbers_they_hold():
