@@ -148,6 +148,13 @@ def test_shown_root_against_a_loop_over_roots():
             assert got[i] == want
         assert 0 < np.mean(got == -1)
     assert np.mean(ab.shown_root(noisy, x, y, bck, data.roots) == k) > 0 and few > 0  # every branch occurs
+    # a tie of two roots on 5 cells is no reading; one more cell for root 0 makes it the reading
+    roots = np.stack([np.zeros((3, 3), int), np.array([[0, 0, 0], [0, 0, 1], [1, 1, 1]])])
+    board = np.full((2, 64), 3)
+    board[:, ab.footprint(np.array([2]), np.array([1]))[0]] = 10 + np.array([0, 0, 0, 0, 0, 2, 2, 2, 2])
+    board[1, ab.footprint(np.array([2]), np.array([1]))[0][5]] = 10
+    np.testing.assert_array_equal(ab.shown_root(board, np.array([2, 2]), np.array([1, 1]), np.array([3, 3]), roots),
+                                  [-1, 0])
 
 
 def test_transplant_centroids_come_from_masked_cells_so_they_carry_no_visible_token(model):

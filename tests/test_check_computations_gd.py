@@ -219,4 +219,5 @@ def test_a_check_stores_non_finite_values_as_strings_so_result_json_stays_strict
             check_above("c", 2, 1.0).as_dict(), Check("d", 3, "== 3", True).as_dict()]
     assert [r["value"] for r in rows] == ["nan", "inf", 2.0, 3]
     assert [r["passed"] for r in rows] == [False, False, True, True]
+    assert not check_below("e", 1.0, 1.0).passed and not check_above("f", 1.0, 1.0).passed  # strict, as "< 1" says
     json.dumps(rows, allow_nan=False)  # a bare NaN or Infinity is not JSON
