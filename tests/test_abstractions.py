@@ -1,6 +1,7 @@
 """The three abstractions experiments (Ferry et al. 2023): one shared training run, every check and figure written;
 edits at each site against one patch per site; the probe-set helpers against the renderer."""
 
+import dataclasses
 import json
 import os
 
@@ -237,3 +238,9 @@ def test_lea_speech_check_scores_object_cells_so_a_background_language_fails():
     right = sum(pred[i, j] == targets[i, j] for i in range(len(targets)) for j in range(64) if objects[i, j])
     np.testing.assert_allclose(float(lea_exp.object_accuracy(jnp.asarray(pred), test)), right / objects.sum(),
                                rtol=1e-6)
+
+
+def test_the_evaluation_masks_at_the_epoch_of_the_last_step():
+    training = ab.Training()
+    for steps, epoch in ((32, 1), (33, 2), (16_000, 999)):  # steps 0..steps-1, 16 an epoch
+        assert dataclasses.replace(training, train=dataclasses.replace(training.train, steps=steps)).last_epoch == epoch
