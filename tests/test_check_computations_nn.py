@@ -169,6 +169,15 @@ def test_nn_metrics_at_the_paper_init_are_those_of_the_label_mean(x64):
     assert 0.5 < expected["agree_1nn"] < 1  # the label mean often has the 1-NN label's sign, not always
     for name, value in expected.items():
         np.testing.assert_allclose(m[name], value, rtol=1e-12, err_msg=name)  # float64
+    # 3 classes, 2 label coordinates: the MSE is the squared error summed over the coordinates, averaged over prompts
+    task = nn_task.NearestNeighbor(dim=3, n_context=4, num_classes=3)
+    uniform, shifted = eval_batches(task, 0, 256)
+    graphdef, params = nnx.split(NearestNeighborAttention(3, task.label_dim, sigma=sigma, rngs=nnx.Rngs(0)))
+    m = jax.jit(nn_metrics(graphdef, uniform, shifted))(params)
+    for name, batch in (("uniform", uniform), ("shifted", shifted)):
+        pred = np.asarray(batch.inputs)[:, :4, 3:5].sum(1) / (4 + np.exp(-sigma))  # [B, 2] the context label slots
+        want = np.mean(np.sum((pred - np.asarray(batch.targets)[:, -1]) ** 2, -1))
+        np.testing.assert_allclose(m[f"{name}_mse"], want, rtol=1e-12, err_msg=name)
 
 
 def test_nn_metrics_of_a_hard_1nn_weight_matrix(x64):
