@@ -63,7 +63,8 @@ PRESETS = {"smoke": Config(training=SMOKE, example_boards=2), "quick": Config(tr
 
 
 BOOKKEEPING = ("train.steps", "train.steps_per_call", "train.log_every", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.cpu_matmuls", "train.seed", "eval_every", "eval_per_type", "eval_rounds")
+               "train.keep_checkpoints", "train.cpu_matmuls", "train.seed", "eval_every", "eval_per_type",
+               "eval_rounds")
 
 
 def recipe_differences(t: ab.Training) -> str:

@@ -1,6 +1,7 @@
 """The three abstractions experiments (Ferry et al. 2023): one shared training run, every check and figure written;
 edits at each site against one patch per site; the probe-set helpers against the renderer."""
 
+import dataclasses
 import json
 import os
 
@@ -148,6 +149,13 @@ def test_shown_root_against_a_loop_over_roots():
             assert got[i] == want
         assert 0 < np.mean(got == -1)
     assert np.mean(ab.shown_root(noisy, x, y, bck, data.roots) == k) > 0 and few > 0  # every branch occurs
+    # a tie of two roots on 5 cells is no reading; one more cell for root 0 makes it the reading
+    roots = np.stack([np.zeros((3, 3), int), np.array([[0, 0, 0], [0, 0, 1], [1, 1, 1]])])
+    board = np.full((2, 64), 3)
+    board[:, ab.footprint(np.array([2]), np.array([1]))[0]] = 10 + np.array([0, 0, 0, 0, 0, 2, 2, 2, 2])
+    board[1, ab.footprint(np.array([2]), np.array([1]))[0][5]] = 10
+    np.testing.assert_array_equal(ab.shown_root(board, np.array([2, 2]), np.array([1, 1]), np.array([3, 3]), roots),
+                                  [-1, 0])
 
 
 def test_transplant_centroids_come_from_masked_cells_so_they_carry_no_visible_token(model):
@@ -244,3 +252,9 @@ def test_the_training_note_names_each_setting_that_differs_from_the_official_rec
                                                 "training.train.steps=10"])
     assert recipe_differences(changed.training) == ("model.n_layers 2 (official 3), train.betas (0.9, 0.99) "
                                                     "(official (0.9, 0.95))")
+
+
+def test_the_evaluation_masks_at_the_epoch_of_the_last_step():
+    training = ab.Training()
+    for steps, epoch in ((32, 1), (33, 2), (16_000, 999)):  # steps 0..steps-1, 16 an epoch
+        assert dataclasses.replace(training, train=dataclasses.replace(training.train, steps=steps)).last_epoch == epoch

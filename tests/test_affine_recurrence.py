@@ -32,7 +32,11 @@ def test_vector_recurrence_rescaling_and_other_distributions():
                                atol=1e-5)
     np.testing.assert_allclose(np.abs(s).max((1, 2)), 1.0, rtol=1e-6)  # each sequence divided by its max |x|
     np.testing.assert_allclose(off * np.asarray(b.info["scale"])[:, None], 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(b.info["x0"], s[:, 0])  # the rescaled x_0, the start of the states
     assert b.targets.shape == (64, 6, 3) and b.inputs.shape == (64, 6, 3)
+    fixed = ar.AffineRecurrence(dim=4, seq_len=2, a=ar.Distribution("fixed", mean=1.0))
+    a = ar.sample(fixed, jax.random.key(0)).info["A"]
+    np.testing.assert_allclose(a, np.full((4, 4), 0.5), rtol=1e-6)  # entries of 1 divided by sqrt(dim) = 2
     with pytest.raises(ConfigError, match="loss_from"):
         ar.AffineRecurrence(seq_len=4, loss_from=4)
     with pytest.raises(ConfigError, match="kind must be one of"):

@@ -71,6 +71,9 @@ def test_the_blueprint_has_distinct_roots_and_composites(data):
     assert data.roots.shape == (10, 3, 3) and data.composites.shape == (5, 2, 2)
     assert len({r.tobytes() for r in data.roots}) == 10 and len({c.tobytes() for c in data.composites}) == 5
     assert data.roots.min() >= 0 and data.roots.max() < 10 and data.composites.max() < 10
+    # 16 of the 81 grids of 3 roots: every root id is drawn (16 grids of only 2 roots would also fit)
+    _, composites = bd.blueprint(dataclasses.replace(CFG, n_roots=3, n_composites=16), jax.random.key(0))
+    assert set(composites.ravel().tolist()) == {0, 1, 2}
 
 
 def test_rendering_matches_a_numpy_renderer_and_later_objects_win_on_overlaps(data):
@@ -265,6 +268,9 @@ def test_board_metrics_against_numpy(data):
     masked_object = masked & (np.asarray(batch.info["root"]) >= 0)
     np.testing.assert_allclose(float(got["masked_object_error"]), wrong[masked_object].mean(), rtol=1e-6)
     types = np.asarray(batch.info["type"])
+    objects = (np.asarray(batch.info["root"]) >= 0).sum(1)  # each prompt's type is its board's: 9, 10..18, 36 cells
+    assert set(objects[types == 0]) == {9} and set(objects[types == 2]) == {36}
+    assert objects[types == 1].min() >= 10 and objects[types == 1].max() <= 18
     for i, t in enumerate(bd.TYPES):
         np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)
 
@@ -274,3 +280,80 @@ def test_place_numbers_and_coordinates_round_trip_over_the_6x6_top_left_places()
     x, y = bd.place_of(p)
     assert set(zip(x.tolist(), y.tolist())) == {(i, j) for i in range(6) for j in range(6)}  # 3x3 roots on 8x8
     np.testing.assert_array_equal(bd.position_of(x, y), p)
+
+
+def test_patches_are_a_composites_root_footprints_and_elsewhere_a_uniform_3x3_block(data):
+    """Patches only (no token masking, patch_p 1): on a composite each of its four roots' footprints about a quarter
+    of the time (the corners of the object cells' bounding box); on single and double boards (at most 18 object
+    cells) a 3x3 block whose top-left is uniform over the 36 places."""
+    cfg = dataclasses.replace(CFG, mask_max=0.0, mask_min=0.0, patch_p=1.0)
+    keys = jax.random.split(jax.random.key(6), 2000)
+    r, c = np.divmod(np.arange(64), 8)
+    for kind, t in (("single", [3, 2, 4, 7]), ("double", [1, 0, 0, 2, 1, 1, 5]), ("composition", [2, 1, 0, 3])):
+        rendered = data.render(data.rows(kind, np.array([t]))[0])
+        masked = np.asarray(jax.vmap(lambda k, board=rendered: bd.mask_board(cfg, k, board, cfg.patch_from)[1])(keys))
+        top, left = r[masked.argmax(1)], c[masked.argmax(1)]  # the first masked cell in raster order
+        block = (r >= top[:, None]) & (r < top[:, None] + 3) & (c >= left[:, None]) & (c < left[:, None] + 3)
+        np.testing.assert_array_equal(masked, block)
+        counts = np.bincount(bd.position_of(top, left), minlength=bd.POSITIONS)
+        if kind == "composition":
+            corners = [bd.position_of(t[1] + 4 * i, t[2] + 4 * j) for i in range(2) for j in range(2)]
+            assert set(np.flatnonzero(counts)) == set(corners)
+            np.testing.assert_allclose(counts[corners], 500, atol=80)  # binomial(2000, 1/4): sd 19
+        else:  # binomial(2000, 1/36): mean 55.6, sd 7.3
+            assert counts.min() >= 20 and counts.max() <= 100, (kind, counts)
+
+
+def test_type_probabilities_are_renormalised_and_spread_keeps_both_ends():
+    cfg = dataclasses.replace(CFG, types_start=(8.0, 1.0, 1.0), types_end=(1.0, 1.0, 2.0))
+    np.testing.assert_allclose(bd.type_probabilities(cfg, 0), [0.8, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(bd.type_probabilities(cfg, 5000), [0.25, 0.25, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(bd.spread(np.arange(10), 4), [0, 3, 6, 9])
+    np.testing.assert_array_equal(bd.spread(np.arange(3), 5), [0, 1, 2])
+
+
+def test_held_out_indices_are_distinct_within_every_group_even_when_they_are_most_of_it():
+    test = bd.test_indices(dataclasses.replace(CFG, test_per_group=30), jax.random.key(0))  # 30 of 40 compositions
+    for t in bd.TYPES:
+        groups, per = bd.sizes(CFG, t)
+        assert test[t].shape == (groups, 30) and test[t].min() >= 0 and test[t].max() < per
+        assert (np.diff(test[t], axis=1) > 0).all(), t  # sorted, no index drawn twice
+
+
+def _numpy_factor_transformer(m, tokens):
+    """The forward pass of the module docstring in float64 numpy, from the parameters: pre-LN blocks with positions
+    concatenated to each sub-layer's input, softmax(q k^T / sqrt(dh)) per head, exact GELU, LN_f, the head."""
+    from scipy.special import erf
+
+    def a(v):
+        return np.asarray(v[...], np.float64)
+
+    def ln(x, n):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * a(n.scale) + a(n.bias)
+
+    def lin(x, f):
+        return x @ a(f.w) + (0.0 if f.bias is None else a(f.bias))
+
+    t = len(tokens)
+    pos, x = a(m.pos_table)[:t], a(m.embed)[tokens]
+    for b in m.blocks:
+        h = np.concatenate([ln(x, b.ln1), pos], -1)
+        q, k, v = (lin(h, f).reshape(t, b.n_heads, -1) for f in (b.q, b.k, b.v))
+        s = np.einsum("qhe,khe->hqk", q, k) / np.sqrt(q.shape[-1])
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        x = x + lin(np.einsum("hqk,khe->qhe", w, v).reshape(t, -1), b.proj)
+        u = lin(np.concatenate([ln(x, b.ln2), pos], -1), b.mlp_in)
+        x = x + lin(0.5 * u * (1 + erf(u / np.sqrt(2))), b.mlp_out)
+    return lin(ln(x, m.ln_final), m.head)
+
+
+def test_factor_transformer_forward_matches_a_numpy_forward_pass(x64):
+    m = FactorTransformer(d_model=8, d_pos=4, n_layers=2, n_heads=2, max_len=12, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)  # every parameter random, O(1): biases, LN scales, positions matter
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    m = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jax.random.normal(k, p.shape, jnp.float64)
+                                                         for k, p in zip(keys, leaves)]))
+    tokens = np.random.default_rng(0).integers(0, 21, 12)
+    np.testing.assert_allclose(m(jnp.asarray(tokens)), _numpy_factor_transformer(m, tokens), rtol=1e-9, atol=1e-9)

@@ -77,7 +77,7 @@ def test_fig3_metrics_of_a_perturbed_orthogonal_optimum():
     a, b, p = th.orthogonal_optimum(4, 2, 6, c)
     a[0] *= 1 + e  # block 0 of C is c (1 + e) J: the mean on the structure is c (1 + e / 2)
     a[1, 0] = eps  # C[2, 0] = C[3, 0] = eps, off the block structure; A B^T = [[2c(1+e), 0], [eps, 2c]]
-    p[3, 1] = 0.5  # a visible key before p_prev
+    p[3, 1], p[4, 3] = 0.5, 0.25  # visible keys before p_prev: two back, and the one just before it
     p[1, 4], p[-1, 0] = 9.0, 9.0  # invisible / unused entries
     m = fig3_metrics("orthogonal", a, b, p)
     scale = c * (1 + e / 2)
@@ -88,7 +88,7 @@ def test_fig3_metrics_of_a_perturbed_orthogonal_optimum():
     np.testing.assert_allclose(m["prev_err"], e / 4, rtol=1e-12)  # c_hat p_prev + 1/2 with p_prev = -1 / (2c)
     np.testing.assert_allclose(m["eigs"], [2 * c * (1 + e), 2 * c], rtol=1e-12)
     np.testing.assert_allclose(m["eig_err"], (e / 2) / (1 + e / 2), rtol=1e-12)  # both eigenvalues are this far off
-    np.testing.assert_allclose(m["other"], 0.5 / (np.sqrt(5) / c), rtol=1e-12)
+    np.testing.assert_allclose(m["other"], np.hypot(0.5, 0.25) / (np.sqrt(5) / c), rtol=1e-12)
 
 
 def test_identity_error_is_zero_on_multiples_of_the_identity_and_the_relative_rest_otherwise():

@@ -208,3 +208,16 @@ def test_the_weights_figure_puts_any_rescaling_of_the_construction_on_the_constr
         np.testing.assert_allclose(rq, q[0, 0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(p[0, 0][-1, -1], -0.3, rtol=1e-6)  # what the figure's construction panels show
     np.testing.assert_allclose(q[0, 0][:-1, :-1], np.eye(4), rtol=0, atol=1e-7)
+
+
+def test_a_check_stores_non_finite_values_as_strings_so_result_json_stays_strict_json():
+    import json
+
+    from experiments.common.result import check_above, check_below
+
+    rows = [Check("a", float("nan"), "< 1", False).as_dict(), check_below("b", float("inf"), 1.0).as_dict(),
+            check_above("c", 2, 1.0).as_dict(), Check("d", 3, "== 3", True).as_dict()]
+    assert [r["value"] for r in rows] == ["nan", "inf", 2.0, 3]
+    assert [r["passed"] for r in rows] == [False, False, True, True]
+    assert not check_below("e", 1.0, 1.0).passed and not check_above("f", 1.0, 1.0).passed  # strict, as "< 1" says
+    json.dumps(rows, allow_nan=False)  # a bare NaN or Infinity is not JSON

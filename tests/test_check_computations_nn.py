@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from experiments import nn_fig3_training as fig3
-from experiments.common.nearest_neighbor import eval_batches, family_loss, member_tables, nn_metrics, paper_loss
+from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_spaced, member_tables, nn_metrics,
+                                                paper_loss, smooth)
 from experiments.nn_fig2_landscape import _hessian_grid, _hessian_terms
 from experiments.nn_random_init import failing_scales, scale_means
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
@@ -168,6 +169,15 @@ def test_nn_metrics_at_the_paper_init_are_those_of_the_label_mean(x64):
     assert 0.5 < expected["agree_1nn"] < 1  # the label mean often has the 1-NN label's sign, not always
     for name, value in expected.items():
         np.testing.assert_allclose(m[name], value, rtol=1e-12, err_msg=name)  # float64
+    # 3 classes, 2 label coordinates: the MSE is the squared error summed over the coordinates, averaged over prompts
+    task = nn_task.NearestNeighbor(dim=3, n_context=4, num_classes=3)
+    uniform, shifted = eval_batches(task, 0, 256)
+    graphdef, params = nnx.split(NearestNeighborAttention(3, task.label_dim, sigma=sigma, rngs=nnx.Rngs(0)))
+    m = jax.jit(nn_metrics(graphdef, uniform, shifted))(params)
+    for name, batch in (("uniform", uniform), ("shifted", shifted)):
+        pred = np.asarray(batch.inputs)[:, :4, 3:5].sum(1) / (4 + np.exp(-sigma))  # [B, 2] the context label slots
+        want = np.mean(np.sum((pred - np.asarray(batch.targets)[:, -1]) ** 2, -1))
+        np.testing.assert_allclose(m[f"{name}_mse"], want, rtol=1e-12, err_msg=name)
 
 
 def test_nn_metrics_of_a_hard_1nn_weight_matrix(x64):
@@ -217,3 +227,15 @@ def test_the_compensated_float32_reduced_dynamics_follows_float64_over_many_step
     assert got.dtype == np.float32
     # per-step gradients carry float32 rounding (~1e-7 relative); compensated sums keep the path within ~1e-5
     np.testing.assert_allclose(got, ref, rtol=2e-5)
+
+
+def test_smooth_is_a_centred_window_mean_by_a_loop_and_log_spaced_spans_1_to_n():
+    """The window at t spans t +- min(half_width, t // 4, T - 1 - t): the curves' smoothing, by a plain loop."""
+    values = np.random.default_rng(0).normal(size=(120, 2, 3))
+    want = np.empty_like(values)
+    for t in range(120):
+        h = min(12, t // 4, 119 - t)
+        want[t] = values[t - h:t + h + 1].mean(0)
+    np.testing.assert_allclose(smooth(values), want, rtol=1e-12, atol=1e-12)
+    steps = log_spaced(5000, 50)
+    assert steps[0] == 1 and steps[-1] == 5000 and np.all(np.diff(steps) > 0) and 40 <= len(steps) <= 50

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxicl.analysis.convergence import (cross_board_distance, mean_pairwise_distance, participation_ratio,
+from jaxicl.analysis.convergence import (cross_board_distance, mean_pairwise_distance, participation_ratio, unit,
                                          within_board_ratio)
 
 
@@ -26,6 +26,9 @@ def test_cross_board_distance_is_the_official_unit_distance_over_board_pairs():
         base = rng.normal(size=(1, 9, d))
         same = np.broadcast_to(base, (5, 9, d)) * rng.uniform(0.5, 2, (5, 1, 1))
         np.testing.assert_allclose(cross_board_distance(jnp.asarray(same, jnp.float32)), 0.0, atol=1e-6)
+    # unit rows whatever the scale (small activations too), zero rows stay zero
+    x = np.array([[3e-6, 4e-6], [300.0, -400.0], [0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(unit(jnp.asarray(x)), [[0.6, 0.8], [0.6, -0.8], [0.0, 0.0]], rtol=1e-6)
 
 
 def test_distances_without_a_pair_are_nan_not_perfect_convergence():

@@ -186,6 +186,10 @@ def test_a_lone_run_takes_the_seeds_a_sweep_takes():
             TrainConfig(seed=seed)
         with pytest.raises(ConfigError, match=rf"train\.seed: a swept integer must fit in int32.*\[{seed}\]"):
             member_arrays([{"train.seed": seed}], "train.", ["seed"])
+    # a float axis written with an integer among its values (lr=0,1e-3) stays float; only all-integer axes are int32
+    mixed = member_arrays([{"train.lr": 0}, {"train.lr": 1e-3}, {"train.lr": 2}], "train.", ["lr"])["lr"]
+    assert mixed.dtype == jnp.result_type(float)
+    np.testing.assert_allclose(mixed, [0.0, 1e-3, 2.0], rtol=1e-7)
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
@@ -522,3 +526,29 @@ def test_a_run_keeps_what_its_checkpoint_directory_holds_without_a_stored_config
     train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
     assert (held / "note").read_text() == "a sweep's"
     assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [2]
+
+
+def test_kept_on_resume_keeps_the_rows_an_uninterrupted_run_writes_before_the_resume_step():
+    """steps 10, log_every 4: a straight run logs steps 0, 4, 8 and its last, 9; evaluations every 3 steps (or at
+    step 5) and at the end. A resume keeps the rows before its step and the evaluation at it if the schedule or
+    the end has one there (an earlier shorter run's final evaluation goes); a start from 0 keeps nothing."""
+    from jaxicl.train.metrics import kept_on_resume
+
+    cfg = TrainConfig(steps=10, log_every=4)
+
+    def kept(split, resume, schedule):
+        return [s for s in range(11) if kept_on_resume({"step": s, "split": split}, resume, cfg, schedule)]
+
+    assert [kept("train", r, 3) for r in (0, 6, 10)] == [[], [0, 4], [0, 4, 8, 9]]
+    assert [kept("eval", r, 3) for r in (0, 5, 6)] == [[], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
+    assert kept("eval", 6, (5,)) == [0, 1, 2, 3, 4, 5] and kept("eval", 10, (5,)) == list(range(11))
+
+
+def test_an_evaluation_schedule_may_list_any_step_from_1_to_the_last():
+    from jaxicl.train.chunks import check_eval_schedule
+
+    check_eval_schedule((1, 5, 10), 10)
+    check_eval_schedule(0, 10)
+    for bad in ((0, 5), (5, 11), -1, 2.5):
+        with pytest.raises(ConfigError, match="eval_every"):
+            check_eval_schedule(bad, 10)

@@ -58,6 +58,15 @@ def test_the_task_table_makes_the_answer_depend_on_the_instruction(data):
         assert np.sum(t[a] != t[b]) >= CFG.min_task_distance
     for x in range(CFG.n_inputs):  # no input alone determines the answer
         assert len(set(t[:, x])) > 1
+    # the tightest settings: all 4 rows of {0, 1}^2 are pairwise at distance >= 1; two tasks over 5 binary inputs
+    # with no constant column are complements
+    tight = ins.task_table(ins.Instructions(n_tasks=4, n_inputs=2, n_outputs=2, min_task_distance=1),
+                           np.random.default_rng(0))
+    assert sorted(map(tuple, tight.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for seed in range(5):
+        pair = ins.task_table(ins.Instructions(n_tasks=2, n_inputs=5, n_outputs=2, min_task_distance=1),
+                              np.random.default_rng(seed))
+        np.testing.assert_array_equal(pair[0], 1 - pair[1])
 
 
 def test_sequences_decode_to_instruction_input_and_answer(data):
@@ -101,7 +110,9 @@ def test_parsed_patterns_sample_strings_that_re_matches_and_count_them():
         for _ in range(50):
             assert re.fullmatch(text, ins.sample_string(atoms, rng, max_repeat=3))
     # a pattern whose atoms split every string one way: the capacity is the number of strings re matches
-    for text, max_len in (("a[bc]{1,2}d?", 5), ("[ab]c?[cd]{2}", 4)):
+    assert ins.parse_pattern("[b-d]a{2,3}.", alphabet) == (ins.Atom("bcd", 1, 1), ins.Atom("a", 2, 3),
+                                                           ins.Atom(alphabet, 1, 1))  # ranges include both ends
+    for text, max_len in (("a[bc]{1,2}d?", 5), ("[ab]c?[cd]{2}", 4), ("[b-d]a?", 2)):
         brute = sum(bool(re.fullmatch(text, "".join(s))) for n in range(max_len + 1)
                     for s in itertools.product(alphabet, repeat=n))
         assert ins.pattern_capacity(ins.parse_pattern(text, alphabet), max_len, 3) == brute
@@ -135,3 +146,21 @@ def test_impossible_settings_fail_at_setup_with_the_field_and_the_count():
         ins.Instructions(n_tasks=2, n_families=3, patterns=(("a", "b"), ("c", "d")))
     with pytest.raises(ConfigError, match="loss must be one of"):
         ins.Instructions(loss="every")
+
+
+def test_strings_another_task_spells_are_rejected_in_both_directions_and_only_whole_strings_count():
+    """Each family spells 3 or 1 strings and the other task's patterns spell all but one of them, so every family's
+    string is determined; "cc" stays: task 1's "c" spells a prefix of it, not it."""
+    for seed in range(3):
+        cfg = ins.Instructions(n_tasks=2, n_families=3, unseen_families=0, strings_per_family=1, validation_strings=0,
+                               n_letters=3, patterns=(("a[abc]", "b[abc]", "cc"), ("[abc]a", "[abc]b", "c")), seed=seed)
+        train = ins.build(cfg).splits["train"]
+        got = {(int(k), int(m), s) for k, m, s in zip(train.task, train.family, train.strings)}
+        assert got == {(0, 0, "ac"), (0, 1, "bc"), (0, 2, "cc"), (1, 0, "ca"), (1, 1, "cb"), (1, 2, "c")}
+
+
+def test_the_device_sampler_reaches_every_row_of_a_split(data):
+    split = data.splits["validation"]  # 270 rows, 8192 draws: a row's count is Poisson(30)
+    batch = sample_batch(data.sampler("validation"), CFG, jax.random.key(3), 8192, axis=None)
+    drawn = {tuple(r) for r in np.asarray(batch.inputs)}
+    assert drawn == {tuple(r) for r in split.tokens[:, :-1]}

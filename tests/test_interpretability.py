@@ -230,6 +230,9 @@ def test_mean_and_resample_ablation_of_a_writing_head_match_hand_patches():
     for kind, want in expected.items():
         got = ablate_heads(g, p, clean, [(0, 1)], kind=kind, key=key)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # the same patch through two compiled programs
+        # the batch passed as its own reference is the same ablation (resample: never a prompt's own z)
+        np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind=kind, reference=clean, key=key), want,
+                                   rtol=1e-6, atol=1e-7)
         assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3  # the head matters: ablation moves the output
     np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind="resample", reference=corrupted, key=key),
                                hand(z_corrupted[other]), rtol=1e-6, atol=1e-7)

@@ -31,7 +31,8 @@ def test_forward_matches_the_full_matrix_formula(x64, parametrisation, num_class
                                      init_scale=0.7, key_size=4, rngs=nnx.Rngs(0))
     model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
     b = sample_batch(nn.sample, cfg, jax.random.key(1), 6)
-    w = np.asarray(model.merged())
+    w = (np.asarray(model.w[...]) if parametrisation == "merged"  # W = W_K^T W_Q, from the parameters
+         else np.asarray(model.wk[...]).T @ np.asarray(model.wq[...]))
     for p in range(6):
         expected = _numpy_layer(w, b.inputs[p], 3, cfg.label_dim)
         out = np.asarray(model(b.inputs[p]))

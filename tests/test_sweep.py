@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from experiments.common.result import diverged_check
-from experiments.common.sweep_report import final_table
+from experiments.common.sweep_report import aggregate, final_table
 from jaxicl.models import SelfAttention
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
@@ -334,6 +334,20 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}, {"train.seed": 2**31}], progress=False)
     with pytest.raises(ConfigError, match="mesh: a sweep needs a mesh with a 'members' axis"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)
+    with pytest.raises(ConfigError, match=r"every sweep member must set the same fields, e\.g\. \['train\.lr'\]"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.seed": 1}], progress=False)
+
+
+def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():
+    from jaxicl.train.sweep_fields import mark_swept, swept_values
+
+    swept = swept_values([{"train.lr": 0.1, "init_scale": 2}, {"train.lr": 0.01, "init_scale": 2},
+                          {"train.lr": 0.1, "init_scale": 1}])
+    assert swept == {"train.lr": [0.01, 0.1], "init_scale": [1, 2]}
+    config = {"train": {"lr": 0.1, "steps": 5}, "task": {"dim": 3}}
+    assert mark_swept(config, swept) == {"train": {"lr": {"swept": [0.01, 0.1]}, "steps": 5}, "task": {"dim": 3},
+                                         "init_scale": {"swept": [1, 2]}}
+    assert config["train"]["lr"] == 0.1  # a copy: the caller's dict is left as it was
 
 
 def test_numpy_member_values_train_like_the_python_numbers_they_hold():
@@ -361,3 +375,25 @@ def test_the_stacked_state_and_batches_are_sharded_over_the_member_and_data_axes
         assert leaf.sharding.spec[0] == MEMBER_AXIS and len(leaf.sharding.device_set) == 4
         assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}  # 2 members per device pair
     assert "all-reduce" in hlo  # each member's gradient is summed over its 2 data devices
+
+
+def test_final_table_and_seed_aggregate_against_hand_computed_values(tmp_path):
+    """Member i logs train loss 100 i + step at steps 0..19 and eval loss i + step / 100 at steps 10 and 20; member 2
+    diverged. Final train loss: the mean of the last 10% (steps 18, 19); final eval: the last row; the seed aggregate
+    leaves the diverged member out of the statistics but counts it."""
+    members = [{"train.lr": 0.1, "train.seed": s} for s in range(3)] + [{"train.lr": 0.2, "train.seed": 0}]
+    spec = {"fields": ["train.lr", "train.seed"], "members": members, "diverged": {"2": 7}}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    rows = [{"step": s, "split": "train", "member": i, "loss": 100.0 * i + s} for s in range(20) for i in range(4)]
+    rows += [{"step": s, "split": "eval", "member": i, "loss": i + s / 100} for s in (10, 20) for i in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, table = final_table(str(tmp_path))
+    assert [r["diverged_at"] for r in table] == [None, None, 7, None]
+    np.testing.assert_allclose([r["train_loss"] for r in table], [18.5, 118.5, 218.5, 318.5])
+    np.testing.assert_allclose([r["loss"] for r in table], [0.2, 1.2, 2.2, 3.2])
+    agg = aggregate(table, spec["fields"])
+    assert [(a["train.lr"], a["seeds"], a["diverged"]) for a in agg] == [(0.1, 3, 1), (0.2, 1, 0)]
+    for name, want in (("train_loss", [(68.5, 50.0, 18.5), (318.5, 0.0, 318.5)]),
+                       ("loss", [(0.7, 0.5, 0.2), (3.2, 0.0, 3.2)])):
+        got = [tuple(a[f"{name}_{s}"] for s in ("mean", "std", "min")) for a in agg]
+        np.testing.assert_allclose(got, want, rtol=1e-12)

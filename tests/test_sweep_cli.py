@@ -165,4 +165,6 @@ def test_a_noise_sweep_evaluates_each_member_on_its_own_noise_like_the_member_al
         # vmapped sweep vs a lone run: different XLA programs for 20 Adam steps, float32
         np.testing.assert_allclose(row["loss"], loss, rtol=1e-4)
         np.testing.assert_allclose(row["gd1_loss"], gd1_loss, rtol=1e-5)
+        err = np.asarray(jax.vmap(gd1)(batch.inputs)[:, -1] - batch.targets[:, -1], np.float64) ** 2
+        np.testing.assert_allclose(row["gd1_loss_se"], err.std(ddof=1) / np.sqrt(len(err)), rtol=1e-4)  # float32
     assert table[1]["gd1_loss"] > table[0]["gd1_loss"] + 0.5  # label noise of variance 1 is really in the prompts
