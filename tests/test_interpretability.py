@@ -274,9 +274,9 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
     with pytest.raises(ValueError, match=r"metric must return a scalar"):  # it returned [len(heads), B]
         direct_effect_patching(g, p, clean, corrupted, per_prompt, [(1, 1)])
     # a stream site before the head: the "direct effect" ran the delta through the head's own and later layers
-    with pytest.raises(ValueError, match=r"stream_site: 'layer1.resid_pre' comes before \['layer1.attn.heads'\]"):
+    with pytest.raises(ValueError, match=r"stream_site: 'layer1.resid_pre' is not after \['layer1.attn.heads'\]"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(0, 1), (1, 1)], stream_site="layer1.resid_pre")
-    with pytest.raises(ValueError, match=r"stream_site: 'layer1.attn.heads' comes before \['layer1.attn.heads'\]"):
+    with pytest.raises(ValueError, match=r"stream_site: 'layer1.attn.heads' is not after \['layer1.attn.heads'\]"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 1)], stream_site="layer1.attn.heads")
 
 

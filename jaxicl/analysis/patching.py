@@ -221,7 +221,7 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     check_heads(heads, head_site, info, "heads / head_site")
     order = list(info)  # the forward pass's order
     if early := sorted({n for n in names if order.index(n) >= order.index(stream_site)}):
-        raise ValueError(f"stream_site: {stream_site!r} comes before {early} in the forward pass, so a head's output "
+        raise ValueError(f"stream_site: {stream_site!r} is not after {early} in the forward pass, so a head's output "
                          f"added there is not a path from the head; name a site after them (default: the last "
                          f"layer's resid_post)")
     clean_values = run_with_cache(graphdef, params, clean, names, info)[1]
