@@ -1,5 +1,6 @@
 import importlib
 import pkgutil
+import re
 
 import jax
 import jax.numpy as jnp
@@ -259,3 +260,13 @@ def test_a_prompt_that_does_not_fit_the_positions_names_the_field(build, tokens,
     with pytest.raises(ValueError, match=f"a prompt of {tokens.shape[0]} positions does not fit this model: {match}"):
         model(tokens)
     model(tokens[:4] if "at most" in match else jnp.zeros((5, tokens.shape[1])))  # a prompt that fits runs
+
+
+def test_an_lea_message_of_another_length_or_width_is_refused_naming_its_shape():
+    """A message of 3 vectors for message_len=2 failed inside a concatenate with a TypeError."""
+    model = LEA(d_model=4, d_pos=2, n_layers=1, board_len=4, n_words=3, message_len=2, rngs=nnx.Rngs(0))
+    board = jnp.zeros(4, jnp.int32)
+    for shape in ((3, 4), (2, 5)):
+        with pytest.raises(ValueError, match=re.escape(f"[message_len, d_model] = (2, 4) vectors, got shape {shape}")):
+            model.picture(board, jnp.zeros(shape))
+    assert model.picture(board, jnp.zeros((2, 4)))[0].shape == (4, 21)

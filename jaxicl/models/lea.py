@@ -124,6 +124,9 @@ class LEA(Model):
     def picture(self, tokens: jax.Array, message: jax.Array, sites=null_sites) -> tuple[jax.Array, jax.Array]:
         """(logits [64, V], the LN_f output [64, D]) of board tokens [64] reading message vectors [L, D]."""
         check_prompt_length(tokens.shape[0], self.picture_pos.shape[0], "board_len")
+        if message.shape != self.speech_embed.shape:
+            raise ValueError(f"message: the picture stream reads [message_len, d_model] = {self.speech_embed.shape} "
+                             f"vectors, got shape {message.shape}")
         pos, message_pos = self.picture_pos[...][: tokens.shape[0]], self.speech_pos[...]
         x = sites("picture.embed", lookup(self.embed[...], tokens))
         for l, block in enumerate(self.picture_blocks):
