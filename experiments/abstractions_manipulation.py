@@ -141,6 +141,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
     to_b = {k: decoded_as(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
     to_b_masked = {k: decoded_as(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
+    whole_b = {k: whole_footprint_as(edits[k], tok_b, on) for k in ("centroid", "random", "patch")}
     kept_a = {k: decoded_as(edits["ablation"], tok_a, w) for k, w in (("footprint", on), ("masked", on & masked))}
     clean_a = {k: float(np.mean(clean[w] == tok_a[w])) for k, w in (("footprint", on), ("masked", on & masked))}
     completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
@@ -164,7 +165,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b_masked['centroid'][best]:.3f} of "
                     f"the masked ones into B's colour, a random direction of the same norm "
                     f"{to_b_masked['random'][best]:.3f} (every footprint cell, visible ones included: "
-                    f"{to_b['centroid'][best]:.3f}, random {to_b['random'][best]:.3f}); {len(a)} boards "
+                    f"{to_b['centroid'][best]:.3f}, random {to_b['random'][best]:.3f}; the whole footprint drawn as "
+                    f"B on {whole_b['centroid'][best]:.3f} of the boards, random {whole_b['random'][best]:.3f}, B's "
+                    f"activations patched in {whole_b['patch'][best]:.3f}); {len(a)} boards "
                     f"({n_roots * (n_roots - 1)} pairs); centroids by {cfg.centroid}; masked cells per site: "
                     f"{fmt(to_b_masked['centroid'])}; random per site: {fmt(to_b_masked['random'])}; every footprint "
                     f"cell per site: {fmt(to_b['centroid'])}; with the other centroids ("
@@ -309,6 +312,13 @@ def decoded_as(edited: jax.Array, want: np.ndarray, where: np.ndarray) -> np.nda
     [N, 64]."""
     pred = np.asarray(jnp.argmax(edited, -1))
     return (np.sum((pred == want) & where, (1, 2)) / max(np.sum(where), 1)).astype(float)
+
+
+def whole_footprint_as(edited: jax.Array, want: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """[S] per site the fraction of boards whose every footprint cell (on [N, 64]) has argmax of edited [S, N, 64, V]
+    equal to want [N, 64] (the notes' footprint_all_B)."""
+    pred = np.asarray(jnp.argmax(edited, -1))
+    return np.all((pred == want) | ~on, axis=2).mean(1).astype(float)
 
 
 def _object_tokens(cells: np.ndarray, colours: np.ndarray) -> np.ndarray:

@@ -258,3 +258,21 @@ def test_the_evaluation_masks_at_the_epoch_of_the_last_step():
     training = ab.Training()
     for steps, epoch in ((32, 1), (33, 2), (16_000, 999)):  # steps 0..steps-1, 16 an epoch
         assert dataclasses.replace(training, train=dataclasses.replace(training.train, steps=steps)).last_epoch == epoch
+
+
+def test_decoded_as_and_whole_footprint_as_against_a_loop():
+    from experiments.abstractions_manipulation import decoded_as, whole_footprint_as
+
+    rng = np.random.default_rng(0)
+    edited = rng.normal(size=(2, 5, 64, 4))  # [S, N, 64, V]
+    pred = edited.argmax(-1)
+    on = np.zeros((5, 64), bool)
+    on[:, 10:19] = True
+    want = np.where(on, pred[0], -1)  # site 0 draws every footprint cell as wanted
+    want[1, 12] = (pred[0, 1, 12] + 1) % 4  # except one cell of board 1
+    whole = [np.mean([all(pred[s, n, c] == want[n, c] for c in range(64) if on[n, c]) for n in range(5)])
+             for s in range(2)]
+    cells = [np.mean([pred[s, n, c] == want[n, c] for n in range(5) for c in range(64) if on[n, c]]) for s in range(2)]
+    np.testing.assert_allclose(whole_footprint_as(edited, want, on), whole, rtol=1e-12)
+    np.testing.assert_allclose(decoded_as(edited, want, on), cells, rtol=1e-12)
+    assert whole[0] == 0.8 and cells[0] == 44 / 45
