@@ -19,7 +19,9 @@ site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, th
   composite boards.
 
 The probe protocols are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6);
-the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config).
+the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config). The notes' unmasked variant
+is not run: without masks every board of one root at one position holds the same tokens, so C is 0 at the embedding,
+the scale the convergence check divides by (mask_p=0 is refused, saying so).
 
 Every check but the participation ratio's (which the untrained model fails at every inner site) compares the
 trained model with the same run's initial parameters, measured the same way: a random
@@ -62,7 +64,7 @@ from jaxicl.analysis.convergence import cross_board_distance, participation_rati
 from jaxicl.analysis.perturbation import perturbation_distances
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.tasks import boards as bd
-from jaxicl.validation import check_positive, check_range
+from jaxicl.validation import ConfigError, check_positive, check_range
 
 def majority_share(labels: np.ndarray, held: np.ndarray) -> float:
     """A class probe's chance accuracy: the share of the held-out rows (held [N] bool) whose label (labels [N]) is
@@ -93,6 +95,9 @@ class Config:
         check_range("probe_positions", self.probe_positions, 2, bd.POSITIONS)
         check_range("held_out_positions", self.held_out_positions, 1, self.probe_positions - 1)
         check_range("mask_p", self.mask_p, 0.0, 1.0)
+        if self.mask_p == 0:  # one root at one position: the same tokens on every board
+            raise ConfigError("mask_p must be > 0: without masks C is 0 at the embedding, the scale the convergence "
+                              "check divides by, and no cell is masked for the masked-root probe")
         for name in ("double_boards", "perturb_boards"):
             check_positive(name, getattr(self, name))
         check_positive("ridge_lam", self.ridge_lam)
