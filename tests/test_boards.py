@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from numpy_forward import attend, f64, gelu, layer_norm, linear, with_random_params
+
 from jaxicl.models import apply
 from jaxicl.models.factor_transformer import FactorTransformer
 from jaxicl.sites import Patch
@@ -323,37 +325,17 @@ def test_held_out_indices_are_distinct_within_every_group_even_when_they_are_mos
 def _numpy_factor_transformer(m, tokens):
     """The forward pass of the module docstring in float64 numpy, from the parameters: pre-LN blocks with positions
     concatenated to each sub-layer's input, softmax(q k^T / sqrt(dh)) per head, exact GELU, LN_f, the head."""
-    from scipy.special import erf
-
-    def a(v):
-        return np.asarray(v[...], np.float64)
-
-    def ln(x, n):
-        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * a(n.scale) + a(n.bias)
-
-    def lin(x, f):
-        return x @ a(f.w) + (0.0 if f.bias is None else a(f.bias))
-
     t = len(tokens)
-    pos, x = a(m.pos_table)[:t], a(m.embed)[tokens]
+    pos, x = f64(m.pos_table)[:t], f64(m.embed)[tokens]
     for b in m.blocks:
-        h = np.concatenate([ln(x, b.ln1), pos], -1)
-        q, k, v = (lin(h, f).reshape(t, b.n_heads, -1) for f in (b.q, b.k, b.v))
-        s = np.einsum("qhe,khe->hqk", q, k) / np.sqrt(q.shape[-1])
-        w = np.exp(s - s.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        x = x + lin(np.einsum("hqk,khe->qhe", w, v).reshape(t, -1), b.proj)
-        u = lin(np.concatenate([ln(x, b.ln2), pos], -1), b.mlp_in)
-        x = x + lin(0.5 * u * (1 + erf(u / np.sqrt(2))), b.mlp_out)
-    return lin(ln(x, m.ln_final), m.head)
+        h = np.concatenate([layer_norm(x, b.ln1), pos], -1)
+        x = x + linear(attend(linear(h, b.q), linear(h, b.k), linear(h, b.v), b.n_heads), b.proj)
+        x = x + linear(gelu(linear(np.concatenate([layer_norm(x, b.ln2), pos], -1), b.mlp_in)), b.mlp_out)
+    return linear(layer_norm(x, m.ln_final), m.head)
 
 
 def test_factor_transformer_forward_matches_a_numpy_forward_pass(x64):
-    m = FactorTransformer(d_model=8, d_pos=4, n_layers=2, n_heads=2, max_len=12, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(m, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)  # every parameter random, O(1): biases, LN scales, positions matter
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    m = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jax.random.normal(k, p.shape, jnp.float64)
-                                                         for k, p in zip(keys, leaves)]))
+    m = with_random_params(FactorTransformer(d_model=8, d_pos=4, n_layers=2, n_heads=2, max_len=12, rngs=nnx.Rngs(0)),
+                           jax.random.key(1))
     tokens = np.random.default_rng(0).integers(0, 21, 12)
     np.testing.assert_allclose(m(jnp.asarray(tokens)), _numpy_factor_transformer(m, tokens), rtol=1e-9, atol=1e-9)

@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 from sklearn.metrics import mutual_info_score
 
+from numpy_forward import attend, f64, gelu, layer_norm, linear, with_random_params
+
 from experiments.common.runner import run_experiment
 from jaxicl.analysis import language as lang
 from jaxicl.models import lea
@@ -377,55 +379,32 @@ def test_smoke_run_writes_every_check_and_figure(tmp_path):
     assert 0 <= final["speech_token_accuracy"] <= 1 and 0 <= final["board_object_accuracy"] <= 1
 
 
-def _np(v):
-    return np.asarray(v[...], np.float64)
-
-
-def _ln(x, n):
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * _np(n.scale) + _np(n.bias)
-
-
-def _lin(x, f):
-    return x @ _np(f.w) + (0.0 if f.bias is None else _np(f.bias))
-
-
-def _attend(q, k, v, heads):
-    q, k, v = (y.reshape(len(y), heads, -1) for y in (q, k, v))
-    s = np.einsum("qhe,khe->hqk", q, k) / np.sqrt(q.shape[-1])
-    w = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("hqk,khe->qhe", w / w.sum(-1, keepdims=True), v).reshape(len(q), -1)
-
-
 def _numpy_stream(blocks, x, pos, context, context_pos):
     """The module docstring's decoder blocks in float64 numpy: self-attention, cross-attention to the context, MLP."""
-    from scipy.special import erf
+    def cat(a, b):
+        return np.concatenate([a, b], -1)
 
-    cat = lambda a, b: np.concatenate([a, b], -1)  # noqa: E731
     for b in blocks:
-        h = _ln(cat(x, pos), b.ln_self)
-        x = x + _lin(_attend(_lin(h, b.self_q), _lin(h, b.self_k), _lin(h, b.self_v), b.n_heads), b.self_proj)
-        h, c = _ln(cat(x, pos), b.ln_cross), _ln(cat(context, context_pos), b.ln_context)
-        x = x + _lin(_attend(_lin(h, b.cross_q), _lin(c, b.cross_k), _lin(c, b.cross_v), b.n_heads), b.cross_proj)
-        u = _lin(_ln(cat(x, pos), b.ln_mlp), b.mlp_in)
-        x = x + _lin(0.5 * u * (1 + erf(u / np.sqrt(2))), b.mlp_out)
+        h = layer_norm(cat(x, pos), b.ln_self)
+        x = x + linear(attend(linear(h, b.self_q), linear(h, b.self_k), linear(h, b.self_v), b.n_heads), b.self_proj)
+        h, c = layer_norm(cat(x, pos), b.ln_cross), layer_norm(cat(context, context_pos), b.ln_context)
+        x = x + linear(attend(linear(h, b.cross_q), linear(c, b.cross_k), linear(c, b.cross_v), b.n_heads),
+                       b.cross_proj)
+        x = x + linear(gelu(linear(layer_norm(cat(x, pos), b.ln_mlp), b.mlp_in)), b.mlp_out)
     return x
 
 
 def test_both_streams_match_a_numpy_forward_pass(x64):
     """The picture stream reads the message at the speech positions, the speech stream the picture's LN_f output at
     the picture positions; every parameter random and O(1), so each LayerNorm and position table matters."""
-    m = lea.LEA(d_model=8, d_pos=4, n_layers=2, n_heads=2, board_len=10, n_words=6, message_len=3, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    m = nnx.merge(graphdef, jax.tree.unflatten(treedef, [jax.random.normal(k, p.shape, jnp.float64)
-                                                         for k, p in zip(keys, leaves)]), rest)
+    m = with_random_params(lea.LEA(d_model=8, d_pos=4, n_layers=2, n_heads=2, board_len=10, n_words=6, message_len=3,
+                                   rngs=nnx.Rngs(0)), jax.random.key(1))
     tokens = np.random.default_rng(0).integers(0, 21, 10)
     message = np.random.default_rng(1).normal(size=(3, 8))
     logits, z = m.picture(jnp.asarray(tokens), jnp.asarray(message))
-    x = _numpy_stream(m.picture_blocks, _np(m.embed)[tokens], _np(m.picture_pos), message, _np(m.speech_pos))
-    want_z = _ln(x, m.picture_ln)
+    x = _numpy_stream(m.picture_blocks, f64(m.embed)[tokens], f64(m.picture_pos), message, f64(m.speech_pos))
+    want_z = layer_norm(x, m.picture_ln)
     np.testing.assert_allclose(z, want_z, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(logits, _lin(want_z, m.head), rtol=1e-9, atol=1e-9)
-    speech = _numpy_stream(m.speech_blocks, _np(m.speech_embed), _np(m.speech_pos), want_z, _np(m.picture_pos))
-    np.testing.assert_allclose(m.speech(z), _ln(speech, m.speech_ln), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(logits, linear(want_z, m.head), rtol=1e-9, atol=1e-9)
+    speech = _numpy_stream(m.speech_blocks, f64(m.speech_embed), f64(m.speech_pos), want_z, f64(m.picture_pos))
+    np.testing.assert_allclose(m.speech(z), layer_norm(speech, m.speech_ln), rtol=1e-9, atol=1e-9)
