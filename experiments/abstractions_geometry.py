@@ -19,24 +19,28 @@ site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, th
   composite boards.
 
 The probe protocols are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6);
-the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config). The notes' unmasked variant
-is not run: without masks every board of one root at one position holds the same tokens, so C is 0 at the embedding,
-the scale the convergence check divides by (mask_p=0 is refused, saying so).
+the probe set's size, mask rate, held-out positions and ridge penalty are ours (Config). Everything runs twice: on
+masked probe boards (token mask mask_p), then on the notes' unmasked variant (the same boards without masks; its
+checks and figures are named unmasked_...; unmasked=False skips it). Without masks every board of one root at one
+position holds the same tokens, so C is 0 at the embedding, the scale C's check divides by: the unmasked variant has
+no C check and takes R's minimum as its convergence site (for the participation ratio and context independence),
+and it has no masked-root probe.
 
 Every check but the participation ratio's (which the untrained model fails at every inner site) compares the
 trained model with the same run's initial parameters, measured the same way: a random
 transformer already decodes most features far above chance (random features mix the board), so "decodable" shows
 nothing about learning. Probes: trained minus untrained best held-out score over sites, > 0.05; convergence:
-(inner-site minimum of C over the ends) trained over untrained, < 0.8, layer0.z (the embedding's LayerNorm, no
-mixing across cells) excluded; context independence: the cosine gap at the convergence site minus the untrained
-model's largest at any inner site, > 0.1.
+(inner-site minimum of C, and of R, over the ends) trained over untrained, < 0.8, layer0.z (the embedding's
+LayerNorm, no mixing across cells) excluded; context independence: the cosine gap at the convergence site minus the
+untrained model's largest at any inner site, > 0.1.
 
-What the quick preset shows (the quick training run's model; under a minute): transient convergence. The
-cross-board distance is 0.54 at the embedding (the masks differ), 0.55 at the output, and falls to 0.30 at the
+What the quick preset shows (the quick training run's model; about 40 s for both variants): transient convergence.
+The cross-board distance is 0.54 at the embedding (the masks differ), 0.55 at the output, and falls to 0.30 at the
 second block's attention output (layer1.attn.out), where the within-board ratio R is 0.19 (0.87 at the
-embedding): the object's 9 cells are written alike there; C-minimum over the ends 0.55 against 1.99 untrained
-(ratio 0.28). One root's participation ratio is lowest there too (2.4, against 4.7 at the embedding and 7.4 at the
-output, of 64 dimensions). Probes on held-out positions, trained vs untrained best: cell index 0.84 vs 0.29,
+embedding, 0.82 at the output): the object's 9 cells are written alike there; C-minimum over the ends 0.55 against
+1.99 untrained (ratio 0.28), R's 0.23 against 0.99 (untrained R stays at 0.91-1.09 everywhere). One root's
+participation ratio is lowest there too (2.4, against 4.7 at the embedding and 7.4 at the output, of 64
+dimensions). Probes on held-out positions, trained vs untrained best: cell index 0.84 vs 0.29,
 position R^2 0.98 vs -0.52 and a composite's roots 0.99 vs 0.50 are learned; root from masked cells passes
 narrowly (0.96 vs 0.90, a gain of 0.066 against the check's 0.05: the untrained attention already averages the
 visible cells into the masked ones); root (0.95 vs 0.92), background (0.66 vs 1.00) and composite id (0.76 vs 0.90)
@@ -45,6 +49,12 @@ independence: at layer1.attn.out a root's single-board centroid has cosine 0.82 
 composite boards (0.16 with other roots'): gap 0.66 against at most 0.19 untrained; the single-board root probe
 reads double boards at 0.82 and composites at 0.92. Noise on the object cells at the embedding shrinks from 0.5 |x|
 to 0.13-0.2 within the first two blocks (the attractor test).
+The unmasked variant shows the same picture: R falls from 0.81 at the embedding to 0.17 at layer1.attn.out and
+rises to 0.78 at the output (ratio 0.22 against 0.99 untrained), where one root's participation ratio is 2.2
+(4.1 at the embedding, 5.3 at the output); C, 0 at the embedding, stays at most 0.11 (these boards differ only in
+the background). Cell index (0.88 vs 0.34), position (0.98 vs -0.52) and a composite's roots (1.00 vs 0.58) are
+learned, root (0.98 vs 1.00), background (0.75 vs 1.00) and composite id (0.85 vs 1.00) are not, and fail as in
+the masked variant; the context-independence gap is 0.68 at layer1.attn.out against 0.35 untrained.
 """
 
 import dataclasses
@@ -66,6 +76,9 @@ from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.tasks import boards as bd
 from jaxicl.validation import ConfigError, check_positive, check_range
 
+VARIANTS = ("masked", "unmasked")
+
+
 def majority_share(labels: np.ndarray, held: np.ndarray) -> float:
     """A class probe's chance accuracy: the share of the held-out rows (held [N] bool) whose label (labels [N]) is
     the most frequent one of the other rows, i.e. the score of the constant predictor fit on the training rows.
@@ -79,7 +92,8 @@ class Config:
     training: ab.Training = TRAINING_PRESETS["quick"].training
     probe_positions: int = 12  # top-left positions of the single-board probe set (evenly spaced over the 36)
     held_out_positions: int = 3  # of those, the ones the probes are scored on
-    mask_p: float = 0.25  # token mask of the probe boards (one fixed mask per board)
+    mask_p: float = 0.25  # token mask of the masked variant's probe boards (one fixed mask per board)
+    unmasked: bool = True  # also run the notes' unmasked variant (probe boards without masks)
     double_boards: int = 600  # double boards of the context-independence analysis
     ridge_lam: float = 1.0
     perturb_alpha: float = 0.5
@@ -95,9 +109,9 @@ class Config:
         check_range("probe_positions", self.probe_positions, 2, bd.POSITIONS)
         check_range("held_out_positions", self.held_out_positions, 1, self.probe_positions - 1)
         check_range("mask_p", self.mask_p, 0.0, 1.0)
-        if self.mask_p == 0:  # one root at one position: the same tokens on every board
-            raise ConfigError("mask_p must be > 0: without masks C is 0 at the embedding, the scale the convergence "
-                              "check divides by, and no cell is masked for the masked-root probe")
+        if self.mask_p == 0:
+            raise ConfigError("mask_p must be > 0: it is the masked variant's mask rate; the unmasked variant runs "
+                              "beside it (unmasked=True)")
         for name in ("double_boards", "perturb_boards"):
             check_positive(name, getattr(self, name))
         check_positive("ridge_lam", self.ridge_lam)
@@ -114,20 +128,39 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     data, graphdef, params, _ = ab.trained(cfg.training, os.path.dirname(out_dir))
     init_params = nnx.split(ab.build_model(cfg.training), nnx.Param)[1]  # the run's own initial parameters
     sites = ab.residual_sites(graphdef, params)
-    key = jax.random.key(cfg.training.train.seed + 20)
+    checks, figures = [], []
+    for variant in VARIANTS if cfg.unmasked else VARIANTS[:1]:
+        more_checks, more_figures = analyse(cfg, variant, data, graphdef, params, init_params, sites, out_dir)
+        checks += more_checks
+        figures += more_figures
+    return Outcome(checks, figures)
+
+
+def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, sites, out_dir
+            ) -> tuple[list, list[str]]:
+    """The checks and figures of one variant: "masked" (probe boards with token masks of rate cfg.mask_p) or
+    "unmasked" (none; its check names and figure files start with "unmasked_")."""
+    masked = variant == "masked"
+    mask_p, prefix = (cfg.mask_p if masked else 0.0), prefix_of(variant)
+    key = jax.random.key(cfg.training.train.seed + 20)  # the same boards in both variants, only the masks differ
     k_probe, k_double, k_comp, k_perturb = jax.random.split(key, 4)
-    single = ab.single_probe_set(data, cfg.probe_positions, cfg.mask_p, k_probe)
-    comp = ab.composite_set(data, cfg.mask_p, k_comp)  # every composite, masked: the probes and context share it
+    single = ab.single_probe_set(data, cfg.probe_positions, mask_p, k_probe)
+    comp = ab.composite_set(data, mask_p, k_comp)  # every composite: the probes and context share it
     n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
     n_pos = len(np.unique(bd.position_of(single["x"], single["y"])))
-    trained, init = (measure(cfg, data, graphdef, p, sites, single, comp, k_double) for p in (params, init_params))
+    trained, init = (measure(cfg, data, graphdef, p, sites, single, comp, k_double, mask_p)
+                     for p in (params, init_params))
     distance, ratio, pr_root, pr_all, probes, context, obj, root = (trained[k] for k in (
         "distance", "ratio", "pr_root", "pr_all", "probes", "context", "obj", "root"))
     probe_chance = {name: majority_share(y, held)
                     for name, (_, _, y, held) in probe_problems(cfg, single, root, comp).items() if name != "position"}
     # the inner sites; layer0.z is the LayerNorm of the embedding (a per-token rescaling: no mixing across cells)
     inner = [s for s in sites[1:-1] if s != "layer0.z"]
-    best, best_init = (min(inner, key=m["distance"].get) for m in (trained, init))
+    # the convergence site: C's minimum; without masks C is 0 at the embedding (the same tokens on every board of a
+    # root at a position), so there R's
+    measure_of_site = "distance" if masked else "ratio"
+    best, best_init = (min(inner, key=m[measure_of_site].get) for m in (trained, init))
+    best_r, best_r_init = (min(inner, key=m["ratio"].get) for m in (trained, init))
     objects = jnp.asarray(single["root"] >= 0)
     perturb_sites = sites[1:]
     # boards evenly spaced over the probe set (ordered root-major): every root, not the first few
@@ -138,31 +171,42 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     def fmt(d):
         return ", ".join(f"{s} {d[s]:.3f}" for s in sites)
 
-    def min_over_ends(m, site):
-        return m["distance"][site] / min(m["distance"][sites[0]], m["distance"][sites[-1]])
+    def min_over_ends(m, name, site):
+        return m[name][site] / min(m[name][sites[0]], m[name][sites[-1]])
 
-    conv, conv_init = min_over_ends(trained, best), min_over_ends(init, best_init)
-    checks = [
-        check_below("convergence_min_over_ends_vs_untrained", conv / conv_init, cfg.max_convergence_vs_untrained,
-                    f"(C at the minimising inner site over the smaller of C at the embedding and the output), trained "
-                    f"over untrained: trained {conv:.3f} at {best} (C {distance[best]:.3f}, embedding "
-                    f"{distance[sites[0]]:.3f}, output {distance[sites[-1]]:.3f}), untrained {conv_init:.3f} at "
-                    f"{best_init}; inner sites exclude layer0.z (the embedding's LayerNorm). C per site: "
-                    f"{fmt(distance)}; untrained: {fmt(init['distance'])}. Within-board ratio R per site: "
-                    f"{fmt(ratio)}; untrained: {fmt(init['ratio'])}. Probe set: {n_roots} roots x {n_pos} positions x "
-                    f"{n_bck} backgrounds, token mask {cfg.mask_p}"),
-        check_below("root_pr_at_convergence_site_over_ends", pr_root[best] / min(pr_root[sites[0]],
-                                                                                  pr_root[sites[-1]]), 1.0,
-                    f"at {best}: one root's participation ratio {pr_root[best]:.2f} (mean over roots) over the smaller "
-                    f"of the embedding's ({pr_root[sites[0]]:.2f}) and the output's ({pr_root[sites[-1]]:.2f}); "
-                    f"d_model {cfg.training.model.d_model}; every root's cells pooled at {best}: {pr_all[best]:.2f}; "
-                    f"one root's PR per site: {fmt(pr_root)}; untrained: {fmt(init['pr_root'])}"),
-    ]
+    board_set = f"Probe set: {n_roots} roots x {n_pos} positions x {n_bck} backgrounds, token mask {mask_p}"
+    conv_r, conv_r_init = min_over_ends(trained, "ratio", best_r), min_over_ends(init, "ratio", best_r_init)
+    within = check_below(
+        f"{prefix}within_board_convergence_min_over_ends_vs_untrained", conv_r / conv_r_init,
+        cfg.max_convergence_vs_untrained,
+        f"(R = W / OB at the minimising inner site over the smaller of R at the embedding and the output), trained "
+        f"over untrained: trained {conv_r:.3f} at {best_r} (R {ratio[best_r]:.3f}, embedding {ratio[sites[0]]:.3f}, "
+        f"output {ratio[sites[-1]]:.3f}), untrained {conv_r_init:.3f} at {best_r_init}. R per site: {fmt(ratio)}; "
+        f"untrained: {fmt(init['ratio'])}"
+        + ("" if masked else f". Cross-board C per site (0 at the embedding by construction): {fmt(distance)}; "
+                             f"untrained: {fmt(init['distance'])}. {board_set}"))
+    if masked:
+        conv, conv_init = min_over_ends(trained, "distance", best), min_over_ends(init, "distance", best_init)
+        checks = [check_below(
+            "convergence_min_over_ends_vs_untrained", conv / conv_init, cfg.max_convergence_vs_untrained,
+            f"(C at the minimising inner site over the smaller of C at the embedding and the output), trained "
+            f"over untrained: trained {conv:.3f} at {best} (C {distance[best]:.3f}, embedding "
+            f"{distance[sites[0]]:.3f}, output {distance[sites[-1]]:.3f}), untrained {conv_init:.3f} at "
+            f"{best_init}; inner sites exclude layer0.z (the embedding's LayerNorm). C per site: "
+            f"{fmt(distance)}; untrained: {fmt(init['distance'])}. {board_set}"), within]
+    else:
+        checks = [within]
+    checks.append(check_below(
+        f"{prefix}root_pr_at_convergence_site_over_ends", pr_root[best] / min(pr_root[sites[0]], pr_root[sites[-1]]),
+        1.0, f"at {best}: one root's participation ratio {pr_root[best]:.2f} (mean over roots) over the smaller "
+             f"of the embedding's ({pr_root[sites[0]]:.2f}) and the output's ({pr_root[sites[-1]]:.2f}); "
+             f"d_model {cfg.training.model.d_model}; every root's cells pooled at {best}: {pr_all[best]:.2f}; "
+             f"one root's PR per site: {fmt(pr_root)}; untrained: {fmt(init['pr_root'])}"))
     for name, scores in probes.items():
         top, top_init = (max(m, key=m.get) for m in (scores, init["probes"][name]))
         gain = scores[top] - init["probes"][name][top_init]
         checks.append(check_above(
-            f"probe_{name}_gain_over_untrained", gain, cfg.min_probe_gain,
+            f"{prefix}probe_{name}_gain_over_untrained", gain, cfg.min_probe_gain,
             f"best held-out {'R^2' if name == 'position' else 'accuracy'} over sites, trained {scores[top]:.3f} "
             f"at {top} minus untrained {init['probes'][name][top_init]:.3f} at {top_init}"
             + ("" if name == "position" else f" (chance {probe_chance[name]:.3f})") + f"; per site: {fmt(scores)}; "
@@ -172,7 +216,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     best_gap_init = max(inner, key=_gap(init["context"]).get)  # the untrained model's best inner site
     gap_init = _gap(init["context"])[best_gap_init]
     checks.append(check_above(
-        "context_independence_cosine_gap_over_untrained", gap - gap_init, cfg.min_cosine_gap_gain,
+        f"{prefix}context_independence_cosine_gap_over_untrained", gap - gap_init, cfg.min_cosine_gap_gain,
         f"gap: cosine of a root's single-board centroid with its double/composite-board centroid minus that with "
         f"other roots'; trained at {best} {gap:.3f} ({context['cos_same'][best]:.3f} vs "
         f"{context['cos_other'][best]:.3f}) minus the untrained model's largest over the inner sites, {gap_init:.3f} "
@@ -184,20 +228,21 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         f"{init['context']['transfer_composite'][best_init]:.3f}). Attractor test (noise {cfg.perturb_alpha} |x| "
         f"on the object cells at embed), relative distance per later site: "
         + ", ".join(f"{s} {v:.2f}" for s, v in zip(perturb_sites, attractor))))
-    figures = [_plot_convergence(sites, distance, ratio, pr_root, pr_all, attractor, out_dir),
-               _plot_probes(sites, probes, context, out_dir),
-               _plot_pca(obj, root, [sites[0], best, sites[-1]], out_dir)]
-    return Outcome(checks, figures)
+    figures = [_plot_convergence(sites, distance, ratio, pr_root, pr_all, attractor, variant, out_dir),
+               _plot_probes(sites, probes, context, variant, out_dir),
+               _plot_pca(obj, root, [sites[0], best, sites[-1]], variant, out_dir)]
+    return checks, figures
 
 
 def _gap(context: dict) -> dict[str, float]:
     return {s: context["cos_same"][s] - context["cos_other"][s] for s in context["cos_same"]}
 
 
-def measure(cfg, data, graphdef, params, sites, single, comp, k_double) -> dict:
+def measure(cfg, data, graphdef, params, sites, single, comp, k_double, mask_p: float) -> dict:
     """Every per-site quantity of the checks for one set of parameters: "distance", "ratio", "pr_root", "pr_all"
-    ({site: float}), "probes" (probe_scores), "context" (context_independence), and "obj" ({site: [N, 9, D]}) and
-    "root" ([N * 9]) of the single probe boards (single_probe_set) and composite boards comp (composite_set)."""
+    ({site: float}), "probes" (probe_scores), "context" (context_independence, its double boards masked at mask_p),
+    and "obj" ({site: [N, 9, D]}) and "root" ([N * 9]) of the single probe boards (single_probe_set) and composite
+    boards comp (composite_set)."""
     n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
     cells = ab.footprint(single["x"], single["y"])  # [N, 9]
     root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)  # [N * 9]
@@ -210,7 +255,8 @@ def measure(cfg, data, graphdef, params, sites, single, comp, k_double) -> dict:
            for i, name in enumerate(("distance", "ratio", "pr_root", "pr_all"))}
     comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
     out["probes"] = probe_scores(cfg, sites, probe_problems(cfg, single, root, comp), obj, comp_acts)
-    out["context"] = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts)
+    out["context"] = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts,
+                                          mask_p)
     return out | {"obj": obj, "root": root}
 
 
@@ -229,9 +275,9 @@ def site_geometry(acts, obj, objects, root, n_roots: int, n_bck: int):
 
 def probe_problems(cfg, single, root, comp) -> dict[str, tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """{feature: (board set, rows, labels, held)}: the single-board features are read at the probe boards' object
-    cells (rows of the [N * 9] cells, root [N * 9] their roots; held: the cfg.held_out_positions positions), composite
-    id and root id at the
-    composite boards' object cells (comp: composite_set; rows of its [M, 64] cells; held: composite position (1, 1))."""
+    cells (rows of the [N * 9] cells, root [N * 9] their roots; held: the cfg.held_out_positions positions; the
+    masked-root probe only where a cell is masked), composite id and root id at the composite boards' object cells
+    (comp: composite_set; rows of its [M, 64] cells; held: composite position (1, 1))."""
     pos = bd.position_of(single["x"], single["y"])
     held_positions = np.unique(pos)[np.linspace(0, len(np.unique(pos)) - 1, cfg.held_out_positions).round()
                                     .astype(int)]
@@ -243,7 +289,7 @@ def probe_problems(cfg, single, root, comp) -> dict[str, tuple[str, np.ndarray, 
     on = comp["root"] >= 0  # [M, 64]
     comp_held = np.broadcast_to((comp["x"] == 1) & (comp["y"] == 1), on.T.shape).T[on]
     return {"root": ("single", every, root, held),
-            "masked_root": ("single", masked, root[masked], held[masked]),
+            **({"masked_root": ("single", masked, root[masked], held[masked])} if masked.any() else {}),
             "cell": ("single", every, np.tile(np.arange(9), n), held),
             "background": ("single", every, np.repeat(single["background"], 9), held),
             "position": ("single", every, np.repeat(np.stack([single["x"], single["y"]], 1), 9, axis=0)
@@ -275,16 +321,17 @@ def position_r2(features: np.ndarray, xy: np.ndarray, held: np.ndarray, lam: flo
     return float(np.mean(1 - err / (held.sum() * xy.var(0))))
 
 
-def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comps, comp_acts) -> dict:
-    """Per site: mean cosine of each root's single-board centroid with its centroid on double and composite
-    boards ("cos_same"), with other roots' centroids there ("cos_other"), and the held-out accuracy on double
-    and composite boards' object cells of a root probe fit on every single-board object cell; "chance": the
-    majority_share of those two transfers ({name: float})."""
+def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comps, comp_acts,
+                         mask_p: float) -> dict:
+    """Per site: mean cosine of each root's single-board centroid with its centroid on double boards (masked at
+    mask_p) and composite boards ("cos_same"), with other roots' centroids there ("cos_other"), and the held-out
+    accuracy on double and composite boards' object cells of a root probe fit on every single-board object cell;
+    "chance": the majority_share of those two transfers ({name: float})."""
     n_roots = data.cfg.n_roots
     rng = np.random.default_rng(int(jax.random.randint(k_double, (), 0, 2**31 - 1)))
     tuples = np.concatenate([data.tuples(split, "double") for split in ("train", "test")])
     doubles = ab.masked_set(data, data.rows("double", tuples[rng.choice(len(tuples), cfg.double_boards)]),
-                            cfg.mask_p, k_double)
+                            mask_p, k_double)
     others = [doubles, comps]
     acts = [ab.activations(graphdef, params, doubles["tokens"], sites), comp_acts]
     out = {k: {} for k in ("cos_same", "cos_other", "transfer_double", "transfer_composite", "chance")}
@@ -313,12 +360,12 @@ def _short(site: str) -> str:
     return site.replace("layer", "L").replace(".resid_", ".").replace("unembed.in", "out")
 
 
-def _plot_convergence(sites, distance, ratio, pr_root, pr_all, attractor, out_dir) -> str:
+def _plot_convergence(sites, distance, ratio, pr_root, pr_all, attractor, variant, out_dir) -> str:
     fig, axes = new_figure(3, size=(5.5, 3.4))
     x = np.arange(len(sites))
     axes[0, 0].plot(x, [distance[s] for s in sites], marker="o", label="cross-board C")
     axes[0, 0].plot(x, [ratio[s] for s in sites], marker="s", label="within-board R = W / OB")
-    axes[0, 0].set(ylabel="unit distance", title="convergence across depth")
+    axes[0, 0].set(ylabel="unit distance", title=f"convergence across depth ({variant} boards)")
     axes[0, 1].plot(x, [pr_root[s] for s in sites], marker="o", label="one root (mean)")
     axes[0, 1].plot(x, [pr_all[s] for s in sites], marker="s", label="every root pooled")
     axes[0, 1].set(ylabel="participation ratio", title="dimensionality of the object cells")
@@ -328,33 +375,38 @@ def _plot_convergence(sites, distance, ratio, pr_root, pr_all, attractor, out_di
         ax.set_xticks(x, [_short(s) for s in sites], rotation=90, fontsize=6)
     for ax in axes[0, :2]:
         ax.legend(fontsize=7)
-    return save_figure(fig, out_dir, "convergence")
+    return save_figure(fig, out_dir, prefix_of(variant) + "convergence")
 
 
-def _plot_probes(sites, probes, context, out_dir) -> str:
+def _plot_probes(sites, probes, context, variant, out_dir) -> str:
     fig, axes = new_figure(2, size=(5.5, 3.4))
     x = np.arange(len(sites))
     for name, scores in probes.items():
         if name != "position":
             axes[0, 0].plot(x, [scores[s] for s in sites], marker=".", label=name)
     axes[0, 0].plot(x, [probes["position"][s] for s in sites], "k--", label="position (R^2)")
-    axes[0, 0].set(ylabel="held-out score", ylim=(-0.05, 1.05), title="linear probes (held-out positions)")
+    axes[0, 0].set(ylabel="held-out score", ylim=(-0.05, 1.05), title=f"linear probes ({variant} boards)")
     for name in ("cos_same", "cos_other", "transfer_double", "transfer_composite"):
         axes[0, 1].plot(x, [context[name][s] for s in sites], marker=".", label=name)
     axes[0, 1].set(ylim=(-0.05, 1.05), title="context independence (single vs double / composite)")
     for ax in axes[0]:
         ax.set_xticks(x, [_short(s) for s in sites], rotation=90, fontsize=6)
         ax.legend(fontsize=6)
-    return save_figure(fig, out_dir, "probes_and_context")
+    return save_figure(fig, out_dir, prefix_of(variant) + "probes_and_context")
 
 
-def _plot_pca(obj, root, sites, out_dir) -> str:
+def _plot_pca(obj, root, sites, variant, out_dir) -> str:
     fig, axes = new_figure(len(sites), size=(3.4, 3.2))
     for ax, s in zip(axes[0], sites):
         f = obj[s].reshape(len(root), -1)
         f = f - f.mean(0)
         proj = f @ np.linalg.svd(f, full_matrices=False)[2][:2].T
         ax.scatter(proj[:, 0], proj[:, 1], c=root, cmap="tab10", s=2, alpha=0.5)
-        ax.set(title=f"{s}: object cells by root", xlabel="PC1", ylabel="PC2")
+        ax.set(title=f"{s}: object cells by root ({variant})", xlabel="PC1", ylabel="PC2")
         ax.title.set_fontsize(8)
-    return save_figure(fig, out_dir, "pca_by_root")
+    return save_figure(fig, out_dir, prefix_of(variant) + "pca_by_root")
+
+
+def prefix_of(variant: str) -> str:
+    """What a variant's check names and figure files start with: nothing for the masked one, "unmasked_"."""
+    return "" if variant == "masked" else f"{variant}_"

@@ -111,6 +111,30 @@ def test_probe_chance_is_the_training_majority_share_of_the_held_out_rows():
     assert majority_share(np.array([0, 0, 1, 0, 1, 2]), np.array([0, 0, 0, 1, 1, 1], bool)) == 1 / 3  # class 0
 
 
+def test_unmasked_probe_boards_have_c_zero_at_the_embedding_and_no_masked_root_probe(model):
+    """Why the geometry's unmasked variant checks R, not C: without masks every board of one root at one position
+    holds the same object tokens, so the cross-board distance C is exactly 0 at the embedding (with masks it is
+    not), while the within-board ratio R is defined there; and with no masked cell there is no masked-root probe."""
+    from experiments.abstractions_geometry import Config, probe_problems, site_geometry
+
+    graphdef, params = model
+    data = bd.build(bd.Boards())
+    for mask_p in (0.0, 0.25):
+        single = ab.single_probe_set(data, 2, mask_p, jax.random.key(0))
+        cells = ab.footprint(single["x"], single["y"])
+        root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)
+        embed = ab.activations(graphdef, params, single["tokens"], ["embed"])["embed"]
+        obj = embed[np.arange(len(cells))[:, None], cells]
+        c, r, *_ = (float(v) for v in site_geometry(jnp.asarray(embed), jnp.asarray(obj),
+                                                     jnp.asarray(single["root"] >= 0), jnp.asarray(root),
+                                                     data.cfg.n_roots, data.cfg.n_backgrounds))
+        problems = probe_problems(Config(), single, root, ab.composite_set(data, mask_p, jax.random.key(1)))
+        if mask_p == 0:
+            assert c < 1e-6 and 0.1 < r < 2 and "masked_root" not in problems  # identical vectors: 0 up to rounding
+        else:
+            assert c > 0.1 and "masked_root" in problems
+
+
 def test_manipulation_checks_read_only_sites_a_later_attention_reads(model):
     """Not the embedding or its LayerNorm, nothing after the last block's z (there an edit of the scored cells decides
     what they draw by construction): for the 3-layer model, layer0's attention output up to layer2.z."""
@@ -197,13 +221,19 @@ def test_smoke_runs_share_one_training_run(tmp_path):
     rows = [json.loads(line) for line in before.splitlines()]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20]
     names = {r["experiment"]: [c["name"] for c in r["checks"]] for r in (training, geometry, manipulation)}
+    probes = ("cell", "background", "position", "composite", "composite_root")
     assert names == {
         "abstractions_training": ["test_token_accuracy", "test_board_accuracy", "test_masked_object_error"],
-        "abstractions_geometry": ["convergence_min_over_ends_vs_untrained", "root_pr_at_convergence_site_over_ends",
-                                  *(f"probe_{n}_gain_over_untrained" for n in ("root", "masked_root", "cell",
-                                                                              "background", "position", "composite",
-                                                                              "composite_root")),
-                                  "context_independence_cosine_gap_over_untrained"],
+        "abstractions_geometry": [
+            "convergence_min_over_ends_vs_untrained", "within_board_convergence_min_over_ends_vs_untrained",
+            "root_pr_at_convergence_site_over_ends",
+            *(f"probe_{n}_gain_over_untrained" for n in ("root", "masked_root", *probes)),
+            "context_independence_cosine_gap_over_untrained",
+            # the unmasked variant: no C check (C is 0 at its embedding), no masked cell to probe
+            "unmasked_within_board_convergence_min_over_ends_vs_untrained",
+            "unmasked_root_pr_at_convergence_site_over_ends",
+            *(f"unmasked_probe_{n}_gain_over_untrained" for n in ("root", *probes)),
+            "unmasked_context_independence_cosine_gap_over_untrained"],
         "abstractions_manipulation": ["centroid_transplant_over_random_masked", "patch_transplant_masked",
                                       "mean_ablation_drop_masked",
                                       "masked_completion_over_random", "part_whole_quadrant_over_random",

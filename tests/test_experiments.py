@@ -45,7 +45,7 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["sweep_lr_seeds", "diversity.n_tasks=0"], "and at least one pool size > 0, each once"),
     (["sweep_lr_seeds", "lrs=1e-3,-1"], "lrs[1] must be > 0"),
     (["abstractions_manipulation", "training.model.n_layers=1"], "training.model.n_layers must be in [2, inf], got 1"),
-    (["abstractions_geometry", "mask_p=0"], "mask_p must be > 0: without masks C is 0 at the embedding"),
+    (["abstractions_geometry", "mask_p=0"], "mask_p must be > 0: it is the masked variant's mask rate"),
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
     (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
