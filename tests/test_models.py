@@ -85,6 +85,11 @@ def test_context_mask_hides_the_query_from_every_token(x64):
     moved = tokens.at[-1].set(tokens[-1] * 3.0)
     # with the query hidden as a key, only the query row itself may change
     np.testing.assert_allclose(model(moved)[:-1], model(tokens)[:-1], rtol=1e-12)
+    # a one-token prompt has no context: it sees itself (softmax weight 1), not nothing (a NaN softmax)
+    soft = SelfAttention(3, kind="softmax", mask="context", residual=False, init_scale=1.0, rngs=nnx.Rngs(4))
+    layer = soft.layers[0]
+    own = np.einsum("d,hde,hef->f", tokens[0], layer.wv[...], layer.wo[...])
+    np.testing.assert_allclose(soft(tokens[:1])[0], own, rtol=1e-12)
 
 
 def test_pq_view_round_trips(x64):

@@ -12,7 +12,8 @@ linear form is computed as (e wq wk^T) (e_S^T e_S) (wv wo) over the visible toke
 scores, unless a site reads or patches the scores or the per-head outputs.
 
 Masks: "none" (every token sees every token), "causal" (token j sees tokens <= j), "context"
-(every token sees tokens 0..T-2, i.e. all but the final query token).
+(every token sees tokens 0..T-2, i.e. all but the final query token; a one-token prompt, which has no context,
+sees itself, so the softmax is defined).
 
 Named sites, for l in 0..num_layers-1 (see jaxicl.sites):
   layer{l}.attn.scores   [H, T, T]  raw scores (linear: already masked and normalised)
