@@ -395,7 +395,9 @@ def test_stop_loss_ends_the_run_at_the_first_step_below_it_and_a_rerun_changes_n
     rows = lambda: sorted(read_metrics(str(tmp_path / "metrics.jsonl")), key=lambda r: (r["step"], r["split"]))  # noqa: E731
     before = rows()
     again = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), **kw)
-    assert int(again.state.step) == 6 and rows() == before  # the same rows (the stopping step's train row re-logged)
+    # the same rows; the stopping step's train row is re-logged by another program (a 2-step chunk from step 6, not
+    # the 4-step one): equal only as every value is exact in float32 (w_6 = 63/64, loss 2^-10) or the sqrt of one
+    assert int(again.state.step) == 6 and rows() == before
 
 
 def test_a_stop_on_an_evaluation_step_evaluates_and_saves_once_and_a_resumed_run_writes_the_same_file(
