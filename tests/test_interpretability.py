@@ -12,7 +12,7 @@ from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, ov_gain, qk_circuit
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
                                       patched_predictions, resolve_chunk_size)
-from jaxicl.analysis.probes import probe
+from jaxicl.analysis.probes import probe, ridge_fit
 from jaxicl.models import SelfAttention, apply, predictor
 from jaxicl.models.gpt import GPT
 from jaxicl.sites import Patch
@@ -296,6 +296,33 @@ def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
     assert np.isfinite(few["score"]) and np.isfinite(few["weights"]).all()
     with pytest.raises(ValueError, match="features: a probe needs at least 2 rows"):
         probe(x[:1], classes[:1])
+
+
+def test_standardised_ridge_is_scikit_learns_ridge_on_standard_scaled_features(x64):
+    """standardise=True: the penalty on unit-variance features (scikit-learn's StandardScaler then Ridge, float64),
+    weights mapped back to the raw features; so a probe's scores no longer depend on each feature's scale, where the
+    plain fit's do (the penalty bites hardest on the smallest features)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(7)
+    scales = np.array([1e-3, 1e-2, 1.0, 10.0, 0.0])  # the last feature constant: left unscaled, weight 0
+    x = rng.normal(size=(300, 5)) * scales + 2.0
+    y = np.stack([x @ np.array([3e3, -50.0, 0.5, 0.01, 0.0]), rng.normal(size=300)], 1)
+    lam = 30.0
+    w = np.asarray(ridge_fit(jnp.asarray(x), jnp.asarray(y), lam, standardise=True))
+    scaler = StandardScaler().fit(x)
+    ref = Ridge(alpha=lam).fit(scaler.transform(x), y)
+    coef = ref.coef_.T / np.where(scaler.scale_ > 0, scaler.scale_, 1.0)[:, None]
+    np.testing.assert_allclose(w[:-1], coef, rtol=1e-9, atol=1e-12)  # float64 solves of the same 5 x 5 system
+    np.testing.assert_allclose(w[-1], ref.intercept_ - scaler.mean_ @ coef, rtol=1e-9)
+    labels = (x[:, 0] > 2.0).astype(np.int32)  # carried by the smallest feature alone
+    rescaled = x * np.array([1e4, 1.0, 1.0, 1.0, 1.0])
+    held = np.arange(300) % 4 == 0
+    scores = [[probe(f, labels, lam=lam, held_out=held, standardise=st)["score"] for f in (x, rescaled)]
+              for st in (True, False)]
+    assert scores[0][0] == pytest.approx(scores[0][1], abs=1e-9) and scores[0][0] > 0.95  # scale-free
+    assert scores[1][0] < 0.75 < scores[1][1]  # raw: the penalty drowns the 1e-3-scale feature until it is rescaled
 
 
 @pytest.mark.parametrize("split", ["random", "held_out"])

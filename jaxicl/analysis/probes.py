@@ -7,14 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@jax.jit
-def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3) -> jax.Array:
+@partial(jax.jit, static_argnames="standardise")
+def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3, standardise: bool = False) -> jax.Array:
     """[F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N, K] (the bias is not
     penalised). Solved on x and y centred on their means, with b = ybar - xbar w: the same minimiser, without the
-    normal equations cancelling where the features share a large offset."""
+    normal equations cancelling where the features share a large offset. standardise: the penalty acts on the
+    features scaled to unit standard deviation over these rows (a constant feature unscaled), so it bites alike
+    whatever the features' scale; the weights returned still apply to x as given."""
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
-    w = jnp.linalg.solve(xc.T @ xc + lam * jnp.eye(x.shape[1], dtype=x.dtype), xc.T @ yc)
+    std = xc.std(0)
+    scale = jnp.where(std > 0, std, 1.0) if standardise else jnp.ones_like(x_mean)
+    xs = xc / scale
+    w = jnp.linalg.solve(xs.T @ xs + lam * jnp.eye(x.shape[1], dtype=x.dtype), xs.T @ yc) / scale[:, None]
     return jnp.concatenate([w, (y_mean - x_mean @ w)[None]])
 
 
@@ -23,12 +28,13 @@ def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fraction: float = 0.25,
-          key: jax.Array | None = None, held_out: jax.Array | None = None) -> dict:
+          key: jax.Array | None = None, held_out: jax.Array | None = None, standardise: bool = False) -> dict:
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
     over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints (classes: one-hot
     regression, accuracy of the argmax). Returns {"score", "train_score", "weights"} with score "r2" or "accuracy"
     on the held-out prompts: a random split by key (default key 0), or the rows where held_out [N] is True (e.g.
-    whole board positions, so the probe must generalise across them). Fits in float64 under jax x64, else float32."""
+    whole board positions, so the probe must generalise across them); standardise as ridge_fit's (on the training
+    rows). Fits in float64 under jax x64, else float32."""
     features = jnp.asarray(features, float)
     targets = jnp.asarray(targets)
     n = features.shape[0]
@@ -53,18 +59,18 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
                          f"(np.unique(targets, return_inverse=True)[1])")
     n_classes = int(targets.max()) + 1 if classes else 0
     w, test_score, train_score = _fit_and_score(features, targets, jnp.asarray(train), jnp.asarray(test), lam,
-                                                n_classes)
+                                                n_classes, standardise)
     return {"score": float(test_score), "train_score": float(train_score), "weights": np.asarray(w),
             "metric": "accuracy" if classes else "r2"}
 
 
-@partial(jax.jit, static_argnums=5)
-def _fit_and_score(features, targets, train, test, lam, n_classes: int):
+@partial(jax.jit, static_argnums=(5, 6))
+def _fit_and_score(features, targets, train, test, lam, n_classes: int, standardise: bool):
     """(weights, held-out score, train score) of probe: one compiled program per shape (n_classes 0: regression)."""
     n = features.shape[0]
     y = jax.nn.one_hot(targets, n_classes, dtype=features.dtype) if n_classes else \
         targets.reshape(n, -1).astype(features.dtype)
-    w = ridge_fit(features[train], y[train], lam)
+    w = ridge_fit(features[train], y[train], lam, standardise)
 
     def score(idx):
         pred = ridge_predict(w, features[idx])
