@@ -4,7 +4,8 @@ On the training run's model (experiments/common/abstractions.py; trained first i
 site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, the attention and MLP updates):
 
 - convergence: the official cross-board unit distance C (one root at one position on every background, each
-  board with its own token mask; the 9 cells' mean, averaged over roots and positions) and the within-board
+  board with its own token mask; the 9 cells' mean, averaged over roots and positions, and the official code's
+  3 x 3 map of it per object cell at the embedding, the convergence site and the output) and the within-board
   ratio R = W / OB (the object's cells among themselves vs against the background cells);
 - dimensionality: the participation ratio of one root's object cells (over cells, positions, backgrounds,
   masks), averaged over roots, and of every root's cells pooled;
@@ -246,7 +247,8 @@ def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, site
     figures = [_plot_convergence(sites, distance, ratio, pr_root, pr_all, (attractor, attractor_init), variant,
                                  out_dir),
                _plot_probes(sites, probes, context, variant, out_dir),
-               _plot_pca(obj, root, [sites[0], best, sites[-1]], variant, out_dir)]
+               _plot_pca(obj, root, [sites[0], best, sites[-1]], variant, out_dir),
+               _plot_distance_maps(trained["distance_map"], [sites[0], best, sites[-1]], variant, out_dir)]
     return checks, figures
 
 
@@ -256,7 +258,7 @@ def _gap(context: dict) -> dict[str, float]:
 
 def measure(cfg, data, graphdef, params, sites, single, comp, k_double, mask_p: float) -> dict:
     """Every per-site quantity of the checks for one set of parameters: "distance", "ratio", "pr_root", "pr_all"
-    ({site: float}), "probes" (probe_scores), "context" (context_independence, its double boards masked at mask_p),
+    ({site: float}), "distance_map" ({site: [3, 3]}: C per object cell), "probes" (probe_scores), "context" (context_independence, its double boards masked at mask_p),
     and "obj" ({site: [N, 9, D]}) and "root" ([N * 9]) of the single probe boards (single_probe_set) and composite
     boards comp (composite_set)."""
     n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
@@ -269,6 +271,7 @@ def measure(cfg, data, graphdef, params, sites, single, comp, k_double, mask_p: 
                                  n_bck) for s in sites}
     out = {name: {s: float(m[i]) for s, m in measured.items()}
            for i, name in enumerate(("distance", "ratio", "pr_root", "pr_all"))}
+    out["distance_map"] = {s: np.asarray(m[4]).reshape(3, 3) for s, m in measured.items()}
     comp_acts = ab.activations(graphdef, params, comp["tokens"], sites)
     out["probes"] = probe_scores(cfg, sites, probe_problems(cfg, single, root, comp), obj, comp_acts)
     out["context"] = context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comp, comp_acts,
@@ -278,15 +281,16 @@ def measure(cfg, data, graphdef, params, sites, single, comp, k_double, mask_p: 
 
 @partial(jax.jit, static_argnums=(4, 5))
 def site_geometry(acts, obj, objects, root, n_roots: int, n_bck: int):
-    """(C, R, one root's PR averaged over roots, every root's pooled PR) at one site: acts [N, 64, D] of the probe
-    boards (ordered root, position, background), obj [N, 9, D] their object cells, objects [N, 64] bool, root
-    [N * 9] the root of each object cell. C compares one root at one position over the backgrounds."""
+    """(C, R, one root's PR averaged over roots, every root's pooled PR, C per object cell [9]) at one site: acts
+    [N, 64, D] of the probe boards (ordered root, position, background), obj [N, 9, D] their object cells, objects
+    [N, 64] bool, root [N * 9] the root of each object cell. C compares one root at one position over the
+    backgrounds; per cell (the official code's 3 x 3 map), averaged over roots and positions."""
     d = obj.shape[-1]
-    distance = jnp.mean(jax.vmap(cross_board_distance)(obj.reshape(-1, n_bck, 9, d)))
+    per_cell = jnp.mean(jax.vmap(cross_board_distance)(obj.reshape(-1, n_bck, 9, d)), 0)
     ratio = jnp.mean(jax.vmap(within_board_ratio)(acts, objects))
     flat = obj.reshape(-1, d)
     pr_root = jnp.mean(jax.vmap(lambda k: participation_ratio(flat, root == k))(jnp.arange(n_roots)))
-    return distance, ratio, pr_root, participation_ratio(flat)
+    return jnp.mean(per_cell), ratio, pr_root, participation_ratio(flat), per_cell
 
 
 def probe_problems(cfg, single, root, comp) -> dict[str, tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
@@ -425,6 +429,20 @@ def _plot_pca(obj, root, sites, variant, out_dir) -> str:
         ax.set(title=f"{s}: object cells by root ({variant})", xlabel="PC1", ylabel="PC2")
         ax.title.set_fontsize(8)
     return save_figure(fig, out_dir, prefix_of(variant) + "pca_by_root")
+
+
+def _plot_distance_maps(maps: dict[str, np.ndarray], sites, variant, out_dir) -> str:
+    """The cross-board distance C of each of the 9 object cells (maps {site: [3, 3]}) at `sites`, one colour scale."""
+    fig, axes = new_figure(len(sites), size=(3.0, 2.8))
+    top = max(float(maps[s].max()) for s in sites) or 1.0
+    for ax, s in zip(axes[0], sites):
+        image = ax.imshow(maps[s], vmin=0, vmax=top, cmap="viridis")
+        for (i, j), v in np.ndenumerate(maps[s]):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 * top else "k")
+        ax.set(title=f"{_short(s)}: C per object cell ({variant})", xticks=[], yticks=[])
+        ax.title.set_fontsize(8)
+    fig.colorbar(image, ax=axes[0, -1], shrink=0.8)
+    return save_figure(fig, out_dir, prefix_of(variant) + "cross_board_distance_maps")
 
 
 def prefix_of(variant: str) -> str:

@@ -125,9 +125,15 @@ def test_unmasked_probe_boards_have_c_zero_at_the_embedding_and_no_masked_root_p
         root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)
         embed = ab.activations(graphdef, params, single["tokens"], ["embed"])["embed"]
         obj = embed[np.arange(len(cells))[:, None], cells]
-        c, r, *_ = (float(v) for v in site_geometry(jnp.asarray(embed), jnp.asarray(obj),
-                                                     jnp.asarray(single["root"] >= 0), jnp.asarray(root),
-                                                     data.cfg.n_roots, data.cfg.n_backgrounds))
+        c, r, _, _, per_cell = site_geometry(jnp.asarray(embed), jnp.asarray(obj), jnp.asarray(single["root"] >= 0),
+                                             jnp.asarray(root), data.cfg.n_roots, data.cfg.n_backgrounds)
+        c, r = float(c), float(r)
+        # C per object cell, brute force in float64: unit vectors of one root at one position over the backgrounds
+        groups = obj.reshape(-1, data.cfg.n_backgrounds, 9, obj.shape[-1]).astype(np.float64)
+        u = groups / np.linalg.norm(groups, axis=-1, keepdims=True)
+        pairs = [(a, b) for a in range(groups.shape[1]) for b in range(a + 1, groups.shape[1])]
+        brute = np.mean([np.linalg.norm(u[:, a] - u[:, b], axis=-1) for a, b in pairs], axis=(0, 1))  # [9]
+        np.testing.assert_allclose(per_cell, brute, rtol=1e-5, atol=1e-6)  # float32 norms of 64-dim vectors
         problems = probe_problems(Config(), single, root, ab.composite_set(data, mask_p, jax.random.key(1)))
         if mask_p == 0:
             assert c < 1e-6 and 0.1 < r < 2 and "masked_root" not in problems  # identical vectors: 0 up to rounding
