@@ -258,9 +258,9 @@ def _gap(context: dict) -> dict[str, float]:
 
 def measure(cfg, data, graphdef, params, sites, single, comp, k_double, mask_p: float) -> dict:
     """Every per-site quantity of the checks for one set of parameters: "distance", "ratio", "pr_root", "pr_all"
-    ({site: float}), "distance_map" ({site: [3, 3]}: C per object cell), "probes" (probe_scores), "context" (context_independence, its double boards masked at mask_p),
-    and "obj" ({site: [N, 9, D]}) and "root" ([N * 9]) of the single probe boards (single_probe_set) and composite
-    boards comp (composite_set)."""
+    ({site: float}), "distance_map" ({site: [3, 3]}: C per object cell), "probes" (probe_scores), "context"
+    (context_independence, its double boards masked at mask_p), and "obj" ({site: [N, 9, D]}) and "root" ([N * 9])
+    of the single probe boards (single_probe_set) and composite boards comp (composite_set)."""
     n_roots, n_bck = data.cfg.n_roots, data.cfg.n_backgrounds
     cells = ab.footprint(single["x"], single["y"])  # [N, 9]
     root = np.repeat(single["root"][np.arange(len(cells)), cells[:, 0]], 9)  # [N * 9]
