@@ -9,8 +9,8 @@ site, one site at a time, all sites and boards in one compiled program (jaxicl.a
   mean over a probe set's masked object cells of each root and cell index, per site, so cell c of A receives
   mu_(B,c) - mu_(A,c); centroid="root" pools the 9 cells, the notes' mu_k, and is measured as well); control: a
   random direction of the same norm.
-  Reported: the fraction of the object's cells decoded as B's token at that cell (over cells where A's and B's
-  colours differ), on every footprint cell and on the masked ones;
+  Reported: the fraction of the object's cells decoded as B's token at that cell and the fraction still decoded as
+  A's (both over cells where A's and B's colours differ), on every footprint cell and on the masked ones;
 - mean ablation (loss of function): the object cells set to the grand mean of the root centroids; reported:
   the fraction still decoded as A's tokens;
 - masked completion through an abstraction: completion_masked of the 9 cells masked, mu_B - mu_A added on those
@@ -33,9 +33,10 @@ earlier all-cell centroids passing both masked-cell checks for the model with ev
 
 What the quick preset shows (under a minute on the training run's model; numbers of a run on an Intel Xeon, Emerald
 Rapids), on masked cells: the B board's activations on A's cells turn 0.95 of them into B's colours (at
-layer0.resid_mid), and setting the object cells to the mean centroid at layer2.z leaves 0.07 of A's colours (unedited
-0.98): both pass. Adding mu_B - mu_A turns only 0.25 of them at the checked sites (layer1.resid_mid; random direction
-0.02), short of the check's 0.5 gain, against 0.93-0.96 after the last attention (layer2.resid_mid, resid_post), where
+layer0.resid_mid; 0.005 still A's), and setting the object cells to the mean centroid at layer2.z leaves 0.07 of A's
+colours (unedited 0.98): both pass. Adding mu_B - mu_A turns only 0.25 of them at the checked sites
+(layer1.resid_mid; random direction 0.02) and leaves 0.44 of them A's, short of the check's 0.5 gain, against
+0.93-0.96 B's (0.01 and 0.00 A's) after the last attention (layer2.resid_mid, resid_post), where
 a cell moved into B's cluster is drawn as B by the readout alone; with 6 of 9 cells masked, adding the difference on
 the masked cells completes B on 0.23 of them (layer1.resid_post; random 0.08; unedited the network completes A on
 0.49), short of the check's 0.3 gain, against 0.90 after the last attention. So the per-(root, cell) abstractions of
@@ -142,6 +143,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     to_b = {k: decoded_as(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
     to_b_masked = {k: decoded_as(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
     whole_b = {k: whole_footprint_as(edits[k], tok_b, on) for k in ("centroid", "random", "patch")}
+    # the notes' third transplant outcome: the cells still decoded as A (same cells as the B fractions)
+    still_a = {k: decoded_as(edits[k], tok_a, differ) for k in ("centroid", "patch")}
+    still_a_masked = {k: decoded_as(edits[k], tok_a, differ & masked) for k in ("centroid", "patch")}
     kept_a = {k: decoded_as(edits["ablation"], tok_a, w) for k, w in (("footprint", on), ("masked", on & masked))}
     clean_a = {k: float(np.mean(clean[w] == tok_a[w])) for k, w in (("footprint", on), ("masked", on & masked))}
     completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
@@ -163,21 +167,26 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_above("centroid_transplant_over_random_masked",
                     to_b_masked["centroid"][best] - to_b_masked["random"][best], cfg.min_transplant_gain,
                     f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b_masked['centroid'][best]:.3f} of "
-                    f"the masked ones into B's colour, a random direction of the same norm "
-                    f"{to_b_masked['random'][best]:.3f} (every footprint cell, visible ones included: "
-                    f"{to_b['centroid'][best]:.3f}, random {to_b['random'][best]:.3f}; the whole footprint drawn as "
+                    f"the masked ones into B's colour and leaves {still_a_masked['centroid'][best]:.3f} of them A's, "
+                    f"a random direction of the same norm {to_b_masked['random'][best]:.3f} B's (every footprint "
+                    f"cell, visible ones included: {to_b['centroid'][best]:.3f} B's, {still_a['centroid'][best]:.3f} "
+                    f"A's, random {to_b['random'][best]:.3f} B's; the whole footprint drawn as "
                     f"B on {whole_b['centroid'][best]:.3f} of the boards, random {whole_b['random'][best]:.3f}, B's "
                     f"activations patched in {whole_b['patch'][best]:.3f}); {len(a)} boards "
                     f"({n_roots * (n_roots - 1)} pairs); centroids by {cfg.centroid}; masked cells per site: "
                     f"{fmt(to_b_masked['centroid'])}; random per site: {fmt(to_b_masked['random'])}; every footprint "
                     f"cell per site: {fmt(to_b['centroid'])}; with the other centroids ("
                     f"{next(by for by in CENTROIDS if by != cfg.centroid)}), masked cells per site: "
-                    f"{fmt(to_b_masked['other_centroid'])}"),
+                    f"{fmt(to_b_masked['other_centroid'])}; masked cells still A per site: "
+                    f"{fmt(still_a_masked['centroid'])}"),
         check_above("patch_transplant_masked", to_b_masked["patch"][best_patch], cfg.min_patch_transplant,
                     f"at {sites[best_patch]}: the B board's activations on A's cells (same position, background and "
                     f"mask) turn {to_b_masked['patch'][best_patch]:.3f} of the masked ones into B's colour (every "
-                    f"footprint cell: {to_b['patch'][best_patch]:.3f}); masked cells per site: "
-                    f"{fmt(to_b_masked['patch'])}; every footprint cell per site: {fmt(to_b['patch'])}"),
+                    f"footprint cell: {to_b['patch'][best_patch]:.3f}) and leave "
+                    f"{still_a_masked['patch'][best_patch]:.3f} of them A's (every footprint cell "
+                    f"{still_a['patch'][best_patch]:.3f}); masked cells per site: "
+                    f"{fmt(to_b_masked['patch'])}; every footprint cell per site: {fmt(to_b['patch'])}; masked cells "
+                    f"still A per site: {fmt(still_a_masked['patch'])}"),
         check_above("mean_ablation_drop_masked", clean_a["masked"] - kept_a["masked"][best_ablation],
                     cfg.min_ablation_drop,
                     f"at {sites[best_ablation]}: the object cells set to the mean root centroid keep "

@@ -6,6 +6,11 @@ With the official recipe (T = 30, 1000 sequences, GD at lr 0.5 from P = 0 until 
 for the data: over jaxicl seeds 0-4, two draws of the 1000 sequences gave rows 28 up to 0.0057 apart (max |entry|
 difference; mu = 100, the most), and every draw was within 0.0035 of the official row for every mu, while the rows
 of neighbouring mus differ by about 0.1. The quick run's rows are within 0.0024 of the official ones.
+
+The official code saves P without its superdiagonal, the weights P[r, r + 1] on the current token; pe_only.npz keeps
+them apart (current_mu*) and the stop-step check's note reports them (no check: the notes' expected shape is their
+own observation). At quick they stay well away from zero and shrink as mu grows, as the notes expect: mean over
+the trained rows 0.50, 0.36, 0.26, 0.22 for mu = 50, 100, 200, 300; row 28 (the plotted row) 0.46, 0.29, 0.21, 0.14.
 """
 
 import dataclasses
@@ -106,7 +111,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                        "ridge": np.asarray(th.ridge_positional(s, lam)),
                        "tsvd": np.asarray(th.min_norm_positional(s, cfg.rcond)),
                        "exact": np.asarray(th.min_norm_positional(s, 1e-4))}
-    outputs.save_arrays(f"{out_dir}/pe_only.npz", **{f"P_mu{int(mu)}": np.tril(r["P"]) for mu, r in res.items()})
+    # the official saved P drops the superdiagonal (row r's weight on the current token s_(r+1)); kept apart here
+    current = {mu: np.diagonal(r["P"], 1) for mu, r in res.items()}  # [T - 1], every row trained
+    outputs.save_arrays(f"{out_dir}/pe_only.npz", **{f"P_mu{int(mu)}": np.tril(r["P"]) for mu, r in res.items()},
+                        **{f"current_mu{int(mu)}": c for mu, c in current.items()})
     d_ridge = {mu: _rel(r["P"][:-1], r["ridge"][:-1]) for mu, r in res.items()}
     d_tsvd = {mu: _rel(r["P"][:-1], r["tsvd"][:-1]) for mu, r in res.items()}
     d_exact = {mu: _rel(r["P"][:-1], r["exact"][:-1]) for mu, r in res.items()}
@@ -120,7 +128,11 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"truncated-SVD min-norm LS at rcond={cfg.rcond}, the notes' proxy, is at {fmt(d_tsvd)}, and "
                     f"weakly regularised min-norm LS (rcond 1e-4) at {fmt(d_exact)}"),
         Check("stop_steps_decrease_with_mu", float(decreasing), "== 1", decreasing,
-              f"GD steps to loss < {cfg.train.stop_loss}: {dict(zip([int(m) for m in cfg.mus], steps))}"),
+              f"GD steps to loss < {cfg.train.stop_loss}: {dict(zip([int(m) for m in cfg.mus], steps))}; at the "
+              f"stop step the current-token weights P[r, r + 1] (not in the official saved P), mean over the "
+              f"trained rows r <= {t - 2} [min, max], and row {t - 2}'s: "
+              + "; ".join(f"mu={m:g}: {c.mean():.3f} [{c.min():.3f}, {c.max():.3f}], {c[-1]:.3f}"
+                          for m, c in current.items())),
         check_below("max_final_loss", max(r["loss"] for r in res.values()), cfg.train.stop_loss,
                     f"stop rule reached for every mu (max {cfg.train.steps} steps)"),
     ]

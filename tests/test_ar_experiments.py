@@ -63,3 +63,49 @@ def test_notes_state_the_run_optimiser_not_fixed_text(tmp_path):
     assert optimizer_note(fig3.train) == "sgd lr 0.01 constant"
     clipped = dataclasses.replace(fig3.train, optimizer="adamw", weight_decay=0.1, clip_norm=1.0)
     assert optimizer_note(clipped) == "adamw lr 0.01 constant, weight decay 0.1, clip 1"
+
+
+def test_fig5_outside_mass_on_the_gd_step_construction_and_a_perturbation():
+    from experiments.ar_fig5_augmented import outside_mass
+    d = 3
+    gd = np.zeros((3 * d, 3 * d))
+    gd[d:2 * d, 2 * d:] = 2.0 * np.eye(d)  # query s_t, key s_(t'-1)
+    gd[2 * d:, d:2 * d] = -0.5 * np.eye(d)  # query s_(t-1), key s_t'
+    assert outside_mass(gd, d) == (0.0, 0.0)  # exact zeros outside the blocks
+    rng = np.random.default_rng(0)
+    used = gd.copy()
+    used[d:2 * d, d:2 * d] = e = rng.normal(size=(d, d))  # (query s_t, key s_t'): used by the tokens, outside
+    want = np.linalg.norm(e) / np.hypot(np.linalg.norm(gd), np.linalg.norm(e))  # disjoint supports
+    np.testing.assert_allclose(outside_mass(used, d), (want, want), rtol=1e-12)  # float64 rounding only
+    zero_rows = gd.copy()
+    zero_rows[:d] = f = rng.normal(size=(d, 3 * d))  # the zero block's queries: outside, never used
+    all_rel, used_rel = outside_mass(zero_rows, d)
+    np.testing.assert_allclose(all_rel, np.linalg.norm(f) / np.hypot(np.linalg.norm(gd), np.linalg.norm(f)),
+                               rtol=1e-12)
+    assert used_rel == 0.0
+
+
+def test_fig5_value_readout_map_of_a_copy_into_the_first_block():
+    from experiments.ar_fig5_augmented import identity_error, value_readout_map
+    d, dim = 3, 9
+    readout = np.zeros((dim, dim))
+    readout[:d, :d] = np.eye(d)  # the prediction reads the first block
+    scale = np.full(dim, 0.5)
+    # the value writes b s_t' into the first block and -b s_t' into the s_t block (which the readout ignores), so
+    # the written vector has zero mean and the LayerNorm's centring leaves it: the map is 0.5 b I = I
+    vo = np.zeros((dim, dim))
+    vo[d:2 * d, :d], vo[d:2 * d, d:2 * d] = 2.0 * np.eye(d), -2.0 * np.eye(d)
+    np.testing.assert_allclose(value_readout_map(vo, scale, readout, d), np.eye(d), rtol=1e-12, atol=1e-15)
+    err, alpha = identity_error(value_readout_map(vo, scale, readout, d))
+    assert err < 1e-14 and alpha == pytest.approx(1.0, rel=1e-14)  # float64 rounding of the centring only
+    # a traceless perturbation E of the readout: the error is ||E|| / ||I + E||
+    e = np.random.default_rng(1).normal(size=(d, d))
+    e -= np.trace(e) / d * np.eye(d)
+    perturbed = readout.copy()
+    perturbed[:d, :d] += e
+    err, alpha = identity_error(value_readout_map(vo, scale, perturbed, d))
+    np.testing.assert_allclose([err, alpha], [np.linalg.norm(e) / np.linalg.norm(np.eye(d) + e), 1.0], rtol=1e-12)
+    # a copy with nonzero mean: the centring subtracts J / dim, so the map is 0.5 b (I - J / dim)
+    vo[d:2 * d, d:2 * d] = 0.0
+    np.testing.assert_allclose(value_readout_map(vo, scale, readout, d), np.eye(d) - np.ones((d, d)) / dim,
+                               rtol=1e-12)
