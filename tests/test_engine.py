@@ -83,6 +83,32 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, prng_impl):
     assert CheckpointStore(str(tmp_path / "b" / "checkpoints")).steps() == [10, 20]
 
 
+def test_a_float64_run_under_enable_x64_resumes_in_float64(tmp_path):
+    """Experiments fit in float64 inside `with jax.enable_x64(True)`, a context of the calling thread: orbax reads a
+    checkpoint in threads of its own, where arrays made from the float64 data came back float32, so the resumed run
+    (or a finished one restored) went on rounded to float32. Restored, the state keeps its dtype and bits, and a
+    resumed run ends where the uninterrupted one does."""
+    def loss_fn(p, _):
+        return jnp.sum((p["w"] - jnp.arange(3.0)) ** 2) / 3, {}
+
+    with jax.enable_x64(True):
+        params = {"w": jnp.full(3, 1 / 3, jnp.float64)}  # not representable in float32
+        cfg = TrainConfig(steps=20, lr=0.1, steps_per_call=5, checkpoint_every=10)
+        straight = train(loss_fn, None, None, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+        half = train(loss_fn, None, None, dataclasses.replace(cfg, steps=10), params, out_dir=str(tmp_path / "b"),
+                     progress=False)
+        store = CheckpointStore(str(tmp_path / "b" / "checkpoints"))
+        with jax.set_mesh(data_mesh()):
+            restored = store.restore(half.state, replicated(data_mesh()))
+        store.close()
+        assert restored.params["w"].dtype == jnp.float64
+        np.testing.assert_array_equal(restored.params["w"], half.state.params["w"])  # a copy: the same bits
+        resumed = train(loss_fn, None, None, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    assert resumed.state.params["w"].dtype == jnp.float64
+    # exact: every chunk of both runs is the same compiled 5-step program applied to the same state
+    np.testing.assert_array_equal(resumed.state.params["w"], straight.state.params["w"])
+
+
 def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicates(tmp_path):
     """A run killed before its first checkpoint leaves rows (the step-0 evaluation among them) but no
     state: the rerun starts at step 0 and must leave the file of one uninterrupted run."""

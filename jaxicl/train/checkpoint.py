@@ -92,9 +92,11 @@ class CheckpointStore:
             raise ConfigError(f"cannot restore: the checkpoint's run drew its batches with train.prng_impl="
                               f"{made_with!r}, the state to restore into has {wanted!r} keys; build it with "
                               f"init_state(..., prng_impl={made_with!r})")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                jax.eval_shape(_to_tree, like))
-        tree = self._ckptr.load(step, abstract)
+        # read as numpy, then placed from this thread: orbax reads in threads of its own, which a float64 run's
+        # jax.enable_x64 context does not reach, so arrays made there came back float32 (and the run resumed rounded)
+        host = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), jax.eval_shape(_to_tree, like))
+        tree = self._ckptr.load(step, host)
+        tree = jax.device_put(tree, sharding)
         key = jax.random.wrap_key_data(tree["key_data"], impl=jax.random.key_impl(like.key))
         return TrainState(tree["params"], tree["opt_state"], tree["step"], key, tree.get("buffers"))
 
