@@ -2,6 +2,8 @@ import json
 import math
 import os
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import registry
@@ -39,3 +41,41 @@ def test_random_init_notes_state_the_run_optimiser(tmp_path):
     notes = {c.name: c.note for c in nn_random_init.run(cfg, str(tmp_path)).checks}
     assert "adam lr 0.01 constant, batch 64, 20 steps" in notes["agreement_with_1nn_at_reference_scale"]
     assert "SGD" not in notes["agreement_with_1nn_at_reference_scale"]
+
+
+def test_nn_metrics_attention_diagnostics_match_numpy_brute_force():
+    """self_weight (q_{N+1}) and argmax_is_1nn against float64 numpy on the raw tokens: the scores h_j^T W h_q over
+    all N + 1 tokens, and i* = argmin_j |x_j - x_q| from the tokens' x (not the sampler's `nearest`)."""
+    from flax import nnx
+
+    from experiments.common.nearest_neighbor import eval_batches, nn_metrics
+    from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
+    from jaxicl.tasks import nearest_neighbor as nn_task
+    from jaxicl.theory.nearest_neighbor import from_reduced
+
+    n, d = 6, 4
+    task = nn_task.NearestNeighbor(dim=d, n_context=n)
+    uniform, shifted = eval_batches(task, 0, 64)
+    graphdef, params = nnx.split(NearestNeighborAttention(d, rngs=nnx.Rngs(0)))
+    # off the family, with the query's own score (xi1 - xi2 = 2.5) competing: every outcome occurs
+    w = np.asarray(from_reduced(4.0, 1.5, d)) + 0.4 * np.random.default_rng(0).standard_normal((d + 2, d + 2))
+    params["w"].set_value(jnp.asarray(w, jnp.float32))
+    metrics = nn_metrics(graphdef, uniform, shifted)(params)
+
+    tokens = np.asarray(uniform.inputs, np.float64)  # [B, N + 1, D]
+    scores = np.einsum("btk,kl,bl->bt", tokens, w.astype(np.float32).astype(np.float64), tokens[:, -1])
+    q = np.exp(scores - scores.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    dist = np.linalg.norm(tokens[:, :-1, :d] - tokens[:, -1:, :d], axis=-1)
+    nearest = np.argmin(dist, -1)
+    hits = np.argmax(q, -1) == nearest
+    # integer counts compared exactly: no near ties in either argmax (float32 rounding moves weights of size < 1
+    # with scores of size ~5 by ~1e-6 at most, and distances by ~1e-7)
+    top2 = np.sort(q, -1)[:, -2:]
+    assert np.min(top2[:, 1] - top2[:, 0]) > 1e-5
+    assert np.min(np.diff(np.sort(dist, -1)[:, :2], axis=-1)) > 1e-5
+    assert 0 < hits.sum() < len(hits) and (np.argmax(q, -1) == n).any()  # misses both ways: to the query, to j != i*
+    assert round(float(metrics["argmax_is_1nn"]) * len(hits)) == hits.sum()
+    # float32 softmax of scores of size ~5 against float64: relative error ~1e-6
+    np.testing.assert_allclose(metrics["self_weight"], q[:, -1].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["self_weight_max"], q[:, -1].max(), rtol=1e-5)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.models import predictor
+from jaxicl.models import apply, predictor
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
@@ -66,17 +66,22 @@ def eval_batches(task: nn_task.NearestNeighbor, seed: int, num: int):
 
 
 def nn_metrics(graphdef: nnx.GraphDef, uniform, shifted) -> Callable[[object], dict]:
-    """params -> {shifted_mse, uniform_mse, agree_1nn}: MSE at the query on both sets and the fraction of
-    uniform prompts whose predicted class (sign for binary) is the 1-NN label's class."""
+    """params -> {shifted_mse, uniform_mse, agree_1nn, self_weight, self_weight_max, argmax_is_1nn}: MSE at the
+    query on both sets; on the uniform prompts the fraction whose predicted class (sign for binary) is the 1-NN
+    label's class, the mean and max softmax weight the query puts on itself (q_{N+1}), and the fraction whose
+    largest attention weight, over all N + 1 tokens (the query's own included), is on the 1-NN point i*."""
 
     def evaluate(params):
         model, predict = nnx.merge(graphdef, params), predictor(graphdef, params)
         pred_u = jax.vmap(predict)(uniform.inputs)[:, -1]  # the query's prediction
         pred_s = jax.vmap(predict)(shifted.inputs)[:, -1]
         agree = jnp.mean(_predicted_class(model, pred_u) == _predicted_class(model, uniform.targets[:, -1]))
+        weights = jax.vmap(lambda t: apply(graphdef, params, t, capture=["attn.weights"])[1]["attn.weights"])(
+            uniform.inputs)  # [B, N + 1], the query last
         return {"shifted_mse": _mse(pred_s, shifted.targets[:, -1]),
                 "uniform_mse": _mse(pred_u, uniform.targets[:, -1]),
-                "agree_1nn": agree}
+                "agree_1nn": agree, "self_weight": jnp.mean(weights[:, -1]), "self_weight_max": jnp.max(weights[:, -1]),
+                "argmax_is_1nn": jnp.mean(jnp.argmax(weights, -1) == uniform.info["nearest"])}
 
     return evaluate
 

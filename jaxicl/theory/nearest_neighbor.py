@@ -33,6 +33,12 @@ def _weights(xi1, xi2, s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return e / z[..., None], e_self / z
 
 
+def log_query_weight(xi1, xi2, s: jax.Array) -> jax.Array:
+    """log q_{N+1} [M], the query's softmax weight on itself, for s [M, N] (in logs: it reaches e^-50)."""
+    scores = jnp.concatenate([xi1 * s, jnp.broadcast_to(xi1 - xi2, s.shape[:-1])[..., None]], axis=-1)
+    return xi1 - xi2 - jax.nn.logsumexp(scores, axis=-1)
+
+
 def reduced_terms(xi1, xi2, s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-sample (loss, dL/dxi1, dL/dxi2), each [M], for s [M, N]."""
     best = jnp.argmax(s, axis=-1)
@@ -158,6 +164,38 @@ def log_slope_drift(steps, values, start: float, stop: float) -> float:
     middle = np.sqrt(start * stop)
     early, late = (steps >= start) & (steps < middle), (steps >= middle) & (steps <= stop)
     return fit_log_growth(steps[late], values[late])[0] / fit_log_growth(steps[early], values[early])[0]
+
+
+def window_mean_ratio(steps, values, start: float, stop: float) -> float:
+    """Mean of values over the later half of the log window [start, stop] over the mean over the earlier half
+    (split at sqrt(start * stop), as log_slope_drift): 1 for a constant, below 1 for a decreasing quantity."""
+    steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    middle = np.sqrt(start * stop)
+    early, late = (steps >= start) & (steps < middle), (steps >= middle) & (steps <= stop)
+    return float(values[late].mean() / values[early].mean())
+
+
+def top_gap_laplace(s: jax.Array, xi) -> jax.Array:
+    """E[exp(xi (s_(2) - s_(1)))] (Li et al. Lemma 20: Theta(1/xi)), Monte Carlo over s [M, N], with s_(1) >= s_(2)
+    the two largest s_j; xi [K] -> [K]."""
+    top = jax.lax.top_k(s, 2)[0]
+    return jnp.mean(jnp.exp(-jnp.asarray(xi)[..., None] * (top[:, 0] - top[:, 1])), axis=-1)
+
+
+def top_gap_density_at_zero(n_context: int, dim: int) -> float:
+    """p(0), the density at 0 of the gap s_(1) - s_(2), so that xi E[exp(xi (s_(2) - s_(1)))] -> p(0) as xi -> inf:
+    N (N - 1) int f(s)^2 F(s)^(N-2) ds (two of the N points at the top together), with f = (k_d / 2) (1 - s^2)^((d-3)/2)
+    the density of one s_j and F its CDF ((1 + s) / 2 ~ Beta((d-1)/2, (d-1)/2)); needs N >= 2 and d >= 3 (at d = 2, f^2 is not
+    integrable at s = 1 and p(0) is infinite)."""
+    from scipy import integrate, special
+
+    a = (dim - 1) / 2
+    half_k = special.gamma(dim / 2) / (np.sqrt(np.pi) * special.gamma(a))
+
+    def integrand(s):
+        return (half_k * (1 - s * s) ** ((dim - 3) / 2)) ** 2 * special.betainc(a, a, (1 + s) / 2) ** (n_context - 2)
+
+    return float(n_context * (n_context - 1) * integrate.quad(integrand, -1, 1)[0])
 
 
 def lemma12_sigma(n_context: int, dim: int) -> float:
