@@ -16,6 +16,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import integrate, special
 
 
 def sample_inner_products(key: jax.Array, n_context: int, dim: int, num: int) -> jax.Array:
@@ -184,11 +185,9 @@ def top_gap_laplace(s: jax.Array, xi) -> jax.Array:
 
 def top_gap_density_at_zero(n_context: int, dim: int) -> float:
     """p(0), the density at 0 of the gap s_(1) - s_(2), so that xi E[exp(xi (s_(2) - s_(1)))] -> p(0) as xi -> inf:
-    N (N - 1) int f(s)^2 F(s)^(N-2) ds (two of the N points at the top together), with f = (k_d / 2) (1 - s^2)^((d-3)/2)
-    the density of one s_j and F its CDF ((1 + s) / 2 ~ Beta((d-1)/2, (d-1)/2)); needs N >= 2 and d >= 3 (at d = 2, f^2 is not
-    integrable at s = 1 and p(0) is infinite)."""
-    from scipy import integrate, special
-
+    N (N - 1) int f(s)^2 F(s)^(N-2) ds (two of the N points at the top together), with
+    f = (k_d / 2) (1 - s^2)^((d-3)/2) the density of one s_j and F its CDF ((1 + s) / 2 ~ Beta((d-1)/2, (d-1)/2));
+    needs N >= 2 and d >= 3 (at d = 2, f^2 is not integrable at s = 1 and p(0) is infinite)."""
     a = (dim - 1) / 2
     half_k = special.gamma(dim / 2) / (np.sqrt(np.pi) * special.gamma(a))
 
