@@ -73,9 +73,18 @@ def _synthetic_run(xi1, xi2, steps: int, reduced_no_d_scale: float, growth=None)
             "per_step": {"loss": 1 / (t[:, None] + 1) + np.array([0.0, 0.01]),
                          "xi1": xi1[:, None] + spread, "xi2": xi2[:, None] + spread,
                          "off_family": np.tile([0.01, 0.03], (steps, 1))},
-            "evals": {"shifted_mse": np.array([[0.1, 0.2], [1e-3, 2e-3]]), "agree_1nn": np.array([[0.5, 0.6], [0.95, 0.92]])},
+            "evals": {"shifted_mse": np.array([[0.1, 0.2], [1e-3, 2e-3]]),
+                      "agree_1nn": np.array([[0.5, 0.6], [0.95, 0.92]]),
+                      "self_weight": np.array([[0.01, 0.02], [0.005, 0.007]]),
+                      "self_weight_max": np.array([[0.5, 0.6], [0.1, 0.2]]),
+                      "xi1": np.array([[0.0, 0.0], [3.0, 4.0]]), "xi2": np.array([[0.0, 0.0], [15.0, 30.0]]),
+                      "argmax_is_1nn": np.array([[0.2, 0.3], [0.97, 0.99]])},
             "reduced": path, "reduced_no_d": path / reduced_no_d_scale, "d": 4,
-            "long": long, "lemma12": long * np.array([0.5, 1.0])}
+            "long": long, "lemma12": long * np.array([0.5, 1.0]),
+            # L = 2 / log t on the long path (L log t constant; t = 1 has log t = 0 and is left out)
+            "long_loss": np.r_[1.0, 2 / np.log(t_long[1:])],
+            "long_self_margin": np.array([-3.0, -1.0, -2.0]), "lemma12_self_margin": np.array([0.5, -1.0]),
+            "lemma12_self_over_fraction": 0.25}
 
 
 def test_summaries_of_a_run_growing_exactly_like_log_t():
@@ -104,6 +113,22 @@ def test_summaries_of_a_run_growing_exactly_like_log_t():
     np.testing.assert_allclose([s["reduced_gap"], s["reduced_gap_early"]], 0.0, atol=1e-14)
     np.testing.assert_allclose(s["reduced_gap_no_d"], 0.01, rtol=1e-10)  # |xi - xi / 1.01| / (xi / 1.01)
     np.testing.assert_allclose(s["ratio"], (1.7 * np.log(199) + 3) / (2.3 * np.log(199) + 1), rtol=1e-12)
+    # L log t constant on the long path: the late-half mean over the early-half mean is 1 at every horizon; the
+    # stalled-loss contrast is that ratio for log t itself (numpy here, on the same halves of the log window)
+    np.testing.assert_allclose(list(s["loss_log_t"].values()), 1.0, rtol=1e-12)
+    t_long = np.arange(1, t_end // LONG["long_record_every"] + 1) * LONG["long_record_every"]
+    for h, stall in s["stall"].items():
+        lo, mid = cfg.fit_from * h, np.sqrt(cfg.fit_from * h * h)
+        logs = np.log(t_long)
+        late, early = logs[(t_long >= mid) & (t_long <= h)], logs[(t_long >= lo) & (t_long < mid)]
+        np.testing.assert_allclose(stall, late.mean() / early.mean(), rtol=1e-12)
+    np.testing.assert_allclose(s["long_loss_log_t_final"], 2.0, rtol=1e-12)
+    np.testing.assert_allclose(s["self_weight"], [0.015, 0.015, 0.006], rtol=1e-12)  # seed means: init, peak, end
+    assert s["self_weight_max"] == 0.2 and s["argmax_1nn"] == 0.97  # the last row's max and min
+    np.testing.assert_allclose(s["self_over_lemma12"], max(0.1 * np.exp(1.0), 0.2 * np.exp(2.0)), rtol=1e-12)
+    np.testing.assert_allclose(s["self_bound_2xi1"], max(np.exp(6.0 - 15.0), np.exp(8.0 - 30.0)), rtol=1e-12)
+    np.testing.assert_allclose([s["long_self_over_lemma12"], s["lemma12_self_over_bound"]], np.exp([-1.0, 0.5]),
+                               rtol=1e-12)
 
 
 def test_summaries_fit_the_exponent_of_a_power_law():
