@@ -15,7 +15,8 @@ site in depth order (the residual stream, the LayerNorm outputs z and mlp_in, th
   background, the object's position (R^2 of its top-left row and column) and, on composite boards (a composite
   position held out), the composite id and the root id;
 - a PCA scatter of the object cells coloured by root at the embedding, the convergence site and the output;
-- the attractor test: noise of norm alpha |x| on the object cells at the embedding, followed through the sites;
+- the attractor test: noise of norm alpha |x| on the object cells at the embedding, followed through the sites,
+  and the object cells still drawn right as the noise grows until reconstruction breaks down;
 - context independence: the cosine between a root's centroid from single boards and from double and composite
   boards pooled (against different roots' centroids), and the single-board root probe applied to double and
   composite boards.
@@ -54,7 +55,9 @@ independence: at layer1.attn.out a root's single-board centroid has cosine 0.82 
 composite boards (0.16 with other roots'): gap 0.66 against at most 0.19 untrained; the single-board root probe
 reads double boards at 0.82 and composites at 0.92. Noise of 0.5 |x| on the object cells at the embedding shrinks
 to 0.13-0.19 at every site from the first block's MLP on, 0.17 at the output, where the untrained model leaves
-0.30 (ratio 0.58; its residual stream holds 0.29-0.38 after the embedding).
+0.30 (ratio 0.58; its residual stream holds 0.29-0.38 after the embedding). The object is still drawn from noise
+as large as the embedding itself, then reconstruction breaks down: the object cells are drawn right at 0.985 clean,
+0.98, 0.94, 0.72, 0.39 and 0.22 with noise of 0.5, 1, 2, 4 and 8 |x| (reconstruction_alphas).
 The unmasked variant shows the same picture: R falls from 0.81 at the embedding to 0.17 at layer1.attn.out and
 rises to 0.78 at the output (ratio 0.22 against 0.99 untrained), where one root's participation ratio is 2.2
 (4.1 at the embedding, 5.3 at the output); C, 0 at the embedding, stays at most 0.11 (these boards differ only in
@@ -78,7 +81,7 @@ from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
 from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, unit, within_board_ratio
-from jaxicl.analysis.perturbation import perturbation_distances
+from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outputs
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.tasks import boards as bd
 from jaxicl.validation import ConfigError, check_positive, check_range
@@ -105,6 +108,8 @@ class Config:
     ridge_lam: float = 1.0
     standardise_probes: bool = True  # the notes' probes: ridge on features standardised over the training rows
     perturb_alpha: float = 0.5
+    # the noise scales of the reconstruction sweep ("until reconstruction breaks down"), in units of |x|
+    reconstruction_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     perturb_boards: int = 200
     # trained minus untrained (the run's initial parameters), each at its best site: the untrained model's random
     # features already decode most features far above chance. 0.05 is 3-5 standard errors of a held-out accuracy
@@ -124,6 +129,8 @@ class Config:
         for name in ("double_boards", "perturb_boards"):
             check_positive(name, getattr(self, name))
         check_positive("ridge_lam", self.ridge_lam)
+        for i, alpha in enumerate(self.reconstruction_alphas):
+            check_positive(f"reconstruction_alphas[{i}]", alpha)
 
 
 PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, probe_positions=3, held_out_positions=1,
@@ -177,6 +184,11 @@ def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, site
     attractor, attractor_init = (np.asarray(perturbation_distances(
         graphdef, p, jnp.asarray(single["tokens"][spread]), "embed", objects[spread], cfg.perturb_alpha, k_perturb,
         perturb_sites)) for p in (params, init_params))
+    # how much noise the trained model absorbs: the object cells it still draws right (the clean board's token)
+    drawn = {alpha: float(np.mean((np.argmax(perturbed_outputs(graphdef, params, jnp.asarray(single["tokens"][spread]),
+                                                                "embed", objects[spread], alpha, k_perturb), -1)
+                                   == single["board"][spread])[np.asarray(objects[spread])]))
+             for alpha in (0.0, *cfg.reconstruction_alphas)}
 
     def fmt(d):
         return ", ".join(f"{s} {d[s]:.3f}" for s in sites)
@@ -243,7 +255,9 @@ def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, site
         f"distance |perturbed - clean| / |clean| there at the output ({sites[-1]}), trained {attractor[-1]:.3f} over "
         f"untrained {attractor_init[-1]:.3f} (an untrained residual stream shrinks it too: later layers add to it); "
         f"per later site: " + ", ".join(f"{s} {v:.2f}" for s, v in zip(perturb_sites, attractor))
-        + "; untrained: " + ", ".join(f"{s} {v:.2f}" for s, v in zip(perturb_sites, attractor_init))))
+        + "; untrained: " + ", ".join(f"{s} {v:.2f}" for s, v in zip(perturb_sites, attractor_init))
+        + ". Object cells still drawn as the clean board's tokens with noise alpha |x| there: "
+        + ", ".join(f"alpha {a:g} {v:.3f}" for a, v in drawn.items())))
     figures = [_plot_convergence(sites, distance, ratio, pr_root, pr_all, (attractor, attractor_init), variant,
                                  out_dir),
                _plot_probes(sites, probes, context, variant, out_dir),

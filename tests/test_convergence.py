@@ -127,7 +127,7 @@ def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation(
     import jax
     from flax import nnx
 
-    from jaxicl.analysis.perturbation import perturbation_distances
+    from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outputs
     from jaxicl.models import apply
     from jaxicl.models.factor_transformer import FactorTransformer
     from jaxicl.sites import Patch
@@ -167,3 +167,11 @@ def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation(
     zero = perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.0,
                                   jax.random.key(1), sites)
     np.testing.assert_allclose(np.asarray(zero), 0.0, atol=1e-6)
+    # the outputs under the same noise: the independent route's perturbed runs, board by board (float32, two programs)
+    out = np.asarray(perturbed_outputs(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
+                                       jax.random.key(1)))
+    edit = jax.jit(lambda t, dl: apply(graphdef, params, t, patch=Patch(deltas={"layer0.resid_post": dl}))[0])
+    want = np.stack([edit(tokens[b], jnp.asarray(delta[b], jnp.float32)) for b in range(3)])
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    clean = np.stack([apply(graphdef, params, t)[0] for t in tokens])
+    assert np.abs(out - clean)[~cells].max() < np.abs(out - clean)[cells].max()  # the noise moved the outputs

@@ -32,10 +32,7 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
                          f"{list(cells.shape)}")
     clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
     x = clean[site]
-    noise = jax.random.normal(key, x.shape)
-    scale = alpha * jnp.linalg.norm(x, axis=-1, keepdims=True) / jnp.linalg.norm(noise, axis=-1, keepdims=True)
-    delta = jnp.where(cells[..., None], noise * scale, 0.0)
-    perturbed = _perturbed(graphdef, params, tokens, site, delta, tuple(sites))
+    perturbed = _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), tuple(sites))[1]
     w = cells.astype(x.dtype)
     out = []
     for s in sites:
@@ -44,7 +41,22 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
     return jnp.stack(out)
 
 
+def perturbed_outputs(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array, alpha: float,
+                      key: jax.Array) -> jax.Array:
+    """The model's outputs [B, T, ...] with perturbation_distances' noise (the same draw for the same key, so a
+    sweep over alpha scales one direction) added to `site` at cells [B, T]: whether the model still reconstructs."""
+    x = run_with_cache(graphdef, params, tokens, [site])[1][site]
+    return _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), ())[0]
+
+
+def noise_at(x: jax.Array, cells: jax.Array, alpha: float, key: jax.Array) -> jax.Array:
+    """[B, T, D] Gaussian noise of norm alpha |x| at each cell of cells [B, T] (bool), 0 elsewhere, for x [B, T, D]."""
+    noise = jax.random.normal(key, x.shape)
+    scale = alpha * jnp.linalg.norm(x, axis=-1, keepdims=True) / jnp.linalg.norm(noise, axis=-1, keepdims=True)
+    return jnp.where(cells[..., None], noise * scale, 0.0)
+
+
 @partial(jax.jit, static_argnums=(0, 3, 5))
 def _perturbed(graphdef, params, tokens, site, delta, sites):
-    return jax.vmap(lambda t, d: apply(graphdef, params, t, capture=sites, patch=Patch(deltas={site: d}))[1])(
+    return jax.vmap(lambda t, d: apply(graphdef, params, t, capture=sites, patch=Patch(deltas={site: d})))(
         tokens, delta)
