@@ -162,17 +162,21 @@ def log_slope_drift(steps, values, start: float, stop: float) -> float:
     means faster growth than log t in the window (e.g. t^p with p > 0).
     """
     steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
-    middle = np.sqrt(start * stop)
-    early, late = (steps >= start) & (steps < middle), (steps >= middle) & (steps <= stop)
+    early, late = _log_window_halves(steps, start, stop)
     return fit_log_growth(steps[late], values[late])[0] / fit_log_growth(steps[early], values[early])[0]
+
+
+def _log_window_halves(steps: np.ndarray, start: float, stop: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masks [K] of the earlier and the later half of the log window [start, stop] (split at sqrt(start * stop))."""
+    middle = np.sqrt(start * stop)
+    return (steps >= start) & (steps < middle), (steps >= middle) & (steps <= stop)
 
 
 def window_mean_ratio(steps, values, start: float, stop: float) -> float:
     """Mean of values over the later half of the log window [start, stop] over the mean over the earlier half
     (split at sqrt(start * stop), as log_slope_drift): 1 for a constant, below 1 for a decreasing quantity."""
     steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
-    middle = np.sqrt(start * stop)
-    early, late = (steps >= start) & (steps < middle), (steps >= middle) & (steps <= stop)
+    early, late = _log_window_halves(steps, start, stop)
     return float(values[late].mean() / values[early].mean())
 
 
