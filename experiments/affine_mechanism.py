@@ -46,7 +46,7 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
-from experiments.common.run_config import run_config
+from experiments.common.run_config import optimizer_note, run_config
 from jaxicl.analysis.ablation import ablate_heads
 from jaxicl.analysis.cache import run_with_cache
 from jaxicl.analysis.direct_attribution import direct_attribution, ov_gain
@@ -143,8 +143,7 @@ def settings_note(cfg: Config) -> str:
     task, m, tc = cfg.task, cfg.model, cfg.train
     return (f"settings are ours (the paper's are not public): a ~ {task.a.describe()}, b ~ {task.b.describe()}, x_0 ~ "
             f"{task.x0.describe()}{', rescaled by max |x|' if task.rescale else ''}, T = {task.seq_len}, d_model "
-            f"{m.d_model}, {m.n_heads} heads, d_mlp {m.d_mlp}, {tc.optimizer} lr {tc.lr} "
-            f"{'warmup-cosine' if tc.schedule == 'warmup_cosine' else tc.schedule}, {tc.steps} steps of "
+            f"{m.d_model}, {m.n_heads} heads, d_mlp {m.d_mlp}, {optimizer_note(tc)}, {tc.steps} steps of "
             f"{tc.batch_size} fresh prompts")
 
 

@@ -56,7 +56,7 @@ from flax import nnx
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above
-from experiments.common.run_config import run_config
+from experiments.common.run_config import optimizer_note, run_config
 from jaxicl import outputs
 from jaxicl.analysis.clustering import adjusted_rand_index, cluster_scores, match_clusters, sequence_features
 from jaxicl.models.functional import apply
@@ -161,8 +161,7 @@ def settings_note(cfg: Config) -> str:
     patterns = "a keyword per task in every family" if t.patterns is None else "the given patterns"
     return (f"settings are ours (shared/papers/clustering_wu2024.md [R]): K={t.n_tasks} tasks, M={t.n_families} "
             f"families ({t.unseen_families} held out), {t.strings_per_family} strings per family, {patterns}, "
-            f"{cfg.model.n_layers} blocks of width {cfg.model.d_model}, {tc.optimizer} lr {tc.lr} "
-            f"{'warmup-cosine' if tc.schedule == 'warmup_cosine' else tc.schedule}, {tc.steps} steps of "
+            f"{cfg.model.n_layers} blocks of width {cfg.model.d_model}, {optimizer_note(tc)}, {tc.steps} steps of "
             f"{tc.batch_size}, loss on {t.loss}, representation {cfg.representation}")
 
 

@@ -56,7 +56,8 @@ def test_settings_note_states_the_run_distributions_and_optimiser():
     preset (constant lr) and any override of the task's distributions were misreported."""
     assert "adam lr 0.003 constant, 60 steps of 32" in settings_note(PRESETS["smoke"])
     quick = settings_note(PRESETS["quick"])
-    assert "a ~ U[-1, 1], b ~ U[-1, 1], x_0 ~ U[-1, 1], T = 16" in quick and "adam lr 0.003 warmup-cosine" in quick
+    assert "a ~ U[-1, 1], b ~ U[-1, 1], x_0 ~ U[-1, 1], T = 16" in quick
+    assert "adam lr 0.003 warmup-cosine (300 warmup steps), 6000 steps of 64" in quick
     cfg = dataclasses.replace(PRESETS["smoke"], task=ar.AffineRecurrence(
         seq_len=8, a=ar.Distribution("normal", std=0.5), b=ar.Distribution("fixed", mean=0.25),
         x0=ar.Distribution(low=0.0, high=2.0), rescale=True),

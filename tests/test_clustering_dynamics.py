@@ -117,9 +117,10 @@ def test_the_onset_ratio_of_an_accuracy_onset_at_step_0_is_inf_or_nan_not_an_err
 
 def test_settings_note_states_the_run_optimiser_schedule_and_patterns():
     """The notes said "AdamW <lr>" and "a keyword per task in every family" for any config (an adam run, or one
-    with given patterns, was misreported) and left out the schedule."""
-    assert "adamw lr 0.003 warmup-cosine, 1200 steps of 128" in cd.settings_note(cd.PRESETS["quick"])
-    assert "adamw lr 0.003 constant, 40 steps of 32" in cd.settings_note(cd.PRESETS["smoke"])
+    with given patterns, was misreported) and left out the schedule, its warmup and the weight decay."""
+    assert ("adamw lr 0.003 warmup-cosine (100 warmup steps), weight decay 0.01, 1200 steps of 128"
+            in cd.settings_note(cd.PRESETS["quick"]))
+    assert "adamw lr 0.003 constant, weight decay 0.01, 40 steps of 32" in cd.settings_note(cd.PRESETS["smoke"])
     smoke = cd.PRESETS["smoke"]
     task = ins.Instructions(n_tasks=2, n_families=2, strings_per_family=3, validation_strings=1, n_inputs=3,
                             n_outputs=4, min_task_distance=2, patterns=(("ab+", "a[b-d]c"), ("xy+", "x[b-d]z")))
