@@ -111,6 +111,36 @@ def test_the_vmapped_grid_equals_a_loop_of_single_patches(sites, by, shape, chun
     np.testing.assert_allclose(grid, loop, rtol=1e-5, atol=1e-7)  # vmapped vs one program per patch
 
 
+def test_a_metric_reading_a_reassigned_global_is_scored_with_its_value_at_each_call():
+    """The metric was a static argument of the compiled grid, so a metric reading a global (an answer position, a
+    target array) replayed its first call's values after the global changed, with no error."""
+    from jaxicl.analysis import patching
+
+    g, p, clean, corrupted = _setup()
+    state = {"pos": 1, "target": jnp.zeros(B)}
+
+    def metric(pred):  # reads state at trace time, as a notebook metric reads its globals
+        return jnp.mean((pred[:, state["pos"]] - state["target"]) ** 2)
+
+    tools = [lambda m: activation_patching(g, p, clean, corrupted, m, ["layer0.attn.z"], by="head"),
+             lambda m: attribution_patching(g, p, clean, corrupted, m, ["layer0.attn.z"], by="head"),
+             lambda m: direct_effect_patching(g, p, clean, corrupted, m, [(0, 1), (1, 0)])]
+    for tool in tools:
+        state.update(pos=1, target=jnp.zeros(B))
+        first = tool(metric)
+        for pos, target in [(3, jnp.zeros(B)), (3, jnp.full(B, 2.0))]:  # a new index, then a new closed-over array
+            state.update(pos=pos, target=target)
+            fresh = tool(lambda pred, pos=pos, target=target: jnp.mean((pred[:, pos] - target) ** 2))
+            np.testing.assert_array_equal(tool(metric), fresh)  # the same traced metric: the same program
+            assert np.abs(fresh - first).max() > 1e-3  # and the values did change
+    # a metric traced to the same program is compiled once, whatever the function object or the array it reads
+    before = patching._grid_metric._cache_size()
+    for target in (jnp.ones(B), 5 * jnp.ones(B)):
+        activation_patching(g, p, clean, corrupted, lambda pred, t=target: jnp.mean((pred[:, -1] - t) ** 2),
+                            ["layer1.attn.z"], by="pos")
+    assert patching._grid_metric._cache_size() == before + 1
+
+
 def test_attribution_patching_is_exact_where_the_metric_is_linear_in_the_patched_activation():
     g, p, clean, corrupted = _setup(final_norm=False)
     # without a final norm the output is affine in unembed.in; mean_prediction is linear in the output
@@ -233,6 +263,10 @@ def test_mean_and_resample_ablation_of_a_writing_head_match_hand_patches():
         # the batch passed as its own reference is the same ablation (resample: never a prompt's own z)
         np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind=kind, reference=clean, key=key), want,
                                    rtol=1e-6, atol=1e-7)
+        # so is a copy of it (resample: it drew some prompts' own z, which left them unablated)
+        copy = jnp.array(np.asarray(clean))
+        np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind=kind, reference=copy, key=key), want,
+                                   rtol=1e-6, atol=1e-7)
         assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3  # the head matters: ablation moves the output
     np.testing.assert_allclose(ablate_heads(g, p, clean, [(0, 1)], kind="resample", reference=corrupted, key=key),
                                hand(z_corrupted[other]), rtol=1e-6, atol=1e-7)
@@ -278,6 +312,11 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(0, 1), (1, 1)], stream_site="layer1.resid_pre")
     with pytest.raises(ValueError, match=r"stream_site: 'layer1.attn.heads' is not after \['layer1.attn.heads'\]"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 1)], stream_site="layer1.attn.heads")
+    # a site of another shape: the head's [T, D] output was broadcast into it and the metric came back as a number
+    with pytest.raises(ValueError, match=r"stream_site: 'final_norm.scale' has shape \(5, 1\), but a head's output"):
+        direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 1)], stream_site="final_norm.scale")
+    with pytest.raises(ValueError, match=r"heads: give at least one \(layer, head\) pair"):
+        direct_effect_patching(g, p, clean, corrupted, last_sq, [])
 
 
 def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
@@ -296,6 +335,13 @@ def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
     assert np.isfinite(few["score"]) and np.isfinite(few["weights"]).all()
     with pytest.raises(ValueError, match="features: a probe needs at least 2 rows"):
         probe(x[:1], classes[:1])
+    # a yes/no target is two classes (it was fitted as a regression on 0 and 1 and scored by R^2)
+    as_bool = probe(x, x[:, 0] > 0)
+    assert as_bool["metric"] == "accuracy" and as_bool["score"] == probe(x, classes)["score"]
+    with pytest.raises(ValueError, match=r"features must be \[N, F\] .*got shape \(2000, 3, 2\)"):
+        probe(x.reshape(2000, 3, 2), classes)  # a forgotten position axis failed inside a matmul
+    with pytest.raises(ValueError, match=r"targets must be \[N\] class labels .*got shape \(2000, 2\) int32"):
+        probe(x, jnp.stack([classes, classes], 1))
 
 
 def test_standardised_ridge_is_scikit_learns_ridge_on_standard_scaled_features(x64):

@@ -25,7 +25,7 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
 
     mean: the head's activation averaged over the prompts of `reference` [N, T, ...] (default: tokens), per position;
     resample: each prompt gets the head's activation on a random prompt of `reference` (key); without a reference
-    (or with tokens itself) a random other prompt of the batch, never the prompt itself.
+    (or with tokens itself, or a copy of them) a random other prompt of the batch, never the prompt itself.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -43,7 +43,9 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
         # a per-position activation of another prompt length would be broadcast (one position) or fail inside the trace
         raise ValueError(f"reference: prompts of the shape and dtype of tokens' are needed ([N, *{tokens.shape[1:]}] "
                          f"{tokens.dtype}: the value is per position), got {reference.shape} {reference.dtype}")
-    own = reference is None or reference is tokens
+    # a copy of the batch is the batch: resampled from it, a prompt could draw itself and stay unablated
+    own = reference is None or reference is tokens or (
+        kind == "resample" and reference.shape == tokens.shape and bool(jnp.array_equal(reference, tokens)))
     reference = tokens if reference is None else reference
     if kind == "zero":
         values = {n: jnp.zeros((tokens.shape[0], *info[n][0])) for n in names}

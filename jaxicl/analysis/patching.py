@@ -8,7 +8,9 @@ is a jaxicl.sites.Patch whose masks select its slice; the patches are stacked an
 program (`jax.lax.map` over chunks of `chunk_size` points: None runs the whole grid at once; the default
 "auto" chunks on CPU so that a chunk holds about CPU_CHUNK_TOKENS prompt tokens, which measured fastest on
 a 2-core CPU for small GPTs, and runs the whole grid at once on accelerators).
-`metric(predictions [B, ...]) -> scalar` scores each patched batch.
+`metric(predictions [B, ...]) -> scalar` scores each patched batch. It is traced afresh at every call, so a
+metric that reads a global (an answer token, a target array) sees the value it has at that call; the compiled
+program is reused where the traced metric is the same program (the arrays it reads are passed in as arguments).
 
 Attribution patching approximates the same grid to first order: metric(corrupted) + the gradient at
 the corrupted run (zero deltas at every site at once) times (clean - corrupted), summed over the patched
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 from jaxicl.analysis.cache import check_heads, check_sites, run_with_cache, site_info
 from jaxicl.models.functional import apply
@@ -99,14 +102,32 @@ def patched_predictions(graphdef: nnx.GraphDef, params, tokens: jax.Array, patch
     return jax.vmap(one)(tokens, patch.values, patch.deltas)
 
 
-def _score(metric: Metric, predictions: jax.Array) -> jax.Array:
-    """metric(predictions), refused unless a scalar: a per-prompt [B] metric would make activation_patching fail to
-    reshape its grid and direct_effect_patching return [len(heads), B]."""
-    out = metric(predictions)
-    if jnp.shape(out) != ():
-        raise ValueError(f"metric must return a scalar (e.g. a mean over the batch's prompts), got shape "
-                         f"{jnp.shape(out)} from predictions of shape {predictions.shape}")
-    return out
+@dataclasses.dataclass(frozen=True)
+class TracedMetric:
+    """A metric traced for one predictions shape: equal (and hashing equal) where the traced programs print the same,
+    so the compiled grid is reused across calls and metric objects; the arrays the metric closes over are not part of
+    it but passed to the compiled program as arguments (`consts`)."""
+
+    program: str
+    jaxpr: object = dataclasses.field(compare=False)
+
+    def __call__(self, consts: list, predictions: jax.Array) -> jax.Array:
+        return jaxpr_as_fun(ClosedJaxpr(self.jaxpr, consts))(predictions)[0]
+
+
+def trace_metric(metric: Metric, predictions: jax.Array) -> tuple[TracedMetric, list]:
+    """(the traced metric, the arrays it closes over) for predictions of that shape and dtype (the clean run's: the
+    corrupted run's are alike); refused unless it returns a
+    scalar: a per-prompt [B] metric would make activation_patching fail to reshape its grid and
+    direct_effect_patching return [len(heads), B]. Traced through a new function: JAX caches a trace by the traced
+    function's identity, which would replay the values a metric's globals had at its first call."""
+    closed = jax.make_jaxpr(lambda p: metric(p))(jax.ShapeDtypeStruct(predictions.shape, predictions.dtype))
+    shapes = [a.shape for a in closed.out_avals]
+    if shapes != [()]:
+        got = f"shape {shapes[0]}" if len(shapes) == 1 else f"{len(shapes)} arrays of shapes {shapes}"
+        raise ValueError(f"metric must return a scalar (e.g. a mean over the batch's prompts), got {got} from "
+                         f"predictions of shape {predictions.shape}")
+    return TracedMetric(str(closed.jaxpr), closed.jaxpr), list(closed.consts)
 
 
 def resolve_chunk_size(chunk_size: ChunkSize, corrupted: jax.Array) -> int | None:
@@ -131,13 +152,14 @@ def activation_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrup
     chunk = resolve_chunk_size(chunk_size, corrupted)
     info = site_info(graphdef, params, clean[0])
     grid = build_grid(info, sites, by)
-    values = run_with_cache(graphdef, params, clean, grid.sites, info)[1]
-    out = _grid_metric(graphdef, params, corrupted, values, grid.masks, metric, chunk, grid.sites)
+    predictions, values = run_with_cache(graphdef, params, clean, grid.sites, info)
+    traced, consts = trace_metric(metric, predictions)
+    out = _grid_metric(graphdef, params, corrupted, values, grid.masks, traced, consts, chunk, grid.sites)
     return np.asarray(out).reshape(grid.shape)
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _grid_metric(graphdef, params, corrupted, values, masks, metric, chunk_size, sites):
+@partial(jax.jit, static_argnums=(0, 5, 7, 8))
+def _grid_metric(graphdef, params, corrupted, values, masks, metric, consts, chunk_size, sites):
     """[G] metric per grid point (build_grid's order: the points of sites[0], then of sites[1], ...). The points
     of each site are mapped over on their own, patching only that site, so what runs before the site does not
     depend on the mapped masks and is computed once, not per point."""
@@ -147,8 +169,8 @@ def _grid_metric(graphdef, params, corrupted, values, masks, metric, chunk_size,
         m = masks[site][i * per_site:(i + 1) * per_site]
 
         def at(m_g, site=site):
-            return _score(metric, patched_predictions(graphdef, params, corrupted,
-                                                     Patch(values={site: values[site]}, masks={site: m_g})))
+            return metric(consts, patched_predictions(graphdef, params, corrupted,
+                                                      Patch(values={site: values[site]}, masks={site: m_g})))
 
         out.append(jax.vmap(at)(m) if chunk_size is None else jax.lax.map(at, m, batch_size=chunk_size))
     return jnp.concatenate(out)
@@ -160,8 +182,9 @@ def grid_memory(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax
     chunk = resolve_chunk_size(chunk_size, corrupted)
     info = site_info(graphdef, params, clean[0])
     grid = build_grid(info, sites, by)
-    values = run_with_cache(graphdef, params, clean, grid.sites, info)[1]
-    m = _grid_metric.lower(graphdef, params, corrupted, values, grid.masks, metric, chunk, grid.sites).compile()
+    predictions, values = run_with_cache(graphdef, params, clean, grid.sites, info)
+    traced, consts = trace_metric(metric, predictions)
+    m = _grid_metric.lower(graphdef, params, corrupted, values, grid.masks, traced, consts, chunk, grid.sites).compile()
     m = m.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
@@ -172,17 +195,19 @@ def attribution_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corru
     _check_batches(clean, corrupted)
     info = site_info(graphdef, params, clean[0])
     grid = build_grid(info, sites, by)
-    clean_values = run_with_cache(graphdef, params, clean, grid.sites, info)[1]
-    return np.asarray(_attribution(graphdef, params, corrupted, clean_values, grid.masks, metric)).reshape(grid.shape)
+    predictions, clean_values = run_with_cache(graphdef, params, clean, grid.sites, info)
+    traced, consts = trace_metric(metric, predictions)
+    out = _attribution(graphdef, params, corrupted, clean_values, grid.masks, traced, consts)
+    return np.asarray(out).reshape(grid.shape)
 
 
 @partial(jax.jit, static_argnums=(0, 5))
-def _attribution(graphdef, params, corrupted, clean_values, masks, metric):
+def _attribution(graphdef, params, corrupted, clean_values, masks, metric, consts):
     names = tuple(clean_values)
     corrupted_values = jax.vmap(lambda t: apply(graphdef, params, t, capture=names)[1])(corrupted)
 
     def of_deltas(deltas):
-        return _score(metric, patched_predictions(graphdef, params, corrupted, Patch(deltas=deltas)))
+        return metric(consts, patched_predictions(graphdef, params, corrupted, Patch(deltas=deltas)))
 
     zeros = jax.tree.map(jnp.zeros_like, corrupted_values)
     base, grads = jax.value_and_grad(of_deltas)(zeros)
@@ -205,6 +230,8 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     every later layer. Returns [len(heads)]. A model without a residual stream (SelfAttention(residual=False))
     has no such path from a head below its last layer: asking for one is an error."""
     _check_batches(clean, corrupted)
+    if not heads:
+        raise ValueError("heads: give at least one (layer, head) pair")
     info = site_info(graphdef, params, clean[0])
     layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
     if stream_site is None and not layers:
@@ -224,15 +251,23 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
         raise ValueError(f"stream_site: {stream_site!r} is not after {early} in the forward pass, so a head's output "
                          f"added there is not a path from the head; name a site after them (default: the last "
                          f"layer's resid_post)")
-    clean_values = run_with_cache(graphdef, params, clean, names, info)[1]
+    for n in names:  # a head's output [T, D] must be what stream_site holds, not broadcast into another shape
+        shape, axes = info[n]
+        head_out = tuple(d for d, a in zip(shape, axes) if a != "head")
+        if head_out != info[stream_site][0]:
+            raise ValueError(f"stream_site: {stream_site!r} has shape {info[stream_site][0]}, but a head's output "
+                             f"at {n!r} has {head_out}: name a residual-stream site (default: the last layer's "
+                             f"resid_post)")
+    predictions, clean_values = run_with_cache(graphdef, params, clean, names, info)
     corrupted_values = run_with_cache(graphdef, params, corrupted, names, info)[1]
     deltas = jnp.stack([jnp.take(clean_values[head_site.format(layer=layer)]
                                  - corrupted_values[head_site.format(layer=layer)], h,
                                  axis=1 + info[head_site.format(layer=layer)][1].index("head")) for layer, h in heads])
-    return np.asarray(_direct(graphdef, params, corrupted, deltas, stream_site, metric))
+    traced, consts = trace_metric(metric, predictions)
+    return np.asarray(_direct(graphdef, params, corrupted, deltas, stream_site, traced, consts))
 
 
 @partial(jax.jit, static_argnums=(0, 4, 5))
-def _direct(graphdef, params, corrupted, deltas, stream_site, metric):
-    return jax.lax.map(lambda d: _score(metric, patched_predictions(graphdef, params, corrupted,
-                                                                   Patch(deltas={stream_site: d}))), deltas)
+def _direct(graphdef, params, corrupted, deltas, stream_site, metric, consts):
+    return jax.lax.map(lambda d: metric(consts, patched_predictions(graphdef, params, corrupted,
+                                                                    Patch(deltas={stream_site: d}))), deltas)

@@ -30,13 +30,22 @@ def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
 def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fraction: float = 0.25,
           key: jax.Array | None = None, held_out: jax.Array | None = None, standardise: bool = False) -> dict:
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
-    over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints (classes: one-hot
+    over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints or bools (classes: one-hot
     regression, accuracy of the argmax). Returns {"score", "train_score", "weights"} with score "r2" or "accuracy"
     on the held-out prompts: a random split by key (default key 0), or the rows where held_out [N] is True (e.g.
     whole board positions, so the probe must generalise across them); standardise as ridge_fit's (on the training
     rows). Fits in float64 under jax x64, else float32."""
     features = jnp.asarray(features, float)
     targets = jnp.asarray(targets)
+    if targets.dtype == bool:  # a yes/no feature is two classes, scored by accuracy, not a regression on 0 and 1
+        targets = targets.astype(jnp.int32)
+    if features.ndim != 2:
+        raise ValueError(f"features must be [N, F] (one row per example; select a position or flatten first), got "
+                         f"shape {features.shape}")
+    classes = bool(jnp.issubdtype(targets.dtype, jnp.integer))
+    if targets.ndim not in ((1,) if classes else (1, 2)):
+        raise ValueError(f"targets must be [N] class labels (ints or bools) or [N] / [N, K] floats, got shape "
+                         f"{targets.shape} {targets.dtype}")
     n = features.shape[0]
     if targets.shape[0] != n:
         raise ValueError(f"features and targets need the same number of rows, got {n} and {targets.shape[0]}")
@@ -53,7 +62,6 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
         order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
         n_test = min(max(int(round(test_fraction * n)), 1), n - 1)  # at least one row on each side
         test, train = order[:n_test], order[n_test:]
-    classes = bool(jnp.issubdtype(targets.dtype, jnp.integer))
     if classes and int(targets.min()) < 0:
         raise ValueError(f"targets: class labels must be integers 0, 1, ..., got {int(targets.min())}; relabel them "
                          f"(np.unique(targets, return_inverse=True)[1])")
