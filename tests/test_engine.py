@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from jaxicl.models import SelfAttention
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import sample_batch
 from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
-                          train)
+                          regression_loss, train, train_sweep)
 from jaxicl.train.checkpoint import check_resumable
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
@@ -107,6 +109,38 @@ def test_a_float64_run_under_enable_x64_resumes_in_float64(tmp_path):
     assert resumed.state.params["w"].dtype == jnp.float64
     # exact: every chunk of both runs is the same compiled 5-step program applied to the same state
     np.testing.assert_array_equal(resumed.state.params["w"], straight.state.params["w"])
+
+
+def test_a_checkpoint_of_another_model_or_dtype_is_refused_naming_the_leaf(tmp_path):
+    """An API run stores its train and task settings, not the model's: orbax loaded whatever was saved, so a rerun
+    with other parameter shapes (another head count), another parameter tree or float64 parameters resumed the old
+    run's state (a 1-head model came back from a 2-head run) with no error, in train and in train_sweep."""
+    def loss_fn(p, _):
+        return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p)), {}
+
+    cfg = TrainConfig(steps=10, lr=0.1, steps_per_call=5, checkpoint_every=5)
+    longer = dataclasses.replace(cfg, steps=20)
+    train(loss_fn, None, None, cfg, {"w": jnp.ones(3)}, out_dir=str(tmp_path / "a"), progress=False)
+    for params, message in [({"w": jnp.ones(4)}, r"holds float32 \[3\] at \['params'\]\['w'\], the state to "
+                                                  r"restore into has float32 \[4\]"),
+                            ({"w": jnp.ones(3), "b": jnp.ones(2)}, r"holds nothing at \['params'\]\['b'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            train(loss_fn, None, None, longer, params, out_dir=str(tmp_path / "a"), progress=False)
+    with jax.enable_x64(True), pytest.raises(ConfigError, match=r"has float64 \[3\]"):
+        train(loss_fn, None, None, longer, {"w": jnp.ones(3, jnp.float64)}, out_dir=str(tmp_path / "a"),
+              progress=False)
+    # the same model still resumes (from the checkpoint, not from the other initial values given here): exact,
+    # every chunk of both runs is the same compiled program
+    resumed = train(loss_fn, None, None, longer, {"w": jnp.full(3, 5.0)}, out_dir=str(tmp_path / "a"), progress=False)
+    straight = train(loss_fn, None, None, longer, {"w": jnp.ones(3)}, out_dir=str(tmp_path / "b"), progress=False)
+    np.testing.assert_array_equal(resumed.state.params["w"], straight.state.params["w"])
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10, checkpoint_every=5)
+    members = [{"train.seed": 0}, {"train.seed": 1}]
+    train_sweep(loss_fn, sample, task, cfg, lambda key: params, members, out_dir=str(tmp_path / "s"), progress=False)
+    graphdef, one_head = nnx.split(SelfAttention(4, num_heads=1, init_scale=0.1, rngs=nnx.Rngs(0)))
+    with pytest.raises(ConfigError, match=r"cannot restore: the checkpoint holds float32 .* at \['params'\]"):
+        train_sweep(regression_loss(graphdef), sample, task, dataclasses.replace(cfg, steps=20), lambda key: one_head,
+                    members, out_dir=str(tmp_path / "s"), progress=False)
 
 
 def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicates(tmp_path):

@@ -95,13 +95,42 @@ class CheckpointStore:
         # read as numpy, then placed from this thread: orbax reads in threads of its own, which a float64 run's
         # jax.enable_x64 context does not reach, so arrays made there came back float32 (and the run resumed rounded)
         host = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), jax.eval_shape(_to_tree, like))
-        tree = self._ckptr.load(step, host)
-        tree = jax.device_put(tree, sharding)
+        step = self.steps()[-1] if step is None else step
+        _check_like(self._ckptr.metadata(step).metadata, host)
+        tree = jax.device_put(self._ckptr.load(step, host), sharding)
         key = jax.random.wrap_key_data(tree["key_data"], impl=jax.random.key_impl(like.key))
         return TrainState(tree["params"], tree["opt_state"], tree["step"], key, tree.get("buffers"))
 
     def close(self) -> None:
         self._ckptr.close()
+
+
+def _leaf_specs(tree) -> dict:
+    """{leaf path as names: (shape, dtype)} of a tree of arrays or of orbax's ArrayMetadata (which stores a
+    namedtuple as a dict and every key as a string: paths are compared by their names as strings, not by how each
+    level is indexed)."""
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+    return {tuple(name(k) for k in path): (tuple(x.shape), np.dtype(x.dtype))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_like(saved, like: dict) -> None:
+    """ConfigError naming the first leaf (params first) that the checkpoint (saved: its ArrayMetadata tree) holds
+    and like lacks, or the reverse, or that differs in shape or dtype: orbax loads what was saved, cast to like's
+    dtypes, so another model (an API run stores its train and task settings, not the model's) or a float32 run
+    under x64 would have been resumed in place of the one given."""
+    got, want = _leaf_specs(saved), _leaf_specs(like)
+    advice = ("the model or its dtype differs from the run that wrote the checkpoint; train into another out_dir, or "
+              "remove its checkpoints to start afresh")
+    for path in sorted(got.keys() | want.keys(), key=lambda p: (p[0] != "params", str(p))):
+        where = "".join(f"[{k!r}]" for k in path)
+        if got.get(path) != want.get(path):
+            def spec(s):
+                return "nothing" if s is None else f"{s[1]} {list(s[0])}"
+            raise ConfigError(f"cannot restore: the checkpoint holds {spec(got.get(path))} at {where}, the state to "
+                              f"restore into has {spec(want.get(path))}: {advice}")
 
 
 def _root_config(ckptr) -> dict:
