@@ -143,6 +143,39 @@ def test_a_checkpoint_of_another_model_or_dtype_is_refused_naming_the_leaf(tmp_p
                     members, out_dir=str(tmp_path / "s"), progress=False)
 
 
+def test_a_sampler_reading_a_global_draws_its_current_value_in_sample_batch_and_in_training():
+    """sample_batch was jitted with the sampler as a static argument: compiled once, a sampler reading a global (a
+    pool of prompts) drew its first call's pool ever after, there and inside the engine's training steps."""
+    from jaxicl.prompt import Prompt
+    from jaxicl.tasks import batching
+
+    state = {}
+
+    def draw(pool, key):  # a row of the pool, and one drawn scalar the loss does not see
+        x = pool[0]
+        return Prompt(inputs=x[:, None], targets=x, mask=jnp.ones(3), info={"u": jax.random.uniform(key)})
+
+    def sample(cfg, key):  # reads the pool when traced, as a notebook sampler reads a global
+        return draw(state["pool"], key)
+
+    def loss_fn(p, batch):
+        return jnp.mean((batch.targets - p["b"]) ** 2), {}
+
+    one_step = TrainConfig(steps=1, batch_size=4, lr=0.1, steps_per_call=1)
+    for value in (0.0, 2.0):
+        state["pool"] = jnp.full((4, 3), value)
+        np.testing.assert_array_equal(sample_batch(sample, None, jax.random.key(0), 8).targets, value)
+        result = train(loss_fn, sample, None, one_step, {"b": jnp.zeros(())}, progress=False)
+        assert result.train_rows[0]["loss"] == value ** 2  # exact: the mean of equal squares of a small integer
+    # other function objects and pools, the same program as the sampler's above: not compiled again
+    before = batching._sample_batch._cache_size()
+    for value in (3.0, 4.0):
+        pool = jnp.full((4, 3), value)
+        batch = sample_batch(lambda cfg, key, pool=pool: draw(pool, key), None, jax.random.key(0), 8)
+        np.testing.assert_array_equal(batch.targets, value)
+    assert batching._sample_batch._cache_size() == before
+
+
 def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicates(tmp_path):
     """A run killed before its first checkpoint leaves rows (the step-0 evaluation among them) but no
     state: the rerun starts at step 0 and must leave the file of one uninterrupted run."""

@@ -8,9 +8,9 @@ is a jaxicl.sites.Patch whose masks select its slice; the patches are stacked an
 program (`jax.lax.map` over chunks of `chunk_size` points: None runs the whole grid at once; the default
 "auto" chunks on CPU so that a chunk holds about CPU_CHUNK_TOKENS prompt tokens, which measured fastest on
 a 2-core CPU for small GPTs, and runs the whole grid at once on accelerators).
-`metric(predictions [B, ...]) -> scalar` scores each patched batch. It is traced afresh at every call, so a
-metric that reads a global (an answer token, a target array) sees the value it has at that call; the compiled
-program is reused where the traced metric is the same program (the arrays it reads are passed in as arguments).
+`metric(predictions [B, ...]) -> scalar` scores each patched batch. It is traced afresh at every call
+(jaxicl.traced), so a metric that reads a global (an answer token, a target array) sees the value it has at that
+call, and the compiled grid is reused while the metric traces to the same program.
 
 Attribution patching approximates the same grid to first order: metric(corrupted) + the gradient at
 the corrupted run (zero deltas at every site at once) times (clean - corrupted), summed over the patched
@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 from jaxicl.analysis.cache import check_heads, check_sites, run_with_cache, site_info
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
+from jaxicl.traced import Traced, trace
 
 BY = ("site", "pos", "head", "pos_head")
 CPU_CHUNK_TOKENS = 2048
@@ -102,32 +102,17 @@ def patched_predictions(graphdef: nnx.GraphDef, params, tokens: jax.Array, patch
     return jax.vmap(one)(tokens, patch.values, patch.deltas)
 
 
-@dataclasses.dataclass(frozen=True)
-class TracedMetric:
-    """A metric traced for one predictions shape: equal (and hashing equal) where the traced programs print the same,
-    so the compiled grid is reused across calls and metric objects; the arrays the metric closes over are not part of
-    it but passed to the compiled program as arguments (`consts`)."""
-
-    program: str
-    jaxpr: object = dataclasses.field(compare=False)
-
-    def __call__(self, consts: list, predictions: jax.Array) -> jax.Array:
-        return jaxpr_as_fun(ClosedJaxpr(self.jaxpr, consts))(predictions)[0]
-
-
-def trace_metric(metric: Metric, predictions: jax.Array) -> tuple[TracedMetric, list]:
-    """(the traced metric, the arrays it closes over) for predictions of that shape and dtype (the clean run's: the
-    corrupted run's are alike); refused unless it returns a
-    scalar: a per-prompt [B] metric would make activation_patching fail to reshape its grid and
-    direct_effect_patching return [len(heads), B]. Traced through a new function: JAX caches a trace by the traced
-    function's identity, which would replay the values a metric's globals had at its first call."""
-    closed = jax.make_jaxpr(lambda p: metric(p))(jax.ShapeDtypeStruct(predictions.shape, predictions.dtype))
-    shapes = [a.shape for a in closed.out_avals]
+def trace_metric(metric: Metric, predictions: jax.Array) -> tuple[Traced, list]:
+    """jaxicl.traced.trace of the metric for predictions of that shape and dtype (the clean run's: the corrupted
+    run's are alike), refused unless it returns a scalar: a per-prompt [B] metric would make activation_patching
+    fail to reshape its grid and direct_effect_patching return [len(heads), B]."""
+    traced, consts = trace(metric, jax.ShapeDtypeStruct(predictions.shape, predictions.dtype))
+    shapes = [a.shape for a in jax.tree.leaves(traced.out)]
     if shapes != [()]:
         got = f"shape {shapes[0]}" if len(shapes) == 1 else f"{len(shapes)} arrays of shapes {shapes}"
         raise ValueError(f"metric must return a scalar (e.g. a mean over the batch's prompts), got {got} from "
                          f"predictions of shape {predictions.shape}")
-    return TracedMetric(str(closed.jaxpr), closed.jaxpr), list(closed.consts)
+    return traced, consts
 
 
 def resolve_chunk_size(chunk_size: ChunkSize, corrupted: jax.Array) -> int | None:

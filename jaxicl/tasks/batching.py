@@ -8,6 +8,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.prompt import Prompt
+from jaxicl.traced import Traced, trace
 from jaxicl.validation import ConfigError
 
 Sampler = Callable[[object, jax.Array], Prompt]
@@ -58,7 +59,6 @@ def takes_step(sample: Sampler) -> bool:
     return "step" in inspect.signature(sample).parameters
 
 
-@partial(jax.jit, static_argnames=("sample", "cfg", "batch_size", "axis"))
 def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: str | None = DATA_AXIS,
                  task_params: dict | None = None, step: jax.Array | None = None) -> Prompt:
     """batch_size prompts from `sample(cfg, key, **task_params)`: every leaf gets a leading [batch_size] axis.
@@ -70,14 +70,24 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
     that axis before the vmap, so each device samples its own slice and no data crosses the host.
     Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS).
+
+    Jitted: the sampler is traced at every call (jaxicl.traced), so one that reads a global (a pool of prompts)
+    draws from its current value, and the compiled program is reused while it traces to the same program.
     """
-    keys = jax.random.split(key, batch_size)
-    if axis is not None and data_axis_size(axis) > 1:
-        check_divisible(batch_size, axis)
-        keys = jax.reshard(keys, P(axis))
     kwargs = dict(task_params or {})
     if takes_step(sample):
         if step is None:
             raise ValueError("this sampler takes the training step (a curriculum): pass step=")
         kwargs["step"] = step
-    return jax.vmap(partial(sample, cfg, **kwargs))(keys)
+    one, consts = trace(lambda k, kw: sample(cfg, k, **kw), key, kwargs)
+    return _sample_batch(one, consts, key, kwargs, batch_size, axis)
+
+
+@partial(jax.jit, static_argnames=("one", "batch_size", "axis"))
+def _sample_batch(one: Traced, consts: list, key: jax.Array, kwargs: dict, batch_size: int,
+                  axis: str | None) -> Prompt:
+    keys = jax.random.split(key, batch_size)
+    if axis is not None and data_axis_size(axis) > 1:
+        check_divisible(batch_size, axis)
+        keys = jax.reshard(keys, P(axis))
+    return jax.vmap(lambda k: one(consts, k, kwargs))(keys)
