@@ -91,10 +91,12 @@ VARIANTS = ("masked", "unmasked")
 
 def majority_share(labels: np.ndarray, held: np.ndarray) -> float:
     """A class probe's chance accuracy: the share of the held-out rows (held [N] bool) whose label (labels [N]) is
-    the most frequent one of the other rows, i.e. the score of the constant predictor fit on the training rows.
-    Not 1 / classes: composites draw their roots with replacement from a few composites, so their root labels are
-    far from balanced."""
-    return float(np.mean(labels[held] == np.bincount(labels[~held]).argmax()))
+    the most frequent one of the other rows, i.e. the score of the constant predictor fit on the training rows, with
+    a tie for the most frequent broken uniformly (the mean share of the tied labels: balanced training labels give
+    1 / classes, not the share of label 0). Not 1 / classes in general: composites draw their roots with
+    replacement from a few composites, so their root labels are far from balanced."""
+    counts = np.bincount(labels[~held])
+    return float(np.mean([np.mean(labels[held] == k) for k in np.flatnonzero(counts == counts.max())]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +242,8 @@ def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, site
     checks.append(check_above(
         f"{prefix}context_independence_cosine_gap_over_untrained", gap - gap_init, cfg.min_cosine_gap_gain,
         f"gap: cosine of a root's single-board centroid with its double/composite-board centroid minus that with "
-        f"other roots'; trained at {best} {gap:.3f} ({context['cos_same'][best]:.3f} vs "
+        f"other roots' ({context['roots_compared']} of {data.cfg.n_roots} roots are on double or composite "
+        f"boards); trained at {best} {gap:.3f} ({context['cos_same'][best]:.3f} vs "
         f"{context['cos_other'][best]:.3f}) minus the untrained model's largest over the inner sites, {gap_init:.3f} "
         f"at {best_gap_init}; gap per site: "
         f"{fmt(_gap(context))}; untrained: {fmt(_gap(init['context']))}. The single-board root probe on double "
@@ -357,12 +360,25 @@ def position_r2(features: np.ndarray, xy: np.ndarray, held: np.ndarray, lam: flo
     return float(np.mean(1 - err / (held.sum() * xy.var(0))))
 
 
+def centroid_cosines(mu: np.ndarray, mu_other: np.ndarray) -> tuple[float, float]:
+    """(mean cosine of each root's centroid in mu with its own in mu_other, mean cosine with other roots' there) over
+    the roots with both (mu, mu_other [K, D], a NaN row where a root is absent; NaN where none or one is left).
+    Rows with a centroid in both: one root absent from mu_other once made every row NaN."""
+    cos = np.asarray(unit(jnp.asarray(mu))) @ np.asarray(unit(jnp.asarray(mu_other))).T  # [K, K]
+    present = ~np.isnan(mu).any(1) & ~np.isnan(mu_other).any(1)
+    pairs = cos[present][:, present][~np.eye(present.sum(), dtype=bool)]
+    return (float(np.mean(np.diag(cos)[present])) if present.any() else float("nan"),
+            float(np.mean(pairs)) if pairs.size else float("nan"))
+
+
 def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double, comps, comp_acts,
                          mask_p: float) -> dict:
     """Per site: mean cosine of each root's single-board centroid with its centroid on double boards (masked at
     mask_p) and composite boards ("cos_same"), with other roots' centroids there ("cos_other"), and the held-out
     accuracy on double and composite boards' object cells of a root probe fit on every single-board object cell;
-    "chance": the majority_share of those two transfers ({name: float})."""
+    "chance": the majority_share of those two transfers ({name: float}); "roots_compared": the roots on both kinds
+    of board, over which the cosines are taken (a root drawn on no double board and in no composite has no centroid
+    there)."""
     n_roots = data.cfg.n_roots
     rng = np.random.default_rng(int(jax.random.randint(k_double, (), 0, 2**31 - 1)))
     tuples = np.concatenate([data.tuples(split, "double") for split in ("train", "test")])
@@ -371,6 +387,7 @@ def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double
     others = [doubles, comps]
     acts = [ab.activations(graphdef, params, doubles["tokens"], sites), comp_acts]
     out = {k: {} for k in ("cos_same", "cos_other", "transfer_double", "transfer_composite", "chance")}
+    out["roots_compared"] = int(np.isin(np.arange(n_roots), np.concatenate([o["root"] for o in others])).sum())
     for s in sites:
         d = obj[s].shape[-1]
         single_f = obj[s].reshape(-1, d)
@@ -378,10 +395,7 @@ def context_independence(cfg, data, graphdef, params, sites, obj, root, k_double
         f_other = np.concatenate([a[s][o["root"] >= 0] for a, o in zip(acts, others)])
         r_other = np.concatenate([o["root"][o["root"] >= 0] for o in others])
         mu_other = ab.centroids(f_other, r_other, n_roots)
-        cos = np.asarray(unit(jnp.asarray(mu))) @ np.asarray(unit(jnp.asarray(mu_other))).T  # [K, K]
-        present = ~np.isnan(cos).any(1)
-        out["cos_same"][s] = float(np.mean(np.diag(cos)[present]))
-        out["cos_other"][s] = float(np.mean(cos[present][:, present][~np.eye(present.sum(), dtype=bool)]))
+        out["cos_same"][s], out["cos_other"][s] = centroid_cosines(mu, mu_other)
         for name, a, o in zip(("transfer_double", "transfer_composite"), acts, others):
             f = a[s][o["root"] >= 0]
             both = np.concatenate([single_f, f])
