@@ -275,6 +275,13 @@ def test_board_metrics_against_numpy(data):
     assert objects[types == 1].min() >= 10 and objects[types == 1].max() <= 18
     for i, t in enumerate(bd.TYPES):
         np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)
+    # nothing to score is NaN, not 0: unmasked single boards only (no masked cell, no double or composite board)
+    singles = jax.tree.map(lambda a: a[types == 0], batch)
+    singles = dataclasses.replace(singles, info={**singles.info, "masked": jnp.zeros_like(singles.info["masked"])})
+    empty = bd.board_metrics(jnp.full_like(singles.targets, 20), singles)  # every cell wrong
+    assert float(empty["token_accuracy"]) == 0 and float(empty["board_accuracy_single"]) == 0
+    assert all(np.isnan(float(empty[k])) for k in ("masked_error", "masked_object_error", "board_accuracy_double",
+                                                     "board_accuracy_composition"))
 
 
 def test_place_numbers_and_coordinates_round_trip_over_the_6x6_top_left_places():

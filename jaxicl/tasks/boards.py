@@ -364,15 +364,22 @@ def spread(rows: np.ndarray, n: int) -> np.ndarray:
 def board_metrics(pred: jax.Array, batch: Prompt) -> dict:
     """The notes' accuracies for predicted tokens pred [B, 64] of a batch: token accuracy over every cell, the
     error on masked cells only (the informative one) and on masked object cells (chance: about 0.9 for the ten
-    colours), board accuracy (no wrong cell) overall and per type."""
+    colours), board accuracy (no wrong cell) overall and per type. NaN where there is nothing to score (no masked
+    cell, no board of a type): 0 would read as a perfect completion or as no board drawn right."""
     wrong = pred != batch.targets
     masked = batch.info["masked"]
     masked_object = masked & (batch.info["root"] >= 0)
+    right_board = ~jnp.any(wrong, -1)
     out = {"token_accuracy": 1.0 - jnp.mean(wrong),
-           "masked_error": jnp.sum(wrong & masked) / jnp.maximum(jnp.sum(masked), 1),
-           "masked_object_error": jnp.sum(wrong & masked_object) / jnp.maximum(jnp.sum(masked_object), 1),
-           "board_accuracy": jnp.mean(~jnp.any(wrong, -1))}
+           "masked_error": _share(wrong, masked),
+           "masked_object_error": _share(wrong, masked_object),
+           "board_accuracy": jnp.mean(right_board)}
     for i, t in enumerate(TYPES):
-        of_type = batch.info["type"] == i
-        out[f"board_accuracy_{t}"] = jnp.sum(of_type & ~jnp.any(wrong, -1)) / jnp.maximum(jnp.sum(of_type), 1)
+        out[f"board_accuracy_{t}"] = _share(right_board, batch.info["type"] == i)
     return out
+
+
+def _share(hit: jax.Array, among: jax.Array) -> jax.Array:
+    """The fraction of the `among` entries that are `hit` (bool arrays of one shape), NaN where `among` is empty."""
+    n = jnp.sum(among)
+    return jnp.where(n > 0, jnp.sum(hit & among) / jnp.maximum(n, 1), jnp.nan)
