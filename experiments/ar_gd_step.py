@@ -37,6 +37,11 @@ class Config:
         if self.task.family != "unitary" or self.task.init != "random_phase" or self.task.format != "augmented":
             raise ConfigError("ar_gd_step needs task.family='unitary', task.init='random_phase' and "
                               "task.format='augmented'")
+        if self.task.mu != 1.0 or self.task.noise_std or self.task.n_sequences:
+            # eta* = 1 / (r^2 (t + d - 1)) is the optimum for angles on the whole circle, no noise, fresh sequences
+            raise ConfigError(f"ar_gd_step's closed-form eta* assumes task.mu=1, task.noise_std=0 and "
+                              f"task.n_sequences=0 (fresh sequences), got mu={self.task.mu}, noise_std="
+                              f"{self.task.noise_std}, n_sequences={self.task.n_sequences}")
 
 
 PRESETS = {

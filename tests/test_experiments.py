@@ -49,6 +49,11 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
     (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
+    # eta* holds for angles on the whole circle and no noise; the closed-form fits draw no sequences at all
+    (["ar_gd_step", "task.mu=4"], "ar_gd_step's closed-form eta* assumes task.mu=1, task.noise_std=0"),
+    (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
+    (["ar_fig3_orthogonal", "task.random_basis=true"], "task.random_basis=True: the closed-form fit draws no"),
+    (["ar_fig3_unitary", "task.n_sequences=100"], "task.n_sequences=100: the closed-form fit draws no sequences"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2

@@ -51,6 +51,14 @@ class Fig3Config:
         if self.task.mu != 1.0 or self.task.init != "fixed" or self.task.init_scale != 1.0 or self.task.noise_std:
             raise ConfigError("the closed-form loss assumes task.mu=1, task.init='fixed', task.init_scale=1 and "
                               "task.noise_std=0")
+        default = ar.Autoregressive(family=self.task.family, dim=self.task.dim, seq_len=self.task.seq_len)
+        unused = [f"task.{n}={getattr(self.task, n)!r}" for n in ("random_basis", "basis_seed", "n_sequences",
+                                                                  "format", "tile")
+                  if getattr(self.task, n) != getattr(default, n)]
+        if unused:  # the run would store them in its config while the closed form ignores them
+            raise ConfigError(f"{', '.join(unused)}: the closed-form fit draws no sequences and takes only "
+                              f"task.family, task.dim and task.seq_len from the task; leave the others at their "
+                              f"defaults")
         for name in ("heads", "init_scale"):
             check_positive(name, getattr(self, name))
 
