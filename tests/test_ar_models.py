@@ -117,3 +117,16 @@ def test_the_query_convention_changes_only_the_query_rows():
     np.testing.assert_array_equal(cur._queries(tokens), tokens)
     with pytest.raises(ValueError, match="query"):
         PositionalTransformer(4, 2, query="next", rngs=nnx.Rngs(0))
+
+
+def test_tokens_of_another_format_are_refused_naming_the_one_the_model_takes():
+    """Tiled tokens (tile 2 by default) given to the diagonal model, or to the augmented one, failed inside an
+    einsum ("Size of label 'j' ... does not match")."""
+    tiled = _seq("unitary", 4, 6, fmt="tiled").inputs[0]
+    tiled2 = sample_batch(ar.sample, ar.Autoregressive(family="unitary", dim=4, seq_len=6, format="tiled"),
+                          jax.random.key(0), 1, axis=None).inputs[0]  # [T, 8]
+    with pytest.raises(ValueError, match=r"tokens of width 8 do not fit this model: it takes the states themselves"):
+        DiagonalPositionalAttention(4, 4, 6, rngs=nnx.Rngs(0))(tiled2)
+    with pytest.raises(ValueError, match=r"tokens of width 4 do not fit this model: it takes augmented tokens"):
+        AugmentedLinearAttention(4, rngs=nnx.Rngs(0))(tiled)
+    assert DiagonalPositionalAttention(4, 4, 6, rngs=nnx.Rngs(0))(tiled).shape == (6, 4)  # tile 1: the states

@@ -41,6 +41,13 @@ class Model(nnx.Module):
         return ("pos",) + tuple(f"dim{i}" for i in range(1, ndim))
 
 
+def check_token_width(width: int, expected: int, what: str) -> None:
+    """ValueError when a prompt's tokens are `width` wide and the model takes `expected` (what: the format it takes,
+    for the message)."""
+    if width != expected:
+        raise ValueError(f"tokens of width {width} do not fit this model: it takes {what}, width {expected}")
+
+
 def check_prompt_length(t: int, positions: int, field: str = "max_len", exact: bool = False) -> None:
     """ValueError naming the model's field when a prompt of t positions does not fit its `positions`-row table
     (exact: the model's parameters are for exactly that many positions)."""
