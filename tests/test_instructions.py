@@ -118,13 +118,16 @@ def test_parsed_patterns_sample_strings_that_re_matches_and_count_them():
         assert ins.pattern_capacity(ins.parse_pattern(text, alphabet), max_len, 3) == brute
 
 
-@pytest.mark.parametrize("text,message", [
-    ("ab[cd", "unclosed '\\['"), ("+ab", "without an atom"), ("a{3,1}", "needs 0 <= m <= n"),
-    ("a{x}", "malformed repetition"), ("az", "letter 'z' is not in the alphabet"), ("[d-a]", "empty range"),
+@pytest.mark.parametrize("text,message,position", [
+    ("ab[cd", "unclosed '\\['", 2), ("+ab", "without an atom", 0), ("a{3,1}", "needs 0 <= m <= n", 1),
+    ("a{x}", "malformed repetition", 1), ("az", "letter 'z' is not in the alphabet", 1), ("[d-a]", "empty range", 1),
+    # inside a class the position is the letter's (it was the '[''s)
+    ("a[a-cz]", "letter 'z' is not in the alphabet", 5), ("[a x]", "letter ' ' is not in the alphabet", 2),
+    ("b[a-z]", "letter 'z' is not in the alphabet", 4),
 ])
-def test_pattern_syntax_errors_name_the_field_and_position(text, message):
+def test_pattern_syntax_errors_name_the_field_and_position(text, message, position):
     cfg = ins.Instructions(n_tasks=2, n_families=2, n_letters=4, patterns=(("ab", text), ("cd", "dc")))
-    with pytest.raises(ConfigError, match=rf"patterns\[0\]\[1\]: .*{message}.* at position \d+"):
+    with pytest.raises(ConfigError, match=rf"patterns\[0\]\[1\]: .*{message}.* at position {position} of"):
         ins.build(cfg)
 
 

@@ -53,20 +53,20 @@ class Atom:
 
 
 def parse_pattern(text: str, alphabet: str, field: str = "pattern") -> tuple[Atom, ...]:
-    """The atoms of a pattern: a letter, `.` (any letter) or a class `[a-e x]` of letters and ranges, each with an
+    """The atoms of a pattern: a letter, `.` (any letter) or a class `[a-ex]` of letters and ranges, each with an
     optional quantifier `?`, `+`, `*`, `{m}` or `{m,n}`. The syntax is a subset of Python's `re`, which matches it.
 
     Raises ConfigError naming `field` and the position of a syntax error or of a letter outside the alphabet.
     """
     atoms, i = [], 0
 
-    def fail(msg: str):
-        raise ConfigError(f"{field}: {msg} at position {i} of {text!r}")
+    def fail(msg: str, at: int | None = None):
+        raise ConfigError(f"{field}: {msg} at position {i if at is None else at} of {text!r}")
 
-    def letter(c: str) -> str:
-        if c not in alphabet:
-            fail(f"letter {c!r} is not in the alphabet {alphabet!r}")
-        return c
+    def letter(at: int) -> str:
+        if text[at] not in alphabet:
+            fail(f"letter {text[at]!r} is not in the alphabet {alphabet!r}", at)
+        return text[at]
 
     while i < len(text):
         c = text[i]
@@ -78,14 +78,15 @@ def parse_pattern(text: str, alphabet: str, field: str = "pattern") -> tuple[Ato
                 fail("unclosed '['")
             body, chosen, j = text[i + 1:end], [], 0
             while j < len(body):
+                at = i + 1 + j  # body[j] in text
                 if j + 2 < len(body) and body[j + 1] == "-":
-                    lo, hi = alphabet.find(letter(body[j])), alphabet.find(letter(body[j + 2]))
+                    lo, hi = alphabet.find(letter(at)), alphabet.find(letter(at + 2))
                     if lo > hi:
-                        fail(f"empty range {body[j:j + 3]!r}")
+                        fail(f"empty range {body[j:j + 3]!r}", at)
                     chosen.extend(alphabet[lo:hi + 1])
                     j += 3
                 else:
-                    chosen.append(letter(body[j]))
+                    chosen.append(letter(at))
                     j += 1
             if not chosen:
                 fail("empty class '[]'")
@@ -93,7 +94,7 @@ def parse_pattern(text: str, alphabet: str, field: str = "pattern") -> tuple[Ato
         elif c in "?+*{}]":
             fail(f"quantifier or bracket {c!r} without an atom before it")
         else:
-            letters, i = letter(c), i + 1
+            letters, i = letter(i), i + 1
         low, high = 1, 1
         if i < len(text) and text[i] in "?+*":
             low, high = {"?": (0, 1), "+": (1, None), "*": (0, None)}[text[i]]
