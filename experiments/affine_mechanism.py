@@ -4,11 +4,13 @@ Seeds are the members of one vmapped sweep. The analyses use seed 0's model (the
 loss against the copy, linear-extrapolation, exact three-term and least-squares predictors and the best fixed affine
 filter of the prefix (least squares per position on training prompts: the same weights for every (a, b), so the
 control a model must beat to show in-context inference); layer-0 attention mass on positions n and n - 1 and ridge
-probes of the layer-0 output for x_n and x_{n+1}; for every layer-2 head its OV gain W_E W_V W_O W_U (sign: copying
-or negative) and the regression of its attention score on the similarity -|x_hat_q - x_k| between the query's
-current estimate (a probe of the stream entering layer 2) and the key's value; mean ablation of the negative
-similarity heads, against every layer-2 head ablated alone; activation-patching heatmaps (layers x positions, layers
-x heads) from clean prompts into prompts with other (a, b, x_0).
+probes of the layer-0 output for x_n and x_{n+1}; for every layer-2 head the correlation of the value it attends to
+with its direct contribution to the prediction (negative: a negative head; the embedding path W_E W_V W_O W_U is
+reported, but a layer-2 head's values read a rewritten stream, so its sign does not decide) and the regression
+of its attention score on the similarity -|x_hat_q - x_k| between the query's current estimate (a probe of the
+stream entering layer 2) and the key's value; mean ablation of the negative similarity heads, against every layer-2
+head ablated alone; activation-patching heatmaps (layers x positions, layers x heads) from clean prompts into prompts
+with other (a, b, x_0).
 
 The paper's data ranges, sizes and hyperparameters are not public: every setting here is ours. The task (a, b, x_0 ~
 U[-1, 1], 16 terms, MSE on every position) and the model family (3-layer pre-LN GPT, learned positions, linear embed
@@ -232,9 +234,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                        "corr": corr})
     negative = [r["head"] for r in heads2 if r["gain_corr"] < -cfg.min_head_corr and r["corr"] > cfg.min_head_corr]
 
-    # Ablate the negative-similarity heads (or, where none qualifies, the most negative OV gain) by their mean;
-    # the control: every layer-2 head ablated alone (the ablated heads against the others; NaN, a failed check, where
-    # the set holds them all).
+    # Ablate the negative-similarity heads (or, where none qualifies, the one of the most negative gain correlation)
+    # by their mean; the control: every layer-2 head ablated alone (the ablated heads against the others; NaN, a
+    # failed check, where the set holds them all).
     mse = lambda p: float(np.mean(position_mse(p, test.targets)[start:]))  # noqa: E731
     trained_mse = mse(pred)
     lead = min(heads2, key=lambda r: r["gain_corr"])["head"]  # the most negative gain
@@ -306,7 +308,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
               f"attend to (corr < -{cfg.min_head_corr}) and whose attention score grows with the similarity "
               f"-|x_hat_q - x_k| of the query's estimate (a probe of layer 1's output) and the key's value (corr > "
               f"{cfg.min_head_corr}): " +
-              "; ".join(f"head {r['head']}: gain corr {r['gain_corr']:.2f} (OV gain W_E W_V W_O W_U {r['ov_gain']:.2g}), "
+              "; ".join(f"head {r['head']}: gain corr {r['gain_corr']:.2f} (embedding path W_E W_V W_O W_U "
+                        f"{r['ov_gain']:.2g}, not the head's sign), "
                         f"score slope {r['slope']:.3g}, corr {r['corr']:.2f}" for r in heads2)),
         check_above("ablation_loss_ratio", ablation_ratio, cfg.min_ablation_loss_ratio,
                     f"test MSE with layer-2 heads {ablated_heads} mean-ablated over the trained model's "

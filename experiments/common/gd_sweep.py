@@ -43,7 +43,9 @@ def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0)
     Returns (table, report files written in out_dir); the table has one row per member with its values,
     final eval `loss`, `gd1_loss` and `gd1_loss_se` (GD-1 at eta*(k, sigma) on the same prompts, k the member's
     context length and sigma its noise; the mean query MSE and its standard error), `pred_diff` (mean squared prediction gap
-    to GD-1) and `rel_gap` = loss / gd1_loss - 1.
+    to GD-1) and `rel_gap` = loss / gd1_loss - 1. Every member is evaluated on one test set, eval_key(cfg.train.seed)'s
+    (the base config's seed), so members of a seed axis share it; a lone run of a member's seed draws its own, so its
+    eval losses differ from the member's by that set's sampling noise (its training losses agree).
     """
     members = grid(axes)
     if "init_scale" not in members[0]:

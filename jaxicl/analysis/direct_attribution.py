@@ -58,8 +58,11 @@ def qk_circuit(model: GPT, layer: int, head: int) -> jax.Array:
 
 
 def ov_gain(model: GPT, layer: int, head: int) -> jax.Array:
-    """W_E W_V W_O W_U [in, out] of one head (the LayerNorms left out): for scalar vector inputs and outputs, the
-    sign says whether attending to a value pushes the prediction up (copying) or down (negative heads)."""
+    """W_E W_V W_O W_U [in, out] of one head (the LayerNorms left out): the direct path from the embedding through
+    the head's values to the output. For a layer-0 head (whose values read the embedding alone) and scalar inputs
+    and outputs, its sign says whether attending to a value pushes the prediction up (copying) or down (negative
+    heads); a later head's values read a stream earlier layers have rewritten, so its sign need not match what the
+    head does (measure that: the correlation of the attended value with the head's direct attribution)."""
     if model.vocab_size:
         raise ValueError("ov_gain is for vector-input models (input_dim > 0)")
     return model.embed[...] @ ov_circuit(model, layer, head) @ model.unembed[...]

@@ -34,7 +34,10 @@ def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
 
 
 def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Predictor:
-    """GD-k: `steps` steps of size lr from w = 0 on (1 / 2n) sum_{i<j} (<w, x_i> - y_i)^2, n = max(j, 1)."""
+    """GD-k: `steps` steps of size lr from w = 0 on (1 / 2n) sum_{i<j} (<w, x_i> - y_i)^2, n = max(j, 1): the pairs
+    before position j as the prompt holds them, padding included, so on a prompt of k pairs padded to n_context the
+    step is lr * k / n_context of GD-k's on the k pairs alone (experiments.common.gd_sweep.padded_gd_lr scales lr
+    back)."""
     check_positive("steps", steps)
 
     def fit(x, y, m):

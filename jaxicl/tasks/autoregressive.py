@@ -6,7 +6,9 @@ Families of W ([dim, dim]):
   "orthogonal": W = Q blockdiag(R(theta_1), ..., R(theta_{dim/2})) Q^T, 2x2 rotations with theta_k
                 uniform on [0, 2 pi / mu), Q a fixed orthogonal basis (identity, or Haar from basis_seed);
                 real states, dim even. Commuting. Its complex eigenbasis has conjugate pairs
-                (e^{i theta_k}, e^{-i theta_k}) on coordinates (2k, 2k + 1) (see `eigenvalues`).
+                (e^{i theta_k}, e^{-i theta_k}) on coordinates (2k, 2k + 1) (see `eigenvalues`); the closed
+                form jaxicl.theory.autoregressive.population_loss("orthogonal", ...) is the loss on states in
+                that eigenbasis, not on these real states (only its optimum carries over).
   "haar":       W ~ Haar on O(dim), reflections (det = -1) included; real states. Not commuting.
   "complex_1d": dim = 1, lambda = exp(i theta / mu), theta ~ U[0, 2 pi); complex states (Fig. 6).
 

@@ -57,12 +57,15 @@ def _row_losses(c: jax.Array, p: jax.Array, family: str) -> jax.Array:
 
 
 def population_loss(family: str, a: jax.Array, b: jax.Array, p: jax.Array) -> jax.Array:
-    """Sum over rows of the exact population loss; a, b [H, d], p [T, T]; family in FAMILIES."""
+    """Sum over rows of the exact population loss; a, b [H, d], p [T, T]; family in FAMILIES. "orthogonal" is the
+    loss on states in the complex eigenbasis (the module docstring), not on the real states that
+    jaxicl.tasks.autoregressive's "orthogonal" family draws: the diagonal model depends on the basis, so only the
+    optimum (zero loss) carries over to those."""
     return _row_losses(b.T @ a, p, family).sum()
 
 
 def row_losses(family: str, a: jax.Array, b: jax.Array, p: jax.Array) -> jax.Array:
-    """The per-row population losses [T - 1]."""
+    """The per-row population losses [T - 1] (population_loss's, with its caveat for "orthogonal")."""
     return _row_losses(b.T @ a, p, family)
 
 

@@ -6,7 +6,8 @@ where a context point j scores xi1 s_j (s_j = <x_j, x_q>) and the query scores x
 labels integrated out (E y_j y_k = delta_jk, binary labels) and q = softmax(xi1 s_1, .., xi1 s_N, xi1 - xi2):
     L(xi1, xi2) = 1/2 E_x[1 - 2 q_{i*} + sum_{j<=N} q_j^2]
     dL/dxi1     = E_x[sum_{j<=N} q_j^2 (s_j - s_bar) - q_{i*} (s_{i*} - s_bar)],  s_bar = sum_{k<=N+1} q_k s_k
-    dL/dxi2     = -E_x[q_{N+1} (q_{i*} - sum_{j<=N} q_j^2)] <= 0
+    dL/dxi2     = -E_x[q_{N+1} (q_{i*} - sum_{j<=N} q_j^2)]  (<= 0 where xi1 >= 0: the nearest point then has
+                  the largest weight, q_{i*} >= q_j, so q_{i*} >= sum_j q_j^2; not in general for xi1 < 0)
 Full-matrix GD with step eta moves xi1 by -(eta / d) dL/dxi1 (the gradient spreads over d diagonal
 entries) and xi2 by -eta dL/dxi2. The expectation over x is Monte Carlo over samples of s [M, N].
 """
