@@ -176,6 +176,46 @@ def test_a_sampler_reading_a_global_draws_its_current_value_in_sample_batch_and_
     assert batching._sample_batch._cache_size() == before
 
 
+def test_a_run_into_an_out_dir_another_running_process_writes_is_refused(tmp_path):
+    """Two processes training into one out_dir (a rerun while a forgotten run still went on) interleaved their
+    metrics.jsonl rows with no error. The lock of a running process refuses the second run (train and train_sweep),
+    one left by a process that ended is taken over, and a run leaves none behind, finished or failed."""
+    import socket
+
+    from jaxicl.train.run_lock import LOCK_FILE
+
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10)
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(ConfigError, match=rf"out_dir: .* is being written by another run \(process {other.pid}"):
+            train(loss_fn, sample, task, cfg, params, out_dir=str(out), progress=False)
+        with pytest.raises(ConfigError, match="is being written by another run"):
+            train_sweep(loss_fn, sample, task, cfg, lambda key: params, [{"train.seed": 0}], out_dir=str(out),
+                        progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
+    finally:
+        other.kill()
+        other.wait()
+    # the holder has ended (a killed run): taken over
+    train(loss_fn, sample, task, cfg, params, out_dir=str(out), progress=False)
+    assert not lock.exists()
+    lock.write_text(json.dumps({"host": "another-host", "pid": os.getpid()}))  # cannot be checked from here
+    with pytest.raises(ConfigError, match=r"on another-host\); .*if that run is no longer running, delete"):
+        train(loss_fn, sample, task, cfg, params, out_dir=str(out), progress=False)
+    lock.unlink()
+
+    def diverging(p, batch):
+        return loss_fn(p, batch)[0] * jnp.inf, {}
+
+    with pytest.raises(NonFiniteLossError):
+        train(diverging, sample, task, cfg, params, out_dir=str(tmp_path / "bad"), progress=False)
+    assert not (tmp_path / "bad" / LOCK_FILE).exists()
+
+
 def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicates(tmp_path):
     """A run killed before its first checkpoint leaves rows (the step-0 evaluation among them) but no
     state: the rerun starts at step 0 and must leave the file of one uninterrupted run."""

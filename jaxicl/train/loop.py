@@ -28,6 +28,7 @@ from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.optim import make_optimizer, scheduled_lr
+from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, run_steps
 
@@ -92,7 +93,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     config = stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None)
     step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,
                    learning_rate=learning_rate, stop_loss=cfg.stop_loss)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), exclusive(out_dir):
         if sample is not None:
             check_divisible(cfg.batch_size)
         sharding = replicated(mesh)

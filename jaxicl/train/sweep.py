@@ -45,6 +45,7 @@ from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config, write_run_info
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
+from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState
 from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, plain_members, swept_values
@@ -101,43 +102,44 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     config = mark_swept({**stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None),
                          "sweep": {"chunk_size": size, "members": members}}, swept)
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-    if out_dir:
-        # every chunk's checkpoint before any chunk trains: refused at chunk k > 0, a rerun had retrained chunks < k
-        # and rewritten their metrics.jsonl rows; refused here, it leaves out_dir as it was
-        if resume:
-            check_all_resumable([_chunk_dir(out_dir, k) for k in range(len(chunks))], config)
-        else:
-            remove_checkpoints(os.path.join(out_dir, "checkpoints"))
-        _write_sweep_json(out_dir, members, {}, size, cfg)
-    rows, finals, diverged = {"train": [], "eval": []}, [], {}
-    bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
-               disable=not progress or not outputs.is_primary())
-    with jax.set_mesh(mesh):
-        check_divisible(cfg.batch_size)
-        sharding = NamedSharding(mesh, P(MEMBER_AXIS))
-        run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
-        for k, idx in enumerate(chunks):
-            store = (CheckpointStore(_chunk_dir(out_dir, k), keep=cfg.keep_checkpoints, config=config)
-                     if out_dir else None)
-            try:
-                state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, metrics_path,
-                                     rows, bar, eval_every)
-            finally:
-                if store:
-                    store.close()
-            member_step = _fetch(state.step)[:len(idx)]
-            diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
-            finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
-    bar.close()
-    stack_flops = run_chunk.flops_per_step
-    info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
-            "chunk_size": size}
-    info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
-    if diverged and outputs.is_primary():
-        tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
-                   f"(member: step) {diverged}; the others trained on unchanged")
-    if out_dir:
-        _write_sweep_json(out_dir, members, diverged, size, cfg)
+    with exclusive(out_dir):
+        if out_dir:
+            # every chunk's checkpoint before any chunk trains: refused at chunk k > 0, a rerun had retrained chunks < k
+            # and rewritten their metrics.jsonl rows; refused here, it leaves out_dir as it was
+            if resume:
+                check_all_resumable([_chunk_dir(out_dir, k) for k in range(len(chunks))], config)
+            else:
+                remove_checkpoints(os.path.join(out_dir, "checkpoints"))
+            _write_sweep_json(out_dir, members, {}, size, cfg)
+        rows, finals, diverged = {"train": [], "eval": []}, [], {}
+        bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
+                   disable=not progress or not outputs.is_primary())
+        with jax.set_mesh(mesh):
+            check_divisible(cfg.batch_size)
+            sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+            run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
+            for k, idx in enumerate(chunks):
+                store = (CheckpointStore(_chunk_dir(out_dir, k), keep=cfg.keep_checkpoints, config=config)
+                         if out_dir else None)
+                try:
+                    state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, metrics_path,
+                                         rows, bar, eval_every)
+                finally:
+                    if store:
+                        store.close()
+                member_step = _fetch(state.step)[:len(idx)]
+                diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
+                finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
+        bar.close()
+        stack_flops = run_chunk.flops_per_step
+        info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
+                "chunk_size": size}
+        info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
+        if diverged and outputs.is_primary():
+            tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
+                       f"(member: step) {diverged}; the others trained on unchanged")
+        if out_dir:
+            _write_sweep_json(out_dir, members, diverged, size, cfg)
     if metrics_path and outputs.is_primary():
         rows = {s: read_metrics(metrics_path, s) for s in rows}
     params = jax.tree.map(lambda *xs: np.concatenate(xs), *finals)

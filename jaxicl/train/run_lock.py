@@ -1,0 +1,69 @@
+"""One run at a time per output directory: out_dir/.lock names the host and process writing there.
+
+Two processes training into one out_dir (a rerun started while a forgotten one still runs) interleaved their
+metrics.jsonl rows and checkpoints with no error. A lock whose process has ended (a killed run) is taken over; one
+held on another host cannot be checked, and is refused with how to clear it.
+"""
+
+import contextlib
+import json
+import os
+import socket
+
+from jaxicl import outputs
+from jaxicl.validation import ConfigError
+
+LOCK_FILE = ".lock"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _holder(path: str) -> dict | None:
+    """The lock's {"host", "pid"}, or None where it is gone, unreadable or names a process of this host that ended."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except (FileNotFoundError, ValueError):  # removed meanwhile, or cut short by a kill while written
+        return None
+    if holder.get("host") == socket.gethostname() and not _running(int(holder.get("pid", -1))):
+        return None
+    return holder
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: str | None):
+    """Holds out_dir/.lock for the block (the primary process of a multi-host run takes it for all); ConfigError
+    where another running process holds it. Nothing for out_dir None."""
+    if not out_dir or not outputs.is_primary():
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_FILE)
+    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None:
+                raise ConfigError(f"out_dir: {out_dir} is being written by another run (process {holder.get('pid')} "
+                                  f"on {holder.get('host')}); wait for it, stop it, or use another out_dir (if that "
+                                  f"run is no longer running, delete {path})") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # a stale lock: its process ended
+    with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
+    try:
+        yield
+    finally:
+        if _holder(path) == mine:
+            os.remove(path)
