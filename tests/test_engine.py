@@ -621,6 +621,30 @@ def test_regression_losses_refuse_predictions_and_targets_of_different_shapes():
     np.testing.assert_allclose(per_position_loss(graphdef, params, right), err.mean(0), rtol=1e-6)
 
 
+def test_a_dict_task_config_is_stored_as_given_and_other_non_dataclasses_are_refused(tmp_path):
+    """A sampler may take any config: a dict one trained (it failed in dataclasses.asdict) and is stored as given, so a
+    resume with another value is refused naming the field; what the stored config cannot hold is refused up front."""
+    from jaxicl.prompt import Prompt
+
+    def sample(cfg, key):
+        x = jax.random.normal(key, (4,))
+        return Prompt(inputs=x, targets=cfg["scale"] * x, mask=jnp.ones(4))
+
+    def loss_fn(params, batch):
+        return jnp.mean((params["w"] * batch.inputs - batch.targets) ** 2), {}
+
+    cfg, params = TrainConfig(steps=2, batch_size=8, log_every=1), {"w": jnp.zeros(())}
+    train(loss_fn, sample, {"scale": 2.0}, cfg, params, out_dir=str(tmp_path), progress=False)
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    assert store.config()["task"] == {"scale": 2.0}
+    store.close()
+    with pytest.raises(ConfigError, match=r"task\.scale: checkpoint 2\.0 vs now 3\.0"):
+        train(loss_fn, sample, {"scale": 3.0}, cfg, params, out_dir=str(tmp_path), progress=False)
+    refused = "task_cfg must be a dataclass instance, a dict or None (the sampler's first argument, stored with the "
+    with pytest.raises(ConfigError, match=re.escape(refused + "run's config), got list")):
+        train(loss_fn, lambda c, key: sample({"scale": c[0]}, key), [2.0], cfg, params, progress=False)
+
+
 def test_the_engine_passes_the_step_to_a_sampler_that_takes_it():
     """A curriculum's sampler gets the step of the batch it draws: here its target is the step, so each logged loss
     (the mean target, through a parameter that is not updated: lr 0) is that step, across chunks and on 4 devices."""

@@ -338,6 +338,25 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.seed": 1}], progress=False)
 
 
+def test_a_sweep_takes_a_dict_or_no_task_config_as_train_does():
+    """With no task field swept the sweep replaced fields on task_cfg anyway, so a dict or None config (both of which
+    train takes) failed; each now trains as the dataclass config it stands for. A swept task field still needs a
+    dataclass config (it is validated on it and sizes the batch), and is refused naming the field otherwise."""
+    cfg, members = _cfg(steps=3), [{"train.seed": s} for s in (0, 1)]
+    noisy = dataclasses.replace(TASK, noise_std=0.5)
+    reference = train_sweep(LOSS, lr.sample, noisy, cfg, init, members, progress=False)
+    from_dict = train_sweep(LOSS, lambda c, key: lr.sample(dataclasses.replace(TASK, **c), key), {"noise_std": 0.5},
+                            cfg, init, members, progress=False)
+    from_none = train_sweep(LOSS, lambda c, key: lr.sample(noisy, key), None, cfg, init, members, progress=False)
+    for i in range(2):  # the same program on the same inputs
+        np.testing.assert_allclose(_member_losses(from_dict, i), _member_losses(reference, i), rtol=1e-6)
+        np.testing.assert_allclose(_member_losses(from_none, i), _member_losses(reference, i), rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"task\.noise_std cannot be swept: a swept task field needs a dataclass "
+                                          r"task_cfg \(it is validated on it and sizes the batch from it\), got dict"):
+        train_sweep(LOSS, lr.sample, {"noise_std": 0.5}, cfg, init, [{"task.noise_std": v} for v in (0.0, 0.5)],
+                    progress=False)
+
+
 def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():
     from jaxicl.train.sweep_fields import mark_swept, swept_values
 

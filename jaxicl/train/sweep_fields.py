@@ -61,6 +61,10 @@ def check_members(members: list[dict], cfg: TrainConfig, task_cfg) -> None:
                           "every member for train.steps (use stop_loss=0)")
     if any(set(m) != set(members[0]) for m in members):
         raise ConfigError(f"every sweep member must set the same fields, e.g. {sorted(members[0])}")
+    task_paths = [p for p in members[0] if p.startswith("task.")]
+    if task_paths and not dataclasses.is_dataclass(task_cfg):
+        raise ConfigError(f"{task_paths[0]} cannot be swept: a swept task field needs a dataclass task_cfg (it is "
+                          f"validated on it and sizes the batch from it), got {type(task_cfg).__name__}")
     for m in members:  # errors name the field
         member_config(_Run(cfg, task_cfg), {p: v for p, v in m.items() if "." in p})
 
