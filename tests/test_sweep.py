@@ -322,6 +322,29 @@ def test_unsweepable_fields_are_named_with_the_allowed_ones(path, match):
         split_fields([path], lr.sample, init)
 
 
+def test_parameters_without_a_default_are_keywords_a_sweep_can_pass():
+    """The sweep passes init fields and evaluate's task fields by keyword, so init(key, init_scale) and
+    evaluate(params, noise_std) take them (they were refused: only keyword-only or defaulted parameters counted);
+    the parameters passed by position (init's key, evaluate's params, the sampler's cfg and key) are not fields."""
+    def positional_init(key, init_scale):
+        return init(key, init_scale=init_scale)
+
+    def evaluate(params, noise_std):
+        return {"noise_std": noise_std * 1.0}
+
+    assert split_fields(["task.noise_std", "init_scale"], lr.sample, positional_init) == {
+        "train": [], "task": ["noise_std"], "init": ["init_scale"]}
+    with pytest.raises(ConfigError, match=r"key cannot be swept: .*nor a keyword of init \('init_scale',\)"):
+        split_fields(["key"], lr.sample, positional_init)
+    members = [{"task.noise_std": v, "init_scale": s} for v, s in ((0.0, 0.1), (0.5, 0.2))]
+    swept = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=3), positional_init, members, evaluate=evaluate,
+                        progress=False)
+    reference = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=3), init, members, progress=False)
+    _assert_trees_close(swept.params, reference.params, rtol=1e-6, atol=1e-7)  # the same program on the same inputs
+    # float32 member arrays: 0.5 is exact
+    assert [(r["member"], r["noise_std"]) for r in swept.eval_rows if r["step"] == 3] == [(0, 0.0), (1, 0.5)]
+
+
 def test_invalid_member_values_fail_before_training_naming_the_field():
     with pytest.raises(ValueError, match="lr"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)
