@@ -345,6 +345,24 @@ def test_parameters_without_a_default_are_keywords_a_sweep_can_pass():
     assert [(r["member"], r["noise_std"]) for r in swept.eval_rows if r["step"] == 3] == [(0, 0.0), (1, 0.5)]
 
 
+def test_a_seeds_only_sweep_of_sweep_init_members_starts_from_self_attentions_default_init_scale():
+    """sweep_init's init_scale had no default, so a sweep that did not set it crashed inside the program; each member
+    now trains as SelfAttention with its default init_scale (0.02) trained alone."""
+    from jaxicl.models.attention import sweep_init
+
+    init_fn, graphdef = sweep_init(TASK.dim + 1)
+    cfg = _cfg(steps=3)
+    swept = train_sweep(regression_loss(graphdef), lr.sample, TASK, cfg, init_fn, [{"train.seed": s} for s in (0, 1)],
+                        progress=False)
+    for i in range(2):
+        params = nnx.split(SelfAttention(TASK.dim + 1, rngs=nnx.Rngs(jax.random.key(i))))[1]
+        alone = train(regression_loss(graphdef), lr.sample, TASK, dataclasses.replace(cfg, seed=i), params,
+                      progress=False)
+        # float32, vmapped vs alone: the tolerances of the member-equals-alone test above
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+
+
 def test_invalid_member_values_fail_before_training_naming_the_field():
     with pytest.raises(ValueError, match="lr"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)
