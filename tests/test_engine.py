@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -631,6 +632,57 @@ def test_cross_entropy_loss_against_a_numpy_log_softmax():
     per_prompt = lambda v: np.mean((m * v).sum(-1) / np.maximum(m.sum(-1), 1e-12))  # noqa: E731
     np.testing.assert_allclose(float(loss), per_prompt(nll), rtol=1e-5)
     np.testing.assert_allclose(float(aux["accuracy"]), per_prompt(logits.argmax(-1) == t), rtol=1e-6)
+
+
+def test_regression_losses_refuse_predictions_and_targets_of_different_shapes():
+    """A one-coordinate readout gives [B, T]; against targets [B, T, 1] with B == T it broadcast to [B, T, T] and
+    reported 8x the true MSE. Both losses now refuse it, naming both shapes; targets [B, T] give the numpy MSE."""
+    from flax import nnx
+
+    from jaxicl.models import predictor
+    from jaxicl.models.gpt import GPT
+    from jaxicl.prompt import Prompt
+    from jaxicl.train import per_position_loss
+
+    graphdef, params = nnx.split(GPT(d_model=8, n_layers=1, n_heads=2, max_len=4, input_dim=1, rngs=nnx.Rngs(0)),
+                                 nnx.Param)
+    rng = np.random.default_rng(0)
+    inputs, targets = (jnp.asarray(rng.normal(size=(4, 4, 1)), jnp.float32) for _ in range(2))
+    wrong = Prompt(inputs=inputs, targets=targets, mask=jnp.ones((4, 4)))
+    message = re.escape("the model's predictions (4, 4) and the batch's targets (4, 4, 1) must have the same shape")
+    with pytest.raises(ValueError, match=message):
+        regression_loss(graphdef)(params, wrong)
+    with pytest.raises(ValueError, match=message):
+        per_position_loss(graphdef, params, wrong)
+    right = dataclasses.replace(wrong, targets=targets[..., 0])
+    err = (np.asarray(jax.vmap(predictor(graphdef, params))(inputs), np.float64) - np.asarray(targets[..., 0])) ** 2
+    # float32 model outputs and sums of 16 terms: a relative error of a few float32 ulps
+    np.testing.assert_allclose(float(regression_loss(graphdef)(params, right)[0]), err.mean(), rtol=1e-6)
+    np.testing.assert_allclose(per_position_loss(graphdef, params, right), err.mean(0), rtol=1e-6)
+
+
+def test_a_dict_task_config_is_stored_as_given_and_other_non_dataclasses_are_refused(tmp_path):
+    """A sampler may take any config: a dict one trained (it failed in dataclasses.asdict) and is stored as given, so a
+    resume with another value is refused naming the field; what the stored config cannot hold is refused up front."""
+    from jaxicl.prompt import Prompt
+
+    def sample(cfg, key):
+        x = jax.random.normal(key, (4,))
+        return Prompt(inputs=x, targets=cfg["scale"] * x, mask=jnp.ones(4))
+
+    def loss_fn(params, batch):
+        return jnp.mean((params["w"] * batch.inputs - batch.targets) ** 2), {}
+
+    cfg, params = TrainConfig(steps=2, batch_size=8, log_every=1), {"w": jnp.zeros(())}
+    train(loss_fn, sample, {"scale": 2.0}, cfg, params, out_dir=str(tmp_path), progress=False)
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    assert store.config()["task"] == {"scale": 2.0}
+    store.close()
+    with pytest.raises(ConfigError, match=r"task\.scale: checkpoint 2\.0 vs now 3\.0"):
+        train(loss_fn, sample, {"scale": 3.0}, cfg, params, out_dir=str(tmp_path), progress=False)
+    refused = "task_cfg must be a dataclass instance, a dict or None (the sampler's first argument, stored with the "
+    with pytest.raises(ConfigError, match=re.escape(refused + "run's config), got list")):
+        train(loss_fn, lambda c, key: sample({"scale": c[0]}, key), [2.0], cfg, params, progress=False)
 
 
 def test_the_engine_passes_the_step_to_a_sampler_that_takes_it():

@@ -322,6 +322,47 @@ def test_unsweepable_fields_are_named_with_the_allowed_ones(path, match):
         split_fields([path], lr.sample, init)
 
 
+def test_parameters_without_a_default_are_keywords_a_sweep_can_pass():
+    """The sweep passes init fields and evaluate's task fields by keyword, so init(key, init_scale) and
+    evaluate(params, noise_std) take them (they were refused: only keyword-only or defaulted parameters counted);
+    the parameters passed by position (init's key, evaluate's params, the sampler's cfg and key) are not fields."""
+    def positional_init(key, init_scale):
+        return init(key, init_scale=init_scale)
+
+    def evaluate(params, noise_std):
+        return {"noise_std": noise_std * 1.0}
+
+    assert split_fields(["task.noise_std", "init_scale"], lr.sample, positional_init) == {
+        "train": [], "task": ["noise_std"], "init": ["init_scale"]}
+    with pytest.raises(ConfigError, match=r"key cannot be swept: .*nor a keyword of init \('init_scale',\)"):
+        split_fields(["key"], lr.sample, positional_init)
+    members = [{"task.noise_std": v, "init_scale": s} for v, s in ((0.0, 0.1), (0.5, 0.2))]
+    swept = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=3), positional_init, members, evaluate=evaluate,
+                        progress=False)
+    reference = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=3), init, members, progress=False)
+    _assert_trees_close(swept.params, reference.params, rtol=1e-6, atol=1e-7)  # the same program on the same inputs
+    # float32 member arrays: 0.5 is exact
+    assert [(r["member"], r["noise_std"]) for r in swept.eval_rows if r["step"] == 3] == [(0, 0.0), (1, 0.5)]
+
+
+def test_a_seeds_only_sweep_of_sweep_init_members_starts_from_self_attentions_default_init_scale():
+    """sweep_init's init_scale had no default, so a sweep that did not set it crashed inside the program; each member
+    now trains as SelfAttention with its default init_scale (0.02) trained alone."""
+    from jaxicl.models.attention import sweep_init
+
+    init_fn, graphdef = sweep_init(TASK.dim + 1)
+    cfg = _cfg(steps=3)
+    swept = train_sweep(regression_loss(graphdef), lr.sample, TASK, cfg, init_fn, [{"train.seed": s} for s in (0, 1)],
+                        progress=False)
+    for i in range(2):
+        params = nnx.split(SelfAttention(TASK.dim + 1, rngs=nnx.Rngs(jax.random.key(i))))[1]
+        alone = train(regression_loss(graphdef), lr.sample, TASK, dataclasses.replace(cfg, seed=i), params,
+                      progress=False)
+        # float32, vmapped vs alone: the tolerances of the member-equals-alone test above
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+
+
 def test_invalid_member_values_fail_before_training_naming_the_field():
     with pytest.raises(ValueError, match="lr"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)
@@ -336,6 +377,25 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)
     with pytest.raises(ConfigError, match=r"every sweep member must set the same fields, e\.g\. \['train\.lr'\]"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.seed": 1}], progress=False)
+
+
+def test_a_sweep_takes_a_dict_or_no_task_config_as_train_does():
+    """With no task field swept the sweep replaced fields on task_cfg anyway, so a dict or None config (both of which
+    train takes) failed; each now trains as the dataclass config it stands for. A swept task field still needs a
+    dataclass config (it is validated on it and sizes the batch), and is refused naming the field otherwise."""
+    cfg, members = _cfg(steps=3), [{"train.seed": s} for s in (0, 1)]
+    noisy = dataclasses.replace(TASK, noise_std=0.5)
+    reference = train_sweep(LOSS, lr.sample, noisy, cfg, init, members, progress=False)
+    from_dict = train_sweep(LOSS, lambda c, key: lr.sample(dataclasses.replace(TASK, **c), key), {"noise_std": 0.5},
+                            cfg, init, members, progress=False)
+    from_none = train_sweep(LOSS, lambda c, key: lr.sample(noisy, key), None, cfg, init, members, progress=False)
+    for i in range(2):  # the same program on the same inputs
+        np.testing.assert_allclose(_member_losses(from_dict, i), _member_losses(reference, i), rtol=1e-6)
+        np.testing.assert_allclose(_member_losses(from_none, i), _member_losses(reference, i), rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"task\.noise_std cannot be swept: a swept task field needs a dataclass "
+                                          r"task_cfg \(it is validated on it and sizes the batch from it\), got dict"):
+        train_sweep(LOSS, lr.sample, {"noise_std": 0.5}, cfg, init, [{"task.noise_std": v} for v in (0.0, 0.5)],
+                    progress=False)
 
 
 def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():

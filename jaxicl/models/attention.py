@@ -36,6 +36,7 @@ from jaxicl.validation import check_choice, check_positive
 
 KINDS = ("linear", "softmax")
 MASKS = ("none", "causal", "context")
+INIT_SCALE = 0.02  # the weights' default standard deviation
 
 
 class AttentionLayer(nnx.Module):
@@ -74,7 +75,7 @@ class SelfAttention(HeadFirstModel):
 
     def __init__(self, dim: int, *, num_layers: int = 1, num_heads: int = 1, key_size: int | None = None,
                  kind: str = "linear", residual: bool = True, mask: str = "none",
-                 init_scale: float = 0.02, rngs: nnx.Rngs):
+                 init_scale: float = INIT_SCALE, rngs: nnx.Rngs):
         for name, value in (("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads)):
             check_positive(name, value)
         check_choice("kind", kind, KINDS)
@@ -132,11 +133,12 @@ def attention_mask(mask: str, t: int) -> jax.Array:
 
 
 def sweep_init(dim: int, num_layers: int = 1, **model_kw) -> tuple[Callable, nnx.GraphDef]:
-    """(init(key, *, init_scale) -> params, graphdef): the members' init of a sweep of SelfAttention(dim, ...)
-    (linear with residual by default; model_kw as SelfAttention takes them), init_scale sweepable."""
+    """(init(key, *, init_scale=INIT_SCALE) -> params, graphdef): the members' init of a sweep of
+    SelfAttention(dim, ...) (linear with residual by default; model_kw as SelfAttention takes them), init_scale
+    sweepable (SelfAttention's default where not swept)."""
     kw = {"kind": "linear", "residual": True, **model_kw}
 
-    def init(key, *, init_scale):
+    def init(key, *, init_scale=INIT_SCALE):
         return nnx.split(SelfAttention(dim, num_layers=num_layers, init_scale=init_scale, rngs=nnx.Rngs(key), **kw))[1]
 
     return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0), **kw))

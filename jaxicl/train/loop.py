@@ -31,6 +31,7 @@ from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, run_steps
+from jaxicl.validation import ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -50,9 +51,20 @@ def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: Ev
     """The config stored with a run's checkpoints: its train and task sections (task {} without a task), the matmul
     precision in force (jax.default_matmul_precision: on a GPU or TPU it changes the results) and the evaluation
     schedule (None without an evaluate function; a resume with another would mix two schedules' eval rows)."""
-    task = dataclasses.asdict(task_cfg) if task_cfg is not None else {}
-    return {"train": dataclasses.asdict(cfg), "task": task,
+    return {"train": dataclasses.asdict(cfg), "task": task_section(task_cfg),
             "matmul_precision": jax.config.jax_default_matmul_precision, "eval_every": eval_every, **(extra or {})}
+
+
+def task_section(task_cfg) -> dict:
+    """The stored config's task section: a dataclass's fields, a dict as given, {} for None; ConfigError otherwise."""
+    if task_cfg is None:
+        return {}
+    if isinstance(task_cfg, dict):
+        return dict(task_cfg)
+    if dataclasses.is_dataclass(task_cfg) and not isinstance(task_cfg, type):
+        return dataclasses.asdict(task_cfg)
+    raise ConfigError(f"task_cfg must be a dataclass instance, a dict or None (the sampler's first argument, stored "
+                      f"with the run's config), got {type(task_cfg).__name__}")
 
 
 def write_run_info(out_dir: str | None, info: dict, *, compiled: bool) -> dict:
@@ -74,7 +86,8 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
           progress: bool = True, desc: str = "train", buffers=None) -> TrainResult:
     """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
 
-    sample=None: loss_fn(params, None) needs no batch (task_cfg may then be None).
+    task_cfg: a dataclass instance, a dict (stored as given) or None. sample=None: loss_fn(params, None) needs no batch
+    (task_cfg may then be None).
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh.

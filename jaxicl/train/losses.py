@@ -32,7 +32,15 @@ def query_mse(pred: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def position_errors(pred: jax.Array, targets: jax.Array, coords: str = "sum") -> jax.Array:
-    """|pred - targets|^2 per position [B, T]; over K coordinates ([B, T, K]) summed or averaged."""
+    """|pred - targets|^2 per position [B, T]; over K coordinates ([B, T, K]) summed or averaged.
+
+    Raises ValueError unless pred and targets have the same shape (a [B, T] readout against [B, T, 1] targets would
+    broadcast to a wrong loss, or fail cryptically).
+    """
+    if pred.shape != targets.shape:
+        raise ValueError(f"the model's predictions {pred.shape} and the batch's targets {targets.shape} must have the "
+                         "same shape, [B, T] or [B, T, K] (a readout of one coordinate gives [B, T]: sample targets "
+                         "[T] for it)")
     err = jnp.abs(pred - targets) ** 2
     if err.ndim == 3:
         err = jnp.sum(err, -1) if coords == "sum" else jnp.mean(err, -1)

@@ -21,16 +21,18 @@ from jaxicl.validation import ConfigError
 SWEEPABLE_TRAIN_FIELDS = ("seed",) + SWEEPABLE_OPTIMIZER_FIELDS
 
 
-def keywords(fn) -> tuple[str, ...]:
-    """The parameters of fn that can be passed by keyword with a default or keyword-only."""
-    return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY
-                 or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty))
+def keywords(fn, leading: int = 1) -> tuple[str, ...]:
+    """The parameters of fn a sweep can pass by keyword: every positional-or-keyword or keyword-only one after the
+    `leading` ones it passes by position (init's key, evaluate's params; the sampler's cfg and key), with or without
+    a default. **kwargs is not counted."""
+    params = list(inspect.signature(fn).parameters.values())[leading:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]:
     """Sorts swept paths into train / task / init groups; raises ConfigError naming unsweepable fields."""
     groups = {"train": [], "task": [], "init": []}
-    task_ok, init_ok = keywords(sample), keywords(init)
+    task_ok, init_ok = keywords(sample, leading=2), keywords(init)
     for path in paths:
         head, _, name = path.partition(".")
         if head == "train":
@@ -61,6 +63,10 @@ def check_members(members: list[dict], cfg: TrainConfig, task_cfg) -> None:
                           "every member for train.steps (use stop_loss=0)")
     if any(set(m) != set(members[0]) for m in members):
         raise ConfigError(f"every sweep member must set the same fields, e.g. {sorted(members[0])}")
+    task_paths = [p for p in members[0] if p.startswith("task.")]
+    if task_paths and not dataclasses.is_dataclass(task_cfg):
+        raise ConfigError(f"{task_paths[0]} cannot be swept: a swept task field needs a dataclass task_cfg (it is "
+                          f"validated on it and sizes the batch from it), got {type(task_cfg).__name__}")
     for m in members:  # errors name the field
         member_config(_Run(cfg, task_cfg), {p: v for p, v in m.items() if "." in p})
 

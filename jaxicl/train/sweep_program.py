@@ -55,7 +55,8 @@ def build_program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, 
         check_takes_task_fields(evaluate, groups["task"])
     # the sampling shape: the largest swept value (pool size, context length); each member's own
     # value reaches the sampler as an array
-    shape_task = dataclasses.replace(task_cfg, **{n: max(m[f"task.{n}"] for m in members) for n in groups["task"]})
+    largest = {n: max(m[f"task.{n}"] for m in members) for n in groups["task"]}
+    shape_task = dataclasses.replace(task_cfg, **largest) if largest else task_cfg  # task_cfg may be a dict or None
     opt_fields = [n for n in groups["train"] if n != "seed"]
     tx = make_optimizer(cfg, tuple(opt_fields))
     seeds = member_arrays(members, "train.", ["seed"])["seed"] if "seed" in groups["train"] else \
