@@ -217,6 +217,52 @@ def test_a_run_into_an_out_dir_another_running_process_writes_is_refused(tmp_pat
     assert not (tmp_path / "bad" / LOCK_FILE).exists()
 
 
+def test_a_model_with_an_embedding_table_trains_on_several_devices_and_a_pool_sampler_draws_through_lookup():
+    """Under the engine's explicit-sharding mesh a gather from a replicated table by batch-sharded token ids (an
+    nnx.Embed in a user's model) has no output sharding of its own: training raised ShardingTypeError on 2 or more
+    devices. The model runs in auto sharding now; a sampler indexing a pool gathers with gpt.lookup."""
+    from jaxicl.models.base import Model
+    from jaxicl.models.gpt import lookup
+    from jaxicl.prompt import Prompt
+    from jaxicl.sites import null_sites
+    from jaxicl.train import cross_entropy_loss, sweep_mesh
+
+    vocab, t = 7, 10
+    pool = jnp.arange(vocab)[::-1]
+
+    @dataclasses.dataclass(frozen=True)
+    class Task:  # train_sweep replaces fields of a dataclass config
+        length: int = t
+
+    class Embedded(Model):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(vocab, 16, rngs=rngs)
+            self.out = nnx.Linear(16, vocab, rngs=rngs)
+
+        def __call__(self, tokens, sites=null_sites):
+            return self.out(sites("embed", self.embed(tokens)))
+
+    def sample(cfg, key):  # the answer: the pool's entry at each token
+        x = jax.random.randint(key, (t,), 0, vocab)
+        return Prompt(x, lookup(pool, x), jnp.ones(t))
+
+    assert jax.device_count() == 4
+    graphdef, params = nnx.split(Embedded(nnx.Rngs(0)), nnx.Param)
+    cfg = TrainConfig(steps=20, batch_size=16, lr=1e-2, log_every=5)
+    with jax.set_mesh(data_mesh(4)):  # the pool sampler draws the same prompts as on one device: a gather is exact
+        four = sample_batch(sample, None, jax.random.key(0), 16)
+    np.testing.assert_array_equal(four.targets, sample_batch(sample, None, jax.random.key(0), 16, axis=None).targets)
+    np.testing.assert_array_equal(four.targets, vocab - 1 - four.inputs)
+    losses = {n: _losses(train(cross_entropy_loss(graphdef), sample, None, cfg, params, mesh=data_mesh(n),
+                               progress=False)) for n in (1, 4)}
+    # float32, gradients summed over 4 devices in another order than on 1: within a few float32 ulps per step
+    np.testing.assert_allclose(losses[4], losses[1], rtol=2e-6)
+    assert losses[1][-1] < 0.5 * losses[1][0]  # it learns the pool
+    sweep = train_sweep(cross_entropy_loss(graphdef), sample, Task(), cfg, lambda key: params,
+                        [{"train.seed": 0}, {"train.seed": 1}], mesh=sweep_mesh(2, 2), progress=False)
+    np.testing.assert_allclose([r["loss"] for r in sweep.train_rows if r["member"] == 0], losses[1], rtol=2e-6)
+
+
 def test_a_rerun_that_finds_no_checkpoint_rewrites_the_metrics_without_duplicates(tmp_path):
     """A run killed before its first checkpoint leaves rows (the step-0 evaluation among them) but no
     state: the rerun starts at step 0 and must leave the file of one uninterrupted run."""

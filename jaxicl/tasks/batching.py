@@ -5,6 +5,7 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.prompt import Prompt
@@ -22,6 +23,16 @@ def data_axis_size(axis: str = DATA_AXIS) -> int:
     if mesh.empty or axis not in mesh.axis_names:
         return 1
     return mesh.shape[axis]
+
+
+def in_auto_sharding(fn: Callable, out_sharding: P) -> Callable:
+    """fn run with the current mesh's explicit axes in auto sharding (XLA's propagation), its outputs laid out by
+    out_sharding (a PartitionSpec for every output leaf); fn itself outside a mesh. For a user's model inside the
+    engine's explicit-sharding mesh: a gather from a table it holds (an nnx.Embed) by per-prompt token ids has no
+    output sharding of its own in explicit mode, and raised there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+    return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out_sharding) if explicit else fn
 
 
 def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:
@@ -73,6 +84,10 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
 
     Jitted: the sampler is traced at every call (jaxicl.traced), so one that reads a global (a pool of prompts)
     draws from its current value, and the compiled program is reused while it traces to the same program.
+    A sampler that indexes a table it holds by a per-prompt index (a task pool) gathers with
+    jaxicl.models.gpt.lookup(table, ids): under a mesh of several devices (explicit sharding) a plain table[i] has no
+    output sharding of its own and raises ShardingTypeError. (The engine runs the model in auto sharding, so an
+    nnx.Embed needs no such care.)
     """
     kwargs = dict(task_params or {})
     if takes_step(sample):

@@ -92,8 +92,11 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh.
     `evaluate(params) -> {name: scalar}` runs at step 0, every eval_every steps (or at the steps of a tuple
-    eval_every) and at the end (eval rows in metrics.jsonl). `tx` overrides the optimiser built from cfg; the stored
-    config cannot describe it (a resume is checked against cfg's optimiser fields), so give each tx its own out_dir.
+    eval_every) and at the end (eval rows in metrics.jsonl), as written under the training mesh: the loss runs with
+    the mesh's axes in auto sharding, evaluate does not, so a model that gathers from a table (an nnx.Embed) is
+    evaluated on a batch drawn with sample_batch(..., axis=None), or gathers through jaxicl.models.gpt.lookup. `tx`
+    overrides the optimiser built from cfg; the stored config cannot describe it (a resume is checked against cfg's
+    optimiser fields), so give each tx its own out_dir.
     buffers: state the loss updates outside the optimiser (then loss_fn(params, batch, buffers) -> (loss, (aux, new
     buffers)) and evaluate(params, buffers); checkpointed, in the result's state).
     Raises NonFiniteLossError at the first step whose loss or updated parameters are not finite, without saving the

@@ -10,9 +10,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxicl.prompt import Prompt
-from jaxicl.tasks.batching import Sampler, sample_batch
+from jaxicl.tasks.batching import Sampler, in_auto_sharding, sample_batch
 from jaxicl.train.state import TrainState
 
 LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
@@ -42,10 +43,13 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     batch = None if sample is None else sample_batch(sample, task_cfg, jax.random.fold_in(state.key, state.step),
                                                      batch_size, task_params=task_params, step=state.step)
     buffers = state.buffers
+    # the model in auto sharding (an nnx.Embed's gather by batch-sharded ids has no sharding of its own in explicit
+    # mode); the loss, aux values and gradients come out replicated
+    grad_fn = in_auto_sharding(jax.value_and_grad(loss_fn, has_aux=True), P())
     if buffers is None:
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, aux), grads = grad_fn(state.params, batch)
     else:
-        (loss, (aux, buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, buffers)
+        (loss, (aux, buffers)), grads = grad_fn(state.params, batch, buffers)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1,
                         buffers=buffers)
