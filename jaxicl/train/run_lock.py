@@ -31,7 +31,7 @@ def _holder(path: str) -> dict | None:
     try:
         with open(path) as f:
             holder = json.load(f)
-    except (FileNotFoundError, ValueError):  # removed meanwhile, or cut short by a kill while written
+    except (FileNotFoundError, ValueError):  # removed meanwhile, or not a lock this module wrote
         return None
     if holder.get("host") == socket.gethostname() and not _running(int(holder.get("pid", -1))):
         return None
@@ -48,20 +48,24 @@ def exclusive(out_dir: str | None):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
     mine = {"host": socket.gethostname(), "pid": os.getpid()}
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = _holder(path)
-            if holder is not None:
-                raise ConfigError(f"out_dir: {out_dir} is being written by another run (process {holder.get('pid')} "
-                                  f"on {holder.get('host')}); wait for it, stop it, or use another out_dir (if that "
-                                  f"run is no longer running, delete {path})") from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # a stale lock: its process ended
-    with os.fdopen(fd, "w") as f:
+    written = f"{path}.{mine['pid']}"  # the lock appears whole (a hard link), never empty to another process
+    with open(written, "w") as f:
         json.dump(mine, f)
+    try:
+        while True:
+            try:
+                os.link(written, path)
+                break
+            except FileExistsError:
+                holder = _holder(path)
+                if holder is not None:
+                    raise ConfigError(f"out_dir: {out_dir} is being written by another run (process "
+                                      f"{holder.get('pid')} on {holder.get('host')}); wait for it, stop it, or use "
+                                      f"another out_dir (if that run is no longer running, delete {path})") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # a stale lock: its process ended
+    finally:
+        os.remove(written)
     try:
         yield
     finally:
