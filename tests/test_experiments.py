@@ -54,11 +54,15 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
     (["ar_fig3_orthogonal", "task.random_basis=true"], "task.random_basis=True: the closed-form fit draws no"),
     (["ar_fig3_unitary", "task.n_sequences=100"], "task.n_sequences=100: the closed-form fit draws no sequences"),
+    # a ValueError, which the CLI showed as a traceback
+    (["gd_equivalence", "task.format=interleaved"],
+     "task.format=interleaved: gd_equivalence needs task.format='paired' (Prop. 1's tokens [x_j; y_j]), got "
+     "'interleaved'"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "gd_equivalence").exists()
+    assert not list(tmp_path.iterdir())  # nothing written, under any experiment's name
 
 
 def test_list_name_prints_every_field_of_the_config_as_the_preset_and_overrides_set_it(capsys):
