@@ -31,7 +31,7 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
 from experiments.common.run_config import run_config
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
-from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
+from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep, sweep_fields  # sweep_fields: what --sweep varies
 from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.models import predictor
@@ -106,9 +106,12 @@ PRESETS = {
 }
 
 
+SWEEP_SECTION = "gd"  # --sweep varies fields of cfg.gd (gd.train.lr), members of a gd_equivalence sweep
+
+
 def run_sweep(cfg: Config, axes: tuple[Axis, ...], out_dir: str) -> Outcome:
     """--sweep on this experiment: the axes (on fields of cfg.gd, e.g. gd.train.lr) replace the seed x lr grid."""
-    axes = tuple(Axis(a.field.removeprefix("gd."), a.values) for a in axes)
+    axes = tuple(Axis(a.field.removeprefix(f"{SWEEP_SECTION}."), a.values) for a in axes)
     table, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
     return Outcome(gd_sweep_checks(table, cfg.match_tolerance), [f"gd_sweep/{f}" for f in figures if f.endswith(".png")])
 

@@ -58,6 +58,11 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["gd_equivalence", "task.format=interleaved"],
      "task.format=interleaved: gd_equivalence needs task.format='paired' (Prop. 1's tokens [x_j; y_j]), got "
      "'interleaved'"),
+    # passed the pre-flight, raised AttributeError in training and left a config.json that blocked later runs
+    (["sweep_lr_seeds", "--sweep", "diversity.train.lr=1e-3,1e-2"],
+     "--sweep diversity.train.lr=1e-3,1e-2: diversity.train.lr cannot be swept by sweep_lr_seeds; sweepable fields: "
+     "('gd.train.seed', 'gd.train.lr', 'gd.train.weight_decay', 'gd.train.warmup_steps', 'gd.task.noise_std', "
+     "'gd.task.n_tasks', 'gd.task.n_context', 'gd.init_scale')"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2

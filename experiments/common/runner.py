@@ -15,7 +15,7 @@ import jax
 
 from experiments import registry
 from jaxicl import outputs
-from jaxicl.config_paths import apply_overrides
+from jaxicl.config_paths import apply_overrides, value_at
 from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError, check_choice
@@ -31,16 +31,23 @@ def resolve_config(name: str, preset: str, overrides: list[str]):
 
 
 def sweep_axes(name: str, cfg, specs: list[str]) -> tuple[Axis, ...]:
-    """The --sweep axes resolved on the experiment's config, every value checked against its field; ConfigError if
-    it cannot sweep them."""
-    if not hasattr(registry.load(name), "run_sweep"):
+    """The --sweep axes resolved on the experiment's config, every field one it can sweep and every value checked
+    against its field (on the section the sweep trains); ConfigError if it cannot sweep them."""
+    module = registry.load(name)
+    if not hasattr(module, "run_sweep"):
         raise ConfigError(f"experiment {name!r} does not support --sweep (its module has no run_sweep); "
                           f"sweepable: {[n for n in registry.EXPERIMENTS if hasattr(registry.load(n), 'run_sweep')]}")
+    section = getattr(module, "SWEEP_SECTION", "")
+    prefix = f"{section}." if section else ""
+    base = value_at(cfg, section) if section else cfg
+    sweepable = tuple(prefix + f for f in module.sweep_fields(base))
     axes = resolve_axes(cfg, parse_axes(specs))
-    for axis in axes:  # a member's own error does not say which axis set the value
-        for value in axis.values:
+    for spec, axis in zip(specs, axes):
+        if axis.field not in sweepable:
+            raise ConfigError(f"--sweep {spec}: {axis.field} cannot be swept by {name}; sweepable fields: {sweepable}")
+        for value in axis.values:  # a member's own error does not say which axis set the value
             try:
-                member_config(cfg, {axis.field: value})
+                member_config(base, {axis.field.removeprefix(prefix): value})
             except ConfigError as e:
                 raise ConfigError(f"--sweep {axis.field}={value}: {e.args[0]}") from None
     return axes
