@@ -63,11 +63,22 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
      "--sweep diversity.train.lr=1e-3,1e-2: diversity.train.lr cannot be swept by sweep_lr_seeds; sweepable fields: "
      "('gd.train.seed', 'gd.train.lr', 'gd.train.weight_decay', 'gd.train.warmup_steps', 'gd.task.noise_std', "
      "'gd.task.n_tasks', 'gd.task.n_context', 'gd.init_scale')"),
+    # the members trained at the axis' values, config.json recorded the override
+    (["gd_equivalence", "train.lr=5e-3", "--sweep", "lr=1e-3,1e-2"],
+     "override train.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train.lr: the sweep would drop the override; give "
+     "one of them"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written, under any experiment's name
+
+
+def test_run_experiment_refuses_an_override_of_a_swept_field_before_writing(tmp_path):
+    overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10", "train.lr=5e-3"]
+    with pytest.raises(ConfigError, match=r"^override train\.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train\.lr"):
+        run_experiment("gd_equivalence", "smoke", str(tmp_path), overrides, sweep=["lr=1e-3,1e-2"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_list_name_prints_every_field_of_the_config_as_the_preset_and_overrides_set_it(capsys):
