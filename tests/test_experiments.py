@@ -49,6 +49,8 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
     (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
+    (["sweep_context_length", "gd.task.n_context=12"], "gd.task.n_context is set per run by context_lengths="),
+    (["sweep_context_length", "gd.train.seed=3"], "which would only pick the test prompts"),
     # eta* holds for angles on the whole circle and no noise; the closed-form fits draw no sequences at all
     (["ar_gd_step", "task.mu=4"], "ar_gd_step's closed-form eta* assumes task.mu=1, task.noise_std=0"),
     (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
