@@ -30,13 +30,13 @@ from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
 from jaxicl.train import TrainConfig, train
-from jaxicl.validation import ConfigError, check_increasing, check_positive
+from jaxicl.validation import ConfigError, check_increasing, check_positive, check_set_by
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     task: ar.Autoregressive = ar.Autoregressive(family="complex_1d", dim=1, seq_len=30, format="tiled", tile=1)
-    mus: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0)  # task.mu of each fit
+    mus: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0)  # task.mu of each fit (task.mu itself: 1 or the one mu)
     n_sequences: int = 1000  # one fixed full batch of sequences per mu
     # the official rule: plain GD from P = 0 until the loss < stop_loss (train.steps is the cap)
     train: TrainConfig = TrainConfig(optimizer="sgd", lr=0.5, steps=100_000, stop_loss=1e-3, steps_per_call=1000,
@@ -54,6 +54,7 @@ class Config:
             raise ConfigError("ar_fig6_pe_only needs task.family='complex_1d', task.format='tiled', task.tile=1")
         if not self.train.stop_loss or self.train.optimizer != "sgd":
             raise ConfigError("ar_fig6_pe_only is plain GD until a loss: train.optimizer='sgd', train.stop_loss > 0")
+        check_set_by("task.mu", self.task.mu, ar.Autoregressive.mu, "mus", self.mus, self.mus, "fit")
 
 
 PRESETS = {

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:  # fail on a bad name, preset, override, sweep axis or --out before running anything
             _, cfg = resolve_config(name, args.preset, args.overrides)
             if args.sweep:
-                sweep_axes(name, cfg, args.sweep)
+                sweep_axes(name, cfg, args.sweep, args.overrides)
             check_out_dir(os.path.join(args.out, name), args.sweep)
     except (ConfigError, KeyError) as e:
         print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)

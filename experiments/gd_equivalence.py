@@ -26,7 +26,7 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
-from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
+from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep, sweep_fields  # sweep_fields: what --sweep varies
 from experiments.common.run_config import run_config
 from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent
@@ -36,7 +36,7 @@ from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
 from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss, train
-from jaxicl.validation import check_increasing, check_positive
+from jaxicl.validation import ConfigError, check_increasing, check_positive
 
 
 
@@ -57,8 +57,9 @@ class Config:
         check_positive("eval_prompts", self.eval_prompts)
         check_positive("init_scale", self.init_scale)
         check_increasing("scales", self.scales, positive=True)
-        if self.task.format != "paired" or self.task.loss_on != "query":
-            raise ValueError("gd_equivalence needs task.format='paired' and task.loss_on='query'")
+        if self.task.format != "paired":  # then loss_on is 'query': the task refuses loss_on='all' on paired tokens
+            raise ConfigError(f"gd_equivalence needs task.format='paired' (Prop. 1's tokens [x_j; y_j]), got "
+                              f"{self.task.format!r}")
 
 
 PRESETS = {

@@ -56,7 +56,7 @@ from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import TrainConfig, train_sweep
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_positive, check_set_by
 
 
 RECORD = 10  # the reduced dynamics are compared with the full run every RECORD steps
@@ -64,7 +64,9 @@ RECORD = 10  # the reduced dynamics are compared with the full run every RECORD 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    task: nn_task.NearestNeighbor = nn_task.NearestNeighbor(delta=0.5)  # each run sets dim and n_context
+    # each run sets dim and n_context (from runs) and each member train.seed (from seeds): those fields are refused
+    # unless they hold the class's default or the one value every run (member) takes
+    task: nn_task.NearestNeighbor = nn_task.NearestNeighbor(delta=0.5)
     runs: tuple[str, ...] = ("4x4", "8x4", "16x8")  # "NxD": context size N and dimension d of each run
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # trained together (vmap); the init is the same, the data differ
     sigma: float = 3.0
@@ -99,7 +101,7 @@ class Config:
         if not self.long_horizons or any(h <= 0 or h % self.long_record_every for h in self.long_horizons):
             raise ConfigError(f"long_horizons must be positive multiples of long_record_every="
                               f"{self.long_record_every}, got {self.long_horizons}")
-        if any(int(run.split("x")[1]) <= 3 for run in self.runs):
+        if any(d <= 3 for _, d in self.pairs):
             raise ConfigError("Lemma 12's sigma needs d > 3: every runs entry 'NxD' must have D >= 4")
         t = self.train
         if t.optimizer != "sgd" or t.schedule != "constant" or t.log_every != 1:
@@ -111,6 +113,15 @@ class Config:
             raise ConfigError(f"train.steps={t.steps} must be a multiple of train.steps_per_call={t.steps_per_call}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        for k, name in enumerate(("n_context", "dim")):
+            check_set_by(f"task.{name}", getattr(self.task, name), getattr(nn_task.NearestNeighbor, name), "runs",
+                         self.runs, tuple(p[k] for p in self.pairs), "run")
+        check_set_by("train.seed", t.seed, TrainConfig.seed, "seeds", self.seeds, self.seeds, "member")
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """(N, d) of each run."""
+        return [tuple(map(int, run.split("x"))) for run in self.runs]
 
 
 PRESETS = {
@@ -230,8 +241,7 @@ def _summaries(cfg: Config, r: dict) -> dict:
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
-    pairs = [tuple(map(int, run.split("x"))) for run in cfg.runs]
-    runs = [run_one(cfg, n, d, os.path.join(out_dir, f"N{n}_d{d}")) for n, d in pairs]
+    runs = [run_one(cfg, n, d, os.path.join(out_dir, f"N{n}_d{d}")) for n, d in cfg.pairs]
     sums = [_summaries(cfg, r) for r in runs]
     label = ", ".join(f"(N={r['n']}, d={r['d']})" for r in runs)
     seeds = (f"{len(cfg.seeds)} seeds, {cfg.train.steps} steps of full-matrix gradient descent, eta={cfg.train.lr}, the gradient "

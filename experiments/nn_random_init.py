@@ -36,7 +36,7 @@ from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import TrainConfig, train_sweep
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_positive, check_set_by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Config:
     task: nn_task.NearestNeighbor = nn_task.NearestNeighbor(dim=4, n_context=8, n_prompts=10_000)
     scales: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0, 3.0, 5.0)  # W_K, W_Q entries ~ N(0, scale^2)
     reference_scale: float = 0.3  # the scale whose members must learn 1-NN
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1)  # each member's train.seed: train.seed itself is refused unless 0 or the one seed
     train: TrainConfig = TrainConfig(optimizer="sgd", lr=1.0, steps=3000, batch_size=64, steps_per_call=250,
                                      log_every=1)
     eval_prompts: int = 2048
@@ -68,6 +68,7 @@ class Config:
             raise ConfigError("task must be a fixed uniform training set: n_prompts > 0, distribution='uniform'")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        check_set_by("train.seed", self.train.seed, TrainConfig.seed, "seeds", self.seeds, self.seeds, "member")
 
 
 PRESETS = {

@@ -5,7 +5,11 @@
                     quick the CPU reproduction, full the paper's scale for an accelerator
   run(cfg, out_dir) -> experiments.common.result.Outcome
   run_sweep(cfg, axes, out_dir) -> Outcome   optional: `--sweep` support (jaxicl.train.sweep_spec axes
-                    resolved on Config), training the grid as one vmapped program
+                    resolved on Config), training the grid as one vmapped program; with it
+  sweep_fields(c) -> tuple[str, ...]   with run_sweep: the dotted paths of c, the config a sweep trains (cfg, or
+                    its section SWEEP_SECTION), that the sweep can vary; the CLI refuses other axes before writing
+  SWEEP_SECTION     optional: the field of Config holding the config a sweep trains ("gd": axes gd.train.lr, ...);
+                    every swept value is validated on that section
 """
 
 import importlib

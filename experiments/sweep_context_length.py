@@ -25,7 +25,7 @@ from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, optimal_gd_lr
 from jaxicl.train import TrainConfig
 from jaxicl.train.sweep_spec import Axis
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_positive, check_set_by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,11 @@ class Config:
             raise ConfigError(f"context_lengths must be distinct and non-empty, got {self.context_lengths}")
         for k in self.context_lengths:
             check_positive("context_lengths[i]", k)
+        # run() gives the sweep's prompts max(context_lengths) pairs, and its members the seeds 0..seeds-1
+        check_set_by("gd.task.n_context", self.gd.task.n_context, lr_task.LinearRegression.n_context,
+                     "context_lengths", self.context_lengths, (max(self.context_lengths),), "run")
+        check_set_by("gd.train.seed", self.gd.train.seed, TrainConfig.seed, "seeds", self.seeds,
+                     tuple(range(self.seeds)), "member", does="pick the test prompts")
 
 
 def _small(dim: int, lengths: tuple[int, ...], train: TrainConfig, **kw) -> gd_equivalence.Config:

@@ -31,7 +31,7 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
 from experiments.common.run_config import run_config
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
-from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep
+from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep, sweep_fields  # sweep_fields: what --sweep varies
 from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.models import predictor
@@ -39,17 +39,18 @@ from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss, train_sweep
 from jaxicl.train.sweep_spec import Axis, grid
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_positive, check_set_by
 
 
 @dataclasses.dataclass(frozen=True)
 class Diversity:
     """Part 2: a linear-attention stack on regression whose tasks come from a pool of n_tasks vectors."""
 
+    # task.n_tasks and train.seed are set per member (from n_tasks and seeds); train.seed only picks the test prompts
     task: lr_task.LinearRegression = lr_task.LinearRegression(dim=8, n_context=16, noise_std=0.5)
     train: TrainConfig = TrainConfig(steps=20000, batch_size=256, lr=1e-3, steps_per_call=500, log_every=50)
     n_tasks: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 0)  # 0: a fresh task per prompt
-    seeds: int = 4
+    seeds: int = 4  # seeds 0..seeds - 1
     layers: int = 4
     init_scale: float = 0.02
     eval_prompts: int = 4096
@@ -66,12 +67,18 @@ class Diversity:
         if 0 not in self.n_tasks or not pools or min(self.n_tasks) < 0 or len(set(self.n_tasks)) < len(self.n_tasks):
             raise ConfigError(f"diversity.n_tasks must hold 0 (a fresh task per prompt) and at least one pool size "
                               f"> 0, each once; its checks compare them, got {self.n_tasks}")
+        check_set_by("diversity.task.n_tasks", self.task.n_tasks, lr_task.LinearRegression.n_tasks, "diversity.n_tasks",
+                     self.n_tasks, self.n_tasks, "member")
+        check_set_by("diversity.train.seed", self.train.seed, TrainConfig.seed, "diversity.seeds", self.seeds,
+                     tuple(range(self.seeds)), "member", does="pick the test prompts")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    # the grid sets gd.train.seed and gd.train.lr per member (from seeds and lrs): gd.train.seed only picks the test
+    # prompts; under --sweep, which replaces the grid, give them as axes
     gd: gd_equivalence.Config = gd_equivalence.Config()
-    seeds: int = 8
+    seeds: int = 8  # seeds 0..seeds - 1
     lrs: tuple[float, ...] = (1e-4, 2.7e-4, 7.2e-4, 1.9e-3, 5.2e-3, 1.4e-2, 3.7e-2, 1e-1)
     match_tolerance: float = 0.05  # |L / L_GD1 - 1| for "matches GD-1"
     diversity: Diversity = Diversity()
@@ -84,6 +91,11 @@ class Config:
             raise ConfigError("lrs must name at least one learning rate")
         for i, lr in enumerate(self.lrs):
             check_positive(f"lrs[{i}]", lr)
+        for name, by, values, does in (("seed", "seeds", tuple(range(self.seeds)), "pick the test prompts"),
+                                       ("lr", "lrs", self.lrs, "")):
+            check_set_by(f"gd.train.{name}", getattr(self.gd.train, name), getattr(TrainConfig, name), by,
+                         getattr(self, by), values, "member", does=does,
+                         hint=f"--sweep, which replaces the grid, takes it as an axis: --sweep gd.train.{name}=...")
 
 
 _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),
@@ -106,9 +118,12 @@ PRESETS = {
 }
 
 
+SWEEP_SECTION = "gd"  # --sweep varies fields of cfg.gd (gd.train.lr), members of a gd_equivalence sweep
+
+
 def run_sweep(cfg: Config, axes: tuple[Axis, ...], out_dir: str) -> Outcome:
     """--sweep on this experiment: the axes (on fields of cfg.gd, e.g. gd.train.lr) replace the seed x lr grid."""
-    axes = tuple(Axis(a.field.removeprefix("gd."), a.values) for a in axes)
+    axes = tuple(Axis(a.field.removeprefix(f"{SWEEP_SECTION}."), a.values) for a in axes)
     table, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
     return Outcome(gd_sweep_checks(table, cfg.match_tolerance), [f"gd_sweep/{f}" for f in figures if f.endswith(".png")])
 

@@ -53,3 +53,18 @@ def check_increasing(name: str, values, *, positive: bool = False) -> None:
         raise ConfigError(f"{name} must be a non-empty, strictly increasing tuple, got {values}")
     if positive:
         check_positive(f"{name}[0]", values[0])
+
+
+def check_set_by(path: str, value, default, by: str, by_value, values: tuple, per: str, does: str = "",
+                 hint: str = "") -> None:
+    """Refuses a value of a field that the run sets itself, per `per` ("run", "member"), to each of `values` [K]
+    taken from its field `by` (holding by_value): anything but the field's default, or the one value every `per`
+    takes, would be written to config.json and ignored (or only do `does`, what the field still does, e.g. "pick the
+    test prompts"), so the error names `by` to override instead, and then `hint` where given."""
+    allowed = {default: "its default"}
+    if len(set(values)) == 1:
+        allowed.setdefault(values[0], f"the value every {per} takes")
+    if value not in allowed:
+        raise ConfigError(f"{path} is set per {per} by {by}={by_value!r}: override {by} instead; {path} may only be "
+                          f"{' or '.join(f'{v!r} ({why})' for v, why in allowed.items())}, got {value!r}, which "
+                          f"would {f'only {does}' if does else 'be ignored'}{f'; {hint}' if hint else ''}")

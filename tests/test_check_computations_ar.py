@@ -219,7 +219,7 @@ def test_fig6_fit_is_gd_from_zero_and_stops_at_the_first_step_below_stop_loss(x6
              (2 * losses[0], 100, 0)]  # already below at P = 0
     for stop_loss, max_steps, steps in cases:
         train_cfg = TrainConfig(optimizer="sgd", lr=lr, steps=max_steps, stop_loss=stop_loss, steps_per_call=16)
-        cfg = fig6.Config(task=task, n_sequences=n, train=train_cfg)
+        cfg = fig6.Config(task=task, mus=(task.mu,), n_sequences=n, train=train_cfg)
         p, loss, k = fig6.fit(jnp.asarray(s), cfg, task)
         assert int(k) == steps
         # float64: k updates of the iteration vs the spectral closed form

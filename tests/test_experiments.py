@@ -49,16 +49,74 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
     (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
+    (["sweep_context_length", "gd.task.n_context=12"], "gd.task.n_context is set per run by context_lengths="),
+    (["sweep_context_length", "gd.train.seed=3"], "which would only pick the test prompts"),
     # eta* holds for angles on the whole circle and no noise; the closed-form fits draw no sequences at all
     (["ar_gd_step", "task.mu=4"], "ar_gd_step's closed-form eta* assumes task.mu=1, task.noise_std=0"),
     (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
     (["ar_fig3_orthogonal", "task.random_basis=true"], "task.random_basis=True: the closed-form fit draws no"),
     (["ar_fig3_unitary", "task.n_sequences=100"], "task.n_sequences=100: the closed-form fit draws no sequences"),
+    # a ValueError, which the CLI showed as a traceback
+    (["gd_equivalence", "task.format=interleaved"],
+     "task.format=interleaved: gd_equivalence needs task.format='paired' (Prop. 1's tokens [x_j; y_j]), got "
+     "'interleaved'"),
+    # passed the pre-flight, raised AttributeError in training and left a config.json that blocked later runs
+    (["sweep_lr_seeds", "--sweep", "diversity.train.lr=1e-3,1e-2"],
+     "--sweep diversity.train.lr=1e-3,1e-2: diversity.train.lr cannot be swept by sweep_lr_seeds; sweepable fields: "
+     "('gd.train.seed', 'gd.train.lr', 'gd.train.weight_decay', 'gd.train.warmup_steps', 'gd.task.noise_std', "
+     "'gd.task.n_tasks', 'gd.task.n_context', 'gd.init_scale')"),
+    # the members trained at the axis' values, config.json recorded the override
+    (["gd_equivalence", "train.lr=5e-3", "--sweep", "lr=1e-3,1e-2"],
+     "override train.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train.lr: the sweep would drop the override; give "
+     "one of them"),
+    # fields the run sets itself, from another field: an override was written to config.json and ignored
+    (["nn_fig3_training", "task.dim=10"], "task.dim=10: task.dim is set per run by runs=('4x4', '8x4', '16x8'): "
+     "override runs instead; task.dim may only be 8 (its default), got 10, which would be ignored"),
+    (["nn_fig3_training", "runs=4x4", "task.n_context=5"],
+     "task.n_context may only be 16 (its default) or 4 (the value every run takes), got 5, which would be ignored"),
+    (["nn_fig3_training", "seed=1"], "train.seed=1: train.seed is set per member by seeds=(0, 1, 2, 3): override "
+     "seeds instead; train.seed may only be 0 (its default), got 1, which would be ignored"),
+    (["nn_random_init", "seed=1"], "train.seed=1: train.seed is set per member by seeds=(0, 1): override seeds "
+     "instead; train.seed may only be 0 (its default), got 1, which would be ignored"),
+    (["ar_fig6_pe_only", "task.mu=100"], "task.mu=100: task.mu is set per fit by mus=(50.0, 100.0, 200.0, 300.0): "
+     "override mus instead; task.mu may only be 1.0 (its default), got 100.0, which would be ignored"),
+    (["sweep_lr_seeds", "gd.train.lr=0.05"], "gd.train.lr=0.05: gd.train.lr is set per member by lrs=(0.0001, "
+     "0.0005, 0.0025, 0.0125, 0.0625): override lrs instead; gd.train.lr may only be 0.001 (its default), got 0.05, "
+     "which would be ignored; --sweep, which replaces the grid, takes it as an axis: --sweep gd.train.lr=..."),
+    (["sweep_lr_seeds", "gd.train.seed=1"], "gd.train.seed=1: gd.train.seed is set per member by seeds=3: override "
+     "seeds instead; gd.train.seed may only be 0 (its default), got 1, which would only pick the test prompts; "
+     "--sweep, which replaces the grid, takes it as an axis: --sweep gd.train.seed=..."),
+    (["sweep_lr_seeds", "diversity.task.n_tasks=7"], "diversity.task.n_tasks=7: diversity.task.n_tasks is set per "
+     "member by diversity.n_tasks=(1, 4, 16, 64, 256, 0): override diversity.n_tasks instead; diversity.task.n_tasks "
+     "may only be 0 (its default), got 7, which would be ignored"),
+    (["sweep_lr_seeds", "diversity.train.seed=1"], "diversity.train.seed=1: diversity.train.seed is set per member by "
+     "diversity.seeds=2: override diversity.seeds instead; diversity.train.seed may only be 0 (its default), got 1, "
+     "which would only pick the test prompts"),
+    (["affine_mechanism", "seed=1"], "train.seed=1: train.seed is set per member by seeds=(0, 1): override seeds "
+     "instead; train.seed may only be 0 (its default), got 1, which would only pick the test prompts"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "gd_equivalence").exists()
+    assert not list(tmp_path.iterdir())  # nothing written, under any experiment's name
+
+
+def test_a_field_the_run_sets_may_hold_the_one_value_the_run_gives_it(capsys):
+    """The fields test_bad_command_lines refuses still take their default and, where every run or member takes one
+    value, that value (what the run uses, so nothing is ignored)."""
+    for argv, row in ((["nn_fig3_training", "runs=4x8", "task.dim=8", "task.n_context=4"], "task.n_context = 4"),
+                      (["ar_fig6_pe_only", "mus=50", "task.mu=50"], "task.mu = 50.0"),
+                      (["affine_mechanism", "seeds=3", "seed=3"], "train.seed = 3"),
+                      (["nn_random_init", "seeds=2", "seed=2"], "train.seed = 2")):
+        assert main(["list", *argv, "--preset", "smoke"]) == 0, capsys.readouterr().err
+        assert f"  {row}\n" in capsys.readouterr().out
+
+
+def test_run_experiment_refuses_an_override_of_a_swept_field_before_writing(tmp_path):
+    overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10", "train.lr=5e-3"]
+    with pytest.raises(ConfigError, match=r"^override train\.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train\.lr"):
+        run_experiment("gd_equivalence", "smoke", str(tmp_path), overrides, sweep=["lr=1e-3,1e-2"])
+    assert not list(tmp_path.iterdir())
 
 
 def test_list_name_prints_every_field_of_the_config_as_the_preset_and_overrides_set_it(capsys):

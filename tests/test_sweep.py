@@ -377,6 +377,12 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)
     with pytest.raises(ConfigError, match=r"every sweep member must set the same fields, e\.g\. \['train\.lr'\]"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.seed": 1}], progress=False)
+    # a path under another config (sweep_lr_seeds' diversity.train.lr) raised AttributeError looking it up on train
+    with pytest.raises(ConfigError, match=r"^diversity\.train\.lr cannot be swept: it is neither a sweepable train "
+                                          r"field \('seed', 'lr', 'weight_decay', 'warmup_steps'\), a task field the "
+                                          r"sampler takes \('noise_std', 'n_tasks', 'n_context'\), nor a keyword of "
+                                          r"init \('init_scale',\)$"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"diversity.train.lr": 1e-3}], progress=False)
 
 
 def test_a_sweep_takes_a_dict_or_no_task_config_as_train_does():

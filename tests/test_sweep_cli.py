@@ -12,7 +12,7 @@ import pytest
 
 from experiments import gd_equivalence, sweep_lr_seeds
 from experiments.cli import main
-from experiments.common.runner import run_experiment
+from experiments.common.runner import resolve_config, run_experiment, sweep_axes
 from experiments.common.gd_sweep import run_gd_sweep
 from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import gradient_descent
@@ -22,6 +22,7 @@ from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import optimal_gd_lr
 from jaxicl.train import eval_key, query_mse, regression_loss, train
 from jaxicl.train.sweep_spec import Axis
+from jaxicl.validation import ConfigError
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -78,6 +79,19 @@ def test_unsweepable_field_is_refused_naming_the_allowed_ones(capsys, tmp_path):
     argv = ["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path), "--sweep", "task.dim=2,3"]
     assert main(argv) == 2
     assert "task.dim cannot be swept" in capsys.readouterr().err
+
+
+def test_sweep_lr_seeds_sweeps_the_fields_its_grid_sets_validated_on_the_gd_config(capsys, tmp_path):
+    """A plain sweep_lr_seeds run refuses gd.train.lr and gd.train.seed (its seed x lr grid sets them); --sweep, which
+    replaces the grid, varies them: each value is checked on cfg.gd, the config the sweep trains."""
+    _, cfg = resolve_config("sweep_lr_seeds", "smoke", [])
+    assert sweep_axes("sweep_lr_seeds", cfg, ["gd.train.lr=1e-4,0.05", "gd.train.seed=3"]) == (
+        Axis("gd.train.lr", (1e-4, 0.05)), Axis("gd.train.seed", (3,)))
+    with pytest.raises(ConfigError, match=r"^--sweep gd\.train\.lr=-1\.0: lr must be > 0, got -1\.0$"):
+        sweep_axes("sweep_lr_seeds", cfg, ["gd.train.lr=-1,0.05"])
+    assert main(["sweep_lr_seeds", "gd.train.lr=0.05", "--out", str(tmp_path), "--sweep", "gd.train.seed=0:2"]) == 2
+    assert "takes it as an axis: --sweep gd.train.lr=..." in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_sweep_trains_the_grid_and_sweep_report_regenerates_it(tmp_path, capsys):

@@ -23,6 +23,7 @@ from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import optimal_gd_lr
 from jaxicl.train import eval_key, query_mse, regression_loss
 from jaxicl.train.sweep import train_sweep
+from jaxicl.train.sweep_fields import SWEEPABLE_TRAIN_FIELDS, keywords
 from jaxicl.train.sweep_spec import Axis, grid
 
 CONTEXT_FIELD = "task.n_context"
@@ -35,6 +36,14 @@ def padded_gd_lr(task: lr_task.LinearRegression, n_context, noise_std):
     n_context, noise_std: a member's values (arrays under the sweep's vmap).
     """
     return optimal_gd_lr(task, n_context=n_context, noise_std=noise_std) * task.n_context / n_context
+
+
+def sweep_fields(cfg) -> tuple[str, ...]:
+    """The fields of cfg (gd_equivalence.Config) run_gd_sweep can sweep, as dotted paths: the train fields a sweep
+    varies, the sampler's array keywords and the keywords of the members' init."""
+    init, _ = sweep_init(cfg.task.dim + 1)
+    return (*(f"train.{f}" for f in SWEEPABLE_TRAIN_FIELDS), *(f"task.{f}" for f in keywords(lr_task.sample, 2)),
+            *keywords(init))
 
 
 def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0) -> tuple[list[dict], list[str]]:

@@ -15,7 +15,7 @@ import jax
 
 from experiments import registry
 from jaxicl import outputs
-from jaxicl.config_paths import apply_overrides
+from jaxicl.config_paths import apply_overrides, resolve, value_at
 from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError, check_choice
@@ -30,17 +30,29 @@ def resolve_config(name: str, preset: str, overrides: list[str]):
     return module, apply_overrides(module.PRESETS[preset], overrides)
 
 
-def sweep_axes(name: str, cfg, specs: list[str]) -> tuple[Axis, ...]:
-    """The --sweep axes resolved on the experiment's config, every value checked against its field; ConfigError if
-    it cannot sweep them."""
-    if not hasattr(registry.load(name), "run_sweep"):
+def sweep_axes(name: str, cfg, specs: list[str], overrides: list[str] = ()) -> tuple[Axis, ...]:
+    """The --sweep axes resolved on the experiment's config, every field one it can sweep, set by no override (cfg's
+    `overrides`, field=value) and every value checked against its field (on the section the sweep trains);
+    ConfigError if it cannot sweep them."""
+    module = registry.load(name)
+    if not hasattr(module, "run_sweep"):
         raise ConfigError(f"experiment {name!r} does not support --sweep (its module has no run_sweep); "
                           f"sweepable: {[n for n in registry.EXPERIMENTS if hasattr(registry.load(n), 'run_sweep')]}")
+    section = getattr(module, "SWEEP_SECTION", "")
+    prefix = f"{section}." if section else ""
+    base = value_at(cfg, section) if section else cfg
+    sweepable = tuple(prefix + f for f in module.sweep_fields(base))
     axes = resolve_axes(cfg, parse_axes(specs))
-    for axis in axes:  # a member's own error does not say which axis set the value
-        for value in axis.values:
+    overridden = {resolve(cfg, o.partition("=")[0].strip()): o for o in overrides}
+    for spec, axis in zip(specs, axes):
+        if axis.field in overridden:  # every member takes the axis' value: the override would be dropped
+            raise ConfigError(f"override {overridden[axis.field]} and --sweep {spec} both set {axis.field}: the sweep "
+                              f"would drop the override; give one of them")
+        if axis.field not in sweepable:
+            raise ConfigError(f"--sweep {spec}: {axis.field} cannot be swept by {name}; sweepable fields: {sweepable}")
+        for value in axis.values:  # a member's own error does not say which axis set the value
             try:
-                member_config(cfg, {axis.field: value})
+                member_config(base, {axis.field.removeprefix(prefix): value})
             except ConfigError as e:
                 raise ConfigError(f"--sweep {axis.field}={value}: {e.args[0]}") from None
     return axes
@@ -71,7 +83,7 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     """
     check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
     module, cfg = resolve_config(name, preset, list(overrides))
-    axes = sweep_axes(name, cfg, list(sweep)) if sweep else ()
+    axes = sweep_axes(name, cfg, list(sweep), list(overrides)) if sweep else ()
     out_dir = os.path.join(out, name)
     check_out_dir(out_dir, list(sweep))
     config = dataclasses.asdict(cfg)

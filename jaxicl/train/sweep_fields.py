@@ -67,8 +67,8 @@ def check_members(members: list[dict], cfg: TrainConfig, task_cfg) -> None:
     if task_paths and not dataclasses.is_dataclass(task_cfg):
         raise ConfigError(f"{task_paths[0]} cannot be swept: a swept task field needs a dataclass task_cfg (it is "
                           f"validated on it and sizes the batch from it), got {type(task_cfg).__name__}")
-    for m in members:  # errors name the field
-        member_config(_Run(cfg, task_cfg), {p: v for p, v in m.items() if "." in p})
+    for m in members:  # errors name the field; a path under neither train nor task is split_fields' to refuse
+        member_config(_Run(cfg, task_cfg), {p: v for p, v in m.items() if p.partition(".")[0] in ("train", "task")})
 
 
 def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:
