@@ -3,9 +3,11 @@ environment exists) and its refusal to time implementations that disagree, the n
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -449,3 +451,27 @@ def test_host_cpu_reads_the_first_processor_of_cpuinfo(tmp_path, text, cpu, simd
     path.write_text(text)
     assert output.host_cpu(str(path)) == {"cpu": cpu, "cpu_simd": simd}
     assert output.host_cpu(str(tmp_path / "missing"))["cpu_simd"] == "unknown"
+
+
+def committed_ratios(runs: str, workload: str) -> list[float]:
+    """jaxicl / PyTorch steps/s of `workload` in each committed vs_torch run (the folders under benchmarks/results
+    that the glob `runs` matches; "" the top level's), in the folders' order."""
+    paths = sorted(glob.glob(os.path.join(output.RESULTS, runs, "vs_torch.json"), recursive=True))
+    return [r["jaxicl_over_torch"] for p in paths for r in json.load(open(p))["rows"] if r["workload"] == workload]
+
+
+def test_the_performance_text_states_the_counts_and_ranges_of_the_committed_runs():
+    """README's targets table and benchmarks/measurements.md against benchmarks/results, rounded as the text rounds
+    (two decimals): the 12-layer GPT's parity over every committed run, the Zen 3's small GPT with the softmax's
+    derivative written out (its lowest run 1.2149), and the Sapphire Rapids' single committed run."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    measurements = open(os.path.join(ROOT, "benchmarks", "measurements.md")).read()
+    large = committed_ratios("**", "gpt_large")
+    assert f"| no: {sum(r >= 1.0 for r in large)} runs of {len(large)}, all on Zen 4 |" in readme
+    softmax = committed_ratios("amd-epyc-zen3/softmax-jvp-run*", "gpt_small")
+    assert (f"with the softmax's derivative written out (below) {min(softmax):.2f}-{max(softmax):.2f}, median "
+            f"{statistics.median(softmax):.2f} ({len(softmax)} runs)") in readme
+    assert f"the small GPT {', '.join(f'{r:.2f}' for r in softmax[:-1])} and {softmax[-1]:.2f}x" in " ".join(
+        measurements.split())
+    (sapphire,) = committed_ratios("", "lsa")
+    assert f"| 1-layer linear attention >= 1.5x PyTorch | {sapphire:.2f} (1 run committed; " in readme
