@@ -10,7 +10,8 @@ python -m benchmarks gpu-check --smoke              the same steps and arguments
                                                     (PyTorch's side in benchmarks/.venv-torch where it exists, on
                                                     CUDA only where its torch sees a GPU)
 
-Each benchmark writes DIR/NAME.json and DIR/NAME.md (default DIR: benchmarks/results). Every JAX product is
+Each benchmark writes DIR/NAME.json and DIR/NAME.md (default DIR: benchmarks/results; with --smoke a fresh temporary
+directory, printed: smoke-sized numbers never replace the committed measurements). Every JAX product is
 computed in float32 (JAX_DEFAULT_MATMUL_PRECISION=float32 unless set: JAX's GPU default is TF32, PyTorch's and the
 experiments' is float32; each JSON records the precision). The GPU check also writes each step's output to
 DIR/logs/STEP.log and, after each step, DIR/gpu_check.json: every step's command, status, wall seconds, limit and log,
@@ -24,6 +25,8 @@ import os
 import subprocess
 import sys
 import time
+
+from benchmarks.output import OUT_HELP, results_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,8 +105,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["all", "gpu-check", *BENCHMARKS])
     ap.add_argument("--smoke", action="store_true", help="the tests' sizes (gpu-check: and the smoke presets)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
+    args.out = results_dir(args.out, args.smoke)
     os.makedirs(args.out, exist_ok=True)
     if args.what == "gpu-check":
         outcomes = gpu_check(args.out, args.smoke)

@@ -16,6 +16,8 @@ engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engin
 import argparse
 import os
 
+from benchmarks.output import OUT_HELP, results_dir, write_results
+
 
 def efficiency(row: dict, base: dict) -> float:
     """Weak-scaling efficiency of a row ({"devices", "prompts_per_s"}): its prompts/s per device over base's."""
@@ -30,7 +32,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first (multi-host)")
-    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
     if args.smoke:
         args.devices, args.per_device_batch, args.steps, args.repeats = [1, 2], 4, 2, 1
@@ -42,7 +44,6 @@ def main(argv=None) -> None:
         jax.config.update("jax_num_cpu_devices", max(args.devices))  # only the CPU backend reads it
     from flax import nnx
 
-    from benchmarks.output import write_results
     from benchmarks.timing import chunk_throughput
     from jaxicl.models import SelfAttention
     from jaxicl.tasks import linear_regression as lr
@@ -60,10 +61,11 @@ def main(argv=None) -> None:
         rows[-1]["efficiency"] = efficiency(rows[-1], rows[0])
         print(rows[-1], flush=True)
     skipped = [d for d in args.devices if d > available]
-    kw = {"out_dir": args.out} if args.out else {}
-    print(write_results("device_scaling", rows, notes=f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    out = results_dir(args.out, args.smoke)
+    print(write_results("device_scaling", rows, f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
                         f"{os.cpu_count()} host cores; weak scaling, {args.per_device_batch} prompts per device"
-                        + (f"; not run: {skipped} devices (only {available})" if skipped else ""), **kw))
+                        + (f"; not run: {skipped} devices (only {available})" if skipped else ""), out_dir=out,
+                        smoke=args.smoke))
 
 
 if __name__ == "__main__":

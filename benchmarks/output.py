@@ -1,21 +1,36 @@
-"""Where benchmarks write: benchmarks/results/NAME.json (rows + environment) and NAME.md (a table)."""
+"""Where benchmarks write: benchmarks/results/NAME.json (rows + environment) and NAME.md (a table); at the tests'
+sizes (--smoke) without --out, a fresh temporary directory instead (the committed measurements stay as they are)."""
 
 import json
 import os
 import platform
-
-import jax
+import tempfile
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+OUT_HELP = "results directory (default benchmarks/results; with --smoke a fresh temporary directory)"
+SMOKE_NOTE = "smoke: true, the tests' sizes, not a measurement"  # in a smoke run's Markdown header line
 
 
 SIMD_FLAGS = ("avx512f", "avx2", "avx", "sse4_2", "asimd", "neon")  # widest first: the first a CPU has is reported
+
+
+def results_dir(out: str | None, smoke: bool) -> str:
+    """Where a benchmark writes: `out` where given; else benchmarks/results, or for a smoke run a fresh temporary
+    directory, printed (smoke-sized numbers never replace the committed measurements)."""
+    if out:
+        return out
+    if not smoke:
+        return RESULTS
+    out = tempfile.mkdtemp(prefix="jaxicl-benchmarks-smoke-")
+    print(f"--smoke without --out: writing into {out} (not {RESULTS})", flush=True)
+    return out
 
 
 def environment() -> dict:
     """What a timing depends on: devices, the precision of float32 products in force (JAX's "default": TF32 on recent
     NVIDIA GPUs), versions, host."""
     import flax
+    import jax
     import optax
 
     return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
@@ -43,14 +58,16 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
     return {"cpu": name, "cpu_simd": next((f for f in SIMD_FLAGS if f in flags), "unknown")}
 
 
-def write_results(name: str, rows: list[dict], notes: str = "", out_dir: str = RESULTS) -> str:
-    """Writes NAME.json and NAME.md (a Markdown table of rows: every key of any row, a blank where a row has none, as
-    where a failed row has only its name and `failed`); returns the .md path."""
+def write_results(name: str, rows: list[dict], notes: str, *, out_dir: str, smoke: bool) -> str:
+    """Writes out_dir/NAME.json and NAME.md (a Markdown table of rows: every key of any row, a blank where a row has
+    none, as where a failed row has only its name and `failed`; a smoke run's says so in its title, its JSON in
+    "smoke"); returns the .md path."""
     os.makedirs(out_dir, exist_ok=True)
     env = environment()
     json_path = os.path.join(out_dir, f"{name}.json")
     with open(json_path + ".partial", "w") as f:  # then renamed: a run killed while writing leaves the last whole file
-        json.dump({"benchmark": name, "environment": env, "notes": notes, "rows": rows}, f, indent=2)
+        json.dump({"benchmark": name, "smoke": smoke, "environment": env, "notes": notes, "rows": rows}, f,
+                  indent=2)
     os.replace(json_path + ".partial", json_path)
     cols = list(dict.fromkeys(c for r in rows for c in r))
 
@@ -59,7 +76,8 @@ def write_results(name: str, rows: list[dict], notes: str = "", out_dir: str = R
 
     host = (f"{len(env['devices'])} x {env['device_kind']} device(s); host CPU {env['cpu']} ({env['cpu_simd']}, "
             f"{env['cpu_count']} cores); jax {env['jax']}; matmul precision {env['matmul_precision']}")
-    lines = [f"# {name}", "", host, "", notes, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    title = f"# {name} ({SMOKE_NOTE})" if smoke else f"# {name}"
+    lines = [title, "", host, "", notes, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     path = os.path.join(out_dir, f"{name}.md")
     with open(path, "w") as f:

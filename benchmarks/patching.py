@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.output import write_results
+from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds
 from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.analysis.patching import (activation_patching, build_grid, grid_memory, patched_predictions,
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="prompts per clean/corrupted batch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-mb", type=float, default=64.0)
-    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
     sizes = dict(d_model=16, n_layers=2, n_heads=2, d_mlp=32, max_len=6, vocab_size=8) if args.smoke else \
         dict(d_model=64, n_layers=3, n_heads=4, d_mlp=256, max_len=16, vocab_size=32)
@@ -71,8 +71,8 @@ def main(argv=None) -> None:
         print(row, flush=True)
         rows.append(row)
         notes += [note] if note not in notes else []
-    kw = {"out_dir": args.out} if args.out else {}
-    print(write_results("patching", rows, notes="; ".join(notes), **kw))
+    out = results_dir(args.out, args.smoke)
+    print(write_results("patching", rows, "; ".join(notes), out_dir=out, smoke=args.smoke))
 
 
 def bench_batch(model: GPT, sizes: dict, batch: int, repeats: int, budget: float) -> tuple[dict, str]:

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.output import write_results
+from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds
 from jaxicl.prng import PRNG_IMPLS, unrolled_threefry
 from jaxicl.tasks import affine_recurrence as ar_task
@@ -177,16 +177,17 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="small batches, the tests")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
     batch, repeats = (8, 1) if args.smoke else (args.batch, args.repeats)
-    rows, kw = [], {"out_dir": args.out} if args.out else {}
+    rows, out = [], results_dir(args.out, args.smoke)
     notes = (f"{jax.device_count()} {jax.default_backend()} device(s); best of {repeats} batches; numpy includes "
              "jax.device_put of inputs, targets, mask")
     for name, family in families(args.smoke).items():
         rows.append(bench(name, family, batch, repeats))
         print(rows[-1], flush=True)
-        path = write_results("sampler_throughput", rows, notes=notes, **kw)  # what is done survives a kill
+        # what is done survives a kill
+        path = write_results("sampler_throughput", rows, notes, out_dir=out, smoke=args.smoke)
     print(path)
 
 

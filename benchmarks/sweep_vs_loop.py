@@ -13,9 +13,10 @@ Wall times include compilation (which dominates short runs on a loaded CPU), so 
 is also timed: the compiled sweep program (the one train_sweep runs) on the whole stack vs on one
 member at a time in a Python loop, after a warm-up call. Also reports XLA's memory estimate of the
 sweep program and the largest stack that fits --memory-budget.
-Writes sweep_vs_loop.json and a Markdown table sweep_vs_loop.md under --out (default benchmarks/results), rewritten
-after each of the stages above (so a run stopped at a time limit keeps the stages it finished); a stage that fails
-is recorded under "failed", the later ones still run, and the exit status is non-zero.
+Writes sweep_vs_loop.json and a Markdown table sweep_vs_loop.md under --out (default benchmarks/results; with --smoke
+a fresh temporary directory), rewritten after each of the stages above (so a run stopped at a time limit keeps the
+stages it finished); a stage that fails is recorded under "failed", the later ones still run, and the exit status is
+non-zero.
 
 What to expect on a CPU: stacking members removes per-run compilation and per-op overhead, not
 FLOPs. With a small per-member batch (overhead-bound, e.g. --batch-size 32) the stacked program
@@ -35,6 +36,8 @@ import traceback
 import jax
 import numpy as np
 
+from benchmarks.output import OUT_HELP, SMOKE_NOTE, results_dir
+
 
 def _args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,11 +48,12 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=10, help="task dim (gd_equivalence: 10, n_context 10)")
     ap.add_argument("--train-loop-members", type=int, default=4, help="members timed with train(); 0 = skip")
     ap.add_argument("--memory-budget", type=float, default=2**30, help="bytes (default 1 GiB)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="results directory")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     ap.add_argument("--smoke", action="store_true", help="2 x 2 members, 4 steps (the tests)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.seeds, args.lrs, args.steps, args.batch_size, args.train_loop_members = 2, 2, 4, 8, 1
+    args.out = results_dir(args.out, args.smoke)
     return args
 
 
@@ -113,10 +117,10 @@ def main(argv=None) -> None:
     stages = {"vmapped_and_loop": vmapped_and_loop, **({"train_loop": train_loop} if args.train_loop_members else {}),
               "steady": lambda: {"steady": _steady(loss_fn, lr_task.sample, task, cfg, init, members, mesh)},
               "memory": memory}
-    results = {"members": n, "steps": args.steps, "batch_size": args.batch_size, "task_dim": args.dim,
-               "model": "gd_equivalence LSA (1 linear attention layer)", "devices": str(jax.devices()[0]),
-               "cpu_count": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
-               "platform": platform.platform(), "jax": jax.__version__,
+    results = {"smoke": args.smoke, "members": n, "steps": args.steps, "batch_size": args.batch_size,
+               "task_dim": args.dim, "model": "gd_equivalence LSA (1 linear attention layer)",
+               "devices": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+               "load_avg_1min_at_start": os.getloadavg()[0], "platform": platform.platform(), "jax": jax.__version__,
                "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep_vs_loop.json")
@@ -186,7 +190,8 @@ def _row(wall: float, members: int, steps: int) -> dict:
 
 def _table(r: dict) -> str:
     """The results as Markdown: the parts done so far, and the stages that failed."""
-    lines = [f"{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
+    smoke = f"{SMOKE_NOTE}; " if r["smoke"] else ""
+    lines = [f"{smoke}{r['members']} members x {r['steps']} steps, batch {r['batch_size']}, {r['devices']}, "
              f"load avg {r['load_avg_1min_at_start']:.1f} on {r['cpu_count']} cpus, matmul precision "
              f"{r['matmul_precision']}", "",
              "| way | wall time (s, incl. compile) | member-steps/s |", "|---|---|---|"]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.output import write_results
+from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds, chunk_throughput
 from jaxicl.models import SelfAttention, apply
 from jaxicl.tasks import linear_regression as lr
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", default="1,4")
     ap.add_argument("--engine-steps", type=int, default=2000, help="steps of the engine timing (and twice that)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
-    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
     if args.smoke:
         args.steps, args.batch_sizes, args.layers, args.engine_steps = 2, "8", "1", 10
@@ -81,9 +81,9 @@ def main(argv=None) -> None:
             row["engine_over_chunk"] = row["engine_steps_per_s"] / row["steps_per_s"]
             print(row, flush=True)
             rows.append(row)
-    kw = {"out_dir": args.out} if args.out else {}
-    print(write_results("train_throughput", rows, notes=f"{jax.device_count()} {jax.default_backend()} device(s); "
-                        "steps include on-device sampling; compile time is separate", **kw))
+    out = results_dir(args.out, args.smoke)
+    print(write_results("train_throughput", rows, f"{jax.device_count()} {jax.default_backend()} device(s); steps "
+                        "include on-device sampling; compile time is separate", out_dir=out, smoke=args.smoke))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks.output import write_results
+from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds, compiled_chunk, matmul_peak_gflops
 from jaxicl.models import SelfAttention
 from jaxicl.models.gpt import GPT
@@ -319,7 +319,7 @@ def main(argv=None) -> None:
                     "--gpu this one; with --gpu --smoke the default where it exists, else this one)")
     ap.add_argument("--cpu-matmuls", default=CPU_MATMULS[0], choices=CPU_MATMULS,
                     help="the library of jaxicl's products on CPU (TrainConfig.cpu_matmuls)")
-    ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
     table = SMOKE if args.smoke else GPU if args.gpu else WORKLOADS
     python, device, required = reference(args.gpu, args.smoke, args.torch_python)
@@ -327,7 +327,7 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
-    kw = {"out_dir": args.out} if args.out else {}
+    out = results_dir(args.out, args.smoke)
     repeats, peak_size = (1, 256) if args.smoke else (args.repeats, 2048)
     rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {repeats} "
                        "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops, the two "
@@ -350,7 +350,8 @@ def main(argv=None) -> None:
             print(row, flush=True)
             rows.append(row)
             notes += [note] if note and note not in notes else []
-            path = write_results("vs_torch", rows, notes="; ".join(notes), **kw)  # what is done survives a kill
+            # what is done survives a kill
+            path = write_results("vs_torch", rows, "; ".join(notes), out_dir=out, smoke=args.smoke)
     print(path)
     failed = [r["workload"] for r in rows if "failed" in r]
     if failed:

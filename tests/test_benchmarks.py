@@ -3,9 +3,13 @@ environment exists) and its refusal to time implementations that disagree, the n
 
 import contextlib
 import dataclasses
+import glob
+import hashlib
 import json
 import os
+import statistics
 import sys
+import tempfile
 import time
 import types
 
@@ -30,6 +34,36 @@ def rows(path) -> list[dict]:
     data = json.loads(open(path).read())
     assert data["environment"]["backend"] == "cpu"
     return data["rows"]
+
+
+def committed_results() -> dict[str, str]:
+    """The sha256 of every file under the tree's benchmarks/results, by its path there."""
+    paths = [os.path.join(d, f) for d, _, files in os.walk(output.RESULTS) for f in files]
+    return {os.path.relpath(p, output.RESULTS): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
+
+
+@pytest.fixture(autouse=True)
+def smoke_runs_write_under_tmp_path(tmp_path, monkeypatch):
+    """A smoke run without --out makes its temporary directory under tmp_path (in this process and in the benchmarks
+    it starts), and no test changes, adds or removes a file under the tree's benchmarks/results."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    before = committed_results()
+    yield
+    assert committed_results() == before
+
+
+def smoke_dir(tmp_path, printed: str):
+    """The one directory that smoke runs without --out made (under tmp_path, by the fixture above), as they said."""
+    (made,) = tmp_path.glob("jaxicl-benchmarks-smoke-*")
+    assert f"--smoke without --out: writing into {made} (not {output.RESULTS})\n" in printed
+    return made
+
+
+def assert_smoke(directory, name: str) -> None:
+    """NAME.json and NAME.md in directory say they are a smoke run's."""
+    assert json.loads((directory / f"{name}.json").read_text())["smoke"] is True
+    assert (directory / f"{name}.md").read_text().splitlines()[0] == f"# {name} ({output.SMOKE_NOTE})"
 
 
 def test_smoke_gpt_prompts_take_the_attention_path_the_timed_sizes_take():
@@ -131,7 +165,7 @@ def test_jaxicl_side_compiles_once_and_a_backend_without_a_flop_count_leaves_it_
     assert none_flops is None and none_out[""][0] == out[""][0]
 
 
-def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch):
+def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch, capsys):
     precisions, runs = [], []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
     compiled, reference = vs_torch.compiled_chunk, vs_torch.torch_reference
 
@@ -147,19 +181,22 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkey
 
     monkeypatch.setattr(vs_torch, "compiled_chunk", chunk)
     monkeypatch.setattr(vs_torch, "torch_reference", torch_side)
-    vs_torch.main(["--smoke", "--workloads", "lsa", "--out", str(tmp_path)])
+    vs_torch.main(["--smoke", "--workloads", "lsa"])
+    out = smoke_dir(tmp_path, capsys.readouterr().out)
     assert precisions == ["float32"]
     assert runs == (["torch", "jaxicl"] if HAS_TORCH else ["jaxicl"]) * 2  # alternating; the first pair warms up
-    (row,) = rows(tmp_path / "vs_torch.json")
+    assert_smoke(out, "vs_torch")
+    (row,) = rows(out / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
     # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction
     assert 0 < row["step_memory_mb"] < 1024 and row["largest_batch_in_budget"] > row["batch"]
     assert 0 < row["fraction_of_matmul_peak"] < 1
-    table = (tmp_path / "vs_torch.md").read_text()
+    table = (out / "vs_torch.md").read_text()
     assert ("jaxicl_over_torch" in row) == HAS_TORCH
     assert HAS_TORCH or "PyTorch not timed" in table
     with pytest.raises(SystemExit, match="unknown"):
-        vs_torch.main(["--smoke", "--workloads", "gpt_huge", "--out", str(tmp_path)])
+        vs_torch.main(["--smoke", "--workloads", "gpt_huge"])
+    assert list(tmp_path.glob("jaxicl-benchmarks-smoke-*")) == [out]  # refused before it made another directory
 
 
 def test_vs_torch_records_a_failed_workload_in_its_row_runs_the_others_and_exits_nonzero(tmp_path, monkeypatch):
@@ -219,7 +256,7 @@ def test_numpy_samplers_give_the_device_samplers_shapes_and_moments():
     # the benchmark's own run and table are tested by the GPU check's rehearsal (below), at these sizes
 
 
-def test_sampler_throughput_has_each_family_on_disk_before_the_next_starts(tmp_path, monkeypatch):
+def test_sampler_throughput_has_each_family_on_disk_before_the_next_starts(tmp_path, monkeypatch, capsys):
     """The GPU check stops it at its time limit: the families done by then are kept."""
     bench, on_disk = sampler_throughput.bench, []
 
@@ -231,8 +268,10 @@ def test_sampler_throughput_has_each_family_on_disk_before_the_next_starts(tmp_p
 
     monkeypatch.setattr(sampler_throughput, "bench", stopped_at_the_second)
     with pytest.raises(KeyboardInterrupt):
-        sampler_throughput.main(["--smoke", "--out", str(tmp_path)])
-    assert [r["family"] for r in rows(tmp_path / "sampler_throughput.json")] == on_disk == ["linear_regression"]
+        sampler_throughput.main(["--smoke"])
+    out = smoke_dir(tmp_path, capsys.readouterr().out)
+    assert [r["family"] for r in rows(out / "sampler_throughput.json")] == on_disk == ["linear_regression"]
+    assert_smoke(out, "sampler_throughput")
 
 
 def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
@@ -245,11 +284,13 @@ def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
     assert efficiency({"devices": 8, "prompts_per_s": 200.0}, {"devices": 1, "prompts_per_s": 100.0}) == 0.25
 
 
-def test_train_throughput_writes_its_table(tmp_path):
+def test_train_throughput_writes_its_table(tmp_path, capsys):
     from benchmarks import train_throughput
 
-    train_throughput.main(["--smoke", "--out", str(tmp_path)])
-    (row,) = rows(tmp_path / "train_throughput.json")
+    train_throughput.main(["--smoke"])
+    out = smoke_dir(tmp_path, capsys.readouterr().out)
+    assert_smoke(out, "train_throughput")
+    (row,) = rows(out / "train_throughput.json")
     assert row["steps_per_s"] > 0 and row["capture_all_over_none"] > 0
 
 
@@ -298,11 +339,13 @@ def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage
     assert "failed: memory: RuntimeError" in (tmp_path / "sweep_vs_loop.md").read_text()
 
 
-def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path):
+def test_the_patching_benchmark_checks_its_grid_against_the_loop_and_writes_a_table(tmp_path, capsys):
     from benchmarks.patching import main
 
-    main(["--smoke", "--repeats", "1", "--out", str(tmp_path)])
-    table = (tmp_path / "patching.md").read_text()
+    main(["--smoke", "--repeats", "1"])
+    out = smoke_dir(tmp_path, capsys.readouterr().out)
+    assert_smoke(out, "patching")
+    table = (out / "patching.md").read_text()
     assert "loop_over_grid" in table and "grid_memory_mb" in table
 
 
@@ -318,6 +361,27 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
     assert [(n, c[2:6]) for n, c, _ in steps[-2:]] == [(name, ["experiments", name, "--preset", "full"])
                                                       for name in ("gd_equivalence", "ar_fig7_non_augmented")]
     assert [n for n, c, _ in steps[:-2]] == [c[2].removeprefix("benchmarks.") for _, c, _ in steps[:-2]]
+
+
+def test_a_smoke_run_without_out_gets_a_fresh_directory_and_a_full_size_run_the_committed_results(tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """`python -m benchmarks all --smoke` hands every benchmark one fresh temporary directory, and each smoke run
+    (here sweep_vs_loop's own) gets its own; at full size the default stays benchmarks/results."""
+    from benchmarks import sweep_vs_loop
+
+    ran = []
+    monkeypatch.setattr(runner, "run", lambda command: ran.append(command) or {"command": "", "status": "ok",
+                                                                               "wall_s": 0.0})
+    runner.main(["all", "--smoke"])
+    out = smoke_dir(tmp_path, capsys.readouterr().out)
+    assert [c[-3:] for c in ran] == [["--smoke", "--out", str(out)]] * len(runner.BENCHMARKS)
+    assert os.listdir(out) == []
+    runner.main(["vs_torch"])
+    assert ran[-1][-2:] == ["--out", output.RESULTS] and "--smoke" not in ran[-1]
+    assert sweep_vs_loop._args([]).out == output.RESULTS
+    own = sweep_vs_loop._args(["--smoke"]).out
+    assert sorted(tmp_path.glob("jaxicl-benchmarks-smoke-*")) == sorted([out, tmp_path / os.path.basename(own)])
+    assert f"writing into {own} (not {output.RESULTS})" in capsys.readouterr().out
 
 
 def test_the_gpu_check_logs_each_step_records_it_as_it_ends_and_computes_float32_products(tmp_path, monkeypatch):
@@ -344,27 +408,33 @@ def test_the_gpu_check_logs_each_step_records_it_as_it_ends_and_computes_float32
     assert logs == ["float32\n", "started\n", "2\n"]  # the timed-out step's output survives; 2 steps on disk
 
 
-def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path):
+def test_the_gpu_check_rehearsed_at_smoke_sizes_runs_every_step_and_writes_every_result(tmp_path, capsys):
     """Also the tests of sampler_throughput, device_scaling and sweep_vs_loop at their smoke sizes (--smoke
-    replaces the GPU check's sizes), so the suite runs each once."""
-    runner.main(["gpu-check", "--smoke", "--out", str(tmp_path)])  # raises SystemExit if any step fails
-    done = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert [o["status"] for o in done] == ["ok"] * len(runner.gpu_commands(str(tmp_path)))
+    replaces the GPU check's sizes), so the suite runs each once. Without --out, as README gives the command: into a
+    fresh temporary directory, every result marked as a smoke run's, the committed results as they were."""
+    before = committed_results()
+    runner.main(["gpu-check", "--smoke"])  # raises SystemExit if any step fails
+    out = smoke_dir(tmp_path, capsys.readouterr().out)
+    assert committed_results() == before
+    done = json.loads((out / "gpu_check.json").read_text())["steps"]
+    assert [o["status"] for o in done] == ["ok"] * len(runner.gpu_commands(str(out)))
     for name in ("vs_torch", "sampler_throughput", "device_scaling"):  # float32 products, as on a GPU
-        assert json.loads((tmp_path / f"{name}.json").read_text())["environment"]["matmul_precision"] == "float32"
-    table = rows(tmp_path / "vs_torch.json")
+        assert json.loads((out / f"{name}.json").read_text())["environment"]["matmul_precision"] == "float32"
+        assert_smoke(out, name)
+    table = rows(out / "vs_torch.json")
     assert [r["workload"] for r in table] == list(vs_torch.SMOKE)
     assert [r.get("jaxicl_over_torch", 0) > 0 for r in table] == [HAS_TORCH] * len(table)  # PyTorch ran, on the CPU
-    samplers = rows(tmp_path / "sampler_throughput.json")
+    samplers = rows(out / "sampler_throughput.json")
     assert [r["family"] for r in samplers] == list(sampler_throughput.families(True))
     assert all(r[f"{impl}_prompts_per_s"] > 0 for r in samplers for impl in PRNG_IMPLS[1:])  # each other generator
-    scaling = rows(tmp_path / "device_scaling.json")  # its process sets its own simulated device count
+    scaling = rows(out / "device_scaling.json")  # its process sets its own simulated device count
     assert [(r["devices"], r["batch"]) for r in scaling] == [(1, 4), (2, 8)] and scaling[0]["efficiency"] == 1.0
-    sweep = json.loads((tmp_path / "sweep_vs_loop.json").read_text())
-    assert sweep["members"] == 4 and sweep["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
+    sweep = json.loads((out / "sweep_vs_loop.json").read_text())
+    assert sweep["smoke"] is True and sweep["members"] == 4 and sweep["max_abs_param_diff_vmapped_vs_loop"] < 1e-5
     assert sweep["matmul_precision"] == "float32"
+    assert (out / "sweep_vs_loop.md").read_text().startswith(f"{output.SMOKE_NOTE}; 4 members x 4 steps")
     for name in ("gd_equivalence", "ar_fig7_non_augmented"):
-        result = json.loads((tmp_path / "experiments" / name / "result.json").read_text())
+        result = json.loads((out / "experiments" / name / "result.json").read_text())
         assert result["preset"] == "smoke" and result["checks"]
 
 
@@ -381,3 +451,27 @@ def test_host_cpu_reads_the_first_processor_of_cpuinfo(tmp_path, text, cpu, simd
     path.write_text(text)
     assert output.host_cpu(str(path)) == {"cpu": cpu, "cpu_simd": simd}
     assert output.host_cpu(str(tmp_path / "missing"))["cpu_simd"] == "unknown"
+
+
+def committed_ratios(runs: str, workload: str) -> list[float]:
+    """jaxicl / PyTorch steps/s of `workload` in each committed vs_torch run (the folders under benchmarks/results
+    that the glob `runs` matches; "" the top level's), in the folders' order."""
+    paths = sorted(glob.glob(os.path.join(output.RESULTS, runs, "vs_torch.json"), recursive=True))
+    return [r["jaxicl_over_torch"] for p in paths for r in json.load(open(p))["rows"] if r["workload"] == workload]
+
+
+def test_the_performance_text_states_the_counts_and_ranges_of_the_committed_runs():
+    """README's targets table and benchmarks/measurements.md against benchmarks/results, rounded as the text rounds
+    (two decimals): the 12-layer GPT's parity over every committed run, the Zen 3's small GPT with the softmax's
+    derivative written out (its lowest run 1.2149), and the Sapphire Rapids' single committed run."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    measurements = open(os.path.join(ROOT, "benchmarks", "measurements.md")).read()
+    large = committed_ratios("**", "gpt_large")
+    assert f"| no: {sum(r >= 1.0 for r in large)} runs of {len(large)}, all on Zen 4 |" in readme
+    softmax = committed_ratios("amd-epyc-zen3/softmax-jvp-run*", "gpt_small")
+    assert (f"with the softmax's derivative written out (below) {min(softmax):.2f}-{max(softmax):.2f}, median "
+            f"{statistics.median(softmax):.2f} ({len(softmax)} runs)") in readme
+    assert f"the small GPT {', '.join(f'{r:.2f}' for r in softmax[:-1])} and {softmax[-1]:.2f}x" in " ".join(
+        measurements.split())
+    (sapphire,) = committed_ratios("", "lsa")
+    assert f"| 1-layer linear attention >= 1.5x PyTorch | {sapphire:.2f} (1 run committed; " in readme
