@@ -26,7 +26,8 @@ from flax import nnx
 
 from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_above, check_below
-from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep, sweep_fields  # sweep_fields: what --sweep varies
+from experiments.common.gd_sweep import (  # noqa: F401  sweep_fields: what --sweep varies (the registry reads it)
+    gd_sweep_checks, run_gd_sweep, sweep_fields)
 from experiments.common.run_config import run_config
 from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent

@@ -31,7 +31,8 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_above, check_below, diverged_check
 from experiments.common.run_config import run_config
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
-from experiments.common.gd_sweep import gd_sweep_checks, run_gd_sweep, sweep_fields  # sweep_fields: what --sweep varies
+from experiments.common.gd_sweep import (  # noqa: F401  sweep_fields: what --sweep varies (the registry reads it)
+    gd_sweep_checks, run_gd_sweep, sweep_fields)
 from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.models import predictor
