@@ -78,10 +78,13 @@ words over all positions draw B 0.015 (fails 0.3). The latest run, seed 0 with t
 of another generation (Emerald Rapids; 4.8-6.5 min), has no root in its words either (best slot 0.08 bits, shuffled
 0.08; position 3.57 bits, background 3.32; 93 words in use): only the speech check passes (object cells from the
 words 0.234 against 0.031 from another board's message; tokens 0.812, no board exact), and B's words at (x, y) draw
-B for 0.030 of boards (ceiling 0.078, C's words 0.020). So at quick the root check passed in 4 of 6 runs and the
-steering check (B's words at (x, y)) in 1 of 6 (the 0.30 threshold missed by 0.002 once): steering by B's words, as
-read here, is not a robust property of the quick preset, and whether the words name the root at all depends on the
-machine.
+B for 0.030 of boards (ceiling 0.078, C's words 0.020). A later run there, after float-level changes to the step
+(its losses equal that run's for 250 steps, then drift apart), has a root slot again (1.36 bits, shuffled 0.11; 63
+words in use), but steers little: B's words at (x, y) draw B for 0.093 of boards (ceiling 0.115, C's words 0.040;
+object cells from the words 0.237 against 0.027). So at quick the root check passed in 5 of 7 runs and the steering
+check (B's words at (x, y)) in 1 of 7 (the 0.30 threshold missed by 0.002 once): steering by B's words, as read
+here, is not a robust property of the quick preset, and whether the words name the root at all depends on the
+machine and on float-level rounding.
 
 The notes' recipe at quick length (`continuous_until=0 train.steps=1250 task.mask_ramp_end=1249 eval_every=250`;
 81 s on a 2-core Intel Xeon, about 4 minutes on a 2-core AMD EPYC) shows only the background. The messages become a
