@@ -5,7 +5,6 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.prompt import Prompt
@@ -23,16 +22,6 @@ def data_axis_size(axis: str = DATA_AXIS) -> int:
     if mesh.empty or axis not in mesh.axis_names:
         return 1
     return mesh.shape[axis]
-
-
-def in_auto_sharding(fn: Callable, out_sharding: P) -> Callable:
-    """fn run with the current mesh's explicit axes in auto sharding (XLA's propagation), its outputs laid out by
-    out_sharding (a PartitionSpec for every output leaf); fn itself outside a mesh. For a user's model inside the
-    engine's explicit-sharding mesh: a gather from a table it holds (an nnx.Embed) by per-prompt token ids has no
-    output sharding of its own in explicit mode, and raised there."""
-    mesh = jax.sharding.get_abstract_mesh()
-    explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
-    return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out_sharding) if explicit else fn
 
 
 def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:

@@ -1,6 +1,7 @@
 """Device meshes for data parallelism (the modern form of pmap) and sweeps, and handing arrays back off them."""
 
 import math
+from collections.abc import Callable
 
 import jax
 from jax.sharding import AxisType, NamedSharding
@@ -33,6 +34,16 @@ def sweep_mesh(member_devices: int | None = None, data_devices: int = 1) -> jax.
 def default_sweep_mesh(stack: int) -> jax.sharding.Mesh:
     """The sweep mesh for a stack of `stack` members: gcd(devices, stack) devices on the member axis."""
     return sweep_mesh(math.gcd(jax.device_count(), stack))
+
+
+def in_auto_sharding(fn: Callable, out_sharding: P) -> Callable:
+    """fn run with the current mesh's explicit axes in auto sharding (XLA's propagation), its outputs laid out by
+    out_sharding (a PartitionSpec for every output leaf); fn itself outside a mesh. For a user's model inside the
+    engine's explicit-sharding mesh: a gather from a table it holds (an nnx.Embed) by per-prompt token ids has no
+    output sharding of its own in explicit mode, and raised there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+    return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out_sharding) if explicit else fn
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -13,7 +13,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.prompt import Prompt
-from jaxicl.tasks.batching import Sampler, in_auto_sharding, sample_batch
+from jaxicl.tasks.batching import Sampler, sample_batch
+from jaxicl.train.mesh import in_auto_sharding
 from jaxicl.train.state import TrainState
 
 LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
