@@ -217,6 +217,45 @@ def test_a_run_into_an_out_dir_another_running_process_writes_is_refused(tmp_pat
     assert not (tmp_path / "bad" / LOCK_FILE).exists()
 
 
+def test_of_two_processes_that_found_the_lock_stale_only_one_takes_it(tmp_path, monkeypatch):
+    """Both read a killed run's lock; the first took it over, and the second, going on from its earlier read, removed
+    the new lock and linked its own: two runs wrote one out_dir. The takeover now reads the lock again under an flock."""
+    import socket
+
+    from jaxicl.train import run_lock
+
+    lock = tmp_path / run_lock.LOCK_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    ready = tmp_path / "taken"
+    holder = (f"import sys, time, pathlib; sys.path.insert(0, {os.getcwd()!r}); from jaxicl.train.run_lock import "
+              f"exclusive\nwith exclusive({str(tmp_path)!r}):\n    pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    other = []
+    first_read = run_lock._holder
+
+    def read_then_let_another_process_take_it(path):
+        seen = first_read(path)
+        if not other:  # between this process's read (stale) and its takeover, another process takes the lock over
+            other.append(subprocess.Popen([sys.executable, "-c", holder]))
+            while not ready.exists():
+                assert other[0].poll() is None, "the other process ended before taking the lock"
+                time.sleep(0.05)
+        return seen
+
+    monkeypatch.setattr(run_lock, "_holder", read_then_let_another_process_take_it)
+    try:
+        with pytest.raises(ConfigError, match=r"is being written by another run \(process (\d+)") as refused:
+            with run_lock.exclusive(str(tmp_path)):
+                pass
+        assert int(refused.value.args[0].split("(process ")[1].split()[0]) == other[0].pid
+        assert json.loads(lock.read_text())["pid"] == other[0].pid  # the other process's lock stays
+    finally:
+        for p in other:
+            p.kill()
+            p.wait()
+
+
 def test_a_model_with_an_embedding_table_trains_on_several_devices_and_a_pool_sampler_draws_through_lookup():
     """Under the engine's explicit-sharding mesh a gather from a replicated table by batch-sharded token ids (an
     nnx.Embed in a user's model) has no output sharding of its own: training raised ShardingTypeError on 2 or more

@@ -2,10 +2,12 @@
 
 Two processes training into one out_dir (a rerun started while a forgotten one still runs) interleaved their
 metrics.jsonl rows and checkpoints with no error. A lock whose process has ended (a killed run) is taken over; one
-held on another host cannot be checked, and is refused with how to clear it.
+held on another host cannot be checked, and is refused with how to clear it. Taking over a stale lock happens under
+an flock on out_dir/.lock.takeover, so of two processes that both found the lock stale only one takes it.
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -38,6 +40,18 @@ def _holder(path: str) -> dict | None:
     return holder
 
 
+def _remove_if_stale(path: str) -> dict | None:
+    """Removes the lock at path where its holder has ended, reading it again under the takeover flock (a process that
+    found it stale earlier must not remove the lock another process took meanwhile); the live holder, or None."""
+    with open(f"{path}.takeover", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        holder = _holder(path)
+        if holder is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return holder
+
+
 @contextlib.contextmanager
 def exclusive(out_dir: str | None):
     """Holds out_dir/.lock for the block (the primary process of a multi-host run takes it for all); ConfigError
@@ -57,13 +71,11 @@ def exclusive(out_dir: str | None):
                 os.link(written, path)
                 break
             except FileExistsError:
-                holder = _holder(path)
+                holder = _holder(path) or _remove_if_stale(path)  # the guard only where it looked stale
                 if holder is not None:
                     raise ConfigError(f"out_dir: {out_dir} is being written by another run (process "
                                       f"{holder.get('pid')} on {holder.get('host')}); wait for it, stop it, or use "
                                       f"another out_dir (if that run is no longer running, delete {path})") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # a stale lock: its process ended
     finally:
         os.remove(written)
     try:
