@@ -314,12 +314,26 @@ def optax_norm(params):
 @pytest.mark.parametrize("path,match", [
     ("train.batch_size", r"train\.batch_size cannot be swept.*sweepable train fields: \('seed', 'lr'"),
     ("train.optimizer", "train.optimizer cannot be swept"),
-    ("task.dim", r"task\.dim cannot be swept.*sweepable task fields: \('noise_std', 'n_tasks', 'n_context'\)"),
+    ("task.dim", r"task\.dim cannot be swept: the sampler jaxicl\.tasks\.linear_regression\.sample does not take it.*"
+                 r"sweepable task fields: \('noise_std', 'n_tasks', 'n_context'\)"),
     ("task.format", "task.format cannot be swept"),
     ("num_heads", r"num_heads cannot be swept.*keyword of init \('init_scale',\)")])
 def test_unsweepable_fields_are_named_with_the_allowed_ones(path, match):
     with pytest.raises(ConfigError, match=match):
         split_fields([path], lr.sample, init)
+
+
+def test_the_refusal_of_a_task_field_names_the_users_sampler():
+    """It named `<module>.sample` whatever the sampler was called: a user's draw_prompt in their script read as
+    __main__.sample, a function that does not exist."""
+    def draw_prompt(cfg, key, noise_std=0.0):
+        return lr.sample(cfg, key, noise_std=noise_std)
+
+    with pytest.raises(ConfigError, match=r"the sampler test_sweep\.test_the_refusal_of_a_task_field_names_the_users_"
+                                          r"sampler\.<locals>\.draw_prompt does not take it"):
+        split_fields(["task.dim"], draw_prompt, init)
+    with pytest.raises(ConfigError, match=r"the sampler functools\.partial\(<function .*draw_prompt at "):
+        split_fields(["task.dim"], functools.partial(draw_prompt, noise_std=0.0), init)
 
 
 def test_parameters_without_a_default_are_keywords_a_sweep_can_pass():

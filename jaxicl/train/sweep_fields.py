@@ -29,6 +29,12 @@ def keywords(fn, leading: int = 1) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
+def _name(fn) -> str:
+    """module.qualname of a function (a lambda or a nested one included); repr for other callables (a partial)."""
+    qualname = getattr(fn, "__qualname__", None)
+    return f"{fn.__module__}.{qualname}" if qualname else repr(fn)
+
+
 def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]:
     """Sorts swept paths into train / task / init groups; raises ConfigError naming unsweepable fields."""
     groups = {"train": [], "task": [], "init": []}
@@ -42,7 +48,7 @@ def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]
             groups["train"].append(name)
         elif head == "task":
             if name not in task_ok:
-                raise ConfigError(f"task.{name} cannot be swept: {sample.__module__}.sample does not take it as an "
+                raise ConfigError(f"task.{name} cannot be swept: the sampler {_name(sample)} does not take it as an "
                                   f"array keyword (it changes shapes or the sampling code); sweepable task fields: "
                                   f"{task_ok}")
             groups["task"].append(name)
