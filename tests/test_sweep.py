@@ -350,6 +350,10 @@ def test_parameters_without_a_default_are_keywords_a_sweep_can_pass():
         "train": [], "task": ["noise_std"], "init": ["init_scale"]}
     with pytest.raises(ConfigError, match=r"key cannot be swept: .*nor a keyword of init \('init_scale',\)"):
         split_fields(["key"], lr.sample, positional_init)
+    # init's parameter without a default, not swept: refused up front (it was a TypeError from inside the program)
+    with pytest.raises(ConfigError, match=r"init's parameters \['init_scale'\] have no default and no member sets"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(steps=3), positional_init, [{"train.seed": 0}, {"train.seed": 1}],
+                    progress=False)
     members = [{"task.noise_std": v, "init_scale": s} for v, s in ((0.0, 0.1), (0.5, 0.2))]
     swept = train_sweep(LOSS, lr.sample, TASK, _cfg(steps=3), positional_init, members, evaluate=evaluate,
                         progress=False)

@@ -57,6 +57,11 @@ def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]
         else:
             raise ConfigError(f"{path} cannot be swept: it is neither a sweepable train field {SWEEPABLE_TRAIN_FIELDS}, "
                               f"a task field the sampler takes {task_ok}, nor a keyword of init {init_ok}")
+    required = [p.name for p in list(inspect.signature(init).parameters.values())[1:]
+                if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if unset := [n for n in required if n not in groups["init"]]:
+        raise ConfigError(f"init's parameters {unset} have no default and no member sets them: give each member a "
+                          f"value (e.g. {{{unset[0]!r}: ...}}) or init a default")
     return groups
 
 
