@@ -214,7 +214,10 @@ class Config:
     vq_restart_below: float = 0.0  # restart codes whose EMA cluster size falls below this (0: never, the notes')
     continuous_until: int = 0  # ours: pass 3 reads the continuous speech before this epoch (lea_loss), words after
     eval_every: int = 2000
-    eval_per_type: tuple[int, int] = (40, 100)  # single, double test tuples (the official test set has no composites)
+    # single, double, composite test tuples, each masked eval_rounds times: the official LEA test call scores every test
+    # tuple twice (40, 400, 20; composites too, which LEA never trains on)
+    eval_per_type: tuple[int, int, int] = (40, 400, 20)
+    eval_rounds: int = 2
     eval_mask: float = 0.2
     steer_boards: int = 600
     min_speech_gain: float = 0.2  # speech object-cell accuracy minus the other-board-message control's
@@ -239,8 +242,7 @@ class Config:
             raise ConfigError(f"eval_every={self.eval_every} must be a multiple of train.steps_per_call="
                               f"{self.train.steps_per_call}")
         check_range("task.n_roots", self.task.n_roots, 3)  # steering's control draws a root C that is neither A nor B
-        if len(self.eval_per_type) != 2 or min(self.eval_per_type) < 1:
-            raise ConfigError(f"eval_per_type must be 2 positive counts (single, double), got {self.eval_per_type}")
+        ab.check_eval_set(self.eval_per_type, self.eval_rounds)
 
 
 def _preset(steps: int, steps_per_epoch: int, mask_ramp_end: int | None = None, **kw) -> Config:
@@ -254,12 +256,13 @@ def _preset(steps: int, steps_per_epoch: int, mask_ramp_end: int | None = None, 
 SMOKE = _preset(20, 1, model=LeaModel(d_model=16, d_pos=8, n_layers=1, n_heads=2, n_words=16, message_len=4),
                 train=TrainConfig(steps=20, batch_size=16, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95),
                                   weight_decay=0.01, steps_per_call=10, log_every=5),
-                rfs_ramp=(2, 10), continuous_until=10, eval_every=10, eval_per_type=(8, 8), steer_boards=20)
+                rfs_ramp=(2, 10), continuous_until=10, eval_every=10, eval_per_type=(8, 8, 0), eval_rounds=1,
+                steer_boards=20)
 # quick: continuous speech for 3000 steps (the masking ramp ends there), then 3000 steps of words (see the docstring)
 QUICK = _preset(6000, 1, mask_ramp_end=2999, continuous_until=3000,
                 train=TrainConfig(steps=6000, batch_size=32, optimizer="adamw", lr=3e-3, betas=(0.9, 0.95),
                                   weight_decay=0.01, steps_per_call=250, log_every=50, checkpoint_every=1000),
-                eval_every=1000)
+                eval_every=1000, eval_per_type=(40, 100, 0), eval_rounds=1)  # ours: a smaller test set, no composites
 PRESETS = {"smoke": SMOKE, "quick": QUICK, "full": Config()}
 
 
@@ -270,10 +273,11 @@ def build_model(cfg: Config) -> lea.LEA:
 
 
 def eval_set(cfg: Config, data: bd.BoardData, split: str, key) -> object:
-    """The split's single and double tuples (eval_per_type), masked at eval_mask without patches."""
+    """The split's eval_per_type single, double and composite tuples, each masked eval_rounds times at eval_mask
+    without patches."""
     fixed = dataclasses.replace(data, cfg=dataclasses.replace(data.cfg, mask_max=cfg.eval_mask,
                                                               mask_min=cfg.eval_mask, patch_p=0.0))
-    return bd.eval_prompts(fixed, split, key, 0, (*cfg.eval_per_type, 0))
+    return bd.eval_prompts(fixed, split, key, 0, cfg.eval_per_type, cfg.eval_rounds)
 
 
 def object_accuracy(pred: jax.Array, batch) -> jax.Array:

@@ -26,6 +26,7 @@ from jaxicl.train import TrainConfig, train
 from jaxicl.train.losses import lea_loss
 from jaxicl.train.mesh import data_mesh
 from jaxicl.train.metrics import read_metrics
+from jaxicl.validation import ConfigError
 
 TINY = dict(d_model=16, d_pos=8, n_layers=1, n_heads=2, n_words=12, message_len=4)
 
@@ -410,3 +411,25 @@ def test_both_streams_match_a_numpy_forward_pass(x64):
     np.testing.assert_allclose(logits, linear(want_z, m.head), rtol=1e-9, atol=1e-9)
     speech = _numpy_stream(m.speech_blocks, f64(m.speech_embed), f64(m.speech_pos), want_z, f64(m.picture_pos))
     np.testing.assert_allclose(m.speech(z), layer_norm(speech, m.speech_ln), rtol=1e-9, atol=1e-9)
+
+
+def test_the_full_presets_test_set_is_the_official_one_and_bad_counts_are_refused():
+    """The official LEA test call scores every test tuple (40 single, 400 double, 20 composite), each masked twice;
+    jaxicl scored 140 tuples without composites, once, and said the official set had none."""
+    from experiments import abstractions_lea as exp
+    from experiments.common.abstractions import check_eval_set
+
+    cfg = exp.PRESETS["full"]
+    data = bd.build(cfg.task)
+    assert [len(data.tuples("test", t)) for t in bd.TYPES] == [40, 400, 20]
+    test = exp.eval_set(cfg, data, "test", jax.random.key(0))
+    np.testing.assert_array_equal(np.bincount(np.asarray(test.info["type"]), minlength=3), [80, 800, 40])
+    masked = np.asarray(test.info["masked"]).reshape(2, 460, 64)
+    assert (masked[0] != masked[1]).any()  # two independent maskings of the same boards
+    np.testing.assert_array_equal(np.asarray(test.targets).reshape(2, 460, 64)[0],
+                                  np.asarray(test.targets).reshape(2, 460, 64)[1])
+    for bad in ((40, 100), (40, -1, 20), (0, 0, 0)):
+        with pytest.raises(ConfigError, match=rf"eval_per_type must be 3 counts >= 0 .*got {re.escape(str(bad))}"):
+            check_eval_set(bad, 1)
+    with pytest.raises(ConfigError, match="eval_rounds"):
+        check_eval_set((1, 1, 1), 0)

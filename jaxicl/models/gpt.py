@@ -95,7 +95,7 @@ def masked_scores(q: jax.Array, k: jax.Array, causal: jax.Array) -> jax.Array:
 def split_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: jax.Array) -> jax.Array:
     """q, k, v [T, H, dh], causal [T, T] lower-triangular -> z [T, H, dh] of softmax attention, in two halves of the
     queries: the first half sees only the first half's keys, so its scores against the second half are never formed
-    (3/4 of the [H, T, T] products and softmax). The same function as the softmax over all of masked_scores, whose
+    (a quarter of the [H, T, T] products and softmax). The same function as the softmax over all of masked_scores, whose
     hidden keys get weight exactly 0 (exp(MASKED - max) underflows); sums run over fewer terms, so float results
     differ by rounding."""
     m = q.shape[0] // 2
