@@ -32,9 +32,9 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
     over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints or bools (classes: one-hot
     regression, accuracy of the argmax). Returns {"score", "train_score", "weights", "metric"}: score is the metric
-    ("r2" or "accuracy") on the held-out prompts: a random split by key (default key 0), or the rows where held_out [N] is True (e.g.
-    whole board positions, so the probe must generalise across them); standardise as ridge_fit's (on the training
-    rows). Fits in float64 under jax x64, else float32."""
+    ("r2" or "accuracy") on the held-out prompts: a random split by key (default key 0), or the rows where held_out
+    [N] is True (e.g. whole board positions, so the probe must generalise across them); standardise as ridge_fit's
+    (on the training rows). Fits in float64 under jax x64, else float32."""
     features = jnp.asarray(features, float)
     targets = jnp.asarray(targets)
     if targets.dtype == bool:  # a yes/no feature is two classes, scored by accuracy, not a regression on 0 and 1
