@@ -15,6 +15,12 @@ beat its dMMSE. Quick (d = 3, zero predictor 3.31, ridge 0.301): pools 1 and 4 a
 dMMSE at 16 and 64: the transition is already under way at 16. An untrained model (0.02-scale init) predicts ~0
 (3.31 at every pool) and fails every task-diversity check.
 
+Part 2's model and training are ours at every preset, full included: a stack of `layers` linear-attention layers
+(4 at full) trained for 20,000 steps at a constant learning rate with the loss on the query alone, where Raventos et
+al. train a GPT-2 (8 layers, 2 heads, width 128) for 500k steps with a triangle schedule and the loss on every
+position; the task (d = 8, N = 16, sigma = 0.5, batch 256) is theirs. So the transition's place on the pool axis is
+not expected to match their figure.
+
 `--sweep` on this experiment replaces part 1's grid, with fields of the gd_equivalence config
 (`--sweep gd.train.lr=log:1e-4:1e-1:8 gd.train.seed=0:8`); gd_equivalence itself takes
 `--sweep lr=... seed=...`.
