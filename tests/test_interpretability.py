@@ -371,6 +371,27 @@ def test_standardised_ridge_is_scikit_learns_ridge_on_standard_scaled_features(x
     assert scores[1][0] < 0.75 < scores[1][1]  # raw: the penalty drowns the 1e-3-scale feature until it is rescaled
 
 
+def test_float32_ridge_on_wide_correlated_features_is_scikit_learns_float64_ridge():
+    """400 rows of 512 features driven by 8 latent factors, scale 30 (as a model's flattened activations): the
+    normal equations in float32 (condition number squared, ~1e13 here) gave weights far from the minimiser (the
+    LEA probes scored 0.13 where the float64 fit scores 1.0). The QR solve's predictions are scikit-learn's float64
+    ridge's to 1e-3 of the targets' range (float32 on a system of condition number ~3e6: about 3e6 x 6e-8)."""
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 8))
+    x = (z @ rng.normal(size=(8, 512)) + 0.01 * rng.normal(size=(400, 512))) * 30 + 5
+    y = np.stack([z[:, 0] - 2 * z[:, 1] + 0.1 * rng.normal(size=400), z[:, 2] ** 2], 1)
+    w = np.asarray(ridge_fit(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), 1e-3))
+    assert w.dtype == np.float32
+    ref = Ridge(alpha=1e-3, solver="svd").fit(x, y)
+    np.testing.assert_allclose(x @ w[:-1] + w[-1], ref.predict(x), atol=1e-3 * np.ptp(y))
+    held = np.arange(400) % 4 == 0
+    fit = probe(jnp.asarray(x, jnp.float32), jnp.asarray(y[:, 0], jnp.float32), held_out=held)
+    ref_r2 = Ridge(alpha=1e-3, solver="svd").fit(x[~held], y[~held, 0]).score(x[held], y[held, 0])
+    assert fit["score"] == pytest.approx(ref_r2, abs=1e-3)
+
+
 @pytest.mark.parametrize("split", ["random", "held_out"])
 def test_probe_fits_only_the_training_rows(split):
     """Noise targets, F = 200 features, 300 training rows: ridge (lam 1e-3, negligible here) interpolates much of the
