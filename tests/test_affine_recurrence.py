@@ -1,5 +1,7 @@
 """Affine-recurrence prompts and their baselines against numpy."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -64,6 +66,18 @@ def test_baselines_against_numpy_and_the_three_term_solver_is_exact_on_noise_fre
                                atol=1e-8)  # three pairs identify the 2 x 2 A and b
     with pytest.raises(ValueError, match="scalar recurrences"):
         base.three_term(vec.inputs[0])
+
+
+@pytest.mark.parametrize("name", ["copy", "linear_extrapolation", "three_term", "least_squares"])
+def test_a_baseline_given_a_batch_instead_of_one_prompt_says_so(name):
+    """A batch [B, T, 1] was read as one prompt: copy / linear_extrapolation returned [B, T, 1] (the latter shifted
+    along the batch axis), three_term called T the token dim, least_squares failed to unpack the shape."""
+    b = sample_batch(ar.sample, ar.AffineRecurrence(seq_len=16), jax.random.key(0), 4)
+    predictor = getattr(base, name)
+    with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [T, dim], got shape (4, 16, 1): "
+                                                   "jax.vmap it over a batch [B, T, dim]")):
+        predictor(b.inputs)
+    assert jax.vmap(predictor)(b.inputs).shape == (4, 16)
 
 
 def test_linear_filter_is_per_position_least_squares_on_the_last_taps_terms():

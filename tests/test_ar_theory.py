@@ -82,6 +82,21 @@ def test_unitary_optimum_needs_all_heads_and_trig_solution_works_in_the_real_bas
     assert mc.max() < 1e-20
 
 
+def test_orthogonal_optimum_is_exact_on_the_task_states_only_with_the_identity_basis(x64):
+    """orthogonal_optimum's documented scope: exact on the real states for random_basis=False (Q = I); with a Haar Q
+    its prediction error is worse than predicting 0 (E ||s_{t+1}||^2 = ||s_0||^2 = dim)."""
+    a, b, p = (jnp.asarray(x) for x in th.orthogonal_optimum(4, 2, 6))
+    for random_basis in (False, True):
+        cfg = ar.Autoregressive(family="orthogonal", dim=4, seq_len=6, format="tiled", tile=1,
+                                random_basis=random_basis)
+        s = sample_batch(ar.sample, cfg, jax.random.key(0), 256, axis=None).info["states"]
+        mc, _ = _mc_row_losses(a, b, p, s)
+        if random_basis:
+            assert mc.min() > 4.0  # measured 6.0 to 7.8 per row, standard errors 0.3
+        else:
+            assert mc.max() < 1e-20  # exact prediction on every sample
+
+
 def test_bad_family_or_odd_dim_fail_with_the_argument_named():
     """Both entry points share the checks: an unknown family, or the orthogonal family's coordinate pairs (i, i ^ 1)
     with odd d (the last partner index would be out of bounds and silently clamped)."""

@@ -1,6 +1,10 @@
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxicl.analysis.equivalence import equivalence_metrics
@@ -9,6 +13,7 @@ from jaxicl.models import predictor
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
+from jaxicl.validation import ConfigError
 
 
 def _numpy_gd1_query(x, y, eta):
@@ -101,3 +106,16 @@ def test_optimal_lr_takes_per_member_overrides_as_arrays():
         np.testing.assert_allclose(t, optimal_gd_lr(replaced), rtol=1e-6)
         np.testing.assert_allclose(gd_one_step_loss(cfg, 0.3, n_context=k, noise_std=s),
                                    gd_one_step_loss(replaced, 0.3), rtol=1e-12)
+
+
+def test_a_concrete_context_length_below_1_is_refused_by_the_gd_theory():
+    """The GD-1 loss divides by N: N = 0 was a ZeroDivisionError (int) or inf / nan (array); a traced N is used as
+    given."""
+    cfg = lr.LinearRegression(dim=4, n_context=12)
+    for k in (0, np.array([3, 0, 12])):
+        msg = f"n_context must be >= 1: GD-1 averages its gradient over the N context pairs (divides by N), got {k!r}"
+        for call in (functools.partial(gd_one_step_loss, cfg, 0.3), functools.partial(optimal_gd_lr, cfg)):
+            with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
+                call(n_context=k)
+    traced = jax.jit(lambda k: optimal_gd_lr(cfg, n_context=k))(jnp.array([1, 3]))
+    np.testing.assert_allclose(traced, [1 / 6, 3 / 8], rtol=1e-6)  # N / (N + d + 1), float32 arithmetic

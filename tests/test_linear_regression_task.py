@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,21 @@ def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_th
     np.testing.assert_array_equal(short.inputs[first_real:], full.inputs[first_real:])
     np.testing.assert_array_equal(short.mask, full.mask * (np.arange(cfg.seq_len) >= first_real))
     assert short.mask.sum() == (k + 1 if loss_on == "all" else 1)
+
+
+def test_a_plain_int_context_length_outside_1_to_the_field_is_refused_and_a_traced_one_is_not():
+    """The sampler would clip k to [0, cfg.n_context] (20 -> 5 real pairs, -2 -> 0) while the GD theory uses k as
+    given; a traced k (a sweep member's, under vmap) cannot be checked and is still clipped."""
+    cfg = lr.LinearRegression(dim=3, n_context=5)
+    for k in (0, -2, 6, np.int64(20)):
+        msg = f"n_context (the real context pairs kept) must be in [1, cfg.n_context=5], got {k!r}"
+        with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
+            lr.sample(cfg, jax.random.key(0), n_context=k)
+    for k in (1, np.int32(5)):  # the bounds themselves
+        x = lr.sample(cfg, jax.random.key(0), n_context=k).info["x"]
+        assert int((x[:-1] != 0).any(-1).sum()) == k  # real context pairs
+    x = jax.vmap(lambda k: lr.sample(cfg, jax.random.key(0), n_context=k).info["x"])(jnp.array([1, 5, 0, 7]))
+    np.testing.assert_array_equal((x[:, :-1] != 0).any(-1).sum(-1), [1, 5, 0, 5])
 
 
 def test_batched_context_lengths_may_differ_per_prompt_group():

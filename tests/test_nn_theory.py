@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,15 @@ def test_lemma20_top_gap_laplace_transform_is_theta_one_over_xi(n, d):
     third = jax.lax.top_k(s, 3)[0]
     far = xi * np.mean(np.exp(-xi[:, None] * np.asarray(third[:, 0] - third[:, 2], np.float64)), -1)
     assert far.max() / far.min() > 5
+
+
+@pytest.mark.parametrize("n,d", [(4, 2), (1, 5), (3, 1)])
+def test_top_gap_density_outside_n_at_least_2_and_d_at_least_3_is_refused(n, d):
+    """These gave ZeroDivisionError (d = 2), a silent 0.0 (N = 1) and nan (d = 1)."""
+    msg = (f"the top gap's density at 0 needs n_context >= 2 (two points to have a gap) and dim >= 3 (it is infinite "
+           f"at dim 2), got n_context={n}, dim={d}")
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        th.top_gap_density_at_zero(n, d)
 
 
 def test_window_mean_ratio_and_log_query_weight():

@@ -1,5 +1,6 @@
 """Predictors of affine recurrences x_{n+1} = A x_n + b (jaxicl.tasks.affine_recurrence), with the model
-signature: tokens [T, dim] (x_0..x_{T-1}) -> predictions of x_1..x_T, [T] for dim 1 or [T, dim].
+signature: tokens [T, dim] (x_0..x_{T-1}) -> predictions of x_1..x_T, [T] for dim 1 or [T, dim]. One prompt each
+(a batch [B, T, dim] raises ValueError; jax.vmap them over it).
 
   copy                   x_hat_{n+1} = x_n (the paper's layer-0 estimate)
   linear_extrapolation   2 x_n - x_{n-1} (copy at n = 0)
@@ -24,11 +25,21 @@ def _out(pred: jax.Array) -> jax.Array:
     return pred[:, 0] if pred.shape[1] == 1 else pred
 
 
+def _check_prompt(name: str, tokens: jax.Array) -> None:
+    """Refuses anything but one prompt, tokens [T, dim]: a batch [B, T, dim] would pass for B positions of tokens
+    [T, dim] (wrong shapes, a shift along the batch axis, or an error about the wrong axis)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} takes one prompt, tokens [T, dim], got shape {tokens.shape}: jax.vmap it over a "
+                         "batch [B, T, dim]")
+
+
 def copy(tokens: jax.Array) -> jax.Array:
+    _check_prompt("copy", tokens)
     return _out(tokens)
 
 
 def linear_extrapolation(tokens: jax.Array) -> jax.Array:
+    _check_prompt("linear_extrapolation", tokens)
     prev = jnp.concatenate([tokens[:1], tokens[:-1]])
     return _out(2 * tokens - prev)
 
@@ -39,6 +50,7 @@ def three_term(tokens: jax.Array) -> jax.Array:
     Where x_{n-1} = x_{n-2} the sequence sits at its fixed point and copying is exact. Near it the estimate
     of a loses precision, but its error is multiplied by the tiny x_n - x_{n-1}, so the prediction keeps it.
     """
+    _check_prompt("three_term", tokens)
     if tokens.shape[1] != 1:
         raise ValueError(f"three_term solves scalar recurrences (token dim 1), got token dim {tokens.shape[1]}")
     x = tokens[:, 0]
@@ -52,6 +64,7 @@ def three_term(tokens: jax.Array) -> jax.Array:
 
 def least_squares(tokens: jax.Array) -> jax.Array:
     """[A b] = argmin sum_{i<n} |A x_i + b - x_{i+1}|^2 (minimum norm) at every position n; A x_n + b."""
+    _check_prompt("least_squares", tokens)
     t, d = tokens.shape
     feats = jnp.concatenate([tokens, jnp.ones((t, 1), tokens.dtype)], axis=1)  # [T, d + 1]
     nxt = jnp.concatenate([tokens[1:], jnp.zeros_like(tokens[:1])])  # x_{i+1} for pair i (the last unused)

@@ -23,12 +23,18 @@ def least_squares(cfg: lr_task.LinearRegression) -> Predictor:
 
 
 def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
-    """argmin_w sum_i (<w, x_i> - y_i)^2 + lam |w|^2 on each prefix (lam = noise_var / w_var is Bayes-optimal)."""
+    """argmin_w sum_i (<w, x_i> - y_i)^2 + lam |w|^2 on each prefix (lam = noise_var / w_var is Bayes-optimal).
+
+    Solved as the least-squares problem [X; sqrt(lam) I] w ~ [y; 0] ([n + d, d], full column rank) by QR, never
+    through X^T X + lam I: on prefixes shorter than d that matrix is singular up to lam, and in float32 forming it
+    loses lam below about eps * |X|^2 (NaN or wrong predictions at small lam). QR also keeps gradients finite,
+    where an SVD's are not at repeated (zero) singular values."""
     check_positive("lam", lam)
 
     def fit(x, y, m):
-        xm = x * m[:, None]
-        return jnp.linalg.solve(xm.T @ xm + lam * jnp.eye(x.shape[1], dtype=x.dtype), xm.T @ (y * m))
+        d = x.shape[1]
+        q, r = jnp.linalg.qr(jnp.concatenate([x * m[:, None], lam**0.5 * jnp.eye(d, dtype=x.dtype)]))
+        return jax.scipy.linalg.solve_triangular(r, q.T @ jnp.concatenate([y * m, jnp.zeros(d, x.dtype)]))
 
     return _per_prefix(cfg, fit)
 

@@ -8,7 +8,9 @@ Families of W ([dim, dim]):
                 real states, dim even. Commuting. Its complex eigenbasis has conjugate pairs
                 (e^{i theta_k}, e^{-i theta_k}) on coordinates (2k, 2k + 1) (see `eigenvalues`); the closed
                 form jaxicl.theory.autoregressive.population_loss("orthogonal", ...) is the loss on states in
-                that eigenbasis, not on these real states (only its optimum carries over).
+                that eigenbasis, not on these real states. Only its optimum carries over, and only with
+                random_basis=False (Q = I): the diagonal model is tied to the coordinate axes, and with a Haar Q
+                the rotation planes are not coordinate pairs (at dim 4 the optimum then does worse than predicting 0).
   "haar":       W ~ Haar on O(dim), reflections (det = -1) included; real states. Not commuting.
   "complex_1d": dim = 1, lambda = exp(i theta / mu), theta ~ U[0, 2 pi); complex states (Fig. 6).
 

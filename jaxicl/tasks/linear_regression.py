@@ -18,6 +18,7 @@ k / n_context (see `SelfAttention`). Softmax attention does give padding weight.
 """
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -125,10 +126,14 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
 
     info: w [dim], x [n_context + 1, dim] (query last), y [n_context + 1] (noisy labels).
     The keywords are the sweepable fields: (possibly traced) values replacing cfg.noise_std,
-    cfg.n_tasks and cfg.n_context; n_context <= cfg.n_context real context pairs are kept at the
+    cfg.n_tasks and cfg.n_context; n_context in [1, cfg.n_context] real context pairs are kept at the
     end and the others zeroed (x, y, mask and info alike; see the module docstring). Every other
-    field changes shapes or the sampling code and is fixed across a sweep.
+    field changes shapes or the sampling code and is fixed across a sweep. A plain int n_context
+    outside that range raises ConfigError (a traced one cannot be checked and is clipped).
     """
+    if isinstance(n_context, numbers.Integral) and not 1 <= n_context <= cfg.n_context:
+        raise ConfigError(f"n_context (the real context pairs kept) must be in [1, cfg.n_context={cfg.n_context}], "
+                          f"got {n_context!r}")
     noise_std = cfg.noise_std if noise_std is None else noise_std
     n, d = cfg.n_context + 1, cfg.dim
     # One flat N(0, 1) draw per prompt, cut into w, x and the noise: a vmapped multi-dimensional draw costs about

@@ -60,7 +60,7 @@ def population_loss(family: str, a: jax.Array, b: jax.Array, p: jax.Array) -> ja
     """Sum over rows of the exact population loss; a, b [H, d], p [T, T]; family in FAMILIES. "orthogonal" is the
     loss on states in the complex eigenbasis (the module docstring), not on the real states that
     jaxicl.tasks.autoregressive's "orthogonal" family draws: the diagonal model depends on the basis, so only the
-    optimum (zero loss) carries over to those."""
+    optimum (zero loss) carries over to those, and only with random_basis=False (Q = I; see orthogonal_optimum)."""
     return _row_losses(b.T @ a, p, family).sum()
 
 
@@ -85,7 +85,13 @@ def unitary_optimum(dim: int, num_heads: int, seq_len: int, c: float = 1.0):
 
 
 def orthogonal_optimum(dim: int, num_heads: int, seq_len: int, c: float = 1.0):
-    """(A, B, P) with C = c blockdiag(J, ..., J), J = ones(2, 2), c p_cur = 1, c p_prev = -1/2. Needs H >= d/2."""
+    """(A, B [H, d], P [T, T]) with C = c blockdiag(J, ..., J), J = ones(2, 2), c p_cur = 1, c p_prev = -1/2.
+    Needs H >= d/2.
+
+    Exact (zero loss) in the complex eigenbasis and on the task's real states with random_basis=False (Q = I),
+    whose rotation planes are the coordinate pairs (2k, 2k + 1). Not an optimum with random_basis=True: a Haar Q
+    mixes the coordinates, and the diagonal model does not rotate with it (at dim 4 it then does worse than
+    predicting 0)."""
     if dim % 2 or num_heads < dim // 2:
         raise ValueError(f"the orthogonal optimum needs even dim and num_heads >= dim/2, got {dim}, {num_heads}")
     a = np.zeros((num_heads, dim))

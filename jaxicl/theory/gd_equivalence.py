@@ -6,11 +6,14 @@ and the 1 / N normalisation writes -lr/N sum_i y_i <x_i, x_q> into the query's l
 the prediction of one GD step of size lr from w = 0 on L(w) = 1/(2N) sum_i (<w, x_i> - y_i)^2.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxicl.models.attention import SelfAttention
 from jaxicl.models.pq_view import from_pq
 from jaxicl.tasks.linear_regression import KURTOSIS, LinearRegression
+from jaxicl.validation import ConfigError
 
 
 def gd_step_pq(dim: int, lr: float, dtype=jnp.float32) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -32,12 +35,16 @@ def _gd_loss_coefficients(cfg: LinearRegression, n_context=None, noise_std=None)
     With Sigma = Cov(x) (diagonal), s^2 = Var(w_k), sigma^2 the label noise and N context points, independent input
     coordinates of kurtosis k = E[x_j^4] / E[x_j^2]^2 give E[S Sigma S] = (N + k - 2)/N Sigma^3 + tr(Sigma^2) Sigma / N
     for S = (1/N) sum x_i x_i^T (Gaussian inputs: k = 3, Isserlis' theorem; uniform: k = 9/5).
-    n_context, noise_std: values replacing cfg's (they may be traced, e.g. per sweep member).
+    n_context, noise_std: values replacing cfg's (they may be traced, e.g. per sweep member); a concrete n_context
+    (int or array) below 1 raises ConfigError.
     """
     if cfg.format != "paired" or cfg.n_tasks:
         raise ValueError("the GD-1 loss formula covers paired prompts with w ~ N(0, w_scale^2 I) (n_tasks=0)")
     sig = cfg.x_cov
     n = cfg.n_context if n_context is None else n_context
+    if not isinstance(n, jax.core.Tracer) and np.any(np.asarray(n) < 1):
+        raise ConfigError(f"n_context must be >= 1: GD-1 averages its gradient over the N context pairs (divides by "
+                          f"N), got {n!r}")
     noise2 = (cfg.noise_std if noise_std is None else noise_std) ** 2
     s2 = cfg.w_scale**2
     tr1, tr2, tr3 = sig.sum(), (sig**2).sum(), (sig**3).sum()

@@ -193,6 +193,9 @@ def top_gap_density_at_zero(n_context: int, dim: int) -> float:
     N (N - 1) int f(s)^2 F(s)^(N-2) ds (two of the N points at the top together), with
     f = (k_d / 2) (1 - s^2)^((d-3)/2) the density of one s_j and F its CDF ((1 + s) / 2 ~ Beta((d-1)/2, (d-1)/2));
     needs N >= 2 and d >= 3 (at d = 2, f^2 is not integrable at s = 1 and p(0) is infinite)."""
+    if n_context < 2 or dim < 3:
+        raise ValueError(f"the top gap's density at 0 needs n_context >= 2 (two points to have a gap) and dim >= 3 "
+                         f"(it is infinite at dim 2), got n_context={n_context}, dim={dim}")
     a = (dim - 1) / 2
     half_k = special.gamma(dim / 2) / (np.sqrt(np.pi) * special.gamma(a))
 
