@@ -10,6 +10,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxicl.ridge import ridge_solve
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.validation import check_positive
 
@@ -23,20 +24,11 @@ def least_squares(cfg: lr_task.LinearRegression) -> Predictor:
 
 
 def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
-    """argmin_w sum_i (<w, x_i> - y_i)^2 + lam |w|^2 on each prefix (lam = noise_var / w_var is Bayes-optimal).
-
-    Solved as the least-squares problem [X; sqrt(lam) I] w ~ [y; 0] ([n + d, d], full column rank) by QR, never
-    through X^T X + lam I: on prefixes shorter than d that matrix is singular up to lam, and in float32 forming it
-    loses lam below about eps * |X|^2 (NaN or wrong predictions at small lam). QR also keeps gradients finite,
-    where an SVD's are not at repeated (zero) singular values."""
+    """argmin_w sum_i (<w, x_i> - y_i)^2 + lam |w|^2 on each prefix (lam = noise_var / w_var is Bayes-optimal),
+    solved by ridge_solve's QR: on prefixes shorter than d, X^T X + lam I is singular up to lam, and the normal
+    equations gave NaN or wrong predictions in float32 at small lam."""
     check_positive("lam", lam)
-
-    def fit(x, y, m):
-        d = x.shape[1]
-        q, r = jnp.linalg.qr(jnp.concatenate([x * m[:, None], lam**0.5 * jnp.eye(d, dtype=x.dtype)]))
-        return jax.scipy.linalg.solve_triangular(r, q.T @ jnp.concatenate([y * m, jnp.zeros(d, x.dtype)]))
-
-    return _per_prefix(cfg, fit)
+    return _per_prefix(cfg, lambda x, y, m: ridge_solve(x * m[:, None], y * m, lam))
 
 
 def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Predictor:
