@@ -64,7 +64,7 @@ no object shows no root under either.
 That result is one run's, and the run depends on the machine: the same code, seed and preset on a 2-core AMD EPYC
 (Zen 4; 6.7-7.4 min) gives a language without the root (best slot 0.08 bits, shuffled 0.12; the words carry the
 position, 3.68 bits, and the background, while a linear probe still reads the root from the continuous speech at
-0.79): the root and steering checks fail there (steering 0.03). The chaotic training amplifies the CPUs' different
+0.79, with the float32 normal-equation probe that understated such features): the root and steering checks fail there (steering 0.03). The chaotic training amplifies the CPUs' different
 float rounding (other kernels, other summation orders). Two more seeds there: seed 1 names the root in two slots
 (1.80 bits) and steers 0.298 (ceiling 0.567), seed 2 spreads it over twelve slots (1.52 bits; reconstruction from
 words 0.931, ceiling 0.807) and steers 0.07, because each root slot gets the word root B uses most at (x, y) over
@@ -108,11 +108,13 @@ instead of 900, and it is still a background language (root MI 0.12 bits, 10-13 
 in pass 3 until epoch 600 (the continuous speech vectors redraw the board, then a ramp to the quantised words,
 without a refit; a scratch test before continuous_until), reconstruction from speech still stops at the background
 (train token accuracy 0.855, the background's share of the cells). Probes on held-out clean single boards (ridge,
-reported in the root check's note) say where the root is lost. At quick, the picture stream's abstract
-representation gives root 0.73, position 0.99, background 1.00 (chance 0.10 / 0.03 / 0.10; the colours of the cells
-alone identify a root, so this is no evidence of abstraction); the speech stream's continuous output, before
-quantisation, 0.37 / 0.04 / 1.00; the 8 words in use carry none of the root (MI 0.00 bits). So the speech stream
-reads a little of the root and none of the position, and quantisation keeps only the background; with the dead-code
+reported in the root check's note) say where the root is lost. For the notes' recipe at 1250 steps (above; rerun
+after the probes' solve was fixed: the float32 normal equations had understated these 2048-wide features, 0.13-0.55
+where the fit gives 0.88-1.00), the picture stream's abstract representation gives root 1.00, position 1.00,
+background 1.00 (chance 0.10 / 0.03 / 0.10; the colours of the cells alone identify a root, so this is no evidence
+of abstraction); the speech stream's continuous output, before quantisation, 0.88 / 0.04 / 1.00; the 7 words in use
+carry none of the root (MI 0.00 bits). So the speech stream reads the root and the background but not the position,
+and quantisation keeps only the background; with the dead-code
 restart a logistic probe of the continuous output read the root at chance (0.11). The picture stream, given only
 words, never starts drawing an object, so nothing rewards words that name one.
 
