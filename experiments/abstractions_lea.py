@@ -64,7 +64,8 @@ no object shows no root under either.
 That result is one run's, and the run depends on the machine: the same code, seed and preset on a 2-core AMD EPYC
 (Zen 4; 6.7-7.4 min) gives a language without the root (best slot 0.08 bits, shuffled 0.12; the words carry the
 position, 3.68 bits, and the background, while a linear probe still reads the root from the continuous speech at
-0.79, with the float32 normal-equation probe that understated such features): the root and steering checks fail there (steering 0.03). The chaotic training amplifies the CPUs' different
+0.79, with the float32 normal-equation probe that understated such features): the root and steering checks fail
+there (steering 0.03). The chaotic training amplifies the CPUs' different
 float rounding (other kernels, other summation orders). Two more seeds there: seed 1 names the root in two slots
 (1.80 bits) and steers 0.298 (ceiling 0.567), seed 2 spreads it over twelve slots (1.52 bits; reconstruction from
 words 0.931, ceiling 0.807) and steers 0.07, because each root slot gets the word root B uses most at (x, y) over

@@ -219,7 +219,8 @@ def test_a_run_into_an_out_dir_another_running_process_writes_is_refused(tmp_pat
 
 def test_of_two_processes_that_found_the_lock_stale_only_one_takes_it(tmp_path, monkeypatch):
     """Both read a killed run's lock; the first took it over, and the second, going on from its earlier read, removed
-    the new lock and linked its own: two runs wrote one out_dir. The takeover now reads the lock again under an flock."""
+    the new lock and linked its own: two runs wrote one out_dir. The takeover now reads the lock again under an
+    flock."""
     import socket
 
     from jaxicl.train import run_lock
@@ -230,7 +231,8 @@ def test_of_two_processes_that_found_the_lock_stale_only_one_takes_it(tmp_path, 
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
     ready = tmp_path / "taken"
     holder = (f"import sys, time, pathlib; sys.path.insert(0, {os.getcwd()!r}); from jaxicl.train.run_lock import "
-              f"exclusive\nwith exclusive({str(tmp_path)!r}):\n    pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+              f"exclusive\nwith exclusive({str(tmp_path)!r}):\n    pathlib.Path({str(ready)!r}).touch()\n"
+              f"    time.sleep(60)")
     other = []
     first_read = run_lock._holder
 

@@ -12,10 +12,11 @@ from jaxicl.ridge import ridge_solve
 @partial(jax.jit, static_argnames="standardise")
 def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3, standardise: bool = False) -> jax.Array:
     """[F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N, K] (the bias is not
-    penalised). Solved (ridge_solve, through a QR factorisation) on x and y centred on their means, with b = ybar - xbar w:
-    the same minimiser, without cancellation where the features share a large offset. standardise: the penalty acts on the
-    features scaled to unit standard deviation over these rows (a constant feature unscaled), so it bites alike
-    whatever the features' scale; the weights returned still apply to x as given."""
+    penalised). Solved (ridge_solve, through a QR factorisation) on x and y centred on their means, with
+    b = ybar - xbar w: the same minimiser, without cancellation where the features share a large offset.
+    standardise: the penalty acts on the features scaled to unit standard deviation over these rows (a constant
+    feature unscaled), so it bites alike whatever the features' scale; the weights returned still apply to x as
+    given."""
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
     std = xc.std(0)
