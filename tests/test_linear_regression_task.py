@@ -152,6 +152,17 @@ def test_batch_is_born_sharded_over_the_data_axis():
     np.testing.assert_allclose(b.inputs, unsharded.inputs, rtol=1e-6, atol=1e-7)
 
 
+def test_a_batch_is_not_sharded_over_an_auto_axis():
+    # jax.sharding.Mesh's default Auto axes: jax.reshard raised "PartitionSpec passed to reshard cannot contain axis
+    # names that are of type Auto", naming no way out
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("members", "data"))
+    message = ("sampling a batch sharded over mesh axis 'data' needs it of type Explicit, got mesh axes {'members': "
+               "Auto, 'data': Auto}; build the mesh with jaxicl.train.data_mesh or sweep_mesh, or jax.make_mesh(..., "
+               "axis_types=(jax.sharding.AxisType.Explicit, ...))")
+    with jax.set_mesh(mesh), pytest.raises(ConfigError, match=f"^{re.escape(message)}"):  # JAX appends a note
+        sample_batch(lr.sample, lr.LinearRegression(dim=3, n_context=4), jax.random.key(0), 8)
+
+
 @pytest.mark.parametrize("fmt,loss_on", [("paired", "query"), ("interleaved", "all")])
 def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_the_rest(fmt, loss_on):
     cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.2, format=fmt, loss_on=loss_on)
