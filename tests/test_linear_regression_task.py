@@ -40,6 +40,16 @@ def test_x_statistics_match_covariance(prng_impl):
     np.testing.assert_allclose(np.cov(x.T), expected, atol=0.05 * expected.max())
 
 
+def test_inputs_scale_by_the_float64_square_root_of_their_covariance_under_x64(x64):
+    # sqrt(x_cov) was taken in float32 in every mode: x 4e-8 relative off in a float64 run
+    key = jax.random.key(0)
+    x = lr.sample(lr.LinearRegression(dim=2, n_context=4, x_cov_diag=(0.1, 0.3)), key).info["x"]
+    unit = lr.sample(lr.LinearRegression(dim=2, n_context=4), key).info["x"]  # the same draw, covariance I
+    assert x.dtype == jnp.float64
+    # each side rounds the square root and the product once (correctly rounded in IEEE): within 2 ulp
+    np.testing.assert_allclose(x, np.asarray(unit) * np.sqrt([0.1, 0.3]), rtol=5e-16)
+
+
 @pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
 def test_uniform_inputs_fill_their_box_with_a_third_of_its_squared_half_width_as_variance(prng_impl):
     cfg = lr.LinearRegression(dim=3, n_context=4, x_scale=2.0, x_cov_diag=(1.0, 4.0, 0.25), x_dist="uniform")
