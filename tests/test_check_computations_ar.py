@@ -106,7 +106,7 @@ def test_qk_vo_are_the_layer_bilinear_score_and_value_output_maps(x64):
     attention output scores x VO: so QK[d:2d, 2d:] pairs the query's s_t with the key's s_(t'-1)."""
     d = 2
     tokens = held_out_set(haar_task("augmented", dim=d, seq_len=5), 1).inputs[0]
-    model = jax.tree.map(lambda v: v.astype(jnp.float64), AugmentedTransformer(3 * d, 1, rngs=nnx.Rngs(0)))
+    model = AugmentedTransformer(3 * d, 1, rngs=nnx.Rngs(0))
     layer = model.layers[0]
     for lin in (layer.q, layer.k, layer.v, layer.o):
         lin.bias[...] = jnp.zeros_like(lin.bias[...])

@@ -68,7 +68,7 @@ def test_ood_scaling_of_the_exact_gd1_construction(x64):
     task = lr.LinearRegression(dim=3, n_context=6, x_scale=1.5)
     eta = optimal_gd_lr(task)
     gd1 = jax.jit(gradient_descent(task, 1, eta))  # jitted: ood_scaling vmaps and differentiates them eagerly
-    construction = jax.tree.map(lambda w: w.astype(jnp.float64), gd_step_model(task.dim, eta, jnp.float64))
+    construction = gd_step_model(task.dim, eta)  # float64 under x64
     trained = jax.jit(predictor(*nnx.split(construction)))
     scales, num, key = (2.0,), 4096, jax.random.key(0)  # one scale: each costs a sampler compile (~2 s)
     ood = ood_scaling(task, trained, gd1, eta, scales, key, num)

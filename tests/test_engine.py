@@ -19,7 +19,7 @@ from jaxicl.models import SelfAttention
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import sample_batch
 from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
-                          regression_loss, train, train_sweep)
+                          regression_loss, sweep_mesh, train, train_sweep)
 from jaxicl.train.checkpoint import check_resumable
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
@@ -380,6 +380,23 @@ def test_batch_size_that_does_not_divide_over_devices_is_a_clear_error():
     cfg = TrainConfig(steps=2, batch_size=6)
     with pytest.raises(ConfigError, match="batch_size=6 does not divide over the 4 devices"):
         train(loss_fn, sample, task, cfg, params, mesh=data_mesh(4), progress=False)
+
+
+@pytest.mark.parametrize("make_mesh,axes", [
+    # jax.sharding.Mesh gives Auto axes, which the batch cannot be resharded over (JAX raised inside sample_batch)
+    (lambda: jax.sharding.Mesh(np.array(jax.devices()), ("data",)), "'data': 4 Auto"),
+    # no "data" axis, or one of size 1 beside a larger one: every device computed the whole batch, while run.info
+    # reported 4 devices
+    (lambda: jax.make_mesh((4,), ("batch",)), "'batch': 4 Explicit"),
+    (lambda: sweep_mesh(4, 1), "'members': 4 Explicit, 'data': 1 Explicit"),
+], ids=["auto_axes", "no_data_axis", "sweep_mesh"])
+def test_a_mesh_train_cannot_shard_the_batch_over_is_refused_naming_its_axes(make_mesh, axes):
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=2)
+    message = (f"mesh: train needs an Explicit 'data' axis (the batch is sharded over it) and no other axis of size "
+               f"> 1 (everything else is replicated), got axes {{{axes}}}; "
+               f"jaxicl.train.data_mesh(num_devices) builds one")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        train(loss_fn, sample, task, cfg, params, mesh=make_mesh(), progress=False)
 
 
 @pytest.mark.parametrize("kwargs,field", [

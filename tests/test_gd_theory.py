@@ -1,5 +1,6 @@
 import functools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ def test_analytic_construction_equals_numpy_gd1(x64):
     cfg = lr.LinearRegression(dim=6, n_context=9, noise_std=0.1)
     eta = 0.37
     b = sample_batch(lr.sample, cfg, jax.random.key(0), 64)
-    model = jax.tree.map(lambda a: a.astype(jnp.float64), gd_step_model(cfg.dim, eta, jnp.float64))
+    model = gd_step_model(cfg.dim, eta)  # the default float type: float64 here (the lr was rounded to float32)
     g, p = nnx.split(model)
     preds = jax.vmap(predictor(g, p))(b.inputs)[:, -1]
     x, y = np.asarray(b.info["x"]), np.asarray(b.info["y"])
@@ -36,9 +37,21 @@ def test_analytic_construction_equals_numpy_gd1(x64):
     np.testing.assert_allclose(preds, expected, rtol=1e-12)  # float64: in fact exact up to rounding
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_the_construction_holds_its_parameters_in_the_dtype_asked_for(x64, dtype):
+    # the parameters stayed in SelfAttention's (float64 here) whatever dtype was asked, and writing a float64 lr
+    # into float32 raised JAX's FutureWarning ("will result in an error")
+    eta = jnp.asarray(2 / 3)  # float64, as optimal_gd_lr returns it under x64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params = nnx.state(gd_step_model(3, eta, dtype))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
+    assert params["layers"][0]["wv"][...][0, -1, -1] == jnp.asarray(-2 / 3, dtype)  # -lr rounded once, to dtype
+
+
 def test_construction_and_gd1_are_equivalent_in_sensitivity(x64):
     cfg = lr.LinearRegression(dim=4, n_context=6)
-    model = jax.tree.map(lambda a: a.astype(jnp.float64), gd_step_model(4, 0.5, jnp.float64))
+    model = gd_step_model(4, 0.5)
     b = sample_batch(lr.sample, cfg, jax.random.key(1), 32)
     m = equivalence_metrics(predictor(*nnx.split(model)), gradient_descent(cfg, 1, 0.5), b.inputs)
     assert float(m["pred_diff"]) < 1e-24

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxicl.analysis.cache import run_with_cache
+from jaxicl.analysis.patching import attribution_patching
 from jaxicl.models import apply, predictor
 from jaxicl.models.gpt import GPT, SPLIT_FROM
 from jaxicl.sites import Patch
@@ -80,6 +82,25 @@ def test_patterns_are_causal_and_sum_to_one_and_the_residual_identities_hold_exa
                                    rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(c["layer0.resid_pre"], np.asarray(c["embed"]) + np.asarray(c["pos_embed"]))
     assert np.asarray(predictor(g, p)(tokens)).shape == (6,)  # the scalar regression readout
+
+
+def test_hidden_keys_score_a_finite_value_in_float16_so_attribution_patching_of_scores_stays_finite():
+    # -1e9 rounded to -inf in float16: clean minus corrupted scores were -inf - (-inf) = NaN at every hidden key, and
+    # the attribution grid of the scores all NaN
+    g, p = nnx.split(_vector_model())
+    clean, corrupted = (jax.random.normal(jax.random.key(s), (4, 6, 1)) for s in (1, 2))
+    hidden = np.triu(np.ones((6, 6), bool), 1)
+    grids = {}
+    for dtype, masked in ((jnp.float32, -1e9), (jnp.float16, -32752.0)):  # float32's unchanged; float16's min / 2
+        q = jax.tree.map(lambda a: a.astype(dtype), p)
+        x, y = clean.astype(dtype), corrupted.astype(dtype)
+        scores = run_with_cache(g, q, x, ["layer1.attn.scores"])[1]["layer1.attn.scores"]
+        assert set(np.asarray(scores, np.float64)[:, :, hidden].ravel()) == {masked}
+        grids[dtype] = attribution_patching(g, q, x, y, lambda out: jnp.mean(out[:, -1] ** 2), ["layer1.attn.scores"],
+                                            by="head")
+    # the same estimate: float16 rounds every operation to 11 significant bits (4.9e-4 relative), through two layers
+    # 3.5e-3 here
+    np.testing.assert_allclose(grids[jnp.float16], grids[jnp.float32], rtol=1e-2)
 
 
 def test_site_shapes_and_axes_are_declared_without_running_the_model():

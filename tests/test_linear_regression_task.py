@@ -40,6 +40,16 @@ def test_x_statistics_match_covariance(prng_impl):
     np.testing.assert_allclose(np.cov(x.T), expected, atol=0.05 * expected.max())
 
 
+def test_inputs_scale_by_the_float64_square_root_of_their_covariance_under_x64(x64):
+    # sqrt(x_cov) was taken in float32 in every mode: x 4e-8 relative off in a float64 run
+    key = jax.random.key(0)
+    x = lr.sample(lr.LinearRegression(dim=2, n_context=4, x_cov_diag=(0.1, 0.3)), key).info["x"]
+    unit = lr.sample(lr.LinearRegression(dim=2, n_context=4), key).info["x"]  # the same draw, covariance I
+    assert x.dtype == jnp.float64
+    # each side rounds the square root and the product once (correctly rounded in IEEE): within 2 ulp
+    np.testing.assert_allclose(x, np.asarray(unit) * np.sqrt([0.1, 0.3]), rtol=5e-16)
+
+
 @pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
 def test_uniform_inputs_fill_their_box_with_a_third_of_its_squared_half_width_as_variance(prng_impl):
     cfg = lr.LinearRegression(dim=3, n_context=4, x_scale=2.0, x_cov_diag=(1.0, 4.0, 0.25), x_dist="uniform")
@@ -150,6 +160,17 @@ def test_batch_is_born_sharded_over_the_data_axis():
     # the same random bits (threefry is partitionable) through two programs, sharded and not: their
     # vectorised float transforms (erf_inv) may differ in the last ulp on some CPUs
     np.testing.assert_allclose(b.inputs, unsharded.inputs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_is_not_sharded_over_an_auto_axis():
+    # jax.sharding.Mesh's default Auto axes: jax.reshard raised "PartitionSpec passed to reshard cannot contain axis
+    # names that are of type Auto", naming no way out
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("members", "data"))
+    message = ("sampling a batch sharded over mesh axis 'data' needs it of type Explicit, got mesh axes {'members': "
+               "Auto, 'data': Auto}; build the mesh with jaxicl.train.data_mesh or sweep_mesh, or jax.make_mesh(..., "
+               "axis_types=(jax.sharding.AxisType.Explicit, ...))")
+    with jax.set_mesh(mesh), pytest.raises(ConfigError, match=f"^{re.escape(message)}"):  # JAX appends a note
+        sample_batch(lr.sample, lr.LinearRegression(dim=3, n_context=4), jax.random.key(0), 8)
 
 
 @pytest.mark.parametrize("fmt,loss_on", [("paired", "query"), ("interleaved", "all")])

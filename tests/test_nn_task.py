@@ -71,6 +71,14 @@ def test_simplex_vertices_and_multiclass_reduces_to_binary_for_k2():
     np.testing.assert_array_equal(nn.decode_class(b.targets[:, -1], 3), nearest)
 
 
+def test_labels_are_the_exact_float64_simplex_vertices_under_x64(x64):
+    # they were float32 in every mode: 1.6e-8 off the float64 vertices in a float64 run
+    b = sample_batch(nn.sample, nn.NearestNeighbor(dim=4, n_context=6, num_classes=3), jax.random.key(2), 8)
+    assert b.info["labels"].dtype == jnp.float64
+    # a one-hot sum of the vertices: one nonzero term, exact
+    np.testing.assert_array_equal(b.info["labels"], nn.simplex_vertices(3)[np.asarray(b.info["classes"])])
+
+
 def test_sampler_trains_in_a_sweep_under_its_explicit_member_sharding():
     cfg = nn.NearestNeighbor(dim=2, n_context=3, num_classes=3)
     graphdef, params = nnx.split(NearestNeighborAttention(2, label_dim=2, rngs=nnx.Rngs(0)))

@@ -393,6 +393,9 @@ def test_invalid_member_values_fail_before_training_naming_the_field():
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}, {"train.seed": 2**31}], progress=False)
     with pytest.raises(ConfigError, match="mesh: a sweep needs a mesh with a 'members' axis"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=data_mesh(), progress=False)
+    auto = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), (MEMBER_AXIS, "data"))  # JAX's reshard raised
+    with pytest.raises(ConfigError, match=r"sampling a batch sharded over mesh axis 'data' needs it of type Explicit"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.seed": 0}], mesh=auto, progress=False)
     with pytest.raises(ConfigError, match=r"every sweep member must set the same fields, e\.g\. \['train\.lr'\]"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.seed": 1}], progress=False)
     # a path under another config (sweep_lr_seeds' diversity.train.lr) raised AttributeError looking it up on train

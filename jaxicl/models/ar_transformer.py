@@ -48,6 +48,12 @@ class Linear(nnx.Module):
         return x @ self.w[...] + self.bias[...]
 
 
+def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """PyTorch's LayerNorm over the last axis of [..., dim] (eps 1e-5), its scale and bias [dim] in the default float
+    type (nnx's param_dtype is float32, which kept them at float32 precision in a float64 run)."""
+    return nnx.LayerNorm(dim, epsilon=1e-5, param_dtype=jnp.result_type(float), rngs=rngs)
+
+
 def causal(t: int) -> jax.Array:
     """[T, T] lower-triangular 0/1 (diagonal included); masks by multiplication, which batches and shards cleanly."""
     return jnp.tril(jnp.ones((t, t)))
@@ -56,7 +62,7 @@ def causal(t: int) -> jax.Array:
 class AugmentedLayer(nnx.Module):
     def __init__(self, dim: int, *, rngs: nnx.Rngs):
         self.q, self.k, self.v, self.o = (Linear(dim, dim, rngs=rngs) for _ in range(4))
-        self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+        self.norm = layer_norm(dim, rngs=rngs)
 
 
 class AugmentedTransformer(Model):
@@ -96,7 +102,7 @@ class PositionalTransformer(HeadFirstModel):
         self.q, self.k, self.v = (Linear(dim, num_heads * dim, rngs=rngs) for _ in range(3))
         self.positions = nnx.Param(jax.random.normal(rngs.params(), (max_len, dim)))
         self.mix = Linear(dim, dim, rngs=rngs)
-        self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+        self.norm = layer_norm(dim, rngs=rngs)
         self.head = Linear(dim, out_dim, rngs=rngs)
 
     def _queries(self, x: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ Named sites (shapes per prompt; the TransformerLens hook of each is in README):
   pos_embed          [T, D]           positional embedding
   layer{l}.resid_pre [T, D]
   layer{l}.attn.q, .k, .v   [T, H, dh]
-  layer{l}.attn.scores      [H, T, T]  q k / sqrt(dh), entries after the query masked to MASKED
+  layer{l}.attn.scores      [H, T, T]  q k / sqrt(dh), entries after the query masked to masked_value(dtype)
   layer{l}.attn.weights     [H, T, T]  softmax over keys (the attention pattern)
   layer{l}.attn.z           [T, H, dh] weights v
   layer{l}.attn.heads       [T, H, D]  each head's output z W_O
@@ -45,7 +45,7 @@ from jaxicl.sites import null_sites, wants
 from jaxicl.validation import ConfigError, check_choice, check_positive
 
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
-MASKED = -1e9  # the score of a key after the query (finite, so patched and subtracted caches stay finite)
+MASKED = -1e9  # the score of a key after the query (finite, so patched and subtracted caches stay finite; masked_value)
 # Prompts of at least this many positions take split_causal_attention unless a site reads or changes the [H, T, T]
 # scores or weights. By measurement on a 2-core CPU: at 81 positions the 2-layer GPT's training step 7% faster and
 # the 12-layer one's 4%, at 31 even, at 15 slower (README, Performance).
@@ -86,17 +86,25 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     return table.at[ids].get(mode="fill", wrap_negative_indices=False, out_sharding=sharding.update(spec=spec))
 
 
+def masked_value(dtype) -> float:
+    """The score of a hidden key in dtype: MASKED, or half dtype's most negative finite value where that is larger
+    (float16: -32752; -1e9 would round to -inf, and a difference of two masked caches be NaN). Half: a masked score
+    minus a score of smaller magnitude stays finite."""
+    return max(MASKED, float(jnp.finfo(dtype).min) / 2)
+
+
 def masked_scores(q: jax.Array, k: jax.Array, causal: jax.Array) -> jax.Array:
     """q [Tq, H, dh], k [Tk, H, dh], causal [Tq, Tk] (True: the query sees the key) -> scores [H, Tq, Tk]:
-    q k / sqrt(dh), MASKED where the key is hidden."""
-    return jnp.where(causal, jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1]), MASKED)
+    q k / sqrt(dh), masked_value(their dtype) where the key is hidden."""
+    scores = jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1])
+    return jnp.where(causal, scores, masked_value(scores.dtype))
 
 
 def split_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: jax.Array) -> jax.Array:
     """q, k, v [T, H, dh], causal [T, T] lower-triangular -> z [T, H, dh] of softmax attention, in two halves of the
     queries: the first half sees only the first half's keys, so its scores against the second half are never formed
     (a quarter of the [H, T, T] products and softmax). The same function as the softmax over all of masked_scores, whose
-    hidden keys get weight exactly 0 (exp(MASKED - max) underflows); sums run over fewer terms, so float results
+    hidden keys get weight exactly 0 (exp(masked_value - max) underflows); sums run over fewer terms, so float results
     differ by rounding."""
     m = q.shape[0] // 2
     first = jnp.einsum("hqk,khe->qhe", softmax(masked_scores(q[:m], k[:m], causal[:m, :m])), v[:m])

@@ -24,16 +24,18 @@ def to_pq(model: SelfAttention) -> tuple[jax.Array, jax.Array]:
 
 
 def from_pq(p: jax.Array, q: jax.Array, *, residual: bool = True, mask: str = "none") -> SelfAttention:
-    """A linear SelfAttention with the given P, Q: [L, H, D, D]."""
+    """A linear SelfAttention with the given P, Q: [L, H, D, D], its parameters in their (promoted) dtype."""
     if p.shape != q.shape or p.ndim != 4 or p.shape[-1] != p.shape[-2]:
         raise ValueError(f"P and Q must both be [L, H, D, D]; got {p.shape} and {q.shape}")
     num_layers, num_heads, dim, _ = p.shape
     model = SelfAttention(dim, num_layers=num_layers, num_heads=num_heads, kind="linear",
                           residual=residual, mask=mask, rngs=nnx.Rngs(0))
-    eye = jnp.broadcast_to(jnp.eye(dim, dtype=p.dtype), (num_heads, dim, dim))
-    for layer, p_l, q_l in zip(model.layers, p, q):
-        layer.wq[...] = jnp.swapaxes(q_l, -1, -2)
-        layer.wk[...] = eye
-        layer.wv[...] = jnp.swapaxes(p_l, -1, -2)
-        layer.wo[...] = eye
+    dtype = jnp.result_type(p, q)
+    eye = jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (num_heads, dim, dim))
+    for layer, p_l, q_l in zip(model.layers, jnp.asarray(p, dtype), jnp.asarray(q, dtype)):
+        # new Params: writing into the initial ones ([...] =) would cast to their dtype (the default float type)
+        layer.wq = nnx.Param(jnp.swapaxes(q_l, -1, -2))
+        layer.wk = nnx.Param(eye)
+        layer.wv = nnx.Param(jnp.swapaxes(p_l, -1, -2))
+        layer.wo = nnx.Param(eye)
     return model

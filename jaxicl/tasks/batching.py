@@ -5,6 +5,7 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.prompt import Prompt
@@ -22,6 +23,17 @@ def data_axis_size(axis: str = DATA_AXIS) -> int:
     if mesh.empty or axis not in mesh.axis_names:
         return 1
     return mesh.shape[axis]
+
+
+def check_explicit(axis: str = DATA_AXIS) -> None:
+    """Raises ConfigError unless the current mesh's `axis` has type Explicit (jax.reshard shards only over those)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if types[axis] != AxisType.Explicit:
+        axes = ", ".join(f"{a!r}: {t.name}" for a, t in types.items())
+        raise ConfigError(f"sampling a batch sharded over mesh axis {axis!r} needs it of type Explicit, got mesh axes "
+                          f"{{{axes}}}; build the mesh with jaxicl.train.data_mesh or sweep_mesh, or jax.make_mesh("
+                          f"..., axis_types=(jax.sharding.AxisType.Explicit, ...))")
 
 
 def check_divisible(batch_size: int, axis: str = DATA_AXIS) -> None:
@@ -68,7 +80,8 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     passed on to a sampler that takes it (takes_step; then it is required).
 
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
-    that axis before the vmap, so each device samples its own slice and no data crosses the host.
+    that axis before the vmap, so each device samples its own slice and no data crosses the host (an axis of type
+    Explicit: ConfigError for one of type Auto, the type jax.sharding.Mesh gives by default).
     Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS).
 
     Jitted: the sampler is traced at every call (jaxicl.traced), so one that reads a global (a pool of prompts)
@@ -92,6 +105,7 @@ def _sample_batch(one: Traced, consts: list, key: jax.Array, kwargs: dict, batch
                   axis: str | None) -> Prompt:
     keys = jax.random.split(key, batch_size)
     if axis is not None and data_axis_size(axis) > 1:
+        check_explicit(axis)
         check_divisible(batch_size, axis)
         keys = jax.reshard(keys, P(axis))
     return jax.vmap(lambda k: one(consts, k, kwargs))(keys)

@@ -143,7 +143,7 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     w = task_vector(cfg, jax.random.fold_in(key, 1) if pooled else key, n_tasks, fresh=z[:d])
     unit = z[d:d + n * d] if cfg.x_dist == "normal" else \
         jnp.sqrt(3.0) * jax.random.uniform(jax.random.fold_in(key, 2), (n * d,), minval=-1.0, maxval=1.0)
-    x = unit.reshape(n, d) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.float32))  # unit: mean 0, variance 1
+    x = unit.reshape(n, d) * jnp.sqrt(jnp.asarray(cfg.x_cov, jnp.result_type(float)))  # unit: mean 0, variance 1
     y = x @ w + noise_std * z[d + n * d:]
     weights = _loss_weights(cfg)
     if n_context is not None:

@@ -81,13 +81,14 @@ def simplex_vertices(num_classes: int) -> np.ndarray:
 
 
 def class_labels(classes: jax.Array, num_classes: int) -> jax.Array:
-    """Simplex vertices of classes [...] int -> [..., K-1] float32.
+    """Simplex vertices of classes [...] int -> [..., K-1] in the default float type (float64 under x64).
 
     A one-hot sum (exact: one nonzero term) rather than vertices[classes]: indexing a constant
     table with member-sharded classes does not trace under a sweep's explicit-sharding mesh in jax 0.12.
     """
-    vertices = jnp.asarray(simplex_vertices(num_classes), jnp.float32)
-    return jnp.sum(jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)[..., None] * vertices, axis=-2)
+    dtype = jnp.result_type(float)
+    vertices = jnp.asarray(simplex_vertices(num_classes), dtype)
+    return jnp.sum(jax.nn.one_hot(classes, num_classes, dtype=dtype)[..., None] * vertices, axis=-2)
 
 
 def decode_class(labels: jax.Array, num_classes: int) -> jax.Array:

@@ -16,15 +16,18 @@ from jaxicl.tasks.linear_regression import KURTOSIS, LinearRegression
 from jaxicl.validation import ConfigError
 
 
-def gd_step_pq(dim: int, lr: float, dtype=jnp.float32) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """P, Q: [dim + 1, dim + 1] of the layer implementing one GD step of size lr."""
+def gd_step_pq(dim: int, lr: float, dtype=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """P, Q: [dim + 1, dim + 1] of the layer implementing one GD step of size lr, in dtype (None: the default float
+    type, float64 under x64)."""
+    dtype = jnp.result_type(float) if dtype is None else dtype
     q = jnp.zeros((dim + 1, dim + 1), dtype).at[:dim, :dim].set(jnp.eye(dim, dtype=dtype))
-    p = jnp.zeros((dim + 1, dim + 1), dtype).at[dim, dim].set(-lr)
+    p = jnp.zeros((dim + 1, dim + 1), dtype).at[dim, dim].set(jnp.asarray(-lr, dtype))
     return p, q
 
 
-def gd_step_model(dim: int, lr: float, dtype=jnp.float32) -> SelfAttention:
-    """A one-layer, one-head linear SelfAttention (with residual) equal to GD-1 at the query."""
+def gd_step_model(dim: int, lr: float, dtype=None) -> SelfAttention:
+    """A one-layer, one-head linear SelfAttention (with residual) equal to GD-1 at the query, its parameters in dtype
+    (None: the default float type)."""
     p, q = gd_step_pq(dim, lr, dtype)
     return from_pq(p[None, None], q[None, None], residual=True)
 

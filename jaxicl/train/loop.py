@@ -25,7 +25,7 @@ from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.mesh import data_mesh, portable, replicated
+from jaxicl.train.mesh import check_data_mesh, data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.run_lock import exclusive
@@ -89,6 +89,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     task_cfg: a dataclass instance, a dict (stored as given) or None. sample=None: loss_fn(params, None) needs no batch
     (task_cfg may then be None).
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
+    mesh: an Explicit "data" axis and no other axis of size > 1 (check_data_mesh); default data_mesh(), all devices.
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh.
     `evaluate(params) -> {name: scalar}` runs at step 0, every eval_every steps (or at the steps of a tuple
@@ -103,6 +104,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     bad state (nor logging that step).
     """
     mesh = data_mesh() if mesh is None else mesh
+    check_data_mesh(mesh)
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
     tx = make_optimizer(cfg) if tx is None else tx
     check_eval_schedule(eval_every, cfg.steps)

@@ -21,6 +21,18 @@ def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
 
 
+def check_data_mesh(mesh: jax.sharding.Mesh) -> None:
+    """Raises ConfigError unless train can use `mesh`: an Explicit "data" axis and no other axis of size > 1 (train
+    shards the batch over "data" and replicates the rest, so another axis would only repeat the same work)."""
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    others = [a for a in mesh.axis_names if a != DATA_AXIS and mesh.shape[a] > 1]
+    if types.get(DATA_AXIS) != AxisType.Explicit or others:
+        axes = ", ".join(f"{a!r}: {mesh.shape[a]} {t.name}" for a, t in types.items())
+        raise ConfigError(f"mesh: train needs an Explicit {DATA_AXIS!r} axis (the batch is sharded over it) and no "
+                          f"other axis of size > 1 (everything else is replicated), got axes {{{axes}}}; "
+                          f"jaxicl.train.data_mesh(num_devices) builds one")
+
+
 def sweep_mesh(member_devices: int | None = None, data_devices: int = 1) -> jax.sharding.Mesh:
     """A 2-D mesh (members x data) over the first member_devices * data_devices devices."""
     n = jax.device_count()
