@@ -150,11 +150,12 @@ def _latest_config(ckptr) -> dict:
     return config
 
 
-def check_all_resumable(directories: list[str], config: dict) -> None:
+def check_all_resumable(directories: list[str], config: dict) -> list[int]:
     """Raises check_resumable's ConfigError for the first of `directories` whose latest checkpoint cannot continue
     into the run `config`; writes nothing, so a run with several stores (a sweep's chunks) can check them all before
-    it writes to any. Every process calls it; process 0 decides, and none goes on before every one has read."""
-    refused, error = -1, None
+    it writes to any. Every process calls it; process 0 decides, and none goes on before every one has read.
+    Returns the indices of the directories holding a checkpoint (which the run then resumes)."""
+    refused, error, held = -1, None, []
     for k, directory in enumerate(directories):
         if not os.path.isdir(directory):  # opening a checkpointer would create it
             continue
@@ -162,6 +163,7 @@ def check_all_resumable(directories: list[str], config: dict) -> None:
         try:
             if ckptr.checkpoints:
                 check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step)
+                held.append(k)
         except ConfigError as e:
             refused, error = k, e
             break
@@ -172,6 +174,7 @@ def check_all_resumable(directories: list[str], config: dict) -> None:
     if refused >= 0:
         raise error or ConfigError(f"cannot resume: process 0 found the checkpoint in {directories[refused]} made "
                                    f"with another config")
+    return held
 
 
 def normalise_config(cfg: dict) -> dict:
