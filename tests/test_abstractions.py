@@ -352,7 +352,7 @@ def test_a_longer_rerun_that_moves_the_evaluation_epoch_is_refused(tmp_path):
     assert metrics.read_text() == before  # loaded: nothing retrained, nothing re-evaluated
     with pytest.raises(ConfigError) as refused:
         ab.trained(config(30), str(tmp_path), progress=False)
-    assert str(refused.value) == ("cannot resume: the checkpoint was made with another config: eval_mask_epoch: "
-                                  "checkpoint 9 vs now 29; train into a new output directory, or keep the checkpoint's "
-                                  "config")
+    assert str(refused.value) == (f"cannot resume from {tmp_path / 'abstractions_training' / 'run' / 'checkpoints'}: "
+                                  f"the checkpoint was made with another config: eval_mask_epoch: checkpoint 9 vs now "
+                                  f"29; train into a new output directory, or keep the checkpoint's config")
     assert metrics.read_text() == before

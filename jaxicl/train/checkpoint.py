@@ -162,7 +162,7 @@ def check_all_resumable(directories: list[str], config: dict) -> list[int]:
         ckptr = ocp.training.Checkpointer(directory)  # no custom_metadata: opening an existing directory writes none
         try:
             if ckptr.checkpoints:
-                check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step)
+                check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step, os.path.abspath(directory))
                 held.append(k)
         except ConfigError as e:
             refused, error = k, e
@@ -181,8 +181,9 @@ def normalise_config(cfg: dict) -> dict:
     return json.loads(json.dumps(cfg))
 
 
-def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
-    """Raises ConfigError when a checkpoint at checkpoint_step cannot continue into the run `current`.
+def check_resumable(stored: dict, current: dict, checkpoint_step: int, directory: str) -> None:
+    """Raises ConfigError, naming `directory` (the checkpoints'), when a checkpoint at checkpoint_step cannot
+    continue into the run `current`.
 
     Every entry and section field must match, except that train.steps may change when the schedule is constant
     (then the resumed run equals an uninterrupted run of the new length) and the checkpoint is before its end.
@@ -192,22 +193,23 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
     stored, current = normalise_config(stored), normalise_config(current)
     if not stored:
         return
+    refused = f"cannot resume from {directory}:"
     diffs = [f"{path}: checkpoint {_short(a)} vs now {_short(b)}" for path, a, b in _differences(stored, current)
              if path != "train.steps"]
     if diffs:
-        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
+        raise ConfigError(f"{refused} the checkpoint was made with another config: " + "; ".join(diffs)
                           + "; train into a new output directory, or keep the checkpoint's config")
     before, now = stored["train"]["steps"], current["train"]["steps"]
     if before != now and current["train"]["schedule"] != "constant":
-        raise ConfigError(f"cannot resume: train.steps: checkpoint {before} vs now {now}, and "
+        raise ConfigError(f"{refused} train.steps: checkpoint {before} vs now {now}, and "
                           f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
                           f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
                           f"or train into a new output directory")
     fix = f"use train.steps={before} (the checkpoint's run) or more than {checkpoint_step}, or a new output directory"
     if checkpoint_step > now:
-        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; {fix}")
+        raise ConfigError(f"{refused} the checkpoint is at step {checkpoint_step}, past train.steps={now}; {fix}")
     if checkpoint_step == now != before:
-        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step} of a run of train.steps="
+        raise ConfigError(f"{refused} the checkpoint is at step {checkpoint_step} of a run of train.steps="
                           f"{before}; a run of train.steps={now} would end there without the rows of its last step "
                           f"and its final evaluation; {fix}")
 
@@ -219,7 +221,7 @@ def _differences(stored: dict, current: dict, prefix: str = "") -> list[tuple[st
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{key}.")
+            out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append((prefix + key, a, b))
     return out
