@@ -258,6 +258,28 @@ def test_of_two_processes_that_found_the_lock_stale_only_one_takes_it(tmp_path, 
             p.wait()
 
 
+def test_a_lock_naming_this_process_is_stale_unless_this_process_holds_it(tmp_path):
+    """A container restarted with the same hostname after a SIGKILL gives the rerun the killed run's pid: its lock,
+    naming this very process, was refused as another run's, so every automatic restart failed. It is taken over; a
+    nested exclusive on the out_dir this process does hold is still refused."""
+    import socket
+
+    from jaxicl.train import run_lock
+
+    lock = tmp_path / run_lock.LOCK_FILE
+    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    lock.write_text(json.dumps(mine))  # what the killed run left
+    with run_lock.exclusive(str(tmp_path)):
+        with pytest.raises(ConfigError) as refused:
+            with run_lock.exclusive(str(tmp_path)):
+                pass
+        assert str(refused.value) == (f"out_dir: {tmp_path} is being written by another run (process {os.getpid()} "
+                                      f"on {mine['host']}); wait for it, stop it, or use another out_dir (if that run "
+                                      f"is no longer running, delete {lock})")
+        assert json.loads(lock.read_text()) == mine  # the outer block's lock stays
+    assert not lock.exists()
+
+
 def test_a_model_with_an_embedding_table_trains_on_several_devices_and_a_pool_sampler_draws_through_lookup():
     """Under the engine's explicit-sharding mesh a gather from a replicated table by batch-sharded token ids (an
     nnx.Embed in a user's model) has no output sharding of its own: training raised ShardingTypeError on 2 or more
