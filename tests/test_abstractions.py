@@ -332,3 +332,27 @@ def test_decoded_as_and_whole_footprint_as_against_a_loop():
     np.testing.assert_allclose(whole_footprint_as(edited, want, on), whole, rtol=1e-12)
     np.testing.assert_allclose(decoded_as(edited, want, on), cells, rtol=1e-12)
     assert whole[0] == 0.8 and cells[0] == 44 / 45
+
+
+def test_a_longer_rerun_that_moves_the_evaluation_epoch_is_refused(tmp_path):
+    """The evaluation sets are masked at the run's last epoch: extending a finished 10-step run to 30 steps (a
+    constant schedule, which the engine extends) would keep eval rows measured on boards masked at epoch 9 next to
+    rows on boards masked at epoch 29. Refused, naming eval_mask_epoch; the same settings still load the run."""
+    from experiments.abstractions_training import SMOKE
+    from jaxicl.validation import ConfigError
+
+    def config(steps):
+        return dataclasses.replace(SMOKE, train=dataclasses.replace(SMOKE.train, steps=steps))
+
+    ab.trained(config(10), str(tmp_path), progress=False)
+    metrics = tmp_path / "abstractions_training" / "run" / "metrics.jsonl"
+    before = metrics.read_text()
+    rerun = ab.trained(config(10), str(tmp_path), progress=False)[3]
+    assert [r["step"] for r in rerun.eval_rows] == [0, 10]
+    assert metrics.read_text() == before  # loaded: nothing retrained, nothing re-evaluated
+    with pytest.raises(ConfigError) as refused:
+        ab.trained(config(30), str(tmp_path), progress=False)
+    assert str(refused.value) == (f"cannot resume from {tmp_path / 'abstractions_training' / 'run' / 'checkpoints'}: "
+                                  f"the checkpoint was made with another config: eval_mask_epoch: checkpoint 9 vs now "
+                                  f"29; train into a new output directory, or keep the checkpoint's config")
+    assert metrics.read_text() == before

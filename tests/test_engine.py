@@ -258,6 +258,28 @@ def test_of_two_processes_that_found_the_lock_stale_only_one_takes_it(tmp_path, 
             p.wait()
 
 
+def test_a_lock_naming_this_process_is_stale_unless_this_process_holds_it(tmp_path):
+    """A container restarted with the same hostname after a SIGKILL gives the rerun the killed run's pid: its lock,
+    naming this very process, was refused as another run's, so every automatic restart failed. It is taken over; a
+    nested exclusive on the out_dir this process does hold is still refused."""
+    import socket
+
+    from jaxicl.train import run_lock
+
+    lock = tmp_path / run_lock.LOCK_FILE
+    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    lock.write_text(json.dumps(mine))  # what the killed run left
+    with run_lock.exclusive(str(tmp_path)):
+        with pytest.raises(ConfigError) as refused:
+            with run_lock.exclusive(str(tmp_path)):
+                pass
+        assert str(refused.value) == (f"out_dir: {tmp_path} is being written by another run (process {os.getpid()} "
+                                      f"on {mine['host']}); wait for it, stop it, or use another out_dir (if that run "
+                                      f"is no longer running, delete {lock})")
+        assert json.loads(lock.read_text()) == mine  # the outer block's lock stays
+    assert not lock.exists()
+
+
 def test_a_model_with_an_embedding_table_trains_on_several_devices_and_a_pool_sampler_draws_through_lookup():
     """Under the engine's explicit-sharding mesh a gather from a replicated table by batch-sharded token ids (an
     nnx.Embed in a user's model) has no output sharding of its own: training raised ShardingTypeError on 2 or more
@@ -433,9 +455,12 @@ def test_a_lone_run_takes_the_seeds_a_sweep_takes():
 def test_resuming_with_another_config_is_refused(tmp_path):
     loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
     train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), progress=False)
-    other = TrainConfig(steps=10, batch_size=16, lr=3e-2, steps_per_call=5)
-    with pytest.raises(ConfigError, match=r"train\.lr: checkpoint 0.01 vs now 0.03"):
+    other = dataclasses.replace(cfg, steps=10, lr=3e-2)
+    with pytest.raises(ConfigError) as refused:
         train(loss_fn, sample, task, other, params, out_dir=str(tmp_path), progress=False)
+    assert str(refused.value) == (f"cannot resume from {tmp_path / 'checkpoints'}: the checkpoint was made with "
+                                  f"another config: train.lr: checkpoint 0.01 vs now 0.03; train into a new output "
+                                  f"directory, or keep the checkpoint's config")
     shorter = dataclasses.replace(cfg, steps=4)
     with pytest.raises(ConfigError, match=r"step 5, past train.steps=4; use train.steps=5 .* or more than 5"):
         train(loss_fn, sample, task, shorter, params, out_dir=str(tmp_path), progress=False)
@@ -462,9 +487,24 @@ def test_resuming_refuses_another_run_config_entry_and_a_run_that_would_end_at_t
     run = {"train": {"steps": 20, "schedule": "constant"}}
     cut = {"train": {"steps": 10, "schedule": "constant"}}
     with pytest.raises(ConfigError, match=r"step 10 of a run of train.steps=20; a run of train.steps=10 would end"):
-        check_resumable(run, cut, 10)
-    check_resumable(run, cut, 5)  # a checkpoint before the shorter run's end continues into it
-    check_resumable(cut, cut, 10)  # a finished run, rerun as it was: nothing left to train
+        check_resumable(run, cut, 10, "/ckpt")
+    check_resumable(run, cut, 5, "/ckpt")  # a checkpoint before the shorter run's end continues into it
+    check_resumable(cut, cut, 10, "/ckpt")  # a finished run, rerun as it was: nothing left to train
+
+
+def test_a_refusal_names_the_checkpoint_directory_and_every_differing_field_by_its_whole_path():
+    """The recursion passed only the parent's key down: config.model.d_model came out as model.d_model, and no
+    message said which directory refused (sweep_lr_seeds trains two runs, abstractions_geometry another's)."""
+    stored = {"train": {"steps": 10, "schedule": "constant", "lr": {"swept": [1e-3, 3e-3]}},
+              "config": {"model": {"d_model": 8}, "eval": {"split": {"n": 1}}}}
+    current = {"train": {"steps": 10, "schedule": "constant", "lr": {"swept": [1e-3, 5e-3]}},
+               "config": {"model": {"d_model": 16}, "eval": {"split": {"n": 2}}}}
+    with pytest.raises(ConfigError) as refused:
+        check_resumable(stored, current, 10, "/out/run/checkpoints")
+    assert str(refused.value) == (
+        "cannot resume from /out/run/checkpoints: the checkpoint was made with another config: config.eval.split.n: "
+        "checkpoint 1 vs now 2; config.model.d_model: checkpoint 8 vs now 16; train.lr.swept: checkpoint "
+        "[0.001, 0.003] vs now [0.001, 0.005]; train into a new output directory, or keep the checkpoint's config")
 
 
 def test_a_run_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):

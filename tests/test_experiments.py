@@ -1,6 +1,9 @@
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -16,6 +19,8 @@ from jaxicl.config_paths import apply_overrides, leaf_paths
 from jaxicl.models.gpt import GPT
 from jaxicl.train import TrainConfig
 from jaxicl.validation import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the subprocess imports from it
 
 
 @pytest.mark.parametrize("name", list(registry.EXPERIMENTS))
@@ -136,13 +141,14 @@ def test_a_rerun_with_any_other_setting_is_refused_and_keeps_the_old_config_json
     argv = ["gd_equivalence", "--preset", "smoke", "train.steps=20", "train.steps_per_call=10", "eval_every=10",
             "--out", str(tmp_path)]
     assert main(argv) == 0
-    path = tmp_path / "gd_equivalence" / "config.json"
-    before = path.read_text()
+    path, result = tmp_path / "gd_equivalence" / "config.json", tmp_path / "gd_equivalence" / "result.json"
+    before, checks = path.read_text(), result.read_text()
     for other, field in (("init_scale=0.3", "config.init_scale: checkpoint 0.1 vs now 0.3"),
                          ("eval_prompts=64", "config.eval_prompts: checkpoint 1024 vs now 64")):
         assert main([*argv, other]) == 2
         assert field in capsys.readouterr().err
         assert path.read_text() == before  # still the config of the run the directory holds
+        assert result.read_text() == checks  # and its result
     assert main(argv) == 0  # the same settings resume (from the final checkpoint)
 
 
@@ -162,6 +168,21 @@ def test_a_run_that_raises_leaves_no_earlier_result_beside_its_config(monkeypatc
     with pytest.raises(FloatingPointError):
         run_experiment("gd_equivalence", "smoke", str(tmp_path), ["train.steps=20", "train.steps_per_call=10",
                                                                   "eval_every=10", "init_scale=0.3"])
+    config = json.loads((tmp_path / "gd_equivalence" / "config.json").read_text())
+    assert config["config"]["init_scale"] == 0.3 and not (tmp_path / "gd_equivalence" / "result.json").exists()
+
+
+def test_a_run_killed_by_a_signal_python_does_not_see_leaves_no_earlier_result_beside_its_config(tmp_path):
+    """The earlier result.json was removed only in an except clause, which SIGKILL, SIGTERM's default action and the
+    OOM killer never reach: the directory then held the new config.json beside the old run's checks. Here the run
+    exits as a killed one does (os._exit in a subprocess: no except clause, no finally)."""
+    overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10"]
+    run_experiment("gd_equivalence", "smoke", str(tmp_path), overrides)
+    code = ("import os, sys; from experiments import gd_equivalence; from experiments.common.runner import "
+            "run_experiment; gd_equivalence.run = lambda cfg, out_dir: os._exit(9); "
+            "run_experiment('gd_equivalence', 'smoke', sys.argv[1], sys.argv[2:])")
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path), *overrides, "init_scale=0.3"], cwd=ROOT)
+    assert killed.returncode == 9
     config = json.loads((tmp_path / "gd_equivalence" / "config.json").read_text())
     assert config["config"]["init_scale"] == 0.3 and not (tmp_path / "gd_equivalence" / "result.json").exists()
 

@@ -246,6 +246,29 @@ def test_an_extended_sweep_stopped_between_chunks_resumes_to_the_straight_sweep(
     assert _rows(resumed) == _rows(straight)
 
 
+def test_an_interrupted_rerun_of_a_finished_sweep_keeps_its_diverged_members_in_sweep_json(tmp_path, monkeypatch):
+    """sweep.json was written with diverged {} when any run started, a resume of a finished sweep too: a rerun
+    interrupted before it rewrote the map left members 1 and 3 (lr 1e20) reported as healthy. Kept now for the
+    chunks whose checkpoints the rerun resumes: both, then only member 1 once chunk 1's checkpoints are gone."""
+    members = [{"train.lr": lr_} for lr_ in (1e-2, 1e20, 2e-2, 1e20)]
+    kw = dict(chunk_size=2, mesh=sweep_mesh(2), out_dir=str(tmp_path), progress=False)
+    cfg = _cfg(optimizer="sgd")
+    finished = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, **kw)
+    assert finished.diverged == {1: 0, 3: 0}  # the first update makes the parameters non-finite
+
+    def interrupted_rerun():
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # stopped after sweep.json is written
+            m.setattr(sweep_module, "CheckpointStore", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            train_sweep(LOSS, lr.sample, TASK, cfg, init, members, **kw)
+        return json.loads((tmp_path / "sweep.json").read_text())["diverged"]
+
+    assert interrupted_rerun() == {"1": 0, "3": 0}
+    shutil.rmtree(tmp_path / "checkpoints" / "chunk1")  # members 2, 3 train again: their old record does not hold
+    assert interrupted_rerun() == {"1": 0}
+    assert train_sweep(LOSS, lr.sample, TASK, cfg, init, members, **kw).diverged == {1: 0, 3: 0}
+    assert json.loads((tmp_path / "sweep.json").read_text())["diverged"] == {"1": 0, "3": 0}
+
+
 def test_a_sweep_keeps_no_rows_of_another_sweep_stopped_before_its_first_checkpoint(tmp_path, monkeypatch):
     """Seeds 0-3 stopped in their first save leave rows and no checkpoint; seeds 10, 11 in the same directory (in
     chunks of one or at once) return and leave only their own rows (they returned members 2 and 3 of seeds 2, 3)."""
@@ -298,8 +321,10 @@ def test_a_rerun_refused_at_a_later_chunk_leaves_out_dir_as_it_was(tmp_path):
     before = snapshot()
     assert CheckpointStore(str(tmp_path / "checkpoints" / "chunk1")).steps() == [5]
     assert snapshot() == before  # a store opened on a directory with checkpoints writes nothing
-    with pytest.raises(ConfigError, match=r"cannot resume.*train\.lr: checkpoint 0.01 vs now 0.03"):
+    with pytest.raises(ConfigError) as refused:
         train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5, lr=3e-2), init, members, **kw)
+    assert str(refused.value).startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'chunk1'}: the checkpoint "
+                                         f"was made with another config: train.lr: checkpoint 0.01 vs now 0.03; ")
     assert snapshot() == before
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["chunk1"]
     assert {r["member"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))} == {0, 1, 2, 3}

@@ -106,13 +106,15 @@ def evaluator(cfg: Training, data: bd.BoardData, graphdef):
 def trained(cfg: Training, results_dir: str, progress: bool = True) -> tuple[bd.BoardData, nnx.GraphDef, object,
                                                                               TrainResult]:
     """(data, graphdef, final params, the run) of the training run in results_dir/abstractions_training/run:
-    trained there (or continued from its latest checkpoint) when it has not finished, loaded when it has."""
+    trained there (or continued from its latest checkpoint) when it has not finished, loaded when it has. The
+    checkpoint stores eval_mask_epoch (cfg.last_epoch, the epoch eval_sets masks at): a rerun with a train.steps of
+    another last epoch is refused, as its evaluation rows would come from other boards than the checkpoint's."""
     data = bd.build(cfg.task)
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
     result = train(cross_entropy_loss(graphdef), data.sampler("train"), cfg.task, cfg.train, params,
                    out_dir=os.path.join(results_dir, TRAINING_DIR, "run"), evaluate=evaluator(cfg, data, graphdef),
-                   eval_every=cfg.eval_every, run_config=run_config("abstractions", cfg),
-                   progress=progress, desc="abstractions_training")
+                   eval_every=cfg.eval_every, progress=progress, desc="abstractions_training",
+                   run_config=run_config("abstractions", cfg, eval_mask_epoch=cfg.last_epoch))
     return data, graphdef, result.state.params, result
 
 

@@ -91,6 +91,11 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
         config = mark_swept(config, {a.field: list(a.values) for a in axes})
     config_path, result_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "result.json")
     previous = open(config_path).read() if os.path.exists(config_path) else None
+    # an earlier run's result.json is not this config's result: removed before config.json changes, since a run
+    # killed by a signal Python does not see (SIGTERM, SIGKILL, the OOM killer) would leave it beside the new config
+    previous_result = open(result_path).read() if os.path.exists(result_path) else None
+    if previous_result is not None and outputs.is_primary():
+        os.remove(result_path)
     outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
                                      "sweep": list(sweep), "matmul_precision": matmul_precision, "config": config},
                        indent=2)
@@ -105,10 +110,8 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
             os.remove(config_path)
             if not os.listdir(out_dir):
                 os.rmdir(out_dir)
-        raise
-    except BaseException:  # raised or interrupted: an earlier run's result.json is not this config's result
-        if outputs.is_primary() and os.path.exists(result_path):
-            os.remove(result_path)
+        if previous_result is not None:
+            outputs.write_text(result_path, previous_result)
         raise
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}

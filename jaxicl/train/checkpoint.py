@@ -150,18 +150,20 @@ def _latest_config(ckptr) -> dict:
     return config
 
 
-def check_all_resumable(directories: list[str], config: dict) -> None:
+def check_all_resumable(directories: list[str], config: dict) -> list[int]:
     """Raises check_resumable's ConfigError for the first of `directories` whose latest checkpoint cannot continue
     into the run `config`; writes nothing, so a run with several stores (a sweep's chunks) can check them all before
-    it writes to any. Every process calls it; process 0 decides, and none goes on before every one has read."""
-    refused, error = -1, None
+    it writes to any. Every process calls it; process 0 decides, and none goes on before every one has read.
+    Returns the indices of the directories holding a checkpoint (which the run then resumes)."""
+    refused, error, held = -1, None, []
     for k, directory in enumerate(directories):
         if not os.path.isdir(directory):  # opening a checkpointer would create it
             continue
         ckptr = ocp.training.Checkpointer(directory)  # no custom_metadata: opening an existing directory writes none
         try:
             if ckptr.checkpoints:
-                check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step)
+                check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step, os.path.abspath(directory))
+                held.append(k)
         except ConfigError as e:
             refused, error = k, e
             break
@@ -172,14 +174,16 @@ def check_all_resumable(directories: list[str], config: dict) -> None:
     if refused >= 0:
         raise error or ConfigError(f"cannot resume: process 0 found the checkpoint in {directories[refused]} made "
                                    f"with another config")
+    return held
 
 
 def normalise_config(cfg: dict) -> dict:
     return json.loads(json.dumps(cfg))
 
 
-def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
-    """Raises ConfigError when a checkpoint at checkpoint_step cannot continue into the run `current`.
+def check_resumable(stored: dict, current: dict, checkpoint_step: int, directory: str) -> None:
+    """Raises ConfigError, naming `directory` (the checkpoints'), when a checkpoint at checkpoint_step cannot
+    continue into the run `current`.
 
     Every entry and section field must match, except that train.steps may change when the schedule is constant
     (then the resumed run equals an uninterrupted run of the new length) and the checkpoint is before its end.
@@ -189,22 +193,23 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int) -> None:
     stored, current = normalise_config(stored), normalise_config(current)
     if not stored:
         return
+    refused = f"cannot resume from {directory}:"
     diffs = [f"{path}: checkpoint {_short(a)} vs now {_short(b)}" for path, a, b in _differences(stored, current)
              if path != "train.steps"]
     if diffs:
-        raise ConfigError("cannot resume: the checkpoint was made with another config: " + "; ".join(diffs)
+        raise ConfigError(f"{refused} the checkpoint was made with another config: " + "; ".join(diffs)
                           + "; train into a new output directory, or keep the checkpoint's config")
     before, now = stored["train"]["steps"], current["train"]["steps"]
     if before != now and current["train"]["schedule"] != "constant":
-        raise ConfigError(f"cannot resume: train.steps: checkpoint {before} vs now {now}, and "
+        raise ConfigError(f"{refused} train.steps: checkpoint {before} vs now {now}, and "
                           f"train.schedule={current['train']['schedule']!r} depends on train.steps (it decays to 0 "
                           f"there), so the resumed run would follow neither run's schedule; keep train.steps={before} "
                           f"or train into a new output directory")
     fix = f"use train.steps={before} (the checkpoint's run) or more than {checkpoint_step}, or a new output directory"
     if checkpoint_step > now:
-        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step}, past train.steps={now}; {fix}")
+        raise ConfigError(f"{refused} the checkpoint is at step {checkpoint_step}, past train.steps={now}; {fix}")
     if checkpoint_step == now != before:
-        raise ConfigError(f"cannot resume: the checkpoint is at step {checkpoint_step} of a run of train.steps="
+        raise ConfigError(f"{refused} the checkpoint is at step {checkpoint_step} of a run of train.steps="
                           f"{before}; a run of train.steps={now} would end there without the rows of its last step "
                           f"and its final evaluation; {fix}")
 
@@ -216,7 +221,7 @@ def _differences(stored: dict, current: dict, prefix: str = "") -> list[tuple[st
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{key}.")
+            out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append((prefix + key, a, b))
     return out

@@ -125,7 +125,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
                                 config=config) if out_dir else None
         if store and store.steps():
             try:
-                check_resumable(store.config(), config, store.steps()[-1])
+                check_resumable(store.config(), config, store.steps()[-1], store.directory)
                 state = store.restore(state, sharding)
             except BaseException:
                 store.close()

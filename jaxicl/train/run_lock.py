@@ -2,8 +2,10 @@
 
 Two processes training into one out_dir (a rerun started while a forgotten one still runs) interleaved their
 metrics.jsonl rows and checkpoints with no error. A lock whose process has ended (a killed run) is taken over; one
-held on another host cannot be checked, and is refused with how to clear it. Taking over a stale lock happens under
-an flock on out_dir/.lock.takeover, so of two processes that both found the lock stale only one takes it.
+held on another host cannot be checked, and is refused with how to clear it. A lock naming this very process that
+this process does not hold is stale too: a killed run's pid, given to its rerun (a container restarted with the same
+hostname starts its pids from 1 again). Taking over a stale lock happens under an flock on out_dir/.lock.takeover, so
+of two processes that both found the lock stale only one takes it.
 """
 
 import contextlib
@@ -16,6 +18,7 @@ from jaxicl import outputs
 from jaxicl.validation import ConfigError
 
 LOCK_FILE = ".lock"
+_HELD: set[str] = set()  # the real paths of the locks this process holds
 
 
 def _running(pid: int) -> bool:
@@ -29,14 +32,17 @@ def _running(pid: int) -> bool:
 
 
 def _holder(path: str) -> dict | None:
-    """The lock's {"host", "pid"}, or None where it is gone, unreadable or names a process of this host that ended."""
+    """The lock's {"host", "pid"}, or None where it is gone, unreadable, or names a process of this host that ended or
+    this process where it does not hold the lock."""
     try:
         with open(path) as f:
             holder = json.load(f)
     except (FileNotFoundError, ValueError):  # removed meanwhile, or not a lock this module wrote
         return None
-    if holder.get("host") == socket.gethostname() and not _running(int(holder.get("pid", -1))):
-        return None
+    if holder.get("host") == socket.gethostname():
+        pid = int(holder.get("pid", -1))
+        if not _running(pid) or pid == os.getpid() and os.path.realpath(path) not in _HELD:
+            return None
     return holder
 
 
@@ -78,8 +84,11 @@ def exclusive(out_dir: str | None):
                                       f"another out_dir (if that run is no longer running, delete {path})") from None
     finally:
         os.remove(written)
+    held = os.path.realpath(path)
+    _HELD.add(held)
     try:
         yield
     finally:
         if _holder(path) == mine:
             os.remove(path)
+        _HELD.discard(held)

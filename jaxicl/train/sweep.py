@@ -27,6 +27,7 @@ their values ({"swept": [...]}), never one member's value as the run's.
 """
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 
@@ -107,10 +108,11 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
             # every chunk's checkpoint before any chunk trains: refused at chunk k > 0, a rerun had retrained chunks < k
             # and rewritten their metrics.jsonl rows; refused here, it leaves out_dir as it was
             if resume:
-                check_all_resumable([_chunk_dir(out_dir, k) for k in range(len(chunks))], config)
+                held = check_all_resumable([_chunk_dir(out_dir, k) for k in range(len(chunks))], config)
             else:
                 remove_checkpoints(os.path.join(out_dir, "checkpoints"))
-            _write_sweep_json(out_dir, members, {}, size, cfg)
+                held = []
+            _write_sweep_json(out_dir, members, _resumed_diverged(out_dir, [chunks[k] for k in held]), size, cfg)
         rows, finals, diverged = {"train": [], "eval": []}, [], {}
         bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
                    disable=not progress or not outputs.is_primary())
@@ -209,6 +211,19 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
 
 def _chunk_dir(out_dir: str, k: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"chunk{k}")
+
+
+def _resumed_diverged(out_dir: str, resumed: list[np.ndarray]) -> dict[int, int]:
+    """The diverged members (member -> step) that out_dir/sweep.json records among the chunks `resumed` (their
+    members' indices) from their checkpoints: sweep.json keeps them while this run trains, so a rerun interrupted
+    before it rewrites the map does not leave them reported as healthy ({} where nothing is resumed)."""
+    path = os.path.join(out_dir, "sweep.json")
+    if not resumed or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        recorded = json.load(f)["diverged"]
+    members = set(np.concatenate(resumed).tolist())
+    return {int(m): step for m, step in recorded.items() if int(m) in members}
 
 
 def _write_sweep_json(out_dir: str, members: list[dict], diverged: dict, chunk_size: int, cfg: TrainConfig) -> None:
