@@ -6,7 +6,7 @@ Weak scaling of the gd_equivalence workload (1 linear self-attention layer, d = 
 sampled on every device for its own slice): each device keeps `--per-device-batch` prompts, so n devices train
 n times the prompts per step; efficiency = prompts/s per device on n devices / the same on the first count run (one
 device by default). On a CPU host the devices are simulated (`jax_num_cpu_devices`, set before JAX starts) and share
-the host's cores, so efficiency falls like cores / devices there: the script is meant for accelerators, where it
+the host's cores, which one device already uses, so efficiency falls roughly like 1 / devices there: the script is meant for accelerators, where it
 runs unchanged over the local devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host after
 `jax.distributed.initialize()` (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or let a SLURM /
 TPU pod environment supply them: `--distributed` calls it); `jax.devices()` then spans every host and the

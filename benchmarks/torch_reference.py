@@ -5,7 +5,7 @@ python benchmarks/torch_reference.py IN.npz OUT.npz
 IN.npz: the device ("cpu" or "cuda"), the workload (`workload` "lsa" or "gpt" and its sizes), jaxicl's initial weights under jaxicl's parameter
 paths and layouts (param/...), the probe weights of the agreement check (probe/...) and one batch (inputs, targets,
 mask). OUT.npz: the loss and the gradients (jaxicl's paths and layouts) on that batch at both weights (probe_loss,
-probe_grad/...), the parameter count and the matmul FLOPs of one training step's forward and
+probe_grad/...), the count of parameters the loss reaches and the matmul FLOPs of one training step's forward and
 backward pass (torch's FlopCounterMode). Then it prints "ready" and, for every line read from stdin, trains `steps`
 steps and prints their wall seconds, until stdin closes: benchmarks/vs_torch.py alternates these timed runs with
 jaxicl's.
@@ -128,12 +128,15 @@ def main(src: str, dst: str) -> None:
     torch.manual_seed(0)
     params = load(data, device)
     inputs, targets, mask = (torch.tensor(data[k], device=device) for k in ("inputs", "targets", "mask"))
-    out = {"n_params": sum(p.numel() for p in params.values())}
+    out = {}
     for prefix, weights in (("", params), ("probe_", load(data, device, "probe/"))):
         loss = loss_of(weights, inputs, targets, mask, cfg)
-        grads = torch.autograd.grad(loss, list(weights.values()))
+        grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)  # None: a weight the loss skips
+        if not prefix:  # the parameters the loss reaches (a reference that skips one counts fewer; its gradient is 0)
+            out["n_params"] = sum(w.numel() for w, g in zip(weights.values(), grads) if g is not None)
         out |= {f"{prefix}loss": loss.item(),
-                **{f"{prefix}grad/{n}": to_jaxicl(n, g, data[f"param/{n}"].shape) for n, g in zip(weights, grads)}}
+                **{f"{prefix}grad/{n}": to_jaxicl(n, torch.zeros_like(w) if g is None else g, data[f"param/{n}"].shape)
+                   for (n, w), g in zip(weights.items(), grads)}}
 
     opt = torch.optim.Adam(params.values(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     batch, steps = int(cfg["batch"]), int(cfg["steps"])

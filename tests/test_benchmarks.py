@@ -115,6 +115,28 @@ def test_the_agreement_check_refuses_a_reference_that_computes_another_model(nam
             vs_torch.agreement(w, jaxicl_out, out)
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason=f"no PyTorch environment at {vs_torch.TORCH_PYTHON} "
+                    "(make benchmarks/.venv-torch)")
+def test_a_reference_that_skips_a_parameter_counts_fewer(tmp_path, monkeypatch):
+    """The reference counted the weights it was given, jaxicl's own arrays, so the parameter-count check could not
+    fail; it now counts those its loss reaches (a GPT without its output bias: 1 fewer, and that gradient is 0)."""
+    written = '(layer_norm(h, p, "ln_final") @ p["unembed"] + p["unembed_bias"])'
+    source = open(os.path.join(ROOT, "benchmarks", "torch_reference.py")).read()
+    assert source.count(written) == 1
+    (tmp_path / "torch_reference.py").write_text(source.replace(written, '(layer_norm(h, p, "ln_final") @ p["unembed"])'))
+    monkeypatch.setattr(vs_torch, "HERE", str(tmp_path))
+    w = vs_torch.SMOKE["gpt_small"]
+    graphdef, params = nnx.split(w.model())
+    batch = sample_batch(lr.sample, w.task, jax.random.key(1), w.batch, axis=None)
+    with vs_torch.torch_reference(w, params, batch, vs_torch.TORCH_PYTHON, "cpu") as (out, _):
+        jaxicl_out = vs_torch.jaxicl_outputs(graphdef, params, batch)[0]
+    n = sum(g.size for g in jaxicl_out[""][1].values())
+    assert int(out["n_params"]) == n - 1
+    np.testing.assert_array_equal(out["grad/unembed_bias"], 0.0)
+    with pytest.raises(vs_torch.Disagreement, match=rf"parameter counts differ: torch {n - 1}, jaxicl {n}"):
+        vs_torch.agreement(w, jaxicl_out, out)
+
+
 def assert_agreement_refuses(w, jaxicl_out: dict, out: dict) -> None:
     """The agreement check, which admits jaxicl_out against the reference's outputs `out`, refuses a gradient 1% off
     (at either set of weights), a NaN gradient (first or last: max() keeps a leading NaN, which then fails no

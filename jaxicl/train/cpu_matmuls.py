@@ -3,7 +3,7 @@ default (XLA:CPU's own choice, YNNPACK or Eigen), or "onednn", an opt-in with tr
 
 Compiled with ONEDNN_OPTIONS, a program hands its dots to oneDNN (the library PyTorch's CPU build multiplies with),
 through an experimental path of XLA:CPU. On a 2-core Intel Xeon (Emerald Rapids) the engine's training chunks ran
-1.6x faster with it for the 1-layer linear attention of gd_equivalence and 1.06-1.24x for the GPT decoders
+1.6x faster with it for the 1-layer linear attention of gd_equivalence and 1.06-1.25x for the GPT decoders
 (benchmarks/measurements.md; not measured on AMD). The price, and why it is not the default:
 - the two libraries' losses agree to float32 rounding, not bit for bit, and oneDNN's are the same bits on every call
   of one program but not always in another process: a run killed and resumed in a new process may continue within
