@@ -12,16 +12,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.analysis.cache import batch_site_info, check_sites, replicated_inputs, run_with_cache
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 
 
+@replicated_inputs
 def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array,
                            alpha: float, key: jax.Array, sites: Sequence[str]) -> jax.Array:
     """[len(sites)] mean over the selected cells of |z_perturbed - z_clean| / |z_clean| at each of `sites` when
     noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]."""
-    info = site_info(graphdef, params, tokens[0])
+    info = batch_site_info(graphdef, params, tokens)
     check_sites([site, *sites], info)
     t = tokens.shape[1]
     not_cells = {s: info[s][0] for s in [site, *sites] if len(info[s][0]) != 2 or info[s][0][0] != t}
@@ -41,6 +42,7 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
     return jnp.stack(out)
 
 
+@replicated_inputs
 def perturbed_outputs(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array, alpha: float,
                       key: jax.Array) -> jax.Array:
     """The model's outputs [B, T, ...] with perturbation_distances' noise (the same draw for the same key, so a
