@@ -470,8 +470,13 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     np.testing.assert_allclose(mass_at_offset(eye, 0), [1.0])
     np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
     np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
-    with pytest.raises(ValueError, match=r"\[\.\.\., T, T\].*\(1, 4, 6\)"):  # cross-attention: keys are not the queries
+    # cross-attention: keys are not the queries
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, T, T\].*\(1, 4, 6\)"):
         mass_at_offset(jnp.ones((1, 4, 6)) / 6, 1)
+    # NearestNeighborAttention's weights [T] of a batch of B = T = 4 prompts: square, but no query axis
+    with pytest.raises(ValueError, match=re.escape("weights must be self-attention weights [..., H, T, T] (a head "
+                                                   "axis; queries and keys the same positions), got shape (4, 4)")):
+        mass_at_offset(jnp.ones((4, 4)) / 4, 0)
 
 
 def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalised_input():
