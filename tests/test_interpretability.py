@@ -19,6 +19,7 @@ from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outpu
 from jaxicl.analysis.probes import probe, ridge_fit
 from jaxicl.analysis.steering import edit_each_site
 from jaxicl.models import SelfAttention, apply, predictor
+from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.models.gpt import GPT
 from jaxicl.sites import Patch
 from jaxicl.tasks import affine_recurrence as ar
@@ -309,6 +310,11 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         ablate_heads(g, p, clean, [(0, 1)], site="layer{layer}.resid_post")
     with pytest.raises(ValueError, match=r"heads / head_site: head index 2 of layer 1 is out of range; allowed 0..1"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 2)])
+    # a one-layer model's head site has no {layer}: any layer named head 1 of its one layer, (5, 1) ablated head 1
+    g1, p1 = nnx.split(PositionalTransformer(2, 2, num_heads=3, max_len=T, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=re.escape("heads: site 'attn.heads' has no '{layer}' field, so it names the "
+                                                   "heads of one layer: valid layers [0], got layer 5")):
+        ablate_heads(g1, p1, jnp.ones((B, T, 2)), [(0, 2), (5, 1)], site="attn.heads")
     per_prompt = lambda pred: pred[:, -1] ** 2  # noqa: E731  [B], not a scalar
     for grid in (activation_patching, attribution_patching):  # one failed to reshape its grid, one to take a gradient
         with pytest.raises(ValueError, match=r"metric must return a scalar .*got shape \(4,\)"):

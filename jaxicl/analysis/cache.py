@@ -77,9 +77,12 @@ def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> No
 
 def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argument: str = "heads") -> None:
     """ValueError naming the argument unless every (layer, head) names a head of site.format(layer=layer), a site
-    with a "head" axis."""
+    with a "head" axis; a site without "{layer}" (a one-layer model's) has only layer 0."""
     for layer, h in heads:
         name = site.format(layer=layer)
+        if layer != 0 and name == site.format(layer=0):
+            raise ValueError(f"{argument}: site {site!r} has no '{{layer}}' field, so it names the heads of one layer: "
+                             f"valid layers [0], got layer {layer}")
         check_sites([name], info, f"{argument} (through site {site!r})")
         shape, axes = info[name]
         if "head" not in axes:
