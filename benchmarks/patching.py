@@ -29,7 +29,7 @@ from flax import nnx
 
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds
-from jaxicl.analysis.cache import run_with_cache, site_info
+from jaxicl.analysis.cache import batch_site_info, run_with_cache
 from jaxicl.analysis.patching import (activation_patching, build_grid, grid_memory, patched_predictions,
                                      resolve_chunk_size)
 from jaxicl.models.gpt import GPT
@@ -95,7 +95,7 @@ def bench_batch(model: GPT, sizes: dict, batch: int, repeats: int, budget: float
     compiled_best = best_seconds(grid_fn, repeats)
 
     # the loop: one jitted forward pass per patch, a host sync after each, after the clean run (timed, as the grid's)
-    plan = build_grid(site_info(graphdef, params, clean[0]), sites, "pos_head")
+    plan = build_grid(batch_site_info(graphdef, params, clean), sites, "pos_head")
     step = jax.jit(lambda values, masks: metric(patched_predictions(graphdef, params, corrupted,
                                                                     Patch(values=values, masks=masks))))
 

@@ -3,6 +3,7 @@ planted clusters and scikit-learn's KMeans, Hungarian matching, sequence feature
 
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +183,12 @@ def test_sequence_features_gather_or_average_against_numpy():
     for bad in (7, -8):  # a position past either end: no NaN rows (take_along_axis's fill)
         with pytest.raises(ValueError, match=r"positions must lie in \[-7, 7\)"):
             sequence_features(cache, ["a"], positions=jnp.array([0, bad, 2, 3]))
+    mask[[1, 3]] = False  # two sequences with nothing to average: no zero vector standing for them
+    with pytest.raises(ValueError, match=re.escape("pool_mask: rows [1, 3] select no position to average")):
+        sequence_features(cache, ["a"], pool_mask=jnp.asarray(mask, jnp.float32))
+    traced = np.asarray(jax.jit(lambda m: sequence_features(cache, ["a"], pool_mask=m))(jnp.asarray(mask, jnp.float32)))
+    assert np.isnan(traced[0, [1, 3]]).all()
+    np.testing.assert_allclose(traced[0, [0, 2]], want[[0, 2]], rtol=1e-6, atol=1e-7)  # as above: float32 means
 
 
 def test_labels_outside_their_count_fail_with_the_argument_named():

@@ -1,6 +1,7 @@
 """Convergence and dimensionality metrics against numpy loops and planted structure."""
 
 import itertools
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -175,3 +176,25 @@ def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation(
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
     clean = np.stack([apply(graphdef, params, t)[0] for t in tokens])
     assert np.abs(out - clean)[~cells].max() < np.abs(out - clean)[cells].max()  # the noise moved the outputs
+
+
+def test_perturbed_outputs_rejects_a_site_not_per_cell_and_cells_not_per_prompt():
+    """As perturbation_distances: the attention weights [H, T, T] (H = B = 2) took the [B, T] cells' noise on their
+    head axis, changing prompt 1's outputs with no cell of it selected; a [T] mask would broadcast over the prompts."""
+    import jax
+    from flax import nnx
+
+    from jaxicl.analysis.perturbation import perturbed_outputs
+    from jaxicl.models.gpt import GPT
+
+    graphdef, params = nnx.split(GPT(d_model=8, n_layers=1, n_heads=2, max_len=8, input_dim=1, rngs=nnx.Rngs(0)))
+    tokens = jax.random.normal(jax.random.key(1), (2, 5, 1))
+    cells = np.array([[True] * 5, [False] * 5])
+    with pytest.raises(ValueError, match=re.escape("site must be [T, D] sites (a vector per cell, T = 5), got "
+                                                   "{'layer0.attn.weights': (2, 5, 5)}")):
+        perturbed_outputs(graphdef, params, tokens, "layer0.attn.weights", cells, 0.5, jax.random.key(0))
+    with pytest.raises(ValueError, match=re.escape("cells must be a [B, T] = [2, 5] mask (one row per prompt), got "
+                                                   "[5]")):
+        perturbed_outputs(graphdef, params, tokens, "layer0.resid_mid", cells[0], 0.5, jax.random.key(0))
+    with pytest.raises(ValueError, match=re.escape("site: unknown site name(s) ['layer1.resid_mid']")):
+        perturbed_outputs(graphdef, params, tokens, "layer1.resid_mid", cells, 0.5, jax.random.key(0))

@@ -1,21 +1,30 @@
 """The compiled interpretability toolkit: caches, patching grids, attribution, ablation, direct attribution, probes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxicl.analysis.ablation import ablate_heads
 from jaxicl.analysis.attention_patterns import mass_at_offset, mass_profile
 from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, ov_gain, qk_circuit
-from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching,
+from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching, grid_memory,
                                       patched_predictions, resolve_chunk_size)
+from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outputs
 from jaxicl.analysis.probes import probe, ridge_fit
+from jaxicl.analysis.steering import edit_each_site
 from jaxicl.models import SelfAttention, apply, predictor
+from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.models.gpt import GPT
 from jaxicl.sites import Patch
+from jaxicl.tasks import affine_recurrence as ar
+from jaxicl.tasks import sample_batch
+from jaxicl.train.mesh import data_mesh
 
 B, T = 4, 5
 
@@ -301,6 +310,11 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         ablate_heads(g, p, clean, [(0, 1)], site="layer{layer}.resid_post")
     with pytest.raises(ValueError, match=r"heads / head_site: head index 2 of layer 1 is out of range; allowed 0..1"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 2)])
+    # a one-layer model's head site has no {layer}: any layer named head 1 of its one layer, (5, 1) ablated head 1
+    g1, p1 = nnx.split(PositionalTransformer(2, 2, num_heads=3, max_len=T, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=re.escape("heads: site 'attn.heads' has no '{layer}' field, so it names the "
+                                                   "heads of one layer: valid layers [0], got layer 5")):
+        ablate_heads(g1, p1, jnp.ones((B, T, 2)), [(0, 2), (5, 1)], site="attn.heads")
     per_prompt = lambda pred: pred[:, -1] ** 2  # noqa: E731  [B], not a scalar
     for grid in (activation_patching, attribution_patching):  # one failed to reshape its grid, one to take a gradient
         with pytest.raises(ValueError, match=r"metric must return a scalar .*got shape \(4,\)"):
@@ -462,8 +476,13 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     np.testing.assert_allclose(mass_at_offset(eye, 0), [1.0])
     np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
     np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
-    with pytest.raises(ValueError, match=r"\[\.\.\., T, T\].*\(1, 4, 6\)"):  # cross-attention: keys are not the queries
+    # cross-attention: keys are not the queries
+    with pytest.raises(ValueError, match=r"\[\.\.\., H, T, T\].*\(1, 4, 6\)"):
         mass_at_offset(jnp.ones((1, 4, 6)) / 6, 1)
+    # NearestNeighborAttention's weights [T] of a batch of B = T = 4 prompts: square, but no query axis
+    with pytest.raises(ValueError, match=re.escape("weights must be self-attention weights [..., H, T, T] (a head "
+                                                   "axis; queries and keys the same positions), got shape (4, 4)")):
+        mass_at_offset(jnp.ones((4, 4)) / 4, 0)
 
 
 def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalised_input():
@@ -495,3 +514,64 @@ def test_chunk_size_auto_fills_a_cpu_chunk_with_about_2048_prompt_tokens_and_bad
     for bad in (0, "all", 2.5):
         with pytest.raises(ValueError, match="chunk_size must be"):
             resolve_chunk_size(bad, tokens)
+
+
+def test_each_analysis_takes_a_batch_drawn_under_a_data_mesh_inside_the_mesh_and_after_it():
+    """sample_batch under jax.set_mesh gives a batch split over "data" (4 simulated devices): taking its first prompt
+    for site_info was refused by JAX, and so was vmapping it with the per-prompt arrays an analysis makes unsharded
+    (zero values, edit masks). Each analysis gives what it gives for the same prompts unsharded, in the mesh and after
+    leaving it."""
+    g, p = nnx.split(GPT(d_model=8, n_layers=2, n_heads=2, max_len=8, input_dim=1, init_std=0.4, rngs=nnx.Rngs(0)))
+    task, batch = ar.AffineRecurrence(seq_len=8), 8
+    cells = np.zeros((batch, 8), bool)
+    cells[:, 3] = True
+    sites = ["layer0.resid_post", "layer1.resid_post"]
+    analyses = {
+        "run_with_cache": lambda x, y: run_with_cache(g, p, x, ["layer1.attn.z", "layer1.resid_post"]),
+        "zero ablation": lambda x, y: ablate_heads(g, p, x, [(1, 0)]),
+        "resample ablation": lambda x, y: ablate_heads(g, p, x, [(1, 0)], "resample", y, jax.random.key(5)),
+        "activation_patching": lambda x, y: activation_patching(g, p, x, y, last_sq, ["layer0.attn.z"], "pos_head"),
+        "grid_memory": lambda x, y: grid_memory(g, p, x, y, last_sq, ["layer0.attn.z"], "pos_head"),
+        "attribution_patching": lambda x, y: attribution_patching(g, p, x, y, last_sq, ["layer0.attn.z"], "pos_head"),
+        "direct_effect_patching": lambda x, y: direct_effect_patching(g, p, x, y, last_sq, [(0, 0), (1, 1)]),
+        "perturbation_distances": lambda x, y: perturbation_distances(g, p, x, sites[0], cells, 0.5,
+                                                                      jax.random.key(3), sites[1:]),
+        "perturbed_outputs": lambda x, y: perturbed_outputs(g, p, x, sites[0], cells, 0.5, jax.random.key(3)),
+        "edit_each_site": lambda x, y: edit_each_site(g, p, x, sites, cells, deltas=np.ones((2, batch, 8, 8))),
+        "probe": lambda x, y: probe(x[:, -1], y[:, -1, 0])["score"],
+    }
+    want = {name: f(*(sample_batch(ar.sample, task, jax.random.key(k), batch).inputs for k in (1, 2)))
+            for name, f in analyses.items()}
+    with jax.set_mesh(data_mesh(4)):
+        split = [sample_batch(ar.sample, task, jax.random.key(k), batch).inputs for k in (1, 2)]
+        assert split[0].sharding.spec == P("data", None, None)
+        inside = {name: f(*split) for name, f in analyses.items()}
+    after = {name: f(*split) for name, f in analyses.items()}
+    for got in (inside, after):
+        for name, value in got.items():
+            # replicated, every device runs the one-device program on the whole batch: the same float32 operations
+            # (measured equal); 1e-6 relative leaves room only for another fusion order. grid_memory's bytes: exact
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name),
+                         value, want[name])
+
+
+def test_attribution_patching_of_a_metric_reading_a_split_array_names_the_fix():
+    """A metric that gathers from predictions at indices split over "data" has no gradient JAX can type when the
+    predictions are replicated: the error names the metric and the reshard that fixes it, which then runs."""
+    g, p = nnx.split(GPT(d_model=8, n_layers=1, n_heads=2, max_len=8, input_dim=1, rngs=nnx.Rngs(0)))
+    clean, corrupted = (jax.random.normal(jax.random.key(k), (8, 8, 1)) for k in (1, 2))
+    with jax.set_mesh(data_mesh(4)):
+        last = jax.reshard(jnp.full((8, 1), 7), P("data"))
+
+        def at_last(pred):
+            return jnp.mean(jnp.take_along_axis(pred, last, -1))
+
+        with pytest.raises(ValueError, match=re.escape(
+                "metric: it reads arrays of shapes [(8, 1)] split over a mesh axis (e.g. targets drawn under "
+                "jax.set_mesh), and its gradient at the predictions, which the analysis holds replicated, cannot be "
+                "split alike; replicate them first, jax.reshard(x, jax.sharding.PartitionSpec()) inside the mesh")):
+            attribution_patching(g, p, clean, corrupted, at_last, ["layer0.resid_post"])
+        last = jax.reshard(last, P())
+        got = attribution_patching(g, p, clean, corrupted, at_last, ["layer0.resid_post"])
+    want = attribution_patching(g, p, clean, corrupted, lambda pred: jnp.mean(pred[:, 7]), ["layer0.resid_post"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # the same sums: float32 rounding of another program

@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import check_heads, run_with_cache, site_info
+from jaxicl.analysis.cache import batch_site_info, check_heads, replicated_inputs, run_with_cache
 from jaxicl.analysis.patching import patched_predictions
 from jaxicl.sites import Patch
 
 KINDS = ("zero", "mean", "resample")
 
 
+@replicated_inputs
 def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Sequence[tuple[int, int]], kind: str = "zero",
                  reference: jax.Array | None = None, key: jax.Array | None = None,
                  site: str = "layer{layer}.attn.z") -> jax.Array:
@@ -29,7 +30,7 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    info = site_info(graphdef, params, tokens[0])
+    info = batch_site_info(graphdef, params, tokens)
     names = sorted({site.format(layer=layer) for layer, _ in heads})
     check_heads(heads, site, info)
     masks = {}

@@ -9,9 +9,10 @@ def mass_at_offset(weights: jax.Array, offset: int) -> jax.Array:
 
     offset 0: attention to the query's own position; 1: to the previous token.
     """
-    if weights.ndim < 2 or weights.shape[-2] != weights.shape[-1]:
-        raise ValueError(f"weights must be self-attention weights [..., T, T] (queries and keys the same positions), "
-                         f"got shape {weights.shape}")
+    if weights.ndim < 3 or weights.shape[-2] != weights.shape[-1]:
+        # [B, T] with B == T (a batch of NearestNeighborAttention's weights: one query, no query axis) is square too
+        raise ValueError(f"weights must be self-attention weights [..., H, T, T] (a head axis; queries and keys the "
+                         f"same positions), got shape {weights.shape}")
     t = weights.shape[-1]
     if not 0 <= offset < t:
         raise ValueError(f"offset must be in [0, {t - 1}], got {offset}")

@@ -1,14 +1,17 @@
 """A cache of requested sites for a batch of prompts (TransformerLens's run_with_cache, compiled).
 
 Only the requested sites are kept (no whole-model cache unless asked for with names="all"); names are
-checked against the model's sites before anything is compiled.
+checked against the model's sites before anything is compiled. The analyses take a batch drawn under jax.set_mesh
+(split over "data") inside the mesh and after it, replicating it first (replicated_inputs).
 """
 
-from collections.abc import Iterable
-from functools import partial
+from collections.abc import Callable, Iterable
+from functools import partial, wraps
 
 import jax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxicl.models.functional import apply
 
@@ -32,6 +35,36 @@ def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tu
     return _SITE_INFO[key]
 
 
+def batch_site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict:
+    """site_info of one prompt of the batch tokens [B, T, ...], from the batch's shape and dtype alone: taking a prompt
+    out (tokens[0]) of a batch sharded over a mesh's Explicit axis (sample_batch under jax.set_mesh) is refused by JAX,
+    inside the mesh and after it."""
+    return site_info(graphdef, params, jax.ShapeDtypeStruct(tokens.shape[1:], tokens.dtype))
+
+
+def explicitly_sharded(x) -> bool:
+    """Whether x is an array split over an Explicit mesh axis (a batch drawn by sample_batch under jax.set_mesh)."""
+    sharding = getattr(x, "sharding", None)
+    return (isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types
+            and any(s is not None for s in sharding.spec))
+
+
+def replicated_inputs(fn: Callable) -> Callable:
+    """fn with each explicitly_sharded array argument replicated on its mesh's devices first: an analysis vmaps the
+    batch together with per-prompt arrays it makes unsharded (zero values, masks, picks), which JAX refuses for a batch
+    sharded over "data", inside the mesh and after it. Replicated, every device runs the whole analysis, with the
+    results of one device."""
+
+    def replicated(x):
+        return jax.reshard(x, NamedSharding(x.sharding.mesh, P())) if explicitly_sharded(x) else x
+
+    @wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*map(replicated, args), **{k: replicated(v) for k, v in kwargs.items()})
+
+    return wrapped
+
+
 def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> None:
     """ValueError naming the argument and the model's sites if a name is not one of them (or names is one string,
     which would be read as its characters)."""
@@ -39,14 +72,22 @@ def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> No
         raise ValueError(f"{argument}: give a list of site names, got the string {names!r} (write [{names!r}])")
     unknown = sorted(set(names) - set(info))
     if unknown:
-        raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}")
+        off_pass = ""  # LEA's forward pass is the picture stream's: its speech stream runs only in LEA.message
+        if any(n.startswith("speech.") for n in unknown) and "picture.embed" in info:
+            off_pass = ("; LEA's speech.* sites are off its forward pass (reconstruction from the board, which the "
+                        "analyses trace): capture them per board with jaxicl.sites.run_with_sites(model.message, "
+                        "board, capture=[...])")
+        raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}{off_pass}")
 
 
 def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argument: str = "heads") -> None:
     """ValueError naming the argument unless every (layer, head) names a head of site.format(layer=layer), a site
-    with a "head" axis."""
+    with a "head" axis; a site without "{layer}" (a one-layer model's) has only layer 0."""
     for layer, h in heads:
         name = site.format(layer=layer)
+        if layer != 0 and name == site.format(layer=0):
+            raise ValueError(f"{argument}: site {site!r} has no '{{layer}}' field, so it names the heads of one layer: "
+                             f"valid layers [0], got layer {layer}")
         check_sites([name], info, f"{argument} (through site {site!r})")
         shape, axes = info[name]
         if "head" not in axes:
@@ -57,6 +98,7 @@ def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argumen
             raise ValueError(f"{argument}: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
 
 
+@replicated_inputs
 def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Iterable[str] | str,
                    info: dict | None = None):
     """(predictions [B, ...], {site: [B, ...]}) for a batch of prompts tokens [B, T, ...], jitted; the cache's sites
@@ -64,7 +106,7 @@ def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Ite
 
     names: the sites to keep, or "all". info: site_info of this model and prompt shape, where the caller has it.
     """
-    info = info or site_info(graphdef, params, tokens[0])
+    info = info or batch_site_info(graphdef, params, tokens)
     if names != "all":
         names = names if isinstance(names, str) else tuple(names)  # once: the check would spend a generator
         check_sites(names, info, "names")

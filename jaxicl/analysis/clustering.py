@@ -128,14 +128,20 @@ def normalized_mutual_info(a: jax.Array, b: jax.Array, n_a: int, n_b: int) -> ja
 def sequence_features(cache: dict, sites: list[str], positions: jax.Array | None = None,
                       pool_mask: jax.Array | None = None) -> jax.Array:
     """[L, N, D] one vector per sequence and site from a cache {site: [N, T, D]}: the value at positions [N], or
-    the mean over the positions of pool_mask [N, T] (e.g. the instruction's tokens). Give exactly one."""
+    the mean over the positions of pool_mask [N, T] (e.g. the instruction's tokens). Give exactly one. A pool_mask row
+    with no position has no mean: an error, or NaN features where the mask is traced (inside jit), not a zero vector
+    that k-means would cluster as a representation."""
     if (positions is None) == (pool_mask is None):
         raise ValueError("give exactly one of positions (a position per sequence) and pool_mask (positions to average)")
     if positions is not None:
         t = min(cache[s].shape[1] for s in sites)
         check_indices("positions", positions, -t, t)
         return jnp.stack([jnp.take_along_axis(cache[s], positions[:, None, None], axis=1)[:, 0] for s in sites])
-    w = pool_mask / jnp.maximum(pool_mask.sum(-1, keepdims=True), 1)
+    count = pool_mask.sum(-1, keepdims=True)
+    if not isinstance(count, jax.core.Tracer) and (empty := np.flatnonzero(np.asarray(count)[:, 0] == 0)).size:
+        raise ValueError(f"pool_mask: rows {empty.tolist()} select no position to average; give each sequence at least "
+                         f"one")
+    w = pool_mask / count
     return jnp.stack([jnp.einsum("nt,ntd->nd", w, cache[s]) for s in sites])
 
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import check_heads, check_sites, run_with_cache, site_info
+from jaxicl.analysis.cache import (batch_site_info, check_heads, check_sites, explicitly_sharded, replicated_inputs,
+                                   run_with_cache)
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 from jaxicl.traced import Traced, trace
@@ -127,6 +128,7 @@ def resolve_chunk_size(chunk_size: ChunkSize, corrupted: jax.Array) -> int | Non
     return chunk_size
 
 
+@replicated_inputs
 def activation_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
                         sites: Sequence[str], by: str = "pos", chunk_size: ChunkSize = "auto") -> np.ndarray:
     """metric of the corrupted run with each grid slice patched from the clean run: [len(sites), [T], [H]].
@@ -135,7 +137,7 @@ def activation_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrup
     """
     _check_batches(clean, corrupted)
     chunk = resolve_chunk_size(chunk_size, corrupted)
-    info = site_info(graphdef, params, clean[0])
+    info = batch_site_info(graphdef, params, clean)
     grid = build_grid(info, sites, by)
     predictions, values = run_with_cache(graphdef, params, clean, grid.sites, info)
     traced, consts = trace_metric(metric, predictions)
@@ -161,11 +163,12 @@ def _grid_metric(graphdef, params, corrupted, values, masks, metric, consts, chu
     return jnp.concatenate(out)
 
 
+@replicated_inputs
 def grid_memory(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
                 sites: Sequence[str], by: str, chunk_size: ChunkSize = "auto") -> int:
     """Bytes of the compiled grid program (XLA's memory analysis: arguments + outputs + temporaries)."""
     chunk = resolve_chunk_size(chunk_size, corrupted)
-    info = site_info(graphdef, params, clean[0])
+    info = batch_site_info(graphdef, params, clean)
     grid = build_grid(info, sites, by)
     predictions, values = run_with_cache(graphdef, params, clean, grid.sites, info)
     traced, consts = trace_metric(metric, predictions)
@@ -174,15 +177,24 @@ def grid_memory(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
+@replicated_inputs
 def attribution_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
                          sites: Sequence[str], by: str = "pos") -> np.ndarray:
     """The first-order estimate of activation_patching's grid, from one forward and one backward pass."""
     _check_batches(clean, corrupted)
-    info = site_info(graphdef, params, clean[0])
+    info = batch_site_info(graphdef, params, clean)
     grid = build_grid(info, sites, by)
     predictions, clean_values = run_with_cache(graphdef, params, clean, grid.sites, info)
     traced, consts = trace_metric(metric, predictions)
-    out = _attribution(graphdef, params, corrupted, clean_values, grid.masks, traced, consts)
+    try:
+        out = _attribution(graphdef, params, corrupted, clean_values, grid.masks, traced, consts)
+    except ValueError as e:  # JAX's message names two types of one gradient, not the array that split it
+        if sharded := [c.shape for c in consts if explicitly_sharded(c)]:
+            raise ValueError(f"metric: it reads arrays of shapes {sharded} split over a mesh axis (e.g. targets drawn "
+                             f"under jax.set_mesh), and its gradient at the predictions, which the analysis holds "
+                             f"replicated, cannot be split alike; replicate them first, jax.reshard(x, "
+                             f"jax.sharding.PartitionSpec()) inside the mesh") from e
+        raise
     return np.asarray(out).reshape(grid.shape)
 
 
@@ -206,6 +218,7 @@ def _attribution(graphdef, params, corrupted, clean_values, masks, metric, const
     return total
 
 
+@replicated_inputs
 def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
                            heads: Sequence[tuple[int, int]], head_site: str = "layer{layer}.attn.heads",
                            stream_site: str | None = None) -> np.ndarray:
@@ -217,7 +230,7 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     _check_batches(clean, corrupted)
     if not heads:
         raise ValueError("heads: give at least one (layer, head) pair")
-    info = site_info(graphdef, params, clean[0])
+    info = batch_site_info(graphdef, params, clean)
     layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
     if stream_site is None and not layers:
         raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "

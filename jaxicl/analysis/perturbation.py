@@ -12,24 +12,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.analysis.cache import check_sites, run_with_cache, site_info
+from jaxicl.analysis.cache import batch_site_info, check_sites, replicated_inputs, run_with_cache
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 
 
+@replicated_inputs
 def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array,
                            alpha: float, key: jax.Array, sites: Sequence[str]) -> jax.Array:
     """[len(sites)] mean over the selected cells of |z_perturbed - z_clean| / |z_clean| at each of `sites` when
     noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]."""
-    info = site_info(graphdef, params, tokens[0])
-    check_sites([site, *sites], info)
-    t = tokens.shape[1]
-    not_cells = {s: info[s][0] for s in [site, *sites] if len(info[s][0]) != 2 or info[s][0][0] != t}
-    if not_cells:
-        raise ValueError(f"site and sites must be [T, D] sites (a vector per cell, T = {t}), got {not_cells}")
-    if cells.shape != tokens.shape[:2]:
-        raise ValueError(f"cells must be a [B, T] = {list(tokens.shape[:2])} mask (one row per prompt), got "
-                         f"{list(cells.shape)}")
+    info = _cell_sites_info(graphdef, params, tokens, cells, [site, *sites], "site and sites")
     clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
     x = clean[site]
     perturbed = _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), tuple(sites))[1]
@@ -41,12 +34,31 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
     return jnp.stack(out)
 
 
+@replicated_inputs
 def perturbed_outputs(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array, alpha: float,
                       key: jax.Array) -> jax.Array:
     """The model's outputs [B, T, ...] with perturbation_distances' noise (the same draw for the same key, so a
     sweep over alpha scales one direction) added to `site` at cells [B, T]: whether the model still reconstructs."""
-    x = run_with_cache(graphdef, params, tokens, [site])[1][site]
+    info = _cell_sites_info(graphdef, params, tokens, cells, [site], "site")
+    x = run_with_cache(graphdef, params, tokens, [site], info=info)[1][site]
     return _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), ())[0]
+
+
+def _cell_sites_info(graphdef: nnx.GraphDef, params, tokens: jax.Array, cells: jax.Array, names: Sequence[str],
+                     argument: str) -> dict:
+    """batch_site_info of tokens [B, T, ...], once names (the argument named `argument`) are [T, D] sites of the model
+    and cells is a [B, T] mask: noise_at perturbs the last axis at each cell, so any other site shape or a [T] mask
+    would be broadcast onto the wrong axes."""
+    info = batch_site_info(graphdef, params, tokens)
+    check_sites(names, info, argument)
+    t = tokens.shape[1]
+    not_cells = {s: info[s][0] for s in names if len(info[s][0]) != 2 or info[s][0][0] != t}
+    if not_cells:
+        raise ValueError(f"{argument} must be [T, D] sites (a vector per cell, T = {t}), got {not_cells}")
+    if cells.shape != tokens.shape[:2]:
+        raise ValueError(f"cells must be a [B, T] = {list(tokens.shape[:2])} mask (one row per prompt), got "
+                         f"{list(cells.shape)}")
+    return info
 
 
 def noise_at(x: jax.Array, cells: jax.Array, alpha: float, key: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.analysis.cache import replicated_inputs
 from jaxicl.ridge import ridge_solve
 
 
@@ -30,6 +31,7 @@ def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
     return x @ w[:-1] + w[-1]
 
 
+@replicated_inputs
 def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fraction: float = 0.25,
           key: jax.Array | None = None, held_out: jax.Array | None = None, standardise: bool = False) -> dict:
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged

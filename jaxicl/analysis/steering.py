@@ -16,17 +16,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.analysis.cache import check_sites, site_info
+from jaxicl.analysis.cache import batch_site_info, check_sites, replicated_inputs
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 
 
+@replicated_inputs
 def edit_each_site(graphdef: nnx.GraphDef, params, tokens: jax.Array, sites: Sequence[str], masks: jax.Array, *,
                    values: jax.Array | None = None, deltas: jax.Array | None = None) -> jax.Array:
     """Readout outputs [S, B, ...] of tokens [B, T] with site s of `sites` (S sites, each [T, D]) edited at the
     cells masks [B, T] (bool): replaced by values [S, B, T, D] there (when given), then deltas [S, B, T, D] added
     there (when given)."""
-    info = site_info(graphdef, params, tokens[0])
+    info = batch_site_info(graphdef, params, tokens)
     check_sites(sites, info)
     shapes = {info[s][0] for s in sites}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:

@@ -30,6 +30,11 @@ message_of):
   {stream}.layer{l}.resid_cross
   {stream}.layer{l}.mlp.out [T, D]; {stream}.layer{l}.resid_post [T, D]
   picture.unembed.in [64, D] (LN_f: the abstract representation)   speech.out [L, D] (before quantisation)
+
+jaxicl.analysis (run_with_cache, site_info, patching, ablation) traces LEA.__call__, the reconstruction from the board,
+so it reaches the picture.* sites only. The speech.* sites (with the picture stream's that feed them) are captured
+per board by tracing message: run_with_sites(nnx.merge(graphdef, state).message, board, capture=[...]) from
+jaxicl.sites, vmapped over boards [B, 64], as experiments/abstractions_lea.py's representation_probes does.
 """
 
 from functools import partial
