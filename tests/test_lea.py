@@ -169,16 +169,14 @@ def test_both_streams_expose_every_block_through_sites():
     assert model.site_axes("speech.layer0.cross_attn.weights", 3) == ("head", "pos", "key")
 
 
-def test_the_analyses_reach_the_picture_stream_and_name_the_route_to_the_speech_stream():
-    """run_with_cache traces LEA.__call__ (reconstruction from the board): a speech.* name is refused with the route
-    that reaches it, and that route records the speech output the words are read from."""
+def test_the_analyses_reach_the_picture_stream_and_the_documented_route_reaches_the_speech_stream():
+    """run_with_cache traces LEA.__call__ (reconstruction from the board): a speech.* name is refused, and the route
+    the module docstring gives records the speech output the words are read from."""
     model = lea.LEA(rngs=nnx.Rngs(0), **TINY)
     graphdef, state = nnx.split(model)
     boards = jax.random.randint(jax.random.key(0), (2, 64), 0, 21)
     assert run_with_cache(graphdef, state, boards, ["picture.unembed.in"])[1]["picture.unembed.in"].shape == (2, 64, 16)
-    with pytest.raises(ValueError, match=re.escape(
-            "LEA's speech.* sites are off its forward pass (reconstruction from the board, which the analyses trace): "
-            "capture them per board with jaxicl.sites.run_with_sites(model.message, board, capture=[...])")):
+    with pytest.raises(ValueError, match=re.escape("names: unknown site name(s) ['speech.out']")):
         run_with_cache(graphdef, state, boards, ["picture.unembed.in", "speech.out"])
     speech = jax.vmap(lambda b: run_with_sites(model.message, b, capture=["speech.out"])[1]["speech.out"])(boards)
     np.testing.assert_array_equal(jax.vmap(model.message)(boards), vq.nearest_codes(model.codebook[...], speech))

@@ -72,12 +72,7 @@ def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> No
         raise ValueError(f"{argument}: give a list of site names, got the string {names!r} (write [{names!r}])")
     unknown = sorted(set(names) - set(info))
     if unknown:
-        off_pass = ""  # LEA's forward pass is the picture stream's: its speech stream runs only in LEA.message
-        if any(n.startswith("speech.") for n in unknown) and "picture.embed" in info:
-            off_pass = ("; LEA's speech.* sites are off its forward pass (reconstruction from the board, which the "
-                        "analyses trace): capture them per board with jaxicl.sites.run_with_sites(model.message, "
-                        "board, capture=[...])")
-        raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}{off_pass}")
+        raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}")
 
 
 def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argument: str = "heads") -> None:
