@@ -81,9 +81,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
     refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
     afresh). chunk_size bounds the members trained at once; memory_budget (bytes per device) chooses it from the
-    compiled program's memory (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU,
-    TPU), else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
-    The default mesh puts gcd(devices, chunk) devices on the members axis.
+    memory of a chunk's compiled programs, training and (given) evaluate (estimate_memory); neither: 80% of the device
+    memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task fields) ->
+    {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_eval_schedule(eval_every, cfg.steps)
     members = plain_members(members)

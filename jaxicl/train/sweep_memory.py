@@ -1,4 +1,4 @@
-"""How many sweep members fit in device memory, from XLA's memory analysis of the compiled chunk program."""
+"""How many sweep members fit in device memory, from XLA's memory analysis of a chunk's compiled programs."""
 
 import dataclasses
 from collections.abc import Callable
@@ -21,7 +21,7 @@ from jaxicl.validation import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of the compiled chunk program: fixed + per_member * members (from XLA's memory analysis)."""
+    """Bytes of a chunk: fixed + per_member * members (from XLA's memory analysis of its programs)."""
 
     fixed: int
     per_member: int
@@ -40,32 +40,43 @@ class MemoryEstimate:
 
 
 def estimate_memory(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable,
-                    members: list[dict], *, mesh: jax.sharding.Mesh | None = None) -> MemoryEstimate:
-    """Bytes of the chunk program of train_sweep(...) with these arguments, as fixed + per_member * chunk."""
-    return program_memory(build_program(loss_fn, sample, task_cfg, cfg, init, members, None), cfg,
+                    members: list[dict], *, mesh: jax.sharding.Mesh | None = None,
+                    evaluate: Callable | None = None) -> MemoryEstimate:
+    """Bytes of a chunk of train_sweep(...) with these arguments (chunk_memory), as fixed + per_member * chunk."""
+    return program_memory(build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate), cfg,
                           mesh or default_sweep_mesh(len(members)))
 
 
 def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh) -> MemoryEstimate:
-    """Bytes of a sweep's chunk program as fixed + per_member * chunk (XLA's memory analysis).
-
-    Compiles the chunk of cfg.steps_per_call steps for g and 2g members (g = the mesh's member
-    devices) and fits the two totals (arguments + outputs + temporaries - donated aliases).
-    """
+    """Bytes of a sweep's chunk as fixed + per_member * chunk: chunk_memory of g and 2g members (g = the mesh's
+    member devices), fitted."""
     g = mesh.shape[MEMBER_AXIS]
-    n = min(cfg.steps_per_call, cfg.steps)
-
-    def total(c):
-        with jax.set_mesh(mesh), unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
-            sharding = NamedSharding(mesh, P(MEMBER_AXIS))
-            a = prog.inputs(np.zeros(c, int), sharding)
-            lowered = prog.run_chunk.lower(prog.states(a, sharding), a["task"], n)
-            m = compile_chunk(lowered, cfg.cpu_matmuls).memory_analysis()
-        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-
-    one, two = total(g), total(2 * g)
+    one, two = chunk_memory(prog, cfg, mesh, g), chunk_memory(prog, cfg, mesh, 2 * g)
     per = max((two - one) // g, 1)
     return MemoryEstimate(max(one - per * g, 0), per, g)
+
+
+def chunk_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, c: int) -> int:
+    """Bytes per device of a chunk of c members, from XLA's memory analysis (arguments + outputs + temporaries -
+    donated aliases): its training program of cfg.steps_per_call steps or, where the sweep evaluates and it is
+    larger, its evaluation: evaluate's vmapped program, plus the training state it does not take (optimiser state,
+    step and key), held meanwhile."""
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+        a = prog.inputs(np.zeros(c, int), sharding)
+        state = prog.states(a, sharding)
+        with unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
+            lowered = prog.run_chunk.lower(state, a["task"], min(cfg.steps_per_call, cfg.steps))
+        train = compile_chunk(lowered, cfg.cpu_matmuls).memory_analysis()
+        if prog.eval_chunk is None:
+            return _total(train)
+        evaluation = prog.eval_chunk.lower(state.params, a["task"]).compile().memory_analysis()
+    held = train.argument_size_in_bytes - evaluation.argument_size_in_bytes
+    return max(_total(train), _total(evaluation) + held)
+
+
+def _total(m) -> int:
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def device_budget(mesh: jax.sharding.Mesh, fraction: float = 0.8) -> float | None:
