@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 import shutil
 
 import jax
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from experiments.common.result import diverged_check
 from experiments.common.sweep_report import aggregate, final_table
 from jaxicl.models import SelfAttention
+from jaxicl.models.attention import sweep_init
 from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
@@ -166,6 +168,34 @@ def test_a_memory_budget_sizes_the_chunk_for_its_evaluation_too():
                         evaluate=evaluate, progress=False)
     assert swept.chunk_size == 3 and max(train_3, eval_3) <= budget
     assert len(swept.eval_rows) == 2 * 8  # steps 0 and 2 of every member
+
+
+@pytest.mark.parametrize("dim,n_context,batch,model,fits", [
+    (8, 20, 64, {"kind": "softmax", "num_layers": 2, "num_heads": 2}, 12),  # the reviewer's softmax adamw sweep
+    (3, 6, 512, {}, 6)])  # gd_equivalence's smoke shapes
+def test_a_memory_budget_picks_the_largest_chunk_whose_compiled_programs_fit(dim, n_context, batch, model, fits):
+    """A budget between the compiled memories of `fits` and `fits` + 1 members gives chunks of `fits`. A fit from 1
+    and 2 members (the 1-member program is cheaper per member) chose 15 and 7, 1.2x and 1.08x over the budget."""
+    task = lr.LinearRegression(dim=dim, n_context=n_context)
+    member_init, graphdef = sweep_init(dim + 1, **model)
+    loss = regression_loss(graphdef)
+    cfg = _cfg(steps=2, steps_per_call=2, batch_size=batch, optimizer="adamw", weight_decay=0.1)
+    members = [{"train.seed": s} for s in range(16)]
+    prog = build_program(loss, lr.sample, task, cfg, member_init, members, None)
+    chosen, more = _compiled_bytes(prog, cfg, fits)[0], _compiled_bytes(prog, cfg, fits + 1)[0]
+    budget = (chosen + more) / 2
+    swept = train_sweep(loss, lr.sample, task, cfg, member_init, members, mesh=sweep_mesh(1), memory_budget=budget,
+                        progress=False)
+    assert swept.chunk_size == fits and chosen <= budget < more
+
+
+def test_a_memory_budget_below_the_chunk_of_one_member_is_refused_with_its_compiled_bytes():
+    members = [{"train.seed": s} for s in range(3)]
+    need = _compiled_bytes(build_program(LOSS, lr.sample, TASK, _cfg(), init, members, None), _cfg(), 1)[0]
+    message = f"memory_budget={need // 2:.3g} bytes holds no chunk: 1 member(s) need {need:.3g} bytes"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=sweep_mesh(1), memory_budget=need // 2,
+                    progress=False)
 
 
 def test_the_progress_bar_shows_the_median_final_loss_of_the_members_still_training(capsys):

@@ -1,6 +1,7 @@
 """How many sweep members fit in device memory, from XLA's memory analysis of a chunk's compiled programs."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -48,12 +49,37 @@ def estimate_memory(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig
 
 
 def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh) -> MemoryEstimate:
-    """Bytes of a sweep's chunk as fixed + per_member * chunk: chunk_memory of g and 2g members (g = the mesh's
-    member devices), fitted."""
+    """Bytes of a sweep's chunk as fixed + per_member * chunk: chunk_memory of 2g and 4g members (g = the mesh's
+    member devices), fitted (XLA compiles g members differently, often cheaper per member: a fit from g and 2g was
+    up to 25% under the memory of larger chunks). A guide: train_sweep measures the chunk it picks (chunk_in_budget)."""
     g = mesh.shape[MEMBER_AXIS]
-    one, two = chunk_memory(prog, cfg, mesh, g), chunk_memory(prog, cfg, mesh, 2 * g)
-    per = max((two - one) // g, 1)
-    return MemoryEstimate(max(one - per * g, 0), per, g)
+    two, four = chunk_memory(prog, cfg, mesh, 2 * g), chunk_memory(prog, cfg, mesh, 4 * g)
+    per = max((four - two) // (2 * g), 1)
+    return MemoryEstimate(max(two - per * 2 * g, 0), per, g)
+
+
+def chunk_in_budget(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, budget: float,
+                    n_members: int) -> int:
+    """The chunk size (a multiple of g, the mesh's member devices) whose chunk_memory fits `budget` bytes per device:
+    all `n_members` (rounded up to g) where they fit; else the largest on the line through the memories of 2g members
+    and of the size that did not fit, stepped down until one fits (measured: a chunk's memory is not linear in its
+    members, so a fit alone can exceed the budget).
+
+    Compiles a chunk's programs (training, and evaluation where given) at 1 size where all members fit, else at
+    usually 3 (all, 2g, the chosen one), 1 more per step down.
+    """
+    g = mesh.shape[MEMBER_AXIS]
+    measure = functools.cache(functools.partial(chunk_memory, prog, cfg, mesh))
+    n = -(-n_members // g) * g
+    while (used := measure(n)) > budget:
+        if n == g:
+            raise ConfigError(f"memory_budget={budget:.3g} bytes holds no chunk: {g} member(s) need {used:.3g} bytes")
+        if n == 2 * g or measure(2 * g) > budget:
+            n = g
+        else:  # measure(2g) <= budget < used: the line between them crosses the budget
+            on_line = 2 * g + (budget - measure(2 * g)) * (n - 2 * g) / (used - measure(2 * g))
+            n = max(2 * g, min(n - g, int(on_line) // g * g))
+    return n
 
 
 def chunk_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, c: int) -> int:
