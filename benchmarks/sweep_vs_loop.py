@@ -84,8 +84,8 @@ def main(argv=None) -> None:
     walls = {}  # unrounded wall seconds of the ways timed so far
 
     def vmapped_and_loop() -> dict:
-        # chunk_size=n: all at once, without the memory estimate (two more compilations) that train_sweep makes to
-        # choose a chunk on a device that reports its memory (GPU, TPU) and not on a CPU
+        # chunk_size=n: all at once, without the memory measure (one more compilation where all fit) that train_sweep
+        # makes to choose a chunk on a device that reports its memory (GPU, TPU) and not on a CPU
         walls["vmapped"], vmapped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,
                                                               mesh=mesh, chunk_size=n, progress=False))
         walls["loop"], looped = timed(lambda: train_sweep(loss_fn, lr_task.sample, task, cfg, init, members,

@@ -320,14 +320,14 @@ def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage
     """Steady state: between the clock's readings only the chunk runs (inputs and fresh states are built before);
     a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written. On a
     device that reports its memory (a GPU, faked here) the vmapped way trains all members at once, without the
-    memory estimate train_sweep would compile to choose a chunk (two more compilations in its wall time)."""
+    memory measure train_sweep would compile to choose a chunk (one more compilation in its wall time)."""
     import jaxicl.train
     from benchmarks import sweep_vs_loop
     from jaxicl.train import sweep, sweep_program
 
-    estimates, program_memory = [], sweep.program_memory
+    estimates, chunk_in_budget = [], sweep.chunk_in_budget
     monkeypatch.setattr(sweep, "device_budget", lambda mesh: 0.8 * 80e9)  # an 80 GB GPU
-    monkeypatch.setattr(sweep, "program_memory", lambda *a: estimates.append(a) or program_memory(*a))
+    monkeypatch.setattr(sweep, "chunk_in_budget", lambda *a: estimates.append(a) or chunk_in_budget(*a))
 
     events, on_disk, build = [], [], sweep_program.build_program
 

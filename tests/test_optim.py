@@ -1,9 +1,12 @@
 """The optimiser builder: weight decay masked by parameter path, one schedule for plain and swept warmups."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention, DiagonalPositionalAttention
@@ -11,6 +14,7 @@ from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.models.gpt import GPT
 from jaxicl.train import TrainConfig
 from jaxicl.train.optim import decay_mask, make_optimizer, path_names, scheduled_lr, unit_schedule
+from jaxicl.validation import ConfigError
 
 
 def test_default_decay_mask_skips_biases_norm_scales_and_position_tables():
@@ -44,6 +48,19 @@ def test_adamw_decays_exactly_the_masked_parameters():
     # zero gradients: the Adam part is 0, so the update is -lr * weight_decay * param where decayed
     np.testing.assert_allclose(updates["w"], -0.05 * np.ones(3), rtol=1e-6)
     np.testing.assert_array_equal(updates["bias"], 0.0)  # masked out: no term at all
+
+
+def test_no_decay_is_a_tuple_of_patterns_a_string_is_refused_and_a_list_becomes_a_tuple():
+    """A string was iterated by character: "*bias*" gave the pattern "*", which exempted every parameter."""
+    expected = "no_decay must be a tuple of glob patterns (str) of parameter path names, e.g. ('*bias*', 'scale'), got "
+    for bad, got in (("*bias*", "'*bias*' (a string: each of its characters would be a pattern)"),
+                     (("bias", 3), "('bias', 3)"), (None, "None")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(expected + got)}$"):
+            TrainConfig(optimizer="adamw", weight_decay=0.1, no_decay=bad)
+    cfg = TrainConfig(optimizer="adamw", weight_decay=0.1, no_decay=["*bias*", "scale"])
+    assert cfg.no_decay == ("*bias*", "scale")  # a tuple (a list is unequal), so the frozen config stays hashable
+    mask = decay_mask({"w": jnp.ones(2), "bias": jnp.ones(2), "norm": {"scale": jnp.ones(2)}}, cfg.no_decay)
+    assert mask == {"w": True, "bias": False, "norm": {"scale": False}}
 
 
 def test_one_schedule_for_plain_and_traced_warmup_and_the_logged_lr():

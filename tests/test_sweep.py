@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import re
 import shutil
 
 import jax
@@ -14,11 +15,13 @@ from jax.sharding import PartitionSpec as P
 from experiments.common.result import diverged_check
 from experiments.common.sweep_report import aggregate, final_table
 from jaxicl.models import SelfAttention
+from jaxicl.models.attention import sweep_init
+from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import sweep as sweep_module
-from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, read_metrics, regression_loss,
-                          sweep_mesh, train, train_sweep)
+from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, eval_key, read_metrics,
+                          regression_loss, sweep_mesh, train, train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import split_fields
 from jaxicl.train.sweep_program import build_program
@@ -126,6 +129,73 @@ def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once
     for i in range(5):
         np.testing.assert_allclose(_member_losses(chunked, i), _member_losses(whole, i), rtol=2e-5)
     _assert_trees_close(chunked.params, whole.params, rtol=2e-4, atol=1e-6)
+
+
+def _compiled_bytes(prog, cfg: TrainConfig, c: int) -> tuple[int, int | None]:
+    """XLA's memory analysis (arguments + outputs + temporaries - donated) of the training and evaluation programs of a
+    chunk of c members on one device, each compiled as train_sweep runs it (evaluation: None without evaluate)."""
+    def total(m):
+        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+    mesh = sweep_mesh(1)
+    with jax.set_mesh(mesh):
+        sharding = jax.sharding.NamedSharding(mesh, P(MEMBER_AXIS))
+        a = prog.inputs(np.zeros(c, int), sharding)
+        state = prog.states(a, sharding)
+        with unrolled_threefry():  # as the chunks that run are lowered
+            lowered = prog.run_chunk.lower(state, a["task"], cfg.steps_per_call)
+        train_bytes = total(lowered.compile().memory_analysis())
+        return train_bytes, prog.eval_chunk and total(prog.eval_chunk.lower(state.params, a["task"]).compile()
+                                                      .memory_analysis())
+
+
+def test_a_memory_budget_sizes_the_chunk_for_its_evaluation_too():
+    """An evaluate on many prompts needs far more memory per member than training (experiments evaluate on 10k-16k
+    prompts; here 4096 prompts of 16 training ones): sized from the training program alone, all 8 members were one
+    chunk, whose evaluation needed about twice the budget."""
+    cfg = _cfg(steps=2, steps_per_call=2)
+    members = [{"train.seed": s} for s in range(8)]
+
+    def evaluate(params):
+        return {"loss": LOSS(params, sample_batch(lr.sample, TASK, eval_key(0), 4096))[0]}
+
+    prog = build_program(LOSS, lr.sample, TASK, cfg, init, members, evaluate)
+    (train_3, eval_3), (_, eval_4) = _compiled_bytes(prog, cfg, 3), _compiled_bytes(prog, cfg, 4)
+    assert _compiled_bytes(prog, cfg, 8)[0] < eval_3  # training alone: every member fits
+    # between 3 and 4 members' evaluation (it grows by 2.4 MB a member; the training state it holds is 17 kB)
+    budget = (eval_3 + eval_4) / 2
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), memory_budget=budget,
+                        evaluate=evaluate, progress=False)
+    assert swept.chunk_size == 3 and max(train_3, eval_3) <= budget
+    assert len(swept.eval_rows) == 2 * 8  # steps 0 and 2 of every member
+
+
+@pytest.mark.parametrize("dim,n_context,batch,model,fits", [
+    (8, 20, 64, {"kind": "softmax", "num_layers": 2, "num_heads": 2}, 12),  # the reviewer's softmax adamw sweep
+    (3, 6, 512, {}, 6)])  # gd_equivalence's smoke shapes
+def test_a_memory_budget_picks_the_largest_chunk_whose_compiled_programs_fit(dim, n_context, batch, model, fits):
+    """A budget between the compiled memories of `fits` and `fits` + 1 members gives chunks of `fits`. A fit from 1
+    and 2 members (the 1-member program is cheaper per member) chose 15 and 7, 1.2x and 1.08x over the budget."""
+    task = lr.LinearRegression(dim=dim, n_context=n_context)
+    member_init, graphdef = sweep_init(dim + 1, **model)
+    loss = regression_loss(graphdef)
+    cfg = _cfg(steps=2, steps_per_call=2, batch_size=batch, optimizer="adamw", weight_decay=0.1)
+    members = [{"train.seed": s} for s in range(16)]
+    prog = build_program(loss, lr.sample, task, cfg, member_init, members, None)
+    chosen, more = _compiled_bytes(prog, cfg, fits)[0], _compiled_bytes(prog, cfg, fits + 1)[0]
+    budget = (chosen + more) / 2
+    swept = train_sweep(loss, lr.sample, task, cfg, member_init, members, mesh=sweep_mesh(1), memory_budget=budget,
+                        progress=False)
+    assert swept.chunk_size == fits and chosen <= budget < more
+
+
+def test_a_memory_budget_below_the_chunk_of_one_member_is_refused_with_its_compiled_bytes():
+    members = [{"train.seed": s} for s in range(3)]
+    need = _compiled_bytes(build_program(LOSS, lr.sample, TASK, _cfg(), init, members, None), _cfg(), 1)[0]
+    message = f"memory_budget={need // 2:.3g} bytes holds no chunk: 1 member(s) need {need:.3g} bytes"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=sweep_mesh(1), memory_budget=need // 2,
+                    progress=False)
 
 
 def test_the_progress_bar_shows_the_median_final_loss_of_the_members_still_training(capsys):

@@ -55,6 +55,11 @@ class TrainConfig:
         if self.warmup_steps and self.schedule == "constant":
             raise ConfigError(f"warmup_steps={self.warmup_steps} needs schedule='warmup_cosine' (schedule='constant' "
                               f"has no warmup); set warmup_steps=0 or schedule='warmup_cosine'")
+        if not isinstance(self.no_decay, (tuple, list)) or not all(isinstance(p, str) for p in self.no_decay):
+            string = " (a string: each of its characters would be a pattern)" if isinstance(self.no_decay, str) else ""
+            raise ConfigError(f"no_decay must be a tuple of glob patterns (str) of parameter path names, e.g. "
+                              f"('*bias*', 'scale'), got {self.no_decay!r}{string}")
+        object.__setattr__(self, "no_decay", tuple(self.no_decay))  # a list (e.g. from JSON) as the tuple it stands for
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")
         if self.weight_decay and self.optimizer != "adamw":

@@ -50,7 +50,7 @@ from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState
 from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, plain_members, swept_values
-from jaxicl.train.sweep_memory import device_budget, program_memory
+from jaxicl.train.sweep_memory import chunk_in_budget, device_budget
 from jaxicl.train.sweep_program import SweepProgram, build_program
 from jaxicl.validation import ConfigError
 
@@ -81,9 +81,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
     refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
     afresh). chunk_size bounds the members trained at once; memory_budget (bytes per device) chooses it from the
-    compiled program's memory (estimate_memory); neither: 80% of the device memory where the backend reports it (GPU,
-    TPU), else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped.
-    The default mesh puts gcd(devices, chunk) devices on the members axis.
+    memory of a chunk's compiled programs, training and (given) evaluate (chunk_in_budget); neither: 80% of the device
+    memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task fields) ->
+    {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis.
     """
     check_eval_schedule(eval_every, cfg.steps)
     members = plain_members(members)
@@ -94,7 +94,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     mesh = mesh or default_sweep_mesh(chunk_size or len(members))
     memory_budget = memory_budget or (None if chunk_size else device_budget(mesh))
     if memory_budget is not None and chunk_size is None:
-        chunk_size = program_memory(prog, cfg, mesh).largest_stack(memory_budget)
+        chunk_size = chunk_in_budget(prog, cfg, mesh, memory_budget, len(members))
     n_dev = mesh.shape[MEMBER_AXIS]
     size = -(-min(chunk_size or len(members), len(members)) // n_dev) * n_dev  # a multiple of the member devices
     chunks = [np.arange(lo, min(lo + size, len(members))) for lo in range(0, len(members), size)]

@@ -1,6 +1,7 @@
-"""How many sweep members fit in device memory, from XLA's memory analysis of the compiled chunk program."""
+"""How many sweep members fit in device memory, from XLA's memory analysis of a chunk's compiled programs."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -21,7 +22,7 @@ from jaxicl.validation import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of the compiled chunk program: fixed + per_member * members (from XLA's memory analysis)."""
+    """Bytes of a chunk: fixed + per_member * members (from XLA's memory analysis of its programs)."""
 
     fixed: int
     per_member: int
@@ -40,32 +41,68 @@ class MemoryEstimate:
 
 
 def estimate_memory(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable,
-                    members: list[dict], *, mesh: jax.sharding.Mesh | None = None) -> MemoryEstimate:
-    """Bytes of the chunk program of train_sweep(...) with these arguments, as fixed + per_member * chunk."""
-    return program_memory(build_program(loss_fn, sample, task_cfg, cfg, init, members, None), cfg,
+                    members: list[dict], *, mesh: jax.sharding.Mesh | None = None,
+                    evaluate: Callable | None = None) -> MemoryEstimate:
+    """Bytes of a chunk of train_sweep(...) with these arguments (chunk_memory), as fixed + per_member * chunk."""
+    return program_memory(build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate), cfg,
                           mesh or default_sweep_mesh(len(members)))
 
 
 def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh) -> MemoryEstimate:
-    """Bytes of a sweep's chunk program as fixed + per_member * chunk (XLA's memory analysis).
+    """Bytes of a sweep's chunk as fixed + per_member * chunk: chunk_memory of 2g and 4g members (g = the mesh's
+    member devices), fitted (XLA compiles g members differently, often cheaper per member: a fit from g and 2g was
+    up to 25% under the memory of larger chunks). A guide: train_sweep measures the chunk it picks (chunk_in_budget)."""
+    g = mesh.shape[MEMBER_AXIS]
+    two, four = chunk_memory(prog, cfg, mesh, 2 * g), chunk_memory(prog, cfg, mesh, 4 * g)
+    per = max((four - two) // (2 * g), 1)
+    return MemoryEstimate(max(two - per * 2 * g, 0), per, g)
 
-    Compiles the chunk of cfg.steps_per_call steps for g and 2g members (g = the mesh's member
-    devices) and fits the two totals (arguments + outputs + temporaries - donated aliases).
+
+def chunk_in_budget(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, budget: float,
+                    n_members: int) -> int:
+    """The chunk size (a multiple of g, the mesh's member devices) whose chunk_memory fits `budget` bytes per device:
+    all `n_members` (rounded up to g) where they fit; else the largest on the line through the memories of 2g members
+    and of the size that did not fit, stepped down until one fits (measured: a chunk's memory is not linear in its
+    members, so a fit alone can exceed the budget).
+
+    Compiles a chunk's programs (training, and evaluation where given) at 1 size where all members fit, else at
+    usually 3 (all, 2g, the chosen one), 1 more per step down.
     """
     g = mesh.shape[MEMBER_AXIS]
-    n = min(cfg.steps_per_call, cfg.steps)
+    measure = functools.cache(functools.partial(chunk_memory, prog, cfg, mesh))
+    n = -(-n_members // g) * g
+    while (used := measure(n)) > budget:
+        if n == g:
+            raise ConfigError(f"memory_budget={budget:.3g} bytes holds no chunk: {g} member(s) need {used:.3g} bytes")
+        if n == 2 * g or measure(2 * g) > budget:
+            n = g
+        else:  # measure(2g) <= budget < used: the line between them crosses the budget
+            on_line = 2 * g + (budget - measure(2 * g)) * (n - 2 * g) / (used - measure(2 * g))
+            n = max(2 * g, min(n - g, int(on_line) // g * g))
+    return n
 
-    def total(c):
-        with jax.set_mesh(mesh), unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
-            sharding = NamedSharding(mesh, P(MEMBER_AXIS))
-            a = prog.inputs(np.zeros(c, int), sharding)
-            lowered = prog.run_chunk.lower(prog.states(a, sharding), a["task"], n)
-            m = compile_chunk(lowered, cfg.cpu_matmuls).memory_analysis()
-        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
-    one, two = total(g), total(2 * g)
-    per = max((two - one) // g, 1)
-    return MemoryEstimate(max(one - per * g, 0), per, g)
+def chunk_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, c: int) -> int:
+    """Bytes per device of a chunk of c members, from XLA's memory analysis (arguments + outputs + temporaries -
+    donated aliases): its training program of cfg.steps_per_call steps or, where the sweep evaluates and it is
+    larger, its evaluation: evaluate's vmapped program, plus the training state it does not take (optimiser state,
+    step and key), held meanwhile."""
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+        a = prog.inputs(np.zeros(c, int), sharding)
+        state = prog.states(a, sharding)
+        with unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
+            lowered = prog.run_chunk.lower(state, a["task"], min(cfg.steps_per_call, cfg.steps))
+        train = compile_chunk(lowered, cfg.cpu_matmuls).memory_analysis()
+        if prog.eval_chunk is None:
+            return _total(train)
+        evaluation = prog.eval_chunk.lower(state.params, a["task"]).compile().memory_analysis()
+    held = train.argument_size_in_bytes - evaluation.argument_size_in_bytes
+    return max(_total(train), _total(evaluation) + held)
+
+
+def _total(m) -> int:
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 def device_budget(mesh: jax.sharding.Mesh, fraction: float = 0.8) -> float | None:
