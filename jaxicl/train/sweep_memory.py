@@ -70,15 +70,27 @@ def chunk_in_budget(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mes
     """
     g = mesh.shape[MEMBER_AXIS]
     measure = functools.cache(functools.partial(chunk_memory, prog, cfg, mesh))
-    n = -(-n_members // g) * g
+    n = largest_in_budget(measure, budget, -(-n_members // g) * g, g)
+    if n is None:
+        raise ConfigError(f"memory_budget={budget:.3g} bytes holds no chunk: {g} member(s) need {measure(g):.3g} "
+                          f"bytes")
+    return n
+
+
+def largest_in_budget(measure: Callable[[int], int], budget: float, start: int, unit: int) -> int | None:
+    """The largest multiple n of unit, at most start, with measure(n) <= budget (None where unit does not fit): start
+    where it fits, else the largest on the line through measure(2 unit) and the last size that did not fit, stepped
+    down until one fits. Memory measured this way (compiled programs) is not linear in n, so a straight line alone
+    can overshoot the budget. measure is called once per size tried (cache it where it compiles)."""
+    n = start
     while (used := measure(n)) > budget:
-        if n == g:
-            raise ConfigError(f"memory_budget={budget:.3g} bytes holds no chunk: {g} member(s) need {used:.3g} bytes")
-        if n == 2 * g or measure(2 * g) > budget:
-            n = g
-        else:  # measure(2g) <= budget < used: the line between them crosses the budget
-            on_line = 2 * g + (budget - measure(2 * g)) * (n - 2 * g) / (used - measure(2 * g))
-            n = max(2 * g, min(n - g, int(on_line) // g * g))
+        if n == unit:
+            return None
+        if n == 2 * unit or measure(2 * unit) > budget:
+            n = unit
+        else:  # measure(2 unit) <= budget < used: the line between them crosses the budget
+            on_line = 2 * unit + (budget - measure(2 * unit)) * (n - 2 * unit) / (used - measure(2 * unit))
+            n = max(2 * unit, min(n - unit, int(on_line) // unit * unit))
     return n
 
 
