@@ -508,7 +508,7 @@ def _plot_steering(steer, out_dir) -> str:
     fig, axes = new_figure(len(cols), n, size=(1.9, 1.9))
     for r in range(n):
         for c, (key, title) in enumerate(cols):
-            axes[r, c].imshow(ex[key][r].reshape(8, 8), cmap="tab20b", vmin=0, vmax=20)
+            ab.draw_board(axes[r, c], ex[key][r])
             axes[r, c].set(xticks=[], yticks=[], title=title)
             axes[r, c].title.set_fontsize(7)
     return save_figure(fig, out_dir, "steering_examples")

@@ -129,7 +129,7 @@ def _plot_examples(graphdef, params, batch, n, out_dir) -> str:
         shown = (np.asarray(batch.targets[i]), np.asarray(batch.inputs[i]), pred[row])
         for col, (board, title) in enumerate(zip(shown, ("board", "masked input", "reconstruction"))):
             ax = axes[row, col]
-            ax.imshow(board.reshape(8, 8), cmap="tab20b", vmin=0, vmax=20)
+            ab.draw_board(ax, board)
             if col == 2:
                 for cell in np.flatnonzero(board != shown[0]):
                     ax.add_patch(_cross(cell))

@@ -89,6 +89,21 @@ def test_probe_sets_follow_the_renderer():
     assert np.isnan(ab.centroids(x, labels, 5)[4]).all()
 
 
+def test_a_drawn_board_gives_each_token_its_own_colour_and_unk_grey():
+    """draw_board (example boards, steering examples): imshow(cmap="tab20b", vmin=0, vmax=20) drew UNK (20) in the
+    colour of object colour 9 (token 19), so masked cells looked like visible ones."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    board = np.arange(64) % bd.Boards().vocab_size  # every token, 0..20
+    image = ab.draw_board(ax, board)
+    plt.close(fig)
+    np.testing.assert_array_equal(image.get_array(), board.reshape(8, 8))
+    rgba = image.to_rgba(np.arange(bd.Boards().vocab_size))
+    assert len(np.unique(rgba, axis=0)) == 21  # 21 tokens, 21 colours: UNK differs from every colour token
+    np.testing.assert_array_equal(rgba[bd.Boards().unk], [0.5, 0.5, 0.5, 1.0])  # grey
+
+
 def test_probe_chance_is_the_training_majority_share_of_the_held_out_rows():
     """The composite boards' root labels are unbalanced (four roots drawn with replacement from a few composites), so
     the composite-root probe's chance is the constant predictor's score, not 1 / n_roots."""

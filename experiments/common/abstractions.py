@@ -15,8 +15,10 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 from flax import nnx
+from matplotlib.colors import BoundaryNorm, ListedColormap
 
 from experiments.common.run_config import run_config
 from jaxicl.analysis.cache import run_with_cache, site_info
@@ -27,6 +29,9 @@ from jaxicl.train import TrainConfig, TrainResult, cross_entropy_loss, train
 from jaxicl.validation import ConfigError, check_positive
 
 TRAINING_DIR = "abstractions_training"
+# one colour a token of the 21: tab20b's 20 for the backgrounds (0..9) and object colours (10..19), grey for UNK (20)
+BOARD_COLOURS = ListedColormap([*matplotlib.colormaps["tab20b"].colors, "0.5"], name="boards")
+BOARD_NORM = BoundaryNorm(np.arange(BOARD_COLOURS.N + 1) - 0.5, BOARD_COLOURS.N)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +172,11 @@ def _masked_boards(cfg: bd.Boards, roots, rows, keys):
 def activations(graphdef, params, tokens: np.ndarray, sites: list[str]) -> dict[str, np.ndarray]:
     """{site: [N, 64, D]} for boards tokens [N, 64]."""
     return {k: np.asarray(v) for k, v in run_with_cache(graphdef, params, jnp.asarray(tokens), sites)[1].items()}
+
+
+def draw_board(ax, board: np.ndarray):
+    """Draws board [64] tokens on ax as an 8x8 image, one colour a token (BOARD_COLOURS); returns the AxesImage."""
+    return ax.imshow(np.asarray(board).reshape(8, 8), cmap=BOARD_COLOURS, norm=BOARD_NORM)
 
 
 def footprint(x: np.ndarray, y: np.ndarray) -> np.ndarray:
