@@ -79,3 +79,25 @@ def test_nn_metrics_attention_diagnostics_match_numpy_brute_force():
     # float32 softmax of scores of size ~5 against float64: relative error ~1e-6
     np.testing.assert_allclose(metrics["self_weight"], q[:, -1].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["self_weight_max"], q[:, -1].max(), rtol=1e-5)
+
+
+def test_the_self_weight_panel_plots_the_max_over_prompts_against_the_per_prompt_bound():
+    """training.png's q_(N+1) panel: Lemma 12's exp(-xi2/15) bounds each prompt, so the solid curve is the max over
+    prompts and seeds (the check note's number); it plotted the seed mean of the prompts' mean, far below."""
+    import matplotlib.pyplot as plt
+
+    from experiments.nn_fig3_training import _plot_self_weight
+
+    xi2 = np.array([[0.0, 0.0], [15.0, 30.0]])  # [evals, seeds]
+    r = {"eval_steps": np.array([0, 10]),
+         "evals": {"self_weight": np.array([[0.2, 0.3], [0.01, 0.03]]),
+                   "self_weight_max": np.array([[0.5, 0.7], [0.6, 0.2]]), "xi2": xi2}}
+    fig, ax = plt.subplots()
+    _plot_self_weight(ax, r, "C0", "N=4, d=4")
+    plt.close(fig)
+    solid, mean, bound = ax.get_lines()
+    assert solid.get_label() == "N=4, d=4" and solid.get_linestyle() == "-"
+    np.testing.assert_array_equal(solid.get_ydata(), [0.7, 0.6])
+    np.testing.assert_array_equal(mean.get_ydata(), [0.25, 0.02])
+    assert mean.get_linestyle() == "--" and bound.get_linestyle() == ":"
+    np.testing.assert_allclose(bound.get_ydata(), [1.0, np.exp(-1.5)], rtol=1e-15)  # float64 exp: rounding only
