@@ -331,7 +331,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         diverged_check({f"seed {cfg.seeds[m]}": s for m, s in result.diverged.items()}),
     ]
     figures = [_plot_losses(cfg, model_losses, base, result.train_rows, out_dir),
-               _plot_mechanism(cfg, local, heads2, scores2, estimate, x, uniform, out_dir),
+               _plot_mechanism(cfg, local, heads2, ablated_heads, which, scores2, estimate, x, uniform, out_dir),
                _plot_patching(by_pos, by_head, corrupted_mse, float(metric(pred[:n_patch])), out_dir)]
     return Outcome(checks, figures)
 
@@ -355,7 +355,10 @@ def _plot_losses(cfg, model_losses, base, rows, out_dir) -> str:
     return save_figure(fig, out_dir, "losses")
 
 
-def _plot_mechanism(cfg, local, heads2, scores2, estimate, x, uniform, out_dir) -> str:
+def _plot_mechanism(cfg, local, heads2, heads, which, scores2, estimate, x, uniform, out_dir) -> str:
+    """Layer 0's local attention mass local [H] against uniform, layer 2's gain correlations (heads2), and the
+    scores2 [B, H, T, T] of the layer-2 heads the checks select (heads, by the rule which) against the similarity of
+    estimate [B, T] and x [B, T]."""
     fig, axes = new_figure(3)
     ax = axes[0, 0]
     ax.bar(np.arange(len(local)), local)
@@ -366,12 +369,14 @@ def _plot_mechanism(cfg, local, heads2, scores2, estimate, x, uniform, out_dir) 
     ax.bar(np.arange(len(heads2)), [r["gain_corr"] for r in heads2])
     ax.set(xlabel="layer-2 head", ylabel="corr(attended value, direct contribution)", title="layer 2: head gain")
     ax = axes[0, 2]
-    h = min(heads2, key=lambda r: r["gain_corr"])["head"]
     q, k = np.tril_indices(scores2.shape[-1])
     keep = q >= cfg.from_position
     sim = -np.abs(estimate[:256][:, q[keep]] - x[:256][:, k[keep]]).ravel()
-    ax.scatter(sim, scores2[:256, h][:, q[keep], k[keep]].ravel(), s=1, alpha=0.2)
-    ax.set(xlabel="-|x_hat_q - x_k|", ylabel="attention score", title=f"layer-2 head {h} (most negative gain)")
+    for h in heads:
+        ax.scatter(sim, scores2[:256, h][:, q[keep], k[keep]].ravel(), s=1, alpha=0.2, label=f"head {h}")
+    ax.set(xlabel="-|x_hat_q - x_k|", ylabel="attention score", title=f"layer-2 heads {heads} checked\n({which})")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, markerscale=5)
     return save_figure(fig, out_dir, "mechanism")
 
 

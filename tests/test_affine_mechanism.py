@@ -64,3 +64,31 @@ def test_settings_note_states_the_run_distributions_and_optimiser():
         train=TrainConfig(steps=60, batch_size=32, optimizer="adamw", lr=1e-3))
     assert ("a ~ N(0, 0.5^2), b ~ fixed at 0.25, x_0 ~ U[0, 2], rescaled by max |x|, T = 8" in settings_note(cfg)
             and "adamw lr 0.001 constant" in settings_note(cfg))
+
+
+def test_the_mechanism_scatter_shows_the_heads_the_checks_select(tmp_path, monkeypatch):
+    """mechanism.png's score scatter showed the head of the most negative gain correlation (head 2 here), not the
+    head the negative-similarity and ablation checks select (head 3); it shows the selected heads, named in the
+    title with the rule."""
+    import matplotlib.pyplot as plt
+
+    from experiments import affine_mechanism as am
+
+    figures = []
+    monkeypatch.setattr(am, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    rng = np.random.default_rng(0)
+    b, n_heads, t = 4, 4, 8
+    scores2 = rng.normal(size=(b, n_heads, t, t))
+    estimate, x = rng.normal(size=(b, t)), rng.normal(size=(b, t))
+    heads2 = [{"head": h, "gain_corr": g} for h, g in enumerate([0.1, 0.2, -0.93, -0.88])]
+    cfg = am.PRESETS["smoke"]
+    am._plot_mechanism(cfg, np.full(2, 0.5), heads2, [3], "the negative-similarity heads", scores2, estimate, x,
+                       0.3, str(tmp_path))
+    ax = figures[0].axes[2]
+    plt.close(figures[0])
+    (points,) = ax.collections
+    q, k = np.tril_indices(t)
+    keep = q >= cfg.from_position
+    np.testing.assert_array_equal(points.get_offsets()[:, 1], scores2[:, 3][:, q[keep], k[keep]].ravel())
+    assert ax.get_title() == "layer-2 heads [3] checked\n(the negative-similarity heads)"
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["head 3"]
