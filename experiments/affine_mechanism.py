@@ -214,7 +214,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     # Layer 0: attention on n and n - 1, and what its output encodes.
     w0 = cache["layer0.attn.weights"]  # [B, H, T, T]
     rows = np.arange(start, task.seq_len)
-    local_by_row = np.asarray(w0[:, :, rows, rows] + w0[:, :, rows, rows - 1]).mean(0)  # [H, rows]
+    local_by_row = np.asarray(w0[:, :, rows, rows] + w0[:, :, rows, rows - 1], np.float64).mean(0)  # [H, rows]
     local, local_last = local_by_row.mean(-1), local_by_row[:, -1]  # [H]
     uniform = float(np.mean(np.minimum(2, rows + 1) / (rows + 1)))  # row 0 has one key
     r2_xn, r2_next = layer0_probes(graphdef, params, test.inputs, targets, rows)
@@ -341,10 +341,12 @@ def _plot_losses(cfg, model_losses, base, rows, out_dir) -> str:
     ax = axes[0, 0]
     t = np.arange(cfg.task.seq_len)
     for i, m in enumerate(model_losses):
-        ax.plot(t, m, color="k", alpha=1.0 if i == 0 else 0.3, label="trained GPT" if i == 0 else None)
+        ax.plot(t, m, color="k", alpha=1.0 if i == 0 else 0.3,
+                label=f"trained GPT, seed {cfg.seeds[i]}" if i == 0 else "other seeds" if i == 1 else None)
     for name, v in base.items():
         ax.plot(t, np.maximum(v, 1e-12), ls="--", label=name)
-    ax.set(xlabel="position n (predicting x_(n+1))", ylabel="test MSE", yscale="log", title="per position")
+    ax.set(xlabel="position n (predicting x_(n+1))", ylabel="test MSE", yscale="log",
+           title="per position (baselines floored at 1e-12)")
     ax.legend(fontsize=7)
     ax = axes[0, 1]
     for m in sorted({r["member"] for r in rows}):
@@ -382,9 +384,11 @@ def _plot_mechanism(cfg, local, heads2, heads, which, scores2, estimate, x, unif
 
 def _plot_patching(by_pos, by_head, corrupted_mse, clean_mse, out_dir) -> str:
     fig, axes = new_figure(2, size=(5.0, 3.2))
+    metric = "clean-target MSE, last position"
     heatmap(axes[0, 0], by_pos, f"resid_pre patched (layer x position)\ncorrupted {corrupted_mse:.3g}, clean "
-            f"{clean_mse:.3g}", symmetric=False)
+            f"{clean_mse:.3g}", symmetric=False).colorbar.set_label(metric, fontsize=8)
     axes[0, 0].set(xlabel="position", ylabel="layer", yticks=range(by_pos.shape[0]))
-    heatmap(axes[0, 1], by_head, "attn.z patched (layer x head)", symmetric=False)
+    heatmap(axes[0, 1], by_head, "attn.z patched (layer x head)", symmetric=False).colorbar.set_label(metric,
+                                                                                                      fontsize=8)
     axes[0, 1].set(xlabel="head", ylabel="layer", xticks=range(by_head.shape[1]), yticks=range(by_head.shape[0]))
     return save_figure(fig, out_dir, "patching")

@@ -4,6 +4,7 @@ ablation control, and the settings its notes state."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +22,10 @@ def test_smoke_run_writes_every_check_and_figure(tmp_path):
     out = tmp_path / "affine_mechanism"
     stored = json.loads((out / "result.json").read_text())
     assert stored["checks"] == result["checks"] and len(stored["checks"]) == 10
+    # the per-head attention masses print as rounded float64, not float32 noise (0.19099999964237213)
+    local = next(c["note"] for c in stored["checks"] if c["name"] == "layer0_local_attention_mass")
+    masses = re.findall(r"-?\d+\.\d+", local.split("per head [")[1].split("]")[0])
+    assert len(masses) == PRESETS["smoke"].model.n_heads and all(len(m.split(".")[1]) <= 3 for m in masses), local
     for check in stored["checks"]:
         if check["name"] == "ablation_loss_ratio_over_other_heads" and check["value"] == "nan":
             assert not check["passed"]  # every layer-2 head was ablated: no other head to compare with
@@ -92,3 +97,25 @@ def test_the_mechanism_scatter_shows_the_heads_the_checks_select(tmp_path, monke
     np.testing.assert_array_equal(points.get_offsets()[:, 1], scores2[:, 3][:, q[keep], k[keep]].ravel())
     assert ax.get_title() == "layer-2 heads [3] checked\n(the negative-similarity heads)"
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["head 3"]
+
+
+def test_the_losses_legend_names_each_seed_curve_and_the_baselines_floor(tmp_path, monkeypatch):
+    """losses.png: the second seed's curve had no legend entry, and baselines below 1e-12 (three_term's 7e-15) were
+    drawn at 1e-12 unannounced."""
+    import matplotlib.pyplot as plt
+
+    from experiments import affine_mechanism as am
+
+    figures = []
+    monkeypatch.setattr(am, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    cfg = dataclasses.replace(PRESETS["smoke"], seeds=(0, 1, 2))
+    t = cfg.task.seq_len
+    rows = [{"member": m, "step": s, "loss": 1.0} for m in range(3) for s in (0, 10)]
+    am._plot_losses(cfg, [np.ones(t)] * 3, {"copy": np.ones(t), "three_term": np.full(t, 7e-15)}, rows,
+                    str(tmp_path))
+    ax = figures[0].axes[0]
+    plt.close(figures[0])
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+        "trained GPT, seed 0", "other seeds", "copy", "three_term"]
+    assert ax.get_title() == "per position (baselines floored at 1e-12)"
+    np.testing.assert_array_equal(ax.get_lines()[-1].get_ydata(), np.full(t, 1e-12))
