@@ -209,14 +209,15 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"(random direction {part_whole['quadrant_b_random'][best_part]:.3f}); per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
         check_above("part_whole_other_cells_kept", part_whole["kept"][best_part], cfg.min_part_whole_kept,
-                    f"composites, A -> B in one quadrant at {sites[best_part]} (where the quadrant turns most: "
+                    f"composites, A -> B in one quadrant at {sites[best_part]} (among the checked sites, where the "
+                    f"quadrant turns most over the random direction: "
                     f"{part_whole['quadrant_b'][best_part]:.3f} of its masked "
                     f"cells B, random {part_whole['quadrant_b_random'][best_part]:.3f}): "
                     f"{part_whole['kept'][best_part]:.3f} of the other cells keep their unedited prediction; quadrant "
                     f"B fraction per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
     ]
-    figures = [_plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir)]
+    figures = [_plot(sites, checked, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir)]
     return Outcome(checks, figures)
 
 
@@ -345,14 +346,20 @@ def _random_like(delta: np.ndarray, key) -> np.ndarray:
         np.float32)
 
 
-def _plot(sites, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir) -> str:
+def _plot(sites, checked, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir) -> str:
+    """Per site (sites [S]; checked: the indices the checks read, shaded) the transplants' B fractions on the masked
+    cells (what the checks score; solid) and on every footprint cell (dashed), one colour a method; the ablation,
+    completion and part-whole curves."""
     fig, axes = new_figure(3, size=(5.5, 3.6))
     x = np.arange(len(sites))
     labels = [s.replace("layer", "L").replace(".resid_", ".").replace("unembed.in", "out") for s in sites]
-    for name, style in (("centroid", "-"), ("patch", "-"), ("random", ":")):
-        axes[0, 0].plot(x, to_b[name], style, marker=".", label=f"{name}: footprint")
-        axes[0, 0].plot(x, to_b_masked[name], style, color="0.6", lw=0.8)
-    axes[0, 0].set(ylabel="cells decoded as B", title="transplant A -> B (grey: masked cells)")
+    for ax in axes[0]:
+        for i in checked:
+            ax.axvspan(i - 0.5, i + 0.5, color="0.92", zorder=0, label="checked sites" if i == checked[0] else None)
+    for color, name in zip(("C0", "C1", "C2"), ("centroid", "patch", "random")):
+        axes[0, 0].plot(x, to_b_masked[name], color=color, marker=".", label=f"{name}: masked cells")
+        axes[0, 0].plot(x, to_b[name], "--", color=color, lw=0.8, label=f"{name}: every footprint cell")
+    axes[0, 0].set(ylabel="cells decoded as B", title="transplant A -> B")
     axes[0, 1].plot(x, kept_a["masked"], marker=".", label="mean ablation: masked cells still A")
     axes[0, 1].axhline(clean_a["masked"], color="k", ls=":", label="unedited")
     axes[0, 1].plot(x, completion["centroid"], marker=".", label="completion as B (centroid)")

@@ -222,6 +222,37 @@ def test_shown_root_against_a_loop_over_roots():
                                   [-1, 0])
 
 
+def test_the_manipulation_figure_labels_the_checked_curves_and_shades_the_checked_sites(tmp_path, monkeypatch):
+    """manipulations.png drew the masked-cell curves the transplant checks score unlabelled, centroid and patch in one
+    grey, and did not mark the sites the checks read; now each has its method's colour and a label, and every checked
+    site (only those) is shaded."""
+    import matplotlib.pyplot as plt
+
+    from experiments import abstractions_manipulation as am
+
+    figures = []
+    monkeypatch.setattr(am, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    sites = ["embed", "layer0.z", "layer0.resid_mid", "layer1.z", "layer1.resid_mid", "unembed.in"]
+    checked = am.checked_sites(sites)
+    v = np.linspace(0, 1, len(sites))
+    methods = ("centroid", "patch", "random")
+    to_b_masked = {name: v * (i + 1) / 4 for i, name in enumerate(methods)}
+    am._plot(sites, checked, {name: v for name in methods}, to_b_masked, {"masked": v}, {"masked": 0.9},
+             {"centroid": v, "random": v}, {"quadrant_b": v, "quadrant_b_random": v, "kept": v}, str(tmp_path))
+    axes = figures[0].axes
+    plt.close(figures[0])
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    for name in methods:
+        np.testing.assert_array_equal(lines[f"{name}: masked cells"].get_ydata(), to_b_masked[name])
+    assert len({lines[f"{name}: masked cells"].get_color() for name in methods}) == 3
+    legend = [text.get_text() for text in axes[0].get_legend().get_texts()]
+    assert {f"{name}: masked cells" for name in methods} <= set(legend) and "checked sites" in legend
+    for ax in axes[:3]:
+        # layer0.resid_mid and layer1.z: (i - 0.5) + 1 / 2 is exact in binary floating point
+        assert sorted(p.get_x() + p.get_width() / 2 for p in ax.patches) == [2.0, 3.0]
+    np.testing.assert_array_equal(checked, [2, 3])
+
+
 def test_transplant_centroids_come_from_masked_cells_so_they_carry_no_visible_token(model):
     """At the embedding every masked cell holds the UNK embedding: if the centroids are means over masked cells
     only, every (root, cell) centroid there is that one vector (exactly: float64 means of equal float32 rows), and
@@ -283,6 +314,8 @@ def test_smoke_runs_share_one_training_run(tmp_path):
         assert all(np.isfinite(c["value"]) for c in r["checks"]), r["checks"]
         for fig in r["figures"]:
             assert os.path.getsize(out / r["experiment"] / fig) > 10_000
+    kept = next(c["note"] for c in manipulation["checks"] if c["name"] == "part_whole_other_cells_kept")
+    assert "(among the checked sites, where the quadrant turns most over the random direction: " in kept
     # the final evaluation in the run's log is the one the training checks report
     final = [r for r in rows if r["split"] == "eval"][-1]
     assert training["checks"][0]["value"] == pytest.approx(final["test_token_accuracy"])
