@@ -263,7 +263,7 @@ def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, site
         + ", ".join(f"alpha {a:g} {v:.3f}" for a, v in drawn.items())))
     figures = [_plot_convergence(sites, distance, ratio, pr_root, pr_all, (attractor, attractor_init), variant,
                                  out_dir),
-               _plot_probes(sites, probes, context, variant, out_dir),
+               _plot_probes(sites, trained, init, variant, out_dir),
                _plot_pca(obj, root, [sites[0], best, sites[-1]], variant, out_dir),
                _plot_distance_maps(trained["distance_map"], [sites[0], best, sites[-1]], variant, out_dir)]
     return checks, figures
@@ -430,20 +430,34 @@ def _plot_convergence(sites, distance, ratio, pr_root, pr_all, attractors, varia
     return save_figure(fig, out_dir, prefix_of(variant) + "convergence")
 
 
-def _plot_probes(sites, probes, context, variant, out_dir) -> str:
+def _plot_probes(sites, trained, init, variant, out_dir) -> str:
+    """Per site the held-out probe scores and the context-independence measures (trained and init: measure's
+    "probes" and "context"), the untrained model's dotted in the same colour: every check scores the trained model
+    against them. The y-range reaches the lowest score (a position R^2 can be negative)."""
     fig, axes = new_figure(2, size=(5.5, 3.4))
     x = np.arange(len(sites))
-    for name, scores in probes.items():
+    low = [0.0, 0.0]  # per panel the lowest score drawn
+
+    def both(col, scores, untrained, label, style="-", color=None):  # scores, untrained: {site: value}
+        ys = [[m[s] for s in sites] for m in (scores, untrained)]
+        (line,) = axes[0, col].plot(x, ys[0], style, color=color, marker=".", label=label)
+        axes[0, col].plot(x, ys[1], ":", color=line.get_color(), lw=1)
+        low[col] = min(low[col], *ys[0], *ys[1])
+
+    for name in trained["probes"]:
         if name != "position":
-            axes[0, 0].plot(x, [scores[s] for s in sites], marker=".", label=name)
-    axes[0, 0].plot(x, [probes["position"][s] for s in sites], "k--", label="position (R^2)")
-    axes[0, 0].set(ylabel="held-out score", ylim=(-0.05, 1.05), title=f"linear probes ({variant} boards)")
+            both(0, trained["probes"][name], init["probes"][name], name)
+    both(0, trained["probes"]["position"], init["probes"]["position"], "position (R^2)", "--", "k")
     for name in ("cos_same", "cos_other", "transfer_double", "transfer_composite"):
-        axes[0, 1].plot(x, [context[name][s] for s in sites], marker=".", label=name)
-    axes[0, 1].set(ylim=(-0.05, 1.05), title="context independence (single vs double / composite)")
-    for ax in axes[0]:
+        both(1, trained["context"][name], init["context"][name], name)
+    both(1, _gap(trained["context"]), _gap(init["context"]), "gap: cos_same - cos_other (checked)")
+    axes[0, 0].set(ylabel="held-out score", title=f"linear probes ({variant} boards; dotted: untrained)")
+    axes[0, 1].set(title="context independence (single vs double / composite;\ndotted: untrained)")
+    for ax, bottom in zip(axes[0], low):
+        ax.set(ylim=(bottom - 0.05, 1.05))
         ax.set_xticks(x, [_short(s) for s in sites], rotation=90, fontsize=6)
         ax.legend(fontsize=6)
+        ax.title.set_fontsize(9)
     return save_figure(fig, out_dir, prefix_of(variant) + "probes_and_context")
 
 

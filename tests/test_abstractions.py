@@ -253,6 +253,40 @@ def test_the_manipulation_figure_labels_the_checked_curves_and_shades_the_checke
     np.testing.assert_array_equal(checked, [2, 3])
 
 
+def test_the_probe_figure_shows_the_untrained_baseline_and_negative_r2(tmp_path, monkeypatch):
+    """probes_and_context.png showed neither the untrained scores every probe and context check subtracts nor a
+    position R^2 below -0.05 (ylim (-0.05, 1.05) clipped -0.519); each curve now has its untrained twin, dotted in its
+    colour, and the y-range reaches the lowest score."""
+    import matplotlib.pyplot as plt
+
+    from experiments import abstractions_geometry as ag
+
+    figures = []
+    monkeypatch.setattr(ag, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    sites = ["embed", "layer0.z", "unembed.in"]
+
+    def measures(level):  # {"probes", "context"} of {site: value}, distinct per curve
+        names = ("root", "position", "cos_same", "cos_other", "transfer_double", "transfer_composite")
+        values = {n: dict(zip(sites, level + 0.1 * i + np.array([0.0, 0.01, 0.02]))) for i, n in enumerate(names)}
+        return {"probes": {n: values[n] for n in names[:2]}, "context": {n: values[n] for n in names[2:]}}
+
+    trained, init = measures(0.3), measures(-0.8)
+    ag._plot_probes(sites, trained, init, "masked", str(tmp_path))
+    probes_ax, context_ax = figures[0].axes
+    plt.close(figures[0])
+    lines = probes_ax.get_lines()
+    assert [line.get_label() for line in lines[::2]] == ["root", "position (R^2)"]
+    for line, untrained, name in zip(lines[1::2], lines[::2], ("root", "position")):
+        np.testing.assert_array_equal(line.get_ydata(), [init["probes"][name][s] for s in sites])
+        assert line.get_linestyle() == ":" and line.get_color() == untrained.get_color()
+    # the lowest score drawn is the untrained root probe at embed, -0.8; bottom 0.05 below it (float sums: 1e-12)
+    assert probes_ax.get_ylim() == pytest.approx((-0.85, 1.05), abs=1e-12)
+    gap = context_ax.get_lines()[-2:]
+    assert gap[0].get_label() == "gap: cos_same - cos_other (checked)"
+    np.testing.assert_allclose(gap[1].get_ydata(), [-0.1] * 3, atol=1e-12)  # cos_same - cos_other, untrained
+    assert context_ax.get_ylim()[0] == pytest.approx(-0.65, abs=1e-12)  # cos_same untrained at embed: -0.6
+
+
 def test_transplant_centroids_come_from_masked_cells_so_they_carry_no_visible_token(model):
     """At the embedding every masked cell holds the UNK embedding: if the centroids are means over masked cells
     only, every (root, cell) centroid there is that one vector (exactly: float64 means of equal float32 rows), and
