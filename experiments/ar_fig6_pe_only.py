@@ -150,13 +150,17 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 
 
 def _plot(res: dict, out_dir: str, official: dict) -> str:
+    """One heatmap of P a mu (res[mu]["P"] [T, T]), all on one colour scale (the bar beside the last), and the last
+    trained row of each against ridge LS and the official row 28 (official[mu] [29])."""
     k = len(res)
     fig, axes = new_figure(k + 1, size=(3.0, 3.0))
+    saved = {mu: np.tril(r["P"])[:-1, :-1] for mu, r in res.items()}  # the official saved P: no current-token weight
+    lims = min(p.min() for p in saved.values()), max(p.max() for p in saved.values())
     for ax, (mu, r) in zip(axes[0], res.items()):
-        saved = np.tril(r["P"])[:-1, :-1]  # the official saved P: superdiagonal (current token) removed
-        ax.imshow(saved, cmap="cividis")
+        image = ax.imshow(saved[mu], cmap="cividis", vmin=lims[0], vmax=lims[1])
         ax.set_title(f"P, mu = {int(mu)} ({r['steps']} steps)", fontsize=9)
         ax.axis("off")
+    fig.colorbar(image, cax=axes[0, k - 1].inset_axes((1.04, 0.0, 0.05, 1.0)))
     ax = axes[0, k]
     for mu, r in res.items():
         last = len(r["P"]) - 2
@@ -165,6 +169,7 @@ def _plot(res: dict, out_dir: str, official: dict) -> str:
         if mu in official:  # row 28 (official rows exist for T = 30 only)
             ax.plot(official[mu], ls="none", marker=".", ms=3, color=line.get_color())
     ax.set(xlabel="key position t", ylabel=f"P[{last}, t]",
-           title="last row (dashed: ridge LS, dots: official)" if official else "last row (dashed: ridge LS)")
+           title="last row\n(dashed: ridge LS, dots: official)" if official else "last row\n(dashed: ridge LS)")
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, "fig6_pe_only")

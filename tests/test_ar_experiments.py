@@ -109,3 +109,25 @@ def test_fig5_value_readout_map_of_a_copy_into_the_first_block():
     vo[d:2 * d, d:2 * d] = 0.0
     np.testing.assert_allclose(value_readout_map(vo, scale, readout, d), np.eye(d) - np.ones((d, d)) / dim,
                                rtol=1e-12)
+
+
+def test_fig6_heatmaps_share_one_colour_scale(tmp_path, monkeypatch):
+    """fig6_pe_only.png autoscaled each mu's P heatmap without a colour bar, so one colour meant different values
+    across mu; they share the limits of all of them now, with one bar."""
+    import matplotlib.pyplot as plt
+
+    from experiments import ar_fig6_pe_only as fig6
+
+    figures = []
+    monkeypatch.setattr(fig6, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    t = 6
+    res = {mu: {"P": np.tril(np.full((t, t), scale)), "steps": 3, "ridge": np.zeros((t, t))}
+           for mu, scale in ((50.0, 0.5), (100.0, 2.0))}
+    res[50.0]["P"][2, 0] = -0.3
+    fig6._plot(res, str(tmp_path), {})
+    fig = figures[0]
+    plt.close(fig)
+    images = [ax.images[0] for ax in fig.axes[:2]]
+    assert [im.get_clim() for im in images] == [(-0.3, 2.0)] * 2  # exact: the matrices' own min and max
+    (bar,) = fig.axes[1].child_axes
+    assert bar.get_ylim() == pytest.approx((-0.3, 2.0), rel=1e-12)  # the bar maps its limits through a scale: ulps
