@@ -161,13 +161,17 @@ def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, zero_loss: flo
 
 
 def _plot(weights, rows, per_position, gd_loss, query, out_dir) -> str:
+    """The positional softmax weights [H, T, T] of the first heads and their mean over heads on one colour scale (the
+    bar beside the mean), and the test loss over training with the per-position loss [T] against one GD step's."""
     shown = min(3, len(weights))
     fig, axes = new_figure(shown + 2, size=(3.2, 3.0))
-    for h in range(shown):
-        axes[0, h].imshow(weights[h], cmap="cividis")
-        axes[0, h].set_title(f"softmax(PE) head {h}", fontsize=9)
-    axes[0, shown].imshow(weights.mean(0), cmap="cividis")
-    axes[0, shown].set_title("softmax(PE), mean over heads", fontsize=9)
+    maps = [*weights[:shown], weights.mean(0)]
+    top = max(float(m.max()) for m in maps)
+    titles = [*(f"softmax(PE) head {h}" for h in range(shown)), "softmax(PE), mean over heads"]
+    for ax, m, title in zip(axes[0], maps, titles):
+        image = ax.imshow(m, cmap="cividis", vmin=0.0, vmax=top)
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(image, cax=axes[0, shown].inset_axes((1.04, 0.0, 0.05, 1.0)))
     ax = axes[0, shown + 1]
     ax.plot([r["step"] for r in rows], [r["test_loss"] for r in rows], label="test loss")
     ax.set(xlabel="step", ylabel="test MSE", yscale="log", title=f"training (query={query})")
@@ -177,4 +181,5 @@ def _plot(weights, rows, per_position, gd_loss, query, out_dir) -> str:
     ax2.set_yscale("log")
     ax2.set_title("per position", fontsize=7)
     ax2.tick_params(labelsize=6)
+    ax2.legend(fontsize=5)
     return save_figure(fig, out_dir, "fig7_positional")

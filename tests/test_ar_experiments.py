@@ -131,3 +131,25 @@ def test_fig6_heatmaps_share_one_colour_scale(tmp_path, monkeypatch):
     assert [im.get_clim() for im in images] == [(-0.3, 2.0)] * 2  # exact: the matrices' own min and max
     (bar,) = fig.axes[1].child_axes
     assert bar.get_ylim() == pytest.approx((-0.3, 2.0), rel=1e-12)  # the bar maps its limits through a scale: ulps
+
+
+def test_fig7_heatmaps_share_a_colour_bar_and_the_inset_has_a_legend(tmp_path, monkeypatch):
+    """fig7_positional.png: the softmax heatmaps had no colour bar (each autoscaled) and the per-position inset set
+    labels ("trained", "GD step") without a legend."""
+    import matplotlib.pyplot as plt
+
+    from experiments import ar_fig7_non_augmented as fig7
+
+    figures = []
+    monkeypatch.setattr(fig7, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    t = 5
+    causal = np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None]
+    weights = np.stack([causal, np.eye(t), causal])  # the largest weight: 1 (row 0, and head 1's diagonal)
+    rows = [{"step": 0, "test_loss": 1.0}, {"step": 10, "test_loss": 0.5}]
+    fig7._plot(weights, rows, np.linspace(1, 0.5, t), np.full(t, 0.4), "previous", str(tmp_path))
+    fig = figures[0]
+    plt.close(fig)
+    assert [ax.images[0].get_clim() for ax in fig.axes[:4]] == [(0.0, 1.0)] * 4
+    assert len(fig.axes[3].child_axes) == 1  # the bar beside the mean over heads
+    (inset,) = fig.axes[4].child_axes
+    assert [text.get_text() for text in inset.get_legend().get_texts()] == ["trained", "GD step"]
