@@ -139,7 +139,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     axes = (Axis("train.seed", tuple(range(cfg.seeds))), Axis("train.lr", tuple(cfg.lrs)))
     table, _ = run_gd_sweep(cfg.gd, axes, f"{out_dir}/lr_seeds", cfg.chunk_size)
     matched = _matched_lrs(table, cfg.match_tolerance)
-    figures = [_plot_lr(table, table[0]["gd1_loss"], matched, cfg.match_tolerance, out_dir)]
+    figures = [_plot_lr(table, table[0]["gd1_loss"], matched, cfg.match_tolerance, cfg.gd.train, out_dir)]
     checks = gd_sweep_checks(table, cfg.match_tolerance)
     checks.append(Check("lrs_where_all_seeds_match_gd1", len(matched), ">= 1", bool(matched),
                         f"learning rates {matched} (tolerance {cfg.match_tolerance})"))
@@ -159,7 +159,16 @@ def _matched_lrs(table: list[dict], tolerance: float) -> list[float]:
                                   for r in table if r["train.lr"] == v)]
 
 
-def _plot_lr(table: list[dict], gd_loss: float, matched: list[float], tolerance: float, out_dir: str) -> str:
+def lr_axis_label(train: TrainConfig) -> str:
+    """The learning-rate axis as train runs it: "learning rate (sgd, constant)", "peak learning rate (adam,
+    warmup-cosine)"."""
+    if train.schedule == "constant":
+        return f"learning rate ({train.optimizer}, constant)"
+    return f"peak learning rate ({train.optimizer}, warmup-cosine)"
+
+
+def _plot_lr(table: list[dict], gd_loss: float, matched: list[float], tolerance: float, train: TrainConfig,
+             out_dir: str) -> str:
     fields = ["train.seed", "train.lr", "init_scale"]
     agg = aggregate(table, fields)
     fig, axes = new_figure(size=(5.5, 3.8))
@@ -169,7 +178,7 @@ def _plot_lr(table: list[dict], gd_loss: float, matched: list[float], tolerance:
     ax.axhspan(gd_loss * (1 - tolerance), gd_loss * (1 + tolerance), color="k", alpha=0.08)
     for i, v in enumerate(matched):
         ax.axvline(v, color="tab:green", alpha=0.4, lw=6, label="all seeds match GD-1" if i == 0 else None)
-    ax.set(xlabel="peak learning rate (adam)", ylabel="final test loss (query MSE)",
+    ax.set(xlabel=lr_axis_label(train), ylabel="final test loss (query MSE)",
            title=f"{len({r['train.seed'] for r in table})} seeds x {len({r['train.lr'] for r in table})} lrs, one program")
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, "loss_vs_lr")

@@ -221,3 +221,23 @@ def test_a_check_stores_non_finite_values_as_strings_so_result_json_stays_strict
     assert [r["passed"] for r in rows] == [False, False, True, True]
     assert not check_below("e", 1.0, 1.0).passed and not check_above("f", 1.0, 1.0).passed  # strict, as "< 1" says
     json.dumps(rows, allow_nan=False)  # a bare NaN or Infinity is not JSON
+
+
+def test_the_lr_sweep_axis_names_the_configured_optimiser_and_schedule(tmp_path, monkeypatch):
+    """loss_vs_lr.png's x label said "peak learning rate (adam)" whatever gd.train was (an sgd constant-lr override
+    was accepted and mislabelled); the label comes from the config now."""
+    import matplotlib.pyplot as plt
+
+    from experiments import sweep_lr_seeds
+    from jaxicl.train import TrainConfig
+
+    figures = []
+    monkeypatch.setattr(sweep_lr_seeds, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    table = [{"train.seed": s, "train.lr": lr, "init_scale": 0.1, "diverged_at": None, "loss": 1.0 + lr + s}
+             for s in range(2) for lr in (1e-3, 1e-2)]
+    for train, want in ((TrainConfig(optimizer="sgd", schedule="constant"), "learning rate (sgd, constant)"),
+                        (TrainConfig(optimizer="adam", schedule="warmup_cosine", warmup_steps=5),
+                         "peak learning rate (adam, warmup-cosine)")):
+        sweep_lr_seeds._plot_lr(table, 1.0, [], 0.05, train, str(tmp_path))
+        assert figures[-1].axes[0].get_xlabel() == want
+        plt.close(figures[-1])
