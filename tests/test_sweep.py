@@ -579,3 +579,38 @@ def test_final_table_and_seed_aggregate_against_hand_computed_values(tmp_path):
                        ("loss", [(0.7, 0.5, 0.2), (3.2, 0.0, 3.2)])):
         got = [tuple(a[f"{name}_{s}"] for s in ("mean", "std", "min")) for a in agg]
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_the_learning_curves_order_an_infinite_pool_as_the_loss_vs_pool_plot_does(tmp_path, monkeypatch):
+    """sweep_curves.png coloured task.n_tasks = 0 (a fresh task per prompt) first, next to pool 1, while the loss-vs-
+    pool plot draws it at the right as "inf (0)"; both take axis_layout's order and names now, also where the finite
+    pools span less than 20x (the smoke preset's 1, 16, 0, whose loss plot drew 0 at the left)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from experiments.common import sweep_report
+
+    at, names, log_x = sweep_report.axis_layout([16, 1, 0, 16], "task.n_tasks")
+    assert (at, names, log_x) == ({0: 128, 1: 1, 16: 16}, {0: "inf (0)", 1: "1", 16: "16"}, True)
+    assert sweep_report.axis_layout([0, 1e-3, 1e-1], "train.lr")[1:] == ({0: "0", 1e-3: "0.001", 1e-1: "0.1"}, True)
+    assert sweep_report.axis_layout([0, 1, 2], "train.seed") == ({0: 0, 1: 1, 2: 2}, {0: "0", 1: "1", 2: "2"}, False)
+
+    figures = []
+    monkeypatch.setattr(sweep_report, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    members = [{"task.n_tasks": k, "train.seed": 0} for k in (0, 1, 16)]
+    spec = {"fields": ["task.n_tasks", "train.seed"], "members": members, "diverged": {}}
+    rows = [{"step": s, "split": "train", "member": i, "loss": 1.0 + i} for s in range(2) for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep_report.plot_curves(str(tmp_path), spec, str(tmp_path))
+    curves = figures[0].axes[0]
+    plt.close(figures[0])
+    agg = [{"task.n_tasks": k, "loss_mean": 1.0, "loss_std": 0.0, "loss_min": 1.0} for k in (0, 1, 16)]
+    fig, pool = plt.subplots()
+    sweep_report.plot_vs_axis(agg, spec["fields"], "task.n_tasks", "loss", ax=pool)
+    plt.close(fig)
+    viridis = matplotlib.colormaps["viridis"]
+    lines = {line.get_label(): line.get_color() for line in curves.get_lines()}
+    assert lines == {"task.n_tasks=inf (0)": viridis(1.0), "task.n_tasks=1": viridis(0.0),
+                     "task.n_tasks=16": viridis(0.5)}
+    np.testing.assert_array_equal(pool.get_lines()[0].get_xdata(), [1, 16, 128])  # the infinite pool at the right
+    assert [t.get_text() for t in pool.get_xticklabels()] == ["inf (0)", "1", "16"]

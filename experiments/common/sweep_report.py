@@ -77,6 +77,19 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
 
 
+def axis_layout(values, axis: str) -> tuple[dict, dict, bool]:
+    """({value: x position}, {value: its name}, logarithmic?) of the numbers values of a swept axis. Positive values
+    spanning more than 20x get a log axis, with 0 drawn at the right (8x past the largest), named "0". A pool size
+    axis (*n_tasks) holding 0, an infinite pool (a fresh task per prompt), always does, and names it "inf (0)"."""
+    values = sorted(set(values))
+    positive = [v for v in values if v > 0]
+    infinite_pool = axis.endswith("n_tasks") and 0 in values
+    log_x = bool(positive) and min(values) >= 0 and (infinite_pool or max(positive) / min(positive) > 20)
+    at = {v: (v if v > 0 or not log_x else max(positive) * 8) for v in values}
+    names = {v: ("inf (0)" if infinite_pool else "0") if v == 0 and log_x else f"{v:g}" for v in values}
+    return at, names, log_x
+
+
 def plot_vs_axis(agg: list[dict], fields: list[str], axis: str, metric: str, out_dir: str | None = None, ax=None,
                  label_prefix: str = ""):
     """metric (mean over seeds, band +-std, min dotted) against `axis`, one line per other combination.
@@ -93,9 +106,7 @@ def plot_vs_axis(agg: list[dict], fields: list[str], axis: str, metric: str, out
         if r.get(f"{metric}_mean") is not None:
             lines[tuple(r[o] for o in others)].append(r)
     values = sorted({r[axis] for r in agg})
-    positive = [v for v in values if v > 0]
-    log_x = bool(positive) and min(values) >= 0 and max(positive) / min(positive) > 20
-    at = {v: (v if v > 0 or not log_x else max(positive) * 8) for v in values}  # a log axis draws 0 at the right
+    at, names, log_x = axis_layout(values, axis)
     for key, rows in sorted(lines.items()):
         rows = sorted(rows, key=lambda r: at[r[axis]])
         x = np.array([at[r[axis]] for r in rows], float)
@@ -107,8 +118,7 @@ def plot_vs_axis(agg: list[dict], fields: list[str], axis: str, metric: str, out
     if log_x:
         ax.set_xscale("log")
         if 0 in at:  # e.g. n_tasks = 0, an infinite task pool
-            ax.set_xticks([at[v] for v in values], [("inf (0)" if axis.endswith("n_tasks") else "0") if v == 0
-                                                     else f"{v:g}" for v in values])
+            ax.set_xticks([at[v] for v in values], [names[v] for v in values])
     ax.set(xlabel=axis, ylabel=f"final {metric}", yscale="log")
     ax.set_title(f"{metric} vs {axis}: mean, ±std band, min (dotted)", fontsize=9)
     ax.legend(fontsize=7)
@@ -118,13 +128,15 @@ def plot_vs_axis(agg: list[dict], fields: list[str], axis: str, metric: str, out
 
 
 def plot_curves(sweep_dir: str, spec: dict, out_dir: str, color_by: str | None = None) -> str:
-    """Train loss against step for every member, coloured by one swept axis (the first non-seed one)."""
+    """Train loss against step for every member, coloured by one swept axis (the first non-seed one), its values in
+    the order and with the names of plot_vs_axis's x axis (axis_layout: an infinite pool last, "inf (0)")."""
     import matplotlib
 
     rows = read_metrics(os.path.join(sweep_dir, "metrics.jsonl"), "train")
     fields = spec["fields"]
     color_by = color_by or next((f for f in fields if f != SEED_FIELD), fields[0])
-    levels = sorted({m[color_by] for m in spec["members"]})
+    at, names, _ = axis_layout([m[color_by] for m in spec["members"]], color_by)
+    levels = sorted(at, key=at.get)
     cmap = matplotlib.colormaps["viridis"]
     fig, axes = new_figure(size=(5.5, 3.6))
     ax = axes[0, 0]
@@ -134,7 +146,7 @@ def plot_curves(sweep_dir: str, spec: dict, out_dir: str, color_by: str | None =
         if not r:
             continue
         c = cmap(levels.index(m[color_by]) / max(len(levels) - 1, 1))
-        label = None if m[color_by] in labelled else f"{color_by}={m[color_by]:g}"
+        label = None if m[color_by] in labelled else f"{color_by}={names[m[color_by]]}"
         labelled.add(m[color_by])
         ax.plot([x["step"] for x in r], [x["loss"] for x in r], color=c, lw=0.8, alpha=0.8, label=label)
         if str(i) in spec["diverged"]:  # where a diverged member stopped
