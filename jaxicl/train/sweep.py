@@ -44,7 +44,7 @@ from jaxicl.train.checkpoint import CheckpointStore, check_all_resumable, remove
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config, write_run_info
-from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
+from jaxicl.train.mesh import MEMBER_AXIS, check_spans_processes, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState
@@ -83,13 +83,17 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     afresh). chunk_size bounds the members trained at once; memory_budget (bytes per device) chooses it from the
     memory of a chunk's compiled programs, training and (given) evaluate (chunk_in_budget); neither: 80% of the device
     memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task fields) ->
-    {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis.
+    {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis (in a run of
+    several processes, the same number from each: jaxicl.train.mesh.default_sweep_mesh); a given mesh must hold
+    devices of every process.
     """
     check_eval_schedule(eval_every, cfg.steps)
     members = plain_members(members)
     if mesh is not None and MEMBER_AXIS not in mesh.axis_names:
         raise ConfigError(f"mesh: a sweep needs a mesh with a {MEMBER_AXIS!r} axis (jaxicl.train.sweep_mesh), got "
                           f"axes {mesh.axis_names}")
+    if mesh is not None:
+        check_spans_processes(mesh)
     prog = build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate)
     mesh = mesh or default_sweep_mesh(chunk_size or len(members))
     memory_budget = memory_budget or (None if chunk_size else device_budget(mesh))
