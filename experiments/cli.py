@@ -34,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
     p.add_argument("--out", default="results", help="output directory (default: results)")
     p.add_argument("--matmul-precision", default="float32", choices=MATMUL_PRECISIONS,
-                   help="float32 matmuls computed in float32 (default), TF32 (GPU), one bfloat16 pass (TPU) or JAX's "
-                        "default for the backend (TF32 on recent NVIDIA GPUs, bfloat16 on TPUs); on a CPU, XLA "
-                        "computed float32 under each")
+                   help="float32 matmuls computed in float32 (default), TF32 (GPU) or JAX's default for the backend "
+                        "(TF32 on recent NVIDIA GPUs, one bfloat16 pass on TPUs); bfloat16 is that same default "
+                        "(lax.Precision.DEFAULT: TF32, not bfloat16, on a GPU); on a CPU, XLA computed float32 under "
+                        "each")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; run the same command on every host)")
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed, where not auto-detected)")
