@@ -43,7 +43,7 @@ from jaxicl.tasks.batching import Sampler, check_divisible
 from jaxicl.train.checkpoint import CheckpointStore, check_all_resumable, latest_checkpoint, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.loop import stored_config, write_run_info
+from jaxicl.train.loop import stored_config, trained_on, write_run_info
 from jaxicl.train.mesh import MEMBER_AXIS, check_spans_processes, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.run_lock import exclusive
@@ -63,7 +63,7 @@ class SweepResult:
     train_rows: list[dict]  # metrics rows with "member" and the member's values
     eval_rows: list[dict]
     chunk_size: int
-    info: dict  # run metadata (also out_dir/run.json): flops_per_step of one member, devices
+    info: dict  # run metadata (also out_dir/run.json): flops_per_step of one member, devices, backend, device_kind
 
     def member_params(self, i: int):
         return jax.tree.map(lambda x: x[i], self.params)
@@ -143,8 +143,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
                 finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
         bar.close()
         stack_flops = run_chunk.flops_per_step
-        info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
-                "chunk_size": size}
+        info = {"flops_per_step": stack_flops / size if stack_flops else None, **trained_on(mesh), "chunk_size": size}
         info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
         if diverged and outputs.is_primary():
             tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
