@@ -6,10 +6,10 @@ Weak scaling of the gd_equivalence workload (1 linear self-attention layer, d = 
 sampled on every device for its own slice): each device keeps `--per-device-batch` prompts, so n devices train
 n times the prompts per step; efficiency = prompts/s per device on n devices / the same on the first count run (one
 device by default). On a CPU host the devices are simulated (`jax_num_cpu_devices`, set before JAX starts) and share
-the host's cores, which one device already uses, so efficiency falls roughly like 1 / devices there: the script is meant for accelerators, where it
-runs unchanged over the local devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host after
-`jax.distributed.initialize()` (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or let a SLURM /
-TPU pod environment supply them: `--distributed` calls it); `jax.devices()` then spans every host and the
+the host's cores, which one device already uses, so efficiency falls roughly like 1 / devices there: the script is
+meant for accelerators, where it runs unchanged over the local devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the same command on every host with
+`--distributed` (and, where no Slurm, Kubernetes or TPU pod environment supplies them, `--coordinator HOST:PORT
+--num-processes N --process-id I`: jaxicl.distributed); `jax.devices()` then spans every host and the
 engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engine on two processes). Each mesh takes
 the same number of devices from every process (jaxicl.train.data_mesh), so there every count must be a multiple of the
 process count; the default counts are 1, 2, 4 and 8 devices per process.
@@ -19,6 +19,7 @@ import argparse
 import os
 
 from benchmarks.output import OUT_HELP, results_dir, write_results
+from jaxicl import distributed
 
 
 def efficiency(row: dict, base: dict) -> float:
@@ -48,15 +49,14 @@ def main(argv=None) -> None:
     ap.add_argument("--per-device-batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first (multi-host)")
+    distributed.add_arguments(ap)
     ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
     if args.smoke:
         args.per_device_batch, args.steps, args.repeats = 4, 2, 1
     import jax
 
-    if args.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(args)
     try:  # jax.process_count() starts the backends: a single process sets its CPU device count first
         counts = device_counts(args.devices, jax.process_count() if args.distributed else 1, args.smoke)
     except ValueError as e:

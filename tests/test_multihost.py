@@ -1,3 +1,4 @@
+import ast
 import json
 import os
 import re
@@ -111,6 +112,29 @@ def test_a_sweep_on_two_processes_trains_each_member_as_one_process_does(tmp_pat
     assert [r["train.seed"] for r in rows[0]] == [r["train.seed"] for r in rows[1]] == list(range(seeds))
     for key in ("loss", "train_loss", "gd1_loss"):
         np.testing.assert_allclose([r[key] for r in rows[0]], [r[key] for r in rows[1]], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_device_scaling_on_two_processes_times_meshes_of_both_and_process_0_writes(tmp_path):
+    """benchmarks.device_scaling --smoke --distributed on two processes x 1 CPU device: it timed 1 device (process
+    0's alone) and both processes wrote the results; now 1 device per process, written by process 0 (its printed
+    row), and 2 per process skipped (there are 2 devices)."""
+    port, root = _free_port(), os.path.dirname(HERE)
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.device_scaling", "--smoke", "--out", str(tmp_path),
+                               "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)], cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:  # a hung process would outlive the test
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    printed = [ast.literal_eval(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+    written = json.loads((tmp_path / "device_scaling.json").read_text())
+    assert [(r["devices"], r["batch"]) for r in written["rows"]] == [(2, 8)] and written["rows"] == printed
+    assert "not run: [4] devices (only 2)" in written["notes"]
 
 
 @pytest.fixture
