@@ -1,10 +1,11 @@
 """Where benchmarks write: benchmarks/results/NAME.json (rows + environment) and NAME.md (a table); at the tests'
 sizes (--smoke) without --out, a fresh temporary directory instead (the committed measurements stay as they are)."""
 
-import json
 import os
 import platform
 import tempfile
+
+from jaxicl import outputs
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OUT_HELP = "results directory (default benchmarks/results; with --smoke a fresh temporary directory)"
@@ -61,14 +62,11 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
 def write_results(name: str, rows: list[dict], notes: str, *, out_dir: str, smoke: bool) -> str:
     """Writes out_dir/NAME.json and NAME.md (a Markdown table of rows: every key of any row, a blank where a row has
     none, as where a failed row has only its name and `failed`; a smoke run's says so in its title, its JSON in
-    "smoke"); returns the .md path."""
-    os.makedirs(out_dir, exist_ok=True)
+    "smoke"); returns the .md path. Written by process 0 only (jaxicl.outputs: each file replaced whole, so a run
+    killed while writing leaves the last one), as every process of a multi-host run calls it."""
     env = environment()
-    json_path = os.path.join(out_dir, f"{name}.json")
-    with open(json_path + ".partial", "w") as f:  # then renamed: a run killed while writing leaves the last whole file
-        json.dump({"benchmark": name, "smoke": smoke, "environment": env, "notes": notes, "rows": rows}, f,
-                  indent=2)
-    os.replace(json_path + ".partial", json_path)
+    outputs.write_json(os.path.join(out_dir, f"{name}.json"),
+                       {"benchmark": name, "smoke": smoke, "environment": env, "notes": notes, "rows": rows}, indent=2)
     cols = list(dict.fromkeys(c for r in rows for c in r))
 
     def fmt(v) -> str:
@@ -80,6 +78,5 @@ def write_results(name: str, rows: list[dict], notes: str, *, out_dir: str, smok
     lines = [title, "", host, "", notes, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     path = os.path.join(out_dir, f"{name}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    outputs.write_text(path, "\n".join(lines) + "\n")
     return path

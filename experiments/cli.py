@@ -21,6 +21,7 @@ from experiments import registry
 from experiments.common.report import write_report
 from experiments.common.runner import MATMUL_PRECISIONS, check_out_dir, resolve_config, run_experiment, sweep_axes
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
+from jaxicl import distributed
 from jaxicl.config_paths import leaf_paths, value_at
 from jaxicl.train.sweep_spec import parse_axes
 from jaxicl.validation import ConfigError
@@ -34,28 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
     p.add_argument("--out", default="results", help="output directory (default: results)")
     p.add_argument("--matmul-precision", default="float32", choices=MATMUL_PRECISIONS,
-                   help="float32 matmuls computed in float32 (default), TF32 (GPU), one bfloat16 pass (TPU) or JAX's "
-                        "default for the backend (TF32 on recent NVIDIA GPUs, bfloat16 on TPUs); on a CPU, XLA "
-                        "computed float32 under each")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host; run the same command on every host)")
-    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed, where not auto-detected)")
-    p.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
-    p.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
+                   help="float32 matmuls computed in float32 (default), TF32 (GPU) or JAX's default for the backend "
+                        "(TF32 on recent NVIDIA GPUs, one bfloat16 pass on TPUs); bfloat16 is that same default "
+                        "(lax.Precision.DEFAULT: TF32, not bfloat16, on a GPU); on a CPU, XLA computed float32 under "
+                        "each")
+    distributed.add_arguments(p)
     p.add_argument("--sweep", nargs="+", action="extend", default=[], metavar="AXIS",
                    help="sweep axes field=values (lists a,b | ranges 0:8 | log:lo:hi:n | lin:lo:hi:n)")
     return p
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    """jax.distributed.initialize() before any other JAX work; auto-detects TPU, Slurm, Kubernetes."""
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow options; --sweep takes the rest
-    if args.distributed:
-        _initialize_distributed(args)
+    distributed.initialize(args)  # before any other JAX work
     if args.name == "list":
         return _list(args.overrides, args.preset)
     if args.name == "sweep-report":

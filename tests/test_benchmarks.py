@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -318,6 +319,33 @@ def test_device_scaling_efficiency_is_per_device_against_the_first_count_run():
     assert [efficiency(r, two) for r in (two, four)] == [1.0, 1.0]
     assert efficiency({"devices": 4, "prompts_per_s": 150.0}, two) == 0.75  # 37.5 per device against 50
     assert efficiency({"devices": 8, "prompts_per_s": 200.0}, {"devices": 1, "prompts_per_s": 100.0}) == 0.25
+
+
+def test_device_scaling_counts_give_every_process_the_same_number_of_devices():
+    """On 2 hosts the default counts 1, 2, 4, 8 took host 0's first devices (data_mesh), and host 1 timed a mesh it
+    held no device of."""
+    from benchmarks.device_scaling import device_counts
+
+    assert device_counts(None, 1, smoke=False) == [1, 2, 4, 8]
+    assert device_counts(None, 2, smoke=False) == [2, 4, 8, 16]
+    assert device_counts([1], 2, smoke=True) == [2, 4]  # --smoke replaces the GPU check's --devices 1
+    assert device_counts([4, 6], 2, smoke=False) == [4, 6]
+    message = ("--devices: in a run of 2 processes each count must be a multiple of 2 (every process gives the mesh "
+               "the same number of devices), got [1, 3]")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        device_counts([1, 2, 3], 2, smoke=False)
+
+
+def test_benchmark_results_are_written_by_process_0_only(tmp_path, monkeypatch):
+    """Every process of a multi-host device_scaling run calls write_results: all wrote NAME.json.partial and renamed
+    it into the same directory (the last rename won; another could find its .partial gone)."""
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    md = output.write_results("bench", [{"a": 1}], "notes", out_dir=str(tmp_path / "out"), smoke=True)
+    assert md == str(tmp_path / "out" / "bench.md") and not (tmp_path / "out").exists()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    output.write_results("bench", [{"a": 1}], "notes", out_dir=str(tmp_path / "out"), smoke=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md"]
+    assert rows(tmp_path / "out" / "bench.json") == [{"a": 1}]
 
 
 def test_train_throughput_writes_its_table(tmp_path, capsys):

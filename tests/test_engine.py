@@ -741,6 +741,21 @@ def test_a_rerun_of_a_finished_run_keeps_the_flops_per_step_of_run_json(tmp_path
     assert json.loads((tmp_path / "run.json").read_text()) == first.info
 
 
+def test_run_json_records_the_backend_and_device_kind_and_a_resume_on_another_device_goes_on(tmp_path, monkeypatch):
+    """The stored config alone could not tell a run on a GPU (TF32 products under JAX's default precision) from one
+    on a CPU; run.json now says where it trained, and the resume check (the stored config) still ignores it."""
+    cfg = TrainConfig(steps=4, optimizer="sgd", lr=0.1, steps_per_call=2, log_every=1)
+    first = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path), progress=False)
+    assert (first.info["devices"], first.info["backend"], first.info["device_kind"]) == (4, "cpu", "cpu")
+    monkeypatch.setattr(type(jax.devices()[0]), "device_kind", property(lambda d: "NVIDIA H100 80GB HBM3"))
+    longer = train(_halving_loss, None, None, dataclasses.replace(cfg, steps=6), {"w": jnp.zeros(8)},
+                   out_dir=str(tmp_path), progress=False)
+    assert [r["step"] for r in longer.train_rows] == list(range(6))  # resumed at step 4, not refused
+    assert json.loads((tmp_path / "run.json").read_text())["device_kind"] == "NVIDIA H100 80GB HBM3"
+    stored = CheckpointStore(str(tmp_path / "checkpoints")).config()
+    assert stored.keys() == {"train", "task", "matmul_precision", "eval_every"}
+
+
 def test_evaluations_at_listed_steps_run_there_and_at_the_ends():
     loss_fn, sample, task, cfg, params = tiny_setup(steps=12, steps_per_call=5)
     seen = []

@@ -244,17 +244,19 @@ def _dot_precisions(cfg, out_dir, seen):
 
 
 @pytest.mark.parametrize("flag,expected", [([], "HIGHEST"), (["--matmul-precision", "default"], "DEFAULT"),
-                                           (["--matmul-precision", "tensorfloat32"], "HIGH")])
+                                           (["--matmul-precision", "tensorfloat32"], "HIGH"),
+                                           (["--matmul-precision", "bfloat16"], "DEFAULT")])
 def test_experiments_compute_matmuls_at_the_chosen_precision(flag, expected, monkeypatch, tmp_path):
     """float32 by default (JAX's own default is TF32 on recent GPUs, one bfloat16 pass on TPUs): every dot of the
-    forward and backward pass is lowered at that precision, and config.json records it."""
+    forward and backward pass is lowered at that precision, and config.json records it beside the choice (bfloat16
+    is lowered as default is: TF32 on a GPU, recorded as "bfloat16" alone)."""
     seen = []
     monkeypatch.setattr(registry.load("gd_equivalence"), "run", lambda cfg, out_dir: _dot_precisions(cfg, out_dir,
                                                                                                       seen))
     assert main(["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path), *flag]) == 0
     assert len(seen) >= 6 and set(seen) == {(expected, expected)}  # q, k, v, scores, z, out, MLP, ... and grads
     config = json.load(open(tmp_path / "gd_equivalence" / "config.json"))
-    assert config["matmul_precision"] == (flag[1] if flag else "float32")
+    assert (config["matmul_precision"], config["matmul_lax_precision"]) == (flag[1] if flag else "float32", expected)
 
 
 def test_a_bad_matmul_precision_names_the_allowed_values(capsys, tmp_path):

@@ -1,3 +1,4 @@
+import ast
 import json
 import os
 import re
@@ -80,13 +81,16 @@ def test_an_experiment_on_two_processes_writes_each_output_file_once_from_proces
 
 
 @pytest.mark.slow
-def test_a_sweep_on_two_processes_trains_each_member_as_one_process_does(tmp_path):
-    """gd_equivalence's seed sweep (smoke, 4 members) on two processes x 2 CPU devices vs one process x 4 devices.
+@pytest.mark.parametrize("seeds", [4, 2])
+def test_a_sweep_on_two_processes_trains_each_member_as_one_process_does(tmp_path, seeds):
+    """gd_equivalence's seed sweep (smoke) on two processes x 2 CPU devices vs one process x 4 devices.
     It failed on two processes: memory statistics of the other process's devices, float64 member values that
-    device_put compares with the float32 the devices hold, and host copies of the member-sharded metrics. Each member
-    trains on one device in both layouts (the same program per member), so the losses agree to float rounding."""
+    device_put compares with the float32 the devices hold, and host copies of the member-sharded metrics; with 2
+    members, a mesh of process 0's devices only (process 1 raised IndexError gathering the results, process 0 hung).
+    Each member trains on one device in both layouts (the same program per member), so the losses agree to float
+    rounding."""
     port, root = _free_port(), os.path.dirname(HERE)
-    argv = ["gd_equivalence", "--preset", "smoke", "train.steps=200", "--sweep", "seed=0:4"]
+    argv = ["gd_equivalence", "--preset", "smoke", "train.steps=200", "--sweep", f"seed=0:{seeds}"]
     multi = [subprocess.Popen([sys.executable, "-c", _RUN_EXPERIMENT, *argv, "--out", str(tmp_path / "multi"),
                                "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i)], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -95,12 +99,97 @@ def test_a_sweep_on_two_processes_trains_each_member_as_one_process_does(tmp_pat
     assert four != _RUN_EXPERIMENT
     single = subprocess.run([sys.executable, "-c", four, *argv, "--out", str(tmp_path / "single")], cwd=root,
                             capture_output=True, text=True, timeout=180)
-    for p in multi:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err[-2000:]
+    try:
+        for p in multi:
+            _, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-2000:]
+    finally:  # a hung process (one waiting in a collective the other left) would outlive the test
+        for p in multi:
+            p.kill()
     assert single.returncode == 0, single.stderr[-2000:]
     rows = [json.loads((tmp_path / d / "gd_equivalence" / "sweep_members.json").read_text())
             for d in ("multi", "single")]
-    assert [r["train.seed"] for r in rows[0]] == [r["train.seed"] for r in rows[1]] == [0, 1, 2, 3]
+    assert [r["train.seed"] for r in rows[0]] == [r["train.seed"] for r in rows[1]] == list(range(seeds))
     for key in ("loss", "train_loss", "gd1_loss"):
         np.testing.assert_allclose([r[key] for r in rows[0]], [r[key] for r in rows[1]], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_device_scaling_on_two_processes_times_meshes_of_both_and_process_0_writes(tmp_path):
+    """benchmarks.device_scaling --smoke --distributed on two processes x 1 CPU device: it timed 1 device (process
+    0's alone) and both processes wrote the results; now 1 device per process, written by process 0 (its printed
+    row), and 2 per process skipped (there are 2 devices)."""
+    port, root = _free_port(), os.path.dirname(HERE)
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.device_scaling", "--smoke", "--out", str(tmp_path),
+                               "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)], cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:  # a hung process would outlive the test
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    printed = [ast.literal_eval(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+    written = json.loads((tmp_path / "device_scaling.json").read_text())
+    assert [(r["devices"], r["batch"]) for r in written["rows"]] == [(2, 8)] and written["rows"] == printed
+    assert "not run: [4] devices (only 2)" in written["notes"]
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """The 4 CPU devices as 2 processes x 2 (ids 0, 1 on process 0; 2, 3 on process 1: jax.devices() lists a
+    multi-process run's devices process by process), for the meshes' choice of devices; nothing runs across them."""
+    import jax
+
+    monkeypatch.setattr(type(jax.devices()[0]), "process_index", property(lambda d: d.id // 2))
+
+
+def _processes(mesh) -> list[list[int]]:
+    """The process of each member (or data) row's devices: [[process, ...], ...]."""
+    return [[d.process_index for d in row] for row in mesh.devices.reshape(mesh.devices.shape[0], -1)]
+
+
+def test_default_sweep_meshes_take_the_same_number_of_devices_from_every_process(two_processes):
+    """The first gcd(4, stack) devices put a stack of 1 or 2 members (or 6) on process 0's devices only: there
+    process_allgather took another branch than on process 1 (an IndexError on process 1, a hang on process 0)."""
+    from jaxicl.train.mesh import default_sweep_mesh
+
+    members = {stack: _processes(default_sweep_mesh(stack)) for stack in (1, 2, 3, 4, 6, 8)}
+    one_each, two_each = [[0], [1]], [[0], [0], [1], [1]]  # 2 x gcd(2, ceil(stack / 2)) member devices
+    assert members == {1: one_each, 2: one_each, 3: two_each, 4: two_each, 6: one_each, 8: two_each}
+
+
+def test_data_meshes_spread_over_the_processes_and_refuse_counts_that_cannot(two_processes):
+    from jaxicl.train import data_mesh, sweep_mesh
+    from jaxicl.validation import ConfigError
+
+    assert [d.id for d in data_mesh(2).devices.flat] == [0, 2]
+    assert _processes(sweep_mesh(2, 2)) == [[0, 0], [1, 1]]
+    with pytest.raises(ConfigError, match=r"^num_devices=1: a mesh in a run of 2 processes takes the same number of "
+                                          r"devices from each, so it needs a multiple of 2 devices up to 4, got 1$"):
+        data_mesh(1)
+    with pytest.raises(ConfigError, match=r"^sweep mesh 3 x 1: a mesh in a run of 2 processes takes the same "):
+        sweep_mesh(3)
+
+
+def test_a_given_mesh_that_leaves_a_process_out_is_refused_naming_its_processes(two_processes):
+    import jax
+
+    from jaxicl.models.attention import sweep_init
+    from jaxicl.train import train, train_sweep
+    from jaxicl.train.mesh import MEMBER_AXIS
+    from jaxicl.validation import ConfigError
+    from tiny_run import tiny_setup
+
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=2)
+    message = (r"^mesh: its devices belong to process\(es\) \[0\] of this run's \[0, 1\]; every process must hold "
+               r"devices of the mesh \(jaxicl.train.data_mesh and sweep_mesh take the same number from each\)$")
+    host0 = jax.devices()[:2]
+    with pytest.raises(ConfigError, match=message):
+        train(loss_fn, sample, task, cfg, params, mesh=jax.make_mesh((2,), ("data",), devices=host0), progress=False)
+    init, _ = sweep_init(4)
+    sweep_mesh = jax.make_mesh((2, 1), (MEMBER_AXIS, "data"), devices=host0)
+    with pytest.raises(ConfigError, match=message):
+        train_sweep(loss_fn, sample, task, cfg, init, [{"train.seed": 0}], mesh=sweep_mesh, progress=False)

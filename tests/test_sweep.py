@@ -263,6 +263,29 @@ def _rows(result):
     return sorted(result.train_rows + result.eval_rows, key=lambda r: (r["member"], r["split"], r["step"]))
 
 
+def test_a_rerun_on_a_device_with_more_memory_resumes_the_chunks_of_its_checkpoints(tmp_path, monkeypatch):
+    """Without chunk_size the chunk comes from the memory a GPU or TPU reports (memory_stats()["bytes_limit"], faked
+    here; None on CPU): the same command rerun on a device with more memory chose chunks of 4 and refused its own
+    checkpoints ("sweep.chunk_size: checkpoint 2 vs now 4"); now it resumes them in chunks of 2."""
+    cfg = _cfg(steps=4, steps_per_call=2)
+    members = [{"train.seed": s} for s in range(4)]
+    prog = build_program(LOSS, lr.sample, TASK, cfg, init, members, None)
+    two, three, four = (_compiled_bytes(prog, cfg, c)[0] for c in (2, 3, 4))
+
+    def run(cfg, bytes_limit, out_dir):
+        monkeypatch.setattr(type(jax.devices()[0]), "memory_stats", lambda d: {"bytes_limit": bytes_limit})
+        return train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), out_dir=out_dir,
+                           progress=False)
+
+    small, large = (two + three) / 2 / 0.8, 2 * four / 0.8  # device_budget is 80% of bytes_limit
+    assert run(dataclasses.replace(cfg, steps=2), small, str(tmp_path)).chunk_size == 2
+    resumed, fresh = run(cfg, large, str(tmp_path)), run(cfg, large, None)
+    assert (resumed.chunk_size, fresh.chunk_size) == (2, 4)
+    assert [r["step"] for r in resumed.train_rows if r["member"] == 3] == [0, 1, 2, 3]
+    # each member's program vmapped over 2 or 4 members: XLA may order its float32 sums otherwise
+    _assert_trees_close(resumed.params, fresh.params, rtol=1e-6, atol=1e-7)
+
+
 def test_sweep_resume_is_exact_across_chunks(tmp_path):
     members = [{"train.seed": s, "train.lr": v} for s, v in [(0, 1e-2), (1, 2e-2), (2, 3e-2)]]
     kw = dict(chunk_size=2, mesh=sweep_mesh(2), progress=False,

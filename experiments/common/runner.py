@@ -20,7 +20,9 @@ from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError, check_choice
 
-MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")  # "default": JAX's choice for the backend
+# "default": JAX's choice for the backend; "bfloat16" lowers to the same lax.Precision.DEFAULT as "default" (TF32 on
+# recent NVIDIA GPUs, one bfloat16 pass on TPUs): config.json records the lowered precision beside the choice
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
 def resolve_config(name: str, preset: str, overrides: list[str]):
@@ -79,7 +81,8 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     """Runs experiment `name` with a preset and overrides; returns (and writes) its result dict.
 
     With sweep axes (strings field=values) it calls the module's run_sweep(cfg, axes, out_dir). Every matmul of the
-    run is computed at `matmul_precision` (one of MATMUL_PRECISIONS).
+    run is computed at `matmul_precision` (one of MATMUL_PRECISIONS); config.json records it and the
+    lax.Precision its dots are lowered with ("matmul_lax_precision": HIGHEST, HIGH or DEFAULT).
     """
     check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
     module, cfg = resolve_config(name, preset, list(overrides))
@@ -97,7 +100,9 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     if previous_result is not None and outputs.is_primary():
         os.remove(result_path)
     outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
-                                     "sweep": list(sweep), "matmul_precision": matmul_precision, "config": config},
+                                     "sweep": list(sweep), "matmul_precision": matmul_precision,
+                                     "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
+                                     "config": config},
                        indent=2)
     start = time.perf_counter()
     try:

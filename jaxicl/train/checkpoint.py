@@ -150,6 +150,18 @@ def _latest_config(ckptr) -> dict:
     return config
 
 
+def latest_checkpoint(directory: str) -> tuple[dict, int] | None:
+    """(CheckpointStore.config, step) of the latest checkpoint in `directory`, None where it holds none; reads only
+    (it creates no directory and writes no config)."""
+    if not os.path.isdir(directory):  # opening a checkpointer would create it
+        return None
+    ckptr = ocp.training.Checkpointer(directory)  # no custom_metadata: opening an existing directory writes none
+    try:
+        return (_latest_config(ckptr), ckptr.checkpoints[-1].step) if ckptr.checkpoints else None
+    finally:
+        ckptr.close()
+
+
 def check_all_resumable(directories: list[str], config: dict) -> list[int]:
     """Raises check_resumable's ConfigError for the first of `directories` whose latest checkpoint cannot continue
     into the run `config`; writes nothing, so a run with several stores (a sweep's chunks) can check them all before
@@ -157,18 +169,16 @@ def check_all_resumable(directories: list[str], config: dict) -> list[int]:
     Returns the indices of the directories holding a checkpoint (which the run then resumes)."""
     refused, error, held = -1, None, []
     for k, directory in enumerate(directories):
-        if not os.path.isdir(directory):  # opening a checkpointer would create it
+        latest = latest_checkpoint(directory)
+        if latest is None:
             continue
-        ckptr = ocp.training.Checkpointer(directory)  # no custom_metadata: opening an existing directory writes none
+        stored, step = latest
         try:
-            if ckptr.checkpoints:
-                check_resumable(_latest_config(ckptr), config, ckptr.checkpoints[-1].step, os.path.abspath(directory))
-                held.append(k)
+            check_resumable(stored, config, step, os.path.abspath(directory))
+            held.append(k)
         except ConfigError as e:
             refused, error = k, e
             break
-        finally:
-            ckptr.close()
     if jax.process_count() > 1:
         refused = int(multihost_utils.broadcast_one_to_all(np.asarray(refused)))
     if refused >= 0:

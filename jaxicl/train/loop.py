@@ -44,7 +44,7 @@ class TrainResult:
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
     info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; where no step ran, run.json's
-    # earlier value, else None), devices
+    # earlier value, else None) and trained_on(mesh): devices, backend, device_kind
 
 
 def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: EvalSchedule | None) -> dict:
@@ -65,6 +65,14 @@ def task_section(task_cfg) -> dict:
         return dataclasses.asdict(task_cfg)
     raise ConfigError(f"task_cfg must be a dataclass instance, a dict or None (the sampler's first argument, stored "
                       f"with the run's config), got {type(task_cfg).__name__}")
+
+
+def trained_on(mesh: jax.sharding.Mesh) -> dict:
+    """Where a run trains, for run.json: {"devices": the mesh's device count, "backend": their platform ("cpu", "gpu",
+    "tpu"), "device_kind": e.g. "NVIDIA H100 80GB HBM3"}. The backend decides what JAX's default matmul precision
+    computes (TF32 on an NVIDIA GPU), yet it stays out of the stored config: a run may resume on another backend."""
+    device = mesh.devices.flat[0]
+    return {"devices": mesh.devices.size, "backend": device.platform, "device_kind": device.device_kind}
 
 
 def write_run_info(out_dir: str | None, info: dict, *, compiled: bool) -> dict:
@@ -191,7 +199,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             bar.close()
             if store:
                 store.close()
-        info = write_run_info(out_dir, {"flops_per_step": chunk.flops_per_step, "devices": mesh.devices.size},
+        info = write_run_info(out_dir, {"flops_per_step": chunk.flops_per_step, **trained_on(mesh)},
                               compiled=bool(chunk.programs))
     if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")

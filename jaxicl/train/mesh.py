@@ -14,11 +14,45 @@ MEMBER_AXIS = "members"  # the axis a sweep's stacked members are sharded over
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first num_devices global devices (all by default), axis "data"."""
+    """A 1-D mesh over num_devices global devices (all by default; spread_devices picks them), axis "data"."""
     n = jax.device_count() if num_devices is None else num_devices
     if not 1 <= n <= jax.device_count():
         raise ValueError(f"num_devices must be in [1, {jax.device_count()}], got {n}")
-    return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
+    return jax.make_mesh((n,), (DATA_AXIS,), devices=spread_devices(n, f"num_devices={n}"))
+
+
+def spread_devices(n: int, what: str) -> list:
+    """n global devices, the first n // P of each of the P processes: jax.devices() lists them process by process, so
+    its first n would leave processes out of a multi-process run's mesh (see check_spans_processes). ConfigError
+    naming `what` where n is not a multiple of P or exceeds P x the fewest devices a process has."""
+    groups = _devices_by_process()
+    per, rest = divmod(n, len(groups))
+    fewest = min(map(len, groups))
+    if rest or per > fewest:
+        raise ConfigError(f"{what}: a mesh in a run of {len(groups)} processes takes the same number of devices "
+                          f"from each, so it needs a multiple of {len(groups)} devices up to {len(groups) * fewest}, "
+                          f"got {n}")
+    return [d for ds in groups for d in ds[:per]]
+
+
+def _devices_by_process() -> list[list]:
+    """jax.devices() grouped by process: [[process 0's devices], [process 1's], ...]."""
+    groups = {}
+    for d in jax.devices():
+        groups.setdefault(d.process_index, []).append(d)
+    return [groups[p] for p in sorted(groups)]
+
+
+def check_spans_processes(mesh: jax.sharding.Mesh) -> None:
+    """Raises ConfigError unless `mesh` holds devices of every process: each process runs the same programs and
+    gathers their results (process_allgather), and a process holding no device of the mesh takes another branch
+    there than the others (an IndexError on it, a hang on them)."""
+    every = [ds[0].process_index for ds in _devices_by_process()]
+    held = sorted({d.process_index for d in mesh.devices.flat})
+    if held != every:
+        raise ConfigError(f"mesh: its devices belong to process(es) {held} of this run's {every}; every process must "
+                          f"hold devices of the mesh (jaxicl.train.data_mesh and sweep_mesh take the same number from "
+                          f"each)")
 
 
 def check_data_mesh(mesh: jax.sharding.Mesh) -> None:
@@ -31,21 +65,26 @@ def check_data_mesh(mesh: jax.sharding.Mesh) -> None:
         raise ConfigError(f"mesh: train needs an Explicit {DATA_AXIS!r} axis (the batch is sharded over it) and no "
                           f"other axis of size > 1 (everything else is replicated), got axes {{{axes}}}; "
                           f"jaxicl.train.data_mesh(num_devices) builds one")
+    check_spans_processes(mesh)
 
 
 def sweep_mesh(member_devices: int | None = None, data_devices: int = 1) -> jax.sharding.Mesh:
-    """A 2-D mesh (members x data) over the first member_devices * data_devices devices."""
+    """A 2-D mesh (members x data) over member_devices * data_devices devices (spread_devices picks them)."""
     n = jax.device_count()
     member_devices = n // data_devices if member_devices is None else member_devices
     if member_devices < 1 or data_devices < 1 or member_devices * data_devices > n:
         raise ConfigError(f"sweep mesh {member_devices} x {data_devices} needs 1 <= devices <= {n}")
     return jax.make_mesh((member_devices, data_devices), (MEMBER_AXIS, DATA_AXIS),
-                         devices=jax.devices()[:member_devices * data_devices])
+                         devices=spread_devices(member_devices * data_devices,
+                                                f"sweep mesh {member_devices} x {data_devices}"))
 
 
 def default_sweep_mesh(stack: int) -> jax.sharding.Mesh:
-    """The sweep mesh for a stack of `stack` members: gcd(devices, stack) devices on the member axis."""
-    return sweep_mesh(math.gcd(jax.device_count(), stack))
+    """The sweep mesh for a stack of `stack` members: P x gcd(L, ceil(stack / P)) devices on the member axis, for P
+    processes of L devices each (in one process gcd(devices, stack), which divides the stack). Every process holds
+    some (check_spans_processes), and the stack is padded to the fewest members that allow it: P x ceil(stack / P)."""
+    groups = _devices_by_process()
+    return sweep_mesh(len(groups) * math.gcd(min(map(len, groups)), -(-stack // len(groups))))
 
 
 def in_auto_sharding(fn: Callable, out_sharding: P) -> Callable:

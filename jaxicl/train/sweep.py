@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
-from jaxicl.train.checkpoint import CheckpointStore, check_all_resumable, remove_checkpoints
+from jaxicl.train.checkpoint import CheckpointStore, check_all_resumable, latest_checkpoint, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
-from jaxicl.train.loop import stored_config, write_run_info
-from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
+from jaxicl.train.loop import stored_config, trained_on, write_run_info
+from jaxicl.train.mesh import MEMBER_AXIS, check_spans_processes, default_sweep_mesh
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState
@@ -63,7 +63,7 @@ class SweepResult:
     train_rows: list[dict]  # metrics rows with "member" and the member's values
     eval_rows: list[dict]
     chunk_size: int
-    info: dict  # run metadata (also out_dir/run.json): flops_per_step of one member, devices
+    info: dict  # run metadata (also out_dir/run.json): flops_per_step of one member, devices, backend, device_kind
 
     def member_params(self, i: int):
         return jax.tree.map(lambda x: x[i], self.params)
@@ -80,23 +80,32 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     out_dir gets sweep.json, run.json, metrics.jsonl (rows carry "member" and its values) and
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
     refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
-    afresh). chunk_size bounds the members trained at once; memory_budget (bytes per device) chooses it from the
-    memory of a chunk's compiled programs, training and (given) evaluate (chunk_in_budget); neither: 80% of the device
-    memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task fields) ->
-    {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis.
+    afresh). chunk_size bounds the members trained at once; without it a rerun keeps the chunk size of out_dir's
+    checkpoints (so one on a device with other memory resumes them), else memory_budget (bytes per device) chooses it
+    from the memory of a chunk's compiled programs, training and (given) evaluate (chunk_in_budget); neither: 80% of
+    the device memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task
+    fields) -> {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis (in a
+    run of several processes, the same number from each: jaxicl.train.mesh.default_sweep_mesh); a given mesh must
+    hold devices of every process.
     """
     check_eval_schedule(eval_every, cfg.steps)
     members = plain_members(members)
     if mesh is not None and MEMBER_AXIS not in mesh.axis_names:
         raise ConfigError(f"mesh: a sweep needs a mesh with a {MEMBER_AXIS!r} axis (jaxicl.train.sweep_mesh), got "
                           f"axes {mesh.axis_names}")
+    if mesh is not None:
+        check_spans_processes(mesh)
     prog = build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate)
+    # a rerun keeps the chunks its checkpoints hold: one chosen from the memory of another device would be refused
+    trained = _trained_chunk_size(out_dir) if chunk_size is None and out_dir and resume else None
+    chunk_size = chunk_size or trained
     mesh = mesh or default_sweep_mesh(chunk_size or len(members))
     memory_budget = memory_budget or (None if chunk_size else device_budget(mesh))
     if memory_budget is not None and chunk_size is None:
         chunk_size = chunk_in_budget(prog, cfg, mesh, memory_budget, len(members))
     n_dev = mesh.shape[MEMBER_AXIS]
-    size = -(-min(chunk_size or len(members), len(members)) // n_dev) * n_dev  # a multiple of the member devices
+    # a multiple of the member devices (the trained size as it was: it may hold padding beyond the members)
+    size = -(-(trained or min(chunk_size or len(members), len(members))) // n_dev) * n_dev
     chunks = [np.arange(lo, min(lo + size, len(members))) for lo in range(0, len(members), size)]
     swept = swept_values([{(p if "." in p else f"init.{p}"): v for p, v in m.items()} for m in members])
     # the members in order: a rerun with another order or pairing of the same values must not resume into them
@@ -134,8 +143,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
                 finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
         bar.close()
         stack_flops = run_chunk.flops_per_step
-        info = {"flops_per_step": stack_flops / size if stack_flops else None, "devices": mesh.devices.size,
-                "chunk_size": size}
+        info = {"flops_per_step": stack_flops / size if stack_flops else None, **trained_on(mesh), "chunk_size": size}
         info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
         if diverged and outputs.is_primary():
             tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
@@ -211,6 +219,16 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
 
 def _chunk_dir(out_dir: str, k: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"chunk{k}")
+
+
+def _trained_chunk_size(out_dir: str) -> int | None:
+    """The chunk size (sweep.chunk_size) of the sweep whose first chunk's checkpoint out_dir holds, None where it holds
+    none; process 0's answer on every process."""
+    latest = latest_checkpoint(_chunk_dir(out_dir, 0))
+    size = ((latest[0].get("sweep") or {}).get("chunk_size") or 0) if latest else 0
+    if jax.process_count() > 1:
+        size = int(multihost_utils.broadcast_one_to_all(np.asarray(size)))
+    return size or None
 
 
 def _resumed_diverged(out_dir: str, resumed: list[np.ndarray]) -> dict[int, int]:
