@@ -8,11 +8,11 @@ n times the prompts per step; efficiency = prompts/s per device on n devices / t
 device by default). On a CPU host the devices are simulated (`jax_num_cpu_devices`, set before JAX starts) and share
 the host's cores, which one device already uses, so efficiency falls roughly like 1 / devices there: the script is
 meant for accelerators, where it runs unchanged over the local devices. Multi-host (e.g. 2 hosts x 8 GPUs): start the
-same command on every host with `--distributed` (and, where no Slurm, Kubernetes or TPU pod environment supplies them, `--coordinator HOST:PORT
---num-processes N --process-id I`: jaxicl.distributed); `jax.devices()` then spans every host and the
-engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engine on two processes). Each mesh takes
-the same number of devices from every process (jaxicl.train.data_mesh), so there every count must be a multiple of the
-process count; the default counts are 1, 2, 4 and 8 devices per process.
+same command on every host with `--distributed` (and, where no Slurm, Kubernetes or TPU pod environment supplies them,
+`--coordinator HOST:PORT --num-processes N --process-id I`: jaxicl.distributed); `jax.devices()` then spans every host
+and the engine's mesh and sampling are unchanged (tests/test_multihost.py runs the engine on two processes). Each mesh
+takes the same number of devices from every process (jaxicl.train.data_mesh), so there every count must be a multiple of
+the process count; the default counts are 1, 2, 4 and 8 devices per process.
 """
 
 import argparse
