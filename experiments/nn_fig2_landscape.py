@@ -95,9 +95,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 def _plot(cfg: Config, xi1, xi2, loss, min_eig, out_dir: str) -> str:
     fig = new_figure(3, size=(4.6, 3.8))[0]
     fig.clf()
-    extent = (xi1[0], xi1[-1], xi2[0], xi2[-1])
     ax = fig.add_subplot(1, 3, 1)
-    im = ax.imshow(loss, origin="lower", extent=extent, aspect="auto", cmap="viridis")
+    # shading="nearest": each cell is centred on its grid point, where the contour lines pass through its value
+    im = ax.pcolormesh(xi1, xi2, loss, shading="nearest", cmap="viridis")
     ax.contour(xi1, xi2, loss, levels=15, colors="w", linewidths=0.5)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set(xlabel="xi1", ylabel="xi2", title=f"L(xi1, xi2), d={cfg.dim}, N={cfg.n_context}")
@@ -108,7 +108,7 @@ def _plot(cfg: Config, xi1, xi2, loss, min_eig, out_dir: str) -> str:
     ax.view_init(elev=30, azim=-130)
     ax = fig.add_subplot(1, 3, 3)
     lim = float(np.abs(min_eig).max())
-    im = ax.imshow(min_eig, origin="lower", extent=extent, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    im = ax.pcolormesh(xi1, xi2, min_eig, shading="nearest", cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.contour(xi1, xi2, min_eig, levels=[0.0], colors="k", linewidths=1)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set(xlabel="xi1", ylabel="xi2", title="smallest Hessian eigenvalue (blue < 0: nonconvex)")

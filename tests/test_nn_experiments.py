@@ -101,3 +101,26 @@ def test_the_self_weight_panel_plots_the_max_over_prompts_against_the_per_prompt
     np.testing.assert_array_equal(mean.get_ydata(), [0.25, 0.02])
     assert mean.get_linestyle() == "--" and bound.get_linestyle() == ":"
     np.testing.assert_allclose(bound.get_ydata(), [1.0, np.exp(-1.5)], rtol=1e-15)  # float64 exp: rounding only
+
+
+def test_landscape_heatmap_cells_are_centred_on_the_grid_points(tmp_path, monkeypatch):
+    """imshow with extent=(first, last grid point) put the cells' edges, not their centres, on the grid: each value
+    was drawn half a cell off the contour lines drawn through the same grid."""
+    import matplotlib.pyplot as plt
+
+    from experiments import nn_fig2_landscape as fig2
+
+    figures = []
+    monkeypatch.setattr(fig2, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    xi1, xi2 = np.linspace(-1.0, 2.0, 4), np.linspace(0.0, 1.0, 3)
+    loss = np.arange(12.0).reshape(3, 4)
+    fig2._plot(fig2.PRESETS["smoke"], xi1, xi2, loss, loss - 5.0, str(tmp_path))
+    fig = figures[0]
+    plt.close(fig)
+    for ax in (fig.axes[0], fig.axes[3]):  # the loss and the smallest eigenvalue (axes 1, 2: its bar, the surface)
+        (mesh,) = ax.collections[:1]
+        corners = mesh.get_coordinates()  # (3 + 1, 4 + 1, 2): cell edges
+        centres_x = (corners[0, :-1, 0] + corners[0, 1:, 0]) / 2
+        centres_y = (corners[:-1, 0, 1] + corners[1:, 0, 1]) / 2
+        np.testing.assert_allclose(centres_x, xi1, atol=1e-12)  # midpoints of float64 edges: rounding only
+        np.testing.assert_allclose(centres_y, xi2, atol=1e-12)
