@@ -286,6 +286,32 @@ def test_a_rerun_on_a_device_with_more_memory_resumes_the_chunks_of_its_checkpoi
     _assert_trees_close(resumed.params, fresh.params, rtol=1e-6, atol=1e-7)
 
 
+def test_a_rerun_whose_checkpointed_chunks_exceed_the_memory_is_refused_before_it_trains(tmp_path, monkeypatch):
+    """A rerun keeps its checkpoints' chunk size; on a device with less memory (or with a memory_budget below it) it
+    compiled those chunks and ran out of memory, or trained past the budget it was given; now it is refused up front,
+    with the bytes the chunks need, and out_dir is left as it was."""
+    cfg = _cfg(steps=4, steps_per_call=2)
+    members = [{"train.seed": s} for s in range(4)]
+    need = _compiled_bytes(build_program(LOSS, lr.sample, TASK, cfg, init, members, None), cfg, 4)[0]
+    train_sweep(LOSS, lr.sample, TASK, dataclasses.replace(cfg, steps=2), init, members, mesh=sweep_mesh(1),
+                out_dir=str(tmp_path), progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    message = (f"{tmp_path}: its checkpoints hold chunks of 4 members (sweep.chunk_size), whose programs need "
+               f"{need:.3g} bytes per device, more than {need - 1:.3g} (memory_budget")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), out_dir=str(tmp_path),
+                    memory_budget=need - 1, progress=False)
+    monkeypatch.setattr(type(jax.devices()[0]), "memory_stats", lambda d: {"bytes_limit": need - 1})
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):  # the whole device (not 80% of it): too small
+        train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), out_dir=str(tmp_path),
+                    progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    monkeypatch.setattr(type(jax.devices()[0]), "memory_stats", lambda d: {"bytes_limit": need})  # fits exactly
+    resumed = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), out_dir=str(tmp_path),
+                          progress=False)
+    assert resumed.chunk_size == 4 and [r["step"] for r in resumed.train_rows if r["member"] == 3] == [0, 1, 2, 3]
+
+
 def test_sweep_resume_is_exact_across_chunks(tmp_path):
     members = [{"train.seed": s, "train.lr": v} for s, v in [(0, 1e-2), (1, 2e-2), (2, 3e-2)]]
     kw = dict(chunk_size=2, mesh=sweep_mesh(2), progress=False,

@@ -50,7 +50,7 @@ from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState
 from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, plain_members, swept_values
-from jaxicl.train.sweep_memory import chunk_in_budget, device_budget
+from jaxicl.train.sweep_memory import chunk_in_budget, chunk_memory, device_budget
 from jaxicl.train.sweep_program import SweepProgram, build_program
 from jaxicl.validation import ConfigError
 
@@ -81,7 +81,8 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
     refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
     afresh). chunk_size bounds the members trained at once; without it a rerun keeps the chunk size of out_dir's
-    checkpoints (so one on a device with other memory resumes them), else memory_budget (bytes per device) chooses it
+    checkpoints (so one on a device with other memory resumes them; refused up front where those chunks need more
+    than memory_budget, or than the device's memory), else memory_budget (bytes per device) chooses it
     from the memory of a chunk's compiled programs, training and (given) evaluate (chunk_in_budget); neither: 80% of
     the device memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task
     fields) -> {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis (in a
@@ -106,6 +107,8 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
     n_dev = mesh.shape[MEMBER_AXIS]
     # a multiple of the member devices (the trained size as it was: it may hold padding beyond the members)
     size = -(-(trained or min(chunk_size or len(members), len(members))) // n_dev) * n_dev
+    if trained:
+        _check_trained_chunk_fits(prog, cfg, mesh, size, memory_budget or device_budget(mesh, fraction=1.0), out_dir)
     chunks = [np.arange(lo, min(lo + size, len(members))) for lo in range(0, len(members), size)]
     swept = swept_values([{(p if "." in p else f"init.{p}"): v for p, v in m.items()} for m in members])
     # the members in order: a rerun with another order or pairing of the same values must not resume into them
@@ -229,6 +232,18 @@ def _trained_chunk_size(out_dir: str) -> int | None:
     if jax.process_count() > 1:
         size = int(multihost_utils.broadcast_one_to_all(np.asarray(size)))
     return size or None
+
+
+def _check_trained_chunk_fits(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, size: int,
+                              budget: float | None, out_dir: str) -> None:
+    """Refuses, before anything compiles to run, to resume chunks of `size` members (those out_dir's checkpoints
+    hold) whose compiled programs need more than `budget` bytes per device (memory_budget, else the whole device
+    where the backend reports its memory; None: not checked)."""
+    if budget is not None and (need := chunk_memory(prog, cfg, mesh, size)) > budget:
+        raise ConfigError(f"{out_dir}: its checkpoints hold chunks of {size} members (sweep.chunk_size), whose "
+                          f"programs need {need:.3g} bytes per device, more than {budget:.3g} (memory_budget, else "
+                          f"the device's memory): resume where they fit, or pass resume=False to start afresh in "
+                          f"chunks that fit")
 
 
 def _resumed_diverged(out_dir: str, resumed: list[np.ndarray]) -> dict[int, int]:
