@@ -276,8 +276,35 @@ def test_a_lock_naming_this_process_is_stale_unless_this_process_holds_it(tmp_pa
         assert str(refused.value) == (f"out_dir: {tmp_path} is being written by another run (process {os.getpid()} "
                                       f"on {mine['host']}); wait for it, stop it, or use another out_dir (if that run "
                                       f"is no longer running, delete {lock})")
-        assert json.loads(lock.read_text()) == mine  # the outer block's lock stays
+        assert json.loads(lock.read_text()) == {**mine, "started": run_lock._start_time(os.getpid())}  # the outer's
     assert not lock.exists()
+
+
+def test_a_lock_whose_pid_now_belongs_to_a_process_started_later_is_stale(tmp_path):
+    """A killed run's pid given to an unrelated process (a long-lived host) kept its lock looking held, and every
+    rerun was refused until someone deleted it by hand. The lock records when its process started; a live pid with
+    another start time is taken over, one with the recorded start time is still refused."""
+    import socket
+
+    from jaxicl.train import run_lock
+
+    lock = tmp_path / run_lock.LOCK_FILE
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = run_lock._start_time(other.pid)
+        assert isinstance(started, int) and started == run_lock._start_time(other.pid)  # an integer tick count
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "started": started}))
+        with pytest.raises(ConfigError, match=rf"another run \(process {other.pid} "):
+            with run_lock.exclusive(str(tmp_path)):
+                pass
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "started": started - 1}))
+        with run_lock.exclusive(str(tmp_path)):
+            assert json.loads(lock.read_text()) == {"host": socket.gethostname(), "pid": os.getpid(),
+                                                    "started": run_lock._start_time(os.getpid())}
+        assert not lock.exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_model_with_an_embedding_table_trains_on_several_devices_and_a_pool_sampler_draws_through_lookup():

@@ -1,10 +1,12 @@
-"""One run at a time per output directory: out_dir/.lock names the host and process writing there.
+"""One run at a time per output directory: out_dir/.lock names the host and process writing there (and, on Linux, when
+that process started).
 
 Two processes training into one out_dir (a rerun started while a forgotten one still runs) interleaved their
 metrics.jsonl rows and checkpoints with no error. A lock whose process has ended (a killed run) is taken over; one
 held on another host cannot be checked, and is refused with how to clear it. A lock naming this very process that
 this process does not hold is stale too: a killed run's pid, given to its rerun (a container restarted with the same
-hostname starts its pids from 1 again). Taking over a stale lock happens under an flock on out_dir/.lock.takeover, so
+hostname starts its pids from 1 again), and so is one whose pid now belongs to a process that started at another time
+(the pid was given to an unrelated process after the run was killed). Taking over a stale lock happens under an flock on out_dir/.lock.takeover, so
 of two processes that both found the lock stale only one takes it.
 """
 
@@ -31,9 +33,19 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> int | None:
+    """When process pid started (clock ticks since boot: /proc/<pid>/stat's 22nd field); None where unknown (not
+    Linux, or no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # fields from the 3rd, after "pid (command)"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _holder(path: str) -> dict | None:
-    """The lock's {"host", "pid"}, or None where it is gone, unreadable, or names a process of this host that ended or
-    this process where it does not hold the lock."""
+    """The lock's {"host", "pid", "started"}, or None where it is gone, unreadable, or names a process of this host
+    that ended, a pid now another process's (another start time), or this process where it does not hold the lock."""
     try:
         with open(path) as f:
             holder = json.load(f)
@@ -41,7 +53,9 @@ def _holder(path: str) -> dict | None:
         return None
     if holder.get("host") == socket.gethostname():
         pid = int(holder.get("pid", -1))
-        if not _running(pid) or pid == os.getpid() and os.path.realpath(path) not in _HELD:
+        started = holder.get("started")
+        if (not _running(pid) or pid == os.getpid() and os.path.realpath(path) not in _HELD
+                or started is not None and _start_time(pid) not in (None, started)):
             return None
     return holder
 
@@ -67,7 +81,7 @@ def exclusive(out_dir: str | None):
         return
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
-    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
     written = f"{path}.{mine['pid']}"  # the lock appears whole (a hard link), never empty to another process
     with open(written, "w") as f:
         json.dump(mine, f)
