@@ -61,7 +61,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         xi1 = jnp.linspace(*cfg.xi1_range, cfg.grid)
         xi2 = jnp.linspace(*cfg.xi2_range, cfg.grid)
         g1, g2 = jnp.meshgrid(xi1, xi2, indexing="xy")  # rows: xi2, columns: xi1
-        loss = np.asarray(theory.reduced_loss_grid(g1.ravel(), g2.ravel(), s)).reshape(g1.shape)
+        loss = np.asarray(theory.reduced_loss_grid(g1, g2, s))
         hess = _hessian_grid(jnp.stack([g1.ravel(), g2.ravel()], -1), s)
         eigs = np.asarray(jnp.linalg.eigvalsh(hess))
         min_eig, max_eig = eigs[:, 0].reshape(g1.shape), eigs[:, 1].max()

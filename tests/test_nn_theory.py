@@ -185,3 +185,19 @@ def test_window_mean_ratio_and_log_query_weight():
     qc, q_self = th._weights(3.0, 40.0, s)
     # the same softmax in logs (float32: relative 1e-6 of log q ~ -40)
     np.testing.assert_allclose(th.log_query_weight(3.0, 40.0, s), np.log(q_self), rtol=1e-5)
+
+
+def test_reduced_loss_grid_takes_a_2d_meshgrid_and_refuses_unequal_shapes():
+    """A 2-D meshgrid raised a broadcasting error (lax.map ran over its rows): it is now flattened inside."""
+    s = th.sample_inner_products(jax.random.key(0), 4, 4, 2000)
+    g1, g2 = jnp.meshgrid(jnp.linspace(0, 4, 3), jnp.linspace(0, 6, 4))  # [4, 3]
+    grid = np.asarray(th.reduced_loss_grid(g1, g2, s))
+    assert grid.shape == (4, 3)
+    # the same 12 points in the same order through the same batched program: bit for bit
+    np.testing.assert_array_equal(grid, np.asarray(th.reduced_loss_grid(g1.ravel(), g2.ravel(), s)).reshape(4, 3))
+    # and each is L at its point (separate per-point programs: float32 sums over 2000 samples, rounding ~1e-7)
+    ref = [[float(th.reduced_loss(a, b, s)) for a, b in zip(r1, r2)] for r1, r2 in zip(g1, g2)]
+    np.testing.assert_allclose(grid, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match=re.escape("xi1 and xi2 must have equal shapes (one point per entry), got "
+                                                   "(4, 3) and (12,)")):
+        th.reduced_loss_grid(g1, g2.ravel(), s)

@@ -62,9 +62,13 @@ def reduced_loss(xi1, xi2, s: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames="batch_size")
 def reduced_loss_grid(xi1: jax.Array, xi2: jax.Array, s: jax.Array, batch_size: int = 16) -> jax.Array:
-    """L at every point of xi1, xi2 [P] (any equal shapes), evaluated batch_size points at a time: [P]."""
-    return jax.lax.map(lambda xi: reduced_loss(xi[0], xi[1], s), jnp.stack([xi1, xi2], -1),
-                       batch_size=batch_size)
+    """L at every point of xi1, xi2 [...] (equal shapes, e.g. a meshgrid's [rows, cols]), evaluated batch_size points
+    at a time: [...]."""
+    xi1, xi2 = jnp.asarray(xi1), jnp.asarray(xi2)
+    if xi1.shape != xi2.shape:
+        raise ValueError(f"xi1 and xi2 must have equal shapes (one point per entry), got {xi1.shape} and {xi2.shape}")
+    points = jnp.stack([xi1.ravel(), xi2.ravel()], -1)  # [P, 2]: lax.map runs over the first axis only
+    return jax.lax.map(lambda xi: reduced_loss(xi[0], xi[1], s), points, batch_size=batch_size).reshape(xi1.shape)
 
 
 def reduced_grad(xi1, xi2, s: jax.Array) -> tuple[jax.Array, jax.Array]:
