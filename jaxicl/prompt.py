@@ -1,4 +1,4 @@
-"""The Prompt pytree every task sampler returns."""
+"""The Prompt pytree every task sampler returns, and the check that a function taking one prompt got one."""
 
 import dataclasses
 
@@ -20,3 +20,17 @@ class Prompt:
     targets: jax.Array
     mask: jax.Array
     info: dict = dataclasses.field(default_factory=dict)
+
+
+def check_one_prompt(name: str, tokens: jax.Array, width: int | None = None, fields: str = "") -> None:
+    """ValueError unless tokens is one prompt [T, width] (any width where None), naming `name` (the function that
+    takes it) and, for a wrong width, the token's `fields`. A batch [B, T, D] would pass for B positions of tokens
+    [T, D] (wrong shapes, a shift along the batch axis, or an error about the wrong axis), and tokens of another
+    width would be sliced into plausible wrong fields."""
+    d = "D" if width is None else width
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} takes one prompt, tokens [T, {d}], got shape {tokens.shape}: jax.vmap it over a "
+                         f"batch [B, T, {d}]")
+    if width is not None and tokens.shape[1] != width:
+        raise ValueError(f"{name} takes tokens [T, {width}]{f' ({fields})' if fields else ''}, got tokens of width "
+                         f"{tokens.shape[1]} (shape {tokens.shape})")

@@ -74,8 +74,8 @@ def test_a_baseline_given_a_batch_instead_of_one_prompt_says_so(name):
     along the batch axis), three_term called T the token dim, least_squares failed to unpack the shape."""
     b = sample_batch(ar.sample, ar.AffineRecurrence(seq_len=16), jax.random.key(0), 4)
     predictor = getattr(base, name)
-    with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [T, dim], got shape (4, 16, 1): "
-                                                   "jax.vmap it over a batch [B, T, dim]")):
+    with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [T, D], got shape (4, 16, 1): "
+                                                   "jax.vmap it over a batch [B, T, D]")):
         predictor(b.inputs)
     assert jax.vmap(predictor)(b.inputs).shape == (4, 16)
 

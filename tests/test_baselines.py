@@ -1,8 +1,10 @@
+import re
+
 import jax
 import numpy as np
 import pytest
 
-from jaxicl.baselines import best_gd_step, gradient_descent, least_squares, ridge
+from jaxicl.baselines import best_gd_step, dmmse, gradient_descent, least_squares, ridge
 from jaxicl.prompt import Prompt
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
@@ -39,6 +41,20 @@ def test_baselines_match_numpy_prefix_loops(x64, fmt):
             x, y = np.asarray(b.info["x"][i]), np.asarray(b.info["y"][i])
             np.testing.assert_allclose(preds[i, pos], _prefix_loop(x, y, fit), rtol=1e-8, atol=1e-10)
         assert np.all(np.delete(preds, pos, axis=1) == 0.0)
+
+
+@pytest.mark.parametrize("fmt,shape", [("paired", (4, 8, 4)), ("interleaved", (4, 15, 4))])
+def test_a_regression_baseline_given_a_batch_instead_of_one_prompt_says_so(fmt, shape):
+    """A batch [B, T, D] failed inside: a concatenate (interleaved) or a broadcast (paired) over the wrong axes."""
+    cfg = lr.LinearRegression(dim=3, n_context=7, format=fmt, noise_std=0.1)
+    b = sample_batch(lr.sample, cfg, jax.random.key(0), 4)
+    for name, predictor in [("least_squares", least_squares(cfg)), ("ridge", ridge(cfg, 0.1)),
+                            ("gradient_descent", gradient_descent(cfg, 2, 0.1)),
+                            ("dmmse", dmmse(cfg, lr.task_pool(cfg, 8)))]:
+        with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [T, D], got shape {shape}: "
+                                                       "jax.vmap it over a batch [B, T, D]")):
+            predictor(b.inputs)
+        assert jax.vmap(predictor)(b.inputs).shape == shape[:2]
 
 
 def test_float32_ridge_at_a_small_lam_matches_float64_numpy_on_prefixes_shorter_than_dim():

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.prompt import check_one_prompt
+
 Predictor = Callable[[jax.Array], jax.Array]
 
 
@@ -25,21 +27,13 @@ def _out(pred: jax.Array) -> jax.Array:
     return pred[:, 0] if pred.shape[1] == 1 else pred
 
 
-def _check_prompt(name: str, tokens: jax.Array) -> None:
-    """Refuses anything but one prompt, tokens [T, dim]: a batch [B, T, dim] would pass for B positions of tokens
-    [T, dim] (wrong shapes, a shift along the batch axis, or an error about the wrong axis)."""
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} takes one prompt, tokens [T, dim], got shape {tokens.shape}: jax.vmap it over a "
-                         "batch [B, T, dim]")
-
-
 def copy(tokens: jax.Array) -> jax.Array:
-    _check_prompt("copy", tokens)
+    check_one_prompt("copy", tokens)
     return _out(tokens)
 
 
 def linear_extrapolation(tokens: jax.Array) -> jax.Array:
-    _check_prompt("linear_extrapolation", tokens)
+    check_one_prompt("linear_extrapolation", tokens)
     prev = jnp.concatenate([tokens[:1], tokens[:-1]])
     return _out(2 * tokens - prev)
 
@@ -50,7 +44,7 @@ def three_term(tokens: jax.Array) -> jax.Array:
     Where x_{n-1} = x_{n-2} the sequence sits at its fixed point and copying is exact. Near it the estimate
     of a loses precision, but its error is multiplied by the tiny x_n - x_{n-1}, so the prediction keeps it.
     """
-    _check_prompt("three_term", tokens)
+    check_one_prompt("three_term", tokens)
     if tokens.shape[1] != 1:
         raise ValueError(f"three_term solves scalar recurrences (token dim 1), got token dim {tokens.shape[1]}")
     x = tokens[:, 0]
@@ -64,7 +58,7 @@ def three_term(tokens: jax.Array) -> jax.Array:
 
 def least_squares(tokens: jax.Array) -> jax.Array:
     """[A b] = argmin sum_{i<n} |A x_i + b - x_{i+1}|^2 (minimum norm) at every position n; A x_n + b."""
-    _check_prompt("least_squares", tokens)
+    check_one_prompt("least_squares", tokens)
     t, d = tokens.shape
     feats = jnp.concatenate([tokens, jnp.ones((t, 1), tokens.dtype)], axis=1)  # [T, d + 1]
     nxt = jnp.concatenate([tokens[1:], jnp.zeros_like(tokens[:1])])  # x_{i+1} for pair i (the last unused)

@@ -24,4 +24,4 @@ def dmmse(cfg: lr_task.LinearRegression, pool: jax.Array, noise_std: float | Non
         log_lik = -jnp.sum(m * residuals**2, axis=1) / (2 * sigma**2)
         return jax.nn.softmax(log_lik) @ pool
 
-    return _per_prefix(cfg, fit)
+    return _per_prefix(cfg, fit, "dmmse")

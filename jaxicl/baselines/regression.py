@@ -2,7 +2,8 @@
 
 Each predictor decodes the (x, y) pairs of a linear-regression prompt and predicts pair j from
 pairs 0..j-1 only, i.e. at every prefix; predictions sit at the task's prediction positions and
-are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared.
+are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared. One prompt each
+(a batch [B, T, D] raises ValueError; jax.vmap them over it).
 """
 
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxicl.prompt import check_one_prompt
 from jaxicl.ridge import ridge_solve
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.validation import check_positive
@@ -20,7 +22,7 @@ Fit = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x [n, d], y [n]
 
 def least_squares(cfg: lr_task.LinearRegression) -> Predictor:
     """Minimum-norm least squares on each prefix."""
-    return _per_prefix(cfg, lambda x, y, m: jnp.linalg.pinv(x * m[:, None]) @ (y * m))
+    return _per_prefix(cfg, lambda x, y, m: jnp.linalg.pinv(x * m[:, None]) @ (y * m), "least_squares")
 
 
 def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
@@ -28,7 +30,7 @@ def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
     solved by ridge_solve's QR: on prefixes shorter than d, X^T X + lam I is singular up to lam, and the normal
     equations gave NaN or wrong predictions in float32 at small lam."""
     check_positive("lam", lam)
-    return _per_prefix(cfg, lambda x, y, m: ridge_solve(x * m[:, None], y * m, lam))
+    return _per_prefix(cfg, lambda x, y, m: ridge_solve(x * m[:, None], y * m, lam), "ridge")
 
 
 def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Predictor:
@@ -46,11 +48,14 @@ def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Pr
 
         return jax.lax.scan(step, jnp.zeros(x.shape[1], x.dtype), None, length=steps)[0]
 
-    return _per_prefix(cfg, fit)
+    return _per_prefix(cfg, fit, "gradient_descent")
 
 
-def _per_prefix(cfg: lr_task.LinearRegression, fit: Fit) -> Predictor:
+def _per_prefix(cfg: lr_task.LinearRegression, fit: Fit, name: str) -> Predictor:
+    """The predictor that fits each prefix by `fit` (name: the baseline, for errors)."""
+
     def predict(tokens: jax.Array) -> jax.Array:
+        check_one_prompt(name, tokens)
         x, y = lr_task.decode(cfg, tokens)
         n = x.shape[0]
         before = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [j, i]: pair i is in prefix j
