@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,23 @@ def test_one_nn_baseline_is_the_target_and_knn_matches_a_loop(distribution):
         order = sorted(range(9), key=lambda j: np.sum((x[p, j] - x[p, -1]) ** 2))
         np.testing.assert_allclose(knn[p, -1], np.mean(y[p, order[:3]]), rtol=1e-5, atol=1e-6)
         assert np.all(knn[p, :-1] == 0)
+
+
+def test_nn_baselines_refuse_a_batch_and_tokens_of_another_width():
+    """A config whose num_classes or dim is not the prompts' sliced the tokens into plausible wrong x and labels
+    (silently wrong 1-NN / k-NN predictions); a batch failed inside on a dot product of the wrong axes."""
+    cfg = nn.NearestNeighbor(dim=8, n_context=16, num_classes=4)
+    b = sample_batch(nn.sample, cfg, jax.random.key(0), 3)
+    cases = [(nn.NearestNeighbor(dim=8, n_context=16), "[T, 10] (x 8 + labels 1 + flag 1 for dim=8, num_classes=2)"),
+             (nn.NearestNeighbor(dim=4, n_context=16, num_classes=4),
+              "[T, 8] (x 4 + labels 3 + flag 1 for dim=4, num_classes=4)")]
+    for wrong, takes in cases:
+        for predictor in (one_nearest_neighbor(wrong), k_nearest_neighbors(wrong, 3)):
+            with pytest.raises(ValueError, match=re.escape(f"nearest_neighbor.decode takes tokens {takes}, got tokens "
+                                                           "of width 12 (shape (17, 12))")):
+                predictor(b.inputs[0])
+    for predictor in (one_nearest_neighbor(cfg), k_nearest_neighbors(cfg, 3)):
+        with pytest.raises(ValueError, match=re.escape("nearest_neighbor.decode takes one prompt, tokens [T, 12], got "
+                                                       "shape (3, 17, 12): jax.vmap it over a batch [B, T, 12]")):
+            predictor(b.inputs)
+    np.testing.assert_array_equal(jax.vmap(one_nearest_neighbor(cfg))(b.inputs), b.targets)

@@ -5,6 +5,8 @@ other positions are 0. k-NN averages the label encodings of the k context points
 <x_j, x_q> (the nearest on the sphere); for labels +-1 its sign is the majority vote, and for simplex
 labels the nearest vertex of the average is the plurality class. k = 1 is the exact 1-NN rule the attention
 layer learns.
+One prompt each, tokens as wide as the config's token_dim (else nearest_neighbor.decode raises ValueError;
+jax.vmap them over a batch).
 """
 
 from collections.abc import Callable

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxicl.prompt import Prompt
+from jaxicl.prompt import Prompt, check_one_prompt
 from jaxicl.tasks.batching import fixed_set_key
 from jaxicl.validation import check_choice, check_integer, check_positive, check_range
 
@@ -112,8 +112,13 @@ def encode(x: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def decode(cfg: NearestNeighbor, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Inverse of encode: context x [N, d], context labels [N, L], query x_q [d]."""
+    """Inverse of encode: tokens [N+1, d+L+1] -> context x [N, d], context labels [N, L], query x_q [d].
+
+    ValueError for a batch, or tokens of another width (a config whose dim or num_classes is not the prompts').
+    """
     d = cfg.dim
+    check_one_prompt("nearest_neighbor.decode", tokens, cfg.token_dim,
+                     f"x {d} + labels {cfg.label_dim} + flag 1 for dim={d}, num_classes={cfg.num_classes}")
     return tokens[:-1, :d], tokens[:-1, d:d + cfg.label_dim], tokens[-1, :d]
 
 
