@@ -53,7 +53,7 @@ learned: the untrained model decodes them as well or better, and these three che
 the notes' protocol was followed, the same verdicts: 0.96 vs 0.90, 0.95 vs 0.92, 0.66 vs 1.00, 0.76 vs 0.90). Context
 independence: at layer1.attn.out a root's single-board centroid has cosine 0.82 with its centroid on double and
 composite boards (0.16 with other roots'): gap 0.66 against at most 0.19 untrained; the single-board root probe
-reads double boards at 0.82 and composites at 0.92. Noise of 0.5 |x| on the object cells at the embedding shrinks
+reads double boards at 0.81 and composites at 0.90. Noise of 0.5 |x| on the object cells at the embedding shrinks
 to 0.13-0.19 at every site from the first block's MLP on, 0.17 at the output, where the untrained model leaves
 0.30 (ratio 0.58; its residual stream holds 0.29-0.38 after the embedding). The object is still drawn from noise
 as large as the embedding itself, then reconstruction breaks down: the object cells are drawn right at 0.985 clean,

@@ -3,14 +3,17 @@
 On the training run's model (experiments/common/abstractions.py; trained first if missing), at every [T, D]
 site, one site at a time, all sites and boards in one compiled program (jaxicl.analysis.steering):
 
-- transplant root A -> B on a single board's 9 object cells (every ordered pair A != B, boards_per_pair boards
-  each at a random position and background with a token mask) by (a) activation patching from the B board with
-  the same position, background and mask, and (b) adding the centroid difference mu_B - mu_A (centroids: the
-  mean over a probe set's masked object cells of each root and cell index, per site, so cell c of A receives
-  mu_(B,c) - mu_(A,c); centroid="root" pools the 9 cells, the notes' mu_k, and is measured as well); control: a
-  random direction of the same norm.
+- transplant root A -> B on a single board's object (every ordered pair A != B, boards_per_pair boards each at a
+  random position and background with a token mask) by (a) activation patching from the B board with the same
+  position, background and mask, on A's masked object cells only (UNK at the input of both boards, so what is
+  patched is what the network inferred there, while A's visible cells stay A's: the two boards differ only on the
+  9 object cells, and a review found a patch of all 9 to be B's own run, passing by construction), and (b) adding
+  the centroid difference mu_B - mu_A on the 9 cells (centroids: the mean over a probe set's masked object cells
+  of each root and cell index, per site, so cell c of A receives mu_(B,c) - mu_(A,c); centroid="root" pools the 9
+  cells, the notes' mu_k, and is measured as well); control: a random direction of the same norm.
   Reported: the fraction of the object's cells decoded as B's token at that cell and the fraction still decoded as
-  A's (both over cells where A's and B's colours differ), on every footprint cell and on the masked ones;
+  A's (both over cells where A's and B's colours differ), on the masked ones (and for (b) on every footprint
+  cell); the patch's ceiling: the fraction of those cells B's own run completes as B;
 - mean ablation (loss of function): the object cells set to the grand mean of the root centroids; reported:
   the fraction still decoded as A's tokens;
 - masked completion through an abstraction: completion_masked of the 9 cells masked, mu_B - mu_A added on those
@@ -31,18 +34,21 @@ cells only: a centroid over visible cells carries the cell's own token, and addi
 centroids on a masked cell writes B's colour into the stream there, which a copier redraws (a review found the
 earlier all-cell centroids passing both masked-cell checks for the model with every attention output zeroed).
 
-What the quick preset shows (under a minute on the training run's model; numbers of a run on an Intel Xeon, Emerald
-Rapids), on masked cells: the B board's activations on A's cells turn 0.95 of them into B's colours (at
-layer0.resid_mid; 0.005 still A's), and setting the object cells to the mean centroid at layer2.z leaves 0.07 of A's
-colours (unedited 0.98): both pass. Adding mu_B - mu_A turns only 0.25 of them at the checked sites
-(layer1.resid_mid; random direction 0.02) and leaves 0.44 of them A's, short of the check's 0.5 gain, against
-0.93-0.96 B's (0.01 and 0.00 A's) after the last attention (layer2.resid_mid, resid_post), where
-a cell moved into B's cluster is drawn as B by the readout alone; with 6 of 9 cells masked, adding the difference on
-the masked cells completes B on 0.23 of them (layer1.resid_post; random 0.08; unedited the network completes A on
-0.49), short of the check's 0.3 gain, against 0.90 after the last attention. So the per-(root, cell) abstractions of
-hidden cells that the last block reads are mostly made by its attention: written before it, they move a quarter of the
-cells. Part-whole, short of its check as well: editing one quadrant of a composite turns 0.15 of its masked cells
-(layer1.resid_mid, random 0.01), with every other cell unchanged (1.00); after the last attention 0.88.
+What the quick preset shows (about 100 s on the training run's model, on an Intel Xeon (Emerald Rapids) whose 2
+cores other work shared), on masked cells: setting the object cells to the mean centroid at layer2.z leaves 0.07 of
+A's colours (unedited 0.98) and passes. The B board's activations on A's masked cells turn only 0.15 of them into
+B's colours at the checked sites (layer1.resid_mid; 0.58 still A's), short of the check's 0.5, although B's own run
+completes 0.94 of them as B: that much only after the last attention (0.94 at layer2.resid_mid and resid_post), so
+what the first two blocks infer on a hidden cell is mostly overruled by A's visible cells. Adding mu_B - mu_A turns
+only 0.25 of them at the checked sites (layer1.resid_mid; random direction 0.02) and leaves 0.44 of them A's, short
+of the check's 0.5 gain, against 0.93-0.96 B's (0.01 and 0.00 A's) after the last attention (layer2.resid_mid,
+resid_post), where a cell moved into B's cluster is drawn as B by the readout alone; with 6 of 9 cells masked, adding
+the difference on the masked cells completes B on 0.23 of them (layer1.resid_post; random 0.08; unedited the network
+completes A on 0.49), short of the check's 0.3 gain, against 0.90 after the last attention. So the per-(root, cell)
+abstractions of hidden cells that the last block reads are mostly made by its attention: written before it, they
+move a quarter of the cells or fewer. Part-whole, short of its check as well: editing one quadrant of a composite
+turns 0.15 of its masked cells (layer1.resid_mid, random 0.01), with every other cell unchanged (1.00); after the
+last attention 0.88.
 
 The edits are the notes' reconstructions ([R] in shared/papers/abstractions_ferry2023.md, Section 6.4-6.5);
 sizes and thresholds are ours (Config).
@@ -76,7 +82,7 @@ class Config:
     completion_masked: int = 6  # footprint cells masked in the completion test
     composite_backgrounds: int = 2  # composite boards: every composite at every position on this many backgrounds
     min_transplant_gain: float = 0.5  # best site's B fraction minus the random control's
-    min_patch_transplant: float = 0.5
+    min_patch_transplant: float = 0.5  # best site's B fraction of A's masked object cells with B's activations there
     min_ablation_drop: float = 0.5
     min_completion_gain: float = 0.3
     min_part_whole_gain: float = 0.3
@@ -108,21 +114,12 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     n_roots = data.cfg.n_roots
     colours = data.roots.reshape(n_roots, 9)
 
-    # single boards: A at a random position and background, and the B board with the same position, background
-    # and mask
-    a, b = np.array([(i, j) for i in range(n_roots) for j in range(n_roots) if i != j]).T
-    a, b = np.repeat(a, cfg.boards_per_pair), np.repeat(b, cfg.boards_per_pair)
-    rng = np.random.default_rng(cfg.training.train.seed + 30)
-    pos, bck = rng.integers(0, bd.POSITIONS, len(a)), rng.integers(0, data.cfg.n_backgrounds, len(a))
-    x, y = bd.place_of(pos)
-    boards = {r: ab.masked_set(data, data.rows("single", np.stack([k, x, y, bck], 1)), cfg.mask_p, k_mask)
-              for r, k in (("a", a), ("b", b))}
-    cells = ab.footprint(x, y)  # [N, 9]
+    boards = transplant_boards(cfg, data, k_mask)  # patch [N, 64]: the masked object cells, where every check scores
+    (a, b), x, y, bck, cells, patch = (boards[k] for k in ("roots", "x", "y", "background", "cells", "patch"))
     on = np.zeros((len(a), 64), bool)
     np.put_along_axis(on, cells, True, axis=1)
     tok_a, tok_b = _object_tokens(cells, colours[a]), _object_tokens(cells, colours[b])  # [N, 64], -1 off object
     differ = on & (tok_a != tok_b)
-    masked = boards["a"]["masked"]
     tokens = jnp.asarray(boards["a"]["tokens"])
     delta = {by: np.stack([m[:, b, c] - m[:, a, c] for c in range(9)], 2) for by, m in mu.items()}  # [S, N, 9, D]
     random = _random_like(delta[cfg.centroid], k_rand)
@@ -131,7 +128,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     donor = ab.activations(graphdef, params, boards["b"]["tokens"], sites)
     mean = mu[cfg.centroid].mean(1)  # [S, 9, D] the mean over roots of each cell's centroid
     edits = {
-        "patch": edit_each_site(graphdef, params, tokens, sites, on, values=np.stack([donor[s] for s in sites])),
+        "patch": edit_each_site(graphdef, params, tokens, sites, patch, values=np.stack([donor[s] for s in sites])),
         "centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(delta[cfg.centroid])),
         "random": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(random)),
         "other_centroid": edit_each_site(graphdef, params, tokens, sites, on, deltas=at_cells(
@@ -140,14 +137,18 @@ def run(cfg: Config, out_dir: str) -> Outcome:
             np.broadcast_to(mean[:, None], delta[cfg.centroid].shape))),
     }
     clean = np.asarray(ab.predictions(graphdef, params, tokens))
-    to_b = {k: decoded_as(v, tok_b, differ) for k, v in edits.items() if k != "ablation"}
-    to_b_masked = {k: decoded_as(v, tok_b, differ & masked) for k, v in edits.items() if k != "ablation"}
-    whole_b = {k: whole_footprint_as(edits[k], tok_b, on) for k in ("centroid", "random", "patch")}
+    # the patch's ceiling: B's own run completes this fraction of the patched cells as B
+    clean_b = np.asarray(ab.predictions(graphdef, params, jnp.asarray(boards["b"]["tokens"])))
+    patch_ceiling = float(np.mean(clean_b[differ & patch] == tok_b[differ & patch]))
+    # the patch writes the masked cells only: its fractions over every footprint cell would count A's visible cells
+    to_b = {k: decoded_as(edits[k], tok_b, differ) for k in ("centroid", "random")}
+    to_b_masked = {k: decoded_as(v, tok_b, differ & patch) for k, v in edits.items() if k != "ablation"}
+    whole_b = {k: whole_footprint_as(edits[k], tok_b, on) for k in ("centroid", "random")}
     # the notes' third transplant outcome: the cells still decoded as A (same cells as the B fractions)
-    still_a = {k: decoded_as(edits[k], tok_a, differ) for k in ("centroid", "patch")}
-    still_a_masked = {k: decoded_as(edits[k], tok_a, differ & masked) for k in ("centroid", "patch")}
-    kept_a = {k: decoded_as(edits["ablation"], tok_a, w) for k, w in (("footprint", on), ("masked", on & masked))}
-    clean_a = {k: float(np.mean(clean[w] == tok_a[w])) for k, w in (("footprint", on), ("masked", on & masked))}
+    still_a = decoded_as(edits["centroid"], tok_a, differ)
+    still_a_masked = {k: decoded_as(edits[k], tok_a, differ & patch) for k in ("centroid", "patch")}
+    kept_a = {k: decoded_as(edits["ablation"], tok_a, w) for k, w in (("footprint", on), ("masked", patch))}
+    clean_a = {k: float(np.mean(clean[w] == tok_a[w])) for k, w in (("footprint", on), ("masked", patch))}
     completion = masked_completion(cfg, data, graphdef, params, sites, a, x, y, bck, cells, tok_a, tok_b,
                                    delta[cfg.centroid], random, k_mask)
     part_whole = part_whole_test(cfg, data, graphdef, params, sites, mu[cfg.centroid], k_comp, k_q)
@@ -169,10 +170,10 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"at {sites[best]}: adding mu_B - mu_A on A's 9 cells turns {to_b_masked['centroid'][best]:.3f} of "
                     f"the masked ones into B's colour and leaves {still_a_masked['centroid'][best]:.3f} of them A's, "
                     f"a random direction of the same norm {to_b_masked['random'][best]:.3f} B's (every footprint "
-                    f"cell, visible ones included: {to_b['centroid'][best]:.3f} B's, {still_a['centroid'][best]:.3f} "
+                    f"cell, visible ones included: {to_b['centroid'][best]:.3f} B's, {still_a[best]:.3f} "
                     f"A's, random {to_b['random'][best]:.3f} B's; the whole footprint drawn as "
-                    f"B on {whole_b['centroid'][best]:.3f} of the boards, random {whole_b['random'][best]:.3f}, B's "
-                    f"activations patched in {whole_b['patch'][best]:.3f}); {len(a)} boards "
+                    f"B on {whole_b['centroid'][best]:.3f} of the boards, random {whole_b['random'][best]:.3f}); "
+                    f"{len(a)} boards "
                     f"({n_roots * (n_roots - 1)} pairs); centroids by {cfg.centroid}; masked cells per site: "
                     f"{fmt(to_b_masked['centroid'])}; random per site: {fmt(to_b_masked['random'])}; every footprint "
                     f"cell per site: {fmt(to_b['centroid'])}; with the other centroids ("
@@ -180,13 +181,12 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"{fmt(to_b_masked['other_centroid'])}; masked cells still A per site: "
                     f"{fmt(still_a_masked['centroid'])}"),
         check_above("patch_transplant_masked", to_b_masked["patch"][best_patch], cfg.min_patch_transplant,
-                    f"at {sites[best_patch]}: the B board's activations on A's cells (same position, background and "
-                    f"mask) turn {to_b_masked['patch'][best_patch]:.3f} of the masked ones into B's colour (every "
-                    f"footprint cell: {to_b['patch'][best_patch]:.3f}) and leave "
-                    f"{still_a_masked['patch'][best_patch]:.3f} of them A's (every footprint cell "
-                    f"{still_a['patch'][best_patch]:.3f}); masked cells per site: "
-                    f"{fmt(to_b_masked['patch'])}; every footprint cell per site: {fmt(to_b['patch'])}; masked cells "
-                    f"still A per site: {fmt(still_a_masked['patch'])}"),
+                    f"at {sites[best_patch]}: the B board's activations (same position, background and mask) "
+                    f"written on A's masked object cells only (UNK in both boards: what the network inferred there; "
+                    f"A's visible cells keep A's run) turn {to_b_masked['patch'][best_patch]:.3f} of them into B's "
+                    f"colour and leave {still_a_masked['patch'][best_patch]:.3f} of them A's; the ceiling, B's own "
+                    f"run, completes {patch_ceiling:.3f} of them as B; per site: {fmt(to_b_masked['patch'])}; still A "
+                    f"per site: {fmt(still_a_masked['patch'])}"),
         check_above("mean_ablation_drop_masked", clean_a["masked"] - kept_a["masked"][best_ablation],
                     cfg.min_ablation_drop,
                     f"at {sites[best_ablation]}: the object cells set to the mean root centroid keep "
@@ -217,8 +217,31 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"B fraction per site: "
                     f"{fmt(part_whole['quadrant_b'])}"),
     ]
-    figures = [_plot(sites, checked, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir)]
+    figures = [_plot(sites, checked, to_b, to_b_masked, patch_ceiling, kept_a, clean_a, completion, part_whole,
+                     out_dir)]
     return Outcome(checks, figures)
+
+
+def transplant_boards(cfg: Config, data: bd.BoardData, key) -> dict:
+    """The transplant's single boards: for every ordered root pair (A, B), A != B, boards_per_pair boards of A ("a")
+    at a random position and background, and of B ("b") at the same place and background with the same token mask
+    (key; masked_set's entries); "roots" [2, N] (A, B), "x", "y", "background" [N], "cells" [N, 9] the object's
+    cells and "patch" [N, 64] those of them masked (UNK at the input) in both boards, where the patch transplant
+    writes the B board's activations: the two boards differ only on the object's cells, so a patch of all 9 (B's
+    visible tokens included) would turn the run into B's own run."""
+    n_roots = data.cfg.n_roots
+    a, b = np.array([(i, j) for i in range(n_roots) for j in range(n_roots) if i != j]).T
+    a, b = np.repeat(a, cfg.boards_per_pair), np.repeat(b, cfg.boards_per_pair)
+    rng = np.random.default_rng(cfg.training.train.seed + 30)
+    pos, bck = rng.integers(0, bd.POSITIONS, len(a)), rng.integers(0, data.cfg.n_backgrounds, len(a))
+    x, y = bd.place_of(pos)
+    boards = {r: ab.masked_set(data, data.rows("single", np.stack([k, x, y, bck], 1)), cfg.mask_p, key)
+              for r, k in (("a", a), ("b", b))}
+    cells = ab.footprint(x, y)
+    patch = np.zeros((len(a), 64), bool)
+    np.put_along_axis(patch, cells, True, axis=1)
+    patch &= boards["a"]["masked"] & boards["b"]["masked"]
+    return {**boards, "roots": np.stack([a, b]), "x": x, "y": y, "background": bck, "cells": cells, "patch": patch}
 
 
 def checked_sites(sites: list[str]) -> np.ndarray:
@@ -346,10 +369,12 @@ def _random_like(delta: np.ndarray, key) -> np.ndarray:
         np.float32)
 
 
-def _plot(sites, checked, to_b, to_b_masked, kept_a, clean_a, completion, part_whole, out_dir) -> str:
+def _plot(sites, checked, to_b, to_b_masked, patch_ceiling, kept_a, clean_a, completion, part_whole,
+          out_dir) -> str:
     """Per site (sites [S]; checked: the indices the checks read, shaded) the transplants' B fractions on the masked
-    cells (what the checks score; solid) and on every footprint cell (dashed), one colour a method; the ablation,
-    completion and part-whole curves."""
+    cells (what the checks score; solid) and, for the methods in to_b (not the patch, which writes the masked cells
+    only), on every footprint cell (dashed), one colour a method, with the patch's ceiling (B's own run, dotted);
+    the ablation, completion and part-whole curves."""
     fig, axes = new_figure(3, size=(5.5, 3.6))
     x = np.arange(len(sites))
     labels = [s.replace("layer", "L").replace(".resid_", ".").replace("unembed.in", "out") for s in sites]
@@ -358,7 +383,9 @@ def _plot(sites, checked, to_b, to_b_masked, kept_a, clean_a, completion, part_w
             ax.axvspan(i - 0.5, i + 0.5, color="0.92", zorder=0, label="checked sites" if i == checked[0] else None)
     for color, name in zip(("C0", "C1", "C2"), ("centroid", "patch", "random")):
         axes[0, 0].plot(x, to_b_masked[name], color=color, marker=".", label=f"{name}: masked cells")
-        axes[0, 0].plot(x, to_b[name], "--", color=color, lw=0.8, label=f"{name}: every footprint cell")
+        if name in to_b:
+            axes[0, 0].plot(x, to_b[name], "--", color=color, lw=0.8, label=f"{name}: every footprint cell")
+    axes[0, 0].axhline(patch_ceiling, color="C1", ls=":", label="patch ceiling: B's own run")
     axes[0, 0].set(ylabel="cells decoded as B", title="transplant A -> B")
     axes[0, 1].plot(x, kept_a["masked"], marker=".", label="mean ablation: masked cells still A")
     axes[0, 1].axhline(clean_a["masked"], color="k", ls=":", label="unedited")

@@ -237,7 +237,7 @@ def test_the_manipulation_figure_labels_the_checked_curves_and_shades_the_checke
     v = np.linspace(0, 1, len(sites))
     methods = ("centroid", "patch", "random")
     to_b_masked = {name: v * (i + 1) / 4 for i, name in enumerate(methods)}
-    am._plot(sites, checked, {name: v for name in methods}, to_b_masked, {"masked": v}, {"masked": 0.9},
+    am._plot(sites, checked, {"centroid": v, "random": v}, to_b_masked, 0.8, {"masked": v}, {"masked": 0.9},
              {"centroid": v, "random": v}, {"quadrant_b": v, "quadrant_b_random": v, "kept": v}, str(tmp_path))
     axes = figures[0].axes
     plt.close(figures[0])
@@ -245,12 +245,38 @@ def test_the_manipulation_figure_labels_the_checked_curves_and_shades_the_checke
     for name in methods:
         np.testing.assert_array_equal(lines[f"{name}: masked cells"].get_ydata(), to_b_masked[name])
     assert len({lines[f"{name}: masked cells"].get_color() for name in methods}) == 3
+    # the patch writes the masked cells only: no every-footprint curve, its ceiling (B's own run) instead
+    assert "patch: every footprint cell" not in lines
+    np.testing.assert_array_equal(lines["patch ceiling: B's own run"].get_ydata(), [0.8, 0.8])
     legend = [text.get_text() for text in axes[0].get_legend().get_texts()]
     assert {f"{name}: masked cells" for name in methods} <= set(legend) and "checked sites" in legend
     for ax in axes[:3]:
         # layer0.resid_mid and layer1.z: (i - 0.5) + 1 / 2 is exact in binary floating point
         assert sorted(p.get_x() + p.get_width() / 2 for p in ax.patches) == [2.0, 3.0]
     np.testing.assert_array_equal(checked, [2, 3])
+
+
+def test_the_patch_transplant_writes_only_object_cells_masked_in_both_boards():
+    """A and B boards share place, background and mask, so they differ only on the object's 9 cells: patching B's
+    activations at all 9 (B's visible tokens included) made the run B's own run (the check passed by construction).
+    The patch cells are now the object cells that are UNK at the input of both boards, the visible ones excluded."""
+    from experiments import abstractions_manipulation as am
+
+    data = bd.build(bd.Boards())
+    cfg = am.PRESETS["smoke"]
+    boards = am.transplant_boards(cfg, data, jax.random.key(0))
+    a, b = boards["roots"]
+    assert len(a) == 90 and np.all(a != b)  # 90 ordered pairs of 10 roots, one board each
+    np.testing.assert_array_equal(boards["a"]["masked"], boards["b"]["masked"])
+    unk = data.cfg.unk
+    for n in range(len(a)):
+        x, y = int(boards["x"][n]), int(boards["y"][n])
+        footprint = [(x + i) * 8 + y + j for i in range(3) for j in range(3)]  # top-left (x, y), row-major
+        assert set(np.flatnonzero(boards["a"]["tokens"][n] != boards["b"]["tokens"][n])) <= set(footprint)
+        want = sorted(c for c in footprint if boards["a"]["tokens"][n, c] == unk == boards["b"]["tokens"][n, c])
+        np.testing.assert_array_equal(np.flatnonzero(boards["patch"][n]), want)
+    # mask_p 0.25: about a quarter of the 810 object cells (binomial sd 12), none of the visible ones
+    assert 150 < boards["patch"].sum() < 260
 
 
 def test_the_probe_figure_shows_the_untrained_baseline_and_negative_r2(tmp_path, monkeypatch):
@@ -348,6 +374,8 @@ def test_smoke_runs_share_one_training_run(tmp_path):
         assert all(np.isfinite(c["value"]) for c in r["checks"]), r["checks"]
         for fig in r["figures"]:
             assert os.path.getsize(out / r["experiment"] / fig) > 10_000
+    patch = next(c["note"] for c in manipulation["checks"] if c["name"] == "patch_transplant_masked")
+    assert "written on A's masked object cells only" in patch and "the ceiling, B's own run, completes " in patch
     kept = next(c["note"] for c in manipulation["checks"] if c["name"] == "part_whole_other_cells_kept")
     assert "(among the checked sites, where the quadrant turns most over the random direction: " in kept
     # the final evaluation in the run's log is the one the training checks report

@@ -329,6 +329,24 @@ def test_held_out_indices_are_distinct_within_every_group_even_when_they_are_mos
         assert (np.diff(test[t], axis=1) > 0).all(), t  # sorted, no index drawn twice
 
 
+def test_an_unknown_split_or_kind_is_refused_by_name(data):
+    """tuples read any split but "test" as train (eval_prompts(data, "validation", ...) drew 40 train boards), and
+    an unknown kind ("composite") drew boards of no object (placement_row, rows), decoded as a composition (decode)
+    or raised a bare KeyError (sizes, tuples)."""
+    split = "split must be one of ('train', 'test'), got 'validation'"
+    kind = "kind must be one of ('single', 'double', 'composition'), got 'composite'"
+    calls = [(split, lambda: data.tuples("validation", "single")),
+             (split, lambda: bd.eval_prompts(data, "validation", jax.random.key(0), 1000, (40, 0, 0))),
+             (kind, lambda: data.tuples("test", "composite")), (kind, lambda: bd.sizes(CFG, "composite")),
+             (kind, lambda: bd.decode(CFG, "composite", 0, 0)),
+             (kind, lambda: bd.placement_row(CFG, "composite", jnp.zeros(4, jnp.int32), data.composites)),
+             (kind, lambda: data.rows("composite", data.tuples("test", "composition")[:3]))]
+    for message, call in calls:
+        with pytest.raises(ConfigError) as error:
+            call()
+        assert str(error.value) == message
+
+
 def _numpy_factor_transformer(m, tokens):
     """The forward pass of the module docstring in float64 numpy, from the parameters: pre-LN blocks with positions
     concatenated to each sub-layer's input, softmax(q k^T / sqrt(dh)) per head, exact GELU, LN_f, the head."""

@@ -134,6 +134,7 @@ def blueprint(cfg: Boards, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
 def sizes(cfg: Boards, kind: str) -> tuple[int, int]:
     """(groups, tuples per group) of a type. Tuples are numbered group by group: single (k, x, y, bck), double
     ((k1, k2), (x1, y1, x2, y2), bck) and composition (c, x, y, bck), each in lexicographic order."""
+    check_choice("kind", kind, TYPES)
     nb = cfg.n_backgrounds
     return {"single": (cfg.n_roots, POSITIONS * nb), "double": (cfg.n_roots**2, 900 * nb),
             "composition": (cfg.n_composites, 4 * nb)}[kind]
@@ -142,6 +143,7 @@ def sizes(cfg: Boards, kind: str) -> tuple[int, int]:
 def decode(cfg: Boards, kind: str, group, within) -> jax.Array:
     """The tuple columns of the `within`-th tuple of a group (sizes' numbering), computed arithmetically (on
     device, no table)."""
+    check_choice("kind", kind, TYPES)  # an unknown kind would decode as a composition
     nb = cfg.n_backgrounds
     bck = within % nb
     if kind == "single":
@@ -167,6 +169,7 @@ def test_indices(cfg: Boards, key: jax.Array) -> dict[str, np.ndarray]:
 def placement_row(cfg: Boards, kind: str, cols: jax.Array, composites: jax.Array) -> jax.Array:
     """[17] four (root, row, col, active) placements (later ones drawn on top) and the background, from one tuple's
     columns (composites [n_composites, 2, 2] root ids)."""
+    check_choice("kind", kind, TYPES)  # an unknown kind would leave every placement inactive: a board of no object
     cols = cols.astype(jnp.int32)
     zero = 0 * cols[0]  # computed from cols (not a fresh constant), so every part shares the batch's sharding
     one = zero + 1
@@ -193,6 +196,7 @@ class BoardData:
 
     def tuples(self, split: str, kind: str) -> np.ndarray:
         """The split's tuples of a type [N, columns], in sizes' numbering."""
+        check_choice("split", split, ("train", "test"))  # any other split would read as train
         groups, per = sizes(self.cfg, kind)
         in_test = np.zeros((groups, per), bool)
         np.put_along_axis(in_test, self.test[kind], True, axis=1)
