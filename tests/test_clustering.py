@@ -173,6 +173,7 @@ def test_sequence_features_gather_or_average_against_numpy():
     got = np.asarray(sequence_features({k: jnp.asarray(v) for k, v in cache.items()}, ["b", "a"],
                                        positions=jnp.asarray(pos)))
     np.testing.assert_array_equal(got, np.stack([cache[k][np.arange(4), pos] for k in ("b", "a")]))
+    np.testing.assert_array_equal(sequence_features(cache, (k for k in ("b", "a")), positions=jnp.asarray(pos)), got)
     pooled = np.asarray(sequence_features(cache, ["a"], pool_mask=jnp.asarray(mask, jnp.float32)))
     want = np.stack([cache["a"][i][mask[i]].mean(0) for i in range(4)])
     np.testing.assert_allclose(pooled[0], want, rtol=1e-6, atol=1e-7)

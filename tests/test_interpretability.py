@@ -86,6 +86,33 @@ def test_cache_of_sites_named_by_a_generator_keeps_them_all():
         run_with_cache(g, p, clean, "layer1.attn.z")
 
 
+def test_heads_and_sites_given_by_a_generator_give_what_the_list_gives():
+    """Each analysis reads its heads or sites once. A generator used to be spent by the first pass: ablate_heads
+    ablated every head of the named layers (no masks) and checked no head, the grids failed with KeyError 'head',
+    direct_effect_patching, edit_each_site and perturbation_distances found no heads or sites."""
+    g, p, clean, corrupted = _setup()
+    heads, sites = [(0, 1), (1, 0)], ["layer0.resid_post", "layer1.resid_post"]
+    cells = np.zeros((B, T), bool)
+    cells[:, 2] = True
+    analyses = {
+        "ablate_heads": lambda h, s: ablate_heads(g, p, clean, h, kind="mean"),
+        "direct_effect_patching": lambda h, s: direct_effect_patching(g, p, clean, corrupted, last_sq, h),
+        "activation_patching": lambda h, s: activation_patching(g, p, clean, corrupted, last_sq, s, by="pos"),
+        "attribution_patching": lambda h, s: attribution_patching(g, p, clean, corrupted, last_sq, s, by="pos"),
+        "grid_memory": lambda h, s: grid_memory(g, p, clean, corrupted, last_sq, s, "pos"),
+        "edit_each_site": lambda h, s: edit_each_site(g, p, clean, s, cells, deltas=np.ones((2, B, T, 8))),
+        "perturbation_distances": lambda h, s: perturbation_distances(g, p, clean, "layer0.resid_pre", cells, 0.5,
+                                                                      jax.random.key(3), s),
+    }
+    for name, f in analyses.items():
+        # the same compiled program on the same inputs: exactly equal; grid_memory's bytes are integers
+        np.testing.assert_array_equal(f((h for h in heads), (s for s in sites)), f(heads, sites), err_msg=name)
+    with pytest.raises(ValueError, match=re.escape("heads: head index 5 of layer 0 is out of range; allowed 0..1")):
+        ablate_heads(g, p, clean, ((0, h) for h in [5]))
+    with pytest.raises(ValueError, match=re.escape("heads: give at least one (layer, head) pair")):
+        ablate_heads(g, p, clean, [])  # an empty patch: the unablated predictions, as if a head had been ablated
+
+
 def test_patching_clean_into_clean_changes_nothing_and_every_site_into_corrupted_gives_the_clean_output():
     g, p, clean, corrupted = _setup()
     base = float(last_sq(run_with_cache(g, p, clean, [])[0]))
