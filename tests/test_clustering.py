@@ -206,6 +206,13 @@ def test_labels_outside_their_count_fail_with_the_argument_named():
         match_clusters(good, bad, 3)
 
 
+def test_cluster_scores_refuses_features_without_a_layer_axis():
+    """[N, D] features were mapped over their rows, each clustered as a 1-D dataset: an IndexError inside k-means."""
+    with pytest.raises(ValueError, match=re.escape("features must be [L, N, D] (an [N, D] set of vectors per layer; "
+                                                   "for one set give features[None]), got shape (30, 4)")):
+        cluster_scores(jnp.zeros((30, 4)), jnp.arange(30) % 3, 3, jax.random.key(0))
+
+
 def test_cluster_scores_per_layer_see_structure_only_where_it_is():
     """Layer 0 is noise, layer 1 holds the planted clusters: ARI about 0 and exactly 1."""
     rng = np.random.default_rng(6)

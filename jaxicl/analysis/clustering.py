@@ -153,6 +153,9 @@ def cluster_scores(features: jax.Array, labels: jax.Array, n_labels: int, key: j
 
     Returns {"ari" [L], "nmi" [L], "inertia" [L], "clusters" [L, N], "centroids" [L, k, D]}; jittable.
     """
+    if features.ndim != 3:  # [N, D] was mapped over its rows, each clustered as a 1-D dataset, and failed inside
+        raise ValueError(f"features must be [L, N, D] (an [N, D] set of vectors per layer; for one set give "
+                         f"features[None]), got shape {features.shape}")
     check_indices("labels", labels, 0, n_labels)
 
     def one(x):
