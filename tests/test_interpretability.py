@@ -470,6 +470,43 @@ def test_probe_fits_only_the_training_rows(split):
     assert out["score"] == pytest.approx(r2, rel=1e-4)
 
 
+def test_an_unpenalised_fit_is_the_minimum_norm_least_squares_one_and_a_negative_lam_is_refused(x64):
+    """lam 0 where x has rank < F (at least as many features as rows, or collinear ones) gave NaN weights and scores
+    silently (a singular R), and a negative lam NaN too (its square root): lam 0 is now np.linalg.lstsq's minimum-norm
+    solution, scikit-learn's LinearRegression, and a negative lam is refused."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    from jaxicl.ridge import ridge_solve
+
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(12, 20))
+    collinear = rng.normal(size=(30, 6))
+    collinear[:, 5] = collinear[:, 3]
+    for x in (wide, collinear):
+        y = rng.normal(size=(x.shape[0], 2))
+        want = np.linalg.lstsq(x, y, rcond=None)[0]
+        # float64 SVD solves of matrices with condition number < 100 (on their nonzero singular values) agree to
+        # ~1e-14; 1e-10 leaves room for LAPACK's and XLA's different SVD algorithms
+        for solve in (ridge_solve, jax.jit(ridge_solve)):  # lam concrete, then traced
+            np.testing.assert_allclose(solve(jnp.asarray(x), jnp.asarray(y), 0.0), want, rtol=1e-10, atol=1e-12)
+        penalised = np.linalg.solve(x.T @ x + 0.5 * np.eye(x.shape[1]), x.T @ y)  # the QR branch, traced lam
+        np.testing.assert_allclose(jax.jit(ridge_solve)(jnp.asarray(x), jnp.asarray(y), 0.5), penalised, rtol=1e-10,
+                                   atol=1e-12)
+    x = rng.normal(size=(40, 64))  # an unregularised probe with more features than training rows
+    y = x[:, 0] + 0.1 * rng.normal(size=40)
+    held = np.arange(40) < 10
+    got = probe(jnp.asarray(x), jnp.asarray(y), lam=0.0, held_out=held)
+    ref = LinearRegression().fit(x[~held], y[~held])  # centred, then scipy's minimum-norm lstsq
+    np.testing.assert_allclose(got["weights"][:-1, 0], ref.coef_, rtol=1e-9, atol=1e-12)  # as above, 30 x 64
+    np.testing.assert_allclose(got["score"], r2_score(y[held], ref.predict(x[held])), rtol=1e-9)
+    assert got["train_score"] == pytest.approx(1.0, abs=1e-12)  # 30 rows, 64 features: fitted exactly
+    for fit in (lambda: ridge_solve(jnp.asarray(x), jnp.asarray(y), -1e-3), lambda: ridge_fit(x, y[:, None], -1e-3),
+                lambda: probe(x, y, lam=-1e-3)):
+        with pytest.raises(ValueError, match=re.escape("lam must be >= 0, got -0.001")):
+            fit()
+
+
 @pytest.mark.parametrize("x64", [False, True])
 def test_probe_of_features_sharing_a_large_offset_matches_sklearn_ridge(x64):
     """Features z + 1000 (z standard normal), y = z.v + 0.1 noise: the uncentred normal equations cancel the unit
