@@ -9,6 +9,8 @@ run can be audited for files written twice.
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -23,25 +25,32 @@ def is_primary() -> bool:
 
 
 def write_with(path: str, write: Callable[[str], None], *, atomic: bool = True) -> None:
-    """Calls write(p) on process 0 only, after creating its directory. atomic: p is a file beside path with the same
-    extension (savefig and savez read it), which then replaces path, so a run killed mid-write leaves the old file
-    whole (metrics.jsonl is rewritten on every resume); else p is path itself."""
+    """Calls write(p) on process 0 only, after creating its directory. atomic: p has path's name in a fresh hidden
+    directory beside path, and what write creates there then replaces the file(s) of the same name beside path, so a
+    run killed mid-write leaves the old file whole (metrics.jsonl is rewritten on every resume); else p is path
+    itself. Either way the files are named as write(path) names them: a writer that adds an extension to a name
+    without one (savefig its default format's, np.savez ".npz") adds it to path (the ".partial" name it was given
+    had been read as the format, or its extended file not found and left behind)."""
     if not is_primary():
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     if atomic:
-        stem, ext = os.path.splitext(os.path.basename(path))
-        partial = os.path.join(directory, f".{stem}.partial{ext}")
+        staging = tempfile.mkdtemp(prefix=".partial-", dir=directory)
         try:
-            write(partial)
-            os.replace(partial, path)
+            write(os.path.join(staging, os.path.basename(path)))
+            written = [os.path.join(directory, name) for name in os.listdir(staging)]
+            if not written:
+                raise FileNotFoundError(f"write_with: the writer created no file for {path!r}")
+            for p in written:
+                os.replace(os.path.join(staging, os.path.basename(p)), p)
         finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+            shutil.rmtree(staging, ignore_errors=True)
     else:
         write(path)
-    log.debug("process %d wrote %s", jax.process_index(), os.path.abspath(path))
+        written = [os.path.abspath(path)]
+    for p in written:
+        log.debug("process %d wrote %s", jax.process_index(), p)
 
 
 def write_text(path: str, text: str, *, append: bool = False) -> None:
@@ -57,6 +66,14 @@ def write_json(path: str, obj, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def save_arrays(path: str, **arrays) -> None:
-    """An .npz of host copies of the arrays."""
-    write_with(path, lambda p: np.savez(p, **{k: np.asarray(v) for k, v in arrays.items()}))
+def save_arrays(path: str, **arrays) -> str:
+    """An .npz of host copies of the arrays, at path with ".npz" added where it does not end so (as np.savez names
+    it); returns that path."""
+    path = path if path.endswith(".npz") else path + ".npz"
+
+    def write(p):
+        with open(p, "wb") as f:  # a file object: np.savez writes it as it is, adding no extension
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+    write_with(path, write)
+    return path

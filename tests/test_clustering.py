@@ -173,6 +173,7 @@ def test_sequence_features_gather_or_average_against_numpy():
     got = np.asarray(sequence_features({k: jnp.asarray(v) for k, v in cache.items()}, ["b", "a"],
                                        positions=jnp.asarray(pos)))
     np.testing.assert_array_equal(got, np.stack([cache[k][np.arange(4), pos] for k in ("b", "a")]))
+    np.testing.assert_array_equal(sequence_features(cache, (k for k in ("b", "a")), positions=jnp.asarray(pos)), got)
     pooled = np.asarray(sequence_features(cache, ["a"], pool_mask=jnp.asarray(mask, jnp.float32)))
     want = np.stack([cache["a"][i][mask[i]].mean(0) for i in range(4)])
     np.testing.assert_allclose(pooled[0], want, rtol=1e-6, atol=1e-7)
@@ -203,6 +204,13 @@ def test_labels_outside_their_count_fail_with_the_argument_named():
         cluster_scores(jnp.zeros((1, 4, 2)), jnp.asarray(bad), 3, jax.random.key(0))
     with pytest.raises(ValueError, match=r"clusters must lie in \[0, 3\)"):
         match_clusters(good, bad, 3)
+
+
+def test_cluster_scores_refuses_features_without_a_layer_axis():
+    """[N, D] features were mapped over their rows, each clustered as a 1-D dataset: an IndexError inside k-means."""
+    with pytest.raises(ValueError, match=re.escape("features must be [L, N, D] (an [N, D] set of vectors per layer; "
+                                                   "for one set give features[None]), got shape (30, 4)")):
+        cluster_scores(jnp.zeros((30, 4)), jnp.arange(30) % 3, 3, jax.random.key(0))
 
 
 def test_cluster_scores_per_layer_see_structure_only_where_it_is():

@@ -86,6 +86,33 @@ def test_cache_of_sites_named_by_a_generator_keeps_them_all():
         run_with_cache(g, p, clean, "layer1.attn.z")
 
 
+def test_heads_and_sites_given_by_a_generator_give_what_the_list_gives():
+    """Each analysis reads its heads or sites once. A generator used to be spent by the first pass: ablate_heads
+    ablated every head of the named layers (no masks) and checked no head, the grids failed with KeyError 'head',
+    direct_effect_patching, edit_each_site and perturbation_distances found no heads or sites."""
+    g, p, clean, corrupted = _setup()
+    heads, sites = [(0, 1), (1, 0)], ["layer0.resid_post", "layer1.resid_post"]
+    cells = np.zeros((B, T), bool)
+    cells[:, 2] = True
+    analyses = {
+        "ablate_heads": lambda h, s: ablate_heads(g, p, clean, h, kind="mean"),
+        "direct_effect_patching": lambda h, s: direct_effect_patching(g, p, clean, corrupted, last_sq, h),
+        "activation_patching": lambda h, s: activation_patching(g, p, clean, corrupted, last_sq, s, by="pos"),
+        "attribution_patching": lambda h, s: attribution_patching(g, p, clean, corrupted, last_sq, s, by="pos"),
+        "grid_memory": lambda h, s: grid_memory(g, p, clean, corrupted, last_sq, s, "pos"),
+        "edit_each_site": lambda h, s: edit_each_site(g, p, clean, s, cells, deltas=np.ones((2, B, T, 8))),
+        "perturbation_distances": lambda h, s: perturbation_distances(g, p, clean, "layer0.resid_pre", cells, 0.5,
+                                                                      jax.random.key(3), s),
+    }
+    for name, f in analyses.items():
+        # the same compiled program on the same inputs: exactly equal; grid_memory's bytes are integers
+        np.testing.assert_array_equal(f((h for h in heads), (s for s in sites)), f(heads, sites), err_msg=name)
+    with pytest.raises(ValueError, match=re.escape("heads: head index 5 of layer 0 is out of range; allowed 0..1")):
+        ablate_heads(g, p, clean, ((0, h) for h in [5]))
+    with pytest.raises(ValueError, match=re.escape("heads: give at least one (layer, head) pair")):
+        ablate_heads(g, p, clean, [])  # an empty patch: the unablated predictions, as if a head had been ablated
+
+
 def test_patching_clean_into_clean_changes_nothing_and_every_site_into_corrupted_gives_the_clean_output():
     g, p, clean, corrupted = _setup()
     base = float(last_sq(run_with_cache(g, p, clean, [])[0]))
@@ -441,6 +468,43 @@ def test_probe_fits_only_the_training_rows(split):
     pred = x[test] @ w[:-1] + w[-1]
     r2 = 1 - np.sum((pred - y[test]) ** 2) / np.sum((y[test] - y[test].mean()) ** 2)
     assert out["score"] == pytest.approx(r2, rel=1e-4)
+
+
+def test_an_unpenalised_fit_is_the_minimum_norm_least_squares_one_and_a_negative_lam_is_refused(x64):
+    """lam 0 where x has rank < F (at least as many features as rows, or collinear ones) gave NaN weights and scores
+    silently (a singular R), and a negative lam NaN too (its square root): lam 0 is now np.linalg.lstsq's minimum-norm
+    solution, scikit-learn's LinearRegression, and a negative lam is refused."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    from jaxicl.ridge import ridge_solve
+
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(12, 20))
+    collinear = rng.normal(size=(30, 6))
+    collinear[:, 5] = collinear[:, 3]
+    for x in (wide, collinear):
+        y = rng.normal(size=(x.shape[0], 2))
+        want = np.linalg.lstsq(x, y, rcond=None)[0]
+        # float64 SVD solves of matrices with condition number < 100 (on their nonzero singular values) agree to
+        # ~1e-14; 1e-10 leaves room for LAPACK's and XLA's different SVD algorithms
+        for solve in (ridge_solve, jax.jit(ridge_solve)):  # lam concrete, then traced
+            np.testing.assert_allclose(solve(jnp.asarray(x), jnp.asarray(y), 0.0), want, rtol=1e-10, atol=1e-12)
+        penalised = np.linalg.solve(x.T @ x + 0.5 * np.eye(x.shape[1]), x.T @ y)  # the QR branch, traced lam
+        np.testing.assert_allclose(jax.jit(ridge_solve)(jnp.asarray(x), jnp.asarray(y), 0.5), penalised, rtol=1e-10,
+                                   atol=1e-12)
+    x = rng.normal(size=(40, 64))  # an unregularised probe with more features than training rows
+    y = x[:, 0] + 0.1 * rng.normal(size=40)
+    held = np.arange(40) < 10
+    got = probe(jnp.asarray(x), jnp.asarray(y), lam=0.0, held_out=held)
+    ref = LinearRegression().fit(x[~held], y[~held])  # centred, then scipy's minimum-norm lstsq
+    np.testing.assert_allclose(got["weights"][:-1, 0], ref.coef_, rtol=1e-9, atol=1e-12)  # as above, 30 x 64
+    np.testing.assert_allclose(got["score"], r2_score(y[held], ref.predict(x[held])), rtol=1e-9)
+    assert got["train_score"] == pytest.approx(1.0, abs=1e-12)  # 30 rows, 64 features: fitted exactly
+    for fit in (lambda: ridge_solve(jnp.asarray(x), jnp.asarray(y), -1e-3), lambda: ridge_fit(x, y[:, None], -1e-3),
+                lambda: probe(x, y, lam=-1e-3)):
+        with pytest.raises(ValueError, match=re.escape("lam must be >= 0, got -0.001")):
+            fit()
 
 
 @pytest.mark.parametrize("x64", [False, True])

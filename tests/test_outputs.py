@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -31,3 +32,32 @@ def test_text_appends_json_and_arrays_land_under_their_own_names(tmp_path):
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"x": 1}
     np.testing.assert_array_equal(np.load(tmp_path / "params.npz")["w"], np.arange(3))
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "params.npz", "sub"]
+
+
+def test_a_name_without_an_extension_gets_the_one_its_writer_adds_and_no_partial_file_is_left(tmp_path):
+    """np.savez adds ".npz" and savefig its format's extension to a name without one: the ".acts.partial" temporary
+    became ".acts.partial.npz", which os.replace did not find and left behind, and savefig read "partial" as the
+    format. Atomic writes now name their files as the writer names them unwrapped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = np.arange(6, dtype=np.int32).reshape(2, 3)
+    assert outputs.save_arrays(str(tmp_path / "acts"), w=w) == str(tmp_path / "acts.npz")
+    assert outputs.save_arrays(str(tmp_path / "acts.npy"), w=-w) == str(tmp_path / "acts.npy.npz")  # as np.savez
+    for name, want in (("acts.npz", w), ("acts.npy.npz", -w)):
+        with np.load(tmp_path / name) as f:
+            assert f.files == ["w"] and f["w"].dtype == np.int32
+            np.testing.assert_array_equal(f["w"], want)
+    fig = plt.figure(figsize=(2, 2))
+    fig.gca().plot([0, 1], [1, 0])
+    with matplotlib.rc_context({"savefig.format": "png"}):
+        outputs.write_with(str(tmp_path / "figure"), lambda p: fig.savefig(p))
+        fig.savefig(tmp_path / "plain")  # what savefig writes unwrapped: "plain.png"
+    plt.close(fig)
+    assert (tmp_path / "figure.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["acts.npy.npz", "acts.npz", "figure.png", "plain.png"]
+    nothing = str(tmp_path / "nothing.txt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"write_with: the writer created no file for {nothing!r}")):
+        outputs.write_with(nothing, lambda p: None)
+    assert sorted(os.listdir(tmp_path)) == ["acts.npy.npz", "acts.npz", "figure.png", "plain.png"]

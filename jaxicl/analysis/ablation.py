@@ -31,8 +31,10 @@ def ablate_heads(graphdef: nnx.GraphDef, params, tokens: jax.Array, heads: Seque
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     info = batch_site_info(graphdef, params, tokens)
+    heads = check_heads(heads, site, info)
+    if not heads:  # an empty patch: the unablated predictions, as if some head had been ablated
+        raise ValueError("heads: give at least one (layer, head) pair")
     names = sorted({site.format(layer=layer) for layer, _ in heads})
-    check_heads(heads, site, info)
     masks = {}
     for layer, h in heads:
         name = site.format(layer=layer)

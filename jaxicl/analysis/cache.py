@@ -65,19 +65,25 @@ def replicated_inputs(fn: Callable) -> Callable:
     return wrapped
 
 
-def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> None:
-    """ValueError naming the argument and the model's sites if a name is not one of them (or names is one string,
+def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> tuple[str, ...]:
+    """The names as a tuple, read once (a generator is spent by one pass: a caller reading it again saw none), after
+    a ValueError naming the argument and the model's sites if a name is not one of them (or names is one string,
     which would be read as its characters)."""
     if isinstance(names, str):
         raise ValueError(f"{argument}: give a list of site names, got the string {names!r} (write [{names!r}])")
+    names = tuple(names)
     unknown = sorted(set(names) - set(info))
     if unknown:
         raise ValueError(f"{argument}: unknown site name(s) {unknown}; this model's sites are {list(info)}")
+    return names
 
 
-def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argument: str = "heads") -> None:
-    """ValueError naming the argument unless every (layer, head) names a head of site.format(layer=layer), a site
-    with a "head" axis; a site without "{layer}" (a one-layer model's) has only layer 0."""
+def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict,
+                argument: str = "heads") -> tuple[tuple[int, int], ...]:
+    """The heads as a tuple, read once (as check_sites' names), after a ValueError naming the argument unless every
+    (layer, head) names a head of site.format(layer=layer), a site with a "head" axis; a site without "{layer}" (a
+    one-layer model's) has only layer 0."""
+    heads = tuple(heads)
     for layer, h in heads:
         name = site.format(layer=layer)
         if layer != 0 and name == site.format(layer=0):
@@ -91,6 +97,7 @@ def check_heads(heads: Iterable[tuple[int, int]], site: str, info: dict, argumen
         n_heads = shape[axes.index("head")]
         if not 0 <= h < n_heads:
             raise ValueError(f"{argument}: head index {h} of layer {layer} is out of range; allowed 0..{n_heads - 1}")
+    return heads
 
 
 @replicated_inputs
@@ -103,8 +110,7 @@ def run_with_cache(graphdef: nnx.GraphDef, params, tokens: jax.Array, names: Ite
     """
     info = info or batch_site_info(graphdef, params, tokens)
     if names != "all":
-        names = names if isinstance(names, str) else tuple(names)  # once: the check would spend a generator
-        check_sites(names, info, "names")
+        names = check_sites(names, info, "names")
     predictions, cache = _cached(graphdef, params, tokens, names)
     return predictions, {name: cache[name] for name in info if name in cache}
 

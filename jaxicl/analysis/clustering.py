@@ -7,6 +7,7 @@ where they are concrete (on the host, outside jit); traced ones (inside jit) are
 """
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import jax
@@ -125,7 +126,7 @@ def normalized_mutual_info(a: jax.Array, b: jax.Array, n_a: int, n_b: int) -> ja
     return jnp.where(both_trivial, 1.0, jnp.maximum(mi, 0.0) / jnp.maximum((ha + hb) / 2, 1e-12))
 
 
-def sequence_features(cache: dict, sites: list[str], positions: jax.Array | None = None,
+def sequence_features(cache: dict, sites: Iterable[str], positions: jax.Array | None = None,
                       pool_mask: jax.Array | None = None) -> jax.Array:
     """[L, N, D] one vector per sequence and site from a cache {site: [N, T, D]}: the value at positions [N], or
     the mean over the positions of pool_mask [N, T] (e.g. the instruction's tokens). Give exactly one. A pool_mask row
@@ -133,6 +134,7 @@ def sequence_features(cache: dict, sites: list[str], positions: jax.Array | None
     that k-means would cluster as a representation."""
     if (positions is None) == (pool_mask is None):
         raise ValueError("give exactly one of positions (a position per sequence) and pool_mask (positions to average)")
+    sites = tuple(sites)  # read twice below: a generator was spent by the first pass
     if positions is not None:
         t = min(cache[s].shape[1] for s in sites)
         check_indices("positions", positions, -t, t)
@@ -151,6 +153,9 @@ def cluster_scores(features: jax.Array, labels: jax.Array, n_labels: int, key: j
 
     Returns {"ari" [L], "nmi" [L], "inertia" [L], "clusters" [L, N], "centroids" [L, k, D]}; jittable.
     """
+    if features.ndim != 3:  # [N, D] was mapped over its rows, each clustered as a 1-D dataset, and failed inside
+        raise ValueError(f"features must be [L, N, D] (an [N, D] set of vectors per layer; for one set give "
+                         f"features[None]), got shape {features.shape}")
     check_indices("labels", labels, 0, n_labels)
 
     def one(x):

@@ -53,10 +53,10 @@ def build_grid(info: dict, sites: Sequence[str], by: str) -> PatchGrid:
     """The grid of one-at-a-time patches of `sites` (site_info's {site: (shape, axes)}) by `by`."""
     if by not in BY:
         raise ValueError(f"by must be one of {BY}, got {by!r}")
-    check_sites(sites, info)
+    sites = check_sites(sites, info)
     if not sites:
         raise ValueError("sites: give at least one site name")
-    repeated = sorted({s for s in sites if list(sites).count(s) > 1})
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
     if repeated:  # a grid row per entry: a repeated name would share (and lose) one row block
         raise ValueError(f"sites: {repeated} named more than once; name each site once")
     split = [a for a in ("pos", "head") if a in by]
@@ -82,7 +82,7 @@ def build_grid(info: dict, sites: Sequence[str], by: str) -> PatchGrid:
             index = tuple(point[split.index(axes[k])] if axes[k] in split else 0 for k in range(len(shape)))
             m[(i * per_site + j, *index)] = True
         masks[s] = m
-    return PatchGrid(tuple(sites), by, (len(sites), *extent), masks)
+    return PatchGrid(sites, by, (len(sites), *extent), masks)
 
 
 def _check_batches(clean: jax.Array, corrupted: jax.Array) -> None:
@@ -228,9 +228,10 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     every later layer. Returns [len(heads)]. A model without a residual stream (SelfAttention(residual=False))
     has no such path from a head below its last layer: asking for one is an error."""
     _check_batches(clean, corrupted)
+    info = batch_site_info(graphdef, params, clean)
+    heads = check_heads(heads, head_site, info, "heads / head_site")
     if not heads:
         raise ValueError("heads: give at least one (layer, head) pair")
-    info = batch_site_info(graphdef, params, clean)
     layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
     if stream_site is None and not layers:
         raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
@@ -243,7 +244,6 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     stream_site = stream_site or f"layer{layers[-1]}.resid_post"
     names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
     check_sites([stream_site], info, "stream_site")
-    check_heads(heads, head_site, info, "heads / head_site")
     order = list(info)  # the forward pass's order
     if early := sorted({n for n in names if order.index(n) >= order.index(stream_site)}):
         raise ValueError(f"stream_site: {stream_site!r} is not after {early} in the forward pass, so a head's output "

@@ -22,10 +22,11 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
                            alpha: float, key: jax.Array, sites: Sequence[str]) -> jax.Array:
     """[len(sites)] mean over the selected cells of |z_perturbed - z_clean| / |z_clean| at each of `sites` when
     noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]."""
+    sites = check_sites(sites, batch_site_info(graphdef, params, tokens))  # read once: a generator is spent by a pass
     info = _cell_sites_info(graphdef, params, tokens, cells, [site, *sites], "site and sites")
     clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
     x = clean[site]
-    perturbed = _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), tuple(sites))[1]
+    perturbed = _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), sites)[1]
     w = cells.astype(x.dtype)
     out = []
     for s in sites:

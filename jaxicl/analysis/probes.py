@@ -7,17 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.analysis.cache import replicated_inputs
-from jaxicl.ridge import ridge_solve
+from jaxicl.ridge import check_lam, ridge_solve
+
+
+def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3, standardise: bool = False) -> jax.Array:
+    """[F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N, K] (the bias is not
+    penalised). Solved (ridge_solve, through a QR factorisation; lam 0: the minimum-norm least-squares weights) on x
+    and y centred on their means, with b = ybar - xbar w: the same minimiser, without cancellation where the
+    features share a large offset. standardise: the penalty acts on the features scaled to unit standard deviation
+    over these rows (a constant feature unscaled), so it bites alike whatever the features' scale; the weights
+    returned still apply to x as given."""
+    check_lam(lam)  # here: inside the compiled fit lam is traced, unchecked
+    return _ridge_fit(x, y, lam, standardise)
 
 
 @partial(jax.jit, static_argnames="standardise")
-def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3, standardise: bool = False) -> jax.Array:
-    """[F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N, K] (the bias is not
-    penalised). Solved (ridge_solve, through a QR factorisation) on x and y centred on their means, with
-    b = ybar - xbar w: the same minimiser, without cancellation where the features share a large offset.
-    standardise: the penalty acts on the features scaled to unit standard deviation over these rows (a constant
-    feature unscaled), so it bites alike whatever the features' scale; the weights returned still apply to x as
-    given."""
+def _ridge_fit(x: jax.Array, y: jax.Array, lam: float, standardise: bool) -> jax.Array:
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
     std = xc.std(0)
@@ -54,6 +59,7 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     n = features.shape[0]
     if targets.shape[0] != n:
         raise ValueError(f"features and targets need the same number of rows, got {n} and {targets.shape[0]}")
+    check_lam(lam)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if held_out is not None:
@@ -83,7 +89,7 @@ def _fit_and_score(features, targets, train, test, lam, n_classes: int, standard
     n = features.shape[0]
     y = jax.nn.one_hot(targets, n_classes, dtype=features.dtype) if n_classes else \
         targets.reshape(n, -1).astype(features.dtype)
-    w = ridge_fit(features[train], y[train], lam, standardise)
+    w = _ridge_fit(features[train], y[train], lam, standardise)
 
     def score(idx):
         pred = ridge_predict(w, features[idx])

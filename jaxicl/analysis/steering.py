@@ -28,7 +28,7 @@ def edit_each_site(graphdef: nnx.GraphDef, params, tokens: jax.Array, sites: Seq
     cells masks [B, T] (bool): replaced by values [S, B, T, D] there (when given), then deltas [S, B, T, D] added
     there (when given)."""
     info = batch_site_info(graphdef, params, tokens)
-    check_sites(sites, info)
+    sites = check_sites(sites, info)
     shapes = {info[s][0] for s in sites}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"sites must all have one [T, D] shape, got {({s: info[s][0] for s in sites})}")
@@ -40,7 +40,7 @@ def edit_each_site(graphdef: nnx.GraphDef, params, tokens: jax.Array, sites: Seq
             raise ValueError(f"{name} must have shape [sites, batch, T, D] = {want}, got {x.shape}")
     if masks.shape != tokens.shape[:2]:
         raise ValueError(f"masks must have shape [batch, T] = {tokens.shape[:2]}, got {masks.shape}")
-    return _edited(graphdef, params, tokens, tuple(sites), jnp.asarray(masks, bool), values, deltas)
+    return _edited(graphdef, params, tokens, sites, jnp.asarray(masks, bool), values, deltas)
 
 
 @partial(jax.jit, static_argnums=(0, 3))
