@@ -70,6 +70,16 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
      "--sweep diversity.train.lr=1e-3,1e-2: diversity.train.lr cannot be swept by sweep_lr_seeds; sweepable fields: "
      "('gd.train.seed', 'gd.train.lr', 'gd.train.weight_decay', 'gd.train.warmup_steps', 'gd.task.noise_std', "
      "'gd.task.n_tasks', 'gd.task.n_context', 'gd.init_scale')"),
+    # --sweep ran part 1's sweep alone on its axes: these were recorded in config.json and ignored
+    (["sweep_lr_seeds", "lrs=1e-4,1e-3", "--sweep", "gd.train.seed=0:2"],
+     "override lrs=1e-4,1e-3 would be ignored: --sweep does not read lrs (its axes replace part 1's seeds x lrs grid: "
+     "give learning rates as --sweep gd.train.lr=...); drop the override or run without --sweep"),
+    (["sweep_lr_seeds", "seeds=4", "--sweep", "gd.train.lr=1e-3,1e-2"],
+     "override seeds=4 would be ignored: --sweep does not read seeds (its axes replace part 1's seeds x lrs grid: give "
+     "seeds as --sweep gd.train.seed=...); drop the override or run without --sweep"),
+    (["sweep_lr_seeds", "layers=3", "--sweep", "gd.train.seed=0:2"],
+     "override layers=3 would be ignored: --sweep does not read diversity.layers (it runs part 1's sweep only, not "
+     "part 2, task diversity); drop the override or run without --sweep"),
     # the members trained at the axis' values, config.json recorded the override
     (["gd_equivalence", "train.lr=5e-3", "--sweep", "lr=1e-3,1e-2"],
      "override train.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train.lr: the sweep would drop the override; give "
