@@ -40,7 +40,7 @@ from experiments.common.result import Check, Outcome, check_above, check_below, 
 from experiments.common.run_config import run_config
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
 from experiments.common.gd_sweep import (  # noqa: F401  sweep_fields: what --sweep varies (the registry reads it)
-    gd_sweep_checks, run_gd_sweep, sweep_fields)
+    check_unread_gd_fields, gd_sweep_checks, run_gd_sweep, sweep_fields)
 from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.models import predictor
@@ -105,6 +105,7 @@ class Config:
             check_set_by(f"gd.train.{name}", getattr(self.gd.train, name), getattr(TrainConfig, name), by,
                          getattr(self, by), values, "member", does=does,
                          hint=f"--sweep, which replaces the grid, takes it as an axis: --sweep gd.train.{name}=...")
+        check_unread_gd_fields(self.gd, self.match_tolerance)
 
 
 _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),

@@ -56,6 +56,13 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
     (["sweep_context_length", "gd.task.n_context=12"], "gd.task.n_context is set per run by context_lengths="),
     (["sweep_context_length", "gd.train.seed=3"], "which would only pick the test prompts"),
+    # gd_equivalence's check fields, which the gd sweeps of these two do not read: recorded and ignored
+    (["sweep_context_length", "gd.loss_tolerance=0.0001"], "gd.loss_tolerance=0.0001: gd.loss_tolerance is set per "
+     "run by match_tolerance=0.05: override match_tolerance instead; gd.loss_tolerance may only be 0.05 (its "
+     "default), got 0.0001, which would be ignored"),
+    (["sweep_lr_seeds", "gd.scales=0.1,0.2"], "gd.scales=0.1,0.2: gd.scales=(0.1, 0.2): read by gd_equivalence's own "
+     "checks only, which this experiment does not run (it scores the trained gd model against GD-1 with "
+     "match_tolerance); leave gd.scales, gd.min_cosine, gd.max_construction_err, gd.max_ood_gap at their defaults"),
     # eta* holds for angles on the whole circle and no noise; the closed-form fits draw no sequences at all
     (["ar_gd_step", "task.mu=4"], "ar_gd_step's closed-form eta* assumes task.mu=1, task.noise_std=0"),
     (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
@@ -122,7 +129,9 @@ def test_a_field_the_run_sets_may_hold_the_one_value_the_run_gives_it(capsys):
     for argv, row in ((["nn_fig3_training", "runs=4x8", "task.dim=8", "task.n_context=4"], "task.n_context = 4"),
                       (["ar_fig6_pe_only", "mus=50", "task.mu=50"], "task.mu = 50.0"),
                       (["affine_mechanism", "seeds=3", "seed=3"], "train.seed = 3"),
-                      (["nn_random_init", "seeds=2", "seed=2"], "train.seed = 2")):
+                      (["nn_random_init", "seeds=2", "seed=2"], "train.seed = 2"),
+                      (["sweep_context_length", "match_tolerance=0.1", "gd.loss_tolerance=0.1"],
+                       "gd.loss_tolerance = 0.1")):
         assert main(["list", *argv, "--preset", "smoke"]) == 0, capsys.readouterr().err
         assert f"  {row}\n" in capsys.readouterr().out
 
