@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from experiments import nn_fig3_training as fig3
@@ -21,6 +22,7 @@ from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import SweepResult
+from jaxicl.validation import ConfigError
 
 
 def test_hessian_grid_equals_central_second_differences_of_the_reduced_loss(x64):
@@ -129,6 +131,26 @@ def test_summaries_of_a_run_growing_exactly_like_log_t():
     np.testing.assert_allclose(s["self_bound_2xi1"], max(np.exp(6.0 - 15.0), np.exp(8.0 - 30.0)), rtol=1e-12)
     np.testing.assert_allclose([s["long_self_over_lemma12"], s["lemma12_self_over_bound"]], np.exp([-1.0, 0.5]),
                                rtol=1e-12)
+
+
+def test_fit_from_is_refused_unless_each_half_of_every_log_window_holds_two_recorded_steps(recwarn):
+    """fit_from=0 (log 0) or >= 1 (an empty half) trained the runs, then crashed in fit_log_growth; near 1 a half
+    held one step (a RankWarning and a meaningless slope). With 200 steps recorded every 10, fit_from = 0.8 splits
+    the window [160, 200) at 178.9 into {160, 170} and {180, 190}: accepted, and every fit runs; 0.81 leaves {170}."""
+    train = dataclasses.replace(fig3.Config.train, steps=200, steps_per_call=100)
+    cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=train, fit_from=0.8, **LONG)
+    t = np.maximum(np.arange(cfg.train.steps), 1)
+    log_growth = lambda t: (1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1)  # noqa: E731
+    s = fig3._summaries(cfg, _synthetic_run(*log_growth(t), cfg.train.steps, 1.01, log_growth))
+    # exact a log t + b: each half's least-squares slope is exact, so their ratio is 1 but for rounding
+    np.testing.assert_allclose([s["slope_drift"], *s["long_drift"].values()], 1.0, rtol=1e-9)
+    assert not recwarn.list  # no RankWarning from a one-point fit
+    for fit_from, halves in ((0.81, "1 and 2"), (0.0, "0 and 20"), (1.0, "0 and 0")):
+        with pytest.raises(ConfigError, match=rf"^fit_from={fit_from} leaves {halves} recorded steps in the halves of "
+                           r"the log-t window \[fit_from t, t\] at t = 200 \(split at sqrt\(fit_from\) t, steps "
+                           r"recorded every 10\): the log-t fits need t > 0 and 2 steps in each half; fit_from must "
+                           r"be in \(0, 1\), far enough from both ends$"):
+            dataclasses.replace(cfg, fit_from=fit_from)
 
 
 def test_summaries_fit_the_exponent_of_a_power_law():
