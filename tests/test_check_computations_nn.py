@@ -153,6 +153,34 @@ def test_fit_from_is_refused_unless_each_half_of_every_log_window_holds_two_reco
             dataclasses.replace(cfg, fit_from=fit_from)
 
 
+@pytest.mark.parametrize("growth,xi1_scale,passed", [
+    (lambda t: (np.log(t) + 1, 3 * np.log(t) + 1), 0.5, True),
+    (lambda t: (1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1), 0.6, False)])
+def test_lemma12_notes_say_whether_the_ratio_bound_holds_as_measured(growth, xi1_scale, passed):
+    """The notes said the ratio bound xi1 <= 7/15 xi2 "fails on this path" and is exceeded at cfg.sigma whatever was
+    measured; the smoke run's xi1_over_xi2_at_lemma12_sigma passed (0.463). A run planted on both sides of 7/15."""
+    cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=dataclasses.replace(fig3.Config.train, steps=200,
+                                                                           steps_per_call=100), **LONG)
+    t = np.maximum(np.arange(cfg.train.steps), 1)
+    run = _synthetic_run(*growth(t), cfg.train.steps, 1.0, growth)
+    run["lemma12"] = run["long"] * np.array([xi1_scale, 1.0])
+    ratio, self_weight = fig3.lemma12_checks(cfg, [run], [fig3._summaries(cfg, run)])
+    assert ratio.passed is passed
+    # the planted ratios fall with t: from sigma_12 the max is at the first record after 0; from cfg.sigma the
+    # note gives the last record's (t = 1e5)
+    (a, b), (c, e) = growth(LONG["long_record_every"]), growth(max(LONG["long_horizons"]))
+    max_ratio, sigma_ratio = xi1_scale * a / b, c / e
+    assert [bool(max_ratio < 7 / 15), bool(sigma_ratio < 7 / 15)] == [passed, passed]  # both sides planted
+    assert (f"from sigma = 3.0 the ratio at t = 1e+05 is {sigma_ratio:.3f} (worst run), "
+            f"{'within' if passed else 'above'} it.") in ratio.note
+    second = (f"which holds on this path (max xi1 / xi2 {max_ratio:.3f} < 7/15, xi1_over_xi2_at_lemma12_sigma), so "
+              "q_(N+1) <= exp(-xi2 / 15) on every prompt." if passed else
+              f"which fails on this path (max xi1 / xi2 {max_ratio:.3f} >= 7/15, xi1_over_xi2_at_lemma12_sigma), and "
+              "then prompts whose nearest point is far enough (1 - s_(1) > 14/15 xi2 / xi1 < 2) can exceed "
+              "exp(-xi2 / 15).")
+    assert f"the second needs xi1 <= 7/15 xi2, {second}" in self_weight.note
+
+
 def test_summaries_fit_the_exponent_of_a_power_law():
     cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=dataclasses.replace(fig3.Config.train, steps=200,
                                                                            steps_per_call=100), **LONG)
