@@ -10,6 +10,8 @@
                     its section SWEEP_SECTION), that the sweep can vary; the CLI refuses other axes before writing
   SWEEP_SECTION     optional: the field of Config holding the config a sweep trains ("gd": axes gd.train.lr, ...);
                     every swept value is validated on that section
+  SWEEP_IGNORES     optional, with run_sweep: {field or section: why} of Config that run_sweep does not read; the
+                    CLI refuses an override of one (or of a field under a section) with --sweep, saying why
 """
 
 import importlib

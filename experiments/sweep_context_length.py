@@ -20,7 +20,7 @@ from experiments import gd_equivalence
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below, diverged_check
 from experiments.common.sweep_report import aggregate, plot_vs_axis
-from experiments.common.gd_sweep import CONTEXT_FIELD, run_gd_sweep
+from experiments.common.gd_sweep import CONTEXT_FIELD, check_unread_gd_fields, run_gd_sweep
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, optimal_gd_lr
 from jaxicl.train import TrainConfig
@@ -47,6 +47,7 @@ class Config:
                      "context_lengths", self.context_lengths, (max(self.context_lengths),), "run")
         check_set_by("gd.train.seed", self.gd.train.seed, TrainConfig.seed, "seeds", self.seeds,
                      tuple(range(self.seeds)), "member", does="pick the test prompts")
+        check_unread_gd_fields(self.gd, self.match_tolerance)
 
 
 def _small(dim: int, lengths: tuple[int, ...], train: TrainConfig, **kw) -> gd_equivalence.Config:

@@ -21,8 +21,10 @@ al. train a GPT-2 (8 layers, 2 heads, width 128) for 500k steps with a triangle 
 position; the task (d = 8, N = 16, sigma = 0.5, batch 256) is theirs. So the transition's place on the pool axis is
 not expected to match their figure.
 
-`--sweep` on this experiment replaces part 1's grid, with fields of the gd_equivalence config
-(`--sweep gd.train.lr=log:1e-4:1e-1:8 gd.train.seed=0:8`); gd_equivalence itself takes
+`--sweep` on this experiment runs part 1's sweep only: its axes, fields of the gd_equivalence config
+(`--sweep gd.train.lr=log:1e-4:1e-1:8 gd.train.seed=0:8`), take the place of the seeds x lrs grid, and its checks are
+the sweep's own (some member within match_tolerance of GD-1, no member diverged); part 1's two learning-rate checks
+and part 2 do not run, so an override of lrs, seeds or diversity.* is refused with it. gd_equivalence itself takes
 `--sweep lr=... seed=...`.
 """
 
@@ -38,7 +40,7 @@ from experiments.common.result import Check, Outcome, check_above, check_below, 
 from experiments.common.run_config import run_config
 from experiments.common.sweep_report import aggregate, plot_vs_axis, write_sweep_report
 from experiments.common.gd_sweep import (  # noqa: F401  sweep_fields: what --sweep varies (the registry reads it)
-    gd_sweep_checks, run_gd_sweep, sweep_fields)
+    check_unread_gd_fields, gd_sweep_checks, run_gd_sweep, sweep_fields)
 from jaxicl.models.attention import sweep_init
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.models import predictor
@@ -103,6 +105,7 @@ class Config:
             check_set_by(f"gd.train.{name}", getattr(self.gd.train, name), getattr(TrainConfig, name), by,
                          getattr(self, by), values, "member", does=does,
                          hint=f"--sweep, which replaces the grid, takes it as an axis: --sweep gd.train.{name}=...")
+        check_unread_gd_fields(self.gd, self.match_tolerance)
 
 
 _SMALL_GD = gd_equivalence.Config(task=lr_task.LinearRegression(dim=4, n_context=8),
@@ -126,10 +129,14 @@ PRESETS = {
 
 
 SWEEP_SECTION = "gd"  # --sweep varies fields of cfg.gd (gd.train.lr), members of a gd_equivalence sweep
+SWEEP_IGNORES = {"lrs": "its axes replace part 1's seeds x lrs grid: give learning rates as --sweep gd.train.lr=...",
+                 "seeds": "its axes replace part 1's seeds x lrs grid: give seeds as --sweep gd.train.seed=...",
+                 "diversity": "it runs part 1's sweep only, not part 2, task diversity"}
 
 
 def run_sweep(cfg: Config, axes: tuple[Axis, ...], out_dir: str) -> Outcome:
-    """--sweep on this experiment: the axes (on fields of cfg.gd, e.g. gd.train.lr) replace the seed x lr grid."""
+    """--sweep on this experiment: part 1 only, the axes (on fields of cfg.gd, e.g. gd.train.lr) in place of the seed
+    x lr grid, with the sweep's checks; lrs, seeds and diversity are not read (SWEEP_IGNORES)."""
     axes = tuple(Axis(a.field.removeprefix(f"{SWEEP_SECTION}."), a.values) for a in axes)
     table, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
     return Outcome(gd_sweep_checks(table, cfg.match_tolerance), [f"gd_sweep/{f}" for f in figures if f.endswith(".png")])

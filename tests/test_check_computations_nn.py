@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from experiments import nn_fig3_training as fig3
@@ -21,6 +22,7 @@ from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import SweepResult
+from jaxicl.validation import ConfigError
 
 
 def test_hessian_grid_equals_central_second_differences_of_the_reduced_loss(x64):
@@ -129,6 +131,54 @@ def test_summaries_of_a_run_growing_exactly_like_log_t():
     np.testing.assert_allclose(s["self_bound_2xi1"], max(np.exp(6.0 - 15.0), np.exp(8.0 - 30.0)), rtol=1e-12)
     np.testing.assert_allclose([s["long_self_over_lemma12"], s["lemma12_self_over_bound"]], np.exp([-1.0, 0.5]),
                                rtol=1e-12)
+
+
+def test_fit_from_is_refused_unless_each_half_of_every_log_window_holds_two_recorded_steps(recwarn):
+    """fit_from=0 (log 0) or >= 1 (an empty half) trained the runs, then crashed in fit_log_growth; near 1 a half
+    held one step (a RankWarning and a meaningless slope). With 200 steps recorded every 10, fit_from = 0.8 splits
+    the window [160, 200) at 178.9 into {160, 170} and {180, 190}: accepted, and every fit runs; 0.81 leaves {170}."""
+    train = dataclasses.replace(fig3.Config.train, steps=200, steps_per_call=100)
+    cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=train, fit_from=0.8, **LONG)
+    t = np.maximum(np.arange(cfg.train.steps), 1)
+    log_growth = lambda t: (1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1)  # noqa: E731
+    s = fig3._summaries(cfg, _synthetic_run(*log_growth(t), cfg.train.steps, 1.01, log_growth))
+    # exact a log t + b: each half's least-squares slope is exact, so their ratio is 1 but for rounding
+    np.testing.assert_allclose([s["slope_drift"], *s["long_drift"].values()], 1.0, rtol=1e-9)
+    assert not recwarn.list  # no RankWarning from a one-point fit
+    for fit_from, halves in ((0.81, "1 and 2"), (0.0, "0 and 20"), (1.0, "0 and 0")):
+        with pytest.raises(ConfigError, match=rf"^fit_from={fit_from} leaves {halves} recorded steps in the halves of "
+                           r"the log-t window \[fit_from t, t\] at t = 200 \(split at sqrt\(fit_from\) t, steps "
+                           r"recorded every 10\): the log-t fits need t > 0 and 2 steps in each half; fit_from must "
+                           r"be in \(0, 1\), far enough from both ends$"):
+            dataclasses.replace(cfg, fit_from=fit_from)
+
+
+@pytest.mark.parametrize("growth,xi1_scale,passed", [
+    (lambda t: (np.log(t) + 1, 3 * np.log(t) + 1), 0.5, True),
+    (lambda t: (1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1), 0.6, False)])
+def test_lemma12_notes_say_whether_the_ratio_bound_holds_as_measured(growth, xi1_scale, passed):
+    """The notes said the ratio bound xi1 <= 7/15 xi2 "fails on this path" and is exceeded at cfg.sigma whatever was
+    measured; the smoke run's xi1_over_xi2_at_lemma12_sigma passed (0.463). A run planted on both sides of 7/15."""
+    cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=dataclasses.replace(fig3.Config.train, steps=200,
+                                                                           steps_per_call=100), **LONG)
+    t = np.maximum(np.arange(cfg.train.steps), 1)
+    run = _synthetic_run(*growth(t), cfg.train.steps, 1.0, growth)
+    run["lemma12"] = run["long"] * np.array([xi1_scale, 1.0])
+    ratio, self_weight = fig3.lemma12_checks(cfg, [run], [fig3._summaries(cfg, run)])
+    assert ratio.passed is passed
+    # the planted ratios fall with t: from sigma_12 the max is at the first record after 0; from cfg.sigma the
+    # note gives the last record's (t = 1e5)
+    (a, b), (c, e) = growth(LONG["long_record_every"]), growth(max(LONG["long_horizons"]))
+    max_ratio, sigma_ratio = xi1_scale * a / b, c / e
+    assert [bool(max_ratio < 7 / 15), bool(sigma_ratio < 7 / 15)] == [passed, passed]  # both sides planted
+    assert (f"from sigma = 3.0 the ratio at t = 1e+05 is {sigma_ratio:.3f} (worst run), "
+            f"{'within' if passed else 'above'} it.") in ratio.note
+    second = (f"which holds on this path (max xi1 / xi2 {max_ratio:.3f} < 7/15, xi1_over_xi2_at_lemma12_sigma), so "
+              "q_(N+1) <= exp(-xi2 / 15) on every prompt." if passed else
+              f"which fails on this path (max xi1 / xi2 {max_ratio:.3f} >= 7/15, xi1_over_xi2_at_lemma12_sigma), and "
+              "then prompts whose nearest point is far enough (1 - s_(1) > 14/15 xi2 / xi1 < 2) can exceed "
+              "exp(-xi2 / 15).")
+    assert f"the second needs xi1 <= 7/15 xi2, {second}" in self_weight.note
 
 
 def test_summaries_fit_the_exponent_of_a_power_law():

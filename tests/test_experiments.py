@@ -45,6 +45,9 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["ar_fig6_pe_only", "mus=300,50"], "mus must be a non-empty, strictly increasing tuple, got (300.0, 50.0)"),
     (["nn_fig3_training", "task.num_classes=3"], "nn_fig3_training needs task.num_classes=2"),
     (["nn_random_init", "task.num_classes=3"], "nn_random_init needs task.num_classes=2"),
+    # trained every run, then crashed in the log-t fits
+    (["nn_fig3_training", "fit_from=0"], "fit_from=0: fit_from=0.0 leaves 0 and 300 recorded steps in the halves of "
+     "the log-t window [fit_from t, t] at t = 3000"),
     (["abstractions_lea", "task.n_roots=2"], "task.n_roots must be in [3, inf], got 2"),
     (["sweep_lr_seeds", "diversity.n_tasks=16,64"], "diversity.n_tasks must hold 0 (a fresh task per prompt)"),
     (["sweep_lr_seeds", "diversity.n_tasks=0"], "and at least one pool size > 0, each once"),
@@ -56,6 +59,13 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
     (["sweep_context_length", "gd.task.n_context=12"], "gd.task.n_context is set per run by context_lengths="),
     (["sweep_context_length", "gd.train.seed=3"], "which would only pick the test prompts"),
+    # gd_equivalence's check fields, which the gd sweeps of these two do not read: recorded and ignored
+    (["sweep_context_length", "gd.loss_tolerance=0.0001"], "gd.loss_tolerance=0.0001: gd.loss_tolerance is set per "
+     "run by match_tolerance=0.05: override match_tolerance instead; gd.loss_tolerance may only be 0.05 (its "
+     "default), got 0.0001, which would be ignored"),
+    (["sweep_lr_seeds", "gd.scales=0.1,0.2"], "gd.scales=0.1,0.2: gd.scales=(0.1, 0.2): read by gd_equivalence's own "
+     "checks only, which this experiment does not run (it scores the trained gd model against GD-1 with "
+     "match_tolerance); leave gd.scales, gd.min_cosine, gd.max_construction_err, gd.max_ood_gap at their defaults"),
     # eta* holds for angles on the whole circle and no noise; the closed-form fits draw no sequences at all
     (["ar_gd_step", "task.mu=4"], "ar_gd_step's closed-form eta* assumes task.mu=1, task.noise_std=0"),
     (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
@@ -70,6 +80,16 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
      "--sweep diversity.train.lr=1e-3,1e-2: diversity.train.lr cannot be swept by sweep_lr_seeds; sweepable fields: "
      "('gd.train.seed', 'gd.train.lr', 'gd.train.weight_decay', 'gd.train.warmup_steps', 'gd.task.noise_std', "
      "'gd.task.n_tasks', 'gd.task.n_context', 'gd.init_scale')"),
+    # --sweep ran part 1's sweep alone on its axes: these were recorded in config.json and ignored
+    (["sweep_lr_seeds", "lrs=1e-4,1e-3", "--sweep", "gd.train.seed=0:2"],
+     "override lrs=1e-4,1e-3 would be ignored: --sweep does not read lrs (its axes replace part 1's seeds x lrs grid: "
+     "give learning rates as --sweep gd.train.lr=...); drop the override or run without --sweep"),
+    (["sweep_lr_seeds", "seeds=4", "--sweep", "gd.train.lr=1e-3,1e-2"],
+     "override seeds=4 would be ignored: --sweep does not read seeds (its axes replace part 1's seeds x lrs grid: give "
+     "seeds as --sweep gd.train.seed=...); drop the override or run without --sweep"),
+    (["sweep_lr_seeds", "layers=3", "--sweep", "gd.train.seed=0:2"],
+     "override layers=3 would be ignored: --sweep does not read diversity.layers (it runs part 1's sweep only, not "
+     "part 2, task diversity); drop the override or run without --sweep"),
     # the members trained at the axis' values, config.json recorded the override
     (["gd_equivalence", "train.lr=5e-3", "--sweep", "lr=1e-3,1e-2"],
      "override train.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train.lr: the sweep would drop the override; give "
@@ -112,7 +132,9 @@ def test_a_field_the_run_sets_may_hold_the_one_value_the_run_gives_it(capsys):
     for argv, row in ((["nn_fig3_training", "runs=4x8", "task.dim=8", "task.n_context=4"], "task.n_context = 4"),
                       (["ar_fig6_pe_only", "mus=50", "task.mu=50"], "task.mu = 50.0"),
                       (["affine_mechanism", "seeds=3", "seed=3"], "train.seed = 3"),
-                      (["nn_random_init", "seeds=2", "seed=2"], "train.seed = 2")):
+                      (["nn_random_init", "seeds=2", "seed=2"], "train.seed = 2"),
+                      (["sweep_context_length", "match_tolerance=0.1", "gd.loss_tolerance=0.1"],
+                       "gd.loss_tolerance = 0.1")):
         assert main(["list", *argv, "--preset", "smoke"]) == 0, capsys.readouterr().err
         assert f"  {row}\n" in capsys.readouterr().out
 

@@ -25,6 +25,7 @@ from jaxicl.train import eval_key, query_mse, regression_loss
 from jaxicl.train.sweep import train_sweep
 from jaxicl.train.sweep_fields import SWEEPABLE_TRAIN_FIELDS, keywords
 from jaxicl.train.sweep_spec import Axis, grid
+from jaxicl.validation import ConfigError, check_set_by
 
 CONTEXT_FIELD = "task.n_context"
 
@@ -44,6 +45,21 @@ def sweep_fields(cfg) -> tuple[str, ...]:
     init, _ = sweep_init(cfg.task.dim + 1)
     return (*(f"train.{f}" for f in SWEEPABLE_TRAIN_FIELDS), *(f"task.{f}" for f in keywords(lr_task.sample, 2)),
             *keywords(init))
+
+
+def check_unread_gd_fields(gd, match_tolerance: float) -> None:
+    """Refuses the fields of gd (gd_equivalence.Config, the `gd` section of an experiment that trains it by
+    run_gd_sweep) that only gd_equivalence's own checks read, unless they hold their defaults: the run reads
+    gd.task, gd.train, gd.init_scale, gd.eval_every and gd.eval_prompts, and its match_tolerance takes the part of
+    gd.loss_tolerance, so any other value would be written to config.json and ignored."""
+    check_set_by("gd.loss_tolerance", gd.loss_tolerance, type(gd).loss_tolerance, "match_tolerance", match_tolerance,
+                 (match_tolerance,), "run")
+    names = ("scales", "min_cosine", "max_construction_err", "max_ood_gap")
+    unread = [f"gd.{n}={getattr(gd, n)!r}" for n in names if getattr(gd, n) != getattr(type(gd), n)]
+    if unread:
+        raise ConfigError(f"{', '.join(unread)}: read by gd_equivalence's own checks only, which this experiment "
+                          "does not run (it scores the trained gd model against GD-1 with match_tolerance); leave "
+                          f"{', '.join(f'gd.{n}' for n in names)} at their defaults")
 
 
 def run_gd_sweep(cfg, axes: tuple[Axis, ...], out_dir: str, chunk_size: int = 0) -> tuple[list[dict], list[str]]:

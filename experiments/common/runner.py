@@ -34,8 +34,8 @@ def resolve_config(name: str, preset: str, overrides: list[str]):
 
 def sweep_axes(name: str, cfg, specs: list[str], overrides: list[str] = ()) -> tuple[Axis, ...]:
     """The --sweep axes resolved on the experiment's config, every field one it can sweep, set by no override (cfg's
-    `overrides`, field=value) and every value checked against its field (on the section the sweep trains);
-    ConfigError if it cannot sweep them."""
+    `overrides`, field=value), every value checked against its field (on the section the sweep trains), and no
+    override of a field the sweep does not read (the module's SWEEP_IGNORES); ConfigError if it cannot sweep them."""
     module = registry.load(name)
     if not hasattr(module, "run_sweep"):
         raise ConfigError(f"experiment {name!r} does not support --sweep (its module has no run_sweep); "
@@ -46,6 +46,11 @@ def sweep_axes(name: str, cfg, specs: list[str], overrides: list[str] = ()) -> t
     sweepable = tuple(prefix + f for f in module.sweep_fields(base))
     axes = resolve_axes(cfg, parse_axes(specs))
     overridden = {resolve(cfg, o.partition("=")[0].strip()): o for o in overrides}
+    for field, override in overridden.items():  # config.json would record the override, the sweep would ignore it
+        for path, why in getattr(module, "SWEEP_IGNORES", {}).items():
+            if field == path or field.startswith(f"{path}."):
+                raise ConfigError(f"override {override} would be ignored: --sweep does not read {field} ({why}); "
+                                  f"drop the override or run without --sweep")
     for spec, axis in zip(specs, axes):
         if axis.field in overridden:  # every member takes the axis' value: the override would be dropped
             raise ConfigError(f"override {overridden[axis.field]} and --sweep {spec} both set {axis.field}: the sweep "
