@@ -90,6 +90,12 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["sweep_lr_seeds", "layers=3", "--sweep", "gd.train.seed=0:2"],
      "override layers=3 would be ignored: --sweep does not read diversity.layers (it runs part 1's sweep only, not "
      "part 2, task diversity); drop the override or run without --sweep"),
+    (["gd_equivalence", "min_cosine=0.5", "--sweep", "lr=1e-3,1e-2"],
+     "override min_cosine=0.5 would be ignored: --sweep does not read min_cosine (the sweep's checks are "
+     "loss_tolerance and divergence only); drop the override or run without --sweep"),
+    (["gd_equivalence", "scales=1,2", "--sweep", "lr=1e-3,1e-2"],
+     "override scales=1,2 would be ignored: --sweep does not read scales (the out-of-distribution scales are not "
+     "evaluated: the sweep's checks are loss_tolerance and divergence only); drop the override or run without --sweep"),
     # the members trained at the axis' values, config.json recorded the override
     (["gd_equivalence", "train.lr=5e-3", "--sweep", "lr=1e-3,1e-2"],
      "override train.lr=5e-3 and --sweep lr=1e-3,1e-2 both set train.lr: the sweep would drop the override; give "
