@@ -44,7 +44,8 @@ from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import ConfigError, check_choice, check_positive
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+# the MLP's activation by name; "gelu" is GPT-2's tanh approximation, "gelu_exact" the erf form (GPT's docstring)
+ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}
 MASKED = -1e9  # the score of a key after the query (finite, so patched and subtracted caches stay finite; masked_value)
 # Prompts of at least this many positions take split_causal_attention unless a site reads or changes the [H, T, T]
 # scores or weights. By measurement on a 2-core CPU: at 81 positions the 2-layer GPT's training step 7% faster and
@@ -156,6 +157,9 @@ class GPT(Model):
     """Call on token ids [T] (vocab_size) or vectors [T, input_dim] -> outputs [T, out_dim].
 
     readout: outputs [T, out_dim], squeezed to [T] when out_dim = 1 (a scalar regression target).
+    activation (the MLP's): "gelu" is GPT-2's tanh approximation 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
+    (TransformerLens act_fn="gelu_new"), "gelu_exact" the erf form 0.5 u (1 + erf(u / sqrt(2))) (TransformerLens and
+    PyTorch "gelu"), or "relu".
     """
 
     def __init__(self, *, d_model: int = 64, n_layers: int = 3, n_heads: int = 4, d_head: int | None = None,
