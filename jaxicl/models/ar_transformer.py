@@ -50,8 +50,10 @@ class Linear(nnx.Module):
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """PyTorch's LayerNorm over the last axis of [..., dim] (eps 1e-5), its scale and bias [dim] in the default float
-    type (nnx's param_dtype is float32, which kept them at float32 precision in a float64 run)."""
-    return nnx.LayerNorm(dim, epsilon=1e-5, param_dtype=jnp.result_type(float), rngs=rngs)
+    type (nnx's param_dtype is float32, which kept them at float32 precision in a float64 run). The variance is
+    two-pass, mean((x - mean)^2), as PyTorch's: nnx's default E[x^2] - E[x]^2 cancels catastrophically on a row whose
+    mean is large against its spread."""
+    return nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, param_dtype=jnp.result_type(float), rngs=rngs)
 
 
 def causal(t: int) -> jax.Array:
