@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxicl.models.base import Model, check_prompt_length
+from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import ConfigError, check_choice, check_positive
@@ -194,7 +194,12 @@ class GPT(Model):
         normal.fill(rngs.params())
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
-        self._check_prompt(tokens)
+        # a vector model would otherwise read one vector [input_dim] as input_dim positions sharing one embedding (a
+        # single prompt given to a batched function, which maps over its positions)
+        if self.vocab_size:
+            check_prompt(tokens, None, "token ids")
+        else:
+            check_prompt(tokens, self.input_dim, f"vectors (input_dim={self.input_dim})")
         t = tokens.shape[0]
         check_prompt_length(t, self.max_len)
         if self.vocab_size:
@@ -215,15 +220,6 @@ class GPT(Model):
 
     def readout(self, outputs: jax.Array) -> jax.Array:
         return outputs[..., 0] if self.out_dim == 1 else outputs
-
-    def _check_prompt(self, tokens: jax.Array) -> None:
-        """ValueError unless tokens is one prompt: ids [T] or vectors [T, input_dim]. A vector model would otherwise
-        read one vector [input_dim] as input_dim positions sharing one embedding (a single prompt given to a batched
-        function, which maps over its positions)."""
-        want = (1, "[T] token ids") if self.vocab_size else (2, f"[T, input_dim={self.input_dim}] vectors")
-        if tokens.ndim != want[0] or (self.input_dim and tokens.shape[-1] != self.input_dim):
-            raise ValueError(f"tokens: one prompt is {want[1]}, got shape {tokens.shape}; batched functions "
-                             f"(run_with_cache, activation_patching, ...) take a batch [B, ...] of such prompts")
 
     def hidden_state_sites(self) -> list[str]:
         """The n_layers + 1 sites of Hugging Face's hidden_states: index 0 the embeddings (layer0.resid_pre), index
