@@ -1,6 +1,8 @@
 """The GPT-style decoder: a numpy forward pass, causal patterns, exact residual identities, site shapes, the split
 attention of long prompts."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,12 @@ from jaxicl.validation import ConfigError
 def _vector_model(final_norm=True, d_mlp=None, seed=0):
     return GPT(d_model=8, n_layers=2, n_heads=2, d_mlp=d_mlp, max_len=6, input_dim=1, final_norm=final_norm,
                init_std=0.3, rngs=nnx.Rngs(seed))
+
+
+# the MLP activations written in numpy: GPT-2's tanh GELU, the exact one through math.erf, ReLU
+NUMPY_ACTIVATIONS = {"gelu": lambda u: 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3))),
+                     "gelu_exact": np.vectorize(lambda u: 0.5 * u * (1 + math.erf(u / math.sqrt(2)))),
+                     "relu": lambda u: np.maximum(u, 0.0)}
 
 
 def _ln(x, p):
@@ -43,7 +51,8 @@ def _numpy_forward(m: GPT, tokens: np.ndarray) -> np.ndarray:
         x = x + out
         if b.mlp is not None:
             pre = _ln(x, b.ln2) @ np.asarray(b.mlp.w_in[...]) + np.asarray(b.mlp.bias_in[...])
-            x = x + np.asarray(jax.nn.gelu(pre)) @ np.asarray(b.mlp.w_out[...]) + np.asarray(b.mlp.bias_out[...])
+            post = NUMPY_ACTIVATIONS[m.activation](pre)
+            x = x + post @ np.asarray(b.mlp.w_out[...]) + np.asarray(b.mlp.bias_out[...])
     if m.ln_final is not None:
         x = _ln(x, m.ln_final)
     return x @ np.asarray(m.unembed[...]) + np.asarray(m.unembed_bias[...])
@@ -60,6 +69,23 @@ def test_forward_matches_a_numpy_loop(x64, inputs):
     model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, model)
     np.testing.assert_allclose(model(jnp.asarray(tokens)), _numpy_forward(model, tokens), rtol=1e-9, atol=1e-12)
     assert model(jnp.asarray(tokens)).shape == (5, 1 if inputs == "vector" else 7)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_exact", "relu"])
+def test_the_mlp_activation_is_the_numpy_formula_of_its_name(x64, activation):
+    """layer0.mlp.post against the numpy formula of layer0.mlp.pre (float64): "gelu" is GPT-2's tanh approximation
+    (TransformerLens gelu_new), "gelu_exact" the erf form (TransformerLens gelu), "relu" ReLU."""
+    model = GPT(d_model=8, n_layers=1, n_heads=2, max_len=6, input_dim=1, activation=activation, init_std=1.0,
+                rngs=nnx.Rngs(0))
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, model)
+    tokens = jax.random.normal(jax.random.key(1), (6, 1), jnp.float64)
+    _, cache = apply(*nnx.split(model), tokens, capture=("layer0.mlp.pre", "layer0.mlp.post"))
+    pre = np.asarray(cache["layer0.mlp.pre"])
+    # float64: the same formulas in XLA and numpy, and XLA's and libm's erf, agree to a few units in the last place
+    np.testing.assert_allclose(cache["layer0.mlp.post"], NUMPY_ACTIVATIONS[activation](pre), rtol=1e-12, atol=1e-14)
+    if activation.startswith("gelu"):  # told apart from the other GELU: they differ by up to 4.7e-4 (at |u| = 2.7)
+        other = NUMPY_ACTIVATIONS["gelu_exact" if activation == "gelu" else "gelu"](pre)
+        assert np.abs(np.asarray(cache["layer0.mlp.post"]) - other).max() > 1e-4
 
 
 def test_patterns_are_causal_and_sum_to_one_and_the_residual_identities_hold_exactly():
@@ -151,7 +177,8 @@ def test_editing_or_patching_the_final_norm_scale_site_divides_the_normalised_ou
 def test_bad_model_configs_name_the_field():
     with pytest.raises(ConfigError, match="exactly one of vocab_size"):
         GPT(vocab_size=5, input_dim=2, rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="activation"):
+    with pytest.raises(ConfigError, match=r"^activation must be one of \('gelu', 'gelu_exact', 'relu'\), "
+                                          r"got 'swish'$"):
         GPT(input_dim=1, activation="swish", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="a prompt of 5 positions does not fit this model: its max_len=4"):
         GPT(input_dim=1, max_len=4, rngs=nnx.Rngs(0))(jnp.zeros((5, 1)))
@@ -167,12 +194,14 @@ def test_a_prompt_without_its_position_axis_is_refused_not_read_as_positions():
 
     g, p = nnx.split(_vector_model())
     prompt = jax.random.normal(jax.random.key(1), (5, 1))
-    with pytest.raises(ValueError, match=r"tokens: one prompt is \[T, input_dim=1\] vectors, got shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"^tokens: one prompt is \[T, 1\] vectors \(input_dim=1\), got shape "
+                                         r"\(1,\); batched "):
         run_with_cache(g, p, prompt, ["layer0.resid_pre"])
-    with pytest.raises(ValueError, match=r"input_dim=1\] vectors, got shape \(5, 2\)"):
+    with pytest.raises(ValueError, match=r"^tokens of width 2 do not fit this model: it takes vectors \(input_dim=1\), "
+                                         r"width 1$"):
         nnx.merge(g, p)(jnp.zeros((5, 2)))
     tokens = GPT(d_model=8, n_layers=1, n_heads=2, vocab_size=7, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"one prompt is \[T\] token ids, got shape \(5, 1\)"):
+    with pytest.raises(ValueError, match=r"^tokens: one prompt is \[T\] token ids, got shape \(5, 1\); batched "):
         tokens(jnp.zeros((5, 1), int))
     pred, _ = run_with_cache(g, p, prompt[None], [])  # the batch of one prompt
     np.testing.assert_allclose(pred[0], predictor(g, p)(prompt), rtol=1e-5, atol=1e-6)

@@ -56,6 +56,20 @@ def test_nearest_codes_straight_through_and_usage_against_brute_force():
     assert not np.any(np.asarray(g_code))
 
 
+def test_usage_and_the_vq_loss_are_float64_under_x64(x64):
+    """usage was float32 in a float64 run, so the usage penalty of vq_loss carried float32 rounding (1e-8 relative)."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 20, size=(7, 9))  # 63 vectors: fractions k / 63 are not exact in binary
+    fractions = np.bincount(codes.ravel(), minlength=20) / codes.size
+    u = vq.usage(jnp.asarray(codes), 20)
+    assert u.dtype == jnp.float64
+    np.testing.assert_array_equal(u, fractions)  # a sum of ones (exact) over 63: one correctly rounded division in both
+    x, q = rng.normal(size=(7, 9, 5)), rng.normal(size=(7, 9, 5))
+    want = 0.25 * np.mean((x - q) ** 2) + 0.25 * np.mean((fractions - 1 / 20) ** 2)
+    # float64 sums in another order than numpy's: a few ulp
+    np.testing.assert_allclose(vq.vq_loss(jnp.asarray(x), jnp.asarray(q), jnp.asarray(codes), 20), want, rtol=1e-13)
+
+
 def test_ema_update_follows_the_notes_formulas():
     rng = np.random.default_rng(1)
     k, d, decay, eps = 6, 3, 0.9, 1e-5

@@ -267,6 +267,42 @@ def test_a_prompt_that_does_not_fit_the_positions_names_the_field(build, tokens,
     model(tokens[:4] if "at most" in match else jnp.zeros((5, tokens.shape[1])))  # a prompt that fits runs
 
 
+PROMPT_FORMATS = {  # model class (as built in AXES_CASES) -> (the prompt's shape, its format) as the messages name them
+    SelfAttention: ("[T, 4]", "vectors (dim=4)"),
+    AugmentedLinearAttention: ("[T, 6]", "augmented tokens (0, s_t, s_(t-1)) of states of dim 2"),
+    DiagonalPositionalAttention: ("[T, 2]", "the states themselves (format='tiled' with tile=1) of dim 2"),
+    PositionalOnlyAttention: ("[T, 1]", "the states themselves (format='tiled' with tile=1) of dim 1"),
+    AugmentedTransformer: ("[T, 6]", "vectors (dim=6)"),
+    PositionalTransformer: ("[T, 2]", "vectors (dim=2)"),
+    NearestNeighborAttention: ("[T, 4]", "tokens [x; y; 0] (dim=2 + label_dim=1 + 1)"),
+    GPT: ("[T, 2]", "vectors (input_dim=2)"),
+    FactorTransformer: ("[T]", "token ids"),
+    LEA: ("[T]", "board token ids"),
+}
+
+
+@pytest.mark.parametrize("cls", list(AXES_CASES), ids=lambda c: c.__name__)
+def test_a_batch_or_tokens_of_another_width_are_refused_naming_the_prompt_the_model_takes(cls):
+    """A batch [B, T, ...] given for one prompt, or vectors one wider than the model's, failed inside an einsum, a dot
+    product, a concatenate or a tuple unpacking, or was read as a prompt of B positions (the positional models)."""
+    assert set(PROMPT_FORMATS) == set(AXES_CASES)  # every model class
+    model, tokens, _ = AXES_CASES[cls]()
+    shape, what = PROMPT_FORMATS[cls]
+    batch = jnp.stack([tokens, tokens])
+    with pytest.raises(ValueError) as refused:
+        model(batch)
+    assert str(refused.value) == (f"tokens: one prompt is {shape} {what}, got shape {batch.shape}; batched functions "
+                                  f"(run_with_cache, activation_patching, ...) take a batch [B, ...] of such prompts")
+    if tokens.ndim == 2:
+        width = tokens.shape[1]
+        with pytest.raises(ValueError) as refused:
+            model(jnp.ones((T, width + 1)))
+        assert str(refused.value) == (f"tokens of width {width + 1} do not fit this model: it takes {what}, "
+                                      f"width {width}")
+    with pytest.raises(ValueError, match="one prompt is"):  # at trace time (shapes are static), under jit too
+        jax.jit(model)(batch)
+
+
 def test_an_lea_message_of_another_length_or_width_is_refused_naming_its_shape():
     """A message of 3 vectors for message_len=2 failed inside a concatenate with a TypeError."""
     model = LEA(d_model=4, d_pos=2, n_layers=1, board_len=4, n_words=3, message_len=2, rngs=nnx.Rngs(0))

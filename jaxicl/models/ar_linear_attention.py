@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.attention import HeadFirstModel
-from jaxicl.models.base import Model, check_prompt_length, check_token_width
+from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_positive
 
@@ -53,7 +53,7 @@ class AugmentedLinearAttention(Model):
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
         d = self.a.shape[0]
-        check_token_width(tokens.shape[-1], 3 * d, f"augmented tokens (0, s_t, s_(t-1)) of states of dim {d}")
+        check_prompt(tokens, 3 * d, f"augmented tokens (0, s_t, s_(t-1)) of states of dim {d}")
         s, prev = tokens[:, d:2 * d], tokens[:, 2 * d:]
         moments = jnp.cumsum(s[:, :, None] * jnp.conj(prev)[:, None, :], axis=0)  # [T, d, d]
         g = sites("attn.gamma", jnp.einsum("ij,tjk,kl->til", self.b[...], moments, self.a[...]))
@@ -68,10 +68,9 @@ def positional_mask(t: int) -> jax.Array:
 
 def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array, sites) -> jax.Array:
     """Predictions [T, d] of the diagonal positional attention; a, b [H, d], p [T, T], states s [T, d]."""
+    check_prompt(s, a.shape[1], f"the states themselves (format='tiled' with tile=1) of dim {a.shape[1]}")
     t = s.shape[0]
     check_prompt_length(t, p.shape[0], "seq_len", exact=True)
-    check_token_width(s.shape[-1], a.shape[1], f"the states themselves (format='tiled' with tile=1) of dim "
-                                               f"{a.shape[1]}")
     prev = jnp.concatenate([jnp.zeros_like(s[:1]), s[:-1]])  # query token s_{t-1} at position t
     scores = jnp.einsum("hj,qj,kj->hqk", a, jnp.conj(prev), s)
     rows = jnp.concatenate([jnp.zeros_like(p[:1]), p[:-1]])  # position q uses P[q - 1]

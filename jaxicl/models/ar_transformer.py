@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.attention import HeadFirstModel
-from jaxicl.models.base import Model, check_prompt_length
+from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive, check_range
@@ -50,8 +50,10 @@ class Linear(nnx.Module):
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """PyTorch's LayerNorm over the last axis of [..., dim] (eps 1e-5), its scale and bias [dim] in the default float
-    type (nnx's param_dtype is float32, which kept them at float32 precision in a float64 run)."""
-    return nnx.LayerNorm(dim, epsilon=1e-5, param_dtype=jnp.result_type(float), rngs=rngs)
+    type (nnx's param_dtype is float32, which kept them at float32 precision in a float64 run). The variance is
+    two-pass, mean((x - mean)^2), as PyTorch's: nnx's default E[x^2] - E[x]^2 cancels catastrophically on a row whose
+    mean is large against its spread."""
+    return nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, param_dtype=jnp.result_type(float), rngs=rngs)
 
 
 def causal(t: int) -> jax.Array:
@@ -78,7 +80,9 @@ class AugmentedTransformer(Model):
         self.final = Linear(dim, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
-        t, dim = x.shape
+        dim = self.final.w.shape[0]
+        check_prompt(x, dim, f"vectors (dim={dim})")
+        t = x.shape[0]
         for l, layer in enumerate(self.layers):
             q, k, v = layer.q(x), layer.k(x), layer.v(x)
             scores = sites(f"layer{l}.attn.scores", causal(t) * (q @ k.T) / jnp.sqrt(dim))
@@ -113,7 +117,9 @@ class PositionalTransformer(HeadFirstModel):
         return proj(x).reshape(x.shape[0], self.num_heads, x.shape[1]).transpose(1, 0, 2)  # [H, T, D]
 
     def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
-        t, dim = x.shape
+        dim = self.mix.w.shape[0]
+        check_prompt(x, dim, f"vectors (dim={dim})")
+        t = x.shape[0]
         check_prompt_length(t, self.positions.shape[0])
         mask, scale = causal(t), jnp.sqrt(dim)
         e = self.positions[:t]

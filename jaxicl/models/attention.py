@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, check_prompt
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import check_choice, check_positive
@@ -87,6 +87,8 @@ class SelfAttention(HeadFirstModel):
                                 for _ in range(num_layers)])
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        dim = self.layers[0].wq.shape[1]
+        check_prompt(tokens, dim, f"vectors (dim={dim})")
         x = tokens
         for l, layer in enumerate(self.layers):
             out = self._attend(layer, x, sites, f"layer{l}.attn")

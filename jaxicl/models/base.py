@@ -41,6 +41,17 @@ class Model(nnx.Module):
         return ("pos",) + tuple(f"dim{i}" for i in range(1, ndim))
 
 
+def check_prompt(tokens: jax.Array, width: int | None, what: str) -> None:
+    """ValueError unless tokens is one prompt the model takes: ids [T] (width None) or vectors [T, width] (what: their
+    format, for the message). Shapes are static, so this runs once at trace time and is not in the compiled program."""
+    if tokens.ndim != (1 if width is None else 2):
+        shape = "[T]" if width is None else f"[T, {width}]"
+        raise ValueError(f"tokens: one prompt is {shape} {what}, got shape {tokens.shape}; batched functions "
+                         f"(run_with_cache, activation_patching, ...) take a batch [B, ...] of such prompts")
+    if width is not None:
+        check_token_width(tokens.shape[-1], width, what)
+
+
 def check_token_width(width: int, expected: int, what: str) -> None:
     """ValueError when a prompt's tokens are `width` wide and the model takes `expected` (what: the format it takes,
     for the message)."""

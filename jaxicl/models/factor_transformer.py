@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.models.base import Model, check_prompt_length
+from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
@@ -69,6 +69,7 @@ class FactorTransformer(Model):
         normal.fill(rngs.params())
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        check_prompt(tokens, None, "token ids")
         t = tokens.shape[0]
         check_prompt_length(t, self.pos_table.shape[0])
         pos = self.pos_table[:t]

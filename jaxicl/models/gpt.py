@@ -39,12 +39,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxicl.models.base import Model, check_prompt_length
+from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import ConfigError, check_choice, check_positive
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+# the MLP's activation by name; "gelu" is GPT-2's tanh approximation, "gelu_exact" the erf form (GPT's docstring)
+ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}
 MASKED = -1e9  # the score of a key after the query (finite, so patched and subtracted caches stay finite; masked_value)
 # Prompts of at least this many positions take split_causal_attention unless a site reads or changes the [H, T, T]
 # scores or weights. By measurement on a 2-core CPU: at 81 positions the 2-layer GPT's training step 7% faster and
@@ -156,6 +157,9 @@ class GPT(Model):
     """Call on token ids [T] (vocab_size) or vectors [T, input_dim] -> outputs [T, out_dim].
 
     readout: outputs [T, out_dim], squeezed to [T] when out_dim = 1 (a scalar regression target).
+    activation (the MLP's): "gelu" is GPT-2's tanh approximation 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
+    (TransformerLens act_fn="gelu_new"), "gelu_exact" the erf form 0.5 u (1 + erf(u / sqrt(2))) (TransformerLens and
+    PyTorch "gelu"), or "relu".
     """
 
     def __init__(self, *, d_model: int = 64, n_layers: int = 3, n_heads: int = 4, d_head: int | None = None,
@@ -190,7 +194,12 @@ class GPT(Model):
         normal.fill(rngs.params())
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
-        self._check_prompt(tokens)
+        # a vector model would otherwise read one vector [input_dim] as input_dim positions sharing one embedding (a
+        # single prompt given to a batched function, which maps over its positions)
+        if self.vocab_size:
+            check_prompt(tokens, None, "token ids")
+        else:
+            check_prompt(tokens, self.input_dim, f"vectors (input_dim={self.input_dim})")
         t = tokens.shape[0]
         check_prompt_length(t, self.max_len)
         if self.vocab_size:
@@ -211,15 +220,6 @@ class GPT(Model):
 
     def readout(self, outputs: jax.Array) -> jax.Array:
         return outputs[..., 0] if self.out_dim == 1 else outputs
-
-    def _check_prompt(self, tokens: jax.Array) -> None:
-        """ValueError unless tokens is one prompt: ids [T] or vectors [T, input_dim]. A vector model would otherwise
-        read one vector [input_dim] as input_dim positions sharing one embedding (a single prompt given to a batched
-        function, which maps over its positions)."""
-        want = (1, "[T] token ids") if self.vocab_size else (2, f"[T, input_dim={self.input_dim}] vectors")
-        if tokens.ndim != want[0] or (self.input_dim and tokens.shape[-1] != self.input_dim):
-            raise ValueError(f"tokens: one prompt is {want[1]}, got shape {tokens.shape}; batched functions "
-                             f"(run_with_cache, activation_patching, ...) take a batch [B, ...] of such prompts")
 
     def hidden_state_sites(self) -> list[str]:
         """The n_layers + 1 sites of Hugging Face's hidden_states: index 0 the embeddings (layer0.resid_pre), index

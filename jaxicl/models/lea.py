@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.models.base import Model, check_prompt_length
+from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.factor_transformer import Linear, attend, attention_site_axes
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
 from jaxicl.models.vector_quantizer import nearest_codes
@@ -128,6 +128,7 @@ class LEA(Model):
 
     def picture(self, tokens: jax.Array, message: jax.Array, sites=null_sites) -> tuple[jax.Array, jax.Array]:
         """(logits [64, V], the LN_f output [64, D]) of board tokens [64] reading message vectors [L, D]."""
+        check_prompt(tokens, None, "board token ids")
         check_prompt_length(tokens.shape[0], self.picture_pos.shape[0], "board_len")
         if message.shape != self.speech_embed.shape:
             raise ValueError(f"message: the picture stream reads [message_len, d_model] = {self.speech_embed.shape} "

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, check_prompt
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
 from jaxicl.validation import check_choice, check_positive
@@ -71,6 +71,8 @@ class NearestNeighborAttention(Model):
         return ("dim",) if name == "attn.out" else ("key",)
 
     def __call__(self, tokens: jax.Array, sites=null_sites) -> jax.Array:
+        check_prompt(tokens, self.dim + self.label_dim + 1,
+                     f"tokens [x; y; 0] (dim={self.dim} + label_dim={self.label_dim} + 1)")
         scores = sites("attn.scores", tokens @ (self.merged() @ tokens[-1]))
         weights = sites("attn.weights", softmax(scores))
         out = sites("attn.out", weights @ tokens)

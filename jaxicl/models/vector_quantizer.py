@@ -37,8 +37,8 @@ def straight_through(x: jax.Array, quantised: jax.Array) -> jax.Array:
 
 
 def usage(codes: jax.Array, n_codes: int) -> jax.Array:
-    """[K] the fraction of the vectors assigned to each code (sums to 1)."""
-    return jnp.mean(jax.nn.one_hot(codes.reshape(-1), n_codes, dtype=jnp.float32), 0)
+    """[K] the fraction of the vectors assigned to each code (sums to 1), in the default float type."""
+    return jnp.mean(jax.nn.one_hot(codes.reshape(-1), n_codes, dtype=jnp.result_type(float)), 0)
 
 
 def ema_update(ema_w: jax.Array, cluster_size: jax.Array, x: jax.Array, codes: jax.Array, *, decay: float,
