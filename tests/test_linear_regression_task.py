@@ -12,6 +12,7 @@ from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.tasks.batching import POOL_STREAM
+from jaxicl.train import data_mesh, sweep_mesh
 from jaxicl.validation import ConfigError
 
 
@@ -160,6 +161,23 @@ def test_batch_is_born_sharded_over_the_data_axis():
     # the same random bits (threefry is partitionable) through two programs, sharded and not: their
     # vectorised float transforms (erf_inv) may differ in the last ulp on some CPUs
     np.testing.assert_allclose(b.inputs, unsharded.inputs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_key_made_before_the_mesh_was_set_draws_the_batch_a_key_made_under_it_draws():
+    """A key made outside jax.set_mesh (at the top of a script; an evaluate's test key under train's mesh) lives on
+    the empty mesh: the sampler traced on it could not be vmapped over keys split on "data" (ValueError: Resource
+    axis: data of P('data',) is not found in mesh: ())."""
+    cfg = lr.LinearRegression(dim=3, n_context=4, n_tasks=3)
+    outside = jax.random.key(5)
+    with jax.set_mesh(sweep_mesh(2, 2)):
+        other_mesh = jax.random.key(5)
+    with jax.set_mesh(data_mesh(4)):
+        want = sample_batch(lr.sample, cfg, jax.random.key(5), 8)
+        for key in (outside, other_mesh):
+            b = sample_batch(lr.sample, cfg, key, 8)
+            assert b.inputs.sharding.spec[0] == "data"
+            for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(want), strict=True):
+                np.testing.assert_array_equal(x, y)  # the same program on the same key bits
 
 
 def test_a_batch_is_not_sharded_over_an_auto_axis():

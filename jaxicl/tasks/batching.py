@@ -82,7 +82,8 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
     that axis before the vmap, so each device samples its own slice and no data crosses the host (an axis of type
     Explicit: ConfigError for one of type Auto, the type jax.sharding.Mesh gives by default).
-    Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS).
+    Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS), nor on the mesh
+    the key was made on (none, before jax.set_mesh, or another: it is replicated onto the current one first).
 
     Jitted: the sampler is traced at every call (jaxicl.traced), so one that reads a global (a pool of prompts)
     draws from its current value, and the compiled program is reused while it traces to the same program.
@@ -96,8 +97,20 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
         if step is None:
             raise ValueError("this sampler takes the training step (a curriculum): pass step=")
         kwargs["step"] = step
+    key = _on_current_mesh(key)
     one, consts = trace(lambda k, kw: sample(cfg, k, **kw), key, kwargs)
     return _sample_batch(one, consts, key, kwargs, batch_size, axis)
+
+
+def _on_current_mesh(key: jax.Array) -> jax.Array:
+    """key (shape []), replicated on the current mesh where it lives on another one (made before jax.set_mesh, or
+    under another mesh); else key itself. Traced on the other mesh, a sampler that draws an array from its prompt key
+    could not be vmapped over keys sharded on the current one (ValueError: Resource axis ... not found in mesh).
+    Values are unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.typeof(key).sharding.mesh == mesh:
+        return key
+    return jax.reshard(key, P())
 
 
 @partial(jax.jit, static_argnames=("one", "batch_size", "axis"))
