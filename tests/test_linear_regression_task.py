@@ -214,19 +214,40 @@ def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_th
     assert short.mask.sum() == (k + 1 if loss_on == "all" else 1)
 
 
-def test_a_plain_int_context_length_outside_1_to_the_field_is_refused_and_a_traced_one_is_not():
+def test_a_plain_int_context_length_outside_1_to_the_field_is_refused_and_a_traced_one_is_clipped_to_it():
     """The sampler would clip k to [0, cfg.n_context] (20 -> 5 real pairs, -2 -> 0) while the GD theory uses k as
-    given; a traced k (a sweep member's, under vmap) cannot be checked and is still clipped."""
+    given; a traced k (a sweep member's, under vmap) cannot be checked and is clipped to [1, cfg.n_context]: a
+    traced 0 kept no context pair and a negative one zeroed the query and its loss mask too. Plain ints given
+    through sample_batch's task_params were traced, so never checked."""
     cfg = lr.LinearRegression(dim=3, n_context=5)
     for k in (0, -2, 6, np.int64(20)):
         msg = f"n_context (the real context pairs kept) must be in [1, cfg.n_context=5], got {k!r}"
         with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
             lr.sample(cfg, jax.random.key(0), n_context=k)
+        with pytest.raises(ConfigError) as e:  # raised while tracing: JAX adds a note on its traceback
+            sample_batch(lr.sample, cfg, jax.random.key(0), 4, task_params={"n_context": k})
+        assert e.value.args == (msg,)
     for k in (1, np.int32(5)):  # the bounds themselves
         x = lr.sample(cfg, jax.random.key(0), n_context=k).info["x"]
         assert int((x[:-1] != 0).any(-1).sum()) == k  # real context pairs
-    x = jax.vmap(lambda k: lr.sample(cfg, jax.random.key(0), n_context=k).info["x"])(jnp.array([1, 5, 0, 7]))
-    np.testing.assert_array_equal((x[:, :-1] != 0).any(-1).sum(-1), [1, 5, 0, 5])
+        x = sample_batch(lr.sample, cfg, jax.random.key(0), 4, task_params={"n_context": k}).info["x"]
+        np.testing.assert_array_equal((x[:, :-1] != 0).any(-1).sum(-1), [k] * 4)
+    b = jax.vmap(lambda k: lr.sample(cfg, jax.random.key(0), n_context=k))(jnp.array([1, 5, 0, 7, -2]))
+    np.testing.assert_array_equal((b.info["x"][:, :-1] != 0).any(-1).sum(-1), [1, 5, 1, 5, 1])
+    assert np.all(b.info["x"][:, -1] != 0)  # the query is always real
+    np.testing.assert_array_equal(b.mask, np.tile([0, 0, 0, 0, 0, 1], (5, 1)))
+
+
+def test_a_plain_negative_task_count_is_refused():
+    """A plain n_tasks < 0 drew every prompt from a pool of one task; a traced one cannot be checked and still does."""
+    cfg = lr.LinearRegression(dim=3, n_context=5)
+    for call in (lambda: lr.sample(cfg, jax.random.key(0), n_tasks=-2),
+                 lambda: sample_batch(lr.sample, cfg, jax.random.key(0), 4, task_params={"n_tasks": -2})):
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert e.value.args == ("n_tasks must be >= 0, got -2",)
+    w = jax.vmap(lambda k: lr.sample(cfg, k, n_tasks=jnp.int32(-2)).info["w"])(jax.random.split(jax.random.key(0), 4))
+    np.testing.assert_array_equal(w, np.tile(lr.task_pool(cfg, 1), (4, 1)))
 
 
 def test_batched_context_lengths_may_differ_per_prompt_group():

@@ -1,6 +1,7 @@
 """Generic batching of one-prompt samplers: vmap over keys, born sharded on the mesh."""
 
 import inspect
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -75,8 +76,9 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
                  task_params: dict | None = None, step: jax.Array | None = None) -> Prompt:
     """batch_size prompts from `sample(cfg, key, **task_params)`: every leaf gets a leading [batch_size] axis.
 
-    task_params holds array values of task fields that the sampler takes as keywords (the fields a
-    sweep may vary per member, e.g. noise_std); None means the values in cfg. step: the training step,
+    task_params holds values of task fields that the sampler takes as keywords (the fields a sweep may vary per
+    member, e.g. noise_std): arrays are traced (one program for every value), plain numbers are constants of the
+    program, which the sampler checks as in a direct call; None means the values in cfg. step: the training step,
     passed on to a sampler that takes it (takes_step; then it is required).
 
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
@@ -92,13 +94,15 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     output sharding of its own and raises ShardingTypeError. (The engine runs the model in auto sharding, so an
     nnx.Embed needs no such care.)
     """
-    kwargs = dict(task_params or {})
+    task_params = task_params or {}
+    fixed = {k: v for k, v in task_params.items() if isinstance(v, numbers.Number)}
+    kwargs = {k: v for k, v in task_params.items() if k not in fixed}
     if takes_step(sample):
         if step is None:
             raise ValueError("this sampler takes the training step (a curriculum): pass step=")
         kwargs["step"] = step
     key = _on_current_mesh(key)
-    one, consts = trace(lambda k, kw: sample(cfg, k, **kw), key, kwargs)
+    one, consts = trace(lambda k, kw: sample(cfg, k, **fixed, **kw), key, kwargs)
     return _sample_batch(one, consts, key, kwargs, batch_size, axis)
 
 
