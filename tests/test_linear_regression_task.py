@@ -51,6 +51,21 @@ def test_inputs_scale_by_the_float64_square_root_of_their_covariance_under_x64(x
     np.testing.assert_allclose(x, np.asarray(unit) * np.sqrt([0.1, 0.3]), rtol=5e-16)
 
 
+def test_x_cov_diag_given_as_a_list_or_numpy_array_is_the_config_of_the_tuple():
+    """A numpy array raised "truth value of an array ... is ambiguous" in the config check; a list left the config
+    unhashable (jit static arguments, sweep keys)."""
+    configs = [lr.LinearRegression(dim=3, n_context=4, x_cov_diag=v)
+               for v in ((1.0, 2.0, 3.0), [1.0, 2.0, 3.0], np.array([1.0, 2.0, 3.0]), np.array([1, 2, 3]))]
+    want = sample_batch(lr.sample, configs[0], jax.random.key(0), 8)
+    for cfg in configs:
+        assert cfg == configs[0] and hash(cfg) == hash(configs[0])
+        assert type(cfg.x_cov_diag) is tuple and all(type(v) is float for v in cfg.x_cov_diag)
+        for a, b in zip(jax.tree.leaves(sample_batch(lr.sample, cfg, jax.random.key(0), 8)), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)  # one config, one program
+    with pytest.raises(ConfigError, match=r"^x_cov_diag must be a sequence of dim=3 numbers or empty, got 2\.0$"):
+        lr.LinearRegression(dim=3, x_cov_diag=2.0)
+
+
 @pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
 def test_uniform_inputs_fill_their_box_with_a_third_of_its_squared_half_width_as_variance(prng_impl):
     cfg = lr.LinearRegression(dim=3, n_context=4, x_scale=2.0, x_cov_diag=(1.0, 4.0, 0.25), x_dist="uniform")

@@ -66,6 +66,12 @@ class LinearRegression:
         if self.loss_on == "all" and self.format == "paired":
             raise ConfigError("loss_on='all' needs format='interleaved': a paired token j = [x_j; y_j] carries the "
                               "label it would be scored on; use loss_on='query' with format='paired'")
+        try:  # a list or numpy array (whose truth value is ambiguous) as the hashable tuple it stands for
+            diag = tuple(float(v) for v in self.x_cov_diag)
+        except (TypeError, ValueError):
+            raise ConfigError(f"x_cov_diag must be a sequence of dim={self.dim} numbers or empty, got "
+                              f"{self.x_cov_diag!r}") from None
+        object.__setattr__(self, "x_cov_diag", diag)
         if self.x_cov_diag and len(self.x_cov_diag) != self.dim:
             raise ConfigError(f"x_cov_diag must have dim={self.dim} entries or be empty, got {len(self.x_cov_diag)}")
         for i, v in enumerate(self.x_cov_diag):
