@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxicl.baselines import affine_recurrence as base
+from jaxicl.config_paths import apply_overrides
 from jaxicl.tasks import affine_recurrence as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.validation import ConfigError
@@ -41,8 +42,33 @@ def test_vector_recurrence_rescaling_and_other_distributions():
     np.testing.assert_allclose(a, np.full((4, 4), 0.5), rtol=1e-6)  # entries of 1 divided by sqrt(dim) = 2
     with pytest.raises(ConfigError, match="loss_from"):
         ar.AffineRecurrence(seq_len=4, loss_from=4)
-    with pytest.raises(ConfigError, match="kind must be one of"):
-        ar.Distribution("cauchy")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"a": ar.Distribution("cauchy")}, "a.kind must be one of ('uniform', 'normal', 'fixed'), got 'cauchy'"),
+    ({"b": ar.Distribution(low=-np.inf)}, "b.low must be a finite number, got -inf"),
+    ({"x0": ar.Distribution("normal", mean=np.nan)}, "x0.mean must be a finite number, got nan"),
+    ({"a": ar.Distribution("normal", std=np.inf)}, "a.std must be a finite number, got inf"),
+    ({"x0": ar.Distribution("normal", std=-1.0)}, "x0.std must be >= 0, got -1.0"),
+    ({"b": ar.Distribution(low=1.0, high=1.0)}, "b.low must be < b.high for kind='uniform', got low=1.0, high=1.0"),
+    ({"a": {"kind": "normal"}}, "a must be a Distribution (jaxicl.tasks.affine_recurrence), e.g. "
+                                "Distribution('normal', std=0.5), got {'kind': 'normal'}"),
+    ({"x0": "normal"}, "x0 must be a Distribution (jaxicl.tasks.affine_recurrence), e.g. "
+                       "Distribution('normal', std=0.5), got 'normal'")])
+def test_bad_distributions_are_refused_naming_their_field(kwargs, message):
+    """Infinite or NaN settings were accepted (and sampled inf or NaN), errors named no field (std of a, b or x0?),
+    and a dict or a string failed only at sampling, with AttributeError."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        ar.AffineRecurrence(**kwargs)
+
+
+def test_command_line_overrides_of_a_distribution_are_checked_naming_the_path():
+    cfg = apply_overrides(ar.AffineRecurrence(), ["a.kind=normal", "a.std=0.5", "x0.low=-0.5", "x0.high=0.5"])
+    assert (cfg.a, cfg.x0) == (ar.Distribution("normal", std=0.5), ar.Distribution(low=-0.5, high=0.5))
+    for override, message in [("a.std=-1", "a.std=-1: a.std must be >= 0, got -1.0"),
+                              ("b.low=-inf", "b.low=-inf: b.low must be a finite number, got -inf")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            apply_overrides(ar.AffineRecurrence(), [override])
 
 
 def test_baselines_against_numpy_and_the_three_term_solver_is_exact_on_noise_free_sequences(x64):

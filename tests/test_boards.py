@@ -3,6 +3,7 @@ factorised-position transformer (parameter count, positions outside the residual
 
 import dataclasses
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,15 @@ def test_the_type_curriculum_ramps_linearly_and_the_sampler_follows_it(data):
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CFG, **{field: value})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("types_start", (np.inf, 0.1, 0.1), "types_start[0] must be a finite number, got inf"),
+    ("types_end", (0.1, np.nan, 0.1), "types_end[1] must be a finite number, got nan")])
+def test_a_type_probability_that_is_not_finite_is_refused_naming_its_entry(field, value, message):
+    """NaN and inf passed the non-negative and positive-sum checks, and the type probabilities came out NaN."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         dataclasses.replace(CFG, **{field: value})
 
 

@@ -52,6 +52,19 @@ def test_four_devices_give_the_same_losses_as_one(prng_impl):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4
 
 
+def test_an_evaluate_that_samples_from_a_key_made_before_train_runs_under_the_training_mesh():
+    """evaluate runs under train's mesh: its test batch, drawn from a key made before (at the top of a script), ran on
+    one device and raised on several (ValueError: Resource axis: data of P('data',) is not found in mesh: ())."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    test_key = jax.random.key(1)
+    want = float(loss_fn(params, sample_batch(sample, task, test_key, 16))[0])
+    four = train(loss_fn, sample, task, cfg, params, mesh=data_mesh(4), progress=False, eval_every=5,
+                 evaluate=lambda p: {"test_loss": loss_fn(p, sample_batch(sample, task, test_key, 16))[0]})
+    assert [r["step"] for r in four.eval_rows] == [0, 5]
+    # step 0: the initial parameters on the same prompts; float32 sums over 4 shards in another order than on one
+    np.testing.assert_allclose(four.eval_rows[0]["test_loss"], want, rtol=1e-6)
+
+
 def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_reduced():
     loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
     mesh = data_mesh(4)

@@ -10,6 +10,7 @@ import pytest
 
 from jaxicl.tasks import instructions as ins
 from jaxicl.tasks import sample_batch
+from jaxicl.train import data_mesh
 from jaxicl.validation import ConfigError
 
 CFG = ins.Instructions(n_tasks=6, n_families=4, strings_per_family=10, validation_strings=3)
@@ -100,6 +101,18 @@ def test_the_device_sampler_draws_table_rows_with_the_answer_mask(data):
         else:
             np.testing.assert_array_equal(mask, targets != ins.PAD)
         assert len({tuple(r) for r in inputs}) > 32  # uniform draws from 2000+ rows rarely repeat
+
+
+def test_a_key_made_before_the_mesh_was_set_draws_the_batch_it_draws_without_a_mesh(data):
+    """The sampler draws its row index straight from the prompt key: traced on a key made outside jax.set_mesh (the
+    empty mesh), it could not be vmapped over keys split on "data" (ValueError: Resource axis: data ... not found)."""
+    key = jax.random.key(3)
+    want = sample_batch(data.sampler("train"), CFG, key, 8)
+    with jax.set_mesh(data_mesh(4)):
+        b = sample_batch(data.sampler("train"), CFG, key, 8)
+    assert b.inputs.sharding.spec[0] == "data"
+    for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(x, y)  # integer draws from the same threefry bits
 
 
 def test_parsed_patterns_sample_strings_that_re_matches_and_count_them():

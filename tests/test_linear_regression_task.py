@@ -12,6 +12,7 @@ from jaxicl.prng import PRNG_IMPLS
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.tasks.batching import POOL_STREAM
+from jaxicl.train import data_mesh, sweep_mesh
 from jaxicl.validation import ConfigError
 
 
@@ -48,6 +49,21 @@ def test_inputs_scale_by_the_float64_square_root_of_their_covariance_under_x64(x
     assert x.dtype == jnp.float64
     # each side rounds the square root and the product once (correctly rounded in IEEE): within 2 ulp
     np.testing.assert_allclose(x, np.asarray(unit) * np.sqrt([0.1, 0.3]), rtol=5e-16)
+
+
+def test_x_cov_diag_given_as_a_list_or_numpy_array_is_the_config_of_the_tuple():
+    """A numpy array raised "truth value of an array ... is ambiguous" in the config check; a list left the config
+    unhashable (jit static arguments, sweep keys)."""
+    configs = [lr.LinearRegression(dim=3, n_context=4, x_cov_diag=v)
+               for v in ((1.0, 2.0, 3.0), [1.0, 2.0, 3.0], np.array([1.0, 2.0, 3.0]), np.array([1, 2, 3]))]
+    want = sample_batch(lr.sample, configs[0], jax.random.key(0), 8)
+    for cfg in configs:
+        assert cfg == configs[0] and hash(cfg) == hash(configs[0])
+        assert type(cfg.x_cov_diag) is tuple and all(type(v) is float for v in cfg.x_cov_diag)
+        for a, b in zip(jax.tree.leaves(sample_batch(lr.sample, cfg, jax.random.key(0), 8)), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)  # one config, one program
+    with pytest.raises(ConfigError, match=r"^x_cov_diag must be a sequence of dim=3 numbers or empty, got 2\.0$"):
+        lr.LinearRegression(dim=3, x_cov_diag=2.0)
 
 
 @pytest.mark.parametrize("prng_impl", PRNG_IMPLS)
@@ -162,6 +178,23 @@ def test_batch_is_born_sharded_over_the_data_axis():
     np.testing.assert_allclose(b.inputs, unsharded.inputs, rtol=1e-6, atol=1e-7)
 
 
+def test_a_key_made_before_the_mesh_was_set_draws_the_batch_a_key_made_under_it_draws():
+    """A key made outside jax.set_mesh (at the top of a script; an evaluate's test key under train's mesh) lives on
+    the empty mesh: the sampler traced on it could not be vmapped over keys split on "data" (ValueError: Resource
+    axis: data of P('data',) is not found in mesh: ())."""
+    cfg = lr.LinearRegression(dim=3, n_context=4, n_tasks=3)
+    outside = jax.random.key(5)
+    with jax.set_mesh(sweep_mesh(2, 2)):
+        other_mesh = jax.random.key(5)
+    with jax.set_mesh(data_mesh(4)):
+        want = sample_batch(lr.sample, cfg, jax.random.key(5), 8)
+        for key in (outside, other_mesh):
+            b = sample_batch(lr.sample, cfg, key, 8)
+            assert b.inputs.sharding.spec[0] == "data"
+            for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(want), strict=True):
+                np.testing.assert_array_equal(x, y)  # the same program on the same key bits
+
+
 def test_a_batch_is_not_sharded_over_an_auto_axis():
     # jax.sharding.Mesh's default Auto axes: jax.reshard raised "PartitionSpec passed to reshard cannot contain axis
     # names that are of type Auto", naming no way out
@@ -196,19 +229,40 @@ def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_th
     assert short.mask.sum() == (k + 1 if loss_on == "all" else 1)
 
 
-def test_a_plain_int_context_length_outside_1_to_the_field_is_refused_and_a_traced_one_is_not():
+def test_a_plain_int_context_length_outside_1_to_the_field_is_refused_and_a_traced_one_is_clipped_to_it():
     """The sampler would clip k to [0, cfg.n_context] (20 -> 5 real pairs, -2 -> 0) while the GD theory uses k as
-    given; a traced k (a sweep member's, under vmap) cannot be checked and is still clipped."""
+    given; a traced k (a sweep member's, under vmap) cannot be checked and is clipped to [1, cfg.n_context]: a
+    traced 0 kept no context pair and a negative one zeroed the query and its loss mask too. Plain ints given
+    through sample_batch's task_params were traced, so never checked."""
     cfg = lr.LinearRegression(dim=3, n_context=5)
     for k in (0, -2, 6, np.int64(20)):
         msg = f"n_context (the real context pairs kept) must be in [1, cfg.n_context=5], got {k!r}"
         with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
             lr.sample(cfg, jax.random.key(0), n_context=k)
+        with pytest.raises(ConfigError) as e:  # raised while tracing: JAX adds a note on its traceback
+            sample_batch(lr.sample, cfg, jax.random.key(0), 4, task_params={"n_context": k})
+        assert e.value.args == (msg,)
     for k in (1, np.int32(5)):  # the bounds themselves
         x = lr.sample(cfg, jax.random.key(0), n_context=k).info["x"]
         assert int((x[:-1] != 0).any(-1).sum()) == k  # real context pairs
-    x = jax.vmap(lambda k: lr.sample(cfg, jax.random.key(0), n_context=k).info["x"])(jnp.array([1, 5, 0, 7]))
-    np.testing.assert_array_equal((x[:, :-1] != 0).any(-1).sum(-1), [1, 5, 0, 5])
+        x = sample_batch(lr.sample, cfg, jax.random.key(0), 4, task_params={"n_context": k}).info["x"]
+        np.testing.assert_array_equal((x[:, :-1] != 0).any(-1).sum(-1), [k] * 4)
+    b = jax.vmap(lambda k: lr.sample(cfg, jax.random.key(0), n_context=k))(jnp.array([1, 5, 0, 7, -2]))
+    np.testing.assert_array_equal((b.info["x"][:, :-1] != 0).any(-1).sum(-1), [1, 5, 1, 5, 1])
+    assert np.all(b.info["x"][:, -1] != 0)  # the query is always real
+    np.testing.assert_array_equal(b.mask, np.tile([0, 0, 0, 0, 0, 1], (5, 1)))
+
+
+def test_a_plain_negative_task_count_is_refused():
+    """A plain n_tasks < 0 drew every prompt from a pool of one task; a traced one cannot be checked and still does."""
+    cfg = lr.LinearRegression(dim=3, n_context=5)
+    for call in (lambda: lr.sample(cfg, jax.random.key(0), n_tasks=-2),
+                 lambda: sample_batch(lr.sample, cfg, jax.random.key(0), 4, task_params={"n_tasks": -2})):
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert e.value.args == ("n_tasks must be >= 0, got -2",)
+    w = jax.vmap(lambda k: lr.sample(cfg, k, n_tasks=jnp.int32(-2)).info["w"])(jax.random.split(jax.random.key(0), 4))
+    np.testing.assert_array_equal(w, np.tile(lr.task_pool(cfg, 1), (4, 1)))
 
 
 def test_batched_context_lengths_may_differ_per_prompt_group():

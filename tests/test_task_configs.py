@@ -33,6 +33,7 @@ MALFORMED = [
     (Boards, {"types_ramp": (250, 1000, 2000)}, r"types_ramp must be \(start, end\) epochs"),
     (Boards, {"types_ramp": (250.0, 1000)}, r"types_ramp\[0\] must be an integer, got 250.0"),
     (Boards, {"mask_min": 0.5, "mask_max": 0.25}, r"mask_min must be in \[0.0, 0.25\], got 0.5"),
+    (Instructions, {"seed": -1}, r"^seed must be >= 0, got -1$"),  # was accepted; numpy refused it at build
 ]
 
 

@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_finite, check_integer, check_positive, check_range
 
 KINDS = ("uniform", "normal", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
 class Distribution:
-    """uniform: U[low, high]; normal: N(mean, std^2); fixed: the constant mean."""
+    """uniform: U[low, high]; normal: N(mean, std^2); fixed: the constant mean. Checked by the AffineRecurrence that
+    holds it, whose errors name its field (a.std)."""
 
     kind: str = "uniform"
     low: float = -1.0
@@ -36,11 +37,15 @@ class Distribution:
     mean: float = 0.0
     std: float = 1.0
 
-    def __post_init__(self):
-        check_choice("kind", self.kind, KINDS)
+    def check(self, name: str) -> None:
+        """Raises ConfigError naming the field `name` that holds this distribution."""
+        check_choice(f"{name}.kind", self.kind, KINDS)
+        for field in ("low", "high", "mean", "std"):
+            check_finite(f"{name}.{field}", getattr(self, field))
         if self.kind == "uniform" and not self.low < self.high:
-            raise ConfigError(f"a uniform distribution needs low < high, got low={self.low}, high={self.high}")
-        check_positive("std", self.std, allow_zero=True)
+            raise ConfigError(f"{name}.low must be < {name}.high for kind='uniform', got low={self.low}, "
+                              f"high={self.high}")
+        check_positive(f"{name}.std", self.std, allow_zero=True)
 
     def sample(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         if self.kind == "uniform":
@@ -76,6 +81,12 @@ class AffineRecurrence:
         check_positive("dim", self.dim)
         check_positive("seq_len", self.seq_len)
         check_range("loss_from", self.loss_from, 0, self.seq_len - 1)
+        for name in ("a", "b", "x0"):
+            value = getattr(self, name)
+            if not isinstance(value, Distribution):  # a dict or "normal" failed only at sampling, with AttributeError
+                raise ConfigError(f"{name} must be a Distribution (jaxicl.tasks.affine_recurrence), e.g. "
+                                  f"Distribution('normal', std=0.5), got {value!r}")
+            value.check(name)
 
     @property
     def token_dim(self) -> int:

@@ -1,6 +1,7 @@
 """Generic batching of one-prompt samplers: vmap over keys, born sharded on the mesh."""
 
 import inspect
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -75,14 +76,16 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
                  task_params: dict | None = None, step: jax.Array | None = None) -> Prompt:
     """batch_size prompts from `sample(cfg, key, **task_params)`: every leaf gets a leading [batch_size] axis.
 
-    task_params holds array values of task fields that the sampler takes as keywords (the fields a
-    sweep may vary per member, e.g. noise_std); None means the values in cfg. step: the training step,
+    task_params holds values of task fields that the sampler takes as keywords (the fields a sweep may vary per
+    member, e.g. noise_std): arrays are traced (one program for every value), plain numbers are constants of the
+    program, which the sampler checks as in a direct call; None means the values in cfg. step: the training step,
     passed on to a sampler that takes it (takes_step; then it is required).
 
     Under `jax.set_mesh(mesh)` with an `axis` in the mesh, the per-prompt keys are resharded over
     that axis before the vmap, so each device samples its own slice and no data crosses the host (an axis of type
     Explicit: ConfigError for one of type Auto, the type jax.sharding.Mesh gives by default).
-    Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS).
+    Values do not depend on the mesh (for keys of every implementation in jaxicl.prng.PRNG_IMPLS), nor on the mesh
+    the key was made on (none, before jax.set_mesh, or another: it is replicated onto the current one first).
 
     Jitted: the sampler is traced at every call (jaxicl.traced), so one that reads a global (a pool of prompts)
     draws from its current value, and the compiled program is reused while it traces to the same program.
@@ -91,13 +94,27 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     output sharding of its own and raises ShardingTypeError. (The engine runs the model in auto sharding, so an
     nnx.Embed needs no such care.)
     """
-    kwargs = dict(task_params or {})
+    task_params = task_params or {}
+    fixed = {k: v for k, v in task_params.items() if isinstance(v, numbers.Number)}
+    kwargs = {k: v for k, v in task_params.items() if k not in fixed}
     if takes_step(sample):
         if step is None:
             raise ValueError("this sampler takes the training step (a curriculum): pass step=")
         kwargs["step"] = step
-    one, consts = trace(lambda k, kw: sample(cfg, k, **kw), key, kwargs)
+    key = _on_current_mesh(key)
+    one, consts = trace(lambda k, kw: sample(cfg, k, **fixed, **kw), key, kwargs)
     return _sample_batch(one, consts, key, kwargs, batch_size, axis)
+
+
+def _on_current_mesh(key: jax.Array) -> jax.Array:
+    """key (shape []), replicated on the current mesh where it lives on another one (made before jax.set_mesh, or
+    under another mesh); else key itself. Traced on the other mesh, a sampler that draws an array from its prompt key
+    could not be vmapped over keys sharded on the current one (ValueError: Resource axis ... not found in mesh).
+    Values are unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.typeof(key).sharding.mesh == mesh:
+        return key
+    return jax.reshard(key, P())
 
 
 @partial(jax.jit, static_argnames=("one", "batch_size", "axis"))

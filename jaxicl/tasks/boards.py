@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_finite, check_integer, check_positive, check_range
 
 TYPES = ("single", "double", "composition")
 POSITIONS = 36  # top-left places of a 3x3 root on the 8x8 board (6 x 6), numbered x * 6 + y
@@ -81,6 +81,8 @@ class Boards:
             raise ConfigError("board_dim=8, root_dim=3, comp_margin=1 are the layout the board types are defined on")
         for name in ("types_start", "types_end"):
             p = getattr(self, name)
+            for i, v in enumerate(p):  # NaN and inf passed the checks below and made the type probabilities NaN
+                check_finite(f"{name}[{i}]", v)
             if len(p) != 3 or min(p) < 0 or sum(p) <= 0:
                 raise ConfigError(f"{name} must be 3 non-negative type probabilities with a positive sum, got {p}")
         if len(self.types_ramp) != 2:

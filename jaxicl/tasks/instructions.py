@@ -165,6 +165,7 @@ class Instructions:
         for name in ("n_tasks", "n_families", "strings_per_family", "n_letters", "n_inputs", "n_outputs",
                      "max_instruction_len", "max_repeat", "keyword_len"):
             check_positive(name, getattr(self, name))
+        check_positive("seed", self.seed, allow_zero=True)  # numpy's default_rng refuses a negative seed at build
         check_range("n_tasks", self.n_tasks, 2)
         check_range("n_letters", self.n_letters, 1, 26)
         check_range("n_outputs", self.n_outputs, 2)

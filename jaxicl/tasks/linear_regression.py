@@ -66,6 +66,12 @@ class LinearRegression:
         if self.loss_on == "all" and self.format == "paired":
             raise ConfigError("loss_on='all' needs format='interleaved': a paired token j = [x_j; y_j] carries the "
                               "label it would be scored on; use loss_on='query' with format='paired'")
+        try:  # a list or numpy array (whose truth value is ambiguous) as the hashable tuple it stands for
+            diag = tuple(float(v) for v in self.x_cov_diag)
+        except (TypeError, ValueError):
+            raise ConfigError(f"x_cov_diag must be a sequence of dim={self.dim} numbers or empty, got "
+                              f"{self.x_cov_diag!r}") from None
+        object.__setattr__(self, "x_cov_diag", diag)
         if self.x_cov_diag and len(self.x_cov_diag) != self.dim:
             raise ConfigError(f"x_cov_diag must have dim={self.dim} entries or be empty, got {len(self.x_cov_diag)}")
         for i, v in enumerate(self.x_cov_diag):
@@ -129,11 +135,14 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     cfg.n_tasks and cfg.n_context; n_context in [1, cfg.n_context] real context pairs are kept at the
     end and the others zeroed (x, y, mask and info alike; see the module docstring). Every other
     field changes shapes or the sampling code and is fixed across a sweep. A plain int n_context
-    outside that range raises ConfigError (a traced one cannot be checked and is clipped).
+    outside that range, or n_tasks < 0, raises ConfigError (a traced one cannot be checked: n_context is clipped to
+    the range, n_tasks < 0 draws from a pool of 1).
     """
     if isinstance(n_context, numbers.Integral) and not 1 <= n_context <= cfg.n_context:
         raise ConfigError(f"n_context (the real context pairs kept) must be in [1, cfg.n_context={cfg.n_context}], "
                           f"got {n_context!r}")
+    if isinstance(n_tasks, numbers.Integral):
+        check_positive("n_tasks", n_tasks, allow_zero=True)
     noise_std = cfg.noise_std if noise_std is None else noise_std
     n, d = cfg.n_context + 1, cfg.dim
     # One flat N(0, 1) draw per prompt, cut into w, x and the noise: a vmapped multi-dimensional draw costs about
@@ -147,7 +156,8 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     y = x @ w + noise_std * z[d + n * d:]
     weights = _loss_weights(cfg)
     if n_context is not None:
-        real = jnp.arange(n) >= cfg.n_context - n_context  # [n]: the padding first, the query always real
+        k = jnp.clip(n_context, 1, cfg.n_context)  # a traced value, unchecked
+        real = jnp.arange(n) >= cfg.n_context - k  # [n]: the padding first, the query always real
         x, y, weights = x * real[:, None], y * real, weights * real
     # One materialised copy of each: targets, tokens and info hold the same label values bit for bit
     # (see jaxicl.tasks.nearest_neighbor.sample).
