@@ -6,8 +6,8 @@ metrics.jsonl rows and checkpoints with no error. A lock whose process has ended
 held on another host cannot be checked, and is refused with how to clear it. A lock naming this very process that
 this process does not hold is stale too: a killed run's pid, given to its rerun (a container restarted with the same
 hostname starts its pids from 1 again), and so is one whose pid now belongs to a process that started at another time
-(the pid was given to an unrelated process after the run was killed). Taking over a stale lock happens under an flock on out_dir/.lock.takeover, so
-of two processes that both found the lock stale only one takes it.
+(the pid was given to an unrelated process after the run was killed). Taking over a stale lock happens under an flock
+on out_dir/.lock.takeover, so of two processes that both found the lock stale only one takes it.
 """
 
 import contextlib
