@@ -115,14 +115,14 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                        "exact": np.asarray(th.min_norm_positional(s, 1e-4))}
     # the official saved P drops the superdiagonal (row r's weight on the current token s_(r+1)); kept apart here
     current = {mu: np.diagonal(r["P"], 1) for mu, r in res.items()}  # [T - 1], every row trained
-    outputs.save_arrays(f"{out_dir}/pe_only.npz", **{f"P_mu{int(mu)}": np.tril(r["P"]) for mu, r in res.items()},
-                        **{f"current_mu{int(mu)}": c for mu, c in current.items()})
+    outputs.save_arrays(f"{out_dir}/pe_only.npz", **{f"P_mu{mu:g}": np.tril(r["P"]) for mu, r in res.items()},
+                        **{f"current_mu{mu:g}": c for mu, c in current.items()})
     d_ridge = {mu: _rel(r["P"][:-1], r["ridge"][:-1]) for mu, r in res.items()}
     d_tsvd = {mu: _rel(r["P"][:-1], r["tsvd"][:-1]) for mu, r in res.items()}
     d_exact = {mu: _rel(r["P"][:-1], r["exact"][:-1]) for mu, r in res.items()}
     steps = [r["steps"] for r in res.values()]
     decreasing = bool(np.all(np.diff(steps) < 0))
-    fmt = lambda d: ", ".join(f"mu={int(m)}: {v:.3f}" for m, v in d.items())  # noqa: E731
+    fmt = lambda d: ", ".join(f"mu={m:g}: {v:.3f}" for m, v in d.items())  # noqa: E731
     checks = [
         check_below("max_rel_dist_to_ridge_min_norm_ls", max(d_ridge.values()), cfg.max_ridge_dist,
                     f"||P_GD - P_LS|| / ||P_LS|| over trained rows, LS with Tikhonov lam = 1/(alpha k) matched to the "
@@ -130,7 +130,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"truncated-SVD min-norm LS at rcond={cfg.rcond}, the notes' proxy, is at {fmt(d_tsvd)}, and "
                     f"weakly regularised min-norm LS (rcond 1e-4) at {fmt(d_exact)}"),
         Check("stop_steps_decrease_with_mu", float(decreasing), "== 1", decreasing,
-              f"GD steps to loss < {cfg.train.stop_loss}: {dict(zip([int(m) for m in cfg.mus], steps))}; at the "
+              f"GD steps to loss < {cfg.train.stop_loss}: "
+              + ", ".join(f"mu={m:g}: {k}" for m, k in zip(cfg.mus, steps))
+              + "; at the "
               f"stop step the current-token weights P[r, r + 1] (not in the official saved P), mean over the "
               f"trained rows r <= {t - 2} [min, max], and row {t - 2}'s: "
               + "; ".join(f"mu={m:g}: {c.mean():.3f} [{c.min():.3f}, {c.max():.3f}], {c[-1]:.3f}"
@@ -158,13 +160,13 @@ def _plot(res: dict, out_dir: str, official: dict) -> str:
     lims = min(p.min() for p in saved.values()), max(p.max() for p in saved.values())
     for ax, (mu, r) in zip(axes[0], res.items()):
         image = ax.imshow(saved[mu], cmap="cividis", vmin=lims[0], vmax=lims[1])
-        ax.set_title(f"P, mu = {int(mu)} ({r['steps']} steps)", fontsize=9)
+        ax.set_title(f"P, mu = {mu:g} ({r['steps']} steps)", fontsize=9)
         ax.axis("off")
     fig.colorbar(image, cax=axes[0, k - 1].inset_axes((1.04, 0.0, 0.05, 1.0)))
     ax = axes[0, k]
     for mu, r in res.items():
         last = len(r["P"]) - 2
-        line, = ax.plot(r["P"][last, :last + 1], label=f"mu={int(mu)} GD")
+        line, = ax.plot(r["P"][last, :last + 1], label=f"mu={mu:g} GD")
         ax.plot(r["ridge"][last, :last + 1], ls="--", color=line.get_color(), lw=1)
         if mu in official:  # row 28 (official rows exist for T = 30 only)
             ax.plot(official[mu], ls="none", marker=".", ms=3, color=line.get_color())

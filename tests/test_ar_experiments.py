@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -131,6 +132,16 @@ def test_fig6_heatmaps_share_one_colour_scale(tmp_path, monkeypatch):
     assert [im.get_clim() for im in images] == [(-0.3, 2.0)] * 2  # exact: the matrices' own min and max
     (bar,) = fig.axes[1].child_axes
     assert bar.get_ylim() == pytest.approx((-0.3, 2.0), rel=1e-12)  # the bar maps its limits through a scale: ulps
+
+
+def test_fig6_keeps_apart_mus_with_one_integer_part(tmp_path):
+    """pe_only.npz, the stop-step note and the figure keyed every mu by int(mu): mus 50.2 and 50.7 overwrote each
+    other (P_mu50 only, one stop-step entry); they are keyed by f"{mu:g}" now, as official_rows is."""
+    result = run_experiment("ar_fig6_pe_only", "smoke", str(tmp_path), ["mus=50.2,50.7"])
+    assert sorted(np.load(tmp_path / "ar_fig6_pe_only" / "pe_only.npz").files) == [
+        "P_mu50.2", "P_mu50.7", "current_mu50.2", "current_mu50.7"]
+    (note,) = [c["note"] for c in result["checks"] if c["name"] == "stop_steps_decrease_with_mu"]
+    assert re.search(r"loss < 0\.001: mu=50\.2: \d+, mu=50\.7: \d+; at the", note), note
 
 
 def test_fig7_heatmaps_share_a_colour_bar_and_the_inset_has_a_legend(tmp_path, monkeypatch):
