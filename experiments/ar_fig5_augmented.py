@@ -50,6 +50,9 @@ class Config:
         if self.task.family != "haar" or self.task.format != "augmented":
             raise ConfigError("ar_fig5_augmented needs task.family='haar' and task.format='augmented'")
         check_increasing("depths", self.depths, positive=True)  # the depth check compares each with the one before
+        if len(self.depths) < 2:
+            raise ConfigError(f"depths must hold at least two depths (the depth check compares each with the one "
+                              f"before), got {self.depths}")
 
 
 PRESETS = {
@@ -126,7 +129,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     path_err, path_alpha = identity_error(value_readout_map(vo, np.asarray(layer.norm.scale[...]),
                                                             np.asarray(first["model"].final.w[...]), d))
     losses = [runs[L]["loss"] for L in cfg.depths]
-    ratio = max(b / a for a, b in zip(losses, losses[1:])) if len(losses) > 1 else 1.0
+    ratio = max(b / a for a, b in zip(losses, losses[1:]))
     gd_mean = float(np.mean(gd_loss))
     checks = [
         check_below("qk_block_identity_rel_err", block_err, cfg.max_block_identity_err,

@@ -42,6 +42,9 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["gd_equivalence", "train.weight_decay=0.1"], "weight_decay=0.1 needs optimizer='adamw', got optimizer='adam'"),
     (["gd_equivalence", "scales=2,1"], "scales must be a non-empty, strictly increasing tuple, got (2.0, 1.0)"),
     (["ar_fig5_augmented", "depths=2,1"], "depths must be a non-empty, strictly increasing tuple, got (2, 1)"),
+    # one depth passed the depth check (1.0) with nothing compared
+    (["ar_fig5_augmented", "depths=1"], "depths=1: depths must hold at least two depths (the depth check compares "
+     "each with the one before), got (1,)"),
     (["ar_fig6_pe_only", "mus=300,50"], "mus must be a non-empty, strictly increasing tuple, got (300.0, 50.0)"),
     (["nn_fig3_training", "task.num_classes=3"], "nn_fig3_training needs task.num_classes=2"),
     (["nn_random_init", "task.num_classes=3"], "nn_random_init needs task.num_classes=2"),
