@@ -97,7 +97,19 @@ def ood_scaling(task: lr_task.LinearRegression, trained, gd1, eta: float, scales
     return ood
 
 
+def check_fresh_tasks(task: lr_task.LinearRegression) -> None:
+    """Refuses a task pool (task.n_tasks > 0) before the run writes anything: GD-1's step eta* (optimal_gd_lr) is
+    closed-form for a fresh task w ~ N(0, w_scale^2 I) per prompt only. Not in Config.__post_init__: a --sweep axis
+    task.n_tasks (here or sweep_lr_seeds' gd.task.n_tasks) builds a Config per value, and its members take eta* of
+    the base task, which holds 0."""
+    if task.n_tasks:
+        raise ConfigError(f"task.n_tasks={task.n_tasks}: gd_equivalence compares with GD-1 at the closed-form step "
+                          f"eta*, which assumes a fresh task per prompt: task.n_tasks must be 0 (sweep pool sizes as "
+                          f"--sweep task.n_tasks=...)")
+
+
 def run(cfg: Config, out_dir: str) -> Outcome:
+    check_fresh_tasks(cfg.task)
     task, d = cfg.task, cfg.task.dim
     eta = optimal_gd_lr(task)
     gd1 = gradient_descent(task, steps=1, lr=eta)
@@ -161,6 +173,7 @@ SWEEP_IGNORES = {"scales": f"the out-of-distribution scales are not evaluated: {
 
 def run_sweep(cfg: Config, axes, out_dir: str) -> Outcome:
     """`--sweep`: this model trained for every member of the grid `axes` in one vmapped program."""
+    check_fresh_tasks(cfg.task)
     table, figures = run_gd_sweep(cfg, axes, out_dir)
     return Outcome(gd_sweep_checks(table, cfg.loss_tolerance), [f for f in figures if f.endswith(".png")])
 

@@ -75,6 +75,10 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["ar_fig3_orthogonal", "task.random_basis=true"], "task.random_basis=True: the closed-form fit draws no"),
     (["ar_fig3_unitary", "task.n_sequences=100"], "task.n_sequences=100: the closed-form fit draws no sequences"),
     # a ValueError, which the CLI showed as a traceback
+    (["gd_equivalence", "task.n_tasks=4"], "task.n_tasks=4: gd_equivalence compares with GD-1 at the closed-form "
+     "step eta*, which assumes a fresh task per prompt: task.n_tasks must be 0 (sweep pool sizes as --sweep "
+     "task.n_tasks=...)"),
+    (["gd_equivalence", "task.n_tasks=4", "--sweep", "lr=1e-3,1e-2"], "task.n_tasks=4: gd_equivalence compares"),
     (["gd_equivalence", "task.format=interleaved"],
      "task.format=interleaved: gd_equivalence needs task.format='paired' (Prop. 1's tokens [x_j; y_j]), got "
      "'interleaved'"),
