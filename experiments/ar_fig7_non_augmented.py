@@ -123,7 +123,9 @@ def run(cfg: Config, out_dir: str) -> Outcome:
 def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, zero_loss: float, out_dir: str) -> tuple[list, str]:
     """Trains one query convention into out_dir; its checks and its figure (relative to out_dir)."""
     task, d = cfg.task, cfg.task.dim
-    model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, query=query, rngs=nnx.Rngs(cfg.train.seed))
+    # the official position table has 100 rows; longer sequences get one row a position (rows past T are unused)
+    model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, max_len=max(100, task.seq_len), query=query,
+                                  rngs=nnx.Rngs(cfg.train.seed))
     graphdef, params = nnx.split(model)
     loss_fn = regression_loss(graphdef, coords="mean")
     evaluate = jax.jit(lambda p: {"test_loss": loss_fn(p, test)[0]})

@@ -144,6 +144,15 @@ def test_fig6_keeps_apart_mus_with_one_integer_part(tmp_path):
     assert re.search(r"loss < 0\.001: mu=50\.2: \d+, mu=50\.7: \d+; at the", note), note
 
 
+def test_fig7_trains_sequences_longer_than_the_official_position_table(tmp_path):
+    """task.seq_len > 100 was accepted, then the 100-row position table raised after the test set and the GD
+    baseline were computed; the table has max(100, seq_len) rows now."""
+    result = run_experiment("ar_fig7_non_augmented", "smoke", str(tmp_path), ["task.seq_len=101"])
+    assert [c["name"] for c in result["checks"]] == ["local_positional_mass_over_uniform[previous]",
+                                                     "test_loss_gap_closed_zero_to_gd[previous]"]
+    assert all(math.isfinite(c["value"]) for c in result["checks"])
+
+
 def test_fig7_heatmaps_share_a_colour_bar_and_the_inset_has_a_legend(tmp_path, monkeypatch):
     """fig7_positional.png: the softmax heatmaps had no colour bar (each autoscaled) and the per-position inset set
     labels ("trained", "GD step") without a legend."""
