@@ -20,7 +20,7 @@ from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
 from jaxicl.train import TrainConfig, eval_key, per_position_loss, regression_loss, train
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_positive, check_range
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -34,6 +34,7 @@ class Config:
 
     def __post_init__(self):
         check_positive("eval_prompts", self.eval_prompts)
+        check_range("task.seq_len", self.task.seq_len, low=2)  # position 0 has no context pairs: eta* needs another
         if self.task.family != "unitary" or self.task.init != "random_phase" or self.task.format != "augmented":
             raise ConfigError("ar_gd_step needs task.family='unitary', task.init='random_phase' and "
                               "task.format='augmented'")

@@ -74,6 +74,10 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["ar_gd_step", "task.noise_std=0.3"], "got mu=1.0, noise_std=0.3, n_sequences=0"),
     (["ar_fig3_orthogonal", "task.random_basis=true"], "task.random_basis=True: the closed-form fit draws no"),
     (["ar_fig3_unitary", "task.n_sequences=100"], "task.n_sequences=100: the closed-form fit draws no sequences"),
+    # one position: the fig3 statistics crashed on a zero-size reduction, ar_gd_step's checks were NaN
+    (["ar_fig3_unitary", "task.seq_len=1"], "task.seq_len=1: task.seq_len must be in [2, inf], got 1"),
+    (["ar_fig3_orthogonal", "task.seq_len=1"], "task.seq_len=1: task.seq_len must be in [2, inf], got 1"),
+    (["ar_gd_step", "task.seq_len=1"], "task.seq_len=1: task.seq_len must be in [2, inf], got 1"),
     # a ValueError, which the CLI showed as a traceback
     (["gd_equivalence", "task.n_tasks=4"], "task.n_tasks=4: gd_equivalence compares with GD-1 at the closed-form "
      "step eta*, which assumes a fresh task per prompt: task.n_tasks must be 0 (sweep pool sizes as --sweep "

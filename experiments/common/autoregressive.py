@@ -16,7 +16,7 @@ from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
 from jaxicl.train import TrainConfig, train
-from jaxicl.validation import ConfigError, check_choice, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 
 def cividis(ax, matrix, title: str, ylabel: str | None = None):
@@ -48,6 +48,7 @@ class Fig3Config:
 
     def __post_init__(self):
         check_choice("task.family", self.task.family, th.FAMILIES)
+        check_range("task.seq_len", self.task.seq_len, low=2)  # the fitted P's statistics read rows below row 0
         if self.task.mu != 1.0 or self.task.init != "fixed" or self.task.init_scale != 1.0 or self.task.noise_std:
             raise ConfigError("the closed-form loss assumes task.mu=1, task.init='fixed', task.init_scale=1 and "
                               "task.noise_std=0")
