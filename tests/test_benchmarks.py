@@ -191,12 +191,19 @@ def test_jaxicl_side_compiles_once_and_a_backend_without_a_flop_count_leaves_it_
 
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch, capsys):
     precisions, runs = [], []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
+    devices = set()  # where they ran: one of the tests' 4 CPU devices, as PyTorch runs on one
     compiled, reference = vs_torch.compiled_chunk, vs_torch.torch_reference
 
-    def chunk(*a):
+    def chunk(*a, **kw):
         precisions.append(jax.config.jax_default_matmul_precision)
-        run, compile_s = compiled(*a)
-        return (lambda: runs.append("jaxicl") or run()), compile_s
+        run, compile_s = compiled(*a, **kw)
+
+        def timed():
+            runs.append("jaxicl")
+            state = run()
+            devices.update(d for leaf in jax.tree.leaves(state) for d in leaf.devices())
+            return state
+        return timed, compile_s
 
     @contextlib.contextmanager
     def torch_side(*a):
@@ -209,7 +216,9 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkey
     out = smoke_dir(tmp_path, capsys.readouterr().out)
     assert precisions == ["float32"]
     assert runs == (["torch", "jaxicl"] if HAS_TORCH else ["jaxicl"]) * 2  # alternating; the first pair warms up
+    assert jax.device_count() == 4 and devices == {jax.devices()[0]}
     assert_smoke(out, "vs_torch")
+    assert json.loads((out / "vs_torch.json").read_text())["notes"].startswith("jaxicl on 1 of 4 cpu device(s); ")
     (row,) = rows(out / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
     # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction
