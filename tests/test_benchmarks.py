@@ -458,6 +458,27 @@ def test_a_smoke_run_without_out_gets_a_fresh_directory_and_a_full_size_run_the_
     assert f"writing into {own} (not {output.RESULTS})" in capsys.readouterr().out
 
 
+def test_a_relative_out_given_from_another_directory_reaches_every_step_as_that_directory(tmp_path, monkeypatch):
+    """The steps run from the repository root, the GPU check writes its logs and gpu_check.json from the caller's
+    directory: a relative --out given outside the root names one directory for all of them."""
+    ran = []
+
+    def fake_run(command, cwd, **kw):
+        ran.append((cwd, command[command.index("--out") + 1]))
+        return types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rel"
+    runner.main(["gpu-check", "--out", "rel"])
+    assert ran == ([(ROOT, str(out))] * len(runner.GPU_CHECK)
+                   + [(ROOT, str(out / "experiments"))] * len(runner.GPU_EXPERIMENTS))
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "logs"]
+    assert json.loads((out / "gpu_check.json").read_text())["steps"][0]["log"] == str(out / "logs" / "vs_torch.log")
+    ran.clear()
+    runner.main(["all", "--out", "rel"])
+    assert ran == [(ROOT, str(out))] * len(runner.BENCHMARKS)
+
+
 def test_the_gpu_check_logs_each_step_records_it_as_it_ends_and_computes_float32_products(tmp_path, monkeypatch):
     """Each step's output goes to logs/NAME.log and gpu_check.json is rewritten after each step: a step that runs
     past its limit is recorded as such (with what it printed) and the next one still runs; an experiment's failed
