@@ -31,8 +31,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = os.path.exists(vs_torch.TORCH_PYTHON)
 
 
+def no_constant(name: str):
+    """json.loads' parse_constant: standard JSON has no NaN, Infinity or -Infinity."""
+    raise ValueError(f"{name} is not standard JSON")
+
+
 def rows(path) -> list[dict]:
-    data = json.loads(open(path).read())
+    data = json.loads(open(path).read(), parse_constant=no_constant)
     assert data["environment"]["backend"] == "cpu"
     return data["rows"]
 
@@ -366,6 +371,18 @@ def test_train_throughput_writes_its_table(tmp_path, capsys):
     assert_smoke(out, "train_throughput")
     (row,) = rows(out / "train_throughput.json")
     assert row["steps_per_s"] > 0 and row["capture_all_over_none"] > 0
+
+
+def test_train_throughput_records_an_engine_time_too_short_to_resolve_as_null_and_says_why(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from benchmarks import train_throughput
+
+    monkeypatch.setattr(train_throughput, "train", lambda *a, **kw: None)
+    monkeypatch.setattr(train_throughput, "time", types.SimpleNamespace(perf_counter=lambda: 1.0))  # t(2n) = t(n)
+    train_throughput.main(["--smoke"])
+    (row,) = rows(smoke_dir(tmp_path, capsys.readouterr().out) / "train_throughput.json")
+    assert row["engine_steps_per_s"] is None and row["engine_over_chunk"] is None
+    assert row["engine_note"] == "not resolved: t(20 steps) - t(10) = 0 s <= 0; more --engine-steps"
 
 
 def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
