@@ -565,11 +565,11 @@ def test_host_cpu_reads_the_first_processor_of_cpuinfo(tmp_path, text, cpu, simd
     assert output.host_cpu(str(tmp_path / "missing"))["cpu_simd"] == "unknown"
 
 
-def committed_ratios(runs: str, workload: str) -> list[float]:
-    """jaxicl / PyTorch steps/s of `workload` in each committed vs_torch run (the folders under benchmarks/results
-    that the glob `runs` matches; "" the top level's), in the folders' order."""
+def committed_ratios(runs: str, workload: str, column: str = "jaxicl_over_torch") -> list[float]:
+    """`column` (default jaxicl / PyTorch steps/s) of `workload` in each committed vs_torch run (the folders under
+    benchmarks/results that the glob `runs` matches; "" the top level's), in the folders' order."""
     paths = sorted(glob.glob(os.path.join(output.RESULTS, runs, "vs_torch.json"), recursive=True))
-    return [r["jaxicl_over_torch"] for p in paths for r in json.load(open(p))["rows"] if r["workload"] == workload]
+    return [r[column] for p in paths for r in json.load(open(p))["rows"] if r["workload"] == workload]
 
 
 def test_the_performance_text_states_the_counts_and_ranges_of_the_committed_runs():
@@ -585,5 +585,8 @@ def test_the_performance_text_states_the_counts_and_ranges_of_the_committed_runs
             f"{statistics.median(softmax):.2f} ({len(softmax)} runs)") in readme
     assert f"the small GPT {', '.join(f'{r:.2f}' for r in softmax[:-1])} and {softmax[-1]:.2f}x" in " ".join(
         measurements.split())
+    flops = committed_ratios("**", "lsa", "xla_over_matmul_flops")  # 0.62: the run before that change (e874e9c)
+    assert (f"XLA's FLOP count was 0.62x the analytic one, and is {min(flops):.3f}-{max(flops):.3f}x in every "
+            "committed run since") in " ".join(measurements.split())
     (sapphire,) = committed_ratios("", "lsa")
     assert f"| 1-layer linear attention >= 1.5x PyTorch | {sapphire:.2f} (1 run committed; " in readme
