@@ -107,7 +107,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="the tests' sizes (gpu-check: and the smoke presets)")
     ap.add_argument("--out", default=None, help=OUT_HELP)
     args = ap.parse_args(argv)
-    args.out = results_dir(args.out, args.smoke)
+    # absolute: the steps run from the repository root, the logs and gpu_check.json are written from here
+    args.out = os.path.abspath(results_dir(args.out, args.smoke))
     os.makedirs(args.out, exist_ok=True)
     if args.what == "gpu-check":
         outcomes = gpu_check(args.out, args.smoke)

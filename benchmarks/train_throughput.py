@@ -47,7 +47,11 @@ def time_engine(layers: int, batch_size: int, steps: int, pairs: int = 3) -> dic
 
     run(steps)
     extra = float(np.median([run(2 * steps) - run(steps) for _ in range(pairs)]))
-    return {"engine_steps_per_s": steps / extra if extra > 0 else float("nan")}  # nan: too few steps to resolve
+    if extra > 0:
+        return {"engine_steps_per_s": steps / extra}
+    # null, as JSON has no NaN: too few steps for the difference to resolve them
+    return {"engine_steps_per_s": None, "engine_note": f"not resolved: t({2 * steps} steps) - t({steps}) = "
+                                                      f"{extra:.3g} s <= 0; more --engine-steps"}
 
 
 def time_capture(layers: int, batch_size: int, repeats: int = 20) -> dict:
@@ -78,7 +82,7 @@ def main(argv=None) -> None:
         for batch in map(int, args.batch_sizes.split(",")):
             row = {**time_training(layers, batch, args.steps), **time_engine(layers, batch, args.engine_steps),
                    **time_capture(layers, batch)}
-            row["engine_over_chunk"] = row["engine_steps_per_s"] / row["steps_per_s"]
+            row["engine_over_chunk"] = row["engine_steps_per_s"] and row["engine_steps_per_s"] / row["steps_per_s"]
             print(row, flush=True)
             rows.append(row)
     out = results_dir(args.out, args.smoke)

@@ -8,7 +8,8 @@ Workloads (fresh Gaussian linear-regression prompts every step, Adam lr 1e-3):
   gpt_small  the GPT decoder (jaxicl.models.gpt), 2 layers, 4 heads, width 64, d = 20, 41 points interleaved
              (81 tokens), batch 64, loss at every x token (Garg et al. 2022's setting at a small size)
   gpt_large  the same at Garg et al.'s size: 12 layers, 8 heads, width 256
-jaxicl is timed as one compiled chunk of training steps (the engine's lax.scan, sampling on device); PyTorch
+jaxicl is timed as one compiled chunk of training steps (the engine's lax.scan, sampling on device) on one device,
+as PyTorch runs on one, whatever the host has (the matmul peak below is one device's too); PyTorch
 (benchmarks/torch_reference.py, in benchmarks/.venv-torch; `make benchmarks/.venv-torch`) as an eager loop over
 the same number of steps with torch.randn prompts. The two sides' timed runs alternate (--repeats + 1 of each, the
 first a warm-up; the best of the rest counts), so a drift in the machine's speed during the run reaches both. Before
@@ -298,7 +299,7 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, requir
             note = f"PyTorch {torch_out['torch']} eager on " + (str(torch_out["device"]) if device == "cuda" else
                                                                  f"{int(torch_out['threads'])} CPU threads")
         cfg = TrainConfig(steps=w.steps, batch_size=w.batch, steps_per_call=w.steps, cpu_matmuls=cpu_matmuls)
-        run, compile_s = compiled_chunk(regression_loss(graphdef), lr.sample, w.task, params, cfg)
+        run, compile_s = compiled_chunk(regression_loss(graphdef), lr.sample, w.task, params, cfg, num_devices=1)
         jaxicl_s, torch_s = [], []
         for _ in range(repeats + 1):  # alternating, so the machine's speed drifting touches both sides alike
             if torch_timed is not None:
@@ -338,7 +339,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
     out = results_dir(args.out, args.smoke)
     repeats, peak_size = (1, 256) if args.smoke else (args.repeats, 2048)
-    rows, notes = [], [f"{jax.device_count()} {jax.default_backend()} device(s); jaxicl: best of {repeats} "
+    rows, notes = [], [f"jaxicl on 1 of {jax.device_count()} {jax.default_backend()} device(s); best of {repeats} "
                        "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops, the two "
                        "alternating"]
     with jax.default_matmul_precision(PRECISION):

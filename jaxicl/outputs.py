@@ -63,7 +63,13 @@ def write_text(path: str, text: str, *, append: bool = False) -> None:
 
 
 def write_json(path: str, obj, indent: int | None = 1) -> None:
-    write_text(path, json.dumps(obj, indent=indent) + "\n")
+    """obj as standard JSON: a NaN or infinity raises ValueError, naming path, and writes nothing (json.dumps would
+    write NaN or Infinity, which strict readers refuse)."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (standard JSON has none: write None)") from None
+    write_text(path, text + "\n")
 
 
 def save_arrays(path: str, **arrays) -> str:

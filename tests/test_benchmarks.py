@@ -31,8 +31,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = os.path.exists(vs_torch.TORCH_PYTHON)
 
 
+def no_constant(name: str):
+    """json.loads' parse_constant: standard JSON has no NaN, Infinity or -Infinity."""
+    raise ValueError(f"{name} is not standard JSON")
+
+
 def rows(path) -> list[dict]:
-    data = json.loads(open(path).read())
+    data = json.loads(open(path).read(), parse_constant=no_constant)
     assert data["environment"]["backend"] == "cpu"
     return data["rows"]
 
@@ -191,12 +196,19 @@ def test_jaxicl_side_compiles_once_and_a_backend_without_a_flop_count_leaves_it_
 
 def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkeypatch, capsys):
     precisions, runs = [], []  # what jaxicl's timed chunks are traced under: float32 (JAX's GPU default is TF32)
+    devices = set()  # where they ran: one of the tests' 4 CPU devices, as PyTorch runs on one
     compiled, reference = vs_torch.compiled_chunk, vs_torch.torch_reference
 
-    def chunk(*a):
+    def chunk(*a, **kw):
         precisions.append(jax.config.jax_default_matmul_precision)
-        run, compile_s = compiled(*a)
-        return (lambda: runs.append("jaxicl") or run()), compile_s
+        run, compile_s = compiled(*a, **kw)
+
+        def timed():
+            runs.append("jaxicl")
+            state = run()
+            devices.update(d for leaf in jax.tree.leaves(state) for d in leaf.devices())
+            return state
+        return timed, compile_s
 
     @contextlib.contextmanager
     def torch_side(*a):
@@ -209,7 +221,9 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkey
     out = smoke_dir(tmp_path, capsys.readouterr().out)
     assert precisions == ["float32"]
     assert runs == (["torch", "jaxicl"] if HAS_TORCH else ["jaxicl"]) * 2  # alternating; the first pair warms up
+    assert jax.device_count() == 4 and devices == {jax.devices()[0]}
     assert_smoke(out, "vs_torch")
+    assert json.loads((out / "vs_torch.json").read_text())["notes"].startswith("jaxicl on 1 of 4 cpu device(s); ")
     (row,) = rows(out / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
     # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction
@@ -359,6 +373,18 @@ def test_train_throughput_writes_its_table(tmp_path, capsys):
     assert row["steps_per_s"] > 0 and row["capture_all_over_none"] > 0
 
 
+def test_train_throughput_records_an_engine_time_too_short_to_resolve_as_null_and_says_why(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from benchmarks import train_throughput
+
+    monkeypatch.setattr(train_throughput, "train", lambda *a, **kw: None)
+    monkeypatch.setattr(train_throughput, "time", types.SimpleNamespace(perf_counter=lambda: 1.0))  # t(2n) = t(n)
+    train_throughput.main(["--smoke"])
+    (row,) = rows(smoke_dir(tmp_path, capsys.readouterr().out) / "train_throughput.json")
+    assert row["engine_steps_per_s"] is None and row["engine_over_chunk"] is None
+    assert row["engine_note"] == "not resolved: t(20 steps) - t(10) = 0 s <= 0; more --engine-steps"
+
+
 def test_sweep_vs_loop_times_only_the_compiled_chunks_and_records_a_failed_stage(tmp_path, monkeypatch):
     """Steady state: between the clock's readings only the chunk runs (inputs and fresh states are built before);
     a stage that fails (here the memory estimate) is recorded after the earlier stages' results were written. On a
@@ -449,6 +475,27 @@ def test_a_smoke_run_without_out_gets_a_fresh_directory_and_a_full_size_run_the_
     assert f"writing into {own} (not {output.RESULTS})" in capsys.readouterr().out
 
 
+def test_a_relative_out_given_from_another_directory_reaches_every_step_as_that_directory(tmp_path, monkeypatch):
+    """The steps run from the repository root, the GPU check writes its logs and gpu_check.json from the caller's
+    directory: a relative --out given outside the root names one directory for all of them."""
+    ran = []
+
+    def fake_run(command, cwd, **kw):
+        ran.append((cwd, command[command.index("--out") + 1]))
+        return types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rel"
+    runner.main(["gpu-check", "--out", "rel"])
+    assert ran == ([(ROOT, str(out))] * len(runner.GPU_CHECK)
+                   + [(ROOT, str(out / "experiments"))] * len(runner.GPU_EXPERIMENTS))
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "logs"]
+    assert json.loads((out / "gpu_check.json").read_text())["steps"][0]["log"] == str(out / "logs" / "vs_torch.log")
+    ran.clear()
+    runner.main(["all", "--out", "rel"])
+    assert ran == [(ROOT, str(out))] * len(runner.BENCHMARKS)
+
+
 def test_the_gpu_check_logs_each_step_records_it_as_it_ends_and_computes_float32_products(tmp_path, monkeypatch):
     """Each step's output goes to logs/NAME.log and gpu_check.json is rewritten after each step: a step that runs
     past its limit is recorded as such (with what it printed) and the next one still runs; an experiment's failed
@@ -518,11 +565,11 @@ def test_host_cpu_reads_the_first_processor_of_cpuinfo(tmp_path, text, cpu, simd
     assert output.host_cpu(str(tmp_path / "missing"))["cpu_simd"] == "unknown"
 
 
-def committed_ratios(runs: str, workload: str) -> list[float]:
-    """jaxicl / PyTorch steps/s of `workload` in each committed vs_torch run (the folders under benchmarks/results
-    that the glob `runs` matches; "" the top level's), in the folders' order."""
+def committed_ratios(runs: str, workload: str, column: str = "jaxicl_over_torch") -> list[float]:
+    """`column` (default jaxicl / PyTorch steps/s) of `workload` in each committed vs_torch run (the folders under
+    benchmarks/results that the glob `runs` matches; "" the top level's), in the folders' order."""
     paths = sorted(glob.glob(os.path.join(output.RESULTS, runs, "vs_torch.json"), recursive=True))
-    return [r["jaxicl_over_torch"] for p in paths for r in json.load(open(p))["rows"] if r["workload"] == workload]
+    return [r[column] for p in paths for r in json.load(open(p))["rows"] if r["workload"] == workload]
 
 
 def test_the_performance_text_states_the_counts_and_ranges_of_the_committed_runs():
@@ -538,5 +585,8 @@ def test_the_performance_text_states_the_counts_and_ranges_of_the_committed_runs
             f"{statistics.median(softmax):.2f} ({len(softmax)} runs)") in readme
     assert f"the small GPT {', '.join(f'{r:.2f}' for r in softmax[:-1])} and {softmax[-1]:.2f}x" in " ".join(
         measurements.split())
+    flops = committed_ratios("**", "lsa", "xla_over_matmul_flops")  # 0.62: the run before that change (e874e9c)
+    assert (f"XLA's FLOP count was 0.62x the analytic one, and is {min(flops):.3f}-{max(flops):.3f}x in every "
+            "committed run since") in " ".join(measurements.split())
     (sapphire,) = committed_ratios("", "lsa")
     assert f"| 1-layer linear attention >= 1.5x PyTorch | {sapphire:.2f} (1 run committed; " in readme

@@ -34,6 +34,16 @@ def test_text_appends_json_and_arrays_land_under_their_own_names(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "params.npz", "sub"]
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_json_refuses_a_nan_or_infinity_and_writes_nothing(tmp_path, value):
+    """json.dumps writes NaN and Infinity, which standard JSON (and strict readers) do not have."""
+    path = str(tmp_path / "r.json")
+    message = f"{path}: Out of range float values are not JSON compliant: {value} (standard JSON has none: write None)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        outputs.write_json(path, {"rows": [{"x": value}]})
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_name_without_an_extension_gets_the_one_its_writer_adds_and_no_partial_file_is_left(tmp_path):
     """np.savez adds ".npz" and savefig its format's extension to a name without one: the ".acts.partial" temporary
     became ".acts.partial.npz", which os.replace did not find and left behind, and savefig read "partial" as the

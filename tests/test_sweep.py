@@ -630,6 +630,30 @@ def test_final_table_and_seed_aggregate_against_hand_computed_values(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_the_sweep_tables_write_a_nan_or_infinite_final_metric_as_null(tmp_path):
+    """Member 1's eval metric is undefined (NaN, as jaxicl.analysis.convergence gives), member 2 diverged at
+    parameters whose loss overflowed (inf): the tables' JSON holds null (standard JSON has no NaN), their Markdown
+    "-"; the seed aggregate's NaN mean (member 1 is in it) is null too."""
+    from experiments.common import sweep_report
+
+    members = [{"train.lr": 0.1, "train.seed": s} for s in range(3)]
+    spec = {"fields": ["train.lr", "train.seed"], "members": members, "diverged": {"2": 1}}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    rows = [{"step": 0, "split": "train", "member": i, "loss": 1.0} for i in range(3)]
+    rows += [{"step": 1, "split": "eval", "member": i, "loss": [1.0, 2.0, float("inf")][i],
+              "ratio": [0.5, float("nan"), 0.25][i]} for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep_report.write_sweep_report(str(tmp_path))
+
+    def strict(name):
+        raise ValueError(f"{name} is not standard JSON")
+    table = json.loads((tmp_path / "sweep_members.json").read_text(), parse_constant=strict)
+    assert [(r["loss"], r["ratio"]) for r in table] == [(1.0, 0.5), (2.0, None), (None, 0.25)]
+    (agg,) = json.loads((tmp_path / "sweep_seeds.json").read_text(), parse_constant=strict)
+    assert (agg["loss_mean"], agg["ratio_mean"]) == (1.5, None)  # 1.5 = (1 + 2) / 2, exact in binary
+    assert (tmp_path / "sweep_members.md").read_text().splitlines()[3].endswith("| 2 | - |")
+
+
 def test_the_learning_curves_order_an_infinite_pool_as_the_loss_vs_pool_plot_does(tmp_path, monkeypatch):
     """sweep_curves.png coloured task.n_tasks = 0 (a fresh task per prompt) first, next to pool 1, while the loss-vs-
     pool plot draws it at the right as "inf (0)"; both take axis_layout's order and names now, also where the finite
