@@ -65,6 +65,7 @@ def write_results(name: str, rows: list[dict], notes: str, *, out_dir: str, smok
     "smoke"); returns the .md path. Written by process 0 only (jaxicl.outputs: each file replaced whole, so a run
     killed while writing leaves the last one), as every process of a multi-host run calls it."""
     env = environment()
+    rows = outputs.finite_rows(rows)  # a ratio of a time too short to resolve: null, not a JSON-breaking NaN
     outputs.write_json(os.path.join(out_dir, f"{name}.json"),
                        {"benchmark": name, "smoke": smoke, "environment": env, "notes": notes, "rows": rows}, indent=2)
     cols = list(dict.fromkeys(c for r in rows for c in r))

@@ -8,6 +8,7 @@ run can be audited for files written twice.
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -70,6 +71,11 @@ def write_json(path: str, obj, indent: int | None = 1) -> None:
     except ValueError as e:
         raise ValueError(f"{path}: {e} (standard JSON has none: write None)") from None
     write_text(path, text + "\n")
+
+
+def finite_rows(rows: list[dict]) -> list[dict]:
+    """rows with every non-finite float value None (null in write_json: an undefined metric, an overflowed loss)."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
 
 
 def save_arrays(path: str, **arrays) -> str:

@@ -363,6 +363,15 @@ def test_benchmark_results_are_written_by_process_0_only(tmp_path, monkeypatch):
     assert rows(tmp_path / "out" / "bench.json") == [{"a": 1}]
 
 
+def test_a_non_finite_value_in_a_row_is_written_as_null_not_lost_with_the_run(tmp_path):
+    """write_json refuses NaN and infinity (not JSON): a benchmark whose row held one (a ratio of a time too short to
+    resolve) would raise after all its timings and write nothing; the value is null (a blank in the table) instead."""
+    out = str(tmp_path)
+    output.write_results("bench", [{"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x"}], "notes", out_dir=out,
+                         smoke=True)
+    assert rows(os.path.join(out, "bench.json")) == [{"a": None, "b": None, "c": 1.5, "d": "x"}]
+
+
 def test_train_throughput_writes_its_table(tmp_path, capsys):
     from benchmarks import train_throughput
 

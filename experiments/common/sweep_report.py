@@ -10,7 +10,6 @@ loss over the last 10% of the logged steps (one batch is noisy).
 """
 
 import json
-import math
 import os
 from collections import defaultdict
 
@@ -165,7 +164,7 @@ def write_sweep_report(sweep_dir: str, metric: str | None = None) -> list[str]:
     files = []
     for name, rows in (("sweep_members", table), ("sweep_seeds", agg)):
         # an undefined eval metric (NaN) or a diverged member's overflowed loss: null in the JSON, which has no NaN
-        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        rows = outputs.finite_rows(rows)
         outputs.write_json(os.path.join(sweep_dir, f"{name}.json"), rows)
         outputs.write_text(os.path.join(sweep_dir, f"{name}.md"), _markdown(rows))
         files += [f"{name}.md", f"{name}.json"]
