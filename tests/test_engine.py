@@ -177,6 +177,38 @@ def test_a_sampler_reading_a_global_draws_its_current_value_in_sample_batch_and_
     assert batching._sample_batch._cache_size() == before
 
 
+def test_samplers_that_differ_only_in_their_host_callback_draw_their_own_batches_in_sample_batch_and_training():
+    """A sampler's program was keyed by its printed jaxpr, in which JAX masks the address of a host callback's
+    function: a second sampler differing only in its callback (a data set read on the host) drew the first one's
+    batches, in sample_batch and in a second train() of the process."""
+    from jaxicl.prompt import Prompt
+    from jaxicl.tasks import batching
+
+    def make_sampler(value):
+        def host(x):  # [..., 3] -> the same shape, all `value`: a sampler reading its data on the host
+            return np.full(x.shape, value, np.float32)
+
+        def sample(cfg, key):
+            x = jax.pure_callback(host, jax.ShapeDtypeStruct((3,), jnp.float32), jax.random.normal(key, (3,)),
+                                  vmap_method="broadcast_all")
+            return Prompt(inputs=x[:, None], targets=x, mask=jnp.ones(3), info={})
+
+        return sample
+
+    def loss_fn(p, batch):
+        return jnp.mean((batch.targets - p["b"]) ** 2), {}
+
+    one_step = TrainConfig(steps=1, batch_size=4, lr=0.1, steps_per_call=1)
+    for value in (1.0, 3.0):
+        sample = make_sampler(value)
+        np.testing.assert_array_equal(sample_batch(sample, None, jax.random.key(0), 8).targets, value)
+        result = train(loss_fn, sample, None, one_step, {"b": jnp.zeros(())}, progress=False)
+        assert result.train_rows[0]["loss"] == value ** 2  # exact: the mean of equal squares of a small integer
+    # the same sampler again (the same callback): its program is reused
+    before = batching._sample_batch._cache_size()
+    np.testing.assert_array_equal(sample_batch(sample, None, jax.random.key(1), 8).targets, 3.0)
+    assert batching._sample_batch._cache_size() == before
+
 def test_a_run_into_an_out_dir_another_running_process_writes_is_refused(tmp_path):
     """Two processes training into one out_dir (a rerun while a forgotten run still went on) interleaved their
     metrics.jsonl rows with no error. The lock of a running process refuses the second run (train and train_sweep),
