@@ -53,8 +53,19 @@ def write_text(path: str, text: str, *, append: bool = False) -> None:
     write_with(path, write, atomic=not append)
 
 
+def json_default(x):
+    """json.dumps's `default`: a numpy scalar (a config field computed with numpy, steps=np.int64(100)) as the Python
+    number it holds, a floating one as the shortest decimal that rounds to it (np.float32(0.1) -> 0.1, as written);
+    json's TypeError for anything else."""
+    if isinstance(x, np.floating):
+        return float(str(x))
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+
 def write_json(path: str, obj, indent: int | None = 1) -> None:
-    write_text(path, json.dumps(obj, indent=indent) + "\n")
+    write_text(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
 
 
 def save_arrays(path: str, **arrays) -> None:

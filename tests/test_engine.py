@@ -86,6 +86,31 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, prng_impl):
     assert CheckpointStore(str(tmp_path / "b" / "checkpoints")).steps() == [10, 20]
 
 
+def test_numpy_scalars_in_the_configs_are_stored_as_the_python_numbers_they_hold_and_resume(tmp_path):
+    """steps=np.int64(10) (a grid computed with numpy), seed=np.int64, lr=np.float32 or a task field of a numpy type
+    passed validation, then train(out_dir=...) crashed inside orbax ("Object of type int64 is not JSON
+    serializable") and train_sweep before it (its stored config and sweep.json)."""
+    from jaxicl.train.loop import stored_config
+
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10)
+    plain_cfg, plain_task = dataclasses.replace(cfg, seed=3, lr=0.02), dataclasses.replace(task, noise_std=0.5)
+    numpy_cfg = dataclasses.replace(plain_cfg, steps=np.int64(10), seed=np.int64(3), lr=np.float32(0.02))
+    numpy_task = dataclasses.replace(plain_task, noise_std=np.float32(0.5))
+    train(loss_fn, sample, numpy_task, numpy_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints")).config()
+    assert stored == stored_config(plain_task, dataclasses.replace(plain_cfg, steps=10), None, None)
+    # as written, not as float32's 0.0199999995...
+    assert (stored["train"]["lr"], stored["task"]["noise_std"]) == (0.02, 0.5)
+    # the run of Python numbers resumes it: exact, every chunk of both is the same compiled program on the same state
+    resumed = train(loss_fn, sample, plain_task, plain_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    straight = train(loss_fn, sample, plain_task, plain_cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
+    train_sweep(loss_fn, sample, numpy_task, numpy_cfg, lambda key: params, [{"train.lr": 0.01}, {"train.lr": 0.02}],
+                out_dir=str(tmp_path / "s"), progress=False)
+    with open(tmp_path / "s" / "sweep.json") as f:
+        assert json.load(f)["steps"] == 10
+
 def test_a_float64_run_under_enable_x64_resumes_in_float64(tmp_path):
     """Experiments fit in float64 inside `with jax.enable_x64(True)`, a context of the calling thread: orbax reads a
     checkpoint in threads of its own, where arrays made from the float64 data came back float32, so the resumed run
