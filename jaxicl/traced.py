@@ -10,9 +10,9 @@ function traces to the same program, and it reads the arrays' current values.
 The printing masks the address of a Python object an equation holds (`<function f at 0xXXXXXXXXXXXX>`): a host
 callback's function, a remat policy, a custom_vjp's rules. Those objects are compared by identity (held by the
 Traced, so their ids are not reused): two functions that differ only in a callback or a custom derivative rule are
-different programs. A custom_jvp's JVP rule is traced (JAX's own thunk) and its printed program compared, so
-jax.nn.relu and the like keep a program reused; a custom_vjp, whose rules JAX holds in objects made afresh at
-every trace, is compiled again at every call.
+different programs, and one whose callback is made afresh at every trace (a lambda defined inside it) is compiled
+again at every call, as is any custom_vjp (JAX wraps its rules anew at every trace). A custom_jvp's JVP rule is
+traced (JAX's own thunk) and its printed program compared, so jax.nn.relu and the like keep a program reused.
 """
 
 import dataclasses
