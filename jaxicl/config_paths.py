@@ -51,18 +51,26 @@ def field_type(cfg, path: str):
 
 
 def parse_text(text: str, kind, path: str):
-    """The value of command-line text for a field of type `kind` (int, float, bool, str, tuples, X | None)."""
+    """The value of command-line text for a field of type `kind` (int, float, bool, str, tuples, X | None). A tuple
+    is comma-separated: tuple[X, ...] of any length, a fixed tuple (tuple[int, float]) of exactly its items, each
+    parsed by its own type."""
     origin = typing.get_origin(kind)
     if origin is typing.Union or origin is type(int | None):  # X | None
         if text.lower() == "none":
             return None
         return parse_text(text, next(a for a in typing.get_args(kind) if a is not type(None)), path)
     if origin is tuple:
-        item = typing.get_args(kind)[0]
-        if typing.get_origin(item) is tuple:
+        items = typing.get_args(kind)
+        if any(typing.get_origin(item) is tuple for item in items):
             raise ConfigError(f"{path} is a tuple of tuples, which a command line cannot spell; set it in a preset "
                               f"or in Python")
-        return tuple(parse_text(t.strip(), item, path) for t in text.split(",") if t.strip())
+        texts = [t.strip() for t in text.split(",") if t.strip()]
+        if items[1:] == (...,):
+            items = items[:1] * len(texts)
+        elif len(texts) != len(items):
+            names = ", ".join(getattr(item, "__name__", str(item)) for item in items)
+            raise ConfigError(f"{path} takes {len(items)} comma-separated values (tuple[{names}]), got {len(texts)}")
+        return tuple(parse_text(t, item, path) for t, item in zip(texts, items))
     if kind is bool:
         if text.lower() in ("1", "true", "yes"):
             return True

@@ -63,11 +63,23 @@ def write_text(path: str, text: str, *, append: bool = False) -> None:
     write_with(path, write, atomic=not append)
 
 
+def json_default(x):
+    """json.dumps's `default`: a numpy scalar (a config field computed with numpy, steps=np.int64(100)) as the Python
+    number it holds, a floating one as the shortest decimal that rounds to it (np.float32(0.1) -> 0.1, as written);
+    json's TypeError for anything else."""
+    if isinstance(x, np.floating):
+        return float(str(x))
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+
 def write_json(path: str, obj, indent: int | None = 1) -> None:
-    """obj as standard JSON: a NaN or infinity raises ValueError, naming path, and writes nothing (json.dumps would
-    write NaN or Infinity, which strict readers refuse)."""
+    """obj as standard JSON (numpy scalars as the Python numbers they hold: json_default): a NaN or infinity raises
+    ValueError, naming path, and writes nothing (json.dumps would write NaN or Infinity, which strict readers
+    refuse)."""
     try:
-        text = json.dumps(obj, indent=indent, allow_nan=False)
+        text = json.dumps(obj, indent=indent, allow_nan=False, default=json_default)
     except ValueError as e:
         raise ValueError(f"{path}: {e} (standard JSON has none: write None)") from None
     write_text(path, text + "\n")
@@ -75,7 +87,8 @@ def write_json(path: str, obj, indent: int | None = 1) -> None:
 
 def finite_rows(rows: list[dict]) -> list[dict]:
     """rows with every non-finite float value None (null in write_json: an undefined metric, an overflowed loss)."""
-    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    return [{k: None if isinstance(v, (float, np.floating)) and not math.isfinite(v) else v for k, v in r.items()}
+            for r in rows]
 
 
 def save_arrays(path: str, **arrays) -> str:

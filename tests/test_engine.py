@@ -99,6 +99,31 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, prng_impl):
     assert CheckpointStore(str(tmp_path / "b" / "checkpoints")).steps() == [10, 20]
 
 
+def test_numpy_scalars_in_the_configs_are_stored_as_the_python_numbers_they_hold_and_resume(tmp_path):
+    """steps=np.int64(10) (a grid computed with numpy), seed=np.int64, lr=np.float32 or a task field of a numpy type
+    passed validation, then train(out_dir=...) crashed inside orbax ("Object of type int64 is not JSON
+    serializable") and train_sweep before it (its stored config and sweep.json)."""
+    from jaxicl.train.loop import stored_config
+
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=20, checkpoint_every=10)
+    plain_cfg, plain_task = dataclasses.replace(cfg, seed=3, lr=0.02), dataclasses.replace(task, noise_std=0.5)
+    numpy_cfg = dataclasses.replace(plain_cfg, steps=np.int64(10), seed=np.int64(3), lr=np.float32(0.02))
+    numpy_task = dataclasses.replace(plain_task, noise_std=np.float32(0.5))
+    train(loss_fn, sample, numpy_task, numpy_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    stored = CheckpointStore(str(tmp_path / "b" / "checkpoints")).config()
+    assert stored == stored_config(plain_task, dataclasses.replace(plain_cfg, steps=10), None, None)
+    # as written, not as float32's 0.0199999995...
+    assert (stored["train"]["lr"], stored["task"]["noise_std"]) == (0.02, 0.5)
+    # the run of Python numbers resumes it: exact, every chunk of both is the same compiled program on the same state
+    resumed = train(loss_fn, sample, plain_task, plain_cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    straight = train(loss_fn, sample, plain_task, plain_cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
+    train_sweep(loss_fn, sample, numpy_task, numpy_cfg, lambda key: params, [{"train.lr": 0.01}, {"train.lr": 0.02}],
+                out_dir=str(tmp_path / "s"), progress=False)
+    with open(tmp_path / "s" / "sweep.json") as f:
+        assert json.load(f)["steps"] == 10
+
 def test_a_float64_run_under_enable_x64_resumes_in_float64(tmp_path):
     """Experiments fit in float64 inside `with jax.enable_x64(True)`, a context of the calling thread: orbax reads a
     checkpoint in threads of its own, where arrays made from the float64 data came back float32, so the resumed run
@@ -189,6 +214,38 @@ def test_a_sampler_reading_a_global_draws_its_current_value_in_sample_batch_and_
         np.testing.assert_array_equal(batch.targets, value)
     assert batching._sample_batch._cache_size() == before
 
+
+def test_samplers_that_differ_only_in_their_host_callback_draw_their_own_batches_in_sample_batch_and_training():
+    """A sampler's program was keyed by its printed jaxpr, in which JAX masks the address of a host callback's
+    function: a second sampler differing only in its callback (a data set read on the host) drew the first one's
+    batches, in sample_batch and in a second train() of the process."""
+    from jaxicl.prompt import Prompt
+    from jaxicl.tasks import batching
+
+    def make_sampler(value):
+        def host(x):  # [..., 3] -> the same shape, all `value`: a sampler reading its data on the host
+            return np.full(x.shape, value, np.float32)
+
+        def sample(cfg, key):
+            x = jax.pure_callback(host, jax.ShapeDtypeStruct((3,), jnp.float32), jax.random.normal(key, (3,)),
+                                  vmap_method="broadcast_all")
+            return Prompt(inputs=x[:, None], targets=x, mask=jnp.ones(3), info={})
+
+        return sample
+
+    def loss_fn(p, batch):
+        return jnp.mean((batch.targets - p["b"]) ** 2), {}
+
+    one_step = TrainConfig(steps=1, batch_size=4, lr=0.1, steps_per_call=1)
+    for value in (1.0, 3.0):
+        sample = make_sampler(value)
+        np.testing.assert_array_equal(sample_batch(sample, None, jax.random.key(0), 8).targets, value)
+        result = train(loss_fn, sample, None, one_step, {"b": jnp.zeros(())}, progress=False)
+        assert result.train_rows[0]["loss"] == value ** 2  # exact: the mean of equal squares of a small integer
+    # the same sampler again (the same callback): its program is reused
+    before = batching._sample_batch._cache_size()
+    np.testing.assert_array_equal(sample_batch(sample, None, jax.random.key(1), 8).targets, 3.0)
+    assert batching._sample_batch._cache_size() == before
 
 def test_a_run_into_an_out_dir_another_running_process_writes_is_refused(tmp_path):
     """Two processes training into one out_dir (a rerun while a forgotten run still went on) interleaved their

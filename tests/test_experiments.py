@@ -60,6 +60,9 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
     (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
+    # started, and failed 20 s later in lea_loss
+    (["abstractions_lea", "rfs_ramp=10,20,30"], "rfs_ramp=10,20,30: rfs_ramp takes 2 comma-separated values "
+     "(tuple[int, int]), got 3"),
     (["sweep_context_length", "gd.task.n_context=12"], "gd.task.n_context is set per run by context_lengths="),
     (["sweep_context_length", "gd.train.seed=3"], "which would only pick the test prompts"),
     # gd_equivalence's check fields, which the gd sweeps of these two do not read: recorded and ignored

@@ -177,6 +177,55 @@ def test_a_metric_reading_a_reassigned_global_is_scored_with_its_value_at_each_c
     assert patching._grid_metric._cache_size() == before + 1
 
 
+def test_metrics_that_differ_only_in_a_host_callback_or_a_custom_derivative_rule_get_their_own_numbers():
+    """The metric's program was keyed by its printed jaxpr, in which JAX masks the address of a host callback's
+    function and prints no custom_jvp / custom_vjp rule: a second metric differing only there was scored with the
+    first one's compiled program."""
+    from jaxicl.analysis import patching
+
+    g, p, clean, corrupted = _setup()
+    args = (g, p, clean, corrupted)
+
+    def host_metric(weight):  # a metric computed on the host, its weight in the callback's closure
+        def on_host(pred):  # [B, T] -> scalar
+            return np.float32(weight * np.mean(pred[:, -1]))
+
+        return lambda pred: jax.pure_callback(on_host, jax.ShapeDtypeStruct((), jnp.float32), pred,
+                                              vmap_method="sequential")
+
+    one, minus_ten = (activation_patching(*args, host_metric(w), ["layer0.attn.z"], by="head") for w in (1.0, -10.0))
+    # float32: -10 times the same mean, rounded once either way (equal here; a rounding's room for two programs)
+    np.testing.assert_allclose(minus_ten, -10 * one, rtol=1e-6)
+
+    def scaled_vjp(scale):  # the mean prediction at the last position, its gradient scaled by a custom_vjp
+        @jax.custom_vjp
+        def f(x):
+            return x
+
+        f.defvjp(lambda x: (x, None), lambda _, ct: (scale * ct,))
+        return lambda pred: jnp.mean(f(pred[:, -1]))
+
+    def scaled_jvp(scale):  # the same through a custom_jvp
+        @jax.custom_jvp
+        def f(x):
+            return x
+
+        f.defjvp(lambda primals, tangents: (primals[0], scale * tangents[0]))
+        return lambda pred: jnp.mean(f(pred[:, -1]))
+
+    for scaled in (scaled_vjp, scaled_jvp):
+        # attribution is the corrupted run's metric (the same for every scale) plus its gradient times the patch
+        base, one, five = (attribution_patching(*args, scaled(s), ["layer0.attn.z"], by="head") for s in (0., 1., 5.))
+        assert np.abs(one - base).min() > 0.1
+        # float32: sums of products, then differences of values of like size: a few float32 roundings (3e-7 seen)
+        np.testing.assert_allclose(five - base, 5 * (one - base), rtol=1e-5)
+    # a custom_jvp's rule is traced and compared: jax.nn.relu's programs, from two function objects, compiled once
+    before = patching._attribution._cache_size()
+    for shift in (jnp.ones(B), 2 * jnp.ones(B)):  # arrays the metric closes over: arguments of its program
+        attribution_patching(*args, lambda pred, shift=shift: jnp.mean(jax.nn.relu(pred[:, -1] + shift)),
+                             ["layer0.attn.z"], by="head")
+    assert patching._attribution._cache_size() == before + 1
+
 def test_attribution_patching_is_exact_where_the_metric_is_linear_in_the_patched_activation():
     g, p, clean, corrupted = _setup(final_norm=False)
     # without a final norm the output is affine in unembed.in; mean_prediction is linear in the output

@@ -569,6 +569,31 @@ def test_a_sweep_takes_a_dict_or_no_task_config_as_train_does():
                     progress=False)
 
 
+def test_a_sweep_of_a_loss_with_no_batch_equals_its_members_trained_alone():
+    """train takes sample=None (a loss with no batch); train_sweep crashed reading the signature of None. Its members
+    train as they do alone, with a batch_size the mesh's data axis does not divide (no batch is drawn), and a swept
+    task field is refused naming the missing sampler."""
+    target = jax.numpy.array([1.0, -2.0, 3.0])
+
+    def loss_fn(p, batch):  # [3] parameters, no batch: a smooth non-quadratic bowl
+        return jax.numpy.sum(jax.numpy.log(jax.numpy.cosh(p["x"] - target))), {}
+
+    def start(key, *, scale=1.0):
+        return {"x": scale * jax.random.normal(key, (3,))}
+
+    cfg = _cfg(batch_size=3, optimizer="adam", schedule="warmup_cosine", warmup_steps=3)
+    members = [{"train.seed": 0, "train.lr": 0.1, "scale": 1.0}, {"train.seed": 1, "train.lr": 0.3, "scale": 2.0}]
+    swept = train_sweep(loss_fn, None, None, cfg, start, members, mesh=sweep_mesh(2, 2), progress=False)
+    for i, m in enumerate(members):
+        run = dataclasses.replace(cfg, seed=m["train.seed"], lr=m["train.lr"])
+        alone = train(loss_fn, None, None, run, start(jax.random.key(run.seed), scale=m["scale"]), progress=False)
+        # float32, two programs (vmapped and alone) of a few elementwise ops: a rounding or two apart (1e-7 seen)
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=1e-6)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match=r"^task\.dim cannot be swept: there is no sampler \(sample=None\), so no "
+                                          r"task field reaches the loss$"):
+        split_fields(["task.dim"], None, start)
+
 def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():
     from jaxicl.train.sweep_fields import mark_swept, swept_values
 

@@ -112,6 +112,27 @@ def test_overrides_refuse_non_integral_ints_non_finite_numbers_and_an_unused_war
         apply_overrides(Cfg(), [override])
 
 
+def test_an_override_of_a_fixed_length_tuple_takes_exactly_its_items_each_of_its_own_type():
+    """tuple[int, int] took any number of values (abstractions_lea's rfs_ramp=10,20,30 started, then failed 20 s
+    later in lea_loss), and every item was parsed by the first item's type."""
+    from jaxicl.config_paths import apply_overrides
+
+    @dataclasses.dataclass(frozen=True)
+    class Pairs:
+        ramp: tuple[int, float] = (1, 0.5)
+        sizes: tuple[int, ...] = (1,)
+
+    changed = apply_overrides(Pairs(), ["ramp=3,2.5", "sizes=4,5,6"])
+    assert (changed.ramp, changed.sizes) == ((3, 2.5), (4, 5, 6))
+    assert [type(v) for v in changed.ramp] == [int, float]
+    for text, n in (("1,2,3", 3), ("1", 1)):
+        with pytest.raises(ConfigError) as e:
+            apply_overrides(Pairs(), [f"ramp={text}"])
+        assert str(e.value) == f"ramp={text}: ramp takes 2 comma-separated values (tuple[int, float]), got {n}"
+    with pytest.raises(ConfigError, match=r"^ramp=2\.5,1: ramp expects a value of type int, got '2\.5'$"):
+        apply_overrides(Pairs(), ["ramp=2.5,1"])
+
+
 @pytest.mark.parametrize("name,path", [("lr", "train.lr"), ("train.lr", "train.lr"), ("noise_std", "task.noise_std"),
                                        ("init_scale", "init_scale")])
 def test_an_override_and_a_sweep_axis_name_the_same_field_the_same_way(name, path):

@@ -188,7 +188,8 @@ def check_all_resumable(directories: list[str], config: dict) -> list[int]:
 
 
 def normalise_config(cfg: dict) -> dict:
-    return json.loads(json.dumps(cfg))
+    """cfg as JSON stores it: tuples as lists, numpy scalars as the Python numbers they hold (outputs.json_default)."""
+    return json.loads(json.dumps(cfg, default=outputs.json_default))
 
 
 def check_resumable(stored: dict, current: dict, checkpoint_step: int, directory: str) -> None:

@@ -69,14 +69,15 @@ class SweepResult:
         return jax.tree.map(lambda x: x[i], self.params)
 
 
-def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable, members: list[dict], *,
-                out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None, resume: bool = True,
-                chunk_size: int | None = None, memory_budget: float | None = None,
+def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, init: Callable,
+                members: list[dict], *, out_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                resume: bool = True, chunk_size: int | None = None, memory_budget: float | None = None,
                 evaluate: Callable[[object], dict] | None = None, eval_every: EvalSchedule = 0,
                 run_config: dict | None = None, progress: bool = True, desc: str = "sweep") -> SweepResult:
     """Trains every member of `members` ([{path: value}], see the module docstring) at once.
 
-    init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed).
+    init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed). sample=None: the
+    loss takes no batch, as in train (loss_fn(params, None)).
     out_dir gets sweep.json, run.json, metrics.jsonl (rows carry "member" and its values) and
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
     refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
@@ -129,7 +130,8 @@ def train_sweep(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, in
         bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
                    disable=not progress or not outputs.is_primary())
         with jax.set_mesh(mesh):
-            check_divisible(cfg.batch_size)
+            if sample is not None:
+                check_divisible(cfg.batch_size)
             sharding = NamedSharding(mesh, P(MEMBER_AXIS))
             run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
             for k, idx in enumerate(chunks):

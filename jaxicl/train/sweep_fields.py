@@ -35,10 +35,11 @@ def _name(fn) -> str:
     return f"{fn.__module__}.{qualname}" if qualname else repr(fn)
 
 
-def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]:
-    """Sorts swept paths into train / task / init groups; raises ConfigError naming unsweepable fields."""
+def split_fields(paths, sample: Sampler | None, init: Callable) -> dict[str, list[str]]:
+    """Sorts swept paths into train / task / init groups; raises ConfigError naming unsweepable fields. sample=None
+    (a loss with no batch): no task field is sweepable."""
     groups = {"train": [], "task": [], "init": []}
-    task_ok, init_ok = keywords(sample, leading=2), keywords(init)
+    task_ok, init_ok = () if sample is None else keywords(sample, leading=2), keywords(init)
     for path in paths:
         head, _, name = path.partition(".")
         if head == "train":
@@ -47,6 +48,9 @@ def split_fields(paths, sample: Sampler, init: Callable) -> dict[str, list[str]]
                                   f"sweepable train fields: {SWEEPABLE_TRAIN_FIELDS}")
             groups["train"].append(name)
         elif head == "task":
+            if sample is None:
+                raise ConfigError(f"task.{name} cannot be swept: there is no sampler (sample=None), so no task field "
+                                  f"reaches the loss")
             if name not in task_ok:
                 raise ConfigError(f"task.{name} cannot be swept: the sampler {_name(sample)} does not take it as an "
                                   f"array keyword (it changes shapes or the sampling code); sweepable task fields: "

@@ -40,7 +40,7 @@ class MemoryEstimate:
         return n
 
 
-def estimate_memory(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable,
+def estimate_memory(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, init: Callable,
                     members: list[dict], *, mesh: jax.sharding.Mesh | None = None,
                     evaluate: Callable | None = None) -> MemoryEstimate:
     """Bytes of a chunk of train_sweep(...) with these arguments (chunk_memory), as fixed + per_member * chunk."""

@@ -46,8 +46,8 @@ class SweepProgram:
         return jax.device_put(self.make_states(a["seed"], a["opt"], a["init"]), sharding)
 
 
-def build_program(loss_fn: LossFn, sample: Sampler, task_cfg, cfg: TrainConfig, init: Callable, members: list[dict],
-                  evaluate: Callable | None) -> SweepProgram:
+def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, init: Callable,
+                  members: list[dict], evaluate: Callable | None) -> SweepProgram:
     """The sweep's program; raises ConfigError (naming the field) for a member it cannot train."""
     check_members(members, cfg, task_cfg)
     groups = split_fields(list(members[0]), sample, init)
