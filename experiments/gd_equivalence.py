@@ -97,15 +97,15 @@ def ood_scaling(task: lr_task.LinearRegression, trained, gd1, eta: float, scales
     return ood
 
 
-def check_fresh_tasks(task: lr_task.LinearRegression) -> None:
-    """Refuses a task pool (task.n_tasks > 0) before the run writes anything: GD-1's step eta* (optimal_gd_lr) is
-    closed-form for a fresh task w ~ N(0, w_scale^2 I) per prompt only. Not in Config.__post_init__: a --sweep axis
-    task.n_tasks (here or sweep_lr_seeds' gd.task.n_tasks) builds a Config per value, and its members take eta* of
-    the base task, which holds 0."""
+def check_fresh_tasks(task: lr_task.LinearRegression, field: str = "task.n_tasks", sweepable: bool = True) -> None:
+    """Refuses a task pool (task.n_tasks > 0, the config's `field`) before the run writes anything: GD-1's step eta*
+    (optimal_gd_lr) is closed-form for a fresh task w ~ N(0, w_scale^2 I) per prompt only (it raised ValueError
+    mid-run). Not in Config.__post_init__: a --sweep axis task.n_tasks (here or sweep_lr_seeds' gd.task.n_tasks)
+    builds a Config per value, and its members take eta* of the base task, which holds 0."""
     if task.n_tasks:
-        raise ConfigError(f"task.n_tasks={task.n_tasks}: gd_equivalence compares with GD-1 at the closed-form step "
-                          f"eta*, which assumes a fresh task per prompt: task.n_tasks must be 0 (sweep pool sizes as "
-                          f"--sweep task.n_tasks=...)")
+        hint = f" (sweep pool sizes as --sweep {field}=...)" if sweepable else ""
+        raise ConfigError(f"{field}={task.n_tasks}: GD-1 is compared at its closed-form step eta*, which assumes a "
+                          f"fresh task per prompt: {field} must be 0{hint}")
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:

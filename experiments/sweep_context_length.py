@@ -88,6 +88,7 @@ def context_length_summary(table: list[dict], theory: dict[int, float]) -> dict:
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
+    gd_equivalence.check_fresh_tasks(cfg.gd.task, "gd.task.n_tasks", sweepable=False)
     lengths = sorted(cfg.context_lengths)
     gd = dataclasses.replace(cfg.gd, task=dataclasses.replace(cfg.gd.task, n_context=lengths[-1]))
     axes = (Axis("train.seed", tuple(range(cfg.seeds))), Axis(CONTEXT_FIELD, tuple(lengths)))

@@ -137,12 +137,14 @@ SWEEP_IGNORES = {"lrs": "its axes replace part 1's seeds x lrs grid: give learni
 def run_sweep(cfg: Config, axes: tuple[Axis, ...], out_dir: str) -> Outcome:
     """--sweep on this experiment: part 1 only, the axes (on fields of cfg.gd, e.g. gd.train.lr) in place of the seed
     x lr grid, with the sweep's checks; lrs, seeds and diversity are not read (SWEEP_IGNORES)."""
+    gd_equivalence.check_fresh_tasks(cfg.gd.task, "gd.task.n_tasks")
     axes = tuple(Axis(a.field.removeprefix(f"{SWEEP_SECTION}."), a.values) for a in axes)
     table, figures = run_gd_sweep(cfg.gd, axes, f"{out_dir}/gd_sweep", cfg.chunk_size)
     return Outcome(gd_sweep_checks(table, cfg.match_tolerance), [f"gd_sweep/{f}" for f in figures if f.endswith(".png")])
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:
+    gd_equivalence.check_fresh_tasks(cfg.gd.task, "gd.task.n_tasks")
     axes = (Axis("train.seed", tuple(range(cfg.seeds))), Axis("train.lr", tuple(cfg.lrs)))
     table, _ = run_gd_sweep(cfg.gd, axes, f"{out_dir}/lr_seeds", cfg.chunk_size)
     matched = _matched_lrs(table, cfg.match_tolerance)

@@ -82,10 +82,15 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["ar_fig3_orthogonal", "task.seq_len=1"], "task.seq_len=1: task.seq_len must be in [2, inf], got 1"),
     (["ar_gd_step", "task.seq_len=1"], "task.seq_len=1: task.seq_len must be in [2, inf], got 1"),
     # a ValueError, which the CLI showed as a traceback
-    (["gd_equivalence", "task.n_tasks=4"], "task.n_tasks=4: gd_equivalence compares with GD-1 at the closed-form "
-     "step eta*, which assumes a fresh task per prompt: task.n_tasks must be 0 (sweep pool sizes as --sweep "
-     "task.n_tasks=...)"),
-    (["gd_equivalence", "task.n_tasks=4", "--sweep", "lr=1e-3,1e-2"], "task.n_tasks=4: gd_equivalence compares"),
+    (["gd_equivalence", "task.n_tasks=4"], "task.n_tasks=4: GD-1 is compared at its closed-form step eta*, which "
+     "assumes a fresh task per prompt: task.n_tasks must be 0 (sweep pool sizes as --sweep task.n_tasks=...)"),
+    (["gd_equivalence", "task.n_tasks=4", "--sweep", "lr=1e-3,1e-2"], "task.n_tasks=4: GD-1 is compared"),
+    (["sweep_lr_seeds", "gd.task.n_tasks=4"], "gd.task.n_tasks=4: GD-1 is compared at its closed-form step eta*, "
+     "which assumes a fresh task per prompt: gd.task.n_tasks must be 0 (sweep pool sizes as --sweep "
+     "gd.task.n_tasks=...)"),
+    (["sweep_lr_seeds", "gd.task.n_tasks=4", "--sweep", "gd.train.seed=0:2"], "gd.task.n_tasks=4: GD-1 is compared"),
+    (["sweep_context_length", "gd.task.n_tasks=4"], "gd.task.n_tasks=4: GD-1 is compared at its closed-form step "
+     "eta*, which assumes a fresh task per prompt: gd.task.n_tasks must be 0"),
     (["gd_equivalence", "task.format=interleaved"],
      "task.format=interleaved: gd_equivalence needs task.format='paired' (Prop. 1's tokens [x_j; y_j]), got "
      "'interleaved'"),
