@@ -42,13 +42,14 @@ class CheckpointStore:
 
     def __init__(self, directory: str, *, keep: int = 3, config: dict | None = None):
         self.directory = os.path.abspath(directory)
-        self._steps = (config or {}).get("train", {}).get("steps")
+        config = normalise_config(config or {})  # as JSON stores it: a numpy scalar (steps=np.int64(100)) its number
+        self._steps = config.get("train", {}).get("steps")
         self._ckptr = self._open(keep, config)
         # orbax writes the config when a store first opens a directory and never rewrites it: a run that stopped
         # before its first checkpoint left its own config here, under which this run's checkpoints would be stored
         # (and another config's rerun would resume them); with no checkpoint there is nothing to keep. Process 0
         # decides: another process may read the directory before process 0 has written this run's config.
-        stale = not self._ckptr.checkpoints and _root_config(self._ckptr) != normalise_config(config or {})
+        stale = not self._ckptr.checkpoints and _root_config(self._ckptr) != config
         if jax.process_count() > 1:
             stale = bool(multihost_utils.broadcast_one_to_all(np.asarray(stale)))
         if stale:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
-from jaxicl.train.checkpoint import CheckpointStore, check_resumable, normalise_config, remove_checkpoints
+from jaxicl.train.checkpoint import CheckpointStore, check_resumable, remove_checkpoints
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import check_data_mesh, data_mesh, portable, replicated
@@ -50,12 +50,10 @@ class TrainResult:
 def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: EvalSchedule | None) -> dict:
     """The config stored with a run's checkpoints: its train and task sections (task {} without a task), the matmul
     precision in force (jax.default_matmul_precision: on a GPU or TPU it changes the results) and the evaluation
-    schedule (None without an evaluate function; a resume with another would mix two schedules' eval rows). As JSON
-    stores it (normalise_config): a numpy scalar in a config (steps=np.int64(100)), which orbax's JSON writer refused,
-    is the Python number it holds."""
-    return normalise_config({"train": dataclasses.asdict(cfg), "task": task_section(task_cfg),
-                             "matmul_precision": jax.config.jax_default_matmul_precision, "eval_every": eval_every,
-                             **(extra or {})})
+    schedule (None without an evaluate function; a resume with another would mix two schedules' eval rows). As given:
+    CheckpointStore stores it as JSON (normalise_config), and a run without out_dir never serialises it."""
+    return {"train": dataclasses.asdict(cfg), "task": task_section(task_cfg),
+            "matmul_precision": jax.config.jax_default_matmul_precision, "eval_every": eval_every, **(extra or {})}
 
 
 def task_section(task_cfg) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.optim import SWEEPABLE_OPTIMIZER_FIELDS
@@ -131,7 +132,7 @@ def mark_swept(config: dict, swept: dict[str, list]) -> dict:
 
     A sweep's stored config names what varies instead of passing one member's value off as the run's.
     """
-    config = json.loads(json.dumps(config))
+    config = json.loads(json.dumps(config, default=outputs.json_default))  # numpy scalars as numbers
     for path, values in swept.items():
         *parents, leaf = path.split(".")
         node = config
