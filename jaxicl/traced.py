@@ -13,6 +13,9 @@ Traced, so their ids are not reused): two functions that differ only in a callba
 different programs, and one whose callback is made afresh at every trace (a lambda defined inside it) is compiled
 again at every call, as is any custom_vjp (JAX wraps its rules anew at every trace). A custom_jvp's JVP rule is
 traced (JAX's own thunk) and its printed program compared, so jax.nn.relu and the like keep a program reused.
+jax.debug.callback wraps its function anew at every trace, so a function that calls it is compiled at every call too.
+The arrays a nested jax.jit closes over are compared by identity (its printing shows only their shapes): a new array
+is a new program, while a numpy array changed in place there is not seen (the top-level ones are arguments).
 """
 
 import dataclasses
@@ -95,11 +98,9 @@ class _Unprinted:
         """What an equation parameter holds that its printing hides: the constants of a nested closed jaxpr, arrays,
         callables and objects printed with a (masked) address. A dataclass whose fields all print (a host callback's
         _FlatCallback: its function and argument tree) is looked into field by field."""
-        if isinstance(value, Jaxpr):
+        if isinstance(value, (Jaxpr, ClosedJaxpr)):  # one class since jax 0.11: a nested jit's body and its consts
             self.jaxpr(value)
-        elif isinstance(value, ClosedJaxpr):
-            self.jaxpr(value.jaxpr)
-            self.objects.extend(value.consts)
+            self.objects.extend(getattr(value, "consts", ()))
         elif isinstance(value, (tuple, list, set, frozenset)):
             for v in value:
                 self.param(v)

@@ -23,3 +23,22 @@ def test_a_custom_jvp_whose_rule_fails_to_trace_still_traces_and_is_a_new_progra
     first, consts = trace(double, x)
     np.testing.assert_array_equal(first(consts, x), [0.0, 2.0, 4.0])  # exact: doubled small integers
     assert trace(double, x)[0] != first
+
+
+def test_functions_differing_only_in_the_array_a_nested_jit_closes_over_are_different_programs():
+    """jax 0.12 made ClosedJaxpr and Jaxpr one class, so the branch collecting a nested closed jaxpr's constants never
+    ran: a metric or sampler calling a jitted helper over another array traced to an equal Traced, and the second
+    ran the first one's compiled program (its array baked in). The same helper over the same array still compares
+    equal (its program is reused)."""
+
+    def make(values):
+        helper = jax.jit(lambda x: x * values)
+        return lambda x: helper(x) + 1.0
+
+    x = jnp.ones(3)
+    one, seven = jnp.full(3, 1.0), jnp.full(3, 7.0)
+    (first, c1), (second, c2) = trace(make(one), x), trace(make(seven), x)
+    assert first != second
+    np.testing.assert_array_equal(first(c1, x), [2.0, 2.0, 2.0])  # exact: small integers
+    np.testing.assert_array_equal(second(c2, x), [8.0, 8.0, 8.0])
+    assert trace(make(one), x)[0] == first
