@@ -115,18 +115,22 @@ class Config:
             raise ConfigError("seeds must name at least one seed")
         check_range("fit_from", self.fit_from, 0.0, 1.0)
         # the fits split each log-t window [fit_from t, t] at sqrt(fit_from) t (theory.log_slope_drift) and fit a
-        # line in log t to each half: they need t > 0 and two recorded steps per half, on the full-W runs' steps
-        # every RECORD (where they also meet the reduced dynamics) and the long runs' every long_record_every
-        for stop, last, every in ((t.steps, t.steps - 1, RECORD),
+        # line in log t to each half: they need t > 0 and two steps per half, on the full-W runs' every step and the
+        # long runs' every long_record_every; the gap to the reduced dynamics needs a step recorded every RECORD
+        for stop, last, every in ((t.steps, t.steps - 1, 1),
                                   *((h, h, self.long_record_every) for h in self.long_horizons)):
             grid = np.arange(0, last + 1, every)
             edges = self.fit_from * stop, np.sqrt(self.fit_from) * stop
             halves = np.sum((grid >= edges[0]) & (grid < edges[1])), np.sum((grid >= edges[1]) & (grid <= stop))
             if min(halves) < 2:
-                raise ConfigError(f"fit_from={self.fit_from!r} leaves {halves[0]} and {halves[1]} recorded steps in "
-                                  f"the halves of the log-t window [fit_from t, t] at t = {stop} (split at "
-                                  f"sqrt(fit_from) t, steps recorded every {every}): the log-t fits need t > 0 and 2 "
-                                  f"steps in each half; fit_from must be in (0, 1), far enough from both ends")
+                raise ConfigError(f"fit_from={self.fit_from!r} leaves {halves[0]} and {halves[1]} steps in the "
+                                  f"halves of the log-t window [fit_from t, t] at t = {stop} (split at sqrt(fit_from) "
+                                  f"t, steps every {every}): the log-t fits need t > 0 and 2 steps in each half; "
+                                  f"fit_from must be in (0, 1), far enough from both ends")
+        if (last_recorded := (t.steps - 1) // RECORD * RECORD) < self.fit_from * t.steps:
+            raise ConfigError(f"fit_from={self.fit_from!r} leaves no step of the full-W runs at or after fit_from * "
+                              f"train.steps = {self.fit_from * t.steps:g} where they meet the reduced dynamics (every "
+                              f"{RECORD} steps, the last at {last_recorded})")
         for k, name in enumerate(("n_context", "dim")):
             check_set_by(f"task.{name}", getattr(self.task, name), getattr(nn_task.NearestNeighbor, name), "runs",
                          self.runs, tuple(p[k] for p in self.pairs), "run")

@@ -133,24 +133,31 @@ def test_summaries_of_a_run_growing_exactly_like_log_t():
                                rtol=1e-12)
 
 
-def test_fit_from_is_refused_unless_each_half_of_every_log_window_holds_two_recorded_steps(recwarn):
+def test_fit_from_is_refused_unless_each_half_of_every_log_window_holds_two_steps(recwarn):
     """fit_from=0 (log 0) or >= 1 (an empty half) trained the runs, then crashed in fit_log_growth; near 1 a half
-    held one step (a RankWarning and a meaningless slope). With 200 steps recorded every 10, fit_from = 0.8 splits
-    the window [160, 200) at 178.9 into {160, 170} and {180, 190}: accepted, and every fit runs; 0.81 leaves {170}."""
+    held one step (a RankWarning and a meaningless slope). The full-W fits read every step: with 200 steps,
+    fit_from = 0.95 splits [190, 200) at 194.9 into 190..194 and 195..199 and is accepted, every fit running; 0.99
+    leaves {198} and {199}. 0.96 leaves no step recorded every 10 (the last, 190) for the gap to the reduced
+    dynamics. (The check first counted the full-W halves on that every-10 grid and refused 0.85, which fits.)"""
     train = dataclasses.replace(fig3.Config.train, steps=200, steps_per_call=100)
-    cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=train, fit_from=0.8, **LONG)
+    cfg = fig3.Config(runs=("4x4",), seeds=(0, 1), train=train, fit_from=0.95, **LONG)
     t = np.maximum(np.arange(cfg.train.steps), 1)
     log_growth = lambda t: (1.7 * np.log(t) + 3, 2.3 * np.log(t) + 1)  # noqa: E731
-    s = fig3._summaries(cfg, _synthetic_run(*log_growth(t), cfg.train.steps, 1.01, log_growth))
-    # exact a log t + b: each half's least-squares slope is exact, so their ratio is 1 but for rounding
-    np.testing.assert_allclose([s["slope_drift"], *s["long_drift"].values()], 1.0, rtol=1e-9)
+    for fit_from in (0.95, 0.85):
+        run = dataclasses.replace(cfg, fit_from=fit_from)
+        s = fig3._summaries(run, _synthetic_run(*log_growth(t), cfg.train.steps, 1.01, log_growth))
+        # exact a log t + b: each half's least-squares slope is exact, so their ratio is 1 but for rounding
+        np.testing.assert_allclose([s["slope_drift"], *s["long_drift"].values()], 1.0, rtol=1e-9)
     assert not recwarn.list  # no RankWarning from a one-point fit
-    for fit_from, halves in ((0.81, "1 and 2"), (0.0, "0 and 20"), (1.0, "0 and 0")):
-        with pytest.raises(ConfigError, match=rf"^fit_from={fit_from} leaves {halves} recorded steps in the halves of "
-                           r"the log-t window \[fit_from t, t\] at t = 200 \(split at sqrt\(fit_from\) t, steps "
-                           r"recorded every 10\): the log-t fits need t > 0 and 2 steps in each half; fit_from must "
-                           r"be in \(0, 1\), far enough from both ends$"):
+    for fit_from, halves in ((0.99, "1 and 1"), (0.0, "0 and 200"), (1.0, "0 and 0")):
+        with pytest.raises(ConfigError, match=rf"^fit_from={fit_from} leaves {halves} steps in the halves of the "
+                           r"log-t window \[fit_from t, t\] at t = 200 \(split at sqrt\(fit_from\) t, steps every "
+                           r"1\): the log-t fits need t > 0 and 2 steps in each half; fit_from must be in \(0, 1\), "
+                           r"far enough from both ends$"):
             dataclasses.replace(cfg, fit_from=fit_from)
+    with pytest.raises(ConfigError, match=r"^fit_from=0.96 leaves no step of the full-W runs at or after fit_from \* "
+                       r"train.steps = 192 where they meet the reduced dynamics \(every 10 steps, the last at 190\)$"):
+        dataclasses.replace(cfg, fit_from=0.96)
 
 
 @pytest.mark.parametrize("growth,xi1_scale,passed", [

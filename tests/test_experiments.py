@@ -49,7 +49,7 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["nn_fig3_training", "task.num_classes=3"], "nn_fig3_training needs task.num_classes=2"),
     (["nn_random_init", "task.num_classes=3"], "nn_random_init needs task.num_classes=2"),
     # trained every run, then crashed in the log-t fits
-    (["nn_fig3_training", "fit_from=0"], "fit_from=0: fit_from=0.0 leaves 0 and 300 recorded steps in the halves of "
+    (["nn_fig3_training", "fit_from=0"], "fit_from=0: fit_from=0.0 leaves 0 and 3000 steps in the halves of "
      "the log-t window [fit_from t, t] at t = 3000"),
     (["abstractions_lea", "task.n_roots=2"], "task.n_roots must be in [3, inf], got 2"),
     (["sweep_lr_seeds", "diversity.n_tasks=16,64"], "diversity.n_tasks must hold 0 (a fresh task per prompt)"),
