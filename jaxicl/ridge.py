@@ -31,5 +31,11 @@ def ridge_solve(x: jax.Array, y: jax.Array, lam: float) -> jax.Array:
         q, r = jnp.linalg.qr(jnp.concatenate([x, jnp.sqrt(jnp.asarray(lam, x.dtype)) * jnp.eye(f, dtype=x.dtype)]))
         return jax.scipy.linalg.solve_triangular(r, q[:n].T @ y)
 
-    # a cond, not a where: only the branch taken runs (an SVD costs ~20x the QR, and its gradient can be NaN)
-    return jax.lax.cond(lam == 0, lambda: jnp.linalg.lstsq(x, y)[0], penalised)
+    def least_squares():
+        return jnp.linalg.lstsq(x, y)[0]
+
+    if not isinstance(lam, jax.core.Tracer):  # known: trace (and compile) only the solve it needs
+        return least_squares() if lam == 0 else penalised()
+    # traced: a cond, so only the branch taken runs (an SVD costs ~20x the QR); vmapped over lam it becomes a select
+    # and both run
+    return jax.lax.cond(lam == 0, least_squares, penalised)

@@ -542,6 +542,11 @@ def test_an_unpenalised_fit_is_the_minimum_norm_least_squares_one_and_a_negative
         penalised = np.linalg.solve(x.T @ x + 0.5 * np.eye(x.shape[1]), x.T @ y)  # the QR branch, traced lam
         np.testing.assert_allclose(jax.jit(ridge_solve)(jnp.asarray(x), jnp.asarray(y), 0.5), penalised, rtol=1e-10,
                                    atol=1e-12)
+    # a known lam traces only the solve it needs; a traced one both branches of a cond, one of which runs
+    def primitives(lam):
+        return set(re.findall(r"= (\w+)\[", str(jax.make_jaxpr(lambda a, b: ridge_solve(a, b, lam))(wide, wide[:, :2]))))
+
+    assert ({"svd", "qr"} & primitives(0.0), {"svd", "qr"} & primitives(0.5)) == ({"svd"}, {"qr"})
     x = rng.normal(size=(40, 64))  # an unregularised probe with more features than training rows
     y = x[:, 0] + 0.1 * rng.normal(size=40)
     held = np.arange(40) < 10
