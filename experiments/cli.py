@@ -19,7 +19,8 @@ import jax
 
 from experiments import registry
 from experiments.common.report import write_report
-from experiments.common.runner import MATMUL_PRECISIONS, check_out_dir, resolve_config, run_experiment, sweep_axes
+from experiments.common.runner import (MATMUL_PRECISIONS, RunInterrupted, check_out_dir, resolve_config,
+                                       run_experiment, sweep_axes)
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
 from jaxicl import distributed
 from jaxicl.config_paths import leaf_paths, value_at
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_experiment(name, args.preset, args.out, args.overrides, sweep=args.sweep,
                                     matmul_precision=args.matmul_precision)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: {name}'s last checkpoint is under {args.out}/{name}; the same command resumes "
-                  f"from it", file=sys.stderr)
+        except RunInterrupted as e:
+            print(f"\ninterrupted: {name} " + (f"had written nothing: {e.out_dir} holds the earlier run as it was"
+                                                 if e.restored else f"resumes from its last checkpoint under "
+                                                 f"{e.out_dir} (the same command)"), file=sys.stderr)
             return 130
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
             print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)

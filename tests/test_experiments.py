@@ -234,6 +234,40 @@ def test_a_run_killed_by_a_signal_python_does_not_see_leaves_no_earlier_result_b
     assert config["config"]["init_scale"] == 0.3 and not (tmp_path / "gd_equivalence" / "result.json").exists()
 
 
+def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier_run_as_it_was(monkeypatch, capsys,
+                                                                                                 tmp_path):
+    """Ctrl-C in a rerun with another config before its resume check left its config.json beside the earlier run's
+    checkpoints, and the earlier result.json deleted; the CLI then said the same command would resume, which was
+    refused. Stopped before it writes, the directory is the earlier run's again; stopped after, the new config stays."""
+    from experiments import gd_equivalence
+
+    overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10"]
+    argv = ["gd_equivalence", "--preset", "smoke", *overrides, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = tmp_path / "gd_equivalence"
+    before = {f: (out / f).read_text() for f in ("config.json", "result.json")}
+
+    def stopped(cfg, out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gd_equivalence, "run", stopped)
+    assert main([*argv, "init_scale=0.3"]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence had written nothing: {out} holds the "
+                                            f"earlier run as it was\n")
+    assert {f: (out / f).read_text() for f in ("config.json", "result.json")} == before
+
+    def stopped_after_writing(cfg, out_dir):
+        (out / "metrics.jsonl").write_text("")  # the run's first file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gd_equivalence, "run", stopped_after_writing)
+    assert main([*argv, "init_scale=0.3"]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence resumes from its last checkpoint under "
+                                            f"{out} (the same command)\n")
+    assert json.loads((out / "config.json").read_text())["config"]["init_scale"] == 0.3
+    assert not (out / "result.json").exists()
+
+
 def test_overrides_reach_nested_fields_and_parse_types():
     cfg = apply_overrides(Config(), ["train.lr=3e-4", "train.steps=2e3", "task.noise_std=0.5",
                                      "scales=0.5,2", "task.format=paired"])

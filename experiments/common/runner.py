@@ -81,6 +81,37 @@ def check_out_dir(out_dir: str, sweep: list[str]) -> None:
                           f"directory (their checkpoints, metrics and figures would mix): use another --out")
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C: `restored` where it had written nothing, so out_dir holds the earlier run as it was."""
+
+    def __init__(self, out_dir: str, restored: bool):
+        super().__init__(out_dir, restored)
+        self.out_dir, self.restored = out_dir, restored
+
+
+def _restore(out_dir: str, previous: str | None, previous_result: str | None) -> None:
+    """out_dir's config.json and result.json as they were before this run (none: removed, and out_dir if empty)."""
+    config_path, result_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "result.json")
+    if previous is not None:
+        outputs.write_text(config_path, previous)
+    elif outputs.is_primary():  # or no run at all
+        os.remove(config_path)
+        if not os.listdir(out_dir):
+            os.rmdir(out_dir)
+    if previous_result is not None:
+        outputs.write_text(result_path, previous_result)
+
+
+def _written_since(out_dir: str, since: float, besides: set[str]) -> bool:
+    """Whether a file under out_dir (but those in `besides` and run locks) was modified at or after `since`."""
+    for root, _, files in os.walk(out_dir):
+        for f in files:
+            path = os.path.join(root, f)
+            if path not in besides and not f.startswith(".lock") and os.path.getmtime(path) >= since:
+                return True
+    return False
+
+
 def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), sweep: list[str] = (),
                    matmul_precision: str = "float32") -> dict:
     """Runs experiment `name` with a preset and overrides; returns (and writes) its result dict.
@@ -104,6 +135,7 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     previous_result = open(result_path).read() if os.path.exists(result_path) else None
     if previous_result is not None and outputs.is_primary():
         os.remove(result_path)
+    written_from = time.time()  # this run's files are those written from here on (besides config.json and locks)
     outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
                                      "sweep": list(sweep), "matmul_precision": matmul_precision,
                                      "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
@@ -114,15 +146,15 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
         with jax.default_matmul_precision(matmul_precision):
             outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
     except ConfigError:  # refused before training (a resume with another config): the directory holds the old run
-        if previous is not None:
-            outputs.write_text(config_path, previous)
-        elif outputs.is_primary():  # or no run at all
-            os.remove(config_path)
-            if not os.listdir(out_dir):
-                os.rmdir(out_dir)
-        if previous_result is not None:
-            outputs.write_text(result_path, previous_result)
+        _restore(out_dir, previous, previous_result)
         raise
+    except KeyboardInterrupt:  # before the run wrote anything (its resume check included), the directory is the old
+        # run's: its config.json and result.json go back (a rerun with another config, stopped there, left its own
+        # config.json beside the old run's checkpoints, and the same command was then refused)
+        restored = not _written_since(out_dir, written_from, {config_path})
+        if restored:
+            _restore(out_dir, previous, previous_result)
+        raise RunInterrupted(out_dir, restored) from None
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
     outputs.write_json(result_path, result, indent=2)
