@@ -679,6 +679,34 @@ def test_the_sweep_tables_write_a_nan_or_infinite_final_metric_as_null(tmp_path)
     assert (tmp_path / "sweep_members.md").read_text().splitlines()[3].endswith("| 2 | - |")
 
 
+def test_a_metric_the_first_member_never_logged_keeps_its_column_in_every_sweep_table(tmp_path):
+    """Member 0 diverged at step 0 and logged no train row, member 1 did: the tables take their columns from all rows
+    (they took the first row's, and train_loss vanished from both tables), a missing cell is null in the JSON and "-"
+    in the Markdown, and the seed aggregate leaves it out of its metric's statistics."""
+    from experiments.common import sweep_report
+
+    members = [{"train.lr": lr, "train.seed": 0} for lr in (0.1, 0.2)]
+    spec = {"fields": ["train.lr", "train.seed"], "members": members, "diverged": {"0": 0}, "steps": 2}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    rows = [{"step": s, "split": "train", "member": 1, "loss": 3.0 + 2 * s} for s in range(2)]
+    rows += [{"step": 2, "split": "eval", "member": i, "loss": [float("inf"), 0.5][i]} for i in range(2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep_report.write_sweep_report(str(tmp_path))
+
+    assert json.loads((tmp_path / "sweep_members.json").read_text()) == [
+        {"member": 0, "train.lr": 0.1, "train.seed": 0, "diverged_at": 0, "loss": None, "train_loss": None},
+        {"member": 1, "train.lr": 0.2, "train.seed": 0, "diverged_at": None, "loss": 0.5, "train_loss": 5.0}]
+    assert (tmp_path / "sweep_members.md").read_text().splitlines() == [
+        "| member | train.lr | train.seed | diverged_at | loss | train_loss |", "|---|---|---|---|---|---|",
+        "| 0 | 0.1 | 0 | 0 | - | - |", "| 1 | 0.2 | 0 | - | 0.5 | 5 |"]
+    stats = [f"{m}_{s}" for m in ("loss", "train_loss") for s in ("mean", "std", "min")]
+    assert json.loads((tmp_path / "sweep_seeds.json").read_text()) == [
+        {"train.lr": 0.1, "seeds": 1, "diverged": 1} | dict.fromkeys(stats),
+        {"train.lr": 0.2, "seeds": 1, "diverged": 0} | dict(zip(stats, (0.5, 0.0, 0.5, 5.0, 0.0, 5.0)))]
+    assert (tmp_path / "sweep_seeds.md").read_text().splitlines()[0] == (
+        "| train.lr | seeds | diverged | " + " | ".join(stats) + " |")
+
+
 def test_the_learning_curves_order_an_infinite_pool_as_the_loss_vs_pool_plot_does(tmp_path, monkeypatch):
     """sweep_curves.png coloured task.n_tasks = 0 (a fresh task per prompt) first, next to pool 1, while the loss-vs-
     pool plot draws it at the right as "inf (0)"; both take axis_layout's order and names now, also where the finite

@@ -48,9 +48,15 @@ def final_table(sweep_dir: str) -> tuple[dict, list[dict]]:
     return spec, table
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """The keys of all rows in first-seen order: a member with no train rows (diverged at step 0) has no train_loss,
+    so the first row alone may lack a column the others have."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def metric_names(table: list[dict], fields: list[str]) -> list[str]:
     skip = set(fields) | {"member", "diverged_at"}
-    return [k for k in table[0] if k not in skip]
+    return [k for k in columns(table) if k not in skip]
 
 
 def aggregate(table: list[dict], fields: list[str]) -> list[dict]:
@@ -71,7 +77,7 @@ def aggregate(table: list[dict], fields: list[str]) -> list[dict]:
 
 
 def _markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
+    cols = columns(rows)
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
@@ -163,8 +169,10 @@ def write_sweep_report(sweep_dir: str, metric: str | None = None) -> list[str]:
     agg = aggregate(table, fields)
     files = []
     for name, rows in (("sweep_members", table), ("sweep_seeds", agg)):
-        # an undefined eval metric (NaN) or a diverged member's overflowed loss: null in the JSON, which has no NaN
-        rows = outputs.finite_rows(rows)
+        # an undefined eval metric (NaN) or a diverged member's overflowed loss: null in the JSON, which has no NaN;
+        # so is a metric a member never logged (every row holds every column)
+        cols = columns(rows)
+        rows = outputs.finite_rows([{c: r.get(c) for c in cols} for r in rows])
         outputs.write_json(os.path.join(sweep_dir, f"{name}.json"), rows)
         outputs.write_text(os.path.join(sweep_dir, f"{name}.md"), _markdown(rows))
         files += [f"{name}.md", f"{name}.json"]
