@@ -662,7 +662,7 @@ def test_the_sweep_tables_write_a_nan_or_infinite_final_metric_as_null(tmp_path)
     from experiments.common import sweep_report
 
     members = [{"train.lr": 0.1, "train.seed": s} for s in range(3)]
-    spec = {"fields": ["train.lr", "train.seed"], "members": members, "diverged": {"2": 1}}
+    spec = {"fields": ["train.lr", "train.seed"], "members": members, "diverged": {"2": 1}, "steps": 1}
     (tmp_path / "sweep.json").write_text(json.dumps(spec))
     rows = [{"step": 0, "split": "train", "member": i, "loss": 1.0} for i in range(3)]
     rows += [{"step": 1, "split": "eval", "member": i, "loss": [1.0, 2.0, float("inf")][i],
@@ -677,6 +677,60 @@ def test_the_sweep_tables_write_a_nan_or_infinite_final_metric_as_null(tmp_path)
     (agg,) = json.loads((tmp_path / "sweep_seeds.json").read_text(), parse_constant=strict)
     assert (agg["loss_mean"], agg["ratio_mean"]) == (1.5, None)  # 1.5 = (1 + 2) / 2, exact in binary
     assert (tmp_path / "sweep_members.md").read_text().splitlines()[3].endswith("| 2 | - |")
+
+
+def test_a_metric_the_first_member_never_logged_keeps_its_column_in_every_sweep_table(tmp_path, capsys):
+    """Member 0 diverged at step 0 and logged no train row, member 1 did: the tables take their columns from all rows
+    (they took the first row's, and train_loss vanished from both tables), a missing cell is null in the JSON and "-"
+    in the Markdown, and the seed aggregate leaves it out of its metric's statistics."""
+    from experiments.common import sweep_report
+
+    members = [{"train.lr": lr, "train.seed": 0} for lr in (0.1, 0.2)]
+    spec = {"fields": ["train.lr", "train.seed"], "members": members, "diverged": {"0": 0}, "steps": 2}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    rows = [{"step": s, "split": "train", "member": 1, "loss": 3.0 + 2 * s} for s in range(2)]
+    rows += [{"step": 2, "split": "eval", "member": i, "loss": [float("inf"), 0.5][i]} for i in range(2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep_report.write_sweep_report(str(tmp_path))
+
+    assert json.loads((tmp_path / "sweep_members.json").read_text()) == [
+        {"member": 0, "train.lr": 0.1, "train.seed": 0, "diverged_at": 0, "last_step": None, "loss": None,
+         "train_loss": None},
+        {"member": 1, "train.lr": 0.2, "train.seed": 0, "diverged_at": None, "last_step": 1, "loss": 0.5,
+         "train_loss": 5.0}]
+    assert (tmp_path / "sweep_members.md").read_text().splitlines() == [
+        "| member | train.lr | train.seed | diverged_at | last_step | loss | train_loss |",
+        "|---|---|---|---|---|---|---|", "| 0 | 0.1 | 0 | 0 | - | - | - |", "| 1 | 0.2 | 0 | - | 1 | 0.5 | 5 |"]
+    stats = [f"{m}_{s}" for m in ("loss", "train_loss") for s in ("mean", "std", "min")]
+    assert json.loads((tmp_path / "sweep_seeds.json").read_text()) == [
+        {"train.lr": 0.1, "seeds": 1, "diverged": 1} | dict.fromkeys(stats),
+        {"train.lr": 0.2, "seeds": 1, "diverged": 0} | dict(zip(stats, (0.5, 0.0, 0.5, 5.0, 0.0, 5.0)))]
+    assert (tmp_path / "sweep_seeds.md").read_text().splitlines()[0] == (
+        "| train.lr | seeds | diverged | " + " | ".join(stats) + " |")
+    assert capsys.readouterr().err == ""  # finished: member 1 logged step 1 = steps - 1, member 0 diverged
+
+
+def test_the_report_of_an_interrupted_sweep_says_its_tables_are_partial(tmp_path, capsys):
+    """A 10-step sweep stopped with member 1 at step 4 and member 3 not started (member 0 finished at step 9, member 2
+    diverged at step 2): its tables held the numbers of step 4 as final, with nothing saying so. Now each member's
+    last logged train step is a column, the report warns on stderr and titles both Markdown tables partial."""
+    from experiments.common import sweep_report
+
+    members = [{"train.seed": s} for s in range(4)]
+    spec = {"fields": ["train.seed"], "members": members, "diverged": {"2": 2}, "steps": 10}
+    (tmp_path / "sweep.json").write_text(json.dumps(spec))
+    rows = [{"step": s, "split": "train", "member": i, "loss": 1.0} for i, last in enumerate((9, 4, 2)) for s in
+            range(last + 1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweep_report.write_sweep_report(str(tmp_path))
+
+    partial = "partial: 2 of 4 members unfinished, last logged step below 9 of 10 steps: see last_step"
+    assert capsys.readouterr().err == f"warning: {tmp_path}: {partial}\n"
+    table = json.loads((tmp_path / "sweep_members.json").read_text())
+    assert [r["last_step"] for r in table] == [9, 4, 2, None]
+    for name, header in (("sweep_members", "| member | train.seed | diverged_at | last_step | train_loss |"),
+                         ("sweep_seeds", "| seeds | diverged | train_loss_mean | train_loss_std | train_loss_min |")):
+        assert (tmp_path / f"{name}.md").read_text().splitlines()[:3] == [f"# {name} ({partial})", "", header]
 
 
 def test_the_learning_curves_order_an_infinite_pool_as_the_loss_vs_pool_plot_does(tmp_path, monkeypatch):

@@ -54,6 +54,27 @@ def test_malformed_specs_are_clear_errors_quoting_the_spec(spec, match):
     assert spec.strip().split("=")[0] in str(err.value) or spec.startswith("=")
 
 
+@pytest.mark.parametrize("specs,message", [
+    (["seed=0:3000000000"], "sweep axis 'seed=0:3000000000' has 3000000000 values, more than the 1000000 allowed"),
+    (["seed=0:1000001"], "sweep axis 'seed=0:1000001' has 1000001 values, more than the 1000000 allowed"),
+    (["lr=log:1e-4:1:2000000"], "sweep axis 'lr=log:1e-4:1:2000000' has 2000000 values, more than the 1000000 allowed"),
+    (["seed=0:1000", "lr=lin:0:1:1001"], "the sweep grid seed(1000) x lr(1001) has 1001000 members, more than the "
+                                         "1000000 allowed"),
+])
+def test_an_axis_or_grid_above_a_million_is_refused_before_its_values_are_built(specs, message):
+    """seed=0:3000000000 built a list of 3e9 ints and the process was killed for memory, without a message."""
+    with pytest.raises(ConfigError) as err:
+        parse_axes(specs)
+    assert str(err.value) == message
+
+
+def test_grid_refuses_more_than_a_million_members_and_a_million_values_parse():
+    with pytest.raises(ConfigError, match=r"^the sweep grid a\(1000\) x b\(1001\) has 1001000 members"):
+        grid((Axis("a", tuple(range(1000))), Axis("b", tuple(range(1001)))))
+    assert [len(a.values) for a in parse_axes(["seed=0:1000000"])] == [1000000]
+    assert parse_axes(["seed=10:0:-3"])[0].values == (10, 7, 4, 1)  # the count of a descending range
+
+
 def test_an_axis_given_twice_is_an_error():
     with pytest.raises(ConfigError, match="'lr' is given twice"):
         parse_axes(["lr=1,2", "lr=3"])

@@ -1,6 +1,7 @@
 """Reports of a sweep directory (sweep.json + metrics.jsonl): tables and plots, regenerable from disk.
 
-  sweep_members.md / .json   final metrics per member with its values (diverged members marked)
+  sweep_members.md / .json   final metrics per member with its values and last logged train step (diverged
+                             members marked); the Markdown titled "partial" where a member has not finished
   sweep_seeds.md / .json     aggregated over seeds: mean, std, min and count per other combination
   sweep_<metric>_vs_<axis>.png   the final metric against one swept axis, mean with seed bands
   sweep_curves.png           learning curves (train loss) per member
@@ -11,6 +12,7 @@ loss over the last 10% of the logged steps (one batch is noisy).
 
 import json
 import os
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -28,7 +30,8 @@ def find_sweeps(root: str) -> list[str]:
 
 
 def final_table(sweep_dir: str) -> tuple[dict, list[dict]]:
-    """(sweep.json, one row per member: member, its values, final metrics, diverged_at)."""
+    """(sweep.json, one row per member: member, its values, diverged_at, last_step (its last logged train step,
+    None without one), final metrics)."""
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
         spec = json.load(f)
     rows = read_metrics(os.path.join(sweep_dir, "metrics.jsonl"))
@@ -38,7 +41,8 @@ def final_table(sweep_dir: str) -> tuple[dict, list[dict]]:
     table = []
     for i, values in enumerate(spec["members"]):
         train, evals = by_member[i]["train"], by_member[i]["eval"]
-        row = {"member": i, **values, "diverged_at": spec["diverged"].get(str(i))}
+        row = {"member": i, **values, "diverged_at": spec["diverged"].get(str(i)),
+               "last_step": train[-1]["step"] if train else None}
         if train:
             tail = train[-max(1, len(train) // 10):]
             row["train_loss"] = float(np.mean([r["loss"] for r in tail]))
@@ -48,9 +52,26 @@ def final_table(sweep_dir: str) -> tuple[dict, list[dict]]:
     return spec, table
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """The keys of all rows in first-seen order: a member with no train rows (diverged at step 0) has no train_loss,
+    so the first row alone may lack a column the others have."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def metric_names(table: list[dict], fields: list[str]) -> list[str]:
-    skip = set(fields) | {"member", "diverged_at"}
-    return [k for k in table[0] if k not in skip]
+    skip = set(fields) | {"member", "diverged_at", "last_step"}
+    return [k for k in columns(table) if k not in skip]
+
+
+def partial(spec: dict, table: list[dict]) -> str | None:
+    """What says the tables are not final, None where they are: the members neither diverged nor logged the last
+    step (steps - 1; a sweep interrupted before its end, e.g. by Ctrl-C, reports the numbers of where it stopped)."""
+    last = spec["steps"] - 1
+    unfinished = [r for r in table if r["diverged_at"] is None and (r["last_step"] is None or r["last_step"] < last)]
+    if not unfinished:
+        return None
+    return (f"partial: {len(unfinished)} of {len(table)} members unfinished, last logged step below {last} of "
+            f"{spec['steps']} steps: see last_step")
 
 
 def aggregate(table: list[dict], fields: list[str]) -> list[dict]:
@@ -70,10 +91,10 @@ def aggregate(table: list[dict], fields: list[str]) -> list[dict]:
     return out
 
 
-def _markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
+def _markdown(rows: list[dict], title: str | None = None) -> str:
+    cols = columns(rows)
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ([f"# {title}", ""] if title else []) + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]) + "\n"
 
 
@@ -157,16 +178,23 @@ def plot_curves(sweep_dir: str, spec: dict, out_dir: str, color_by: str | None =
 
 
 def write_sweep_report(sweep_dir: str, metric: str | None = None) -> list[str]:
-    """Writes the tables and plots of the sweep in sweep_dir; returns the files written (relative)."""
+    """Writes the tables and plots of the sweep in sweep_dir; returns the files written (relative). Warns on stderr
+    where a member has not finished (the tables then hold the numbers of where the sweep stopped)."""
     spec, table = final_table(sweep_dir)
+    unfinished = partial(spec, table)
+    if unfinished:
+        print(f"warning: {sweep_dir}: {unfinished}", file=sys.stderr)
     fields = spec["fields"]
     agg = aggregate(table, fields)
     files = []
     for name, rows in (("sweep_members", table), ("sweep_seeds", agg)):
-        # an undefined eval metric (NaN) or a diverged member's overflowed loss: null in the JSON, which has no NaN
-        rows = outputs.finite_rows(rows)
+        # an undefined eval metric (NaN) or a diverged member's overflowed loss: null in the JSON, which has no NaN;
+        # so is a metric a member never logged (every row holds every column)
+        cols = columns(rows)
+        rows = outputs.finite_rows([{c: r.get(c) for c in cols} for r in rows])
         outputs.write_json(os.path.join(sweep_dir, f"{name}.json"), rows)
-        outputs.write_text(os.path.join(sweep_dir, f"{name}.md"), _markdown(rows))
+        title = f"{name} ({unfinished})" if unfinished else None
+        outputs.write_text(os.path.join(sweep_dir, f"{name}.md"), _markdown(rows, title))
         files += [f"{name}.md", f"{name}.json"]
     metric = metric or ("loss" if "loss" in metric_names(table, fields) else "train_loss")
     for axis in (f for f in fields if f != SEED_FIELD):

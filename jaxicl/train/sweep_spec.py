@@ -25,6 +25,7 @@ from jaxicl.validation import ConfigError
 _INT = re.compile(r"^[+-]?\d+$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 GRAMMAR = "field=v1,v2,... | field=start:stop[:step] | field=log:lo:hi:n | field=lin:lo:hi:n"
+MAX_VALUES = 1_000_000  # of one axis and of the grid: far above a trainable sweep, far below an out-of-memory list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ def _spaced(kind: str, parts: list[str], spec: str) -> tuple:
     lo, hi, n = (_number(p, spec) for p in parts)
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"sweep axis {spec!r}: the number of values n must be an integer >= 1, got {n!r}")
+    _check_count(n, f"sweep axis {spec!r}")
     if kind == "log":
         if lo <= 0 or hi <= 0:
             raise ConfigError(f"sweep axis {spec!r}: log: bounds must be > 0, got {lo!r} and {hi!r}")
@@ -78,10 +80,17 @@ def _range(parts: list[str], spec: str) -> tuple:
                           "for floats use log:lo:hi:n or lin:lo:hi:n")
     if len(numbers) == 3 and numbers[2] == 0:
         raise ConfigError(f"sweep axis {spec!r}: the range step must not be 0")
-    values = tuple(range(*numbers))
-    if not values:
+    start, stop, step = (numbers + [1])[:3]
+    count = -((start - stop) // step)  # ceil((stop - start) / step) values, counted before a huge range is built
+    if count <= 0:
         raise ConfigError(f"sweep axis {spec!r}: the range {':'.join(parts)} is empty")
-    return values
+    _check_count(count, f"sweep axis {spec!r}")
+    return tuple(range(start, stop, step))
+
+
+def _check_count(count: int, what: str, unit: str = "values") -> None:
+    if count > MAX_VALUES:
+        raise ConfigError(f"{what} has {count} {unit}, more than the {MAX_VALUES} allowed")
 
 
 def parse_axis(spec: str) -> Axis:
@@ -104,16 +113,25 @@ def parse_axis(spec: str) -> Axis:
 
 
 def parse_axes(specs: list[str]) -> tuple[Axis, ...]:
+    """The axes of specs; refused before any member is built where their grid exceeds MAX_VALUES members."""
     axes = tuple(parse_axis(s) for s in specs)
     names = [a.field for a in axes]
     for n in names:
         if names.count(n) > 1:
             raise ConfigError(f"sweep axis {n!r} is given twice")
+    _check_grid(axes)
     return axes
 
 
+def _check_grid(axes: tuple[Axis, ...]) -> None:
+    sizes = [len(a.values) for a in axes]
+    named = " x ".join(f"{a.field}({n})" for a, n in zip(axes, sizes))
+    _check_count(math.prod(sizes), f"the sweep grid {named}", "members")
+
+
 def grid(axes: tuple[Axis, ...]) -> list[dict]:
-    """Members as {field: value}, the Cartesian product of the axes (first axis slowest)."""
+    """Members as {field: value}, the Cartesian product of the axes (first axis slowest), at most MAX_VALUES."""
+    _check_grid(axes)
     return [dict(zip((a.field for a in axes), values)) for values in itertools.product(*(a.values for a in axes))]
 
 
