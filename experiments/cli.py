@@ -73,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_experiment(name, args.preset, args.out, args.overrides, sweep=args.sweep,
                                     matmul_precision=args.matmul_precision)
-        except RunInterrupted as e:
-            print(f"\ninterrupted: {name} " + (f"had written nothing: {e.out_dir} holds the earlier run as it was"
-                                                 if e.restored else f"resumes from its last checkpoint under "
-                                                 f"{e.out_dir} (the same command)"), file=sys.stderr)
+        except KeyboardInterrupt as e:  # RunInterrupted where run_experiment's run was stopped
+            out_dir = os.path.join(args.out, name)
+            print(f"\ninterrupted: {name} " + (f"had written nothing: {out_dir} holds the earlier run as it was"
+                                                 if isinstance(e, RunInterrupted) and e.restored else
+                                                 f"resumes from its last checkpoint under {out_dir} (the same "
+                                                 f"command)"), file=sys.stderr)
             return 130
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
             print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)
