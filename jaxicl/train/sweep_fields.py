@@ -6,14 +6,13 @@ keywords of the sampler) or `<f>` (keywords of init). Everything else changes sh
 
 import dataclasses
 import inspect
-import json
 from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler
+from jaxicl.train.checkpoint import normalise_config
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.optim import SWEEPABLE_OPTIMIZER_FIELDS
 from jaxicl.train.sweep_spec import member_config
@@ -132,7 +131,7 @@ def mark_swept(config: dict, swept: dict[str, list]) -> dict:
 
     A sweep's stored config names what varies instead of passing one member's value off as the run's.
     """
-    config = json.loads(json.dumps(config, default=outputs.json_default))  # numpy scalars as numbers
+    config = normalise_config(config)  # a copy as JSON stores it: numpy scalars as numbers
     for path, values in swept.items():
         *parents, leaf = path.split(".")
         node = config
