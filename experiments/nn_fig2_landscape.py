@@ -1,4 +1,7 @@
-"""Li et al. 2024 Fig. 2: the reduced loss L(xi1, xi2) at d = N = 4 is nonconvex (heatmap and surface)."""
+"""Li et al. 2024 Fig. 2: the reduced loss L(xi1, xi2) at d = N = 4 is nonconvex (heatmap and surface).
+
+The paper fixes only d = N = 4; the xi ranges, the grid, the Monte Carlo samples and sigma = 3 are ours.
+"""
 
 import dataclasses
 
@@ -84,7 +87,8 @@ def run(cfg: Config, out_dir: str) -> Outcome:
                     f"curvature v^T H v along the most negative eigenvector at xi=({float(point[0]):.2f}, "
                     f"{float(point[1]):.2f}) = {curv.mean():.4f}, in Monte Carlo standard errors on fresh samples "
                     f"(negative: L is not convex); grid min eigenvalue {min_eig.min():.4f}, max "
-                    f"{max_eig:.4f}; d={cfg.dim}, N={cfg.n_context}"),
+                    f"{max_eig:.4f}; d={cfg.dim}, N={cfg.n_context} (the paper's); ours: xi ranges {cfg.xi1_range} x "
+                    f"{cfg.xi2_range}, a {cfg.grid}x{cfg.grid} grid, {cfg.samples} samples"),
         check_below("sanity_L0_sigma_abs_err", abs(sanity_mc - sanity), 1e-12,
                     f"L(0, {cfg.sigma}) from the reduced loss (float64) = {sanity_mc:.6f} vs the closed form "
                     f"1/2 (1 - 2/(N + e^-sigma) + N/(N + e^-sigma)^2) = {sanity:.6f}"),

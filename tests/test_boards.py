@@ -331,6 +331,15 @@ def test_type_probabilities_are_renormalised_and_spread_keeps_both_ends():
     np.testing.assert_array_equal(bd.spread(np.arange(3), 5), [0, 1, 2])
 
 
+def test_default_type_curriculum_is_the_official_one():
+    # train_model.py: board_proba_start [0.8, 0.1, 0.1], board_proba_end [0.33, 0.33, 0.33] over epochs 250..1000,
+    # each step's probabilities divided by their sum; float32 against float64: rtol 1e-6
+    for epoch in (0, 250, 400, 625, 999, 1000, 3000):
+        t = min(max((epoch - 250) / 750, 0.0), 1.0)
+        p = (1 - t) * np.array([0.8, 0.1, 0.1]) + t * np.array([0.33, 0.33, 0.33])
+        np.testing.assert_allclose(bd.type_probabilities(bd.Boards(), epoch), p / p.sum(), rtol=1e-6)
+
+
 def test_held_out_indices_are_distinct_within_every_group_even_when_they_are_most_of_it():
     test = bd.test_indices(dataclasses.replace(CFG, test_per_group=30), jax.random.key(0))  # 30 of 40 compositions
     for t in bd.TYPES:

@@ -60,7 +60,7 @@ class Boards:
     test_per_group: int = 4
     blueprint_seed: int = 0  # the key the blueprint and the split are drawn from
     types_start: tuple[float, float, float] = (0.8, 0.1, 0.1)  # type probabilities before the ramp
-    types_end: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    types_end: tuple[float, float, float] = (0.33, 0.33, 0.33)  # official board_proba_end (renormalised)
     types_ramp: tuple[int, int] = (250, 1000)  # epochs over which the type probabilities ramp linearly
     mask_max: float = 0.25  # token masking: max(mask_max * min(1, epoch / mask_ramp_end), mask_min)
     mask_min: float = 0.01
