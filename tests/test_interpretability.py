@@ -16,7 +16,7 @@ from jaxicl.analysis.direct_attribution import direct_attribution, ov_circuit, o
 from jaxicl.analysis.patching import (activation_patching, attribution_patching, direct_effect_patching, grid_memory,
                                       patched_predictions, resolve_chunk_size)
 from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outputs
-from jaxicl.analysis.probes import probe, ridge_fit
+from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.analysis.steering import edit_each_site
 from jaxicl.models import SelfAttention, apply, predictor
 from jaxicl.models.ar_transformer import PositionalTransformer
@@ -432,6 +432,25 @@ def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
         probe(x.reshape(2000, 3, 2), classes)  # a forgotten position axis failed inside a matmul
     with pytest.raises(ValueError, match=r"targets must be \[N\] class labels .*got shape \(2000, 2\) int32"):
         probe(x, jnp.stack([classes, classes], 1))
+
+
+@pytest.mark.parametrize("standardise", [False, True])
+def test_ridge_fit_of_targets_n_gives_weights_f_plus_1_and_predictions_n(x64, standardise):
+    """y [N] (one quantity, as ridge_solve takes it): the weights [F + 1] and predictions [N] of y [N, 1]'s column.
+    The per-feature rescale [F] / [F, 1] had broadcast them to [F + 1, F] weights and [N, F] predictions."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 3)) * np.array([1.0, 100.0, 0.01]) + 5.0
+    y = x @ np.array([1.0, -0.02, 50.0]) + 3.0 + 0.1 * rng.normal(size=40)
+    w = np.asarray(ridge_fit(jnp.asarray(x), jnp.asarray(y), 0.0, standardise=standardise))
+    assert w.shape == (4,)
+    # lam 0: least squares with an unpenalised bias column; float64 solves of a 40 x 4 system (condition ~1e4)
+    np.testing.assert_allclose(w, np.linalg.lstsq(np.c_[x, np.ones(40)], y, rcond=None)[0], rtol=1e-9)
+    pred = np.asarray(ridge_predict(jnp.asarray(w), jnp.asarray(x)))
+    assert pred.shape == (40,)
+    np.testing.assert_allclose(pred, x @ w[:-1] + w[-1], rtol=1e-12)  # the same float64 products
+    penalised = np.asarray(ridge_fit(jnp.asarray(x), jnp.asarray(y), 5.0, standardise=standardise))
+    column = np.asarray(ridge_fit(jnp.asarray(x), jnp.asarray(y[:, None]), 5.0, standardise=standardise))
+    np.testing.assert_allclose(penalised, column[:, 0], rtol=1e-12)  # the same solve, with or without the K axis
 
 
 def test_standardised_ridge_is_scikit_learns_ridge_on_standard_scaled_features(x64):

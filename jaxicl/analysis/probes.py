@@ -11,12 +11,12 @@ from jaxicl.ridge import check_lam, ridge_solve
 
 
 def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3, standardise: bool = False) -> jax.Array:
-    """[F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N, K] (the bias is not
-    penalised). Solved (ridge_solve, through a QR factorisation; lam 0: the minimum-norm least-squares weights) on x
-    and y centred on their means, with b = ybar - xbar w: the same minimiser, without cancellation where the
-    features share a large offset. standardise: the penalty acts on the features scaled to unit standard deviation
-    over these rows (a constant feature unscaled), so it bites alike whatever the features' scale; the weights
-    returned still apply to x as given."""
+    """[F + 1] or [F + 1, K] weights (bias last) of argmin |x w + b - y|^2 + lam |w|^2 for x [N, F], y [N] or [N, K]
+    (the bias is not penalised). Solved (ridge_solve, through a QR factorisation; lam 0: the minimum-norm
+    least-squares weights) on x and y centred on their means, with b = ybar - xbar w: the same minimiser, without
+    cancellation where the features share a large offset. standardise: the penalty acts on the features scaled to
+    unit standard deviation over these rows (a constant feature unscaled), so it bites alike whatever the features'
+    scale; the weights returned still apply to x as given."""
     check_lam(lam)  # here: inside the compiled fit lam is traced, unchecked
     return _ridge_fit(x, y, lam, standardise)
 
@@ -28,11 +28,12 @@ def _ridge_fit(x: jax.Array, y: jax.Array, lam: float, standardise: bool) -> jax
     std = xc.std(0)
     scale = jnp.where(std > 0, std, 1.0) if standardise else jnp.ones_like(x_mean)
     xs = xc / scale
-    w = ridge_solve(xs, yc, lam) / scale[:, None]
+    w = ridge_solve(xs, yc, lam) / scale.reshape(-1, *[1] * (y.ndim - 1))  # per feature: a row of w [F] or [F, K]
     return jnp.concatenate([w, (y_mean - x_mean @ w)[None]])
 
 
 def ridge_predict(w: jax.Array, x: jax.Array) -> jax.Array:
+    """[N] or [N, K] predictions x w + b of ridge_fit's weights w [F + 1] or [F + 1, K] (bias last) for x [N, F]."""
     return x @ w[:-1] + w[-1]
 
 
