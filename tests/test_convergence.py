@@ -178,6 +178,29 @@ def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation(
     assert np.abs(out - clean)[~cells].max() < np.abs(out - clean)[cells].max()  # the noise moved the outputs
 
 
+def test_perturbation_distances_over_no_cells_are_nan_not_a_vanished_perturbation():
+    """No cell selected leaves nothing to average: NaN at every site (0 read as the noise having vanished, the best
+    attractor score). One cell still gives its own distance: alpha at the perturbed site."""
+    import jax
+    from flax import nnx
+
+    from jaxicl.analysis.perturbation import perturbation_distances
+    from jaxicl.models.factor_transformer import FactorTransformer
+
+    graphdef, params = nnx.split(FactorTransformer(d_model=16, d_pos=8, n_layers=2, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 21)
+    sites = ["layer0.resid_post", "layer1.resid_post", "unembed.in"]
+    cells = np.zeros((2, 64), bool)
+    none = np.asarray(perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
+                                             jax.random.key(1), sites))
+    assert none.shape == (3,) and np.isnan(none).all()
+    cells[1, 5] = True
+    one = np.asarray(perturbation_distances(graphdef, params, tokens, "layer0.resid_post", jnp.asarray(cells), 0.3,
+                                            jax.random.key(1), sites))
+    assert one[0] == pytest.approx(0.3, rel=1e-5)  # float32 norms of the noise and of x at that cell
+    assert np.isfinite(one).all()
+
+
 def test_perturbed_outputs_rejects_a_site_not_per_cell_and_cells_not_per_prompt():
     """As perturbation_distances: the attention weights [H, T, T] (H = B = 2) took the [B, T] cells' noise on their
     head axis, changing prompt 1's outputs with no cell of it selected; a [T] mask would broadcast over the prompts."""

@@ -21,18 +21,20 @@ from jaxicl.sites import Patch
 def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, site: str, cells: jax.Array,
                            alpha: float, key: jax.Array, sites: Sequence[str]) -> jax.Array:
     """[len(sites)] mean over the selected cells of |z_perturbed - z_clean| / |z_clean| at each of `sites` when
-    noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]."""
+    noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]. NaN
+    where cells selects none (a mean over no cells: 0 would read as the noise having vanished)."""
     sites = check_sites(sites, batch_site_info(graphdef, params, tokens))  # read once: a generator is spent by a pass
     info = _cell_sites_info(graphdef, params, tokens, cells, [site, *sites], "site and sites")
     clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
     x = clean[site]
     perturbed = _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), sites)[1]
     w = cells.astype(x.dtype)
+    n = jnp.sum(w)
     out = []
     for s in sites:
         d = jnp.linalg.norm(perturbed[s] - clean[s], axis=-1) / jnp.maximum(jnp.linalg.norm(clean[s], axis=-1), 1e-30)
-        out.append(jnp.sum(w * d) / jnp.maximum(jnp.sum(w), 1.0))
-    return jnp.stack(out)
+        out.append(jnp.sum(w * d))
+    return jnp.where(n > 0, jnp.stack(out) / jnp.maximum(n, 1.0), jnp.nan)
 
 
 @replicated_inputs
