@@ -76,12 +76,13 @@ def json_default(x):
 
 def write_json(path: str, obj, indent: int | None = 1) -> None:
     """obj as standard JSON (numpy scalars as the Python numbers they hold: json_default): a NaN or infinity raises
-    ValueError, naming path, and writes nothing (json.dumps would write NaN or Infinity, which strict readers
-    refuse)."""
+    ValueError, naming path and the fix (None), and writes nothing (json.dumps would write NaN or Infinity, which
+    strict readers refuse); json.dumps' other ValueErrors (a circular reference) name path too."""
     try:
         text = json.dumps(obj, indent=indent, allow_nan=False, default=json_default)
     except ValueError as e:
-        raise ValueError(f"{path}: {e} (standard JSON has none: write None)") from None
+        non_finite = str(e).startswith("Out of range float values")  # json's message for a NaN or infinity
+        raise ValueError(f"{path}: {e}" + (" (standard JSON has none: write None)" if non_finite else "")) from None
     write_text(path, text + "\n")
 
 

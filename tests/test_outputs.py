@@ -34,13 +34,25 @@ def test_text_appends_json_and_arrays_land_under_their_own_names(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "params.npz", "sub"]
 
 
+@pytest.mark.parametrize("indent", [1, None])  # json's Python encoder, and its C one
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_json_refuses_a_nan_or_infinity_and_writes_nothing(tmp_path, value):
+def test_json_refuses_a_nan_or_infinity_and_writes_nothing(tmp_path, value, indent):
     """json.dumps writes NaN and Infinity, which standard JSON (and strict readers) do not have."""
     path = str(tmp_path / "r.json")
     message = f"{path}: Out of range float values are not JSON compliant: {value} (standard JSON has none: write None)"
     with pytest.raises(ValueError, match=re.escape(message)):
-        outputs.write_json(path, {"rows": [{"x": value}]})
+        outputs.write_json(path, {"rows": [{"x": value}]}, indent=indent)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("indent", [1, None])
+def test_json_of_a_circular_reference_names_the_path_and_no_none_to_write(tmp_path, indent):
+    """Only a NaN or infinity has None to write instead: the hint was added to every ValueError of json.dumps."""
+    path, loop = str(tmp_path / "r.json"), []
+    loop.append(loop)
+    with pytest.raises(ValueError) as e:
+        outputs.write_json(path, {"rows": loop}, indent=indent)
+    assert str(e.value) == f"{path}: Circular reference detected"
     assert os.listdir(tmp_path) == []
 
 
