@@ -268,9 +268,9 @@ def step_bytes(w: Workload, graphdef, params, batch: int, cpu_matmuls: str) -> i
 
 def step_memory(w: Workload, graphdef, params, budget: float, cpu_matmuls: str) -> dict:
     """MB of one compiled training step at the workload's batch (step_bytes), and the largest multiple of the batch
-    whose compiled step fits `budget` bytes: from the line through batch and 2 x batch, measured and stepped down
-    (largest_in_budget; the line alone overshot the budget by 19% for lsa, whose memory per prompt falls with the
-    batch)."""
+    whose compiled step fits `budget` bytes, at most the batch where the line through batch and 2 x batch crosses
+    the budget: that one where it fits, else searched below it (largest_in_budget; the line alone overshot the budget
+    by 19% for lsa, whose memory per prompt falls with the batch)."""
     total = functools.cache(lambda batch: step_bytes(w, graphdef, params, batch, cpu_matmuls))
     one, two = total(w.batch), total(2 * w.batch)
     per_prompt = max((two - one) / w.batch, 1.0)

@@ -1,7 +1,8 @@
 """Dotted paths into nested frozen config dataclasses: the one walker behind command-line overrides
 (`train.lr=3e-4`) and sweep axes (`--sweep train.lr=...`), so a field has the same name in both.
 
-A path is a dotted field path (`train.lr`) or, when unique in the config, its last part (`lr`).
+A path is a dotted field path (`train.lr`) or, when unique in the config, its last part (`lr`). A name that is
+itself a path is that field, even where it is also the last part of nested paths, which then need their full paths.
 Overrides parse text by the field's type; sweeps take numbers, for int and float fields only.
 """
 
@@ -21,7 +22,9 @@ def leaf_paths(cfg, prefix: str = "") -> list[str]:
 
 
 def resolve(cfg, name: str) -> str:
-    """The dotted path `name` names in cfg: an exact path or the unique path ending in `.name`."""
+    """The dotted path `name` names in cfg: `name` where it is a path of cfg, even where other paths end in `.name`
+    (ar_gd_step's `init_scale` is its model's top-level field; its task's needs the full path `task.init_scale`),
+    else the unique path ending in `.name`."""
     paths = leaf_paths(cfg)
     if name in paths:
         return name

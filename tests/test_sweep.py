@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import math
 import re
 import shutil
 
@@ -24,6 +25,7 @@ from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memo
                           regression_loss, sweep_mesh, train, train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import split_fields
+from jaxicl.train.sweep_memory import chunk_memory, largest_in_budget
 from jaxicl.train.sweep_program import build_program
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
 from jaxicl.validation import ConfigError
@@ -117,6 +119,10 @@ def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once
     whole = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=mesh, progress=False)
     est = estimate_memory(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=mesh)
     assert est.per_member > 0 and est.largest_stack(est.bytes_for(2)) == 2
+    # the budget's search measures 5 members (compiled by `whole`), 2 (by estimate_memory) and 3, which does not fit:
+    # compiled here, so that the count below is the chunks' own
+    prog = build_program(LOSS, lr.sample, TASK, _cfg(), init, members, None)
+    assert chunk_memory(prog, _cfg(), mesh, 3) > est.bytes_for(2)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_, **__: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
@@ -187,6 +193,33 @@ def test_a_memory_budget_picks_the_largest_chunk_whose_compiled_programs_fit(dim
     swept = train_sweep(loss, lr.sample, task, cfg, member_init, members, mesh=sweep_mesh(1), memory_budget=budget,
                         progress=False)
     assert swept.chunk_size == fits and chosen <= budget < more
+
+
+@pytest.mark.parametrize("memory,linear", [
+    pytest.param(lambda n: 1000 + 37 * n, True, id="linear"), pytest.param(lambda n: n * n, False, id="quadratic"),
+    pytest.param(lambda n: 100 * math.sqrt(n), False, id="concave"),
+    pytest.param(lambda n: 10 if n <= 148 else 10**6, False, id="step")])
+def test_largest_in_budget_finds_the_largest_fitting_multiple_of_the_unit_in_few_measures(memory, linear):
+    """For every budget (each multiple's memory, just above it, and one below the unit's), the multiple of unit that
+    a scan of all of them finds; each size measured once: 1 size where start fits, else at most
+    2 + 2 ceil(log2(start / unit)) (5 where memory is linear)."""
+    for unit, start in [(1, 1), (1, 2), (3, 3), (1, 100), (4, 400), (1, 1024), (8, 1000)]:
+        sizes = range(unit, start + 1, unit)
+        for budget in sorted({memory(n) + d for n in sizes for d in (0, 0.5)} | {memory(unit) - 1}):
+            calls = []
+            found = largest_in_budget(lambda n: calls.append(n) or memory(n), budget, start, unit)
+            assert found == max((n for n in sizes if memory(n) <= budget), default=None), (unit, start, budget)
+            bound = min(2 + 2 * math.ceil(math.log2(start / unit)), 5 if linear else math.inf)
+            most = 1 if found == start else bound
+            assert len(calls) == len(set(calls)) <= most, (unit, start, budget, calls)
+
+
+def test_largest_in_budget_searches_above_the_first_fit_where_memory_grows_faster_than_linearly():
+    """n^2 bytes, 2500 fit: the line through 2 and 100 members crosses the budget at 26; searching only below the
+    sizes that did not fit returned 26 where 50 fits."""
+    calls = []
+    assert largest_in_budget(lambda n: calls.append(n) or n * n, 2500, 100, 1) == 50
+    assert calls == [100, 2, 26, 63, 46, 54, 49, 51, 50]
 
 
 def test_a_memory_budget_below_the_chunk_of_one_member_is_refused_with_its_compiled_bytes():

@@ -110,6 +110,21 @@ def test_resolution_errors_name_the_field_and_the_choices(axis, match):
         resolve_axes(Cfg(), (axis,))
 
 
+def test_a_name_that_is_a_path_is_that_field_even_where_nested_paths_end_in_it():
+    """The README's example: ar_gd_step's `init_scale` (its model's) and `task.init_scale` (the first state's scale)
+    are set by those names, each leaving the other at its preset's value."""
+    from experiments.ar_gd_step import Config
+
+    from jaxicl.config_paths import apply_overrides
+
+    cfg = Config()
+    assert (cfg.init_scale, cfg.task.init_scale) == (0.3, 1.0)
+    assert resolve(cfg, "init_scale") == "init_scale" and resolve(cfg, "task.init_scale") == "task.init_scale"
+    assert [p for p in leaf_paths(cfg) if p.endswith("init_scale")] == ["task.init_scale", "init_scale"]
+    top, task = apply_overrides(cfg, ["init_scale=0.5"]), apply_overrides(cfg, ["task.init_scale=0.5"])
+    assert (top.init_scale, top.task.init_scale, task.init_scale, task.task.init_scale) == (0.5, 1.0, 0.3, 0.5)
+
+
 def test_member_config_sets_nested_fields_and_validates_them():
     cfg = member_config(Cfg(), {"train.lr": 3e-4, "task.noise_std": 0.5, "init_scale": 0.2})
     assert (cfg.train.lr, cfg.task.noise_std, cfg.init_scale) == (3e-4, 0.5, 0.2)

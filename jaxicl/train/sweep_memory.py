@@ -61,12 +61,11 @@ def program_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh
 def chunk_in_budget(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, budget: float,
                     n_members: int) -> int:
     """The chunk size (a multiple of g, the mesh's member devices) whose chunk_memory fits `budget` bytes per device:
-    all `n_members` (rounded up to g) where they fit; else the largest on the line through the memories of 2g members
-    and of the size that did not fit, stepped down until one fits (measured: a chunk's memory is not linear in its
-    members, so a fit alone can exceed the budget).
+    all `n_members` (rounded up to g) where they fit; else the largest that fits, searched between 2g and all
+    (largest_in_budget: a chunk's memory is not linear in its members, so a fit alone can miss the budget).
 
-    Compiles a chunk's programs (training, and evaluation where given) at 1 size where all members fit, else at
-    usually 3 (all, 2g, the chosen one), 1 more per step down.
+    Compiles a chunk's programs (training, and evaluation where given) at 1 size where all members fit, else at most
+    2 + 2 ceil(log2(n_members / g)) sizes (4 or 5 where memory is linear in the members).
     """
     g = mesh.shape[MEMBER_AXIS]
     measure = functools.cache(functools.partial(chunk_memory, prog, cfg, mesh))
@@ -78,20 +77,31 @@ def chunk_in_budget(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mes
 
 
 def largest_in_budget(measure: Callable[[int], int], budget: float, start: int, unit: int) -> int | None:
-    """The largest multiple n of unit, at most start, with measure(n) <= budget (None where unit does not fit): start
-    where it fits, else the largest on the line through measure(2 unit) and the last size that did not fit, stepped
-    down until one fits. Memory measured this way (compiled programs) is not linear in n, so a straight line alone
-    can overshoot the budget. measure is called once per size tried (cache it where it compiles)."""
-    n = start
-    while (used := measure(n)) > budget:
-        if n == unit:
-            return None
-        if n == 2 * unit or measure(2 * unit) > budget:
-            n = unit
-        else:  # measure(2 unit) <= budget < used: the line between them crosses the budget
-            on_line = 2 * unit + (budget - measure(2 * unit)) * (n - 2 * unit) / (used - measure(2 * unit))
-            n = max(2 * unit, min(n - unit, int(on_line) // unit * unit))
-    return n
+    """The largest multiple of unit, at most start (itself a multiple of unit), whose measure fits the budget; None
+    where unit does not fit. start where it fits; else a search between 2 unit (unit where 2 unit does not fit) and
+    start that takes in turn the size where the line through the measures at the bracket's ends crosses the budget
+    and the bracket's midpoint (the memory of compiled programs is not linear in the size: the line alone can miss
+    by many units). Assumes measure does not fall as the size grows; either way the result fits and the result +
+    unit does not (or the result is start). measure is called once per size (cached here): once where start fits,
+    else at most 2 + 2 ceil(log2(start / unit)) times, 4 or 5 where it is linear in the size."""
+    measure = functools.cache(measure)
+    if measure(start) <= budget:
+        return start
+    if start == unit:
+        return None
+    lo, hi = 2 * unit, start
+    if lo == hi or measure(lo) > budget:
+        return unit if measure(unit) <= budget else None
+    on_line = True
+    while hi - lo > unit:  # measure(lo) <= budget < measure(hi)
+        if on_line:
+            crossing = lo + (budget - measure(lo)) * (hi - lo) / (measure(hi) - measure(lo))
+            n = min(max(int(crossing) // unit * unit, lo + unit), hi - unit)
+        else:
+            n = lo + (hi - lo) // unit // 2 * unit
+        lo, hi = (n, hi) if measure(n) <= budget else (lo, n)
+        on_line = not on_line
+    return lo
 
 
 def chunk_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, c: int) -> int:
