@@ -51,10 +51,34 @@ def test_a_regression_baseline_given_a_batch_instead_of_one_prompt_says_so(fmt, 
     for name, predictor in [("least_squares", least_squares(cfg)), ("ridge", ridge(cfg, 0.1)),
                             ("gradient_descent", gradient_descent(cfg, 2, 0.1)),
                             ("dmmse", dmmse(cfg, lr.task_pool(cfg, 8)))]:
-        with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [T, D], got shape {shape}: "
-                                                       "jax.vmap it over a batch [B, T, D]")):
+        t = f"{shape[1]}, {shape[2]}"
+        with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [{t}], got shape {shape}: "
+                                                       f"jax.vmap it over a batch [B, {t}]")):
             predictor(b.inputs)
         assert jax.vmap(predictor)(b.inputs).shape == shape[:2]
+
+
+def test_a_regression_baseline_refuses_a_prompt_of_another_shape_than_its_config():
+    """A prompt of another context length failed inside on a broadcast ("Incompatible types for broadcasting"), and
+    one of another dim was sliced into wrong x and y (silently wrong predictions)."""
+    paired = lr.LinearRegression(dim=3, n_context=6, noise_std=0.1)
+    interleaved = lr.LinearRegression(dim=3, n_context=6, noise_std=0.1, format="interleaved")
+    short = lr.sample(lr.LinearRegression(dim=3, n_context=4), jax.random.key(0)).inputs  # [5, 4]
+    wide = lr.sample(lr.LinearRegression(dim=5, n_context=6), jax.random.key(0)).inputs  # [7, 6]
+    cases = [(paired, short, "[7, 4] (n_context + 1 = 7 tokens of x 3 + y 1 for format='paired', n_context=6, dim=3), "
+                             "got tokens of length 5 (shape (5, 4))"),
+             (paired, wide, "[7, 4] (n_context + 1 = 7 tokens of x 3 + y 1 for format='paired', n_context=6, dim=3), "
+                            "got tokens of width 6 (shape (7, 6))"),
+             (interleaved, short, "[13, 4] (2 n_context + 1 = 13 tokens of x 3 + y 1 for format='interleaved', "
+                                  "n_context=6, dim=3), got tokens of length 5 (shape (5, 4))"),
+             (interleaved, wide, "[13, 4] (2 n_context + 1 = 13 tokens of x 3 + y 1 for format='interleaved', "
+                                 "n_context=6, dim=3), got tokens of width 6 and length 7 (shape (7, 6))")]
+    for cfg, tokens, takes in cases:
+        for name, predictor in [("least_squares", least_squares(cfg)), ("ridge", ridge(cfg, 0.1)),
+                                ("gradient_descent", gradient_descent(cfg, 2, 0.1)),
+                                ("dmmse", dmmse(cfg, lr.task_pool(cfg, 8)))]:
+            with pytest.raises(ValueError, match=f"^{re.escape(f'{name} takes tokens {takes}')}$"):
+                predictor(tokens)
 
 
 def test_float32_ridge_at_a_small_lam_matches_float64_numpy_on_prefixes_shorter_than_dim():

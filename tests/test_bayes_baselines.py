@@ -1,7 +1,10 @@
 """dMMSE (finite-pool Bayes) against an independent numpy posterior; its limits (one task; many tasks -> ridge)."""
 
+import re
+
 import jax
 import numpy as np
+import pytest
 
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.tasks import linear_regression as lr
@@ -33,3 +36,19 @@ def test_dmmse_limits_one_task_is_known_and_a_large_pool_approaches_ridge():
     # (measured over 3 pool seeds: 1.2e-4 to 2.9e-4 at 20000, this pool 1.8e-4; 1.6e-3 to 2.3e-3 at 1000,
     # 4e-3 to 6e-3 at 500), so 1e-3 has margin at 20000 and fails for a pool of a few hundred to a thousand
     assert float(np.mean((big - exact) ** 2)) < 1e-3 * float(np.mean(exact**2))
+
+
+def test_dmmse_refuses_a_pool_that_is_not_k_task_vectors_of_dim():
+    """task_pool(cfg) at the default n_tasks=0 is [0, dim]: dmmse's softmax over no tasks predicted 0 everywhere.
+    A 1-D pool or one of another width failed on the first prompt inside a dot_general."""
+    cfg = lr.LinearRegression(dim=3, n_context=4, noise_std=0.5, w_scale=2.0)
+    for pool, noise_std, hint in [
+            (lr.task_pool(cfg), None, "; for a fresh w ~ N(0, w_scale^2 I) per prompt (n_tasks=0, where task_pool(cfg) "
+             "is empty) the Bayes-optimal predictor is ridge(cfg, noise_std**2 / w_scale**2) = ridge(cfg, 0.0625)"),
+            (np.zeros((0, 3)), 0.2, "; for a fresh w ~ N(0, w_scale^2 I) per prompt (n_tasks=0, where task_pool(cfg) "
+             "is empty) the Bayes-optimal predictor is ridge(cfg, noise_std**2 / w_scale**2) = ridge(cfg, 0.01)"),
+            (lr.task_pool(cfg, 4)[0], None, ""), (lr.task_pool(cfg, 4)[:, :2], None, ""), (np.zeros((0, 2)), None, "")]:
+        msg = f"dmmse's pool must be [K, cfg.dim=3] task vectors with K >= 1, got shape {np.shape(pool)}{hint}"
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+            dmmse(cfg, pool, noise_std)
+    assert dmmse(cfg, lr.task_pool(cfg, 1))(lr.sample(cfg, jax.random.key(0)).inputs).shape == (cfg.seq_len,)

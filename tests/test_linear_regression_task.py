@@ -213,7 +213,7 @@ def test_a_shorter_context_keeps_the_last_pairs_of_the_full_prompt_and_zeroes_th
     # eager calls: each op runs as its own compiled executable on identical inputs, and multiplying by
     # the 0/1 mask is exact, so the kept pairs equal the full prompt's bit for bit
     full = lr.sample(cfg, key)
-    same = lr.sample(cfg, key, n_context=jnp.int32(6))  # a traced k equal to the field: the plain prompt
+    same = lr.sample(cfg, key, n_context=jnp.int32(6))  # k = the field through the padding path: the plain prompt
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(same), strict=True):
         np.testing.assert_array_equal(a, b)
     k, pad = 2, 6 - 2
@@ -253,6 +253,32 @@ def test_a_plain_int_context_length_outside_1_to_the_field_is_refused_and_a_trac
     np.testing.assert_array_equal(b.mask, np.tile([0, 0, 0, 0, 0, 1], (5, 1)))
 
 
+def test_a_concrete_context_length_of_any_type_is_checked_and_only_a_traced_one_is_clipped():
+    """Only a plain int was checked: a concrete jax or numpy scalar was clipped (jnp.asarray(9) kept 5 pairs,
+    np.array(0) one) and a float truncated (2.5 kept 2 pairs)."""
+    cfg = lr.LinearRegression(dim=3, n_context=5)
+    key = jax.random.key(0)
+    for k in (jnp.asarray(9), np.array(0), jnp.asarray(-2), np.array(6, np.int8)):
+        msg = f"n_context (the real context pairs kept) must be in [1, cfg.n_context=5], got {int(k)}"
+        with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
+            lr.sample(cfg, key, n_context=k)
+    for k, shown in [(2.5, "2.5"), (3.0, "3.0"), (jnp.asarray(3.0), "3.0"), (np.float32(2.0), repr(np.float32(2.0))),
+                     (np.array([1, 2]), "array([1, 2])"), (True, "True"), (jnp.asarray(True), "True")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'n_context must be an integer, got {shown}')}$"):
+            lr.sample(cfg, key, n_context=k)
+    with pytest.raises(ConfigError) as e:  # a plain number in task_params is a constant of the program: checked
+        sample_batch(lr.sample, cfg, key, 4, task_params={"n_context": 2.5})
+    assert e.value.args == ("n_context must be an integer, got 2.5",)
+    for k in (jnp.asarray(1), np.array(3), jnp.asarray(5, jnp.int8)):  # in range: as the plain int
+        np.testing.assert_array_equal(lr.sample(cfg, key, n_context=k).inputs,
+                                      lr.sample(cfg, key, n_context=int(k)).inputs)
+    # traced (under jit, or an array in sample_batch's task_params): clipped to [1, 5], as documented
+    x = jax.jit(lambda k: lr.sample(cfg, key, n_context=k).info["x"])(jnp.asarray(9))
+    assert int((x[:-1] != 0).any(-1).sum()) == 5
+    x = sample_batch(lr.sample, cfg, key, 4, task_params={"n_context": jnp.asarray(0)}).info["x"]
+    np.testing.assert_array_equal((x[:, :-1] != 0).any(-1).sum(-1), [1] * 4)
+
+
 def test_a_plain_negative_task_count_is_refused():
     """A plain n_tasks < 0 drew every prompt from a pool of one task; a traced one cannot be checked and still does."""
     cfg = lr.LinearRegression(dim=3, n_context=5)
@@ -261,8 +287,27 @@ def test_a_plain_negative_task_count_is_refused():
         with pytest.raises(ConfigError) as e:
             call()
         assert e.value.args == ("n_tasks must be >= 0, got -2",)
-    w = jax.vmap(lambda k: lr.sample(cfg, k, n_tasks=jnp.int32(-2)).info["w"])(jax.random.split(jax.random.key(0), 4))
+    w = jax.vmap(lambda k, t: lr.sample(cfg, k, n_tasks=t).info["w"])(jax.random.split(jax.random.key(0), 4),
+                                                                        jnp.full(4, -2, jnp.int32))  # traced
     np.testing.assert_array_equal(w, np.tile(lr.task_pool(cfg, 1), (4, 1)))
+
+
+def test_a_concrete_task_count_of_any_type_is_checked():
+    """Only a plain int was checked: a concrete jax or numpy n_tasks -2 drew from a pool of one task, as did -2.0,
+    and 2.5 drew from the first 2 pool vectors."""
+    cfg = lr.LinearRegression(dim=3, n_context=5)
+    key = jax.random.key(0)
+    for t, msg in [(jnp.asarray(-2), "n_tasks must be >= 0, got -2"), (np.array(-1), "n_tasks must be >= 0, got -1"),
+                   (2.5, "n_tasks must be an integer, got 2.5"), (-2.0, "n_tasks must be an integer, got -2.0"),
+                   (jnp.asarray(2.5), "n_tasks must be an integer, got 2.5")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(msg)}$"):
+            lr.sample(cfg, key, n_tasks=t)
+    with pytest.raises(ConfigError) as e:  # a plain number in task_params is a constant of the program: checked
+        sample_batch(lr.sample, cfg, key, 4, task_params={"n_tasks": 2.5})
+    assert e.value.args == ("n_tasks must be an integer, got 2.5",)
+    for t in (jnp.asarray(0), np.array(3)):  # in range: as the plain int
+        np.testing.assert_array_equal(lr.sample(cfg, key, n_tasks=t).info["w"],
+                                      lr.sample(cfg, key, n_tasks=int(t)).info["w"])
 
 
 def test_batched_context_lengths_may_differ_per_prompt_group():

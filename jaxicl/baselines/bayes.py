@@ -15,9 +15,18 @@ from jaxicl.validation import check_positive
 
 
 def dmmse(cfg: lr_task.LinearRegression, pool: jax.Array, noise_std: float | None = None) -> Predictor:
-    """Discrete MMSE over `pool` [K, dim] (e.g. lr_task.task_pool(cfg)); noise_std defaults to cfg.noise_std."""
+    """Discrete MMSE over `pool` [K, dim], K >= 1 (e.g. lr_task.task_pool(cfg) where cfg.n_tasks >= 1); noise_std
+    defaults to cfg.noise_std. ValueError for a pool of another shape: an empty one (task_pool at n_tasks=0)
+    predicted 0 everywhere."""
     sigma = cfg.noise_std if noise_std is None else noise_std
     check_positive("noise_std", sigma)
+    shape = jnp.shape(pool)
+    if len(shape) != 2 or shape[1] != cfg.dim or shape[0] < 1:
+        hint = (f"; for a fresh w ~ N(0, w_scale^2 I) per prompt (n_tasks=0, where task_pool(cfg) is empty) the "
+                f"Bayes-optimal predictor is ridge(cfg, noise_std**2 / w_scale**2) = "
+                f"ridge(cfg, {sigma**2 / cfg.w_scale**2:g})" if shape == (0, cfg.dim) else "")
+        raise ValueError(f"dmmse's pool must be [K, cfg.dim={cfg.dim}] task vectors with K >= 1, got shape "
+                         f"{shape}{hint}")
 
     def fit(x, y, m):
         residuals = y[None, :] - pool @ x.T  # [K, n]

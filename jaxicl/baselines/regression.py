@@ -2,8 +2,10 @@
 
 Each predictor decodes the (x, y) pairs of a linear-regression prompt and predicts pair j from
 pairs 0..j-1 only, i.e. at every prefix; predictions sit at the task's prediction positions and
-are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared. One prompt each
-(a batch [B, T, D] raises ValueError; jax.vmap them over it).
+are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared. One prompt each,
+tokens [cfg.seq_len, cfg.dim + 1] (a batch [B, T, D] or a prompt of another shape raises ValueError; jax.vmap them
+over a batch). Where the shapes agree (paired n_context 8 and interleaved n_context 4 are both [9, dim + 1]) a prompt
+of the other format cannot be told apart and gives wrong predictions.
 """
 
 from collections.abc import Callable
@@ -53,9 +55,12 @@ def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Pr
 
 def _per_prefix(cfg: lr_task.LinearRegression, fit: Fit, name: str) -> Predictor:
     """The predictor that fits each prefix by `fit` (name: the baseline, for errors)."""
+    tokens_of = "n_context + 1" if cfg.format == "paired" else "2 n_context + 1"
+    fields = (f"{tokens_of} = {cfg.seq_len} tokens of x {cfg.dim} + y 1 for format={cfg.format!r}, "
+              f"n_context={cfg.n_context}, dim={cfg.dim}")
 
     def predict(tokens: jax.Array) -> jax.Array:
-        check_one_prompt(name, tokens)
+        check_one_prompt(name, tokens, cfg.token_dim, fields, length=cfg.seq_len)
         x, y = lr_task.decode(cfg, tokens)
         n = x.shape[0]
         before = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [j, i]: pair i is in prefix j

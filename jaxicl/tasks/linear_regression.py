@@ -18,7 +18,6 @@ k / n_context (see `SelfAttention`). Softmax attention does give padding weight.
 """
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -134,15 +133,20 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     The keywords are the sweepable fields: (possibly traced) values replacing cfg.noise_std,
     cfg.n_tasks and cfg.n_context; n_context in [1, cfg.n_context] real context pairs are kept at the
     end and the others zeroed (x, y, mask and info alike; see the module docstring). Every other
-    field changes shapes or the sampling code and is fixed across a sweep. A plain int n_context
-    outside that range, or n_tasks < 0, raises ConfigError (a traced one cannot be checked: n_context is clipped to
-    the range, n_tasks < 0 draws from a pool of 1).
+    field changes shapes or the sampling code and is fixed across a sweep. A concrete n_context or n_tasks (an int,
+    a numpy or jax scalar) that is not an integer in range (n_context in [1, cfg.n_context], n_tasks >= 0) raises
+    ConfigError (a float 2.5 was truncated, an array 9 clipped); a traced one (a sweep member's, or an array in
+    sample_batch's task_params) cannot be checked: n_context is clipped to the range, n_tasks < 0 draws from a pool
+    of 1.
     """
-    if isinstance(n_context, numbers.Integral) and not 1 <= n_context <= cfg.n_context:
-        raise ConfigError(f"n_context (the real context pairs kept) must be in [1, cfg.n_context={cfg.n_context}], "
-                          f"got {n_context!r}")
-    if isinstance(n_tasks, numbers.Integral):
-        check_positive("n_tasks", n_tasks, allow_zero=True)
+    if (k := _concrete_scalar(n_context)) is not None:
+        check_integer("n_context", k)
+        if not 1 <= k <= cfg.n_context:
+            raise ConfigError(f"n_context (the real context pairs kept) must be in [1, cfg.n_context="
+                              f"{cfg.n_context}], got {k!r}")
+    if (t := _concrete_scalar(n_tasks)) is not None:
+        check_integer("n_tasks", t)
+        check_positive("n_tasks", t, allow_zero=True)
     noise_std = cfg.noise_std if noise_std is None else noise_std
     n, d = cfg.n_context + 1, cfg.dim
     # One flat N(0, 1) draw per prompt, cut into w, x and the noise: a vmapped multi-dimensional draw costs about
@@ -156,7 +160,7 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     y = x @ w + noise_std * z[d + n * d:]
     weights = _loss_weights(cfg)
     if n_context is not None:
-        k = jnp.clip(n_context, 1, cfg.n_context)  # a traced value, unchecked
+        k = jnp.clip(n_context, 1, cfg.n_context)  # a traced value, unchecked (a concrete one was checked)
         real = jnp.arange(n) >= cfg.n_context - k  # [n]: the padding first, the query always real
         x, y, weights = x * real[:, None], y * real, weights * real
     # One materialised copy of each: targets, tokens and info hold the same label values bit for bit
@@ -164,6 +168,14 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     w, x, y = jax.lax.optimization_barrier((w, x, y))
     return Prompt(inputs=encode(cfg, x, y), targets=at_positions(cfg, y),
                   mask=at_positions(cfg, weights), info={"w": w, "x": x, "y": y})
+
+
+def _concrete_scalar(value):
+    """What sample checks of a keyword's value: None for None or a jax tracer (unchecked), a concrete 0-d numpy or
+    jax array as the Python number it holds, anything else as it is."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return None
+    return value.item() if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () else value
 
 
 def encode(cfg: LinearRegression, x: jax.Array, y: jax.Array) -> jax.Array:
