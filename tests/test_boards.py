@@ -92,6 +92,10 @@ def test_double_test_seen_is_whether_some_training_tuple_draws_the_same_board(da
     assert [int(np.sum(seen & swap_trains & swap_same)), int(np.sum(seen & ~(swap_trains & swap_same))),
             int(np.sum(~seen & swap_trains)), int(np.sum(~seen & ~swap_trains & swap_same))] == [2962, 87, 959, 564]
     assert int(np.sum(data.double_test_seen())) == 255 and data.double_test_seen().shape == (400,)
+    # the 145 unseen ones all have overlapping roots, as have 149 of the 400
+    defaults = data.tuples("test", "double")
+    overlap = np.all(np.abs(defaults[:, 1:3] - defaults[:, 4:6]) < 3, 1)
+    assert [int(np.sum(overlap & ~data.double_test_seen())), int(np.sum(overlap))] == [145, 149]
 
 
 def test_the_blueprint_has_distinct_roots_and_composites(data):

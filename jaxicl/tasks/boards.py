@@ -14,12 +14,13 @@ for composition) test_per_group tuples go to test, the rest to train. Single and
 (position, background) pairs of known objects; most double test boards are not new: the swap (k2, x2, y2, k1, x1,
 y1, bck) of a test tuple lies in the group (k2, k1), split apart, so it is almost always a training tuple, and where
 the two roots do not overlap it draws the same board. At the defaults 255 of the 400 double test boards (64%) are
-training boards (the official code splits the same way); BoardData.double_test_seen flags them (eval_prompts'
-info "seen", board_metrics' board_accuracy_double_unseen). A tuple is addressed by (group, index within the group)
-and decoded arithmetically, so sampling needs only the held-out indices [groups, test_per_group] on device (no
-table of the 899,600 double tuples); tuples become placement rows [17] (four (root, row, col, active) placements
-and the background), and rendering, annotation and masking run under jit/vmap on device. Row = x, column = y is
-our reading of the official (x, y).
+training boards (the official code splits the same way), and the 145 others all have overlapping roots (as have 149
+of the 400), so accuracy on them mixes novelty with the hardest boards. BoardData.double_test_seen flags the
+training ones (eval_prompts' info "seen", board_metrics' board_accuracy_double_unseen). A tuple is addressed by
+(group, index within the group) and decoded arithmetically, so sampling needs only the held-out indices [groups,
+test_per_group] on device (no table of the 899,600 double tuples); tuples become placement rows [17] (four (root,
+row, col, active) placements and the background), and rendering, annotation and masking run under jit/vmap on
+device. Row = x, column = y is our reading of the official (x, y).
 
 Token and patch masking and the type curriculum are pure functions of the epoch (Section 2 of
 shared/papers/abstractions_ferry2023.md, exact from the official code).
