@@ -381,6 +381,10 @@ def test_smoke_runs_share_one_training_run(tmp_path):
     # the final evaluation in the run's log is the one the training checks report
     final = [r for r in rows if r["split"] == "eval"][-1]
     assert training["checks"][0]["value"] == pytest.approx(final["test_token_accuracy"])
+    # and the double boards no training tuple draws: 2 of the 8 evaluated (BoardData.double_test_seen)
+    assert (f"(double on the 2 of the 8 double test prompts whose board no training tuple draws "
+            f"{final['test_board_accuracy_double_unseen']:.2f}; the others are training boards)"
+            in training["checks"][1]["note"])
 
 
 def test_lea_speech_check_scores_object_cells_so_a_background_language_fails():

@@ -70,6 +70,34 @@ def test_counts_per_type_and_split_match_the_notes_and_the_splits_are_disjoint(d
         assert len(np.unique(groups)) == bd.sizes(CFG, t)[0]
 
 
+def test_double_test_seen_is_whether_some_training_tuple_draws_the_same_board(data):
+    """Against every training double board, rendered, of a small blueprint of 2 colours (roots often agree on the
+    cells an overlap leaves visible) with 300 of the 1800 tuples of each ordered root pair held out (a swap is often
+    held out too); then the count at the defaults (the official split: 255 of the 400, by the same brute force)."""
+    small = bd.build(bd.Boards(n_roots=4, n_colours=2, n_backgrounds=2, test_per_group=7))
+    rng = np.random.default_rng(0)
+    held = np.stack([np.sort(rng.choice(1800, 300, replace=False)) for _ in range(16)])
+    small = dataclasses.replace(small, test={**small.test, "double": held})
+    board = lambda t: np.asarray(small.render(small.rows("double", t))["board"])  # noqa: E731
+    train, test = small.tuples("train", "double"), small.tuples("test", "double")
+    training_boards = {b.tobytes() for b in board(train)}
+    seen = small.double_test_seen()
+    np.testing.assert_array_equal(seen, [b.tobytes() in training_boards for b in board(test)])
+    # every case occurs: seen through the swap (k2, x2, y2, k1, x1, y1, bck) or another tuple (other roots agreeing
+    # on the visible cells), unseen although the swap trains (an overlap drawn differently) or as the swap is held out
+    swap = test[:, [3, 4, 5, 0, 1, 2, 6]]
+    trains = set(map(tuple, train.tolist()))
+    swap_trains = np.array([t in trains for t in map(tuple, swap.tolist())])
+    swap_same = np.all(board(swap) == board(test), 1)
+    assert [int(np.sum(seen & swap_trains & swap_same)), int(np.sum(seen & ~(swap_trains & swap_same))),
+            int(np.sum(~seen & swap_trains)), int(np.sum(~seen & ~swap_trains & swap_same))] == [2962, 87, 959, 564]
+    assert int(np.sum(data.double_test_seen())) == 255 and data.double_test_seen().shape == (400,)
+    # the 145 unseen ones all have overlapping roots, as have 149 of the 400
+    defaults = data.tuples("test", "double")
+    overlap = np.all(np.abs(defaults[:, 1:3] - defaults[:, 4:6]) < 3, 1)
+    assert [int(np.sum(overlap & ~data.double_test_seen())), int(np.sum(overlap))] == [145, 149]
+
+
 def test_the_blueprint_has_distinct_roots_and_composites(data):
     assert data.roots.shape == (10, 3, 3) and data.composites.shape == (5, 2, 2)
     assert len({r.tobytes() for r in data.roots}) == 10 and len({c.tobytes() for c in data.composites}) == 5
@@ -285,13 +313,20 @@ def test_board_metrics_against_numpy(data):
     assert objects[types == 1].min() >= 10 and objects[types == 1].max() <= 18
     for i, t in enumerate(bd.TYPES):
         np.testing.assert_allclose(float(got[f"board_accuracy_{t}"]), (~wrong[types == i].any(1)).mean(), rtol=1e-6)
+    # 62 of the 100 double test boards (twice: 2 rounds) are training boards (a brute force over every training board)
+    seen = np.asarray(batch.info["seen"])
+    assert [int(np.sum(seen[types == i])) for i in range(3)] == [0, 124, 0]
+    unseen_double = (types == 1) & ~seen
+    np.testing.assert_allclose(float(got["board_accuracy_double_unseen"]), (~wrong[unseen_double].any(1)).mean(),
+                               rtol=1e-6)  # a float32 ratio of counts
+    assert np.all(np.asarray(bd.eval_prompts(data, "train", jax.random.key(4), 2000, (4, 4, 4)).info["seen"]))
     # nothing to score is NaN, not 0: unmasked single boards only (no masked cell, no double or composite board)
     singles = jax.tree.map(lambda a: a[types == 0], batch)
     singles = dataclasses.replace(singles, info={**singles.info, "masked": jnp.zeros_like(singles.info["masked"])})
     empty = bd.board_metrics(jnp.full_like(singles.targets, 20), singles)  # every cell wrong
     assert float(empty["token_accuracy"]) == 0 and float(empty["board_accuracy_single"]) == 0
     assert all(np.isnan(float(empty[k])) for k in ("masked_error", "masked_object_error", "board_accuracy_double",
-                                                     "board_accuracy_composition"))
+                                                     "board_accuracy_composition", "board_accuracy_double_unseen"))
 
 
 def test_place_numbers_and_coordinates_round_trip_over_the_6x6_top_left_places():

@@ -10,12 +10,17 @@ out with a one-cell margin (a 7x7 footprint). Board types and their parameter tu
 
 Every board starts as the background token bck (0..9); object cells hold 10 + colour; UNK (20) masks. Splits
 (the official "balanced" split): per group (a root for single, an ordered root pair for double, a composite
-for composition) test_per_group tuples go to test, the rest to train, so test boards are new (position,
-background) pairs of known objects. A tuple is addressed by (group, index within the group) and decoded
-arithmetically, so sampling needs only the held-out indices [groups, test_per_group] on device (no table of the
-899,600 double tuples); tuples become placement rows [17] (four (root, row, col, active) placements and the
-background), and rendering, annotation and masking run under jit/vmap on device. Row = x, column = y is our
-reading of the official (x, y).
+for composition) test_per_group tuples go to test, the rest to train. Single and composite test boards are new
+(position, background) pairs of known objects; most double test boards are not new: the swap (k2, x2, y2, k1, x1,
+y1, bck) of a test tuple lies in the group (k2, k1), split apart, so it is almost always a training tuple, and where
+the two roots do not overlap it draws the same board. At the defaults 255 of the 400 double test boards (64%) are
+training boards (the official code splits the same way), and the 145 others all have overlapping roots (as have 149
+of the 400), so accuracy on them mixes novelty with the hardest boards. BoardData.double_test_seen flags the
+training ones (eval_prompts' info "seen", board_metrics' board_accuracy_double_unseen). A tuple is addressed by
+(group, index within the group) and decoded arithmetically, so sampling needs only the held-out indices [groups,
+test_per_group] on device (no table of the 899,600 double tuples); tuples become placement rows [17] (four (root,
+row, col, active) placements and the background), and rendering, annotation and masking run under jit/vmap on
+device. Row = x, column = y is our reading of the official (x, y).
 
 Token and patch masking and the type curriculum are pure functions of the epoch (Section 2 of
 shared/papers/abstractions_ferry2023.md, exact from the official code).
@@ -205,6 +210,31 @@ class BoardData:
         rows = np.flatnonzero(in_test.ravel() == (split == "test"))
         return np.asarray(_decode_all(self.cfg, kind, per, jnp.asarray(rows)))
 
+    @functools.cache
+    def double_test_seen(self) -> np.ndarray:
+        """[N] bool, per double test tuple (in tuples("test", "double") order): whether a training tuple draws the
+        same board (mostly its swap (k2, x2, y2, k1, x1, y1, bck), of the group (k2, k1), where the roots do not
+        overlap). Exact: only double tuples draw 10..18 object cells, two 3x3 squares at different rows and
+        columns, which fix the background and the two places up to their order; the root drawn second shows whole,
+        so per order it is the root whose pattern the board shows there (or none), and every root drawn first is
+        tried: 2 n_roots candidate tuples a test tuple, rendered and compared."""
+        cfg, test = self.cfg, self.tuples("test", "double")  # [N, 7]
+        own = np.asarray(self.render(self.rows("double", test))["board"])  # [N, 64]
+        i, j = np.divmod(np.arange(9), 3)
+        c = np.empty((len(test), 2, cfg.n_roots, 7), test.dtype)  # [N, order, root drawn first, columns]
+        c[..., 0], c[..., 6] = np.arange(cfg.n_roots), test[:, None, None, 6]
+        for o, (first, second) in enumerate(((test[:, 1:3], test[:, 4:6]), (test[:, 4:6], test[:, 1:3]))):
+            shown = np.take_along_axis(own, (second[:, :1] + i) * 8 + second[:, 1:] + j, 1) - 10  # [N, 9]
+            top = np.all(shown[:, None] == self.roots.reshape(1, -1, 9), -1)  # [N, n_roots] at most one
+            c[:, o, :, 1:3], c[:, o, :, 4:6] = first[:, None], second[:, None]
+            c[:, o, :, 3] = np.argmax(top, 1)[:, None]  # root 0 where none: its board differs there
+        c = c.reshape(len(test), 2 * cfg.n_roots, 7)
+        x1, y1, x2, y2 = c[..., 1], c[..., 2], c[..., 4], c[..., 5]
+        within = (position_of(x1, y1) * 25 + (x2 - (x2 > x1)) * 5 + y2 - (y2 > y1)) * cfg.n_backgrounds + c[..., 6]
+        held = np.any(self.test["double"][c[..., 0] * cfg.n_roots + c[..., 3]] == within[..., None], -1)  # decode^-1
+        drawn = np.asarray(self.render(self.rows("double", c.reshape(-1, 7)))["board"]).reshape(*c.shape[:2], 64)
+        return np.any(np.all(drawn == own[:, None], -1) & ~held, 1)
+
     def rows(self, kind: str, tuples: np.ndarray) -> jax.Array:
         """[N, 17] placement rows of tuples [N, columns] of a type."""
         return _placement_rows(self.cfg, kind, jnp.asarray(tuples, jnp.int32), jnp.asarray(self.composites))
@@ -340,26 +370,30 @@ def eval_prompts(data: BoardData, split: str, key: jax.Array, epoch: int, per_ty
     """A fixed evaluation set: per type, per_type[t] of the split's tuples evenly spaced in the split's order (all of
     them when there are no more), each masked independently `rounds` times for `epoch` (the official test set:
     (40, 100, 20) tuples, 2 rounds; evenly spaced, a choice of ours, covers every group of the double test tuples).
-    info as the sampler's; every leaf has a leading [sum(per_type) * rounds] axis."""
+    info as the sampler's plus "seen": whether the board is a training board (every training one; of the test ones,
+    the double boards BoardData.double_test_seen flags). Every leaf has a leading [sum(per_type) * rounds] axis."""
     cfg = data.cfg
     chosen = [spread(data.tuples(split, t), n) for t, n in zip(TYPES, per_type)]
+    seen = [np.full(len(c), split == "train") for c in chosen]  # a single or composite board is its tuple's alone
+    if split == "test":
+        seen[1] = spread(data.double_test_seen(), per_type[1])
     rows = jnp.concatenate([data.rows(t, c) for t, c in zip(TYPES, chosen)])
     kinds = jnp.concatenate([jnp.full(len(c), i) for i, c in enumerate(chosen)])
-    rows, kinds = jnp.tile(rows, (rounds, 1)), jnp.tile(kinds, rounds)
+    rows, kinds, seen = jnp.tile(rows, (rounds, 1)), jnp.tile(kinds, rounds), jnp.tile(np.concatenate(seen), rounds)
 
-    return _masked_prompts(cfg, jnp.asarray(data.roots), rows, kinds, jax.random.split(key, len(kinds)), epoch)
+    return _masked_prompts(cfg, jnp.asarray(data.roots), rows, kinds, seen, jax.random.split(key, len(kinds)), epoch)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _masked_prompts(cfg: Boards, roots, rows, kinds, keys, epoch) -> Prompt:
-    def one(row, kind, k):
+def _masked_prompts(cfg: Boards, roots, rows, kinds, seen, keys, epoch) -> Prompt:
+    def one(row, kind, s, k):
         out = render(roots, row)
         inputs, masked = mask_board(cfg, k, out, epoch)
         board = out.pop("board")
         return Prompt(inputs=inputs, targets=board, mask=jnp.ones(board.shape, jnp.float32),
-                      info={**out, "masked": masked, "type": kind, "epoch": jnp.asarray(epoch, jnp.int32)})
+                      info={**out, "masked": masked, "type": kind, "seen": s, "epoch": jnp.asarray(epoch, jnp.int32)})
 
-    return jax.vmap(one)(rows, kinds, keys)
+    return jax.vmap(one)(rows, kinds, seen, keys)
 
 
 def spread(rows: np.ndarray, n: int) -> np.ndarray:
@@ -370,8 +404,9 @@ def spread(rows: np.ndarray, n: int) -> np.ndarray:
 def board_metrics(pred: jax.Array, batch: Prompt) -> dict:
     """The notes' accuracies for predicted tokens pred [B, 64] of a batch: token accuracy over every cell, the
     error on masked cells only (the informative one) and on masked object cells (chance: about 0.9 for the ten
-    colours), board accuracy (no wrong cell) overall and per type. NaN where there is nothing to score (no masked
-    cell, no board of a type): 0 would read as a perfect completion or as no board drawn right."""
+    colours), board accuracy (no wrong cell) overall, per type and on the double boards that are no training board
+    (eval_prompts' info "seen"). NaN where there is nothing to score (no masked cell, no board of a type; no unseen
+    double board in a training set): 0 would read as a perfect completion or as no board drawn right."""
     wrong = pred != batch.targets
     masked = batch.info["masked"]
     masked_object = masked & (batch.info["root"] >= 0)
@@ -382,6 +417,7 @@ def board_metrics(pred: jax.Array, batch: Prompt) -> dict:
            "board_accuracy": jnp.mean(right_board)}
     for i, t in enumerate(TYPES):
         out[f"board_accuracy_{t}"] = _share(right_board, batch.info["type"] == i)
+    out["board_accuracy_double_unseen"] = _share(right_board, (batch.info["type"] == 1) & ~batch.info["seen"])
     return out
 
 
