@@ -129,6 +129,28 @@ def test_hidden_keys_score_a_finite_value_in_float16_so_attribution_patching_of_
     np.testing.assert_allclose(grids[jnp.float16], grids[jnp.float32], rtol=1e-2)
 
 
+def test_an_edit_of_the_scores_cannot_unmask_a_later_key():
+    # the mask was applied only before the scores site: scores * 0 (a uniform-attention ablation) gave query 0
+    # weight 1/8 on each of the 8 keys, and changing the last token moved the output at position 0 by 4.8e-3
+    g, p = nnx.split(GPT(d_model=16, n_layers=2, n_heads=2, max_len=8, vocab_size=11, rngs=nnx.Rngs(0)))
+    tokens = jnp.arange(8) % 11
+    uniform = {f"layer{l}.attn.scores": lambda s: 0 * s for l in range(2)}
+    out, c = apply(g, p, tokens, capture=["layer0.attn.weights", "layer1.attn.weights"], edits=uniform)
+    # query i: exp(0) = 1 on each of its i + 1 keys, exp(-1e9) = 0 after; e / sum(e) is one correctly rounded float32
+    # division 1 / (i + 1), so exact
+    allowed = np.tril(np.ones((8, 8), np.float32))
+    for l in range(2):
+        np.testing.assert_array_equal(c[f"layer{l}.attn.weights"], [allowed / allowed.sum(1, keepdims=True)] * 2)
+    # the same code path with only the last token changed: earlier positions sum the same terms (0 * v for the
+    # changed key), so exactly equal
+    changed = apply(g, p, tokens.at[-1].set(3), edits=uniform)[0]
+    np.testing.assert_array_equal(changed[:-1], out[:-1])
+    assert np.abs(np.asarray(changed[-1] - out[-1])).max() > 0
+    # a temperature edit: query 0 keeps all its weight on key 0 however flat its scores are made
+    weights = apply(g, p, tokens, capture=["layer0.attn.weights"], edits={"layer0.attn.scores": lambda s: s / 1e9})[1]
+    np.testing.assert_array_equal(np.asarray(weights["layer0.attn.weights"])[:, 0], np.eye(1, 8).repeat(2, 0))
+
+
 def test_site_shapes_and_axes_are_declared_without_running_the_model():
     model = GPT(d_model=8, n_layers=1, n_heads=2, d_head=3, d_mlp=5, max_len=6, vocab_size=7, rngs=nnx.Rngs(0))
     shapes = model.site_shapes(jax.ShapeDtypeStruct((4,), jnp.int32))
