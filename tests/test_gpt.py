@@ -2,6 +2,8 @@
 attention of long prompts."""
 
 import math
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,8 @@ from jaxicl.models import apply, predictor
 from jaxicl.models.gpt import GPT, SPLIT_FROM
 from jaxicl.sites import Patch
 from jaxicl.validation import ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _vector_model(final_norm=True, d_mlp=None, seed=0):
@@ -129,6 +133,28 @@ def test_hidden_keys_score_a_finite_value_in_float16_so_attribution_patching_of_
     np.testing.assert_allclose(grids[jnp.float16], grids[jnp.float32], rtol=1e-2)
 
 
+def test_an_edit_of_the_scores_cannot_unmask_a_later_key():
+    # the mask was applied only before the scores site: scores * 0 (a uniform-attention ablation) gave query 0
+    # weight 1/8 on each of the 8 keys, and changing the last token moved the output at position 0 by 4.8e-3
+    g, p = nnx.split(GPT(d_model=16, n_layers=2, n_heads=2, max_len=8, vocab_size=11, rngs=nnx.Rngs(0)))
+    tokens = jnp.arange(8) % 11
+    uniform = {f"layer{l}.attn.scores": lambda s: 0 * s for l in range(2)}
+    out, c = apply(g, p, tokens, capture=["layer0.attn.weights", "layer1.attn.weights"], edits=uniform)
+    # query i: exp(0) = 1 on each of its i + 1 keys, exp(-1e9) = 0 after; e / sum(e) is one correctly rounded float32
+    # division 1 / (i + 1), so exact
+    allowed = np.tril(np.ones((8, 8), np.float32))
+    for l in range(2):
+        np.testing.assert_array_equal(c[f"layer{l}.attn.weights"], [allowed / allowed.sum(1, keepdims=True)] * 2)
+    # the same code path with only the last token changed: earlier positions sum the same terms (0 * v for the
+    # changed key), so exactly equal
+    changed = apply(g, p, tokens.at[-1].set(3), edits=uniform)[0]
+    np.testing.assert_array_equal(changed[:-1], out[:-1])
+    assert np.abs(np.asarray(changed[-1] - out[-1])).max() > 0
+    # a temperature edit: query 0 keeps all its weight on key 0 however flat its scores are made
+    weights = apply(g, p, tokens, capture=["layer0.attn.weights"], edits={"layer0.attn.scores": lambda s: s / 1e9})[1]
+    np.testing.assert_array_equal(np.asarray(weights["layer0.attn.weights"])[:, 0], np.eye(1, 8).repeat(2, 0))
+
+
 def test_site_shapes_and_axes_are_declared_without_running_the_model():
     model = GPT(d_model=8, n_layers=1, n_heads=2, d_head=3, d_mlp=5, max_len=6, vocab_size=7, rngs=nnx.Rngs(0))
     shapes = model.site_shapes(jax.ShapeDtypeStruct((4,), jnp.int32))
@@ -147,16 +173,22 @@ def test_site_shapes_and_axes_are_declared_without_running_the_model():
     assert not any("mlp" in n for n in names) and "final_norm.scale" not in names
 
 
+def _final_norm_model() -> tuple[GPT, jax.Array]:
+    """A float64 _vector_model whose final LayerNorm has a non-trivial affine (so the division and the affine are told
+    apart), and a prompt [5, 1]."""
+    model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _vector_model())
+    model.ln_final.scale[...] = jnp.linspace(0.5, 2.0, 8)
+    model.ln_final.bias[...] = jnp.linspace(-0.3, 0.4, 8)
+    return model, jax.random.normal(jax.random.key(5), (5, 1), jnp.float64)
+
+
 def test_editing_or_patching_the_final_norm_scale_site_divides_the_normalised_output(x64):
     """final_norm.scale is sqrt(var + eps) before the division (TransformerLens's ln_final.hook_scale): doubling it
     halves the normalised output before the affine, and patching it with a constant c gives (x - mean) / c; the
     outputs follow by hand through ln_final's scale and bias and the unembedding (float64 numpy)."""
-    model = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _vector_model())
+    model, tokens = _final_norm_model()
     ln = model.ln_final
-    ln.scale[...] = jnp.linspace(0.5, 2.0, 8)  # a non-trivial affine, so the division and the affine are told apart
-    ln.bias[...] = jnp.linspace(-0.3, 0.4, 8)
     graphdef, params = nnx.split(model)
-    tokens = jax.random.normal(jax.random.key(5), (5, 1), jnp.float64)
     _, cache = apply(graphdef, params, tokens, capture=("layer1.resid_post", "final_norm.scale"))
     resid = np.asarray(cache["layer1.resid_post"])
     centred = resid - resid.mean(-1, keepdims=True)
@@ -172,6 +204,34 @@ def test_editing_or_patching_the_final_norm_scale_site_divides_the_normalised_ou
     np.testing.assert_allclose(doubled, by_hand(2 * np.asarray(cache["final_norm.scale"])), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(patched, by_hand(100.0), rtol=1e-9, atol=1e-12)
     assert np.abs(np.asarray(doubled) - by_hand(np.asarray(cache["final_norm.scale"]))).max() > 1e-3
+
+
+def _transformer_lens_final_hooks(resid: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> dict[str, np.ndarray]:
+    """TransformerLens's hooks of the final LayerNorm and the unembedding as its LayerNorm.forward and Unembed.forward
+    compute them (transformer_lens.components), from the residual stream resid [T, D] and ln_final's weight and
+    bias [D]."""
+    centred = resid - resid.mean(-1, keepdims=True)
+    scale = np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5)
+    return {"ln_final.hook_scale": scale, "ln_final.hook_normalized": centred / scale,
+            "unembed.hook_in": centred / scale * weight + bias}
+
+
+def test_the_readme_maps_the_final_sites_to_the_transformer_lens_hooks_of_the_same_values(x64):
+    """README's table row of the final sites against TransformerLens's hooks written in numpy: unembed.in is after
+    ln_final's weight and bias (unembed.hook_in, not ln_final.hook_normalized, which README gave: 55% apart), and
+    hook_normalized is (unembed.in - bias) / weight, as README says."""
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `final_norm.scale`"))
+    sites, hooks = (re.findall(r"`([^`]+)`", cell) for cell in row.split("|")[1:3])
+    assert sites == ["final_norm.scale", "unembed.in"]
+    model, tokens = _final_norm_model()
+    weight, bias = np.asarray(model.ln_final.scale[...]), np.asarray(model.ln_final.bias[...])
+    _, cache = apply(*nnx.split(model), tokens, capture=("layer1.resid_post", *sites))
+    hook_values = _transformer_lens_final_hooks(np.asarray(cache["layer1.resid_post"]), weight, bias)
+    # float64, the same formulas; the atol for entries near 0, where the difference to the bias cancels (|bias| < 1)
+    for site, hook in zip(sites, hooks, strict=True):
+        np.testing.assert_allclose(cache[site], hook_values[hook], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose((np.asarray(cache["unembed.in"]) - bias) / weight,
+                               hook_values["ln_final.hook_normalized"], rtol=1e-12, atol=1e-14)
 
 
 def test_bad_model_configs_name_the_field():

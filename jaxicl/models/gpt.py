@@ -16,7 +16,8 @@ Named sites (shapes per prompt; the TransformerLens hook of each is in README):
   pos_embed          [T, D]           positional embedding
   layer{l}.resid_pre [T, D]
   layer{l}.attn.q, .k, .v   [T, H, dh]
-  layer{l}.attn.scores      [H, T, T]  q k / sqrt(dh), entries after the query masked to masked_value(dtype)
+  layer{l}.attn.scores      [H, T, T]  q k / sqrt(dh), entries after the query masked to masked_value(dtype); masked
+                                       again after the site, so an edit of the scores cannot unmask a later key
   layer{l}.attn.weights     [H, T, T]  softmax over keys (the attention pattern)
   layer{l}.attn.z           [T, H, dh] weights v
   layer{l}.attn.heads       [T, H, D]  each head's output z W_O
@@ -94,11 +95,16 @@ def masked_value(dtype) -> float:
     return max(MASKED, float(jnp.finfo(dtype).min) / 2)
 
 
+def mask_hidden(scores: jax.Array, causal: jax.Array) -> jax.Array:
+    """scores [H, Tq, Tk], causal [Tq, Tk] (True: the query sees the key) -> scores [H, Tq, Tk] with
+    masked_value(their dtype) where the key is hidden."""
+    return jnp.where(causal, scores, masked_value(scores.dtype))
+
+
 def masked_scores(q: jax.Array, k: jax.Array, causal: jax.Array) -> jax.Array:
     """q [Tq, H, dh], k [Tk, H, dh], causal [Tq, Tk] (True: the query sees the key) -> scores [H, Tq, Tk]:
     q k / sqrt(dh), masked_value(their dtype) where the key is hidden."""
-    scores = jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1])
-    return jnp.where(causal, scores, masked_value(scores.dtype))
+    return mask_hidden(jnp.einsum("qhe,khe->hqk", q, k) / jnp.sqrt(q.shape[-1]), causal)
 
 
 def split_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: jax.Array) -> jax.Array:
@@ -247,7 +253,9 @@ class GPT(Model):
         v = sites(f"{name}.v", jnp.einsum("td,hde->the", h, a.wv[...]))
         # a list, not a generator: both sites must count as visited
         if x.shape[0] < SPLIT_FROM or any([wants(sites, f"{name}.scores"), wants(sites, f"{name}.weights")]):
-            scores = sites(f"{name}.scores", masked_scores(q, k, causal))
+            # masked again after the site: an edit of the scores (scores * 0, a uniform-attention ablation) cannot
+            # unmask a hidden key, while the cached scores still hold masked_value there
+            scores = mask_hidden(sites(f"{name}.scores", masked_scores(q, k, causal)), causal)
             z = jnp.einsum("hqk,khe->qhe", sites(f"{name}.weights", softmax(scores)), v)
         else:
             z = split_causal_attention(q, k, v, causal)
