@@ -14,10 +14,11 @@ from jaxicl.models.ar_linear_attention import (AugmentedLinearAttention, Diagona
                                                PositionalOnlyAttention)
 from jaxicl.models.ar_transformer import AugmentedTransformer, PositionalTransformer
 from jaxicl.models.factor_transformer import FactorTransformer
-from jaxicl.models.gpt import GPT
+from jaxicl.models.gpt import GPT, SPLIT_FROM
 from jaxicl.models.lea import LEA
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.models.pq_view import from_pq, to_pq
+from jaxicl.sites import Sites, null_sites
 
 
 def _numpy_linear_attention(model: SelfAttention, tokens: np.ndarray) -> np.ndarray:
@@ -157,6 +158,44 @@ def test_unknown_site_names_raise():
     g, p = nnx.split(model)
     with pytest.raises(KeyError, match="layer7.attn.out"):
         apply(g, p, jnp.ones((4, 3)), capture=["layer7.attn.out"])
+
+
+class Looped(Model):
+    """A weight-shared block run `loops` times that names its site without the loop index."""
+
+    def __init__(self, loops: int, rngs: nnx.Rngs):
+        self.loops = loops
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (3, 3)))
+
+    def __call__(self, tokens, sites=null_sites):
+        x = tokens
+        for _ in range(self.loops):
+            x = sites("block.out", x + jnp.tanh(x @ self.w[...]))
+        return x
+
+
+def test_a_site_visited_twice_in_one_forward_pass_is_refused():
+    """The cache kept only the last visit and an edit or a patch changed every visit, silently."""
+    g, p = nnx.split(Looped(3, nnx.Rngs(0)))
+    message = ("site 'block.out' visited twice in one forward pass: site names must be unique per forward pass; put "
+               "the loop index in the name (e.g. f\"block{i}.out\")")
+    for capture in ((), ["block.out"], "all"):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            apply(g, p, jnp.ones((4, 3)), capture=capture)
+    assert apply(*nnx.split(Looped(1, nnx.Rngs(0))), jnp.ones((4, 3)), capture=["block.out"])[1]["block.out"].shape \
+        == (4, 3)
+
+
+@pytest.mark.parametrize("build,tokens,capture", [
+    # from SPLIT_FROM positions GPT asks wants() for scores and weights and computes both when one is read
+    (lambda: GPT(d_model=4, n_layers=1, n_heads=2, d_mlp=None, max_len=SPLIT_FROM, input_dim=1, rngs=nnx.Rngs(0)),
+     jnp.ones((SPLIT_FROM, 1)), ["layer0.attn.scores"]),
+    # linear attention without a mask asks for scores, then heads, and computes both when heads are read
+    (lambda: SelfAttention(3, rngs=nnx.Rngs(0)), jnp.ones((4, 3)), ["layer0.attn.heads"])])
+def test_a_site_skipped_through_wants_and_computed_after_all_is_visited_once(build, tokens, capture):
+    model, sites = build(), Sites(capture)
+    model(tokens, sites=sites)
+    assert sorted(sites.seen) == sorted(model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)))
 
 
 def test_bad_model_options_name_the_field():
