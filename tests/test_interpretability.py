@@ -21,7 +21,7 @@ from jaxicl.analysis.steering import edit_each_site
 from jaxicl.models import SelfAttention, apply, predictor
 from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.models.gpt import GPT
-from jaxicl.sites import Patch
+from jaxicl.sites import Patch, null_sites
 from jaxicl.tasks import affine_recurrence as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.train.mesh import data_mesh
@@ -407,6 +407,31 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 1)], stream_site="final_norm.scale")
     with pytest.raises(ValueError, match=r"heads: give at least one \(layer, head\) pair"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [])
+
+
+def test_the_analyses_of_a_plain_nnx_module_ask_for_a_jaxicl_model():
+    """apply and training take any NNX module with a readout; the analyses raised AttributeError 'site_shapes'."""
+
+    class Plain(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 3, rngs=rngs)
+
+        def __call__(self, tokens, sites=null_sites):
+            return sites("hidden", self.linear(tokens))
+
+        def readout(self, outputs):
+            return outputs.sum(-1)
+
+    g, p = nnx.split(Plain(nnx.Rngs(0)))
+    tokens = jnp.ones((B, T, 3))
+    assert apply(g, p, tokens[0], capture=["hidden"])[1]["hidden"].shape == (T, 3)
+    message = re.escape("Plain is not a jaxicl.models.base.Model: the analyses (caches, patching, ablation, ...) read "
+                        "the shapes and axes of its sites through Model.site_shapes and Model.site_axes; subclass "
+                        "jaxicl.models.base.Model instead of nnx.Module")
+    with pytest.raises(TypeError, match=message):
+        run_with_cache(g, p, tokens, ["hidden"])
+    with pytest.raises(TypeError, match=message):
+        activation_patching(g, p, tokens, tokens, last_sq, ["hidden"])
 
 
 def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():
