@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxicl.models
+from jaxicl.analysis.cache import site_info
 from jaxicl.models import Model, SelfAttention, apply
 from jaxicl.models.ar_linear_attention import (AugmentedLinearAttention, DiagonalPositionalAttention,
                                                PositionalOnlyAttention)
@@ -282,8 +283,10 @@ def test_site_axes_name_every_axis_with_pos_of_size_t_and_head_of_size_h(cls):
     """Patching selects positions and heads by these names, so a misnamed axis patches the wrong slice silently."""
     model, tokens, heads = AXES_CASES[cls]()
     _, rec = apply(*nnx.split(model), tokens, capture="all")
+    info = site_info(*nnx.split(model), tokens)
     for name, value in rec.items():
         axes = model.site_axes(name, value.ndim)
+        assert info[name] == (value.shape, axes)  # the analyses see the axes the model declares
         assert len(axes) == value.ndim and len(set(axes)) == len(axes), (name, value.shape, axes)
         if "pos" in axes:
             assert value.shape[axes.index("pos")] == T, (name, value.shape, axes)

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxicl.models.base import Model
+from jaxicl.models.base import Model, site_axes_of
 from jaxicl.models.functional import apply
 
 
@@ -21,8 +21,8 @@ _SITE_INFO: dict = {}  # site_info by (graphdef, parameter shapes, prompt shape)
 
 
 def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """{site: (shape, axis names)} of the model on one prompt like tokens [T, ...] (no computation runs); TypeError
-    unless the model is a jaxicl.models.base.Model.
+    """{site: (shape, axis names)} of the model on one prompt like tokens [T, ...] (no computation runs); the axis
+    names are the model's site_axes (jaxicl.models.base.site_axes_of). TypeError unless the model is a Model.
 
     Shapes depend only on the graph and the shapes of params and tokens, so the answer is memoised on those.
     """
@@ -37,7 +37,8 @@ def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tu
         shapes = model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
         if len(_SITE_INFO) >= 64:
             _SITE_INFO.clear()
-        _SITE_INFO[key] = {name: (s.shape, model.site_axes(name, len(s.shape))) for name, s in shapes.items()}
+        _SITE_INFO[key] = {name: (s.shape, site_axes_of(model, name, s.shape, tokens.shape[0]))
+                           for name, s in shapes.items()}
     return _SITE_INFO[key]
 
 
