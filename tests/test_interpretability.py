@@ -490,6 +490,25 @@ def test_the_default_axes_name_pos_only_a_first_axis_as_long_as_the_prompt_and_p
                                    atol=1e-7)
 
 
+def test_direct_effect_patching_of_a_model_with_a_site_named_layer_something_else():
+    """int("norm") of the site "layernorm.scale" crashed the search for the default stream site, even with
+    stream_site given."""
+    g, p, clean, corrupted = _custom_setup()
+    heads = [(0, 1), (1, 0)]
+    effect = direct_effect_patching(g, p, clean, corrupted, last_sq, heads, stream_site="layer1.resid_post")
+    _, clean_cache = run_with_cache(g, p, clean, ["layer0.attn.heads", "layer1.attn.heads"])
+    _, corrupted_cache = run_with_cache(g, p, corrupted, ["layer0.attn.heads", "layer1.attn.heads"])
+    for (layer, h), got in zip(heads, effect):
+        site = f"layer{layer}.attn.heads"
+        delta = clean_cache[site][:, :, h] - corrupted_cache[site][:, :, h]  # [B, T, 3]
+        expected = last_sq(patched_predictions(g, p, corrupted, Patch(deltas={"layer1.resid_post": delta})))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)  # the same sum, batched by lax.map or not
+    with pytest.raises(ValueError, match=re.escape("stream_site: the model's site 'layernorm.scale' begins with "
+                                                   "'layer' but is not named layer{l}.<site>, so its last layer is "
+                                                   "unknown; name the site the output reads from, one of ['layer0.")):
+        direct_effect_patching(g, p, clean, corrupted, last_sq, heads)
+
+
 def test_the_analyses_of_a_plain_nnx_module_ask_for_a_jaxicl_model():
     """apply and training take any NNX module with a readout; the analyses raised AttributeError 'site_shapes'."""
 

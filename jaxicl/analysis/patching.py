@@ -19,6 +19,7 @@ slice. It equals activation patching where the metric is linear in the patched a
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -224,6 +225,24 @@ def _attribution(graphdef, params, corrupted, clean_values, masks, metric, const
     return total
 
 
+def last_layer(info: dict) -> int:
+    """The last layer l of the sites named layer{l}.<site> (site_info's names), after a ValueError naming the argument
+    stream_site where there is none or a site's name begins with "layer" but is not of that form (e.g. a custom
+    model's "layernorm.out"), so the last layer is unknown."""
+    layers = set()
+    for n in info:
+        if n.startswith("layer"):
+            if not (match := re.fullmatch(r"layer(\d+)\..*", n)):
+                raise ValueError(f"stream_site: the model's site {n!r} begins with 'layer' but is not named "
+                                 f"layer{{l}}.<site>, so its last layer is unknown; name the site the output reads "
+                                 f"from, one of {list(info)}")
+            layers.add(int(match[1]))
+    if not layers:
+        raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
+                         f"from, one of {list(info)}")
+    return max(layers)
+
+
 @replicated_inputs
 def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
                            heads: Sequence[tuple[int, int]], head_site: str = "layer{layer}.attn.heads",
@@ -238,16 +257,14 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     heads = check_heads(heads, head_site, info, "heads / head_site")
     if not heads:
         raise ValueError("heads: give at least one (layer, head) pair")
-    layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
-    if stream_site is None and not layers:
-        raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
-                         f"from, one of {list(info)}")
-    if stream_site is None and not getattr(nnx.merge(graphdef, params), "residual", True):
-        if below := sorted({layer for layer, _ in heads} - {layers[-1]}):
-            raise ValueError(f"heads: this model has no residual stream (residual=False), so the heads of layer(s) "
-                             f"{below} reach the output only through the layers above them: no direct path; "
-                             f"direct effects exist for the last layer's heads (layer {layers[-1]})")
-    stream_site = stream_site or f"layer{layers[-1]}.resid_post"
+    if stream_site is None:
+        last = last_layer(info)
+        if not getattr(nnx.merge(graphdef, params), "residual", True):
+            if below := sorted({layer for layer, _ in heads} - {last}):
+                raise ValueError(f"heads: this model has no residual stream (residual=False), so the heads of layer(s) "
+                                 f"{below} reach the output only through the layers above them: no direct path; "
+                                 f"direct effects exist for the last layer's heads (layer {last})")
+        stream_site = f"layer{last}.resid_post"
     names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
     check_sites([stream_site], info, "stream_site")
     order = list(info)  # the forward pass's order
