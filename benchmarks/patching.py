@@ -95,7 +95,7 @@ def bench_batch(model: GPT, sizes: dict, batch: int, repeats: int, budget: float
     compiled_best = best_seconds(grid_fn, repeats)
 
     # the loop: one jitted forward pass per patch, a host sync after each, after the clean run (timed, as the grid's)
-    plan = build_grid(batch_site_info(graphdef, params, clean), sites, "pos_head")
+    plan = build_grid(batch_site_info(graphdef, params, clean), sites, "pos_head", clean.shape[1])
     step = jax.jit(lambda values, masks: metric(patched_predictions(graphdef, params, corrupted,
                                                                     Patch(values=values, masks=masks))))
 

@@ -1,6 +1,7 @@
 """Named sites: one mechanism for capturing intermediates and intervening on them, for every model.
 
-A model calls `sites(name, value)` at every named point of its forward pass. At each site, in order:
+A model calls `sites(name, value)` at every named point of its forward pass, each name once per pass (a block run
+in a loop puts the loop index in its site names). At each site, in order:
   1. edits[name](value), a Python callable, when given (any function of the value);
   2. a Patch (edits as data): value -> where(mask, replacement, value), then + delta, where the patch
      names the site. A Patch is a pytree, so `jax.vmap` over a batch of patches is one compiled program
@@ -62,10 +63,14 @@ class Sites:
         if set(self.patch.masks) - set(self.patch.values):
             raise ValueError(f"patch masks {sorted(set(self.patch.masks) - set(self.patch.values))} have no values")
         self.recorded: dict[str, jax.Array] = {}
-        self.seen: list[str] = []
+        self.seen: list[str] = []  # the visited sites, in order
+        self.skipped: set[str] = set()  # visited through wants() without their value (yet)
 
     def __call__(self, name: str, value: jax.Array) -> jax.Array:
-        self.seen.append(name)
+        if name in self.skipped:  # wants() found nothing reading it, and the model computes it after all
+            self.skipped.remove(name)
+        else:
+            self._visit(name)
         if name in self.edits:
             value = self.edits[name](value)
         value = self.patch.apply(name, value)
@@ -76,11 +81,21 @@ class Sites:
 
     def wants(self, name: str) -> bool:
         """Whether the site is captured, edited or patched. A model may skip computing a site nothing reads (e.g.
-        per-head outputs whose sum it contracts directly); the site still counts as visited."""
+        per-head outputs whose sum it contracts directly); the site still counts as visited, and the model may still
+        compute it once after all (sites(name, value) then visits it no second time)."""
         if self.capture_all or name in self.capture or name in self.edits or name in self.patch.names():
             return True
-        self.seen.append(name)
+        self._visit(name)
+        self.skipped.add(name)
         return False
+
+    def _visit(self, name: str) -> None:
+        """Records the visit of site `name`, after a ValueError if this forward pass visited it already: a cache kept
+        only the last visit and an edit or patch changed every visit. Trace-time Python, not in the compiled program."""
+        if name in self.seen:
+            raise ValueError(f"site {name!r} visited twice in one forward pass: site names must be unique per forward "
+                             f"pass; put the loop index in the name (e.g. f\"block{{i}}.out\")")
+        self.seen.append(name)
 
     def check_names(self) -> None:
         """Raises KeyError if a requested capture, edit or patch names a site the model never visited."""

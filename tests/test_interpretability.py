@@ -20,8 +20,9 @@ from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.analysis.steering import edit_each_site
 from jaxicl.models import SelfAttention, apply, predictor
 from jaxicl.models.ar_transformer import PositionalTransformer
+from jaxicl.models.base import Model
 from jaxicl.models.gpt import GPT
-from jaxicl.sites import Patch
+from jaxicl.sites import Patch, null_sites
 from jaxicl.tasks import affine_recurrence as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.train.mesh import data_mesh
@@ -407,6 +408,130 @@ def test_bad_grids_fail_before_compiling_with_the_argument_named():
         direct_effect_patching(g, p, clean, corrupted, last_sq, [(1, 1)], stream_site="final_norm.scale")
     with pytest.raises(ValueError, match=r"heads: give at least one \(layer, head\) pair"):
         direct_effect_patching(g, p, clean, corrupted, last_sq, [])
+
+
+class Custom(Model):
+    """A user's model on prompts [T, 3]: per layer head-first attention weights [H, T, T] and per-head outputs
+    [T, H, 3], then a pooled [3] site, a scalar "layernorm.scale" and a final "layernorm.out" [T, 3]; site_axes names
+    only the heads' axes."""
+
+    def __init__(self, rngs: nnx.Rngs, n_heads: int = 2, n_layers: int = 2):
+        def normal(*shape):
+            return nnx.Param(0.5 * jax.random.normal(rngs.params(), shape))
+
+        self.wqk = nnx.List([normal(n_heads, 3, 3) for _ in range(n_layers)])
+        self.wov = nnx.List([normal(n_heads, 3, 3) for _ in range(n_layers)])
+        self.u = normal(3)
+
+    def __call__(self, tokens, sites=null_sites):
+        x, causal = tokens, jnp.tril(jnp.ones((tokens.shape[0],) * 2, bool))
+        for l, (wqk, wov) in enumerate(zip(self.wqk, self.wov)):
+            scores = jnp.where(causal, jnp.einsum("qd,hde,ke->hqk", x, wqk[...], x), -jnp.inf)
+            weights = sites(f"layer{l}.attn.weights", jax.nn.softmax(scores, axis=-1))
+            heads = sites(f"layer{l}.attn.heads", jnp.einsum("hqk,kd,hde->qhe", weights, x, wov[...]))
+            x = sites(f"layer{l}.resid_post", x + heads.sum(1))
+        x = x - sites("pooled", x.mean(0))
+        return sites("layernorm.out", x / sites("layernorm.scale", jnp.linalg.norm(x)))
+
+    def site_axes(self, name, ndim):
+        return ("pos", "head", "dim") if name.endswith(".heads") else super().site_axes(name, ndim)
+
+    def readout(self, outputs):
+        return outputs @ self.u[...]
+
+
+class Misnamed(Custom):
+    def site_axes(self, name, ndim):  # the order of the weights' axes mistaken: its "pos" axis is the heads'
+        return ("pos", "head", "key") if name.endswith(".weights") else super().site_axes(name, ndim)
+
+
+class Named(Custom):
+    def site_axes(self, name, ndim):
+        return ("head", "pos", "key") if name.endswith(".weights") else super().site_axes(name, ndim)
+
+
+def _custom_setup(cls=Custom):
+    g, p = nnx.split(cls(nnx.Rngs(0)))
+    clean, corrupted = (jax.random.normal(jax.random.key(k), (B, T, 3)) for k in (1, 2))
+    return g, p, clean, corrupted
+
+
+def test_the_default_axes_name_pos_only_a_first_axis_as_long_as_the_prompt_and_pos_grids_need_one():
+    """The default site_axes named the first axis of every site "pos": by="pos" patched the heads of a head-first
+    [H, T, T] site and the features of a pooled [D] one, a grid of the wrong size with no error."""
+    g, p, clean, corrupted = _custom_setup()
+    info = site_info(g, p, clean[0])
+    layer = {"attn.weights": ("dim0", "dim1", "dim2"), "attn.heads": ("pos", "head", "dim"),
+             "resid_post": ("pos", "dim1")}
+    assert {n: axes for n, (_, axes) in info.items()} == {
+        **{f"layer{l}.{n}": axes for l in range(2) for n, axes in layer.items()},
+        "pooled": ("dim0",), "layernorm.scale": (), "layernorm.out": ("pos", "dim1")}
+    hint = "a model names the axes of its sites in its site_axes method (override jaxicl.models.base.Model.site_axes)"
+    with_pos = [n for n, (_, axes) in info.items() if "pos" in axes]
+    for site in ("layer0.attn.weights", "pooled"):
+        with pytest.raises(ValueError, match=re.escape(f"by='pos': site {site!r} has no 'pos' axis (its axes are "
+                                                       f"{info[site][1]}); sites with one: {with_pos}; {hint}")):
+            activation_patching(g, p, clean, corrupted, last_sq, [site], by="pos")
+    g, p, clean, corrupted = _custom_setup(Misnamed)  # a declared "pos" axis that is not the prompt's
+    with pytest.raises(ValueError, match=re.escape(f"by='pos_head': site 'layer0.attn.weights' of shape (2, {T}, {T}) "
+                                                   f"has a 'pos' axis of length 2 (its axes are ('pos', 'head', "
+                                                   f"'key')), but the prompts have {T} positions; {hint}")):
+        attribution_patching(g, p, clean, corrupted, last_sq, ["layer0.attn.weights"], by="pos_head")
+    # named, the weights are patched by query position: row i of every head's [T, T] weights
+    g, p, clean, corrupted = _custom_setup(Named)
+    grid = activation_patching(g, p, clean, corrupted, last_sq, ["layer0.attn.weights"], by="pos")
+    assert grid.shape == (1, T)
+    _, cache = run_with_cache(g, p, clean, ["layer0.attn.weights"])
+    for i in range(T):
+        row = jnp.zeros((1, T, 1), bool).at[:, i].set(True)  # query i of every head, over every key
+        patch = Patch(values={"layer0.attn.weights": cache["layer0.attn.weights"]}, masks={"layer0.attn.weights": row})
+        # the vmapped grid against one program per patch: float32 rounding of O(1) metrics
+        np.testing.assert_allclose(grid[0, i], last_sq(patched_predictions(g, p, corrupted, patch)), rtol=1e-5,
+                                   atol=1e-7)
+
+
+def test_direct_effect_patching_of_a_model_with_a_site_named_layer_something_else():
+    """int("norm") of the site "layernorm.scale" crashed the search for the default stream site, even with
+    stream_site given."""
+    g, p, clean, corrupted = _custom_setup()
+    heads = [(0, 1), (1, 0)]
+    effect = direct_effect_patching(g, p, clean, corrupted, last_sq, heads, stream_site="layer1.resid_post")
+    _, clean_cache = run_with_cache(g, p, clean, ["layer0.attn.heads", "layer1.attn.heads"])
+    _, corrupted_cache = run_with_cache(g, p, corrupted, ["layer0.attn.heads", "layer1.attn.heads"])
+    for (layer, h), got in zip(heads, effect):
+        site = f"layer{layer}.attn.heads"
+        delta = clean_cache[site][:, :, h] - corrupted_cache[site][:, :, h]  # [B, T, 3]
+        expected = last_sq(patched_predictions(g, p, corrupted, Patch(deltas={"layer1.resid_post": delta})))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)  # the same sum, batched by lax.map or not
+    with pytest.raises(ValueError, match=re.escape("stream_site: the model's site 'layernorm.scale' begins with "
+                                                   "'layer' but is not named layer{l}.<site>, so its last layer is "
+                                                   "unknown; name the site the output reads from, one of ['layer0.")):
+        direct_effect_patching(g, p, clean, corrupted, last_sq, heads)
+
+
+def test_the_analyses_of_a_plain_nnx_module_ask_for_a_jaxicl_model():
+    """apply and training take any NNX module with a readout; the analyses raised AttributeError 'site_shapes'."""
+
+    class Plain(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 3, rngs=rngs)
+
+        def __call__(self, tokens, sites=null_sites):
+            return sites("hidden", self.linear(tokens))
+
+        def readout(self, outputs):
+            return outputs.sum(-1)
+
+    g, p = nnx.split(Plain(nnx.Rngs(0)))
+    tokens = jnp.ones((B, T, 3))
+    assert apply(g, p, tokens[0], capture=["hidden"])[1]["hidden"].shape == (T, 3)
+    message = re.escape("Plain is not a jaxicl.models.base.Model: the analyses (caches, patching, ablation, ...) read "
+                        "the shapes and axes of its sites through Model.site_shapes and Model.site_axes; subclass "
+                        "jaxicl.models.base.Model instead of nnx.Module")
+    with pytest.raises(TypeError, match=message):
+        run_with_cache(g, p, tokens, ["hidden"])
+    with pytest.raises(TypeError, match=message):
+        activation_patching(g, p, tokens, tokens, last_sq, ["hidden"])
 
 
 def test_probe_recovers_a_planted_feature_and_scores_chance_on_a_shuffled_one():

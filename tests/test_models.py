@@ -9,15 +9,17 @@ import pytest
 from flax import nnx
 
 import jaxicl.models
+from jaxicl.analysis.cache import site_info
 from jaxicl.models import Model, SelfAttention, apply
 from jaxicl.models.ar_linear_attention import (AugmentedLinearAttention, DiagonalPositionalAttention,
                                                PositionalOnlyAttention)
 from jaxicl.models.ar_transformer import AugmentedTransformer, PositionalTransformer
 from jaxicl.models.factor_transformer import FactorTransformer
-from jaxicl.models.gpt import GPT
+from jaxicl.models.gpt import GPT, SPLIT_FROM
 from jaxicl.models.lea import LEA
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.models.pq_view import from_pq, to_pq
+from jaxicl.sites import Sites, null_sites
 
 
 def _numpy_linear_attention(model: SelfAttention, tokens: np.ndarray) -> np.ndarray:
@@ -159,6 +161,44 @@ def test_unknown_site_names_raise():
         apply(g, p, jnp.ones((4, 3)), capture=["layer7.attn.out"])
 
 
+class Looped(Model):
+    """A weight-shared block run `loops` times that names its site without the loop index."""
+
+    def __init__(self, loops: int, rngs: nnx.Rngs):
+        self.loops = loops
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (3, 3)))
+
+    def __call__(self, tokens, sites=null_sites):
+        x = tokens
+        for _ in range(self.loops):
+            x = sites("block.out", x + jnp.tanh(x @ self.w[...]))
+        return x
+
+
+def test_a_site_visited_twice_in_one_forward_pass_is_refused():
+    """The cache kept only the last visit and an edit or a patch changed every visit, silently."""
+    g, p = nnx.split(Looped(3, nnx.Rngs(0)))
+    message = ("site 'block.out' visited twice in one forward pass: site names must be unique per forward pass; put "
+               "the loop index in the name (e.g. f\"block{i}.out\")")
+    for capture in ((), ["block.out"], "all"):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            apply(g, p, jnp.ones((4, 3)), capture=capture)
+    assert apply(*nnx.split(Looped(1, nnx.Rngs(0))), jnp.ones((4, 3)), capture=["block.out"])[1]["block.out"].shape \
+        == (4, 3)
+
+
+@pytest.mark.parametrize("build,tokens,capture", [
+    # from SPLIT_FROM positions GPT asks wants() for scores and weights and computes both when one is read
+    (lambda: GPT(d_model=4, n_layers=1, n_heads=2, d_mlp=None, max_len=SPLIT_FROM, input_dim=1, rngs=nnx.Rngs(0)),
+     jnp.ones((SPLIT_FROM, 1)), ["layer0.attn.scores"]),
+    # linear attention without a mask asks for scores, then heads, and computes both when heads are read
+    (lambda: SelfAttention(3, rngs=nnx.Rngs(0)), jnp.ones((4, 3)), ["layer0.attn.heads"])])
+def test_a_site_skipped_through_wants_and_computed_after_all_is_visited_once(build, tokens, capture):
+    model, sites = build(), Sites(capture)
+    model(tokens, sites=sites)
+    assert sorted(sites.seen) == sorted(model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)))
+
+
 def test_bad_model_options_name_the_field():
     with pytest.raises(ValueError, match="kind"):
         SelfAttention(3, kind="relu", rngs=nnx.Rngs(0))
@@ -243,8 +283,10 @@ def test_site_axes_name_every_axis_with_pos_of_size_t_and_head_of_size_h(cls):
     """Patching selects positions and heads by these names, so a misnamed axis patches the wrong slice silently."""
     model, tokens, heads = AXES_CASES[cls]()
     _, rec = apply(*nnx.split(model), tokens, capture="all")
+    info = site_info(*nnx.split(model), tokens)
     for name, value in rec.items():
         axes = model.site_axes(name, value.ndim)
+        assert info[name] == (value.shape, axes)  # the analyses see the axes the model declares
         assert len(axes) == value.ndim and len(set(axes)) == len(axes), (name, value.shape, axes)
         if "pos" in axes:
             assert value.shape[axes.index("pos")] == T, (name, value.shape, axes)

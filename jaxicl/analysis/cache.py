@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxicl.models.base import Model, site_axes_of
 from jaxicl.models.functional import apply
 
 
@@ -20,7 +21,8 @@ _SITE_INFO: dict = {}  # site_info by (graphdef, parameter shapes, prompt shape)
 
 
 def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-    """{site: (shape, axis names)} of the model on one prompt like tokens [T, ...] (no computation runs).
+    """{site: (shape, axis names)} of the model on one prompt like tokens [T, ...] (no computation runs); the axis
+    names are the model's site_axes (jaxicl.models.base.site_axes_of). TypeError unless the model is a Model.
 
     Shapes depend only on the graph and the shapes of params and tokens, so the answer is memoised on those.
     """
@@ -28,10 +30,15 @@ def site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, tu
     key = (graphdef, treedef, tuple((x.shape, str(x.dtype)) for x in leaves), tokens.shape, str(tokens.dtype))
     if key not in _SITE_INFO:
         model = nnx.merge(graphdef, params)
+        if not isinstance(model, Model):
+            raise TypeError(f"{type(model).__name__} is not a jaxicl.models.base.Model: the analyses (caches, "
+                            f"patching, ablation, ...) read the shapes and axes of its sites through Model.site_shapes "
+                            f"and Model.site_axes; subclass jaxicl.models.base.Model instead of nnx.Module")
         shapes = model.site_shapes(jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
         if len(_SITE_INFO) >= 64:
             _SITE_INFO.clear()
-        _SITE_INFO[key] = {name: (s.shape, model.site_axes(name, len(s.shape))) for name, s in shapes.items()}
+        _SITE_INFO[key] = {name: (s.shape, site_axes_of(model, name, s.shape, tokens.shape[0]))
+                           for name, s in shapes.items()}
     return _SITE_INFO[key]
 
 

@@ -3,9 +3,9 @@ Python loop of forward passes, one per patch, `transformer_lens.patching.generic
 
 A grid patches, one at a time, each site of `sites` from a clean run into a corrupted run of the same
 shape, by whole site ("site"), by query position ("pos"), by head ("head") or by position and head
-("pos_head"), using the axis names the model declares for its sites (Model.site_axes). Each grid point
-is a jaxicl.sites.Patch whose masks select its slice; the patches are stacked and run by one jitted
-program (`jax.lax.map` over chunks of `chunk_size` points: None runs the whole grid at once; the default
+("pos_head"), using the axis names the model declares for its sites (Model.site_axes; a "pos" axis is as long as
+the prompts). Each grid point is a jaxicl.sites.Patch whose masks select its slice; the patches are stacked and run
+by one jitted program (`jax.lax.map` over chunks of `chunk_size` points: None runs the whole grid at once; the default
 "auto" chunks on CPU so that a chunk holds about CPU_CHUNK_TOKENS prompt tokens, which measured fastest on
 a 2-core CPU for small GPTs, and runs the whole grid at once on accelerators).
 `metric(predictions [B, ...]) -> scalar` scores each patched batch. It is traced afresh at every call
@@ -19,6 +19,7 @@ slice. It equals activation patching where the metric is linear in the patched a
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -34,6 +35,7 @@ from jaxicl.sites import Patch
 from jaxicl.traced import Traced, trace
 
 BY = ("site", "pos", "head", "pos_head")
+NAME_AXES = "a model names the axes of its sites in its site_axes method (override jaxicl.models.base.Model.site_axes)"
 CPU_CHUNK_TOKENS = 2048
 Metric = Callable[[jax.Array], jax.Array]
 ChunkSize = int | None | str
@@ -49,8 +51,9 @@ class PatchGrid:
     masks: dict
 
 
-def build_grid(info: dict, sites: Sequence[str], by: str) -> PatchGrid:
-    """The grid of one-at-a-time patches of `sites` (site_info's {site: (shape, axes)}) by `by`."""
+def build_grid(info: dict, sites: Sequence[str], by: str, length: int) -> PatchGrid:
+    """The grid of one-at-a-time patches of `sites` (site_info's {site: (shape, axes)} for prompts of `length`
+    positions) by `by`."""
     if by not in BY:
         raise ValueError(f"by must be one of {BY}, got {by!r}")
     sites = check_sites(sites, info)
@@ -66,8 +69,12 @@ def build_grid(info: dict, sites: Sequence[str], by: str) -> PatchGrid:
         for a in split:
             if a not in axes:
                 raise ValueError(f"by={by!r}: site {s!r} has no {a!r} axis (its axes are {axes}); sites with one: "
-                                 f"{[n for n, (_, ax) in info.items() if a in ax]}")
-            sizes.setdefault(a, set()).add(shape[axes.index(a)])
+                                 f"{[n for n, (_, ax) in info.items() if a in ax]}; {NAME_AXES}")
+            n = shape[axes.index(a)]
+            if a == "pos" and n != length:
+                raise ValueError(f"by={by!r}: site {s!r} of shape {shape} has a 'pos' axis of length {n} (its axes "
+                                 f"are {axes}), but the prompts have {length} positions; {NAME_AXES}")
+            sizes.setdefault(a, set()).add(n)
     for a, n in sizes.items():
         if len(n) > 1:
             raise ValueError(f"by={by!r}: the sites {list(sites)} differ in their {a!r} sizes {sorted(n)}")
@@ -138,7 +145,7 @@ def activation_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrup
     _check_batches(clean, corrupted)
     chunk = resolve_chunk_size(chunk_size, corrupted)
     info = batch_site_info(graphdef, params, clean)
-    grid = build_grid(info, sites, by)
+    grid = build_grid(info, sites, by, clean.shape[1])
     predictions, values = run_with_cache(graphdef, params, clean, grid.sites, info)
     traced, consts = trace_metric(metric, predictions)
     out = _grid_metric(graphdef, params, corrupted, values, grid.masks, traced, consts, chunk, grid.sites)
@@ -169,7 +176,7 @@ def grid_memory(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax
     """Bytes of the compiled grid program (XLA's memory analysis: arguments + outputs + temporaries)."""
     chunk = resolve_chunk_size(chunk_size, corrupted)
     info = batch_site_info(graphdef, params, clean)
-    grid = build_grid(info, sites, by)
+    grid = build_grid(info, sites, by, clean.shape[1])
     predictions, values = run_with_cache(graphdef, params, clean, grid.sites, info)
     traced, consts = trace_metric(metric, predictions)
     m = _grid_metric.lower(graphdef, params, corrupted, values, grid.masks, traced, consts, chunk, grid.sites).compile()
@@ -183,7 +190,7 @@ def attribution_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corru
     """The first-order estimate of activation_patching's grid, from one forward and one backward pass."""
     _check_batches(clean, corrupted)
     info = batch_site_info(graphdef, params, clean)
-    grid = build_grid(info, sites, by)
+    grid = build_grid(info, sites, by, clean.shape[1])
     predictions, clean_values = run_with_cache(graphdef, params, clean, grid.sites, info)
     traced, consts = trace_metric(metric, predictions)
     try:
@@ -218,6 +225,24 @@ def _attribution(graphdef, params, corrupted, clean_values, masks, metric, const
     return total
 
 
+def last_layer(info: dict) -> int:
+    """The last layer l of the sites named layer{l}.<site> (site_info's names), after a ValueError naming the argument
+    stream_site where there is none or a site's name begins with "layer" but is not of that form (e.g. a custom
+    model's "layernorm.out"), so the last layer is unknown."""
+    layers = set()
+    for n in info:
+        if n.startswith("layer"):
+            if not (match := re.fullmatch(r"layer(\d+)\..*", n)):
+                raise ValueError(f"stream_site: the model's site {n!r} begins with 'layer' but is not named "
+                                 f"layer{{l}}.<site>, so its last layer is unknown; name the site the output reads "
+                                 f"from, one of {list(info)}")
+            layers.add(int(match[1]))
+    if not layers:
+        raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
+                         f"from, one of {list(info)}")
+    return max(layers)
+
+
 @replicated_inputs
 def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, corrupted: jax.Array, metric: Metric,
                            heads: Sequence[tuple[int, int]], head_site: str = "layer{layer}.attn.heads",
@@ -232,16 +257,14 @@ def direct_effect_patching(graphdef: nnx.GraphDef, params, clean: jax.Array, cor
     heads = check_heads(heads, head_site, info, "heads / head_site")
     if not heads:
         raise ValueError("heads: give at least one (layer, head) pair")
-    layers = sorted({int(n.split(".")[0].removeprefix("layer")) for n in info if n.startswith("layer")})
-    if stream_site is None and not layers:
-        raise ValueError(f"stream_site: this model has no layer{{l}}.resid_post sites; name the site the output reads "
-                         f"from, one of {list(info)}")
-    if stream_site is None and not getattr(nnx.merge(graphdef, params), "residual", True):
-        if below := sorted({layer for layer, _ in heads} - {layers[-1]}):
-            raise ValueError(f"heads: this model has no residual stream (residual=False), so the heads of layer(s) "
-                             f"{below} reach the output only through the layers above them: no direct path; "
-                             f"direct effects exist for the last layer's heads (layer {layers[-1]})")
-    stream_site = stream_site or f"layer{layers[-1]}.resid_post"
+    if stream_site is None:
+        last = last_layer(info)
+        if not getattr(nnx.merge(graphdef, params), "residual", True):
+            if below := sorted({layer for layer, _ in heads} - {last}):
+                raise ValueError(f"heads: this model has no residual stream (residual=False), so the heads of layer(s) "
+                                 f"{below} reach the output only through the layers above them: no direct path; "
+                                 f"direct effects exist for the last layer's heads (layer {last})")
+        stream_site = f"layer{last}.resid_post"
     names = tuple(sorted({head_site.format(layer=layer) for layer, _ in heads}))
     check_sites([stream_site], info, "stream_site")
     order = list(info)  # the forward pass's order

@@ -36,9 +36,21 @@ class Model(nnx.Module):
     def site_axes(self, name: str, ndim: int) -> tuple[str, ...]:
         """Names of the axes of site `name` (ndim axes): "pos" (query position), "head", or other names.
 
-        Patching tools select positions and heads by these names. Default: positions first, no head axis.
+        Patching tools select positions and heads by these names. Default: positions first, no head axis; where the
+        first axis of a site is not as long as the prompt (a head-first [H, T, T] or a pooled [D] site), the analyses
+        name it "dim0" instead (site_axes_of). Override this for head axes and position axes that are not first.
         """
-        return ("pos",) + tuple(f"dim{i}" for i in range(1, ndim))
+        return ("pos", *(f"dim{i}" for i in range(1, ndim)))[:ndim]
+
+
+def site_axes_of(model: Model, name: str, shape: tuple[int, ...], length: int) -> tuple[str, ...]:
+    """The axes of site `name` of shape `shape` on a prompt of `length` positions: model.site_axes, where that is
+    Model's default guess (positions first) and the first axis is not `length` long, with that axis named "dim0"
+    (patching it "by position" would patch heads or features)."""
+    axes = model.site_axes(name, len(shape))
+    if axes[:1] == ("pos",) and axes == Model.site_axes(model, name, len(shape)) and shape[0] != length:
+        return ("dim0", *axes[1:])
+    return axes
 
 
 def check_prompt(tokens: jax.Array, width: int | None, what: str) -> None:
