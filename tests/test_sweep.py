@@ -603,6 +603,26 @@ def test_a_seeds_only_sweep_of_sweep_init_members_starts_from_self_attentions_de
         _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
 
 
+def test_a_model_size_keyword_of_init_is_refused_naming_it():
+    """init(key, num_heads=<a traced per-member value>) raised JAX's "Shapes must be 1D sequences of concrete values"
+    from inside the vmapped init; an init that fails on the member's own values raises its own error."""
+    def sized(key, *, num_heads=2, init_scale=0.1):
+        return nnx.split(SelfAttention(4, num_heads=num_heads, init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
+
+    members = [{"num_heads": h, "init_scale": 0.1} for h in (1, 2)]
+    with pytest.raises(ConfigError, match=re.escape(
+            "num_heads cannot be swept: a sweep passes init each member's value as a traced array, and init needs a "
+            "concrete one (for a shape, a Python loop or a branch: a model size); sweep keywords init computes with "
+            "(e.g. init_scale), or run one sweep per value of num_heads")):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), sized, members, progress=False)
+
+    def broken(key, *, init_scale=0.1):
+        return init(key, init_scale=init_scale) + 1  # a TypeError of init's own, whatever the value
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), broken, [{"init_scale": 0.1}], progress=False)
+
+
 def test_invalid_member_values_fail_before_training_naming_the_field():
     with pytest.raises(ValueError, match="lr"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, [{"train.lr": 1e-2}, {"train.lr": -1.0}], progress=False)

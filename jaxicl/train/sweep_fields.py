@@ -135,6 +135,22 @@ def _program(sample: Sampler, cfg, kwargs: dict) -> tuple:
     return traced, tuple((v.shape, v.dtype.str, v.tobytes()) for v in values)
 
 
+def check_init_fields(init: Callable, init_arrays: dict[str, np.ndarray]) -> None:
+    """Raises ConfigError naming each swept keyword of init (init_arrays: {keyword: [M] values}) that init cannot
+    take as a traced per-member scalar (a model size: a shape, a Python loop or branch), where it builds the first
+    member's parameters from that member's values."""
+    values, key = {n: a[0] for n, a in init_arrays.items()}, jax.random.key(0)
+    for name in init_arrays:
+        try:
+            jax.eval_shape(lambda v: init(key, **(values | {name: v})), values[name])
+        except TypeError as e:  # jax's concretization errors are TypeErrors too
+            jax.eval_shape(lambda: init(key, **values))  # one that fails on the member's own values is init's own
+            raise ConfigError(f"{name} cannot be swept: a sweep passes init each member's value as a traced array, "
+                              f"and init needs a concrete one (for a shape, a Python loop or a branch: a model "
+                              f"size); sweep keywords init computes with (e.g. init_scale), or run one sweep per "
+                              f"value of {name}") from e
+
+
 def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:
     """Raises ConfigError unless evaluate takes every swept task field as a keyword (or **kwargs).
 

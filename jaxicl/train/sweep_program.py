@@ -26,8 +26,8 @@ from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, train_step
-from jaxicl.train.sweep_fields import (check_members, check_takes_task_fields, member_arrays, sampling_config,
-                                      split_fields)
+from jaxicl.train.sweep_fields import (check_init_fields, check_members, check_takes_task_fields, member_arrays,
+                                      sampling_config, split_fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,7 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
         np.full(len(members), cfg.seed, np.int32)
     arrays = {"seed": seeds, "opt": member_arrays(members, "train.", opt_fields),
               "task": member_arrays(members, "task.", groups["task"]), "init": member_arrays(members, "", groups["init"])}
+    check_init_fields(init, arrays["init"])
     # each member's own values reach the sampler as arrays; the config it runs with holds the largest swept value of a
     # field that sets the sampler's program (pool size, context length) and the first member's of the others
     shape_task = sampling_config(sample, task_cfg, members, arrays["task"]) if groups["task"] else task_cfg
