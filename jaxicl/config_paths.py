@@ -54,10 +54,19 @@ def field_type(cfg, path: str):
 
 
 def parse_text(text: str, kind, path: str):
-    """The value of command-line text for a field of type `kind` (int, float, bool, str, tuples, X | None). A tuple
-    is comma-separated: tuple[X, ...] of any length, a fixed tuple (tuple[int, float]) of exactly its items, each
-    parsed by its own type."""
+    """The value of command-line text for a field of type `kind` (int, float, bool, str, Literal[...], tuples,
+    X | None). A tuple is comma-separated: tuple[X, ...] of any length, a fixed tuple (tuple[int, float]) of exactly
+    its items, each parsed by its own type. A Literal takes one of its values, the text parsed by each value's type."""
     origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        allowed = typing.get_args(kind)
+        for value in allowed:
+            try:
+                if text.lower() == "none" if value is None else parse_text(text, type(value), path) == value:
+                    return value
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path} must be one of {allowed}, got {text!r}")
     if origin is typing.Union or origin is type(int | None):  # X | None
         if text.lower() == "none":
             return None

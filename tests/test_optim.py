@@ -9,9 +9,14 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxicl.models.ar_linear_attention import AugmentedLinearAttention, DiagonalPositionalAttention
-from jaxicl.models.ar_transformer import PositionalTransformer
+from jaxicl.models.ar_linear_attention import (AugmentedLinearAttention, DiagonalPositionalAttention,
+                                               PositionalOnlyAttention)
+from jaxicl.models.ar_transformer import AugmentedTransformer, PositionalTransformer
+from jaxicl.models.attention import SelfAttention
+from jaxicl.models.factor_transformer import FactorTransformer
 from jaxicl.models.gpt import GPT
+from jaxicl.models.lea import LEA
+from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.train import TrainConfig
 from jaxicl.train.optim import decay_mask, make_optimizer, path_names, scheduled_lr, unit_schedule
 from jaxicl.validation import ConfigError
@@ -37,6 +42,71 @@ def test_default_decay_mask_skips_biases_norm_scales_and_position_tables():
         mask = decay_mask(nnx.state(model, nnx.Param), TrainConfig().no_decay)
         assert {"/".join(path_names(p)): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]} == {
             n: True for n in names}
+
+
+def _undecayed(model) -> set[str]:
+    mask = decay_mask(nnx.state(model, nnx.Param), TrainConfig().no_decay)
+    return {"/".join(path_names(p)) for p, m in jax.tree_util.tree_leaves_with_path(mask) if not m}
+
+
+def _norms(*names: str) -> set[str]:
+    return {f"{n}/{leaf}" for n in names for leaf in ("bias", "scale")}
+
+
+def _biases(*names: str) -> set[str]:
+    return {f"{n}/bias" for n in names}
+
+
+_LEA_BLOCK = ("self_q", "self_k", "self_v", "self_proj", "cross_q", "cross_k", "cross_v", "cross_proj", "mlp_in",
+              "mlp_out")
+# every built-in model (the experiments build these) -> the paths the default no_decay leaves undecayed, as they were
+# before the position patterns were narrowed from "pos*", "*_pos*": narrowing them changed no built-in model's training
+BUILT_IN_UNDECAYED = {
+    "AugmentedLinearAttention": (lambda: AugmentedLinearAttention(3, rngs=nnx.Rngs(0)), set()),
+    "DiagonalPositionalAttention": (lambda: DiagonalPositionalAttention(3, 2, 5, rngs=nnx.Rngs(0)), set()),
+    "PositionalOnlyAttention": (lambda: PositionalOnlyAttention(5), set()),
+    "SelfAttention": (lambda: SelfAttention(3, num_layers=2, num_heads=2, kind="softmax", rngs=nnx.Rngs(0)), set()),
+    "NearestNeighborAttention": (lambda: NearestNeighborAttention(3, rngs=nnx.Rngs(0)), set()),
+    "NearestNeighborAttention separate": (
+        lambda: NearestNeighborAttention(3, parametrisation="separate", init="random", rngs=nnx.Rngs(0)), set()),
+    "AugmentedTransformer": (lambda: AugmentedTransformer(3, 2, out_dim=2, rngs=nnx.Rngs(0)), _biases("final") | {
+        p for l in range(2) for p in _biases(*(f"layers/{l}/{n}" for n in "qkvo")) | _norms(f"layers/{l}/norm")}),
+    "PositionalTransformer": (lambda: PositionalTransformer(4, 2, num_heads=2, max_len=8, rngs=nnx.Rngs(0)),
+                              _biases("q", "k", "v", "mix", "head") | _norms("norm") | {"positions"}),
+    "FactorTransformer": (lambda: FactorTransformer(d_model=8, d_pos=4, n_layers=2, n_heads=2, rngs=nnx.Rngs(0)),
+                          {"embed", "pos_table"} | _norms("ln_final") | {
+                              p for l in range(2) for p in _norms(f"blocks/{l}/ln1", f"blocks/{l}/ln2")
+                              | _biases(*(f"blocks/{l}/{n}" for n in ("q", "k", "v", "proj", "mlp_in", "mlp_out")))}),
+    "GPT tokens": (lambda: GPT(d_model=8, n_layers=2, n_heads=2, vocab_size=5, rngs=nnx.Rngs(0)),
+                   {"embed", "pos_embed", "unembed_bias"} | _norms("ln_final") | {
+                       p for l in range(2) for p in _norms(f"blocks/{l}/ln1", f"blocks/{l}/ln2")
+                       | {f"blocks/{l}/mlp/bias_in", f"blocks/{l}/mlp/bias_out"}}),
+    "GPT vectors, no MLP, no final norm": (
+        lambda: GPT(d_model=8, n_layers=1, n_heads=2, d_mlp=0, input_dim=3, final_norm=False, rngs=nnx.Rngs(0)),
+        {"embed", "pos_embed", "unembed_bias"} | _norms("blocks/0/ln1")),
+    "LEA": (lambda: LEA(d_model=8, d_pos=4, n_layers=2, n_heads=2, rngs=nnx.Rngs(0)),
+            {"embed", "picture_pos", "speech_embed", "speech_pos"} | _norms("picture_ln", "speech_ln") | {
+                p for side in ("picture", "speech") for l in range(2)
+                for p in _biases(*(f"{side}_blocks/{l}/{n}" for n in _LEA_BLOCK))
+                | _norms(*(f"{side}_blocks/{l}/ln_{n}" for n in ("self", "cross", "context", "mlp")))}),
+}
+
+
+@pytest.mark.parametrize("name", BUILT_IN_UNDECAYED)
+def test_default_no_decay_of_every_built_in_model_is_pinned(name):
+    build, expected = BUILT_IN_UNDECAYED[name]
+    assert _undecayed(build()) == expected
+
+
+def test_default_no_decay_names_position_tables_not_every_pos_prefix():
+    """"pos*" and "*_pos*" also matched post_proj, postnorm, pos_ffn, ...: those weight matrices went undecayed."""
+    weights = ("post_proj", "postnorm", "pos_ffn", "positionwise_ffn", "posterior_head", "w_post", "attn_post",
+               "compose", "p")
+    tables = ("pos", "w_pos", "positions", "pos_table", "pos_emb", "pos_embed", "pos_embedding",
+              "position_embeddings", "positional_embedding")
+    params = {name: {"kernel": jnp.ones(2)} for name in weights + tables}
+    mask = decay_mask(params, TrainConfig().no_decay)
+    assert {name for name in params if mask[name]["kernel"]} == set(weights)
 
 
 def test_adamw_decays_exactly_the_masked_parameters():

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,7 +25,7 @@ from jaxicl.train import sweep as sweep_module
 from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, eval_key, read_metrics,
                           regression_loss, sweep_mesh, train, train_sweep)
 from jaxicl.train.mesh import MEMBER_AXIS
-from jaxicl.train.sweep_fields import split_fields
+from jaxicl.train.sweep_fields import member_arrays, sampling_config, split_fields
 from jaxicl.train.sweep_memory import chunk_memory, largest_in_budget
 from jaxicl.train.sweep_program import build_program
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
@@ -286,6 +287,83 @@ def test_a_context_length_axis_pads_each_member_and_evaluates_it_at_its_own_leng
         final = [r for r in swept.eval_rows if r["member"] == i][-1]
         assert final["real_pairs"] == k + 1  # k context pairs and the query carry loss weight
         np.testing.assert_allclose(final["loss"], LOSS(alone.state.params, lr_batch(task, k))[0], rtol=2e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SignMix:
+    """Linear regression y = s <w, x> whose sign s is -1 with probability p_flip, 0 with probability p_zero: a config
+    that checks two sweepable fields against each other."""
+    p_flip: float = 0.0
+    p_zero: float = 0.0
+    n_context: int = 5
+
+    def __post_init__(self):
+        if self.p_flip + self.p_zero > 1:
+            raise ConfigError(f"p_flip + p_zero must be <= 1, got {self.p_flip} + {self.p_zero}")
+
+
+def _sign_mix(cfg: _SignMix, key, *, p_flip=None, p_zero=None, n_context=None):
+    p_flip = cfg.p_flip if p_flip is None else p_flip
+    p_zero = cfg.p_zero if p_zero is None else p_zero
+    prompt = lr.sample(dataclasses.replace(TASK, n_context=cfg.n_context), key, n_context=n_context)
+    u = jax.random.uniform(jax.random.fold_in(key, 3))
+    sign = jnp.where(u < p_flip, -1.0, jnp.where(u < p_flip + p_zero, 0.0, 1.0))
+    return dataclasses.replace(prompt, inputs=prompt.inputs.at[:, -1].multiply(sign), targets=sign * prompt.targets)
+
+
+def test_task_fields_that_do_not_set_the_samplers_program_keep_a_members_values_not_the_largest():
+    """The sweep sampled with the largest value of every swept task field, so members (0.8, 0.1) and (0.1, 0.8), each
+    valid, were refused: "p_flip + p_zero must be <= 1, got 0.8 + 0.8". A field that sets the sampler's program
+    (n_context: the prompts' shape) still takes the largest value; the others take the first member's."""
+    members = [{"task.p_flip": 0.8, "task.p_zero": 0.1, "task.n_context": 3},
+               {"task.p_flip": 0.1, "task.p_zero": 0.8, "task.n_context": 5}]
+    arrays = member_arrays(members, "task.", ["p_flip", "p_zero", "n_context"])
+    assert sampling_config(_sign_mix, _SignMix(), members, arrays) == _SignMix(p_flip=0.8, p_zero=0.1, n_context=5)
+    swept = train_sweep(LOSS, _sign_mix, _SignMix(), _cfg(), init, members, progress=False)
+    for i, m in enumerate(members):
+        task = _SignMix(m["task.p_flip"], m["task.p_zero"], n_context=5)
+        alone = train(LOSS, functools.partial(_sign_mix, n_context=m["task.n_context"]), task, _cfg(),
+                      init(jax.random.key(0)), progress=False)
+        # float32, vmapped vs alone: the tolerances of the member-equals-alone test above
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pooled:
+    n_tasks: int = 0  # > 0: the target scaled by a row of a table of n_tasks rows (its shape), below the member's value
+    scale: float = 1.0
+    n_context: int = 1
+
+    def __post_init__(self):
+        if self.n_context + self.scale > 10:  # a shape field checked against a free one
+            raise ConfigError(f"n_context + scale must be <= 10, got {self.n_context} + {self.scale}")
+
+
+def _pooled(cfg: _Pooled, key, *, n_tasks=None, scale=None, n_context=None):
+    prompt = lr.sample(dataclasses.replace(TASK, n_context=cfg.n_context), key, n_context=n_context)
+    if cfg.n_tasks > 0:  # a static branch on the config's value, and a table of its shape
+        row = jax.random.randint(jax.random.fold_in(key, 3), (), 0, n_tasks)
+        prompt = dataclasses.replace(prompt, targets=prompt.targets * jnp.arange(1.0, cfg.n_tasks + 1)[row])
+    return dataclasses.replace(prompt, targets=scale * prompt.targets)
+
+
+@pytest.mark.parametrize("pools", [(2, 3), (0, 3)])  # the table's shape; the branch too
+def test_a_task_field_whose_config_value_sets_a_table_or_a_branch_takes_the_largest_swept_value(pools):
+    """The output's shape does not depend on n_tasks, the sampler's program does: the largest value, as every
+    member's row must be in the table; scale, read as the keyword only, takes the first member's value."""
+    members = [{"task.n_tasks": n, "task.scale": s} for n, s in zip(pools, (5.0, 2.0))]
+    arrays = member_arrays(members, "task.", ["n_tasks", "scale"])
+    assert sampling_config(_pooled, _Pooled(), members, arrays) == _Pooled(n_tasks=3, scale=5.0)
+
+
+def test_a_sampling_config_the_task_refuses_is_refused_naming_where_its_values_come_from():
+    members = [{"task.n_context": 2, "task.scale": 7.0}, {"task.n_context": 6, "task.scale": 1.0}]
+    with pytest.raises(ConfigError, match=re.escape(
+            "the sweep samples with the task config's {'n_context': 6, 'scale': 7.0} (the largest swept value of "
+            "['n_context'], which change the sampler's program, the first member's of the others), which it refuses: "
+            "n_context + scale must be <= 10, got 6 + 7.0")):
+        train_sweep(LOSS, _pooled, _Pooled(), _cfg(), init, members, progress=False)
 
 
 def lr_batch(task, n_context):
@@ -556,6 +634,26 @@ def test_a_seeds_only_sweep_of_sweep_init_members_starts_from_self_attentions_de
         # float32, vmapped vs alone: the tolerances of the member-equals-alone test above
         np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
         _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+
+
+def test_a_model_size_keyword_of_init_is_refused_naming_it():
+    """init(key, num_heads=<a traced per-member value>) raised JAX's "Shapes must be 1D sequences of concrete values"
+    from inside the vmapped init; an init that fails on the member's own values raises its own error."""
+    def sized(key, *, num_heads=2, init_scale=0.1):
+        return nnx.split(SelfAttention(4, num_heads=num_heads, init_scale=init_scale, rngs=nnx.Rngs(key)))[1]
+
+    members = [{"num_heads": h, "init_scale": 0.1} for h in (1, 2)]
+    with pytest.raises(ConfigError, match=re.escape(
+            "num_heads cannot be swept: a sweep passes init each member's value as a traced array, and init needs a "
+            "concrete one (for a shape, a Python loop or a branch: a model size); sweep keywords init computes with "
+            "(e.g. init_scale), or run one sweep per value of num_heads")):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), sized, members, progress=False)
+
+    def broken(key, *, init_scale=0.1):
+        return init(key, init_scale=init_scale) + 1  # a TypeError of init's own, whatever the value
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), broken, [{"init_scale": 0.1}], progress=False)
 
 
 def test_invalid_member_values_fail_before_training_naming_the_field():

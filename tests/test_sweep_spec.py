@@ -1,6 +1,7 @@
 """Sweep axis specs: lists, ranges, log and linear ranges, field resolution, clear errors."""
 
 import dataclasses
+import typing
 
 import numpy as np
 import pytest
@@ -167,6 +168,29 @@ def test_an_override_of_a_fixed_length_tuple_takes_exactly_its_items_each_of_its
         assert str(e.value) == f"ramp={text}: ramp takes 2 comma-separated values (tuple[int, float]), got {n}"
     with pytest.raises(ConfigError, match=r"^ramp=2\.5,1: ramp expects a value of type int, got '2\.5'$"):
         apply_overrides(Pairs(), ["ramp=2.5,1"])
+
+
+def test_an_override_of_a_literal_field_takes_one_of_its_values_each_parsed_by_its_own_type():
+    """A typing.Literal field crashed the override: "TypeError: Cannot instantiate typing.Literal"."""
+    from jaxicl.config_paths import apply_overrides
+
+    @dataclasses.dataclass(frozen=True)
+    class Kinds:
+        kind: typing.Literal["linear", "softmax"] = "linear"
+        heads: typing.Literal[1, 2, "auto"] = 1
+        mode: typing.Literal["a", None] = "a"
+        norm: typing.Literal["pre", "post"] | None = None
+
+    changed = apply_overrides(Kinds(), ["kind=softmax", "heads=2", "mode=none", "norm=post"])
+    assert changed == Kinds(kind="softmax", heads=2, mode=None, norm="post")
+    assert type(changed.heads) is int
+    assert apply_overrides(Kinds(), ["heads=auto", "norm=none"]) == Kinds(heads="auto", norm=None)
+    for override, message in (("kind=relu", "kind=relu: kind must be one of ('linear', 'softmax'), got 'relu'"),
+                              ("heads=3", "heads=3: heads must be one of (1, 2, 'auto'), got '3'"),
+                              ("mode=b", "mode=b: mode must be one of ('a', None), got 'b'")):
+        with pytest.raises(ConfigError) as e:
+            apply_overrides(Kinds(), [override])
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize("name,path", [("lr", "train.lr"), ("train.lr", "train.lr"), ("noise_std", "task.noise_std"),

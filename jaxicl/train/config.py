@@ -12,7 +12,12 @@ SCHEDULES = ("constant", "warmup_cosine")
 # a bare 'b': the autoregressive models' B is a weight matrix.) The continuous-input GPT's linear embedding W_E
 # [input_dim, D] is `embed` too, so it is left undecayed like the position table added to it (unlike HF and nanoGPT,
 # which decay every matrix; experiments.affine_mechanism trains it with Adam, no decay): drop "embed*" to decay it.
-NO_DECAY = ("*bias*", "scale", "embed*", "*_embed", "embedding", "pos*", "*_pos*")
+# Position tables by their names only (GPT's pos_embed, FactorTransformer's pos_table, PositionalTransformer's
+# positions, LEA's picture_pos and speech_pos; pos, pos_emb, position_embedding(s), ...), not by a "pos" prefix: that
+# also matched post_proj, postnorm, pos_ffn, positionwise_ffn or w_post, and left those weight matrices undecayed.
+# A pattern matches any component of a path (optim.decay_mask), so a module's name exempts all of its parameters.
+NO_DECAY = ("*bias*", "scale", "embed*", "*_embed", "embedding", "pos", "*_pos", "positions", "pos_table", "pos_emb*",
+            "position_emb*", "positional_emb*")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,8 @@ def path_names(path) -> tuple[str, ...]:
 
 def decay_mask(params, no_decay: tuple[str, ...]):
     """A pytree of bools like params: True where weight decay applies, i.e. no path component matches a
-    glob pattern of no_decay (e.g. 'bias', 'pos*')."""
+    glob pattern of no_decay (e.g. '*bias*', 'pos_table'): a pattern that matches a module's name exempts every
+    parameter under it."""
     def decayed(path, _):
         return not any(fnmatch.fnmatchcase(name, pattern) for name in path_names(path) for pattern in no_decay)
 

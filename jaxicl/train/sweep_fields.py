@@ -8,10 +8,12 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxicl.tasks.batching import Sampler
+from jaxicl.tasks.batching import Sampler, takes_step
+from jaxicl.traced import trace
 from jaxicl.train.checkpoint import normalise_config
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.optim import SWEEPABLE_OPTIMIZER_FIELDS
@@ -84,6 +86,69 @@ def check_members(members: list[dict], cfg: TrainConfig, task_cfg) -> None:
                           f"validated on it and sizes the batch from it), got {type(task_cfg).__name__}")
     for m in members:  # errors name the field; a path under neither train nor task is split_fields' to refuse
         member_config(_Run(cfg, task_cfg), {p: v for p, v in m.items() if p.partition(".")[0] in ("train", "task")})
+
+
+def sampling_config(sample: Sampler, task_cfg, members: list[dict], task_arrays: dict[str, np.ndarray]):
+    """The task config the sweep's sampler runs with; each member's values of the swept task fields reach it as array
+    keywords (task_arrays: {field: [M] values}). A field takes its largest swept value where the config's value changes
+    the sampler's traced program (a shape, a static branch, a constant: the context length, a pool's size), so that
+    every member's value fits the shapes; any other field the first member's value, so that a config checking fields
+    against each other (p + q <= 1) sees a combination a member has. Raises ConfigError where that config is invalid.
+    """
+    names = list(task_arrays)
+    largest = [n for n in names if _changes_program(sample, task_cfg, members, n, task_arrays)]
+    values = {n: max(m[f"task.{n}"] for m in members) if n in largest else members[0][f"task.{n}"] for n in names}
+    try:
+        return dataclasses.replace(task_cfg, **values)
+    except ConfigError as e:
+        raise ConfigError(f"the sweep samples with the task config's {values} (the largest swept value of {largest}, "
+                          f"which change the sampler's program, the first member's of the others), which it refuses: "
+                          f"{e}") from None
+
+
+def _changes_program(sample: Sampler, task_cfg, members: list[dict], name: str, task_arrays: dict) -> bool:
+    """Whether the config's value of the swept task field `name` changes the program the sampler traces to (or the
+    arrays it closes over), the other fields and the keywords held: the config of a member with the largest value
+    against that config with each other swept value it accepts. No such config to compare with: True."""
+    top = max(m[f"task.{name}"] for m in members)
+    member = next(m for m in members if m[f"task.{name}"] == top)
+    base = dataclasses.replace(task_cfg, **{n: member[f"task.{n}"] for n in task_arrays})
+    kwargs = {n: a[0] for n, a in task_arrays.items()} | ({"step": np.int32(0)} if takes_step(sample) else {})
+    reference, others = _program(sample, base, kwargs), sorted({m[f"task.{name}"] for m in members} - {top})
+    compared = False
+    for value in others:
+        try:
+            other = dataclasses.replace(base, **{name: value})
+        except ConfigError:
+            continue
+        if _program(sample, other, kwargs) != reference:
+            return True
+        compared = True
+    return bool(others) and not compared
+
+
+def _program(sample: Sampler, cfg, kwargs: dict) -> tuple:
+    """The program sample(cfg, key, **kwargs) traces to and the values of the arrays it closes over (key data for
+    PRNG keys), comparable with ==."""
+    traced, consts = trace(lambda key, kw: sample(cfg, key, **kw), jax.random.key(0), kwargs)
+    values = [np.asarray(jax.random.key_data(c) if jnp.issubdtype(c.dtype, jax.dtypes.prng_key) else c) for c in consts]
+    return traced, tuple((v.shape, v.dtype.str, v.tobytes()) for v in values)
+
+
+def check_init_fields(init: Callable, init_arrays: dict[str, np.ndarray]) -> None:
+    """Raises ConfigError naming each swept keyword of init (init_arrays: {keyword: [M] values}) that init cannot
+    take as a traced per-member scalar (a model size: a shape, a Python loop or branch), where it builds the first
+    member's parameters from that member's values."""
+    values, key = {n: a[0] for n, a in init_arrays.items()}, jax.random.key(0)
+    for name in init_arrays:
+        try:
+            jax.eval_shape(lambda v: init(key, **(values | {name: v})), values[name])
+        except TypeError as e:  # jax's concretization errors are TypeErrors too
+            jax.eval_shape(lambda: init(key, **values))  # one that fails on the member's own values is init's own
+            raise ConfigError(f"{name} cannot be swept: a sweep passes init each member's value as a traced array, "
+                              f"and init needs a concrete one (for a shape, a Python loop or a branch: a model "
+                              f"size); sweep keywords init computes with (e.g. init_scale), or run one sweep per "
+                              f"value of {name}") from e
 
 
 def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:

@@ -26,7 +26,8 @@ from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, train_step
-from jaxicl.train.sweep_fields import check_members, check_takes_task_fields, member_arrays, split_fields
+from jaxicl.train.sweep_fields import (check_init_fields, check_members, check_takes_task_fields, member_arrays,
+                                      sampling_config, split_fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +54,16 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
     groups = split_fields(list(members[0]), sample, init)
     if evaluate:
         check_takes_task_fields(evaluate, groups["task"])
-    # the sampling shape: the largest swept value (pool size, context length); each member's own
-    # value reaches the sampler as an array
-    largest = {n: max(m[f"task.{n}"] for m in members) for n in groups["task"]}
-    shape_task = dataclasses.replace(task_cfg, **largest) if largest else task_cfg  # task_cfg may be a dict or None
     opt_fields = [n for n in groups["train"] if n != "seed"]
     tx = make_optimizer(cfg, tuple(opt_fields))
     seeds = member_arrays(members, "train.", ["seed"])["seed"] if "seed" in groups["train"] else \
         np.full(len(members), cfg.seed, np.int32)
     arrays = {"seed": seeds, "opt": member_arrays(members, "train.", opt_fields),
               "task": member_arrays(members, "task.", groups["task"]), "init": member_arrays(members, "", groups["init"])}
+    check_init_fields(init, arrays["init"])
+    # each member's own values reach the sampler as arrays; the config it runs with holds the largest swept value of a
+    # field that sets the sampler's program (pool size, context length) and the first member's of the others
+    shape_task = sampling_config(sample, task_cfg, members, arrays["task"]) if groups["task"] else task_cfg
 
     def new_state(seed, hp, init_kw):
         state = init_state(init(jax.random.key(seed), **init_kw), seed, tx, prng_impl=cfg.prng_impl)
