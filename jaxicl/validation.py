@@ -39,6 +39,13 @@ def check_range(name: str, value, low=None, high=None) -> None:
         raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 
 
+def check_seed(name: str, value) -> None:
+    """Checks an integer seed of a JAX key in int32's range [-2**31, 2**31 - 1], the seeds a sweep takes: without x64
+    jax.random.key keeps a seed's low 32 bits, so 2**32 + 7 would draw as 7 (and with x64 otherwise)."""
+    check_integer(name, value)
+    check_range(name, value, -2**31, 2**31 - 1)
+
+
 def check_choice(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_finite, check_integer, check_positive, check_range
+from jaxicl.validation import (ConfigError, check_choice, check_finite, check_integer, check_positive, check_range,
+                               check_seed)
 
 TYPES = ("single", "double", "composition")
 POSITIONS = 36  # top-left places of a 3x3 root on the 8x8 board (6 x 6), numbered x * 6 + y
@@ -71,8 +72,9 @@ class Boards:
 
     def __post_init__(self):
         for name in ("n_roots", "n_composites", "n_colours", "n_backgrounds", "board_dim", "root_dim", "comp_margin",
-                     "test_per_group", "blueprint_seed", "mask_ramp_end", "patch_from", "steps_per_epoch"):
+                     "test_per_group", "mask_ramp_end", "patch_from", "steps_per_epoch"):
             check_integer(name, getattr(self, name))
+        check_seed("blueprint_seed", self.blueprint_seed)
         for name in ("n_roots", "n_composites", "n_colours", "n_backgrounds", "mask_ramp_end", "steps_per_epoch"):
             check_positive(name, getattr(self, name))
         check_range("n_colours", self.n_colours, 1, 10)

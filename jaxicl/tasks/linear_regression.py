@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import pool_key
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_seed
 
 FORMATS = ("paired", "interleaved")
 X_DISTS = ("normal", "uniform")
@@ -51,8 +51,9 @@ class LinearRegression:
     loss_on: str = "query"
 
     def __post_init__(self):
-        for name in ("dim", "n_context", "n_tasks", "pool_seed"):
+        for name in ("dim", "n_context", "n_tasks"):
             check_integer(name, getattr(self, name))
+        check_seed("pool_seed", self.pool_seed)
         check_positive("dim", self.dim)
         check_positive("n_context", self.n_context)
         check_positive("noise_std", self.noise_std, allow_zero=True)
