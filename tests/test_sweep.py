@@ -17,7 +17,7 @@ from experiments.common.result import diverged_check
 from experiments.common.sweep_report import aggregate, final_table
 from jaxicl.models import SelfAttention
 from jaxicl.models.attention import sweep_init
-from jaxicl.prng import unrolled_threefry
+from jaxicl.prng import seed_key, unrolled_threefry
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import sweep as sweep_module
@@ -50,9 +50,9 @@ class _Run:
 
 
 def _alone(cfg: TrainConfig, member: dict):
-    """The member trained by itself with train(): its own configs and its own init."""
+    """The member trained by itself with train(): its own configs and its own init (from the key the sweep gives)."""
     run = member_config(_Run(cfg, TASK), {k: v for k, v in member.items() if "." in k})
-    params = init(jax.random.key(run.train.seed), **{k: v for k, v in member.items() if "." not in k})
+    params = init(seed_key(run.train.seed), **{k: v for k, v in member.items() if "." not in k})
     return train(LOSS, lr.sample, run.task, run.train, params, progress=False)
 
 
@@ -87,9 +87,11 @@ def test_each_member_of_a_vmapped_sweep_equals_the_member_trained_alone():
 
 def test_under_x64_a_member_equals_its_lone_run_to_float64_rounding(x64):
     """The swept values reach the member in float64 like a lone run's Python floats: they were cast to float32
-    first (lr 0.1 -> 0.10000000149), a 1e-9 relative difference in the parameters after 10 steps."""
+    first (lr 0.1 -> 0.10000000149), a 1e-9 relative difference in the parameters after 10 steps. A negative seed
+    makes the same keys on both paths: the lone run's data key took the Python int -5 as int64 and differed from the
+    member's (int32 seeds), whose losses were another run's."""
     cfg = _cfg(optimizer="adamw", schedule="warmup_cosine", warmup_steps=3)
-    members = [{"train.seed": 1, "train.lr": 0.1, "train.weight_decay": 0.1, "task.noise_std": 0.3, "init_scale": 0.3},
+    members = [{"train.seed": -5, "train.lr": 0.1, "train.weight_decay": 0.1, "task.noise_std": 0.3, "init_scale": 0.3},
                {"train.seed": 2, "train.lr": 0.07, "train.weight_decay": 0.01, "task.noise_std": 0.1,
                 "init_scale": 0.2}]
     swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, progress=False)
@@ -111,6 +113,38 @@ def test_member_axis_sharded_over_four_devices_gives_the_one_device_results():
         for i in range(4):
             np.testing.assert_allclose(_member_losses(many, i), _member_losses(one, i), rtol=2e-5)
         _assert_trees_close(many.params, one.params, rtol=2e-4, atol=1e-6)
+
+
+def _rbg_runs():
+    """On 4 devices: a sweep's member losses and evaluations [2 members, 4 steps + 2 evaluations], a lone run's
+    losses and evaluations [4 + 2] with evaluation prompts from eval_key on a 4-device data mesh, a task pool [4, 3]."""
+    cfg, members = _cfg(steps=4, steps_per_call=4), [{"train.seed": 0}, {"train.seed": 1}]
+
+    def evaluate(params):
+        return {"loss": LOSS(params, sample_batch(lr.sample, TASK, eval_key(0), 16))[0]}
+
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(2, 2), evaluate=evaluate,
+                        progress=False)
+    alone = train(LOSS, lr.sample, TASK, cfg, init(seed_key(0)), mesh=data_mesh(4), evaluate=evaluate, progress=False)
+    return ([[r["loss"] for r in swept.train_rows + swept.eval_rows if r["member"] == i] for i in range(2)],
+            [r["loss"] for r in alone.train_rows + alone.eval_rows],
+            np.asarray(lr.task_pool(dataclasses.replace(TASK, n_tasks=4))))
+
+
+def test_jax_default_prng_impl_rbg_changes_no_key_of_the_library():
+    """Keys from seeds (data, evaluation, a member's init key, task pools) took JAX's global default implementation:
+    with it set to rbg, a sweep (its init keys vmapped) and evaluation on several devices failed with
+    ShardingTypeErrors. They are threefry2x32 now, whatever the global default: the same programs on the same keys,
+    so the same numbers exactly."""
+    before = jax.config.jax_default_prng_impl
+    default = _rbg_runs()
+    jax.config.update("jax_default_prng_impl", "rbg")  # a common TPU setting
+    try:
+        rbg = _rbg_runs()
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+    assert rbg[:2] == default[:2]
+    np.testing.assert_array_equal(rbg[2], default[2])
 
 
 def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once():

@@ -33,6 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import fixed_set_key
 from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_seed
@@ -114,7 +115,7 @@ def haar_orthogonal(key: jax.Array, dim: int) -> jax.Array:
 def basis(cfg: Autoregressive) -> jax.Array:
     """The fixed orthogonal basis Q [dim, dim] of the orthogonal family."""
     if cfg.random_basis:
-        return haar_orthogonal(jax.random.key(cfg.basis_seed), cfg.dim)
+        return haar_orthogonal(seed_key(cfg.basis_seed), cfg.dim)
     return jnp.eye(cfg.dim)
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
 from jaxicl.validation import (ConfigError, check_choice, check_finite, check_integer, check_positive, check_range,
                                check_seed)
@@ -278,7 +279,7 @@ def _sample_board(split: str, test: dict, roots, composites, cfg: Boards, key: j
 
 def build(cfg: Boards) -> BoardData:
     """The blueprint and the balanced split, from cfg.blueprint_seed."""
-    k_blue, k_split = jax.random.split(jax.random.key(cfg.blueprint_seed))
+    k_blue, k_split = jax.random.split(seed_key(cfg.blueprint_seed))
     roots, composites = blueprint(cfg, k_blue)
     return BoardData(cfg, roots, composites, test_indices(cfg, k_split))
 

@@ -76,8 +76,9 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
                 run_config: dict | None = None, progress: bool = True, desc: str = "sweep") -> SweepResult:
     """Trains every member of `members` ([{path: value}], see the module docstring) at once.
 
-    init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed). sample=None: the
-    loss takes no batch, as in train (loss_fn(params, None)).
+    init(key, **init_fields) -> params builds one member's parameters from jaxicl.prng.seed_key(seed) (what
+    jax.random.key(seed) gives under JAX's defaults; a lone run equal to the member builds its parameters from it
+    too). sample=None: the loss takes no batch, as in train (loss_fn(params, None)).
     out_dir gets sweep.json, run.json, metrics.jsonl (rows carry "member" and its values) and
     checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
     refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
