@@ -379,6 +379,31 @@ def test_a_rerun_whose_checkpointed_chunks_exceed_the_memory_is_refused_before_i
     assert resumed.chunk_size == 4 and [r["step"] for r in resumed.train_rows if r["member"] == 3] == [0, 1, 2, 3]
 
 
+def test_a_sweep_resumes_on_a_mesh_with_other_member_devices(tmp_path):
+    """Four members in chunks of 3 on 1 device, resumed on 4 and on 2 x 2: the chunk was stored padded to a multiple
+    of the new mesh's member devices (3 -> 4), and the rerun was refused ("sweep.chunk_size: checkpoint 3 vs now 4")
+    though nothing had changed. The chunks keep their members, and the restored stack is padded for the new mesh."""
+    members = [{"train.seed": s} for s in range(4)]
+    cfg, out = _cfg(steps=4, steps_per_call=2), str(tmp_path)
+    first = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), chunk_size=3, out_dir=out,
+                        progress=False)
+    again = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(4), out_dir=out, progress=False)
+    assert (first.chunk_size, again.chunk_size) == (3, 3)
+    _assert_trees_close(again.params, first.params, rtol=0, atol=0)  # nothing left to train: the restored states
+    longer = dataclasses.replace(cfg, steps=6)
+    resumed = train_sweep(LOSS, lr.sample, TASK, longer, init, members, mesh=sweep_mesh(2, 2), chunk_size=3,
+                          out_dir=out, progress=False)
+    straight = train_sweep(LOSS, lr.sample, TASK, longer, init, members, mesh=sweep_mesh(1), chunk_size=3,
+                           progress=False)
+    assert resumed.chunk_size == 3 and json.loads((tmp_path / "sweep.json").read_text())["chunk_size"] == 3
+    for i in range(4):
+        assert [r["step"] for r in resumed.train_rows if r["member"] == i] == list(range(6))
+        # steps 4, 5 ran in a stack of 4 on 2 x 2 devices, another program than the straight run's: float32 rounding,
+        # the tolerances of the suite's other comparisons across meshes
+        np.testing.assert_allclose(_member_losses(resumed, i), _member_losses(straight, i), rtol=2e-5)
+    _assert_trees_close(resumed.params, straight.params, rtol=2e-4, atol=1e-6)
+
+
 def test_sweep_resume_is_exact_across_chunks(tmp_path):
     members = [{"train.seed": s, "train.lr": v} for s, v in [(0, 1e-2), (1, 2e-2), (2, 3e-2)]]
     kw = dict(chunk_size=2, mesh=sweep_mesh(2), progress=False,
