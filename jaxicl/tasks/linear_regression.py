@@ -102,8 +102,10 @@ def pool_vector(cfg: LinearRegression, index: jax.Array) -> jax.Array:
     """Row `index` of the fixed pool: w_scale * N(0, I) from pool_key(pool_seed, index), [dim].
 
     Each row has its own key, so a prompt never materialises the pool (pools of 2^20 tasks cost
-    nothing), a pool of n tasks is the first n rows of any larger pool, and the index may be
-    sharded over devices without a gather from a replicated table.
+    nothing), a pool of n tasks is the first n rows of any larger pool up to float rounding (the
+    same random bits; the normals' transform, compiled for another shape, may round a value
+    differently: task_pool(cfg, 3) and task_pool(cfg, 64)[:3] differ by up to 1 ulp), and the index
+    may be sharded over devices without a gather from a replicated table.
     """
     return cfg.w_scale * jax.random.normal(pool_key(cfg.pool_seed, index), (cfg.dim,))
 
