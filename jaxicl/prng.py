@@ -16,9 +16,17 @@ per-prompt keys as drawn prompt by prompt, on 1 or 4 devices, and on every platf
 batches would depend on another member's seed (on CPU they were also 3-4x slower than threefry); and "philox2x32" /
 "philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12 ("Unable to convert MHLO to StableHLO"
 at their mulhi), and the engine always trains under one.
+
+seed_key: every key jaxicl makes from an integer seed (data, evaluation, init, task pools, blueprints), of an explicit
+implementation (threefry2x32 unless a run's prng_impl says otherwise) and from the seed's int32 value, so neither JAX's
+global jax_default_prng_impl (e.g. "rbg", a TPU setting, under which evaluation on several devices and every sweep
+failed with ShardingTypeErrors) nor jax_enable_x64 (under which a negative seed made other keys) changes them.
 """
 
 import contextlib
+
+import jax
+import jax.numpy as jnp
 
 try:  # JAX internals: where they are missing (another JAX version), JAX's own lowering stays
     from jax._src.interpreters import mlir
@@ -29,6 +37,13 @@ except (ImportError, AttributeError):
 _depth = 0  # nested unrolled_threefry() blocks open now
 
 PRNG_IMPLS = ("threefry2x32", "threefry4x32")
+
+
+def seed_key(seed, impl: str = PRNG_IMPLS[0]) -> jax.Array:
+    """jax.random.key(seed, impl=impl) of seed's int32 value: seed is a Python, numpy or (possibly traced) jax integer
+    in int32's range (validation.check_seed). Under x64 jax.random.key took a Python int as int64, whose high word
+    made a negative seed's key differ from the key of the same seed as a sweep's int32 array."""
+    return jax.random.key(jnp.asarray(seed, jnp.int32), impl=impl)
 
 
 def available() -> bool:

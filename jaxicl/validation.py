@@ -39,6 +39,14 @@ def check_range(name: str, value, low=None, high=None) -> None:
         raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
 
 
+def check_seed(name: str, value) -> None:
+    """Checks an integer seed of a JAX key in int32's range [-2**31, 2**31 - 1], the seeds a sweep takes: keys are made
+    from a seed's int32 value (jaxicl.prng.seed_key; jax.random.key kept the low 32 bits without x64, so 2**32 + 7
+    drew as 7)."""
+    check_integer(name, value)
+    check_range(name, value, -2**31, 2**31 - 1)
+
+
 def check_choice(name: str, value, allowed: Iterable) -> None:
     allowed = tuple(allowed)
     if value not in allowed:

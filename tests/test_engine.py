@@ -16,10 +16,11 @@ import pytest
 from flax import nnx
 
 from jaxicl.models import SelfAttention
-from jaxicl.prng import PRNG_IMPLS
+from jaxicl.prng import PRNG_IMPLS, seed_key
 from jaxicl.tasks import sample_batch
-from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_mesh, read_metrics, replicated,
-                          regression_loss, sweep_mesh, train, train_sweep)
+from jaxicl.tasks.batching import pool_key
+from jaxicl.train import (CheckpointStore, NonFiniteLossError, TrainConfig, data_key, data_mesh, eval_key,
+                          read_metrics, replicated, regression_loss, sweep_mesh, train, train_sweep)
 from jaxicl.train.checkpoint import check_resumable
 from jaxicl.train.state import init_state
 from jaxicl.train.step import run_steps
@@ -559,6 +560,23 @@ def test_a_lone_run_takes_the_seeds_a_sweep_takes():
     mixed = member_arrays([{"train.lr": 0}, {"train.lr": 1e-3}, {"train.lr": 2}], "train.", ["lr"])["lr"]
     assert mixed.dtype == jnp.result_type(float)
     np.testing.assert_allclose(mixed, [0.0, 1e-3, 2.0], rtol=1e-7)
+
+
+def test_keys_from_a_seed_are_the_same_with_and_without_x64():
+    """Keys come from a seed's int32 value: under x64 jax.random.key took a Python int as int64, so a negative seed's
+    data and evaluation keys (and task pools) differed from its keys without x64 and from a sweep member's (int32
+    seeds): the member trained otherwise than its lone run. Key data are integers: compared exactly."""
+    def keys(seed):
+        return [np.asarray(jax.random.key_data(k)) for k in
+                (data_key(seed), data_key(seed, "threefry4x32"), eval_key(seed), pool_key(seed, 3), seed_key(seed))]
+
+    for seed in (-5, -2**31, 0, 2**31 - 1):
+        plain = keys(seed)
+        assert all(np.array_equal(a, b) for a, b in zip(plain, keys(jnp.int32(seed)), strict=True))
+        with jax.enable_x64(True):
+            wide = keys(seed)
+        assert all(np.array_equal(a, b) for a, b in zip(plain, wide, strict=True)), seed
+    assert np.array_equal(jax.random.key_data(seed_key(-5)), jax.random.key_data(jax.random.key(-5)))  # without x64
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):

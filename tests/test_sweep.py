@@ -18,7 +18,7 @@ from experiments.common.result import diverged_check
 from experiments.common.sweep_report import aggregate, final_table
 from jaxicl.models import SelfAttention
 from jaxicl.models.attention import sweep_init
-from jaxicl.prng import unrolled_threefry
+from jaxicl.prng import seed_key, unrolled_threefry
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import sweep as sweep_module
@@ -51,9 +51,9 @@ class _Run:
 
 
 def _alone(cfg: TrainConfig, member: dict):
-    """The member trained by itself with train(): its own configs and its own init."""
+    """The member trained by itself with train(): its own configs and its own init (from the key the sweep gives)."""
     run = member_config(_Run(cfg, TASK), {k: v for k, v in member.items() if "." in k})
-    params = init(jax.random.key(run.train.seed), **{k: v for k, v in member.items() if "." not in k})
+    params = init(seed_key(run.train.seed), **{k: v for k, v in member.items() if "." not in k})
     return train(LOSS, lr.sample, run.task, run.train, params, progress=False)
 
 
@@ -88,9 +88,11 @@ def test_each_member_of_a_vmapped_sweep_equals_the_member_trained_alone():
 
 def test_under_x64_a_member_equals_its_lone_run_to_float64_rounding(x64):
     """The swept values reach the member in float64 like a lone run's Python floats: they were cast to float32
-    first (lr 0.1 -> 0.10000000149), a 1e-9 relative difference in the parameters after 10 steps."""
+    first (lr 0.1 -> 0.10000000149), a 1e-9 relative difference in the parameters after 10 steps. A negative seed
+    makes the same keys on both paths: the lone run's data key took the Python int -5 as int64 and differed from the
+    member's (int32 seeds), whose losses were another run's."""
     cfg = _cfg(optimizer="adamw", schedule="warmup_cosine", warmup_steps=3)
-    members = [{"train.seed": 1, "train.lr": 0.1, "train.weight_decay": 0.1, "task.noise_std": 0.3, "init_scale": 0.3},
+    members = [{"train.seed": -5, "train.lr": 0.1, "train.weight_decay": 0.1, "task.noise_std": 0.3, "init_scale": 0.3},
                {"train.seed": 2, "train.lr": 0.07, "train.weight_decay": 0.01, "task.noise_std": 0.1,
                 "init_scale": 0.2}]
     swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, progress=False)
@@ -112,6 +114,38 @@ def test_member_axis_sharded_over_four_devices_gives_the_one_device_results():
         for i in range(4):
             np.testing.assert_allclose(_member_losses(many, i), _member_losses(one, i), rtol=2e-5)
         _assert_trees_close(many.params, one.params, rtol=2e-4, atol=1e-6)
+
+
+def _rbg_runs():
+    """On 4 devices: a sweep's member losses and evaluations [2 members, 4 steps + 2 evaluations], a lone run's
+    losses and evaluations [4 + 2] with evaluation prompts from eval_key on a 4-device data mesh, a task pool [4, 3]."""
+    cfg, members = _cfg(steps=4, steps_per_call=4), [{"train.seed": 0}, {"train.seed": 1}]
+
+    def evaluate(params):
+        return {"loss": LOSS(params, sample_batch(lr.sample, TASK, eval_key(0), 16))[0]}
+
+    swept = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(2, 2), evaluate=evaluate,
+                        progress=False)
+    alone = train(LOSS, lr.sample, TASK, cfg, init(seed_key(0)), mesh=data_mesh(4), evaluate=evaluate, progress=False)
+    return ([[r["loss"] for r in swept.train_rows + swept.eval_rows if r["member"] == i] for i in range(2)],
+            [r["loss"] for r in alone.train_rows + alone.eval_rows],
+            np.asarray(lr.task_pool(dataclasses.replace(TASK, n_tasks=4))))
+
+
+def test_jax_default_prng_impl_rbg_changes_no_key_of_the_library():
+    """Keys from seeds (data, evaluation, a member's init key, task pools) took JAX's global default implementation:
+    with it set to rbg, a sweep (its init keys vmapped) and evaluation on several devices failed with
+    ShardingTypeErrors. They are threefry2x32 now, whatever the global default: the same programs on the same keys,
+    so the same numbers exactly."""
+    before = jax.config.jax_default_prng_impl
+    default = _rbg_runs()
+    jax.config.update("jax_default_prng_impl", "rbg")  # a common TPU setting
+    try:
+        rbg = _rbg_runs()
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+    assert rbg[:2] == default[:2]
+    np.testing.assert_array_equal(rbg[2], default[2])
 
 
 def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once():
@@ -421,6 +455,31 @@ def test_a_rerun_whose_checkpointed_chunks_exceed_the_memory_is_refused_before_i
     resumed = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), out_dir=str(tmp_path),
                           progress=False)
     assert resumed.chunk_size == 4 and [r["step"] for r in resumed.train_rows if r["member"] == 3] == [0, 1, 2, 3]
+
+
+def test_a_sweep_resumes_on_a_mesh_with_other_member_devices(tmp_path):
+    """Four members in chunks of 3 on 1 device, resumed on 4 and on 2 x 2: the chunk was stored padded to a multiple
+    of the new mesh's member devices (3 -> 4), and the rerun was refused ("sweep.chunk_size: checkpoint 3 vs now 4")
+    though nothing had changed. The chunks keep their members, and the restored stack is padded for the new mesh."""
+    members = [{"train.seed": s} for s in range(4)]
+    cfg, out = _cfg(steps=4, steps_per_call=2), str(tmp_path)
+    first = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(1), chunk_size=3, out_dir=out,
+                        progress=False)
+    again = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, mesh=sweep_mesh(4), out_dir=out, progress=False)
+    assert (first.chunk_size, again.chunk_size) == (3, 3)
+    _assert_trees_close(again.params, first.params, rtol=0, atol=0)  # nothing left to train: the restored states
+    longer = dataclasses.replace(cfg, steps=6)
+    resumed = train_sweep(LOSS, lr.sample, TASK, longer, init, members, mesh=sweep_mesh(2, 2), chunk_size=3,
+                          out_dir=out, progress=False)
+    straight = train_sweep(LOSS, lr.sample, TASK, longer, init, members, mesh=sweep_mesh(1), chunk_size=3,
+                           progress=False)
+    assert resumed.chunk_size == 3 and json.loads((tmp_path / "sweep.json").read_text())["chunk_size"] == 3
+    for i in range(4):
+        assert [r["step"] for r in resumed.train_rows if r["member"] == i] == list(range(6))
+        # steps 4, 5 ran in a stack of 4 on 2 x 2 devices, another program than the straight run's: float32 rounding,
+        # the tolerances of the suite's other comparisons across meshes
+        np.testing.assert_allclose(_member_losses(resumed, i), _member_losses(straight, i), rtol=2e-5)
+    _assert_trees_close(resumed.params, straight.params, rtol=2e-4, atol=1e-6)
 
 
 def test_sweep_resume_is_exact_across_chunks(tmp_path):

@@ -45,3 +45,21 @@ def test_task_configs_reject_bad_fields_naming_them(cls, fields, message):
     # a count given as a numpy integer (as a sweep's values may be) is accepted
     counts = {f: np.int64(getattr(cls(), f)) for f in fields if f in COUNTS[cls]}
     assert dataclasses.replace(cls(), **counts) == cls()
+
+
+# the seeds of JAX keys; Instructions.seed seeds numpy's default_rng on the host, which takes any integer >= 0
+SEEDS = {LinearRegression: ("pool_seed",), NearestNeighbor: ("pool_seed",), Autoregressive: ("basis_seed", "pool_seed"),
+         Boards: ("blueprint_seed",), AffineRecurrence: ()}
+
+
+def test_task_seeds_outside_int32_are_refused_naming_the_field():
+    """pool_seed=2**32 + 7 was accepted and drew the pool of pool_seed=7 (jax.random.key keeps a seed's low 32 bits
+    without x64), and -1 that of 2**32 - 1, as TrainConfig.seed refuses; every seed field of a JAX-keyed task."""
+    for cls, fields in SEEDS.items():
+        assert {f.name for f in dataclasses.fields(cls) if "seed" in f.name} == set(fields)
+        for field in fields:
+            for seed in (-2**31, 2**31 - 1):
+                assert getattr(cls(**{field: seed}), field) == seed
+            for seed in (-2**31 - 1, 2**31, 2**32 + 7):
+                with pytest.raises(ConfigError, match=rf"^{field} must be in \[-2147483648, 2147483647\], got {seed}$"):
+                    cls(**{field: seed})

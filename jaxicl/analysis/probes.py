@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl.analysis.cache import replicated_inputs
+from jaxicl.prng import seed_key
 from jaxicl.ridge import check_lam, ridge_solve
 
 
@@ -71,7 +72,7 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     else:
         if n < 2:
             raise ValueError(f"features: a probe needs at least 2 rows (one to fit, one to score), got {n}")
-        order = jax.random.permutation(jax.random.key(0) if key is None else key, n)
+        order = jax.random.permutation(seed_key(0) if key is None else key, n)
         n_test = min(max(int(round(test_fraction * n)), 1), n - 1)  # at least one row on each side
         test, train = order[:n_test], order[n_test:]
     if classes and int(targets.min()) < 0:

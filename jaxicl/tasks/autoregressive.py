@@ -33,9 +33,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import fixed_set_key
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_seed
 
 FAMILIES = ("unitary", "orthogonal", "haar", "complex_1d")
 COMPLEX_FAMILIES = ("unitary", "complex_1d")
@@ -65,8 +66,10 @@ class Autoregressive:
         check_choice("family", self.family, FAMILIES)
         check_choice("init", self.init, INITS)
         check_choice("format", self.format, FORMATS)
-        for name in ("dim", "seq_len", "tile", "basis_seed", "n_sequences", "pool_seed"):
+        for name in ("dim", "seq_len", "tile", "n_sequences"):
             check_integer(name, getattr(self, name))
+        for name in ("basis_seed", "pool_seed"):
+            check_seed(name, getattr(self, name))
         for name in ("dim", "seq_len", "mu", "init_scale", "tile"):
             check_positive(name, getattr(self, name))
         check_positive("noise_std", self.noise_std, allow_zero=True)
@@ -112,7 +115,7 @@ def haar_orthogonal(key: jax.Array, dim: int) -> jax.Array:
 def basis(cfg: Autoregressive) -> jax.Array:
     """The fixed orthogonal basis Q [dim, dim] of the orthogonal family."""
     if cfg.random_basis:
-        return haar_orthogonal(jax.random.key(cfg.basis_seed), cfg.dim)
+        return haar_orthogonal(seed_key(cfg.basis_seed), cfg.dim)
     return jnp.eye(cfg.dim)
 
 

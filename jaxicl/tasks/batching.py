@@ -9,6 +9,7 @@ import jax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
 from jaxicl.traced import Traced, trace
 from jaxicl.validation import ConfigError
@@ -51,11 +52,11 @@ POOL_STREAM = 0x9001  # folded into a fixed set's seed before the item index, so
 
 def pool_key(seed: int, index: jax.Array) -> jax.Array:
     """The key of item `index` of a fixed set (a task pool, a prompt set) made from `seed`:
-    fold_in(fold_in(key(seed), POOL_STREAM), index). Without the stream, fold_in(key(seed), i) would be the key of
-    the i-th parameter that nnx.Rngs(seed) initialises, so a pool would copy the initial weights of a model
-    built with the same seed.
+    fold_in(fold_in(seed_key(seed), POOL_STREAM), index) (threefry2x32 whatever the run's prng_impl or JAX's
+    default implementation). Without the stream, fold_in(key(seed), i) would be the key of the i-th parameter that
+    nnx.Rngs(seed) initialises, so a pool would copy the initial weights of a model built with the same seed.
     """
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), POOL_STREAM), index)
+    return jax.random.fold_in(jax.random.fold_in(seed_key(seed), POOL_STREAM), index)
 
 
 def fixed_set_key(key: jax.Array, size: int, seed: int) -> jax.Array:

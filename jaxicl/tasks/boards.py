@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
-from jaxicl.validation import ConfigError, check_choice, check_finite, check_integer, check_positive, check_range
+from jaxicl.validation import (ConfigError, check_choice, check_finite, check_integer, check_positive, check_range,
+                               check_seed)
 
 TYPES = ("single", "double", "composition")
 POSITIONS = 36  # top-left places of a 3x3 root on the 8x8 board (6 x 6), numbered x * 6 + y
@@ -76,8 +78,9 @@ class Boards:
 
     def __post_init__(self):
         for name in ("n_roots", "n_composites", "n_colours", "n_backgrounds", "board_dim", "root_dim", "comp_margin",
-                     "test_per_group", "blueprint_seed", "mask_ramp_end", "patch_from", "steps_per_epoch"):
+                     "test_per_group", "mask_ramp_end", "patch_from", "steps_per_epoch"):
             check_integer(name, getattr(self, name))
+        check_seed("blueprint_seed", self.blueprint_seed)
         for name in ("n_roots", "n_composites", "n_colours", "n_backgrounds", "mask_ramp_end", "steps_per_epoch"):
             check_positive(name, getattr(self, name))
         check_range("n_colours", self.n_colours, 1, 10)
@@ -306,7 +309,7 @@ def _sample_board(split: str, test: dict, roots, composites, cfg: Boards, key: j
 
 def build(cfg: Boards) -> BoardData:
     """The blueprint and the balanced split, from cfg.blueprint_seed."""
-    k_blue, k_split = jax.random.split(jax.random.key(cfg.blueprint_seed))
+    k_blue, k_split = jax.random.split(seed_key(cfg.blueprint_seed))
     roots, composites = blueprint(cfg, k_blue)
     return BoardData(cfg, roots, composites, test_indices(cfg, k_split))
 

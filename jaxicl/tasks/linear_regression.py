@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import pool_key
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_seed
 
 FORMATS = ("paired", "interleaved")
 X_DISTS = ("normal", "uniform")
@@ -51,8 +51,9 @@ class LinearRegression:
     loss_on: str = "query"
 
     def __post_init__(self):
-        for name in ("dim", "n_context", "n_tasks", "pool_seed"):
+        for name in ("dim", "n_context", "n_tasks"):
             check_integer(name, getattr(self, name))
+        check_seed("pool_seed", self.pool_seed)
         check_positive("dim", self.dim)
         check_positive("n_context", self.n_context)
         check_positive("noise_std", self.noise_std, allow_zero=True)
@@ -101,8 +102,10 @@ def pool_vector(cfg: LinearRegression, index: jax.Array) -> jax.Array:
     """Row `index` of the fixed pool: w_scale * N(0, I) from pool_key(pool_seed, index), [dim].
 
     Each row has its own key, so a prompt never materialises the pool (pools of 2^20 tasks cost
-    nothing), a pool of n tasks is the first n rows of any larger pool, and the index may be
-    sharded over devices without a gather from a replicated table.
+    nothing), a pool of n tasks is the first n rows of any larger pool up to float rounding (the
+    same random bits; the normals' transform, compiled for another shape, may round a value
+    differently: task_pool(cfg, 3) and task_pool(cfg, 64)[:3] differ by up to 1 ulp), and the index
+    may be sharded over devices without a gather from a replicated table.
     """
     return cfg.w_scale * jax.random.normal(pool_key(cfg.pool_seed, index), (cfg.dim,))
 

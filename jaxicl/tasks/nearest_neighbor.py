@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxicl.prompt import Prompt, check_one_prompt
 from jaxicl.tasks.batching import fixed_set_key
-from jaxicl.validation import check_choice, check_integer, check_positive, check_range
+from jaxicl.validation import check_choice, check_integer, check_positive, check_range, check_seed
 
 DISTRIBUTIONS = ("uniform", "shifted")
 
@@ -48,8 +48,9 @@ class NearestNeighbor:
     pool_seed: int = 0
 
     def __post_init__(self):
-        for name in ("dim", "n_context", "num_classes", "n_prompts", "pool_seed"):
+        for name in ("dim", "n_context", "num_classes", "n_prompts"):
             check_integer(name, getattr(self, name))
+        check_seed("pool_seed", self.pool_seed)
         check_positive("dim", self.dim)
         check_positive("n_context", self.n_context)
         check_range("num_classes", self.num_classes, 2, None)

@@ -81,12 +81,15 @@ class CheckpointStore:
         run's)."""
         return _latest_config(self._ckptr)
 
-    def restore(self, like: TrainState, sharding: NamedSharding, step: int | None = None) -> TrainState:
+    def restore(self, like: TrainState, sharding: NamedSharding, step: int | None = None,
+                members: int | None = None) -> TrainState:
         """The checkpoint at `step` (latest if None), shaped like `like` and placed with `sharding`.
 
         `sharding` applies to every leaf (e.g. P() replicated, or P("members") for a sweep's stack). `like.key` must
         be of the PRNG implementation the run drew its batches with (checked against the stored config: raw key data
-        of one shape may belong to several implementations).
+        of one shape may belong to several implementations). members: `like` is a sweep's stack [S, ...] of that
+        many members padded with copies of the last to S rows (a multiple of the mesh's member devices); the stored
+        stack may be padded to another S (another mesh): its first `members` rows are restored, padded likewise.
         """
         made_with, wanted = self.config().get("train", {}).get("prng_impl"), str(jax.random.key_impl(like.key))
         if made_with is not None and made_with != wanted:
@@ -97,13 +100,25 @@ class CheckpointStore:
         # jax.enable_x64 context does not reach, so arrays made there came back float32 (and the run resumed rounded)
         host = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), jax.eval_shape(_to_tree, like))
         step = self.steps()[-1] if step is None else step
-        _check_like(self._ckptr.metadata(step).metadata, host)
-        tree = jax.device_put(self._ckptr.load(step, host), sharding)
+        saved = self._ckptr.metadata(step).metadata
+        if members is not None:  # the stored stack's rows
+            rows = _leaf_specs(saved)[("step",)][0][0]
+            host = jax.tree.map(lambda x: np.empty((rows, *x.shape[1:]), x.dtype), host)
+        _check_like(saved, host)
+        tree = self._ckptr.load(step, host)
+        if members is not None:
+            tree = jax.tree.map(lambda x: pad_rows(x[:members], like.step.shape[0]), tree)
+        tree = jax.device_put(tree, sharding)
         key = jax.random.wrap_key_data(tree["key_data"], impl=jax.random.key_impl(like.key))
         return TrainState(tree["params"], tree["opt_state"], tree["step"], key, tree.get("buffers"))
 
     def close(self) -> None:
         self._ckptr.close()
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """x [n, ...] padded to [size, ...] (size >= n >= 1) with copies of its last row."""
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
 
 
 def _leaf_specs(tree) -> dict:

@@ -4,7 +4,7 @@ import dataclasses
 
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.train.cpu_matmuls import CPU_MATMULS
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range, check_seed
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -43,15 +43,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints", "warmup_steps",
-                     "checkpoint_every", "seed"):
+                     "checkpoint_every"):
             check_integer(name, getattr(self, name))
         for name in ("steps", "batch_size", "steps_per_call", "log_every", "keep_checkpoints"):
             check_positive(name, getattr(self, name))
         for name in ("warmup_steps", "weight_decay", "clip_norm", "checkpoint_every", "stop_loss"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("lr", self.lr)
-        # the seeds a sweep takes (int32): without x64 jax.random.key keeps the low 32 bits, so 2**32 would train as 0
-        check_range("seed", self.seed, -2**31, 2**31 - 1)
+        check_seed("seed", self.seed)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("prng_impl", self.prng_impl, PRNG_IMPLS)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxicl.prng import PRNG_IMPLS
+from jaxicl.prng import PRNG_IMPLS, seed_key
 
 DATA_STREAM = 0xDA7A  # folded into the seed for the data key, so data and init keys differ
 EVAL_STREAM = 0xE7A1  # folded into the seed for evaluation prompts, never used for training batches
@@ -34,14 +34,15 @@ class TrainState:
 
 def data_key(seed, prng_impl: str = PRNG_IMPLS[0]) -> jax.Array:
     """The base key of a run's training batches, of JAX's PRNG implementation prng_impl (seed may be traced, e.g.
-    per sweep member)."""
-    return jax.random.fold_in(jax.random.key(seed, impl=prng_impl), DATA_STREAM)
+    per sweep member; jaxicl.prng.seed_key)."""
+    return jax.random.fold_in(seed_key(seed, prng_impl), DATA_STREAM)
 
 
 def eval_key(seed) -> jax.Array:
-    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key); JAX's default
-    implementation whatever the run's prng_impl, so runs that draw their batches differently share a test set."""
-    return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+    """The key of a run's held-out evaluation prompts (differs from data_key(seed) and the init key); threefry2x32
+    (JAX's default) whatever the run's prng_impl, so runs that draw their batches differently share a test set, and
+    whatever jax_default_prng_impl says (jaxicl.prng.seed_key)."""
+    return jax.random.fold_in(seed_key(seed), EVAL_STREAM)
 
 
 def init_state(params, seed, tx: optax.GradientTransformation, buffers=None,

@@ -22,7 +22,8 @@ member is evaluated on its own task; a sweep whose evaluate does not take them i
 Not sweepable: fields that change shapes or code paths (train.steps, batch_size, optimizer,
 schedule; task.dim, format; model sizes). A diverging member is frozen at its last finite state
 while the others go on. When the stack does not fit in memory the members run in equal chunks (the
-last one padded) that share one compiled program. The stored config names the swept fields and
+last one shorter) that share one compiled program; each chunk is padded to a multiple of the mesh's
+member devices with copies of its last member. The stored config names the swept fields and
 their values ({"swept": [...]}), never one member's value as the run's.
 """
 
@@ -40,7 +41,8 @@ from tqdm.auto import tqdm
 
 from jaxicl import outputs
 from jaxicl.tasks.batching import Sampler, check_divisible
-from jaxicl.train.checkpoint import CheckpointStore, check_all_resumable, latest_checkpoint, remove_checkpoints
+from jaxicl.train.checkpoint import (CheckpointStore, check_all_resumable, latest_checkpoint, pad_rows,
+                                     remove_checkpoints)
 from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule, drive, evaluates_at
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.loop import stored_config, trained_on, write_run_info
@@ -62,7 +64,7 @@ class SweepResult:
     diverged: dict[int, int]  # member -> step whose update made its loss or parameters non-finite
     train_rows: list[dict]  # metrics rows with "member" and the member's values
     eval_rows: list[dict]
-    chunk_size: int
+    chunk_size: int  # members per chunk (trained padded to a multiple of the mesh's member devices)
     info: dict  # run metadata (also out_dir/run.json): flops_per_step of one member, devices, backend, device_kind
 
     def member_params(self, i: int):
@@ -76,19 +78,21 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
                 run_config: dict | None = None, progress: bool = True, desc: str = "sweep") -> SweepResult:
     """Trains every member of `members` ([{path: value}], see the module docstring) at once.
 
-    init(key, **init_fields) -> params builds one member's parameters from jax.random.key(seed). sample=None: the
-    loss takes no batch, as in train (loss_fn(params, None)).
+    init(key, **init_fields) -> params builds one member's parameters from jaxicl.prng.seed_key(seed) (what
+    jax.random.key(seed) gives under JAX's defaults; a lone run equal to the member builds its parameters from it
+    too). sample=None: the loss takes no batch, as in train (loss_fn(params, None)).
     out_dir gets sweep.json, run.json, metrics.jsonl (rows carry "member" and its values) and
-    checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly, and one that any chunk's checkpoint
-    refuses (another config) is refused before anything is written (resume=False deletes the checkpoints and starts
-    afresh). chunk_size bounds the members trained at once; without it a rerun keeps the chunk size of out_dir's
-    checkpoints (so one on a device with other memory resumes them; refused up front where those chunks need more
-    than memory_budget, or than the device's memory), else memory_budget (bytes per device) chooses it
-    from the memory of a chunk's compiled programs, training and (given) evaluate (chunk_in_budget); neither: 80% of
-    the device memory where the backend reports it (GPU, TPU), else all at once. evaluate(params, **swept task
-    fields) -> {name: scalar} is vmapped. The default mesh puts gcd(devices, chunk) devices on the members axis (in a
-    run of several processes, the same number from each: jaxicl.train.mesh.default_sweep_mesh); a given mesh must
-    hold devices of every process.
+    checkpoints/chunk<k>/ holding the stacked state; a rerun resumes exactly (on another mesh, to float rounding:
+    another program, whose stack may be padded otherwise), and one that any chunk's checkpoint refuses (another
+    config) is refused before anything is written (resume=False deletes the checkpoints and starts afresh).
+    chunk_size bounds the members per chunk (the mesh pads each chunk to a multiple of its member devices); without it
+    a rerun keeps the chunk size of out_dir's checkpoints (so one on a device with other memory, or on a mesh with
+    other member devices, resumes them; refused up front where those chunks need more than memory_budget, or than
+    the device's memory), else memory_budget (bytes per device) chooses it from the memory of a chunk's compiled
+    programs, training and (given) evaluate (chunk_in_budget); neither: 80% of the device memory where the backend
+    reports it (GPU, TPU), else all at once. evaluate(params, **swept task fields) -> {name: scalar} is vmapped. The
+    default mesh puts gcd(devices, chunk) devices on the members axis (in a run of several processes, the same number
+    from each: jaxicl.train.mesh.default_sweep_mesh); a given mesh must hold devices of every process.
     """
     check_eval_schedule(eval_every, cfg.steps)
     members = plain_members(members)
@@ -105,16 +109,18 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
     memory_budget = memory_budget or (None if chunk_size else device_budget(mesh))
     if memory_budget is not None and chunk_size is None:
         chunk_size = chunk_in_budget(prog, cfg, mesh, memory_budget, len(members))
-    n_dev = mesh.shape[MEMBER_AXIS]
-    # a multiple of the member devices (the trained size as it was: it may hold padding beyond the members)
-    size = -(-(trained or min(chunk_size or len(members), len(members))) // n_dev) * n_dev
+    # the members per chunk (sweep.chunk_size, as the checkpoints hold them: the mesh does not change them), and the
+    # stack trained: those padded to a multiple of the member devices with copies of the chunk's last member
+    per = min(chunk_size or len(members), len(members))
+    size = -(-per // mesh.shape[MEMBER_AXIS]) * mesh.shape[MEMBER_AXIS]
     if trained:
-        _check_trained_chunk_fits(prog, cfg, mesh, size, memory_budget or device_budget(mesh, fraction=1.0), out_dir)
-    chunks = [np.arange(lo, min(lo + size, len(members))) for lo in range(0, len(members), size)]
+        _check_trained_chunk_fits(prog, cfg, mesh, per, size, memory_budget or device_budget(mesh, fraction=1.0),
+                                  out_dir)
+    chunks = [np.arange(lo, min(lo + per, len(members))) for lo in range(0, len(members), per)]
     swept = swept_values([{(p if "." in p else f"init.{p}"): v for p, v in m.items()} for m in members])
     # the members in order: a rerun with another order or pairing of the same values must not resume into them
     config = mark_swept({**stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None),
-                         "sweep": {"chunk_size": size, "members": members}}, swept)
+                         "sweep": {"chunk_size": per, "members": members}}, swept)
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     with exclusive(out_dir):
         if out_dir:
@@ -125,7 +131,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
             else:
                 remove_checkpoints(os.path.join(out_dir, "checkpoints"))
                 held = []
-            _write_sweep_json(out_dir, members, _resumed_diverged(out_dir, [chunks[k] for k in held]), size, cfg)
+            _write_sweep_json(out_dir, members, _resumed_diverged(out_dir, [chunks[k] for k in held]), per, cfg)
         rows, finals, diverged = {"train": [], "eval": []}, [], {}
         bar = tqdm(total=len(chunks) * cfg.steps, desc=desc, dynamic_ncols=True,
                    disable=not progress or not outputs.is_primary())
@@ -148,17 +154,17 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
                 finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
         bar.close()
         stack_flops = run_chunk.flops_per_step
-        info = {"flops_per_step": stack_flops / size if stack_flops else None, **trained_on(mesh), "chunk_size": size}
+        info = {"flops_per_step": stack_flops / size if stack_flops else None, **trained_on(mesh), "chunk_size": per}
         info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
         if diverged and outputs.is_primary():
             tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
                        f"(member: step) {diverged}; the others trained on unchanged")
         if out_dir:
-            _write_sweep_json(out_dir, members, diverged, size, cfg)
+            _write_sweep_json(out_dir, members, diverged, per, cfg)
     if metrics_path and outputs.is_primary():
         rows = {s: read_metrics(metrics_path, s) for s in rows}
     params = jax.tree.map(lambda *xs: np.concatenate(xs), *finals)
-    return SweepResult(list(members), params, diverged, rows["train"], rows["eval"], size, info)
+    return SweepResult(list(members), params, diverged, rows["train"], rows["eval"], per, info)
 
 
 def _fetch(tree):
@@ -171,10 +177,10 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
                  size: int, sharding: NamedSharding, store: CheckpointStore | None, metrics_path: str | None,
                  rows: dict, bar, eval_every: EvalSchedule) -> TrainState:
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
-    a = prog.inputs(np.concatenate([idx, np.full(size - len(idx), idx[-1])]), sharding)
+    a = prog.inputs(pad_rows(idx, size), sharding)
     state, start = prog.states(a, sharding), 0
     if store and store.steps():  # resumable: train_sweep checked every chunk first
-        state, start = store.restore(state, sharding), store.steps()[-1]
+        state, start = store.restore(state, sharding, members=len(idx)), store.steps()[-1]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
 
     def keep(row):  # which rows of metrics.jsonl a chunk starting at `start` keeps
@@ -236,13 +242,13 @@ def _trained_chunk_size(out_dir: str) -> int | None:
     return size or None
 
 
-def _check_trained_chunk_fits(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, size: int,
+def _check_trained_chunk_fits(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, per: int, size: int,
                               budget: float | None, out_dir: str) -> None:
-    """Refuses, before anything compiles to run, to resume chunks of `size` members (those out_dir's checkpoints
-    hold) whose compiled programs need more than `budget` bytes per device (memory_budget, else the whole device
-    where the backend reports its memory; None: not checked)."""
+    """Refuses, before anything compiles to run, to resume chunks of `per` members (those out_dir's checkpoints
+    hold), trained as stacks of `size` on this mesh, whose compiled programs need more than `budget` bytes per device
+    (memory_budget, else the whole device where the backend reports its memory; None: not checked)."""
     if budget is not None and (need := chunk_memory(prog, cfg, mesh, size)) > budget:
-        raise ConfigError(f"{out_dir}: its checkpoints hold chunks of {size} members (sweep.chunk_size), whose "
+        raise ConfigError(f"{out_dir}: its checkpoints hold chunks of {per} members (sweep.chunk_size), whose "
                           f"programs need {need:.3g} bytes per device, more than {budget:.3g} (memory_budget, else "
                           f"the device's memory): resume where they fit, or pass resume=False to start afresh in "
                           f"chunks that fit")

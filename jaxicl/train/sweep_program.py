@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
+from jaxicl.prng import seed_key
 from jaxicl.tasks.batching import Sampler
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import MEMBER_AXIS
@@ -66,7 +67,7 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
     shape_task = sampling_config(sample, task_cfg, members, arrays["task"]) if groups["task"] else task_cfg
 
     def new_state(seed, hp, init_kw):
-        state = init_state(init(jax.random.key(seed), **init_kw), seed, tx, prng_impl=cfg.prng_impl)
+        state = init_state(init(seed_key(seed), **init_kw), seed, tx, prng_impl=cfg.prng_impl)
         for name, value in hp.items():
             state.opt_state.hyperparams[name] = jnp.asarray(value, state.opt_state.hyperparams[name].dtype)
         return state
