@@ -26,6 +26,7 @@ from jaxicl.train.step import run_steps
 from jaxicl.train.sweep_fields import member_arrays
 from jaxicl.train.optim import make_optimizer
 from jaxicl.validation import ConfigError
+from frozen_features import FrozenFeatures
 from tiny_run import tiny_setup
 
 HERE = os.path.dirname(__file__)
@@ -63,6 +64,35 @@ def test_an_evaluate_that_samples_from_a_key_made_before_train_runs_under_the_tr
     assert [r["step"] for r in four.eval_rows] == [0, 5]
     # step 0: the initial parameters on the same prompts; float32 sums over 4 shards in another order than on one
     np.testing.assert_allclose(four.eval_rows[0]["test_loss"], want, rtol=1e-6)
+
+
+def test_a_non_param_variable_of_the_params_stays_as_given_through_training_and_resume(tmp_path):
+    """README's nnx.split(model) returns every variable: a frozen projection held as an nnx.Variable got AdamW
+    updates (it moved by 0.2 in 50 steps). Now it is bit-identical after training, a resume and a run with a tx of
+    one's own, and the Param trains (loss and step metrics) as it does with the projection outside the parameters."""
+    _, sample, task, _, _ = tiny_setup(steps=10)
+    cfg = TrainConfig(steps=10, batch_size=16, lr=1e-2, optimizer="adamw", weight_decay=0.1, clip_norm=0.5,
+                      steps_per_call=5, log_every=1, checkpoint_every=5)
+    graphdef, params = nnx.split(FrozenFeatures(nnx.Rngs(0)))
+    loss_fn = regression_loss(graphdef)
+    straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    np.testing.assert_array_equal(straight.state.params["proj"][...], params["proj"][...])
+    train(loss_fn, sample, task, dataclasses.replace(cfg, steps=5), params, out_dir=str(tmp_path / "b"),
+          progress=False)
+    resumed = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    # exact: every chunk of both runs is the same compiled 5-step program applied to the same state
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
+    own_tx = train(loss_fn, sample, task, cfg, params, tx=optax.sgd(0.1), progress=False)
+    np.testing.assert_array_equal(own_tx.state.params["proj"][...], params["proj"][...])
+    _, head, rest = nnx.split(FrozenFeatures(nnx.Rngs(0)), nnx.Param, ...)
+    outside = train(lambda p, batch: loss_fn(nnx.merge_state(p, rest), batch), sample, task, cfg, head,
+                    progress=False)
+    # two compiled programs (the projection an input, or a constant): equal on CPU, float32 rounding apart elsewhere
+    for name in ("loss", "grad_norm", "param_rms", "update_rms"):
+        np.testing.assert_allclose([r[name] for r in straight.train_rows], [r[name] for r in outside.train_rows],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(straight.state.params["head"][...], outside.state.params["head"][...], rtol=1e-6)
 
 
 def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_reduced():

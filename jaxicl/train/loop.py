@@ -27,7 +27,7 @@ from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import check_data_mesh, data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
-from jaxicl.train.optim import make_optimizer, scheduled_lr
+from jaxicl.train.optim import freeze_non_params, make_optimizer, scheduled_lr
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import LossFn, run_steps
@@ -95,6 +95,11 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
           progress: bool = True, desc: str = "train", buffers=None) -> TrainResult:
     """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
 
+    Its plain arrays and nnx.Param variables train; any other nnx.Variable in it (nnx.split(model) returns them all:
+    a frozen projection, a fixed positional table, a mask) stays as given: zero updates and no optimiser state, from
+    the config's optimiser or `tx` (jaxicl.train.optim.freeze_non_params). State the loss itself updates goes in
+    `buffers`.
+
     task_cfg: a dataclass instance, a dict (stored as given) or None. sample=None: loss_fn(params, None) needs no batch
     (task_cfg may then be None).
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
@@ -115,7 +120,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     mesh = data_mesh() if mesh is None else mesh
     check_data_mesh(mesh)
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
-    tx = make_optimizer(cfg) if tx is None else tx
+    tx = make_optimizer(cfg) if tx is None else freeze_non_params(tx)
     check_eval_schedule(eval_every, cfg.steps)
     config = stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None)
     step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,

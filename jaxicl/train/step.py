@@ -2,7 +2,8 @@
 
 Every step returns its metrics: the loss and the loss function's aux values, the learning rate
 (when the optimiser is the config's), the gradient norm and RMS, the parameter RMS after the update
-and the update RMS with its ratio to the parameter RMS (the update-to-parameter ratio).
+and the update RMS with its ratio to the parameter RMS (the update-to-parameter ratio); the last four over the
+leaves that train (a frozen nnx.Variable of the parameters left out: jaxicl.train.optim.freeze_non_params).
 """
 
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import Sampler, sample_batch
 from jaxicl.train.mesh import in_auto_sharding
+from jaxicl.train.optim import trained_part
 from jaxicl.train.state import TrainState
 
 LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
@@ -54,12 +56,13 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1,
                         buffers=buffers)
-    update_rms = tree_rms(updates)
+    update_rms = tree_rms(trained_part(updates))
     if stop_loss:
         stopped = loss < stop_loss
         new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)
         update_rms = jnp.where(stopped, 0.0, update_rms)  # the stopping step's update is discarded
-    param_rms = tree_rms(new.params)  # of the parameters the step leaves
+    param_rms = tree_rms(trained_part(new.params))  # of the parameters the step leaves
+    grads = trained_part(grads)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "grad_rms": tree_rms(grads),
                "param_rms": param_rms, "update_rms": update_rms,
                "update_ratio": update_rms / jnp.maximum(param_rms, jnp.finfo(param_rms.dtype).tiny), **aux}
