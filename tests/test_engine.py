@@ -753,6 +753,38 @@ def test_a_killed_run_resumes_with_nothing_lost(tmp_path):
     assert [r["step"] for r in resumed.train_rows] == list(range(400))
 
 
+RESERVED = "loss, grad_norm, grad_rms, param_rms, update_rms, update_ratio, lr, stopped, ok, step, split, member"
+
+
+@pytest.mark.parametrize("name", ["loss", "stopped", "step"])
+def test_an_aux_value_named_like_an_engine_metric_is_refused_before_the_first_step(tmp_path, name):
+    """A regularised loss returning (mse + reg, {"loss": mse}) logged the mse as the loss, and the non-finite check
+    read it; an aux "stopped" was popped as the stop flag, an aux "step" replaced the row's step."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    with pytest.raises(ConfigError, match=re.escape(f"loss_fn's aux values: {name!r} is a name the engine logs its own "
+                                                    f"values under; rename it (reserved: {RESERVED})")):
+        train(lambda p, batch: (loss_fn(p, batch)[0], {name: 1.0}), sample, task, cfg, params,
+              out_dir=str(tmp_path), progress=False)
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == []  # refused when the step was traced
+
+
+def test_an_aux_value_or_evaluation_that_is_not_a_scalar_is_refused_naming_it_and_its_shape(tmp_path):
+    """A per-position error [6] as an aux value or an evaluation raised "TypeError: only 0-dimensional arrays can be
+    converted to Python scalars", naming no metric; an evaluation named "step" replaced the row's step."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    shape = "'per_position' has shape (6,), but each metric is a scalar (one number per step in metrics.jsonl)"
+    with pytest.raises(ConfigError, match=re.escape(f"loss_fn's aux values: {shape}")):
+        train(lambda p, batch: (loss_fn(p, batch)[0], {"per_position": jnp.mean(batch.targets ** 2, axis=0)}),
+              sample, task, cfg, params, progress=False)
+    with pytest.raises(ConfigError, match=re.escape(f"evaluate: {shape}")):
+        train(loss_fn, sample, task, cfg, params, evaluate=lambda p: {"per_position": jnp.zeros(6)},
+              out_dir=str(tmp_path), progress=False)
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == []  # refused at step 0, before any step ran
+    with pytest.raises(ConfigError, match=re.escape("evaluate: 'step' is a name the engine logs its own values under; "
+                                                    "rename it (reserved: step, split, member)")):
+        train(loss_fn, sample, task, cfg, params, evaluate=lambda p: {"step": 1.0}, progress=False)
+
+
 def test_a_batchless_objective_trains_through_the_engine_and_logs_the_step_metrics(tmp_path):
     """SGD on 1/2 |A w - c|^2 with no sampled batch: lr, gradient / parameter / update RMS against numpy."""
     a = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32) / 8

@@ -617,6 +617,25 @@ def test_a_sweep_leaves_each_members_non_param_variable_as_its_init_drew_it():
         _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
 
 
+def test_a_sweep_refuses_an_aux_value_or_evaluation_its_rows_would_lose_before_it_trains(tmp_path):
+    """The sweep's "ok" flag replaced an aux value of that name; an evaluation named "member" replaced the row's
+    member index, and one that is not a scalar raised numpy's TypeError naming no metric."""
+    members = [{"train.lr": 1e-2}, {"train.lr": 2e-2}]
+    with pytest.raises(ConfigError, match=re.escape("loss_fn's aux values: 'ok' is a name the engine logs its own "
+                                                    "values under; rename it (reserved: loss, grad_norm, grad_rms, "
+                                                    "param_rms, update_rms, update_ratio, lr, stopped, ok, step, "
+                                                    "split, member)")):
+        train_sweep(lambda p, batch: (LOSS(p, batch)[0], {"ok": 1.0}), lr.sample, TASK, _cfg(), init, members,
+                    progress=False)
+    with pytest.raises(ConfigError, match=re.escape("evaluate: 'member' is a name the engine logs its own values "
+                                                    "under; rename it (reserved: step, split, member)")):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, evaluate=lambda p: {"member": 0.0}, progress=False)
+    with pytest.raises(ConfigError, match=re.escape("evaluate: 'w' has shape (3,), but each metric is a scalar")):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, evaluate=lambda p: {"w": jax.numpy.zeros(3)},
+                    out_dir=str(tmp_path), progress=False)
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == []  # refused at step 0, before any step ran
+
+
 def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():
     from jaxicl.train.sweep_fields import mark_swept, swept_values
 

@@ -30,7 +30,7 @@ from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.optim import freeze_non_params, make_optimizer, scheduled_lr
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState, init_state
-from jaxicl.train.step import LossFn, run_steps
+from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, run_steps
 from jaxicl.validation import ConfigError
 
 
@@ -106,7 +106,9 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     mesh: an Explicit "data" axis and no other axis of size > 1 (check_data_mesh); default data_mesh(), all devices.
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh.
-    `evaluate(params) -> {name: scalar}` runs at step 0, every eval_every steps (or at the steps of a tuple
+    loss_fn's aux values are scalars named other than the engine's metrics (step.check_metrics: refused at trace
+    time, before the first step). `evaluate(params) -> {name: scalar}` (names other than step, split and member;
+    refused at its first call) runs at step 0, every eval_every steps (or at the steps of a tuple
     eval_every) and at the end (eval rows in metrics.jsonl), as written under the training mesh: the loss runs with
     the mesh's axes in auto sharding, evaluate does not, so a model that gathers from a table (an nnx.Embed) is
     evaluated on a batch drawn with sample_batch(..., axis=None), or gathers through jaxicl.models.gpt.lookup. `tx`
@@ -160,8 +162,9 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         def run_eval(state):
             nonlocal evaluated_at
             evaluated_at = int(state.step)
-            row = {"step": evaluated_at, "split": "eval",
-                   **{k: float(v) for k, v in jax.device_get(evaluate(*_model_state(state))).items()}}
+            values = evaluate(*_model_state(state))
+            check_metrics(values, ROW_KEYS, "evaluate")
+            row = {"step": evaluated_at, "split": "eval", **{k: float(v) for k, v in jax.device_get(values).items()}}
             eval_rows.append(row)
             writer.write([row])
 

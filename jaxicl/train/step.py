@@ -18,10 +18,31 @@ from jaxicl.tasks.batching import Sampler, sample_batch
 from jaxicl.train.mesh import in_auto_sharding
 from jaxicl.train.optim import trained_part
 from jaxicl.train.state import TrainState
+from jaxicl.validation import ConfigError
 
-LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
+# (params, batch) -> (loss, aux metrics {name: scalar}, named other than ENGINE_METRICS and ROW_KEYS)
+LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]
 # A run with buffers (TrainState.buffers) calls loss_fn(params, batch, buffers) -> (loss, (aux metrics, new buffers)).
 LearningRate = Callable[[object, jax.Array], jax.Array]  # (opt_state, step) -> lr
+
+# The names of a step's own metrics (lr with the config's optimiser, stopped with stop_loss, ok in a sweep) and the
+# keys of a metrics.jsonl row: an aux value or an evaluation of one of these names would replace it.
+ENGINE_METRICS = ("loss", "grad_norm", "grad_rms", "param_rms", "update_rms", "update_ratio", "lr", "stopped", "ok")
+ROW_KEYS = ("step", "split", "member")
+
+
+def check_metrics(values: dict, reserved: tuple[str, ...], what: str) -> None:
+    """ConfigError naming the first of values (what: a loss's aux values, an evaluation) whose name is among reserved
+    or whose value is not a scalar: metrics.jsonl holds one number per name and step. Shapes are static, so under jit
+    this runs once, at trace time, before any step."""
+    for name, value in values.items():
+        if name in reserved:
+            raise ConfigError(f"{what}: {name!r} is a name the engine logs its own values under; rename it (reserved: "
+                              f"{', '.join(reserved)})")
+        if jnp.shape(value) != ():
+            raise ConfigError(f"{what}: {name!r} has shape {jnp.shape(value)}, but each metric is a scalar (one number "
+                              f"per step in metrics.jsonl): reduce it (e.g. its mean) or return each entry under a "
+                              f"name of its own")
 
 
 def tree_rms(tree) -> jax.Array:
@@ -53,6 +74,7 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
         (loss, aux), grads = grad_fn(state.params, batch)
     else:
         (loss, (aux, buffers)), grads = grad_fn(state.params, batch, buffers)
+    check_metrics(aux, ENGINE_METRICS + ROW_KEYS, "loss_fn's aux values")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1,
                         buffers=buffers)
