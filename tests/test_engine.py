@@ -166,6 +166,57 @@ def test_a_run_without_out_dir_takes_a_task_config_json_cannot_store():
     np.testing.assert_array_equal(_losses(with_pool), _losses(plain))  # the same sampler's draws, the same program
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ScaledTask:
+    scales: object  # [2, 4] array: the targets are the inputs [4] times its column sums
+
+
+def test_a_task_config_holding_an_array_is_stored_as_lists_and_resumes_only_with_the_same_values(tmp_path):
+    """A task field holding a numpy array crashed train(out_dir=...), and train_sweep even without out_dir (its
+    config is normalised), with "TypeError: Object of type ndarray is not JSON serializable", naming neither the
+    field nor the config. Stored as nested lists, it is compared by its values on resume, like a tuple field."""
+    from jaxicl.prompt import Prompt
+
+    def sample(task, key):
+        x = jax.random.normal(key, (4,))
+        return Prompt(inputs=x, targets=jnp.sum(jnp.asarray(task.scales), 0) * x, mask=jnp.ones(4))
+
+    def loss_fn(params, batch):
+        return jnp.mean((params["w"] * batch.inputs - batch.targets) ** 2), {}
+
+    scales = np.array([[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.5, 1.0]], np.float32)
+    cfg, params = TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2), {"w": jnp.zeros(4)}
+    train(loss_fn, sample, _ScaledTask(scales), dataclasses.replace(cfg, steps=2), params, out_dir=str(tmp_path / "b"),
+          progress=False)
+    store = CheckpointStore(str(tmp_path / "b" / "checkpoints"))
+    # float32 0.1 as written, as a numpy float32 scalar field is stored
+    assert store.config()["task"] == {"scales": [[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.5, 1.0]]}
+    store.close()
+    resumed = train(loss_fn, sample, _ScaledTask(jnp.asarray(scales)), cfg, params, out_dir=str(tmp_path / "b"),
+                    progress=False)  # the same values, as a JAX array
+    straight = train(loss_fn, sample, _ScaledTask(scales), cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    # exact: every chunk of both runs is the same compiled 2-step program applied to the same state
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    other = scales.copy()
+    other[1, 2] = 0.25
+    with pytest.raises(ConfigError, match=re.escape("task.scales: checkpoint [[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.5, "
+                                                    "1.0]] vs now [[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.25, 1.0]]")):
+        train(loss_fn, sample, _ScaledTask(other), cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    swept = train_sweep(loss_fn, sample, _ScaledTask(scales), cfg, lambda key: params,
+                        [{"train.lr": 1e-3}, {"train.lr": 2e-3}], progress=False)
+    assert swept.diverged == {}
+    with pytest.raises(ConfigError, match=re.escape("task.scales: an array in the run's config is stored as nested "
+                                                    "lists of its numbers (a resume compares them), so its dtype must "
+                                                    "be bool, integer or floating, got <U1")):
+        train(loss_fn, sample, _ScaledTask(np.array(["a", "b"])), cfg, params, out_dir=str(tmp_path / "c"),
+              progress=False)
+    with pytest.raises(ConfigError, match=re.escape("task.pools[1]: the run's config is stored as JSON with its "
+                                                    "checkpoints (a resume compares it), which holds numbers, strings, "
+                                                    "None, lists, dicts and numeric arrays, not a function")):
+        train(loss_fn, lambda c, key: sample(_ScaledTask(scales), key), {"pools": [1.0, lambda: 0]}, cfg, params,
+              out_dir=str(tmp_path / "c"), progress=False)
+
+
 def test_a_float64_run_under_enable_x64_resumes_in_float64(tmp_path):
     """Experiments fit in float64 inside `with jax.enable_x64(True)`, a context of the calling thread: orbax reads a
     checkpoint in threads of its own, where arrays made from the float64 data came back float32, so the resumed run
