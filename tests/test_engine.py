@@ -27,6 +27,7 @@ from jaxicl.train.step import run_steps
 from jaxicl.train.sweep_fields import member_arrays
 from jaxicl.train.optim import make_optimizer
 from jaxicl.validation import ConfigError
+from frozen_features import FrozenFeatures
 from tiny_run import tiny_setup
 
 HERE = os.path.dirname(__file__)
@@ -64,6 +65,35 @@ def test_an_evaluate_that_samples_from_a_key_made_before_train_runs_under_the_tr
     assert [r["step"] for r in four.eval_rows] == [0, 5]
     # step 0: the initial parameters on the same prompts; float32 sums over 4 shards in another order than on one
     np.testing.assert_allclose(four.eval_rows[0]["test_loss"], want, rtol=1e-6)
+
+
+def test_a_non_param_variable_of_the_params_stays_as_given_through_training_and_resume(tmp_path):
+    """README's nnx.split(model) returns every variable: a frozen projection held as an nnx.Variable got AdamW
+    updates (it moved by 0.2 in 50 steps). Now it is bit-identical after training, a resume and a run with a tx of
+    one's own, and the Param trains (loss and step metrics) as it does with the projection outside the parameters."""
+    _, sample, task, _, _ = tiny_setup(steps=10)
+    cfg = TrainConfig(steps=10, batch_size=16, lr=1e-2, optimizer="adamw", weight_decay=0.1, clip_norm=0.5,
+                      steps_per_call=5, log_every=1, checkpoint_every=5)
+    graphdef, params = nnx.split(FrozenFeatures(nnx.Rngs(0)))
+    loss_fn = regression_loss(graphdef)
+    straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    np.testing.assert_array_equal(straight.state.params["proj"][...], params["proj"][...])
+    train(loss_fn, sample, task, dataclasses.replace(cfg, steps=5), params, out_dir=str(tmp_path / "b"),
+          progress=False)
+    resumed = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    # exact: every chunk of both runs is the same compiled 5-step program applied to the same state
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
+    own_tx = train(loss_fn, sample, task, cfg, params, tx=optax.sgd(0.1), progress=False)
+    np.testing.assert_array_equal(own_tx.state.params["proj"][...], params["proj"][...])
+    _, head, rest = nnx.split(FrozenFeatures(nnx.Rngs(0)), nnx.Param, ...)
+    outside = train(lambda p, batch: loss_fn(nnx.merge_state(p, rest), batch), sample, task, cfg, head,
+                    progress=False)
+    # two compiled programs (the projection an input, or a constant): equal on CPU, float32 rounding apart elsewhere
+    for name in ("loss", "grad_norm", "param_rms", "update_rms"):
+        np.testing.assert_allclose([r[name] for r in straight.train_rows], [r[name] for r in outside.train_rows],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(straight.state.params["head"][...], outside.state.params["head"][...], rtol=1e-6)
 
 
 def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_reduced():
@@ -135,6 +165,57 @@ def test_a_run_without_out_dir_takes_a_task_config_json_cannot_store():
                       progress=False)
     plain = train(loss_fn, sample, task, cfg, params, progress=False)
     np.testing.assert_array_equal(_losses(with_pool), _losses(plain))  # the same sampler's draws, the same program
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ScaledTask:
+    scales: object  # [2, 4] array: the targets are the inputs [4] times its column sums
+
+
+def test_a_task_config_holding_an_array_is_stored_as_lists_and_resumes_only_with_the_same_values(tmp_path):
+    """A task field holding a numpy array crashed train(out_dir=...), and train_sweep even without out_dir (its
+    config is normalised), with "TypeError: Object of type ndarray is not JSON serializable", naming neither the
+    field nor the config. Stored as nested lists, it is compared by its values on resume, like a tuple field."""
+    from jaxicl.prompt import Prompt
+
+    def sample(task, key):
+        x = jax.random.normal(key, (4,))
+        return Prompt(inputs=x, targets=jnp.sum(jnp.asarray(task.scales), 0) * x, mask=jnp.ones(4))
+
+    def loss_fn(params, batch):
+        return jnp.mean((params["w"] * batch.inputs - batch.targets) ** 2), {}
+
+    scales = np.array([[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.5, 1.0]], np.float32)
+    cfg, params = TrainConfig(steps=4, batch_size=8, log_every=1, checkpoint_every=2), {"w": jnp.zeros(4)}
+    train(loss_fn, sample, _ScaledTask(scales), dataclasses.replace(cfg, steps=2), params, out_dir=str(tmp_path / "b"),
+          progress=False)
+    store = CheckpointStore(str(tmp_path / "b" / "checkpoints"))
+    # float32 0.1 as written, as a numpy float32 scalar field is stored
+    assert store.config()["task"] == {"scales": [[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.5, 1.0]]}
+    store.close()
+    resumed = train(loss_fn, sample, _ScaledTask(jnp.asarray(scales)), cfg, params, out_dir=str(tmp_path / "b"),
+                    progress=False)  # the same values, as a JAX array
+    straight = train(loss_fn, sample, _ScaledTask(scales), cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    # exact: every chunk of both runs is the same compiled 2-step program applied to the same state
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    other = scales.copy()
+    other[1, 2] = 0.25
+    with pytest.raises(ConfigError, match=re.escape("task.scales: checkpoint [[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.5, "
+                                                    "1.0]] vs now [[0.1, 1.0, 2.0, 3.0], [0.0, -1.0, 0.25, 1.0]]")):
+        train(loss_fn, sample, _ScaledTask(other), cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    swept = train_sweep(loss_fn, sample, _ScaledTask(scales), cfg, lambda key: params,
+                        [{"train.lr": 1e-3}, {"train.lr": 2e-3}], progress=False)
+    assert swept.diverged == {}
+    with pytest.raises(ConfigError, match=re.escape("task.scales: an array in the run's config is stored as nested "
+                                                    "lists of its numbers (a resume compares them), so its dtype must "
+                                                    "be bool, integer or floating, got <U1")):
+        train(loss_fn, sample, _ScaledTask(np.array(["a", "b"])), cfg, params, out_dir=str(tmp_path / "c"),
+              progress=False)
+    with pytest.raises(ConfigError, match=re.escape("task.pools[1]: the run's config is stored as JSON with its "
+                                                    "checkpoints (a resume compares it), which holds numbers, strings, "
+                                                    "None, lists, dicts and numeric arrays, not a function")):
+        train(loss_fn, lambda c, key: sample(_ScaledTask(scales), key), {"pools": [1.0, lambda: 0]}, cfg, params,
+              out_dir=str(tmp_path / "c"), progress=False)
 
 
 def test_a_float64_run_under_enable_x64_resumes_in_float64(tmp_path):
@@ -739,6 +820,38 @@ def test_a_killed_run_resumes_with_nothing_lost(tmp_path):
     np.testing.assert_array_equal(_losses(resumed), _losses(straight))
     _assert_params_close(resumed.state.params, straight.state.params, rtol=0, atol=0)
     assert [r["step"] for r in resumed.train_rows] == list(range(400))
+
+
+RESERVED = "loss, grad_norm, grad_rms, param_rms, update_rms, update_ratio, lr, stopped, ok, step, split, member"
+
+
+@pytest.mark.parametrize("name", ["loss", "stopped", "step"])
+def test_an_aux_value_named_like_an_engine_metric_is_refused_before_the_first_step(tmp_path, name):
+    """A regularised loss returning (mse + reg, {"loss": mse}) logged the mse as the loss, and the non-finite check
+    read it; an aux "stopped" was popped as the stop flag, an aux "step" replaced the row's step."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    with pytest.raises(ConfigError, match=re.escape(f"loss_fn's aux values: {name!r} is a name the engine logs its own "
+                                                    f"values under; rename it (reserved: {RESERVED})")):
+        train(lambda p, batch: (loss_fn(p, batch)[0], {name: 1.0}), sample, task, cfg, params,
+              out_dir=str(tmp_path), progress=False)
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == []  # refused when the step was traced
+
+
+def test_an_aux_value_or_evaluation_that_is_not_a_scalar_is_refused_naming_it_and_its_shape(tmp_path):
+    """A per-position error [6] as an aux value or an evaluation raised "TypeError: only 0-dimensional arrays can be
+    converted to Python scalars", naming no metric; an evaluation named "step" replaced the row's step."""
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
+    shape = "'per_position' has shape (6,), but each metric is a scalar (one number per step in metrics.jsonl)"
+    with pytest.raises(ConfigError, match=re.escape(f"loss_fn's aux values: {shape}")):
+        train(lambda p, batch: (loss_fn(p, batch)[0], {"per_position": jnp.mean(batch.targets ** 2, axis=0)}),
+              sample, task, cfg, params, progress=False)
+    with pytest.raises(ConfigError, match=re.escape(f"evaluate: {shape}")):
+        train(loss_fn, sample, task, cfg, params, evaluate=lambda p: {"per_position": jnp.zeros(6)},
+              out_dir=str(tmp_path), progress=False)
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == []  # refused at step 0, before any step ran
+    with pytest.raises(ConfigError, match=re.escape("evaluate: 'step' is a name the engine logs its own values under; "
+                                                    "rename it (reserved: step, split, member)")):
+        train(loss_fn, sample, task, cfg, params, evaluate=lambda p: {"step": 1.0}, progress=False)
 
 
 def test_a_batchless_objective_trains_through_the_engine_and_logs_the_step_metrics(tmp_path):

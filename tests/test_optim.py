@@ -188,3 +188,48 @@ def test_the_logged_lr_of_a_sweep_reads_each_members_warmup():
     state.hyperparams["warmup_steps"] = jnp.float32(4.0)  # this member warms up over 4 steps, not cfg's 10
     np.testing.assert_allclose(scheduled_lr(cfg, state, 2), 2.0 * 2 / 4, rtol=1e-6)
     np.testing.assert_allclose(scheduled_lr(cfg, state, 4), 2.0 * 1.0, rtol=1e-6)  # peak at the member's warmup
+
+
+class _FrozenFeatures(nnx.Module):
+    """A Param head on a frozen random projection held as a plain nnx.Variable (Flax's way to keep state out of
+    training), as nnx.split(model) returns it to a caller of train."""
+
+    def __init__(self):
+        self.proj = nnx.Variable(jnp.array([[1.0, -2.0], [0.5, 3.0]]))
+        self.head = nnx.Param(jnp.array([0.3, -0.1]))
+
+
+def test_the_optimiser_leaves_a_non_param_variable_as_it_is_and_trains_the_params_as_without_it():
+    """nnx.split(model) returns every variable: a frozen projection got AdamW updates (and weight decay). Now it gets
+    zero updates and no optimiser state, and the Param's updates are those of the optimiser on the Params alone:
+    clipping's global norm (1 here, so it clips) and the decay count the Param only."""
+    cfg = TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.3, clip_norm=1.0)
+    _, params = nnx.split(_FrozenFeatures())
+    _, alone = nnx.split(_FrozenFeatures(), nnx.Param, ...)[:2]
+    tx = make_optimizer(cfg)
+    state, state_alone, p, p_alone = tx.init(params), tx.init(alone), params, alone
+    grads = [{"proj": jnp.array([[5.0, 1.0], [0.0, -2.0]]), "head": jnp.array([0.6, 0.8])},
+             {"proj": jnp.array([[0.1, 0.0], [3.0, 1.0]]), "head": jnp.array([-0.2, 0.1])}]
+    for g in grads:
+        updates, state = tx.update(nnx.State({"proj": nnx.Variable(g["proj"]), "head": nnx.Param(g["head"])}),
+                                   state, p)
+        updates_alone, state_alone = tx.update(nnx.State({"head": nnx.Param(g["head"])}), state_alone, p_alone)
+        p, p_alone = optax.apply_updates(p, updates), optax.apply_updates(p_alone, updates_alone)
+        np.testing.assert_array_equal(updates["proj"][...], np.zeros((2, 2)))
+        np.testing.assert_array_equal(updates["head"][...], updates_alone["head"][...])  # the same float32 ops
+    np.testing.assert_array_equal(p["proj"][...], [[1.0, -2.0], [0.5, 3.0]])
+    assert [x.shape for x in jax.tree.leaves(state)] == [x.shape for x in jax.tree.leaves(state_alone)]
+
+
+def test_on_params_alone_the_optimiser_is_optax_s_with_the_same_state():
+    """Parameters without a frozen variable (every built-in model's) keep the optimiser state they had before frozen
+    variables were left out, so their checkpoints resume."""
+    cfg = TrainConfig(optimizer="adamw", lr=0.1, weight_decay=0.3, clip_norm=1.0, no_decay=())
+    _, params = nnx.split(_FrozenFeatures(), nnx.Param, ...)[:2]
+    plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lambda count: 0.1, weight_decay=0.3,
+                                                                   mask=lambda p: jax.tree.map(lambda _: True, p)))
+    state = make_optimizer(cfg).init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(plain.init(params))
+    grads = nnx.State({"head": nnx.Param(jnp.array([0.6, 0.8]))})
+    np.testing.assert_array_equal(make_optimizer(cfg).update(grads, state, params)[0]["head"][...],
+                                  plain.update(grads, plain.init(params), params)[0]["head"][...])

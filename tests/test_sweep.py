@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments.common.result import diverged_check
 from experiments.common.sweep_report import aggregate, final_table
+from frozen_features import FrozenFeatures
 from jaxicl.models import SelfAttention
 from jaxicl.models.attention import sweep_init
 from jaxicl.prng import seed_key, unrolled_threefry
@@ -783,6 +784,47 @@ def test_a_sweep_of_a_loss_with_no_batch_equals_its_members_trained_alone():
     with pytest.raises(ConfigError, match=r"^task\.dim cannot be swept: there is no sampler \(sample=None\), so no "
                                           r"task field reaches the loss$"):
         split_fields(["task.dim"], None, start)
+
+
+def test_a_sweep_leaves_each_members_non_param_variable_as_its_init_drew_it():
+    """train_sweep's optimiser leaves a frozen nnx.Variable of the parameters as it is, as train's does, and each
+    member's lr and weight decay, held in the optimiser state around it, still reach the member: it trains as alone."""
+    def start(key):
+        return nnx.split(FrozenFeatures(nnx.Rngs(key)))[1]
+
+    graphdef = nnx.graphdef(FrozenFeatures(nnx.Rngs(0)))
+    cfg = _cfg(optimizer="adamw", clip_norm=0.5)
+    members = [{"train.seed": 0, "train.lr": 1e-2, "train.weight_decay": 0.1},
+               {"train.seed": 1, "train.lr": 3e-2, "train.weight_decay": 0.0}]
+    swept = train_sweep(regression_loss(graphdef), lr.sample, TASK, cfg, start, members, progress=False)
+    for i, m in enumerate(members):
+        first = start(jax.random.key(m["train.seed"]))
+        np.testing.assert_array_equal(swept.member_params(i)["proj"][...], first["proj"][...])
+        run = dataclasses.replace(cfg, seed=m["train.seed"], lr=m["train.lr"], weight_decay=m["train.weight_decay"])
+        alone = train(regression_loss(graphdef), lr.sample, TASK, run, first, progress=False)
+        # the tolerance of test_each_member_of_a_vmapped_sweep_equals_the_member_trained_alone: two programs
+        np.testing.assert_allclose(_member_losses(swept, i), [r["loss"] for r in alone.train_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
+
+
+def test_a_sweep_refuses_an_aux_value_or_evaluation_its_rows_would_lose_before_it_trains(tmp_path):
+    """The sweep's "ok" flag replaced an aux value of that name; an evaluation named "member" replaced the row's
+    member index, and one that is not a scalar raised numpy's TypeError naming no metric."""
+    members = [{"train.lr": 1e-2}, {"train.lr": 2e-2}]
+    with pytest.raises(ConfigError, match=re.escape("loss_fn's aux values: 'ok' is a name the engine logs its own "
+                                                    "values under; rename it (reserved: loss, grad_norm, grad_rms, "
+                                                    "param_rms, update_rms, update_ratio, lr, stopped, ok, step, "
+                                                    "split, member)")):
+        train_sweep(lambda p, batch: (LOSS(p, batch)[0], {"ok": 1.0}), lr.sample, TASK, _cfg(), init, members,
+                    progress=False)
+    with pytest.raises(ConfigError, match=re.escape("evaluate: 'member' is a name the engine logs its own values "
+                                                    "under; rename it (reserved: step, split, member)")):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, evaluate=lambda p: {"member": 0.0}, progress=False)
+    with pytest.raises(ConfigError, match=re.escape("evaluate: 'w' has shape (3,), but each metric is a scalar")):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, evaluate=lambda p: {"w": jax.numpy.zeros(3)},
+                    out_dir=str(tmp_path), progress=False)
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == []  # refused at step 0, before any step ran
+
 
 def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_values():
     from jaxicl.train.sweep_fields import mark_swept, swept_values

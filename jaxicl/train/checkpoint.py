@@ -204,8 +204,32 @@ def check_all_resumable(directories: list[str], config: dict) -> list[int]:
 
 
 def normalise_config(cfg: dict) -> dict:
-    """cfg as JSON stores it: tuples as lists, numpy scalars as the Python numbers they hold (outputs.json_default)."""
-    return json.loads(json.dumps(cfg, default=outputs.json_default))
+    """cfg as JSON stores it: tuples as lists, numpy scalars as the Python numbers they hold (outputs.json_default),
+    numeric arrays (numpy or JAX) as nested lists of them, so a resume compares an array field by its values.
+    ConfigError naming the field (its dotted path, e.g. task.w_mean) of a value JSON cannot store."""
+    return json.loads(json.dumps(_storable(cfg, "")))
+
+
+def _storable(value, path: str):
+    """value (at `path` in the config) as json.dumps takes it."""
+    if isinstance(value, dict):
+        return {k: _storable(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (np.ndarray, jax.Array)):
+        value = np.asarray(value)
+        # jax.numpy's issubdtype: a bfloat16 array is floating there, not in numpy's
+        if not any(jax.numpy.issubdtype(value.dtype, kind) for kind in (np.bool_, np.integer, np.floating)):
+            raise ConfigError(f"{path}: an array in the run's config is stored as nested lists of its numbers (a "
+                              f"resume compares them), so its dtype must be bool, integer or floating, got "
+                              f"{value.dtype}")
+        return outputs.json_default(value[()]) if value.ndim == 0 else [_storable(row, path) for row in value]
+    if isinstance(value, np.generic):
+        return outputs.json_default(value)
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    raise ConfigError(f"{path}: the run's config is stored as JSON with its checkpoints (a resume compares it), which "
+                      f"holds numbers, strings, None, lists, dicts and numeric arrays, not a {type(value).__name__}")
 
 
 def check_resumable(stored: dict, current: dict, checkpoint_step: int, directory: str) -> None:

@@ -27,10 +27,10 @@ from jaxicl.train.chunks import ChunkPrograms, EvalSchedule, check_eval_schedule
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import check_data_mesh, data_mesh, portable, replicated
 from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
-from jaxicl.train.optim import make_optimizer, scheduled_lr
+from jaxicl.train.optim import freeze_non_params, make_optimizer, scheduled_lr
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState, init_state
-from jaxicl.train.step import LossFn, run_steps
+from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, run_steps
 from jaxicl.validation import ConfigError
 
 
@@ -95,13 +95,20 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
           progress: bool = True, desc: str = "train", buffers=None) -> TrainResult:
     """Trains `params` (any pytree, the same on every process) on prompts of `sample(task_cfg, key)`.
 
+    Its plain arrays and nnx.Param variables train; any other nnx.Variable in it (nnx.split(model) returns them all:
+    a frozen projection, a fixed positional table, a mask) stays as given: zero updates and no optimiser state, from
+    the config's optimiser or `tx` (jaxicl.train.optim.freeze_non_params). State the loss itself updates goes in
+    `buffers`.
+
     task_cfg: a dataclass instance, a dict (stored as given) or None. sample=None: loss_fn(params, None) needs no batch
     (task_cfg may then be None).
     out_dir gets metrics.jsonl, run.json and checkpoints/ (nothing is written when out_dir is None).
     mesh: an Explicit "data" axis and no other axis of size > 1 (check_data_mesh); default data_mesh(), all devices.
     With resume=True a run continues from the latest checkpoint in out_dir and produces the same
     losses and parameters as an uninterrupted run; resume=False deletes out_dir's checkpoints and starts afresh.
-    `evaluate(params) -> {name: scalar}` runs at step 0, every eval_every steps (or at the steps of a tuple
+    loss_fn's aux values are scalars named other than the engine's metrics (step.check_metrics: refused at trace
+    time, before the first step). `evaluate(params) -> {name: scalar}` (names other than step, split and member;
+    refused at its first call) runs at step 0, every eval_every steps (or at the steps of a tuple
     eval_every) and at the end (eval rows in metrics.jsonl), as written under the training mesh: the loss runs with
     the mesh's axes in auto sharding, evaluate does not, so a model that gathers from a table (an nnx.Embed) is
     evaluated on a batch drawn with sample_batch(..., axis=None), or gathers through jaxicl.models.gpt.lookup. `tx`
@@ -115,7 +122,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
     mesh = data_mesh() if mesh is None else mesh
     check_data_mesh(mesh)
     learning_rate = partial(scheduled_lr, cfg) if tx is None else None
-    tx = make_optimizer(cfg) if tx is None else tx
+    tx = make_optimizer(cfg) if tx is None else freeze_non_params(tx)
     check_eval_schedule(eval_every, cfg.steps)
     config = stored_config(task_cfg, cfg, run_config, eval_every if evaluate else None)
     step_kw = dict(loss_fn=loss_fn, sample=sample, task_cfg=task_cfg, batch_size=cfg.batch_size, tx=tx,
@@ -155,8 +162,9 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         def run_eval(state):
             nonlocal evaluated_at
             evaluated_at = int(state.step)
-            row = {"step": evaluated_at, "split": "eval",
-                   **{k: float(v) for k, v in jax.device_get(evaluate(*_model_state(state))).items()}}
+            values = evaluate(*_model_state(state))
+            check_metrics(values, ROW_KEYS, "evaluate")
+            row = {"step": evaluated_at, "split": "eval", **{k: float(v) for k, v in jax.device_get(values).items()}}
             eval_rows.append(row)
             writer.write([row])
 

@@ -3,7 +3,9 @@
 Schedules are lr * unit(step) with a peak-1 unit schedule ("constant", or "warmup_cosine": linear
 warmup to 1 over warmup_steps, cosine decay to 0 at cfg.steps), written once with array arithmetic so
 that warmup_steps may be a traced, per-member value. AdamW decays only the parameters whose path
-matches none of cfg.no_decay (biases, LayerNorm scales, embeddings and position tables by default).
+matches none of cfg.no_decay (biases, LayerNorm scales, embeddings and position tables by default). Only the
+nnx.Param variables (and plain arrays) of the parameters train: the optimiser leaves any other nnx.Variable (a frozen
+projection, a fixed positional table, a mask) as it is (freeze_non_params).
 """
 
 import fnmatch
@@ -11,6 +13,7 @@ import fnmatch
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxicl.train.config import TrainConfig
 
@@ -56,8 +59,35 @@ def decay_mask(params, no_decay: tuple[str, ...]):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def is_frozen(x) -> bool:
+    """Whether x is an nnx.Variable other than an nnx.Param: state of the parameters the optimiser leaves as it is."""
+    return isinstance(x, nnx.Variable) and not isinstance(x, nnx.Param)
+
+
+def trained_part(tree):
+    """tree (parameters, gradients or updates) without its frozen variables (is_frozen): the leaves that train."""
+    return jax.tree.map(lambda x: None if is_frozen(x) else x, tree, is_leaf=is_frozen)
+
+
+def freeze_non_params(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """tx on the leaves that train; the frozen variables (is_frozen) of the parameters get zero updates and no
+    optimiser state (outside weight decay and clip_by_global_norm's norm too). On parameters without any (plain
+    arrays, nnx.Param only) it is tx itself: the same optimiser state (its checkpoints) and updates."""
+    def pick(tree) -> optax.GradientTransformation:
+        if not any(is_frozen(x) for x in jax.tree.leaves(tree, is_leaf=is_frozen)):
+            return tx
+        labels = jax.tree.map(lambda x: "frozen" if is_frozen(x) else "trained", tree, is_leaf=is_frozen)
+        return optax.partition({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def update(updates, state, params=None):
+        return pick(updates).update(updates, state, params)
+
+    return optax.GradientTransformation(lambda params: pick(params).init(params), update)
+
+
 def make_optimizer(cfg: TrainConfig, swept: tuple[str, ...] = ()) -> optax.GradientTransformation:
-    """clip_by_global_norm (if clip_norm > 0), then adam / adamw / sgd on lr * unit_schedule.
+    """clip_by_global_norm (if clip_norm > 0), then adam / adamw / sgd on lr * unit_schedule, on the leaves that
+    train (freeze_non_params).
 
     swept: names from SWEEPABLE_OPTIMIZER_FIELDS held per member in the optimiser state
     (`opt_state.hyperparams[name]`), so one `tx.update` vmapped over a stack of states trains
@@ -78,7 +108,8 @@ def make_optimizer(cfg: TrainConfig, swept: tuple[str, ...] = ()) -> optax.Gradi
                               mask=lambda p: decay_mask(p, cfg.no_decay))
         else:
             opt = optax.sgd(schedule)
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm else opt
+        return freeze_non_params(opt)
 
     if not swept:
         return build()

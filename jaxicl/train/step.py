@@ -2,7 +2,8 @@
 
 Every step returns its metrics: the loss and the loss function's aux values, the learning rate
 (when the optimiser is the config's), the gradient norm and RMS, the parameter RMS after the update
-and the update RMS with its ratio to the parameter RMS (the update-to-parameter ratio).
+and the update RMS with its ratio to the parameter RMS (the update-to-parameter ratio); the last four over the
+leaves that train (a frozen nnx.Variable of the parameters left out: jaxicl.train.optim.freeze_non_params).
 """
 
 from collections.abc import Callable
@@ -15,11 +16,33 @@ from jax.sharding import PartitionSpec as P
 from jaxicl.prompt import Prompt
 from jaxicl.tasks.batching import Sampler, sample_batch
 from jaxicl.train.mesh import in_auto_sharding
+from jaxicl.train.optim import trained_part
 from jaxicl.train.state import TrainState
+from jaxicl.validation import ConfigError
 
-LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]  # (params, batch) -> (loss, aux metrics)
+# (params, batch) -> (loss, aux metrics {name: scalar}, named other than ENGINE_METRICS and ROW_KEYS)
+LossFn = Callable[[object, Prompt | None], tuple[jax.Array, dict]]
 # A run with buffers (TrainState.buffers) calls loss_fn(params, batch, buffers) -> (loss, (aux metrics, new buffers)).
 LearningRate = Callable[[object, jax.Array], jax.Array]  # (opt_state, step) -> lr
+
+# The names of a step's own metrics (lr with the config's optimiser, stopped with stop_loss, ok in a sweep) and the
+# keys of a metrics.jsonl row: an aux value or an evaluation of one of these names would replace it.
+ENGINE_METRICS = ("loss", "grad_norm", "grad_rms", "param_rms", "update_rms", "update_ratio", "lr", "stopped", "ok")
+ROW_KEYS = ("step", "split", "member")
+
+
+def check_metrics(values: dict, reserved: tuple[str, ...], what: str) -> None:
+    """ConfigError naming the first of values (what: a loss's aux values, an evaluation) whose name is among reserved
+    or whose value is not a scalar: metrics.jsonl holds one number per name and step. Shapes are static, so under jit
+    this runs once, at trace time, before any step."""
+    for name, value in values.items():
+        if name in reserved:
+            raise ConfigError(f"{what}: {name!r} is a name the engine logs its own values under; rename it (reserved: "
+                              f"{', '.join(reserved)})")
+        if jnp.shape(value) != ():
+            raise ConfigError(f"{what}: {name!r} has shape {jnp.shape(value)}, but each metric is a scalar (one number "
+                              f"per step in metrics.jsonl): reduce it (e.g. its mean) or return each entry under a "
+                              f"name of its own")
 
 
 def tree_rms(tree) -> jax.Array:
@@ -51,15 +74,17 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
         (loss, aux), grads = grad_fn(state.params, batch)
     else:
         (loss, (aux, buffers)), grads = grad_fn(state.params, batch, buffers)
+    check_metrics(aux, ENGINE_METRICS + ROW_KEYS, "loss_fn's aux values")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1,
                         buffers=buffers)
-    update_rms = tree_rms(updates)
+    update_rms = tree_rms(trained_part(updates))
     if stop_loss:
         stopped = loss < stop_loss
         new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new)
         update_rms = jnp.where(stopped, 0.0, update_rms)  # the stopping step's update is discarded
-    param_rms = tree_rms(new.params)  # of the parameters the step leaves
+    param_rms = tree_rms(trained_part(new.params))  # of the parameters the step leaves
+    grads = trained_part(grads)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "grad_rms": tree_rms(grads),
                "param_rms": param_rms, "update_rms": update_rms,
                "update_ratio": update_rms / jnp.maximum(param_rms, jnp.finfo(param_rms.dtype).tiny), **aux}

@@ -26,7 +26,7 @@ from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
-from jaxicl.train.step import LossFn, train_step
+from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, train_step
 from jaxicl.train.sweep_fields import (check_init_fields, check_members, check_takes_task_fields, member_arrays,
                                       sampling_config, split_fields)
 
@@ -85,7 +85,9 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
         return jax.lax.scan(lambda s, _: member_step(s, task_params), state, length=n)
 
     def member_eval(params, task_params):
-        return evaluate(params, **task_params)
+        values = evaluate(params, **task_params)
+        check_metrics(values, ROW_KEYS, "evaluate")
+        return values
 
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return SweepProgram(vmap(new_state),  # eager: compiling it costs more than running it once
