@@ -25,7 +25,7 @@ from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
-from jaxicl.train.step import LossFn, train_step
+from jaxicl.train.step import LossFn, loop_steps, train_step
 from jaxicl.train.sweep_fields import check_members, check_takes_task_fields, member_arrays, split_fields
 
 
@@ -34,7 +34,8 @@ class SweepProgram:
     """The compiled pieces of a sweep and its per-member input arrays (host numpy, [M])."""
 
     make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
-    run_chunk: Callable  # (states, task params, n) -> (states, metrics [C, n]); donates states
+    run_chunk: Callable  # (states, task params, n: int32) -> (states, metrics [C, steps_per_call], the first n rows
+    # the n steps'): one program for every n (loop_steps); donates states
     eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
     arrays: dict
 
@@ -80,12 +81,12 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
         return new, {**metrics, "ok": ok}
 
     def member_steps(state, task_params, n):
-        return jax.lax.scan(lambda s, _: member_step(s, task_params), state, length=n)
+        return loop_steps(lambda s: member_step(s, task_params), state, n, cfg.steps_per_call)
 
     def member_eval(params, task_params):
         return evaluate(params, **task_params)
 
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return SweepProgram(vmap(new_state),  # eager: compiling it costs more than running it once
-                        jax.jit(vmap(member_steps, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0),
+                        jax.jit(vmap(member_steps, in_axes=(0, 0, None)), donate_argnums=0),
                         jax.jit(vmap(member_eval)) if evaluate else None, arrays)
