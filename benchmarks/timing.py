@@ -5,9 +5,10 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+import numpy as np
 
-from jaxicl.prng import unrolled_threefry
 from jaxicl.train import TrainConfig, data_mesh, replicated
+from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.cpu_matmuls import compile_chunk
 from jaxicl.train.optim import make_optimizer
 from jaxicl.train.state import init_state
@@ -34,23 +35,22 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def compiled_chunk(loss_fn, sample, task, params, cfg: TrainConfig, num_devices: int | None = None
                    ) -> tuple[Callable[[], object], float]:
-    """cfg.steps training steps (on-device sampling included) compiled as one lax.scan on the batch sharded over the
-    first num_devices devices (all by default), lowered as the engine lowers its chunks; returns a function that runs
-    it from the initial state (blocking on the result) and the compile seconds."""
+    """cfg.steps training steps (on-device sampling included) compiled as one chunk (a loop of a runtime trip count) on
+    the batch sharded over the first num_devices devices (all by default), lowered as the engine lowers its chunks;
+    returns a function that runs it from the initial state (blocking on the result) and the compile seconds."""
     tx = make_optimizer(cfg)
     mesh = data_mesh(num_devices)
     with jax.set_mesh(mesh):
         state = jax.device_put(init_state(params, cfg.seed, tx, prng_impl=cfg.prng_impl), replicated(mesh))
-        chunk = jax.jit(partial(run_steps, n=cfg.steps, loss_fn=loss_fn, sample=sample, task_cfg=task,
+        chunk = jax.jit(partial(run_steps, rows=cfg.steps, loss_fn=loss_fn, sample=sample, task_cfg=task,
                                 batch_size=cfg.batch_size, tx=tx))
         start = time.perf_counter()
-        with unrolled_threefry():  # as the engine lowers its chunks
-            compiled = compile_chunk(chunk.lower(state), cfg.cpu_matmuls)
+        compiled = compile_chunk(lower_chunk(chunk, state), cfg.cpu_matmuls)  # as the engine lowers its chunks
         compile_s = time.perf_counter() - start
 
     def run():
         with jax.set_mesh(mesh):
-            return jax.block_until_ready(compiled(state))
+            return jax.block_until_ready(compiled(state, np.int32(cfg.steps)))
     return run, compile_s
 
 

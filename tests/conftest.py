@@ -20,6 +20,23 @@ def x64():
         yield
 
 
+@pytest.fixture
+def chunk_compiles(monkeypatch) -> list:
+    """The engine's compilations of its chunk programs (ChunkPrograms), one entry (its cpu_matmuls) each, compiled with
+    XLA's own products at XLA's default LLVM optimisation level, the one runs compile at: at the suite's level 0 a
+    1-step lax.scan (whose loop XLA removes) rounded like a longer one, at the default level it did not."""
+    from jaxicl.train import chunks
+
+    compiles = []
+
+    def compile_chunk(lowered, cpu_matmuls):
+        compiles.append(cpu_matmuls)
+        return lowered.compile(compiler_options={"xla_backend_optimization_level": 3})
+
+    monkeypatch.setattr(chunks, "compile_chunk", compile_chunk)
+    return compiles
+
+
 def pytest_configure(config):
     import os
     import sys

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from jaxicl.train import data_mesh, replicated
+from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.cpu_matmuls import compile_chunk, onednn_available
 from jaxicl.train.optim import make_optimizer
 from jaxicl.train.state import init_state
@@ -21,8 +22,8 @@ def test_a_onednn_chunk_compiles_its_products_into_onednn_and_an_xla_chunk_does_
     mesh = data_mesh(1)
     with jax.set_mesh(mesh):
         state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
-        lowered = jax.jit(partial(run_steps, loss_fn=loss_fn, sample=sample, task_cfg=task, batch_size=cfg.batch_size,
-                                  tx=tx), static_argnums=1).lower(state, cfg.steps)
+        lowered = lower_chunk(jax.jit(partial(run_steps, rows=cfg.steps, loss_fn=loss_fn, sample=sample, task_cfg=task,
+                                              batch_size=cfg.batch_size, tx=tx)), state)
         for choice in ("onednn", "xla"):
             assert ("__onednn_fusion" in compile_chunk(lowered, choice).as_text()) == (choice == "onednn")
 

@@ -110,7 +110,7 @@ def test_batch_and_per_example_gradients_are_sharded_and_the_gradient_is_all_red
             assert g.sharding.spec[0] == "data" and len(g.sharding.device_set) == 4
         tx = make_optimizer(cfg)
         state = jax.device_put(init_state(params, cfg.seed, tx), replicated(mesh))
-        step = jax.jit(lambda s: run_steps(s, n=1, loss_fn=loss_fn, sample=sample, task_cfg=task,
+        step = jax.jit(lambda s: run_steps(s, 1, rows=1, loss_fn=loss_fn, sample=sample, task_cfg=task,
                                            batch_size=cfg.batch_size, tx=tx))
         hlo = step.lower(state).compile().as_text()
     assert "all-reduce" in hlo  # the per-device gradients are summed across the data axis
@@ -970,6 +970,51 @@ def test_an_extended_run_reruns_as_the_extended_command_and_is_refused_as_the_fi
     assert read_metrics(str(tmp_path / "metrics.jsonl")) == rows
     with pytest.raises(ConfigError, match=r"step 12, past train.steps=7; use train.steps=12 \(the checkpoint's run\)"):
         train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), w, out_dir=out, progress=False)
+
+
+def _gpt_setup(steps: int, **kw):
+    """A 2-layer GPT on affine recurrences, trained with Adam: its steps round otherwise in another compiled program
+    (a lax.scan of one step, whose loop XLA removes, changed the losses of the steps after it by 2e-7 relative)."""
+    from jaxicl.models.gpt import GPT
+    from jaxicl.tasks import affine_recurrence as ar
+
+    graphdef, params = nnx.split(GPT(d_model=16, n_layers=2, n_heads=2, max_len=8, input_dim=1, rngs=nnx.Rngs(0)))
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=1e-2, optimizer="adam", steps_per_call=4, log_every=1, **kw)
+    return regression_loss(graphdef), ar.sample, ar.AffineRecurrence(seq_len=8), cfg, params
+
+
+def test_an_extended_run_equals_a_straight_one_bit_for_bit_through_one_compiled_chunk_program(tmp_path,
+                                                                                              chunk_compiles):
+    """10 steps in chunks of 4, 4, 2 against 5 steps (4, 1) extended to 10 (3, 2): each run compiles one chunk
+    program, whose trip count is an argument, so every step of the three runs is the same compiled step. Chunks
+    compiled per length (a lax.scan) compiled 2 per run, and the 1-step one rounded otherwise."""
+    loss_fn, sample, task, cfg, params = _gpt_setup(steps=10)
+    straight = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "a"), progress=False)
+    train(loss_fn, sample, task, dataclasses.replace(cfg, steps=5), params, out_dir=str(tmp_path / "b"),
+          progress=False)
+    extended = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "b"), progress=False)
+    np.testing.assert_array_equal(_losses(extended), _losses(straight))
+    _assert_params_close(extended.state.params, straight.state.params, rtol=0, atol=0)
+    assert read_metrics(str(tmp_path / "a" / "metrics.jsonl")) == read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
+    assert len(chunk_compiles) == 3  # one per run
+
+
+def test_evaluations_and_checkpoints_leave_the_training_steps_bit_for_bit_as_they_were(tmp_path, chunk_compiles):
+    """Evaluations after steps 1 and 5 cut the 8 steps into chunks of 1, 3, 1, 3 and checkpoints every 5 steps into 4,
+    1, 3, where a run without them takes 4, 4: the same losses and parameters, exactly (one compiled program runs
+    chunks of every length)."""
+    loss_fn, sample, task, cfg, params = _gpt_setup(steps=8)
+    plain = train(loss_fn, sample, task, cfg, params, progress=False)
+    evaluated = train(loss_fn, sample, task, cfg, params, evaluate=lambda p: {"zero": 0.0}, eval_every=(1, 5),
+                      progress=False)
+    saved = train(loss_fn, sample, task, dataclasses.replace(cfg, checkpoint_every=5), params, out_dir=str(tmp_path),
+                  progress=False)
+    assert [r["step"] for r in evaluated.eval_rows] == [0, 1, 5, 8]
+    assert CheckpointStore(str(tmp_path / "checkpoints")).steps() == [5, 8]
+    for run in (evaluated, saved):
+        np.testing.assert_array_equal(_losses(run), _losses(plain))
+        _assert_params_close(run.state.params, plain.state.params, rtol=0, atol=0)
+    assert len(chunk_compiles) == 3  # one per run
 
 
 def test_a_rerun_of_a_finished_run_keeps_the_flops_per_step_of_run_json(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from jaxicl import prng
 from jaxicl.train.chunks import ChunkPrograms
+from jaxicl.train.step import loop_steps
 
 pytestmark = [pytest.mark.skipif(jax.default_backend() != "cpu", reason="the lowering is CPU-only"),
               pytest.mark.skipif(not prng.available(), reason="this JAX lacks the rules jaxicl.prng switches")]
@@ -43,13 +44,12 @@ def test_the_rolled_lowering_is_back_after_nested_blocks():
 
 
 def test_the_engine_lowers_its_chunks_unrolled():
-    def make_steps():  # a chunk of n steps that each draw: one while loop (the scan), plus one per rolled hash
-        return lambda key, n: jax.lax.scan(lambda k, _: (jax.random.split(k)[0], jax.random.normal(k, (4,))), key,
-                                           length=n)
+    def make_steps():  # a chunk of n steps that each draw: one while loop (the steps'), plus one per rolled hash
+        return lambda key, n: loop_steps(lambda k: (jax.random.split(k)[0], jax.random.normal(k, (4,))), key, n, 3)
 
     # two functions: JAX caches the lowering of a traced function, whichever rule made it
-    outside = jax.jit(make_steps(), static_argnums=1).lower(jax.random.key(0), 3).compile()
-    chunks = ChunkPrograms(jax.jit(make_steps(), static_argnums=1), "xla")
+    outside = jax.jit(make_steps()).lower(jax.random.key(0), np.int32(3)).compile()
+    chunks = ChunkPrograms(jax.jit(make_steps()), "xla")
     chunks(jax.random.key(0), n=3)
-    assert chunks.programs[3].as_text().count(" while(") == 1
+    assert chunks.program.as_text().count(" while(") == 1
     assert outside.as_text().count(" while(") > 1  # JAX's own lowering outside the engine

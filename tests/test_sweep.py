@@ -19,12 +19,13 @@ from experiments.common.sweep_report import aggregate, final_table
 from frozen_features import FrozenFeatures
 from jaxicl.models import SelfAttention
 from jaxicl.models.attention import sweep_init
-from jaxicl.prng import seed_key, unrolled_threefry
+from jaxicl.prng import seed_key
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.train import sweep as sweep_module
 from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, eval_key, read_metrics,
                           regression_loss, sweep_mesh, train, train_sweep)
+from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import member_arrays, sampling_config, split_fields
 from jaxicl.train.sweep_memory import chunk_memory, largest_in_budget
@@ -165,7 +166,7 @@ def test_chunked_sweep_agrees_with_unchunked_and_compiles_its_chunk_program_once
     chunked = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=mesh, memory_budget=est.bytes_for(2),
                           progress=False)
     assert chunked.chunk_size == 2
-    assert len(compiles) <= 3, compiles  # the 5-step chunk program once for 3 chunks (plus tiny helpers)
+    assert len(compiles) <= 3, compiles  # the chunk program once for 3 chunks (plus tiny helpers)
     # a stack of 2 and one of 5 are two compiled programs (other fusions and reduction orders): float32 rounding
     # differences grow over 10 Adam steps, so the tolerances of the suite's other cross-program comparisons
     for i in range(5):
@@ -184,9 +185,7 @@ def _compiled_bytes(prog, cfg: TrainConfig, c: int) -> tuple[int, int | None]:
         sharding = jax.sharding.NamedSharding(mesh, P(MEMBER_AXIS))
         a = prog.inputs(np.zeros(c, int), sharding)
         state = prog.states(a, sharding)
-        with unrolled_threefry():  # as the chunks that run are lowered
-            lowered = prog.run_chunk.lower(state, a["task"], cfg.steps_per_call)
-        train_bytes = total(lowered.compile().memory_analysis())
+        train_bytes = total(lower_chunk(prog.run_chunk, state, a["task"]).compile().memory_analysis())
         return train_bytes, prog.eval_chunk and total(prog.eval_chunk.lower(state.params, a["task"]).compile()
                                                       .memory_analysis())
 
@@ -836,6 +835,24 @@ def test_the_stored_config_names_each_swept_field_with_its_sorted_distinct_value
     assert mark_swept(config, swept) == {"train": {"lr": {"swept": [0.01, 0.1]}, "steps": 5}, "task": {"dim": 3},
                                          "init_scale": {"swept": [1, 2]}}
     assert config["train"]["lr"] == 0.1  # a copy: the caller's dict is left as it was
+
+
+def test_an_extended_sweep_equals_a_straight_one_bit_for_bit_through_one_compiled_chunk_program(tmp_path,
+                                                                                                chunk_compiles):
+    """Evaluations after steps 1 and 3 and chunks of at most 4 steps: 10 steps in chunks of 1, 2, 1, 4, 2 against 5
+    steps (1, 2, 1, 1) extended to 10 (3, 2). One compiled chunk program per sweep runs every chunk; compiled per
+    length (a lax.scan), the 1-step chunk rounded otherwise."""
+    members = [{"train.seed": s, "train.lr": v} for s, v in [(0, 1e-2), (1, 3e-2)]]
+    cfg = _cfg(optimizer="adam", steps_per_call=4)
+    kw = dict(mesh=sweep_mesh(2), progress=False, evaluate=lambda p: {"w_norm": optax_norm(p)}, eval_every=(1, 3))
+    straight = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, out_dir=str(tmp_path / "a"), **kw)
+    train_sweep(LOSS, lr.sample, TASK, dataclasses.replace(cfg, steps=5), init, members, out_dir=str(tmp_path / "b"),
+                **kw)
+    extended = train_sweep(LOSS, lr.sample, TASK, cfg, init, members, out_dir=str(tmp_path / "b"), **kw)
+    _assert_trees_close(extended.params, straight.params, rtol=0, atol=0)
+    assert _rows(extended) == _rows(straight)
+    assert [r["step"] for r in extended.eval_rows if r["member"] == 1] == [0, 1, 3, 10]
+    assert len(chunk_compiles) == 3  # one per sweep
 
 
 def test_numpy_member_values_train_like_the_python_numbers_they_hold():

@@ -1,4 +1,4 @@
-"""Training engine: configs, optimiser, scanned data-parallel steps, checkpoints, metrics, vmapped sweeps."""
+"""Training engine: configs, optimiser, looped data-parallel steps, checkpoints, metrics, vmapped sweeps."""
 
 from jaxicl.train.checkpoint import CheckpointStore
 from jaxicl.train.config import TrainConfig

@@ -8,6 +8,10 @@ checkpoint, finish) it first handles the metrics of the chunk that produced it.
 
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jaxicl.prng import unrolled_threefry
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.cpu_matmuls import compile_chunk
@@ -34,24 +38,32 @@ def evaluates_at(end: int, eval_every: EvalSchedule) -> bool:
 
 
 class ChunkPrograms:
-    """A jitted chunk function `fn(state, *args, n)` (n static) lowered and compiled once per chunk length n, its
-    random draws through the unrolled threefry (jaxicl.prng), its products on CPU by `cpu_matmuls`'s library.
+    """A jitted chunk function `fn(state, *args, n) -> (state, metrics [.., rows])` whose trip count n is an int32
+    scalar argument (jaxicl.train.step.loop_steps), lowered (lower_chunk) and compiled once, at the first call: every
+    chunk of a run, whatever its length, runs that one program, so a run resumed, extended, or cut into other chunks
+    by its evaluations and checkpoints takes the same steps bit for bit. Its products on CPU are by `cpu_matmuls`'s
+    library.
 
-    flops_per_step is XLA's cost analysis of a lowered chunk: its lax.scan lowers to one while loop
-    whose body (one step) the analysis counts once, whatever n. None where the backend does not say.
+    flops_per_step is XLA's cost analysis of the lowered chunk, which counts its while loop's body (one step) once.
+    None where the backend does not say.
     """
 
     def __init__(self, fn: Callable, cpu_matmuls: str):
-        self.fn, self.cpu_matmuls, self.programs, self.flops_per_step = fn, cpu_matmuls, {}, None
+        self.fn, self.cpu_matmuls, self.program, self.flops_per_step = fn, cpu_matmuls, None, None
 
     def __call__(self, state, *args, n: int):
-        if n not in self.programs:
-            with unrolled_threefry():
-                lowered = self.fn.lower(state, *args, n)
-            if self.flops_per_step is None:
-                self.flops_per_step = lowered_flops(lowered)
-            self.programs[n] = compile_chunk(lowered, self.cpu_matmuls)
-        return self.programs[n](state, *args)
+        if self.program is None:
+            lowered = lower_chunk(self.fn, state, *args)
+            self.flops_per_step = lowered_flops(lowered)
+            self.program = compile_chunk(lowered, self.cpu_matmuls)
+        return self.program(state, *args, np.int32(n))
+
+
+def lower_chunk(fn: Callable, state, *args) -> jax.stages.Lowered:
+    """The jitted chunk function fn(state, *args, n) lowered for every trip count n (an int32 scalar), its random draws
+    through the unrolled threefry (jaxicl.prng)."""
+    with unrolled_threefry():
+        return fn.lower(state, *args, jax.ShapeDtypeStruct((), jnp.int32))
 
 
 def lowered_flops(lowered) -> float | None:
@@ -83,9 +95,9 @@ def drive(state, start: int, cfg: TrainConfig, eval_every: EvalSchedule, *, run_
           on_metrics: Callable[[int, int, dict], int | None], on_state: Callable[[int, object, bool], None]):
     """Runs the chunks from step `start` to cfg.steps; returns the final state.
 
-    run_chunk(state, n) -> (state, metrics [.., n]) is asynchronous (jitted). on_metrics(first, end,
-    metrics) handles a chunk's metrics (fetch, log, raise on divergence) one chunk late where it can,
-    and returns the step at which the run stopped early (cfg.stop_loss), if it did. on_state(end, state,
+    run_chunk(state, n) -> (state, metrics [.., rows >= n], the first n rows the chunk's steps') is asynchronous
+    (jitted). on_metrics(first, end, metrics) handles a chunk's metrics (fetch, log, raise on divergence) one chunk late
+    where it can, and returns the step at which the run stopped early (cfg.stop_loss), if it did. on_state(end, state,
     final) evaluates and checkpoints where needs_state, and at the end (final=True) however it ends.
     """
     pending = None

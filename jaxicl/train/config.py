@@ -35,7 +35,7 @@ class TrainConfig:
     seed: int = 0
     prng_impl: str = PRNG_IMPLS[0]  # the generator of the training batches (threefry2x32, JAX's default)
     cpu_matmuls: str = CPU_MATMULS[0]  # the library of the chunks' products on CPU (jaxicl.train.cpu_matmuls)
-    steps_per_call: int = 100  # steps compiled into one lax.scan call
+    steps_per_call: int = 100  # the most steps of one compiled call (its loop keeps the metrics of this many)
     log_every: int = 10  # write every log_every-th step's metrics to metrics.jsonl
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 3

@@ -1,4 +1,4 @@
-"""The training engine: scanned, jitted, data-parallel steps; metrics, progress and checkpoints on the host.
+"""The training engine: looped, jitted, data-parallel steps; metrics, progress and checkpoints on the host.
 
 Each step samples its batch on device from fold_in(data_key, step), born sharded over the mesh's
 "data" axis; parameters and optimiser state are replicated, so the compiler inserts the
@@ -149,7 +149,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         writer = MetricsWriter(metrics_path, keep=lambda r: kept_on_resume(r, start, cfg, eval_every))
-        chunk = ChunkPrograms(jax.jit(partial(run_steps, **step_kw), static_argnums=1, donate_argnums=0),
+        chunk = ChunkPrograms(jax.jit(partial(run_steps, rows=cfg.steps_per_call, **step_kw), donate_argnums=0),
                               cfg.cpu_matmuls)
         train_rows, eval_rows = [], []
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress or not outputs.is_primary(),
@@ -169,7 +169,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             writer.write([row])
 
         def on_metrics(first, end, metrics):
-            metrics = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+            metrics = {k: np.asarray(v)[:end - first] for k, v in jax.device_get(metrics).items()}
             stopped = metrics.pop("stopped", np.zeros(end - first, bool))
             steps = np.arange(first, end)
             bad = ~np.isfinite(metrics["loss"]) | ~np.isfinite(metrics["param_rms"])
@@ -209,7 +209,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             if store:
                 store.close()
         info = write_run_info(out_dir, {"flops_per_step": chunk.flops_per_step, **trained_on(mesh)},
-                              compiled=bool(chunk.programs))
+                              compiled=chunk.program is not None)
     if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
     return TrainResult(portable(state), train_rows, eval_rows, info)

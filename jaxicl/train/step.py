@@ -1,4 +1,4 @@
-"""One training step and a scanned chunk of them: pure functions the engine jits (and a sweep vmaps).
+"""One training step and a looped chunk of them: pure functions the engine jits (and a sweep vmaps).
 
 Every step returns its metrics: the loss and the loss function's aux values, the learning rate
 (when the optimiser is the config's), the gradient norm and RMS, the parameter RMS after the update
@@ -7,6 +7,7 @@ leaves that train (a frozen nnx.Variable of the parameters left out: jaxicl.trai
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,22 @@ def train_step(state: TrainState, *, loss_fn: LossFn, sample: Sampler | None, ta
     return new, metrics
 
 
-def run_steps(state: TrainState, n: int, **step_kw) -> tuple[TrainState, dict]:
-    """n training steps (train_step's keywords) as one lax.scan; returns the new state and per-step metrics [n]."""
-    return jax.lax.scan(lambda s, _: train_step(s, **step_kw), state, length=n)
+def loop_steps(step: Callable, state, n: jax.Array, rows: int) -> tuple[object, dict]:
+    """n calls of step(state) -> (state, metrics) as one while loop whose trip count n (an int32 scalar, 1 <= n <= rows)
+    is an argument of the program, not its shape: one compiled program runs every n the same way (a lax.scan of length
+    n compiles per n, and at n = 1 XLA removes its loop, so that step rounds otherwise). Returns the new state and the
+    metrics stacked into [rows, ...]: the first n rows are the steps', the rest zeros."""
+    buffer = jax.tree.map(lambda m: jnp.zeros((rows, *m.shape), m.dtype), jax.eval_shape(step, state)[1])
+
+    def body(i, carry):
+        state, buffer = carry
+        state, metrics = step(state)
+        return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffer, metrics)
+
+    return jax.lax.fori_loop(0, n, body, (state, buffer))
+
+
+def run_steps(state: TrainState, n: jax.Array, rows: int, **step_kw) -> tuple[TrainState, dict]:
+    """n training steps (train_step's keywords) as one loop_steps; returns the new state and metrics [rows], the first
+    n rows the steps'."""
+    return loop_steps(partial(train_step, **step_kw), state, n, rows)

@@ -1,7 +1,7 @@
 """Vmapped sweeps: many members (seeds x hyperparameters x task parameters) trained by one program.
 
 Members are stacked along a leading axis and trained by the engine's `train_step`, vmapped over
-members inside one jitted lax.scan (jaxicl.train.sweep_program); the member axis is sharded over
+members inside one jitted loop of steps (jaxicl.train.sweep_program); the member axis is sharded over
 the "members" axis of a 2-D mesh (members x data), each member's batch over "data". A member's
 values enter as arrays (jaxicl.train.sweep_fields):
 
@@ -155,7 +155,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
         bar.close()
         stack_flops = run_chunk.flops_per_step
         info = {"flops_per_step": stack_flops / size if stack_flops else None, **trained_on(mesh), "chunk_size": per}
-        info = write_run_info(out_dir, info, compiled=bool(run_chunk.programs))
+        info = write_run_info(out_dir, info, compiled=run_chunk.program is not None)
         if diverged and outputs.is_primary():
             tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
                        f"(member: step) {diverged}; the others trained on unchanged")
@@ -207,7 +207,7 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
         log("eval", [step], {n: v[:len(idx), None] for n, v in values.items()})
 
     def on_metrics(first, end, metrics):
-        metrics = {n: v[:len(idx)] for n, v in _fetch(metrics).items()}
+        metrics = {n: v[:len(idx), :end - first] for n, v in _fetch(metrics).items()}
         steps = np.arange(first, end)
         logged = (steps % cfg.log_every == 0) | (steps == cfg.steps - 1)
         ok = metrics.pop("ok")

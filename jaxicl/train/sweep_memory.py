@@ -10,8 +10,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxicl.prng import unrolled_threefry
 from jaxicl.tasks.batching import Sampler
+from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.config import TrainConfig
 from jaxicl.train.cpu_matmuls import compile_chunk
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
@@ -106,16 +106,14 @@ def largest_in_budget(measure: Callable[[int], int], budget: float, start: int, 
 
 def chunk_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, c: int) -> int:
     """Bytes per device of a chunk of c members, from XLA's memory analysis (arguments + outputs + temporaries -
-    donated aliases): its training program of cfg.steps_per_call steps or, where the sweep evaluates and it is
-    larger, its evaluation: evaluate's vmapped program, plus the training state it does not take (optimiser state,
-    step and key), held meanwhile."""
+    donated aliases): its training program (the one program that runs every chunk of steps, whatever their number:
+    metrics of cfg.steps_per_call steps) or, where the sweep evaluates and it is larger, its evaluation: evaluate's
+    vmapped program, plus the training state it does not take (optimiser state, step and key), held meanwhile."""
     with jax.set_mesh(mesh):
         sharding = NamedSharding(mesh, P(MEMBER_AXIS))
         a = prog.inputs(np.zeros(c, int), sharding)
         state = prog.states(a, sharding)
-        with unrolled_threefry():  # lowered as ChunkPrograms lowers the chunks that run
-            lowered = prog.run_chunk.lower(state, a["task"], min(cfg.steps_per_call, cfg.steps))
-        train = compile_chunk(lowered, cfg.cpu_matmuls).memory_analysis()
+        train = compile_chunk(lower_chunk(prog.run_chunk, state, a["task"]), cfg.cpu_matmuls).memory_analysis()
         if prog.eval_chunk is None:
             return _total(train)
         evaluation = prog.eval_chunk.lower(state.params, a["task"]).compile().memory_analysis()

@@ -26,7 +26,7 @@ from jaxicl.train.config import TrainConfig
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
-from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, train_step
+from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, loop_steps, train_step
 from jaxicl.train.sweep_fields import (check_init_fields, check_members, check_takes_task_fields, member_arrays,
                                       sampling_config, split_fields)
 
@@ -36,7 +36,8 @@ class SweepProgram:
     """The compiled pieces of a sweep and its per-member input arrays (host numpy, [M])."""
 
     make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
-    run_chunk: Callable  # (states, task params, n) -> (states, metrics [C, n]); donates states
+    run_chunk: Callable  # (states, task params, n: int32) -> (states, metrics [C, steps_per_call], the first n rows
+    # the n steps'): one program for every n (loop_steps); donates states
     eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
     arrays: dict
 
@@ -82,7 +83,7 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
         return new, {**metrics, "ok": ok}
 
     def member_steps(state, task_params, n):
-        return jax.lax.scan(lambda s, _: member_step(s, task_params), state, length=n)
+        return loop_steps(lambda s: member_step(s, task_params), state, n, cfg.steps_per_call)
 
     def member_eval(params, task_params):
         values = evaluate(params, **task_params)
@@ -91,5 +92,5 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
 
     vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
     return SweepProgram(vmap(new_state),  # eager: compiling it costs more than running it once
-                        jax.jit(vmap(member_steps, in_axes=(0, 0, None)), static_argnums=2, donate_argnums=0),
+                        jax.jit(vmap(member_steps, in_axes=(0, 0, None)), donate_argnums=0),
                         jax.jit(vmap(member_eval)) if evaluate else None, arrays)
