@@ -58,7 +58,10 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["abstractions_manipulation", "training.model.n_layers=1"], "training.model.n_layers must be in [2, inf], got 1"),
     (["abstractions_geometry", "mask_p=0"], "mask_p must be > 0: it is the masked variant's mask rate"),
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
-    (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
+    (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a finite number, got 'nan'"),
+    # passed the checks (max_ood_gap has none, scales checked its first value only), then crashed writing config.json
+    (["gd_equivalence", "max_ood_gap=inf"], "max_ood_gap=inf: max_ood_gap expects a finite number, got 'inf'"),
+    (["gd_equivalence", "scales=0.5,1,inf"], "scales=0.5,1,inf: scales expects a finite number, got 'inf'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
     # started, and failed 20 s later in lea_loss
     (["abstractions_lea", "rfs_ramp=10,20,30"], "rfs_ramp=10,20,30: rfs_ramp takes 2 comma-separated values "

@@ -135,9 +135,12 @@ def test_member_config_sets_nested_fields_and_validates_them():
 @pytest.mark.parametrize("override,match", [
     ("train.seed=1e-3", r"train.seed=1e-3: .*type int, got '1e-3'"),  # was int(0.001) = 0
     ("train.seed=1e400", r"train.seed=1e400: .*type int"),
-    ("train.lr=inf", r"train.lr=inf: lr must be a finite number, got inf"),
-    ("task.noise_std=nan", r"task.noise_std=nan: task.noise_std expects a number, got .nan."),
-    ("task.x_scale=inf", r"task.x_scale=inf: x_scale must be a finite number, got inf"),
+    # every float field refuses them as text, naming the path: an infinity passed the fields that no check bounds
+    # above (gd_equivalence's max_ood_gap), then the run crashed writing config.json, which JSON cannot hold
+    ("train.lr=inf", r"^train\.lr=inf: train\.lr expects a finite number, got 'inf'$"),
+    ("task.noise_std=nan", r"^task\.noise_std=nan: task\.noise_std expects a finite number, got 'nan'$"),
+    ("task.x_scale=-inf", r"^task\.x_scale=-inf: task\.x_scale expects a finite number, got '-inf'$"),
+    ("task.x_scale=1e400", r"^task\.x_scale=1e400: task\.x_scale expects a finite number, got '1e400'$"),
     ("train.warmup_steps=5", r"warmup_steps=5 needs schedule='warmup_cosine'"),
 ])
 def test_overrides_refuse_non_integral_ints_non_finite_numbers_and_an_unused_warmup(override, match):
