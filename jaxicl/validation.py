@@ -46,9 +46,11 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
 
 
 def check_increasing(name: str, values, *, positive: bool = False) -> None:
-    """Checks a non-empty, strictly increasing tuple (a grid of depths, mus or scales that checks read in order),
-    and with positive=True that its first (smallest) value is > 0."""
+    """Checks a non-empty, strictly increasing tuple of finite numbers (a grid of depths, mus or scales that checks
+    read in order), and with positive=True that its first (smallest) value is > 0."""
     values = tuple(values)
+    for i, value in enumerate(values):  # an inf last (or a NaN anywhere, unordered) passes the order check
+        check_finite(f"{name}[{i}]", value)
     if not values or any(b <= a for a, b in zip(values, values[1:])):
         raise ConfigError(f"{name} must be a non-empty, strictly increasing tuple, got {values}")
     if positive:

@@ -279,6 +279,19 @@ def test_overrides_reach_nested_fields_and_parse_types():
         apply_overrides(Config(), ["task.format=spiral"])
 
 
+@pytest.mark.parametrize("name,field,values,message", [
+    ("gd_equivalence", "scales", (0.5, 1.0, float("inf")), "scales[2] must be a finite number, got inf"),
+    ("gd_equivalence", "scales", (0.5, float("nan"), 2.0), "scales[1] must be a finite number, got nan"),
+    ("ar_fig6_pe_only", "mus", (50.0, float("inf")), "mus[1] must be a finite number, got inf"),
+])
+def test_an_increasing_grid_refuses_a_non_finite_value_anywhere(name, field, values, message):
+    """check_increasing checked only the first value for finiteness: an inf last passed the order check (so did a NaN
+    anywhere, which compares false), and the run crashed writing config.json after deleting the earlier result.json."""
+    cfg = registry.load(name).PRESETS["smoke"]
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        dataclasses.replace(cfg, **{field: values})
+
+
 def test_report_has_a_checks_table_and_figures_per_experiment(tmp_path):
     results = [{"experiment": "a", "preset": "quick", "wall_seconds": 3.0, "figures": ["f.png"],
                 "checks": [{"name": "c1", "value": 0.5, "target": "< 1", "passed": True, "note": "n"},
