@@ -271,6 +271,27 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
     assert not (out / "result.json").exists()
 
 
+def test_a_config_json_cannot_hold_leaves_the_earlier_run_as_it_was(monkeypatch, tmp_path):
+    """The earlier result.json was removed, then writing config.json raised (an infinity, which JSON has not) outside
+    the try that restores it: the earlier run's checks were lost. A fresh directory gets nothing, not even out_dir."""
+    from experiments import gd_equivalence
+
+    overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10"]
+    run_experiment("gd_equivalence", "smoke", str(tmp_path / "old"), overrides)
+    out = tmp_path / "old" / "gd_equivalence"
+    before = {f: (out / f).read_text() for f in ("config.json", "result.json")}
+    # a preset built in Python (overrides refuse inf as text) with a threshold no check bounds above
+    monkeypatch.setitem(gd_equivalence.PRESETS, "smoke",
+                        dataclasses.replace(gd_equivalence.PRESETS["smoke"], max_ood_gap=float("inf")))
+    for root in (tmp_path / "old", tmp_path / "fresh"):
+        message = (f"{root / 'gd_equivalence' / 'config.json'}: Out of range float values are not JSON compliant: "
+                   f"inf (standard JSON has none: write None)")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            run_experiment("gd_equivalence", "smoke", str(root), overrides)
+    assert {f: (out / f).read_text() for f in ("config.json", "result.json")} == before
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_overrides_reach_nested_fields_and_parse_types():
     cfg = apply_overrides(Config(), ["train.lr=3e-4", "train.steps=2e3", "task.noise_std=0.5",
                                      "scales=0.5,2", "task.format=paired"])
