@@ -45,6 +45,15 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def check_distinct(name: str, values) -> None:
+    """Refuses a value given twice in values (seeds, learning rates, scales: each value its own member or curve, so a
+    repeat would count one run twice as independent ones, or draw one curve over another)."""
+    values = tuple(values)
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise ConfigError(f"{name} repeats the value {value!r}: give each value once, got {values}")
+
+
 def check_increasing(name: str, values, *, positive: bool = False) -> None:
     """Checks a non-empty, strictly increasing tuple of finite numbers (a grid of depths, mus or scales that checks
     read in order), and with positive=True that its first (smallest) value is > 0."""

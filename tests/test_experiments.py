@@ -154,6 +154,29 @@ def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, mess
     assert not list(tmp_path.iterdir())  # nothing written, under any experiment's name
 
 
+@pytest.mark.parametrize("name,override,message", [
+    ("nn_random_init", "seeds=0,0", "seeds=0,0: seeds repeats the value 0: give each value once, got (0, 0)"),
+    ("nn_random_init", "scales=0.3,5,0.3", "scales=0.3,5,0.3: scales repeats the value 0.3: give each value once, "
+     "got (0.3, 5.0, 0.3)"),
+    ("nn_fig3_training", "seeds=0,1,1", "seeds=0,1,1: seeds repeats the value 1: give each value once, got "
+     "(0, 1, 1)"),
+    ("nn_fig3_training", "runs=4x4,8x4,04x4", "runs=4x4,8x4,04x4: runs repeats the value '4x4': give each value "
+     "once, got ('4x4', '8x4', '4x4')"),  # as read: both trained into N4_d4
+    ("nn_fig3_training", "long_horizons=100000,100000", "long_horizons=100000,100000: long_horizons repeats the "
+     "value 100000: give each value once, got (100000, 100000)"),
+    ("affine_mechanism", "seeds=1,1", "seeds=1,1: seeds repeats the value 1: give each value once, got (1, 1)"),
+    ("sweep_lr_seeds", "lrs=1e-3,1e-3", "lrs=1e-3,1e-3: lrs repeats the value 0.001: give each value once, got "
+     "(0.001, 0.001)"),
+    ("abstractions_geometry", "reconstruction_alphas=1,2,1", "reconstruction_alphas=1,2,1: reconstruction_alphas "
+     "repeats the value 1.0: give each value once, got (1.0, 2.0, 1.0)"),
+])
+def test_a_repeated_seed_or_grid_value_is_refused_naming_the_field_and_the_value(name, override, message):
+    """A repeated seed trained one member twice and counted it as independent repeats (a repeated scale, lr, run or
+    horizon: the same curve twice), where --sweep refuses a repeated value."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        apply_overrides(registry.load(name).PRESETS["smoke"], [override])
+
+
 def test_a_field_the_run_sets_may_hold_the_one_value_the_run_gives_it(capsys):
     """The fields test_bad_command_lines refuses still take their default and, where every run or member takes one
     value, that value (what the run uses, so nothing is ignored)."""
