@@ -48,10 +48,11 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
 def check_distinct(name: str, values) -> None:
     """Refuses a value given twice in values (seeds, learning rates, scales: each value its own member or curve, so a
     repeat would count one run twice as independent ones, or draw one curve over another)."""
-    values = tuple(values)
-    for i, value in enumerate(values):
-        if value in values[:i]:
+    values, seen = tuple(values), set()  # a set: a sweep axis may hold a million values
+    for value in values:
+        if value in seen:
             raise ConfigError(f"{name} repeats the value {value!r}: give each value once, got {values}")
+        seen.add(value)
 
 
 def check_increasing(name: str, values, *, positive: bool = False) -> None:
