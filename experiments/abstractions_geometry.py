@@ -84,7 +84,7 @@ from jaxicl.analysis.convergence import cross_board_distance, participation_rati
 from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outputs
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
 from jaxicl.tasks import boards as bd
-from jaxicl.validation import ConfigError, check_positive, check_range
+from jaxicl.validation import ConfigError, check_distinct, check_positive, check_range
 
 VARIANTS = ("masked", "unmasked")
 
@@ -133,6 +133,7 @@ class Config:
         check_positive("ridge_lam", self.ridge_lam)
         for i, alpha in enumerate(self.reconstruction_alphas):
             check_positive(f"reconstruction_alphas[{i}]", alpha)
+        check_distinct("reconstruction_alphas", self.reconstruction_alphas)
 
 
 PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, probe_positions=3, held_out_positions=1,

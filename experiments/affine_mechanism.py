@@ -59,7 +59,7 @@ from jaxicl.models.gpt import GPT
 from jaxicl.tasks import affine_recurrence as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, eval_key, regression_loss, train_sweep
-from jaxicl.validation import ConfigError, check_positive, check_set_by
+from jaxicl.validation import ConfigError, check_distinct, check_positive, check_set_by
 
 BASELINES = {"copy": baselines.copy, "linear_extrapolation": baselines.linear_extrapolation,
              "three_term": baselines.three_term, "least_squares": baselines.least_squares}
@@ -120,6 +120,7 @@ class Config:
                               f"{self.model.n_heads}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        check_distinct("seeds", self.seeds)
         if not 0 <= self.from_position < self.task.seq_len:
             raise ConfigError(f"from_position must be in [0, {self.task.seq_len - 1}], got {self.from_position}")
         check_set_by("train.seed", self.train.seed, TrainConfig.seed, "seeds", self.seeds, self.seeds, "member",

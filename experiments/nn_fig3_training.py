@@ -56,7 +56,7 @@ from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import TrainConfig, train_sweep
-from jaxicl.validation import ConfigError, check_positive, check_range, check_set_by
+from jaxicl.validation import ConfigError, check_distinct, check_positive, check_range, check_set_by
 
 
 RECORD = 10  # the reduced dynamics are compared with the full run every RECORD steps
@@ -96,11 +96,13 @@ class Config:
             parts = run.split("x")
             if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
                 raise ConfigError(f"runs entries must look like '16x8' (N x d, positive integers), got {run!r}")
+        check_distinct("runs", (f"{n}x{d}" for n, d in self.pairs))  # as read: '04x4' is '4x4', trained into N4_d4
         for name in ("eval_prompts", "reduced_samples", "long_record_every", "long_samples"):
             check_positive(name, getattr(self, name))
         if not self.long_horizons or any(h <= 0 or h % self.long_record_every for h in self.long_horizons):
             raise ConfigError(f"long_horizons must be positive multiples of long_record_every="
                               f"{self.long_record_every}, got {self.long_horizons}")
+        check_distinct("long_horizons", self.long_horizons)
         if any(d <= 3 for _, d in self.pairs):
             raise ConfigError("Lemma 12's sigma needs d > 3: every runs entry 'NxD' must have D >= 4")
         t = self.train
@@ -113,6 +115,7 @@ class Config:
             raise ConfigError(f"train.steps={t.steps} must be a multiple of train.steps_per_call={t.steps_per_call}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        check_distinct("seeds", self.seeds)
         check_range("fit_from", self.fit_from, 0.0, 1.0)
         # the fits split each log-t window [fit_from t, t] at sqrt(fit_from) t (theory.log_slope_drift) and fit a
         # line in log t to each half: they need t > 0 and two steps per half, on the full-W runs' every step and the

@@ -36,7 +36,7 @@ from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import TrainConfig, train_sweep
-from jaxicl.validation import ConfigError, check_positive, check_set_by
+from jaxicl.validation import ConfigError, check_distinct, check_positive, check_set_by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +62,14 @@ class Config:
         if self.train.steps % self.train.steps_per_call:
             raise ConfigError(f"train.steps={self.train.steps} must be a multiple of "
                               f"train.steps_per_call={self.train.steps_per_call}")
+        check_distinct("scales", self.scales)  # members are grouped by scale: a repeat doubles its members
         if self.reference_scale not in self.scales:
             raise ConfigError(f"reference_scale must be one of scales={self.scales}, got {self.reference_scale}")
         if self.task.n_prompts == 0 or self.task.distribution != "uniform":
             raise ConfigError("task must be a fixed uniform training set: n_prompts > 0, distribution='uniform'")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        check_distinct("seeds", self.seeds)
         check_set_by("train.seed", self.train.seed, TrainConfig.seed, "seeds", self.seeds, self.seeds, "member")
 
 

@@ -48,7 +48,7 @@ from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, eval_key, query_mse, regression_loss, train_sweep
 from jaxicl.train.sweep_spec import Axis, grid
-from jaxicl.validation import ConfigError, check_positive, check_set_by
+from jaxicl.validation import ConfigError, check_distinct, check_positive, check_set_by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,7 @@ class Config:
             raise ConfigError("lrs must name at least one learning rate")
         for i, lr in enumerate(self.lrs):
             check_positive(f"lrs[{i}]", lr)
+        check_distinct("lrs", self.lrs)
         for name, by, values, does in (("seed", "seeds", tuple(range(self.seeds)), "pick the test prompts"),
                                        ("lr", "lrs", self.lrs, "")):
             check_set_by(f"gd.train.{name}", getattr(self.gd.train, name), getattr(TrainConfig, name), by,

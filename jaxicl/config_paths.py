@@ -7,6 +7,7 @@ Overrides parse text by the field's type; sweeps take numbers, for int and float
 """
 
 import dataclasses
+import math
 import typing
 
 from jaxicl.validation import ConfigError
@@ -93,8 +94,8 @@ def parse_text(text: str, kind, path: str):
         value = cast_number(float(text), int, path) if kind is int and "e" in text.lower() else kind(text)
     except ValueError:
         raise ConfigError(f"{path} expects a value of type {kind.__name__}, got {text!r}") from None
-    if kind is float and value != value:  # every float field is a setting or a threshold: NaN is neither
-        raise ConfigError(f"{path} expects a number, got {text!r}")
+    if kind is float and not math.isfinite(value):  # a setting or threshold, never NaN or inf (JSON has neither)
+        raise ConfigError(f"{path} expects a finite number, got {text!r}")
     return value
 
 

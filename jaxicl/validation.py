@@ -53,10 +53,22 @@ def check_choice(name: str, value, allowed: Iterable) -> None:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def check_distinct(name: str, values) -> None:
+    """Refuses a value given twice in values (seeds, learning rates, scales: each value its own member or curve, so a
+    repeat would count one run twice as independent ones, or draw one curve over another)."""
+    values, seen = tuple(values), set()  # a set: a sweep axis may hold a million values
+    for value in values:
+        if value in seen:
+            raise ConfigError(f"{name} repeats the value {value!r}: give each value once, got {values}")
+        seen.add(value)
+
+
 def check_increasing(name: str, values, *, positive: bool = False) -> None:
-    """Checks a non-empty, strictly increasing tuple (a grid of depths, mus or scales that checks read in order),
-    and with positive=True that its first (smallest) value is > 0."""
+    """Checks a non-empty, strictly increasing tuple of finite numbers (a grid of depths, mus or scales that checks
+    read in order), and with positive=True that its first (smallest) value is > 0."""
     values = tuple(values)
+    for i, value in enumerate(values):  # an inf last (or a NaN anywhere, unordered) passes the order check
+        check_finite(f"{name}[{i}]", value)
     if not values or any(b <= a for a, b in zip(values, values[1:])):
         raise ConfigError(f"{name} must be a non-empty, strictly increasing tuple, got {values}")
     if positive:

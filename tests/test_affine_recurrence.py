@@ -66,7 +66,7 @@ def test_command_line_overrides_of_a_distribution_are_checked_naming_the_path():
     cfg = apply_overrides(ar.AffineRecurrence(), ["a.kind=normal", "a.std=0.5", "x0.low=-0.5", "x0.high=0.5"])
     assert (cfg.a, cfg.x0) == (ar.Distribution("normal", std=0.5), ar.Distribution(low=-0.5, high=0.5))
     for override, message in [("a.std=-1", "a.std=-1: a.std must be >= 0, got -1.0"),
-                              ("b.low=-inf", "b.low=-inf: b.low must be a finite number, got -inf")]:
+                              ("b.low=-inf", "b.low=-inf: b.low expects a finite number, got '-inf'")]:
         with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
             apply_overrides(ar.AffineRecurrence(), [override])
 

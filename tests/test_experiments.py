@@ -58,7 +58,10 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["abstractions_manipulation", "training.model.n_layers=1"], "training.model.n_layers must be in [2, inf], got 1"),
     (["abstractions_geometry", "mask_p=0"], "mask_p must be > 0: it is the masked variant's mask rate"),
     (["all", "train.steps=5"], "overrides ['train.steps=5'] need one experiment name, not 'all'"),
-    (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a number, got 'nan'"),
+    (["gd_equivalence", "loss_tolerance=nan"], "loss_tolerance expects a finite number, got 'nan'"),
+    # passed the checks (max_ood_gap has none, scales checked its first value only), then crashed writing config.json
+    (["gd_equivalence", "max_ood_gap=inf"], "max_ood_gap=inf: max_ood_gap expects a finite number, got 'inf'"),
+    (["gd_equivalence", "scales=0.5,1,inf"], "scales=0.5,1,inf: scales expects a finite number, got 'inf'"),
     (["clustering_dynamics", "task.patterns=ab,cd"], "task.patterns is a tuple of tuples, which a command line"),
     # started, and failed 20 s later in lea_loss
     (["abstractions_lea", "rfs_ramp=10,20,30"], "rfs_ramp=10,20,30: rfs_ramp takes 2 comma-separated values "
@@ -149,6 +152,29 @@ def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, mess
     assert main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written, under any experiment's name
+
+
+@pytest.mark.parametrize("name,override,message", [
+    ("nn_random_init", "seeds=0,0", "seeds=0,0: seeds repeats the value 0: give each value once, got (0, 0)"),
+    ("nn_random_init", "scales=0.3,5,0.3", "scales=0.3,5,0.3: scales repeats the value 0.3: give each value once, "
+     "got (0.3, 5.0, 0.3)"),
+    ("nn_fig3_training", "seeds=0,1,1", "seeds=0,1,1: seeds repeats the value 1: give each value once, got "
+     "(0, 1, 1)"),
+    ("nn_fig3_training", "runs=4x4,8x4,04x4", "runs=4x4,8x4,04x4: runs repeats the value '4x4': give each value "
+     "once, got ('4x4', '8x4', '4x4')"),  # as read: both trained into N4_d4
+    ("nn_fig3_training", "long_horizons=100000,100000", "long_horizons=100000,100000: long_horizons repeats the "
+     "value 100000: give each value once, got (100000, 100000)"),
+    ("affine_mechanism", "seeds=1,1", "seeds=1,1: seeds repeats the value 1: give each value once, got (1, 1)"),
+    ("sweep_lr_seeds", "lrs=1e-3,1e-3", "lrs=1e-3,1e-3: lrs repeats the value 0.001: give each value once, got "
+     "(0.001, 0.001)"),
+    ("abstractions_geometry", "reconstruction_alphas=1,2,1", "reconstruction_alphas=1,2,1: reconstruction_alphas "
+     "repeats the value 1.0: give each value once, got (1.0, 2.0, 1.0)"),
+])
+def test_a_repeated_seed_or_grid_value_is_refused_naming_the_field_and_the_value(name, override, message):
+    """A repeated seed trained one member twice and counted it as independent repeats (a repeated scale, lr, run or
+    horizon: the same curve twice), where --sweep refuses a repeated value."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        apply_overrides(registry.load(name).PRESETS["smoke"], [override])
 
 
 def test_a_field_the_run_sets_may_hold_the_one_value_the_run_gives_it(capsys):
@@ -268,12 +294,46 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
     assert not (out / "result.json").exists()
 
 
+def test_a_config_json_cannot_hold_leaves_the_earlier_run_as_it_was(monkeypatch, tmp_path):
+    """The earlier result.json was removed, then writing config.json raised (an infinity, which JSON has not) outside
+    the try that restores it: the earlier run's checks were lost. A fresh directory gets nothing, not even out_dir."""
+    from experiments import gd_equivalence
+
+    overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10"]
+    run_experiment("gd_equivalence", "smoke", str(tmp_path / "old"), overrides)
+    out = tmp_path / "old" / "gd_equivalence"
+    before = {f: (out / f).read_text() for f in ("config.json", "result.json")}
+    # a preset built in Python (overrides refuse inf as text) with a threshold no check bounds above
+    monkeypatch.setitem(gd_equivalence.PRESETS, "smoke",
+                        dataclasses.replace(gd_equivalence.PRESETS["smoke"], max_ood_gap=float("inf")))
+    for root in (tmp_path / "old", tmp_path / "fresh"):
+        message = (f"{root / 'gd_equivalence' / 'config.json'}: Out of range float values are not JSON compliant: "
+                   f"inf (standard JSON has none: write None)")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            run_experiment("gd_equivalence", "smoke", str(root), overrides)
+    assert {f: (out / f).read_text() for f in ("config.json", "result.json")} == before
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_overrides_reach_nested_fields_and_parse_types():
     cfg = apply_overrides(Config(), ["train.lr=3e-4", "train.steps=2e3", "task.noise_std=0.5",
                                      "scales=0.5,2", "task.format=paired"])
     assert (cfg.train.lr, cfg.train.steps, cfg.task.noise_std, cfg.scales) == (3e-4, 2000, 0.5, (0.5, 2.0))
     with pytest.raises(ConfigError, match="format must be one of"):
         apply_overrides(Config(), ["task.format=spiral"])
+
+
+@pytest.mark.parametrize("name,field,values,message", [
+    ("gd_equivalence", "scales", (0.5, 1.0, float("inf")), "scales[2] must be a finite number, got inf"),
+    ("gd_equivalence", "scales", (0.5, float("nan"), 2.0), "scales[1] must be a finite number, got nan"),
+    ("ar_fig6_pe_only", "mus", (50.0, float("inf")), "mus[1] must be a finite number, got inf"),
+])
+def test_an_increasing_grid_refuses_a_non_finite_value_anywhere(name, field, values, message):
+    """check_increasing checked only the first value for finiteness: an inf last passed the order check (so did a NaN
+    anywhere, which compares false), and the run crashed writing config.json after deleting the earlier result.json."""
+    cfg = registry.load(name).PRESETS["smoke"]
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        dataclasses.replace(cfg, **{field: values})
 
 
 def test_report_has_a_checks_table_and_figures_per_experiment(tmp_path):

@@ -3,7 +3,9 @@
 import dataclasses
 import functools
 import json
+import logging
 import math
+import os
 import re
 import shutil
 
@@ -25,6 +27,7 @@ from jaxicl.tasks import sample_batch
 from jaxicl.train import sweep as sweep_module
 from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memory, eval_key, read_metrics,
                           regression_loss, sweep_mesh, train, train_sweep)
+from jaxicl.train.checkpoint import latest_checkpoint
 from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import member_arrays, sampling_config, split_fields
@@ -574,6 +577,22 @@ def test_a_sweep_keeps_no_rows_of_another_sweep_stopped_before_its_first_checkpo
         assert [r["step"] for r in result.train_rows if r["member"] == 1] == [0, 1, 2, 3]
         assert _rows(result) == sorted(read_metrics(str(out / "metrics.jsonl")),
                                        key=lambda r: (r["member"], r["split"], r["step"]))
+
+
+def test_a_sweep_resumed_from_a_relative_out_dir_reads_its_checkpoints_without_orbax_warnings(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """latest_checkpoint opened orbax's Checkpointer with the path as given (CheckpointStore made it absolute): from a
+    relative --out, orbax logged "Failed to get metadata ... Error details: Checkpoint path should be absolute" for
+    every checkpoint the resume checks read."""
+    monkeypatch.chdir(tmp_path)
+    members, chunk0 = [{"train.seed": s} for s in range(2)], os.path.join("rel sw", "checkpoints", "chunk0")
+    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5), init, members, out_dir="rel sw", progress=False)
+    with caplog.at_level(logging.WARNING):
+        found = latest_checkpoint(chunk0)
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir="rel sw", progress=False)  # resumes it
+        extended = latest_checkpoint(chunk0)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert (found[1], found[0]["train"]["steps"], extended[1], extended[0]["train"]["steps"]) == (5, 5, 10, 10)
 
 
 def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_path):

@@ -90,11 +90,12 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def _restore(out_dir: str, previous: str | None, previous_result: str | None) -> None:
-    """out_dir's config.json and result.json as they were before this run (none: removed, and out_dir if empty)."""
+    """out_dir's config.json and result.json as they were before this run (none: removed where this run wrote one,
+    and out_dir if empty)."""
     config_path, result_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "result.json")
     if previous is not None:
         outputs.write_text(config_path, previous)
-    elif outputs.is_primary():  # or no run at all
+    elif outputs.is_primary() and os.path.exists(config_path):  # or no run at all
         os.remove(config_path)
         if not os.listdir(out_dir):
             os.rmdir(out_dir)
@@ -136,11 +137,15 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     if previous_result is not None and outputs.is_primary():
         os.remove(result_path)
     written_from = time.time()  # this run's files are those written from here on (besides config.json and locks)
-    outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
-                                     "sweep": list(sweep), "matmul_precision": matmul_precision,
-                                     "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
-                                     "config": config},
-                       indent=2)
+    try:
+        outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
+                                         "sweep": list(sweep), "matmul_precision": matmul_precision,
+                                         "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
+                                         "config": config},
+                           indent=2)
+    except BaseException:  # a value JSON cannot hold, a full disk, Ctrl-C: the earlier run's result.json goes back
+        _restore(out_dir, previous, previous_result)
+        raise
     start = time.perf_counter()
     try:
         with jax.default_matmul_precision(matmul_precision):

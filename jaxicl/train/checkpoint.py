@@ -171,7 +171,9 @@ def latest_checkpoint(directory: str) -> tuple[dict, int] | None:
     (it creates no directory and writes no config)."""
     if not os.path.isdir(directory):  # opening a checkpointer would create it
         return None
-    ckptr = ocp.training.Checkpointer(directory)  # no custom_metadata: opening an existing directory writes none
+    # no custom_metadata: opening an existing directory writes none; absolute, as in CheckpointStore: orbax logs
+    # "Checkpoint path should be absolute" for every checkpoint's metadata it reads under a relative path
+    ckptr = ocp.training.Checkpointer(os.path.abspath(directory))
     try:
         return (_latest_config(ckptr), ckptr.checkpoints[-1].step) if ckptr.checkpoints else None
     finally:

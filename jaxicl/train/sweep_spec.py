@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from jaxicl import config_paths
-from jaxicl.validation import ConfigError
+from jaxicl.validation import ConfigError, check_distinct
 
 _INT = re.compile(r"^[+-]?\d+$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -38,8 +38,7 @@ class Axis:
     def __post_init__(self):
         if not self.values:
             raise ConfigError(f"sweep axis {self.field!r} has no values")
-        if len(set(self.values)) != len(self.values):
-            raise ConfigError(f"sweep axis {self.field!r} repeats a value: {self.values}")
+        check_distinct(f"sweep axis {self.field!r}", self.values)
 
 
 def _number(text: str, spec: str):
