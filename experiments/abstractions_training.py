@@ -16,15 +16,16 @@ steps, lr 2e-3 with batch 32 0.40 in 4000); full is the official recipe and sche
 1000 epochs (16,000 steps), an epoch count of ours: the official code takes it from the command line and does
 not record it (shared/papers/abstractions_ferry2023.md, Section 4, suggests 1500 to 3000).
 
-What the quick preset shows (the latest run: about 2 minutes on a 2-core Intel Xeon, Emerald Rapids; 6.5 in an
-earlier session): the plateau and the jump. Masked object cells stay at chance (error 0.87-0.97) for the first
-~1000 steps, while the model copies visible cells and fills masked background; completion then appears and the
-error falls to 0.17 by step 3000. On the test split: token accuracy 0.98, board accuracy 0.58 (single 0.80, double
-0.43, composite 0.90); double boards, with overlapping objects, are the hardest, as the notes say. A later quick run
-(with the unseen-board metric): board accuracy 0.51 (single 0.79, double 0.38, composite 0.60),
-and 0.20 on the 38 double test boards no training tuple draws; those 38 are the ones whose roots overlap (the 62
-training boards do not), so their gap mixes novelty with the harder overlaps. The paper's numbers are not available
-(qualitative claims only); a longer run (the full preset) is what reaches high board accuracy on double boards.
+What the quick preset shows (the latest run: about 2 minutes on a 2-core Intel Xeon, Emerald Rapids, with the
+official type curriculum's end 0.33 each): the plateau and the jump. Masked object cells stay at chance (error
+0.87-0.97) for the first ~1000 steps, while the model copies visible cells and fills masked background; completion
+then appears and the error falls to 0.20 by step 3000. On the test split: token accuracy 0.98, board accuracy 0.51
+(single 0.79, double 0.38, composite 0.60; an earlier run, whose curriculum ended at 1/3 each, reached 0.58 with
+composites at 0.90: one quick run's board accuracy varies that much); double boards, with overlapping objects, are
+the hardest, as the notes say. On the 38 double test boards no training tuple draws: 0.20; those 38 are the ones
+whose roots overlap (the 62 training boards do not), so their gap mixes novelty with the harder overlaps. The
+paper's numbers are not available (qualitative claims only); a longer run (the full preset) is what reaches high
+board accuracy on double boards.
 """
 
 import dataclasses
