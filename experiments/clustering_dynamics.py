@@ -86,7 +86,7 @@ class Config:
     train: TrainConfig = TrainConfig(steps=1200, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=0.01,
                                      schedule="warmup_cosine", warmup_steps=100, steps_per_call=20, log_every=10,
                                      checkpoint_every=400)
-    n_checkpoints: int = 14  # evaluations at log-spaced multiples of train.steps_per_call (and at step 0)
+    n_checkpoints: int = 14  # evaluations at log-spaced multiples of train.steps_per_call up to train.steps (and 0)
     eval_size: int = 2048  # sequences of each split clustered and scored (every one of a smaller split)
     representation: str = "sep"  # the one the checks use; every representation is measured and plotted
     kmeans_restarts: int = 8
@@ -140,10 +140,12 @@ def build_model(cfg: Config, key: jax.Array) -> GPT:
 
 
 def checkpoint_steps(cfg: Config) -> tuple[int, ...]:
-    """Log-spaced evaluation steps from steps_per_call to train.steps, rounded to multiples of steps_per_call so
-    that every chunk of the run has the same length (one compiled program). Step 0 is evaluated too."""
-    unit = cfg.train.steps_per_call
-    steps = np.round(np.geomspace(1, cfg.train.steps // unit, cfg.n_checkpoints)).astype(int) * unit
+    """Log-spaced evaluation steps from steps_per_call to train.steps (n_checkpoints=1: train.steps alone), rounded to
+    multiples of steps_per_call so that every chunk of the run has the same length (one compiled program). Step 0 is
+    evaluated too. The last is always train.steps, where the engine evaluates the end of the run."""
+    unit, n = cfg.train.steps_per_call, cfg.n_checkpoints
+    # geomspace ends at its stop for n >= 2 but gives its start alone for n=1
+    steps = np.round(np.geomspace(1, cfg.train.steps // unit, max(n, 2))[-n:]).astype(int) * unit
     return tuple(int(s) for s in np.unique(steps))
 
 

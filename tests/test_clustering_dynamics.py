@@ -50,6 +50,20 @@ def test_smoke_run_writes_every_check_and_figure_and_a_rerun_gives_the_same(tmp_
     assert [json.loads(line) for line in open(out / "run" / "metrics.jsonl")] == rows
 
 
+def test_checkpoints_end_at_the_last_step_for_any_count():
+    """The engine evaluates at the end of the run, so the schedule must end there: n_checkpoints=1 gave
+    (steps_per_call,), and the run, trained to the end, failed with an IndexError at its last evaluation."""
+    for steps, unit in ((40, 10), (10, 10), (1200, 20), (20000, 500)):
+        for n in (1, 2, 3, 14, 24):
+            cfg = Config(train=TrainConfig(steps=steps, steps_per_call=unit), n_checkpoints=n)
+            got = np.array(cd.checkpoint_steps(cfg))
+            assert got[-1] == steps and np.all(got % unit == 0) and np.all(np.diff(got) > 0) and len(got) <= n
+            assert got[0] == (steps if n == 1 else unit)
+    # the quick schedule of the module's notes (onsets at steps 140 and 180): 20 * round(60 ** (i / 13)), i = 0..13,
+    # the first two rounding onto 20
+    assert cd.checkpoint_steps(cd.PRESETS["quick"]) == (20, 40, 60, 80, 100, 140, 180, 240, 340, 460, 640, 880, 1200)
+
+
 def test_edits_at_a_position_equal_patch_deltas_and_zero_edits_change_nothing():
     cfg = cd.PRESETS["smoke"]
     data = ins.build(cfg.task)
