@@ -1,6 +1,7 @@
 """The instruction-following task: unambiguous instructions, disjoint splits, a task table that makes the answer
 depend on the instruction, the token layout, the on-device sampler, and errors that name the field."""
 
+import dataclasses
 import itertools
 import re
 
@@ -173,6 +174,33 @@ def test_strings_another_task_spells_are_rejected_in_both_directions_and_only_wh
         train = ins.build(cfg).splits["train"]
         got = {(int(k), int(m), s) for k, m, s in zip(train.task, train.family, train.strings)}
         assert got == {(0, 0, "ac"), (0, 1, "bc"), (0, 2, "cc"), (1, 0, "ca"), (1, 1, "cb"), (1, 2, "c")}
+
+
+def test_an_unseen_split_left_empty_fails_at_build_naming_unseen_families():
+    """Unseen strings a seen family of their task also spells are dropped; where that left none, build returned an
+    empty unseen split (clustering_dynamics then failed with a ZeroDivisionError after training) and the sampler
+    blamed unseen_families=0 or validation_strings=0."""
+    generated = ins.Instructions(n_tasks=2, n_families=2, unseen_families=1, strings_per_family=3,
+                                 validation_strings=1, n_letters=3, n_inputs=2, n_outputs=2, min_task_distance=1,
+                                 keyword_len=1, max_instruction_len=6, seed=33)
+    with pytest.raises(ConfigError, match=r"unseen_families=1 made an empty unseen split: a seen family .*"
+                                          r"raise n_letters .* or choose another seed"):
+        ins.build(generated)
+    # each unseen family is its seen family's pattern: its one string differs from the seen one (no repeats), which
+    # the seen pattern spells, for every seed
+    for seed in range(3):
+        given = ins.Instructions(n_tasks=2, n_families=2, unseen_families=1, strings_per_family=1,
+                                 validation_strings=0, n_letters=6, n_inputs=2, n_outputs=2, min_task_distance=1,
+                                 patterns=(("a[bc]", "a[bc]"), ("d[ef]", "d[ef]")), seed=seed)
+        with pytest.raises(ConfigError, match=r"unseen_families=1 made an empty unseen split: .* give unseen "
+                                              r"patterns that spell strings their task's seen ones do not"):
+            ins.build(given)
+    # the split a config leaves empty: the sampler names the field that does
+    data = ins.build(dataclasses.replace(given, patterns=(("a[bc]", "b[bc]"), ("d[ef]", "e[ef]")), unseen_families=0))
+    assert len(data.splits["train"]) == 2 * 2 * 2  # tasks x seen families x inputs
+    for split, field in (("validation", "validation_strings"), ("unseen", "unseen_families")):
+        with pytest.raises(ConfigError, match=rf"the {split} split is empty: {field}=0$"):
+            data.sampler(split)
 
 
 def test_the_device_sampler_reaches_every_row_of_a_split(data):

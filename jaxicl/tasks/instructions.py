@@ -239,8 +239,9 @@ class InstructionData:
         is a device array; the same function object each call, so jitted callers compile once)."""
         check_choice("split", split, SPLITS)
         s = self.splits[split]
-        if not len(s):
-            raise ConfigError(f"the {split} split is empty (unseen_families=0 or validation_strings=0)")
+        if not len(s):  # train never is, and build refuses an empty unseen split of unseen_families >= 1
+            field = {"validation": "validation_strings", "unseen": "unseen_families"}[split]
+            raise ConfigError(f"the {split} split is empty: {field}=0")
         arrays = {k: jnp.asarray(getattr(s, k)) for k in ("tokens", "task", "x", "answer", "arrow")}
         return functools.partial(_sample_row, arrays)
 
@@ -331,7 +332,8 @@ def build(cfg: Instructions) -> InstructionData:
     """The task table, the patterns and the three splits, generated on the host from cfg.seed.
 
     Raises ConfigError naming the pattern (patterns[k][m]) that cannot produce strings_per_family unambiguous
-    strings, with the number it made.
+    strings, with the number it made, or naming unseen_families where no unseen string is left (every one is spelled
+    by a seen family of its task).
     """
     rng = np.random.default_rng(cfg.seed)
     table = task_table(cfg, rng)
@@ -367,6 +369,11 @@ def build(cfg: Instructions) -> InstructionData:
         else:
             members["train"] += [(k, m, s) for s in found[:n_train]]
             members["validation"] += [(k, m, s) for s in found[n_train:]]
+    if cfg.unseen_families and not members["unseen"]:
+        hint = ("raise n_letters (patterns that share fewer strings) or choose another seed" if cfg.patterns is None
+                else "give unseen patterns that spell strings their task's seen ones do not")
+        raise ConfigError(f"unseen_families={cfg.unseen_families} made an empty unseen split: a seen family of the "
+                          f"same task also spells every string of the unseen families; {hint}")
     splits = {name: _encode(cfg, table, rows) for name, rows in members.items()}
     return InstructionData(cfg, table, tuple(tuple(f) for f in patterns), splits)
 
