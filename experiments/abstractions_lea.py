@@ -241,6 +241,14 @@ class Config:
         check_positive("vq_epsilon", self.vq_epsilon)
         check_range("vq_restart_below", self.vq_restart_below, 0.0)
         check_range("continuous_until", self.continuous_until, 0)
+        check_range("model.n_words", self.model.n_words, 2)  # the blank (the last word) and at least one more
+        vectors, words = self.train.batch_size * self.model.message_len, self.model.n_words - 1
+        if self.continuous_until and vectors < words:  # the refit's k-means is compiled into every step
+            raise ConfigError(f"continuous_until={self.continuous_until} refits the model.n_words - 1 = {words} words "
+                              f"by k-means on a batch's speech vectors, train.batch_size * model.message_len = "
+                              f"{self.train.batch_size} * {self.model.message_len} = {vectors}: it needs at least "
+                              f"{words}; raise train.batch_size or model.message_len, lower model.n_words, or set "
+                              "continuous_until=0 (no refit)")
         if self.eval_every % self.train.steps_per_call:
             raise ConfigError(f"eval_every={self.eval_every} must be a multiple of train.steps_per_call="
                               f"{self.train.steps_per_call}")

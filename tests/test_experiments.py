@@ -52,6 +52,13 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["nn_fig3_training", "fit_from=0"], "fit_from=0: fit_from=0.0 leaves 0 and 3000 steps in the halves of "
      "the log-t window [fit_from t, t] at t = 3000"),
     (["abstractions_lea", "task.n_roots=2"], "task.n_roots must be in [3, inf], got 2"),
+    # crashed in the words' k-means refit: a ZeroDivisionError (k = 0 words) before the first step, or "kmeans needs
+    # at least k=127 vectors, got 112", naming no field, while the first chunk compiled
+    (["abstractions_lea", "model.n_words=1"], "model.n_words=1: model.n_words must be in [2, inf], got 1"),
+    (["abstractions_lea", "train.batch_size=7"], "train.batch_size=7: continuous_until=3000 refits the model.n_words "
+     "- 1 = 127 words by k-means on a batch's speech vectors, train.batch_size * model.message_len = 7 * 16 = 112: "
+     "it needs at least 127; raise train.batch_size or model.message_len, lower model.n_words, or set "
+     "continuous_until=0 (no refit)"),
     (["sweep_lr_seeds", "diversity.n_tasks=16,64"], "diversity.n_tasks must hold 0 (a fresh task per prompt)"),
     (["sweep_lr_seeds", "diversity.n_tasks=0"], "and at least one pool size > 0, each once"),
     (["sweep_lr_seeds", "lrs=1e-3,-1"], "lrs[1] must be > 0"),

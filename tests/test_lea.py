@@ -1,6 +1,7 @@
 """Ferry et al.'s LEA: the EMA vector quantiser against numpy, the model's streams and sizes, an exact resume with
 the codebook, the message analysis against independent computations, bad messages, and the experiment's smoke run."""
 
+import dataclasses
 import json
 import os
 import re
@@ -439,6 +440,26 @@ def test_both_streams_match_a_numpy_forward_pass(x64):
     np.testing.assert_allclose(logits, linear(want_z, m.head), rtol=1e-9, atol=1e-9)
     speech = _numpy_stream(m.speech_blocks, f64(m.speech_embed), f64(m.speech_pos), want_z, f64(m.picture_pos))
     np.testing.assert_allclose(m.speech(z), layer_norm(speech, m.speech_ln), rtol=1e-9, atol=1e-9)
+
+
+def test_the_refit_needs_a_batch_of_as_many_speech_vectors_as_words_and_nothing_else_does():
+    """continuous_until > 0 compiles a k-means of the n_words - 1 words on the batch's batch_size * message_len speech
+    vectors into every step; the config refuses one vector fewer than words (the quick preset: 127 words, 16 per
+    board), as kmeans does, and accepts as many, or any batch without the refit."""
+    from experiments import abstractions_lea as exp
+
+    quick = exp.PRESETS["quick"]
+    x = jax.random.normal(jax.random.key(0), (8 * 16, 4))
+    assert vq.kmeans(x, 127)[0].shape == (127, 4)  # 128 vectors, as batch_size=8 gives
+    with pytest.raises(ValueError, match="kmeans needs at least k=127 vectors, got 112"):
+        vq.kmeans(x[:7 * 16], 127)
+    with pytest.raises(ConfigError, match=r"train.batch_size \* model.message_len = 7 \* 16 = 112: it needs at "
+                                          r"least 127"):
+        dataclasses.replace(quick, train=dataclasses.replace(quick.train, batch_size=7))
+    dataclasses.replace(quick, train=dataclasses.replace(quick.train, batch_size=8))
+    dataclasses.replace(quick, train=dataclasses.replace(quick.train, batch_size=1), continuous_until=0)
+    with pytest.raises(ConfigError, match=r"model.n_words must be in \[2, inf\], got 1"):
+        dataclasses.replace(quick, model=dataclasses.replace(quick.model, n_words=1), continuous_until=0)
 
 
 def test_the_full_presets_test_set_is_the_official_one_and_bad_counts_are_refused():
