@@ -12,7 +12,7 @@ import numpy as np
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.validation import ConfigError, check_positive
+from jaxicl.validation import ConfigError, check_positive, check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +27,9 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("dim", "n_context", "grid", "samples"):
+        for name in ("dim", "n_context", "samples"):
             check_positive(name, getattr(self, name))
+        check_range("grid", self.grid, 2)  # the contour plots need at least 2 x 2 points
         for name in ("xi1_range", "xi2_range"):
             r = getattr(self, name)
             if len(r) != 2 or r[0] >= r[1]:

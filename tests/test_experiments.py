@@ -51,6 +51,8 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     # trained every run, then crashed in the log-t fits
     (["nn_fig3_training", "fit_from=0"], "fit_from=0: fit_from=0.0 leaves 0 and 3000 steps in the halves of "
      "the log-t window [fit_from t, t] at t = 3000"),
+    # computed the landscape, then failed in matplotlib's contour
+    (["nn_fig2_landscape", "grid=1"], "grid=1: grid must be in [2, inf], got 1"),
     (["abstractions_lea", "task.n_roots=2"], "task.n_roots must be in [3, inf], got 2"),
     # crashed in the words' k-means refit: a ZeroDivisionError (k = 0 words) before the first step, or "kmeans needs
     # at least k=127 vectors, got 112", naming no field, while the first chunk compiled

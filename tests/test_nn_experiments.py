@@ -124,3 +124,24 @@ def test_landscape_heatmap_cells_are_centred_on_the_grid_points(tmp_path, monkey
         centres_y = (corners[:-1, 0, 1] + corners[1:, 0, 1]) / 2
         np.testing.assert_allclose(centres_x, xi1, atol=1e-12)  # midpoints of float64 edges: rounding only
         np.testing.assert_allclose(centres_y, xi2, atol=1e-12)
+
+
+def test_the_landscape_grid_needs_two_points_per_axis_which_the_plots_draw(tmp_path, monkeypatch):
+    """grid=1 passed the config, computed the landscape, then failed in matplotlib's contour (it needs a 2 x 2 grid)."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    from experiments import nn_fig2_landscape as fig2
+    from jaxicl.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=r"grid must be in \[2, inf\], got 1"):
+        dataclasses.replace(fig2.PRESETS["smoke"], grid=1)
+    figures = []
+    monkeypatch.setattr(fig2, "save_figure", lambda fig, out_dir, name: figures.append(fig) or name)
+    xi = np.array([-1.0, 2.0])
+    loss = np.array([[0.0, 1.0], [2.0, 3.0]])
+    assert fig2._plot(dataclasses.replace(fig2.PRESETS["smoke"], grid=2), xi, xi, loss, loss - 1.5,
+                      str(tmp_path)) == "landscape"
+    plt.close(figures[0])
+    assert len(figures[0].axes[0].collections) == 2  # the heatmap and its contour lines
