@@ -29,6 +29,7 @@ and part 2 do not run, so an override of lrs, seeds or diversity.* is refused wi
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,19 @@ def pool_summary(losses: np.ndarray, members: list[dict], dmmse_loss: dict[int, 
             "beyond": [k for k in pools if k and float(np.mean(by_pool[k])) < dmmse_loss[k]]}
 
 
+DMMSE_ELEMENTS = 2**24  # prompts x pool x pairs that dmmse_query_mse evaluates at once (64 MiB of float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dmmse_query_mse(task: lr_task.LinearRegression, pool: jax.Array, inputs: jax.Array,
+                    targets: jax.Array) -> jax.Array:
+    """dMMSE's query MSE over pool [K, dim] on prompts inputs [B, T, D], targets [B, T]. One prompt holds a few
+    [K, n_context + 1] arrays, so the prompts go DMMSE_ELEMENTS / (K (n_context + 1)) at a time, whatever K: a vmap
+    over the full preset's 4096 prompts at its pool 65,536 held [4096, 65536, 17] arrays, 17 GiB each."""
+    batch_size = max(1, DMMSE_ELEMENTS // (pool.shape[0] * (task.n_context + 1)))
+    return query_mse(jax.lax.map(dmmse(task, pool), inputs, batch_size=batch_size), targets)
+
+
 def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], str]:
     div, chunk_size = cfg.diversity, cfg.chunk_size
     task = div.task
@@ -231,8 +245,8 @@ def _diversity(cfg: Config, sweep_dir: str, out_dir: str) -> tuple[list[Check], 
     lam = task.noise_std**2 / task.w_scale**2
     ridge_loss = float(query_mse(jax.vmap(ridge(task, lam))(fresh.inputs), fresh.targets))
     pools = sorted(set(div.n_tasks))
-    dmmse_loss = {k: ridge_loss if k == 0 else float(query_mse(jax.vmap(dmmse(task, lr_task.task_pool(task, k)))(
-        fresh.inputs), fresh.targets)) for k in pools}
+    dmmse_loss = {k: ridge_loss if k == 0 else float(dmmse_query_mse(task, lr_task.task_pool(task, k), fresh.inputs,
+                                                                     fresh.targets)) for k in pools}
     zero_loss = float(query_mse(jnp.zeros_like(fresh.targets), fresh.targets))  # E[y^2] on the fresh prompts
     summary = pool_summary(losses, members, dmmse_loss)
     figure = _plot_diversity(summary["by_pool"], dmmse_loss, ridge_loss, zero_loss, out_dir)

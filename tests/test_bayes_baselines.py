@@ -1,26 +1,50 @@
 """dMMSE (finite-pool Bayes) against an independent numpy posterior; its limits (one task; many tasks -> ridge)."""
 
+import math
 import re
 
 import jax
 import numpy as np
 import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from jaxicl.baselines import dmmse, ridge
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 
 
-def test_dmmse_is_the_numpy_posterior_mean_over_the_pool(x64):
-    cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.5, n_tasks=5, pool_seed=3)
+@pytest.mark.parametrize("fmt", ["paired", "interleaved"])
+def test_dmmse_is_the_numpy_posterior_mean_over_the_pool(x64, fmt):
+    cfg = lr.LinearRegression(dim=3, n_context=6, noise_std=0.5, n_tasks=5, pool_seed=3, format=fmt)
     pool = np.asarray(lr.task_pool(cfg))
     b = sample_batch(lr.sample, cfg, jax.random.key(0), 4)
     preds = np.asarray(jax.vmap(dmmse(cfg, lr.task_pool(cfg)))(b.inputs))
+    pos = lr.prediction_positions(cfg)
     for i in range(4):
         x, y = np.asarray(b.info["x"][i]), np.asarray(b.info["y"][i])
         for j in range(cfg.n_context + 1):
             lik = np.array([np.prod(np.exp(-(y[:j] - x[:j] @ w) ** 2 / (2 * 0.25))) for w in pool])
-            np.testing.assert_allclose(preds[i, j], (lik / lik.sum()) @ pool @ x[j], rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(preds[i, pos[j]], (lik / lik.sum()) @ pool @ x[j], rtol=1e-7, atol=1e-9)
+    assert np.all(np.delete(preds, pos, axis=1) == 0.0)
+
+
+def _largest_value(jaxpr: Jaxpr) -> int:
+    """Elements of the largest value that jaxpr, or a jaxpr inside one of its equations, computes."""
+    inner = [p.jaxpr if isinstance(p, ClosedJaxpr) else p for eqn in jaxpr.eqns for v in eqn.params.values()
+             for p in (v if isinstance(v, tuple) else (v,)) if isinstance(p, (Jaxpr, ClosedJaxpr))]
+    return max([math.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
+               + [_largest_value(j) for j in inner])
+
+
+def test_dmmse_holds_one_log_likelihood_per_task_and_pair_not_one_per_prefix():
+    """One prompt over a pool of K = 65,536 (sweep_lr_seeds' full preset: d = 8, n = 17 pairs) computes nothing
+    larger than [K, n]: a masked sum over the pairs of each prefix formed [n, K, n] (75 MB a prompt, 289 GiB over
+    that preset's 4096 prompts, run eagerly)."""
+    cfg = lr.LinearRegression(dim=8, n_context=16, noise_std=0.5)
+    k, n = 65536, cfg.n_context + 1
+    jaxpr = jax.make_jaxpr(lambda pool, tokens: dmmse(cfg, pool)(tokens))(
+        jax.ShapeDtypeStruct((k, cfg.dim), np.float32), jax.ShapeDtypeStruct((cfg.seq_len, cfg.token_dim), np.float32))
+    assert _largest_value(jaxpr.jaxpr) == k * n
 
 
 def test_dmmse_limits_one_task_is_known_and_a_large_pool_approaches_ridge():

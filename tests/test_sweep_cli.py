@@ -7,6 +7,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from experiments.cli import main
 from experiments.common.runner import resolve_config, run_experiment, sweep_axes
 from experiments.common.gd_sweep import run_gd_sweep
 from jaxicl.models.attention import sweep_init
-from jaxicl.baselines import gradient_descent
+from jaxicl.baselines import dmmse, gradient_descent
 from jaxicl.models import predictor
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
@@ -152,6 +153,46 @@ def test_diversity_checks_fail_for_the_zero_predictor_and_pass_for_a_dmmse_like_
     assert not _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 2.3})["small_informative_pool_nearest_dmmse"].passed
     assert _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 2.2})["small_informative_pool_nearest_dmmse"].passed
     assert not _diversity_checks({**{k: 1.0 for k in _DMMSE}, 16: 0.5})["small_informative_pool_nearest_dmmse"].passed
+
+
+def test_dmmse_evaluation_at_the_full_presets_largest_pool_fits_in_a_small_fixed_memory():
+    """Compiled, not run: the full preset's dMMSE over pool 65,536 on its 4096 fresh prompts (d = 8, 17 pairs). A
+    vmap over every prompt (as _diversity ran it) holds arrays [4096, 65536, 17], 17 GiB each; the chunks of
+    dmmse_query_mse hold a few [chunk, K, 17] of DMMSE_ELEMENTS float32 (64 MiB; XLA's CPU analysis: 139 MiB in all),
+    so 1 GiB is 16 such arrays."""
+    div = sweep_lr_seeds.PRESETS["full"].diversity
+    task, k = div.task, max(div.n_tasks)
+    pool = jax.ShapeDtypeStruct((k, task.dim), jnp.float32)
+    inputs = jax.ShapeDtypeStruct((div.eval_prompts, task.seq_len, task.token_dim), jnp.float32)
+    targets = jax.ShapeDtypeStruct((div.eval_prompts, task.seq_len), jnp.float32)
+
+    def total(m):
+        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+    chunked = total(sweep_lr_seeds.dmmse_query_mse.lower(task, pool, inputs, targets).compile().memory_analysis())
+    vmapped = jax.jit(lambda p, x, t: query_mse(jax.vmap(dmmse(task, p))(x), t)).lower(pool, inputs, targets)
+    assert chunked < 2**30 < 16 * 2**30 < total(vmapped.compile().memory_analysis())
+
+
+def test_dmmse_evaluation_in_chunks_is_the_numpy_posterior_mean_on_every_prompt(x64):
+    """The full preset's task and largest pool on one chunk of prompts and a remainder: every prompt's query
+    prediction is the posterior mean over the pool (float64 numpy, log-sum-exp)."""
+    task = sweep_lr_seeds.PRESETS["full"].diversity.task
+    k = 65536
+    chunk = sweep_lr_seeds.DMMSE_ELEMENTS // (k * (task.n_context + 1))
+    n = chunk + 5
+    assert 5 < chunk  # one full chunk, then a remainder of 5
+    pool = lr_task.task_pool(task, k)
+    b = sample_batch(lr_task.sample, task, jax.random.key(0), n)
+    mse = float(sweep_lr_seeds.dmmse_query_mse(task, pool, b.inputs, b.targets))
+    w = np.asarray(pool)
+    x, y = np.asarray(b.info["x"]), np.asarray(b.info["y"])
+    preds = []
+    for i in range(n):
+        log_lik = -np.sum((y[i, :-1] - w @ x[i, :-1].T) ** 2, axis=1) / (2 * task.noise_std**2)
+        p = np.exp(log_lik - log_lik.max())
+        preds.append(p @ w @ x[i, -1] / p.sum())
+    np.testing.assert_allclose(mse, np.mean((np.array(preds) - y[:, -1]) ** 2), rtol=1e-9)
 
 
 def test_sweep_context_length_smoke_matches_gd1_at_every_context_length(tmp_path):

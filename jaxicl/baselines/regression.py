@@ -20,6 +20,7 @@ from jaxicl.validation import check_positive
 
 Predictor = Callable[[jax.Array], jax.Array]
 Fit = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x [n, d], y [n], weights [n]) -> w [d]
+PrefixFit = Callable[[jax.Array, jax.Array], jax.Array]  # (x [n, d], y [n]) -> w [n, d], row j fit on pairs i < j
 
 
 def least_squares(cfg: lr_task.LinearRegression) -> Predictor:
@@ -55,6 +56,19 @@ def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Pr
 
 def _per_prefix(cfg: lr_task.LinearRegression, fit: Fit, name: str) -> Predictor:
     """The predictor that fits each prefix by `fit` (name: the baseline, for errors)."""
+    def fit_prefixes(x, y):
+        return jax.vmap(lambda m: fit(x, y, m.astype(x.dtype)))(prefix_mask(x.shape[0]))
+
+    return _prefix_predictor(cfg, fit_prefixes, name)
+
+
+def prefix_mask(n: int) -> jax.Array:
+    """[n, n] bool, [j, i]: pair i is in prefix j (i < j)."""
+    return jnp.arange(n)[None, :] < jnp.arange(n)[:, None]
+
+
+def _prefix_predictor(cfg: lr_task.LinearRegression, fit_prefixes: PrefixFit, name: str) -> Predictor:
+    """The predictor of pair j by <w_j, x_j>, w = fit_prefixes(x, y) [n, d] (name: the baseline, for errors)."""
     tokens_of = "n_context + 1" if cfg.format == "paired" else "2 n_context + 1"
     fields = (f"{tokens_of} = {cfg.seq_len} tokens of x {cfg.dim} + y 1 for format={cfg.format!r}, "
               f"n_context={cfg.n_context}, dim={cfg.dim}")
@@ -62,9 +76,6 @@ def _per_prefix(cfg: lr_task.LinearRegression, fit: Fit, name: str) -> Predictor
     def predict(tokens: jax.Array) -> jax.Array:
         check_one_prompt(name, tokens, cfg.token_dim, fields, length=cfg.seq_len)
         x, y = lr_task.decode(cfg, tokens)
-        n = x.shape[0]
-        before = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [j, i]: pair i is in prefix j
-        w = jax.vmap(lambda m: fit(x, y, m.astype(x.dtype)))(before)  # [n, d]
-        return lr_task.at_positions(cfg, jnp.einsum("jd,jd->j", w, x))
+        return lr_task.at_positions(cfg, jnp.einsum("jd,jd->j", fit_prefixes(x, y), x))
 
     return predict
