@@ -32,7 +32,7 @@ from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.mesh import MEMBER_AXIS
 from jaxicl.train.sweep_fields import member_arrays, sampling_config, split_fields
 from jaxicl.train.sweep_memory import chunk_memory, largest_in_budget
-from jaxicl.train.sweep_program import build_program
+from jaxicl.train.sweep_program import build_program, member_sharding
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
 from jaxicl.validation import ConfigError
 
@@ -185,7 +185,7 @@ def _compiled_bytes(prog, cfg: TrainConfig, c: int) -> tuple[int, int | None]:
 
     mesh = sweep_mesh(1)
     with jax.set_mesh(mesh):
-        sharding = jax.sharding.NamedSharding(mesh, P(MEMBER_AXIS))
+        sharding = member_sharding(mesh, c)
         a = prog.inputs(np.zeros(c, int), sharding)
         state = prog.states(a, sharding)
         train_bytes = total(lower_chunk(prog.run_chunk, state, a["task"]).compile().memory_analysis())
@@ -267,6 +267,32 @@ def test_a_memory_budget_below_the_chunk_of_one_member_is_refused_with_its_compi
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=sweep_mesh(1), memory_budget=need // 2,
                     progress=False)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_a_sweep_of_one_dimensional_tokens_in_stacks_of_one_member_equals_the_members_trained_alone(chunk_size):
+    """dim=1: the sampler reshapes x to [n, 1]. A stack of one member (1 member, or chunks of 1 on one member device),
+    sharded over "members", failed with a ShardingTypeError (JAX drops the member sharding of a size-1 axis in that
+    reshape): training and evaluation. Such a stack is unsharded (member_sharding)."""
+    task = lr.LinearRegression(dim=1, n_context=3)
+    member_init, graphdef = sweep_init(2)
+    loss = regression_loss(graphdef)
+    cfg = _cfg(steps=4, steps_per_call=2, batch_size=4)
+
+    def evaluate(params):
+        return {"loss": loss(params, sample_batch(lr.sample, task, eval_key(0), 8))[0]}
+
+    members = [{"train.seed": s} for s in range(1 if chunk_size is None else 2)]
+    swept = train_sweep(loss, lr.sample, task, cfg, member_init, members, mesh=sweep_mesh(1), chunk_size=chunk_size,
+                        evaluate=evaluate, progress=False)
+    assert swept.chunk_size == 1 and len(swept.eval_rows) == 2 * len(members)  # steps 0 and 4
+    for i, m in enumerate(members):
+        run = dataclasses.replace(cfg, seed=m["train.seed"])
+        alone = train(loss, lr.sample, task, run, member_init(seed_key(run.seed)), evaluate=evaluate, progress=False)
+        # float32, vmapped vs alone: the tolerances of the member-equals-alone test above
+        np.testing.assert_allclose([r["loss"] for r in swept.train_rows + swept.eval_rows if r["member"] == i],
+                                   [r["loss"] for r in alone.train_rows + alone.eval_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
 
 
 def test_the_progress_bar_shows_the_median_final_loss_of_the_members_still_training(capsys):

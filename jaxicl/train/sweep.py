@@ -2,8 +2,8 @@
 
 Members are stacked along a leading axis and trained by the engine's `train_step`, vmapped over
 members inside one jitted loop of steps (jaxicl.train.sweep_program); the member axis is sharded over
-the "members" axis of a 2-D mesh (members x data), each member's batch over "data". A member's
-values enter as arrays (jaxicl.train.sweep_fields):
+the "members" axis of a 2-D mesh (members x data) (a stack of one member is not: member_sharding),
+each member's batch over "data". A member's values enter as arrays (jaxicl.train.sweep_fields):
 
   train.seed                        the init key and the data key (as in a single run)
   train.lr / weight_decay /         per-member optimiser hyperparameters in the optimiser state
@@ -36,7 +36,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxicl import outputs
@@ -53,7 +52,7 @@ from jaxicl.train.state import TrainState
 from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, plain_members, swept_values
 from jaxicl.train.sweep_memory import chunk_in_budget, chunk_memory, device_budget
-from jaxicl.train.sweep_program import SweepProgram, build_program
+from jaxicl.train.sweep_program import SweepProgram, build_program, member_sharding
 from jaxicl.validation import ConfigError
 
 
@@ -138,7 +137,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
         with jax.set_mesh(mesh):
             if sample is not None:
                 check_divisible(cfg.batch_size)
-            sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+            sharding = member_sharding(mesh, size)
             run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
             for k, idx in enumerate(chunks):
                 store = (CheckpointStore(_chunk_dir(out_dir, k), keep=cfg.keep_checkpoints, config=config)
