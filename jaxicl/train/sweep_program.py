@@ -30,7 +30,7 @@ from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, loop_steps, train_step
 from jaxicl.train.sweep_fields import (check_init_fields, check_members, check_takes_task_fields, member_arrays,
-                                      sampling_config, split_fields)
+                                      sampling_config, split_fields, sweep_members)
 
 
 def member_sharding(mesh: jax.sharding.Mesh, stack: int) -> NamedSharding:
@@ -54,13 +54,14 @@ def _vmap_members(fn: Callable, in_axes=0) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class SweepProgram:
-    """The compiled pieces of a sweep and its per-member input arrays (host numpy, [M])."""
+    """The compiled pieces of a sweep, its members and their input arrays (host numpy, [M])."""
 
     make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
     run_chunk: Callable  # (states, task params, n: int32) -> (states, metrics [C, steps_per_call], the first n rows
     # the n steps'): one program for every n (loop_steps); donates states
     eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
     arrays: dict
+    members: list[dict]  # {path: value} per member, every field by its full name (sweep_members)
 
     def inputs(self, idx: np.ndarray, sharding: NamedSharding) -> dict:
         return jax.device_put(jax.tree.map(lambda a: a[idx], self.arrays), sharding)
@@ -73,6 +74,7 @@ class SweepProgram:
 def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, init: Callable,
                   members: list[dict], evaluate: Callable | None) -> SweepProgram:
     """The sweep's program; raises ConfigError (naming the field) for a member it cannot train."""
+    members = sweep_members(members, sample, cfg, task_cfg, init)
     check_members(members, cfg, task_cfg)
     groups = split_fields(list(members[0]), sample, init)
     if evaluate:
@@ -113,4 +115,4 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
 
     return SweepProgram(_vmap_members(new_state),  # eager: compiling it costs more than running it once
                         jax.jit(_vmap_members(member_steps, in_axes=(0, 0, None)), donate_argnums=0),
-                        jax.jit(_vmap_members(member_eval)) if evaluate else None, arrays)
+                        jax.jit(_vmap_members(member_eval)) if evaluate else None, arrays, members)
