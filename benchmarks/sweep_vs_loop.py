@@ -152,18 +152,14 @@ def _write(path: str, results: dict) -> str:
 def _steady(loss_fn, sample, task, cfg, init, members, mesh) -> dict:
     """Execution only: the compiled chunk program on all members at once vs one member per call; every call's inputs
     and fresh states (the chunk donates them) are built and placed on the device before the clock starts."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from jaxicl.train.mesh import MEMBER_AXIS
-    from jaxicl.train.sweep_program import build_program
+    from jaxicl.train.sweep_program import build_program, member_sharding
 
     prog = build_program(loss_fn, sample, task, cfg, init, members, None)
-    sharding = NamedSharding(mesh, P(MEMBER_AXIS))
     n, steps = len(members), cfg.steps
     with jax.set_mesh(mesh):
         def arguments(idx) -> tuple:
             """(states, task params) of members idx, on the device."""
+            sharding = member_sharding(mesh, len(idx))
             a = prog.inputs(np.asarray(idx), sharding)
             return jax.block_until_ready((prog.states(a, sharding), a["task"]))
 

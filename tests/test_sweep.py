@@ -30,9 +30,9 @@ from jaxicl.train import (CheckpointStore, TrainConfig, data_mesh, estimate_memo
 from jaxicl.train.checkpoint import latest_checkpoint
 from jaxicl.train.chunks import lower_chunk
 from jaxicl.train.mesh import MEMBER_AXIS
-from jaxicl.train.sweep_fields import member_arrays, sampling_config, split_fields
+from jaxicl.train.sweep_fields import member_arrays, sampling_config, split_fields, sweep_members
 from jaxicl.train.sweep_memory import chunk_memory, largest_in_budget
-from jaxicl.train.sweep_program import build_program
+from jaxicl.train.sweep_program import build_program, member_sharding
 from jaxicl.train.sweep_spec import grid, member_config, parse_axes
 from jaxicl.validation import ConfigError
 
@@ -185,7 +185,7 @@ def _compiled_bytes(prog, cfg: TrainConfig, c: int) -> tuple[int, int | None]:
 
     mesh = sweep_mesh(1)
     with jax.set_mesh(mesh):
-        sharding = jax.sharding.NamedSharding(mesh, P(MEMBER_AXIS))
+        sharding = member_sharding(mesh, c)
         a = prog.inputs(np.zeros(c, int), sharding)
         state = prog.states(a, sharding)
         train_bytes = total(lower_chunk(prog.run_chunk, state, a["task"]).compile().memory_analysis())
@@ -267,6 +267,32 @@ def test_a_memory_budget_below_the_chunk_of_one_member_is_refused_with_its_compi
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, mesh=sweep_mesh(1), memory_budget=need // 2,
                     progress=False)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_a_sweep_of_one_dimensional_tokens_in_stacks_of_one_member_equals_the_members_trained_alone(chunk_size):
+    """dim=1: the sampler reshapes x to [n, 1]. A stack of one member (1 member, or chunks of 1 on one member device),
+    sharded over "members", failed with a ShardingTypeError (JAX drops the member sharding of a size-1 axis in that
+    reshape): training and evaluation. Such a stack is unsharded (member_sharding)."""
+    task = lr.LinearRegression(dim=1, n_context=3)
+    member_init, graphdef = sweep_init(2)
+    loss = regression_loss(graphdef)
+    cfg = _cfg(steps=4, steps_per_call=2, batch_size=4)
+
+    def evaluate(params):
+        return {"loss": loss(params, sample_batch(lr.sample, task, eval_key(0), 8))[0]}
+
+    members = [{"train.seed": s} for s in range(1 if chunk_size is None else 2)]
+    swept = train_sweep(loss, lr.sample, task, cfg, member_init, members, mesh=sweep_mesh(1), chunk_size=chunk_size,
+                        evaluate=evaluate, progress=False)
+    assert swept.chunk_size == 1 and len(swept.eval_rows) == 2 * len(members)  # steps 0 and 4
+    for i, m in enumerate(members):
+        run = dataclasses.replace(cfg, seed=m["train.seed"])
+        alone = train(loss, lr.sample, task, run, member_init(seed_key(run.seed)), evaluate=evaluate, progress=False)
+        # float32, vmapped vs alone: the tolerances of the member-equals-alone test above
+        np.testing.assert_allclose([r["loss"] for r in swept.train_rows + swept.eval_rows if r["member"] == i],
+                                   [r["loss"] for r in alone.train_rows + alone.eval_rows], rtol=2e-5)
+        _assert_trees_close(swept.member_params(i), alone.state.params, rtol=2e-4, atol=1e-6)
 
 
 def test_the_progress_bar_shows_the_median_final_loss_of_the_members_still_training(capsys):
@@ -654,6 +680,66 @@ def optax_norm(params):
 def test_unsweepable_fields_are_named_with_the_allowed_ones(path, match):
     with pytest.raises(ConfigError, match=match):
         split_fields([path], lr.sample, init)
+
+
+def test_a_sweep_field_may_be_the_last_part_of_its_path_as_on_the_command_line():
+    """grid(parse_axes(["seed=0:2"])) gives {"seed": 0}: refused as "neither a sweepable train field ('seed', ...)"
+    although the sweep_spec docstring promises the short name. It trains as the full names do, which the result and
+    its metrics carry."""
+    short = [m | {"lr": 1e-2 * (1 + m["seed"]), "init_scale": 0.2}
+             for m in grid(parse_axes(["seed=0:2", "noise_std=0.0,0.5"]))]
+    full = [{"train.seed": m["seed"], "task.noise_std": m["noise_std"], "train.lr": m["lr"], "init_scale": 0.2}
+            for m in short]
+    cfg = _cfg(steps=3, steps_per_call=3)
+    by_short = train_sweep(LOSS, lr.sample, TASK, cfg, init, short, progress=False)
+    by_full = train_sweep(LOSS, lr.sample, TASK, cfg, init, full, progress=False)
+    assert by_short.members == full and len({m["task.noise_std"] for m in by_short.members}) == 2
+    assert [{k: r[k] for k in full[0]} for r in by_short.train_rows] == [{k: r[k] for k in full[0]}
+                                                                         for r in by_full.train_rows]
+    _assert_trees_close(by_short.params, by_full.params, rtol=1e-6, atol=1e-7)  # the same program on the same inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeededTask:  # a task with a field of TrainConfig's name
+    seed: int = 0
+    noise_std: float = 0.0
+
+
+def test_sweep_members_resolve_short_names_by_the_rule_of_command_line_overrides():
+    """A unique last part is that field; init's keywords are the top-level names, so one of them is init's even where
+    a field's path ends in it; a name of two fields, or one field given twice, is refused naming them."""
+    cfg = _cfg()
+
+    def init_with_lr(key, *, lr=0.1):
+        return init(key, init_scale=lr)
+
+    assert sweep_members([{"seed": np.int64(3), "n_tasks": 4}], lr.sample, cfg, TASK, init) == [
+        {"train.seed": 3, "task.n_tasks": 4}]
+    assert type(sweep_members([{"seed": np.int64(3)}], lr.sample, cfg, TASK, init)[0]["train.seed"]) is int
+    assert sweep_members([{"lr": 0.2, "task.noise_std": 0.1}], lr.sample, cfg, TASK, init_with_lr) == [
+        {"lr": 0.2, "task.noise_std": 0.1}]
+    assert sweep_members([{"noise_std": 0.1, "train.seed": 1}], lr.sample, cfg, _SeededTask(), init) == [
+        {"task.noise_std": 0.1, "train.seed": 1}]
+    with pytest.raises(ConfigError, match=r"^field 'seed' is ambiguous: it could be any of \['train\.seed', "
+                                          r"'task\.seed'\]; give the full path$"):
+        sweep_members([{"seed": 0}], lr.sample, cfg, _SeededTask(), init)
+    with pytest.raises(ConfigError, match=r"^a sweep member names a field twice: \['seed', 'train\.seed'\]$"):
+        sweep_members([{"seed": 0, "train.seed": 1}], lr.sample, cfg, TASK, init)
+
+
+@pytest.mark.parametrize("member,message", [
+    ({"train.sed": 0}, "train.sed: TrainConfig has no field 'sed'; sweepable train fields: ('seed', 'lr', "
+                       "'weight_decay', 'warmup_steps')"),
+    ({"task.noise": 0.1}, "task.noise: LinearRegression has no field 'noise'; sweepable task fields: ('noise_std', "
+                          "'n_tasks', 'n_context')"),
+    ({"sed": 0}, "sed cannot be swept: it is neither a sweepable train field ('seed', 'lr', 'weight_decay', "
+                 "'warmup_steps'), a task field the sampler takes ('noise_std', 'n_tasks', 'n_context'), nor a "
+                 "keyword of init ('init_scale',)")])
+def test_a_misspelt_sweep_field_is_refused_naming_the_sweepable_ones(member, message):
+    """A dotted path of no field raised dataclasses.replace's TypeError ("unexpected keyword argument 'sed'")."""
+    members = [member, {p: v + 1 for p, v in member.items()}]
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, progress=False)
 
 
 def test_the_refusal_of_a_task_field_names_the_users_sampler():

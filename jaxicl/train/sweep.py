@@ -2,8 +2,8 @@
 
 Members are stacked along a leading axis and trained by the engine's `train_step`, vmapped over
 members inside one jitted loop of steps (jaxicl.train.sweep_program); the member axis is sharded over
-the "members" axis of a 2-D mesh (members x data), each member's batch over "data". A member's
-values enter as arrays (jaxicl.train.sweep_fields):
+the "members" axis of a 2-D mesh (members x data) (a stack of one member is not: member_sharding),
+each member's batch over "data". A member's values enter as arrays (jaxicl.train.sweep_fields):
 
   train.seed                        the init key and the data key (as in a single run)
   train.lr / weight_decay /         per-member optimiser hyperparameters in the optimiser state
@@ -12,6 +12,10 @@ values enter as arrays (jaxicl.train.sweep_fields):
                                     noise_std, n_tasks, n_context); prompts take the shape of the
                                     largest swept value (the pool size, the context length)
   <f> (no prefix)                   keyword f of `init(key, **fields) -> params` (e.g. init_scale)
+
+A train or task field may be named by the last part of its path where no other field's path ends
+in it and init takes no such keyword (seed, lr, noise_std), as on the command line
+(jaxicl.config_paths); the result, the metrics and the stored config name it in full.
 
 A context-length axis keeps one shape: prompts have the longest context and a member with fewer
 pairs gets front padding with a loss mask (jaxicl.tasks.linear_regression). Linear attention
@@ -36,7 +40,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxicl import outputs
@@ -51,9 +54,9 @@ from jaxicl.train.metrics import MetricsWriter, kept_on_resume, read_metrics
 from jaxicl.train.run_lock import exclusive
 from jaxicl.train.state import TrainState
 from jaxicl.train.step import LossFn
-from jaxicl.train.sweep_fields import mark_swept, plain_members, swept_values
+from jaxicl.train.sweep_fields import mark_swept, swept_values
 from jaxicl.train.sweep_memory import chunk_in_budget, chunk_memory, device_budget
-from jaxicl.train.sweep_program import SweepProgram, build_program
+from jaxicl.train.sweep_program import SweepProgram, build_program, member_sharding
 from jaxicl.validation import ConfigError
 
 
@@ -95,13 +98,13 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
     from each: jaxicl.train.mesh.default_sweep_mesh); a given mesh must hold devices of every process.
     """
     check_eval_schedule(eval_every, cfg.steps)
-    members = plain_members(members)
     if mesh is not None and MEMBER_AXIS not in mesh.axis_names:
         raise ConfigError(f"mesh: a sweep needs a mesh with a {MEMBER_AXIS!r} axis (jaxicl.train.sweep_mesh), got "
                           f"axes {mesh.axis_names}")
     if mesh is not None:
         check_spans_processes(mesh)
     prog = build_program(loss_fn, sample, task_cfg, cfg, init, members, evaluate)
+    members = prog.members  # every field by its full name
     # a rerun keeps the chunks its checkpoints hold: one chosen from the memory of another device would be refused
     trained = _trained_chunk_size(out_dir) if chunk_size is None and out_dir and resume else None
     chunk_size = chunk_size or trained
@@ -138,7 +141,7 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
         with jax.set_mesh(mesh):
             if sample is not None:
                 check_divisible(cfg.batch_size)
-            sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+            sharding = member_sharding(mesh, size)
             run_chunk = ChunkPrograms(prog.run_chunk, cfg.cpu_matmuls)
             for k, idx in enumerate(chunks):
                 store = (CheckpointStore(_chunk_dir(out_dir, k), keep=cfg.keep_checkpoints, config=config)

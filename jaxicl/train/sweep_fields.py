@@ -2,6 +2,8 @@
 
 A member is {path: value}: `train.<f>` (seed and the optimiser hyperparameters), `task.<f>` (array
 keywords of the sampler) or `<f>` (keywords of init). Everything else changes shapes or code paths.
+A train or task field may also be given by the last part of its path where that is unique (`lr`),
+as on the command line (jaxicl.config_paths); sweep_members names every field in full.
 """
 
 import dataclasses
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl import config_paths
 from jaxicl.tasks.batching import Sampler, takes_step
 from jaxicl.traced import trace
 from jaxicl.train.checkpoint import normalise_config
@@ -37,11 +40,43 @@ def _name(fn) -> str:
     return f"{fn.__module__}.{qualname}" if qualname else repr(fn)
 
 
+def _task_keywords(sample: Sampler | None) -> tuple[str, ...]:
+    """The task fields a sweep can pass the sampler as arrays: its keywords after cfg and key (none without one)."""
+    return () if sample is None else keywords(sample, leading=2)
+
+
+def sweep_members(members: list[dict], sample: Sampler | None, cfg: TrainConfig, task_cfg,
+                  init: Callable) -> list[dict]:
+    """The members with every field by its full name, and numpy scalars (np.arange(4) as seeds) as the Python numbers
+    they hold. A field is a dotted path (train.lr, task.noise_std), a keyword of init (init_scale), or the last part of
+    the path of one train or task field (lr: train.lr), the rule of config_paths.resolve with init's keywords as the
+    top-level names. Raises ConfigError for a name of several fields, a dotted path of no field (naming the sweepable
+    ones), or a member naming one field twice; other names are split_fields' to refuse."""
+    run, init_ok = _Run(cfg, task_cfg), keywords(init)
+    paths = config_paths.leaf_paths(run)
+    full = {}
+    for name in dict.fromkeys(n for m in members for n in m):
+        head, dot, leaf = name.partition(".")
+        if not dot and name not in init_ok and any(p.endswith(f".{name}") for p in paths):
+            full[name] = config_paths.resolve(run, name)  # unique, or refused as ambiguous
+        elif head in ("train", "task") and dataclasses.is_dataclass(getattr(run, head)) and name not in paths:
+            sweepable = SWEEPABLE_TRAIN_FIELDS if head == "train" else _task_keywords(sample)
+            raise ConfigError(f"{name}: {type(getattr(run, head)).__name__} has no field {leaf!r}; sweepable {head} "
+                              f"fields: {sweepable}")
+        else:
+            full[name] = name
+    for m in members:
+        if len({full[n] for n in m}) < len(m):
+            twice = sorted(n for n in m if sum(full[o] == full[n] for o in m) > 1)
+            raise ConfigError(f"a sweep member names a field twice: {twice}")
+    return [{full[n]: v.item() if isinstance(v, np.generic) else v for n, v in m.items()} for m in members]
+
+
 def split_fields(paths, sample: Sampler | None, init: Callable) -> dict[str, list[str]]:
     """Sorts swept paths into train / task / init groups; raises ConfigError naming unsweepable fields. sample=None
     (a loss with no batch): no task field is sweepable."""
     groups = {"train": [], "task": [], "init": []}
-    task_ok, init_ok = () if sample is None else keywords(sample, leading=2), keywords(init)
+    task_ok, init_ok = _task_keywords(sample), keywords(init)
     for path in paths:
         head, _, name = path.partition(".")
         if head == "train":
@@ -164,11 +199,6 @@ def check_takes_task_fields(evaluate: Callable, fields: list[str]) -> None:
         raise ConfigError(f"evaluate must take every swept task field as a keyword, so each member is evaluated on "
                           f"its own task; {getattr(evaluate, '__name__', evaluate)} does not take {missing} "
                           f"(add them, or **task_params, and pass them to the sampler)")
-
-
-def plain_members(members: list[dict]) -> list[dict]:
-    """The members with numpy scalars (np.arange(4) as seeds) as the Python numbers they hold."""
-    return [{p: v.item() if isinstance(v, np.generic) else v for p, v in m.items()} for m in members]
 
 
 def member_arrays(members: list[dict], prefix: str, names: list[str]) -> dict[str, np.ndarray]:

@@ -7,8 +7,6 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxicl.tasks.batching import Sampler
 from jaxicl.train.chunks import lower_chunk
@@ -16,7 +14,7 @@ from jaxicl.train.config import TrainConfig
 from jaxicl.train.cpu_matmuls import compile_chunk
 from jaxicl.train.mesh import MEMBER_AXIS, default_sweep_mesh
 from jaxicl.train.step import LossFn
-from jaxicl.train.sweep_program import SweepProgram, build_program
+from jaxicl.train.sweep_program import SweepProgram, build_program, member_sharding
 from jaxicl.validation import ConfigError
 
 
@@ -110,7 +108,7 @@ def chunk_memory(prog: SweepProgram, cfg: TrainConfig, mesh: jax.sharding.Mesh, 
     metrics of cfg.steps_per_call steps) or, where the sweep evaluates and it is larger, its evaluation: evaluate's
     vmapped program, plus the training state it does not take (optimiser state, step and key), held meanwhile."""
     with jax.set_mesh(mesh):
-        sharding = NamedSharding(mesh, P(MEMBER_AXIS))
+        sharding = member_sharding(mesh, c)
         a = prog.inputs(np.zeros(c, int), sharding)
         state = prog.states(a, sharding)
         train = compile_chunk(lower_chunk(prog.run_chunk, state, a["task"]), cfg.cpu_matmuls).memory_analysis()

@@ -3,7 +3,8 @@
 The member axis is vmapped with spmd_axis_name "members", so it shards over that axis of the mesh.
 Inside that vmap (explicit sharding, jax 0.12) indexing a constant table with a per-member index, or
 jnp.searchsorted, fails to trace ("Resource axis: members ... not found"): samplers and evaluate
-functions use one-hot sums or closed forms instead.
+functions use one-hot sums or closed forms instead. A stack of one member is neither sharded over
+"members" nor vmapped with it (member_sharding): there JAX drops the member sharding in reshapes.
 
 A member whose loss or updated parameters become non-finite is frozen at its last finite state: its
 update and step counter are held, so its step records where it diverged (and a resumed run finds it
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxicl.prng import seed_key
 from jaxicl.tasks.batching import Sampler
@@ -28,18 +30,38 @@ from jaxicl.train.optim import make_optimizer, scheduled_lr
 from jaxicl.train.state import TrainState, init_state
 from jaxicl.train.step import ROW_KEYS, LossFn, check_metrics, loop_steps, train_step
 from jaxicl.train.sweep_fields import (check_init_fields, check_members, check_takes_task_fields, member_arrays,
-                                      sampling_config, split_fields)
+                                      sampling_config, split_fields, sweep_members)
+
+
+def member_sharding(mesh: jax.sharding.Mesh, stack: int) -> NamedSharding:
+    """The sharding of a stack of `stack` members: its leading axis over the mesh's "members" axis; a stack of 1 (on
+    one member device, where that axis shards nothing) unsharded, and vmapped without spmd_axis_name (_vmap_members).
+    In a stack of 1 sharded over "members", JAX (0.12) drops that sharding where it reshapes an array to or from a
+    size-1 axis (a token of one feature: linear_regression with dim=1), then refuses to combine the result with the
+    arrays that keep it (ShardingTypeError)."""
+    return NamedSharding(mesh, P(MEMBER_AXIS) if stack > 1 else P())
+
+
+def _vmap_members(fn: Callable, in_axes=0) -> Callable:
+    """fn vmapped over the leading member axis of its first argument's leaves, sharded over "members" (spmd_axis_name),
+    except in a stack of 1 member (member_sharding)."""
+    def vmapped(*args):
+        stack = jax.tree.leaves(args[0])[0].shape[0]
+        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=MEMBER_AXIS if stack > 1 else None)(*args)
+
+    return vmapped
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepProgram:
-    """The compiled pieces of a sweep and its per-member input arrays (host numpy, [M])."""
+    """The compiled pieces of a sweep, its members and their input arrays (host numpy, [M])."""
 
     make_states: Callable  # (seed [C], opt hyperparams, init fields) -> stacked TrainState [C]
     run_chunk: Callable  # (states, task params, n: int32) -> (states, metrics [C, steps_per_call], the first n rows
     # the n steps'): one program for every n (loop_steps); donates states
     eval_chunk: Callable | None  # (params, task params) -> {name: [C]}
     arrays: dict
+    members: list[dict]  # {path: value} per member, every field by its full name (sweep_members)
 
     def inputs(self, idx: np.ndarray, sharding: NamedSharding) -> dict:
         return jax.device_put(jax.tree.map(lambda a: a[idx], self.arrays), sharding)
@@ -52,6 +74,7 @@ class SweepProgram:
 def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, init: Callable,
                   members: list[dict], evaluate: Callable | None) -> SweepProgram:
     """The sweep's program; raises ConfigError (naming the field) for a member it cannot train."""
+    members = sweep_members(members, sample, cfg, task_cfg, init)
     check_members(members, cfg, task_cfg)
     groups = split_fields(list(members[0]), sample, init)
     if evaluate:
@@ -90,7 +113,6 @@ def build_program(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainC
         check_metrics(values, ROW_KEYS, "evaluate")
         return values
 
-    vmap = partial(jax.vmap, spmd_axis_name=MEMBER_AXIS)
-    return SweepProgram(vmap(new_state),  # eager: compiling it costs more than running it once
-                        jax.jit(vmap(member_steps, in_axes=(0, 0, None)), donate_argnums=0),
-                        jax.jit(vmap(member_eval)) if evaluate else None, arrays)
+    return SweepProgram(_vmap_members(new_state),  # eager: compiling it costs more than running it once
+                        jax.jit(_vmap_members(member_steps, in_axes=(0, 0, None)), donate_argnums=0),
+                        jax.jit(_vmap_members(member_eval)) if evaluate else None, arrays, members)
