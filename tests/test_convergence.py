@@ -201,6 +201,49 @@ def test_perturbation_distances_over_no_cells_are_nan_not_a_vanished_perturbatio
     assert np.isfinite(one).all()
 
 
+def test_half_precision_perturbations_and_edits_stay_in_the_models_dtype():
+    """float32 deltas (the noise drawn in the default dtype, a float32 steering vector) carried a bfloat16 model's
+    edited run on in float32 past the site while its clean run stayed in bfloat16: distances of 3e-3 to 5e-3 at alpha
+    0, float32 outputs. Deltas are cast to the site's dtype."""
+    import jax
+    from flax import nnx
+
+    from jaxicl.analysis.cache import run_with_cache
+    from jaxicl.analysis.perturbation import noise_at, perturbation_distances, perturbed_outputs
+    from jaxicl.analysis.steering import edit_each_site
+    from jaxicl.models import apply
+    from jaxicl.models.factor_transformer import FactorTransformer
+    from jaxicl.sites import Patch
+
+    graphdef, params = nnx.split(FactorTransformer(d_model=16, d_pos=8, n_layers=2, rngs=nnx.Rngs(0)), nnx.Param)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    tokens = jax.random.randint(jax.random.key(0), (3, 64), 0, 21)
+    rng = np.random.default_rng(0)
+    cells = jnp.asarray(rng.random((3, 64)) < 0.2)
+    sites = ["layer0.resid_post", "layer1.resid_post", "unembed.in"]
+    zero = perturbation_distances(graphdef, params, tokens, "layer0.resid_mid", cells, 0.0, jax.random.key(1), sites)
+    # the clean run is the perturbed program at alpha 0, on the same (zero) noise: one program, the same inputs
+    np.testing.assert_array_equal(np.asarray(zero), 0.0)
+    clean, cache = run_with_cache(graphdef, params, tokens, ["layer0.resid_mid"])
+    assert clean.dtype == jnp.bfloat16
+    # a numpy sweep's alpha (float64) as well: it promoted the noise to float32
+    assert noise_at(cache["layer0.resid_mid"], cells, np.float64(0.3), jax.random.key(1)).dtype == jnp.bfloat16
+    out = perturbed_outputs(graphdef, params, tokens, "layer0.resid_mid", cells, np.float64(0.3), jax.random.key(1))
+    assert out.dtype == jnp.bfloat16
+    # float32 deltas of a steering edit: the outputs as one patch per site with the deltas cast to bfloat16 first
+    deltas = rng.normal(size=(2, 3, 64, 16)).astype(np.float32)
+    got = edit_each_site(graphdef, params, tokens, sites[:2], cells, deltas=deltas)
+    assert got.dtype == jnp.bfloat16
+    for i, s in enumerate(sites[:2]):
+        for b in range(3):
+            d = jnp.where(cells[b][:, None], deltas[i, b], 0.0).astype(jnp.bfloat16)
+            want = np.asarray(apply(graphdef, params, tokens[b], patch=Patch(deltas={s: d}))[0], np.float32)
+            # two programs round bfloat16 apart by an ulp or two (2^-9 = 2e-3 at these logits, |.| < 0.5); the edit
+            # moves them by about 0.3
+            np.testing.assert_allclose(np.asarray(got[i, b], np.float32), want, atol=1e-2)
+            assert np.abs(want - np.asarray(clean[b], np.float32)).max() > 0.1
+
+
 def test_perturbed_outputs_rejects_a_site_not_per_cell_and_cells_not_per_prompt():
     """As perturbation_distances: the attention weights [H, T, T] (H = B = 2) took the [B, T] cells' noise on their
     head axis, changing prompt 1's outputs with no cell of it selected; a [T] mask would broadcast over the prompts."""
