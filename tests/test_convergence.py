@@ -124,6 +124,22 @@ def test_probe_r2_of_a_column_constant_on_the_held_out_rows_is_0_not_a_division_
     assert exact["score"] == pytest.approx((r2 + 1.0) / 2, rel=1e-5)
 
 
+def test_probe_refuses_complex_features_and_targets_and_fits_their_real_and_imaginary_parts():
+    """An autoregressive model's sites are complex: cast to float, purely imaginary features became 0 and the probe
+    scored R^2 -0.005 on a target exactly linear in them, with only a ComplexWarning."""
+    from jaxicl.analysis.probes import probe
+
+    z = 1j * np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    t = 2.0 * z[:, 0].imag
+    for name, args in (("features", (z, t)), ("targets", (z.imag, 1j * t))):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be real, got complex64: this real-valued "
+                                                       f"computation would drop the imaginary part")):
+            probe(*args)
+    # the suggested features: t is exactly linear in them (the ridge penalty 1e-3 against 150 rows of unit variance
+    # shrinks the weight by about 1e-5)
+    assert probe(np.concatenate([z.real, z.imag], -1), t)["score"] > 0.999
+
+
 def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation():
     import jax
     from flax import nnx
