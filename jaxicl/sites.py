@@ -4,9 +4,10 @@ A model calls `sites(name, value)` at every named point of its forward pass, eac
 in a loop puts the loop index in its site names). At each site, in order:
   1. edits[name](value), a Python callable, when given (any function of the value);
   2. a Patch (edits as data): value -> where(mask, replacement, value), then + delta, where the patch
-     names the site. A Patch is a pytree, so `jax.vmap` over a batch of patches is one compiled program
-     (a whole patching grid), and `jax.grad` with respect to zero deltas is the gradient of any metric
-     with respect to every patched site at once (attribution patching);
+     names the site (replacement and delta cast to the value's dtype). A Patch is a pytree, so `jax.vmap`
+     over a batch of patches is one compiled program (a whole patching grid), and `jax.grad` with respect
+     to zero deltas is the gradient of any metric with respect to every patched site at once (attribution
+     patching);
   3. the value is recorded when the name was requested.
 A recorded value is materialised once (an optimization barrier), so it is exactly the value the rest of
 the forward pass uses. A `Sites` object is plain Python built inside the traced function, so capture,
@@ -29,7 +30,8 @@ class Patch:
 
     values, masks: the site becomes where(mask, values[name], site); a mask broadcasts against the site's
     shape (e.g. [T, 1, 1] selects positions of a [T, H, dh] site); a site in values without a mask is
-    replaced entirely. deltas: added to the site (after any replacement).
+    replaced entirely. deltas: added to the site (after any replacement). Values and deltas are cast to the site's
+    dtype, so float32 edits keep a bfloat16 model's forward pass in bfloat16, as its clean run.
     """
 
     values: dict = dataclasses.field(default_factory=dict)
@@ -44,7 +46,7 @@ class Patch:
             new = jnp.broadcast_to(self.values[name], value.shape).astype(value.dtype)
             value = jnp.where(self.masks[name], new, value) if name in self.masks else new
         if name in self.deltas:
-            value = value + self.deltas[name]
+            value = value + jnp.asarray(self.deltas[name], value.dtype)
         return value
 
 

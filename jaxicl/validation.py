@@ -4,6 +4,8 @@ import math
 import numbers
 from collections.abc import Iterable
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A config field holds a value outside its allowed range."""
@@ -37,6 +39,16 @@ def check_range(name: str, value, low=None, high=None) -> None:
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def check_real(name: str, x) -> None:
+    """ValueError naming `name` where the array x is complex (an autoregressive task's or model's sites) and the
+    computation is real: casting to float would drop the imaginary part silently. Reads only x's dtype, so a traced x
+    (inside jit) is checked too."""
+    if np.iscomplexobj(x):
+        raise ValueError(f"{name} must be real, got {getattr(x, 'dtype', 'complex numbers')}: this real-valued "
+                         f"computation would drop the imaginary part; give the real and imaginary parts as real "
+                         f"features (e.g. jnp.concatenate([z.real, z.imag], -1) for z [N, F])")
 
 
 def check_seed(name: str, value) -> None:

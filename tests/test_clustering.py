@@ -213,6 +213,22 @@ def test_cluster_scores_refuses_features_without_a_layer_axis():
         cluster_scores(jnp.zeros((30, 4)), jnp.arange(30) % 3, 3, jax.random.key(0))
 
 
+def test_kmeans_refuses_complex_points_and_separates_their_real_and_imaginary_parts():
+    """An autoregressive model's sites are complex: cast to float, two clusters 10i apart became one point (inertia 0,
+    the labels arbitrary), with only a ComplexWarning."""
+    z = 1j * np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    z = np.concatenate([z, z + 10j])
+    message = "must be real, got complex64: this real-valued computation would drop the imaginary part"
+    with pytest.raises(ValueError, match=re.escape(f"x {message}")):
+        kmeans(jnp.asarray(z), 2, jax.random.key(0))
+    with pytest.raises(ValueError, match=re.escape(f"features {message}")):
+        cluster_scores(jnp.asarray(z[None]), jnp.arange(100) // 50, 2, jax.random.key(0))
+    # the suggested features: the two clusters, 10 sqrt(3) apart, against a spread of about 1 per coordinate
+    out = cluster_scores(jnp.asarray(np.concatenate([z.real, z.imag], -1)[None]), jnp.arange(100) // 50, 2,
+                         jax.random.key(0), restarts=2)
+    assert float(out["ari"][0]) == pytest.approx(1.0)
+
+
 def test_cluster_scores_per_layer_see_structure_only_where_it_is():
     """Layer 0 is noise, layer 1 holds the planted clusters: ARI about 0 and exactly 1."""
     rng = np.random.default_rng(6)

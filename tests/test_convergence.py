@@ -124,6 +124,22 @@ def test_probe_r2_of_a_column_constant_on_the_held_out_rows_is_0_not_a_division_
     assert exact["score"] == pytest.approx((r2 + 1.0) / 2, rel=1e-5)
 
 
+def test_probe_refuses_complex_features_and_targets_and_fits_their_real_and_imaginary_parts():
+    """An autoregressive model's sites are complex: cast to float, purely imaginary features became 0 and the probe
+    scored R^2 -0.005 on a target exactly linear in them, with only a ComplexWarning."""
+    from jaxicl.analysis.probes import probe
+
+    z = 1j * np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    t = 2.0 * z[:, 0].imag
+    for name, args in (("features", (z, t)), ("targets", (z.imag, 1j * t))):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be real, got complex64: this real-valued "
+                                                       f"computation would drop the imaginary part")):
+            probe(*args)
+    # the suggested features: t is exactly linear in them (the ridge penalty 1e-3 against 150 rows of unit variance
+    # shrinks the weight by about 1e-5)
+    assert probe(np.concatenate([z.real, z.imag], -1), t)["score"] > 0.999
+
+
 def test_perturbation_distances_start_at_alpha_and_follow_a_two_run_computation():
     import jax
     from flax import nnx
@@ -199,6 +215,49 @@ def test_perturbation_distances_over_no_cells_are_nan_not_a_vanished_perturbatio
                                             jax.random.key(1), sites))
     assert one[0] == pytest.approx(0.3, rel=1e-5)  # float32 norms of the noise and of x at that cell
     assert np.isfinite(one).all()
+
+
+def test_half_precision_perturbations_and_edits_stay_in_the_models_dtype():
+    """float32 deltas (the noise drawn in the default dtype, a float32 steering vector) carried a bfloat16 model's
+    edited run on in float32 past the site while its clean run stayed in bfloat16: distances of 3e-3 to 5e-3 at alpha
+    0, float32 outputs. Deltas are cast to the site's dtype."""
+    import jax
+    from flax import nnx
+
+    from jaxicl.analysis.cache import run_with_cache
+    from jaxicl.analysis.perturbation import noise_at, perturbation_distances, perturbed_outputs
+    from jaxicl.analysis.steering import edit_each_site
+    from jaxicl.models import apply
+    from jaxicl.models.factor_transformer import FactorTransformer
+    from jaxicl.sites import Patch
+
+    graphdef, params = nnx.split(FactorTransformer(d_model=16, d_pos=8, n_layers=2, rngs=nnx.Rngs(0)), nnx.Param)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    tokens = jax.random.randint(jax.random.key(0), (3, 64), 0, 21)
+    rng = np.random.default_rng(0)
+    cells = jnp.asarray(rng.random((3, 64)) < 0.2)
+    sites = ["layer0.resid_post", "layer1.resid_post", "unembed.in"]
+    zero = perturbation_distances(graphdef, params, tokens, "layer0.resid_mid", cells, 0.0, jax.random.key(1), sites)
+    # the clean run is the perturbed program at alpha 0, on the same (zero) noise: one program, the same inputs
+    np.testing.assert_array_equal(np.asarray(zero), 0.0)
+    clean, cache = run_with_cache(graphdef, params, tokens, ["layer0.resid_mid"])
+    assert clean.dtype == jnp.bfloat16
+    # a numpy sweep's alpha (float64) as well: it promoted the noise to float32
+    assert noise_at(cache["layer0.resid_mid"], cells, np.float64(0.3), jax.random.key(1)).dtype == jnp.bfloat16
+    out = perturbed_outputs(graphdef, params, tokens, "layer0.resid_mid", cells, np.float64(0.3), jax.random.key(1))
+    assert out.dtype == jnp.bfloat16
+    # float32 deltas of a steering edit: the outputs as one patch per site with the deltas cast to bfloat16 first
+    deltas = rng.normal(size=(2, 3, 64, 16)).astype(np.float32)
+    got = edit_each_site(graphdef, params, tokens, sites[:2], cells, deltas=deltas)
+    assert got.dtype == jnp.bfloat16
+    for i, s in enumerate(sites[:2]):
+        for b in range(3):
+            d = jnp.where(cells[b][:, None], deltas[i, b], 0.0).astype(jnp.bfloat16)
+            want = np.asarray(apply(graphdef, params, tokens[b], patch=Patch(deltas={s: d}))[0], np.float32)
+            # two programs round bfloat16 apart by an ulp or two (2^-9 = 2e-3 at these logits, |.| < 0.5); the edit
+            # moves them by about 0.3
+            np.testing.assert_allclose(np.asarray(got[i, b], np.float32), want, atol=1e-2)
+            assert np.abs(want - np.asarray(clean[b], np.float32)).max() > 0.1
 
 
 def test_perturbed_outputs_rejects_a_site_not_per_cell_and_cells_not_per_prompt():

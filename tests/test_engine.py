@@ -1080,7 +1080,8 @@ def test_cross_entropy_loss_against_a_numpy_log_softmax():
 
 def test_regression_losses_refuse_predictions_and_targets_of_different_shapes():
     """A one-coordinate readout gives [B, T]; against targets [B, T, 1] with B == T it broadcast to [B, T, T] and
-    reported 8x the true MSE. Both losses now refuse it, naming both shapes; targets [B, T] give the numpy MSE."""
+    reported 8x the true MSE. Both losses now refuse it, naming both shapes; targets [B, T] give the numpy MSE. The
+    hint covers both directions: it told a model with K outputs against targets [B, T] to sample targets [T]."""
     from flax import nnx
 
     from jaxicl.models import predictor
@@ -1093,11 +1094,19 @@ def test_regression_losses_refuse_predictions_and_targets_of_different_shapes():
     rng = np.random.default_rng(0)
     inputs, targets = (jnp.asarray(rng.normal(size=(4, 4, 1)), jnp.float32) for _ in range(2))
     wrong = Prompt(inputs=inputs, targets=targets, mask=jnp.ones((4, 4)))
-    message = re.escape("the model's predictions (4, 4) and the batch's targets (4, 4, 1) must have the same shape")
+    hint = ("must have the same shape, [B, T] or [B, T, K] (predictions [B, T, K] against targets [B, T]: give the "
+            "model one output coordinate, e.g. GPT(out_dim=1), whose readout is [B, T]; predictions [B, T] against "
+            "targets [B, T, 1]: sample targets [T])")
+    message = re.escape(f"the model's predictions (4, 4) and the batch's targets (4, 4, 1) {hint}")
     with pytest.raises(ValueError, match=message):
         regression_loss(graphdef)(params, wrong)
     with pytest.raises(ValueError, match=message):
         per_position_loss(graphdef, params, wrong)
+    three, three_params = nnx.split(GPT(d_model=8, n_layers=1, n_heads=2, max_len=4, input_dim=1, out_dim=3,
+                                        rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match=re.escape(f"the model's predictions (4, 4, 3) and the batch's targets (4, 4) "
+                                                   f"{hint}")):
+        regression_loss(three)(three_params, dataclasses.replace(wrong, targets=targets[..., 0]))
     right = dataclasses.replace(wrong, targets=targets[..., 0])
     err = (np.asarray(jax.vmap(predictor(graphdef, params))(inputs), np.float64) - np.asarray(targets[..., 0])) ** 2
     # float32 model outputs and sums of 16 terms: a relative error of a few float32 ulps

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from jaxicl.validation import check_real
+
 
 def _sq_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
     """[N, k] squared Euclidean distances of x [N, D] to centroids [k, D] (clipped at 0)."""
@@ -66,7 +68,9 @@ def kmeans(x: jax.Array, k: int, key: jax.Array, restarts: int = 8, iters: int =
     """k-means of x [N, D]: `restarts` k-means++ starts refined by `iters` Lloyd steps, all in one vmapped program;
     the restart of least inertia is kept. Returns {"labels" [N], "centroids" [k, D], "inertia" []}, in float64 under
     jax x64, else float32. Runs on x minus its mean (k-means is shift invariant), so the expanded distances
-    |x|^2 - 2 x.c + |c|^2 do not cancel where the points share a large offset."""
+    |x|^2 - 2 x.c + |c|^2 do not cancel where the points share a large offset. Complex x is refused (the distances
+    are real): give its real and imaginary parts as real features."""
+    check_real("x", x)
     x = jnp.asarray(x, float)
     mean = x.mean(0)
     x = x - mean
@@ -156,6 +160,7 @@ def cluster_scores(features: jax.Array, labels: jax.Array, n_labels: int, key: j
     if features.ndim != 3:  # [N, D] was mapped over its rows, each clustered as a 1-D dataset, and failed inside
         raise ValueError(f"features must be [L, N, D] (an [N, D] set of vectors per layer; for one set give "
                          f"features[None]), got shape {features.shape}")
+    check_real("features", features)
     check_indices("labels", labels, 0, n_labels)
 
     def one(x):

@@ -22,17 +22,21 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
                            alpha: float, key: jax.Array, sites: Sequence[str]) -> jax.Array:
     """[len(sites)] mean over the selected cells of |z_perturbed - z_clean| / |z_clean| at each of `sites` when
     noise of norm alpha |x| is added to `site` at cells [B, T] (bool) of tokens [B, T, ...]. Sites are [T, D]. NaN
-    where cells selects none (a mean over no cells: 0 would read as the noise having vanished)."""
+    where cells selects none (a mean over no cells: 0 would read as the noise having vanished). The clean run is the
+    perturbed program at alpha 0 (one compiled program for both: alpha 0 gives 0 exactly, in any dtype); the distances
+    are in float32 at least (a bfloat16 sum over the cells loses counts past 256)."""
     sites = check_sites(sites, batch_site_info(graphdef, params, tokens))  # read once: a generator is spent by a pass
     info = _cell_sites_info(graphdef, params, tokens, cells, [site, *sites], "site and sites")
-    clean = run_with_cache(graphdef, params, tokens, [site, *sites], info=info)[1]
-    x = clean[site]
-    perturbed = _perturbed(graphdef, params, tokens, site, noise_at(x, cells, alpha, key), sites)[1]
-    w = cells.astype(x.dtype)
+    x = run_with_cache(graphdef, params, tokens, [site], info=info)[1][site]
+    clean, perturbed = (_perturbed(graphdef, params, tokens, site, noise_at(x, cells, a, key), sites)[1]
+                        for a in (0.0, alpha))
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    w = cells.astype(jnp.finfo(wide).dtype)
     n = jnp.sum(w)
     out = []
     for s in sites:
-        d = jnp.linalg.norm(perturbed[s] - clean[s], axis=-1) / jnp.maximum(jnp.linalg.norm(clean[s], axis=-1), 1e-30)
+        z = clean[s].astype(wide)
+        d = jnp.linalg.norm(perturbed[s].astype(wide) - z, axis=-1) / jnp.maximum(jnp.linalg.norm(z, axis=-1), 1e-30)
         out.append(jnp.sum(w * d))
     return jnp.where(n > 0, jnp.stack(out) / jnp.maximum(n, 1.0), jnp.nan)
 
@@ -65,10 +69,11 @@ def _cell_sites_info(graphdef: nnx.GraphDef, params, tokens: jax.Array, cells: j
 
 
 def noise_at(x: jax.Array, cells: jax.Array, alpha: float, key: jax.Array) -> jax.Array:
-    """[B, T, D] Gaussian noise of norm alpha |x| at each cell of cells [B, T] (bool), 0 elsewhere, for x [B, T, D]."""
-    noise = jax.random.normal(key, x.shape)
+    """[B, T, D] Gaussian noise of norm alpha |x| at each cell of cells [B, T] (bool), 0 elsewhere, for x [B, T, D]; in
+    x's dtype (a float32 delta on a bfloat16 site would have carried the perturbed run on in float32)."""
+    noise = jax.random.normal(key, x.shape, x.dtype)
     scale = alpha * jnp.linalg.norm(x, axis=-1, keepdims=True) / jnp.linalg.norm(noise, axis=-1, keepdims=True)
-    return jnp.where(cells[..., None], noise * scale, 0.0)
+    return jnp.where(cells[..., None], noise * scale, 0.0).astype(x.dtype)  # a numpy alpha (a sweep's) promoted
 
 
 @partial(jax.jit, static_argnums=(0, 3, 5))

@@ -9,6 +9,7 @@ import numpy as np
 from jaxicl.analysis.cache import replicated_inputs
 from jaxicl.prng import seed_key
 from jaxicl.ridge import check_lam, ridge_solve
+from jaxicl.validation import check_real
 
 
 def ridge_fit(x: jax.Array, y: jax.Array, lam: float = 1e-3, standardise: bool = False) -> jax.Array:
@@ -46,7 +47,10 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     regression, accuracy of the argmax). Returns {"score", "train_score", "weights", "metric"}: score is the metric
     ("r2" or "accuracy") on the held-out prompts: a random split by key (default key 0), or the rows where held_out
     [N] is True (e.g. whole board positions, so the probe must generalise across them); standardise as ridge_fit's
-    (on the training rows). Fits in float64 under jax x64, else float32."""
+    (on the training rows). Fits in float64 under jax x64, else float32. Complex features or targets are refused (the
+    fit is real): give their real and imaginary parts as real columns."""
+    check_real("features", features)
+    check_real("targets", targets)
     features = jnp.asarray(features, float)
     targets = jnp.asarray(targets)
     if targets.dtype == bool:  # a yes/no feature is two classes, scored by accuracy, not a regression on 0 and 1

@@ -39,8 +39,9 @@ def position_errors(pred: jax.Array, targets: jax.Array, coords: str = "sum") ->
     """
     if pred.shape != targets.shape:
         raise ValueError(f"the model's predictions {pred.shape} and the batch's targets {targets.shape} must have the "
-                         "same shape, [B, T] or [B, T, K] (a readout of one coordinate gives [B, T]: sample targets "
-                         "[T] for it)")
+                         "same shape, [B, T] or [B, T, K] (predictions [B, T, K] against targets [B, T]: give the "
+                         "model one output coordinate, e.g. GPT(out_dim=1), whose readout is [B, T]; predictions "
+                         "[B, T] against targets [B, T, 1]: sample targets [T])")
     err = jnp.abs(pred - targets) ** 2
     if err.ndim == 3:
         err = jnp.sum(err, -1) if coords == "sum" else jnp.mean(err, -1)
