@@ -5,7 +5,11 @@ metric or sampler that reads a global (an answer token, a pool of prompts) repla
 first call. `trace` traces the function afresh at every call; the Traced it returns is equal (and hashes equal) to
 another where both traced programs print the same and hold the same Python objects that the printing does not show,
 and takes the arrays the function closes over as an argument (consts). So a compiled program is reused while the
-function traces to the same program, and it reads the arrays' current values.
+function traces to the same program, and it reads the arrays' current values. Arrays means JAX arrays, of any shape,
+and NumPy arrays of at least one dimension: a Python number, a NumPy scalar (np.float32(2.0)) or a 0-d NumPy array
+(np.asarray(3)) the function reads is written into the program as a literal, so it too has its current value, but
+each new value is another program, compiled again. Hold a value that changes between calls, such as an answer
+token, as a JAX array (jnp.asarray(3)).
 
 The printing masks the address of a Python object an equation holds (`<function f at 0xXXXXXXXXXXXX>`): a host
 callback's function, a remat policy, a custom_vjp's rules. Those objects are compared by identity (held by the

@@ -37,6 +37,21 @@ def chunk_compiles(monkeypatch) -> list:
     return compiles
 
 
+@pytest.fixture
+def backend_compiles() -> list:
+    """The XLA compilations the test runs, one entry each (JAX's compile-duration event): an eager call of a jitted
+    function, or an eager primitive, found in JAX's caches compiles nothing."""
+    compiles = []
+
+    def listener(name, *_, **__):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield compiles
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def pytest_configure(config):
     import os
     import sys

@@ -137,3 +137,14 @@ def test_linear_filter_is_exact_when_every_prompt_shares_a_and_b_and_cannot_be_w
         base.fit_linear_filter(train.inputs, train.targets, taps=0)
     with pytest.raises(ValueError, match="inputs"):
         base.fit_linear_filter(train.inputs[..., 0], train.targets)
+
+
+def test_a_second_eager_sample_with_another_key_compiles_nothing(backend_compiles):
+    """The recurrence's lax.scan, its step a closure over A and b made afresh at each call, compiled again at every
+    eager call: its step is a module-level function, found in JAX's cache of traced scan bodies."""
+    cfg = ar.AffineRecurrence(dim=2, seq_len=5)
+    jax.block_until_ready(ar.sample(cfg, jax.random.key(0)).inputs)
+    assert backend_compiles  # the counter sees the first call's compilations
+    backend_compiles.clear()
+    jax.block_until_ready(ar.sample(cfg, jax.random.key(1)).inputs)
+    assert backend_compiles == []

@@ -114,3 +114,14 @@ def test_config_errors_name_the_field():
         ar.Autoregressive(family="orthogonal", dim=5)
     with pytest.raises(ConfigError, match="random_phase"):
         ar.Autoregressive(family="haar", init="random_phase")
+
+
+def test_a_second_eager_sample_with_another_key_compiles_nothing(backend_compiles):
+    """The states' lax.scan, its step a closure over W made afresh at each call, compiled again at every eager call:
+    its step is a module-level function, found in JAX's cache of traced scan bodies."""
+    cfg = ar.Autoregressive(dim=2, seq_len=5, noise_std=0.1)
+    jax.block_until_ready(ar.sample(cfg, jax.random.key(0)).inputs)
+    assert backend_compiles  # the counter sees the first call's compilations
+    backend_compiles.clear()
+    jax.block_until_ready(ar.sample(cfg, jax.random.key(1)).inputs)
+    assert backend_compiles == []

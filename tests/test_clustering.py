@@ -12,8 +12,8 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from jaxicl.analysis.clustering import (adjusted_rand_index, cluster_scores, kmeans, kmeans_plus_plus, match_clusters,
-                                        normalized_mutual_info, sequence_features)
+from jaxicl.analysis.clustering import (adjusted_rand_index, cluster_scores, kmeans, kmeans_plus_plus, lloyd,
+                                        match_clusters, normalized_mutual_info, sequence_features)
 
 
 def _labelings(rng, n, k):
@@ -237,3 +237,18 @@ def test_cluster_scores_per_layer_see_structure_only_where_it_is():
     out = cluster_scores(jnp.asarray(np.stack([noise, x])), jnp.asarray(labels), 4, jax.random.key(0), restarts=4)
     assert abs(float(out["ari"][0])) < 0.05 and float(out["ari"][1]) == pytest.approx(1.0)
     assert float(out["nmi"][1]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_second_eager_call_of_kmeans_plus_plus_or_lloyd_on_new_points_compiles_nothing(backend_compiles):
+    """Their lax.scans, each step a closure made afresh at each call, compiled again at every eager call (0.65 s and
+    2 s): both are jitted, compiled once per shape (and k, iters)."""
+
+    def calls(seed):
+        x = jax.random.normal(jax.random.key(seed), (20, 2))
+        return kmeans_plus_plus(x, 3, jax.random.key(seed)), lloyd(x, x[:3], 4)
+
+    jax.block_until_ready(calls(0))
+    assert backend_compiles  # the counter sees the first calls' compilations
+    backend_compiles.clear()
+    jax.block_until_ready(calls(1))
+    assert backend_compiles == []

@@ -42,3 +42,26 @@ def test_functions_differing_only_in_the_array_a_nested_jit_closes_over_are_diff
     np.testing.assert_array_equal(first(c1, x), [2.0, 2.0, 2.0])  # exact: small integers
     np.testing.assert_array_equal(second(c2, x), [8.0, 8.0, 8.0])
     assert trace(make(one), x)[0] == first
+
+
+def test_a_number_or_0d_numpy_value_is_compiled_into_the_program_and_a_jax_or_nd_numpy_array_is_an_argument():
+    """As the module docstring says: a Python number, NumPy scalar or 0-d NumPy array the function reads is a literal
+    of its program, so each new value is another program (an answer token as np.asarray(3): the patching grid
+    compiled again for every token); a JAX array, 0-d too, or a NumPy array of one or more dimensions is a const,
+    one program for every value. Either way a call computes with the current value."""
+    read = {}
+    x = jnp.ones(2)
+
+    def f(x):
+        return x * read["value"]
+
+    for wrap in (float, np.float32, np.asarray, jnp.asarray, lambda v: np.full(1, v)):
+        programs = []
+        for v in (2.0, 3.0):
+            read["value"] = wrap(v)
+            traced, consts = trace(f, x)
+            np.testing.assert_array_equal(traced(consts, x), [v, v])  # exact: small integers
+            programs.append((traced, len(consts)))
+        literal = wrap in (float, np.float32, np.asarray)
+        assert (programs[0][0] != programs[1][0]) == literal, wrap
+        assert [n for _, n in programs] == ([0, 0] if literal else [1, 1]), wrap

@@ -24,6 +24,7 @@ def _sq_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
     return jnp.maximum(d, 0.0)
 
 
+@partial(jax.jit, static_argnames="k")
 def kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     """[k, D] starting centroids by greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's default): the
     first uniform over the rows of x [N, D]; for each next, 2 + log k candidates drawn with probability
@@ -47,6 +48,7 @@ def kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     return jnp.concatenate([first[None], rest])
 
 
+@partial(jax.jit, static_argnames="iters")
 def lloyd(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """iters Lloyd steps from centroids [k, D]; (labels [N], centroids [k, D], inertia []) of the final centroids,
     the inertia summed directly as |x - centroid of its label|^2. A cluster left empty keeps its centroid."""

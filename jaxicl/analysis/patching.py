@@ -10,7 +10,9 @@ by one jitted program (`jax.lax.map` over chunks of `chunk_size` points: None ru
 a 2-core CPU for small GPTs, and runs the whole grid at once on accelerators).
 `metric(predictions [B, ...]) -> scalar` scores each patched batch. It is traced afresh at every call
 (jaxicl.traced), so a metric that reads a global (an answer token, a target array) sees the value it has at that
-call, and the compiled grid is reused while the metric traces to the same program.
+call, and the compiled grid is reused while the metric traces to the same program. A Python number, NumPy scalar or
+0-d NumPy array it reads is part of that program, so each new value compiles the grid again: hold an answer token
+that changes as jnp.asarray(token).
 
 Attribution patching approximates the same grid to first order: metric(corrupted) + the gradient at
 the corrupted run (zero deltas at every site at once) times (clean - corrupted), summed over the patched

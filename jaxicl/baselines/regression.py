@@ -2,7 +2,8 @@
 
 Each predictor decodes the (x, y) pairs of a linear-regression prompt and predicts pair j from
 pairs 0..j-1 only, i.e. at every prefix; predictions sit at the task's prediction positions and
-are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared. One prompt each,
+are 0 elsewhere. All are differentiable in the tokens, so input sensitivities can be compared, and jitted: a call
+eager, vmapped or differentiated compiles once per shape, then reuses the program. One prompt each,
 tokens [cfg.seq_len, cfg.dim + 1] (a batch [B, T, D] or a prompt of another shape raises ValueError; jax.vmap them
 over a batch). Where the shapes agree (paired n_context 8 and interleaved n_context 4 are both [9, dim + 1]) a prompt
 of the other format cannot be told apart and gives wrong predictions.
@@ -68,14 +69,20 @@ def prefix_mask(n: int) -> jax.Array:
 
 
 def _prefix_predictor(cfg: lr_task.LinearRegression, fit_prefixes: PrefixFit, name: str) -> Predictor:
-    """The predictor of pair j by <w_j, x_j>, w = fit_prefixes(x, y) [n, d] (name: the baseline, for errors)."""
+    """The predictor of pair j by <w_j, x_j>, w = fit_prefixes(x, y) [n, d] (name: the baseline, for errors): the shape
+    checked, then a jitted function (unjitted, GD-k's lax.scan, whose step is a new closure at each call, compiled
+    again at every eager call)."""
     tokens_of = "n_context + 1" if cfg.format == "paired" else "2 n_context + 1"
     fields = (f"{tokens_of} = {cfg.seq_len} tokens of x {cfg.dim} + y 1 for format={cfg.format!r}, "
               f"n_context={cfg.n_context}, dim={cfg.dim}")
 
-    def predict(tokens: jax.Array) -> jax.Array:
-        check_one_prompt(name, tokens, cfg.token_dim, fields, length=cfg.seq_len)
+    @jax.jit
+    def predictions(tokens: jax.Array) -> jax.Array:
         x, y = lr_task.decode(cfg, tokens)
         return lr_task.at_positions(cfg, jnp.einsum("jd,jd->j", fit_prefixes(x, y), x))
+
+    def predict(tokens: jax.Array) -> jax.Array:
+        check_one_prompt(name, tokens, cfg.token_dim, fields, length=cfg.seq_len)
+        return predictions(tokens)
 
     return predict

@@ -103,18 +103,21 @@ def states(cfg: AffineRecurrence, key: jax.Array) -> tuple[jax.Array, dict]:
     a = cfg.a.sample(k_a, (cfg.dim, cfg.dim)) / math.sqrt(cfg.dim)
     b = cfg.b.sample(k_b, (cfg.dim,))
     x0 = cfg.x0.sample(k_x, (cfg.dim,))
-
-    def step(x, _):
-        nxt = a @ x + b
-        return nxt, nxt
-
-    _, rest = jax.lax.scan(step, x0, length=cfg.seq_len)
+    _, rest = jax.lax.scan(_step, (x0, a, b), length=cfg.seq_len)
     xs = jnp.concatenate([x0[None], rest])
     scale = jnp.max(jnp.abs(xs)) if cfg.rescale else jnp.ones(())
     scale = jnp.where(scale > 0, scale, 1.0)
     # one materialised copy: tokens, targets and info hold the same values bit for bit
     xs, a, b, scale = jax.lax.optimization_barrier((xs / scale, a, b / scale, scale))
     return xs, {"A": a, "b": b, "x0": xs[0], "scale": scale}
+
+
+def _step(carry: tuple, _) -> tuple:
+    """x_{n+1} = A x_n + b, carrying (x_n, A, b): a scan body at module level, so an eager call's scan is compiled
+    once (a closure over A and b, new at each call, would compile again at every call)."""
+    x, a, b = carry
+    nxt = a @ x + b
+    return (nxt, a, b), nxt
 
 
 def sample(cfg: AffineRecurrence, key: jax.Array) -> Prompt:

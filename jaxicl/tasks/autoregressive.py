@@ -174,13 +174,16 @@ def states(cfg: Autoregressive, key: jax.Array) -> tuple[jax.Array, dict]:
     s0 = initial_state(cfg, k_0)
     noise = _noise(cfg, k_n, (cfg.seq_len, cfg.dim), cfg.is_complex)
     w, theta, s0 = jax.lax.optimization_barrier((w, theta, s0))  # info holds the W and s0 that made the states
-
-    def step(s, eps):
-        nxt = w @ s + eps
-        return nxt, nxt
-
-    _, rest = jax.lax.scan(step, s0, noise)
+    _, rest = jax.lax.scan(_step, (s0, w), noise)
     return jnp.concatenate([s0[None], rest]), {"W": w, "angles": theta, "s0": s0}
+
+
+def _step(carry: tuple, eps: jax.Array) -> tuple:
+    """s_{t+1} = W s_t + eps_t, carrying (s_t, W): a scan body at module level, so an eager call's scan is compiled
+    once (a closure over W, new at each call, would compile again at every call)."""
+    s, w = carry
+    nxt = w @ s + eps
+    return (nxt, w), nxt
 
 
 def encode(cfg: Autoregressive, s: jax.Array) -> jax.Array:

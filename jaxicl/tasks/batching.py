@@ -89,7 +89,9 @@ def sample_batch(sample: Sampler, cfg, key: jax.Array, batch_size: int, axis: st
     the key was made on (none, before jax.set_mesh, or another: it is replicated onto the current one first).
 
     Jitted: the sampler is traced at every call (jaxicl.traced), so one that reads a global (a pool of prompts)
-    draws from its current value, and the compiled program is reused while it traces to the same program.
+    draws from its current value, and the compiled program is reused while it traces to the same program (a global
+    Python number, NumPy scalar or 0-d NumPy array is part of the program: each new value compiles it again; hold one
+    that changes as jnp.asarray(value)).
     A sampler that indexes a table it holds by a per-prompt index (a task pool) gathers with
     jaxicl.models.gpt.lookup(table, ids): under a mesh of several devices (explicit sharding) a plain table[i] has no
     output sharding of its own and raises ShardingTypeError. (The engine runs the model in auto sharding, so an
