@@ -289,7 +289,10 @@ def test_a_plain_negative_task_count_is_refused():
         assert e.value.args == ("n_tasks must be >= 0, got -2",)
     w = jax.vmap(lambda k, t: lr.sample(cfg, k, n_tasks=t).info["w"])(jax.random.split(jax.random.key(0), 4),
                                                                         jnp.full(4, -2, jnp.int32))  # traced
-    np.testing.assert_array_equal(w, np.tile(lr.task_pool(cfg, 1), (4, 1)))
+    assert (np.asarray(w) == np.asarray(w)[0]).all()  # one program's rows: equal by construction
+    # task_pool's own program, of another shape, may round the normal transform 1 ulp apart (pool_vector): measured
+    # 2.4e-7 at XLA's default optimisation level on AVX-512, where the suite's O0 happens to give equal bits
+    np.testing.assert_allclose(w, np.tile(lr.task_pool(cfg, 1), (4, 1)), rtol=1e-6, atol=1e-7)
 
 
 def test_a_concrete_task_count_of_any_type_is_checked():
