@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxicl.analysis.ablation import ablate_heads
@@ -22,9 +23,11 @@ from jaxicl.models import SelfAttention, apply, predictor
 from jaxicl.models.ar_transformer import PositionalTransformer
 from jaxicl.models.base import Model
 from jaxicl.models.gpt import GPT
+from jaxicl.prompt import Prompt
 from jaxicl.sites import Patch, null_sites
 from jaxicl.tasks import affine_recurrence as ar
 from jaxicl.tasks import sample_batch
+from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
 from jaxicl.train.mesh import data_mesh
 
 B, T = 4, 5
@@ -778,13 +781,26 @@ def test_chunk_size_auto_fills_a_cpu_chunk_with_about_2048_prompt_tokens_and_bad
             resolve_chunk_size(bad, tokens)
 
 
-def test_each_analysis_takes_a_batch_drawn_under_a_data_mesh_inside_the_mesh_and_after_it():
+FEW = ("run_with_cache", "attribution_patching", "vmap(predictor)")  # a jitted pass, a gradient, the user's own vmap
+
+
+@pytest.mark.parametrize("params, devices, only", [("init", 4, FEW), ("trained", 4, None), ("trained", 1, FEW)],
+                         ids=["init-4", "trained-4", "trained-1"])
+def test_each_analysis_takes_a_batch_drawn_under_a_data_mesh_inside_the_mesh_and_after_it(params, devices, only):
     """sample_batch under jax.set_mesh gives a batch split over "data" (4 simulated devices): taking its first prompt
     for site_info was refused by JAX, and so was vmapping it with the per-prompt arrays an analysis makes unsharded
-    (zero values, edit masks). Each analysis gives what it gives for the same prompts unsharded, in the mesh and after
-    leaving it."""
+    (zero values, edit masks). The params train() returns carry its mesh with Auto axes (jaxicl.train.portable): JAX
+    refused them in one program with such a batch (Explicit axes), on 4 devices and on 1 (a batch not split, still
+    typed Explicit), in every analysis and in the model's predictor vmapped by hand. Each gives what it gives for
+    the same prompts and params with no mesh, in the mesh and after leaving it. only: the analyses run (all for None),
+    to keep the test short where the path through the analyses' replication is the one the others take."""
     g, p = nnx.split(GPT(d_model=8, n_layers=2, n_heads=2, max_len=8, input_dim=1, init_std=0.4, rngs=nnx.Rngs(0)))
     task, batch = ar.AffineRecurrence(seq_len=8), 8
+    mesh = data_mesh(devices)
+    if params == "trained":
+        p = train(regression_loss(g), ar.sample, task, TrainConfig(steps=1, batch_size=batch, lr=1e-2), p, mesh=mesh,
+                  progress=False).state.params
+        assert {x.sharding.mesh.axis_types for x in jax.tree.leaves(p)} == {(AxisType.Auto,)}
     cells = np.zeros((batch, 8), bool)
     cells[:, 3] = True
     sites = ["layer0.resid_post", "layer1.resid_post"]
@@ -801,19 +817,23 @@ def test_each_analysis_takes_a_batch_drawn_under_a_data_mesh_inside_the_mesh_and
         "perturbed_outputs": lambda x, y: perturbed_outputs(g, p, x, sites[0], cells, 0.5, jax.random.key(3)),
         "edit_each_site": lambda x, y: edit_each_site(g, p, x, sites, cells, deltas=np.ones((2, batch, 8, 8))),
         "probe": lambda x, y: probe(x[:, -1], y[:, -1, 0])["score"],
+        "direct_attribution": lambda x, y: jax.vmap(lambda t: direct_attribution(g, p, t))(x),
+        "per_position_loss": lambda x, y: per_position_loss(g, p, Prompt(x, y[..., 0], jnp.ones(y.shape[:2]))),
+        "vmap(predictor)": lambda x, y: jax.vmap(predictor(g, p))(x),
     }
+    analyses = {name: f for name, f in analyses.items() if only is None or name in only}
     want = {name: f(*(sample_batch(ar.sample, task, jax.random.key(k), batch).inputs for k in (1, 2)))
             for name, f in analyses.items()}
-    with jax.set_mesh(data_mesh(4)):
+    with jax.set_mesh(mesh):
         split = [sample_batch(ar.sample, task, jax.random.key(k), batch).inputs for k in (1, 2)]
-        assert split[0].sharding.spec == P("data", None, None)
+        assert split[0].sharding.spec == (P("data", None, None) if devices > 1 else P(None, None, None))
         inside = {name: f(*split) for name, f in analyses.items()}
     after = {name: f(*split) for name, f in analyses.items()}
     for got in (inside, after):
         for name, value in got.items():
             # replicated, every device runs the one-device program on the whole batch: the same float32 operations
             # (measured equal); 1e-6 relative leaves room only for another fusion order. grid_memory's bytes: exact
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name),
+            jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name),
                          value, want[name])
 
 

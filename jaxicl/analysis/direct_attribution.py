@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.models.functional import apply
+from jaxicl.models.functional import apply, on_mesh_of
 from jaxicl.models.gpt import GPT
 
 
 def direct_attribution(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, jax.Array]:
     """Contributions to the outputs [T, out] of one prompt: embed, pos_embed [T, out], heads [L, H, T, out],
     mlp [L, T, out] (zeros for an attention-only model), bias [T, out]; their sum is the output."""
+    params = on_mesh_of(tokens, params)  # the unembedding's products below meet the cache, on the tokens' mesh
     model = nnx.merge(graphdef, params)
     if not isinstance(model, GPT):
         raise TypeError(f"direct_attribution needs a jaxicl.models.gpt.GPT, got {type(model).__name__}")
