@@ -384,6 +384,19 @@ def test_every_training_experiment_has_task_and_train_sections(name):
             assert not fields & {"lr", "steps", "batch_size", "steps_per_call"}, (name, fields)
 
 
+@pytest.mark.parametrize("name", sorted(set(registry.EXPERIMENTS) - NOT_TRAINING))
+def test_every_full_run_saves_periodic_checkpoints(name):
+    """An interrupted full run continues from its last checkpoint (README): full presets that saved only at the end
+    (nn_random_init's 156,250 steps of 32 members among them) restarted from step 0. Exempt: a run of one compiled
+    call (ar_fig3_unitary's 100 closed-form GD steps), which a checkpoint would only split."""
+    trains = [c.train for c in _configs(registry.load(name).PRESETS["full"]) if isinstance(getattr(c, "train", None),
+                                                                                            TrainConfig)]
+    assert trains
+    for train in trains:
+        if train.steps > train.steps_per_call:
+            assert 0 < train.checkpoint_every < train.steps, (name, train.checkpoint_every, train.steps)
+
+
 def _dot_precisions(cfg, out_dir, seen):
     """A stand-in for an experiment's run: lowers a GPT's loss gradient and records each dot's precision."""
     graphdef, params = nnx.split(GPT(d_model=8, n_layers=1, n_heads=2, input_dim=3, max_len=4, rngs=nnx.Rngs(0)))
