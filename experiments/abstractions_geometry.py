@@ -143,6 +143,7 @@ PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, probe_po
            "quick": Config(),
            "full": Config(training=TRAINING_PRESETS["full"].training, probe_positions=bd.POSITIONS,
                           held_out_positions=9, double_boards=4000, perturb_boards=1000)}
+SHARES = (ab.TRAINING_DIR,)  # trains (or loads) the shared model in --out/abstractions_training/run
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:

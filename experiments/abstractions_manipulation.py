@@ -104,6 +104,7 @@ PRESETS = {"smoke": Config(training=TRAINING_PRESETS["smoke"].training, boards_p
            "quick": Config(),
            "full": Config(training=TRAINING_PRESETS["full"].training, boards_per_pair=8,
                           centroid_positions=bd.POSITIONS, composite_backgrounds=10)}
+SHARES = (ab.TRAINING_DIR,)  # trains (or loads) the shared model in --out/abstractions_training/run
 
 
 def run(cfg: Config, out_dir: str) -> Outcome:

@@ -58,10 +58,11 @@ class Config:
         check_set_by("task.mu", self.task.mu, ar.Autoregressive.mu, "mus", self.mus, self.mus, "fit")
 
 
+_OFFICIAL = Config(train=dataclasses.replace(Config.train, checkpoint_every=10_000))  # the official recipe
 PRESETS = {
     "smoke": Config(task=dataclasses.replace(Config.task, seq_len=10), mus=(50.0, 300.0), n_sequences=200),
-    "quick": Config(),  # the official recipe
-    "full": Config(),
+    "quick": _OFFICIAL,
+    "full": _OFFICIAL,
 }
 
 

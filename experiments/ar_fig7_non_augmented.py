@@ -80,7 +80,7 @@ PRESETS = {
                     eval_every=320),
     # the official recipe: 64 heads, Adam 1e-2, batch 1024, 3200 steps = 200 epochs of 2^14 sequences (drawn with
     # replacement from the fixed set, the official script shuffles it each epoch)
-    "full": Config(),
+    "full": Config(train=dataclasses.replace(Config.train, checkpoint_every=320)),  # every 2nd evaluation
 }
 
 

@@ -52,7 +52,7 @@ PRESETS = {
                     eval_prompts=1024),
     "quick": Config(),
     "full": Config(train=TrainConfig(steps=20000, batch_size=1024, optimizer="sgd", lr=3e-3, steps_per_call=1000,
-                                     log_every=100), eval_prompts=65536),
+                                     log_every=100, checkpoint_every=2000), eval_prompts=65536),
 }
 
 

@@ -19,8 +19,8 @@ import jax
 
 from experiments import registry
 from experiments.common.report import write_report
-from experiments.common.runner import (MATMUL_PRECISIONS, RunInterrupted, check_out_dir, resolve_config,
-                                       run_experiment, sweep_axes)
+from experiments.common.runner import (MATMUL_PRECISIONS, RunInterrupted, check_out_dir, interrupt_message,
+                                       resolve_config, run_experiment, sweep_axes)
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
 from jaxicl import distributed
 from jaxicl.config_paths import leaf_paths, value_at
@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_experiment(name, args.preset, args.out, args.overrides, sweep=args.sweep,
                                     matmul_precision=args.matmul_precision)
         except KeyboardInterrupt as e:  # RunInterrupted where run_experiment's run was stopped
-            out_dir = os.path.join(args.out, name)
-            print(f"\ninterrupted: {name} " + (f"had written nothing: {out_dir} holds the earlier run as it was"
-                                                 if isinstance(e, RunInterrupted) and e.restored else
-                                                 f"resumes from its last checkpoint under {out_dir} (the same "
-                                                 f"command)"), file=sys.stderr)
+            restored = isinstance(e, RunInterrupted) and e.restored
+            print(f"\ninterrupted: {interrupt_message(name, args.out, restored)}", file=sys.stderr)
             return 130
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
             print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)

@@ -77,11 +77,12 @@ PRESETS = {
     "smoke": Config(task=nn_task.NearestNeighbor(dim=3, n_context=4, n_prompts=512), scales=(0.3, 5.0),
                     seeds=(0,), train=dataclasses.replace(Config.train, steps=200, steps_per_call=100),
                     eval_prompts=256),
-    "quick": Config(),
+    "quick": Config(train=dataclasses.replace(Config.train, checkpoint_every=500)),
     "full": Config(task=nn_task.NearestNeighbor(dim=8, n_context=16, n_prompts=10_000),
                    scales=(0.01, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0), seeds=tuple(range(4)),
+                   # 2,000 epochs of the 10,000 prompts, a checkpoint every 8% of them
                    train=dataclasses.replace(Config.train, lr=0.5, steps=156_250, batch_size=128,
-                                             steps_per_call=1250),  # 2,000 epochs of the 10,000 prompts
+                                             steps_per_call=1250, checkpoint_every=12_500),
                    eval_prompts=10_000),
 }
 

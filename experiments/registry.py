@@ -12,6 +12,8 @@
                     every swept value is validated on that section
   SWEEP_IGNORES     optional, with run_sweep: {field or section: why} of Config that run_sweep does not read; the
                     CLI refuses an override of one (or of a field under a section) with --sweep, saying why
+  SHARES            optional: the folders beside its own under --out that its run writes too (a shared training
+                    run); where a run is interrupted the CLI looks for their checkpoints as for its own
 """
 
 import importlib

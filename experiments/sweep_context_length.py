@@ -59,11 +59,12 @@ PRESETS = {
                               eval_every=200, eval_prompts=1024), context_lengths=(2, 6), seeds=1),
     "quick": Config(gd=_small(4, (2, 4, 8, 16), TrainConfig(steps=2000, batch_size=256, lr=1.25e-2,
                                                             schedule="warmup_cosine", warmup_steps=100,
-                                                            steps_per_call=250, log_every=10),
+                                                            steps_per_call=250, log_every=10, checkpoint_every=500),
                               eval_every=250, eval_prompts=4096), context_lengths=(2, 4, 8, 16), seeds=2),
     "full": Config(gd=_small(10, (5, 10, 20, 40), TrainConfig(steps=20000, batch_size=2048, lr=1e-3,
                                                               schedule="warmup_cosine", warmup_steps=1000,
-                                                              steps_per_call=1000, log_every=100),
+                                                              steps_per_call=1000, log_every=100,
+                                                              checkpoint_every=2000),
                              eval_every=1000, eval_prompts=10000)),
 }
 

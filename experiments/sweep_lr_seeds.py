@@ -124,9 +124,11 @@ PRESETS = {
     "quick": Config(gd=_SMALL_GD, seeds=3, lrs=(1e-4, 5e-4, 2.5e-3, 1.25e-2, 6.25e-2),
                     diversity=Diversity(task=lr_task.LinearRegression(dim=3, n_context=16, noise_std=0.5),
                                         train=TrainConfig(steps=1500, batch_size=256, lr=3e-3, steps_per_call=500,
-                                                          log_every=10),
+                                                          log_every=10, checkpoint_every=500),
                                         n_tasks=(1, 4, 16, 64, 256, 0), seeds=2, layers=2, eval_prompts=2048)),
-    "full": Config(),
+    "full": Config(gd=dataclasses.replace(Config.gd, train=dataclasses.replace(Config.gd.train, checkpoint_every=300)),
+                   diversity=dataclasses.replace(Config.diversity, train=dataclasses.replace(Config.diversity.train,
+                                                                                             checkpoint_every=2000))),
 }
 
 

@@ -13,11 +13,12 @@ from experiments import registry
 from experiments.cli import main
 from experiments.common.report import write_report
 from experiments.common.result import Outcome
-from experiments.common.runner import run_experiment
+from experiments.common.runner import interrupt_message, run_experiment
 from experiments.gd_equivalence import Config
 from jaxicl.config_paths import apply_overrides, leaf_paths
 from jaxicl.models.gpt import GPT
-from jaxicl.train import TrainConfig
+from jaxicl.train import TrainConfig, train
+from tiny_run import tiny_setup
 from jaxicl.validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the subprocess imports from it
@@ -287,7 +288,7 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
 
     monkeypatch.setattr(gd_equivalence, "run", stopped)
     assert main([*argv, "init_scale=0.3"]) == 130
-    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence had written nothing: {out} holds the "
+    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence wrote nothing under {out}: it holds the "
                                             f"earlier run as it was\n")
     assert {f: (out / f).read_text() for f in ("config.json", "result.json")} == before
 
@@ -301,6 +302,41 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
                                             f"{out} (the same command)\n")
     assert json.loads((out / "config.json").read_text())["config"]["init_scale"] == 0.3
     assert not (out / "result.json").exists()
+
+
+def test_an_interrupted_run_says_whether_the_same_command_resumes_or_restarts_from_step_0(monkeypatch, capsys,
+                                                                                          tmp_path):
+    """The CLI said a stopped run "resumes from its last checkpoint" where none was saved (full presets that only
+    saved at the end restarted from step 0), and abstractions_geometry, stopped while training the shared model in
+    abstractions_training/run, "had written nothing". Each message names the folders whose checkpoints it found."""
+    from experiments import gd_equivalence
+
+    def stopped_after_writing(cfg, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        open(os.path.join(out_dir, "metrics.jsonl"), "w").close()  # the run's first file, no checkpoint yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gd_equivalence, "run", stopped_after_writing)
+    assert main(["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence saved no checkpoint under "
+                                            f"{tmp_path / 'gd_equivalence'}: the same command restarts it from step "
+                                            f"0\n")
+    geometry, training = tmp_path / "abstractions_geometry", tmp_path / "abstractions_training"
+    assert interrupt_message("abstractions_geometry", str(tmp_path), False) == (
+        f"abstractions_geometry saved no checkpoint under {geometry}, {training}: the same command restarts it from "
+        f"step 0")
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=10, checkpoint_every=5)
+    train(loss_fn, sample, task, cfg, params, out_dir=str(training / "run"), progress=False)
+    assert interrupt_message("abstractions_geometry", str(tmp_path), True) == (
+        f"abstractions_geometry wrote nothing under {geometry}: it holds the earlier run as it was; the same command "
+        f"resumes its training from the last checkpoint under {training}")
+    assert interrupt_message("abstractions_geometry", str(tmp_path), False) == (
+        f"abstractions_geometry resumes from its last checkpoint under {training} (the same command)")
+    assert interrupt_message("abstractions_training", str(tmp_path), False) == (
+        f"abstractions_training resumes from its last checkpoint under {training} (the same command)")
+    # restored: the checkpoints in its own folder are the earlier run's, which the same command may not resume
+    assert interrupt_message("abstractions_training", str(tmp_path), True) == (
+        f"abstractions_training wrote nothing under {training}: it holds the earlier run as it was")
 
 
 def test_a_config_json_cannot_hold_leaves_the_earlier_run_as_it_was(monkeypatch, tmp_path):
@@ -382,6 +418,19 @@ def test_every_training_experiment_has_task_and_train_sections(name):
             fields = {f.name for f in dataclasses.fields(c)}
             assert {"task", "train"} <= fields and isinstance(c.train, TrainConfig), (name, type(c).__name__)
             assert not fields & {"lr", "steps", "batch_size", "steps_per_call"}, (name, fields)
+
+
+@pytest.mark.parametrize("name", sorted(set(registry.EXPERIMENTS) - NOT_TRAINING))
+def test_every_full_run_saves_periodic_checkpoints(name):
+    """An interrupted full run continues from its last checkpoint (README): full presets that saved only at the end
+    (nn_random_init's 156,250 steps of 32 members among them) restarted from step 0. Exempt: a run of one compiled
+    call (ar_fig3_unitary's 100 closed-form GD steps), which a checkpoint would only split."""
+    configs = [c.train for c in _configs(registry.load(name).PRESETS["full"])
+               if isinstance(getattr(c, "train", None), TrainConfig)]
+    assert configs
+    for c in configs:
+        if c.steps > c.steps_per_call:
+            assert 0 < c.checkpoint_every < c.steps, (name, c.checkpoint_every, c.steps)
 
 
 def _dot_precisions(cfg, out_dir, seen):

@@ -1047,13 +1047,14 @@ def test_a_metric_the_first_member_never_logged_keeps_its_column_in_every_sweep_
     sweep_report.write_sweep_report(str(tmp_path))
 
     assert json.loads((tmp_path / "sweep_members.json").read_text()) == [
-        {"member": 0, "train.lr": 0.1, "train.seed": 0, "diverged_at": 0, "last_step": None, "loss": None,
-         "train_loss": None},
-        {"member": 1, "train.lr": 0.2, "train.seed": 0, "diverged_at": None, "last_step": 1, "loss": 0.5,
-         "train_loss": 5.0}]
+        {"member": 0, "train.lr": 0.1, "train.seed": 0, "diverged_at": 0, "last_step": None, "eval_step": 2,
+         "loss": None, "train_loss": None},
+        {"member": 1, "train.lr": 0.2, "train.seed": 0, "diverged_at": None, "last_step": 1, "eval_step": 2,
+         "loss": 0.5, "train_loss": 5.0}]
     assert (tmp_path / "sweep_members.md").read_text().splitlines() == [
-        "| member | train.lr | train.seed | diverged_at | last_step | loss | train_loss |",
-        "|---|---|---|---|---|---|---|", "| 0 | 0.1 | 0 | 0 | - | - | - |", "| 1 | 0.2 | 0 | - | 1 | 0.5 | 5 |"]
+        "| member | train.lr | train.seed | diverged_at | last_step | eval_step | loss | train_loss |",
+        "|---|---|---|---|---|---|---|---|", "| 0 | 0.1 | 0 | 0 | - | 2 | - | - |",
+        "| 1 | 0.2 | 0 | - | 1 | 2 | 0.5 | 5 |"]
     stats = [f"{m}_{s}" for m in ("loss", "train_loss") for s in ("mean", "std", "min")]
     assert json.loads((tmp_path / "sweep_seeds.json").read_text()) == [
         {"train.lr": 0.1, "seeds": 1, "diverged": 1} | dict.fromkeys(stats),
@@ -1084,6 +1085,38 @@ def test_the_report_of_an_interrupted_sweep_says_its_tables_are_partial(tmp_path
     for name, header in (("sweep_members", "| member | train.seed | diverged_at | last_step | train_loss |"),
                          ("sweep_seeds", "| seeds | diverged | train_loss_mean | train_loss_std | train_loss_min |")):
         assert (tmp_path / f"{name}.md").read_text().splitlines()[:3] == [f"# {name} ({partial})", "", header]
+
+
+def test_a_sweep_stopped_before_its_final_evaluation_is_reported_partial_with_its_eval_step(tmp_path, capsys):
+    """A 10-step sweep interrupted after its last train rows (step 9), before its final evaluation (at step 10), was
+    reported as final with the evaluation of step 5. Now the eval step is a column, and the tables are partial until
+    every member has its evaluation at step 10."""
+    from experiments.common import sweep_report
+
+    members = [{"train.lr": lr} for lr in (0.1, 0.2)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"fields": ["train.lr"], "members": members, "diverged": {},
+                                                     "steps": 10}))
+    train = [{"step": s, "split": "train", "member": i, "loss": 1.0} for s in range(10) for i in range(2)]
+    evals = [{"step": s, "split": "eval", "member": i, "loss": 10.0 * i + s} for s in (0, 5) for i in range(2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train + evals))
+    sweep_report.write_sweep_report(str(tmp_path))
+
+    partial = ("partial: 2 of 2 members unfinished, last logged step below 9 or last evaluation below step 10 of 10 "
+               "steps: see last_step, eval_step")
+    assert capsys.readouterr().err == f"warning: {tmp_path}: {partial}\n"
+    table = json.loads((tmp_path / "sweep_members.json").read_text())
+    assert [(r["last_step"], r["eval_step"], r["loss"]) for r in table] == [(9, 5, 5.0), (9, 5, 15.0)]
+    header = "| member | train.lr | diverged_at | last_step | eval_step | train_loss | loss |"
+    assert (tmp_path / "sweep_members.md").read_text().splitlines()[:3] == [f"# sweep_members ({partial})", "", header]
+
+    final = [{"step": 10, "split": "eval", "member": i, "loss": 10.0 * i + 10} for i in range(2)]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in final))
+    sweep_report.write_sweep_report(str(tmp_path))
+    assert capsys.readouterr().err == ""
+    table = json.loads((tmp_path / "sweep_members.json").read_text())
+    assert [(r["last_step"], r["eval_step"], r["loss"]) for r in table] == [(9, 10, 10.0), (9, 10, 20.0)]
+    assert "eval_step_mean" not in json.loads((tmp_path / "sweep_seeds.json").read_text())[0]  # a step, not a metric
 
 
 def test_the_learning_curves_order_an_infinite_pool_as_the_loss_vs_pool_plot_does(tmp_path, monkeypatch):

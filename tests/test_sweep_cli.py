@@ -73,8 +73,8 @@ def test_an_out_that_is_a_file_and_an_interrupt_end_with_a_message_not_a_traceba
 
     monkeypatch.setattr("experiments.cli.run_experiment", interrupted)
     assert main(["gd_equivalence", "--preset", "smoke", "--out", str(tmp_path)]) == 130
-    assert f"resumes from its last checkpoint under {tmp_path / 'gd_equivalence'} (the same command)" in (
-        capsys.readouterr().err)
+    assert (f"saved no checkpoint under {tmp_path / 'gd_equivalence'}: the same command restarts it from step 0"
+            in capsys.readouterr().err)
 
 
 def test_unsweepable_field_is_refused_naming_the_allowed_ones(capsys, tmp_path):

@@ -16,6 +16,7 @@ import jax
 from experiments import registry
 from jaxicl import outputs
 from jaxicl.config_paths import apply_overrides, resolve, value_at
+from jaxicl.train.checkpoint import latest_checkpoint
 from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError, check_choice
@@ -101,6 +102,33 @@ def _restore(out_dir: str, previous: str | None, previous_result: str | None) ->
             os.rmdir(out_dir)
     if previous_result is not None:
         outputs.write_text(result_path, previous_result)
+
+
+def holds_checkpoint(directory: str) -> bool:
+    """Whether a run's checkpoints/ (a sweep's checkpoints/chunk{k}/) anywhere under directory holds a checkpoint."""
+    for root, dirs, _ in os.walk(directory):
+        if os.path.basename(root) == "checkpoints":
+            stores = [os.path.join(root, d) for d in dirs if d.startswith("chunk")] or [root]
+            if any(latest_checkpoint(store) for store in stores):
+                return True
+            dirs.clear()  # the checkpoints' own folders
+    return False
+
+
+def interrupt_message(name: str, out: str, restored: bool) -> str:
+    """What the same command does after experiment `name`, run under `out`, was stopped; `restored` where the run had
+    written nothing in its folder, which holds the earlier run again. Its training resumes from the checkpoints in its
+    folder (not where restored: those are the earlier run's) and in the folders beside it that it writes (SHARES)."""
+    out_dir = os.path.join(out, name)
+    shared = [os.path.join(out, s) for s in getattr(registry.load(name), "SHARES", ())]
+    looked = shared if restored else [out_dir, *shared]
+    saved = [d for d in looked if holds_checkpoint(d)]
+    if restored:
+        resumes = f"; the same command resumes its training from the last checkpoint under {', '.join(saved)}"
+        return f"{name} wrote nothing under {out_dir}: it holds the earlier run as it was{resumes if saved else ''}"
+    if saved:
+        return f"{name} resumes from its last checkpoint under {', '.join(saved)} (the same command)"
+    return f"{name} saved no checkpoint under {', '.join(looked)}: the same command restarts it from step 0"
 
 
 def _written_since(out_dir: str, since: float, besides: set[str]) -> bool:

@@ -1,7 +1,8 @@
 """Reports of a sweep directory (sweep.json + metrics.jsonl): tables and plots, regenerable from disk.
 
-  sweep_members.md / .json   final metrics per member with its values and last logged train step (diverged
-                             members marked); the Markdown titled "partial" where a member has not finished
+  sweep_members.md / .json   final metrics per member with its values, last logged train step and (where the
+                             sweep evaluates) the step of its last evaluation (diverged members marked); the
+                             Markdown titled "partial" where a member has not finished
   sweep_seeds.md / .json     aggregated over seeds: mean, std, min and count per other combination
   sweep_<metric>_vs_<axis>.png   the final metric against one swept axis, mean with seed bands
   sweep_curves.png           learning curves (train loss) per member
@@ -31,7 +32,7 @@ def find_sweeps(root: str) -> list[str]:
 
 def final_table(sweep_dir: str) -> tuple[dict, list[dict]]:
     """(sweep.json, one row per member: member, its values, diverged_at, last_step (its last logged train step,
-    None without one), final metrics)."""
+    None without one), eval_step (the step of its last eval row; only where it has one), final metrics)."""
     with open(os.path.join(sweep_dir, "sweep.json")) as f:
         spec = json.load(f)
     rows = read_metrics(os.path.join(sweep_dir, "metrics.jsonl"))
@@ -43,6 +44,8 @@ def final_table(sweep_dir: str) -> tuple[dict, list[dict]]:
         train, evals = by_member[i]["train"], by_member[i]["eval"]
         row = {"member": i, **values, "diverged_at": spec["diverged"].get(str(i)),
                "last_step": train[-1]["step"] if train else None}
+        if evals:
+            row["eval_step"] = evals[-1]["step"]
         if train:
             tail = train[-max(1, len(train) // 10):]
             row["train_loss"] = float(np.mean([r["loss"] for r in tail]))
@@ -59,19 +62,24 @@ def columns(rows: list[dict]) -> list[str]:
 
 
 def metric_names(table: list[dict], fields: list[str]) -> list[str]:
-    skip = set(fields) | {"member", "diverged_at", "last_step"}
+    skip = set(fields) | {"member", "diverged_at", "last_step", "eval_step"}
     return [k for k in columns(table) if k not in skip]
 
 
 def partial(spec: dict, table: list[dict]) -> str | None:
     """What says the tables are not final, None where they are: the members neither diverged nor logged the last
-    step (steps - 1; a sweep interrupted before its end, e.g. by Ctrl-C, reports the numbers of where it stopped)."""
-    last = spec["steps"] - 1
-    unfinished = [r for r in table if r["diverged_at"] is None and (r["last_step"] is None or r["last_step"] < last)]
+    step (steps - 1) and, in a sweep that evaluates, the final evaluation (at steps). A sweep interrupted before its
+    end, e.g. by Ctrl-C, reports the numbers of where it stopped; one interrupted after its last step's train rows,
+    before its final evaluation, an earlier evaluation's."""
+    steps = spec["steps"]
+    evaluates = any(r.get("eval_step") is not None for r in table)
+    unfinished = [r for r in table if r["diverged_at"] is None and (r["last_step"] is None or r["last_step"] < steps - 1
+                                                                     or evaluates and r.get("eval_step") != steps)]
     if not unfinished:
         return None
-    return (f"partial: {len(unfinished)} of {len(table)} members unfinished, last logged step below {last} of "
-            f"{spec['steps']} steps: see last_step")
+    evaluation = f" or last evaluation below step {steps}" if evaluates else ""
+    return (f"partial: {len(unfinished)} of {len(table)} members unfinished, last logged step below {steps - 1}"
+            f"{evaluation} of {steps} steps: see last_step{', eval_step' if evaluates else ''}")
 
 
 def aggregate(table: list[dict], fields: list[str]) -> list[dict]:
