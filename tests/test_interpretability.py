@@ -832,9 +832,13 @@ def test_each_analysis_takes_a_batch_drawn_under_a_data_mesh_inside_the_mesh_and
     for got in (inside, after):
         for name, value in got.items():
             # replicated, every device runs the one-device program on the whole batch: the same float32 operations
-            # (measured equal); 1e-6 relative leaves room only for another fusion order. grid_memory's bytes: exact
-            jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name),
-                         value, want[name])
+            # (measured equal); 1e-6 relative leaves room only for another fusion order. grid_memory's bytes: exact.
+            # What this test vmaps by hand (the predictor, direct_attribution) is not replicated: it runs split over
+            # "data", another program, whose values of size ~1 differ by float32 rounding through two layers
+            # (1.8e-7 and 4.5e-7 measured on jax 0.11.2)
+            rtol, atol = (1e-5, 1e-6) if name in ("vmap(predictor)", "direct_attribution") else (1e-6, 1e-7)
+            jax.tree.map(lambda a, b, name=name, rtol=rtol, atol=atol: np.testing.assert_allclose(
+                a, b, rtol=rtol, atol=atol, err_msg=name), value, want[name])
 
 
 def test_attribution_patching_of_a_metric_reading_a_split_array_names_the_fix():
