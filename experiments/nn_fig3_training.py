@@ -172,7 +172,7 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
 
     def evaluate(p):
         xi1, xi2 = theory.to_reduced(p["w"][...], d)
-        bound = theory.theorem2_bound(xi1, xi2, n, cfg.task.delta, label_bound)
+        bound = theory.theorem2_bound(xi1, xi2, n, cfg.task.shifted_margin, label_bound)
         return {**metrics(p), "theorem2_mse_bound": jnp.mean(jnp.minimum(bound, 2 * label_bound) ** 2),
                 "xi1": xi1, "xi2": xi2}
 
@@ -415,7 +415,8 @@ def _plot(cfg: Config, runs: list[dict], out_dir: str) -> str:
         ax.plot(idx, r["per_step"]["off_family"][idx].mean(1), color=c, label=tag)
     axes[0, 0].set(xlabel="step t", ylabel="train loss", title="training loss (dashed: reduced L)")
     axes[0, 1].set(yscale="log", xlabel="step t", ylabel="MSE",
-                   title=f"shifted test MSE (dotted: Thm 2 bound), delta={cfg.task.delta}")
+                   title=f"shifted test MSE (dotted: Thm 2 bound, margin {cfg.task.shifted_margin:g}), "
+                         f"delta={cfg.task.delta}")
     axes[0, 2].set(xlabel="step t", ylabel="fraction", ylim=(0.4, 1.02),
                    title="sign(pred) = 1-NN label (dashed: argmax attention = i*)")
     axes[0, 3].set(yscale="log", xlabel="step t", ylabel="q_(N+1), max over prompts and seeds (dashed: mean)",

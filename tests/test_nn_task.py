@@ -33,8 +33,10 @@ def test_shapes_embedding_and_targets_against_a_brute_force_loop():
         assert np.all(b.targets[p, :-1] == 0) and b.mask[p, -1] == 1 and b.mask[p, :-1].sum() == 0
 
 
-@pytest.mark.parametrize("delta", [0.3, 1.5])
+@pytest.mark.parametrize("delta", [0.3, 1.5, 3.0])
 def test_shifted_set_has_the_promised_margin(delta):
+    """Every point but the copied one at squared distance >= shifted_margin = min(delta, 4 - delta) (a point flipped
+    from just inside delta lands just beyond 4 - delta), and some point near it: the margin is the sampler's own."""
     cfg = nn.NearestNeighbor(dim=3, n_context=12, distribution="shifted", delta=delta)
     b = sample_batch(nn.sample, cfg, jax.random.key(1), 2000)
     x = np.asarray(b.info["x"], np.float64)
@@ -44,7 +46,8 @@ def test_shifted_set_has_the_promised_margin(delta):
     np.testing.assert_allclose(sq[rows, copied], 0.0, atol=1e-12)
     others = np.ones_like(sq, bool)
     others[rows, copied] = False
-    assert sq[others].min() >= delta - 1e-5
+    assert cfg.shifted_margin == min(delta, 4 - delta)
+    assert cfg.shifted_margin - 1e-5 <= sq[others].min() < cfg.shifted_margin + 0.05
     # without the flip about 1 - F(delta) of the points would be closer than delta: the flip really happened
     unflipped = np.asarray(sample_batch(nn.sample, nn.NearestNeighbor(dim=3, n_context=12), jax.random.key(1),
                                         2000).info["x"])

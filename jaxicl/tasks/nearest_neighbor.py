@@ -15,8 +15,9 @@ Distributions:
   "uniform": x_1..x_N, x_q i.i.d. uniform on the sphere, labels uniform over the classes.
   "shifted": the test set of the paper's Appendix B: labels y_j ~ N(0, I_L), the query is a copy
              of a uniformly chosen context point i, and every other x_j with |x_j - x_q|^2 <= delta
-             is replaced by -x_j (point i itself is never flipped). For delta < 2 every j != i then
-             sits at squared distance >= delta from the query (a margin of delta).
+             is replaced by -x_j (point i itself is never flipped), which moves it to squared distance
+             4 - (its old one). Every j != i then sits at squared distance >= min(delta, 4 - delta) from the
+             query (shifted_margin: delta for delta <= 2).
 `n_prompts > 0` makes a fixed training set: prompt m is always drawn from batching.pool_key(pool_seed, m)
 and `sample` picks m uniformly (SGD on a finite set of prompts, as in the paper's experiments).
 """
@@ -57,6 +58,12 @@ class NearestNeighbor:
         check_choice("distribution", self.distribution, DISTRIBUTIONS)
         check_range("delta", self.delta, 0.0, 4.0)
         check_positive("n_prompts", self.n_prompts, allow_zero=True)
+
+    @property
+    def shifted_margin(self) -> float:
+        """The smallest squared distance of a point other than the copied one to the query in the shifted
+        distribution: min(delta, 4 - delta) (a flipped point within delta of the query lands at 4 - its distance)."""
+        return min(self.delta, 4.0 - self.delta)
 
     @property
     def label_dim(self) -> int:
