@@ -3,7 +3,8 @@
 and after leaving it. JAX refuses the two in one computation, and refuses to vmap such a batch, split over "data",
 together with per-prompt arrays made unsharded. The forward pass (jaxicl.models.functional.apply) puts params on the
 tokens' mesh when it is traced (on_mesh_of); the analyses and per_position_loss replicate all their inputs on one mesh
-before they run (replicated_inputs).
+before they run (replicated_inputs); equivalence_metrics, which differentiates eagerly, runs in the batch's mesh
+(inside_inputs_mesh).
 """
 
 from collections.abc import Callable, Iterator
@@ -70,6 +71,23 @@ def replicated_inputs(fn: Callable) -> Callable:
     return wrapped
 
 
+def inside_inputs_mesh(fn: Callable) -> Callable:
+    """fn run under jax.set_mesh of the mesh its arguments' arrays are typed with (the first with an Explicit axis: a
+    batch drawn under jax.set_mesh, after leaving it), where no mesh is current and an argument has one. Outside that
+    mesh, JAX refuses to differentiate eagerly (not jitted) a function of such an array, split or replicated (a
+    ValueError asking for jax.set_mesh); inside it, fn runs as in the mesh the batch was drawn in."""
+
+    @wraps(fn)
+    def wrapped(*args, **kwargs):
+        mesh = _inputs_mesh((args, kwargs)) if jax.sharding.get_abstract_mesh().empty else None
+        if mesh is None:
+            return fn(*args, **kwargs)
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def _unread(x) -> bool:
     """Whether x is an iterator (names given by a generator): a leaf for replicated_inputs, not read, where JAX warns
     that it will refuse one."""
@@ -78,15 +96,21 @@ def _unread(x) -> bool:
 
 def _replication_mesh(tree) -> tuple[jax.sharding.AbstractMesh | None, P | NamedSharding | None]:
     """(mesh, the replicated sharding on it) for replicated_inputs: the current mesh (jax.set_mesh; a bare
-    PartitionSpec names it, also while tracing, where its devices cannot be asked for), else the first mesh with an
-    Explicit axis that an array of tree is typed with, else (None, None)."""
+    PartitionSpec names it, also while tracing, where its devices cannot be asked for), else _inputs_mesh(tree), else
+    (None, None)."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
         return mesh, P()
+    explicit = _inputs_mesh(tree)
+    return (None, None) if explicit is None else (explicit.abstract_mesh, NamedSharding(explicit, P()))
+
+
+def _inputs_mesh(tree) -> jax.sharding.Mesh | None:
+    """The first mesh with an Explicit axis that an array of tree is typed with, else None."""
     for x in jax.tree.leaves(tree, is_leaf=_unread):
-        if (explicit := _explicit_mesh(x)) is not None:
-            return explicit.abstract_mesh, NamedSharding(explicit, P())
-    return None, None
+        if (mesh := _explicit_mesh(x)) is not None:
+            return mesh
+    return None
 
 
 def _explicit_mesh(x) -> jax.sharding.Mesh | None:
