@@ -4,6 +4,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent
@@ -11,7 +13,7 @@ from jaxicl.models import SelfAttention, predictor
 from jaxicl.tasks import linear_regression as lr
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import optimal_gd_lr
-from jaxicl.train import TrainConfig, data_mesh, regression_loss, sweep_mesh, train, train_sweep
+from jaxicl.train import TrainConfig, data_mesh, portable, regression_loss, replicated, sweep_mesh, train, train_sweep
 
 TASK = lr.LinearRegression(dim=3, n_context=5)
 CFG = TrainConfig(steps=10, batch_size=16, lr=1e-2, steps_per_call=5, log_every=1)
@@ -57,3 +59,26 @@ def test_sweep_params_work_outside_the_sweep_mesh():
     for name in host:
         np.testing.assert_allclose(eager[name], host[name], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(jitted[name], host[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_equivalence_metrics_take_a_batch_drawn_under_a_data_mesh_inside_the_mesh_and_after_it(devices):
+    """sample_batch under jax.set_mesh gives a batch typed with the mesh's Explicit axes (split over "data" on 4
+    devices): after leaving the mesh, JAX refused to differentiate the predictors on it eagerly (ValueError asking for
+    jax.set_mesh). With params as train() returns them (its mesh, Auto axes), the metrics of the model vs GD-1 equal
+    those of the same prompts with no mesh, inside the mesh and after it."""
+    graphdef, params = _model()
+    mesh = data_mesh(devices)
+    params = portable(jax.device_put(params, replicated(mesh)))  # what train() does to its state (TrainResult)
+    assert {x.sharding.mesh.axis_types for x in jax.tree.leaves(params)} == {(AxisType.Auto,)}
+    gd1 = gradient_descent(TASK, steps=1, lr=optimal_gd_lr(TASK))
+    metrics = lambda tokens: equivalence_metrics(predictor(graphdef, params), gd1, tokens)  # noqa: E731
+    want = metrics(sample_batch(lr.sample, TASK, jax.random.key(1), 16).inputs)
+    with jax.set_mesh(mesh):
+        batch = sample_batch(lr.sample, TASK, jax.random.key(1), 16).inputs
+        assert batch.sharding.spec == (P("data", None, None) if devices > 1 else P(None, None, None))
+        inside = metrics(batch)
+    after = metrics(batch)
+    for got in (inside, after):
+        for name in want:  # split over "data", another program: float32 rounding of values of size ~1
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)

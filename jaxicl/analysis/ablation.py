@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import batch_site_info, check_heads, replicated_inputs, run_with_cache
+from jaxicl.analysis.cache import batch_site_info, check_heads, run_with_cache
 from jaxicl.analysis.patching import patched_predictions
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.sites import Patch
 
 KINDS = ("zero", "mean", "resample")

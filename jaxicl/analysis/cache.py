@@ -3,19 +3,18 @@
 Only the requested sites are kept (no whole-model cache unless asked for with names="all"); names are
 checked against the model's sites before anything is compiled. The analyses take a batch drawn under jax.set_mesh
 (split over "data") inside the mesh and after it, with params from anywhere (train()'s included), replicating both on
-the batch's mesh first (replicated_inputs).
+the batch's mesh first (jaxicl.mesh_placement.replicated_inputs).
 """
 
-from collections.abc import Callable, Iterable, Iterator
-from functools import partial, wraps
+from collections.abc import Iterable
+from functools import partial
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.models.base import Model, site_axes_of
-from jaxicl.models.functional import apply, on_another_mesh
+from jaxicl.models.functional import apply
 
 
 _SITE_INFO: dict = {}  # site_info by (graphdef, parameter shapes, prompt shape): tracing the model costs ~40 ms
@@ -48,62 +47,6 @@ def batch_site_info(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict:
     out (tokens[0]) of a batch sharded over a mesh's Explicit axis (sample_batch under jax.set_mesh) is refused by JAX,
     inside the mesh and after it."""
     return site_info(graphdef, params, jax.ShapeDtypeStruct(tokens.shape[1:], tokens.dtype))
-
-
-def explicitly_sharded(x) -> bool:
-    """Whether x is an array split over an Explicit mesh axis (a batch drawn by sample_batch under jax.set_mesh)."""
-    sharding = getattr(x, "sharding", None)
-    return (isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types
-            and any(s is not None for s in sharding.spec))
-
-
-def replicated_inputs(fn: Callable) -> Callable:
-    """fn with the arrays of its arguments (any pytree leaf: the batch, the params) replicated on one mesh first,
-    where one is in play: the current one under jax.set_mesh, else that of an argument typed with an Explicit mesh
-    (a batch drawn under jax.set_mesh, after leaving it). An array split over the mesh (such a batch) is replicated:
-    an analysis vmaps the batch together with per-prompt arrays it makes unsharded (zero values, masks, picks), which
-    JAX refuses for a batch sharded over "data". An array typed with another mesh is put on this one (no copy where
-    the devices are the same): the params train() returns carry its mesh with Auto axes (jaxicl.train.portable),
-    which JAX refuses in one program with a batch on the Explicit mesh, inside the mesh and after it. Replicated,
-    every device runs the whole analysis, with the results of one device. Arrays on no mesh stay as they are."""
-
-    @wraps(fn)
-    def wrapped(*args, **kwargs):
-        mesh, onto = _analysis_mesh((args, kwargs))
-        if mesh is None:
-            return fn(*args, **kwargs)
-
-        def elsewhere(x) -> bool:
-            return on_another_mesh(x, mesh) or explicitly_sharded(x)
-
-        def each(arg):  # an argument holding no such array stays the object it was (a dict keeps its order)
-            if not any(map(elsewhere, jax.tree.leaves(arg, is_leaf=_unread))):
-                return arg
-            return jax.tree.map(lambda x: jax.device_put(x, onto) if elsewhere(x) else x, arg, is_leaf=_unread)
-
-        return fn(*map(each, args), **{k: each(v) for k, v in kwargs.items()})
-
-    return wrapped
-
-
-def _unread(x) -> bool:
-    """Whether x is an iterator (names given by a generator): a leaf for replicated_inputs, not read, where JAX warns
-    that it will refuse one."""
-    return isinstance(x, Iterator)
-
-
-def _analysis_mesh(tree) -> tuple[jax.sharding.AbstractMesh | None, P | NamedSharding | None]:
-    """(mesh, the replicated sharding on it) for replicated_inputs: the current mesh (jax.set_mesh; a bare
-    PartitionSpec names it, also while tracing, where its devices cannot be asked for), else the first mesh with an
-    Explicit axis that an array of tree is typed with, else (None, None)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        return mesh, P()
-    for x in jax.tree.leaves(tree, is_leaf=_unread):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types:
-            return sharding.mesh.abstract_mesh, NamedSharding(sharding.mesh, P())
-    return None, None
 
 
 def check_sites(names: Iterable[str], info: dict, argument: str = "sites") -> tuple[str, ...]:

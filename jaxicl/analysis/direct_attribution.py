@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.models.functional import apply, on_mesh_of
+from jaxicl.mesh_placement import on_mesh_of
+from jaxicl.models.functional import apply
 from jaxicl.models.gpt import GPT
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxicl.mesh_placement import inside_inputs_mesh
+
 Predictor = Callable[[jax.Array], jax.Array]
 
 
@@ -17,12 +19,15 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-30)
 
 
+@inside_inputs_mesh
 def equivalence_metrics(f: Predictor, g: Predictor, tokens: jax.Array, position: int = -1) -> dict[str, jax.Array]:
     """Averages over a batch of prompts tokens [B, T, D], at prediction `position`:
 
     pred_diff:  mean (f - g)^2 of the predictions
     query_cos, query_l2:     cosine and L2 distance of d pred / d x_query (the query token without its label slot)
     context_cos, context_l2: the same for d pred / d (context tokens) [T - 1, D], flattened
+
+    A batch drawn under jax.set_mesh is taken inside the mesh and after leaving it (then in that mesh again).
     """
     pos = position % tokens.shape[1]
 

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import (batch_site_info, check_heads, check_sites, explicitly_sharded, replicated_inputs,
-                                   run_with_cache)
+from jaxicl.analysis.cache import batch_site_info, check_heads, check_sites, run_with_cache
+from jaxicl.mesh_placement import explicitly_sharded, replicated_inputs
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 from jaxicl.traced import Traced, trace

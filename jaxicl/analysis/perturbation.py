@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.analysis.cache import batch_site_info, check_sites, replicated_inputs, run_with_cache
+from jaxicl.analysis.cache import batch_site_info, check_sites, run_with_cache
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 

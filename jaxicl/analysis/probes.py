@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxicl.analysis.cache import replicated_inputs
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.prng import seed_key
 from jaxicl.ridge import check_lam, ridge_solve
 from jaxicl.validation import check_real

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.analysis.cache import batch_site_info, check_sites, replicated_inputs
+from jaxicl.analysis.cache import batch_site_info, check_sites
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.models.functional import apply
 from jaxicl.sites import Patch
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxicl.analysis.cache import replicated_inputs
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.models.functional import predictor
 from jaxicl.models.gpt import lookup
 from jaxicl.models.lea import VQBuffer
@@ -149,7 +149,7 @@ def lea_loss(graphdef: nnx.GraphDef, *, rfs_ramp: tuple[int, int] = (250, 1000),
 @replicated_inputs
 def per_position_loss(graphdef: nnx.GraphDef, params, batch: Prompt, coords: str = "sum") -> np.ndarray:
     """[T] mean over the batch of each position's squared error (regression_loss's conventions); params and batch on
-    one mesh first, as the analyses' (jaxicl.analysis.cache.replicated_inputs)."""
+    one mesh first, as the analyses' (jaxicl.mesh_placement.replicated_inputs)."""
     return np.asarray(_per_position(graphdef, params, batch.inputs, batch.targets, coords))
 
 
