@@ -241,7 +241,8 @@ class Config:
         check_positive("vq_epsilon", self.vq_epsilon)
         check_range("vq_restart_below", self.vq_restart_below, 0.0)
         check_range("continuous_until", self.continuous_until, 0)
-        check_range("model.n_words", self.model.n_words, 2)  # the blank (the last word) and at least one more
+        # the blank (the last word) and at least one more; lea.LEA refuses it too, naming n_words, at build_model
+        check_range("model.n_words", self.model.n_words, 2)
         vectors, words = self.train.batch_size * self.model.message_len, self.model.n_words - 1
         if self.continuous_until and vectors < words:  # the refit's k-means is compiled into every step
             raise ConfigError(f"continuous_until={self.continuous_until} refits the model.n_words - 1 = {words} words "

@@ -49,6 +49,8 @@ def test_splits_are_disjoint_and_hold_the_promised_families_and_counts(data):
     compiled = [[re.compile(p) for p in fam] for fam in data.patterns]
     unseen = data.splits["unseen"]
     assert not any(c.fullmatch(s) for s, k in zip(unseen.strings, unseen.task) for c in compiled[k][:seen])
+    assert set(zip(unseen.task.tolist(), unseen.family.tolist())) == set(itertools.product(  # each kept one at least
+        range(CFG.n_tasks), range(seen, CFG.n_families)))
     made = CFG.n_tasks * per_task["unseen"]
     assert 0.9 * made <= len(set(unseen.strings)) <= made
 
@@ -176,25 +178,41 @@ def test_strings_another_task_spells_are_rejected_in_both_directions_and_only_wh
         assert got == {(0, 0, "ac"), (0, 1, "bc"), (0, 2, "cc"), (1, 0, "ca"), (1, 1, "cb"), (1, 2, "c")}
 
 
-def test_an_unseen_split_left_empty_fails_at_build_naming_unseen_families():
-    """Unseen strings a seen family of their task also spells are dropped; where that left none, build returned an
-    empty unseen split (clustering_dynamics then failed with a ZeroDivisionError after training) and the sampler
-    blamed unseen_families=0 or validation_strings=0."""
+def test_an_unseen_family_left_without_a_string_fails_at_build_naming_it_and_unseen_families():
+    """Unseen strings a seen family of their task also spells are dropped; where that left a family none, build
+    returned an unseen split without it: with it the whole task where it was the task's only unseen family (the
+    defaults at seed 4 lost task 9, so the unseen accuracy was over 9 tasks), and an empty split where every family
+    lost its strings (clustering_dynamics then failed with a ZeroDivisionError after training)."""
+    with pytest.raises(ConfigError, match=re.escape(
+            "unseen_families=1 left unseen families without a string: a seen family of the same task also spells "
+            "each of the strings_per_family=20 strings of patterns[9][4] ('[p-t]{1,3}e?jf'); the unseen split would "
+            "miss them, and tasks [9] altogether; choose another seed") + "$"):  # n_letters=26: no more letters
+        ins.build(ins.Instructions(seed=4))
     generated = ins.Instructions(n_tasks=2, n_families=2, unseen_families=1, strings_per_family=3,
                                  validation_strings=1, n_letters=3, n_inputs=2, n_outputs=2, min_task_distance=1,
                                  keyword_len=1, max_instruction_len=6, seed=33)
-    with pytest.raises(ConfigError, match=r"unseen_families=1 made an empty unseen split: a seen family .*"
-                                          r"raise n_letters .* or choose another seed"):
+    with pytest.raises(ConfigError, match=r"unseen_families=1 left .* of patterns\[0\]\[1\] .*, patterns\[1\]\[1\] "
+                                          r".*tasks \[0, 1\] altogether; choose another seed or raise n_letters"):
         ins.build(generated)
-    # each unseen family is its seen family's pattern: its one string differs from the seen one (no repeats), which
-    # the seen pattern spells, for every seed
-    for seed in range(3):
-        given = ins.Instructions(n_tasks=2, n_families=2, unseen_families=1, strings_per_family=1,
-                                 validation_strings=0, n_letters=6, n_inputs=2, n_outputs=2, min_task_distance=1,
-                                 patterns=(("a[bc]", "a[bc]"), ("d[ef]", "d[ef]")), seed=seed)
-        with pytest.raises(ConfigError, match=r"unseen_families=1 made an empty unseen split: .* give unseen "
-                                              r"patterns that spell strings their task's seen ones do not"):
-            ins.build(given)
+    # given patterns: an unseen family that is a seen family's pattern makes one string that differs from the seen
+    # one (no repeats), which the seen pattern spells, for every seed; "e[ef]" and "b[bc]" keep theirs
+    given = ins.Instructions(n_tasks=2, n_families=2, unseen_families=1, strings_per_family=1, validation_strings=0,
+                             n_letters=6, n_inputs=2, n_outputs=2, min_task_distance=1)
+    hint = "; give unseen patterns that spell strings their task's seen ones do not"
+    cases = [(given, (("a[bc]", "a[bc]"), ("d[ef]", "d[ef]")),
+              "patterns[0][1] ('a[bc]'), patterns[1][1] ('d[ef]'); the unseen split would miss them, and tasks [0, 1] "
+              "altogether"),
+             (given, (("a[bc]", "a[bc]"), ("d[ef]", "e[ef]")),
+              "patterns[0][1] ('a[bc]'); the unseen split would miss them, and tasks [0] altogether"),
+             (dataclasses.replace(given, n_families=3, unseen_families=2),  # task 0 keeps its other unseen family
+              (("a[bc]", "a[bc]", "b[bc]"), ("d[ef]", "e[ef]", "f[ef]")),
+              "patterns[0][1] ('a[bc]'); the unseen split would miss them")]
+    for cfg, patterns, names in cases:
+        for seed in range(3):
+            with pytest.raises(ConfigError, match=re.escape(
+                    f"unseen_families={cfg.unseen_families} left unseen families without a string: a seen family of "
+                    f"the same task also spells each of the strings_per_family=1 strings of {names}{hint}") + "$"):
+                ins.build(dataclasses.replace(cfg, patterns=patterns, seed=seed))
     # the split a config leaves empty: the sampler names the field that does
     data = ins.build(dataclasses.replace(given, patterns=(("a[bc]", "b[bc]"), ("d[ef]", "e[ef]")), unseen_families=0))
     assert len(data.splits["train"]) == 2 * 2 * 2  # tasks x seen families x inputs

@@ -221,6 +221,12 @@ def test_kmeans_against_numpy_lloyd():
     np.testing.assert_array_equal(n, [1, 3])
     with pytest.raises(ValueError, match="at least k=8 vectors"):
         vq.kmeans(jnp.zeros((5, 4)), 8)
+    # k = 0 divided by zero placing the starts; k = 1 is the mean of every vector (float32 means of 300 O(5) values)
+    with pytest.raises(ConfigError, match=r"^k must be in \[1, inf\], got 0$"):
+        vq.kmeans(jnp.asarray(x), 0)
+    c, n = vq.kmeans(jnp.asarray(x), 1)
+    np.testing.assert_allclose(c, x.mean(0, dtype=np.float64)[None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(n, [300])
 
 
 def test_the_three_pass_loss_against_the_entry_points_with_words_continuous_speech_and_the_refit():
@@ -285,6 +291,14 @@ def test_the_speech_weight_ramps_linearly_from_the_ramps_first_epoch_to_its_last
         total, (aux, _) = loss(params, batch, buffers)
         np.testing.assert_allclose(aux["rfs_weight"], want, rtol=1e-6, atol=1e-7)  # one float32 division
         np.testing.assert_allclose(total, aux["ce_board"] + want * (aux["vq_loss"] + aux["ce_speech"]), rtol=1e-6)
+
+def test_a_codebook_of_the_blank_alone_is_refused_naming_n_words():
+    """n_words=1 leaves the blank (word n_words - 1) and no word to speak; a model built so, outside the experiment's
+    config (which refuses model.n_words=1 before anything runs), crashed in its first refit, a k-means of 0 words."""
+    with pytest.raises(ConfigError, match=r"^n_words must be in \[2, inf\], got 1$"):
+        lea.LEA(rngs=nnx.Rngs(0), **dict(TINY, n_words=1))
+    assert lea.LEA(rngs=nnx.Rngs(0), **dict(TINY, n_words=2)).blank == 1
+
 
 def test_bad_messages_name_the_argument_and_the_allowed_range():
     graphdef, state = nnx.split(lea.LEA(rngs=nnx.Rngs(0), **TINY))

@@ -14,7 +14,8 @@ residual stream; bidirectional attention; exact GELU):
 - Speech stream (the auxiliary language network, ALN): L learned initial vectors [L, D] and speech positions [L, P];
   its blocks cross-attend to the picture stream's LN_f output; LN_f; then each of the L vectors is quantised to its
   nearest code in a codebook of K words (jaxicl.models.vector_quantizer).
-- Without a message (reconstruction from a board), the picture stream reads L copies of the blank word (K - 1).
+- Without a message (reconstruction from a board), the picture stream reads L copies of the blank word (K - 1), so
+  K >= 2: the blank and at least one word.
 
 The codebook and its EMA state are VQBuffer variables: nnx.split(model, nnx.Param, VQBuffer) gives (graphdef,
 params, buffers); the training step updates the buffers (jaxicl.train.losses.lea_loss), the optimiser never sees them.
@@ -49,7 +50,7 @@ from jaxicl.models.factor_transformer import Linear, attend, attention_site_axes
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
 from jaxicl.models.vector_quantizer import nearest_codes
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_choice, check_positive
+from jaxicl.validation import check_choice, check_positive, check_range
 
 EMA_INITS = ("normal", "codebook")  # ema_w's start: N(0, 1) (the official code) or the codebook itself
 
@@ -90,9 +91,9 @@ class LEA(Model):
                  n_heads: int = 2, board_len: int = 64, n_words: int = 128, message_len: int = 16,
                  init_std: float = 0.02, ema_init: str = "normal", rngs: nnx.Rngs):
         for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("d_pos", d_pos), ("n_layers", n_layers),
-                        ("n_heads", n_heads), ("board_len", board_len), ("n_words", n_words),
-                        ("message_len", message_len)):
+                        ("n_heads", n_heads), ("board_len", board_len), ("message_len", message_len)):
             check_positive(name, v)
+        check_range("n_words", n_words, 2)  # the blank (the last word) and at least one word to speak
         check_choice("ema_init", ema_init, EMA_INITS)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads}")

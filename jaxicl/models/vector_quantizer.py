@@ -24,6 +24,8 @@ The usage term comes from an argmin and carries no gradient; the codebook gets n
 import jax
 import jax.numpy as jnp
 
+from jaxicl.validation import check_range
+
 
 def nearest_codes(codebook: jax.Array, x: jax.Array) -> jax.Array:
     """int32 [...] the index of the nearest code [K, D] to each vector x [..., D]."""
@@ -63,6 +65,7 @@ def _per_code(flat: jax.Array, codes: jax.Array, k: int) -> tuple[jax.Array, jax
 def kmeans(x: jax.Array, k: int, iters: int = 10) -> tuple[jax.Array, jax.Array]:
     """(centroids [k, D], counts [k]) of vectors x [..., D] (at least k of them) after `iters` Lloyd steps from k
     vectors evenly spaced through x; a centroid that loses every vector stays where it was."""
+    check_range("k", k, 1)  # k = 0 divided by zero placing the starts
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] < k:
         raise ValueError(f"kmeans needs at least k={k} vectors, got {flat.shape[0]}")

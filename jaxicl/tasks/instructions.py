@@ -14,8 +14,8 @@ times strings_per_family strings. The keyword is what makes a held-out family of
 
 Splits: train (the first strings of each seen family), validation (new strings of the seen families) and unseen
 (every string of the last unseen_families families of each task that no seen family of the task also spells: 196
-of 200 at the defaults; never trained on); each string appears with
-every input. Generation runs once on the host (`build`, seeded); batches are then drawn on device from the
+of 200 at the defaults; at least one of each family, or build refuses the config; never trained on); each string
+appears with every input. Generation runs once on the host (`build`, seeded); batches are then drawn on device from the
 split's token table (`InstructionData.sampler`).
 
 Token ids: PAD 0, BOS 1, SEP 2, ARROW 3, EOS 4, then the letters, the inputs and the answers. A sequence
@@ -239,7 +239,7 @@ class InstructionData:
         is a device array; the same function object each call, so jitted callers compile once)."""
         check_choice("split", split, SPLITS)
         s = self.splits[split]
-        if not len(s):  # train never is, and build refuses an empty unseen split of unseen_families >= 1
+        if not len(s):  # train never is, and build leaves no unseen family empty where unseen_families >= 1
             field = {"validation": "validation_strings", "unseen": "unseen_families"}[split]
             raise ConfigError(f"the {split} split is empty: {field}=0")
         arrays = {k: jnp.asarray(getattr(s, k)) for k in ("tokens", "task", "x", "answer", "arrow")}
@@ -332,8 +332,10 @@ def build(cfg: Instructions) -> InstructionData:
     """The task table, the patterns and the three splits, generated on the host from cfg.seed.
 
     Raises ConfigError naming the pattern (patterns[k][m]) that cannot produce strings_per_family unambiguous
-    strings, with the number it made, or naming unseen_families where no unseen string is left (every one is spelled
-    by a seen family of its task).
+    strings, with the number it made, or naming unseen_families and every unseen family left without a string (a
+    seen family of its task also spells each one it made): the unseen split, which keeps the others, would leave
+    that family, and where it was its task's only one the whole task, out of its scores (at the defaults, seed 4
+    lost task 9's).
     """
     rng = np.random.default_rng(cfg.seed)
     table = task_table(cfg, rng)
@@ -362,18 +364,28 @@ def build(cfg: Instructions) -> InstructionData:
             strings[k, m] = found
     seen = cfg.n_families - cfg.unseen_families
     n_train = cfg.strings_per_family - cfg.validation_strings
-    members = {"train": [], "validation": [], "unseen": []}
+    members, empty = {"train": [], "validation": [], "unseen": []}, []
     for (k, m), found in strings.items():
         if m >= seen:  # a string a seen family of its task also spells would test that family, not generalisation
-            members["unseen"] += [(k, m, s) for s in found if not any(c.fullmatch(s) for c in compiled[k][:seen])]
+            kept = [(k, m, s) for s in found if not any(c.fullmatch(s) for c in compiled[k][:seen])]
+            members["unseen"] += kept
+            if not kept:
+                empty.append((k, m))
         else:
             members["train"] += [(k, m, s) for s in found[:n_train]]
             members["validation"] += [(k, m, s) for s in found[n_train:]]
-    if cfg.unseen_families and not members["unseen"]:
-        hint = ("raise n_letters (patterns that share fewer strings) or choose another seed" if cfg.patterns is None
-                else "give unseen patterns that spell strings their task's seen ones do not")
-        raise ConfigError(f"unseen_families={cfg.unseen_families} made an empty unseen split: a seen family of the "
-                          f"same task also spells every string of the unseen families; {hint}")
+    if empty:  # the unseen split's scores would leave these families (and maybe whole tasks) out, silently
+        families = ", ".join(f"patterns[{k}][{m}] ({patterns[k][m]!r})" for k, m in empty)
+        missing = sorted({k for k, _ in empty} - {k for k, _, _ in members["unseen"]})
+        tasks = f", and tasks {missing} altogether" if missing else ""
+        if cfg.patterns is not None:
+            hint = "give unseen patterns that spell strings their task's seen ones do not"
+        else:  # fewer letters, more patterns that share strings
+            hint = "choose another seed" + (" or raise n_letters (patterns that share fewer strings)"
+                                            if cfg.n_letters < len(string.ascii_lowercase) else "")
+        raise ConfigError(f"unseen_families={cfg.unseen_families} left unseen families without a string: a seen family "
+                          f"of the same task also spells each of the strings_per_family={cfg.strings_per_family} "
+                          f"strings of {families}; the unseen split would miss them{tasks}; {hint}")
     splits = {name: _encode(cfg, table, rows) for name, rows in members.items()}
     return InstructionData(cfg, table, tuple(tuple(f) for f in patterns), splits)
 
