@@ -145,8 +145,10 @@ def test_tokens_of_another_format_are_refused_naming_the_one_the_model_takes():
     tiled = _seq("unitary", 4, 6, fmt="tiled").inputs[0]
     tiled2 = sample_batch(ar.sample, ar.Autoregressive(family="unitary", dim=4, seq_len=6, format="tiled"),
                           jax.random.key(0), 1, axis=None).inputs[0]  # [T, 8]
-    with pytest.raises(ValueError, match=r"tokens of width 8 do not fit this model: it takes the states themselves"):
+    with pytest.raises(ValueError, match=r"the model takes tokens \[T, 4\] \(the states themselves .*\), got tokens of "
+                                         r"width 8"):
         DiagonalPositionalAttention(4, 4, 6, rngs=nnx.Rngs(0))(tiled2)
-    with pytest.raises(ValueError, match=r"tokens of width 4 do not fit this model: it takes augmented tokens"):
+    with pytest.raises(ValueError, match=r"the model takes tokens \[T, 12\] \(augmented tokens .*\), got tokens of "
+                                         r"width 4"):
         AugmentedLinearAttention(4, rngs=nnx.Rngs(0))(tiled)
     assert DiagonalPositionalAttention(4, 4, 6, rngs=nnx.Rngs(0))(tiled).shape == (6, 4)  # tile 1: the states

@@ -44,8 +44,9 @@ def test_baselines_match_numpy_prefix_loops(x64, fmt):
         assert np.all(np.delete(preds, pos, axis=1) == 0.0)
 
 
-@pytest.mark.parametrize("fmt,shape", [("paired", (4, 8, 4)), ("interleaved", (4, 15, 4))])
-def test_a_regression_baseline_given_a_batch_instead_of_one_prompt_says_so(fmt, shape):
+@pytest.mark.parametrize("fmt,shape,tokens_of", [("paired", (4, 8, 4), "n_context + 1 = 8"),
+                                                 ("interleaved", (4, 15, 4), "2 n_context + 1 = 15")])
+def test_a_regression_baseline_given_a_batch_instead_of_one_prompt_says_so(fmt, shape, tokens_of):
     """A batch [B, T, D] failed inside: a concatenate (interleaved) or a broadcast (paired) over the wrong axes."""
     cfg = lr.LinearRegression(dim=3, n_context=7, format=fmt, noise_std=0.1)
     b = sample_batch(lr.sample, cfg, jax.random.key(0), 4)
@@ -53,8 +54,9 @@ def test_a_regression_baseline_given_a_batch_instead_of_one_prompt_says_so(fmt, 
                             ("gradient_descent", gradient_descent(cfg, 2, 0.1)),
                             ("dmmse", dmmse(cfg, lr.task_pool(cfg, 8)))]:
         t = f"{shape[1]}, {shape[2]}"
-        with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [{t}], got shape {shape}: "
-                                                       f"jax.vmap it over a batch [B, {t}]")):
+        fields = f"{tokens_of} tokens of x 3 + y 1 for format={fmt!r}, n_context=7, dim=3"
+        with pytest.raises(ValueError, match=re.escape(f"{name} takes one prompt, tokens [{t}] ({fields}), got shape "
+                                                       f"{shape}: jax.vmap it over a batch [B, {t}]")):
             predictor(b.inputs)
         assert jax.vmap(predictor)(b.inputs).shape == shape[:2]
 

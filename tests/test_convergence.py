@@ -3,12 +3,14 @@
 import itertools
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxicl.analysis.convergence import (cross_board_distance, mean_pairwise_distance, participation_ratio, unit,
                                          within_board_ratio)
+from jaxicl.numeric import ratio_or_nan
 
 
 def _u(v):
@@ -44,6 +46,19 @@ def test_distances_without_a_pair_are_nan_not_perfect_convergence():
     one_pair[0, 2] = 1.0
     np.testing.assert_allclose(mean_pairwise_distance(jnp.asarray(x), jnp.asarray(one_pair)),
                                np.linalg.norm(x[0].astype(np.float64) - x[2]), rtol=1e-6)
+
+
+def test_ratio_or_nan_divides_where_the_denominator_is_positive_and_is_nan_elsewhere():
+    """Broadcast num / den where den > 0 (integer counts give a float share), NaN at den 0, and a finite gradient
+    there (0: the value is the constant NaN), not the 0 * inf of a bare division. 1/2, 3/4 and 1/4 are exact in
+    float32."""
+    got = ratio_or_nan(jnp.array([[1.0, 3.0], [2.0, 5.0]]), jnp.array([2.0, 0.0]))
+    np.testing.assert_array_equal(got, [[0.5, np.nan], [1.0, np.nan]])
+    share = ratio_or_nan(jnp.sum(jnp.array([True, True, True, False])), jnp.int32(4))
+    assert share.dtype == jnp.float32 and share == 0.75
+    grad = jax.grad(lambda n, d: ratio_or_nan(n, d), argnums=(0, 1))
+    assert grad(1.0, 0.0) == (0.0, 0.0)
+    assert grad(1.0, 2.0) == (0.5, -0.25)
 
 
 def test_within_board_ratio_against_a_loop_and_a_planted_object():

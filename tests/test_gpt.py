@@ -254,14 +254,15 @@ def test_a_prompt_without_its_position_axis_is_refused_not_read_as_positions():
 
     g, p = nnx.split(_vector_model())
     prompt = jax.random.normal(jax.random.key(1), (5, 1))
-    with pytest.raises(ValueError, match=r"^tokens: one prompt is \[T, 1\] vectors \(input_dim=1\), got shape "
-                                         r"\(1,\); batched "):
+    with pytest.raises(ValueError, match=r"^the model takes one prompt, tokens \[T, 1\] \(vectors \(input_dim=1\)\), "
+                                         r"got shape \(1,\): batched "):
         run_with_cache(g, p, prompt, ["layer0.resid_pre"])
-    with pytest.raises(ValueError, match=r"^tokens of width 2 do not fit this model: it takes vectors \(input_dim=1\), "
-                                         r"width 1$"):
+    with pytest.raises(ValueError, match=r"^the model takes tokens \[T, 1\] \(vectors \(input_dim=1\)\), got tokens "
+                                         r"of width 2 \(shape \(5, 2\)\)$"):
         nnx.merge(g, p)(jnp.zeros((5, 2)))
     tokens = GPT(d_model=8, n_layers=1, n_heads=2, vocab_size=7, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"^tokens: one prompt is \[T\] token ids, got shape \(5, 1\); batched "):
+    with pytest.raises(ValueError, match=r"^the model takes one prompt, tokens \[T\] \(token ids\), got shape \(5, 1\):"
+                                         r" batched "):
         tokens(jnp.zeros((5, 1), int))
     pred, _ = run_with_cache(g, p, prompt[None], [])  # the batch of one prompt
     np.testing.assert_allclose(pred[0], predictor(g, p)(prompt), rtol=1e-5, atol=1e-6)

@@ -333,15 +333,16 @@ def test_a_batch_or_tokens_of_another_width_are_refused_naming_the_prompt_the_mo
     batch = jnp.stack([tokens, tokens])
     with pytest.raises(ValueError) as refused:
         model(batch)
-    assert str(refused.value) == (f"tokens: one prompt is {shape} {what}, got shape {batch.shape}; batched functions "
-                                  f"(run_with_cache, activation_patching, ...) take a batch [B, ...] of such prompts")
+    assert str(refused.value) == (f"the model takes one prompt, tokens {shape} ({what}), got shape {batch.shape}: "
+                                  f"batched functions (run_with_cache, activation_patching, ...) take a batch [B, ...] "
+                                  f"of such prompts")
     if tokens.ndim == 2:
         width = tokens.shape[1]
         with pytest.raises(ValueError) as refused:
             model(jnp.ones((T, width + 1)))
-        assert str(refused.value) == (f"tokens of width {width + 1} do not fit this model: it takes {what}, "
-                                      f"width {width}")
-    with pytest.raises(ValueError, match="one prompt is"):  # at trace time (shapes are static), under jit too
+        assert str(refused.value) == (f"the model takes tokens {shape} ({what}), got tokens of width {width + 1} "
+                                      f"(shape ({T}, {width + 1}))")
+    with pytest.raises(ValueError, match="takes one prompt"):  # at trace time (shapes are static), under jit too
         jax.jit(model)(batch)
 
 

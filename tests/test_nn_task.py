@@ -157,7 +157,8 @@ def test_nn_baselines_refuse_a_batch_and_tokens_of_another_width():
                                                            "of width 12 (shape (17, 12))")):
                 predictor(b.inputs[0])
     for predictor in (one_nearest_neighbor(cfg), k_nearest_neighbors(cfg, 3)):
-        with pytest.raises(ValueError, match=re.escape("nearest_neighbor.decode takes one prompt, tokens [T, 12], got "
-                                                       "shape (3, 17, 12): jax.vmap it over a batch [B, T, 12]")):
+        with pytest.raises(ValueError, match=re.escape("nearest_neighbor.decode takes one prompt, tokens [T, 12] (x 8 "
+                                                       "+ labels 3 + flag 1 for dim=8, num_classes=4), got shape "
+                                                       "(3, 17, 12): jax.vmap it over a batch [B, T, 12]")):
             predictor(b.inputs)
     np.testing.assert_array_equal(jax.vmap(one_nearest_neighbor(cfg))(b.inputs), b.targets)

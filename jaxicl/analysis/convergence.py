@@ -10,6 +10,8 @@ reconstructed within-board measure R = W / OB of the notes (Section 6.2). partic
 import jax
 import jax.numpy as jnp
 
+from jaxicl.numeric import ratio_or_nan
+
 
 def unit(x: jax.Array) -> jax.Array:
     """Rows scaled to unit L2 norm (zero rows stay zero): x [..., D]."""
@@ -26,8 +28,7 @@ def mean_pairwise_distance(x: jax.Array, weights: jax.Array | None = None) -> ja
     d = jnp.linalg.norm(x[:, None] - x[None], axis=-1)
     off = 1.0 - jnp.eye(x.shape[0])
     w = off if weights is None else off * weights
-    total = jnp.sum(w)
-    return jnp.where(total > 0, jnp.sum(w * d) / jnp.where(total > 0, total, 1.0), jnp.nan)
+    return ratio_or_nan(jnp.sum(w * d), jnp.sum(w))
 
 
 def cross_board_distance(features: jax.Array) -> jax.Array:
@@ -58,5 +59,4 @@ def participation_ratio(x: jax.Array, weights: jax.Array | None = None) -> jax.A
     centred = x - w @ x
     cov = (centred * w[:, None]).T @ centred
     # trace and Frobenius norm of the covariance: sum lambda and sum lambda^2, no eigendecomposition needed
-    sum_sq = jnp.sum(cov**2)
-    return jnp.where(sum_sq > 0, jnp.trace(cov) ** 2 / jnp.where(sum_sq > 0, sum_sq, 1.0), jnp.nan)
+    return ratio_or_nan(jnp.trace(cov) ** 2, jnp.sum(cov**2))

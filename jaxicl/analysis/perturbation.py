@@ -15,6 +15,7 @@ from flax import nnx
 from jaxicl.analysis.cache import batch_site_info, check_sites, run_with_cache
 from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.models.functional import apply
+from jaxicl.numeric import ratio_or_nan
 from jaxicl.sites import Patch
 
 
@@ -39,7 +40,7 @@ def perturbation_distances(graphdef: nnx.GraphDef, params, tokens: jax.Array, si
         z = clean[s].astype(wide)
         d = jnp.linalg.norm(perturbed[s].astype(wide) - z, axis=-1) / jnp.maximum(jnp.linalg.norm(z, axis=-1), 1e-30)
         out.append(jnp.sum(w * d))
-    return jnp.where(n > 0, jnp.stack(out) / jnp.maximum(n, 1.0), jnp.nan)
+    return ratio_or_nan(jnp.stack(out), n)
 
 
 @replicated_inputs

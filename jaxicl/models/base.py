@@ -9,6 +9,7 @@ model through this one interface.
 import jax
 from flax import nnx
 
+from jaxicl.prompt import check_prompt_shape
 from jaxicl.sites import run_with_sites
 
 
@@ -56,19 +57,9 @@ def site_axes_of(model: Model, name: str, shape: tuple[int, ...], length: int) -
 def check_prompt(tokens: jax.Array, width: int | None, what: str) -> None:
     """ValueError unless tokens is one prompt the model takes: ids [T] (width None) or vectors [T, width] (what: their
     format, for the message). Shapes are static, so this runs once at trace time and is not in the compiled program."""
-    if tokens.ndim != (1 if width is None else 2):
-        shape = "[T]" if width is None else f"[T, {width}]"
-        raise ValueError(f"tokens: one prompt is {shape} {what}, got shape {tokens.shape}; batched functions "
-                         f"(run_with_cache, activation_patching, ...) take a batch [B, ...] of such prompts")
-    if width is not None:
-        check_token_width(tokens.shape[-1], width, what)
-
-
-def check_token_width(width: int, expected: int, what: str) -> None:
-    """ValueError when a prompt's tokens are `width` wide and the model takes `expected` (what: the format it takes,
-    for the message)."""
-    if width != expected:
-        raise ValueError(f"tokens of width {width} do not fit this model: it takes {what}, width {expected}")
+    check_prompt_shape("the model", tokens.shape, (None,) if width is None else (None, width), what,
+                       "batched functions (run_with_cache, activation_patching, ...) take a batch [B, ...] of such "
+                       "prompts")
 
 
 def check_prompt_length(t: int, positions: int, field: str = "max_len", exact: bool = False) -> None:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.numeric import ratio_or_nan
 from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
 from jaxicl.validation import (ConfigError, check_choice, check_finite, check_integer, check_positive, check_range,
@@ -426,5 +427,4 @@ def board_metrics(pred: jax.Array, batch: Prompt) -> dict:
 
 def _share(hit: jax.Array, among: jax.Array) -> jax.Array:
     """The fraction of the `among` entries that are `hit` (bool arrays of one shape), NaN where `among` is empty."""
-    n = jnp.sum(among)
-    return jnp.where(n > 0, jnp.sum(hit & among) / jnp.maximum(n, 1), jnp.nan)
+    return ratio_or_nan(jnp.sum(hit & among), jnp.sum(among))

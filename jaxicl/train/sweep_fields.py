@@ -45,6 +45,13 @@ def _task_keywords(sample: Sampler | None) -> tuple[str, ...]:
     return () if sample is None else keywords(sample, leading=2)
 
 
+def _group(path: str, init_ok: tuple[str, ...]) -> str | None:
+    """The group of a swept field: "train" or "task" by the head of its path, "init" for a keyword of init (init_ok),
+    None for neither (refused by split_fields)."""
+    head = path.partition(".")[0]
+    return head if head in ("train", "task") else "init" if path in init_ok else None
+
+
 def sweep_members(members: list[dict], sample: Sampler | None, cfg: TrainConfig, task_cfg,
                   init: Callable) -> list[dict]:
     """The members with every field by its full name, and numpy scalars (np.arange(4) as seeds) as the Python numbers
@@ -56,13 +63,13 @@ def sweep_members(members: list[dict], sample: Sampler | None, cfg: TrainConfig,
     paths = config_paths.leaf_paths(run)
     full = {}
     for name in dict.fromkeys(n for m in members for n in m):
-        head, dot, leaf = name.partition(".")
-        if not dot and name not in init_ok and any(p.endswith(f".{name}") for p in paths):
+        group = _group(name, init_ok)
+        if "." not in name and name not in init_ok and any(p.endswith(f".{name}") for p in paths):
             full[name] = config_paths.resolve(run, name)  # unique, or refused as ambiguous
-        elif head in ("train", "task") and dataclasses.is_dataclass(getattr(run, head)) and name not in paths:
-            sweepable = SWEEPABLE_TRAIN_FIELDS if head == "train" else _task_keywords(sample)
-            raise ConfigError(f"{name}: {type(getattr(run, head)).__name__} has no field {leaf!r}; sweepable {head} "
-                              f"fields: {sweepable}")
+        elif group in ("train", "task") and dataclasses.is_dataclass(getattr(run, group)) and name not in paths:
+            sweepable = SWEEPABLE_TRAIN_FIELDS if group == "train" else _task_keywords(sample)
+            raise ConfigError(f"{name}: {type(getattr(run, group)).__name__} has no field "
+                              f"{name.partition('.')[2]!r}; sweepable {group} fields: {sweepable}")
         else:
             full[name] = name
     for m in members:
@@ -78,13 +85,13 @@ def split_fields(paths, sample: Sampler | None, init: Callable) -> dict[str, lis
     groups = {"train": [], "task": [], "init": []}
     task_ok, init_ok = _task_keywords(sample), keywords(init)
     for path in paths:
-        head, _, name = path.partition(".")
-        if head == "train":
+        group, name = _group(path, init_ok), path.partition(".")[2]
+        if group == "train":
             if name not in SWEEPABLE_TRAIN_FIELDS:
                 raise ConfigError(f"train.{name} cannot be swept (it changes shapes, the loop or the optimiser's code); "
                                   f"sweepable train fields: {SWEEPABLE_TRAIN_FIELDS}")
             groups["train"].append(name)
-        elif head == "task":
+        elif group == "task":
             if sample is None:
                 raise ConfigError(f"task.{name} cannot be swept: there is no sampler (sample=None), so no task field "
                                   f"reaches the loss")
@@ -93,7 +100,7 @@ def split_fields(paths, sample: Sampler | None, init: Callable) -> dict[str, lis
                                   f"array keyword (it changes shapes or the sampling code); sweepable task fields: "
                                   f"{task_ok}")
             groups["task"].append(name)
-        elif "." not in path and path in init_ok:
+        elif group == "init":
             groups["init"].append(path)
         else:
             raise ConfigError(f"{path} cannot be swept: it is neither a sweepable train field {SWEEPABLE_TRAIN_FIELDS}, "
