@@ -18,7 +18,6 @@ DIR/logs/STEP.log and, after each step, DIR/gpu_check.json: every step's command
 and for an experiment the checks that failed (a finished run, not a failed step).
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,7 +102,7 @@ def gpu_check(out: str, smoke: bool) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser("benchmarks", __doc__)
     ap.add_argument("what", choices=["all", "gpu-check", *BENCHMARKS])
     ap.add_argument("--smoke", action="store_true", help="the tests' sizes (gpu-check: and the smoke presets)")
     ap.add_argument("--out", default=None, help=OUT_HELP)

@@ -15,9 +15,9 @@ takes the same number of devices from every process (jaxicl.train.data_mesh), so
 the process count; the default counts are 1, 2, 4 and 8 devices per process.
 """
 
-import argparse
 import os
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from jaxicl import distributed
 
@@ -41,7 +41,7 @@ def device_counts(requested: list[int] | None, processes: int, smoke: bool) -> l
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser("benchmarks.device_scaling", __doc__)
     ap.add_argument("--smoke", action="store_true", help="2 simulated devices, tiny sizes (the tests)")
     ap.add_argument("--devices", type=int, nargs="+", default=None,
                     help="device counts to time (default 1 2 4 8 per process; with --distributed multiples of the "

@@ -16,7 +16,6 @@ jaxicl loop only. Also reported: the compiled grid's memory (XLA's analysis) by 
 largest chunk that fits --budget-mb.
 """
 
-import argparse
 import os
 import subprocess
 import tempfile
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds
 from jaxicl.analysis.cache import batch_site_info, run_with_cache
@@ -54,7 +54,7 @@ def tl_weights(model: GPT) -> dict[str, np.ndarray]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser("benchmarks.patching", __doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="prompts per clean/corrupted batch")
     ap.add_argument("--repeats", type=int, default=3)

@@ -15,13 +15,13 @@ is timed as well ({impl}_prompts_per_s; its own lowering), the measurement behin
 The JSON and table are rewritten after each family, so a run stopped at a time limit keeps the families it finished.
 """
 
-import argparse
 import contextlib
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds
 from jaxicl.prng import PRNG_IMPLS, unrolled_threefry
@@ -173,7 +173,7 @@ def bench(name: str, family: tuple, batch: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser("benchmarks.sampler_throughput", __doc__)
     ap.add_argument("--smoke", action="store_true", help="small batches, the tests")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)

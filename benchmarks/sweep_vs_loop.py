@@ -36,11 +36,12 @@ import traceback
 import jax
 import numpy as np
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, SMOKE_NOTE, results_dir
 
 
 def _args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argument_parser("benchmarks.sweep_vs_loop", __doc__)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--lrs", type=int, default=8, help="learning rates, log-spaced in [1e-4, 1e-2]")
     ap.add_argument("--steps", type=int, default=200)

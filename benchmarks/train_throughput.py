@@ -9,13 +9,13 @@ while chunk k+1 runs, so the ratio engine / chunk shows what the host costs), an
 capturing every named site in a forward pass relative to capturing none. Run it on an idle machine.
 """
 
-import argparse
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds, chunk_throughput
 from jaxicl.models import SelfAttention, apply
@@ -67,7 +67,7 @@ def time_capture(layers: int, batch_size: int, repeats: int = 20) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser("benchmarks.train_throughput", __doc__)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-sizes", default="256,2048,8192")
     ap.add_argument("--layers", default="1,4")

@@ -38,7 +38,6 @@ that does not run where it must, an error) gets the reason in its row's `failed`
 exit status is non-zero.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -52,6 +51,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds, compiled_chunk, matmul_peak_gflops
 from jaxicl.models import SelfAttention
@@ -319,7 +319,7 @@ def bench(name: str, w: Workload, repeats: int, python: str, device: str, requir
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser("benchmarks.vs_torch", __doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
     ap.add_argument("--workloads", nargs="+", default=None, help=f"of {list(WORKLOADS)}")
     ap.add_argument("--repeats", type=int, default=3)

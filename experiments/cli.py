@@ -31,7 +31,8 @@ from jaxicl.validation import ConfigError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md) or 'list' [NAME]")
+    p.add_argument("name", help="an experiment name, 'all' (every experiment, then report.md), 'list' [NAME] or "
+                               "'sweep-report' DIR")
     p.add_argument("overrides", nargs="*", help="config overrides field=value; nested: train.lr=1e-3")
     p.add_argument("--preset", default="quick", choices=registry.PRESET_NAMES)
     p.add_argument("--out", default="results", help="output directory (default: results)")

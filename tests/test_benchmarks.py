@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -461,6 +462,20 @@ def test_the_runner_lists_every_benchmark_module_and_the_gpu_check_ends_with_the
     assert [(n, c[2:6]) for n, c, _ in steps[-2:]] == [(name, ["experiments", name, "--preset", "full"])
                                                       for name in ("gd_equivalence", "ar_fig7_non_augmented")]
     assert [n for n, c, _ in steps[:-2]] == [c[2].removeprefix("benchmarks.") for _, c, _ in steps[:-2]]
+
+
+@pytest.mark.parametrize("name", ["__main__", *runner.BENCHMARKS])
+def test_help_names_the_command_and_describes_it_by_the_docstrings_first_paragraph(name, capsys):
+    """--help read `usage: __main__.py` or `patching.py`, and patching's description stopped mid-sentence (the
+    docstring's first line)."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--help"])
+    assert exited.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.startswith(f"usage: python -m {module.__name__.removesuffix('.__main__')} ")
+    paragraph = " ".join(module.__doc__.split("\n\n")[0].split())
+    assert paragraph.endswith(".") and f" {paragraph} " in printed
 
 
 def test_a_smoke_run_without_out_gets_a_fresh_directory_and_a_full_size_run_the_committed_results(tmp_path,

@@ -218,6 +218,17 @@ def test_list_name_prints_every_field_of_the_config_as_the_preset_and_overrides_
     assert "train.lr=-1: lr must be > 0" in capsys.readouterr().err
 
 
+def test_help_shows_the_command_and_every_word_name_takes_besides_an_experiment(capsys):
+    """--help's positional `name` left out 'sweep-report'."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.startswith("usage: python -m experiments ")
+    positional = printed.split("positional arguments:")[1].split("options:")[0]
+    assert all(f"'{word}'" in positional for word in ("all", "list", "sweep-report"))
+
+
 def test_a_rerun_with_any_other_setting_is_refused_and_keeps_the_old_config_json(capsys, tmp_path):
     """Every field of the experiment's config is stored with its checkpoints, not only train and task: a rerun with
     another init scale resumed the old run's checkpoint and reported its results under the new config.json."""
