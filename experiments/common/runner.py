@@ -167,8 +167,9 @@ def _changes(previous: str | None, record: dict) -> tuple[str, ...]:
     if previous is None:
         return ()
     before = json.loads(previous)
-    return tuple(config_differences({"--matmul-precision": before.get("matmul_precision"), **before.get("config", {})},
-                              {"--matmul-precision": record["matmul_precision"], **record["config"]}, "earlier"))
+    before = {"--matmul-precision": before.get("matmul_precision"), **before.get("config", {})}
+    return tuple(config_differences(before, {"--matmul-precision": record["matmul_precision"], **record["config"]},
+                                    "earlier"))
 
 
 def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), sweep: list[str] = (),
