@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_experiment(name, args.preset, args.out, args.overrides, sweep=args.sweep,
                                     matmul_precision=args.matmul_precision)
         except KeyboardInterrupt as e:  # RunInterrupted where run_experiment's run was stopped
-            restored = isinstance(e, RunInterrupted) and e.restored
-            print(f"\ninterrupted: {interrupt_message(name, args.out, restored)}", file=sys.stderr)
+            how = (e.restored, e.continued, e.changed) if isinstance(e, RunInterrupted) else (False,)
+            print(f"\ninterrupted: {interrupt_message(name, args.out, *how)}", file=sys.stderr)
             return 130
         except ConfigError as e:  # e.g. a swept field the experiment's sampler or model cannot vary
             print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)

@@ -1026,6 +1026,34 @@ def test_a_rerun_of_a_finished_run_keeps_the_flops_per_step_of_run_json(tmp_path
     assert json.loads((tmp_path / "run.json").read_text()) == first.info
 
 
+def test_a_rerun_of_a_run_stopped_before_its_run_json_writes_the_flops_per_step_of_an_uninterrupted_run(
+        tmp_path, monkeypatch, chunk_compiles):
+    """A run stopped between its final checkpoint and run.json (here: Ctrl-C in that write) left no FLOP count, and
+    its rerun, which finds the run finished and compiles no chunk, wrote flops_per_step None. It lowers the chunk (no
+    compile) and writes an uninterrupted run's count: the same program, so the same number."""
+    from jaxicl import outputs
+
+    loss_fn, sample, task, cfg, params = tiny_setup(steps=4, steps_per_call=2)
+    whole = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "whole"), progress=False)
+    write_json = outputs.write_json
+
+    def stopped_at_run_json(path, *args, **kw):
+        if os.path.basename(path) == "run.json":
+            raise KeyboardInterrupt
+        write_json(path, *args, **kw)
+
+    monkeypatch.setattr(outputs, "write_json", stopped_at_run_json)
+    with pytest.raises(KeyboardInterrupt):
+        train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "stopped"), progress=False)
+    monkeypatch.setattr(outputs, "write_json", write_json)
+    assert CheckpointStore(str(tmp_path / "stopped" / "checkpoints")).steps() == [4]
+    assert not (tmp_path / "stopped" / "run.json").exists()
+    again = train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path / "stopped"), progress=False)
+    assert len(chunk_compiles) == 2  # the first two runs': the rerun trained nothing
+    assert whole.info["flops_per_step"] > 0 and again.info == whole.info
+    assert json.loads((tmp_path / "stopped" / "run.json").read_text()) == whole.info
+
+
 def test_run_json_records_the_backend_and_device_kind_and_a_resume_on_another_device_goes_on(tmp_path, monkeypatch):
     """The stored config alone could not tell a run on a GPU (TF32 products under JAX's default precision) from one
     on a CPU; run.json now says where it trained, and the resume check (the stored config) still ignores it."""

@@ -285,7 +285,9 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
                                                                                                  tmp_path):
     """Ctrl-C in a rerun with another config before its resume check left its config.json beside the earlier run's
     checkpoints, and the earlier result.json deleted; the CLI then said the same command would resume, which was
-    refused. Stopped before it writes, the directory is the earlier run's again; stopped after, the new config stays."""
+    refused. Stopped before it writes, the directory is the earlier run's again; stopped after, the new config stays,
+    and the CLI said the same command resumed the earlier run's checkpoints, which the run had not reached: it is
+    refused there, as the message now says."""
     from experiments import gd_equivalence
 
     overrides = ["train.steps=20", "train.steps_per_call=10", "eval_every=10"]
@@ -297,6 +299,7 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
     def stopped(cfg, out_dir):
         raise KeyboardInterrupt
 
+    real_run = gd_equivalence.run
     monkeypatch.setattr(gd_equivalence, "run", stopped)
     assert main([*argv, "init_scale=0.3"]) == 130
     assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence wrote nothing under {out}: it holds the "
@@ -309,10 +312,44 @@ def test_a_rerun_with_another_config_stopped_before_it_writes_leaves_the_earlier
 
     monkeypatch.setattr(gd_equivalence, "run", stopped_after_writing)
     assert main([*argv, "init_scale=0.3"]) == 130
-    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence resumes from its last checkpoint under "
-                                            f"{out} (the same command)\n")
+    assert capsys.readouterr().err.endswith(
+        f"interrupted: gd_equivalence: the checkpoints under {out} are an earlier run's, which this run had not "
+        f"reached, and this command changes the config {out} held (init_scale: earlier 0.1 vs now 0.3): the same "
+        f"command stops at them (\"cannot resume ...\") where they were made with another config; to train this one, "
+        f"use another --out or delete their checkpoints/\n")
     assert json.loads((out / "config.json").read_text())["config"]["init_scale"] == 0.3
     assert not (out / "result.json").exists()
+    monkeypatch.setattr(gd_equivalence, "run", real_run)
+    assert main([*argv, "init_scale=0.3"]) == 2  # the same command
+    assert capsys.readouterr().err.startswith(f"error: cannot resume from {out / 'checkpoints'}: the checkpoint was "
+                                              f"made with another config: config.init_scale: checkpoint 0.1 vs now "
+                                              f"0.3;")
+
+
+def test_a_rerun_stopped_after_its_resume_check_passed_says_the_same_command_resumes_and_it_does(monkeypatch, capsys,
+                                                                                                 tmp_path):
+    """train.steps=40 over a run of 20 steps (a constant schedule may grow) changes the config the folder held, yet
+    resumes its checkpoint at step 20: stopped at step 30, the message says the same command resumes, not that it
+    may be refused (the config changed), since the run passed its resume check there
+    (jaxicl.train.checkpoint.continuing); and the same command does resume and finish."""
+    from experiments import gd_equivalence
+
+    argv = ["gd_equivalence", "--preset", "smoke", "train.steps_per_call=10", "eval_every=10", "--out", str(tmp_path)]
+    assert main([*argv, "train.steps=20"]) == 0
+    out = tmp_path / "gd_equivalence"
+
+    def stopped_at_first_evaluation(*args, evaluate, **kw):  # the resumed run's first: after step 30
+        return train(*args, evaluate=lambda params: (_ for _ in ()).throw(KeyboardInterrupt), **kw)
+
+    monkeypatch.setattr(gd_equivalence, "train", stopped_at_first_evaluation)
+    assert main([*argv, "train.steps=40"]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted: gd_equivalence resumes from its last checkpoint under "
+                                            f"{out} (the same command)\n")
+    monkeypatch.setattr(gd_equivalence, "train", train)
+    assert main([*argv, "train.steps=40"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [0, 10, 20, 30, 39]  # log_every 10, and the last
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20, 30, 40]
 
 
 def test_an_interrupted_run_says_whether_the_same_command_resumes_or_restarts_from_step_0(monkeypatch, capsys,
@@ -348,6 +385,17 @@ def test_an_interrupted_run_says_whether_the_same_command_resumes_or_restarts_fr
     # restored: the checkpoints in its own folder are the earlier run's, which the same command may not resume
     assert interrupt_message("abstractions_training", str(tmp_path), True) == (
         f"abstractions_training wrote nothing under {training}: it holds the earlier run as it was")
+    # a command that changes the config: checkpoints the run went on from resume, the others may be refused
+    changed = ("seed: earlier 0 vs now 1",)
+    store = str(training / "run" / "checkpoints")
+    assert interrupt_message("abstractions_geometry", str(tmp_path), False, frozenset({store}), changed) == (
+        f"abstractions_geometry resumes from its last checkpoint under {training} (the same command)")
+    assert interrupt_message("abstractions_geometry", str(tmp_path), True, frozenset(), changed) == (
+        f"abstractions_geometry wrote nothing under {geometry}: it holds the earlier run as it was; the checkpoints "
+        f"under {training / 'run'} are an earlier run's, which this run had not reached, and this command changes the "
+        f"config {geometry} held (seed: earlier 0 vs now 1): the same command stops at them (\"cannot resume ...\") "
+        f"where they were made with another config; to train this one, use another --out or delete their "
+        f"checkpoints/")
 
 
 def test_a_config_json_cannot_hold_leaves_the_earlier_run_as_it_was(monkeypatch, tmp_path):
@@ -434,14 +482,13 @@ def test_every_training_experiment_has_task_and_train_sections(name):
 @pytest.mark.parametrize("name", sorted(set(registry.EXPERIMENTS) - NOT_TRAINING))
 def test_every_full_run_saves_periodic_checkpoints(name):
     """An interrupted full run continues from its last checkpoint (README): full presets that saved only at the end
-    (nn_random_init's 156,250 steps of 32 members among them) restarted from step 0. Exempt: a run of one compiled
-    call (ar_fig3_unitary's 100 closed-form GD steps), which a checkpoint would only split."""
+    (nn_random_init's 156,250 steps of 32 members among them) restarted from step 0, and so did ar_fig3_unitary's
+    100 closed-form GD steps in one compiled call, once exempt."""
     configs = [c.train for c in _configs(registry.load(name).PRESETS["full"])
                if isinstance(getattr(c, "train", None), TrainConfig)]
     assert configs
     for c in configs:
-        if c.steps > c.steps_per_call:
-            assert 0 < c.checkpoint_every < c.steps, (name, c.checkpoint_every, c.steps)
+        assert 0 < c.checkpoint_every < c.steps, (name, c.checkpoint_every, c.steps)
 
 
 def _dot_precisions(cfg, out_dir, seen):

@@ -637,6 +637,20 @@ def test_a_sweep_with_resume_false_replaces_the_old_checkpoints_and_config(tmp_p
     assert json.loads((tmp_path / "run.json").read_text()) == second.info
 
 
+def test_a_rerun_of_a_sweep_that_lost_its_run_json_writes_the_flops_per_step_again(tmp_path, chunk_compiles):
+    """A sweep stopped between its last chunk's final checkpoint and run.json (here: run.json deleted) left no FLOP
+    count, and its rerun, which trains nothing, wrote flops_per_step None; it lowers the chunk (no compile) and writes
+    the per-member count of the sweep that trained."""
+    members = [{"train.seed": s} for s in range(3)]
+    kw = dict(chunk_size=2, mesh=sweep_mesh(2), out_dir=str(tmp_path), progress=False)
+    first = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, **kw)
+    (tmp_path / "run.json").unlink()
+    again = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, **kw)
+    assert len(chunk_compiles) == 1  # the first sweep's
+    assert first.info["flops_per_step"] > 0 and again.info == first.info
+    assert json.loads((tmp_path / "run.json").read_text()) == first.info
+
+
 def test_a_rerun_refused_at_a_later_chunk_leaves_out_dir_as_it_was(tmp_path):
     """Four members in chunks of two, finished, then chunk 0's checkpoints deleted: a rerun at another lr is refused
     by chunk 1's checkpoint before chunk 0 trains, so every file (metrics.jsonl, sweep.json, chunk 1's checkpoint) is

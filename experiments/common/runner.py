@@ -16,7 +16,7 @@ import jax
 from experiments import registry
 from jaxicl import outputs
 from jaxicl.config_paths import apply_overrides, resolve, value_at
-from jaxicl.train.checkpoint import latest_checkpoint
+from jaxicl.train.checkpoint import config_differences, continuing, latest_checkpoint
 from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
 from jaxicl.validation import ConfigError, check_choice
@@ -83,11 +83,13 @@ def check_out_dir(out_dir: str, sweep: list[str]) -> None:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C: `restored` where it had written nothing, so out_dir holds the earlier run as it was."""
+    """A run stopped by Ctrl-C: `restored` where it had written nothing, so out_dir holds the earlier run as it was;
+    `continued`: the checkpoint directories it could go on from (jaxicl.train.checkpoint.continuing); `changed`: what
+    its config changes from the one out_dir held ("field: earlier a vs now b"; none where out_dir held none)."""
 
-    def __init__(self, out_dir: str, restored: bool):
+    def __init__(self, out_dir: str, restored: bool, continued: frozenset[str], changed: tuple[str, ...]):
         super().__init__(out_dir, restored)
-        self.out_dir, self.restored = out_dir, restored
+        self.out_dir, self.restored, self.continued, self.changed = out_dir, restored, continued, changed
 
 
 def _restore(out_dir: str, previous: str | None, previous_result: str | None) -> None:
@@ -104,31 +106,49 @@ def _restore(out_dir: str, previous: str | None, previous_result: str | None) ->
         outputs.write_text(result_path, previous_result)
 
 
-def holds_checkpoint(directory: str) -> bool:
-    """Whether a run's checkpoints/ (a sweep's checkpoints/chunk{k}/) anywhere under directory holds a checkpoint."""
+def checkpoint_stores(directory: str) -> list[str]:
+    """The checkpoint directories (absolute) holding a checkpoint anywhere under directory: runs' checkpoints/, a
+    sweep's checkpoints/chunk{k}/."""
+    found = []
     for root, dirs, _ in os.walk(directory):
         if os.path.basename(root) == "checkpoints":
             stores = [os.path.join(root, d) for d in dirs if d.startswith("chunk")] or [root]
-            if any(latest_checkpoint(store) for store in stores):
-                return True
+            found += [os.path.abspath(store) for store in stores if latest_checkpoint(store)]
             dirs.clear()  # the checkpoints' own folders
-    return False
+    return found
 
 
-def interrupt_message(name: str, out: str, restored: bool) -> str:
+def interrupt_message(name: str, out: str, restored: bool, continued: frozenset[str] = frozenset(),
+                      changed: tuple[str, ...] = ()) -> str:
     """What the same command does after experiment `name`, run under `out`, was stopped; `restored` where the run had
     written nothing in its folder, which holds the earlier run again. Its training resumes from the checkpoints in its
-    folder (not where restored: those are the earlier run's) and in the folders beside it that it writes (SHARES)."""
+    folder (not where restored: those are the earlier run's) and in the folders beside it that it writes (SHARES)
+    that the run could go on from (`continued`, RunInterrupted's), and from an earlier run's others where this command
+    changes nothing of the config its folder held (`changed`, RunInterrupted's); where it changes something, the same
+    command is refused at those made with another config (check_resumable, when it reaches them)."""
     out_dir = os.path.join(out, name)
     shared = [os.path.join(out, s) for s in getattr(registry.load(name), "SHARES", ())]
     looked = shared if restored else [out_dir, *shared]
-    saved = [d for d in looked if holds_checkpoint(d)]
+    stores = {d: checkpoint_stores(d) for d in looked}
+    saved = [d for d, found in stores.items() if any(s in continued or not changed for s in found)]
+    unchecked = sorted({s.rsplit(f"{os.sep}checkpoints", 1)[0] for found in stores.values() for s in found
+                        if s not in continued and changed})  # their runs' folders
     if restored:
         resumes = f"; the same command resumes its training from the last checkpoint under {', '.join(saved)}"
-        return f"{name} wrote nothing under {out_dir}: it holds the earlier run as it was{resumes if saved else ''}"
-    if saved:
-        return f"{name} resumes from its last checkpoint under {', '.join(saved)} (the same command)"
-    return f"{name} saved no checkpoint under {', '.join(looked)}: the same command restarts it from step 0"
+        text = f"{name} wrote nothing under {out_dir}: it holds the earlier run as it was{resumes if saved else ''}"
+    elif saved:
+        text = f"{name} resumes from its last checkpoint under {', '.join(saved)} (the same command)"
+    elif not unchecked:
+        return f"{name} saved no checkpoint under {', '.join(looked)}: the same command restarts it from step 0"
+    else:
+        text = ""
+    if not unchecked:
+        return text
+    doubt = (f"the checkpoints under {', '.join(unchecked)} are an earlier run's, which this run had not reached, and "
+             f"this command changes the config {out_dir} held ({'; '.join(changed)}): the same command stops at them "
+             f"(\"cannot resume ...\") where they were made with another config; to train this one, use another --out "
+             f"or delete their checkpoints/")
+    return f"{text}; {doubt}" if text else f"{name}: {doubt}"
 
 
 def _written_since(out_dir: str, since: float, besides: set[str]) -> bool:
@@ -139,6 +159,17 @@ def _written_since(out_dir: str, since: float, besides: set[str]) -> bool:
             if path not in besides and not f.startswith(".lock") and os.path.getmtime(path) >= since:
                 return True
     return False
+
+
+def _changes(previous: str | None, record: dict) -> tuple[str, ...]:
+    """What config.json `record` changes from the one its folder held (`previous`, its text; None: none): in the
+    config's fields and --matmul-precision, which the runs' checkpoints store."""
+    if previous is None:
+        return ()
+    before = json.loads(previous)
+    before = {"--matmul-precision": before.get("matmul_precision"), **before.get("config", {})}
+    return tuple(config_differences(before, {"--matmul-precision": record["matmul_precision"], **record["config"]},
+                                    "earlier"))
 
 
 def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), sweep: list[str] = (),
@@ -165,29 +196,29 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     if previous_result is not None and outputs.is_primary():
         os.remove(result_path)
     written_from = time.time()  # this run's files are those written from here on (besides config.json and locks)
+    record = {"experiment": name, "preset": preset, "overrides": list(overrides), "sweep": list(sweep),
+              "matmul_precision": matmul_precision, "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
+              "config": config}
     try:
-        outputs.write_json(config_path, {"experiment": name, "preset": preset, "overrides": list(overrides),
-                                         "sweep": list(sweep), "matmul_precision": matmul_precision,
-                                         "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
-                                         "config": config},
-                           indent=2)
+        outputs.write_json(config_path, record, indent=2)
     except BaseException:  # a value JSON cannot hold, a full disk, Ctrl-C: the earlier run's result.json goes back
         _restore(out_dir, previous, previous_result)
         raise
     start = time.perf_counter()
-    try:
-        with jax.default_matmul_precision(matmul_precision):
-            outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
-    except ConfigError:  # refused before training (a resume with another config): the directory holds the old run
-        _restore(out_dir, previous, previous_result)
-        raise
-    except KeyboardInterrupt:  # before the run wrote anything (its resume check included), the directory is the old
-        # run's: its config.json and result.json go back (a rerun with another config, stopped there, left its own
-        # config.json beside the old run's checkpoints, and the same command was then refused)
-        restored = not _written_since(out_dir, written_from, {config_path})
-        if restored:
+    with continuing() as continued:
+        try:
+            with jax.default_matmul_precision(matmul_precision):
+                outcome = module.run_sweep(cfg, axes, out_dir) if axes else module.run(cfg, out_dir)
+        except ConfigError:  # refused before training (a resume with another config): the directory holds the old run
             _restore(out_dir, previous, previous_result)
-        raise RunInterrupted(out_dir, restored) from None
+            raise
+        except KeyboardInterrupt:  # before the run wrote anything (its resume check included), the directory is the
+            # old run's: its config.json and result.json go back (a rerun with another config, stopped there, left
+            # its own config.json beside the old run's checkpoints, and the same command was then refused)
+            restored = not _written_since(out_dir, written_from, {config_path})
+            if restored:
+                _restore(out_dir, previous, previous_result)
+            raise RunInterrupted(out_dir, restored, frozenset(continued), _changes(previous, record)) from None
     result = {"experiment": name, "preset": preset, "checks": [c.as_dict() for c in outcome.checks],
               "figures": outcome.figures, "wall_seconds": round(time.perf_counter() - start, 2)}
     outputs.write_json(result_path, result, indent=2)

@@ -7,9 +7,11 @@ now, so a checkpoint saved on 4 devices loads onto 1 (or onto another mesh). Eve
 multi-host run must call save and restore; orbax writes from the primary host.
 """
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -29,6 +31,27 @@ def remove_checkpoints(directory: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxicl.remove_checkpoints:{os.path.abspath(directory)}")
+
+
+_CONTINUING: list[set[str]] = []  # the sets of the open continuing() blocks
+
+
+@contextlib.contextmanager
+def continuing() -> Iterator[set[str]]:
+    """A set that gathers, while the block runs, the checkpoint directories (absolute) a run can go on from: those
+    whose latest checkpoint passed its resume check (check_resumable) and those it saved a checkpoint in. The same
+    run started again resumes them (experiments.common.runner says so of a run stopped by Ctrl-C)."""
+    found = set()
+    _CONTINUING.append(found)
+    try:
+        yield found
+    finally:
+        _CONTINUING.remove(found)
+
+
+def _continues(directory: str) -> None:
+    for found in _CONTINUING:
+        found.add(directory)
 
 
 def _to_tree(state: TrainState) -> dict:
@@ -71,6 +94,7 @@ class CheckpointStore:
         written_by = None if self._steps is None else {"train.steps": self._steps}
         self._ckptr.save(step, _to_tree(state), force=True, overwrite=True, custom_metadata=written_by)
         self._ckptr.wait()
+        _continues(self.directory)
 
     def steps(self) -> list[int]:
         return [c.step for c in self._ckptr.checkpoints]
@@ -245,10 +269,10 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int, directory
     """
     stored, current = normalise_config(stored), normalise_config(current)
     if not stored:
+        _continues(directory)
         return
     refused = f"cannot resume from {directory}:"
-    diffs = [f"{path}: checkpoint {_short(a)} vs now {_short(b)}" for path, a, b in _differences(stored, current)
-             if path != "train.steps"]
+    diffs = config_differences(stored, current, "checkpoint", ignore=("train.steps",))
     if diffs:
         raise ConfigError(f"{refused} the checkpoint was made with another config: " + "; ".join(diffs)
                           + "; train into a new output directory, or keep the checkpoint's config")
@@ -265,6 +289,14 @@ def check_resumable(stored: dict, current: dict, checkpoint_step: int, directory
         raise ConfigError(f"{refused} the checkpoint is at step {checkpoint_step} of a run of train.steps="
                           f"{before}; a run of train.steps={now} would end there without the rows of its last step "
                           f"and its final evaluation; {fix}")
+    _continues(directory)
+
+
+def config_differences(before: dict, now: dict, label: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """"path: {label} value vs now value" for every entry of the configs (as JSON stores them) that differs, at any
+    depth (dotted paths, e.g. "config.model.d_model"), but the paths in `ignore`."""
+    return [f"{path}: {label} {_short(a)} vs now {_short(b)}"
+            for path, a, b in _differences(normalise_config(before), normalise_config(now)) if path not in ignore]
 
 
 def _differences(stored: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:

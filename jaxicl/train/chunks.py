@@ -53,10 +53,14 @@ class ChunkPrograms:
 
     def __call__(self, state, *args, n: int):
         if self.program is None:
-            lowered = lower_chunk(self.fn, state, *args)
-            self.flops_per_step = lowered_flops(lowered)
-            self.program = compile_chunk(lowered, self.cpu_matmuls)
+            self.program = compile_chunk(self.lower(state, *args), self.cpu_matmuls)
         return self.program(state, *args, np.int32(n))
+
+    def lower(self, state, *args) -> jax.stages.Lowered:
+        """The chunk lowered for these arguments (not compiled); sets flops_per_step."""
+        lowered = lower_chunk(self.fn, state, *args)
+        self.flops_per_step = lowered_flops(lowered)
+        return lowered
 
 
 def lower_chunk(fn: Callable, state, *args) -> jax.stages.Lowered:

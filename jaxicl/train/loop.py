@@ -43,8 +43,8 @@ class TrainResult:
     state: TrainState  # on the training mesh's devices, usable outside it without jax.set_mesh (mesh.portable)
     train_rows: list[dict]  # logged train metrics, oldest first (the whole run when resumed from out_dir)
     eval_rows: list[dict]
-    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis; where no step ran, run.json's
-    # earlier value, else None) and trained_on(mesh): devices, backend, device_kind
+    info: dict  # run metadata (also out_dir/run.json): flops_per_step (XLA cost analysis: write_run_info) and
+    # trained_on(mesh): devices, backend, device_kind
 
 
 def stored_config(task_cfg, cfg: TrainConfig, extra: dict | None, eval_every: EvalSchedule | None) -> dict:
@@ -76,13 +76,21 @@ def trained_on(mesh: jax.sharding.Mesh) -> dict:
     return {"devices": mesh.devices.size, "backend": device.platform, "device_kind": device.device_kind}
 
 
-def write_run_info(out_dir: str | None, info: dict, *, compiled: bool) -> dict:
-    """info, also written to out_dir/run.json. Where no chunk was compiled (a rerun of a finished run) flops_per_step
-    is the value run.json holds (XLA's count needs a compiled chunk), on process 0, the one that writes it."""
+def write_run_info(out_dir: str | None, info: dict, chunk: ChunkPrograms, *args, members: int = 1) -> dict:
+    """{"flops_per_step": ..., **info}, also written to out_dir/run.json: XLA's count of one step of the run's `chunk`
+    for one of the `members` its stack trains (a sweep's). Where no chunk was compiled (a rerun of a finished run) it
+    is the count run.json holds, on process 0 (the one that writes it), else (a run stopped between its final
+    checkpoint and run.json) that of the chunk lowered, not compiled, for its arguments `args` (state, ...)."""
     path = os.path.join(out_dir, "run.json") if out_dir else None
-    if path and not compiled and outputs.is_primary() and os.path.exists(path):
-        with open(path) as f:
-            info = {**info, "flops_per_step": json.load(f).get("flops_per_step")}
+    held = {}
+    if path and chunk.program is None and outputs.is_primary():
+        if os.path.exists(path):
+            with open(path) as f:
+                held = json.load(f)
+        if "flops_per_step" not in held:
+            chunk.lower(*args)
+    flops = chunk.flops_per_step
+    info = {"flops_per_step": held.get("flops_per_step", flops / members if flops else None), **info}
     if path:
         outputs.write_json(path, info)
     return info
@@ -208,8 +216,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
             bar.close()
             if store:
                 store.close()
-        info = write_run_info(out_dir, {"flops_per_step": chunk.flops_per_step, **trained_on(mesh)},
-                              compiled=chunk.program is not None)
+        info = write_run_info(out_dir, trained_on(mesh), chunk, state)
     if metrics_path and outputs.is_primary():
         train_rows, eval_rows = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
     return TrainResult(portable(state), train_rows, eval_rows, info)

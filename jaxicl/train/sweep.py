@@ -147,18 +147,17 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
                 store = (CheckpointStore(_chunk_dir(out_dir, k), keep=cfg.keep_checkpoints, config=config)
                          if out_dir else None)
                 try:
-                    state = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store, metrics_path,
-                                         rows, bar, eval_every)
+                    state, task_inputs = _train_chunk(prog, run_chunk, cfg, members, idx, size, sharding, store,
+                                                      metrics_path, rows, bar, eval_every)
                 finally:
                     if store:
                         store.close()
                 member_step = _fetch(state.step)[:len(idx)]
                 diverged.update({int(m): int(s) for m, s in zip(idx, member_step) if s < cfg.steps})
                 finals.append(jax.tree.map(lambda x: x[:len(idx)], _fetch(state.params)))
+            info = write_run_info(out_dir, {**trained_on(mesh), "chunk_size": per}, run_chunk, state, task_inputs,
+                                  members=size)
         bar.close()
-        stack_flops = run_chunk.flops_per_step
-        info = {"flops_per_step": stack_flops / size if stack_flops else None, **trained_on(mesh), "chunk_size": per}
-        info = write_run_info(out_dir, info, compiled=run_chunk.program is not None)
         if diverged and outputs.is_primary():
             tqdm.write(f"{desc}: {len(diverged)} member(s) diverged and were frozen at their last finite state "
                        f"(member: step) {diverged}; the others trained on unchanged")
@@ -178,8 +177,9 @@ def _fetch(tree):
 
 def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig, members: list[dict], idx: np.ndarray,
                  size: int, sharding: NamedSharding, store: CheckpointStore | None, metrics_path: str | None,
-                 rows: dict, bar, eval_every: EvalSchedule) -> TrainState:
-    """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state."""
+                 rows: dict, bar, eval_every: EvalSchedule) -> tuple[TrainState, dict]:
+    """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state and
+    the task inputs run_chunk takes with it."""
     a = prog.inputs(pad_rows(idx, size), sharding)
     state, start = prog.states(a, sharding), 0
     if store and store.steps():  # resumable: train_sweep checked every chunk first
@@ -228,7 +228,7 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
     if prog.eval_chunk and start == 0:
         log_eval(state, 0)
     return drive(state, start, cfg, eval_every, run_chunk=lambda s, n: run_chunk(s, a["task"], n=n),
-                 on_metrics=on_metrics, on_state=on_state)
+                 on_metrics=on_metrics, on_state=on_state), a["task"]
 
 
 def _chunk_dir(out_dir: str, k: int) -> str:
