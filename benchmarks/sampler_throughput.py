@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks import argument_parser
 from benchmarks.output import OUT_HELP, results_dir, write_results
 from benchmarks.timing import best_seconds
-from jaxicl.prng import PRNG_IMPLS, unrolled_threefry
+from jaxicl.prng import PRNG_IMPLS, seed_key, unrolled_threefry
 from jaxicl.tasks import affine_recurrence as ar_task
 from jaxicl.tasks import autoregressive as auto_task
 from jaxicl.tasks import boards as boards_task
@@ -146,7 +146,7 @@ def bench(name: str, family: tuple, batch: int, repeats: int) -> dict:
     numpy plus the transfer."""
     sample, cfg, host_sample, host_arg = family
     step = {"step": 0} if takes_step(sample) else {}
-    keys = iter(jax.random.split(jax.random.key(0), 20 * (repeats + 1)))
+    keys = iter(jax.random.split(seed_key(0), 20 * (repeats + 1)))
     row = {"family": name, "batch": batch}
 
     def new_program():  # a fresh jit for each timing: the lowering context is not part of jit's cache key
@@ -162,7 +162,7 @@ def bench(name: str, family: tuple, batch: int, repeats: int) -> dict:
         row[f"{label}_prompts_per_s"] = batch / best_seconds(lambda: device(next(keys)), repeats)
     for impl in PRNG_IMPLS[1:]:  # the other key implementations a run may choose (TrainConfig.prng_impl)
         device = new_program()
-        impl_keys = iter(jax.random.split(jax.random.key(0, impl=impl), repeats + 1))
+        impl_keys = iter(jax.random.split(seed_key(0, impl), repeats + 1))
         jax.block_until_ready(device(next(impl_keys)))
         row[f"{impl}_prompts_per_s"] = batch / best_seconds(lambda: device(next(impl_keys)), repeats)
     rng = np.random.default_rng(0)

@@ -61,6 +61,7 @@ def _args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = _args(argv)
     from jaxicl.models.attention import sweep_init
+    from jaxicl.prng import seed_key
     from jaxicl.tasks import linear_regression as lr_task
     from jaxicl.train import TrainConfig, regression_loss, train
     from jaxicl.train import estimate_memory, sweep_mesh, train_sweep
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         for m in members[:k]:
             c = dataclasses.replace(cfg, seed=m["train.seed"], lr=m["train.lr"])
-            out = train(loss_fn, lr_task.sample, task, c, init(jax.random.key(c.seed), init_scale=0.002),
+            out = train(loss_fn, lr_task.sample, task, c, init(seed_key(c.seed), init_scale=0.002),
                         progress=False)
             jax.block_until_ready(jax.tree.leaves(out.state.params))
         walls["train_loop"] = (time.perf_counter() - start) * n / k

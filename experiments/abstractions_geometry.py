@@ -85,6 +85,7 @@ from experiments.common.result import Outcome, check_above, check_below
 from jaxicl.analysis.convergence import cross_board_distance, participation_ratio, unit, within_board_ratio
 from jaxicl.analysis.perturbation import perturbation_distances, perturbed_outputs
 from jaxicl.analysis.probes import probe, ridge_fit, ridge_predict
+from jaxicl.prng import seed_key
 from jaxicl.tasks import boards as bd
 from jaxicl.validation import ConfigError, check_distinct, check_positive, check_range
 
@@ -164,7 +165,7 @@ def analyse(cfg: Config, variant: str, data, graphdef, params, init_params, site
     "unmasked" (none; its check names and figure files start with "unmasked_")."""
     masked = variant == "masked"
     mask_p, prefix = (cfg.mask_p if masked else 0.0), prefix_of(variant)
-    key = jax.random.key(cfg.training.train.seed + 20)  # the same boards in both variants, only the masks differ
+    key = seed_key(cfg.training.train.seed, offset=20)  # the same boards in both variants, only the masks differ
     k_probe, k_double, k_comp, k_perturb = jax.random.split(key, 4)
     single = ab.single_probe_set(data, cfg.probe_positions, mask_p, k_probe)
     comp = ab.composite_set(data, mask_p, k_comp)  # every composite: the probes and context share it

@@ -179,6 +179,7 @@ from experiments.common.run_config import run_config
 from jaxicl.analysis import language as lang
 from jaxicl.analysis.probes import probe
 from jaxicl.models import lea
+from jaxicl.prng import seed_key
 from jaxicl.sites import run_with_sites
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig, train
@@ -281,7 +282,7 @@ PRESETS = {"smoke": SMOKE, "quick": QUICK, "full": Config()}
 def build_model(cfg: Config) -> lea.LEA:
     m = cfg.model
     return lea.LEA(d_model=m.d_model, d_pos=m.d_pos, n_layers=m.n_layers, n_heads=m.n_heads, n_words=m.n_words,
-                   message_len=m.message_len, ema_init=m.ema_init, rngs=nnx.Rngs(cfg.train.seed))
+                   message_len=m.message_len, ema_init=m.ema_init, rngs=nnx.Rngs(seed_key(cfg.train.seed)))
 
 
 def eval_set(cfg: Config, data: bd.BoardData, split: str, key) -> object:
@@ -311,7 +312,7 @@ def trained(cfg: Config, out_dir: str):
     """(data, graphdef, the merged params and buffers, the run), trained into out_dir/run (or loaded)."""
     data = bd.build(cfg.task)
     graphdef, params, buffers = nnx.split(build_model(cfg), nnx.Param, lea.VQBuffer)
-    test = eval_set(cfg, data, "test", jax.random.key(cfg.train.seed + 11))
+    test = eval_set(cfg, data, "test", seed_key(cfg.train.seed, offset=11))
 
     def evaluate(params, buffers):
         state = nnx.merge_state(params, buffers)
@@ -338,7 +339,7 @@ def single_boards(data: bd.BoardData) -> dict:
     k, p, b = (a.ravel() for a in np.meshgrid(np.arange(cfg.n_roots), np.arange(bd.POSITIONS),
                                               np.arange(cfg.n_backgrounds), indexing="ij"))
     tuples = np.stack([k, *bd.place_of(p), b], 1)
-    boards = ab.masked_set(data, data.rows("single", tuples), 0.0, jax.random.key(0))["tokens"]  # no mask
+    boards = ab.masked_set(data, data.rows("single", tuples), 0.0, seed_key(0))["tokens"]  # no mask
     return {"tokens": boards, "root": k, "position": p, "background": b, "x": tuples[:, 1], "y": tuples[:, 2]}
 
 
@@ -359,7 +360,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     m = cfg.model
     rng = np.random.default_rng(cfg.train.seed)
     # reconstruction from the board vs from its speech, and from another board's speech
-    test = eval_set(cfg, data, "test", jax.random.key(cfg.train.seed + 11))
+    test = eval_set(cfg, data, "test", seed_key(cfg.train.seed, offset=11))
     rec = {k: float(v) for k, v in reconstruction_metrics(graphdef, state, test, cfg.ends_quantised).items()}
     other = lea.reconstruct_from_speech(graphdef, state, test.inputs[rng.permutation(len(test.inputs))],
                                         cfg.ends_quantised)
@@ -436,7 +437,7 @@ def _steer(cfg, data, graphdef, state, singles, messages, root_mi, rng) -> dict:
     a, x, y, bck, pos = (singles[k][pick] for k in ("root", "x", "y", "background", "position"))
     b = (a + rng.integers(1, n_roots, len(pick))) % n_roots
     target_boards = ab.masked_set(data, data.rows("single", np.stack([b, x, y, bck], 1)), 0.0,
-                                  jax.random.key(0))["tokens"]
+                                  seed_key(0))["tokens"]
     root_table = lang.usage_table(messages, singles["root"], n_roots, n_words)
     place_table = lang.usage_table(messages, singles["root"] * bd.POSITIONS + singles["position"],
                                   n_roots * bd.POSITIONS, n_words)

@@ -66,6 +66,7 @@ from experiments.common import abstractions as ab
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_above
 from jaxicl.analysis.steering import edit_each_site
+from jaxicl.prng import seed_key
 from jaxicl.tasks import boards as bd
 from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
@@ -110,7 +111,7 @@ SHARES = (ab.TRAINING_DIR,)  # trains (or loads) the shared model in --out/abstr
 def run(cfg: Config, out_dir: str) -> Outcome:
     data, graphdef, params, _ = ab.trained(cfg.training, os.path.dirname(out_dir))
     sites = ab.residual_sites(graphdef, params)
-    k_probe, _, k_mask, k_rand, k_comp, k_q = jax.random.split(jax.random.key(cfg.training.train.seed + 30), 6)
+    k_probe, _, k_mask, k_rand, k_comp, k_q = jax.random.split(seed_key(cfg.training.train.seed, offset=30), 6)
     mu = {by: site_centroids(data, graphdef, params, sites, cfg, k_probe, by) for by in CENTROIDS}  # [S, K, 9, D]
     n_roots = data.cfg.n_roots
     colours = data.roots.reshape(n_roots, 9)

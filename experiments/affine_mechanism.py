@@ -56,6 +56,7 @@ from jaxicl.analysis.patching import activation_patching
 from jaxicl.analysis.probes import probe
 from jaxicl.baselines import affine_recurrence as baselines
 from jaxicl.models.gpt import GPT
+from jaxicl.prng import seed_key
 from jaxicl.tasks import affine_recurrence as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.train import TrainConfig, eval_key, regression_loss, train_sweep
@@ -190,7 +191,7 @@ def layer0_probes(graphdef, params, inputs: jax.Array, targets: np.ndarray, rows
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, start = cfg.task, cfg.from_position
-    graphdef = nnx.graphdef(build_model(cfg, jax.random.key(0)))
+    graphdef = nnx.graphdef(build_model(cfg, seed_key(0)))
     result = train_sweep(regression_loss(graphdef), ar.sample, task, cfg.train,
                          lambda key: nnx.state(build_model(cfg, key), nnx.Param),
                          [{"train.seed": s} for s in cfg.seeds], out_dir=os.path.join(out_dir, "seeds"),
@@ -219,7 +220,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     local, local_last = local_by_row.mean(-1), local_by_row[:, -1]  # [H]
     uniform = float(np.mean(np.minimum(2, rows + 1) / (rows + 1)))  # row 0 has one key
     r2_xn, r2_next = layer0_probes(graphdef, params, test.inputs, targets, rows)
-    r2_xn_init, r2_next_init = layer0_probes(graphdef, nnx.state(build_model(cfg, jax.random.key(cfg.seeds[0])),
+    r2_xn_init, r2_next_init = layer0_probes(graphdef, nnx.state(build_model(cfg, seed_key(cfg.seeds[0])),
                                                                  nnx.Param), test.inputs, targets, rows)
 
     # Layer 2: OV gain and score-similarity per head.

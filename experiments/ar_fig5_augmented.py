@@ -31,6 +31,7 @@ from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from experiments.common.run_config import run_config
 from jaxicl.models.ar_transformer import AugmentedTransformer
+from jaxicl.prng import seed_key
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
 from jaxicl.validation import ConfigError, check_increasing, check_positive
@@ -108,7 +109,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     _, gd_loss = best_gd_step(test)
     runs = {}
     for depth in cfg.depths:
-        model = AugmentedTransformer(task.token_dim, depth, out_dim=d, rngs=nnx.Rngs(cfg.train.seed))
+        model = AugmentedTransformer(task.token_dim, depth, out_dim=d, rngs=nnx.Rngs(seed_key(cfg.train.seed)))
         graphdef, params = nnx.split(model)
         loss_fn = regression_loss(graphdef, coords="mean")
         evaluate = jax.jit(lambda p, loss_fn=loss_fn: {"test_loss": loss_fn(p, test)[0]})

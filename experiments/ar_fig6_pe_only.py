@@ -26,6 +26,7 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Check, Outcome, check_below
 from experiments.common.run_config import run_config
 from jaxicl import outputs
+from jaxicl.prng import seed_key
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
@@ -106,7 +107,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     with jax.enable_x64(True):
         for i, mu in enumerate(cfg.mus):
             task = dataclasses.replace(cfg.task, mu=mu)
-            key = jax.random.fold_in(jax.random.key(cfg.train.seed), i)
+            key = jax.random.fold_in(seed_key(cfg.train.seed), i)
             s = sample_batch(ar.sample, task, key, n, axis=None).info["states"][..., 0]  # [n, T + 1]
             p, loss, steps = fit(s, cfg, task, out_dir=os.path.join(out_dir, f"mu{mu:g}"))
             lam = th.gd_ridge_penalty(cfg.train.lr, steps, n * (t - 1))

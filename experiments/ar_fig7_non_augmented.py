@@ -39,6 +39,7 @@ from experiments.common.result import Outcome, check_above
 from experiments.common.run_config import run_config
 from jaxicl.models import apply
 from jaxicl.models.ar_transformer import QUERIES, PositionalTransformer
+from jaxicl.prng import seed_key
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.train import TrainConfig, per_position_loss, regression_loss, train
 from jaxicl.validation import ConfigError, check_choice, check_positive
@@ -125,7 +126,7 @@ def run_query(cfg: Config, query: str, test, gd_loss: np.ndarray, zero_loss: flo
     task, d = cfg.task, cfg.task.dim
     # the official position table has 100 rows; longer sequences get one row a position (rows past T are unused)
     model = PositionalTransformer(task.token_dim, d, num_heads=cfg.heads, max_len=max(100, task.seq_len), query=query,
-                                  rngs=nnx.Rngs(cfg.train.seed))
+                                  rngs=nnx.Rngs(seed_key(cfg.train.seed)))
     graphdef, params = nnx.split(model)
     loss_fn = regression_loss(graphdef, coords="mean")
     evaluate = jax.jit(lambda p: {"test_loss": loss_fn(p, test)[0]})

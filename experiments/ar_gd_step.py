@@ -16,6 +16,7 @@ from experiments.common.figures import heatmap, new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from experiments.common.run_config import optimizer_note, run_config
 from jaxicl.models.ar_linear_attention import AugmentedLinearAttention
+from jaxicl.prng import seed_key
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
@@ -69,7 +70,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     r = task.init_scale
     eta = th.optimal_shared_gd_step(d, positions, r)
     theory = th.gd_step_loss(d, positions, eta, r)  # [T] at the shared eta*
-    model = AugmentedLinearAttention(d, init_scale=cfg.init_scale, rngs=nnx.Rngs(cfg.train.seed))
+    model = AugmentedLinearAttention(d, init_scale=cfg.init_scale, rngs=nnx.Rngs(seed_key(cfg.train.seed)))
     graphdef, params = nnx.split(model)
     eval_batch = sample_batch(ar.sample, task, eval_key(cfg.train.seed),
                               cfg.eval_prompts)

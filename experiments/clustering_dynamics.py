@@ -61,6 +61,7 @@ from jaxicl import outputs
 from jaxicl.analysis.clustering import adjusted_rand_index, cluster_scores, match_clusters, sequence_features
 from jaxicl.models.functional import apply
 from jaxicl.models.gpt import GPT
+from jaxicl.prng import seed_key
 from jaxicl.tasks import instructions as ins
 from jaxicl.train import TrainConfig, cross_entropy_loss, read_metrics, train
 from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
@@ -211,7 +212,7 @@ def fmt(values) -> list:
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     data = ins.build(cfg.task)
-    model = build_model(cfg, jax.random.key(cfg.train.seed))
+    model = build_model(cfg, seed_key(cfg.train.seed))
     graphdef, params = nnx.split(model, nnx.Param)
     sites = tuple(model.hidden_state_sites())
     rows = [eval_rows(data.splits[split], cfg.eval_size, cfg.task.seed + i) for i, split in enumerate(ins.SPLITS)]
@@ -219,7 +220,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     batch = jax.tree.map(lambda *xs: jnp.concatenate(xs), *prompts)
     pool = jnp.asarray(np.concatenate([data.splits[split].instruction_mask[r, :-1] for split, r in
                                        zip(ins.SPLITS, rows)]), jnp.float32)
-    key = jax.random.key(cfg.train.seed + 1)
+    key = seed_key(cfg.train.seed, offset=1)
     measured = lambda p: dict(zip(ins.SPLITS, measure(  # noqa: E731
         graphdef, p, batch, pool, key, sites=sites, sizes=tuple(len(r) for r in rows), n_tasks=cfg.task.n_tasks,
         answers=(cfg.task.answer_token(0), cfg.task.n_outputs), restarts=cfg.kmeans_restarts, iters=cfg.kmeans_iters)))
@@ -377,7 +378,7 @@ def interventions(cfg: Config, data: ins.InstructionData, graphdef, params, site
     x = val.x[pair_rows]
     target = np.array([cfg.task.answer_token(v) for v in data.table[np.repeat(dst, n), x]])
     differs = data.table[np.repeat(src, n), x] != data.table[np.repeat(dst, n), x]
-    k_dir, k_sub = jax.random.split(jax.random.key(cfg.train.seed + 2))
+    k_dir, k_sub = jax.random.split(seed_key(cfg.train.seed, offset=2))
     c = np.stack([[train_features[l][train_tasks == k].mean(0) for k in range(K)] for l in range(len(sites))])
     mean = c.mean(1)  # [L, D]
     u_c = np.linalg.svd(c - mean[:, None], full_matrices=False)[2][:, :K - 1]  # [L, K - 1, D] between-centroid

@@ -33,6 +33,7 @@ from jaxicl.analysis.equivalence import equivalence_metrics
 from jaxicl.baselines import gradient_descent
 from jaxicl.models import SelfAttention, predictor
 from jaxicl.models.pq_view import to_pq
+from jaxicl.prng import seed_key
 from jaxicl.tasks import linear_regression as lr_task
 from jaxicl.tasks import sample_batch
 from jaxicl.theory.gd_equivalence import gd_one_step_loss, gd_step_model, optimal_gd_lr
@@ -118,7 +119,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     gd_loss = float(query_mse(jax.vmap(gd1)(eval_batch.inputs), eval_batch.targets))
 
     model = SelfAttention(d + 1, kind="linear", residual=True, init_scale=cfg.init_scale,
-                          rngs=nnx.Rngs(cfg.train.seed))
+                          rngs=nnx.Rngs(seed_key(cfg.train.seed)))
     graphdef, params = nnx.split(model)
 
     @jax.jit

@@ -11,8 +11,9 @@ import numpy as np
 
 from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_below
+from jaxicl.prng import seed_key
 from jaxicl.theory import nearest_neighbor as theory
-from jaxicl.validation import ConfigError, check_positive, check_range
+from jaxicl.validation import ConfigError, check_positive, check_range, check_seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Config:
         for name in ("dim", "n_context", "samples"):
             check_positive(name, getattr(self, name))
         check_range("grid", self.grid, 2)  # the contour plots need at least 2 x 2 points
+        check_seed("seed", self.seed)
         for name in ("xi1_range", "xi2_range"):
             r = getattr(self, name)
             if len(r) != 2 or r[0] >= r[1]:
@@ -59,7 +61,7 @@ def _hessian_grid(points: jax.Array, s: jax.Array) -> jax.Array:
 
 def run(cfg: Config, out_dir: str) -> Outcome:
     with jax.enable_x64(True):
-        key = jax.random.key(cfg.seed)
+        key = seed_key(cfg.seed)
         s = theory.sample_inner_products(jax.random.fold_in(key, 0), cfg.n_context, cfg.dim, cfg.samples)
         s = s.astype(jnp.float64)
         xi1 = jnp.linspace(*cfg.xi1_range, cfg.grid)

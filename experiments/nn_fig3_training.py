@@ -53,6 +53,7 @@ from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_
                                                  nn_metrics, smooth)
 from experiments.common.run_config import run_config
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
+from jaxicl.prng import seed_key
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import TrainConfig, train_sweep
@@ -162,7 +163,7 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
     """Trains every seed on (N = n, d) into out_dir; returns per-step metrics, evaluations, diverged members
     {seed: step} and the reduced-dynamics path."""
     task = dataclasses.replace(cfg.task, dim=d, n_context=n)
-    graphdef, params = nnx.split(NearestNeighborAttention(d, sigma=cfg.sigma, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(NearestNeighborAttention(d, sigma=cfg.sigma, rngs=nnx.Rngs(seed_key(0))))
     uniform, shifted = eval_batches(task, cfg.seeds[0], cfg.eval_prompts)
     metrics = nn_metrics(graphdef, uniform, shifted)
     label_bound = jnp.max(jnp.abs(shifted.info["labels"][..., 0]), axis=-1)
@@ -181,13 +182,13 @@ def run_one(cfg: Config, n: int, d: int, out_dir: str) -> dict:
                          eval_every=cfg.train.steps_per_call, desc=f"nn_fig3 N={n} d={d}",
                          run_config=run_config("nn_fig3_training", cfg))
     per_step, eval_steps, evals = member_tables(result, cfg.train.steps)
-    s = theory.sample_inner_products(jax.random.key(cfg.seeds[0]), n, d, cfg.reduced_samples)
+    s = theory.sample_inner_products(seed_key(cfg.seeds[0]), n, d, cfg.reduced_samples)
     # reduced[k] is (xi1, xi2) after RECORD * k steps; per_step[..][t] is measured at W^t, before update t.
     reduced, no_d = (np.asarray(theory.reduced_gd(0.0, cfg.sigma, s, eta=cfg.train.lr, dim=dim, steps=cfg.train.steps,
                                                   record_every=RECORD)) for dim in (d, 1))
     loss_path = np.asarray(theory.reduced_loss_grid(*reduced[:-1].T, s))
     # long[k] is (xi1, xi2) after long_record_every * k steps, from sigma and from Lemma 12's sigma
-    s_long = theory.sample_inner_products(jax.random.fold_in(jax.random.key(cfg.seeds[0]), 1), n, d, cfg.long_samples)
+    s_long = theory.sample_inner_products(jax.random.fold_in(seed_key(cfg.seeds[0]), 1), n, d, cfg.long_samples)
     long, lemma12 = (np.asarray(theory.reduced_gd(0.0, sigma, s_long, eta=cfg.train.lr, dim=d,
                                                   steps=max(cfg.long_horizons), record_every=cfg.long_record_every))
                      for sigma in (cfg.sigma, theory.lemma12_sigma(n, d)))

@@ -33,6 +33,7 @@ from experiments.common.nearest_neighbor import (eval_batches, family_loss, log_
                                                  nn_metrics, smooth)
 from experiments.common.run_config import optimizer_note, run_config
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
+from jaxicl.prng import seed_key
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.theory import nearest_neighbor as theory
 from jaxicl.train import TrainConfig, train_sweep
@@ -100,7 +101,7 @@ def failing_scales(per_scale: dict[float, dict[str, float]], min_agreement: floa
 def run(cfg: Config, out_dir: str) -> Outcome:
     task, d = cfg.task, cfg.task.dim
     members = [{"init_scale": scale, "train.seed": seed} for scale in cfg.scales for seed in cfg.seeds]
-    graphdef = nnx.graphdef(_model(d, nnx.Rngs(0)))
+    graphdef = nnx.graphdef(_model(d, nnx.Rngs(seed_key(0))))
     uniform, shifted = eval_batches(task, cfg.seeds[0], cfg.eval_prompts)
 
     def init(key, *, init_scale):

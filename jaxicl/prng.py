@@ -17,10 +17,11 @@ batches would depend on another member's seed (on CPU they were also 3-4x slower
 "philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12 ("Unable to convert MHLO to StableHLO"
 at their mulhi), and the engine always trains under one.
 
-seed_key: every key jaxicl makes from an integer seed (data, evaluation, init, task pools, blueprints), of an explicit
-implementation (threefry2x32 unless a run's prng_impl says otherwise) and from the seed's int32 value, so neither JAX's
-global jax_default_prng_impl (e.g. "rbg", a TPU setting, under which evaluation on several devices and every sweep
-failed with ShardingTypeErrors) nor jax_enable_x64 (under which a negative seed made other keys) changes them.
+seed_key: every key jaxicl and the experiments make from an integer seed (data, evaluation, init, task pools,
+blueprints, an experiment's test sets), of an explicit implementation (threefry2x32 unless a run's prng_impl says
+otherwise) and from the seed's int32 value, so neither JAX's global jax_default_prng_impl (e.g. "rbg", a TPU setting,
+under which evaluation on several devices and every sweep failed with ShardingTypeErrors) nor jax_enable_x64 (under
+which a negative seed made other keys) changes them.
 """
 
 import contextlib
@@ -39,11 +40,14 @@ _depth = 0  # nested unrolled_threefry() blocks open now
 PRNG_IMPLS = ("threefry2x32", "threefry4x32")
 
 
-def seed_key(seed, impl: str = PRNG_IMPLS[0]) -> jax.Array:
-    """jax.random.key(seed, impl=impl) of seed's int32 value: seed is a Python, numpy or (possibly traced) jax integer
-    in int32's range (validation.check_seed). Under x64 jax.random.key took a Python int as int64, whose high word
-    made a negative seed's key differ from the key of the same seed as a sweep's int32 array."""
-    return jax.random.key(jnp.asarray(seed, jnp.int32), impl=impl)
+def seed_key(seed, impl: str = PRNG_IMPLS[0], *, offset: int = 0) -> jax.Array:
+    """jax.random.key(seed + offset, impl=impl) of the sum's int32 value: seed is a Python, numpy or (possibly traced)
+    jax integer in int32's range (validation.check_seed), offset a Python int. Under x64 jax.random.key took a Python
+    int as int64, whose high word made a negative seed's key differ from the key of the same seed as a sweep's int32
+    array. The sum wraps around int32, as jax.random.key(seed + offset) keeps its low 32 bits without x64: an
+    experiment's key at an offset from its run's seed (a test set at seed + 10) is that key for every seed,
+    2**31 - 1 included."""
+    return jax.random.key(jnp.asarray(seed, jnp.int32) + jnp.int32(offset), impl=impl)
 
 
 def available() -> bool:

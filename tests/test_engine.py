@@ -660,6 +660,23 @@ def test_keys_from_a_seed_are_the_same_with_and_without_x64():
     assert np.array_equal(jax.random.key_data(seed_key(-5)), jax.random.key_data(jax.random.key(-5)))  # without x64
 
 
+def test_a_key_at_an_offset_from_a_seed_wraps_around_int32():
+    """seed_key(seed, offset=o) (an experiment's evaluation set at its run's seed + 10) is the key
+    jax.random.key(seed + o) made without x64 for every int32 seed, whose sum wrapped around int32: seed 2**31 - 1
+    neither overflows nor draws another set, with or without x64, eager or traced (a sweep's int32 seeds).
+    threefry2x32's key of a 32-bit seed is [0, the seed's bits]; key data are integers: compared exactly."""
+    seeds = [0, -5, 2**31 - 1, -2**31, 2**31 - 8]
+    for offset in (0, 1, 10, 30):
+        expected = np.array([[0, (s + offset) % 2**32] for s in seeds], np.uint32)
+        eager = np.stack([np.asarray(jax.random.key_data(seed_key(s, offset=offset))) for s in seeds])
+        np.testing.assert_array_equal(eager, expected)
+        np.testing.assert_array_equal(eager, [jax.random.key_data(jax.random.key(s + offset)) for s in seeds])
+        traced = jax.jit(jax.vmap(lambda s, o=offset: jax.random.key_data(seed_key(s, offset=o))))
+        np.testing.assert_array_equal(traced(jnp.asarray(seeds, jnp.int32)), expected)
+        with jax.enable_x64(True):
+            np.testing.assert_array_equal([jax.random.key_data(seed_key(s, offset=offset)) for s in seeds], expected)
+
+
 def test_resuming_with_another_config_is_refused(tmp_path):
     loss_fn, sample, task, cfg, params = tiny_setup(steps=5)
     train(loss_fn, sample, task, cfg, params, out_dir=str(tmp_path), progress=False)

@@ -1,3 +1,4 @@
+import ast
 import dataclasses
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -157,6 +159,9 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
      "which would only pick the test prompts"),
     (["affine_mechanism", "seed=1"], "train.seed=1: train.seed is set per member by seeds=(0, 1): override seeds "
      "instead; train.seed may only be 0 (its default), got 1, which would only pick the test prompts"),
+    # its key takes the seed's int32 value (jaxicl.prng.seed_key): a seed outside int32 is refused before the run
+    (["nn_fig2_landscape", "seed=4294967296"], "seed=4294967296: seed must be in [-2147483648, 2147483647], got "
+     "4294967296"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
@@ -522,3 +527,69 @@ def test_a_bad_matmul_precision_names_the_allowed_values(capsys, tmp_path):
     assert "float32" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"matmul_precision must be one of \('float32'"):
         run_experiment("gd_equivalence", "smoke", str(tmp_path), matmul_precision="f32")
+
+
+def _default_impl_keys(source: str) -> list[str]:
+    """The calls in source that make a key of JAX's global default implementation: jax.random.key or PRNGKey (of a
+    seed's Python value, jaxicl.prng.seed_key's single use aside), and nnx.Rngs given anything but a key (a
+    seed_key(...) call or a name ending in "key": nnx.Rngs(seed) calls jax.random.key(seed))."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = ast.unparse(node.func)
+        if func.endswith(("random.key", "PRNGKey")):
+            found.append(ast.unparse(node))
+        elif func in ("nnx.Rngs", "Rngs"):
+            given = node.args + [k.value for k in node.keywords]
+            if not all((isinstance(a, ast.Call) and ast.unparse(a.func) == "seed_key") or
+                       (isinstance(a, ast.Name) and a.id.endswith("key")) for a in given):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_keys_made_from_seeds_do_not_take_jax_default_prng_impl():
+    """The experiments' own keys (test sets, a lone run's init, probe boards) were jax.random.key(seed) and
+    nnx.Rngs(seed): under JAX_DEFAULT_PRNG_IMPL=rbg (a TPU setting) their test sets and inits changed, though the
+    README promises that every key made from a seed takes an explicit implementation (jaxicl.prng.seed_key). Every
+    file of experiments/ and jaxicl/, and the benchmarks whose results compare against a sweep or label a key
+    implementation, is read for calls that make one from JAX's default."""
+    assert _default_impl_keys("a = jax.random.key(0); b = random.PRNGKey(s); c = nnx.Rngs(cfg.train.seed); "
+                              "d = nnx.Rngs(0, params=seed_key(1)); ok = nnx.Rngs(seed_key(2)), nnx.Rngs(key)"
+                              ) == ["jax.random.key(0)", "random.PRNGKey(s)", "nnx.Rngs(cfg.train.seed)",
+                                    "nnx.Rngs(0, params=seed_key(1))"]
+    paths = [os.path.join(d, f) for top in ("experiments", "jaxicl") for d, _, files in os.walk(os.path.join(ROOT, top))
+             for f in files if f.endswith(".py")]
+    paths += [os.path.join(ROOT, "benchmarks", f) for f in ("sampler_throughput.py", "sweep_vs_loop.py")]
+    assert len(paths) > 100
+    found = {os.path.relpath(p, ROOT): _default_impl_keys(open(p).read()) for p in paths}
+    seed_key = found.pop(os.path.join("jaxicl", "prng.py"))
+    assert {p: calls for p, calls in found.items() if calls} == {}
+    assert seed_key == ["jax.random.key(jnp.asarray(seed, jnp.int32) + jnp.int32(offset), impl=impl)"]
+
+
+def test_experiment_test_sets_and_inits_do_not_follow_jax_default_prng_impl():
+    """The autoregressive experiments' held-out set, the abstractions experiments' evaluation sets and a lone run's
+    initial parameters are the same under jax_default_prng_impl=rbg as under JAX's default: the same programs on the
+    same key data, so the same numbers exactly."""
+    from experiments.abstractions_training import SMOKE
+    from experiments.common import abstractions as ab
+    from experiments.common.autoregressive import haar_task, held_out_set
+    from jaxicl.tasks import boards as bd
+
+    def arrays():
+        test = held_out_set(haar_task("augmented", dim=2, seq_len=5, n_sequences=4), 3)
+        evals = ab.eval_sets(SMOKE, bd.build(SMOKE.task))
+        init = nnx.state(ab.build_model(SMOKE), nnx.Param)
+        return [np.asarray(a) for a in jax.tree.leaves((test.inputs, evals, init))]
+
+    before = jax.config.jax_default_prng_impl
+    default = arrays()
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        rbg = arrays()
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+    assert len(default) == len(rbg) > 10
+    for a, b in zip(default, rbg, strict=True):
+        np.testing.assert_array_equal(a, b)

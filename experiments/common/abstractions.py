@@ -23,6 +23,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from experiments.common.run_config import run_config
 from jaxicl.analysis.cache import run_with_cache, site_info
 from jaxicl.models.factor_transformer import FactorTransformer
+from jaxicl.prng import seed_key
 from jaxicl.sites import Sites
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig, TrainResult, cross_entropy_loss, train
@@ -83,7 +84,7 @@ class Training:
 def build_model(cfg: Training) -> FactorTransformer:
     m = cfg.model
     return FactorTransformer(d_model=m.d_model, d_pos=m.d_pos, n_layers=m.n_layers, n_heads=m.n_heads,
-                             rngs=nnx.Rngs(cfg.train.seed))
+                             rngs=nnx.Rngs(seed_key(cfg.train.seed)))
 
 
 def predictions(graphdef, params, tokens: jax.Array) -> jax.Array:
@@ -93,7 +94,7 @@ def predictions(graphdef, params, tokens: jax.Array) -> jax.Array:
 
 def eval_sets(cfg: Training, data: bd.BoardData) -> dict:
     """{"train", "test"}: fixed evaluation Prompts, masked as at the run's last epoch."""
-    return {split: bd.eval_prompts(data, split, jax.random.key(cfg.train.seed + 10 + i), cfg.last_epoch,
+    return {split: bd.eval_prompts(data, split, seed_key(cfg.train.seed, offset=10 + i), cfg.last_epoch,
                                    cfg.eval_per_type, cfg.eval_rounds) for i, split in enumerate(("train", "test"))}
 
 

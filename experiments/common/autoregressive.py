@@ -12,6 +12,7 @@ from experiments.common.figures import new_figure, save_figure
 from experiments.common.result import Outcome, check_below
 from experiments.common.run_config import optimizer_note, run_config
 from jaxicl import outputs
+from jaxicl.prng import seed_key
 from jaxicl.tasks import autoregressive as ar
 from jaxicl.tasks import sample_batch
 from jaxicl.theory import autoregressive as th
@@ -108,7 +109,7 @@ def plain_gd(train: TrainConfig) -> bool:
 def run_fig3(cfg: Fig3Config, out_dir: str) -> Outcome:
     task = cfg.task
     with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(cfg.train.seed), 3)
+        keys = jax.random.split(seed_key(cfg.train.seed), 3)
         shapes = {"a": (cfg.heads, task.dim), "b": (cfg.heads, task.dim), "p": (task.seq_len, task.seq_len)}
         params = {n: cfg.init_scale * jax.random.normal(k, s, jnp.float64) for k, (n, s) in zip(keys, shapes.items())}
 
@@ -172,4 +173,4 @@ def haar_task(fmt: str, dim: int = 5, seq_len: int = 50, n_sequences: int = 1638
 
 def held_out_set(task: ar.Autoregressive, n: int):
     """n fresh sequences of the task's distribution (independent of its fixed training pool)."""
-    return sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), jax.random.key(TEST_SEED), n)
+    return sample_batch(ar.sample, dataclasses.replace(task, n_sequences=0), seed_key(TEST_SEED), n)

@@ -31,6 +31,7 @@ from flax import nnx
 
 from jaxicl.models.base import Model, check_prompt
 from jaxicl.models.softmax import softmax
+from jaxicl.prng import seed_key
 from jaxicl.sites import null_sites, wants
 from jaxicl.validation import check_choice, check_positive
 
@@ -143,4 +144,4 @@ def sweep_init(dim: int, num_layers: int = 1, **model_kw) -> tuple[Callable, nnx
     def init(key, *, init_scale=INIT_SCALE):
         return nnx.split(SelfAttention(dim, num_layers=num_layers, init_scale=init_scale, rngs=nnx.Rngs(key), **kw))[1]
 
-    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(0), **kw))
+    return init, nnx.graphdef(SelfAttention(dim, num_layers=num_layers, rngs=nnx.Rngs(seed_key(0)), **kw))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxicl.models.attention import SelfAttention
+from jaxicl.prng import seed_key
 
 
 def to_pq(model: SelfAttention) -> tuple[jax.Array, jax.Array]:
@@ -29,7 +30,7 @@ def from_pq(p: jax.Array, q: jax.Array, *, residual: bool = True, mask: str = "n
         raise ValueError(f"P and Q must both be [L, H, D, D]; got {p.shape} and {q.shape}")
     num_layers, num_heads, dim, _ = p.shape
     model = SelfAttention(dim, num_layers=num_layers, num_heads=num_heads, kind="linear",
-                          residual=residual, mask=mask, rngs=nnx.Rngs(0))
+                          residual=residual, mask=mask, rngs=nnx.Rngs(seed_key(0)))
     dtype = jnp.result_type(p, q)
     eye = jnp.broadcast_to(jnp.eye(dim, dtype=dtype), (num_heads, dim, dim))
     for layer, p_l, q_l in zip(model.layers, jnp.asarray(p, dtype), jnp.asarray(q, dtype)):

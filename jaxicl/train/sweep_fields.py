@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxicl import config_paths
+from jaxicl.prng import seed_key
 from jaxicl.tasks.batching import Sampler, takes_step
 from jaxicl.traced import trace
 from jaxicl.train.checkpoint import normalise_config
@@ -172,7 +173,7 @@ def _changes_program(sample: Sampler, task_cfg, members: list[dict], name: str, 
 def _program(sample: Sampler, cfg, kwargs: dict) -> tuple:
     """The program sample(cfg, key, **kwargs) traces to and the values of the arrays it closes over (key data for
     PRNG keys), comparable with ==."""
-    traced, consts = trace(lambda key, kw: sample(cfg, key, **kw), jax.random.key(0), kwargs)
+    traced, consts = trace(lambda key, kw: sample(cfg, key, **kw), seed_key(0), kwargs)
     values = [np.asarray(jax.random.key_data(c) if jnp.issubdtype(c.dtype, jax.dtypes.prng_key) else c) for c in consts]
     return traced, tuple((v.shape, v.dtype.str, v.tobytes()) for v in values)
 
@@ -181,7 +182,7 @@ def check_init_fields(init: Callable, init_arrays: dict[str, np.ndarray]) -> Non
     """Raises ConfigError naming each swept keyword of init (init_arrays: {keyword: [M] values}) that init cannot
     take as a traced per-member scalar (a model size: a shape, a Python loop or branch), where it builds the first
     member's parameters from that member's values."""
-    values, key = {n: a[0] for n, a in init_arrays.items()}, jax.random.key(0)
+    values, key = {n: a[0] for n, a in init_arrays.items()}, seed_key(0)
     for name in init_arrays:
         try:
             jax.eval_shape(lambda v: init(key, **(values | {name: v})), values[name])
