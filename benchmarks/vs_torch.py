@@ -323,7 +323,9 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (the tests)")
     ap.add_argument("--workloads", nargs="+", default=None, help=f"of {list(WORKLOADS)}")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--memory-budget-mb", type=float, default=1024.0, help="for the largest batch that fits")
+    ap.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="for the largest batch that fits (default 1024; with --smoke 1, which the tests' tiny steps "
+                    "fill in three compiles where 1024 took eight)")
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, PyTorch on CUDA in this Python (its own torch)")
     ap.add_argument("--torch-python", default=None, help=f"the Python with torch (default {TORCH_PYTHON}; with "
                     "--gpu this one; with --gpu --smoke the default where it exists, else this one)")
@@ -339,6 +341,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--workloads: unknown {unknown}; allowed: {list(table)}")
     out = results_dir(args.out, args.smoke)
     repeats, peak_size = (1, 256) if args.smoke else (args.repeats, 2048)
+    budget_mb = args.memory_budget_mb if args.memory_budget_mb is not None else 1.0 if args.smoke else 1024.0
     rows, notes = [], [f"jaxicl on 1 of {jax.device_count()} {jax.default_backend()} device(s); best of {repeats} "
                        "calls of one compiled chunk after a warm-up; PyTorch: best of as many eager loops, the two "
                        "alternating"]
@@ -349,11 +352,11 @@ def main(argv=None) -> None:
                      f"jaxicl's chunks multiply with "
                      f"{'oneDNN' if uses_onednn(args.cpu_matmuls) else 'XLA defaults'} "
                      f"(TrainConfig.cpu_matmuls={args.cpu_matmuls!r}); "
-                     f"matmuls computed in {PRECISION} on both sides")
+                     f"matmuls computed in {PRECISION} on both sides; the largest batch in a {budget_mb:g} MB budget")
         for name in names:
             try:
                 row, note = bench(name, table[name], repeats, python, device, required,
-                                  args.memory_budget_mb * 2**20, peak, args.cpu_matmuls)
+                                  budget_mb * 2**20, peak, args.cpu_matmuls)
             except Exception as e:  # noqa: BLE001 - recorded in the row; the other workloads still run
                 traceback.print_exc()
                 row, note = {"workload": name, "failed": f"{type(e).__name__}: {e}"}, ""

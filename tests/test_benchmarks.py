@@ -227,8 +227,10 @@ def test_vs_torch_writes_a_table_with_the_ratio_or_says_why_not(tmp_path, monkey
     assert json.loads((out / "vs_torch.json").read_text())["notes"].startswith("jaxicl on 1 of 4 cpu device(s); ")
     (row,) = rows(out / "vs_torch.json")
     assert row["workload"] == "lsa" and row["jaxicl_steps_per_s"] > 0 and row["n_params"] == 4 * 4 * 4
-    # the tiny step fits 1 GiB many times over; the fraction of the measured matmul peak is a fraction
-    assert 0 < row["step_memory_mb"] < 1024 and row["largest_batch_in_budget"] > row["batch"]
+    # the tiny step fits the smoke runs' 1 MB budget many times over; the fraction of the measured matmul peak is a
+    # fraction
+    assert 0 < row["step_memory_mb"] < 1 and row["largest_batch_in_budget"] > row["batch"]
+    assert "; the largest batch in a 1 MB budget" in json.loads((out / "vs_torch.json").read_text())["notes"]
     assert 0 < row["fraction_of_matmul_peak"] < 1
     table = (out / "vs_torch.md").read_text()
     assert ("jaxicl_over_torch" in row) == HAS_TORCH
@@ -267,7 +269,8 @@ def test_vs_torch_records_a_failed_workload_in_its_row_runs_the_others_and_exits
 
     monkeypatch.setattr(vs_torch, "bench", failing_lsa)
     with pytest.raises(SystemExit, match=r"\['lsa', 'gpt_small'\] failed"):
-        vs_torch.main(["--gpu", "--repeats", "1", "--torch-python", str(tmp_path / "no-torch"), "--out", str(tmp_path)])
+        vs_torch.main(["--gpu", "--repeats", "1", "--memory-budget-mb", "1", "--torch-python",
+                       str(tmp_path / "no-torch"), "--out", str(tmp_path)])
     assert on_disk == [[], ["lsa"]]
     lsa, gpt = rows(tmp_path / "vs_torch.json")
     assert lsa == {"workload": "lsa", "failed": "Disagreement: lsa: PyTorch and jaxicl disagree, not timing them: "
