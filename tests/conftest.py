@@ -1,10 +1,19 @@
 """Tests run on CPU with 4 simulated devices (set before any JAX computation), compiled at LLVM optimisation level 0:
 most of a test is XLA compiling small programs, which that makes about a third faster (the programs' own results
-keep the tolerances every test states; subprocesses inherit the setting)."""
+keep the tolerances every test states; subprocesses inherit the setting).
+
+The session's processes (pytest-xdist's workers and the subprocesses tests start) share one persistent compilation
+cache, a temporary directory removed at the end: tests that train the same smoke configuration in other processes,
+or through new jitted closures in one, compile each program once. A cached executable is the one XLA compiled for
+the same program and options, so results are those of a fresh compile; JAX's compile events (the backend_compiles
+fixture) count a cache hit as a compilation too."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, the eager ops' too
 
 import jax  # noqa: E402
 import pytest
@@ -53,7 +62,14 @@ def backend_compiles() -> list:
 
 
 def pytest_configure(config):
-    import os
     import sys
 
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the main process; xdist's workers inherit its environment
+        config.xla_cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxicl-tests-xla-")
+        jax.config.update("jax_compilation_cache_dir", config.xla_cache)
     sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_run.py is importable as a helper
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "xla_cache"):
+        shutil.rmtree(config.xla_cache, ignore_errors=True)
