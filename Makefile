@@ -1,7 +1,8 @@
 # The two entry points of the README. Each sets up .venv (with Python >= 3.12) when missing.
 # Tests run on 3 worker processes (pytest-xdist) on 2 cores: most of a test is single-threaded XLA compilation,
 # and a third worker fills the gaps (981 tests on a 2-core AMD EPYC, Zen 4: -n 2 was no faster, 15:14 vs 15:07;
-# the session-wide compilation cache of tests/conftest.py then took the suite from 16:56 to 12:38 on one day).
+# the session-wide compilation cache of tests/conftest.py and fewer eager compilations then took the suite from
+# 16:56 to 12:04 on one day).
 VENV := .venv
 PY := $(VENV)/bin/python
 # First interpreter that really is Python >= 3.12 (a pyenv shim for a missing version fails the check).

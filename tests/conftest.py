@@ -67,7 +67,8 @@ def pytest_configure(config):
     if "PYTEST_XDIST_WORKER" not in os.environ:  # the main process; xdist's workers inherit its environment
         config.xla_cache = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxicl-tests-xla-")
         jax.config.update("jax_compilation_cache_dir", config.xla_cache)
-    # a program XLA cannot serialise (oneDNN fusions) is compiled again where it recurs, which JAX warns about
+    # JAX warns where it compiles a program anew instead: one XLA cannot serialise (oneDNN fusions), or an entry read
+    # while another process is still writing it
     config.addinivalue_line("filterwarnings", "ignore:Error (reading|writing) persistent compilation cache entry")
     sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_run.py is importable as a helper
 
