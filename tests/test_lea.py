@@ -451,13 +451,14 @@ def test_both_streams_match_a_numpy_forward_pass(x64):
                                    rngs=nnx.Rngs(0)), jax.random.key(1))
     tokens = np.random.default_rng(0).integers(0, 21, 10)
     message = np.random.default_rng(1).normal(size=(3, 8))
-    logits, z = nnx.jit(lambda m, t, c: m.picture(t, c))(m, jnp.asarray(tokens), jnp.asarray(message))  # see below
+    # both streams jitted: eagerly, each of their operations compiles alone; float64 rounding (1e-16) stays far below
+    # the 1e-9 tolerances
+    logits, z = nnx.jit(lambda m, t, c: m.picture(t, c))(m, jnp.asarray(tokens), jnp.asarray(message))
     x = _numpy_stream(m.picture_blocks, f64(m.embed)[tokens], f64(m.picture_pos), message, f64(m.speech_pos))
     want_z = layer_norm(x, m.picture_ln)
     np.testing.assert_allclose(z, want_z, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(logits, linear(want_z, m.head), rtol=1e-9, atol=1e-9)
     speech = _numpy_stream(m.speech_blocks, f64(m.speech_embed), f64(m.speech_pos), want_z, f64(m.picture_pos))
-    # jitted: eagerly, each of the streams' operations compiles alone; float64 rounding (1e-16) stays far below 1e-9
     np.testing.assert_allclose(nnx.jit(lambda m, z: m.speech(z))(m, z), layer_norm(speech, m.speech_ln), rtol=1e-9,
                                atol=1e-9)
 
