@@ -4,7 +4,8 @@
 # the session-wide compilation cache of tests/conftest.py and fewer eager compilations then took the suite from
 # 16:56 to 12:04 on one day). Each test file runs on one worker (--dist loadfile): its tests share the programs that
 # worker compiled (module-level jits, eager ops of the same shapes), where worksteal spread a file over the three;
-# on another, slower day the same suite took 15:45 with worksteal and 13:14 with loadfile (24.6 CPU-minutes, not 29.9).
+# on another, slower day the same suite took 15:45 with worksteal and 13:14-14:03 with loadfile (24.6-26.6
+# CPU-minutes, not 29.9).
 VENV := .venv
 PY := $(VENV)/bin/python
 # First interpreter that really is Python >= 3.12 (a pyenv shim for a missing version fails the check).
