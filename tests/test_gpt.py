@@ -343,3 +343,19 @@ def test_split_attention_gives_the_full_attentions_gradients(x64):
     (split, g_split), (full, g_full) = (grad(params, c) for c in ((), every_weights))
     np.testing.assert_allclose(split, full, rtol=1e-12)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g_split, g_full)
+
+
+
+def test_a_predictor_called_outside_jit_is_one_compiled_program_shared_by_predictors_of_the_model(backend_compiles):
+    """Op by op, a 4-layer GPT's predictions of 64 prompts took 67 ms a call on CPU (a compilation per operation at
+    the first call); jitted, 11 ms and one compilation."""
+    g, p = nnx.split(_vector_model())
+    g2, p2 = nnx.split(_vector_model())  # another model object of the same architecture and init
+    prompts = jax.random.normal(jax.random.key(4), (3, 5, 1))  # a shape no other test of this file draws
+    before = len(backend_compiles)
+    pred = jax.vmap(predictor(g, p))(prompts)
+    again = jax.vmap(predictor(g2, p2))(prompts)
+    assert len(backend_compiles) - before == 1
+    np.testing.assert_array_equal(again, pred)  # one program, the same parameter values
+    model = nnx.merge(g, p)
+    np.testing.assert_allclose(pred, np.stack([model.readout(model(t)) for t in prompts]), rtol=1e-5, atol=1e-6)

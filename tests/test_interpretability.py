@@ -286,12 +286,17 @@ def test_without_a_residual_stream_only_the_last_layers_heads_have_a_direct_effe
 
 
 @pytest.mark.parametrize("final_norm", [False, True])
-def test_direct_attributions_add_up_to_the_prediction(final_norm):
+def test_direct_attributions_add_up_to_the_prediction(final_norm, backend_compiles):
     g, p, clean, _ = _setup(final_norm=final_norm)
     if final_norm:  # not the init's scale 1 and bias 0, which a part that leaves them out would match
         for k, name in enumerate(("scale", "bias")):
             p["ln_final"][name][...] = 1.0 + jax.random.normal(jax.random.key(10 + k), (8,))
-    parts = direct_attribution(g, p, clean[0])
+    prompt = clean[0]
+    before = len(backend_compiles)
+    parts = direct_attribution(g, p, prompt)
+    assert len(backend_compiles) - before == 1  # one program; op by op, 45 compilations at the first call
+    batch = jax.vmap(lambda t: direct_attribution(g, p, t))(clean)  # float32 products batched: another program
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), batch, parts)
     total = parts["embed"] + parts["pos_embed"] + parts["heads"].sum((0, 1)) + parts["mlp"].sum(0) + parts["bias"]
     np.testing.assert_allclose(total, nnx.merge(g, p)(clean[0]), rtol=1e-5, atol=1e-6)  # float32 sums in two orders
     assert parts["heads"].shape == (2, 2, T, 1)

@@ -8,6 +8,8 @@ the prediction is linear in that sum, so each component's direct contribution is
 and the contributions plus the `bias` term (ln_final.bias W_U + b_U) add up to the prediction.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,8 +21,14 @@ from jaxicl.models.gpt import GPT
 
 def direct_attribution(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, jax.Array]:
     """Contributions to the outputs [T, out] of one prompt: embed, pos_embed [T, out], heads [L, H, T, out],
-    mlp [L, T, out] (zeros for an attention-only model), bias [T, out]; their sum is the output."""
-    params = on_mesh_of(tokens, params)  # the unembedding's products below meet the cache, on the tokens' mesh
+    mlp [L, T, out] (zeros for an attention-only model), bias [T, out]; their sum is the output. Jitted: a call
+    outside jit (vmapped over prompts or not) is one compiled program, not the forward pass op by op."""
+    # the unembedding's products meet the cache, on the tokens' mesh
+    return _contributions(graphdef, on_mesh_of(tokens, params), tokens)
+
+
+@partial(jax.jit, static_argnums=0)
+def _contributions(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params)
     if not isinstance(model, GPT):
         raise TypeError(f"direct_attribution needs a jaxicl.models.gpt.GPT, got {type(model).__name__}")

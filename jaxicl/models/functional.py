@@ -5,6 +5,7 @@ model's declared readout, giving the baselines' signature tokens [T, D] -> predi
 """
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import jax
 from flax import nnx
@@ -26,6 +27,13 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *,
 
 
 def predictor(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[jax.Array], jax.Array]:
-    """The model as an in-context predictor tokens [T, D] -> predictions (its readout of apply's outputs)."""
-    readout = nnx.merge(graphdef, params).readout
-    return lambda tokens: readout(apply(graphdef, params, tokens)[0])
+    """The model as an in-context predictor tokens [T, D] -> predictions (its readout of apply's outputs): jitted,
+    as the baselines' predictors are, so a call outside jit (vmapped over prompts or not) is one compiled program,
+    not the forward pass op by op (6x slower for 64 prompts of a 4-layer GPT on CPU). Params on another mesh than the
+    tokens' are replicated on theirs first, as in apply."""
+    return lambda tokens: _predictions(graphdef, on_mesh_of(tokens, params), tokens)
+
+
+@partial(jax.jit, static_argnums=0)
+def _predictions(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params).readout(apply(graphdef, params, tokens)[0])
