@@ -229,12 +229,16 @@ def test_kmeans_refuses_complex_points_and_separates_their_real_and_imaginary_pa
     assert float(out["ari"][0]) == pytest.approx(1.0)
 
 
-def test_cluster_scores_per_layer_see_structure_only_where_it_is():
-    """Layer 0 is noise, layer 1 holds the planted clusters: ARI about 0 and exactly 1."""
+def test_cluster_scores_per_layer_see_structure_only_where_it_is(backend_compiles):
+    """Layer 0 is noise, layer 1 holds the planted clusters: ARI about 0 and exactly 1. One compiled program (op by
+    op, the scores' operations compiled one by one)."""
     rng = np.random.default_rng(6)
     x, labels = _blobs(rng, 4, 40, 5, 40.0)
     noise = rng.normal(size=x.shape).astype(np.float32)
-    out = cluster_scores(jnp.asarray(np.stack([noise, x])), jnp.asarray(labels), 4, jax.random.key(0), restarts=4)
+    features, labels, key = jnp.asarray(np.stack([noise, x])), jnp.asarray(labels), jax.random.key(0)
+    before = len(backend_compiles)
+    out = cluster_scores(features, labels, 4, key, restarts=4)
+    assert len(backend_compiles) - before == 1
     assert abs(float(out["ari"][0])) < 0.05 and float(out["ari"][1]) == pytest.approx(1.0)
     assert float(out["nmi"][1]) == pytest.approx(1.0, abs=1e-6)
 
