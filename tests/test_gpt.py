@@ -345,7 +345,6 @@ def test_split_attention_gives_the_full_attentions_gradients(x64):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g_split, g_full)
 
 
-
 def test_a_predictor_called_outside_jit_is_one_compiled_program_shared_by_predictors_of_the_model(backend_compiles):
     """Op by op, a 4-layer GPT's predictions of 64 prompts took 67 ms a call on CPU (a compilation per operation at
     the first call); jitted, 11 ms and one compilation."""
