@@ -4,13 +4,14 @@ and after leaving it. JAX refuses the two in one computation, and refuses to vma
 together with per-prompt arrays made unsharded. The forward pass (jaxicl.models.functional.apply) puts params on the
 tokens' mesh when it is traced (on_mesh_of); the analyses and per_position_loss replicate all their inputs on one mesh
 before they run (replicated_inputs); equivalence_metrics, which differentiates eagerly, runs in the batch's mesh
-(inside_inputs_mesh).
+(inside_inputs_mesh); the baselines' predictors, vmapped over such a batch, are traced in its mesh (in_tokens_mesh).
 """
 
 from collections.abc import Callable, Iterator
 from functools import wraps
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -75,15 +76,42 @@ def inside_inputs_mesh(fn: Callable) -> Callable:
     """fn run under jax.set_mesh of the mesh its arguments' arrays are typed with (the first with an Explicit axis: a
     batch drawn under jax.set_mesh, after leaving it), where no mesh is current and an argument has one. Outside that
     mesh, JAX refuses to differentiate eagerly (not jitted) a function of such an array, split or replicated (a
-    ValueError asking for jax.set_mesh); inside it, fn runs as in the mesh the batch was drawn in."""
+    ValueError asking for jax.set_mesh); inside it, fn runs as in the mesh the batch was drawn in. Such an array closed
+    over by a function the user jits has to be inside the mesh already: a ValueError says how (jax.set_mesh is refused
+    inside jax.jit)."""
 
     @wraps(fn)
     def wrapped(*args, **kwargs):
         mesh = _inputs_mesh((args, kwargs)) if jax.sharding.get_abstract_mesh().empty else None
         if mesh is None:
             return fn(*args, **kwargs)
+        if isinstance(jnp.zeros(()), jax.core.Tracer):  # being traced: a concrete array here is a jitted closure's
+            raise ValueError(f"{fn.__name__}: an array on a mesh with Explicit axes (a batch drawn under "
+                             f"jax.set_mesh) is closed over by a jitted function called outside that mesh, where JAX "
+                             f"cannot place the program; call the jitted function inside `with jax.set_mesh(mesh)`, "
+                             f"or pass the array to it as an argument")
         with jax.set_mesh(mesh):
             return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def in_tokens_mesh(fn: Callable) -> Callable:
+    """fn(tokens) of one prompt traced in the mesh tokens are typed with, where that mesh has an Explicit axis
+    and no mesh is current: a prompt of a batch drawn under jax.set_mesh, vmapped after leaving the mesh, carries it,
+    and JAX refuses the operations whose output sharding it cannot tell without one (an array made in fn updated or
+    carried with the prompt's values: "Resource axis: data ... is not found in mesh", "Use .at[...].set(out_sharding=)
+    ..."). There fn runs jitted, as the mesh it is traced in names no devices an eager operation could run on. The
+    baselines' predictors take their prompts through it, as the model's forward pass does (on_mesh_of)."""
+    jitted = jax.jit(fn)
+
+    @wraps(fn)
+    def wrapped(tokens):
+        mesh = jax.typeof(tokens).sharding.mesh
+        if AxisType.Explicit not in mesh.axis_types or not jax.sharding.get_abstract_mesh().empty:
+            return fn(tokens)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jitted(tokens)
 
     return wrapped
 

@@ -1,5 +1,7 @@
 """What train() and train_sweep() return works in ordinary JAX code outside their meshes (the README tour)."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -79,6 +81,14 @@ def test_equivalence_metrics_take_a_batch_drawn_under_a_data_mesh_inside_the_mes
         assert batch.sharding.spec == (P("data", None, None) if devices > 1 else P(None, None, None))
         inside = metrics(batch)
     after = metrics(batch)
-    for got in (inside, after):
+    # closed over by the user's jit: JAX refused jax.set_mesh inside it ("can only be used outside of jax.jit", where
+    # the user had called none); the error says what works, and both ways do
+    with pytest.raises(ValueError, match=re.escape("equivalence_metrics: an array on a mesh with Explicit axes (a "
+                                                   "batch drawn under jax.set_mesh) is closed over by a jitted")):
+        jax.jit(lambda: metrics(batch))()
+    with jax.set_mesh(mesh):
+        closed = jax.jit(lambda: metrics(batch))()
+    passed = jax.jit(metrics)(batch)
+    for got in (inside, after, closed, passed):
         for name in want:  # split over "data", another program: float32 rounding of values of size ~1
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)

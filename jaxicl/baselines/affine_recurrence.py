@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.mesh_placement import in_tokens_mesh
 from jaxicl.prompt import check_one_prompt
 
 Predictor = Callable[[jax.Array], jax.Array]
@@ -27,17 +28,20 @@ def _out(pred: jax.Array) -> jax.Array:
     return pred[:, 0] if pred.shape[1] == 1 else pred
 
 
+@in_tokens_mesh
 def copy(tokens: jax.Array) -> jax.Array:
     check_one_prompt("copy", tokens)
     return _out(tokens)
 
 
+@in_tokens_mesh
 def linear_extrapolation(tokens: jax.Array) -> jax.Array:
     check_one_prompt("linear_extrapolation", tokens)
     prev = jnp.concatenate([tokens[:1], tokens[:-1]])
     return _out(2 * tokens - prev)
 
 
+@in_tokens_mesh
 def three_term(tokens: jax.Array) -> jax.Array:
     """The exact solver of a scalar affine recurrence from its last three terms (tokens [T, 1]).
 
@@ -56,6 +60,7 @@ def three_term(tokens: jax.Array) -> jax.Array:
     return jnp.where(ok, a * x + (x - a * x1), x)
 
 
+@in_tokens_mesh
 def least_squares(tokens: jax.Array) -> jax.Array:
     """[A b] = argmin sum_{i<n} |A x_i + b - x_{i+1}|^2 (minimum norm) at every position n; A x_n + b."""
     check_one_prompt("least_squares", tokens)
@@ -98,6 +103,7 @@ def fit_linear_filter(inputs: jax.Array, targets: jax.Array, taps: int | None = 
     y = np.asarray(targets, np.float64)
     weights = jnp.asarray(np.stack([np.linalg.lstsq(feats[:, n], y[:, n], rcond=None)[0] for n in range(t)]))
 
+    @in_tokens_mesh
     def predict(tokens: jax.Array) -> jax.Array:
         if tokens.shape != (t, 1):
             raise ValueError(f"tokens must be [{t}, 1] like the fitted prompts, got shape {tokens.shape}")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxicl.mesh_placement import in_tokens_mesh
 from jaxicl.tasks import nearest_neighbor as nn_task
 from jaxicl.validation import check_range
 
@@ -24,6 +25,7 @@ def k_nearest_neighbors(cfg: nn_task.NearestNeighbor, k: int) -> Predictor:
     """Mean label of the k context points nearest to the query."""
     check_range("k", k, 1, cfg.n_context)
 
+    @in_tokens_mesh
     def predict(tokens: jax.Array) -> jax.Array:
         x, labels, x_query = nn_task.decode(cfg, tokens)
         nearest = jax.lax.top_k(x @ x_query, k)[1]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxicl.mesh_placement import in_tokens_mesh
 from jaxicl.prompt import check_one_prompt
 from jaxicl.ridge import ridge_solve
 from jaxicl.tasks import linear_regression as lr_task
@@ -32,7 +33,10 @@ def least_squares(cfg: lr_task.LinearRegression) -> Predictor:
 def ridge(cfg: lr_task.LinearRegression, lam: float) -> Predictor:
     """argmin_w sum_i (<w, x_i> - y_i)^2 + lam |w|^2 on each prefix (lam = noise_var / w_var is Bayes-optimal),
     solved by ridge_solve's QR: on prefixes shorter than d, X^T X + lam I is singular up to lam, and the normal
-    equations gave NaN or wrong predictions in float32 at small lam."""
+    equations gave NaN or wrong predictions in float32 at small lam. On a batch split over a mesh's "data" axis
+    (drawn under jax.set_mesh) JAX refuses the vmapped QR, inside the mesh and after it ("select `which` must be
+    scalar or have the same sharding as cases": its lowering selects between an unsplit mask and the split batch):
+    vmap it over the batch replicated, jax.device_put(batch, NamedSharding(mesh, P()))."""
     check_positive("lam", lam)
     return _per_prefix(cfg, lambda x, y, m: ridge_solve(x * m[:, None], y * m, lam), "ridge")
 
@@ -81,6 +85,7 @@ def _prefix_predictor(cfg: lr_task.LinearRegression, fit_prefixes: PrefixFit, na
         x, y = lr_task.decode(cfg, tokens)
         return lr_task.at_positions(cfg, jnp.einsum("jd,jd->j", fit_prefixes(x, y), x))
 
+    @in_tokens_mesh
     def predict(tokens: jax.Array) -> jax.Array:
         check_one_prompt(name, tokens, cfg.token_dim, fields, length=cfg.seq_len)
         return predictions(tokens)
