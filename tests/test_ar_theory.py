@@ -199,3 +199,29 @@ def test_gd_ridge_penalty_is_the_ridge_early_stopped_gd_approximates(x64):
     ridge = np.asarray(th.ridge_positional(jnp.asarray(s), th.gd_ridge_penalty(lr, k, normaliser)))
     rel = np.linalg.norm(ridge - gd) / np.linalg.norm(gd)
     assert rel < 2e-3, rel  # measured 4e-4
+
+
+def test_the_positional_fits_take_states_split_over_a_data_mesh_inside_the_mesh_and_after_it(x64):
+    """States of a batch drawn under jax.set_mesh are split over "data" (4 simulated devices), the axis the Gram
+    sums run over: JAX refused the contraction without an output sharding ("Contracting dimensions are sharded"),
+    inside the mesh and after it. The fits now equal those of the same states unsplit (float64; the replicated states
+    go through the same operations)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxicl.train import data_mesh
+
+    cfg = ar.Autoregressive(family="complex_1d", dim=1, mu=30.0, seq_len=6, format="tiled", tile=1)
+    s = sample_batch(ar.sample, cfg, jax.random.key(9), 64, axis=None).info["states"][..., 0]  # [n, T + 1]
+    fits = {"quadratic": th.positional_quadratic, "min_norm": lambda x: th.min_norm_positional(x, 1e-3),
+            "ridge": lambda x: th.ridge_positional(x, 0.7)}
+    want = {name: f(s) for name, f in fits.items()}
+    mesh = data_mesh(4)
+    with jax.set_mesh(mesh):
+        split = jax.device_put(s, NamedSharding(mesh, P("data")))
+        inside = {name: f(split) for name, f in fits.items()}
+    after = {name: f(split) for name, f in fits.items()}
+    for got in (inside, after):
+        for name in fits:
+            jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12,
+                                                                          err_msg=name), got[name], want[name])

@@ -256,3 +256,37 @@ def test_a_second_eager_call_of_kmeans_plus_plus_or_lloyd_on_new_points_compiles
     backend_compiles.clear()
     jax.block_until_ready(calls(1))
     assert backend_compiles == []
+
+
+def test_clustering_takes_points_and_labels_split_over_a_data_mesh_inside_the_mesh_and_after_it():
+    """Features of a batch drawn under jax.set_mesh (a user's own vmap of apply) are split over "data" (4 simulated
+    devices), the axis k-means and the contingency table run across: JAX refused them ("dynamic_slice on sharded
+    dims ... not implemented", a contraction over a split axis), inside the mesh and after it. Each now equals its
+    result on the same points unsplit (replicated, the same operations)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxicl.train import data_mesh
+
+    rng = np.random.default_rng(0)
+    points = jnp.asarray(rng.normal(size=(2, 16, 5)).astype(np.float32))  # [layers, N, D]
+    labels = jnp.asarray(rng.integers(0, 3, 16))
+    other = jnp.asarray(rng.integers(0, 3, 16))
+    fits = {"kmeans_plus_plus": (lambda x, y: kmeans_plus_plus(x[0], 3, jax.random.key(0)), 1),
+            "lloyd": (lambda x, y: lloyd(x[0], jnp.eye(3, 5), 5), 1),
+            "kmeans": (lambda x, y: kmeans(x[0], 3, jax.random.key(0)), 1),
+            "cluster_scores": (lambda x, y: cluster_scores(x, y, 3, jax.random.key(0)), 1),
+            "adjusted_rand_index": (lambda x, y: adjusted_rand_index(y, other, 3, 3), 0),
+            "normalized_mutual_info": (lambda x, y: normalized_mutual_info(y, other, 3, 3), 0)}
+    mesh = data_mesh(4)
+    for name, (f, axis) in fits.items():
+        want = f(points, labels)
+        with jax.set_mesh(mesh):
+            split = (jax.device_put(points, NamedSharding(mesh, P(None, "data"))),
+                     jax.device_put(labels, NamedSharding(mesh, P("data"))))
+            assert split[axis].sharding.spec != P()
+            inside = f(*split)
+        after = f(*split)
+        for got in (inside, after):
+            jax.tree.map(lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7,
+                                                                          err_msg=name), got, want)

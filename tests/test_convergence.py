@@ -318,3 +318,31 @@ def test_perturbed_outputs_rejects_a_site_not_per_cell_and_cells_not_per_prompt(
         perturbed_outputs(graphdef, params, tokens, "layer0.resid_mid", cells[0], 0.5, jax.random.key(0))
     with pytest.raises(ValueError, match=re.escape("site: unknown site name(s) ['layer1.resid_mid']")):
         perturbed_outputs(graphdef, params, tokens, "layer1.resid_mid", cells, 0.5, jax.random.key(0))
+
+
+def test_the_convergence_measures_take_rows_split_over_a_data_mesh_inside_the_mesh_and_after_it():
+    """Rows split over "data" (features of a batch drawn under jax.set_mesh, 4 simulated devices): the pairs and the
+    covariance run across that axis, and JAX refused them ("produces an illegally sharded result", "Contracting
+    dimensions are sharded"), inside the mesh and after it. Each now equals its value on the same rows unsplit."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxicl.analysis.convergence import (cross_board_distance, mean_pairwise_distance, participation_ratio,
+                                             within_board_ratio)
+    from jaxicl.train import data_mesh
+
+    rows = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6, 5)).astype(np.float32))  # [boards, cells, D]
+    measures = {"mean_pairwise_distance": lambda x: mean_pairwise_distance(x[:, 0]),
+                "cross_board_distance": cross_board_distance,
+                "within_board_ratio": lambda x: within_board_ratio(x[:, 0], jnp.arange(8) < 3),
+                "participation_ratio": lambda x: participation_ratio(x[:, 0])}
+    mesh = data_mesh(4)
+    for name, f in measures.items():
+        want = np.asarray(f(rows))
+        with jax.set_mesh(mesh):
+            split = jax.device_put(rows, NamedSharding(mesh, P("data")))
+            inside = f(split)
+        after = f(split)
+        for got in (inside, after):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7, err_msg=name)

@@ -3,7 +3,8 @@ Rand index, normalized mutual information, and Hungarian matching of clusters to
 
 Labels are integer arrays [N] with values in [0, n) for a static n; scores come from the contingency table, so
 every function here is jittable and vmaps over layers, checkpoints or restarts. Labels and positions are checked
-where they are concrete (on the host, outside jit); traced ones (inside jit) are the caller's to check.
+where they are concrete (on the host, outside jit); traced ones (inside jit) are the caller's to check. Points and
+labels split over a mesh's "data" axis (drawn under jax.set_mesh) are replicated first, inside the mesh and after it.
 """
 
 import math
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.validation import check_real
 
 
@@ -24,6 +26,7 @@ def _sq_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
     return jnp.maximum(d, 0.0)
 
 
+@replicated_inputs
 @partial(jax.jit, static_argnames="k")
 def kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     """[k, D] starting centroids by greedy k-means++ (Arthur & Vassilvitskii 2007; scikit-learn's default): the
@@ -48,6 +51,7 @@ def kmeans_plus_plus(x: jax.Array, k: int, key: jax.Array) -> jax.Array:
     return jnp.concatenate([first[None], rest])
 
 
+@replicated_inputs
 @partial(jax.jit, static_argnames="iters")
 def lloyd(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """iters Lloyd steps from centroids [k, D]; (labels [N], centroids [k, D], inertia []) of the final centroids,
@@ -65,6 +69,7 @@ def lloyd(x: jax.Array, centroids: jax.Array, iters: int) -> tuple[jax.Array, ja
     return labels, centroids, jnp.sum((x - centroids[labels]) ** 2)
 
 
+@replicated_inputs
 @partial(jax.jit, static_argnames=("k", "restarts", "iters"))
 def kmeans(x: jax.Array, k: int, key: jax.Array, restarts: int = 8, iters: int = 50) -> dict:
     """k-means of x [N, D]: `restarts` k-means++ starts refined by `iters` Lloyd steps, all in one vmapped program;
@@ -91,6 +96,7 @@ def check_indices(name: str, values, low: int, high: int) -> None:
         raise ValueError(f"{name} must lie in [{low}, {high}), got values from {v.min()} to {v.max()}")
 
 
+@replicated_inputs
 def contingency(a: jax.Array, b: jax.Array, n_a: int, n_b: int) -> jax.Array:
     """[n_a, n_b] counts of the pairs (a_i, b_i) for labels a [N] in [0, n_a) and b [N] in [0, n_b), in the default
     float type (float64 under x64: ARI subtracts nearly equal sums of pair-count products, which float32 rounds to 1e-2
@@ -153,6 +159,7 @@ def sequence_features(cache: dict, sites: Iterable[str], positions: jax.Array | 
     return jnp.stack([jnp.einsum("nt,ntd->nd", w, cache[s]) for s in sites])
 
 
+@replicated_inputs
 def cluster_scores(features: jax.Array, labels: jax.Array, n_labels: int, key: jax.Array, restarts: int = 8,
                    iters: int = 50) -> dict:
     """k-means with k = n_labels on each of features [L, N, D] (one per layer), scored against labels [N].

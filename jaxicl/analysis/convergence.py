@@ -5,11 +5,15 @@ unit distance: || v / |v| - w / |w| ||_2, the official metric. cross_board_dista
 at the same position), the mean over board pairs of each cell's unit distance. within_board_ratio is the
 reconstructed within-board measure R = W / OB of the notes (Section 6.2). participation_ratio is
 (sum lambda)^2 / sum lambda^2 of the covariance's eigenvalues.
+
+Each takes rows split over a mesh's "data" axis (features of a batch drawn under jax.set_mesh), inside the
+mesh and after it, replicated first: the pairs and the covariance run across that axis.
 """
 
 import jax
 import jax.numpy as jnp
 
+from jaxicl.mesh_placement import replicated_inputs
 from jaxicl.numeric import ratio_or_nan
 
 
@@ -19,6 +23,7 @@ def unit(x: jax.Array) -> jax.Array:
     return x / jnp.where(n > 0, n, 1.0)
 
 
+@replicated_inputs
 def mean_pairwise_distance(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Mean Euclidean distance over distinct pairs of the rows of x [N, D] (pairs weighted by weights [N, N] if
     given: the mean over pairs i != j with weight w_ij). NaN where there is no pair (one row, or zero weights): 0
@@ -31,6 +36,7 @@ def mean_pairwise_distance(x: jax.Array, weights: jax.Array | None = None) -> ja
     return ratio_or_nan(jnp.sum(w * d), jnp.sum(w))
 
 
+@replicated_inputs
 def cross_board_distance(features: jax.Array) -> jax.Array:
     """[F] for features [B, F, D] (the same F focus cells on B boards): the mean over board pairs b < b' of the unit
     distance between the boards' f-th cells. Low values: the cell is represented alike across contexts. NaN for
@@ -38,6 +44,7 @@ def cross_board_distance(features: jax.Array) -> jax.Array:
     return jax.vmap(lambda f: mean_pairwise_distance(unit(f)), in_axes=1)(features)
 
 
+@replicated_inputs
 def within_board_ratio(features: jax.Array, objects: jax.Array) -> jax.Array:
     """R = W / OB for one board: features [T, D], objects [T] bool (the cells of one object). W is the mean unit
     distance among the object's cells, OB the mean unit distance between its cells and the other cells. NaN where
@@ -50,6 +57,7 @@ def within_board_ratio(features: jax.Array, objects: jax.Array) -> jax.Array:
     return jnp.where(defined, w / jnp.maximum(ob, 1e-12), jnp.nan)
 
 
+@replicated_inputs
 def participation_ratio(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """(sum lambda)^2 / sum lambda^2 of the covariance of the rows of x [N, D] (rows weighted by weights [N] if
     given, e.g. a mask selecting one root's cells): between 1 (one direction) and D (isotropic); NaN where the

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxicl.mesh_placement import replicated_inputs
+
 FAMILIES = ("unitary", "orthogonal")
 
 
@@ -155,10 +157,13 @@ def positional_features(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(visible[:, None, :], f, 0.0), s[:, 2:].T
 
 
+@replicated_inputs
 def positional_quadratic(s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The positional-only loss mean_{n, r} |F[r, n] P[r] - y[r, n]|^2 as sum_r (p G p - 2 h p + c) / (n (T - 1)).
 
-    Returns G [T - 1, T, T] = Re F^H F, h [T - 1, T] = Re F^H y, c [T - 1] = ||y||^2 (unnormalised).
+    Returns G [T - 1, T, T] = Re F^H F, h [T - 1, T] = Re F^H y, c [T - 1] = ||y||^2 (unnormalised). States split
+    over a mesh's "data" axis (drawn under jax.set_mesh) are replicated first: the sums over n are over that axis,
+    and JAX refuses a contraction over a split axis without an output sharding, inside the mesh and after it.
     """
     f, y = positional_features(s)
     g = jnp.real(jnp.einsum("rnk,rnl->rkl", jnp.conj(f), f))
