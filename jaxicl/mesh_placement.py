@@ -2,7 +2,8 @@
 (jaxicl.train.portable), and a batch drawn under jax.set_mesh is typed with that mesh's Explicit axes, inside the mesh
 and after leaving it. JAX refuses the two in one computation, and refuses to vmap such a batch, split over "data",
 together with per-prompt arrays made unsharded. The forward pass (jaxicl.models.functional.apply) puts params on the
-tokens' mesh when it is traced (on_mesh_of); the analyses and per_position_loss replicate all their inputs on one mesh
+tokens' mesh when it is traced (on_mesh_of); the analyses (clustering and the convergence measures included),
+per_position_loss and the positional fits of jaxicl.theory.autoregressive replicate all their inputs on one mesh
 before they run (replicated_inputs); equivalence_metrics, which differentiates eagerly, runs in the batch's mesh
 (inside_inputs_mesh); the baselines' predictors, vmapped over such a batch, are traced in its mesh (in_tokens_mesh).
 """
