@@ -3,8 +3,9 @@ Rand index, normalized mutual information, and Hungarian matching of clusters to
 
 Labels are integer arrays [N] with values in [0, n) for a static n; scores come from the contingency table, so
 every function here is jittable and vmaps over layers, checkpoints or restarts. Labels and positions are checked
-where they are concrete (on the host, outside jit); traced ones (inside jit) are the caller's to check. Points and
-labels split over a mesh's "data" axis (drawn under jax.set_mesh) are replicated first, inside the mesh and after it.
+where they are concrete (on the host, outside jit); traced ones (inside jit) are the caller's to check. k-means and
+cluster_scores replicate points split over a mesh's "data" axis (drawn under jax.set_mesh) first, inside the mesh and
+after it; the scores take split labels as they are.
 """
 
 import math
@@ -96,7 +97,6 @@ def check_indices(name: str, values, low: int, high: int) -> None:
         raise ValueError(f"{name} must lie in [{low}, {high}), got values from {v.min()} to {v.max()}")
 
 
-@replicated_inputs
 def contingency(a: jax.Array, b: jax.Array, n_a: int, n_b: int) -> jax.Array:
     """[n_a, n_b] counts of the pairs (a_i, b_i) for labels a [N] in [0, n_a) and b [N] in [0, n_b), in the default
     float type (float64 under x64: ARI subtracts nearly equal sums of pair-count products, which float32 rounds to 1e-2
