@@ -12,9 +12,10 @@ platforms are untouched.
 PRNG_IMPLS: the JAX key implementations a run may draw its batches with (TrainConfig.prng_impl; threefry2x32, JAX's
 default, unless a measurement says otherwise). Both keep the engine's promises: a batch is the same vmapped over
 per-prompt keys as drawn prompt by prompt, on 1 or 4 devices, and on every platform. threefry4x32 is slow on a batch
-split over devices: on 4 simulated CPU devices a jitted loop of batch draws took 1.6 ms a draw with it against 0.3 ms
-with threefry2x32 and 0.015 ms with it on one device (the cost grows with the device count, not the work; JAX's
-inline lowering of its hash, tried, changed nothing), and the tests' tiny training step ~60 ms against under 1 ms. Not offered: "rbg" and
+split over devices where its draws meet a sum across them (a loss): on 4 simulated CPU devices the tests' tiny
+training step took ~60 ms with it against under 1 ms with threefry2x32, and a jitted loop of batch draws each summed
+across the devices 1.6 ms a draw against 0.3 ms (0.015 ms with it on one device; the draws alone, not summed, under
+0.03 ms with either). JAX's inline lowering of its hash, tried, changed nothing. Not offered: "rbg" and
 "unsafe_rbg", which under vmap draw the whole batch from its first key (JAX's documentation), so a sweep member's
 batches would depend on another member's seed (on CPU they were also 3-4x slower than threefry); and "philox2x32" /
 "philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12 ("Unable to convert MHLO to StableHLO"
