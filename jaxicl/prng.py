@@ -13,9 +13,10 @@ PRNG_IMPLS: the JAX key implementations a run may draw its batches with (TrainCo
 default, unless a measurement says otherwise). Both keep the engine's promises: a batch is the same vmapped over
 per-prompt keys as drawn prompt by prompt, on 1 or 4 devices, and on every platform. threefry4x32 is slow on a batch
 split over devices where its draws meet a sum across them (a loss): on 4 simulated CPU devices the tests' tiny
-training step took ~60 ms with it against under 1 ms with threefry2x32, and a jitted loop of batch draws each summed
-across the devices 1.6 ms a draw against 0.3 ms (0.015 ms with it on one device; the draws alone, not summed, under
-0.03 ms with either). JAX's inline lowering of its hash, tried, changed nothing. Not offered: "rbg" and
+training step took 45-60 ms with it against under 1 ms with threefry2x32, and a jitted loop of batch draws each
+summed across the devices about 1 ms a draw against 0.1 ms (0.02 ms with either on one device; the draws alone, not
+summed, under 0.02 ms with either). JAX's inline lowering of its hash and an optimization barrier between the draws
+and the sum, tried, changed nothing. Not offered: "rbg" and
 "unsafe_rbg", which under vmap draw the whole batch from its first key (JAX's documentation), so a sweep member's
 batches would depend on another member's seed (on CPU they were also 3-4x slower than threefry); and "philox2x32" /
 "philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12 ("Unable to convert MHLO to StableHLO"
