@@ -16,11 +16,11 @@ split over devices where its draws meet a sum across them (a loss): on 4 simulat
 training step took 45-60 ms with it against under 1 ms with threefry2x32, and a jitted loop of batch draws each
 summed across the devices about 1 ms a draw against 0.1 ms (0.02 ms with either on one device; the draws alone, not
 summed, under 0.02 ms with either). JAX's inline lowering of its hash and an optimization barrier between the draws
-and the sum, tried, changed nothing. Not offered: "rbg" and
-"unsafe_rbg", which under vmap draw the whole batch from its first key (JAX's documentation), so a sweep member's
-batches would depend on another member's seed (on CPU they were also 3-4x slower than threefry); and "philox2x32" /
-"philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12 ("Unable to convert MHLO to StableHLO"
-at their mulhi), and the engine always trains under one.
+and the sum, tried, changed nothing.
+Not offered: "rbg" and "unsafe_rbg", which under vmap draw the whole batch from its first key (JAX's documentation),
+so a sweep member's batches would depend on another member's seed (on CPU they were also 3-4x slower than
+threefry); and "philox2x32" / "philox4x32", which do not compile under a device mesh in JAX 0.11.2 and 0.12
+("Unable to convert MHLO to StableHLO" at their mulhi), and the engine always trains under one.
 
 seed_key: every key jaxicl and the experiments make from an integer seed (data, evaluation, init, task pools,
 blueprints, an experiment's test sets), of an explicit implementation (threefry2x32 unless a run's prng_impl says
