@@ -2,6 +2,8 @@
    python -m experiments list NAME [--preset P] [field=value ...]
    python -m experiments sweep-report DIR
 
+`all --jobs N` runs N experiments at a time, each in its own process (experiments.common.parallel).
+
 `list NAME` prints every field of NAME's config (dotted paths, as overrides and sweep axes name them) with its
 value under the preset and the overrides, without running anything.
 
@@ -18,7 +20,8 @@ import traceback
 import jax
 
 from experiments import registry
-from experiments.common.report import write_report
+from experiments.common import parallel
+from experiments.common.report import print_checks, write_report
 from experiments.common.runner import (MATMUL_PRECISIONS, RunInterrupted, check_out_dir, interrupt_message,
                                        resolve_config, run_experiment, sweep_axes)
 from experiments.common.sweep_report import find_sweeps, write_sweep_report
@@ -41,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(TF32 on recent NVIDIA GPUs, one bfloat16 pass on TPUs); bfloat16 is that same default "
                         "(lax.Precision.DEFAULT: TF32, not bfloat16, on a GPU); on a CPU, XLA computed float32 under "
                         "each")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with 'all': run this many experiments at a time, each in its own process printing to "
+                        "OUT/logs/NAME.log (default 1: one after another, in this process); for CPUs")
     distributed.add_arguments(p)
     p.add_argument("--sweep", nargs="+", action="extend", default=[], metavar="AXIS",
                    help="sweep axes field=values (lists a,b | ranges 0:8 | log:lo:hi:n | lin:lo:hi:n)")
@@ -49,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow options; --sweep takes the rest
+    if error := _jobs_error(args):  # before --distributed's initialisation, which --jobs cannot run under
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     distributed.initialize(args)  # before any other JAX work
     if args.name == "list":
         return _list(args.overrides, args.preset)
@@ -68,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KeyError) as e:
         print(f"error: {e.args[0]}{_one_value_hint(args.sweep)}", file=sys.stderr)
         return 2
+    if args.jobs > 1:
+        results, errors, interrupted = parallel.run_all(names, args.preset, args.out, args.matmul_precision, args.jobs)
+        if interrupted:
+            return 130
+        print(f"report: {write_report(args.out, args.preset, results, errors, args.jobs)}")
+        return 1 if errors else 0
     results, errors = [], {}
     for name in names:
         print(f"== {name} ({args.preset})", flush=True)
@@ -91,12 +106,22 @@ def main(argv: list[str] | None = None) -> int:
             print(errors[name], file=sys.stderr)
             continue
         results.append(result)
-        for c in result["checks"]:
-            print(f"   [{'pass' if c['passed'] else 'FAIL'}] {c['name']} = {c['value']} (target {c['target']})")
-        print(f"   {result['wall_seconds']:.0f} s -> {args.out}/{name}/result.json", flush=True)
+        print_checks(result, args.out)
     if args.name == "all" and jax.process_index() == 0:
         print(f"report: {write_report(args.out, args.preset, results, errors)}")
     return 1 if errors else 0
+
+
+def _jobs_error(args) -> str | None:
+    """What is wrong with --jobs: not a positive count, or above 1 with one experiment or under --distributed."""
+    if args.jobs < 1:
+        return f"--jobs must be >= 1, got {args.jobs}"
+    if args.jobs > 1 and args.name != "all":
+        return f"--jobs {args.jobs} runs several experiments at a time: it needs 'all', not {args.name!r}"
+    if args.jobs > 1 and args.distributed:
+        return (f"--jobs {args.jobs} starts its own processes on this host: it cannot run under --distributed "
+                "(use --jobs 1)")
+    return None
 
 
 def _one_value_hint(specs: list[str]) -> str:

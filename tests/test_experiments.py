@@ -162,6 +162,11 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     # its key takes the seed's int32 value (jaxicl.prng.seed_key): a seed outside int32 is refused before the run
     (["nn_fig2_landscape", "seed=4294967296"], "seed=4294967296: seed must be in [-2147483648, 2147483647], got "
      "4294967296"),
+    (["all", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["gd_equivalence", "--jobs", "2"], "--jobs 2 runs several experiments at a time: it needs 'all', not "
+     "'gd_equivalence'"),
+    (["all", "--jobs", "2", "--distributed"], "--jobs 2 starts its own processes on this host: it cannot run under "
+     "--distributed"),
 ])
 def test_bad_command_lines_fail_early_with_a_message_naming_the_field(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2

@@ -1,4 +1,4 @@
-"""report.md: one section per experiment with its checks table and figures."""
+"""report.md: one section per experiment with its checks table and figures; the checks as a run prints them."""
 
 import os
 
@@ -11,12 +11,22 @@ def _fmt(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def write_report(out: str, preset: str, results: list[dict], errors: dict[str, str]) -> str:
-    """Writes out/report.md from result dicts (and experiments that raised); returns its path."""
+def print_checks(result: dict, out: str) -> None:
+    """Prints a finished experiment's checks (pass/FAIL, value, target), its wall time and where its result is."""
+    for c in result["checks"]:
+        print(f"   [{'pass' if c['passed'] else 'FAIL'}] {c['name']} = {c['value']} (target {c['target']})")
+    print(f"   {result['wall_seconds']:.0f} s -> {out}/{result['experiment']}/result.json", flush=True)
+
+
+def write_report(out: str, preset: str, results: list[dict], errors: dict[str, str],
+                 jobs: int = 1) -> str:
+    """Writes out/report.md from result dicts (and experiments that raised), run `jobs` at a time; returns its path."""
     n_checks = sum(len(r["checks"]) for r in results)
     n_passed = sum(c["passed"] for r in results for c in r["checks"])
+    overlap = f" They ran {jobs} at a time (--jobs), so their wall times overlap." if jobs > 1 else ""
     lines = [f"# jaxicl reproduction report (preset `{preset}`)", "",
-             f"{len(results)} experiments ran, {len(errors)} raised; {n_passed}/{n_checks} checks passed.", "",
+             f"{len(results)} experiments ran, {len(errors)} raised; {n_passed}/{n_checks} checks passed.{overlap}",
+             "",
              "| experiment | checks passed | wall time (s) |", "|---|---|---|"]
     for r in results:
         passed = sum(c["passed"] for c in r["checks"])

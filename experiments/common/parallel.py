@@ -1,0 +1,121 @@
+"""`python -m experiments all --jobs N`: N experiments at a time, each in its own process (the CLI on one name).
+
+On a CPU, one experiment keeps both cores of a 2-core machine busy only part of the time (compilation is
+single-threaded, and so is much of an analysis), so two at a time finish the quick reproduction sooner. Each child
+writes what it prints to OUT/logs/NAME.log; this process prints when each starts and, when it ends, its checks as
+the sequential run does, then writes report.md in the registry's order. Experiments whose runs write the same folders
+(their own and their SHARES, e.g. the abstractions analyses and the model they share) run one after another, in the
+registry's order. Ctrl-C reaches every child (one process group): each stops as a lone run does, and once all have
+exited their "interrupted:" lines (where the same command resumes) are printed here. Meant for CPUs: on a GPU each
+process would reserve most of the device's memory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from time import sleep
+
+from experiments import registry
+from experiments.common.report import print_checks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder of `experiments`
+POLL_SECONDS = 0.2
+
+
+def folders(name: str) -> set[str]:
+    """The folders under --out that experiment `name`'s run writes: its own and its SHARES."""
+    return {name, *getattr(registry.load(name), "SHARES", ())}
+
+
+def next_runnable(pending: list[str], running: set[str]) -> str | None:
+    """The first of `pending` (in order) that writes no folder an earlier pending or a running experiment writes."""
+    taken = set().union(*(folders(n) for n in running))
+    for name in pending:
+        if not folders(name) & taken:
+            return name
+        taken |= folders(name)  # a later one sharing its folders waits for it: the registry's order holds
+    return None
+
+
+def child_command(name: str, preset: str, out: str, matmul_precision: str) -> list[str]:
+    """The command that runs experiment `name` alone."""
+    return [sys.executable, "-m", "experiments", name, "--preset", preset, "--out", out,
+            "--matmul-precision", matmul_precision]
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, with `experiments` importable from ROOT and progress bars redrawn every 30 s (in a log)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TQDM_MININTERVAL": "30"}
+
+
+def _interrupted_lines(log: str) -> list[str]:
+    """The "interrupted: ..." lines a child printed before exiting on Ctrl-C."""
+    with open(log) as f:
+        return [line.rstrip("\n") for line in f if line.startswith("interrupted:")]
+
+
+def run_all(names: list[str], preset: str, out: str, matmul_precision: str,
+            jobs: int) -> tuple[list[dict], dict[str, str], bool]:
+    """Runs `names` (registry order) `jobs` at a time. Returns the result dicts in `names`' order, {name: its log's
+    tail} for those that failed, and whether Ctrl-C stopped the run (after every running child exited)."""
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    pending, running, ended = list(names), {}, {}
+    try:
+        while pending or running:
+            while len(running) < jobs and (name := next_runnable(pending, set(running))) is not None:
+                pending.remove(name)
+                log = os.path.join(logs, f"{name}.log")
+                with open(log, "w") as f:
+                    running[name] = subprocess.Popen(child_command(name, preset, out, matmul_precision),
+                                                     env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
+                print(f"== {name} ({preset}) started: {log}", flush=True)
+            sleep(POLL_SECONDS)
+            for name, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    ended[name] = proc.returncode
+                    _report_end(name, proc.returncode, out, len(ended), len(names))
+    except KeyboardInterrupt:
+        for name, proc in running.items():  # each got the Ctrl-C too: it saves where it is and exits
+            _wait_through_interrupts(proc)
+            for line in _interrupted_lines(os.path.join(logs, f"{name}.log")):
+                print(f"\n{line}", file=sys.stderr)
+        return [], {}, True
+    results = [_read_result(out, n) for n in names if ended[n] == 0]
+    errors = {n: _tail(os.path.join(logs, f"{n}.log")) for n in names if ended[n] != 0}
+    return results, errors, False
+
+
+def _wait_through_interrupts(proc: subprocess.Popen) -> None:
+    """Waits for proc to exit; a second Ctrl-C reaches it too (as it does a lone run) and this goes on waiting."""
+    while True:
+        try:
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _report_end(name: str, code: int, out: str, done: int, total: int) -> None:
+    """Prints that experiment `name` ended (exit code `code`, the `done`-th of `total`): its checks or its log's
+    tail."""
+    log = os.path.join(out, "logs", f"{name}.log")
+    if code == 0:
+        print(f"== {name} done ({done}/{total})", flush=True)
+        print_checks(_read_result(out, name), out)
+    else:
+        print(f"== {name} failed (exit code {code}; {done}/{total}):\n{_tail(log)}", file=sys.stderr, flush=True)
+
+
+def _read_result(out: str, name: str) -> dict:
+    with open(os.path.join(out, name, "result.json")) as f:
+        return json.load(f)
+
+
+def _tail(log: str, lines: int = 40) -> str:
+    """The last `lines` lines of a child's log (a traceback's end)."""
+    with open(log, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
