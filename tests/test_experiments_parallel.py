@@ -1,6 +1,7 @@
 """`python -m experiments all --jobs N`: experiments in child processes, N at a time."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ CHEAP = ("ar_fig3_unitary", "ar_fig3_orthogonal")  # two smoke runs of a few sec
 def schedule(names: list[str], jobs: int) -> list[tuple[str, set[str]]]:
     """(experiment started, the experiments running beside it) in the order next_runnable starts them, where the
     running experiment that started first always ends first."""
-    pending, running, started = list(names), [], []
+    pending, running, started = parallel.start_order(names), [], []
     while pending or running:
         while len(running) < jobs and (name := parallel.next_runnable(pending, set(running))) is not None:
             pending.remove(name)
@@ -25,15 +26,17 @@ def schedule(names: list[str], jobs: int) -> list[tuple[str, set[str]]]:
     return started
 
 
-def test_experiments_that_write_the_same_folders_run_one_after_another_in_the_registrys_order():
+def test_the_longest_start_first_and_experiments_that_write_the_same_folders_run_one_after_another():
     names = list(registry.EXPERIMENTS)
     started = schedule(names, 2)
     assert sorted(n for n, _ in started) == sorted(names)
+    assert [n for n, _ in started[:2]] == ["abstractions_lea", "abstractions_training"]
     for name, beside in started:  # never beside one that writes its folders (a brute-force check of the rule)
         assert all(not parallel.folders(name) & parallel.folders(other) for other in beside)
     shared = [n for n, _ in started if "abstractions_training" in parallel.folders(n)]
     assert shared == ["abstractions_training", "abstractions_geometry", "abstractions_manipulation"]
-    assert [n for n, _ in schedule(names, 1)] == names
+    assert parallel.start_order(names) == [*parallel.LONGEST_FIRST,
+                                           *(n for n in names if n not in parallel.LONGEST_FIRST)]
     assert parallel.next_runnable(["abstractions_geometry", "abstractions_lea"], {"abstractions_training"}) == \
         "abstractions_lea"
 
@@ -60,6 +63,17 @@ def test_two_at_a_time_gives_the_results_one_after_another_gives_and_the_same_re
     checks = [c for name in CHEAP for c in json.loads((tmp_path / "par" / name / "result.json").read_text())["checks"]]
     assert (f"2 experiments ran, 0 raised; {sum(c['passed'] for c in checks)}/{len(checks)} checks passed. They ran "
             "2 at a time (--jobs), so their wall times overlap.") in report
+
+def test_each_child_gets_its_share_of_the_cores_for_numpys_threads_unless_they_are_set(monkeypatch):
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    assert [parallel.child_env(jobs)["OPENBLAS_NUM_THREADS"] for jobs in (1, 2, 5, 8)] == ["5", "2", "1", "1"]
+    assert parallel.child_env(2)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    env = parallel.child_env(2)
+    assert env["OPENBLAS_NUM_THREADS"] == "3" and env["PYTHONPATH"].split(os.pathsep)[0] == parallel.ROOT
+
 
 def fake_children(monkeypatch, scripts: dict[str, str]) -> None:
     """Each experiment's child runs the Python code scripts[name] instead of the experiment."""

@@ -3,11 +3,12 @@
 On a CPU, one experiment keeps both cores of a 2-core machine busy only part of the time (compilation is
 single-threaded, and so is much of an analysis), so two at a time finish the quick reproduction sooner. Each child
 writes what it prints to OUT/logs/NAME.log; this process prints when each starts and, when it ends, its checks as
-the sequential run does, then writes report.md in the registry's order. Experiments whose runs write the same folders
-(their own and their SHARES, e.g. the abstractions analyses and the model they share) run one after another, in the
-registry's order. Ctrl-C reaches every child (one process group): each stops as a lone run does, and once all have
-exited their "interrupted:" lines (where the same command resumes) are printed here. Meant for CPUs: on a GPU each
-process would reserve most of the device's memory.
+the sequential run does, then writes report.md in the registry's order. The longest start first (LONGEST_FIRST), the
+others follow in the registry's order; experiments whose runs write the same folders (their own and their SHARES, e.g.
+the abstractions analyses and the model they share) run one after another, in that order. Ctrl-C reaches every
+child (one process group): each stops as a lone run does, and once all have exited their "interrupted:" lines (where
+the same command resumes) are printed here. Meant for CPUs: on a GPU each process would reserve most of the device's
+memory.
 """
 
 import json
@@ -21,6 +22,16 @@ from experiments.common.report import print_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder of `experiments`
 POLL_SECONDS = 0.2
+# started before the others, which follow in the registry's order: the longest quick runs (438 and 250 s of the
+# quick reproduction's 1,357 on a 2-core AMD EPYC, Zen 3), which in the registry's order started last, after 11
+# minutes, and ran on alone at the end
+LONGEST_FIRST = ("abstractions_lea", "abstractions_training")
+
+
+def start_order(names: list[str]) -> list[str]:
+    """names with those in LONGEST_FIRST first (in its order), the others after them in their order."""
+    first = [n for n in LONGEST_FIRST if n in names]
+    return first + [n for n in names if n not in first]
 
 
 def folders(name: str) -> set[str]:
@@ -44,10 +55,16 @@ def child_command(name: str, preset: str, out: str, matmul_precision: str) -> li
             "--matmul-precision", matmul_precision]
 
 
-def _child_env() -> dict[str, str]:
-    """This environment, with `experiments` importable from ROOT and progress bars redrawn every 30 s (in a log)."""
+def child_env(jobs: int) -> dict[str, str]:
+    """This environment, with `experiments` importable from ROOT, progress bars redrawn every 30 s (in a log) and,
+    unless set, numpy's OpenBLAS on this process's cores over `jobs` threads (at least 1). OpenBLAS's threads wait
+    for work spinning: abstractions_geometry's quick run, beside a 2-thread XLA loop on 2 cores, took 114 s with its
+    default 2 threads and 81 s with 1 (alone: 64 and 57 s)."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "TQDM_MININTERVAL": "30"}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // jobs))
+    return {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, **os.environ, "PYTHONPATH": path,
+            "TQDM_MININTERVAL": "30"}
 
 
 def _interrupted_lines(log: str) -> list[str]:
@@ -62,7 +79,7 @@ def run_all(names: list[str], preset: str, out: str, matmul_precision: str,
     tail} for those that failed, and whether Ctrl-C stopped the run (after every running child exited)."""
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    pending, running, ended = list(names), {}, {}
+    pending, running, ended = start_order(names), {}, {}
     try:
         while pending or running:
             while len(running) < jobs and (name := next_runnable(pending, set(running))) is not None:
@@ -70,7 +87,7 @@ def run_all(names: list[str], preset: str, out: str, matmul_precision: str,
                 log = os.path.join(logs, f"{name}.log")
                 with open(log, "w") as f:
                     running[name] = subprocess.Popen(child_command(name, preset, out, matmul_precision),
-                                                     env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
+                                                     env=child_env(jobs), stdout=f, stderr=subprocess.STDOUT)
                 print(f"== {name} ({preset}) started: {log}", flush=True)
             sleep(POLL_SECONDS)
             for name, proc in list(running.items()):
