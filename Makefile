@@ -13,7 +13,7 @@ PYTHON312 := $(shell for p in python3.12 python3.13 $$HOME/.pyenv/versions/3.12*
 	$$p -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
 OUT ?= results
 # make reproduce runs two experiments at a time (python -m experiments all --jobs): one alone kept a 2-core AMD EPYC
-# (Zen 3) busy 1.56 cores on average (23:21 for the quick reproduction, 36:28 CPU-minutes)
+# (Zen 3) busy 1.56 cores on average (23:21 for the quick reproduction, 36:28 CPU-minutes), two at a time 20:15
 JOBS ?= 2
 
 .PHONY: reproduce test setup clean benchmark-patching
