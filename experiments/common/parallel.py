@@ -79,7 +79,7 @@ def run_all(names: list[str], preset: str, out: str, matmul_precision: str,
     tail} for those that failed, and whether Ctrl-C stopped the run (after every running child exited)."""
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    pending, running, ended = start_order(names), {}, {}
+    pending, running, results, errors = start_order(names), {}, {}, {}
     try:
         while pending or running:
             while len(running) < jobs and (name := next_runnable(pending, set(running))) is not None:
@@ -93,17 +93,22 @@ def run_all(names: list[str], preset: str, out: str, matmul_precision: str,
             for name, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[name]
-                    ended[name] = proc.returncode
-                    _report_end(name, proc.returncode, out, len(ended), len(names))
+                    done = f"{len(results) + len(errors) + 1}/{len(names)}"
+                    if proc.returncode == 0:
+                        results[name] = _read_result(out, name)
+                        print(f"== {name} done ({done})", flush=True)
+                        print_checks(results[name], out)
+                    else:
+                        errors[name] = _tail(os.path.join(logs, f"{name}.log"))
+                        print(f"== {name} failed (exit code {proc.returncode}; {done}):\n{errors[name]}",
+                              file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         for name, proc in running.items():  # each got the Ctrl-C too: it saves where it is and exits
             _wait_through_interrupts(proc)
             for line in _interrupted_lines(os.path.join(logs, f"{name}.log")):
                 print(f"\n{line}", file=sys.stderr)
         return [], {}, True
-    results = [_read_result(out, n) for n in names if ended[n] == 0]
-    errors = {n: _tail(os.path.join(logs, f"{n}.log")) for n in names if ended[n] != 0}
-    return results, errors, False
+    return [results[n] for n in names if n in results], {n: errors[n] for n in names if n in errors}, False
 
 
 def _wait_through_interrupts(proc: subprocess.Popen) -> None:
@@ -114,17 +119,6 @@ def _wait_through_interrupts(proc: subprocess.Popen) -> None:
             return
         except KeyboardInterrupt:
             continue
-
-
-def _report_end(name: str, code: int, out: str, done: int, total: int) -> None:
-    """Prints that experiment `name` ended (exit code `code`, the `done`-th of `total`): its checks or its log's
-    tail."""
-    log = os.path.join(out, "logs", f"{name}.log")
-    if code == 0:
-        print(f"== {name} done ({done}/{total})", flush=True)
-        print_checks(_read_result(out, name), out)
-    else:
-        print(f"== {name} failed (exit code {code}; {done}/{total}):\n{_tail(log)}", file=sys.stderr, flush=True)
 
 
 def _read_result(out: str, name: str) -> dict:
