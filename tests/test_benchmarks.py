@@ -256,29 +256,31 @@ def test_the_largest_batch_in_a_budget_is_measured_to_fit():
 
 def test_vs_torch_records_a_failed_workload_in_its_row_runs_the_others_and_exits_nonzero(tmp_path, monkeypatch):
     """--gpu: a PyTorch reference that does not start is a failure (jaxicl is still timed); a workload that raises
-    (here lsa, as on a disagreement) gets its reason in its row and the next one runs; each row is on disk before the
-    next workload starts."""
+    (here gpt_small, as on a disagreement) gets its reason in its row and the next one runs; each row is on disk
+    before the next workload starts. --workloads sets the order: the workload that runs is the cheap lsa (the
+    GPU check's rehearsal runs gpt_small under --gpu)."""
     monkeypatch.setattr(vs_torch, "GPU", vs_torch.SMOKE)  # the --gpu code path at the tests' sizes
     bench, on_disk = vs_torch.bench, []
 
-    def failing_lsa(name, *a):
+    def failing_gpt(name, *a):
         on_disk.append([r["workload"] for r in rows(tmp_path / "vs_torch.json")] if on_disk else [])
-        if name == "lsa":
-            raise vs_torch.Disagreement("lsa: PyTorch and jaxicl disagree, not timing them: (a test)")
+        if name == "gpt_small":
+            raise vs_torch.Disagreement("gpt_small: PyTorch and jaxicl disagree, not timing them: (a test)")
         return bench(name, *a)
 
-    monkeypatch.setattr(vs_torch, "bench", failing_lsa)
-    with pytest.raises(SystemExit, match=r"\['lsa', 'gpt_small'\] failed"):
-        vs_torch.main(["--gpu", "--repeats", "1", "--memory-budget-mb", "1", "--torch-python",
-                       str(tmp_path / "no-torch"), "--out", str(tmp_path)])
-    assert on_disk == [[], ["lsa"]]
-    lsa, gpt = rows(tmp_path / "vs_torch.json")
-    assert lsa == {"workload": "lsa", "failed": "Disagreement: lsa: PyTorch and jaxicl disagree, not timing them: "
-                   "(a test)"}
-    assert gpt["failed"].startswith("PyTorch not timed: no environment at") and "jaxicl_over_torch" not in gpt
-    assert gpt["jaxicl_steps_per_s"] > 0
+    monkeypatch.setattr(vs_torch, "bench", failing_gpt)
+    with pytest.raises(SystemExit, match=r"\['gpt_small', 'lsa'\] failed"):
+        vs_torch.main(["--gpu", "--workloads", "gpt_small", "lsa", "--repeats", "1", "--memory-budget-mb", "1",
+                       "--torch-python", str(tmp_path / "no-torch"), "--out", str(tmp_path)])
+    assert on_disk == [[], ["gpt_small"]]
+    gpt, lsa = rows(tmp_path / "vs_torch.json")
+    assert gpt == {"workload": "gpt_small", "failed": "Disagreement: gpt_small: PyTorch and jaxicl disagree, not "
+                   "timing them: (a test)"}
+    assert lsa["failed"].startswith("PyTorch not timed: no environment at") and "jaxicl_over_torch" not in lsa
+    assert lsa["jaxicl_steps_per_s"] > 0
     table = (tmp_path / "vs_torch.md").read_text().splitlines()
-    assert table[-4].startswith("| workload | failed | batch |") and table[-2].startswith("| lsa | Disagreement: ")
+    assert table[-4].startswith("| workload | failed | batch |")
+    assert table[-2].startswith("| gpt_small | Disagreement: ")
 
 
 def test_the_reference_must_run_under_gpu_and_the_rehearsal_uses_the_cpu_environment(tmp_path):
