@@ -64,6 +64,7 @@ def test_two_at_a_time_gives_the_results_one_after_another_gives_and_the_same_re
     assert (f"2 experiments ran, 0 raised; {sum(c['passed'] for c in checks)}/{len(checks)} checks passed. They ran "
             "2 at a time (--jobs), so their wall times overlap.") in report
 
+
 def test_each_child_gets_its_share_of_the_cores_for_numpys_threads_unless_they_are_set(monkeypatch):
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
