@@ -19,7 +19,7 @@ OUT ?= results
 # (Zen 3) busy 1.56 cores on average (23:21 for the quick reproduction, 36:28 CPU-minutes), two at a time 20:15
 JOBS ?= 2
 
-.PHONY: reproduce test setup clean benchmark-patching
+.PHONY: reproduce test setup clean benchmark benchmark-patching
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,11 @@ benchmarks/.venv-torch:
 	@test -n "$(PYTHON311)" || { echo "error: the PyTorch benchmarks need python3.11 on PATH"; exit 1; }
 	$(PYTHON311) -m venv $@
 	$@/bin/pip install -q torch==2.13.0 transformer_lens==3.9.0
+
+# Every benchmark at its full size (python -m benchmarks all: results under benchmarks/results), PyTorch's side
+# included.
+benchmark: $(VENV)/.installed benchmarks/.venv-torch
+	$(PY) -m benchmarks all
 
 benchmark-patching: $(VENV)/.installed benchmarks/.venv-torch
 	$(PY) -m benchmarks.patching
