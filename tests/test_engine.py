@@ -957,9 +957,11 @@ def test_a_stop_on_an_evaluation_step_evaluates_and_saves_once_and_a_resumed_run
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 
 
-def test_resuming_with_more_steps_writes_the_metrics_of_a_straight_run_of_the_new_length(tmp_path):
+def test_resuming_with_more_steps_writes_the_metrics_of_a_straight_run_of_the_new_length(tmp_path, monkeypatch):
     """7 steps, then resumed to 12: the 7-step run's forced rows (train at step 6, its final eval at 7) are not rows
-    of a 12-step run (log_every=5, eval_every=5) and go; exact, as every chunk is the same one-step program."""
+    of a 12-step run (log_every=5, eval_every=5) and go; exact, as every chunk is the same one-step program. They go
+    once the longer run saves a checkpoint: stopped (Ctrl-C) as it saved its first, having written every row of its
+    own, it had already deleted them, and the 7-step command, which still finds its run finished, left them out."""
     cfg = TrainConfig(steps=12, optimizer="sgd", lr=0.1, steps_per_call=1, log_every=5)
     kw = dict(evaluate=jax.jit(lambda p: {"w0": p["w"][0]}), eval_every=5, progress=False)
     straight = train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "a"), **kw)
@@ -968,6 +970,13 @@ def test_resuming_with_more_steps_writes_the_metrics_of_a_straight_run_of_the_ne
     short = train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), {"w": jnp.zeros(8)},
                   out_dir=str(tmp_path / "b"), **kw)
     assert [r["step"] for r in short.train_rows] == [0, 5, 6] and [r["step"] for r in short.eval_rows] == [0, 5, 7]
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(CheckpointStore, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "b"), **kw)
+    assert [r["step"] for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl"), "eval")] == [0, 5, 7, 10, 12]
+    again = train(_halving_loss, None, None, dataclasses.replace(cfg, steps=7), {"w": jnp.zeros(8)},
+                  out_dir=str(tmp_path / "b"), **kw)
+    assert (again.train_rows, again.eval_rows) == (short.train_rows, short.eval_rows)
     train(_halving_loss, None, None, cfg, {"w": jnp.zeros(8)}, out_dir=str(tmp_path / "b"), **kw)
     assert read_metrics(str(tmp_path / "b" / "metrics.jsonl")) == read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
 

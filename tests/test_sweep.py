@@ -539,12 +539,19 @@ def test_sweep_resume_is_exact_across_chunks(tmp_path):
 def test_an_extended_sweep_stopped_between_chunks_resumes_to_the_straight_sweep(tmp_path, monkeypatch):
     """Two members in chunks of one, 5 steps, extended to 10 and stopped once chunk 0 is done: chunk 0's checkpoint
     was written by the 10-step sweep, so the same command resumes (it was refused: "step 10 of a run of
-    train.steps=5") and equals a straight 10-step sweep."""
+    train.steps=5") and equals a straight 10-step sweep. Stopped earlier, as chunk 0 saved its first checkpoint, the
+    extension keeps the 5-step sweep's last train rows (step 4, not a row of the 10-step sweep, log_every=3), which it
+    had deleted: the 5-step command still finds that sweep finished."""
     members = [{"train.seed": s} for s in range(2)]
     kw = dict(chunk_size=1, progress=False)
-    straight = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=str(tmp_path / "a"), **kw)
+    long, short = _cfg(log_every=3), _cfg(steps=5, log_every=3)
+    straight = train_sweep(LOSS, lr.sample, TASK, long, init, members, out_dir=str(tmp_path / "a"), **kw)
     out = str(tmp_path / "b")
-    train_sweep(LOSS, lr.sample, TASK, _cfg(steps=5), init, members, out_dir=out, **kw)
+    first = train_sweep(LOSS, lr.sample, TASK, short, init, members, out_dir=out, **kw)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(CheckpointStore, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        train_sweep(LOSS, lr.sample, TASK, long, init, members, out_dir=out, **kw)
+    assert _rows(train_sweep(LOSS, lr.sample, TASK, short, init, members, out_dir=out, **kw)) == _rows(first)
 
     class StopAtChunk1(CheckpointStore):
         def __init__(self, directory, **store_kw):
@@ -554,9 +561,9 @@ def test_an_extended_sweep_stopped_between_chunks_resumes_to_the_straight_sweep(
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
         m.setattr(sweep_module, "CheckpointStore", StopAtChunk1)
-        train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
+        train_sweep(LOSS, lr.sample, TASK, long, init, members, out_dir=out, **kw)
     assert [CheckpointStore(f"{out}/checkpoints/chunk{k}").steps()[-1] for k in (0, 1)] == [10, 5]
-    resumed = train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, out_dir=out, **kw)
+    resumed = train_sweep(LOSS, lr.sample, TASK, long, init, members, out_dir=out, **kw)
     _assert_trees_close(resumed.params, straight.params, rtol=0, atol=0)
     assert _rows(resumed) == _rows(straight)
 

@@ -156,7 +156,9 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
                 raise
         start = int(state.step)
         metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-        writer = MetricsWriter(metrics_path, keep=lambda r: kept_on_resume(r, start, cfg, eval_every))
+        ran = dataclasses.replace(cfg, steps=store.config()["train"]["steps"]) if start else cfg  # the checkpoint's
+        writer = MetricsWriter(metrics_path, keep=lambda r: kept_on_resume(r, start, cfg, eval_every),
+                               keep_until_saved=lambda r: kept_on_resume(r, start, ran, eval_every))
         chunk = ChunkPrograms(jax.jit(partial(run_steps, rows=cfg.steps_per_call, **step_kw), donate_argnums=0),
                               cfg.cpu_matmuls)
         train_rows, eval_rows = [], []
@@ -205,6 +207,7 @@ def train(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainConfig, p
                 run_eval(state)
             if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)) and saved_at != end:
                 store.save(state)
+                writer.saved()
                 saved_at = end
 
         try:

@@ -181,12 +181,13 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
     """Trains members idx (padded to `size` with copies of the last) to cfg.steps; returns their stacked state and
     the task inputs run_chunk takes with it."""
     a = prog.inputs(pad_rows(idx, size), sharding)
-    state, start = prog.states(a, sharding), 0
+    state, start, ran = prog.states(a, sharding), 0, cfg
     if store and store.steps():  # resumable: train_sweep checked every chunk first
         state, start = store.restore(state, sharding, members=len(idx)), store.steps()[-1]
+        ran = dataclasses.replace(cfg, steps=store.config()["train"]["steps"])  # the run that wrote the checkpoint
     lo, hi = int(idx[0]), int(idx[-1]) + 1
 
-    def keep(row):  # which rows of metrics.jsonl a chunk starting at `start` keeps
+    def keep(row, cfg=cfg):  # which rows of metrics.jsonl a chunk starting at `start` keeps (under cfg's steps)
         # this chunk's as a lone run keeps them; the earlier chunks' (their writers ran first in this sweep); the others
         # only where this chunk holds this sweep's checkpoint: with none, they are another run's (nothing kept at
         # chunk 0, as a lone run from step 0 clears the file)
@@ -195,7 +196,7 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
             return kept_on_resume(row, start, cfg, eval_every)
         return 0 <= member < lo or member >= hi and start > 0
 
-    writer = MetricsWriter(metrics_path, keep=keep)
+    writer = MetricsWriter(metrics_path, keep=keep, keep_until_saved=lambda row: keep(row, ran))
     bar.update(start)
 
     def log(split, steps, values, ok=None):
@@ -224,6 +225,7 @@ def _train_chunk(prog: SweepProgram, run_chunk: ChunkPrograms, cfg: TrainConfig,
             log_eval(state, end)
         if store and (final or (cfg.checkpoint_every and end % cfg.checkpoint_every == 0)):
             store.save(state, step=end)
+            writer.saved()
 
     if prog.eval_chunk and start == 0:
         log_eval(state, 0)
