@@ -28,10 +28,12 @@ indexes a device-resident (here: regenerated on device) fixed dataset instead of
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxicl.prng import seed_key
 from jaxicl.prompt import Prompt
@@ -114,16 +116,33 @@ def haar_orthogonal(key: jax.Array, dim: int) -> jax.Array:
 
 def basis(cfg: Autoregressive) -> jax.Array:
     """The fixed orthogonal basis Q [dim, dim] of the orthogonal family."""
-    if cfg.random_basis:
-        return haar_orthogonal(seed_key(cfg.basis_seed), cfg.dim)
-    return jnp.eye(cfg.dim)
+    return jnp.asarray(_basis(cfg.random_basis, cfg.basis_seed, cfg.dim, jnp.result_type(float)))
 
 
-def rotation_blocks(theta: jax.Array) -> jax.Array:
-    """blockdiag(R(theta_1), ..., R(theta_k)): [2k, 2k] from theta [k]."""
-    c, s = jnp.cos(theta), jnp.sin(theta)
-    blocks = jnp.stack([jnp.stack([c, -s], -1), jnp.stack([s, c], -1)], -2)  # [k, 2, 2]
-    return jax.scipy.linalg.block_diag(*blocks)
+@functools.cache
+def _basis(random: bool, seed: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Q [dim, dim] on the host: I, or Haar from seed: numpy's QR (the positive diagonal of R, as haar_orthogonal)
+    of a Gaussian drawn from seed_key(seed). A constant of the programs that sample with it: traced into each, Q was
+    rounded as that program fused it (1 ulp apart under a 4-device mesh), so the batches depended on the mesh."""
+    if not random:
+        return np.eye(dim, dtype=dtype)
+    with jax.ensure_compile_time_eval():  # called while tracing a sampler: drawn now, not staged into its program
+        g = np.asarray(jax.random.normal(seed_key(seed), (dim, dim), dtype), np.float64)
+    q, r = np.linalg.qr(g)
+    return (q * np.sign(np.diag(r))).astype(dtype)
+
+
+def rotation(cfg: Autoregressive, theta: jax.Array) -> jax.Array:
+    """W = Q blockdiag(R(theta_1), ..., R(theta_k)) Q^T [dim, dim] from theta [k], R(t) = [[cos t, -sin t], [sin t,
+    cos t]]: with u_k, v_k Q's columns 2k, 2k + 1, W = sum_k cos theta_k (u u^T + v v^T) + sin theta_k (v u^T - u v^T).
+    Elementwise products with host constants and one sum over k, not matmuls: a vmapped batch of 4 x 4 products was
+    rounded otherwise at another batch size per device (on another mesh). Exact with Q = I."""
+    q = _basis(cfg.random_basis, cfg.basis_seed, cfg.dim, jnp.result_type(float)).astype(np.float64)
+    u, v = q[:, 0::2].T, q[:, 1::2].T  # [k, dim]
+    planes = np.einsum("ki,kj->kij", u, u) + np.einsum("ki,kj->kij", v, v)
+    turns = np.einsum("ki,kj->kij", v, u) - np.einsum("ki,kj->kij", u, v)
+    cos, sin = jnp.cos(theta)[:, None, None], jnp.sin(theta)[:, None, None]
+    return jnp.sum(cos * planes.astype(theta.dtype) + sin * turns.astype(theta.dtype), 0)
 
 
 def eigenvalues(cfg: Autoregressive, theta: jax.Array) -> jax.Array:
@@ -140,8 +159,7 @@ def transition(cfg: Autoregressive, key: jax.Array) -> tuple[jax.Array, jax.Arra
         return haar_orthogonal(key, cfg.dim), jnp.zeros((0,))
     if cfg.family == "orthogonal":
         theta = _angles(cfg, key, cfg.dim // 2)
-        q = basis(cfg)
-        return q @ rotation_blocks(theta) @ q.T, theta
+        return rotation(cfg, theta), theta
     theta = _angles(cfg, key, cfg.dim)
     return jnp.diag(jnp.exp(1j * theta)), theta
 
