@@ -227,7 +227,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
     stream1 = np.asarray(cache["layer1.resid_post"])
     est_fit = probe(stream1[:, rows].reshape(-1, cfg.model.d_model), targets[:, rows].ravel())
     w = est_fit["weights"]
-    estimate = stream1 @ w[:-1, 0] + w[-1, 0]  # [B, T]: the estimate of x_{n+1} entering layer 2
+    estimate = stream1 @ w[:-1] + w[-1]  # [B, T]: the estimate of x_{n+1} entering layer 2
     scores2 = np.asarray(cache["layer2.attn.scores"])  # [B, H, T, T]
     attended = np.einsum("bhqk,bk->bhq", np.asarray(cache["layer2.attn.weights"]), x)  # the value each head reads
     direct = np.asarray(jax.jit(jax.vmap(lambda t: direct_attribution(graphdef, params, t)["heads"][2, ..., 0]))(

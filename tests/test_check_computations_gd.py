@@ -4,6 +4,7 @@ against an independent value: numpy, closed forms, planted predictors and hand-b
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from experiments.common.result import Check, diverged_check
@@ -47,6 +48,9 @@ def test_equivalence_metrics_of_planted_predictors_equal_numpy(x64):
         assert set(m) == set(expected)
         for name, value in expected.items():
             np.testing.assert_allclose(m[name], value, rtol=1e-12, err_msg=name)  # float64, reassociated sums
+    for position in (t, -t - 1):  # wrapped onto another position (t -> 0), which it scored
+        with pytest.raises(ValueError, match=rf"position must be in \[-4, 3\], got {position}"):
+            equivalence_metrics(f, g, tokens, position)
 
 
 def test_query_mse_is_the_mean_squared_error_at_the_last_position():

@@ -664,7 +664,8 @@ def test_probe_fits_only_the_training_rows(split):
 
     # float32 normal equations with condition number ((sqrt(300) + sqrt(200)) / (sqrt(300) - sqrt(200)))^2 ~ 1e2:
     # relative error ~ 1e2 * 6e-8 * sqrt(F) ~ 1e-4; a fit that also saw the held-out rows is O(1) away
-    w = out["weights"][:, 0]
+    w = out["weights"]
+    assert w.shape == (f + 1,)  # as ridge_fit's for targets [N]: [F + 1, 1] broadcast a residual to [N, N]
     assert rel_err(w, ridge(train)) < 1e-3 and rel_err(ridge(np.arange(n)), ridge(train)) > 0.1
     pred = x[test] @ w[:-1] + w[-1]
     r2 = 1 - np.sum((pred - y[test]) ** 2) / np.sum((y[test] - y[test].mean()) ** 2)
@@ -704,7 +705,7 @@ def test_an_unpenalised_fit_is_the_minimum_norm_least_squares_one_and_a_negative
     held = np.arange(40) < 10
     got = probe(jnp.asarray(x), jnp.asarray(y), lam=0.0, held_out=held)
     ref = LinearRegression().fit(x[~held], y[~held])  # centred, then scipy's minimum-norm lstsq
-    np.testing.assert_allclose(got["weights"][:-1, 0], ref.coef_, rtol=1e-9, atol=1e-12)  # as above, 30 x 64
+    np.testing.assert_allclose(got["weights"][:-1], ref.coef_, rtol=1e-9, atol=1e-12)  # as above, 30 x 64
     np.testing.assert_allclose(got["score"], r2_score(y[held], ref.predict(x[held])), rtol=1e-9)
     assert got["train_score"] == pytest.approx(1.0, abs=1e-12)  # 30 rows, 64 features: fitted exactly
     for fit in (lambda: ridge_solve(jnp.asarray(x), jnp.asarray(y), -1e-3), lambda: ridge_fit(x, y[:, None], -1e-3),
@@ -731,7 +732,7 @@ def test_probe_of_features_sharing_a_large_offset_matches_sklearn_ridge(x64):
     with jax.enable_x64(x64):
         out = probe(x, y, held_out=held)
     ref = Ridge(alpha=1e-3).fit(x[~held], y[~held])
-    w = out["weights"][:, 0]
+    w = out["weights"]
     slope_tol, pred_tol, r2_tol = (1e-9, 1e-9, 1e-9) if x64 else (1e-4, 1e-3, 1e-5)
     assert w.dtype == (np.float64 if x64 else np.float32)
     np.testing.assert_allclose(w[:-1], ref.coef_, rtol=0, atol=slope_tol)
@@ -746,6 +747,9 @@ def test_attention_mass_at_offsets_against_planted_patterns():
     np.testing.assert_allclose(mass_at_offset(eye, 0), [1.0])
     np.testing.assert_allclose(mass_at_offset(prev, 1), [1.0])
     np.testing.assert_allclose(mass_profile(jnp.concatenate([eye, prev]), 2), [[1, 0, 0], [0.25, 1, 0]])
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=rf"max_offset must be in \[0, 3\], got {bad}"):
+            mass_profile(eye, bad)
     # cross-attention: keys are not the queries
     with pytest.raises(ValueError, match=r"\[\.\.\., H, T, T\].*\(1, 4, 6\)"):
         mass_at_offset(jnp.ones((1, 4, 6)) / 6, 1)
@@ -775,13 +779,19 @@ def test_qk_and_ov_circuits_give_each_heads_scores_and_output_from_its_normalise
     np.testing.assert_allclose(ov_gain(model, 0, 1), w["e"] @ w["v"] @ w["o"] @ w["u"], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="vector-input"):
         ov_gain(GPT(d_model=4, n_layers=1, n_heads=1, vocab_size=5, rngs=nnx.Rngs(0)), 0, 0)
+    # an index past the end was clamped: head 2 (or 7) of this 2-head model read head 1's weights
+    for circuit in (ov_circuit, qk_circuit, ov_gain):
+        for layer, head, bad in ((0, 2, r"head must be in \[0, 1\], got 2"), (1, -1, r"head must be in \[0, 1\]"),
+                                 (2, 0, r"layer must be in \[0, 1\], got 2")):
+            with pytest.raises(ValueError, match=bad):
+                circuit(model, layer, head)
 
 
 def test_chunk_size_auto_fills_a_cpu_chunk_with_about_2048_prompt_tokens_and_bad_values_fail():
     tokens = jnp.zeros((8, 16), jnp.int32)
     assert resolve_chunk_size("auto", tokens) == (16 if jax.default_backend() == "cpu" else None)
     assert resolve_chunk_size(None, tokens) is None and resolve_chunk_size(5, tokens) == 5
-    for bad in (0, "all", 2.5):
+    for bad in (0, "all", 2.5, True):
         with pytest.raises(ValueError, match="chunk_size must be"):
             resolve_chunk_size(bad, tokens)
 

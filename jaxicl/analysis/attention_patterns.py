@@ -22,4 +22,6 @@ def mass_at_offset(weights: jax.Array, offset: int) -> jax.Array:
 
 def mass_profile(weights: jax.Array, max_offset: int) -> jax.Array:
     """[..., H, max_offset + 1]: mass_at_offset for offsets 0..max_offset."""
+    if not 0 <= max_offset < weights.shape[-1]:
+        raise ValueError(f"max_offset must be in [0, {weights.shape[-1] - 1}], got {max_offset}")
     return jnp.stack([mass_at_offset(weights, k) for k in range(max_offset + 1)], -1)

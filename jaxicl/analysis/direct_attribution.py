@@ -17,6 +17,7 @@ from flax import nnx
 from jaxicl.mesh_placement import on_mesh_of
 from jaxicl.models.functional import apply
 from jaxicl.models.gpt import GPT
+from jaxicl.validation import check_range
 
 
 def direct_attribution(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[str, jax.Array]:
@@ -55,15 +56,24 @@ def _contributions(graphdef: nnx.GraphDef, params, tokens: jax.Array) -> dict[st
             "bias": bias}
 
 
+def _attention(model: GPT, layer: int, head: int):
+    """The attention of block `layer`, after a ValueError naming layer or head unless both are in range (indexing a
+    JAX array past its end would clamp: head 7 of a 2-head layer read head 1)."""
+    check_range("layer", layer, 0, len(model.blocks) - 1)
+    a = model.blocks[layer].attn
+    check_range("head", head, 0, a.wv.shape[0] - 1)
+    return a
+
+
 def ov_circuit(model: GPT, layer: int, head: int) -> jax.Array:
     """W_V W_O [D, D] of one head: what the head writes for a unit of (normalised) residual it attends to."""
-    a = model.blocks[layer].attn
+    a = _attention(model, layer, head)
     return a.wv[head] @ a.wo[head]
 
 
 def qk_circuit(model: GPT, layer: int, head: int) -> jax.Array:
     """W_Q W_K^T [D, D] of one head: the bilinear form of its attention score (before 1 / sqrt(dh))."""
-    a = model.blocks[layer].attn
+    a = _attention(model, layer, head)
     return a.wq[head] @ a.wk[head].T
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxicl.mesh_placement import inside_inputs_mesh
+from jaxicl.validation import check_range
 
 Predictor = Callable[[jax.Array], jax.Array]
 
@@ -29,6 +30,7 @@ def equivalence_metrics(f: Predictor, g: Predictor, tokens: jax.Array, position:
 
     A batch drawn under jax.set_mesh is taken inside the mesh and after leaving it (then in that mesh again).
     """
+    check_range("position", position, -tokens.shape[1], tokens.shape[1] - 1)  # not wrapped onto another position
     pos = position % tokens.shape[1]
 
     def value_and_sensitivity(h: Predictor):

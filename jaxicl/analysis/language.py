@@ -6,9 +6,14 @@ A message is L word ids (slots) per example, e.g. what LEA's speech stream says 
 
 import numpy as np
 
+from jaxicl.analysis.clustering import check_indices
+
 
 def usage_table(words: np.ndarray, labels: np.ndarray, n_labels: int, n_words: int) -> np.ndarray:
-    """[L, n_labels, n_words] how often each word fills each slot, per label: words [N, L], labels [N]."""
+    """[L, n_labels, n_words] how often each word fills each slot, per label: words [N, L] in [0, n_words), labels [N]
+    in [0, n_labels) (a label -1, "none", would be counted as the last label)."""
+    check_indices("words", words, 0, n_words)
+    check_indices("labels", labels, 0, n_labels)
     n, slots = words.shape
     table = np.zeros((slots, n_labels, n_words), np.int64)
     np.add.at(table, (np.broadcast_to(np.arange(slots), (n, slots)), labels[:, None], words), 1)
@@ -43,6 +48,7 @@ def label_words(table: np.ndarray) -> np.ndarray:
 
 def swap_words(words: np.ndarray, target: np.ndarray, slots: np.ndarray, table: np.ndarray) -> np.ndarray:
     """words [N, L] with the given slots set to the target label's [N] most frequent word there (usage_table)."""
+    check_indices("target", target, 0, table.shape[1])
     out = words.copy()
     out[:, slots] = label_words(table)[target][:, slots]
     return out

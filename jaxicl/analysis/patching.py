@@ -132,7 +132,8 @@ def resolve_chunk_size(chunk_size: ChunkSize, corrupted: jax.Array) -> int | Non
         if jax.default_backend() != "cpu":
             return None
         return max(1, CPU_CHUNK_TOKENS // math.prod(corrupted.shape[:2]))
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, None (the whole grid) or 'auto', got {chunk_size!r}")
     return chunk_size
 

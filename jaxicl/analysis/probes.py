@@ -44,10 +44,11 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
           key: jax.Array | None = None, held_out: jax.Array | None = None, standardise: bool = False) -> dict:
     """A ridge probe from features [N, F] to targets: [N] or [N, K] floats (R^2 on the held-out split, averaged
     over K; a column constant there scores 1 where predicted exactly, else 0) or [N] ints or bools (classes: one-hot
-    regression, accuracy of the argmax). Returns {"score", "train_score", "weights", "metric"}: score is the metric
-    ("r2" or "accuracy") on the held-out prompts: a random split by key (default key 0), or the rows where held_out
-    [N] is True (e.g. whole board positions, so the probe must generalise across them); standardise as ridge_fit's
-    (on the training rows). Fits in float64 under jax x64, else float32. Complex features or targets are refused (the
+    regression, accuracy of the argmax). Returns {"score", "train_score", "weights", "metric"}: weights as ridge_fit's
+    (bias last: [F + 1] for [N] floats, [F + 1, K] for [N, K] floats or K classes; ridge_predict takes them); score is
+    the metric ("r2" or "accuracy") on the held-out prompts: a random split by key (default key 0), or the rows where
+    held_out [N] is True (e.g. whole board positions, so the probe must generalise across them); standardise as
+    ridge_fit's (on the training rows). Fits in float64 under jax x64, else float32. Complex features or targets are refused (the
     fit is real): give their real and imaginary parts as real columns."""
     check_real("features", features)
     check_real("targets", targets)
@@ -85,6 +86,7 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     n_classes = int(targets.max()) + 1 if classes else 0
     w, test_score, train_score = _fit_and_score(features, targets, jnp.asarray(train), jnp.asarray(test), lam,
                                                 n_classes, standardise)
+    w = w[:, 0] if targets.ndim == 1 and not classes else w  # [F + 1, 1] broadcast against targets [N] to [N, N]
     return {"score": float(test_score), "train_score": float(train_score), "weights": np.asarray(w),
             "metric": "accuracy" if classes else "r2"}
 
