@@ -11,14 +11,27 @@ class ConfigError(ValueError):
     """A config field holds a value outside its allowed range."""
 
 
+def check_number(name: str, value) -> None:
+    """Rejects what is not a real number: a bool (lr=True ran as 1.0) or a string (lr="1e-3" failed with a TypeError
+    naming no field)."""
+    try:
+        number = not isinstance(value, (bool, np.bool_, str, bytes)) and math.isfinite(value) in (True, False)
+    except TypeError:  # None, a tuple, ...
+        number = False
+    if not number:
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+
+
 def check_finite(name: str, value) -> None:
-    """Rejects inf and NaN."""
+    """Rejects inf and NaN (and, check_number, what is not a number)."""
+    check_number(name, value)
     if not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     """Checks that value is finite and > 0 (>= 0 with allow_zero)."""
+    check_number(name, value)
     ok = value >= 0 if allow_zero else value > 0
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"

@@ -623,7 +623,14 @@ def test_a_mesh_train_cannot_shard_the_batch_over_is_refused_naming_its_axes(mak
     ({"warmup_steps": 5}, "warmup_steps=5 needs schedule='warmup_cosine'.*schedule='constant'"),
     ({"betas": (0.9, 1.0)}, "betas"), ({"weight_decay": 0.1, "optimizer": "adam"}, "weight_decay=0.1 needs"),
     ({"log_every": 2.5}, "log_every must be an integer, got 2.5"), ({"seed": 1.0}, "seed must be an integer"),
-    ({"steps": True}, "steps must be an integer, got True"), ({"keep_checkpoints": 1.5}, "keep_checkpoints")])
+    ({"steps": True}, "steps must be an integer, got True"), ({"keep_checkpoints": 1.5}, "keep_checkpoints"),
+    # accepted and ignored by the optimiser, as weight_decay would be: refused
+    ({"optimizer": "sgd", "betas": (0.5, 0.5)}, r"betas=\(0.5, 0.5\) are Adam's: they need optimizer='adam' or"),
+    ({"no_decay": ("bias",)}, r"no_decay=\('bias',\) names what adamw does not decay: it needs optimizer='adamw'"),
+    # lr=True trained at 1.0; the others failed with a TypeError naming no field
+    ({"lr": True}, "lr must be a number, got True"), ({"stop_loss": True}, "stop_loss must be a number"),
+    ({"lr": "1e-3"}, "lr must be a number, got '1e-3'"), ({"betas": 0.9}, r"betas must be two values in \[0, 1\)"),
+    ({"betas": (0.9, "x")}, r"betas\[1\] must be a number")])
 def test_bad_train_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kwargs)

@@ -266,6 +266,19 @@ def test_a_memory_budget_below_the_chunk_of_one_member_is_refused_with_its_compi
                     progress=False)
 
 
+def test_a_chunk_size_or_memory_budget_that_is_not_a_positive_number_is_refused_naming_it():
+    """chunk_size -1 crashed (UnboundLocalError: no chunk), 0 trained every member at once, True was stored as the
+    chunk size; memory_budget 0 meant none given."""
+    members = [{"train.seed": s} for s in range(3)]
+    for kw, message in (({"chunk_size": -1}, "chunk_size must be > 0, got -1"),
+                        ({"chunk_size": 0}, "chunk_size must be > 0, got 0"),
+                        ({"chunk_size": True}, "chunk_size must be an integer, got True"),
+                        ({"chunk_size": 2.5}, "chunk_size must be an integer, got 2.5"),
+                        ({"memory_budget": 0}, "memory_budget must be > 0, got 0")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            train_sweep(LOSS, lr.sample, TASK, _cfg(), init, members, progress=False, **kw)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1])
 def test_a_sweep_of_one_dimensional_tokens_in_stacks_of_one_member_equals_the_members_trained_alone(chunk_size):
     """dim=1: the sampler reshapes x to [n, 1]. A stack of one member (1 member, or chunks of 1 on one member device),

@@ -48,6 +48,8 @@ def test_log_range_is_geometric_and_includes_both_ends():
     ("seed=0:2:3:4", "start:stop"), ("lr=log:0:1:3", "bounds must be > 0"), ("lr=log:1e-3:1e-1", "needs lo:hi:n"),
     ("lr=log:1e-3:1e-1:2.5", "n must be an integer"), ("lr=lin:0:1:0", "n must be an integer >= 1"),
     ("seed=0:2,5", "mix of ',' and ':'"), ("lr=nan", "not a finite number"),
+    # one value is lo: "both included" dropped hi
+    ("lr=lin:0:1:1", "lin: one value cannot include both bounds 0 and 1"), ("lr=log:1e-4:1e-2:1", "both bounds"),
     ("lr=1,1", r"^sweep axis 'lr' repeats the value 1: give each value once, got \(1, 1\)$"),  # validation's words
 ])
 def test_malformed_specs_are_clear_errors_quoting_the_spec(spec, match):

@@ -4,7 +4,8 @@ import dataclasses
 
 from jaxicl.prng import PRNG_IMPLS
 from jaxicl.train.cpu_matmuls import CPU_MATMULS
-from jaxicl.validation import ConfigError, check_choice, check_integer, check_positive, check_range, check_seed
+from jaxicl.validation import (ConfigError, check_choice, check_integer, check_number, check_positive, check_range,
+                               check_seed)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -64,8 +65,22 @@ class TrainConfig:
             raise ConfigError(f"no_decay must be a tuple of glob patterns (str) of parameter path names, e.g. "
                               f"('*bias*', 'scale'), got {self.no_decay!r}{string}")
         object.__setattr__(self, "no_decay", tuple(self.no_decay))  # a list (e.g. from JSON) as the tuple it stands for
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        try:
+            betas = tuple(self.betas)  # a list (e.g. from JSON) as the tuple it stands for
+        except TypeError:
+            raise ConfigError(f"betas must be two values in [0, 1), got {self.betas!r}") from None
+        for i, b in enumerate(betas):
+            check_number(f"betas[{i}]", b)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ConfigError(f"betas must be two values in [0, 1), got {self.betas}")
+        object.__setattr__(self, "betas", betas)
+        # fields the optimiser would ignore, as weight_decay below
+        if betas != TrainConfig.betas and self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"betas={betas} are Adam's: they need optimizer='adam' or 'adamw', got "
+                              f"optimizer={self.optimizer!r}")
+        if self.no_decay != NO_DECAY and self.optimizer != "adamw":
+            raise ConfigError(f"no_decay={self.no_decay} names what adamw does not decay: it needs optimizer='adamw', "
+                              f"got optimizer={self.optimizer!r}")
         if self.weight_decay and self.optimizer != "adamw":
             raise ConfigError(f"weight_decay={self.weight_decay} needs optimizer='adamw', "
                               f"got optimizer={self.optimizer!r}")

@@ -57,7 +57,7 @@ from jaxicl.train.step import LossFn
 from jaxicl.train.sweep_fields import mark_swept, swept_values
 from jaxicl.train.sweep_memory import chunk_in_budget, chunk_memory, device_budget
 from jaxicl.train.sweep_program import SweepProgram, build_program, member_sharding
-from jaxicl.validation import ConfigError
+from jaxicl.validation import ConfigError, check_integer, check_positive
 
 
 @dataclasses.dataclass
@@ -98,6 +98,11 @@ def train_sweep(loss_fn: LossFn, sample: Sampler | None, task_cfg, cfg: TrainCon
     from each: jaxicl.train.mesh.default_sweep_mesh); a given mesh must hold devices of every process.
     """
     check_eval_schedule(eval_every, cfg.steps)
+    if chunk_size is not None:  # -1 crashed, 0 meant "not given", True was stored as the chunk size
+        check_integer("chunk_size", chunk_size)
+        check_positive("chunk_size", chunk_size)
+    if memory_budget is not None:  # 0 meant "not given"
+        check_positive("memory_budget", memory_budget)
     if mesh is not None and MEMBER_AXIS not in mesh.axis_names:
         raise ConfigError(f"mesh: a sweep needs a mesh with a {MEMBER_AXIS!r} axis (jaxicl.train.sweep_mesh), got "
                           f"axes {mesh.axis_names}")

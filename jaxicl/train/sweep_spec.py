@@ -61,6 +61,9 @@ def _spaced(kind: str, parts: list[str], spec: str) -> tuple:
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"sweep axis {spec!r}: the number of values n must be an integer >= 1, got {n!r}")
     _check_count(n, f"sweep axis {spec!r}")
+    if n == 1 and lo != hi:  # linspace's one value is lo: hi, "both included", would be dropped
+        raise ConfigError(f"sweep axis {spec!r}: {kind}: one value cannot include both bounds {lo!r} and {hi!r}; use "
+                          f"n >= 2, or lo = hi")
     if kind == "log":
         if lo <= 0 or hi <= 0:
             raise ConfigError(f"sweep axis {spec!r}: log: bounds must be > 0, got {lo!r} and {hi!r}")
@@ -150,7 +153,5 @@ def resolve_axes(cfg, axes: tuple[Axis, ...]) -> tuple[Axis, ...]:
 
 
 def member_config(cfg, member: dict):
-    """The config of one member: cfg with every {path: value} of the member set (and validated)."""
-    for path, value in member.items():
-        cfg = config_paths.replace(cfg, path, value)
-    return cfg
+    """The config of one member: cfg with every {path: value} of the member set (and validated together)."""
+    return config_paths.replace(cfg, member)
