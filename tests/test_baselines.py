@@ -61,6 +61,25 @@ def test_a_regression_baseline_given_a_batch_instead_of_one_prompt_says_so(fmt, 
         assert jax.vmap(predictor)(b.inputs).shape == shape[:2]
 
 
+def test_a_step_count_or_neighbour_count_that_is_not_a_positive_integer_is_refused_naming_it():
+    """gradient_descent ran floor(steps) steps (0.5: none, the zero predictor) and took lr=nan; k-NN took k=2.5 and
+    failed at its first call on a shape, and took k=True as 1."""
+    from jaxicl.baselines import k_nearest_neighbors
+    from jaxicl.tasks import nearest_neighbor as nt
+    from jaxicl.validation import ConfigError
+
+    cfg = lr.LinearRegression(dim=3, n_context=4)
+    for steps, lr_, message in ((2.5, 0.1, "steps must be an integer, got 2.5"), (True, 0.1, "steps must be an "
+                                "integer, got True"), (0, 0.1, "steps must be > 0, got 0"),
+                                (3, float("nan"), "lr must be > 0, got nan"), (3, -0.1, "lr must be > 0, got -0.1")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            gradient_descent(cfg, steps, lr_)
+    for k, message in ((2.5, "k must be an integer, got 2.5"), (True, "k must be an integer, got True"),
+                       (11, "k must be in [1, 10], got 11")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            k_nearest_neighbors(nt.NearestNeighbor(dim=4, n_context=10, num_classes=3), k)
+
+
 def test_a_regression_baseline_refuses_a_prompt_of_another_shape_than_its_config():
     """A prompt of another context length failed inside on a broadcast ("Incompatible types for broadcasting"), and
     one of another dim was sliced into wrong x and y (silently wrong predictions)."""

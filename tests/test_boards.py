@@ -215,6 +215,17 @@ def test_bad_settings_name_the_field(field, value, message):
         dataclasses.replace(CFG, **{field: value})
 
 
+def test_list_settings_are_held_as_the_tuples_they_stand_for():
+    """The config is a static argument of the samplers' jits: lists were accepted, and the evaluation's jits failed
+    on them ("Non-hashable static arguments") after training had started."""
+    listed = dataclasses.replace(CFG, types_start=[0.5, 0.25, 0.25], types_end=[0.3, 0.3, 0.4], types_ramp=[250, 1000])
+    as_tuples = dataclasses.replace(CFG, types_start=(0.5, 0.25, 0.25), types_end=(0.3, 0.3, 0.4),
+                                    types_ramp=(250, 1000))
+    assert listed == as_tuples and hash(listed) == hash(as_tuples)
+    with pytest.raises(ConfigError, match="^types_ramp must be a sequence, got 5$"):
+        dataclasses.replace(CFG, types_ramp=5)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("types_start", (np.inf, 0.1, 0.1), "types_start[0] must be a finite number, got inf"),
     ("types_end", (0.1, np.nan, 0.1), "types_end[1] must be a finite number, got nan")])

@@ -287,6 +287,9 @@ def test_a_plain_negative_task_count_is_refused():
         with pytest.raises(ConfigError) as e:
             call()
         assert e.value.args == ("n_tasks must be >= 0, got -2",)
+    for bad, message in ((-1.0, "noise_std must be >= 0, got -1.0"), (np.nan, "noise_std must be >= 0, got nan")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):  # nan noised every label to nan
+            lr.sample(cfg, jax.random.key(0), noise_std=jnp.asarray(bad))
     w = jax.vmap(lambda k, t: lr.sample(cfg, k, n_tasks=t).info["w"])(jax.random.split(jax.random.key(0), 4),
                                                                         jnp.full(4, -2, jnp.int32))  # traced
     assert (np.asarray(w) == np.asarray(w)[0]).all()  # one program's rows: equal by construction

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 
 from jaxicl.mesh_placement import in_tokens_mesh
 from jaxicl.tasks import nearest_neighbor as nn_task
-from jaxicl.validation import check_range
+from jaxicl.validation import check_integer, check_range
 
 Predictor = Callable[[jax.Array], jax.Array]
 
 
 def k_nearest_neighbors(cfg: nn_task.NearestNeighbor, k: int) -> Predictor:
     """Mean label of the k context points nearest to the query."""
+    check_integer("k", k)
     check_range("k", k, 1, cfg.n_context)
 
     @in_tokens_mesh

@@ -18,7 +18,7 @@ from jaxicl.mesh_placement import in_tokens_mesh
 from jaxicl.prompt import check_one_prompt
 from jaxicl.ridge import ridge_solve
 from jaxicl.tasks import linear_regression as lr_task
-from jaxicl.validation import check_positive
+from jaxicl.validation import check_integer, check_positive
 
 Predictor = Callable[[jax.Array], jax.Array]
 Fit = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x [n, d], y [n], weights [n]) -> w [d]
@@ -46,7 +46,9 @@ def gradient_descent(cfg: lr_task.LinearRegression, steps: int, lr: float) -> Pr
     before position j as the prompt holds them, padding included, so on a prompt of k pairs padded to n_context the
     step is lr * k / n_context of GD-k's on the k pairs alone (experiments.common.gd_sweep.padded_gd_lr scales lr
     back)."""
+    check_integer("steps", steps)  # a float 2.5 ran 2 steps, 0.5 none
     check_positive("steps", steps)
+    check_positive("lr", lr)
 
     def fit(x, y, m):
         n = jnp.maximum(m.sum(), 1.0)

@@ -88,6 +88,11 @@ class Boards:
         check_range("n_backgrounds", self.n_backgrounds, 1, 10)
         if (self.board_dim, self.root_dim, self.comp_margin) != (8, 3, 1):
             raise ConfigError("board_dim=8, root_dim=3, comp_margin=1 are the layout the board types are defined on")
+        for name in ("types_start", "types_end", "types_ramp"):  # a list as the hashable tuple it stands for: the
+            try:  # config is a static argument of the samplers' jits, which refused a list only at evaluation
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            except TypeError:
+                raise ConfigError(f"{name} must be a sequence, got {getattr(self, name)!r}") from None
         for name in ("types_start", "types_end"):
             p = getattr(self, name)
             for i, v in enumerate(p):  # NaN and inf passed the checks below and made the type probabilities NaN

@@ -138,9 +138,9 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     end and the others zeroed (x, y, mask and info alike; see the module docstring). Every other
     field changes shapes or the sampling code and is fixed across a sweep. A concrete n_context or n_tasks (an int,
     a numpy or jax scalar) that is not an integer in range (n_context in [1, cfg.n_context], n_tasks >= 0) raises
-    ConfigError (a float 2.5 was truncated, an array 9 clipped); a traced one (a sweep member's, or an array in
-    sample_batch's task_params) cannot be checked: n_context is clipped to the range, n_tasks < 0 draws from a pool
-    of 1.
+    ConfigError (a float 2.5 was truncated, an array 9 clipped), as does a concrete noise_std < 0 or not finite;
+    a traced one (a sweep member's, or an array in sample_batch's task_params) cannot be checked: n_context is
+    clipped to the range, n_tasks < 0 draws from a pool of 1.
     """
     if (k := _concrete_scalar(n_context)) is not None:
         check_integer("n_context", k)
@@ -150,6 +150,8 @@ def sample(cfg: LinearRegression, key: jax.Array, *, noise_std=None, n_tasks=Non
     if (t := _concrete_scalar(n_tasks)) is not None:
         check_integer("n_tasks", t)
         check_positive("n_tasks", t, allow_zero=True)
+    if (s := _concrete_scalar(noise_std)) is not None:
+        check_positive("noise_std", s, allow_zero=True)
     noise_std = cfg.noise_std if noise_std is None else noise_std
     n, d = cfg.n_context + 1, cfg.dim
     # One flat N(0, 1) draw per prompt, cut into w, x and the noise: a vmapped multi-dimensional draw costs about
