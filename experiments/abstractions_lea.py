@@ -184,7 +184,7 @@ from jaxicl.sites import run_with_sites
 from jaxicl.tasks import boards as bd
 from jaxicl.train import TrainConfig, train
 from jaxicl.train.losses import lea_loss
-from jaxicl.validation import ConfigError, check_positive, check_range
+from jaxicl.validation import ConfigError, check_choice, check_positive, check_range
 
 ATTRIBUTES = ("root", "position", "background")
 
@@ -200,6 +200,9 @@ class LeaModel:
     n_words: int = 128
     message_len: int = 16
     ema_init: str = "normal"  # the official N(0, 1) start of the EMA numerator, or "codebook" (see jaxicl.models.lea)
+
+    def __post_init__(self):  # the other fields are checked where the model is built; a bad choice fails before
+        check_choice("ema_init", self.ema_init, lea.EMA_INITS)
 
 
 LEA_TASK = bd.Boards(types_start=(0.95, 0.05, 0.0), types_end=(0.6, 0.4, 0.0), types_ramp=(1000, 2000),

@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     distributed.initialize(args)  # before any other JAX work
     if args.name == "list":
+        if args.sweep:  # was ignored: the config listed without its axes
+            print("error: list shows one config; --sweep runs one member per value (list NAME with overrides shows a "
+                  "member's config)", file=sys.stderr)
+            return 2
         return _list(args.overrides, args.preset)
     if args.name == "sweep-report":
         return _sweep_report(args.overrides)

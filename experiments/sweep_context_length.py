@@ -44,7 +44,9 @@ class Config:
             check_positive("context_lengths[i]", k)
         # run() gives the sweep's prompts max(context_lengths) pairs, and its members the seeds 0..seeds-1
         check_set_by("gd.task.n_context", self.gd.task.n_context, lr_task.LinearRegression.n_context,
-                     "context_lengths", self.context_lengths, (max(self.context_lengths),), "run")
+                     "context_lengths", self.context_lengths, (max(self.context_lengths),), "run",
+                     hint=f"each preset sets it to its own largest length, so new context_lengths need "
+                     f"gd.task.n_context={max(self.context_lengths)} beside them")
         check_set_by("gd.train.seed", self.gd.train.seed, TrainConfig.seed, "seeds", self.seeds,
                      tuple(range(self.seeds)), "member", does="pick the test prompts")
         check_unread_gd_fields(self.gd, self.match_tolerance)

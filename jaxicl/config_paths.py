@@ -77,7 +77,9 @@ def parse_text(text: str, kind, path: str):
         if any(typing.get_origin(item) is tuple for item in items):
             raise ConfigError(f"{path} is a tuple of tuples, which a command line cannot spell; set it in a preset "
                               f"or in Python")
-        texts = [t.strip() for t in text.split(",") if t.strip()]
+        texts = [t.strip() for t in text.split(",")] if text.strip() else []  # field= is the empty tuple
+        if "" in texts:  # 1,,2 (a typo) was read as 1,2
+            raise ConfigError(f"{path}: empty value in the comma-separated list {text!r}")
         if items[1:] == (...,):
             items = items[:1] * len(texts)
         elif len(texts) != len(items):
@@ -111,18 +113,25 @@ def cast_number(value, kind, path: str):
                       "fields can be swept")
 
 
-def replace(cfg, path: str, value):
-    """cfg with the dotted field `path` set to value; the dataclasses validate the new value."""
-    head, _, rest = path.partition(".")
-    if rest:
-        return dataclasses.replace(cfg, **{head: replace(getattr(cfg, head), rest, value)})
-    return dataclasses.replace(cfg, **{head: value})
+def replace(cfg, values: dict):
+    """cfg with each dotted field path of `values` set to its value, each dataclass rebuilt once with all its new
+    values, so its checks see them together: fields valid only together (train.schedule and train.warmup_steps,
+    eval_every and train.steps_per_call) were refused one at a time, in either order."""
+    fields, nested = {}, {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            fields[head] = value
+    fields |= {head: replace(getattr(cfg, head), sub) for head, sub in nested.items()}
+    return dataclasses.replace(cfg, **fields)
 
 
 def apply_overrides(cfg, assignments: list[str]):
-    """cfg with "field=value" strings applied in order (field: a path as `resolve` takes it); a field set twice (under
-    any of its names) is refused rather than the last one winning."""
-    given = {}
+    """cfg with "field=value" strings applied together (field: a path as `resolve` takes it; replace); a field set
+    twice (under any of its names) is refused rather than the last one winning."""
+    given, values, shown = {}, {}, []  # shown: each override as path=value
     for a in assignments:
         name, sep, text = a.partition("=")
         if not sep or not name.strip():
@@ -131,8 +140,12 @@ def apply_overrides(cfg, assignments: list[str]):
         if path in given:
             raise ConfigError(f"{path} is set twice: {given[path]!r} and {a!r}")
         given[path] = a
+        shown.append(f"{path}={text.strip()}")
         try:
-            cfg = replace(cfg, path, parse_text(text.strip(), field_type(cfg, path), path))
+            values[path] = parse_text(text.strip(), field_type(cfg, path), path)
         except ConfigError as e:
-            raise ConfigError(f"{path}={text.strip()}: {e}") from None
-    return cfg
+            raise ConfigError(f"{shown[-1]}: {e}") from None
+    try:
+        return replace(cfg, values)
+    except ConfigError as e:
+        raise ConfigError(f"{' '.join(shown)}: {e}") from None

@@ -163,6 +163,20 @@ def test_every_experiment_has_the_three_presets_and_a_run_function(name):
     (["nn_fig2_landscape", "seed=4294967296"], "seed=4294967296: seed must be in [-2147483648, 2147483647], got "
      "4294967296"),
     (["all", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    # accepted by list, refused only as the model was built, naming no section
+    (["abstractions_lea", "model.ema_init=bogus"], "model.ema_init=bogus: ema_init must be one of ('normal', "
+     "'codebook'), got 'bogus'"),
+    # trained to step 0, and the notes said 200 steps
+    (["ar_gd_step", "train.stop_loss=100"], "train.stop_loss=100.0: ar_gd_step trains for its train.steps (its notes "
+     "and checks say so), not to a loss; leave train.stop_loss=0"),
+    (["gd_equivalence", "scales=1,,2"], "scales=1,,2: scales: empty value in the comma-separated list '1,,2'"),  # 1,2
+    (["sweep_context_length", "context_lengths=2,4,8"], "each preset sets it to its own largest length, so new "
+     "context_lengths need gd.task.n_context=8 beside them"),
+    # checked together: the overrides that make the config
+    (["gd_equivalence", "train.schedule=warmup_cosine", "train.warmup_steps=0", "train.optimizer=sgd",
+      "train.betas=0.5,0.5"], "train.schedule=warmup_cosine train.warmup_steps=0 train.optimizer=sgd "
+     "train.betas=0.5,0.5: betas=(0.5, 0.5) are Adam's: they need optimizer='adam' or 'adamw', got optimizer='sgd'"),
+    (["list", "gd_equivalence", "--sweep", "lr=1e-3,1e-2"], "error: list shows one config; --sweep runs one member"),
     (["gd_equivalence", "--jobs", "2"], "--jobs 2 runs several experiments at a time: it needs 'all', not "
      "'gd_equivalence'"),
     (["all", "--jobs", "2", "--distributed"], "--jobs 2 starts its own processes on this host: it cannot run under "
@@ -205,7 +219,14 @@ def test_a_field_the_run_sets_may_hold_the_one_value_the_run_gives_it(capsys):
                       (["affine_mechanism", "seeds=3", "seed=3"], "train.seed = 3"),
                       (["nn_random_init", "seeds=2", "seed=2"], "train.seed = 2"),
                       (["sweep_context_length", "match_tolerance=0.1", "gd.loss_tolerance=0.1"],
-                       "gd.loss_tolerance = 0.1")):
+                       "gd.loss_tolerance = 0.1"),
+                      (["sweep_context_length", "context_lengths=2,4,8", "gd.task.n_context=8"],
+                       "gd.task.n_context = 8"),
+                      # checked together, in either order: each alone was refused (a warmup needs warmup_cosine)
+                      (["gd_equivalence", "train.warmup_steps=50", "train.schedule=warmup_cosine"],
+                       "train.warmup_steps = 50"),
+                      (["gd_equivalence", "train.schedule=warmup_cosine", "train.warmup_steps=50"],
+                       "train.warmup_steps = 50")):
         assert main(["list", *argv, "--preset", "smoke"]) == 0, capsys.readouterr().err
         assert f"  {row}\n" in capsys.readouterr().out
 
@@ -254,6 +275,21 @@ def test_a_rerun_with_any_other_setting_is_refused_and_keeps_the_old_config_json
         assert path.read_text() == before  # still the config of the run the directory holds
         assert result.read_text() == checks  # and its result
     assert main(argv) == 0  # the same settings resume (from the final checkpoint)
+
+
+def test_a_rerun_with_another_config_of_a_run_that_saved_no_checkpoint_is_refused_and_keeps_its_files(capsys,
+                                                                                                         tmp_path):
+    """nn_fig2_landscape trains nothing: with no checkpoint to refuse it, a rerun with another sigma replaced the
+    finished run's config.json, result.json and figure. The same config still reruns."""
+    argv = ["nn_fig2_landscape", "--preset", "smoke", "--out", str(tmp_path)]
+    assert main([*argv, "sigma=-1"]) == 0
+    folder = tmp_path / "nn_fig2_landscape"
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert main([*argv, "sigma=2"]) == 2
+    assert (f"error: --out: {folder} holds a finished run of another config (sigma: earlier -1.0 vs now 2.0) and no "
+            "checkpoint; this run would replace its result.json and figures") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == files
+    assert main([*argv, "sigma=-1"]) == 0
 
 
 def test_a_run_that_raises_leaves_no_earlier_result_beside_its_config(monkeypatch, tmp_path):

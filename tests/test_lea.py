@@ -411,7 +411,8 @@ def test_usage_table_mutual_information_and_word_swaps_against_independent_count
     np.testing.assert_array_equal(redrawn.sum(1), 2)  # n_slots distinct slots per row
     assert redrawn.all(0).sum() == 0 and redrawn.any(0).all()
     # a label -1 ("none") was counted as label 3, a target -1 swapped in label 3's words
-    for bad_labels, bad_words, name in ((np.where(labels == 0, -1, labels), words, "labels"), (labels, words + 1, "words")):
+    for bad_labels, bad_words, name in ((np.where(labels == 0, -1, labels), words, "labels"),
+                                        (labels, words + 1, "words")):
         with pytest.raises(ValueError, match=rf"{name} must lie in \[0, \d\)"):
             lang.usage_table(bad_words, bad_labels, 4, 8)
     with pytest.raises(ValueError, match=r"target must lie in \[0, 4\), got values from -1"):

@@ -15,7 +15,7 @@ import jax
 
 from experiments import registry
 from jaxicl import outputs
-from jaxicl.config_paths import apply_overrides, resolve, value_at
+from jaxicl.config_paths import apply_overrides, leaf_paths, resolve, value_at
 from jaxicl.train.checkpoint import config_differences, continuing, latest_checkpoint
 from jaxicl.train.sweep_fields import mark_swept
 from jaxicl.train.sweep_spec import Axis, member_config, parse_axes, resolve_axes
@@ -27,10 +27,17 @@ MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
 def resolve_config(name: str, preset: str, overrides: list[str]):
+    """(the experiment's module, its config: the preset with the overrides); a stop at a loss (TrainConfig.stop_loss)
+    only where the preset stops at one: the others train their train.steps, which their notes and checks state."""
     module = registry.load(name)
     if preset not in module.PRESETS:
         raise ConfigError(f"preset must be one of {tuple(module.PRESETS)}, got {preset!r}")
-    return module, apply_overrides(module.PRESETS[preset], overrides)
+    cfg = apply_overrides(module.PRESETS[preset], overrides)
+    for path in (p for p in leaf_paths(cfg) if p.rsplit(".", 1)[-1] == "stop_loss"):
+        if value_at(cfg, path) and not value_at(module.PRESETS[preset], path):
+            raise ConfigError(f"{path}={value_at(cfg, path)}: {name} trains for its train.steps (its notes and checks "
+                              f"say so), not to a loss; leave {path}=0")
+    return module, cfg
 
 
 def sweep_axes(name: str, cfg, specs: list[str], overrides: list[str] = ()) -> tuple[Axis, ...]:
@@ -193,12 +200,17 @@ def run_experiment(name: str, preset: str, out: str, overrides: list[str] = (), 
     # an earlier run's result.json is not this config's result: removed before config.json changes, since a run
     # killed by a signal Python does not see (SIGTERM, SIGKILL, the OOM killer) would leave it beside the new config
     previous_result = open(result_path).read() if os.path.exists(result_path) else None
-    if previous_result is not None and outputs.is_primary():
-        os.remove(result_path)
-    written_from = time.time()  # this run's files are those written from here on (besides config.json and locks)
     record = {"experiment": name, "preset": preset, "overrides": list(overrides), "sweep": list(sweep),
               "matmul_precision": matmul_precision, "matmul_lax_precision": jax.lax.Precision(matmul_precision).name,
               "config": config}
+    if previous_result is not None and not checkpoint_stores(out_dir) and (changed := _changes(previous, record)):
+        # a checkpoint of another config refuses a rerun (check_resumable); a run that saved none was replaced
+        raise ConfigError(f"--out: {out_dir} holds a finished run of another config ({'; '.join(changed)}) and no "
+                          f"checkpoint; this run would replace its result.json and figures: use another --out, or "
+                          f"delete {out_dir} first")
+    if previous_result is not None and outputs.is_primary():
+        os.remove(result_path)
+    written_from = time.time()  # this run's files are those written from here on (besides config.json and locks)
     try:
         outputs.write_json(config_path, record, indent=2)
     except BaseException:  # a value JSON cannot hold, a full disk, Ctrl-C: the earlier run's result.json goes back
