@@ -48,8 +48,8 @@ def probe(features: jax.Array, targets: jax.Array, *, lam: float = 1e-3, test_fr
     (bias last: [F + 1] for [N] floats, [F + 1, K] for [N, K] floats or K classes; ridge_predict takes them); score is
     the metric ("r2" or "accuracy") on the held-out prompts: a random split by key (default key 0), or the rows where
     held_out [N] is True (e.g. whole board positions, so the probe must generalise across them); standardise as
-    ridge_fit's (on the training rows). Fits in float64 under jax x64, else float32. Complex features or targets are refused (the
-    fit is real): give their real and imaginary parts as real columns."""
+    ridge_fit's (on the training rows). Fits in float64 under jax x64, else float32. Complex features or targets are
+    refused (the fit is real): give their real and imaginary parts as real columns."""
     check_real("features", features)
     check_real("targets", targets)
     features = jnp.asarray(features, float)

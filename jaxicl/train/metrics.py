@@ -59,8 +59,9 @@ def kept_on_resume(row: dict, resume_step: int, cfg: TrainConfig, eval_every: Ev
     """Whether a row survives a resume from resume_step of a run of cfg.steps steps: the rows before resume_step that
     an uninterrupted run writes. Nothing survives a start from step 0. An earlier run of fewer steps that ended at
     resume_step logged its last step and evaluated at its end: those two rows go unless this run logs that step
-    (log_every) and evaluates there (eval_every); MetricsWriter keeps them until this run saves a checkpoint. The evaluation at resume_step of a run stopped there (stop_loss)
-    goes too; the resumed run stops there again and evaluates it anew.
+    (log_every) and evaluates there (eval_every); MetricsWriter keeps them until this run saves a checkpoint. The
+    evaluation at resume_step of a run stopped there (stop_loss) goes too; the resumed run stops there again and
+    evaluates it anew.
     """
     step = row["step"]
     if row.get("split") == "eval":
