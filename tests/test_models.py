@@ -19,7 +19,7 @@ from jaxicl.models.gpt import GPT, SPLIT_FROM
 from jaxicl.models.lea import LEA
 from jaxicl.models.nearest_neighbor_attention import NearestNeighborAttention
 from jaxicl.models.pq_view import from_pq, to_pq
-from jaxicl.sites import Sites, null_sites
+from jaxicl.sites import Patch, Sites, null_sites
 
 
 def _numpy_linear_attention(model: SelfAttention, tokens: np.ndarray) -> np.ndarray:
@@ -208,6 +208,22 @@ def test_bad_model_options_name_the_field():
         SelfAttention(3, num_heads=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="key_size must be > 0"):
         SelfAttention(3, key_size=0, rngs=nnx.Rngs(0))  # attention identically zero
+    # constructed, then failed inside JAX naming no argument (sizes), or ran on silently (nan: every output nan;
+    # residual="no": with the residual; key_size: ignored)
+    for build, message in (
+            (lambda: SelfAttention(4, num_heads=1.5, rngs=nnx.Rngs(0)), "num_heads must be an integer, got 1.5"),
+            (lambda: SelfAttention(4, init_scale=np.nan, rngs=nnx.Rngs(0)), "init_scale must be a finite number"),
+            (lambda: SelfAttention(4, residual="no", rngs=nnx.Rngs(0)), "residual must be True or False, got 'no'"),
+            (lambda: FactorTransformer(n_heads=2.0, rngs=nnx.Rngs(0)), "n_heads must be an integer, got 2.0"),
+            (lambda: LEA(n_words=128.0, rngs=nnx.Rngs(0)), "n_words must be an integer, got 128.0"),
+            (lambda: LEA(init_std=np.inf, rngs=nnx.Rngs(0)), "init_std must be a finite number, got inf"),
+            (lambda: GPT(input_dim=1, final_norm="no", rngs=nnx.Rngs(0)), "final_norm must be True or False"),
+            (lambda: AugmentedTransformer(6, out_dim=1.5, rngs=nnx.Rngs(0)), "out_dim must be an integer, got 1.5"),
+            (lambda: DiagonalPositionalAttention(2, 2, 5.0, rngs=nnx.Rngs(0)), "seq_len must be an integer, got 5.0"),
+            (lambda: NearestNeighborAttention(3, key_size=7, rngs=nnx.Rngs(0)), "key_size=7 sizes W_K and W_Q of "
+             "parametrisation='separate'; parametrisation='merged' holds W [D, D]: leave key_size=None")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            build()
 
 
 @pytest.mark.parametrize("mask,fmt", [("none", "paired"), ("causal", "paired"), ("causal", "interleaved")])
@@ -292,6 +308,39 @@ def test_site_axes_name_every_axis_with_pos_of_size_t_and_head_of_size_h(cls):
             assert value.shape[axes.index("pos")] == T, (name, value.shape, axes)
         if "head" in axes:
             assert heads is not None and value.shape[axes.index("head")] == heads, (name, value.shape, axes)
+
+
+@pytest.mark.parametrize("cls", list(AXES_CASES), ids=lambda c: c.__name__)
+def test_a_bfloat16_model_computes_its_output_and_every_site_in_bfloat16(cls):
+    """The autoregressive models masked with float32 (or default-float) 0/1 arrays: every site after the mask, and the
+    output, came out float32 (the analyses' promise: a bfloat16 forward pass stays bfloat16)."""
+    model, tokens, _ = AXES_CASES[cls]()
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    tokens = tokens.astype(jnp.bfloat16) if jnp.issubdtype(tokens.dtype, jnp.floating) else tokens
+    out, rec = apply(graphdef, state, tokens, capture="all")
+    assert {name: str(v.dtype) for name, v in {"output": out, **rec}.items() if v.dtype != jnp.bfloat16} == {}
+
+
+@pytest.mark.parametrize("build,width,site", [
+    (lambda: SelfAttention(4, mask="causal", init_scale=0.5, rngs=nnx.Rngs(0)), 4, "layer0.attn.scores"),
+    (lambda: AugmentedTransformer(6, rngs=nnx.Rngs(0)), 6, "layer0.attn.scores"),
+    (lambda: DiagonalPositionalAttention(2, H, T, rngs=nnx.Rngs(0)), 2, "attn.scores"),
+], ids=["SelfAttention", "AugmentedTransformer", "DiagonalPositionalAttention"])
+def test_an_edit_or_patch_of_causal_linear_scores_cannot_unmask_a_later_key(build, width, site):
+    """These linear attentions masked before the scores site only: an edit (all ones) made a query read later tokens,
+    and the gradient at a hidden entry (what attribution patching multiplies) was up to 4.4. The softmax models
+    mask after their site already."""
+    graphdef, params = nnx.split(build())
+    tokens = jax.random.normal(jax.random.key(3), (T, width))
+    later = tokens.at[-1].add(1.0)  # the last token: no earlier query may read it
+    edit = {site: jnp.ones_like}
+    np.testing.assert_array_equal(apply(graphdef, params, tokens, edits=edit)[0][:-1],
+                                  apply(graphdef, params, later, edits=edit)[0][:-1])
+    shape = apply(graphdef, params, tokens, capture=[site])[1][site].shape
+    grad = jax.grad(lambda d: jnp.sum(apply(graphdef, params, tokens, patch=Patch(deltas={site: d}))[0]))(
+        jnp.zeros(shape))
+    assert not np.asarray(grad)[..., np.triu(np.ones((T, T), bool), 1)].any()
 
 
 @pytest.mark.parametrize("build,tokens,match", [

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxicl.models.attention import HeadFirstModel
 from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_positive
+from jaxicl.validation import check_scale, check_size
 
 
 def gamma(a: jax.Array, b: jax.Array, ctx: jax.Array) -> jax.Array:
@@ -47,7 +47,8 @@ class AugmentedLinearAttention(Model):
     """Parameters a, b: [d, d]; call on augmented tokens [T, 3d] -> predictions [T, d]."""
 
     def __init__(self, dim: int, *, init_scale: float = 0.1, rngs: nnx.Rngs):
-        check_positive("dim", dim)
+        check_size("dim", dim)
+        check_scale("init_scale", init_scale)
         self.a = nnx.Param(init_scale * jax.random.normal(rngs.params(), (dim, dim)))
         self.b = nnx.Param(init_scale * jax.random.normal(rngs.params(), (dim, dim)))
 
@@ -61,9 +62,9 @@ class AugmentedLinearAttention(Model):
 
 
 def positional_mask(t: int) -> jax.Array:
-    """[T, T] 0/1: position q (query row q - 1) sees keys t' <= q; row 0 sees nothing."""
+    """[T, T] bool: position q (query row q - 1) sees keys t' <= q; row 0 sees nothing."""
     q = jnp.arange(t)[:, None]
-    return ((jnp.arange(t)[None, :] <= q) & (q >= 1)).astype(jnp.float32)
+    return (jnp.arange(t)[None, :] <= q) & (q >= 1)
 
 
 def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array, sites) -> jax.Array:
@@ -74,7 +75,8 @@ def positional_attention(a: jax.Array, b: jax.Array, p: jax.Array, s: jax.Array,
     prev = jnp.concatenate([jnp.zeros_like(s[:1]), s[:-1]])  # query token s_{t-1} at position t
     scores = jnp.einsum("hj,qj,kj->hqk", a, jnp.conj(prev), s)
     rows = jnp.concatenate([jnp.zeros_like(p[:1]), p[:-1]])  # position q uses P[q - 1]
-    weights = sites("attn.scores", positional_mask(t) * scores * rows[None])
+    visible = positional_mask(t)  # applied again after the site: an edit or patch of it cannot unmask a key
+    weights = jnp.where(visible, sites("attn.scores", jnp.where(visible, scores * rows[None], 0.0)), 0.0)
     heads = sites("attn.heads", jnp.einsum("hqk,hi,ki->hqi", weights, b, s))
     return sites("out", heads.sum(0))
 
@@ -84,7 +86,8 @@ class DiagonalPositionalAttention(HeadFirstModel):
 
     def __init__(self, dim: int, num_heads: int, seq_len: int, *, init_scale: float = 0.1, rngs: nnx.Rngs):
         for name, v in (("dim", dim), ("num_heads", num_heads), ("seq_len", seq_len)):
-            check_positive(name, v)
+            check_size(name, v)
+        check_scale("init_scale", init_scale)
         self.a = nnx.Param(init_scale * jax.random.normal(rngs.params(), (num_heads, dim)))
         self.b = nnx.Param(init_scale * jax.random.normal(rngs.params(), (num_heads, dim)))
         self.p = nnx.Param(init_scale * jax.random.normal(rngs.params(), (seq_len, seq_len)))
@@ -97,7 +100,7 @@ class PositionalOnlyAttention(HeadFirstModel):
     """Parameter p: [T, T] (initialised to 0); call on 1-D states [T, 1] -> predictions [T, 1]."""
 
     def __init__(self, seq_len: int):
-        check_positive("seq_len", seq_len)
+        check_size("seq_len", seq_len)
         self.p = nnx.Param(jnp.zeros((seq_len, seq_len)))
 
     def __call__(self, s: jax.Array, sites=null_sites) -> jax.Array:

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxicl.models.attention import HeadFirstModel
+from jaxicl.models.attention import HeadFirstModel, attention_mask
 from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_choice, check_positive, check_range
+from jaxicl.validation import check_choice, check_range, check_size
 
 
 QUERIES = ("current", "previous")
@@ -56,11 +56,6 @@ def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, param_dtype=jnp.result_type(float), rngs=rngs)
 
 
-def causal(t: int) -> jax.Array:
-    """[T, T] lower-triangular 0/1 (diagonal included); masks by multiplication, which batches and shards cleanly."""
-    return jnp.tril(jnp.ones((t, t)))
-
-
 class AugmentedLayer(nnx.Module):
     def __init__(self, dim: int, *, rngs: nnx.Rngs):
         self.q, self.k, self.v, self.o = (Linear(dim, dim, rngs=rngs) for _ in range(4))
@@ -72,9 +67,10 @@ class AugmentedTransformer(Model):
     channels (the state block of the augmented token, out_dim = d of tokens [T, 3d])."""
 
     def __init__(self, dim: int, num_layers: int = 1, *, out_dim: int | None = None, rngs: nnx.Rngs):
-        check_positive("dim", dim)
-        check_positive("num_layers", num_layers)
+        check_size("dim", dim)
+        check_size("num_layers", num_layers)
         self.out_dim = dim if out_dim is None else out_dim
+        check_size("out_dim", self.out_dim)
         check_range("out_dim", self.out_dim, 1, dim)
         self.layers = nnx.List([AugmentedLayer(dim, rngs=rngs) for _ in range(num_layers)])
         self.final = Linear(dim, dim, rngs=rngs)
@@ -82,10 +78,12 @@ class AugmentedTransformer(Model):
     def __call__(self, x: jax.Array, sites=null_sites) -> jax.Array:
         dim = self.final.w.shape[0]
         check_prompt(x, dim, f"vectors (dim={dim})")
-        t = x.shape[0]
+        visible = attention_mask("causal", x.shape[0])
         for l, layer in enumerate(self.layers):
             q, k, v = layer.q(x), layer.k(x), layer.v(x)
-            scores = sites(f"layer{l}.attn.scores", causal(t) * (q @ k.T) / jnp.sqrt(dim))
+            # masked again after the site: an edit or patch of it cannot unmask a later key
+            scores = sites(f"layer{l}.attn.scores", jnp.where(visible, q @ k.T, 0.0) / jnp.sqrt(dim))
+            scores = jnp.where(visible, scores, 0.0)
             out = sites(f"layer{l}.attn.out", layer.o(scores @ v))
             x = sites(f"layer{l}.resid_post", x + layer.norm(out))
         return sites("out", self.final(x))
@@ -100,7 +98,7 @@ class PositionalTransformer(HeadFirstModel):
     def __init__(self, dim: int, out_dim: int, num_heads: int = 64, max_len: int = 100, query: str = "current", *,
                  rngs: nnx.Rngs):
         for name, v in (("dim", dim), ("out_dim", out_dim), ("num_heads", num_heads), ("max_len", max_len)):
-            check_positive(name, v)
+            check_size(name, v)
         check_choice("query", query, QUERIES)
         self.num_heads, self.query = num_heads, query
         self.q, self.k, self.v = (Linear(dim, num_heads * dim, rngs=rngs) for _ in range(3))
@@ -121,12 +119,12 @@ class PositionalTransformer(HeadFirstModel):
         check_prompt(x, dim, f"vectors (dim={dim})")
         t = x.shape[0]
         check_prompt_length(t, self.positions.shape[0])
-        mask, scale = causal(t), jnp.sqrt(dim)
+        mask, scale = attention_mask("causal", t), jnp.sqrt(dim)
         e = self.positions[:t]
         q, qp = self._heads(self.q, self._queries(x)), self._heads(self.q, self._queries(e))
         k, v, kp = self._heads(self.k, x), self._heads(self.v, x), self._heads(self.k, e)
-        token = sites("attn.token_scores", mask * (q @ k.transpose(0, 2, 1)) / scale)
-        pos = softmax(jnp.where(mask > 0, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf))
+        token = sites("attn.token_scores", jnp.where(mask, q @ k.transpose(0, 2, 1), 0.0) / scale)
+        pos = softmax(jnp.where(mask, qp @ kp.transpose(0, 2, 1) / scale, -jnp.inf))
         pos = sites("attn.positional_weights", pos)
         heads = sites("attn.heads", (token * pos) @ v)
         out = sites("attn.out", heads.sum(0))

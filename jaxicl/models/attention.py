@@ -33,7 +33,7 @@ from jaxicl.models.base import Model, check_prompt
 from jaxicl.models.softmax import softmax
 from jaxicl.prng import seed_key
 from jaxicl.sites import null_sites, wants
-from jaxicl.validation import check_choice, check_positive
+from jaxicl.validation import check_bool, check_choice, check_scale, check_size
 
 KINDS = ("linear", "softmax")
 MASKS = ("none", "causal", "context")
@@ -78,12 +78,14 @@ class SelfAttention(HeadFirstModel):
                  kind: str = "linear", residual: bool = True, mask: str = "none",
                  init_scale: float = INIT_SCALE, rngs: nnx.Rngs):
         for name, value in (("dim", dim), ("num_layers", num_layers), ("num_heads", num_heads)):
-            check_positive(name, value)
+            check_size(name, value)
         check_choice("kind", kind, KINDS)
         check_choice("mask", mask, MASKS)
+        check_bool("residual", residual)
+        check_scale("init_scale", init_scale)
         self.kind, self.residual, self.mask = kind, residual, mask
         key_size = dim if key_size is None else key_size
-        check_positive("key_size", key_size)
+        check_size("key_size", key_size)
         self.layers = nnx.List([AttentionLayer(dim, num_heads, key_size, init_scale=init_scale, rngs=rngs)
                                 for _ in range(num_layers)])
 
@@ -117,8 +119,8 @@ class SelfAttention(HeadFirstModel):
             return sites(f"{name}.out", heads.sum(axis=0))
         scores = jnp.einsum("hqe,se->hqs", xqk, x)
         visible = attention_mask(self.mask, t)
-        if self.kind == "linear":
-            weights = sites(f"{name}.scores", jnp.where(visible, scores, 0.0) / max(t - 1, 1))
+        if self.kind == "linear":  # masked again after the site: an edit or patch of it cannot unmask a later key
+            weights = jnp.where(visible, sites(f"{name}.scores", jnp.where(visible, scores, 0.0) / max(t - 1, 1)), 0.0)
         else:
             scores = sites(f"{name}.scores", scores / jnp.sqrt(layer.wq.shape[-1]))
             weights = sites(f"{name}.weights", softmax(jnp.where(visible, scores, -jnp.inf)))

@@ -25,7 +25,7 @@ from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_positive
+from jaxicl.validation import check_size
 
 
 class Linear(nnx.Module):
@@ -57,7 +57,7 @@ class FactorTransformer(Model):
                  n_heads: int = 2, max_len: int = 64, init_std: float = 0.02, rngs: nnx.Rngs):
         for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("d_pos", d_pos), ("n_layers", n_layers),
                         ("n_heads", n_heads), ("max_len", max_len)):
-            check_positive(name, v)
+            check_size(name, v)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads}")
         normal = NormalWeights(init_std)

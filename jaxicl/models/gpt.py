@@ -43,7 +43,8 @@ from jax.sharding import PartitionSpec as P
 from jaxicl.models.base import Model, check_prompt, check_prompt_length
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites, wants
-from jaxicl.validation import ConfigError, check_choice, check_positive
+from jaxicl.validation import (ConfigError, check_bool, check_choice, check_integer, check_positive, check_scale,
+                               check_size)
 
 # the MLP's activation by name; "gelu" is GPT-2's tanh approximation, "gelu_exact" the erf form (GPT's docstring)
 ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}
@@ -59,6 +60,7 @@ class NormalWeights:
     compiles each distinct random shape on its own (about 0.4 s apiece on CPU), one flat draw compiles once."""
 
     def __init__(self, std: float):
+        check_scale("init_std", std)
         self.std, self.requests = std, []
 
     def request(self, module: nnx.Module, name: str, shape: tuple[int, ...]) -> None:
@@ -173,7 +175,8 @@ class GPT(Model):
                  out_dim: int | None = None, activation: str = "gelu", final_norm: bool = True,
                  init_std: float = 0.02, rngs: nnx.Rngs):
         for name, v in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("max_len", max_len)):
-            check_positive(name, v)
+            check_size(name, v)
+        check_bool("final_norm", final_norm)
         check_choice("activation", activation, tuple(ACTIVATIONS))
         if (vocab_size > 0) == (input_dim > 0):
             raise ConfigError(f"give exactly one of vocab_size (token inputs) and input_dim (vector inputs), got "
@@ -183,11 +186,12 @@ class GPT(Model):
                               f"(d_head = d_model // n_heads by default), or pass d_head")
         d_head = d_model // n_heads if d_head is None else d_head
         d_mlp = 4 * d_model if d_mlp is None else d_mlp
-        check_positive("d_head", d_head)
+        check_size("d_head", d_head)
+        check_integer("d_mlp", d_mlp)
         check_positive("d_mlp", d_mlp, allow_zero=True)
         self.vocab_size, self.input_dim, self.max_len = vocab_size, input_dim, max_len
         self.out_dim = (vocab_size or input_dim) if out_dim is None else out_dim
-        check_positive("out_dim", self.out_dim)
+        check_size("out_dim", self.out_dim)
         self.activation, self.n_heads = activation, n_heads
         width = vocab_size or input_dim
         normal = NormalWeights(init_std)

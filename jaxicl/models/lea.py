@@ -50,7 +50,7 @@ from jaxicl.models.factor_transformer import Linear, attend, attention_site_axes
 from jaxicl.models.gpt import LayerNorm, NormalWeights, lookup
 from jaxicl.models.vector_quantizer import nearest_codes
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_choice, check_positive, check_range
+from jaxicl.validation import check_choice, check_integer, check_range, check_size
 
 EMA_INITS = ("normal", "codebook")  # ema_w's start: N(0, 1) (the official code) or the codebook itself
 
@@ -92,7 +92,8 @@ class LEA(Model):
                  init_std: float = 0.02, ema_init: str = "normal", rngs: nnx.Rngs):
         for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("d_pos", d_pos), ("n_layers", n_layers),
                         ("n_heads", n_heads), ("board_len", board_len), ("message_len", message_len)):
-            check_positive(name, v)
+            check_size(name, v)
+        check_integer("n_words", n_words)
         check_range("n_words", n_words, 2)  # the blank (the last word) and at least one word to speak
         check_choice("ema_init", ema_init, EMA_INITS)
         if d_model % n_heads:

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxicl.models.base import Model, check_prompt
 from jaxicl.models.softmax import softmax
 from jaxicl.sites import null_sites
-from jaxicl.validation import check_choice, check_positive
+from jaxicl.validation import ConfigError, check_choice, check_positive, check_size
 
 PARAMETRISATIONS = ("merged", "separate")
 INITS = ("paper", "random")
@@ -37,16 +37,19 @@ class NearestNeighborAttention(Model):
 
     def __init__(self, dim: int, label_dim: int = 1, *, parametrisation: str = "merged", init: str = "paper",
                  sigma: float = 3.0, init_scale: float = 1.0, key_size: int | None = None, rngs: nnx.Rngs):
-        check_positive("dim", dim)
-        check_positive("label_dim", label_dim)
+        check_size("dim", dim)
+        check_size("label_dim", label_dim)
         check_choice("parametrisation", parametrisation, PARAMETRISATIONS)
         check_choice("init", init, INITS)
         check_positive("sigma", sigma, allow_zero=True)
         check_positive("init_scale", init_scale, allow_zero=True)
         self.dim, self.label_dim, self.parametrisation = dim, label_dim, parametrisation
         size = dim + label_dim + 1
+        if key_size is not None and parametrisation == "merged":  # was ignored: W is [D, D]
+            raise ConfigError(f"key_size={key_size} sizes W_K and W_Q of parametrisation='separate'; "
+                              f"parametrisation='merged' holds W [D, D]: leave key_size=None")
         key_size = size if key_size is None else key_size
-        check_positive("key_size", key_size)
+        check_size("key_size", key_size)
         if parametrisation == "merged":
             w = (jnp.zeros((size, size)).at[-1, -1].set(-sigma) if init == "paper"
                  else init_scale * jax.random.normal(rngs.params(), (size, size)))
