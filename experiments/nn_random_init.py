@@ -131,7 +131,7 @@ def run(cfg: Config, out_dir: str) -> Outcome:
         check_below("shifted_mse_at_reference_scale", last["shifted_mse"][ref].max(), cfg.max_shifted_mse,
                     f"Appendix-B shifted test, delta={task.delta}, worst seed"),
         check_below("off_family_fraction_at_reference_scale", off[ref].max(), cfg.max_off_family,
-                    "|W_K^T W_Q - diag(xi1 I, 0, -xi2)|_F / |W|_F at the end, worst seed"),
+                    "|W_K^T W_Q - diag(xi1 I, 0, -xi2)|_F / |W|_F at the last step (before its update), worst seed"),
         check_above("largest_scale_fails", float(max(cfg.scales) in failed), 0.5,
                     f"1 if the largest scale misses agreement {cfg.min_agreement} within {cfg.train.steps} steps (the "
                     f"follow-up reports failure at init noise 3; its scale convention may differ); failing scales "

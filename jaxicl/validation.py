@@ -4,6 +4,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
+import jax
 import numpy as np
 
 
@@ -39,6 +40,25 @@ def check_integer(name: str, value) -> None:
     """Rejects anything but an integer (Python or numpy; not a bool): a count or step given as 2.5 or True."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
+
+
+def check_size(name: str, value) -> None:
+    """An integer >= 1 (a model's width, head count, layer count or length): 2.0 passed a positivity check and failed
+    later inside JAX, naming no argument."""
+    check_integer(name, value)
+    check_positive(name, value)
+
+
+def check_bool(name: str, value) -> None:
+    """True or False (a switch: "no" or 0 were taken as their truth value)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def check_scale(name: str, value) -> None:
+    """A finite init scale (NaN made every output NaN); a traced one (a sweep member's init keyword) passes."""
+    if not isinstance(value, jax.core.Tracer):
+        check_finite(name, value)
 
 
 def check_range(name: str, value, low=None, high=None) -> None:

@@ -28,7 +28,8 @@ def _numpy_layer(w: np.ndarray, tokens: np.ndarray, dim: int, label_dim: int) ->
 def test_forward_matches_the_full_matrix_formula(x64, parametrisation, num_classes):
     cfg = nn.NearestNeighbor(dim=3, n_context=5, num_classes=num_classes)
     model = NearestNeighborAttention(3, cfg.label_dim, parametrisation=parametrisation, init="random",
-                                     init_scale=0.7, key_size=4, rngs=nnx.Rngs(0))
+                                     init_scale=0.7, key_size=4 if parametrisation == "separate" else None,
+                                     rngs=nnx.Rngs(0))
     model = jax.tree.map(lambda a: a.astype(jnp.float64), model)
     b = sample_batch(nn.sample, cfg, jax.random.key(1), 6)
     w = (np.asarray(model.w[...]) if parametrisation == "merged"  # W = W_K^T W_Q, from the parameters

@@ -186,7 +186,7 @@ def check_init_fields(init: Callable, init_arrays: dict[str, np.ndarray]) -> Non
     for name in init_arrays:
         try:
             jax.eval_shape(lambda v: init(key, **(values | {name: v})), values[name])
-        except TypeError as e:  # jax's concretization errors are TypeErrors too
+        except (TypeError, ConfigError) as e:  # jax's concretization errors are TypeErrors; check_size refuses a tracer
             jax.eval_shape(lambda: init(key, **values))  # one that fails on the member's own values is init's own
             raise ConfigError(f"{name} cannot be swept: a sweep passes init each member's value as a traced array, "
                               f"and init needs a concrete one (for a shape, a Python loop or a branch: a model "
