@@ -1,4 +1,6 @@
-"""Classical in-context predictors with the model call signature (tokens [T, D] -> predictions [T])."""
+"""Classical in-context predictors with the model call signature (tokens [T, D] -> predictions [T]), and
+best_gd_step(batch) -> (eta [T], loss [T]): the best single gradient-descent step per position, fitted on the
+batch it scores (an oracle)."""
 
 from jaxicl.baselines.autoregressive import best_gd_step
 from jaxicl.baselines.bayes import dmmse
